@@ -1,0 +1,62 @@
+//! The crate's one error type. Variants about files name the file; variants about tensors name the tensor.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading a DeepSeek config or checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    #[error("{}: invalid JSON: {source}", file.display())]
+    Json { file: PathBuf, source: serde_json::Error },
+
+    /// A config.json field is missing, mistyped, or holds a value this server cannot run.
+    #[error("{}: {field}: {reason}", file.display())]
+    ConfigField { file: PathBuf, field: String, reason: String },
+
+    #[error("{}: model_type {model_type:?} is not supported (expected deepseek_v3 or deepseek_v32)", file.display())]
+    UnsupportedModelType { file: PathBuf, model_type: String },
+
+    #[error("{}: architectures {found:?} do not match model_type {model_type:?} (expected {expected:?})", file.display())]
+    ArchitectureMismatch { file: PathBuf, model_type: String, expected: String, found: Vec<String> },
+
+    /// The `quantization_config` object of config.json cannot be read.
+    #[error("{}: quantization_config: {source}", file.display())]
+    QuantConfig { file: PathBuf, source: pipemoe_quant::Error },
+
+    /// Neither `model.safetensors.index.json` nor `model.safetensors` exists in the directory.
+    #[error("{}: no model.safetensors.index.json or model.safetensors", dir.display())]
+    NoCheckpoint { dir: PathBuf },
+
+    /// A safetensors file whose header is unreadable, or whose size does not match its header (truncated).
+    #[error("{}: {source}", file.display())]
+    SafeTensors { file: PathBuf, source: safetensors::SafeTensorError },
+
+    /// The index names a shard or tensor that is not where it says.
+    #[error("{}: {reason}", file.display())]
+    Index { file: PathBuf, reason: String },
+
+    #[error("tensor {tensor} appears in both {} and {}", first.display(), second.display())]
+    DuplicateTensor { tensor: String, first: PathBuf, second: PathBuf },
+
+    #[error("missing tensor {tensor}")]
+    MissingTensor { tensor: String },
+
+    #[error("{tensor}: expected shape {expected:?}, found {found:?}")]
+    ShapeMismatch { tensor: String, expected: Vec<usize>, found: Vec<usize> },
+
+    #[error("{tensor}: expected dtype {expected}, found {found}")]
+    DtypeMismatch { tensor: String, expected: String, found: String },
+
+    /// The tensors present contradict the quantization config (e.g. `.qweight` for a module declared 16-bit).
+    #[error("{module}: {reason}")]
+    QuantMismatch { module: String, reason: String },
+
+    /// A quantized module whose geometry the GPTQ format cannot hold.
+    #[error("{module}: {source}")]
+    Quant { module: String, source: pipemoe_quant::Error },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
