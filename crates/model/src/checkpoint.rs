@@ -72,7 +72,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Maps one shard and reads its header. `read_metadata` also checks that the file is exactly as long as the
 /// header says, which is how a truncated download is caught here and not at the first read of a tensor.
-fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, Dtype, Vec<usize>, usize, usize)>)> {
+fn open_shard(path: &Path, shard: usize) -> Result<(Shard, Vec<TensorMeta>)> {
     let file = File::open(path).map_err(io_err(path))?;
     // SAFETY: the mapping is read-only and checkpoints are not rewritten while a server reads them; a file
     // changed under us could show torn data but not break memory safety of our own code paths beyond that
@@ -86,7 +86,14 @@ fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, Dtype, Vec<usize>, usi
         .into_iter()
         .map(|(name, info)| {
             let (s, e) = info.data_offsets;
-            (name, info.dtype, info.shape.clone(), data_start + s, data_start + e)
+            TensorMeta {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                shard,
+                start: data_start + s,
+                end: data_start + e,
+            }
         })
         .collect();
     Ok((Shard { path: path.to_path_buf(), mmap }, entries))
@@ -122,16 +129,16 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors: BTreeMap<String, TensorMeta> = BTreeMap::new();
         for (shard, file) in files.iter().enumerate() {
-            let (s, entries) = open_shard(&dir.join(file))?;
-            for (name, dtype, shape, start, end) in entries {
-                if let Some(prev) = tensors.get(&name) {
+            let (s, entries) = open_shard(&dir.join(file), shard)?;
+            for meta in entries {
+                if let Some(prev) = tensors.get(&meta.name) {
                     return Err(Error::DuplicateTensor {
-                        tensor: name,
+                        tensor: meta.name,
                         first: shards.get(prev.shard).map(|p: &Shard| p.path.clone()).unwrap_or_default(),
                         second: s.path.clone(),
                     });
                 }
-                tensors.insert(name.clone(), TensorMeta { name, dtype, shape, shard, start, end });
+                tensors.insert(meta.name.clone(), meta);
             }
             shards.push(s);
         }

@@ -366,7 +366,7 @@ impl ModelConfig {
         if self.topk_method != "noaux_tc" {
             return Err(f.err("topk_method", format!("{:?}: only noaux_tc is implemented", self.topk_method)));
         }
-        if self.n_routed_experts % self.n_group != 0 {
+        if !self.n_routed_experts.is_multiple_of(self.n_group) {
             return Err(f.err(
                 "n_group",
                 format!("{} does not divide n_routed_experts {}", self.n_group, self.n_routed_experts),
@@ -388,7 +388,7 @@ impl ModelConfig {
         if self.moe_layer_freq == 0 {
             return Err(f.err("moe_layer_freq", "must be positive"));
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(f.err("qk_rope_head_dim", "must be even (RoPE rotates pairs)"));
         }
         if let Some(ix) = self.indexer
@@ -414,7 +414,7 @@ impl ModelConfig {
 
     /// Whether layer `layer` has an MoE block (HF `DeepseekV3DecoderLayer`; remote code's `moe_layer_freq`).
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        layer >= self.first_k_dense_replace && layer % self.moe_layer_freq == 0
+        layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     /// MLA softmax scale: `qk_head_dim^-0.5 · mscale²` with `mscale = 0.1·mscale_all_dim·ln(factor) + 1`

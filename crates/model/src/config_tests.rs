@@ -179,6 +179,8 @@ fn bad_quantization_config_names_the_file() {
     });
     let err = parse(&v).err();
     assert!(matches!(err, Some(Error::QuantConfig { source: pipemoe_quant::Error::UnsupportedBits { bits: 5 }, .. })));
-    let msg = err.map(|e| e.to_string()).unwrap_or_default();
-    assert!(msg.starts_with("config.json: quantization_config:"), "{msg}");
+    let msg = err.as_ref().map(|e| e.to_string()).unwrap_or_default();
+    assert_eq!(msg, "config.json: quantization_config");
+    let cause = err.as_ref().and_then(|e| std::error::Error::source(e)).map(|c| c.to_string()).unwrap_or_default();
+    assert!(cause.contains("unsupported bit width 5"), "{cause}");
 }

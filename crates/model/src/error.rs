@@ -1,14 +1,16 @@
 //! The crate's one error type. Variants about files name the file; variants about tensors name the tensor.
+//! A wrapped foreign error is the variant's `source()`, not part of its message, so chain printers
+//! (anyhow's `{:#}`) show it exactly once.
 
 use std::path::PathBuf;
 
 /// Everything that can go wrong reading a DeepSeek config or checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 
-    #[error("{}: invalid JSON: {source}", file.display())]
+    #[error("{}: invalid JSON", file.display())]
     Json { file: PathBuf, source: serde_json::Error },
 
     /// A config.json field is missing, mistyped, or holds a value this server cannot run.
@@ -22,7 +24,7 @@ pub enum Error {
     ArchitectureMismatch { file: PathBuf, model_type: String, expected: String, found: Vec<String> },
 
     /// The `quantization_config` object of config.json cannot be read.
-    #[error("{}: quantization_config: {source}", file.display())]
+    #[error("{}: quantization_config", file.display())]
     QuantConfig { file: PathBuf, source: pipemoe_quant::Error },
 
     /// Neither `model.safetensors.index.json` nor `model.safetensors` exists in the directory.
@@ -30,7 +32,7 @@ pub enum Error {
     NoCheckpoint { dir: PathBuf },
 
     /// A safetensors file whose header is unreadable, or whose size does not match its header (truncated).
-    #[error("{}: {source}", file.display())]
+    #[error("{}", file.display())]
     SafeTensors { file: PathBuf, source: safetensors::SafeTensorError },
 
     /// The index names a shard or tensor that is not where it says.
@@ -54,7 +56,7 @@ pub enum Error {
     QuantMismatch { module: String, reason: String },
 
     /// A quantized module whose geometry the GPTQ format cannot hold.
-    #[error("{module}: {source}")]
+    #[error("{module}")]
     Quant { module: String, source: pipemoe_quant::Error },
 }
 

@@ -110,7 +110,7 @@ fn push(out: &mut Vec<TensorSpec>, name: String, dtype: Dtype, shape: &[usize]) 
 
 /// A linear as the spec says it is stored: GPTQ parts when quantized and packable, else a BF16 weight.
 fn linear(out: &mut Vec<TensorSpec>, spec: &SyntheticSpec, prefix: String, n_out: usize, n_in: usize) {
-    let packable = n_in % 32 == 0 && n_out % 32 == 0;
+    let packable = n_in.is_multiple_of(32) && n_out.is_multiple_of(32);
     match spec.bits {
         Some(bits) if packable && !spec.dense_modules.contains(&prefix) => {
             let b = bits as usize;

@@ -132,6 +132,23 @@ fn missing_checkpoint_and_bad_index() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn tensor_in_two_shards_is_refused() -> Result<()> {
+    // The list is split in order, so a copy at each end lands in both shards.
+    let dir = build(&SyntheticSpec::default(), |t| {
+        let first = t[0].clone();
+        t.push(first);
+    })?;
+    match Checkpoint::open(dir.path()) {
+        Err(Error::DuplicateTensor { tensor, first, second }) => {
+            assert_eq!(tensor, "model.embed_tokens.weight");
+            assert_eq!((first, second), (dir.path().join(SHARD1), dir.path().join(SHARD2)));
+        }
+        other => panic!("expected DuplicateTensor, got {other:?}"),
+    }
+    Ok(())
+}
+
 fn expect_err(dir: &Path) -> Error {
     match open(dir) {
         Ok(s) => panic!("validation passed unexpectedly: {s:?}"),

@@ -115,7 +115,8 @@ impl GptqLayout {
     /// words, qzeros packs 32 output columns into `bits` words (AutoGPTQ `pack()`; AutoRound skips layers
     /// that do not meet it and leaves them unquantized).
     pub fn new(in_features: usize, out_features: usize, bits: Bits, group_size: GroupSize) -> Result<Self> {
-        if in_features % 32 != 0 || out_features % 32 != 0 || in_features == 0 || out_features == 0 {
+        if !in_features.is_multiple_of(32) || !out_features.is_multiple_of(32) || in_features == 0 || out_features == 0
+        {
             return Err(Error::Unaligned { in_features, out_features });
         }
         Ok(Self { in_features, out_features, bits, group_size })

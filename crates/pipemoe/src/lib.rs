@@ -1,0 +1,39 @@
+//! The `pipemoe` command line. Today: `inspect`. The server (`serve`, `start`, `stop`, `status`), `recipe`,
+//! `worker` and `bench` subcommands come with the controller and worker issues (docs/ARCHITECTURE.md).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub mod inspect;
+
+/// Inference server for huge low-bit GPTQ Mixture-of-Experts models.
+#[derive(Debug, Parser)]
+#[command(name = "pipemoe", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a model directory against its config.json and print what it holds.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Model directory: config.json plus model.safetensors or model.safetensors.index.json and its shards.
+    #[arg(long, env = "PIPEMOE_MODEL")]
+    pub model: PathBuf,
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(args) => {
+            print!("{}", inspect::inspect(&args.model)?);
+            Ok(())
+        }
+    }
+}
