@@ -58,6 +58,62 @@ pub enum Error {
     /// A quantized module whose geometry the GPTQ format cannot hold.
     #[error("{module}")]
     Quant { module: String, source: pipemoe_quant::Error },
+
+    /// A backend operation was handed inconsistent shapes or state (a bug in the caller, reported, not a panic).
+    #[error("backend: {reason}")]
+    Backend { reason: String },
+
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { token: usize, vocab: usize },
+
+    #[error("sequence {seq} is not in the cache")]
+    UnknownSequence { seq: u64 },
+
+    /// A step's row does not continue its sequence where the cache ends.
+    #[error("sequence {seq}: the cache holds {expected} positions, the step writes position {found}")]
+    CachePosition { seq: u64, expected: usize, found: usize },
+
+    /// A layer slice that the model does not have, or a step for a stage that cannot run it.
+    #[error("slice: {reason}")]
+    Slice { reason: String },
+
+    /// tokenizer.json cannot be read or parsed by the `tokenizers` crate.
+    #[error("{}: cannot load tokenizer", file.display())]
+    TokenizerLoad { file: PathBuf, source: tokenizers::Error },
+
+    /// The tokenizer failed to encode or decode (`op` says which).
+    #[error("tokenizer {op} failed")]
+    Tokenize { op: &'static str, source: tokenizers::Error },
+
+    /// A special token that `needed_by` relies on is not a single token of the vocabulary.
+    #[error("{}: special token {token:?} (needed by {needed_by}) is not in the vocabulary", file.display())]
+    MissingSpecialToken { file: PathBuf, token: String, needed_by: String },
+
+    /// Neither tokenizer_config.json nor a built-in prompt format can turn messages into a prompt.
+    #[error("no chat template: tokenizer_config.json has none and model_type {model_type:?} has no built-in prompt format")]
+    NoChatTemplate { model_type: String },
+
+    /// A Jinja chat template that does not compile or fails while rendering.
+    #[error("chat template {name:?}")]
+    ChatTemplate { name: String, source: minijinja::Error },
+
+    /// The chat template called `raise_exception(message)`: the messages break the template's rules.
+    #[error("chat template rejected the messages: {message}")]
+    ChatTemplateRaised { message: String },
+
+    /// Messages that the prompt format cannot encode (e.g. a tool result with no tool call before it).
+    #[error("messages[{index}]: {reason}")]
+    InvalidMessage { index: usize, reason: String },
+
+    /// A sampling parameter out of its range.
+    #[error("sampling parameter {param} = {value}: {reason}")]
+    InvalidSamplingParam { param: &'static str, value: String, reason: &'static str },
+}
+
+impl Error {
+    pub(crate) fn backend(reason: impl Into<String>) -> Self {
+        Error::Backend { reason: reason.into() }
+    }
 }
 
 /// Result with this crate's [`Error`].

@@ -5,15 +5,29 @@
 //! - `validate`: every module of every layer present with the right dtype and shape, quantized or not (§3).
 //! - `synthetic`: tiny zero-filled checkpoints for tests in this and other crates.
 //!
-//! The forward pass, KV cache and CPU backend come with later issues.
+//! - `backend`: the fused operations the forward pass is written against; `cpu`: the f32 reference backend.
+//! - `rope`, `mla`, `indexer`, `moe`, `layer`: DeepSeek's blocks, each with `load` and `forward`.
+//! - `weights`: reading one slice of the checkpoint; `stage`: a slice that runs (the whole model is one stage).
 
+pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod cpu;
 mod error;
+pub mod indexer;
+pub mod layer;
+pub mod mla;
+pub mod moe;
+pub mod rope;
+pub mod stage;
 pub mod synthetic;
 pub mod validate;
+pub mod weights;
 
+pub use backend::{Backend, Row, SeqId};
 pub use checkpoint::{Checkpoint, TensorMeta};
 pub use config::{Architecture, IndexerConfig, ModelConfig, Rope, Yarn};
 pub use error::{Error, Result};
+pub use stage::{Stage, StageInput};
 pub use validate::{LinearFormat, LinearStats, ModelSummary, Report, check, validate};
+pub use weights::SliceSpec;

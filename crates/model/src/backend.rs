@@ -1,0 +1,193 @@
+//! The operations the DeepSeek forward pass is written against (ARCHITECTURE.md "The forward pass, once").
+//!
+//! Model code (`mla`, `indexer`, `moe`, `layer`, `stage`) holds weights as the backend's own types and calls only
+//! these fused operations, so the CPU reference and a GPU backend run the same math. A backend owns the layout
+//! of activations (`Tensor`, logically `[rows, cols]` row-major, one row per token of the step), of weights
+//! (`Weight`, a Linear `[out, in]` in whatever form it reads fastest) and of the per-layer latent cache.
+
+use pipemoe_quant::GptqWeight;
+
+use crate::Result;
+
+/// One sequence in the KV cache. Chosen by the caller; unique among live sequences.
+pub type SeqId = u64;
+
+/// One row of a step: a token of sequence `seq` at absolute position `pos`.
+///
+/// Rows of one sequence are contiguous and in position order, and a sequence's first row in a step is at the
+/// position right after what its cache holds (a prefill chunk or one decode token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub seq: SeqId,
+    pub pos: usize,
+}
+
+/// A Linear as read from the checkpoint, before the backend lays it out.
+#[derive(Clone, Debug)]
+pub enum HostLinear {
+    /// Unquantized (BF16/F16/F32 in the file), widened to f32, `[out, in]` row-major.
+    Dense { out_features: usize, in_features: usize, data: Vec<f32> },
+    /// GPTQ-packed (MODEL_SPEC §4).
+    Gptq(GptqWeight),
+}
+
+impl HostLinear {
+    pub fn out_features(&self) -> usize {
+        match self {
+            HostLinear::Dense { out_features, .. } => *out_features,
+            HostLinear::Gptq(w) => w.layout().out_features,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self {
+            HostLinear::Dense { in_features, .. } => *in_features,
+            HostLinear::Gptq(w) => w.layout().in_features,
+        }
+    }
+}
+
+/// Where RoPE applies inside each head of a `[rows, heads·head_dim]` tensor.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeSpec {
+    pub heads: usize,
+    pub head_dim: usize,
+    /// First rotated column inside a head.
+    pub offset: usize,
+    /// Interleaved pairs `(x[2i], x[2i+1])` (MLA) or half split `(x[i], x[i+d/2])` (indexer), MODEL_SPEC §2.4.
+    pub interleaved: bool,
+}
+
+/// Shapes of MLA attention over the latent cache (MODEL_SPEC §2.3, §2.5).
+#[derive(Clone, Copy, Debug)]
+pub struct MlaDims {
+    pub heads: usize,
+    pub qk_nope: usize,
+    pub qk_rope: usize,
+    pub v_head: usize,
+    pub kv_lora: usize,
+    pub softmax_scale: f32,
+}
+
+/// Shapes of the V3.2 lightning indexer (MODEL_SPEC §2.6).
+#[derive(Clone, Copy, Debug)]
+pub struct IndexerDims {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
+}
+
+/// Group-limited `noaux_tc` routing settings (MODEL_SPEC §2.7).
+#[derive(Clone, Copy, Debug)]
+pub struct RouterDims {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub norm_topk_prob: bool,
+    pub scaling: f32,
+}
+
+/// The experts chosen for every row and their weights (already normalised and scaled).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Routing {
+    pub top_k: usize,
+    /// `[rows, top_k]`.
+    pub experts: Vec<u32>,
+    /// `[rows, top_k]`.
+    pub weights: Vec<f32>,
+}
+
+/// Per row of a step, the key positions attention may use; `None` means every causal position (dense MLA).
+pub type Selection = Option<Vec<Vec<u32>>>;
+
+/// The fused operations of the forward pass.
+pub trait Backend: Send + Sync {
+    type Tensor: Send;
+    type Weight: Send + Sync;
+    type Vector: Send + Sync;
+    /// One layer's cache for every live sequence: the normed latent `c` (kv_lora), the roped `k_pe` (qk_rope)
+    /// and, for V3.2, the indexer key (index_head_dim).
+    type LayerCache: Send;
+
+    /// A short description ("cpu", "cuda:0 (NVIDIA H200)").
+    fn describe(&self) -> String;
+
+    fn load_linear(&self, w: HostLinear) -> Result<Self::Weight>;
+    fn load_vector(&self, v: Vec<f32>) -> Result<Self::Vector>;
+    fn new_layer_cache(&self, dims: &MlaDims, indexer: Option<&IndexerDims>) -> Self::LayerCache;
+
+    fn upload(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<Self::Tensor>;
+    fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    fn shape(&self, x: &Self::Tensor) -> (usize, usize);
+
+    /// Rows of an embedding table `[vocab, hidden]` (a Dense weight).
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `y = x·Wᵀ`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Result<Self::Tensor>;
+    /// RMSNorm over each row, in f32 (MODEL_SPEC §2.2).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// LayerNorm with bias over each row (the indexer's `k_norm`).
+    fn layer_norm(&self, x: &Self::Tensor, w: &Self::Vector, b: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x *= s`.
+    fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+    /// The rows `idx` of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, idx: &[usize]) -> Result<Self::Tensor>;
+    /// Columns `[start, start+len)` of every row.
+    fn columns(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, elementwise (SwiGLU).
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// RoPE in place with the YaRN table `inv_freq` (one frequency per rotated pair).
+    fn rope(&self, x: &mut Self::Tensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> Result<()>;
+
+    /// Writes each row's latent, roped k_pe and optional indexer key into the cache at its position.
+    fn cache_write(
+        &self,
+        cache: &mut Self::LayerCache,
+        rows: &[Row],
+        latent: &Self::Tensor,
+        k_pe: &Self::Tensor,
+        index_k: Option<&Self::Tensor>,
+    ) -> Result<()>;
+    /// Drops a sequence's entries.
+    fn cache_free(&self, cache: &mut Self::LayerCache, seq: SeqId);
+    /// How many positions the cache holds for `seq`.
+    fn cache_len(&self, cache: &Self::LayerCache, seq: SeqId) -> usize;
+
+    /// Top-`topk` key positions per row from the indexer: `I(t) = Σ_h w_h · relu(q_h·k_t)` over causal keys.
+    /// `q`: `[rows, heads·head_dim]` roped; `w`: `[rows, heads]` already scaled.
+    fn indexer_select(
+        &self,
+        cache: &Self::LayerCache,
+        q: &Self::Tensor,
+        w: &Self::Tensor,
+        dims: &IndexerDims,
+        rows: &[Row],
+    ) -> Result<Vec<Vec<u32>>>;
+    /// MLA attention with absorbed `kv_b_proj` over the latent cache (MODEL_SPEC §2.5).
+    /// `q`: `[rows, heads·(qk_nope+qk_rope)]`, rope part already applied. Returns `[rows, heads·v_head]`.
+    fn mla_attention(
+        &self,
+        cache: &Self::LayerCache,
+        q: &Self::Tensor,
+        kv_b: &Self::Weight,
+        dims: &MlaDims,
+        rows: &[Row],
+        selection: &Selection,
+    ) -> Result<Self::Tensor>;
+    /// Router scores in f32 with the correction bias for selection only (MODEL_SPEC §2.7).
+    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims)
+    -> Result<Routing>;
+    /// `Σ_k w_k · expert_k(x)` over the routed experts this slice holds (`experts[e]` is `None` elsewhere).
+    fn experts(&self, x: &Self::Tensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing)
+    -> Result<Self::Tensor>;
+}
+
+/// A SwiGLU expert (or dense MLP, or shared expert): `down(silu(gate(x)) · up(x))`, MODEL_SPEC §2.8.
+pub struct ExpertWeights<B: Backend + ?Sized> {
+    pub gate: B::Weight,
+    pub up: B::Weight,
+    pub down: B::Weight,
+}

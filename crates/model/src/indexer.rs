@@ -1,0 +1,57 @@
+//! The V3.2 lightning indexer (MODEL_SPEC §2.6; HF `DeepseekV32Indexer`), which picks the `index_topk` keys
+//! each query may attend to. Hadamard rotation and fp8 of the reference kernels are skipped, as HF does: the
+//! rotation is orthogonal and fp8 is a precision trade, so bf16/f32 scores order keys the same up to near-ties.
+
+use crate::backend::{Backend, IndexerDims, RopeSpec, Row};
+use crate::weights::Loader;
+use crate::{IndexerConfig, Result};
+
+pub struct Indexer<B: Backend> {
+    /// `[heads·head_dim, q_lora_rank]`
+    wq_b: B::Weight,
+    /// `[head_dim, hidden]`
+    wk: B::Weight,
+    k_norm_w: B::Vector,
+    k_norm_b: B::Vector,
+    /// `[heads, hidden]`
+    weights_proj: B::Weight,
+    pub dims: IndexerDims,
+}
+
+/// What the indexer hands to attention for one step.
+pub struct IndexerOut<B: Backend> {
+    /// `[rows, head_dim]`, roped: written to the cache with the latent.
+    pub k: B::Tensor,
+    /// `[rows, heads·head_dim]`, roped.
+    pub q: B::Tensor,
+    /// `[rows, heads]`, scaled by `heads^-0.5`.
+    pub w: B::Tensor,
+}
+
+impl<B: Backend> Indexer<B> {
+    pub fn load(b: &B, ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<Self> {
+        let (h, q_lora) = (ld.cfg.hidden_size, ld.cfg.q_lora_rank.unwrap_or(0));
+        Ok(Self {
+            wq_b: b.load_linear(ld.linear(&format!("{prefix}.wq_b"), q_lora, cfg.n_heads * cfg.head_dim)?)?,
+            wk: b.load_linear(ld.linear(&format!("{prefix}.wk"), h, cfg.head_dim)?)?,
+            k_norm_w: b.load_vector(ld.floats(&format!("{prefix}.k_norm.weight"), &[cfg.head_dim])?)?,
+            k_norm_b: b.load_vector(ld.floats(&format!("{prefix}.k_norm.bias"), &[cfg.head_dim])?)?,
+            weights_proj: b.load_linear(ld.linear(&format!("{prefix}.weights_proj"), h, cfg.n_heads)?)?,
+            dims: IndexerDims { heads: cfg.n_heads, head_dim: cfg.head_dim, topk: cfg.topk },
+        })
+    }
+
+    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
+    pub fn project(&self, b: &B, x: &B::Tensor, qr: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<IndexerOut<B>> {
+        let d = self.dims;
+        // The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
+        let spec = |heads| RopeSpec { heads, head_dim: d.head_dim, offset: 0, interleaved: false };
+        let mut q = b.linear(qr, &self.wq_b)?;
+        b.rope(&mut q, spec(d.heads), inv_freq, rows)?;
+        let mut k = b.layer_norm(&b.linear(x, &self.wk)?, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
+        b.rope(&mut k, spec(1), inv_freq, rows)?;
+        let mut w = b.linear(x, &self.weights_proj)?;
+        b.scale(&mut w, (d.heads as f32).powf(-0.5))?;
+        Ok(IndexerOut { k, q, w })
+    }
+}

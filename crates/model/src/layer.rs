@@ -1,0 +1,40 @@
+//! One decoder layer (MODEL_SPEC §2.1; HF `DeepseekV32DecoderLayer`):
+//! `h += MLA(RMSNorm_in(h)); h += FFN(RMSNorm_post(h))`.
+
+use crate::backend::{Backend, Row};
+use crate::mla::Mla;
+use crate::moe::Ffn;
+use crate::weights::{Loader, SliceSpec};
+use crate::Result;
+
+pub struct Layer<B: Backend> {
+    input_norm: B::Vector,
+    post_norm: B::Vector,
+    pub attn: Mla<B>,
+    ffn: Ffn<B>,
+    eps: f32,
+}
+
+impl<B: Backend> Layer<B> {
+    pub fn load(b: &B, ld: &Loader<'_>, layer: usize, slice: &SliceSpec, with_indexer: bool) -> Result<Self> {
+        let h = ld.cfg.hidden_size;
+        let p = format!("model.layers.{layer}");
+        Ok(Self {
+            input_norm: b.load_vector(ld.floats(&format!("{p}.input_layernorm.weight"), &[h])?)?,
+            post_norm: b.load_vector(ld.floats(&format!("{p}.post_attention_layernorm.weight"), &[h])?)?,
+            attn: Mla::load(b, ld, layer, with_indexer)?,
+            ffn: Ffn::load(b, ld, layer, slice)?,
+            eps: ld.cfg.rms_norm_eps as f32,
+        })
+    }
+
+    /// `h`: the residual stream `[rows, hidden]`, updated in place.
+    pub fn forward(&self, b: &B, h: &mut B::Tensor, cache: &mut B::LayerCache, inv_freq: &[f32], rows: &[Row]) -> Result<()> {
+        let x = b.rms_norm(h, &self.input_norm, self.eps)?;
+        let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
+        b.add_assign(h, &a)?;
+        let x = b.rms_norm(h, &self.post_norm, self.eps)?;
+        let f = self.ffn.forward(b, &x)?;
+        b.add_assign(h, &f)
+    }
+}

@@ -1,0 +1,152 @@
+//! A stage: the contiguous slice of the model one worker runs (ARCHITECTURE.md "Placement"). The first stage
+//! embeds token ids, every stage runs its layers over the residual stream, the last applies the final norm and
+//! `lm_head`. One stage holding everything is the whole model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::backend::{Backend, Row, SeqId};
+use crate::layer::Layer;
+use crate::rope;
+use crate::weights::{Loader, SliceSpec};
+use crate::{Checkpoint, Error, ModelConfig, Result};
+
+/// What a stage consumes: token ids (first stage) or the previous stage's residual stream `[rows, hidden]`.
+pub enum StageInput<'a, B: Backend> {
+    Tokens(&'a [u32]),
+    Hidden(B::Tensor),
+}
+
+pub struct Stage<B: Backend> {
+    backend: B,
+    cfg: ModelConfig,
+    slice: SliceSpec,
+    embed: Option<B::Weight>,
+    layers: Vec<Layer<B>>,
+    caches: Vec<B::LayerCache>,
+    head: Option<(B::Vector, B::Weight)>,
+    inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> Stage<B> {
+    /// Opens the checkpoint in `dir` and loads `slice` of it.
+    pub fn open(backend: B, dir: &Path, slice: SliceSpec) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::load(backend, &cfg, &ckpt, slice)
+    }
+
+    pub fn load(backend: B, cfg: &ModelConfig, ckpt: &Checkpoint, slice: SliceSpec) -> Result<Self> {
+        slice.check(cfg)?;
+        let ld = Loader { cfg, ckpt };
+        let b = &backend;
+        let h = cfg.hidden_size;
+        let dense = |name: &str, rows: usize| -> Result<B::Weight> {
+            let data = ld.floats(name, &[rows, h])?;
+            b.load_linear(crate::backend::HostLinear::Dense { out_features: rows, in_features: h, data })
+        };
+        let embed = slice.embed.then(|| dense("model.embed_tokens.weight", cfg.vocab_size)).transpose()?;
+        let mut layers = Vec::new();
+        let mut caches = Vec::new();
+        for l in slice.layers.clone() {
+            // MODEL_SPEC §1.2: DSA exactly when the checkpoint has the layer's indexer tensors.
+            let wk = format!("model.layers.{l}.self_attn.indexer.wk");
+            let with_indexer =
+                cfg.indexer.is_some() && (ckpt.contains(&format!("{wk}.qweight")) || ckpt.contains(&format!("{wk}.weight")));
+            let layer = Layer::load(b, &ld, l, &slice, with_indexer)?;
+            caches.push(b.new_layer_cache(&layer.attn.dims, layer.attn.indexer.as_ref().map(|i| &i.dims)));
+            layers.push(layer);
+        }
+        let head = if slice.head {
+            let norm = b.load_vector(ld.floats("model.norm.weight", &[h])?)?;
+            let name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            Some((norm, dense(name, cfg.vocab_size)?))
+        } else {
+            None
+        };
+        let inv_freq = rope::inv_freq(&cfg.rope, cfg.qk_rope_head_dim);
+        Ok(Self { backend, cfg: cfg.clone(), slice, embed, layers, caches, head, inv_freq })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn slice(&self) -> &SliceSpec {
+        &self.slice
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Positions cached for `seq` (0 for an unknown sequence).
+    pub fn cache_len(&self, seq: SeqId) -> usize {
+        self.caches.first().map_or(0, |c| self.backend.cache_len(c, seq))
+    }
+
+    pub fn free(&mut self, seq: SeqId) {
+        for c in &mut self.caches {
+            self.backend.cache_free(c, seq);
+        }
+    }
+
+    /// Checks that every sequence's rows are contiguous and continue its cache, before anything is written.
+    fn check_rows(&self, rows: &[Row]) -> Result<()> {
+        let mut next: HashMap<SeqId, usize> = HashMap::new();
+        let mut last: Option<SeqId> = None;
+        for row in rows {
+            let expected = match next.get(&row.seq) {
+                Some(&n) if last == Some(row.seq) => n,
+                Some(_) => return Err(Error::Slice { reason: format!("rows of sequence {} are not contiguous", row.seq) }),
+                None => self.cache_len(row.seq),
+            };
+            if row.pos != expected {
+                return Err(Error::CachePosition { seq: row.seq, expected, found: row.pos });
+            }
+            let limit = self.cfg.max_position_embeddings;
+            if row.pos >= limit {
+                return Err(Error::Slice { reason: format!("position {} is past max_position_embeddings {limit}", row.pos) });
+            }
+            next.insert(row.seq, row.pos + 1);
+            last = Some(row.seq);
+        }
+        Ok(())
+    }
+
+    /// Runs this stage's layers for one step and returns the residual stream `[rows, hidden]`.
+    pub fn forward(&mut self, rows: &[Row], input: StageInput<'_, B>) -> Result<B::Tensor> {
+        self.check_rows(rows)?;
+        let b = &self.backend;
+        let mut h = match (input, &self.embed) {
+            (StageInput::Tokens(ids), Some(table)) => {
+                if ids.len() != rows.len() {
+                    return Err(Error::Slice { reason: format!("{} token ids for {} rows", ids.len(), rows.len()) });
+                }
+                b.embed(table, ids)?
+            }
+            (StageInput::Tokens(_), None) => {
+                return Err(Error::Slice { reason: "token ids given to a stage without embeddings".into() });
+            }
+            (StageInput::Hidden(h), _) => {
+                if b.shape(&h) != (rows.len(), self.cfg.hidden_size) {
+                    return Err(Error::Slice { reason: format!("hidden state {:?} for {} rows", b.shape(&h), rows.len()) });
+                }
+                h
+            }
+        };
+        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
+            layer.forward(b, &mut h, cache, &self.inv_freq, rows)?;
+        }
+        Ok(h)
+    }
+
+    /// Final norm and `lm_head` on the rows `which` of `hidden`: logits `[which.len(), vocab]` on the host.
+    pub fn logits(&self, hidden: &B::Tensor, which: &[usize]) -> Result<Vec<f32>> {
+        let (norm, lm_head) =
+            self.head.as_ref().ok_or_else(|| Error::Slice { reason: "logits asked of a stage without lm_head".into() })?;
+        let b = &self.backend;
+        let x = b.rms_norm(&b.gather_rows(hidden, which)?, norm, self.cfg.rms_norm_eps as f32)?;
+        b.download(&b.linear(&x, lm_head)?)
+    }
+}
