@@ -19,6 +19,7 @@ pub mod layer;
 pub mod mla;
 pub mod moe;
 pub mod rope;
+pub mod sampling;
 pub mod stage;
 pub mod synthetic;
 pub mod validate;
