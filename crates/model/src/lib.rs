@@ -22,6 +22,7 @@ pub mod rope;
 pub mod sampling;
 pub mod stage;
 pub mod synthetic;
+pub mod tokenizer;
 pub mod validate;
 pub mod weights;
 
