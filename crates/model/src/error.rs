@@ -90,7 +90,9 @@ pub enum Error {
     MissingSpecialToken { file: PathBuf, token: String, needed_by: String },
 
     /// Neither tokenizer_config.json nor a built-in prompt format can turn messages into a prompt.
-    #[error("no chat template: tokenizer_config.json has none and model_type {model_type:?} has no built-in prompt format")]
+    #[error(
+        "no chat template: tokenizer_config.json has none and model_type {model_type:?} has no built-in prompt format"
+    )]
     NoChatTemplate { model_type: String },
 
     /// A Jinja chat template that does not compile or fails while rendering.

@@ -10,6 +10,8 @@
 //! - `weights`: reading one slice of the checkpoint; `stage`: a slice that runs (the whole model is one stage).
 
 pub mod backend;
+pub mod chat;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
