@@ -178,11 +178,14 @@ pub trait Backend: Send + Sync {
         selection: &Selection,
     ) -> Result<Self::Tensor>;
     /// Router scores in f32 with the correction bias for selection only (MODEL_SPEC §2.7).
-    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims)
-    -> Result<Routing>;
+    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims) -> Result<Routing>;
     /// `Σ_k w_k · expert_k(x)` over the routed experts this slice holds (`experts[e]` is `None` elsewhere).
-    fn experts(&self, x: &Self::Tensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing)
-    -> Result<Self::Tensor>;
+    fn experts(
+        &self,
+        x: &Self::Tensor,
+        experts: &[Option<ExpertWeights<Self>>],
+        routing: &Routing,
+    ) -> Result<Self::Tensor>;
 }
 
 /// A SwiGLU expert (or dense MLP, or shared expert): `down(silu(gate(x)) · up(x))`, MODEL_SPEC §2.8.

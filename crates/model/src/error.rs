@@ -73,6 +73,10 @@ pub enum Error {
     #[error("sequence {seq}: the cache holds {expected} positions, the step writes position {found}")]
     CachePosition { seq: u64, expected: usize, found: usize },
 
+    /// A prompt the model cannot take: longer than its context (never truncated), or empty.
+    #[error("{reason}: {tokens} tokens, the model's limit is {limit}")]
+    PromptTooLong { tokens: usize, limit: usize, reason: &'static str },
+
     /// A layer slice that the model does not have, or a step for a stage that cannot run it.
     #[error("slice: {reason}")]
     Slice { reason: String },

@@ -42,7 +42,14 @@ impl<B: Backend> Indexer<B> {
     }
 
     /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
-    pub fn project(&self, b: &B, x: &B::Tensor, qr: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<IndexerOut<B>> {
+    pub fn project(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        qr: &B::Tensor,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<IndexerOut<B>> {
         let d = self.dims;
         // The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
         let spec = |heads| RopeSpec { heads, head_dim: d.head_dim, offset: 0, interleaved: false };

@@ -1,11 +1,11 @@
 //! One decoder layer (MODEL_SPEC §2.1; HF `DeepseekV32DecoderLayer`):
 //! `h += MLA(RMSNorm_in(h)); h += FFN(RMSNorm_post(h))`.
 
+use crate::Result;
 use crate::backend::{Backend, Row};
 use crate::mla::Mla;
 use crate::moe::Ffn;
 use crate::weights::{Loader, SliceSpec};
-use crate::Result;
 
 pub struct Layer<B: Backend> {
     input_norm: B::Vector,
@@ -29,7 +29,14 @@ impl<B: Backend> Layer<B> {
     }
 
     /// `h`: the residual stream `[rows, hidden]`, updated in place.
-    pub fn forward(&self, b: &B, h: &mut B::Tensor, cache: &mut B::LayerCache, inv_freq: &[f32], rows: &[Row]) -> Result<()> {
+    pub fn forward(
+        &self,
+        b: &B,
+        h: &mut B::Tensor,
+        cache: &mut B::LayerCache,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<()> {
         let x = b.rms_norm(h, &self.input_norm, self.eps)?;
         let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
         b.add_assign(h, &a)?;

@@ -82,7 +82,12 @@ impl<B: Backend> Mla<B> {
             }
             None => (b.linear(x, &self.q_b)?, None),
         };
-        b.rope(&mut q, RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true }, inv_freq, rows)?;
+        b.rope(
+            &mut q,
+            RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true },
+            inv_freq,
+            rows,
+        )?;
         // [rows, kv_lora + qk_rope] → normed latent c and roped k_pe
         let kv = b.linear(x, &self.kv_a)?;
         let latent = b.rms_norm(&b.columns(&kv, 0, d.kv_lora)?, &self.kv_a_norm, self.eps)?;

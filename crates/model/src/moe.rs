@@ -1,9 +1,9 @@
 //! The feed-forward blocks: the dense SwiGLU MLP of the first layers, and the MoE block — `noaux_tc` router,
 //! routed experts and the shared expert (MODEL_SPEC §2.7, §2.8; HF `DeepseekV32MoE`).
 
+use crate::Result;
 use crate::backend::{Backend, ExpertWeights, RouterDims};
 use crate::weights::{Loader, SliceSpec};
-use crate::Result;
 
 fn load_mlp<B: Backend>(b: &B, ld: &Loader<'_>, prefix: &str, inter: usize) -> Result<ExpertWeights<B>> {
     let h = ld.cfg.hidden_size;

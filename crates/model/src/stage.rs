@@ -51,8 +51,8 @@ impl<B: Backend> Stage<B> {
         for l in slice.layers.clone() {
             // MODEL_SPEC §1.2: DSA exactly when the checkpoint has the layer's indexer tensors.
             let wk = format!("model.layers.{l}.self_attn.indexer.wk");
-            let with_indexer =
-                cfg.indexer.is_some() && (ckpt.contains(&format!("{wk}.qweight")) || ckpt.contains(&format!("{wk}.weight")));
+            let with_indexer = cfg.indexer.is_some()
+                && (ckpt.contains(&format!("{wk}.qweight")) || ckpt.contains(&format!("{wk}.weight")));
             let layer = Layer::load(b, &ld, l, &slice, with_indexer)?;
             caches.push(b.new_layer_cache(&layer.attn.dims, layer.attn.indexer.as_ref().map(|i| &i.dims)));
             layers.push(layer);
@@ -98,7 +98,9 @@ impl<B: Backend> Stage<B> {
         for row in rows {
             let expected = match next.get(&row.seq) {
                 Some(&n) if last == Some(row.seq) => n,
-                Some(_) => return Err(Error::Slice { reason: format!("rows of sequence {} are not contiguous", row.seq) }),
+                Some(_) => {
+                    return Err(Error::Slice { reason: format!("rows of sequence {} are not contiguous", row.seq) });
+                }
                 None => self.cache_len(row.seq),
             };
             if row.pos != expected {
@@ -106,7 +108,9 @@ impl<B: Backend> Stage<B> {
             }
             let limit = self.cfg.max_position_embeddings;
             if row.pos >= limit {
-                return Err(Error::Slice { reason: format!("position {} is past max_position_embeddings {limit}", row.pos) });
+                return Err(Error::Slice {
+                    reason: format!("position {} is past max_position_embeddings {limit}", row.pos),
+                });
             }
             next.insert(row.seq, row.pos + 1);
             last = Some(row.seq);
@@ -130,7 +134,9 @@ impl<B: Backend> Stage<B> {
             }
             (StageInput::Hidden(h), _) => {
                 if b.shape(&h) != (rows.len(), self.cfg.hidden_size) {
-                    return Err(Error::Slice { reason: format!("hidden state {:?} for {} rows", b.shape(&h), rows.len()) });
+                    return Err(Error::Slice {
+                        reason: format!("hidden state {:?} for {} rows", b.shape(&h), rows.len()),
+                    });
                 }
                 h
             }
@@ -143,8 +149,10 @@ impl<B: Backend> Stage<B> {
 
     /// Final norm and `lm_head` on the rows `which` of `hidden`: logits `[which.len(), vocab]` on the host.
     pub fn logits(&self, hidden: &B::Tensor, which: &[usize]) -> Result<Vec<f32>> {
-        let (norm, lm_head) =
-            self.head.as_ref().ok_or_else(|| Error::Slice { reason: "logits asked of a stage without lm_head".into() })?;
+        let (norm, lm_head) = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Slice { reason: "logits asked of a stage without lm_head".into() })?;
         let b = &self.backend;
         let x = b.rms_norm(&b.gather_rows(hidden, which)?, norm, self.cfg.rms_norm_eps as f32)?;
         b.download(&b.linear(&x, lm_head)?)

@@ -74,7 +74,11 @@ impl Loader<'_> {
             });
         }
         if t.shape != shape {
-            return Err(Error::ShapeMismatch { tensor: name.to_string(), expected: shape.to_vec(), found: t.shape.to_vec() });
+            return Err(Error::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: t.shape.to_vec(),
+            });
         }
         t.to_f32().map_err(|source| Error::Quant { module: name.to_string(), source })
     }
@@ -89,7 +93,9 @@ impl Loader<'_> {
         let mismatch = |reason: &str| Error::QuantMismatch { module: prefix.to_string(), reason: reason.to_string() };
         let params = match self.cfg.quantization.as_ref().map(|q| q.module(prefix)) {
             None => return Err(mismatch("has .qweight but config.json has no quantization_config")),
-            Some(ModuleQuant::Dense) => return Err(mismatch("has .qweight but quantization_config declares it 16-bit")),
+            Some(ModuleQuant::Dense) => {
+                return Err(mismatch("has .qweight but quantization_config declares it 16-bit"));
+            }
             Some(ModuleQuant::Gptq(p)) => p,
         };
         let quant = |source| Error::Quant { module: prefix.to_string(), source };

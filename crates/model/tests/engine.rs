@@ -47,7 +47,8 @@ fn prefill_then_decode_equals_recomputing_the_whole_sequence() {
 fn a_batch_of_sequences_equals_each_alone() {
     let prompts: Vec<Vec<u32>> = golden(&demo()).into_iter().map(|p| p.ids).collect();
     let mut alone = full_model(&demo());
-    let singles: Vec<Vec<f32>> = prompts.iter().enumerate().map(|(i, p)| prefill_all(&mut alone, i as u64, p)).collect();
+    let singles: Vec<Vec<f32>> =
+        prompts.iter().enumerate().map(|(i, p)| prefill_all(&mut alone, i as u64, p)).collect();
 
     let mut m = full_model(&demo());
     let mut all_rows = Vec::new();

@@ -1,10 +1,11 @@
-//! The `pipemoe` command line. Today: `inspect`. The server (`serve`, `start`, `stop`, `status`), `recipe`,
+//! The `pipemoe` command line. Today: `inspect` and `generate`. The server (`serve`, `start`, `stop`, `status`), `recipe`,
 //! `worker` and `bench` subcommands come with the controller and worker issues (docs/ARCHITECTURE.md).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod generate;
 pub mod inspect;
 
 /// Inference server for huge low-bit GPTQ Mixture-of-Experts models.
@@ -19,6 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate a model directory against its config.json and print what it holds.
     Inspect(InspectArgs),
+    /// Generate a continuation in this process on the CPU (no server): for people and for checks.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -33,6 +36,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(args) => {
             print!("{}", inspect::inspect(&args.model)?);
+            Ok(())
+        }
+        Command::Generate(args) => {
+            println!("{}", generate::generate(&args)?);
             Ok(())
         }
     }

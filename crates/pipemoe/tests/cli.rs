@@ -47,3 +47,38 @@ fn inspect_fails_cleanly() -> Result<()> {
     assert!(stderr.contains("missing tensor model.layers.1.mlp.experts.0.up_proj.scales"), "{stderr}");
     Ok(())
 }
+
+fn demo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/models/tiny-dsv32-w3a16")
+}
+
+fn generate(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_pipemoe")).args(["generate", "--model"]).arg(demo()).args(args).output()?)
+}
+
+/// The demo model answers held-out questions (never seen in training) through the whole CLI path.
+#[test]
+fn generate_chat_answers_held_out_questions() -> Result<()> {
+    for (question, answer) in [("What is 12 + 30?", "42"), ("Reverse the word apple", "elppa")] {
+        let out = generate(&["--chat", "--prompt", question, "--max-tokens", "8"])?;
+        assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), answer, "{question}");
+    }
+    let out = generate(&["--chat", "--thinking", "--prompt", "Reverse the word apple", "--max-tokens", "24"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("\n</think>\nelppa"), "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn generate_refuses_bad_input_clearly() -> Result<()> {
+    let out = generate(&["--prompt", "hi", "--temperature=-1"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("temperature"), "{stderr}");
+    let out = generate(&["--prompt", "hi", "--max-tokens", "100000"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("limit is 4096"), "{stderr}");
+    Ok(())
+}

@@ -50,7 +50,13 @@ impl CpuLayerCache {
         self.seqs.get(&seq).ok_or(Error::UnknownSequence { seq })
     }
 
-    pub fn write(&mut self, rows: &[Row], latent: &CpuTensor, k_pe: &CpuTensor, index_k: Option<&CpuTensor>) -> Result<()> {
+    pub fn write(
+        &mut self,
+        rows: &[Row],
+        latent: &CpuTensor,
+        k_pe: &CpuTensor,
+        index_k: Option<&CpuTensor>,
+    ) -> Result<()> {
         if latent.cols != self.kv_lora || k_pe.cols != self.qk_rope || latent.rows != rows.len() {
             return Err(Error::Backend { reason: "cache_write: latent/k_pe shape".into() });
         }
@@ -74,7 +80,13 @@ impl CpuLayerCache {
 
     /// `I(t) = Σ_h w_h · relu(q_h·k_t)` over causal keys `t ≤ pos`, top `min(topk, pos+1)`.
     /// Positive constants (HF's `head_dim^-0.5`, folded into nothing here) do not change the order.
-    pub fn indexer_select(&self, q: &CpuTensor, w: &CpuTensor, dims: &IndexerDims, rows: &[Row]) -> Result<Vec<Vec<u32>>> {
+    pub fn indexer_select(
+        &self,
+        q: &CpuTensor,
+        w: &CpuTensor,
+        dims: &IndexerDims,
+        rows: &[Row],
+    ) -> Result<Vec<Vec<u32>>> {
         let d = dims.head_dim;
         let mut out = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter().enumerate() {

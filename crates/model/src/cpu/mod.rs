@@ -251,12 +251,7 @@ impl Backend for CpuBackend {
         moe::route(x, gate, bias, dims)
     }
 
-    fn experts(
-        &self,
-        x: &CpuTensor,
-        experts: &[Option<ExpertWeights<Self>>],
-        routing: &Routing,
-    ) -> Result<CpuTensor> {
+    fn experts(&self, x: &CpuTensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing) -> Result<CpuTensor> {
         moe::experts(self, x, experts, routing)
     }
 }
