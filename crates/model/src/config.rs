@@ -258,10 +258,23 @@ impl ModelConfig {
         Self::from_file(dir.as_ref().join("config.json"))
     }
 
+    /// Reads config.json; without a `quantization_config` in it, AutoGPTQ's `quantize_config.json` beside it
+    /// (when present) says how the weights are quantized. Such files often omit `quant_method`: it is GPTQ.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| Error::Io { path: p.to_path_buf(), source });
+        let mut cfg = Self::parse(&read(path)?, path)?;
+        let qpath = path.with_file_name("quantize_config.json");
+        if cfg.quantization.is_none() && qpath.exists() {
+            let mut v: Value =
+                serde_json::from_str(&read(&qpath)?).map_err(|source| Error::Json { file: qpath.clone(), source })?;
+            if let Value::Object(obj) = &mut v {
+                obj.entry("quant_method").or_insert_with(|| Value::String("gptq".into()));
+            }
+            let q = QuantConfig::from_json(&v).map_err(|source| Error::QuantConfig { file: qpath.clone(), source })?;
+            cfg.quantization = Some(q);
+        }
+        Ok(cfg)
     }
 
     /// Parses config.json text; `origin` only labels errors.

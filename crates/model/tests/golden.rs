@@ -57,3 +57,24 @@ fn greedy_decode_from_the_cache_matches_token_for_token() {
         }
     }
 }
+
+/// AutoGPTQ checkpoints keep their quantization settings in `quantize_config.json` instead of config.json.
+#[test]
+fn quantize_config_json_beside_config_is_read() {
+    let src = models_dir().join("rand-dsv32-w4a16-gidx");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for e in std::fs::read_dir(&src).expect("fixture") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().expect("name"))).expect("copy");
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let mut q = cfg.as_object_mut().expect("object").remove("quantization_config").expect("quantization_config");
+    q.as_object_mut().expect("object").remove("quant_method");
+    std::fs::write(&path, cfg.to_string()).expect("write");
+    std::fs::write(tmp.path().join("quantize_config.json"), q.to_string()).expect("write");
+    let p = &golden(&src)[0];
+    let got = prefill_all(&mut full_model(tmp.path()), 0, &p.ids);
+    assert!(rel_l2(&got, &p.logits) <= TOL);
+}
