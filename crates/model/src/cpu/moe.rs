@@ -7,7 +7,7 @@ use crate::{Error, Result};
 
 pub fn route(x: &CpuTensor, gate: &CpuWeight, bias: &[f32], d: &RouterDims) -> Result<Routing> {
     let e = d.n_experts;
-    if gate.out_features != e || gate.in_features != x.cols || bias.len() != e || e % d.n_group != 0 {
+    if gate.out_features != e || gate.in_features != x.cols || bias.len() != e || !e.is_multiple_of(d.n_group) {
         return Err(Error::Backend { reason: "route: gate/bias shape".into() });
     }
     let per_group = e / d.n_group;
