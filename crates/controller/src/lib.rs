@@ -1,2 +1,8 @@
-//! The controller (comes in a later issue): OpenAI-compatible HTTP API, recipes (SQLite + `migrations/`),
-//! scheduler, placement planner and worker supervisor. It never links CUDA, so it builds and tests anywhere.
+//! The controller: owns the recipe database, the worker fleet and the public OpenAI-compatible endpoint.
+//! It never links CUDA.
+//!
+//! - `recipes`: recipes in SQLite (`data/controller.db`, schema in `migrations/`), and the `recipe` CLI.
+//! - `pidfile`, `lifecycle`: the PID file under `flock`, and `start` / `stop` / `status`.
+//! - `planner`: placement of the model's layers onto devices under memory budgets.
+//! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline.
+//! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).

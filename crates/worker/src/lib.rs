@@ -1,2 +1,2 @@
-//! The gRPC worker (comes in a later issue): one process per device that loads its slice of the checkpoint,
-//! keeps the KV cache of its layers, runs its pipeline stage and answers `pipemoe.worker.v1.Worker`.
+//! The worker: one process per device, holding one contiguous slice of the model, serving
+//! `pipemoe.worker.v1.Worker` on a Unix socket (or TCP). Steps pass down the chain of workers; the last samples.
