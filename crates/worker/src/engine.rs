@@ -1,0 +1,146 @@
+//! The loaded slice and the per-sequence sampling state, behind the worker's lock. Everything here is
+//! blocking work: the service calls it from `spawn_blocking` with the lock held, and releases the lock before
+//! it talks to the next worker.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+
+use pipemoe_model::sampling::{Sampler, SamplingParams, logprobs};
+use pipemoe_model::{Backend, SeqId, Stage, StageInput};
+use pipemoe_proto::worker_v1::{Sampled, TokenLogprob};
+
+use crate::error::{Error, Result};
+use crate::step::Plan;
+
+/// What this worker's part of a step produced.
+pub enum Output {
+    /// The residual stream `[rows, hidden]`, for the next worker.
+    Hidden { rows: usize, cols: usize, data: Vec<f32> },
+    /// The last stage's sampled tokens, in chunk order.
+    Sampled(Vec<Sampled>),
+}
+
+/// A sequence that has been sampled at least once.
+struct SeqState {
+    /// The settings of its first sampled chunk; later chunks must repeat them.
+    params: SamplingParams,
+    /// Its random stream (last stage only).
+    sampler: Option<Sampler>,
+}
+
+pub struct Engine<B: Backend> {
+    stage: Stage<B>,
+    seqs: HashMap<SeqId, SeqState>,
+    /// Mixed with a sequence id to seed a sequence that brings no seed: differs between processes.
+    seed_salt: u64,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(stage: Stage<B>) -> Self {
+        let seed_salt = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        Self { stage, seqs: HashMap::new(), seed_salt }
+    }
+
+    /// Runs this worker's part of a step: checks every chunk against the cache and the sequence's sampling
+    /// settings, then the stage, then (last stage) samples. On an error before the forward pass nothing changed.
+    pub fn step(&mut self, mut plan: Plan) -> Result<Output> {
+        let step_id = plan.step_id;
+        self.check(&plan)?;
+        let model = |source| Error::Model { step_id, source };
+        let input = match plan.hidden.take() {
+            Some(h) => {
+                let cols = self.stage.config().hidden_size;
+                StageInput::Hidden(self.stage.backend().upload(plan.rows.len(), cols, h).map_err(model)?)
+            }
+            None => StageInput::Tokens(&plan.tokens),
+        };
+        let hidden = self.stage.forward(&plan.rows, input).map_err(model)?;
+        let b = self.stage.backend();
+        for c in &plan.chunks {
+            if let Some(s) = &c.sample {
+                self.seqs.entry(c.seq).or_insert(SeqState { params: s.params, sampler: None });
+            }
+        }
+        if !self.stage.slice().head {
+            let (rows, cols) = b.shape(&hidden);
+            return Ok(Output::Hidden { rows, cols, data: b.download(&hidden).map_err(model)? });
+        }
+        let sampled = plan.sampled_rows();
+        if sampled.is_empty() {
+            return Ok(Output::Sampled(Vec::new()));
+        }
+        let which: Vec<usize> = sampled.iter().map(|(row, _)| *row).collect();
+        let logits = self.stage.logits(&hidden, &which).map_err(model)?;
+        let vocab = logits.len() / which.len();
+        let mut out = Vec::with_capacity(sampled.len());
+        for (k, (_, chunk)) in sampled.iter().enumerate() {
+            let Some(spec) = chunk.sample else { continue };
+            let logits = &logits[k * vocab..(k + 1) * vocab];
+            let sampler = self.sampler(chunk.seq, spec.params).map_err(model)?;
+            let token = sampler.sample(logits);
+            let mut s = Sampled { seq: chunk.seq, token, logprob: None, top: Vec::new() };
+            if spec.logprobs || spec.top_logprobs > 0 {
+                let lp = logprobs(logits, token, spec.top_logprobs);
+                s.logprob = spec.logprobs.then_some(lp.chosen);
+                s.top = lp.top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect();
+            }
+            out.push(s);
+        }
+        Ok(Output::Sampled(out))
+    }
+
+    /// Every chunk continues its sequence's cache, and repeats its sampling settings.
+    fn check(&self, plan: &Plan) -> Result<()> {
+        let invalid = |reason: String| Error::InvalidStep { step_id: plan.step_id, reason };
+        for c in &plan.chunks {
+            let cached = self.stage.cache_len(c.seq);
+            if c.start != cached {
+                return Err(invalid(format!(
+                    "sequence {}: the chunk starts at position {}, but {cached} positions are cached (start must equal it)",
+                    c.seq, c.start
+                )));
+            }
+            if let (Some(spec), Some(state)) = (&c.sample, self.seqs.get(&c.seq))
+                && spec.params != state.params
+            {
+                return Err(invalid(format!(
+                    "sequence {}: sampling {:?} differs from the settings of its first sampled chunk {:?}",
+                    c.seq, spec.params, state.params
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sequence's sampler, created at its first sampled chunk (seeded from the seq id when it has no seed).
+    fn sampler(&mut self, seq: SeqId, params: SamplingParams) -> pipemoe_model::Result<&mut Sampler> {
+        let salt = self.seed_salt;
+        let state = self.seqs.entry(seq).or_insert(SeqState { params, sampler: None });
+        Ok(match &mut state.sampler {
+            Some(sampler) => sampler,
+            empty => {
+                let seed = params.seed.unwrap_or_else(|| splitmix64(salt ^ seq));
+                empty.insert(Sampler::new(SamplingParams { seed: Some(seed), ..params })?)
+            }
+        })
+    }
+
+    /// Drops sequences from the cache and the sampler map; returns the positions that were cached.
+    pub fn free(&mut self, seqs: &[SeqId]) -> usize {
+        let mut positions = 0;
+        for &seq in seqs {
+            positions += self.stage.cache_len(seq);
+            self.stage.free(seq);
+            self.seqs.remove(&seq);
+        }
+        positions
+    }
+}
+
+/// splitmix64's finaliser: neighbouring sequence ids get unrelated seeds.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

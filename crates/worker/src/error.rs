@@ -1,0 +1,101 @@
+//! The crate's one error type, and its one mapping to gRPC status codes (`From<Error> for Status`).
+
+use std::path::PathBuf;
+
+use tonic::Status;
+
+/// Everything that can go wrong starting a worker or running one of its rpcs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A command-line value (or the combination of them) this worker cannot run with.
+    #[error("--{arg}: {reason}")]
+    InvalidArg { arg: &'static str, reason: String },
+
+    /// `--device cuda:N` on a build without the CUDA backend.
+    #[error("device {device}: CUDA backend not built yet (only --device cpu is implemented)")]
+    CudaNotBuilt { device: String },
+
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {addr}")]
+    Listen { addr: String, source: std::io::Error },
+
+    /// Another process is serving on the socket path.
+    #[error("{}: another process is listening on this socket", path.display())]
+    SocketInUse { path: PathBuf },
+
+    /// A file that is not a socket is in the way of the socket path.
+    #[error("{}: exists and is not a socket (refusing to remove it)", path.display())]
+    NotASocket { path: PathBuf },
+
+    #[error("cannot start the tokio runtime")]
+    Runtime { source: std::io::Error },
+
+    #[error("gRPC server")]
+    Serve { source: tonic::transport::Error },
+
+    /// The worker's task panicked or was cancelled.
+    #[error("worker task: {reason}")]
+    Task { reason: String },
+
+    /// A step or free the worker refuses before touching any state.
+    #[error("step {step_id}: {reason}")]
+    InvalidStep { step_id: u64, reason: String },
+
+    /// Activations passed as CUDA IPC handles to a backend that cannot open them.
+    #[error("step {step_id}: CUDA IPC needs the CUDA backend (send the activations inline)")]
+    IpcUnsupported { step_id: u64 },
+
+    /// The worker cannot take steps in its current state (loading, failed).
+    #[error("worker {rank} is {state}: {message}")]
+    NotReady { rank: u32, state: &'static str, message: String },
+
+    /// SIGTERM or Shutdown was received: new steps are refused.
+    #[error("worker {rank} is draining (shutting down): no new steps")]
+    Draining { rank: u32 },
+
+    /// The engine failed on a step that passed validation.
+    #[error("step {step_id}: the model failed")]
+    Model { step_id: u64, source: pipemoe_model::Error },
+
+    /// The next worker in the chain cannot be reached (or its connection broke).
+    #[error("next worker {addr} is unavailable: {message}")]
+    NextUnavailable { addr: String, message: String },
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The error and its sources on one line, for a gRPC status message (the client sees no `source()`).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let message = chain(&e);
+        match e {
+            Error::InvalidStep { .. } => Status::invalid_argument(message),
+            Error::IpcUnsupported { .. } | Error::CudaNotBuilt { .. } => Status::unimplemented(message),
+            Error::NotReady { .. } => Status::failed_precondition(message),
+            Error::Draining { .. } | Error::NextUnavailable { .. } => Status::unavailable(message),
+            Error::Model { .. }
+            | Error::Task { .. }
+            | Error::InvalidArg { .. }
+            | Error::Listen { .. }
+            | Error::SocketInUse { .. }
+            | Error::NotASocket { .. }
+            | Error::Runtime { .. }
+            | Error::Serve { .. } => {
+                tracing::error!(error = %message, "internal error");
+                Status::internal(message)
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The `pipemoe.worker.v1.Worker` service: the worker's shared state and its four rpcs.
+//!
+//! The engine sits behind a `tokio::sync::Mutex`: a step takes it, runs its blocking part in `spawn_blocking`,
+//! and releases it before awaiting the next worker, so several steps (micro-batches over disjoint sequences)
+//! move down the chain at once, each worker busy with a different one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use pipemoe_model::{Backend, ModelConfig};
+use pipemoe_proto::worker_v1::worker_server::Worker;
+use pipemoe_proto::worker_v1::{
+    FreeRequest, FreeResponse, HealthRequest, HealthResponse, LayerRange, ShutdownRequest, ShutdownResponse,
+    StepRequest, StepResponse, WorkerState,
+};
+use tokio::sync::{Mutex, watch};
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::WorkerConfig;
+use crate::engine::{Engine, Output};
+use crate::error::{Error, Result};
+use crate::next::Next;
+use crate::step::{Plan, encode};
+
+/// A slice that finished loading.
+pub struct Loaded<B: Backend> {
+    pub engine: Arc<Mutex<Engine<B>>>,
+    pub cfg: ModelConfig,
+    /// Estimated bytes of the weights on the device (memory.rs).
+    pub weight_bytes: u64,
+    /// Cache bytes per cached position over this slice's layers.
+    pub cache_bytes_per_position: u64,
+}
+
+/// Everything the rpcs, the loader and the drain share. The worker's life: LOADING until `loaded` or `failed`
+/// is set (READY or FAILED), then DRAINING once `draining` is set, whatever it was.
+pub struct Shared<B: Backend> {
+    pub config: WorkerConfig,
+    /// What Health says while loading.
+    pub loading: String,
+    pub loaded: OnceLock<Loaded<B>>,
+    /// Why loading failed.
+    pub failed: OnceLock<String>,
+    draining: AtomicBool,
+    /// `true` starts the drain (SIGTERM, SIGINT, Shutdown).
+    pub drain: watch::Sender<bool>,
+    /// Steps running in this worker now (its own part or awaiting the workers after it).
+    pub in_flight: watch::Sender<usize>,
+    /// Steps ever begun: the drain waits until this stops moving.
+    pub begun: AtomicU64,
+    /// Steps this worker has completed (its part of them).
+    steps: AtomicU64,
+    /// Positions cached over all sequences (Health's cache bytes).
+    cached_positions: AtomicU64,
+    next: Option<Next>,
+}
+
+impl<B: Backend> Shared<B> {
+    pub fn new(config: WorkerConfig, next: Option<Next>, loading: String) -> Self {
+        Self {
+            config,
+            loading,
+            loaded: OnceLock::new(),
+            failed: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            drain: watch::Sender::new(false),
+            in_flight: watch::Sender::new(0),
+            begun: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            cached_positions: AtomicU64::new(0),
+            next,
+        }
+    }
+
+    /// Refuse new steps from now on; the server stops once those in flight are done.
+    pub fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            info!(rank = self.config.rank, "draining: finishing in-flight steps");
+        }
+        self.drain.send_replace(true);
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn ready(&self) -> Result<&Loaded<B>> {
+        let rank = self.config.rank;
+        if let Some(l) = self.loaded.get() {
+            return Ok(l);
+        }
+        Err(match self.failed.get() {
+            Some(why) => Error::NotReady { rank, state: "FAILED", message: why.clone() },
+            None => Error::NotReady { rank, state: "LOADING", message: self.loading.clone() },
+        })
+    }
+
+    /// Counts a step in flight until the guard drops.
+    fn begin_step(&self) -> InFlight<'_> {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(&self.in_flight)
+    }
+}
+
+struct InFlight<'a>(&'a watch::Sender<usize>);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The tonic service over the shared state.
+pub struct WorkerService<B: Backend> {
+    pub shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend + 'static> WorkerService<B> {
+    async fn run_step(&self, mut req: StepRequest) -> std::result::Result<StepResponse, Status> {
+        let s = &self.shared;
+        let rank = s.config.rank;
+        // Steps from the previous worker belong to chain steps already in flight: finish them while draining.
+        if s.is_draining() && req.hidden.is_none() {
+            return Err(Error::Draining { rank }.into());
+        }
+        let loaded = s.ready()?;
+        let _in_flight = s.begin_step();
+        let step_id = req.step_id;
+        let plan = Plan::new(&req, &loaded.cfg, &s.config.slice)?;
+        let rows = plan.rows.len();
+        let started = std::time::Instant::now();
+        let mut engine = loaded.engine.clone().lock_owned().await;
+        let waited = started.elapsed();
+        let counters = s.clone();
+        // Counted inside: a step whose caller went away still runs to the end and its rows stay cached.
+        let out = tokio::task::spawn_blocking(move || {
+            let out = engine.step(plan)?;
+            counters.steps.fetch_add(1, Ordering::Relaxed);
+            counters.cached_positions.fetch_add(rows as u64, Ordering::Relaxed);
+            Ok::<_, Error>(out)
+        })
+        .await
+        .map_err(|e| Error::Task { reason: format!("step {step_id}: {e}") })??;
+        debug!(step_id, rows, chunks = req.chunks.len(), ?waited, took = ?started.elapsed() - waited, "ran this stage");
+        match out {
+            Output::Sampled(sampled) => Ok(StepResponse { sampled }),
+            Output::Hidden { rows, cols, data } => {
+                let Some(next) = &s.next else {
+                    return Err(
+                        Error::Task { reason: format!("step {step_id}: a non-head worker without --next") }.into()
+                    );
+                };
+                req.hidden = Some(encode(rows, cols, &data));
+                drop(data);
+                next.step(req).await.map_err(|status| {
+                    debug!(step_id, next = next.addr(), %status, "the next worker refused the step");
+                    status
+                })
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl<B: Backend + 'static> Worker for WorkerService<B> {
+    async fn health(&self, _: Request<HealthRequest>) -> std::result::Result<Response<HealthResponse>, Status> {
+        let s = &self.shared;
+        let c = &s.config;
+        let (state, message) = match (s.is_draining(), s.loaded.get(), s.failed.get()) {
+            (true, _, _) => {
+                let n = *s.in_flight.borrow();
+                (WorkerState::Draining, format!("finishing {n} in-flight step(s)"))
+            }
+            (false, Some(_), _) => (WorkerState::Ready, String::new()),
+            (false, None, Some(why)) => (WorkerState::Failed, why.clone()),
+            (false, None, None) => (WorkerState::Loading, s.loading.clone()),
+        };
+        let memory_bytes = s
+            .loaded
+            .get()
+            .map_or(0, |l| l.weight_bytes + s.cached_positions.load(Ordering::Relaxed) * l.cache_bytes_per_position);
+        let range = |r: &std::ops::Range<usize>| LayerRange { start: r.start as u32, end: r.end as u32 };
+        Ok(Response::new(HealthResponse {
+            rank: c.rank,
+            device: c.device_name(),
+            state: state as i32,
+            layers: Some(range(&c.slice.layers)),
+            embed: c.slice.embed,
+            head: c.slice.head,
+            pid: std::process::id(),
+            memory_bytes,
+            message,
+            steps: s.steps.load(Ordering::Relaxed),
+            experts: c.slice.experts.as_ref().map(range),
+        }))
+    }
+
+    async fn step(&self, request: Request<StepRequest>) -> std::result::Result<Response<StepResponse>, Status> {
+        let req = request.into_inner();
+        let span = info_span!("step", step_id = req.step_id, rank = self.shared.config.rank);
+        let step_id = req.step_id;
+        let result = self.run_step(req).instrument(span).await;
+        if let Err(status) = &result {
+            warn!(step_id, rank = self.shared.config.rank, code = ?status.code(), message = status.message(), "step failed");
+        }
+        result.map(Response::new)
+    }
+
+    async fn free(&self, request: Request<FreeRequest>) -> std::result::Result<Response<FreeResponse>, Status> {
+        let req = request.into_inner();
+        let s = &self.shared;
+        if let Some(loaded) = s.loaded.get() {
+            let mut engine = loaded.engine.clone().lock_owned().await;
+            let seqs = req.seqs.clone();
+            let freed = tokio::task::spawn_blocking(move || engine.free(&seqs))
+                .await
+                .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
+            let _ = s
+                .cached_positions
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(freed as u64)));
+            debug!(seqs = ?req.seqs, freed, "freed");
+        }
+        if let Some(next) = &s.next {
+            next.free(req).await?;
+        }
+        Ok(Response::new(FreeResponse {}))
+    }
+
+    async fn shutdown(&self, _: Request<ShutdownRequest>) -> std::result::Result<Response<ShutdownResponse>, Status> {
+        info!(rank = self.shared.config.rank, "Shutdown rpc");
+        self.shared.start_drain();
+        Ok(Response::new(ShutdownResponse {}))
+    }
+}
