@@ -22,6 +22,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Generate a continuation in this process on the CPU (no server): for people and for checks.
     Generate(generate::GenerateArgs),
+    /// Serve one slice of the model on one device (internal: the controller spawns one per device).
+    Worker(pipemoe_worker::WorkerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -42,5 +44,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", generate::generate(&args)?);
             Ok(())
         }
+        Command::Worker(args) => Ok(pipemoe_worker::run(args)?),
     }
 }
