@@ -6,4 +6,9 @@
 //! - `planner`: placement of the model's layers onto devices under memory budgets.
 //! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline.
 //! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).
+pub mod error;
+pub mod pidfile;
 pub mod planner;
+pub mod recipes;
+
+pub use error::{Error, Result};
