@@ -1,0 +1,443 @@
+//! Continuous batching over the worker pipeline (ARCHITECTURE.md "Pipeline"). One task owns every sequence and
+//! the fleet; the HTTP handlers talk to it over channels. Each step carries prefill chunks and decode tokens of
+//! many sequences; up to one step per worker is in flight, over disjoint sequences, so every worker has work
+//! when there are enough streams. Token text, stop strings and finish reasons are settled here, once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use pipemoe_model::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
+use pipemoe_proto::worker_v1::{FreeRequest, SeqChunk, StepRequest, StepResponse};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::fleet::{Fleet, FleetEvent, FleetSpec};
+pub use pipemoe_proto::worker_v1::Sampling;
+
+/// One generation: a prompt, how to continue it, and where its events go.
+pub struct GenRequest {
+    /// For logs: every line about this sequence carries it.
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    pub stop: Vec<String>,
+    /// Keep generating past EOS until `max_tokens` (benchmarks; vLLM's extension of the same name).
+    pub ignore_eos: bool,
+    pub events: mpsc::UnboundedSender<SeqEvent>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// EOS or a stop string.
+    Stop,
+    /// max_tokens or the context limit.
+    Length,
+}
+
+/// What a sequence reports, in order: tokens, then exactly one `Done` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SeqEvent {
+    /// `text` is what this token completes, after stop strings (may be empty).
+    Token {
+        token: u32,
+        text: String,
+        logprob: Option<f32>,
+        top: Vec<(u32, f32)>,
+    },
+    Done {
+        finish: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// Whether the fleet can take work, for `/health` and the dashboard.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FleetState {
+    Ready,
+    /// A worker died; the fleet is being restarted.
+    Restarting {
+        reason: String,
+    },
+    /// The restart failed; requests get 503 until the controller is restarted.
+    Failed {
+        reason: String,
+    },
+    /// `stop` was asked for: finishing in-flight requests, accepting none.
+    Draining,
+}
+
+/// What the HTTP side sees of the fleet.
+pub struct Shared {
+    pub state: RwLock<FleetState>,
+    pub workers: RwLock<Vec<crate::fleet::WorkerView>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerConfig {
+    pub max_model_len: usize,
+    /// Steps in flight at once (one per worker keeps the pipeline full).
+    pub max_inflight: usize,
+    /// Prompt tokens per step, across sequences (prefill is chunked to this).
+    pub max_step_tokens: usize,
+    /// A step that takes longer fails its sequences (a hung worker must not hang requests).
+    pub step_timeout: Duration,
+}
+
+enum Msg {
+    Submit(GenRequest),
+    Drain(oneshot::Sender<()>),
+}
+
+/// The handle the HTTP handlers hold.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::UnboundedSender<Msg>,
+    pub shared: Arc<Shared>,
+}
+
+/// A sequence's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Prompt positions `[0, done)` are cached; the rest still to prefill.
+    Prefilling { done: usize },
+    /// The prompt is cached and tokens are being generated.
+    Decoding,
+}
+
+struct Seq {
+    req: GenRequest,
+    phase: Phase,
+    generated: Vec<u32>,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    in_flight: bool,
+}
+
+impl Scheduler {
+    pub fn submit(&self, req: GenRequest) {
+        let events = req.events.clone();
+        if self.tx.send(Msg::Submit(req)).is_err() {
+            let _ = events.send(SeqEvent::Failed { message: "the scheduler has stopped".into() });
+        }
+    }
+
+    /// Stops admitting work and resolves when every admitted sequence has finished.
+    pub async fn drain(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Drain(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Starts the scheduler task over a running fleet.
+    pub fn spawn(
+        cfg: SchedulerConfig,
+        tokenizer: Arc<Tokenizer>,
+        fleet: Fleet,
+        spec: FleetSpec,
+        events: mpsc::UnboundedReceiver<FleetEvent>,
+        events_tx: mpsc::UnboundedSender<FleetEvent>,
+    ) -> (Scheduler, tokio::task::JoinHandle<Option<Fleet>>) {
+        let shared = Arc::new(Shared { state: RwLock::new(FleetState::Ready), workers: RwLock::new(fleet.views()) });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let core = Core {
+            cfg,
+            tokenizer,
+            fleet: Some(fleet),
+            spec,
+            shared: shared.clone(),
+            seqs: HashMap::new(),
+            queue: VecDeque::new(),
+            next_seq: 1,
+            steps: JoinSet::new(),
+            next_step: 1,
+            drain: None,
+            events_tx,
+        };
+        let handle = tokio::spawn(core.run(rx, events));
+        (Scheduler { tx, shared }, handle)
+    }
+}
+
+/// The sequences of a step, each with the prompt position its chunk ends at (prefill) or `None` (decode).
+type StepSeqs = Vec<(u64, Option<usize>)>;
+type StepResult = (StepSeqs, Result<StepResponse, String>);
+
+struct Core {
+    cfg: SchedulerConfig,
+    tokenizer: Arc<Tokenizer>,
+    fleet: Option<Fleet>,
+    spec: FleetSpec,
+    shared: Arc<Shared>,
+    seqs: HashMap<u64, Seq>,
+    /// Admission order, for fairness when forming steps.
+    queue: VecDeque<u64>,
+    next_seq: u64,
+    steps: JoinSet<StepResult>,
+    next_step: u64,
+    drain: Option<oneshot::Sender<()>>,
+    events_tx: mpsc::UnboundedSender<FleetEvent>,
+}
+
+impl Core {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut fleet_events: mpsc::UnboundedReceiver<FleetEvent>,
+    ) -> Option<Fleet> {
+        let (restarted_tx, mut restarted_rx) = mpsc::unbounded_channel::<Result<Fleet, String>>();
+        loop {
+            self.schedule();
+            if self.drain.is_some() && self.seqs.is_empty() {
+                if let Some(d) = self.drain.take() {
+                    let _ = d.send(());
+                }
+                return self.fleet.take();
+            }
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Msg::Submit(req)) => self.admit(req),
+                    Some(Msg::Drain(done)) => {
+                        *write(&self.shared.state) = FleetState::Draining;
+                        self.drain = Some(done);
+                    }
+                    None => return self.fleet.take(),
+                },
+                Some(done) = self.steps.join_next(), if !self.steps.is_empty() => match done {
+                    Ok((ids, result)) => self.finish_step(ids, result),
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => tracing::error!("step task panicked: {e}"),
+                },
+                Some(ev) = fleet_events.recv() => self.on_fleet_event(ev, &restarted_tx),
+                Some(r) = restarted_rx.recv() => match r {
+                    Ok(f) => {
+                        *write(&self.shared.workers) = f.views();
+                        self.fleet = Some(f);
+                        *write(&self.shared.state) = FleetState::Ready;
+                        tracing::info!("fleet restarted");
+                    }
+                    Err(reason) => {
+                        tracing::error!(%reason, "fleet restart failed");
+                        *write(&self.shared.state) = FleetState::Failed { reason };
+                    }
+                },
+            }
+        }
+    }
+
+    fn admit(&mut self, req: GenRequest) {
+        let refuse = |req: &GenRequest, message: String| {
+            let _ = req.events.send(SeqEvent::Failed { message });
+        };
+        let state = read(&self.shared.state).clone();
+        if state != FleetState::Ready || self.fleet.is_none() {
+            return refuse(&req, format!("the worker fleet is not ready ({state:?})"));
+        }
+        if req.prompt.is_empty() || req.prompt.len() >= self.cfg.max_model_len {
+            return refuse(
+                &req,
+                format!("prompt of {} tokens does not fit max_model_len {}", req.prompt.len(), self.cfg.max_model_len),
+            );
+        }
+        let id = self.next_seq;
+        self.next_seq += 1;
+        tracing::debug!(request = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), "admitted");
+        let stops = StopMatcher::new(req.stop.iter().cloned());
+        self.seqs.insert(
+            id,
+            Seq {
+                req,
+                phase: Phase::Prefilling { done: 0 },
+                generated: Vec::new(),
+                decoder: StreamDecoder::new(true),
+                stops,
+                in_flight: false,
+            },
+        );
+        self.queue.push_back(id);
+    }
+
+    /// Forms steps from idle sequences while fewer than `max_inflight` are out.
+    fn schedule(&mut self) {
+        let Some(head) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) else { return };
+        while self.steps.len() < self.cfg.max_inflight {
+            let idle: Vec<u64> =
+                self.queue.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| !s.in_flight)).collect();
+            if idle.is_empty() {
+                return;
+            }
+            // Spread the running sequences over the in-flight slots so every worker has a micro-batch.
+            let running = self.seqs.len();
+            let per_step = running.div_ceil(self.cfg.max_inflight).max(1);
+            let mut chunks = Vec::new();
+            let mut ids = Vec::new();
+            let mut budget = self.cfg.max_step_tokens;
+            for id in idle {
+                if ids.len() >= per_step || budget == 0 {
+                    break;
+                }
+                let Some(s) = self.seqs.get_mut(&id) else { continue };
+                let (chunk, end) = match s.phase {
+                    Phase::Prefilling { done } => {
+                        let end = (done + budget).min(s.req.prompt.len());
+                        let last = end == s.req.prompt.len();
+                        budget -= end - done;
+                        let tokens = s.req.prompt[done..end].to_vec();
+                        let sampling = last.then_some(s.req.sampling);
+                        (SeqChunk { seq: id, start: done as u32, tokens, sampling }, Some(end))
+                    }
+                    Phase::Decoding => {
+                        budget = budget.saturating_sub(1);
+                        let pos = s.req.prompt.len() + s.generated.len() - 1;
+                        let tokens = vec![s.generated.last().copied().unwrap_or(0)];
+                        (SeqChunk { seq: id, start: pos as u32, tokens, sampling: Some(s.req.sampling) }, None)
+                    }
+                };
+                s.in_flight = true;
+                ids.push((id, end));
+                chunks.push(chunk);
+            }
+            if ids.is_empty() {
+                return;
+            }
+            let step_id = self.next_step;
+            self.next_step += 1;
+            let mut client = head.clone();
+            let req = StepRequest { step_id, chunks, hidden: None };
+            let limit = self.cfg.step_timeout;
+            self.steps.spawn(async move {
+                let r = match tokio::time::timeout(limit, client.step(req)).await {
+                    Ok(r) => r.map(|r| r.into_inner()).map_err(|s| s.message().to_string()),
+                    Err(_) => Err(format!("step {step_id} took longer than {} s", limit.as_secs())),
+                };
+                (ids, r)
+            });
+        }
+    }
+
+    fn finish_step(&mut self, ids: StepSeqs, result: Result<StepResponse, String>) {
+        let resp = match result {
+            Ok(r) => r,
+            Err(message) => {
+                tracing::error!(%message, "step failed");
+                for (id, _) in ids {
+                    self.end(id, Err(format!("the pipeline failed: {message}")));
+                }
+                return;
+            }
+        };
+        let mut sampled: HashMap<u64, _> = resp.sampled.into_iter().map(|s| (s.seq, s)).collect();
+        for (id, chunk_end) in ids {
+            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            s.in_flight = false;
+            if let Some(end) = chunk_end {
+                if end < s.req.prompt.len() {
+                    s.phase = Phase::Prefilling { done: end };
+                    continue;
+                }
+                s.phase = Phase::Decoding;
+            }
+            let Some(tok) = sampled.remove(&id) else {
+                self.end(id, Err("the pipeline returned no token".into()));
+                continue;
+            };
+            let top = tok.top.iter().map(|t| (t.token, t.logprob)).collect();
+            if let Some(finish) = self.accept(id, tok.token, tok.logprob, top) {
+                self.end(id, Ok(finish));
+            }
+        }
+    }
+
+    /// Records a sampled token and sends its text; `Some` when the sequence is finished.
+    fn accept(&mut self, id: u64, token: u32, logprob: Option<f32>, top: Vec<(u32, f32)>) -> Option<Finish> {
+        let max_len = self.cfg.max_model_len;
+        let tok = self.tokenizer.clone();
+        let s = self.seqs.get_mut(&id)?;
+        s.generated.push(token);
+        let eos = tok.is_eos(token) && !s.req.ignore_eos;
+        let piece = if eos {
+            s.decoder.flush(&tok).unwrap_or_default()
+        } else {
+            s.decoder.push(&tok, token).unwrap_or_default()
+        };
+        let chunk = s.stops.push(&piece);
+        let mut text = chunk.text;
+        let mut finish = if chunk.stop.is_some() || eos { Some(Finish::Stop) } else { None };
+        if finish.is_none()
+            && (s.generated.len() >= s.req.max_tokens || s.req.prompt.len() + s.generated.len() >= max_len)
+        {
+            text.push_str(&s.stops.push(&s.decoder.flush(&tok).unwrap_or_default()).text);
+            finish = Some(Finish::Length);
+        }
+        if finish.is_some() && chunk.stop.is_none() {
+            text.push_str(&s.stops.finish());
+        }
+        let sent = s.req.events.send(SeqEvent::Token { token, text, logprob, top });
+        if sent.is_err() {
+            // The client went away: stop spending the pipeline on it.
+            tracing::debug!(request = %s.req.request_id, "client gone, cancelling");
+            return Some(Finish::Stop);
+        }
+        finish
+    }
+
+    /// Removes a sequence, reports how it ended, and frees it on the workers.
+    fn end(&mut self, id: u64, how: Result<Finish, String>) {
+        let Some(s) = self.seqs.remove(&id) else { return };
+        self.queue.retain(|&q| q != id);
+        let ev = match how {
+            Ok(finish) => {
+                SeqEvent::Done { finish, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len() }
+            }
+            Err(message) => SeqEvent::Failed { message },
+        };
+        let _ = s.req.events.send(ev);
+        if let Some(mut c) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
+            });
+        }
+    }
+
+    fn on_fleet_event(&mut self, ev: FleetEvent, restarted: &mpsc::UnboundedSender<Result<Fleet, String>>) {
+        let FleetEvent::Exited { generation, rank, pid, status } = ev;
+        if generation != self.spec.generation || self.fleet.is_none() {
+            return;
+        }
+        let reason = format!("worker {rank} (pid {pid}) exited: {status}");
+        tracing::error!(%reason, "failing every in-flight request and restarting the fleet");
+        *write(&self.shared.state) = FleetState::Restarting { reason: reason.clone() };
+        // The other workers go too: their caches are useless without the dead one.
+        let old = self.fleet.take();
+        self.steps.abort_all();
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.end(id, Err(reason.clone()));
+        }
+        self.spec.generation += 1;
+        let spec = self.spec.clone();
+        let events = self.events_tx.clone();
+        let restarted = restarted.clone();
+        tokio::spawn(async move {
+            if let Some(old) = old {
+                old.kill().await;
+            }
+            let r = Fleet::start(&spec, events).await.map_err(|e| e.to_string());
+            let _ = restarted.send(r);
+        });
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
