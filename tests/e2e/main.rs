@@ -2,6 +2,7 @@
 //! demo model — talked to over HTTP.
 
 mod clients;
+mod lifecycle;
 mod support;
 
 use std::time::Duration;
