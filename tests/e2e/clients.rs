@@ -67,13 +67,8 @@ fn the_dashboard_renders_worker_health_in_headless_chromium() {
 }
 
 fn python_with_openai() -> Option<String> {
-    let candidates = std::env::var("PIPEMOE_TEST_PYTHON").into_iter().chain(["python3".to_string()]);
-    for py in candidates {
-        if Command::new(&py).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success()) {
-            return Some(py);
-        }
-    }
-    None
+    let mut candidates = std::env::var("PIPEMOE_TEST_PYTHON").into_iter().chain(["python3".to_string()]);
+    candidates.find(|py| Command::new(py).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success()))
 }
 
 #[test]
