@@ -6,9 +6,14 @@
 //! - `planner`: placement of the model's layers onto devices under memory budgets.
 //! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline.
 //! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).
+pub mod api;
 pub mod error;
+pub mod fleet;
+pub mod lifecycle;
 pub mod pidfile;
 pub mod planner;
 pub mod recipes;
+pub mod scheduler;
+pub mod serve;
 
 pub use error::{Error, Result};

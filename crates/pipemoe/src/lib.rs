@@ -24,6 +24,16 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Serve one slice of the model on one device (internal: the controller spawns one per device).
     Worker(pipemoe_worker::WorkerArgs),
+    /// Run the controller in the foreground: spawn the recipe's workers, serve the OpenAI API until SIGTERM.
+    Serve(pipemoe_controller::serve::ServeArgs),
+    /// Manage recipes (what the server runs): upsert, list, show, rm.
+    Recipe(pipemoe_controller::recipes::cli::RecipeArgs),
+    /// Start the server in the background and wait until its API answers (--foreground: serve here).
+    Start(pipemoe_controller::lifecycle::StartArgs),
+    /// Stop the server: SIGTERM, a grace period, then SIGKILL.
+    Stop(pipemoe_controller::lifecycle::StopArgs),
+    /// Say whether the server runs, where, its health and its workers (exit 3 when not running).
+    Status(pipemoe_controller::lifecycle::StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -45,5 +55,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => Ok(pipemoe_worker::run(args)?),
+        Command::Serve(args) => serve(args),
+        Command::Recipe(args) => {
+            println!("{}", pipemoe_controller::recipes::cli::run(args)?);
+            Ok(())
+        }
+        Command::Start(args) => {
+            // A background start says where the server is; a foreground one has served and logged already.
+            if let Some(line) = pipemoe_controller::lifecycle::start(args)? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Stop(args) => {
+            println!("{}", pipemoe_controller::lifecycle::stop(args)?);
+            Ok(())
+        }
+        Command::Status(args) => {
+            let report = pipemoe_controller::lifecycle::status(args)?;
+            println!("{report}");
+            // Exit codes are the interface of `status` (3 = not running), not errors.
+            std::io::Write::flush(&mut std::io::stdout())?;
+            std::process::exit(report.exit_code)
+        }
     }
+}
+
+/// The controller on a multi-threaded runtime built here (not `#[tokio::main]`: `start` may fork first).
+pub fn serve(args: pipemoe_controller::serve::ServeArgs) -> anyhow::Result<()> {
+    pipemoe_controller::serve::init_logging(args.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(pipemoe_controller::serve::run(args))
 }

@@ -3,6 +3,7 @@
 //! - this file: the `Recipe` type, its field types and `Recipe::validate`.
 //! - `patch`: `RecipePatch`, a partial recipe read from a file or the flags, layered over a stored recipe.
 //! - `store`: `RecipeStore`, the recipes table of `data/controller.db` (schema in `migrations/`).
+//! - `cli`: `pipemoe recipe upsert|list|show|rm`.
 //!
 //! `model_path` is stored as given. A relative path is resolved against the parent of the data directory
 //! (`Recipe::resolve_model_path`): with the default data dir `data`, that is the directory `pipemoe` runs in, so
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+pub mod cli;
 pub mod patch;
 pub mod store;
 
