@@ -142,11 +142,15 @@ impl Fleet {
             let pid = child.id().unwrap_or(0);
             let generation = spec.generation;
             tokio::spawn(async move {
-                let status = match child.wait().await {
-                    Ok(s) => s.to_string(),
-                    Err(e) => format!("wait failed: {e}"),
+                let (status, clean) = match child.wait().await {
+                    Ok(s) => (s.to_string(), s.success()),
+                    Err(e) => (format!("wait failed: {e}"), false),
                 };
-                tracing::error!(rank, pid, %status, "worker exited");
+                if clean {
+                    tracing::info!(rank, pid, "worker exited");
+                } else {
+                    tracing::error!(rank, pid, %status, "worker exited");
+                }
                 let _ = events.send(FleetEvent::Exited { generation, rank, pid, status });
             });
         }

@@ -45,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PIPEMOE_READY_TIMEOUT", default_value_t = 600)]
     pub ready_timeout: u64,
     /// Log as JSON lines.
-    #[arg(long, env = "PIPEMOE_LOG_JSON")]
+    #[arg(long, env = "PIPEMOE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 }
 

@@ -45,7 +45,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "PIPEMOE_WORKER_NEXT")]
     pub next: Option<String>,
     /// Log as JSON lines (stderr) instead of text.
-    #[arg(long, env = "PIPEMOE_LOG_JSON")]
+    #[arg(long, env = "PIPEMOE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
 }
 
