@@ -22,7 +22,22 @@ fn start_status_stop_leave_no_process_and_no_pid_file() {
     let model = demo_model();
     let out = pipemoe(
         &data,
-        &["recipe", "upsert", "--id", "life", "--model", model.to_str().expect("path"), "--served-model-name", "tiny-dsv32", "--devices", "cpu,cpu,cpu", "--max-model-len", "512", "--max-memory-gib", "2"],
+        &[
+            "recipe",
+            "upsert",
+            "--id",
+            "life",
+            "--model",
+            model.to_str().expect("path"),
+            "--served-model-name",
+            "tiny-dsv32",
+            "--devices",
+            "cpu,cpu,cpu",
+            "--max-model-len",
+            "512",
+            "--max-memory-gib",
+            "2",
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Whatever happens below, nothing outlives the test.
@@ -51,11 +66,13 @@ fn start_status_stop_leave_no_process_and_no_pid_file() {
 
     // The API answers as soon as start returns.
     let addr = format!("127.0.0.1:{port}");
-    let r = request(&addr, "POST", "/v1/chat/completions", Some(&chat_body("What is 12 + 30?").to_string())).expect("chat");
+    let r =
+        request(&addr, "POST", "/v1/chat/completions", Some(&chat_body("What is 12 + 30?").to_string())).expect("chat");
     assert_eq!(r.status, 200, "{}", r.body);
     let workers: Vec<i32> = r_workers(&addr);
     assert_eq!(workers.len(), 3);
-    let controller: i32 = std::fs::read_to_string(data.join("pipemoe.pid")).expect("pid").trim().parse().expect("pid number");
+    let controller: i32 =
+        std::fs::read_to_string(data.join("pipemoe.pid")).expect("pid").trim().parse().expect("pid number");
 
     let out = pipemoe(&data, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -65,7 +82,11 @@ fn start_status_stop_leave_no_process_and_no_pid_file() {
     // A second start is refused while one runs.
     let out = start(&[]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already running"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = pipemoe(&data, &["stop"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -85,5 +106,8 @@ fn start_status_stop_leave_no_process_and_no_pid_file() {
 
 fn r_workers(addr: &str) -> Vec<i32> {
     let r = request(addr, "GET", "/v1/workers", None).expect("workers");
-    r.json().as_array().map(|a| a.iter().filter_map(|w| w["pid"].as_i64()).map(|p| p as i32).collect()).unwrap_or_default()
+    r.json()
+        .as_array()
+        .map(|a| a.iter().filter_map(|w| w["pid"].as_i64()).map(|p| p as i32).collect())
+        .unwrap_or_default()
 }
