@@ -1,10 +1,8 @@
 //! `pipemoe worker`'s command line ([`WorkerArgs`]) and the validated [`WorkerConfig`] a worker runs with.
 //! Tests build a `WorkerConfig` directly; the binary gets one from `WorkerArgs::config`.
 
-use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use clap::Args;
 use pipemoe_model::SliceSpec;
@@ -50,34 +48,7 @@ pub struct WorkerArgs {
 }
 
 /// The device a worker owns, as the controller names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-    Cuda(u32),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-impl FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "cpu" {
-            return Ok(Device::Cpu);
-        }
-        s.strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("{s:?} is not a device: expected `cpu` or `cuda:N`"))
-    }
-}
+pub use pipemoe_model::Device;
 
 /// Where a worker serves gRPC.
 #[derive(Debug, Clone, PartialEq, Eq)]

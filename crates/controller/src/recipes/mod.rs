@@ -140,53 +140,8 @@ named_enum!(
     Quantization { AutoRound = "auto-round", Gptq = "gptq" }
 );
 
-/// Where one worker runs: `cpu` or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum Device {
-    Cpu,
-    Cuda(u32),
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
-
-impl FromStr for Device {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("{s:?} is not a device (expected cpu or cuda:N)");
-        match s.trim() {
-            "cpu" => Ok(Self::Cpu),
-            t => match t.strip_prefix("cuda:") {
-                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-                    n.parse().map(Self::Cuda).map_err(|_| bad())
-                }
-                _ => Err(bad()),
-            },
-        }
-    }
-}
-
-impl From<Device> for String {
-    fn from(d: Device) -> String {
-        d.to_string()
-    }
-}
-
-impl TryFrom<String> for Device {
-    type Error = String;
-
-    fn try_from(s: String) -> std::result::Result<Self, String> {
-        s.parse()
-    }
-}
+/// Where one worker runs: `cpu` or `cuda:N` (one type for recipes, flags and workers).
+pub use pipemoe_model::Device;
 
 /// Parses `cpu,cpu,cuda:0` (empty entries refused).
 pub fn parse_devices(list: &str) -> Result<Vec<Device>> {
