@@ -1,3 +1,15 @@
-//! CUDA backend (comes in a later issue): `.cu` kernels compiled at run time by NVRTC for the device's own
-//! architecture and cached on disk, and the cudarc device/stream/IPC plumbing behind the model's backend trait.
-//! Deliberately empty for now, and without cudarc, so the workspace builds fast on GPU-less machines.
+//! The CUDA backend (in progress): `.cu` kernels compiled at run time by NVRTC for the device's own
+//! architecture and cached on disk, and the cudarc device plumbing. The controller never links this crate.
+//!
+//! - `nvrtc`: finding NVRTC and the CUDA headers, compiling to CUBIN, the on-disk cache.
+//! - `gpu`: one device with every kernel loaded; "no GPU" is an error, never a panic.
+//! - `gemv`: GPTQ weights on the device (g_idx folded at load) and the decode GEMV for 2/3/4/8 bits.
+
+mod error;
+pub mod gemv;
+pub mod gpu;
+pub mod nvrtc;
+
+pub use error::{Error, Result};
+pub use gemv::GpuGptq;
+pub use gpu::Gpu;

@@ -1,0 +1,179 @@
+//! GPTQ weights on the device and the decode-path GEMV over them (kernels/gptq_gemv.cu).
+//!
+//! At upload, a checkpoint's `g_idx` (act-order) is folded away: input rows are reordered so that groups are
+//! contiguous (row r in group r / group_size), and the kernel gathers x through the same permutation.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::{bf16, f16};
+use pipemoe_quant::{GptqWeight, GroupSize, pack};
+
+use crate::error::{Error, Result, drv};
+use crate::gpu::Gpu;
+
+/// Rows of a batch the GEMV kernel handles at once (its register accumulators).
+pub const MAX_BATCH: usize = 16;
+const THREADS: u32 = 128;
+
+/// The kernel instance for `batch` rows: the next power of two.
+fn bucket(batch: usize) -> usize {
+    batch.next_power_of_two().min(MAX_BATCH)
+}
+
+pub struct GpuGptq {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bits: u32,
+    /// Rows per group after reordering (the whole input for `group_size: -1`).
+    pub group_size: usize,
+    /// `[in·bits/32, out]`
+    qweight: CudaSlice<u32>,
+    /// `[groups, out]`, after the checkpoint's zero convention.
+    zeros: CudaSlice<f16>,
+    /// `[groups, out]`
+    scales: CudaSlice<f16>,
+    /// Source row of each reordered row, when the checkpoint had a non-trivial g_idx.
+    perm: Option<CudaSlice<i32>>,
+}
+
+impl GpuGptq {
+    /// Bytes the GEMV streams per call (packed weights, zeros, scales).
+    pub fn bytes(&self) -> usize {
+        self.qweight.len() * 4 + (self.zeros.len() + self.scales.len()) * 2
+    }
+
+    pub fn upload(gpu: &Gpu, w: &GptqWeight) -> Result<GpuGptq> {
+        let l = *w.layout();
+        let (k, n) = (l.in_features, l.out_features);
+        let gs = match l.group_size {
+            GroupSize::Rows(g) => g,
+            GroupSize::All => k,
+        };
+        if gs % 32 != 0 {
+            return Err(Error::Shape { what: "group size", reason: format!("{gs} is not a multiple of 32") });
+        }
+        let groups = l.n_groups();
+        // Rows sorted by group (stable), when the checkpoint's g_idx is not already i / group_size.
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by_key(|&r| (w.group(r), r));
+        let trivial = order.iter().enumerate().all(|(i, &r)| i == r);
+        if order.iter().enumerate().any(|(i, &r)| w.group(r) != i / gs) {
+            return Err(Error::Shape {
+                what: "g_idx",
+                reason: "groups of unequal size; the GPU kernel needs group_size rows per group".into(),
+            });
+        }
+        let qweight = if trivial {
+            w.qweight().to_vec()
+        } else {
+            let q = pack::unpack_qweight(w.qweight(), &l)?;
+            let mut r = vec![0u8; q.len()];
+            for (i, &src) in order.iter().enumerate() {
+                r[i * n..(i + 1) * n].copy_from_slice(&q[src * n..(src + 1) * n]);
+            }
+            pack::pack_qweight(&r, &l)?
+        };
+        let mut zeros = Vec::with_capacity(groups * n);
+        for g in 0..groups {
+            for c in 0..n {
+                zeros.push(f16::from_f32(w.zero(g, c) as f32));
+            }
+        }
+        let s = &gpu.stream;
+        let perm = if trivial {
+            None
+        } else {
+            let p: Vec<i32> = order.iter().map(|&r| r as i32).collect();
+            Some(s.clone_htod(&p).map_err(drv("upload g_idx order"))?)
+        };
+        Ok(GpuGptq {
+            in_features: k,
+            out_features: n,
+            bits: l.bits.get(),
+            group_size: gs,
+            qweight: s.clone_htod(&qweight).map_err(drv("upload qweight"))?,
+            zeros: s.clone_htod(&zeros).map_err(drv("upload zeros"))?,
+            scales: s.clone_htod(w.scales()).map_err(drv("upload scales"))?,
+            perm,
+        })
+    }
+
+    /// Rows of K per split: a multiple of 32 that keeps groups whole inside a split (or splits whole inside a
+    /// group), small enough for x to fit shared memory, with enough splits to give every SM two blocks.
+    fn k_chunk(&self, gpu: &Gpu, batch: usize) -> usize {
+        let k = self.in_features;
+        // x and the group sums of the padded batch share 48 KiB of shared memory.
+        let limit = (40 * 1024 / 4 / bucket(batch)) / 32 * 32;
+        let blocks_x = self.out_features.div_ceil(THREADS as usize);
+        // Enough blocks to keep every SM busy with loads in flight (the kernel is latency-bound otherwise).
+        let splits = (16 * gpu.sm_count as usize).div_ceil(blocks_x).clamp(1, k / 32);
+        let want = k.div_ceil(splits).div_ceil(32) * 32;
+        let gs = self.group_size;
+        if gs <= limit {
+            (want.div_ceil(gs) * gs).clamp(gs, limit / gs * gs)
+        } else {
+            let mut c = 32;
+            while c * 2 <= limit.min(want) && gs.is_multiple_of(c * 2) {
+                c *= 2;
+            }
+            c
+        }
+    }
+
+    /// `y[b, :] = W · x[b, :]` for `batch` rows: `x` bf16 `[batch, in]` → `y` f32 `[batch, out]`.
+    /// `partial` is scratch of at least `splits · batch · out` floats (see [`GpuGptq::scratch_len`]).
+    pub fn gemv(
+        &self,
+        gpu: &Gpu,
+        x: &CudaSlice<bf16>,
+        batch: usize,
+        partial: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (k, n) = (self.in_features, self.out_features);
+        if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
+            return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
+        }
+        let chunk = self.k_chunk(gpu, batch);
+        let splits = k.div_ceil(chunk);
+        if partial.len() < splits * batch * n {
+            return Err(Error::Shape {
+                what: "gemv scratch",
+                reason: format!("{} < {}", partial.len(), splits * batch * n),
+            });
+        }
+        let mb = bucket(batch);
+        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_bf16", self.bits))?;
+        let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS as usize) as u32, splits as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (mb * (chunk + groups_in_chunk) * 4) as u32,
+        };
+        let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, self.group_size as i32, chunk as i32);
+        let null: u64 = 0;
+        let mut launch = gpu.stream.launch_builder(f);
+        launch.arg(x);
+        match &self.perm {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(&mut *partial);
+        launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+        // SAFETY: argument order and types match gptq_gemv_w*_bf16; sizes were checked above.
+        unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
+        let total = (batch * n) as u32;
+        let reduce = gpu.function("gptq_reduce_f32")?;
+        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let s = splits as i32;
+        let mut launch = gpu.stream.launch_builder(reduce);
+        launch.arg(&*partial).arg(&mut *y).arg(&s).arg(&b).arg(&ni);
+        // SAFETY: as above, for gptq_reduce_f32.
+        unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
+        Ok(())
+    }
+
+    /// Scratch floats `gemv` needs for `batch` rows.
+    pub fn scratch_len(&self, gpu: &Gpu, batch: usize) -> usize {
+        self.in_features.div_ceil(self.k_chunk(gpu, batch)) * batch * self.out_features
+    }
+}

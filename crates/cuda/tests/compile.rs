@@ -1,0 +1,50 @@
+//! Every kernel compiles with NVRTC for the production GPU (sm_86, RTX 3090) and the test GPU (sm_90, H200).
+//! Needs only NVRTC and the CUDA headers, no GPU: CI installs them from the `nvidia-cuda-nvrtc` and
+//! `nvidia-cuda-runtime` wheels. Elsewhere the test says why it skipped.
+
+use pipemoe_cuda::nvrtc;
+
+fn toolchain() -> Option<String> {
+    if !nvrtc::nvrtc_present() {
+        return Some(pipemoe_cuda::Error::NoNvrtc.to_string());
+    }
+    nvrtc::include_dir().err().map(|e| e.to_string())
+}
+
+fn skip(why: &str) -> bool {
+    assert!(std::env::var("CI").map_or(true, |v| v != "true"), "under CI the kernels must compile: {why}");
+    eprintln!("SKIPPED: {why}");
+    true
+}
+
+#[test]
+fn every_kernel_compiles_for_sm86_and_sm90() {
+    if let Some(why) = toolchain() {
+        skip(&why);
+        return;
+    }
+    let (major, minor) = nvrtc::version().expect("version");
+    eprintln!("NVRTC {major}.{minor}");
+    for arch in ["sm_86", "sm_90"] {
+        for (name, src) in nvrtc::KERNELS {
+            let bin = nvrtc::compile(
+                name,
+                &format!("{}\n{}", nvrtc::COMMON, src.replace("#include \"common.cuh\"", "")),
+                arch,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&bin[..4], b"\x7fELF", "{name} for {arch} is not a CUBIN");
+        }
+    }
+}
+
+#[test]
+fn a_broken_kernel_is_an_error_with_the_log() {
+    if let Some(why) = toolchain() {
+        skip(&why);
+        return;
+    }
+    let err = nvrtc::compile("broken.cu", "extern \"C\" __global__ void k() { undefined_fn(); }", "sm_86")
+        .expect_err("must not compile");
+    assert!(err.to_string().contains("undefined_fn"), "{err}");
+}
