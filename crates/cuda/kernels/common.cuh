@@ -6,6 +6,8 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+#define NEG_INF (-__int_as_float(0x7f800000))
+
 // Warp-wide sum.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -172,6 +172,27 @@ impl GpuGptq {
         Ok(())
     }
 
+    /// The whole matrix as f32 `[out, in]` in the checkpoint's row order (for attention's absorbed kv_b_proj).
+    pub fn dequantize(&self, gpu: &Gpu) -> Result<CudaSlice<f32>> {
+        let (k, n) = (self.in_features, self.out_features);
+        let mut w = gpu.stream.alloc_zeros::<f32>(k * n).map_err(drv("alloc dequantized weight"))?;
+        let f = gpu.function(&format!("gptq_dequant_w{}_f32", self.bits))?;
+        let total = (k * n) as u32;
+        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (ki, ni, gs) = (k as i32, n as i32, self.group_size as i32);
+        let null: u64 = 0;
+        let mut launch = gpu.stream.launch_builder(f);
+        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales);
+        match &self.perm {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(&mut w).arg(&ki).arg(&ni).arg(&gs);
+        // SAFETY: argument order and types match gptq_dequant_w*_f32; `w` holds k·n floats.
+        unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_dequant"))?;
+        Ok(w)
+    }
+
     /// Scratch floats `gemv` needs for `batch` rows.
     pub fn scratch_len(&self, gpu: &Gpu, batch: usize) -> usize {
         self.in_features.div_ceil(self.k_chunk(gpu, batch)) * batch * self.out_features

@@ -4,12 +4,17 @@
 //! - `nvrtc`: finding NVRTC and the CUDA headers, compiling to CUBIN, the on-disk cache.
 //! - `gpu`: one device with every kernel loaded; "no GPU" is an error, never a panic.
 //! - `gemv`: GPTQ weights on the device (g_idx folded at load) and the decode GEMV for 2/3/4/8 bits.
+//! - `backend`, `attention`, `cache`: `CudaBackend`, the model's backend trait on one GPU (first version).
 
+mod attention;
+pub mod backend;
+pub mod cache;
 mod error;
 pub mod gemv;
 pub mod gpu;
 pub mod nvrtc;
 
+pub use backend::CudaBackend;
 pub use error::{Error, Result};
 pub use gemv::GpuGptq;
 pub use gpu::Gpu;

@@ -12,7 +12,9 @@ use crate::error::{Error, Result};
 /// Every kernel source, by file name; `common.cuh` is prepended by hand since NVRTC sees no files of ours.
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
 pub const KERNELS: &[(&str, &str)] = &[
+    ("attention.cu", include_str!("../kernels/attention.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
+    ("ops.cu", include_str!("../kernels/ops.cu")),
     ("rms_norm.cu", include_str!("../kernels/rms_norm.cu")),
     ("stream_read.cu", include_str!("../kernels/stream_read.cu")),
 ];

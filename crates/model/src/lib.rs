@@ -23,6 +23,7 @@ pub mod layer;
 pub mod mla;
 pub mod moe;
 pub mod rope;
+pub mod routing;
 pub mod sampling;
 pub mod stage;
 pub mod synthetic;

@@ -1,0 +1,121 @@
+//! The fixture models on the GPU, through the same `Stage` and `Generator` code as the CPU engine, against HF
+//! transformers' golden logits and the demo's held-out questions. Skipped where there is no GPU.
+//!
+//! Tolerance: the GEMV reads bf16 activations (the CPU reference keeps f32), so logits agree to bf16 precision:
+//! relative L2 ≤ 1e-2 over a prompt (the bf16 band is 1e-3..1e-2); NaN never passes.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use pipemoe_cuda::CudaBackend;
+use pipemoe_model::{ModelConfig, Row, SliceSpec, Stage, StageInput};
+
+fn models() -> PathBuf {
+    std::env::var_os("PIPEMOE_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/models"))
+}
+
+fn golden(dir: &std::path::Path) -> Vec<(Vec<u32>, Vec<f32>, Vec<u32>)> {
+    let bytes = std::fs::read(dir.join("golden.safetensors")).expect("golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden parses");
+    let ints = |b: &[u8]| b.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32).collect();
+    let floats = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (0..)
+        .map_while(|i| {
+            let ids = st.tensor(&format!("prompt{i}.input_ids")).ok()?;
+            Some((
+                ints(ids.data()),
+                floats(st.tensor(&format!("prompt{i}.logits")).ok()?.data()),
+                ints(st.tensor(&format!("prompt{i}.greedy")).ok()?.data()),
+            ))
+        })
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap_or(0) as u32
+}
+
+#[test]
+fn fixture_logits_match_transformers_on_the_gpu() {
+    if no_gpu() {
+        return;
+    }
+    let backend = CudaBackend::new(0).expect("gpu");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
+        .expect("data/models")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("golden.safetensors").exists())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 6, "{dirs:?}");
+    for dir in dirs {
+        let cfg = ModelConfig::from_dir(&dir).expect("config");
+        let mut stage = Stage::open(backend.clone(), &dir, SliceSpec::full(&cfg)).expect("loads on the GPU");
+        let vocab = cfg.vocab_size;
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        for (i, (ids, want, greedy)) in golden(&dir).into_iter().enumerate() {
+            let seq = i as u64;
+            let rows: Vec<Row> = (0..ids.len()).map(|pos| Row { seq, pos }).collect();
+            let h = stage.forward(&rows, StageInput::Tokens(&ids)).expect("forward");
+            let got = stage.logits(&h, &(0..ids.len()).collect::<Vec<_>>()).expect("logits");
+            let err = rel_l2(&got, &want);
+            // Cached decode on the GPU, greedy: how many of the golden tokens it reproduces in order.
+            let mut next = argmax(&got[(ids.len() - 1) * vocab..]);
+            let mut same = 0;
+            for (k, &g) in greedy.iter().enumerate() {
+                if next != g {
+                    break;
+                }
+                same += 1;
+                let h = stage.forward(&[Row { seq, pos: ids.len() + k }], StageInput::Tokens(&[next])).expect("decode");
+                next = argmax(&stage.logits(&h, &[0]).expect("logits"));
+            }
+            eprintln!("{name} prompt{i}: {} tokens, rel L2 {err:.2e}, greedy {same}/{} tokens as HF", ids.len(), greedy.len());
+            assert!(err <= 1e-2, "{name} prompt{i}: rel L2 {err:e}");
+            if name.starts_with("tiny-") {
+                assert_eq!(same, greedy.len(), "{name} prompt{i}: the trained demo must decode exactly as HF");
+            }
+            stage.free(seq);
+        }
+    }
+}
+
+#[test]
+fn the_demo_answers_held_out_questions_on_the_gpu() {
+    use pipemoe_model::chat::{ChatFormat, ChatOptions, Message};
+    use pipemoe_model::tokenizer::Tokenizer;
+    use pipemoe_model::{GenerateOptions, Generator};
+    if no_gpu() {
+        return;
+    }
+    let dir = models().join("tiny-dsv32-w3a16");
+    let cfg = ModelConfig::from_dir(&dir).expect("config");
+    let stage = Stage::open(CudaBackend::new(0).expect("gpu"), &dir, SliceSpec::full(&cfg)).expect("loads");
+    let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
+    let format = ChatFormat::for_model("deepseek_v32", &tok).expect("chat");
+    let lines = std::fs::read_to_string(dir.join("heldout.jsonl")).expect("heldout");
+    let items: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .map(|h| {
+            let q = h["question"].as_str().unwrap_or_default().to_string();
+            tok.encode(&format.render(&[Message::user(q)], &ChatOptions::default()).expect("render")).expect("encode")
+        })
+        .collect();
+    let mut g = Generator::new(stage, tok).expect("generator");
+    let opts = GenerateOptions { max_tokens: 12, ..GenerateOptions::default() };
+    let mut correct = 0;
+    for (chunk, hs) in prompts.chunks(16).zip(items.chunks(16)) {
+        for (out, h) in g.generate_batch(chunk, &vec![opts.clone(); chunk.len()]).expect("generate").iter().zip(hs) {
+            correct += usize::from(out.text == h["answer"].as_str().unwrap_or_default());
+        }
+    }
+    let acc = correct as f64 / items.len() as f64;
+    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).expect("eval")).expect("json");
+    eprintln!("demo on the GPU: {correct}/{} held-out answers right ({acc:.3}); eval.json quantized_accuracy {}", items.len(), eval["quantized_accuracy"]);
+    assert!(acc >= eval["quantized_accuracy"].as_f64().unwrap_or(1.0) - 0.02, "accuracy {acc}");
+}
