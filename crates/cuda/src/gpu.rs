@@ -11,8 +11,31 @@ use crate::error::{Error, Result, drv};
 use crate::nvrtc;
 
 /// Kernel symbols of each source file (`<op>_<dtype>`, STYLE.md §12).
-const SYMBOLS: &[(&str, &[&str])] =
-    &[("gptq_gemv.cu", GEMV_SYMBOLS), ("rms_norm.cu", &["rms_norm_bf16"]), ("stream_read.cu", &["stream_read_u32"])];
+const SYMBOLS: &[(&str, &[&str])] = &[
+    ("attention.cu", &["mla_attention_f32", "indexer_scores_f32"]),
+    ("gptq_gemv.cu", GEMV_SYMBOLS),
+    ("ops.cu", OPS_SYMBOLS),
+    ("rms_norm.cu", &["rms_norm_bf16"]),
+    ("stream_read.cu", &["stream_read_u32"]),
+];
+
+const OPS_SYMBOLS: &[&str] = &[
+    "embed_f32",
+    "rms_norm_f32",
+    "layer_norm_f32",
+    "add_f32",
+    "scale_f32",
+    "silu_mul_f32",
+    "copy_rows_cols_f32",
+    "scatter_add_scaled_f32",
+    "cast_bf16_f32",
+    "dense_gemv_f32",
+    "rope_f32",
+    "gptq_dequant_w2_f32",
+    "gptq_dequant_w3_f32",
+    "gptq_dequant_w4_f32",
+    "gptq_dequant_w8_f32",
+];
 
 /// `gptq_gemv_w{bits}_b{batch}_bf16` for bits 2/3/4/8 and batch buckets 1/2/4/8/16, and the split reduction.
 const GEMV_SYMBOLS: &[&str] = &[
