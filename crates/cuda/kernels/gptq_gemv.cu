@@ -28,8 +28,11 @@ __device__ __forceinline__ u32 field(const u32* w, int k) {
 
 // grid: (ceil(N / blockDim.x), splits); block: 128 threads; shared: x [MB, k_chunk] and Σx per group [MB, groups].
 // MB is the batch rounded up to a power of two (a template parameter, so no work is spent on absent rows).
-template <int BITS, int MB>
-__device__ void gemv(const __nv_bfloat16* __restrict__ x,   // [B, K]
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+template <int BITS, int MB, typename XT>
+__device__ void gemv(const XT* __restrict__ x,              // [B, K] bf16 or f32
                      const int* __restrict__ perm,          // [K] or null
                      const u32* __restrict__ qweight,       // [K*BITS/32, N]
                      const __half* __restrict__ zeros,      // [G, N]
@@ -46,7 +49,7 @@ __device__ void gemv(const __nv_bfloat16* __restrict__ x,   // [B, K]
     for (int i = threadIdx.x; i < MB * kn; i += blockDim.x) {
         int b = i / kn, k = i % kn;
         int src = perm ? perm[k0 + k] : (k0 + k);
-        xs[b * k_chunk + k] = b < B ? __bfloat162float(x[(size_t)b * K + src]) : 0.f;
+        xs[b * k_chunk + k] = b < B ? to_f32(x[(size_t)b * K + src]) : 0.f;
     }
     __syncthreads();
     // Σx per (row, group): the zero point enters once per group as z·Σx, shared by every column.
@@ -92,12 +95,13 @@ __device__ void gemv(const __nv_bfloat16* __restrict__ x,   // [B, K]
         if (b < B) partial[((size_t)blockIdx.y * B + b) * N + n] = acc[b];
 }
 
-#define GEMV(BITS, MB)                                                                                     \
-    extern "C" __global__ void gptq_gemv_w##BITS##_b##MB##_bf16(                                          \
-        const __nv_bfloat16* x, const int* perm, const u32* qweight, const __half* zeros,                  \
+#define GEMV_T(BITS, MB, XT, NAME)                                                                         \
+    extern "C" __global__ void gptq_gemv_w##BITS##_b##MB##_##NAME(                                        \
+        const XT* x, const int* perm, const u32* qweight, const __half* zeros,                             \
         const __half* scales, float* partial, int B, int K, int N, int group_size, int k_chunk) {          \
-        gemv<BITS, MB>(x, perm, qweight, zeros, scales, partial, B, K, N, group_size, k_chunk);            \
+        gemv<BITS, MB, XT>(x, perm, qweight, zeros, scales, partial, B, K, N, group_size, k_chunk);        \
     }
+#define GEMV(BITS, MB) GEMV_T(BITS, MB, __nv_bfloat16, bf16) GEMV_T(BITS, MB, float, f32)
 #define GEMV_ALL(BITS) GEMV(BITS, 1) GEMV(BITS, 2) GEMV(BITS, 4) GEMV(BITS, 8) GEMV(BITS, 16)
 GEMV_ALL(2)
 GEMV_ALL(3)

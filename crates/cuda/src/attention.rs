@@ -30,13 +30,19 @@ pub fn cache_write(
         }
         let buf = cache.reserve(&b.gpu, row.seq, row.pos + 1).map_err(crate::backend::m)?;
         let p = row.pos;
-        s.memcpy_dtod(&latent.data.slice(r * lora..(r + 1) * lora), &mut buf.latent.slice_mut(p * lora..(p + 1) * lora))
-            .map_err(md("cache latent"))?;
+        s.memcpy_dtod(
+            &latent.data.slice(r * lora..(r + 1) * lora),
+            &mut buf.latent.slice_mut(p * lora..(p + 1) * lora),
+        )
+        .map_err(md("cache latent"))?;
         s.memcpy_dtod(&k_pe.data.slice(r * rope..(r + 1) * rope), &mut buf.k_pe.slice_mut(p * rope..(p + 1) * rope))
             .map_err(md("cache k_pe"))?;
         if let Some(k) = index_k {
-            s.memcpy_dtod(&k.data.slice(r * idim..(r + 1) * idim), &mut buf.index_k.slice_mut(p * idim..(p + 1) * idim))
-                .map_err(md("cache indexer key"))?;
+            s.memcpy_dtod(
+                &k.data.slice(r * idim..(r + 1) * idim),
+                &mut buf.index_k.slice_mut(p * idim..(p + 1) * idim),
+            )
+            .map_err(md("cache indexer key"))?;
         }
         buf.len = p + 1;
     }
@@ -110,7 +116,8 @@ pub fn mla(
             None => l.arg(&null),
         };
         l.arg(&nk).arg(&nope).arg(&rope).arg(&v).arg(&lora).arg(&d.softmax_scale).arg(&mut o);
-        let cfg = LaunchConfig { grid_dim: (d.heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg =
+            LaunchConfig { grid_dim: (d.heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
         unsafe { l.launch(cfg) }.map_err(md("mla_attention"))?;
     }
     Ok(GpuTensor { rows: rows.len(), cols: d.heads * d.v_head, data: out })

@@ -1,12 +1,11 @@
 //! `CudaBackend`: the model's backend trait on one GPU (first version). Activations are f32 `[rows, cols]` on
-//! the device; GPTQ linears run the GEMV kernel 16 rows at a time with bf16 inputs (so results agree with the f32
-//! CPU reference to bf16 precision); routing and the indexer's top-k are chosen on the host from device scores.
+//! the device; GPTQ linears run the GEMV kernel 16 rows at a time on those f32 inputs (so results agree with the
+//! f32 CPU reference to f32 precision); routing and the indexer's top-k are chosen on the host from device scores.
 //! The speed work (fused experts, tensor-core prefill, bf16 activations end to end, CUDA graphs) is issue 6's.
 
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use half::bf16;
 use pipemoe_model::backend::{
     Backend, ExpertWeights, HostLinear, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, Selection, SeqId,
 };
@@ -83,7 +82,11 @@ impl CudaBackend {
 }
 
 pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 pub(crate) fn shape(what: &'static str, reason: String) -> pipemoe_model::Error {
@@ -103,7 +106,9 @@ impl Backend for CudaBackend {
     fn load_linear(&self, w: HostLinear) -> MResult<GpuWeight> {
         let (out_features, in_features) = (w.out_features(), w.in_features());
         let kind = match w {
-            HostLinear::Dense { data, .. } => GpuWeightKind::Dense(self.gpu.stream.clone_htod(&data).map_err(md("upload weight"))?),
+            HostLinear::Dense { data, .. } => {
+                GpuWeightKind::Dense(self.gpu.stream.clone_htod(&data).map_err(md("upload weight"))?)
+            }
             HostLinear::Gptq(g) => GpuWeightKind::Gptq(GpuGptq::upload(&self.gpu, &g).map_err(m)?),
         };
         Ok(GpuWeight { out_features, in_features, kind, dense: OnceLock::new() })
@@ -151,7 +156,10 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &GpuTensor, w: &GpuWeight) -> MResult<GpuTensor> {
         if x.cols != w.in_features {
-            return Err(shape("linear", format!("input width {} for a weight of {} in-features", x.cols, w.in_features)));
+            return Err(shape(
+                "linear",
+                format!("input width {} for a weight of {} in-features", x.cols, w.in_features),
+            ));
         }
         let (rows, k, n) = (x.rows, w.in_features, w.out_features);
         let mut y = self.zeros(rows * n)?;
@@ -164,18 +172,12 @@ impl Backend for CudaBackend {
                 unsafe { l.launch(grid(rows * n * 32, 256)) }.map_err(md("dense_gemv"))?;
             }
             GpuWeightKind::Gptq(g) => {
-                let mut xb = s.alloc_zeros::<bf16>(MAX_BATCH * k).map_err(md("alloc"))?;
                 let mut partial = self.zeros(g.scratch_len(&self.gpu, MAX_BATCH).max(g.scratch_len(&self.gpu, 1)))?;
-                let mut yb = self.zeros(MAX_BATCH * n)?;
                 for r0 in (0..rows).step_by(MAX_BATCH) {
                     let nb = MAX_BATCH.min(rows - r0);
-                    let cnt = (nb * k) as u64;
-                    let src = x.data.slice(r0 * k..(r0 + nb) * k);
-                    let mut l = s.launch_builder(self.f("cast_bf16_f32")?);
-                    l.arg(&src).arg(&mut xb).arg(&cnt);
-                    unsafe { l.launch(grid(nb * k, 256)) }.map_err(md("cast"))?;
-                    g.gemv(&self.gpu, &xb, nb, &mut partial, &mut yb).map_err(m)?;
-                    s.memcpy_dtod(&yb.slice(..nb * n), &mut y.slice_mut(r0 * n..(r0 + nb) * n)).map_err(md("copy"))?;
+                    let xv = x.data.slice(r0 * k..(r0 + nb) * k);
+                    let mut yv = y.slice_mut(r0 * n..(r0 + nb) * n);
+                    g.gemv_f32(&self.gpu, &xv, nb, &mut partial, &mut yv).map_err(m)?;
                 }
             }
         }
@@ -254,8 +256,14 @@ impl Backend for CudaBackend {
         }
         let pos = self.upload_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>())?;
         let freq = self.gpu.stream.clone_htod(inv_freq).map_err(md("upload"))?;
-        let (r, h, d, o, hf, il) =
-            (x.rows as i32, spec.heads as i32, spec.head_dim as i32, spec.offset as i32, half as i32, i32::from(spec.interleaved));
+        let (r, h, d, o, hf, il) = (
+            x.rows as i32,
+            spec.heads as i32,
+            spec.head_dim as i32,
+            spec.offset as i32,
+            half as i32,
+            i32::from(spec.interleaved),
+        );
         let mut l = self.gpu.stream.launch_builder(self.f("rope_f32")?);
         l.arg(&mut x.data).arg(&pos).arg(&freq).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
         unsafe { l.launch(grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
@@ -344,7 +352,14 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// `y[r, c] = x[rows[r] or r, start + c]`.
-    fn copy(&self, x: &GpuTensor, rows: Option<&CudaSlice<i32>>, n_rows: usize, start: usize, cols: usize) -> MResult<GpuTensor> {
+    fn copy(
+        &self,
+        x: &GpuTensor,
+        rows: Option<&CudaSlice<i32>>,
+        n_rows: usize,
+        start: usize,
+        cols: usize,
+    ) -> MResult<GpuTensor> {
         let mut y = self.zeros(n_rows * cols)?;
         let (xc, st, nr, c) = (x.cols as i32, start as i32, n_rows as i32, cols as i32);
         let null: u64 = 0;

@@ -49,12 +49,14 @@ impl GpuLayerCache {
             };
             self.seqs.insert(seq, buf);
         }
-        let buf = self.seqs.get_mut(&seq).ok_or(Error::Shape { what: "cache", reason: format!("sequence {seq} lost") })?;
+        let buf =
+            self.seqs.get_mut(&seq).ok_or(Error::Shape { what: "cache", reason: format!("sequence {seq} lost") })?;
         if need > buf.cap {
             let cap = need.max(buf.cap * 2);
             let grow = |old: &CudaSlice<f32>, dim: usize| -> Result<CudaSlice<f32>> {
                 let mut new = s.alloc_zeros(cap * dim).map_err(drv("grow cache"))?;
-                s.memcpy_dtod(&old.slice(..buf.len * dim), &mut new.slice_mut(..buf.len * dim)).map_err(drv("grow cache"))?;
+                s.memcpy_dtod(&old.slice(..buf.len * dim), &mut new.slice_mut(..buf.len * dim))
+                    .map_err(drv("grow cache"))?;
                 Ok(new)
             };
             let latent = grow(&buf.latent, lora)?;

@@ -3,7 +3,7 @@
 //! At upload, a checkpoint's `g_idx` (act-order) is folded away: input rows are reordered so that groups are
 //! contiguous (row r in group r / group_size), and the kernel gathers x through the same permutation.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
@@ -13,6 +13,12 @@ use crate::gpu::Gpu;
 /// Rows of a batch the GEMV kernel handles at once (its register accumulators).
 pub const MAX_BATCH: usize = 16;
 const THREADS: u32 = 128;
+
+/// A GEMV input: bf16 (the decode path's format) or f32 (the first backend's activations).
+enum X<'a, 'b> {
+    Bf16(&'a CudaView<'b, bf16>),
+    F32(&'a CudaView<'b, f32>),
+}
 
 /// The kernel instance for `batch` rows: the next power of two.
 fn bucket(batch: usize) -> usize {
@@ -129,9 +135,34 @@ impl GpuGptq {
         partial: &mut CudaSlice<f32>,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let mut yv = y.as_view_mut();
+        self.launch(gpu, X::Bf16(&x.as_view()), x.len(), batch, partial, &mut yv)
+    }
+
+    /// The same with f32 inputs, on views (rows of a larger activation tensor).
+    pub fn gemv_f32(
+        &self,
+        gpu: &Gpu,
+        x: &CudaView<'_, f32>,
+        batch: usize,
+        partial: &mut CudaSlice<f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        self.launch(gpu, X::F32(x), x.len(), batch, partial, y)
+    }
+
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        x: X<'_, '_>,
+        x_len: usize,
+        batch: usize,
+        partial: &mut CudaSlice<f32>,
+        y: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
         let (k, n) = (self.in_features, self.out_features);
-        if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
-            return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
+        if batch == 0 || batch > MAX_BATCH || x_len < batch * k || y.len() < batch * n {
+            return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {x_len} y {}", y.len()) });
         }
         let chunk = self.k_chunk(gpu, batch);
         let splits = k.div_ceil(chunk);
@@ -142,7 +173,11 @@ impl GpuGptq {
             });
         }
         let mb = bucket(batch);
-        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_bf16", self.bits))?;
+        let ty = match x {
+            X::Bf16(_) => "bf16",
+            X::F32(_) => "f32",
+        };
+        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_{ty}", self.bits))?;
         let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(THREADS as usize) as u32, splits as u32, 1),
@@ -152,21 +187,24 @@ impl GpuGptq {
         let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, self.group_size as i32, chunk as i32);
         let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
-        launch.arg(x);
+        match &x {
+            X::Bf16(v) => launch.arg(*v),
+            X::F32(v) => launch.arg(*v),
+        };
         match &self.perm {
             Some(p) => launch.arg(p),
             None => launch.arg(&null),
         };
         launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(&mut *partial);
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        // SAFETY: argument order and types match gptq_gemv_w*_bf16; sizes were checked above.
+        // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
         let total = (batch * n) as u32;
         let reduce = gpu.function("gptq_reduce_f32")?;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let s = splits as i32;
         let mut launch = gpu.stream.launch_builder(reduce);
-        launch.arg(&*partial).arg(&mut *y).arg(&s).arg(&b).arg(&ni);
+        launch.arg(&*partial).arg(y).arg(&s).arg(&b).arg(&ni);
         // SAFETY: as above, for gptq_reduce_f32.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
         Ok(())

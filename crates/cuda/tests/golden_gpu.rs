@@ -1,8 +1,9 @@
 //! The fixture models on the GPU, through the same `Stage` and `Generator` code as the CPU engine, against HF
 //! transformers' golden logits and the demo's held-out questions. Skipped where there is no GPU.
 //!
-//! Tolerance: the GEMV reads bf16 activations (the CPU reference keeps f32), so logits agree to bf16 precision:
-//! relative L2 ≤ 1e-2 over a prompt (the bf16 band is 1e-3..1e-2); NaN never passes.
+//! Tolerance: relative L2 ≤ 1e-4 over each prompt's logits, as for the CPU engine: the first CUDA backend keeps
+//! activations in f32, so it differs from HF's f32 forward only in summation order and fast-math intrinsics.
+//! Greedy continuations must match HF token for token.
 
 mod common;
 
@@ -74,11 +75,13 @@ fn fixture_logits_match_transformers_on_the_gpu() {
                 let h = stage.forward(&[Row { seq, pos: ids.len() + k }], StageInput::Tokens(&[next])).expect("decode");
                 next = argmax(&stage.logits(&h, &[0]).expect("logits"));
             }
-            eprintln!("{name} prompt{i}: {} tokens, rel L2 {err:.2e}, greedy {same}/{} tokens as HF", ids.len(), greedy.len());
-            assert!(err <= 1e-2, "{name} prompt{i}: rel L2 {err:e}");
-            if name.starts_with("tiny-") {
-                assert_eq!(same, greedy.len(), "{name} prompt{i}: the trained demo must decode exactly as HF");
-            }
+            eprintln!(
+                "{name} prompt{i}: {} tokens, rel L2 {err:.2e}, greedy {same}/{} tokens as HF",
+                ids.len(),
+                greedy.len()
+            );
+            assert!(err <= 1e-4, "{name} prompt{i}: rel L2 {err:e}");
+            assert_eq!(same, greedy.len(), "{name} prompt{i}: greedy decode differs from HF");
             stage.free(seq);
         }
     }
@@ -115,7 +118,12 @@ fn the_demo_answers_held_out_questions_on_the_gpu() {
         }
     }
     let acc = correct as f64 / items.len() as f64;
-    let eval: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).expect("eval")).expect("json");
-    eprintln!("demo on the GPU: {correct}/{} held-out answers right ({acc:.3}); eval.json quantized_accuracy {}", items.len(), eval["quantized_accuracy"]);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).expect("eval")).expect("json");
+    eprintln!(
+        "demo on the GPU: {correct}/{} held-out answers right ({acc:.3}); eval.json quantized_accuracy {}",
+        items.len(),
+        eval["quantized_accuracy"]
+    );
     assert!(acc >= eval["quantized_accuracy"].as_f64().unwrap_or(1.0) - 0.02, "accuracy {acc}");
 }

@@ -20,7 +20,7 @@ fn copy_demo() -> tempfile::TempDir {
 
 /// The error chain of opening `dir`, as one line.
 fn open(dir: &Path) -> String {
-    let result = ModelConfig::from_dir(dir).and_then(|cfg| Stage::open(CpuBackend, dir, SliceSpec::full(&cfg)));
+    let result = ModelConfig::from_dir(dir).and_then(|cfg| Stage::open(CpuBackend::F32, dir, SliceSpec::full(&cfg)));
     let Err(e) = result else { panic!("{} opened although it is damaged", dir.display()) };
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);

@@ -84,7 +84,7 @@ fn layer_slices_run_one_after_another_equal_the_whole_model() {
         .windows(2)
         .map(|w| {
             let spec = SliceSpec { layers: w[0]..w[1], experts: None, embed: w[0] == 0, head: w[1] == n };
-            Stage::load(CpuBackend, &cfg, &ckpt, spec).expect("slice loads")
+            Stage::load(CpuBackend::F32, &cfg, &ckpt, spec).expect("slice loads")
         })
         .collect();
     let ids = long_prompt();
@@ -108,7 +108,7 @@ fn expert_ranges_are_partial_sums_of_the_moe_block() {
     let cfg = ModelConfig::from_dir(&dir).expect("config");
     let ckpt = Checkpoint::open(&dir).expect("checkpoint");
     let ld = Loader { cfg: &cfg, ckpt: &ckpt };
-    let b = CpuBackend;
+    let b = CpuBackend::F32;
     let e = cfg.n_routed_experts;
     let spec = |experts| SliceSpec { layers: 1..2, experts, embed: false, head: false };
     let full = Ffn::load(&b, &ld, 1, &spec(None)).expect("full");

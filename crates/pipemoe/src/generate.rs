@@ -63,7 +63,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<String> {
         args.prompt.clone()
     };
     let ids = tokenizer.encode(&prompt)?;
-    let stage = Stage::open(CpuBackend, dir, SliceSpec::full(&cfg)).context("loading the model")?;
+    let stage = Stage::open(CpuBackend::F32, dir, SliceSpec::full(&cfg)).context("loading the model")?;
     let mut generator = Generator::new(stage, tokenizer)?;
     let sampling =
         SamplingParams { temperature: args.temperature, top_p: args.top_p, top_k: args.top_k, seed: args.seed };

@@ -59,7 +59,7 @@ impl WorkerHandle {
 pub async fn start(config: WorkerConfig) -> Result<WorkerHandle> {
     config.validate()?;
     match config.device {
-        Device::Cpu => start_with(config, CpuBackend).await,
+        Device::Cpu => start_with(config, CpuBackend::F32).await,
         Device::Cuda(_) => Err(Error::CudaNotBuilt { device: config.device_name() }),
     }
 }

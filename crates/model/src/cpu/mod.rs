@@ -51,6 +51,11 @@ impl CpuWeight {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuBackend;
 
+impl CpuBackend {
+    /// The f32 reference (the only kind, for now; a name for call sites that will choose a precision).
+    pub const F32: CpuBackend = CpuBackend;
+}
+
 fn shape_err(what: &str, expected: usize, found: usize) -> Error {
     Error::Backend { reason: format!("{what}: expected {expected}, found {found}") }
 }

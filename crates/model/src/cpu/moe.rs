@@ -1,10 +1,8 @@
 //! `noaux_tc` routing and the routed experts (MODEL_SPEC §2.7, §2.8; HF `DeepseekV32TopkRouter`).
 
-
 use super::{CpuBackend, CpuTensor, CpuWeight};
 use crate::backend::{Backend, ExpertWeights, RouterDims, Routing};
 use crate::{Error, Result};
-
 
 pub fn route(x: &CpuTensor, gate: &CpuWeight, bias: &[f32], d: &RouterDims) -> Result<Routing> {
     if gate.out_features != d.n_experts || gate.in_features != x.cols {

@@ -56,7 +56,7 @@ pub fn golden(dir: &Path) -> Vec<GoldenPrompt> {
 
 pub fn full_model(dir: &Path) -> Stage<CpuBackend> {
     let cfg = pipemoe_model::ModelConfig::from_dir(dir).expect("config");
-    Stage::open(CpuBackend, dir, SliceSpec::full(&cfg)).expect("model loads")
+    Stage::open(CpuBackend::F32, dir, SliceSpec::full(&cfg)).expect("model loads")
 }
 
 pub fn rows(seq: u64, start: usize, n: usize) -> Vec<Row> {

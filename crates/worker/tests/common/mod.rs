@@ -144,7 +144,7 @@ pub fn prompts(tok: &Tokenizer) -> Result<Vec<Vec<u32>>> {
 pub fn expected(prompts: &[Vec<u32>]) -> Result<Vec<Vec<u32>>> {
     let dir = demo();
     let cfg = ModelConfig::from_dir(&dir)?;
-    let stage = Stage::open(CpuBackend, &dir, SliceSpec::full(&cfg))?;
+    let stage = Stage::open(CpuBackend::F32, &dir, SliceSpec::full(&cfg))?;
     let mut g = Generator::new(stage, Tokenizer::from_dir(&dir)?)?;
     let opts = GenerateOptions { max_tokens: MAX_TOKENS, ..GenerateOptions::default() };
     Ok(g.generate_batch(prompts, &vec![opts; prompts.len()])?.into_iter().map(|o| o.token_ids).collect())
