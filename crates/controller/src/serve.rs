@@ -89,10 +89,13 @@ fn prepare(recipe: Recipe, data_dir: &Path) -> anyhow::Result<Prepared> {
             cfg.max_position_embeddings
         );
     }
-    if let Some(d) = recipe.devices.iter().find(|d| !matches!(d, Device::Cpu)) {
-        bail!("recipe {}: device {d} needs the CUDA backend, which this build does not have yet (use cpu)", recipe.id);
-    }
-    let cost = planner::model_cost(&cfg, &ckpt, Residency::CpuF32);
+    // The first CUDA backend keeps GPTQ weights packed but dense ones, activations and the cache in f32.
+    let residency = if recipe.devices.iter().all(|d| matches!(d, Device::Cpu)) {
+        Residency::CpuF32
+    } else {
+        Residency::Packed { kv_elem_bytes: 4 }
+    };
+    let cost = planner::model_cost(&cfg, &ckpt, residency);
     let devices: Vec<DeviceBudget> = recipe.devices.iter().map(|d| device_budget(d, recipe.max_memory_gib)).collect();
     let input = PlanInput { cost: &cost, devices: &devices, context_tokens: max_model_len, workspace_bytes: 64 << 20 };
     let plan = match &recipe.placement {

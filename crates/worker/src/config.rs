@@ -103,9 +103,6 @@ impl WorkerConfig {
             (Some(addr), false) => check_next_addr(addr)?,
             (None, true) => {}
         }
-        if let Device::Cuda(_) = self.device {
-            return Err(Error::CudaNotBuilt { device: self.device.to_string() });
-        }
         Ok(())
     }
 

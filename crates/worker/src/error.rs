@@ -11,9 +11,9 @@ pub enum Error {
     #[error("--{arg}: {reason}")]
     InvalidArg { arg: &'static str, reason: String },
 
-    /// `--device cuda:N` on a build without the CUDA backend.
-    #[error("device {device}: CUDA backend not built yet (only --device cpu is implemented)")]
-    CudaNotBuilt { device: String },
+    /// `--device cuda:N` could not be opened (no driver, no such device, a kernel that does not compile).
+    #[error("device {device}: {reason}")]
+    Cuda { device: String, reason: String },
 
     /// The listening socket could not be set up.
     #[error("cannot listen on {addr}")]
@@ -82,7 +82,8 @@ impl From<Error> for Status {
         let message = chain(&e);
         match e {
             Error::InvalidStep { .. } => Status::invalid_argument(message),
-            Error::IpcUnsupported { .. } | Error::CudaNotBuilt { .. } => Status::unimplemented(message),
+            Error::IpcUnsupported { .. } => Status::unimplemented(message),
+            Error::Cuda { .. } => Status::failed_precondition(message),
             Error::NotReady { .. } => Status::failed_precondition(message),
             Error::Draining { .. } | Error::NextUnavailable { .. } => Status::unavailable(message),
             Error::Model { .. }

@@ -60,7 +60,12 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle> {
     config.validate()?;
     match config.device {
         Device::Cpu => start_with(config, CpuBackend::F32).await,
-        Device::Cuda(_) => Err(Error::CudaNotBuilt { device: config.device_name() }),
+        Device::Cuda(n) => {
+            // Opened before the socket is bound: no GPU is a start-up error the controller sees at once.
+            let backend = pipemoe_cuda::CudaBackend::new(n as usize)
+                .map_err(|e| Error::Cuda { device: config.device_name(), reason: e.to_string() })?;
+            start_with(config, backend).await
+        }
     }
 }
 
