@@ -38,16 +38,15 @@ impl GpuLayerCache {
     pub fn reserve(&mut self, gpu: &Gpu, seq: SeqId, need: usize) -> Result<&mut SeqBuf> {
         let (lora, rope, idim) = (self.lora, self.rope, self.index_dim.max(1));
         let s = &gpu.stream;
-        if !self.seqs.contains_key(&seq) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.seqs.entry(seq) {
             let cap = need.max(64);
-            let buf = SeqBuf {
+            slot.insert(SeqBuf {
                 latent: s.alloc_zeros(cap * lora).map_err(drv("alloc cache"))?,
                 k_pe: s.alloc_zeros(cap * rope).map_err(drv("alloc cache"))?,
                 index_k: s.alloc_zeros(cap * idim).map_err(drv("alloc cache"))?,
                 len: 0,
                 cap,
-            };
-            self.seqs.insert(seq, buf);
+            });
         }
         let buf =
             self.seqs.get_mut(&seq).ok_or(Error::Shape { what: "cache", reason: format!("sequence {seq} lost") })?;

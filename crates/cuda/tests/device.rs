@@ -11,16 +11,11 @@ use common::*;
 use half::bf16;
 use pipemoe_cuda::{Gpu, GpuGptq};
 
-fn gemv_case(
-    gpu: &Gpu,
-    rng: &mut Rng,
-    k: usize,
-    n: usize,
-    bits: u32,
-    group: i64,
-    act_order: bool,
-    batch: usize,
-) -> f64 {
+/// One GEMV shape: `(in, out, bits, group, act_order, batch)`.
+type Case = (usize, usize, u32, i64, bool, usize);
+
+fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case) -> f64 {
+    let (k, n, bits, group, act_order, batch) = case;
     let w = random_weight(rng, k, n, bits, group, act_order);
     let x: Vec<bf16> = (0..batch * k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0)).collect();
     let dense = w.dequantize(); // [n, k]
@@ -64,7 +59,7 @@ fn gptq_gemv_matches_the_cpu_reference() {
         (1536, 24576, 3, 128, false, 1), // q_b_proj
     ];
     for (k, n, bits, group, act, batch) in cases {
-        let err = gemv_case(&gpu, &mut rng, k, n, bits, group, act, batch);
+        let err = gemv_case(&gpu, &mut rng, (k, n, bits, group, act, batch));
         eprintln!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch}: rel L2 {err:.2e}");
         assert!(err <= 1e-4, "gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch}: rel L2 {err:e}");
     }
