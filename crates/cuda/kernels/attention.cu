@@ -3,21 +3,6 @@
 // the score buffer lives in shared memory, so a row may attend to at most `max_keys` positions.
 #include "common.cuh"
 
-__device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
-    v = warp_sum(v);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
-        t = warp_sum(t);
-        if (threadIdx.x == 0) scratch[0] = t;
-    }
-    __syncthreads();
-    float r = scratch[0];
-    __syncthreads();
-    return r;
-}
-
 __device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -64,7 +49,7 @@ extern "C" __global__ void mla_attention_f32(
         float part = 0.f;
         for (int l = threadIdx.x; l < lora; l += blockDim.x) part += q_abs[l] * c[l];
         for (int r = threadIdx.x; r < rope; r += blockDim.x) part += qh[nope + r] * k_pe[(size_t)t * rope + r];
-        float s = block_reduce_sum(part, scratch);
+        float s = block_sum(part, scratch);
         if (threadIdx.x == 0) scores[j] = s * scale;
     }
     __syncthreads();
@@ -77,7 +62,7 @@ extern "C" __global__ void mla_attention_f32(
         scores[j] = e;
         sum += e;
     }
-    sum = block_reduce_sum(sum, scratch);
+    sum = block_sum(sum, scratch);
     for (int l = threadIdx.x; l < lora; l += blockDim.x) {
         float acc = 0.f;
         for (int j = 0; j < n_keys; j++) {

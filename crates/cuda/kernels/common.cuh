@@ -14,3 +14,19 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+
+// Block-wide sum (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
+        t = warp_sum(t);
+        if (threadIdx.x == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    float r = scratch[0];
+    __syncthreads();
+    return r;
+}

@@ -2,21 +2,6 @@
 // activations stay f32 between kernels; GEMV inputs are cast to bf16). Symbols `<op>_f32`.
 #include "common.cuh"
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    v = warp_sum(v);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
-        t = warp_sum(t);
-        if (threadIdx.x == 0) scratch[0] = t;
-    }
-    __syncthreads();
-    float r = scratch[0];
-    __syncthreads();
-    return r;
-}
-
 // y[r, :] = table[ids[r], :]
 extern "C" __global__ void embed_f32(const float* table, const int* ids, float* y, int rows, int cols) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;

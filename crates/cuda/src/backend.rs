@@ -323,16 +323,7 @@ impl Backend for CudaBackend {
         let mut out = GpuTensor { rows: x.rows, cols: x.cols, data: self.zeros(x.rows * x.cols)? };
         for (e, ew) in experts.iter().enumerate() {
             let Some(ew) = ew else { continue };
-            let mut rows = Vec::new();
-            let mut ws = Vec::new();
-            for r in 0..x.rows {
-                for k in 0..routing.top_k {
-                    if routing.experts[r * routing.top_k + k] as usize == e {
-                        rows.push(r);
-                        ws.push(routing.weights[r * routing.top_k + k]);
-                    }
-                }
-            }
+            let (rows, ws) = routing.rows_of(e);
             if rows.is_empty() {
                 continue;
             }

@@ -98,6 +98,20 @@ pub struct Routing {
     pub weights: Vec<f32>,
 }
 
+impl Routing {
+    /// The rows routed to expert `e` and their weights, in row order.
+    pub fn rows_of(&self, e: usize) -> (Vec<usize>, Vec<f32>) {
+        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for (i, (&x, &w)) in self.experts.iter().zip(&self.weights).enumerate() {
+            if x as usize == e {
+                rows.push(i / self.top_k);
+                weights.push(w);
+            }
+        }
+        (rows, weights)
+    }
+}
+
 /// Per row of a step, the key positions attention may use; `None` means every causal position (dense MLA).
 pub type Selection = Option<Vec<Vec<u32>>>;
 

@@ -215,7 +215,8 @@ mod tests {
         assert_eq!(c.listen, Listen::Unix("/tmp/w1.sock".into()));
         assert_eq!(c.next.as_deref(), Some("unix:/tmp/w2.sock"));
 
-        // Not the head and nowhere to send the output; the head with a next; CUDA; an empty range.
+        // Not the head and nowhere to send the output; the head with a next; an empty range. (A CUDA device is a
+        // valid config: whether the GPU opens is decided at start.)
         let err = |a: &[&str]| parse(a).and_then(|w| w.config().map(|_| ()).map_err(|e| e.to_string()));
         assert!(err(&base).is_err_and(|e| e.contains("--next") && e.contains("required unless --head")));
         let mut head = base.to_vec();
@@ -223,7 +224,7 @@ mod tests {
         assert!(err(&head).is_err_and(|e| e.contains("--next")));
         let mut cuda = base.to_vec();
         cuda.extend(["--head", "--device", "cuda:0"]);
-        assert!(err(&cuda).is_err_and(|e| e.contains("CUDA backend not built yet")));
+        assert!(err(&cuda).is_ok());
         let empty = ["--rank", "0", "--model", "m", "--layers", "2..2", "--socket", "/s", "--head"];
         assert!(err(&empty).is_err_and(|e| e.contains("holds no layer")));
         let bad_next = ["--rank", "0", "--model", "m", "--layers", "0..1", "--socket", "/s", "--next", "tcp://x"];
