@@ -37,6 +37,8 @@ pub struct FleetSpec {
     pub ready_timeout: Duration,
     /// Counts restarts; events of an older fleet are ignored by the scheduler.
     pub generation: u64,
+    /// Let neighbouring GPU workers pass activations by CUDA IPC.
+    pub ipc: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +105,11 @@ fn spawn_one(spec: &FleetSpec, rank: usize) -> Result<Child, FleetError> {
     }
     if rank + 1 < spec.plan.len() {
         cmd.arg("--next").arg(format!("unix:{}", socket_path(&spec.run_dir, spec.generation, rank + 1).display()));
+        // Two GPU workers of this machine hand activations over by CUDA IPC; PIPEMOE_IPC=0 forces bytes.
+        let gpu = |d: &str| d.starts_with("cuda:");
+        if gpu(&p.device) && gpu(&spec.plan[rank + 1].device) && spec.ipc {
+            cmd.arg("--ipc");
+        }
     }
     cmd.envs(spec.env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null()).process_group(0);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec. The signal fires when the

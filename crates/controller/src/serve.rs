@@ -133,6 +133,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         env: p.recipe.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         ready_timeout: Duration::from_secs(args.ready_timeout),
         generation: 0,
+        ipc: std::env::var("PIPEMOE_IPC").map_or(true, |v| v != "0"),
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     tracing::info!(workers = spec.plan.len(), "starting workers");

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
     Backend, ExpertWeights, HostLinear, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, Selection, SeqId,
+    SharedActivations,
 };
 use pipemoe_model::cpu::kernels::top_k;
 
@@ -317,6 +318,14 @@ impl Backend for CudaBackend {
         let logits = self.download(&self.linear(x, gate)?)?;
         let bias = self.gpu.stream.clone_dtoh(bias).map_err(md("download bias"))?;
         pipemoe_model::routing::route_logits(&logits, x.rows, &bias, dims)
+    }
+
+    fn export(&self, x: &GpuTensor) -> MResult<Option<SharedActivations>> {
+        crate::ipc::export(self, x).map(Some)
+    }
+
+    fn import(&self, rows: usize, cols: usize, mem_handle: &[u8], event_handle: &[u8]) -> MResult<GpuTensor> {
+        crate::ipc::import(self, rows, cols, mem_handle, event_handle)
     }
 
     fn experts(&self, x: &GpuTensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing) -> MResult<GpuTensor> {

@@ -12,6 +12,7 @@ pub mod cache;
 mod error;
 pub mod gemv;
 pub mod gpu;
+pub mod ipc;
 pub mod nvrtc;
 
 pub use backend::CudaBackend;

@@ -115,6 +115,14 @@ impl Routing {
 /// Per row of a step, the key positions attention may use; `None` means every causal position (dense MLA).
 pub type Selection = Option<Vec<Vec<u32>>>;
 
+/// Activations shared with another process on the same machine (CUDA IPC): a memory handle, an event handle the
+/// receiver waits on before reading, and whatever keeps the exported buffer alive until this value is dropped.
+pub struct SharedActivations {
+    pub mem_handle: Vec<u8>,
+    pub event_handle: Vec<u8>,
+    pub keep: Box<dyn std::any::Any + Send>,
+}
+
 /// The fused operations of the forward pass.
 pub trait Backend: Send + Sync {
     type Tensor: Send;
@@ -200,6 +208,16 @@ pub trait Backend: Send + Sync {
         experts: &[Option<ExpertWeights<Self>>],
         routing: &Routing,
     ) -> Result<Self::Tensor>;
+
+    /// Shares `x` with another process without a copy through the host; `None` when this backend cannot.
+    fn export(&self, _x: &Self::Tensor) -> Result<Option<SharedActivations>> {
+        Ok(None)
+    }
+
+    /// Reads `[rows, cols]` activations another process exported.
+    fn import(&self, _rows: usize, _cols: usize, _mem_handle: &[u8], _event_handle: &[u8]) -> Result<Self::Tensor> {
+        Err(crate::Error::Backend { reason: format!("{} cannot read CUDA IPC handles", self.describe()) })
+    }
 }
 
 /// A SwiGLU expert (or dense MLP, or shared expert): `down(silu(gate(x)) · up(x))`, MODEL_SPEC §2.8.

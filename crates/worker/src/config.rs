@@ -42,6 +42,9 @@ pub struct WorkerArgs {
     /// The next worker in the chain: `unix:/path/to.sock` or `http://host:port`. Required unless --head.
     #[arg(long, env = "PIPEMOE_WORKER_NEXT")]
     pub next: Option<String>,
+    /// Pass activations to the next worker as CUDA IPC handles instead of bytes (both on GPUs of this machine).
+    #[arg(long, env = "PIPEMOE_WORKER_IPC", value_parser = clap::builder::BoolishValueParser::new())]
+    pub ipc: bool,
     /// Log as JSON lines (stderr) instead of text.
     #[arg(long, env = "PIPEMOE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
@@ -70,6 +73,8 @@ pub struct WorkerConfig {
     pub listen: Listen,
     /// The next worker's address as tonic dials it (`unix:/path` or `http://host:port`); `None` for the head.
     pub next: Option<String>,
+    /// Send activations to the next worker as CUDA IPC handles (falls back to bytes on a CPU backend).
+    pub ipc: bool,
 }
 
 impl WorkerConfig {
@@ -137,6 +142,7 @@ impl WorkerArgs {
             },
             listen,
             next: self.next.clone(),
+            ipc: self.ipc,
         };
         config.validate()?;
         Ok(config)

@@ -10,12 +10,14 @@ use pipemoe_model::{Backend, SeqId, Stage, StageInput};
 use pipemoe_proto::worker_v1::{Sampled, TokenLogprob};
 
 use crate::error::{Error, Result};
-use crate::step::Plan;
+use crate::step::{Hidden, Plan};
 
 /// What this worker's part of a step produced.
 pub enum Output {
     /// The residual stream `[rows, hidden]`, for the next worker.
     Hidden { rows: usize, cols: usize, data: Vec<f32> },
+    /// The same, left on the GPU and shared through CUDA IPC (kept alive until this value drops).
+    Shared { rows: usize, cols: usize, shared: pipemoe_model::backend::SharedActivations },
     /// The last stage's sampled tokens, in chunk order.
     Sampled(Vec<Sampled>),
 }
@@ -33,12 +35,15 @@ pub struct Engine<B: Backend> {
     seqs: HashMap<SeqId, SeqState>,
     /// Mixed with a sequence id to seed a sequence that brings no seed: differs between processes.
     seed_salt: u64,
+    /// Hand the next worker CUDA IPC handles rather than bytes, when the backend can export.
+    ipc: bool,
+    ipc_announced: bool,
 }
 
 impl<B: Backend> Engine<B> {
-    pub fn new(stage: Stage<B>) -> Self {
+    pub fn new(stage: Stage<B>, ipc: bool) -> Self {
         let seed_salt = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        Self { stage, seqs: HashMap::new(), seed_salt }
+        Self { stage, seqs: HashMap::new(), seed_salt, ipc, ipc_announced: false }
     }
 
     /// Runs this worker's part of a step: checks every chunk against the cache and the sequence's sampling
@@ -47,10 +52,12 @@ impl<B: Backend> Engine<B> {
         let step_id = plan.step_id;
         self.check(&plan)?;
         let model = |source| Error::Model { step_id, source };
+        let cols = self.stage.config().hidden_size;
+        let b = self.stage.backend();
         let input = match plan.hidden.take() {
-            Some(h) => {
-                let cols = self.stage.config().hidden_size;
-                StageInput::Hidden(self.stage.backend().upload(plan.rows.len(), cols, h).map_err(model)?)
+            Some(Hidden::Host(h)) => StageInput::Hidden(b.upload(plan.rows.len(), cols, h).map_err(model)?),
+            Some(Hidden::Ipc { mem_handle, event_handle }) => {
+                StageInput::Hidden(b.import(plan.rows.len(), cols, &mem_handle, &event_handle).map_err(model)?)
             }
             None => StageInput::Tokens(&plan.tokens),
         };
@@ -63,6 +70,15 @@ impl<B: Backend> Engine<B> {
         }
         if !self.stage.slice().head {
             let (rows, cols) = b.shape(&hidden);
+            if self.ipc
+                && let Some(shared) = b.export(&hidden).map_err(model)?
+            {
+                if !self.ipc_announced {
+                    tracing::info!(step_id, "activations go to the next worker as CUDA IPC handles");
+                    self.ipc_announced = true;
+                }
+                return Ok(Output::Shared { rows, cols, shared });
+            }
             return Ok(Output::Hidden { rows, cols, data: b.download(&hidden).map_err(model)? });
         }
         let sampled = plan.sampled_rows();

@@ -188,6 +188,7 @@ async fn load<B: Backend + 'static>(shared: Arc<Shared<B>>, backend: B) {
     let rank = shared.config.rank;
     let dir = shared.config.model.clone();
     let slice = shared.config.slice.clone();
+    let ipc = shared.config.ipc;
     info!(rank, "{}", shared.loading);
     let started = Instant::now();
     let loaded = tokio::task::spawn_blocking(move || -> pipemoe_model::Result<Loaded<B>> {
@@ -195,7 +196,7 @@ async fn load<B: Backend + 'static>(shared: Arc<Shared<B>>, backend: B) {
         let ckpt = Checkpoint::open(&dir)?;
         let stage = Stage::load(backend, &cfg, &ckpt, slice.clone())?;
         Ok(Loaded {
-            engine: Arc::new(Mutex::new(Engine::new(stage))),
+            engine: Arc::new(Mutex::new(Engine::new(stage, ipc))),
             weight_bytes: memory::weight_bytes(&cfg, &ckpt, &slice),
             cache_bytes_per_position: memory::cache_bytes_per_position(&cfg, &slice),
             cfg,

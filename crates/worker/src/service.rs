@@ -21,7 +21,7 @@ use crate::config::WorkerConfig;
 use crate::engine::{Engine, Output};
 use crate::error::{Error, Result};
 use crate::next::Next;
-use crate::step::{Plan, encode};
+use crate::step::{Plan, encode, encode_ipc};
 
 /// A slice that finished loading.
 pub struct Loaded<B: Backend> {
@@ -155,6 +155,21 @@ impl<B: Backend + 'static> WorkerService<B> {
                 req.hidden = Some(encode(rows, cols, &data));
                 drop(data);
                 next.step(req).await.map_err(|status| {
+                    debug!(step_id, next = next.addr(), %status, "the next worker refused the step");
+                    status
+                })
+            }
+            Output::Shared { rows, cols, shared } => {
+                let Some(next) = &s.next else {
+                    return Err(
+                        Error::Task { reason: format!("step {step_id}: a non-head worker without --next") }.into()
+                    );
+                };
+                req.hidden = Some(encode_ipc(rows, cols, &shared.mem_handle, &shared.event_handle));
+                // `shared` keeps the exported buffer alive until the next worker (and the chain) has answered.
+                let reply = next.step(req).await;
+                drop(shared);
+                reply.map_err(|status| {
                     debug!(step_id, next = next.addr(), %status, "the next worker refused the step");
                     status
                 })

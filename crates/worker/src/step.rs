@@ -58,8 +58,17 @@ pub struct Plan {
     pub chunks: Vec<ChunkPlan>,
     pub rows: Vec<Row>,
     pub tokens: Vec<u32>,
-    /// The previous worker's output `[rows, hidden]` as f32; `None` for the first stage.
-    pub hidden: Option<Vec<f32>>,
+    /// The previous worker's output `[rows, hidden]`; `None` for the first stage.
+    pub hidden: Option<Hidden>,
+}
+
+/// How the previous worker's activations arrived.
+#[derive(Debug, PartialEq)]
+pub enum Hidden {
+    /// Inline bytes, decoded to f32.
+    Host(Vec<f32>),
+    /// CUDA IPC handles (memory, event) of an f32 `[rows, cols]` tensor on the sender's GPU.
+    Ipc { mem_handle: Vec<u8>, event_handle: Vec<u8> },
 }
 
 impl Plan {
@@ -147,17 +156,35 @@ pub fn encode(rows: usize, cols: usize, data: &[f32]) -> Activations {
     }
 }
 
-/// The f32 values of `a`, which must be `[rows, cols]` inline (f32 or bf16).
-fn decode(a: &Activations, step_id: u64, rows: usize, cols: usize) -> Result<Vec<f32>> {
-    let invalid = |reason: String| Error::InvalidStep { step_id, reason };
-    if !a.ipc_mem_handle.is_empty() || !a.ipc_event_handle.is_empty() {
-        return Err(Error::IpcUnsupported { step_id });
+/// `[rows, cols]` IPC handles of f32 activations.
+pub fn encode_ipc(rows: usize, cols: usize, mem_handle: &[u8], event_handle: &[u8]) -> Activations {
+    Activations {
+        rows: rows as u32,
+        cols: cols as u32,
+        dtype: DType::DtypeF32 as i32,
+        data: Bytes::new(),
+        ipc_mem_handle: Bytes::copy_from_slice(mem_handle),
+        ipc_event_handle: Bytes::copy_from_slice(event_handle),
     }
+}
+
+/// `a`, which must be `[rows, cols]`: inline (f32 or bf16), or f32 CUDA IPC handles (both of them).
+fn decode(a: &Activations, step_id: u64, rows: usize, cols: usize) -> Result<Hidden> {
+    let invalid = |reason: String| Error::InvalidStep { step_id, reason };
     if a.rows as usize != rows || a.cols as usize != cols {
         return Err(invalid(format!(
             "hidden is [{}, {}], the step needs [{rows}, {cols}] (rows = the chunks' tokens, cols = hidden_size)",
             a.rows, a.cols
         )));
+    }
+    if !a.ipc_mem_handle.is_empty() || !a.ipc_event_handle.is_empty() {
+        if a.ipc_mem_handle.is_empty() || a.ipc_event_handle.is_empty() || !a.data.is_empty() {
+            return Err(invalid("CUDA IPC needs both handles and no inline data".into()));
+        }
+        if DType::try_from(a.dtype) != Ok(DType::DtypeF32) {
+            return Err(invalid(format!("IPC activations must be DTYPE_F32, got {}", a.dtype)));
+        }
+        return Ok(Hidden::Ipc { mem_handle: a.ipc_mem_handle.to_vec(), event_handle: a.ipc_event_handle.to_vec() });
     }
     let width = match DType::try_from(a.dtype) {
         Ok(DType::DtypeF32) => 4,
@@ -171,12 +198,12 @@ fn decode(a: &Activations, step_id: u64, rows: usize, cols: usize) -> Result<Vec
             a.data.len()
         )));
     }
-    Ok(if width == 4 {
+    Ok(Hidden::Host(if width == 4 {
         a.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
     } else {
         // bfloat16 is the top half of an f32.
         a.data.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect()
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -243,7 +270,7 @@ mod tests {
         let data: Vec<f32> = (0..2 * cols).map(|i| (i % 64) as f32 * 0.5 - 3.0).collect();
         let mut req = StepRequest { step_id: 1, chunks: vec![chunk(1, 0, &[1, 2], None)], hidden: None };
         req.hidden = Some(encode(2, cols, &data));
-        assert_eq!(Plan::new(&req, &cfg(), &MIDDLE)?.hidden, Some(data.clone()));
+        assert_eq!(Plan::new(&req, &cfg(), &MIDDLE)?.hidden, Some(Hidden::Host(data.clone())));
         assert!(err(&req, &FIRST).contains("must be absent"));
 
         let with = |f: &dyn Fn(&mut Activations)| {
@@ -256,8 +283,13 @@ mod tests {
         assert!(err(&with(&|h| h.rows = 3), &MIDDLE).contains("hidden is [3, 256], the step needs [2, 256]"));
         assert!(err(&with(&|h| h.dtype = 0), &MIDDLE).contains("dtype 0"));
         assert!(err(&with(&|h| h.data = h.data.slice(4..)), &MIDDLE).contains("bytes"));
-        let ipc = with(&|h| h.ipc_mem_handle = Bytes::from_static(b"handle"));
-        assert!(matches!(Plan::new(&ipc, &cfg(), &MIDDLE), Err(Error::IpcUnsupported { step_id: 1 })));
+        // IPC: both handles and no inline bytes.
+        let half = with(&|h| h.ipc_mem_handle = Bytes::from_static(b"handle"));
+        assert!(err(&half, &MIDDLE).contains("both handles"));
+        let ipc = encode_ipc(2, cols, b"mem", b"event");
+        let r = StepRequest { hidden: Some(ipc), ..req.clone() };
+        let want = Hidden::Ipc { mem_handle: b"mem".to_vec(), event_handle: b"event".to_vec() };
+        assert_eq!(Plan::new(&r, &cfg(), &MIDDLE)?.hidden, Some(want));
 
         // bf16: the top 16 bits of each f32 (exact for these values).
         let bf16: Vec<u8> = data.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
@@ -265,7 +297,7 @@ mod tests {
             h.dtype = DType::DtypeBf16 as i32;
             h.data = Bytes::from(bf16.clone());
         });
-        assert_eq!(Plan::new(&r, &cfg(), &MIDDLE)?.hidden, Some(data));
+        assert_eq!(Plan::new(&r, &cfg(), &MIDDLE)?.hidden, Some(Hidden::Host(data)));
         Ok(())
     }
 }

@@ -21,6 +21,7 @@ fn single(socket: PathBuf, model: PathBuf, layers: std::ops::Range<usize>) -> Wo
         slice: SliceSpec { layers, experts: None, embed: true, head: true },
         listen: Listen::Unix(socket),
         next: None,
+        ipc: false,
     }
 }
 

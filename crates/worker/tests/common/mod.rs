@@ -53,6 +53,7 @@ impl Chain {
                 slice: SliceSpec { layers, experts: None, embed, head },
                 listen,
                 next: workers.first().map(|w| w.addr().to_string()),
+                ipc: false,
             };
             workers.insert(0, pipemoe_worker::start(config).await?);
         }
