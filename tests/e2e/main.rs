@@ -2,6 +2,7 @@
 //! demo model — talked to over HTTP.
 
 mod clients;
+mod gpu;
 mod lifecycle;
 mod support;
 

@@ -11,12 +11,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipemoe")
+/// The binary under test; `PIPEMOE_BIN` overrides it (on the GPU machine the tests run from a copied tree).
+pub fn bin() -> String {
+    std::env::var("PIPEMOE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pipemoe").to_string())
 }
 
+/// The repository; `PIPEMOE_REPO` overrides it, as for the binary.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    std::env::var_os("PIPEMOE_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn demo_model() -> PathBuf {
@@ -47,6 +53,11 @@ impl Server {
     /// Upserts the `e2e` recipe (the demo model by absolute path, 3 CPU workers), starts `serve` on port 0 and
     /// waits for `/health` to answer 200.
     pub fn start() -> Server {
+        Server::start_on("cpu,cpu,cpu", &[])
+    }
+
+    /// The same on `devices`, with extra environment for `serve`.
+    pub fn start_on(devices: &str, env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
@@ -63,7 +74,7 @@ impl Server {
                 "--served-model-name",
                 "tiny-dsv32",
                 "--devices",
-                "cpu,cpu,cpu",
+                devices,
                 "--max-model-len",
                 "256",
                 "--max-memory-gib",
@@ -76,6 +87,7 @@ impl Server {
             .args(["serve", "--recipe", "e2e", "--port", "0"])
             .env("PIPEMOE_DATA_DIR", &data)
             .env("PIPEMOE_DB", data.join("controller.db"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
