@@ -19,27 +19,7 @@ fn start_status_stop_leave_no_process_and_no_pid_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).expect("data");
-    let model = demo_model();
-    let out = pipemoe(
-        &data,
-        &[
-            "recipe",
-            "upsert",
-            "--id",
-            "life",
-            "--model",
-            model.to_str().expect("path"),
-            "--served-model-name",
-            "tiny-dsv32",
-            "--devices",
-            "cpu,cpu,cpu",
-            "--max-model-len",
-            "512",
-            "--max-memory-gib",
-            "2",
-        ],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    upsert_demo_recipe(&data, "life", "cpu,cpu,cpu", 512);
     // Whatever happens below, nothing outlives the test.
     struct Stop<'a>(&'a std::path::Path);
     impl Drop for Stop<'_> {

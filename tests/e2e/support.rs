@@ -36,6 +36,32 @@ pub struct Server {
     pub addr: String,
 }
 
+/// Stores recipe `id`: the demo model by absolute path, served as `tiny-dsv32` on `devices`.
+pub fn upsert_demo_recipe(data: &Path, id: &str, devices: &str, max_model_len: u32) {
+    let model = demo_model();
+    let len = max_model_len.to_string();
+    let out = pipemoe(
+        data,
+        &[
+            "recipe",
+            "upsert",
+            "--id",
+            id,
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--served-model-name",
+            "tiny-dsv32",
+            "--devices",
+            devices,
+            "--max-model-len",
+            &len,
+            "--max-memory-gib",
+            "2",
+        ],
+    );
+    assert!(out.status.success(), "recipe upsert: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn pipemoe(data: &Path, args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
@@ -61,27 +87,7 @@ impl Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let model = demo_model();
-        let out = pipemoe(
-            &data,
-            &[
-                "recipe",
-                "upsert",
-                "--id",
-                "e2e",
-                "--model",
-                model.to_str().expect("utf-8 path"),
-                "--served-model-name",
-                "tiny-dsv32",
-                "--devices",
-                devices,
-                "--max-model-len",
-                "256",
-                "--max-memory-gib",
-                "2",
-            ],
-        );
-        assert!(out.status.success(), "recipe upsert: {}", String::from_utf8_lossy(&out.stderr));
+        upsert_demo_recipe(&data, "e2e", devices, 256);
         let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
         let child = Command::new(bin())
             .args(["serve", "--recipe", "e2e", "--port", "0"])
