@@ -39,6 +39,8 @@ pub struct FleetSpec {
     pub generation: u64,
     /// Let neighbouring GPU workers pass activations by CUDA IPC.
     pub ipc: bool,
+    /// The recipe's `kv_cache_dtype` (GPU workers store their cache so).
+    pub kv_cache_dtype: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,7 @@ fn spawn_one(spec: &FleetSpec, rank: usize) -> Result<Child, FleetError> {
         .args(["--layers", &format!("{}..{}", p.layers.start, p.layers.end)])
         .arg("--socket")
         .arg(&socket);
+    cmd.args(["--kv-cache-dtype", &spec.kv_cache_dtype]);
     if p.embed {
         cmd.arg("--embed");
     }

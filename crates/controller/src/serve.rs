@@ -89,11 +89,12 @@ fn prepare(recipe: Recipe, data_dir: &Path) -> anyhow::Result<Prepared> {
             cfg.max_position_embeddings
         );
     }
-    // The first CUDA backend keeps GPTQ weights packed but dense ones, activations and the cache in f32.
+    // The first CUDA backend keeps GPTQ weights packed, dense ones and activations in f32, the cache as the
+    // recipe says (auto = bf16).
     let residency = if recipe.devices.iter().all(|d| matches!(d, Device::Cpu)) {
         Residency::CpuF32
     } else {
-        Residency::Packed { kv_elem_bytes: 4 }
+        Residency::Packed { kv_elem_bytes: if recipe.kv_cache_dtype.as_str() == "fp8" { 1 } else { 2 } }
     };
     let cost = planner::model_cost(&cfg, &ckpt, residency);
     let devices: Vec<DeviceBudget> = recipe.devices.iter().map(|d| device_budget(d, recipe.max_memory_gib)).collect();
@@ -134,6 +135,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ready_timeout: Duration::from_secs(args.ready_timeout),
         generation: 0,
         ipc: std::env::var("PIPEMOE_IPC").map_or(true, |v| v != "0"),
+        kv_cache_dtype: p.recipe.kv_cache_dtype.as_str().to_string(),
     };
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     tracing::info!(workers = spec.plan.len(), "starting workers");

@@ -2,6 +2,14 @@
 // (§2.6). First version: one launch per row of the step, one block per head, keys looped in the block;
 // the score buffer lives in shared memory, so a row may attend to at most `max_keys` positions.
 #include "common.cuh"
+#include <cuda_fp8.h>
+
+// A cached value: dtype 0 = f32, 1 = bf16, 2 = fp8 e4m3 (times its row's scale, applied by the caller).
+__device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) {
+    if (dtype == 0) return ((const float*)base)[i];
+    if (dtype == 1) return __bfloat162float(((const __nv_bfloat16*)base)[i]);
+    return float(((const __nv_fp8_e4m3*)base)[i]);
+}
 
 __device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
 #pragma unroll
@@ -23,8 +31,10 @@ __device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
 // grid: heads; block: 128. shared: q_abs[lora], o_lat[lora], scores[n_keys], scratch[32].
 extern "C" __global__ void mla_attention_f32(
     const float* q,        // [heads, nope + rope] of this row
-    const float* latent,   // [len, lora] of this row's sequence
-    const float* k_pe,     // [len, rope]
+    const void* latent,    // [len, lora] of this row's sequence, in the cache's dtype
+    const void* k_pe,      // [len, rope]
+    const float* scales,   // [len, 3]: latent, k_pe, indexer-key scale of each position (1 unless fp8)
+    int dtype,
     const float* kv_b,     // [heads * (nope + v), lora]
     const int* keys,       // [n_keys] positions, or null = 0..n_keys-1
     int n_keys, int nope, int rope, int vdim, int lora, float scale,
@@ -45,11 +55,10 @@ extern "C" __global__ void mla_attention_f32(
     __syncthreads();
     for (int j = 0; j < n_keys; j++) {
         const int t = keys ? keys[j] : j;
-        const float* c = latent + (size_t)t * lora;
-        float part = 0.f;
-        for (int l = threadIdx.x; l < lora; l += blockDim.x) part += q_abs[l] * c[l];
-        for (int r = threadIdx.x; r < rope; r += blockDim.x) part += qh[nope + r] * k_pe[(size_t)t * rope + r];
-        float s = block_sum(part, scratch);
+        float pc = 0.f, pr = 0.f;
+        for (int l = threadIdx.x; l < lora; l += blockDim.x) pc += q_abs[l] * kv_load(latent, (size_t)t * lora + l, dtype);
+        for (int r = threadIdx.x; r < rope; r += blockDim.x) pr += qh[nope + r] * kv_load(k_pe, (size_t)t * rope + r, dtype);
+        float s = block_sum(pc * scales[(size_t)t * 3] + pr * scales[(size_t)t * 3 + 1], scratch);
         if (threadIdx.x == 0) scores[j] = s * scale;
     }
     __syncthreads();
@@ -67,7 +76,7 @@ extern "C" __global__ void mla_attention_f32(
         float acc = 0.f;
         for (int j = 0; j < n_keys; j++) {
             const int t = keys ? keys[j] : j;
-            acc += scores[j] * latent[(size_t)t * lora + l];
+            acc += scores[j] * scales[(size_t)t * 3] * kv_load(latent, (size_t)t * lora + l, dtype);
         }
         o_lat[l] = acc / sum;
     }
@@ -81,18 +90,44 @@ extern "C" __global__ void mla_attention_f32(
 }
 
 // I(t) = Σ_h w[h] · relu(q[h]·k[t]) for t < n_keys: one warp per key.
-extern "C" __global__ void indexer_scores_f32(const float* q, const float* w, const float* k, int n_keys,
-                                              int heads, int dim, float* scores) {
+extern "C" __global__ void indexer_scores_f32(const float* q, const float* w, const void* k, const float* scales,
+                                              int dtype, int n_keys, int heads, int dim, float* scores) {
     size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x & 31;
     if (warp >= (size_t)n_keys) return;
-    const float* kt = k + warp * dim;
+    const float ks = scales[warp * 3 + 2];
     float total = 0.f;
     for (int h = 0; h < heads; h++) {
         float d = 0.f;
-        for (int i = lane; i < dim; i += 32) d += q[(size_t)h * dim + i] * kt[i];
+        for (int i = lane; i < dim; i += 32) d += q[(size_t)h * dim + i] * kv_load(k, warp * dim + i, dtype);
         d = warp_sum(d);
-        total += w[h] * fmaxf(d, 0.f);
+        total += w[h] * fmaxf(d * ks, 0.f);
     }
     if (lane == 0) scores[warp] = total;
+}
+
+// Stores one f32 row into the cache in `dtype`, and its scale (fp8: max|x| / 448, the e4m3 range; else 1).
+// One block per call.
+extern "C" __global__ void cache_store_f32(const float* src, int n, void* dst, float* scale, int dtype) {
+    __shared__ float scratch[32];
+    float m = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(src[i]));
+    // block max via the sum helper's pattern
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = m;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.f;
+        for (int w = 0; w < (blockDim.x + 31) / 32; w++) t = fmaxf(t, scratch[w]);
+        scratch[0] = dtype == 2 ? (t > 0.f ? t / 448.f : 1.f) : 1.f;
+        *scale = scratch[0];
+    }
+    __syncthreads();
+    const float sc = scratch[0];
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (dtype == 0) ((float*)dst)[i] = src[i];
+        else if (dtype == 1) ((__nv_bfloat16*)dst)[i] = __float2bfloat16(src[i]);
+        else ((__nv_fp8_e4m3*)dst)[i] = __nv_fp8_e4m3(src[i] / sc);
+    }
 }

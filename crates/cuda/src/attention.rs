@@ -1,11 +1,11 @@
 //! The cache writes and the attention side of `CudaBackend` (MODEL_SPEC §2.5, §2.6): one launch per row of the
 //! step over that row's sequence buffers (first version; a batched, tiled kernel is issue 6's).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{IndexerDims, MlaDims, Row, Selection};
 
 use crate::backend::{CudaBackend, GpuTensor, MResult, grid, md, shape, top};
-use crate::cache::GpuLayerCache;
+use crate::cache::{GpuLayerCache, SeqBuf};
 
 /// Shared memory the attention kernel may use (the sm_80+ default without opting in).
 const SMEM_BYTES: usize = 48 * 1024;
@@ -22,7 +22,8 @@ pub fn cache_write(
     if latent.cols != lora || k_pe.cols != rope || latent.rows != rows.len() || (idim > 0) != index_k.is_some() {
         return Err(shape("cache_write", "latent, k_pe or indexer key mis-shaped".into()));
     }
-    let s = &b.gpu.stream;
+    let dtype = cache.dtype;
+    let (es, code) = (dtype.bytes(), dtype.code());
     for (r, row) in rows.iter().enumerate() {
         let len = cache.len(row.seq);
         if row.pos != len {
@@ -30,22 +31,54 @@ pub fn cache_write(
         }
         let buf = cache.reserve(&b.gpu, row.seq, row.pos + 1).map_err(crate::backend::m)?;
         let p = row.pos;
-        s.memcpy_dtod(
+        let SeqBuf { latent: cl, k_pe: ck, index_k: ci, scales, .. } = buf;
+        let mut sc = scales.slice_mut(p * 3..(p + 1) * 3);
+        store(
+            b,
             &latent.data.slice(r * lora..(r + 1) * lora),
-            &mut buf.latent.slice_mut(p * lora..(p + 1) * lora),
-        )
-        .map_err(md("cache latent"))?;
-        s.memcpy_dtod(&k_pe.data.slice(r * rope..(r + 1) * rope), &mut buf.k_pe.slice_mut(p * rope..(p + 1) * rope))
-            .map_err(md("cache k_pe"))?;
+            &mut cl.slice_mut(p * lora * es..(p + 1) * lora * es),
+            &mut sc,
+            0,
+            code,
+        )?;
+        store(
+            b,
+            &k_pe.data.slice(r * rope..(r + 1) * rope),
+            &mut ck.slice_mut(p * rope * es..(p + 1) * rope * es),
+            &mut sc,
+            1,
+            code,
+        )?;
         if let Some(k) = index_k {
-            s.memcpy_dtod(
+            store(
+                b,
                 &k.data.slice(r * idim..(r + 1) * idim),
-                &mut buf.index_k.slice_mut(p * idim..(p + 1) * idim),
-            )
-            .map_err(md("cache indexer key"))?;
+                &mut ci.slice_mut(p * idim * es..(p + 1) * idim * es),
+                &mut sc,
+                2,
+                code,
+            )?;
         }
         buf.len = p + 1;
     }
+    Ok(())
+}
+
+/// One row of one component into the cache (converted to the cache's dtype) and its scale.
+fn store(
+    b: &CudaBackend,
+    src: &CudaView<'_, f32>,
+    dst: &mut CudaViewMut<'_, u8>,
+    scales: &mut CudaViewMut<'_, f32>,
+    component: usize,
+    code: i32,
+) -> MResult<()> {
+    let n = src.len() as i32;
+    let mut scale = scales.slice_mut(component..component + 1);
+    let mut l = b.gpu.stream.launch_builder(b.f("cache_store_f32")?);
+    l.arg(src).arg(&n).arg(dst).arg(&mut scale).arg(&code);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    unsafe { l.launch(one) }.map_err(md("cache_store"))?;
     Ok(())
 }
 
@@ -69,9 +102,9 @@ pub fn indexer_select(
         let mut scores: CudaSlice<f32> = b.zeros(n)?;
         let qr = q.data.slice(r * d.heads * dim..(r + 1) * d.heads * dim);
         let wr = w.data.slice(r * d.heads..(r + 1) * d.heads);
-        let (ni, hi, di) = (n as i32, d.heads as i32, dim as i32);
+        let (ni, hi, di, code) = (n as i32, d.heads as i32, dim as i32, cache.dtype.code());
         let mut l = b.gpu.stream.launch_builder(b.f("indexer_scores_f32")?);
-        l.arg(&qr).arg(&wr).arg(&buf.index_k).arg(&ni).arg(&hi).arg(&di).arg(&mut scores);
+        l.arg(&qr).arg(&wr).arg(&buf.index_k).arg(&buf.scales).arg(&code).arg(&ni).arg(&hi).arg(&di).arg(&mut scores);
         unsafe { l.launch(grid(n * 32, 256)) }.map_err(md("indexer_scores"))?;
         let host = b.gpu.stream.clone_dtoh(&scores).map_err(md("download scores"))?;
         out.push(top(&host[..n], d.topk));
@@ -110,7 +143,8 @@ pub fn mla(
             (n_keys as i32, d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
         let null: u64 = 0;
         let mut l = b.gpu.stream.launch_builder(b.f("mla_attention_f32")?);
-        l.arg(&qr).arg(&buf.latent).arg(&buf.k_pe).arg(kv_b);
+        let code = cache.dtype.code();
+        l.arg(&qr).arg(&buf.latent).arg(&buf.k_pe).arg(&buf.scales).arg(&code).arg(kv_b);
         match &keys {
             Some(k) => l.arg(k),
             None => l.arg(&null),

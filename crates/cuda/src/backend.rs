@@ -12,7 +12,7 @@ use pipemoe_model::backend::{
 };
 use pipemoe_model::cpu::kernels::top_k;
 
-use crate::cache::GpuLayerCache;
+use crate::cache::{GpuLayerCache, KvDtype};
 use crate::error::{Error, drv};
 use crate::gemv::{GpuGptq, MAX_BATCH};
 use crate::gpu::Gpu;
@@ -49,11 +49,18 @@ pub struct GpuWeight {
 #[derive(Clone)]
 pub struct CudaBackend {
     pub gpu: Arc<Gpu>,
+    /// How the latent cache stores values (the recipe's `kv_cache_dtype`).
+    pub kv_dtype: KvDtype,
 }
 
 impl CudaBackend {
+    /// A backend on `cuda:ordinal` with an exact (f32) cache.
     pub fn new(ordinal: usize) -> crate::Result<Self> {
-        Ok(Self { gpu: Arc::new(Gpu::open(ordinal)?) })
+        Ok(Self { gpu: Arc::new(Gpu::open(ordinal)?), kv_dtype: KvDtype::F32 })
+    }
+
+    pub fn with_kv_dtype(self, kv_dtype: KvDtype) -> Self {
+        Self { kv_dtype, ..self }
     }
 
     pub(crate) fn f(&self, name: &str) -> MResult<&cudarc::driver::CudaFunction> {
@@ -120,7 +127,7 @@ impl Backend for CudaBackend {
     }
 
     fn new_layer_cache(&self, dims: &MlaDims, indexer: Option<&IndexerDims>) -> GpuLayerCache {
-        GpuLayerCache::new(dims, indexer)
+        GpuLayerCache::new(dims, indexer, self.kv_dtype)
     }
 
     fn upload(&self, rows: usize, cols: usize, data: Vec<f32>) -> MResult<GpuTensor> {

@@ -12,7 +12,7 @@ use crate::nvrtc;
 
 /// Kernel symbols of each source file (`<op>_<dtype>`, STYLE.md §12).
 const SYMBOLS: &[(&str, &[&str])] = &[
-    ("attention.cu", &["mla_attention_f32", "indexer_scores_f32"]),
+    ("attention.cu", &["mla_attention_f32", "indexer_scores_f32", "cache_store_f32"]),
     ("gptq_gemv.cu", GEMV_SYMBOLS),
     ("ops.cu", OPS_SYMBOLS),
     ("rms_norm.cu", &["rms_norm_bf16"]),

@@ -42,6 +42,9 @@ pub struct WorkerArgs {
     /// The next worker in the chain: `unix:/path/to.sock` or `http://host:port`. Required unless --head.
     #[arg(long, env = "PIPEMOE_WORKER_NEXT")]
     pub next: Option<String>,
+    /// How a GPU worker stores its KV cache: auto (= bf16), bf16, fp8 (e4m3 with scales) or f32. CPU: f32.
+    #[arg(long, env = "PIPEMOE_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
     /// Pass activations to the next worker as CUDA IPC handles instead of bytes (both on GPUs of this machine).
     #[arg(long, env = "PIPEMOE_WORKER_IPC", value_parser = clap::builder::BoolishValueParser::new())]
     pub ipc: bool,
@@ -75,6 +78,8 @@ pub struct WorkerConfig {
     pub next: Option<String>,
     /// Send activations to the next worker as CUDA IPC handles (falls back to bytes on a CPU backend).
     pub ipc: bool,
+    /// The GPU cache's storage.
+    pub kv_dtype: pipemoe_cuda::cache::KvDtype,
 }
 
 impl WorkerConfig {
@@ -143,6 +148,10 @@ impl WorkerArgs {
             listen,
             next: self.next.clone(),
             ipc: self.ipc,
+            kv_dtype: self
+                .kv_cache_dtype
+                .parse()
+                .map_err(|reason| Error::InvalidArg { arg: "kv-cache-dtype", reason })?,
         };
         config.validate()?;
         Ok(config)

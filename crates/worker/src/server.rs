@@ -63,7 +63,8 @@ pub async fn start(config: WorkerConfig) -> Result<WorkerHandle> {
         Device::Cuda(n) => {
             // Opened before the socket is bound: no GPU is a start-up error the controller sees at once.
             let backend = pipemoe_cuda::CudaBackend::new(n as usize)
-                .map_err(|e| Error::Cuda { device: config.device_name(), reason: e.to_string() })?;
+                .map_err(|e| Error::Cuda { device: config.device_name(), reason: e.to_string() })?
+                .with_kv_dtype(config.kv_dtype);
             start_with(config, backend).await
         }
     }

@@ -22,6 +22,7 @@ fn single(socket: PathBuf, model: PathBuf, layers: std::ops::Range<usize>) -> Wo
         listen: Listen::Unix(socket),
         next: None,
         ipc: false,
+        kv_dtype: Default::default(),
     }
 }
 

@@ -54,6 +54,7 @@ impl Chain {
                 listen,
                 next: workers.first().map(|w| w.addr().to_string()),
                 ipc: false,
+                kv_dtype: Default::default(),
             };
             workers.insert(0, pipemoe_worker::start(config).await?);
         }
