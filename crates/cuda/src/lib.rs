@@ -6,6 +6,7 @@
 //! - `gemv`: GPTQ weights on the device (g_idx folded at load) and the decode GEMV for 2/3/4/8 bits.
 //! - `backend`, `attention`, `cache`: `CudaBackend`, the model's backend trait on one GPU (first version).
 
+pub mod act;
 mod attention;
 pub mod backend;
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod gpu;
 pub mod ipc;
 pub mod nvrtc;
 
+pub use act::{Act, ActDtype, ActView, ActViewMut};
 pub use backend::CudaBackend;
 pub use error::{Error, Result};
 pub use gemv::GpuGptq;
