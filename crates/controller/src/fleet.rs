@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::admission::{CacheLimits, WorkerCache};
 use crate::planner::StagePlan;
 
 /// What the fleet tells its owner.
@@ -61,6 +62,8 @@ pub struct Worker {
     pub pid: u32,
     pub socket: PathBuf,
     pub client: WorkerClient<Channel>,
+    /// Its KV cache as it reported it when ready; `None` when unbounded (CPU).
+    pub cache: Option<WorkerCache>,
 }
 
 /// What the HTTP side needs of a worker: where it runs and how to ask it.
@@ -100,6 +103,10 @@ fn spawn_one(spec: &FleetSpec, rank: usize) -> Result<Child, FleetError> {
         .arg("--socket")
         .arg(&socket);
     cmd.args(["--kv-cache-dtype", &spec.kv_cache_dtype]);
+    // The plan's numbers size a GPU worker's KV cache: what the weights and workspace leave of the device.
+    cmd.args(["--memory-budget-bytes", &p.capacity_bytes.to_string()])
+        .args(["--weight-bytes", &p.weight_bytes.to_string()])
+        .args(["--workspace-bytes", &p.workspace_bytes.to_string()]);
     if p.embed {
         cmd.arg("--embed");
     }
@@ -142,10 +149,23 @@ impl Fleet {
         let deadline = Instant::now() + spec.ready_timeout;
         for (rank, child) in children.iter_mut().enumerate() {
             let socket = socket_path(&spec.run_dir, spec.generation, rank);
-            let client = wait_ready(rank, child, &socket, deadline, spec.ready_timeout).await?;
+            let (client, health) = wait_ready(rank, child, &socket, deadline, spec.ready_timeout).await?;
             let p = &spec.plan[rank];
-            tracing::info!(rank, device = %p.device, layers = ?p.layers, "worker {}/{} ready", rank + 1, spec.plan.len());
-            fleet.workers.push(Worker { plan: p.clone(), pid: child.id().unwrap_or(0), socket, client });
+            let cache = health.kv_capacity_positions.map(|capacity| WorkerCache {
+                rank,
+                capacity: usize::try_from(capacity).unwrap_or(usize::MAX),
+                block: health.kv_block_positions.max(1) as usize,
+            });
+            tracing::info!(
+                rank,
+                device = %p.device,
+                layers = ?p.layers,
+                kv_cache_positions = cache.map(|c| c.capacity),
+                "worker {}/{} ready",
+                rank + 1,
+                spec.plan.len()
+            );
+            fleet.workers.push(Worker { plan: p.clone(), pid: child.id().unwrap_or(0), socket, client, cache });
         }
         for (rank, mut child) in children.into_iter().enumerate() {
             let events = events.clone();
@@ -169,6 +189,11 @@ impl Fleet {
 
     pub fn head(&self) -> Option<&Worker> {
         self.workers.first()
+    }
+
+    /// The bounded KV caches of the fleet, as its workers reported them.
+    pub fn cache_limits(&self) -> CacheLimits {
+        CacheLimits { workers: self.workers.iter().filter_map(|w| w.cache).collect() }
     }
 
     pub fn views(&self) -> Vec<WorkerView> {
@@ -220,7 +245,7 @@ async fn wait_ready(
     socket: &Path,
     deadline: Instant,
     timeout: Duration,
-) -> Result<WorkerClient<Channel>, FleetError> {
+) -> Result<(WorkerClient<Channel>, HealthResponse), FleetError> {
     let mut last = "not answering".to_string();
     let mut client: Option<WorkerClient<Channel>> = None;
     loop {
@@ -235,7 +260,10 @@ async fn wait_ready(
                 Ok(Ok(h)) => {
                     let h = h.into_inner();
                     match h.state() {
-                        WorkerState::Ready => return client.ok_or(FleetError::Spawn { rank, reason: "lost".into() }),
+                        WorkerState::Ready => {
+                            let client = client.ok_or(FleetError::Spawn { rank, reason: "lost".into() })?;
+                            return Ok((client, h));
+                        }
                         WorkerState::Failed => return Err(FleetError::LoadFailed { rank, message: h.message }),
                         s => last = format!("{s:?} {}", h.message),
                     }

@@ -4,8 +4,10 @@
 //! - `recipes`: recipes in SQLite (`data/controller.db`, schema in `migrations/`), and the `recipe` CLI.
 //! - `pidfile`, `lifecycle`: the PID file under `flock`, and `start` / `stop` / `status`.
 //! - `planner`: placement of the model's layers onto devices under memory budgets.
-//! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline.
+//! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline;
+//!   `admission`: the rule that admits sequences against the KV caches the workers report.
 //! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).
+pub mod admission;
 pub mod api;
 pub mod error;
 pub mod fleet;

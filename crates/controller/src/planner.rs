@@ -275,11 +275,12 @@ pub fn model_cost(cfg: &ModelConfig, ckpt: &Checkpoint, residency: Residency) ->
         }
     }
     let values = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.indexer.map_or(0, |i| i.head_dim)) as u64;
-    let elem = match residency {
-        Residency::CpuF32 => 4,
-        Residency::Packed { kv_elem_bytes } => kv_elem_bytes,
+    // The GPU cache keeps an f32 scale per position for each of its three parts (crates/cuda cache.rs).
+    let per_token = match residency {
+        Residency::CpuF32 => values * 4,
+        Residency::Packed { kv_elem_bytes } => values * kv_elem_bytes + 3 * 4,
     };
-    ModelCost { embed_bytes, head_bytes, layers, kv_bytes_per_token_layer: values * elem }
+    ModelCost { embed_bytes, head_bytes, layers, kv_bytes_per_token_layer: per_token }
 }
 
 fn layer_of(name: &str) -> Option<usize> {

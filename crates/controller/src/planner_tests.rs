@@ -131,7 +131,8 @@ fn fixture_costs_from_headers() {
     // 3-bit weights widened to f32: roughly 32/3.15 × for the quantized bulk.
     let ratio = total(&f32s) as f64 / total(&packed) as f64;
     assert!((6.0..11.0).contains(&ratio), "{ratio}");
-    assert_eq!(packed.kv_bytes_per_token_layer, (128 + 32 + 64) * 2);
+    assert_eq!(packed.kv_bytes_per_token_layer, (128 + 32 + 64) * 2 + 12);
+    assert_eq!(f32s.kv_bytes_per_token_layer, (128 + 32 + 64) * 4);
     let devs: Vec<DeviceBudget> =
         (0..3).map(|_| DeviceBudget { device: "cpu".into(), budget_bytes: 2 * GIB, capacity_bytes: 2 * GIB }).collect();
     let input = PlanInput { cost: &f32s, devices: &devs, context_tokens: 4096, workspace_bytes: 64 << 20 };

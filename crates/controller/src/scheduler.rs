@@ -2,6 +2,7 @@
 //! the fleet; the HTTP handlers talk to it over channels. Each step carries prefill chunks and decode tokens of
 //! many sequences; up to one step per worker is in flight, over disjoint sequences, so every worker has work
 //! when there are enough streams. Token text, stop strings and finish reasons are settled here, once.
+//! Sequences enter only while the workers' KV caches have room for them (admission.rs); the rest wait in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -11,7 +12,9 @@ use pipemoe_model::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
 use pipemoe_proto::worker_v1::{FreeRequest, SeqChunk, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tonic::Code;
 
+use crate::admission::{CacheBudget, CacheLimits, TooLarge};
 use crate::fleet::{Fleet, FleetEvent, FleetSpec};
 pub use pipemoe_proto::worker_v1::Sampling;
 
@@ -36,7 +39,7 @@ pub enum Finish {
     Length,
 }
 
-/// What a sequence reports, in order: tokens, then exactly one `Done` or `Failed`.
+/// What a sequence reports, in order: tokens, then exactly one `Done`, `Failed` or `Refused`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SeqEvent {
     /// `text` is what this token completes, after stop strings (may be empty).
@@ -54,6 +57,8 @@ pub enum SeqEvent {
     Failed {
         message: String,
     },
+    /// Refused before it ran: no worker's KV cache can hold it even alone (the client's to change).
+    Refused(TooLarge),
 }
 
 /// Whether the fleet can take work, for `/health` and the dashboard.
@@ -76,6 +81,18 @@ pub enum FleetState {
 pub struct Shared {
     pub state: RwLock<FleetState>,
     pub workers: RwLock<Vec<crate::fleet::WorkerView>>,
+    /// The KV cache as admission sees it.
+    pub cache: RwLock<CacheStatus>,
+}
+
+/// Admission's view of the KV caches, for the API's early check and `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheStatus {
+    pub limits: CacheLimits,
+    /// `(capacity, held)` positions of the worker with the least room; `None` when no cache is bounded.
+    pub tightest: Option<(usize, usize)>,
+    /// Sequences waiting for room.
+    pub queued: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -101,9 +118,11 @@ pub struct Scheduler {
     pub shared: Arc<Shared>,
 }
 
-/// A sequence's life.
+/// A sequence's life (it ends by leaving `Core::seqs`, reporting `Done` or `Failed`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
+    /// Waiting for room in the KV caches; nothing of it is on the workers.
+    Queued,
     /// Prompt positions `[0, done)` are cached; the rest still to prefill.
     Prefilling { done: usize },
     /// The prompt is cached and tokens are being generated.
@@ -112,6 +131,8 @@ enum Phase {
 
 struct Seq {
     req: GenRequest,
+    /// Positions it may fill: prompt + max_tokens, within max_model_len (what admission holds for it).
+    positions: usize,
     phase: Phase,
     generated: Vec<u32>,
     decoder: StreamDecoder,
@@ -144,9 +165,14 @@ impl Scheduler {
         events: mpsc::UnboundedReceiver<FleetEvent>,
         events_tx: mpsc::UnboundedSender<FleetEvent>,
     ) -> (Scheduler, tokio::task::JoinHandle<Option<Fleet>>) {
-        let shared = Arc::new(Shared { state: RwLock::new(FleetState::Ready), workers: RwLock::new(fleet.views()) });
+        let budget = CacheBudget::new(fleet.cache_limits());
+        let shared = Arc::new(Shared {
+            state: RwLock::new(FleetState::Ready),
+            workers: RwLock::new(fleet.views()),
+            cache: RwLock::new(CacheStatus::default()),
+        });
         let (tx, rx) = mpsc::unbounded_channel();
-        let core = Core {
+        let mut core = Core {
             cfg,
             tokenizer,
             fleet: Some(fleet),
@@ -159,7 +185,11 @@ impl Scheduler {
             next_step: 1,
             drain: None,
             events_tx,
+            budget,
+            frees: JoinSet::new(),
         };
+        core.warn_if_short();
+        core.publish_cache();
         let handle = tokio::spawn(core.run(rx, events));
         (Scheduler { tx, shared }, handle)
     }
@@ -167,7 +197,15 @@ impl Scheduler {
 
 /// The sequences of a step, each with the prompt position its chunk ends at (prefill) or `None` (decode).
 type StepSeqs = Vec<(u64, Option<usize>)>;
-type StepResult = (StepSeqs, Result<StepResponse, String>);
+type StepResult = (StepSeqs, Result<StepResponse, StepError>);
+
+/// Why a step failed.
+#[derive(Debug)]
+struct StepError {
+    /// A worker's KV cache had no room for the step (RESOURCE_EXHAUSTED).
+    cache_full: bool,
+    message: String,
+}
 
 struct Core {
     cfg: SchedulerConfig,
@@ -183,6 +221,10 @@ struct Core {
     next_step: u64,
     drain: Option<oneshot::Sender<()>>,
     events_tx: mpsc::UnboundedSender<FleetEvent>,
+    /// Room held in the workers' KV caches by admitted sequences, and by ended ones until Free returns.
+    budget: CacheBudget,
+    /// Free rpcs under way: each yields its fleet generation and the positions to give back.
+    frees: JoinSet<(u64, usize)>,
 }
 
 impl Core {
@@ -193,7 +235,9 @@ impl Core {
     ) -> Option<Fleet> {
         let (restarted_tx, mut restarted_rx) = mpsc::unbounded_channel::<Result<Fleet, String>>();
         loop {
+            self.admit_waiting();
             self.schedule();
+            self.publish_cache();
             if self.drain.is_some() && self.seqs.is_empty() {
                 if let Some(d) = self.drain.take() {
                     let _ = d.send(());
@@ -214,11 +258,19 @@ impl Core {
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => tracing::error!("step task panicked: {e}"),
                 },
+                Some(freed) = self.frees.join_next(), if !self.frees.is_empty() => match freed {
+                    Ok((generation, positions)) if generation == self.spec.generation => self.budget.release(positions),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("free task failed: {e}"),
+                },
                 Some(ev) = fleet_events.recv() => self.on_fleet_event(ev, &restarted_tx),
                 Some(r) = restarted_rx.recv() => match r {
                     Ok(f) => {
                         *write(&self.shared.workers) = f.views();
+                        // Every sequence of the old fleet ended with it: nothing is held.
+                        self.budget = CacheBudget::new(f.cache_limits());
                         self.fleet = Some(f);
+                        self.warn_if_short();
                         *write(&self.shared.state) = FleetState::Ready;
                         tracing::info!("fleet restarted");
                     }
@@ -245,15 +297,22 @@ impl Core {
                 format!("prompt of {} tokens does not fit max_model_len {}", req.prompt.len(), self.cfg.max_model_len),
             );
         }
+        let positions = (req.prompt.len() + req.max_tokens).min(self.cfg.max_model_len);
+        if let Err(too_large) = self.budget.limits().check(positions) {
+            tracing::info!(request = %req.request_id, %too_large, "refused");
+            let _ = req.events.send(SeqEvent::Refused(too_large));
+            return;
+        }
         let id = self.next_seq;
         self.next_seq += 1;
-        tracing::debug!(request = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), "admitted");
+        tracing::debug!(request = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), positions, "queued");
         let stops = StopMatcher::new(req.stop.iter().cloned());
         self.seqs.insert(
             id,
             Seq {
                 req,
-                phase: Phase::Prefilling { done: 0 },
+                positions,
+                phase: Phase::Queued,
                 generated: Vec::new(),
                 decoder: StreamDecoder::new(true),
                 stops,
@@ -263,17 +322,47 @@ impl Core {
         self.queue.push_back(id);
     }
 
+    /// Admits waiting sequences in arrival order while the caches have room for them; one that does not fit
+    /// stops the rest (first come, first served). A waiting sequence whose client left is dropped.
+    fn admit_waiting(&mut self) {
+        if self.fleet.is_none() {
+            return;
+        }
+        let waiting: Vec<u64> =
+            self.queue.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| s.phase == Phase::Queued)).collect();
+        for id in waiting {
+            let Some(s) = self.seqs.get(&id) else { continue };
+            if s.req.events.is_closed() {
+                tracing::debug!(request = %s.req.request_id, "client gone while queued");
+                self.end(id, Ok(Finish::Stop));
+                continue;
+            }
+            if !self.budget.try_reserve(s.positions) {
+                tracing::debug!(request = %s.req.request_id, positions = s.positions, "waiting for KV cache room");
+                return;
+            }
+            tracing::debug!(request = %s.req.request_id, seq = id, positions = s.positions, "admitted");
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.phase = Phase::Prefilling { done: 0 };
+            }
+        }
+    }
+
     /// Forms steps from idle sequences while fewer than `max_inflight` are out.
     fn schedule(&mut self) {
         let Some(head) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) else { return };
         while self.steps.len() < self.cfg.max_inflight {
-            let idle: Vec<u64> =
-                self.queue.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| !s.in_flight)).collect();
+            let idle: Vec<u64> = self
+                .queue
+                .iter()
+                .copied()
+                .filter(|id| self.seqs.get(id).is_some_and(|s| !s.in_flight && s.phase != Phase::Queued))
+                .collect();
             if idle.is_empty() {
                 return;
             }
             // Spread the running sequences over the in-flight slots so every worker has a micro-batch.
-            let running = self.seqs.len();
+            let running = self.seqs.values().filter(|s| s.phase != Phase::Queued).count();
             let per_step = running.div_ceil(self.cfg.max_inflight).max(1);
             let mut chunks = Vec::new();
             let mut ids = Vec::new();
@@ -284,6 +373,7 @@ impl Core {
                 }
                 let Some(s) = self.seqs.get_mut(&id) else { continue };
                 let (chunk, end) = match s.phase {
+                    Phase::Queued => continue,
                     Phase::Prefilling { done } => {
                         let end = (done + budget).min(s.req.prompt.len());
                         let last = end == s.req.prompt.len();
@@ -313,21 +403,35 @@ impl Core {
             let limit = self.cfg.step_timeout;
             self.steps.spawn(async move {
                 let r = match tokio::time::timeout(limit, client.step(req)).await {
-                    Ok(r) => r.map(|r| r.into_inner()).map_err(|s| s.message().to_string()),
-                    Err(_) => Err(format!("step {step_id} took longer than {} s", limit.as_secs())),
+                    Ok(r) => r.map(|r| r.into_inner()).map_err(|s| StepError {
+                        cache_full: s.code() == Code::ResourceExhausted,
+                        message: s.message().to_string(),
+                    }),
+                    Err(_) => Err(StepError {
+                        cache_full: false,
+                        message: format!("step {step_id} took longer than {} s", limit.as_secs()),
+                    }),
                 };
                 (ids, r)
             });
         }
     }
 
-    fn finish_step(&mut self, ids: StepSeqs, result: Result<StepResponse, String>) {
+    fn finish_step(&mut self, ids: StepSeqs, result: Result<StepResponse, StepError>) {
         let resp = match result {
             Ok(r) => r,
-            Err(message) => {
-                tracing::error!(%message, "step failed");
+            Err(e) => {
+                // The workers before the one that failed cached the step: its sequences cannot go on, and
+                // ending them frees them everywhere. Sequences of other steps continue.
+                let message = if e.cache_full {
+                    tracing::warn!(message = %e.message, seqs = ids.len(), "a KV cache was full; failing the step's sequences");
+                    format!("The KV cache is full ({}). Retry the request.", e.message)
+                } else {
+                    tracing::error!(message = %e.message, "step failed");
+                    format!("the pipeline failed: {}", e.message)
+                };
                 for (id, _) in ids {
-                    self.end(id, Err(format!("the pipeline failed: {message}")));
+                    self.end(id, Err(message.clone()));
                 }
                 return;
             }
@@ -398,10 +502,49 @@ impl Core {
             Err(message) => SeqEvent::Failed { message },
         };
         let _ = s.req.events.send(ev);
-        if let Some(mut c) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) {
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
-            });
+        if s.phase == Phase::Queued {
+            return;
+        }
+        // The room it held is given back once Free has gone down the chain (or failed: a worker that does not
+        // answer takes the fleet down with it).
+        let positions = s.positions;
+        match self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) {
+            Some(mut c) => {
+                let generation = self.spec.generation;
+                self.frees.spawn(async move {
+                    let freed = tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
+                    match freed {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(status)) => tracing::warn!(seq = id, %status, "free failed"),
+                        Err(_) => tracing::warn!(seq = id, "free took longer than 5 s"),
+                    }
+                    (generation, positions)
+                });
+            }
+            None => self.budget.release(positions),
+        }
+    }
+
+    /// Publishes admission's view for the API and `/metrics`.
+    fn publish_cache(&self) {
+        let status = CacheStatus {
+            limits: self.budget.limits().clone(),
+            tightest: self.budget.tightest(),
+            queued: self.seqs.values().filter(|s| s.phase == Phase::Queued).count(),
+        };
+        *write(&self.shared.cache) = status;
+    }
+
+    /// A cache smaller than one full context refuses the longest requests: said once, at start.
+    fn warn_if_short(&self) {
+        if let Some(capacity) = self.budget.limits().capacity()
+            && capacity < self.cfg.max_model_len
+        {
+            tracing::warn!(
+                capacity,
+                max_model_len = self.cfg.max_model_len,
+                "the KV cache holds fewer positions than max_model_len: longer requests will be refused"
+            );
         }
     }
 

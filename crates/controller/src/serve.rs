@@ -73,6 +73,17 @@ fn device_budget(d: &Device, gib: f64) -> DeviceBudget {
     DeviceBudget { device: d.to_string(), budget_bytes: bytes, capacity_bytes: bytes }
 }
 
+/// Device memory a worker keeps beside its weights and KV cache. On a GPU: activations and scratch of a
+/// 512-token step, and the f32 copy of each layer's kv_b_proj that attention makes on first use (128 heads ×
+/// 256 × 512 f32 = 64 MiB a layer on the real model), which the cache must not take. Workers size their cache
+/// with it.
+fn workspace_bytes(residency: Residency) -> u64 {
+    match residency {
+        Residency::CpuF32 => 64 << 20,
+        Residency::Packed { .. } => 1 << 30,
+    }
+}
+
 fn prepare(recipe: Recipe, data_dir: &Path) -> anyhow::Result<Prepared> {
     let model_dir = recipe.resolve_model_path(data_dir);
     let cfg =
@@ -98,7 +109,12 @@ fn prepare(recipe: Recipe, data_dir: &Path) -> anyhow::Result<Prepared> {
     };
     let cost = planner::model_cost(&cfg, &ckpt, residency);
     let devices: Vec<DeviceBudget> = recipe.devices.iter().map(|d| device_budget(d, recipe.max_memory_gib)).collect();
-    let input = PlanInput { cost: &cost, devices: &devices, context_tokens: max_model_len, workspace_bytes: 64 << 20 };
+    let input = PlanInput {
+        cost: &cost,
+        devices: &devices,
+        context_tokens: max_model_len,
+        workspace_bytes: workspace_bytes(residency),
+    };
     let plan = match &recipe.placement {
         Some(slices) => {
             if slices.iter().any(|s| s.experts.is_some()) {

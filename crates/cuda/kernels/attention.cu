@@ -1,17 +1,43 @@
-// MLA attention over the latent cache with absorbed kv_b_proj (MODEL_SPEC §2.5), and the V3.2 indexer's scores
-// (§2.6). First version: one launch per row of the step, one block per head, keys looped in the block;
-// the score buffer lives in shared memory, so a row may attend to at most `max_keys` positions.
+// MLA attention over the block-paged latent cache with absorbed kv_b_proj (MODEL_SPEC §2.5), and the V3.2
+// indexer's scores and top-k (§2.6). Activations are T = float or __nv_bfloat16 (symbols `_f32` / `_bf16`);
+// the cache is f32, bf16 or fp8 e4m3 (a run-time code, with a scale per slot and component); every sum is f32.
+//
+// Cache pool layout (src/cache.rs): component arrays `[slots, dim]` and `scales [slots, 3]`; position p of a
+// sequence lives at slot table[p / KV_BLOCK] · KV_BLOCK + p % KV_BLOCK. Row descriptors `meta [rows, 4]` hold
+// (pos, start of the row's block table in `tables`, key count, 0).
+//
+// Attention is flash-style (Dao et al., "FlashAttention", online softmax over key tiles) with the MQA shape of
+// absorbed MLA: every head scores the same cached latent, so one block holds MLA_HEADS heads of one row and
+// loads each key tile once for all of them. Long rows are split over gridDim.z blocks (flash-decoding) whose
+// partial results mla_out merges; the two absorption GEMMs are their own kernels (mla_absorb_q, mla_out).
 #include "common.cuh"
 #include <cuda_fp8.h>
 
-// A cached value: dtype 0 = f32, 1 = bf16, 2 = fp8 e4m3 (times its row's scale, applied by the caller).
+#define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
+#define MLA_HEADS 8        // heads per attention block, one warp each
+#define MLA_TILE 32        // keys per tile, one lane each while scoring
+#define MLA_MAX_LORA 512   // each lane accumulates kv_lora / 32 ≤ 16 latent columns
+#define MLA_ROWS 8         // rows per block of the absorption kernels
+#define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
+#define IDX_KEYS 64        // keys per block of indexer_scores
+
+__device__ __forceinline__ float act_ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float act_ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void act_st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void act_st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// A cached value: dtype 0 = f32, 1 = bf16, 2 = fp8 e4m3 (times its slot's scale, applied by the caller).
 __device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) {
     if (dtype == 0) return ((const float*)base)[i];
     if (dtype == 1) return __bfloat162float(((const __nv_bfloat16*)base)[i]);
     return float(((const __nv_fp8_e4m3*)base)[i]);
 }
 
-__device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
+__device__ __forceinline__ int kv_slot(const int* table, int p) {
+    return table[p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
@@ -28,106 +54,398 @@ __device__ __forceinline__ float block_reduce_max(float v, float* scratch) {
     return r;
 }
 
-// grid: heads; block: 128. shared: q_abs[lora], o_lat[lora], scores[n_keys], scratch[32].
-extern "C" __global__ void mla_attention_f32(
-    const float* q,        // [heads, nope + rope] of this row
-    const void* latent,    // [len, lora] of this row's sequence, in the cache's dtype
-    const void* k_pe,      // [len, rope]
-    const float* scales,   // [len, 3]: latent, k_pe, indexer-key scale of each position (1 unless fp8)
-    int dtype,
-    const float* kv_b,     // [heads * (nope + v), lora]
-    const int* keys,       // [n_keys] positions, or null = 0..n_keys-1
-    int n_keys, int nope, int rope, int vdim, int lora, float scale,
-    float* out) {          // [heads, v] of this row
+// grid (rows, 3): block (r, c) stores component c (0 latent, 1 k_pe, 2 indexer key) of row r at pool slot
+// slots[r] in the cache dtype, and its scale (fp8: max|x| / 448, the e4m3 range; else 1). Block 128.
+template <typename T>
+__device__ void cache_store(const T* latent, const T* k_pe, const T* index_k, const int* slots, int lora, int rope,
+                            int idim, void* c_lat, void* c_pe, void* c_idx, float* scales, int dtype) {
+    __shared__ float scratch[32];
+    const int r = blockIdx.x, c = blockIdx.y;
+    const T* src = c == 0 ? latent : c == 1 ? k_pe : index_k;
+    void* dst = c == 0 ? c_lat : c == 1 ? c_pe : c_idx;
+    const int n = c == 0 ? lora : c == 1 ? rope : idim;
+    if (src == nullptr || n == 0) return;
+    const size_t slot = slots[r], at = slot * n;
+    src += (size_t)r * n;
+    float m = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(act_ld(src, i)));
+    m = block_max(m, scratch);
+    const float sc = dtype == 2 && m > 0.f ? m / 448.f : 1.f;
+    if (threadIdx.x == 0) scales[slot * 3 + c] = sc;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = act_ld(src, i);
+        if (dtype == 0) ((float*)dst)[at + i] = v;
+        else if (dtype == 1) ((__nv_bfloat16*)dst)[at + i] = __float2bfloat16(v);
+        else ((__nv_fp8_e4m3*)dst)[at + i] = __nv_fp8_e4m3(v / sc);
+    }
+}
+
+// q_lat[r, h, :] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, :] for r < n_rows. grid (heads, ⌈n_rows / MLA_ROWS⌉),
+// block 128, shared MLA_ROWS · nope floats.
+template <typename T>
+__device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
+                             const float* kv_b,   // [heads, nope + vdim, lora]
+                             int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
+                             float* q_lat) {      // [n_rows, heads, lora]
     extern __shared__ float sm[];
-    float* q_abs = sm;
-    float* o_lat = q_abs + lora;
-    float* scores = o_lat + lora;
-    float* scratch = scores + n_keys;
-    const int h = blockIdx.x;
-    const float* qh = q + (size_t)h * (nope + rope);
+    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS;
+    for (int i = threadIdx.x; i < MLA_ROWS * nope; i += blockDim.x) {
+        const int k = i / nope, d = i % nope;
+        sm[i] = r0 + k < n_rows ? act_ld(q, ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d) : 0.f;
+    }
+    __syncthreads();
     const float* w = kv_b + (size_t)h * (nope + vdim) * lora;
     for (int l = threadIdx.x; l < lora; l += blockDim.x) {
-        float acc = 0.f;
-        for (int d = 0; d < nope; d++) acc += qh[d] * w[(size_t)d * lora + l];
-        q_abs[l] = acc;
-    }
-    __syncthreads();
-    for (int j = 0; j < n_keys; j++) {
-        const int t = keys ? keys[j] : j;
-        float pc = 0.f, pr = 0.f;
-        for (int l = threadIdx.x; l < lora; l += blockDim.x) pc += q_abs[l] * kv_load(latent, (size_t)t * lora + l, dtype);
-        for (int r = threadIdx.x; r < rope; r += blockDim.x) pr += qh[nope + r] * kv_load(k_pe, (size_t)t * rope + r, dtype);
-        float s = block_sum(pc * scales[(size_t)t * 3] + pr * scales[(size_t)t * 3 + 1], scratch);
-        if (threadIdx.x == 0) scores[j] = s * scale;
-    }
-    __syncthreads();
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) m = fmaxf(m, scores[j]);
-    m = block_reduce_max(m, scratch);
-    float sum = 0.f;
-    for (int j = threadIdx.x; j < n_keys; j += blockDim.x) {
-        float e = __expf(scores[j] - m);
-        scores[j] = e;
-        sum += e;
-    }
-    sum = block_sum(sum, scratch);
-    for (int l = threadIdx.x; l < lora; l += blockDim.x) {
-        float acc = 0.f;
-        for (int j = 0; j < n_keys; j++) {
-            const int t = keys ? keys[j] : j;
-            acc += scores[j] * scales[(size_t)t * 3] * kv_load(latent, (size_t)t * lora + l, dtype);
-        }
-        o_lat[l] = acc / sum;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < vdim; i += blockDim.x) {
-        const float* wv = w + (size_t)(nope + i) * lora;
-        float acc = 0.f;
-        for (int l = 0; l < lora; l++) acc += wv[l] * o_lat[l];
-        out[(size_t)h * vdim + i] = acc;
-    }
-}
-
-// I(t) = Σ_h w[h] · relu(q[h]·k[t]) for t < n_keys: one warp per key.
-extern "C" __global__ void indexer_scores_f32(const float* q, const float* w, const void* k, const float* scales,
-                                              int dtype, int n_keys, int heads, int dim, float* scores) {
-    size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x & 31;
-    if (warp >= (size_t)n_keys) return;
-    const float ks = scales[warp * 3 + 2];
-    float total = 0.f;
-    for (int h = 0; h < heads; h++) {
-        float d = 0.f;
-        for (int i = lane; i < dim; i += 32) d += q[(size_t)h * dim + i] * kv_load(k, warp * dim + i, dtype);
-        d = warp_sum(d);
-        total += w[h] * fmaxf(d * ks, 0.f);
-    }
-    if (lane == 0) scores[warp] = total;
-}
-
-// Stores one f32 row into the cache in `dtype`, and its scale (fp8: max|x| / 448, the e4m3 range; else 1).
-// One block per call.
-extern "C" __global__ void cache_store_f32(const float* src, int n, void* dst, float* scale, int dtype) {
-    __shared__ float scratch[32];
-    float m = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(src[i]));
-    // block max via the sum helper's pattern
+        float acc[MLA_ROWS];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = m;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.f;
-        for (int w = 0; w < (blockDim.x + 31) / 32; w++) t = fmaxf(t, scratch[w]);
-        scratch[0] = dtype == 2 ? (t > 0.f ? t / 448.f : 1.f) : 1.f;
-        *scale = scratch[0];
-    }
-    __syncthreads();
-    const float sc = scratch[0];
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        if (dtype == 0) ((float*)dst)[i] = src[i];
-        else if (dtype == 1) ((__nv_bfloat16*)dst)[i] = __float2bfloat16(src[i]);
-        else ((__nv_fp8_e4m3*)dst)[i] = __nv_fp8_e4m3(src[i] / sc);
+        for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
+        for (int d = 0; d < nope; d++) {
+            const float wv = w[(size_t)d * lora + l];
+#pragma unroll
+            for (int k = 0; k < MLA_ROWS; k++) acc[k] += sm[k * nope + d] * wv;
+        }
+#pragma unroll
+        for (int k = 0; k < MLA_ROWS; k++)
+            if (r0 + k < n_rows) q_lat[((size_t)(r0 + k) * heads + h) * lora + l] = acc[k];
     }
 }
+
+// Block (g, r, s) of grid (⌈heads / MLA_HEADS⌉, n_rows, splits), 32 · MLA_HEADS threads: heads g·MLA_HEADS.. of
+// row row0 + r over the s-th share of the row's keys (whole tiles), tile by tile with an online softmax in f32.
+// Leaves the share's unnormalised latent mix Σ e^{s_t − m} c_t and (m, Σ e^{s_t − m}) for mla_out to merge.
+// Keys are the row's selection `keys[r, :count]` (V3.2 DSA) or every causal position 0..count-1; a key outside
+// 0..pos is skipped. Shared: c tile [MLA_TILE][lora + 1] and k_pe tile [MLA_TILE][rope + 1] (padded: lane t
+// reads key t's row without bank conflicts), q_lat [MLA_HEADS][lora], q_pe [MLA_HEADS][rope], slots [MLA_TILE].
+template <typename T>
+__device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
+                          const T* q,             // [rows, heads, nope + rope]: q_pe is each head's tail
+                          const void* c_lat,      // [slots, lora] in the cache dtype
+                          const void* c_pe,       // [slots, rope]
+                          const float* scales,    // [slots, 3]
+                          int dtype,
+                          const int* meta,        // [rows, 4]
+                          const int* tables,
+                          const int* keys,        // [rows, key_stride], or null
+                          int key_stride, int row0, int heads, int nope, int rope, int lora, float scale,
+                          float* o_part,          // [n_rows, heads, splits, lora]
+                          float* ml_part) {       // [n_rows, heads, splits, 2]
+    extern __shared__ float sm[];
+    const int ls = lora + 1, rs = rope + 1;
+    float* cs = sm;
+    float* ps = cs + MLA_TILE * ls;
+    float* qs = ps + MLA_TILE * rs;
+    float* qp = qs + MLA_HEADS * lora;
+    int* slot = (int*)(qp + MLA_HEADS * rope);
+    const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
+    const int h0 = blockIdx.x * MLA_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31, h = h0 + warp;
+    const int pos = meta[r * 4], n = meta[r * 4 + 2];
+    const int* table = tables + meta[r * 4 + 1];
+    const int* kr = keys ? keys + (size_t)r * key_stride : nullptr;
+    const int per = ((n + MLA_TILE - 1) / MLA_TILE + splits - 1) / splits;
+    const int begin = min(n, split * per * MLA_TILE), end = min(n, (split + 1) * per * MLA_TILE);
+
+    for (int i = threadIdx.x; i < MLA_HEADS * lora; i += blockDim.x) {
+        const int g = i / lora;
+        qs[i] = h0 + g < heads ? q_lat[((size_t)lr * heads + h0 + g) * lora + i % lora] : 0.f;
+    }
+    for (int i = threadIdx.x; i < MLA_HEADS * rope; i += blockDim.x) {
+        const int g = i / rope;
+        qp[i] = h0 + g < heads ? act_ld(q, ((size_t)r * heads + h0 + g) * (nope + rope) + nope + i % rope) : 0.f;
+    }
+    float m = NEG_INF, sum = 0.f, acc[MLA_MAX_LORA / 32];
+#pragma unroll
+    for (int j = 0; j < MLA_MAX_LORA / 32; j++) acc[j] = 0.f;
+
+    for (int t0 = begin; t0 < end; t0 += MLA_TILE) {
+        const int cnt = min(MLA_TILE, end - t0);
+        __syncthreads();  // the previous tile is consumed (on the first pass: q is stored)
+        if (threadIdx.x < MLA_TILE) {
+            int s = -1;
+            if (threadIdx.x < cnt) {
+                const int p = kr ? kr[t0 + threadIdx.x] : t0 + threadIdx.x;
+                if (p >= 0 && p <= pos) s = kv_slot(table, p);
+            }
+            slot[threadIdx.x] = s;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < MLA_TILE * lora; i += blockDim.x) {
+            const int t = i / lora, l = i % lora, s = slot[t];
+            cs[t * ls + l] = s >= 0 ? kv_load(c_lat, (size_t)s * lora + l, dtype) * scales[(size_t)s * 3] : 0.f;
+        }
+        for (int i = threadIdx.x; i < MLA_TILE * rope; i += blockDim.x) {
+            const int t = i / rope, l = i % rope, s = slot[t];
+            ps[t * rs + l] = s >= 0 ? kv_load(c_pe, (size_t)s * rope + l, dtype) * scales[(size_t)s * 3 + 1] : 0.f;
+        }
+        __syncthreads();
+
+        // Lane t scores key t for this warp's head.
+        float sc = NEG_INF;
+        if (slot[lane] >= 0) {
+            const float* qh = qs + warp * lora;
+            const float* ct = cs + lane * ls;
+            float a = 0.f;
+            for (int l = 0; l < lora; l++) a += qh[l] * ct[l];
+            const float* qr = qp + warp * rope;
+            const float* pt = ps + lane * rs;
+            for (int l = 0; l < rope; l++) a += qr[l] * pt[l];
+            sc = a * scale;
+        }
+        float mt = sc;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+        const float mn = fmaxf(m, mt);
+        // Nothing unmasked yet: mn = m = -inf, every p = 0 and the running sums stay 0.
+        const float corr = m == mn ? 1.f : __expf(m - mn);
+        const float p = sc == NEG_INF ? 0.f : __expf(sc - mn);
+        sum = sum * corr + warp_sum(p);
+#pragma unroll
+        for (int j = 0; j < MLA_MAX_LORA / 32; j++) acc[j] *= corr;
+        for (int t = 0; t < cnt; t++) {
+            const float pt = __shfl_sync(0xffffffffu, p, t);
+            const float* ct = cs + t * ls;
+#pragma unroll
+            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
+                const int l = lane + 32 * j;
+                if (l < lora) acc[j] += pt * ct[l];
+            }
+        }
+        m = mn;
+    }
+    if (h < heads) {
+        const size_t at = ((size_t)lr * heads + h) * splits + split;
+#pragma unroll
+        for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
+            const int l = lane + 32 * j;
+            if (l < lora) o_part[at * lora + l] = acc[j];
+        }
+        if (lane == 0) {
+            ml_part[at * 2] = m;
+            ml_part[at * 2 + 1] = sum;
+        }
+    }
+}
+
+// out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], where o_lat merges the row's key shares:
+// o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / MLA_ROWS⌉),
+// block 128 (a warp per output column), shared MLA_ROWS · lora floats.
+template <typename T>
+__device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
+                        const float* ml_part,  // [n_rows, heads, splits, 2]
+                        int splits,
+                        const float* kv_b,     // [heads, nope + vdim, lora]
+                        int row0, int n_rows, int heads, int nope, int vdim, int lora,
+                        T* out) {              // [rows, heads, vdim]
+    extern __shared__ float sm[];
+    __shared__ float wts[MLA_ROWS][MLA_MAX_SPLITS];
+    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS;
+    if (threadIdx.x < MLA_ROWS) {
+        const int k = threadIdx.x;
+        if (r0 + k < n_rows) {
+            const float* ml = ml_part + ((size_t)(r0 + k) * heads + h) * splits * 2;
+            float mx = NEG_INF;
+            for (int s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);
+            float total = 0.f;
+            for (int s = 0; s < splits; s++) {
+                const float e = ml[2 * s] == NEG_INF ? 0.f : __expf(ml[2 * s] - mx);
+                wts[k][s] = e;
+                total += e * ml[2 * s + 1];
+            }
+            const float inv = total > 0.f ? 1.f / total : 0.f;
+            for (int s = 0; s < splits; s++) wts[k][s] *= inv;
+        } else {
+            for (int s = 0; s < splits; s++) wts[k][s] = 0.f;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < MLA_ROWS * lora; i += blockDim.x) {
+        const int k = i / lora, l = i % lora;
+        float v = 0.f;
+        if (r0 + k < n_rows) {
+            const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora;
+            for (int s = 0; s < splits; s++) v += wts[k][s] * op[(size_t)s * lora + l];
+        }
+        sm[i] = v;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+    const float* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
+    for (int o = warp; o < vdim; o += warps) {
+        float acc[MLA_ROWS];
+#pragma unroll
+        for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
+        for (int l = lane; l < lora; l += 32) {
+            const float wv = w[(size_t)o * lora + l];
+#pragma unroll
+            for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv * sm[k * lora + l];
+        }
+#pragma unroll
+        for (int k = 0; k < MLA_ROWS; k++) {
+            const float v = warp_sum(acc[k]);
+            if (lane == 0 && r0 + k < n_rows) act_st(out, ((size_t)(row0 + r0 + k) * heads + h) * vdim + o, v);
+        }
+    }
+}
+
+// I(t) = Σ_h w[h] · relu(q[h] · k[t]) for keys t ≤ pos of rows row0 + r that have more than topk keys (the others
+// take every key and are skipped). grid (⌈stride / IDX_KEYS⌉, n_rows), block 256: a warp per key at a time, a lane
+// per head. Shared: q [heads][dim + 1] (padded: lanes read their heads without bank conflicts), w [heads],
+// one key per warp [8][dim].
+template <typename T>
+__device__ void indexer_scores(const T* q,           // [rows, heads, dim], roped
+                               const T* w,           // [rows, heads], scaled
+                               const void* k_idx,    // [slots, dim] in the cache dtype
+                               const float* scales,  // [slots, 3]
+                               int dtype, const int* meta, const int* tables, int row0, int heads, int dim,
+                               int topk, int stride,
+                               float* scores) {      // [n_rows, stride]
+    extern __shared__ float sm[];
+    const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
+    if (n <= topk || (int)blockIdx.x * IDX_KEYS >= n) return;
+    const int ds = dim + 1;
+    float* qs = sm;
+    float* ws = qs + heads * ds;
+    float* ks = ws + heads;
+    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x)
+        qs[(i / dim) * ds + i % dim] = act_ld(q, (size_t)r * heads * dim + i);
+    for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = act_ld(w, (size_t)r * heads + i);
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+    float* kw = ks + warp * dim;
+    const int* table = tables + meta[r * 4 + 1];
+    const int end = min(n, ((int)blockIdx.x + 1) * IDX_KEYS);
+    for (int t = blockIdx.x * IDX_KEYS + warp; t < end; t += warps) {
+        const int s = kv_slot(table, t);
+        const float ksc = scales[(size_t)s * 3 + 2];
+        for (int d = lane; d < dim; d += 32) kw[d] = kv_load(k_idx, (size_t)s * dim + d, dtype) * ksc;
+        __syncwarp();
+        float total = 0.f;
+        for (int hh = lane; hh < heads; hh += 32) {
+            const float* qh = qs + hh * ds;
+            float dot = 0.f;
+            for (int d = 0; d < dim; d++) dot += qh[d] * kw[d];
+            total += ws[hh] * fmaxf(dot, 0.f);
+        }
+        total = warp_sum(total);
+        if (lane == 0) scores[(size_t)lr * stride + t] = total;
+        __syncwarp();  // kw is rewritten for the next key
+    }
+}
+
+// The total order of Rust's f32::total_cmp as an unsigned order: flip every bit of negatives, the sign of others.
+__device__ __forceinline__ u32 order_key(float f) {
+    const u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive prefix sum over the block (blockDim.x a multiple of 32); `*total` gets the block's sum.
+__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < warps ? scratch[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        if (lane < warps) scratch[lane] = s;
+    }
+    __syncthreads();
+    const int before = warp > 0 ? scratch[warp - 1] : 0;
+    *total = scratch[warps - 1];
+    __syncthreads();
+    return before + x - v;
+}
+
+// The topk largest of each row's n = pos + 1 scores, as positions in ascending order: exactly the set of
+// pipemoe_model::cpu::kernels::top_k (total_cmp order, ties to the lower index). Radix select finds the k-th
+// largest key 8 bits at a time (a histogram of the keys that share the prefix found so far), then one ordered
+// pass writes every key above it and the lowest-index keys equal to it. Rows with n ≤ topk take 0..n-1.
+// grid (n_rows), block 512.
+extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, stride]
+                                            int stride, const int* meta, int row0, int topk,
+                                            int* sel) {           // [rows, topk]
+    __shared__ int hist[256];
+    __shared__ int scratch[32];
+    __shared__ int pick[2];
+    const int lr = blockIdx.x, r = row0 + lr, n = meta[r * 4] + 1;
+    int* out = sel + (size_t)r * topk;
+    if (n <= topk) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = i;
+        return;
+    }
+    const float* sc = scores + (size_t)lr * stride;
+    u32 prefix = 0, mask = 0;
+    int need = topk;  // how many keys matching the prefix are still to take
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const u32 k = order_key(sc[i]);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int above = 0, d = 255;
+            while (d > 0 && above + hist[d] < need) above += hist[d--];
+            pick[0] = d;
+            pick[1] = need - above;
+        }
+        __syncthreads();
+        prefix |= (u32)pick[0] << shift;
+        mask |= 255u << shift;
+        need = pick[1];
+        __syncthreads();  // pick and hist are rewritten by the next pass
+    }
+    int written = 0, equal_seen = 0;
+    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+        const int i = c0 + threadIdx.x;
+        const u32 k = i < n ? order_key(sc[i]) : 0u;
+        const int eq = i < n && k == prefix;
+        int eq_total, take_total;
+        const int rank = equal_seen + block_exclusive_scan(eq, scratch, &eq_total);
+        const int take = i < n && (k > prefix || (eq && rank < need));
+        const int at = written + block_exclusive_scan(take, scratch, &take_total);
+        if (take) out[at] = i;
+        written += take_total;
+        equal_seen += eq_total;
+    }
+}
+
+#define ATTENTION_KERNELS(T, S)                                                                                     \
+    extern "C" __global__ void cache_store_##S(const T* latent, const T* k_pe, const T* index_k, const int* slots, \
+                                               int lora, int rope, int idim, void* c_lat, void* c_pe, void* c_idx, \
+                                               float* scales, int dtype) {                                          \
+        cache_store<T>(latent, k_pe, index_k, slots, lora, rope, idim, c_lat, c_pe, c_idx, scales, dtype);          \
+    }                                                                                                               \
+    extern "C" __global__ void mla_absorb_q_##S(const T* q, const float* kv_b, int row0, int n_rows, int heads,     \
+                                                int nope, int rope, int vdim, int lora, float* q_lat) {             \
+        mla_absorb_q<T>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                               \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * MLA_HEADS) mla_flash_##S(                                     \
+        const float* q_lat, const T* q, const void* c_lat, const void* c_pe, const float* scales, int dtype,        \
+        const int* meta, const int* tables, const int* keys, int key_stride, int row0, int heads, int nope,        \
+        int rope, int lora, float scale, float* o_part, float* ml_part) {                                           \
+        mla_flash<T>(q_lat, q, c_lat, c_pe, scales, dtype, meta, tables, keys, key_stride, row0, heads, nope, rope, \
+                     lora, scale, o_part, ml_part);                                                                 \
+    }                                                                                                               \
+    extern "C" __global__ void mla_out_##S(const float* o_part, const float* ml_part, int splits,                   \
+                                           const float* kv_b, int row0, int n_rows, int heads, int nope, int vdim,  \
+                                           int lora, T* out) {                                                      \
+        mla_out<T>(o_part, ml_part, splits, kv_b, row0, n_rows, heads, nope, vdim, lora, out);                      \
+    }                                                                                                               \
+    extern "C" __global__ void indexer_scores_##S(const T* q, const T* w, const void* k_idx, const float* scales,  \
+                                                  int dtype, const int* meta, const int* tables, int row0,          \
+                                                  int heads, int dim, int topk, int stride, float* scores) {        \
+        indexer_scores<T>(q, w, k_idx, scales, dtype, meta, tables, row0, heads, dim, topk, stride, scores);        \
+    }
+
+ATTENTION_KERNELS(float, f32)
+ATTENTION_KERNELS(__nv_bfloat16, bf16)

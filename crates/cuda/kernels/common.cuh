@@ -30,3 +30,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     return r;
 }
+
+// Stable block-wide compaction: how many threads before this one (in thread order) have `flag` set; `*total`
+// gets the count over the block. Every thread must call it (blockDim.x a multiple of 32, ≤ 1024); `scratch`
+// holds 32 u32 of shared memory and is free again on return.
+__device__ __forceinline__ u32 block_count_before(bool flag, u32* total, u32* scratch) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 ballot = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) scratch[warp] = __popc(ballot);
+    __syncthreads();
+    u32 before = __popc(ballot & ((1u << lane) - 1u)), all = 0;
+    for (u32 w = 0; w < blockDim.x / 32; ++w) {
+        const u32 c = scratch[w];
+        before += w < warp ? c : 0u;
+        all += c;
+    }
+    __syncthreads();
+    *total = all;
+    return before;
+}

@@ -31,25 +31,30 @@ __device__ __forceinline__ u32 field(const u32* w, int k) {
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f32(float v) { return v; }
 
+// The work of one block: columns [blockIdx.x·blockDim.x, +blockDim.x) of one matrix over K rows
+// [blockIdx.y·k_chunk, +k_chunk), for `nrows` ≤ MB input rows `xrow[b]` of x. Writes its partial sums to
+// partial[b·row_stride + n].
 template <int BITS, int MB, typename XT>
-__device__ void gemv(const XT* __restrict__ x,              // [B, K] bf16 or f32
-                     const int* __restrict__ perm,          // [K] or null
-                     const u32* __restrict__ qweight,       // [K*BITS/32, N]
-                     const __half* __restrict__ zeros,      // [G, N]
-                     const __half* __restrict__ scales,     // [G, N]
-                     float* __restrict__ partial,           // [splits, B, N]
-                     int B, int K, int N, int group_size, int k_chunk) {
+__device__ void gemv_block(const XT* __restrict__ x,           // [*, K] bf16 or f32
+                           const int* xrow,                    // [nrows] rows of x
+                           int nrows,
+                           const int* __restrict__ perm,       // [K] or null
+                           const u32* __restrict__ qweight,    // [K*BITS/32, N]
+                           const __half* __restrict__ zeros,   // [G, N]
+                           const __half* __restrict__ scales,  // [G, N]
+                           float* __restrict__ partial, size_t row_stride, int n, int K, int N, int group_size,
+                           int k_chunk) {
     extern __shared__ float smem[];
     const int k0 = blockIdx.y * k_chunk;
     const int kn = min(k_chunk, K - k0);
     const int ng = (kn + group_size - 1) / group_size;   // groups (or group parts) in this split
     float* xs = smem;                                     // [MB, k_chunk]
     float* gsum = smem + MB * k_chunk;                    // [MB, ng]
-    // Stage this split's x (gathered through perm) as f32; rows past B are zero.
+    // Stage this split's x (gathered through perm) as f32; rows past nrows are zero.
     for (int i = threadIdx.x; i < MB * kn; i += blockDim.x) {
         int b = i / kn, k = i % kn;
         int src = perm ? perm[k0 + k] : (k0 + k);
-        xs[b * k_chunk + k] = b < B ? to_f32(x[(size_t)b * K + src]) : 0.f;
+        xs[b * k_chunk + k] = b < nrows ? to_f32(x[(size_t)xrow[b] * K + src]) : 0.f;
     }
     __syncthreads();
     // Σx per (row, group): the zero point enters once per group as z·Σx, shared by every column.
@@ -60,7 +65,6 @@ __device__ void gemv(const XT* __restrict__ x,              // [B, K] bf16 or f3
         gsum[b * ng + g] = acc;
     }
     __syncthreads();
-    const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float acc[MB];
 #pragma unroll
@@ -92,7 +96,44 @@ __device__ void gemv(const XT* __restrict__ x,              // [B, K] bf16 or f3
     }
 #pragma unroll
     for (int b = 0; b < MB; b++)
-        if (b < B) partial[((size_t)blockIdx.y * B + b) * N + n] = acc[b];
+        if (b < nrows) partial[b * row_stride + n] = acc[b];
+}
+
+// One matrix, rows 0..B of x: grid (ceil(N / blockDim.x), splits); partial [splits, B, N].
+template <int BITS, int MB, typename XT>
+__device__ void gemv(const XT* x, const int* perm, const u32* qweight, const __half* zeros, const __half* scales,
+                     float* partial, int B, int K, int N, int group_size, int k_chunk) {
+    int xrow[MB];
+#pragma unroll
+    for (int b = 0; b < MB; b++) xrow[b] = b;
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    gemv_block<BITS, MB, XT>(x, xrow, B, perm, qweight, zeros, scales, partial + (size_t)blockIdx.y * B * N, N, n,
+                             K, N, group_size, k_chunk);
+}
+
+// Grouped experts (every expert selected in a step, one launch): blockIdx.z is a tile of up to MB pairs
+// (row of the step, expert) routed to one expert, `tiles[3·t..]` = (expert, first pair, pairs); `pair_x[p]` is the
+// row of x of pair p. Pairs are sorted by expert. Each expert's matrix (`mats` matrices per expert, side by
+// side in the output: gate then up) comes from the device tables, indexed `m·n_experts + expert`.
+// grid (mats·ceil(N / blockDim.x), splits, max tiles); partial [splits, pairs, mats·N].
+template <int BITS, int MB, typename XT>
+__device__ void gemv_grouped(const XT* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,
+                             const u64* qw_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
+                             int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk) {
+    const int t = blockIdx.z;
+    if (t >= *n_tiles) return;
+    const int expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
+    const int bx = (N + blockDim.x - 1) / blockDim.x;
+    const int m = blockIdx.x / bx;
+    const int n = (blockIdx.x % bx) * blockDim.x + threadIdx.x;
+    const int e = m * n_experts + expert;
+    int xrow[MB];
+#pragma unroll
+    for (int b = 0; b < MB; b++) xrow[b] = b < np ? pair_x[p0 + b] : 0;
+    const size_t width = (size_t)mats * N;
+    float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
+    gemv_block<BITS, MB, XT>(x, xrow, np, (const int*)perm_tab[e], (const u32*)qw_tab[e], (const __half*)zr_tab[e],
+                             (const __half*)sc_tab[e], out, width, n, K, N, group_size, k_chunk);
 }
 
 #define GEMV_T(BITS, MB, XT, NAME)                                                                         \
@@ -101,19 +142,135 @@ __device__ void gemv(const XT* __restrict__ x,              // [B, K] bf16 or f3
         const __half* scales, float* partial, int B, int K, int N, int group_size, int k_chunk) {          \
         gemv<BITS, MB, XT>(x, perm, qweight, zeros, scales, partial, B, K, N, group_size, k_chunk);        \
     }
-#define GEMV(BITS, MB) GEMV_T(BITS, MB, __nv_bfloat16, bf16) GEMV_T(BITS, MB, float, f32)
+#define GROUPED_T(BITS, MB, XT, NAME)                                                                      \
+    extern "C" __global__ void gptq_gemv_grouped_w##BITS##_b##MB##_##NAME(                                \
+        const XT* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs, const u64* qw,    \
+        const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial, int K,     \
+        int N, int group_size, int k_chunk) {                                                              \
+        gemv_grouped<BITS, MB, XT>(x, tiles, n_tiles, pair_x, pairs, qw, zr, sc, perm, n_experts, mats,    \
+                                   partial, K, N, group_size, k_chunk);                                    \
+    }
+#define GEMV(BITS, MB)                                                                                     \
+    GEMV_T(BITS, MB, __nv_bfloat16, bf16) GEMV_T(BITS, MB, float, f32)                                     \
+    GROUPED_T(BITS, MB, __nv_bfloat16, bf16) GROUPED_T(BITS, MB, float, f32)
 #define GEMV_ALL(BITS) GEMV(BITS, 1) GEMV(BITS, 2) GEMV(BITS, 4) GEMV(BITS, 8) GEMV(BITS, 16)
 GEMV_ALL(2)
 GEMV_ALL(3)
 GEMV_ALL(4)
 GEMV_ALL(8)
 
-// y[b, n] = Σ_s partial[s, b, n], splits added in order.
-extern "C" __global__ void gptq_reduce_f32(const float* __restrict__ partial, float* __restrict__ y, int splits,
-                                           int B, int N) {
+// y[b, n] = Σ_s partial[s, b, n], splits added in order, stored as the activation type.
+__device__ __forceinline__ void store(float* y, size_t i, float v) { y[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* y, size_t i, float v) { y[i] = __float2bfloat16(v); }
+
+template <typename YT>
+__device__ void reduce(const float* __restrict__ partial, YT* __restrict__ y, int splits, int B, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= B * N) return;
     float acc = 0.f;
     for (int s = 0; s < splits; s++) acc += partial[(size_t)s * B * N + i];
-    y[i] = acc;
+    store(y, i, acc);
+}
+extern "C" __global__ void gptq_reduce_f32(const float* p, float* y, int splits, int B, int N) {
+    reduce(p, y, splits, B, N);
+}
+extern "C" __global__ void gptq_reduce_bf16(const float* p, __nv_bfloat16* y, int splits, int B, int N) {
+    reduce(p, y, splits, B, N);
+}
+
+// The gate/up reduction of the grouped experts: h[p, n] = silu(Σ_s gate) · Σ_s up, partial [splits, P, 2N].
+template <typename YT>
+__device__ void reduce_silu(const float* __restrict__ partial, YT* __restrict__ h, int splits, int P, int N) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= P * N) return;
+    int p = i / N, n = i % N;
+    float g = 0.f, u = 0.f;
+    for (int s = 0; s < splits; s++) {
+        const float* row = partial + ((size_t)s * P + p) * 2 * N;
+        g += row[n];
+        u += row[N + n];
+    }
+    store(h, i, g / (1.f + __expf(-g)) * u);
+}
+
+// The down reduction of the grouped experts, combined per row in slot order (deterministic):
+// out[r, n] = Σ_j w[r, j] · Σ_s partial[s, pair_of[r, j], n]; pair_of = −1 for experts this slice lacks.
+template <typename YT>
+__device__ void reduce_combine(const float* __restrict__ partial, int splits, int P, int N, const int* pair_of,
+                               const float* w, YT* __restrict__ out, int rows, int top_k) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * N) return;
+    int r = i / N, n = i % N;
+    float acc = 0.f;
+    for (int j = 0; j < top_k; j++) {
+        int p = pair_of[r * top_k + j];
+        if (p < 0) continue;
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += partial[((size_t)s * P + p) * N + n];
+        acc += w[r * top_k + j] * v;
+    }
+    store(out, i, acc);
+}
+
+#define EXPERT_REDUCE(YT, NAME)                                                                            \
+    extern "C" __global__ void gptq_reduce_silu_##NAME(const float* p, YT* h, int splits, int P, int N) {   \
+        reduce_silu(p, h, splits, P, N);                                                                   \
+    }                                                                                                      \
+    extern "C" __global__ void gptq_reduce_combine_##NAME(const float* p, int splits, int P, int N,         \
+                                                          const int* pair_of, const float* w, YT* out,      \
+                                                          int rows, int top_k) {                            \
+        reduce_combine(p, splits, P, N, pair_of, w, out, rows, top_k);                                     \
+    }
+EXPERT_REDUCE(float, f32)
+EXPERT_REDUCE(__nv_bfloat16, bf16)
+
+// The grouped launch's layout of a decode step, from the router's choice on the device (one block, a thread per
+// expert; n_experts ≤ 1024, entries = rows · top_k ≤ 1024): pairs (row, slot) sorted by expert and in row order
+// within one, tiles of up to `tile_rows` pairs of one expert, `pair_x[p]` = the row of pair p, `pair_of[i]` =
+// the pair of entry i (−1 when this slice does not hold the expert: its address in `held` is 0).
+// tiles [entries, 3] (expert, first pair, pairs); n_tiles [1]. Deterministic: no atomics.
+extern "C" __global__ void experts_plan(const unsigned* experts, int entries, int top_k, const u64* held,
+                                        int n_experts, int tile_rows, int* tiles, int* n_tiles, int* pair_x,
+                                        int* pair_of) {
+    __shared__ unsigned ids[1024];
+    __shared__ int pair_scan[1024], tile_scan[1024];
+    const int e = threadIdx.x;
+    for (int i = e; i < entries; i += blockDim.x) {
+        ids[i] = experts[i];
+        pair_of[i] = -1;
+    }
+    __syncthreads();
+    int count = 0;
+    const bool mine = e < n_experts && held[e] != 0;
+    if (mine)
+        for (int i = 0; i < entries; i++) count += ids[i] == (unsigned)e;
+    const int n_t = (count + tile_rows - 1) / tile_rows;
+    pair_scan[e] = count;
+    tile_scan[e] = n_t;
+    __syncthreads();
+    // Inclusive scans (Hillis–Steele) over the block.
+    for (int off = 1; off < blockDim.x; off <<= 1) {
+        int a = e >= off ? pair_scan[e - off] : 0, b = e >= off ? tile_scan[e - off] : 0;
+        __syncthreads();
+        pair_scan[e] += a;
+        tile_scan[e] += b;
+        __syncthreads();
+    }
+    int p = pair_scan[e] - count, t = tile_scan[e] - n_t;
+    if (e == blockDim.x - 1) *n_tiles = tile_scan[e];
+    if (count == 0) return;
+    int j = 0;
+    for (int i = 0; i < entries; i++) {
+        if (ids[i] != (unsigned)e) continue;
+        if (j % tile_rows == 0) {
+            tiles[3 * t] = e;
+            tiles[3 * t + 1] = p;
+            tiles[3 * t + 2] = min(tile_rows, count - j);
+            t++;
+        }
+        pair_x[p] = i / top_k;
+        pair_of[i] = p;
+        p++;
+        j++;
+    }
 }

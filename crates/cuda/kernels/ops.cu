@@ -1,114 +1,173 @@
-// Elementwise and row-wise operations of the backend, on f32 activations [rows, cols] (first version: the
-// activations stay f32 between kernels; GEMV inputs are cast to bf16). Symbols `<op>_f32`.
+// Elementwise and row-wise operations of the backend on activations [rows, cols] of type T (float or bf16; the
+// symbols end in _f32 / _bf16). Arithmetic is f32: values are widened on load and rounded once on store.
 #include "common.cuh"
 
-// y[r, :] = table[ids[r], :]
-extern "C" __global__ void embed_f32(const float* table, const int* ids, float* y, int rows, int cols) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * cols) return;
+__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+#define GRID_INDEX(i, n)                                         \
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; \
+    if (i >= (size_t)(n)) return;
+
+// y[r, :] = table[ids[r], :] (the table in the activation dtype).
+template <typename T>
+__device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) {
+    GRID_INDEX(i, (size_t)rows * cols);
     int r = i / cols, c = i % cols;
     y[i] = table[(size_t)ids[r] * cols + c];
 }
 
-// One block per row.
-extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float* y, int cols, float eps) {
+// One block per row; the sum of squares in f32.
+template <typename T>
+__device__ void rms_norm(const T* x, const float* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    const float* xr = x + (size_t)blockIdx.x * cols;
+    const size_t base = (size_t)blockIdx.x * cols;
     float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += xr[i] * xr[i];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = ld(x, base + i);
+        ss += v * v;
+    }
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) y[(size_t)blockIdx.x * cols + i] = w[i] * (xr[i] * inv);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, w[i] * (ld(x, base + i) * inv));
 }
 
-extern "C" __global__ void layer_norm_f32(const float* x, const float* w, const float* b, float* y, int cols,
-                                          float eps) {
+template <typename T>
+__device__ void layer_norm(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    const float* xr = x + (size_t)blockIdx.x * cols;
+    const size_t base = (size_t)blockIdx.x * cols;
     float s = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += xr[i];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, base + i);
     const float mean = block_sum(s, scratch) / cols;
     float v = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) v += (xr[i] - mean) * (xr[i] - mean);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) v += (ld(x, base + i) - mean) * (ld(x, base + i) - mean);
     const float inv = rsqrtf(block_sum(v, scratch) / cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x)
-        y[(size_t)blockIdx.x * cols + i] = (xr[i] - mean) * inv * w[i] + b[i];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, (ld(x, base + i) - mean) * inv * w[i] + b[i]);
 }
 
-extern "C" __global__ void add_f32(float* x, const float* y, size_t n) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) x[i] += y[i];
+template <typename T>
+__device__ void add(T* x, const T* y, size_t n) {
+    GRID_INDEX(i, n);
+    st(x, i, ld(x, i) + ld(y, i));
 }
 
-extern "C" __global__ void scale_f32(float* x, float s, size_t n) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) x[i] *= s;
+template <typename T>
+__device__ void scale(T* x, float s, size_t n) {
+    GRID_INDEX(i, n);
+    st(x, i, ld(x, i) * s);
 }
 
-extern "C" __global__ void silu_mul_f32(const float* g, const float* u, float* y, size_t n) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) y[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+template <typename T>
+__device__ void silu_mul(const T* g, const T* u, T* y, size_t n) {
+    GRID_INDEX(i, n);
+    float a = ld(g, i);
+    st(y, i, a / (1.f + __expf(-a)) * ld(u, i));
 }
 
 // y[r, c] = x[rows ? rows[r] : r, start + c] for r < n_rows, c < cols: gather_rows and columns in one kernel.
-extern "C" __global__ void copy_rows_cols_f32(const float* x, int x_cols, const int* rows, int start, float* y,
-                                              int n_rows, int cols) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)n_rows * cols) return;
+template <typename T>
+__device__ void copy_rows_cols(const T* x, int x_cols, const int* rows, int start, T* y, int n_rows, int cols) {
+    GRID_INDEX(i, (size_t)n_rows * cols);
     int r = i / cols, c = i % cols;
     int src = rows ? rows[r] : r;
     y[i] = x[(size_t)src * x_cols + start + c];
 }
 
-// out[rows[i], :] += w[i] · y[i, :]  (each target row appears once per launch: no race)
-extern "C" __global__ void scatter_add_scaled_f32(float* out, const float* y, const int* rows, const float* w,
-                                                  int n, int cols) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)n * cols) return;
-    int r = i / cols, c = i % cols;
-    out[(size_t)rows[r] * cols + c] += w[r] * y[i];
-}
-
-// f32 → bf16 (the GEMV's input).
-extern "C" __global__ void cast_bf16_f32(const float* x, __nv_bfloat16* y, size_t n) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i < n) y[i] = __float2bfloat16(x[i]);
-}
-
-// y[r, o] = Σ_i x[r, i] · w[o, i] for an f32 weight [out, in]: one warp per (r, o).
-extern "C" __global__ void dense_gemv_f32(const float* x, const float* w, float* y, int rows, int in, int out) {
-    size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
+// y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: one warp per output o
+// and block of 16 rows (blockIdx.y), so the weight row is read from memory once per 16 rows and from L1 for the
+// others; f32 sums, output in O (f32 for the router's logits, T otherwise).
+template <typename T, typename O>
+__device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
+    size_t o = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32;
     int lane = threadIdx.x & 31;
-    if (warp >= (size_t)rows * out) return;
-    int r = warp / out, o = warp % out;
-    const float* xr = x + (size_t)r * in;
-    const float* wr = w + (size_t)o * in;
-    float acc = 0.f;
-    for (int i = lane; i < in; i += 32) acc += xr[i] * wr[i];
-    acc = warp_sum(acc);
-    if (lane == 0) y[warp] = acc;
+    if (o >= (size_t)out) return;
+    const size_t wr = o * in;
+    for (int r = blockIdx.y * 16; r < min(rows, (int)(blockIdx.y + 1) * 16); r++) {
+        const size_t xr = (size_t)r * in;
+        float acc = 0.f;
+        for (int i = lane; i < in; i += 32) acc += ld(x, xr + i) * ld(w, wr + i);
+        acc = warp_sum(acc);
+        if (lane == 0) st(y, (size_t)r * out + o, acc);
+    }
 }
 
 // RoPE in place on heads of a [rows, heads*head_dim] tensor: pairs (2i, 2i+1) (interleaved) or (i, i+d/2),
 // starting at column `offset` of each head; angle pos[r] * inv_freq[i] in f32 (as the CPU reference).
-extern "C" __global__ void rope_f32(float* x, const int* pos, const float* inv_freq, int rows, int heads,
-                                    int head_dim, int offset, int half, int interleaved) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * heads * half) return;
+template <typename T>
+__device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int heads, int head_dim, int offset,
+                     int half, int interleaved) {
+    GRID_INDEX(i, (size_t)rows * heads * half);
     int p = i % half;
     int h = (i / half) % heads;
     int r = i / ((size_t)half * heads);
-    float* v = x + ((size_t)r * heads + h) * head_dim + offset;
-    int a = interleaved ? 2 * p : p, b = interleaved ? 2 * p + 1 : p + half;
-    float s, c;
-    sincosf((float)pos[r] * inv_freq[p], &s, &c);
-    float xa = v[a], xb = v[b];
-    v[a] = xa * c - xb * s;
-    v[b] = xb * c + xa * s;
+    size_t v = ((size_t)r * heads + h) * head_dim + offset;
+    size_t a = v + (interleaved ? 2 * p : p), b = v + (interleaved ? 2 * p + 1 : p + half);
+    // The angle in f32 as the reference computes it; sin and cos in f64, since fast-math's f32 sincos loses
+    // ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
+    double s, c;
+    sincos((double)((float)pos[r] * inv_freq[p]), &s, &c);
+    float xa = ld(x, a), xb = ld(x, b);
+    st(x, a, xa * (float)c - xb * (float)s);
+    st(x, b, xb * (float)c + xa * (float)s);
 }
 
-// W[n, k] = s[g(k), n] · (q[k, n] − z[g(k), n]) for a 3-bit... any-bit GPTQ weight, rows already in group order
-// (the inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense.
+// out[rows[i], :] += w[i] · y[i, :] into an f32 sum (each target row appears once per launch: no race).
+template <typename T>
+__device__ void scatter_add_scaled(float* out, const T* y, const int* rows, const float* w, int n, int cols) {
+    GRID_INDEX(i, (size_t)n * cols);
+    int r = i / cols, c = i % cols;
+    out[(size_t)rows[r] * cols + c] += w[r] * ld(y, i);
+}
+
+template <typename S, typename D>
+__device__ void cast(const S* x, D* y, size_t n) {
+    GRID_INDEX(i, n);
+    st(y, i, ld(x, i));
+}
+
+#define OPS(T, S)                                                                                                  \
+    extern "C" __global__ void embed_##S(const T* t, const int* ids, T* y, int rows, int cols) {                   \
+        embed<T>(t, ids, y, rows, cols);                                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void rms_norm_##S(const T* x, const float* w, T* y, int cols, float eps) {               \
+        rms_norm<T>(x, w, y, cols, eps);                                                                           \
+    }                                                                                                              \
+    extern "C" __global__ void layer_norm_##S(const T* x, const float* w, const float* b, T* y, int cols,          \
+                                              float eps) {                                                         \
+        layer_norm<T>(x, w, b, y, cols, eps);                                                                      \
+    }                                                                                                              \
+    extern "C" __global__ void add_##S(T* x, const T* y, size_t n) { add<T>(x, y, n); }                            \
+    extern "C" __global__ void scale_##S(T* x, float s, size_t n) { scale<T>(x, s, n); }                           \
+    extern "C" __global__ void silu_mul_##S(const T* g, const T* u, T* y, size_t n) { silu_mul<T>(g, u, y, n); }   \
+    extern "C" __global__ void copy_rows_cols_##S(const T* x, int xc, const int* rows, int start, T* y, int nr,    \
+                                                  int cols) {                                                      \
+        copy_rows_cols<T>(x, xc, rows, start, y, nr, cols);                                                        \
+    }                                                                                                              \
+    extern "C" __global__ void dense_gemv_##S(const T* x, const T* w, T* y, int rows, int in, int out) {           \
+        dense_gemv<T, T>(x, w, y, rows, in, out);                                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void dense_gemv_f32out_##S(const T* x, const T* w, float* y, int rows, int in,           \
+                                                     int out) {                                                    \
+        dense_gemv<T, float>(x, w, y, rows, in, out);                                                              \
+    }                                                                                                              \
+    extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
+                                        int offset, int half, int il) {                                            \
+        rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \
+    }                                                                                                              \
+    extern "C" __global__ void scatter_add_scaled_##S(float* out, const T* y, const int* rows, const float* w,     \
+                                                      int n, int cols) {                                           \
+        scatter_add_scaled<T>(out, y, rows, w, n, cols);                                                           \
+    }
+OPS(float, f32)
+OPS(__nv_bfloat16, bf16)
+
+extern "C" __global__ void cast_f32_bf16(const float* x, __nv_bfloat16* y, size_t n) { cast(x, y, n); }
+extern "C" __global__ void cast_bf16_f32(const __nv_bfloat16* x, float* y, size_t n) { cast(x, y, n); }
+
+// W[n, k] = s[g(k), n] · (q[k, n] − z[g(k), n]) for any-bit GPTQ weight, rows already in group order (the
+// inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense.
 template <int BITS>
 __device__ void dequant(const u32* qweight, const __half* zeros, const __half* scales, const int* perm, float* w,
                         int K, int N, int group_size) {

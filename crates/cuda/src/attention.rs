@@ -1,14 +1,68 @@
-//! The cache writes and the attention side of `CudaBackend` (MODEL_SPEC §2.5, §2.6): one launch per row of the
-//! step over that row's sequence buffers (first version; a batched, tiled kernel is issue 6's).
+//! The cache writes and MLA attention of `CudaBackend` (MODEL_SPEC §2.5), over the block-paged pool of
+//! `cache.rs`, kernels in kernels/attention.cu. A step is three launches per chunk of rows: the query absorption
+//! (`q_lat = q_nope · W_UK` per head), the flash kernel (online softmax over key tiles read through the block
+//! tables, every row and head group in one grid, long rows split over several blocks), and the merge of those
+//! splits with the output absorption (`W_UV` per head). Rows are chunked only to bound the f32 scratch.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{IndexerDims, MlaDims, Row, Selection};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{MlaDims, Row};
 
-use crate::backend::{CudaBackend, GpuTensor, MResult, grid, md, shape, top};
-use crate::cache::{GpuLayerCache, SeqBuf};
+use crate::act::Act;
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
+use crate::cache::{GpuLayerCache, Pool, StepTables};
+use crate::indexer::GpuSelection;
 
-/// Shared memory the attention kernel may use (the sm_80+ default without opting in).
-const SMEM_BYTES: usize = 48 * 1024;
+/// Heads per attention block (`MLA_HEADS`), keys per tile (`MLA_TILE`), rows per absorption block (`MLA_ROWS`).
+const HEADS_PER_BLOCK: usize = 8;
+const TILE: usize = 32;
+const ROWS_PER_BLOCK: usize = 8;
+/// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
+pub const MAX_LORA: usize = 512;
+/// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
+pub const MAX_SPLITS: usize = 16;
+const MIN_SPLIT_KEYS: usize = 256;
+/// Bound on each f32 scratch buffer (query latents, split partials) of one launch.
+const SCRATCH_BYTES: usize = 64 << 20;
+/// Rows of one launch at most (CUDA's limit on gridDim.y).
+pub(crate) const MAX_GRID_Y: usize = 65_535;
+/// Dynamic shared memory a kernel gets without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// A launch configuration with `smem` bytes of dynamic shared memory. Above the default the function is opted
+/// in to everything the device allows (always the same value, so concurrent callers cannot undercut each other).
+pub(crate) fn smem_cfg(
+    b: &CudaBackend,
+    f: &CudaFunction,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: usize,
+) -> MResult<LaunchConfig> {
+    if smem > DEFAULT_SMEM {
+        let optin = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let device = b.gpu.ctx.attribute(optin).map_err(md("shared memory limit"))? as usize;
+        let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(md("kernel"))?;
+        let max = device.saturating_sub(fixed as usize);
+        if smem > max {
+            return Err(shape("attention", format!("{smem} bytes of shared memory exceed this device's {max}")));
+        }
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max as i32)
+            .map_err(md("shared memory opt-in"))?;
+    }
+    Ok(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
+}
+
+/// `[meta | tables]` on the device, and where the tables start.
+pub(crate) fn upload_tables(b: &CudaBackend, t: &StepTables) -> MResult<(CudaSlice<i32>, usize)> {
+    let (packed, at) = t.packed();
+    Ok((b.upload_i32(&packed)?, at))
+}
+
+/// Scratch of `n` f32 that the next kernel writes in full before anything reads it.
+pub(crate) fn scratch(b: &CudaBackend, n: usize) -> MResult<CudaSlice<f32>> {
+    // SAFETY: every caller's kernel writes all n values before any is read.
+    unsafe { b.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(md("alloc scratch"))
+}
 
 pub fn cache_write(
     b: &CudaBackend,
@@ -19,99 +73,41 @@ pub fn cache_write(
     index_k: Option<&GpuTensor>,
 ) -> MResult<()> {
     let (lora, rope, idim) = (cache.lora, cache.rope, cache.index_dim);
-    if latent.cols != lora || k_pe.cols != rope || latent.rows != rows.len() || (idim > 0) != index_k.is_some() {
+    let dt = latent.data.dtype();
+    if latent.cols != lora
+        || k_pe.cols != rope
+        || latent.rows != rows.len()
+        || k_pe.rows != rows.len()
+        || k_pe.data.dtype() != dt
+        || (idim > 0) != index_k.is_some()
+        || index_k.is_some_and(|k| k.cols != idim || k.rows != rows.len() || k.data.dtype() != dt)
+    {
         return Err(shape("cache_write", "latent, k_pe or indexer key mis-shaped".into()));
     }
-    let dtype = cache.dtype;
-    let (es, code) = (dtype.bytes(), dtype.code());
-    for (r, row) in rows.iter().enumerate() {
-        let len = cache.len(row.seq);
-        if row.pos != len {
-            return Err(pipemoe_model::Error::CachePosition { seq: row.seq, expected: len, found: row.pos });
-        }
-        let buf = cache.reserve(&b.gpu, row.seq, row.pos + 1).map_err(crate::backend::m)?;
-        let p = row.pos;
-        let SeqBuf { latent: cl, k_pe: ck, index_k: ci, scales, .. } = buf;
-        let mut sc = scales.slice_mut(p * 3..(p + 1) * 3);
-        store(
-            b,
-            &latent.data.slice(r * lora..(r + 1) * lora),
-            &mut cl.slice_mut(p * lora * es..(p + 1) * lora * es),
-            &mut sc,
-            0,
-            code,
-        )?;
-        store(
-            b,
-            &k_pe.data.slice(r * rope..(r + 1) * rope),
-            &mut ck.slice_mut(p * rope * es..(p + 1) * rope * es),
-            &mut sc,
-            1,
-            code,
-        )?;
-        if let Some(k) = index_k {
-            store(
-                b,
-                &k.data.slice(r * idim..(r + 1) * idim),
-                &mut ci.slice_mut(p * idim * es..(p + 1) * idim * es),
-                &mut sc,
-                2,
-                code,
-            )?;
-        }
-        buf.len = p + 1;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let slots = cache.reserve(&b.gpu, rows)?;
+    let slots = b.upload_i32(&slots)?;
+    let pool = cache.pool().ok_or_else(|| shape("cache_write", "no pool after reserving".into()))?;
+    let (li, ri, ii, code) = (lora as i32, rope as i32, idim as i32, cache.dtype.code());
+    let null: u64 = 0;
+    let f = b.f(&format!("cache_store_{}", dt.suffix()))?;
+    let mut l = b.gpu.stream.launch_builder(f);
+    l.arg(&latent.data).arg(&k_pe.data);
+    match index_k {
+        Some(k) => l.arg(&k.data),
+        None => l.arg(&null),
+    };
+    let Pool { latent: cl, k_pe: cp, index_k: ci, scales, .. } = pool;
+    l.arg(&slots).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
+    let cfg = LaunchConfig { grid_dim: (rows.len() as u32, 3, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches cache_store_*: the sources hold rows·dim values, every slot was reserved in the pool.
+    unsafe { l.launch(cfg) }.map_err(md("cache_store"))?;
     Ok(())
 }
 
-/// One row of one component into the cache (converted to the cache's dtype) and its scale.
-fn store(
-    b: &CudaBackend,
-    src: &CudaView<'_, f32>,
-    dst: &mut CudaViewMut<'_, u8>,
-    scales: &mut CudaViewMut<'_, f32>,
-    component: usize,
-    code: i32,
-) -> MResult<()> {
-    let n = src.len() as i32;
-    let mut scale = scales.slice_mut(component..component + 1);
-    let mut l = b.gpu.stream.launch_builder(b.f("cache_store_f32")?);
-    l.arg(src).arg(&n).arg(dst).arg(&mut scale).arg(&code);
-    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-    unsafe { l.launch(one) }.map_err(md("cache_store"))?;
-    Ok(())
-}
-
-pub fn indexer_select(
-    b: &CudaBackend,
-    cache: &GpuLayerCache,
-    q: &GpuTensor,
-    w: &GpuTensor,
-    d: &IndexerDims,
-    rows: &[Row],
-) -> MResult<Vec<Vec<u32>>> {
-    let mut out = Vec::with_capacity(rows.len());
-    let dim = d.head_dim;
-    for (r, row) in rows.iter().enumerate() {
-        let n = row.pos + 1;
-        if n <= d.topk {
-            out.push((0..n as u32).collect());
-            continue;
-        }
-        let buf = cache.seqs.get(&row.seq).ok_or(pipemoe_model::Error::UnknownSequence { seq: row.seq })?;
-        let mut scores: CudaSlice<f32> = b.zeros(n)?;
-        let qr = q.data.slice(r * d.heads * dim..(r + 1) * d.heads * dim);
-        let wr = w.data.slice(r * d.heads..(r + 1) * d.heads);
-        let (ni, hi, di, code) = (n as i32, d.heads as i32, dim as i32, cache.dtype.code());
-        let mut l = b.gpu.stream.launch_builder(b.f("indexer_scores_f32")?);
-        l.arg(&qr).arg(&wr).arg(&buf.index_k).arg(&buf.scales).arg(&code).arg(&ni).arg(&hi).arg(&di).arg(&mut scores);
-        unsafe { l.launch(grid(n * 32, 256)) }.map_err(md("indexer_scores"))?;
-        let host = b.gpu.stream.clone_dtoh(&scores).map_err(md("download scores"))?;
-        out.push(top(&host[..n], d.topk));
-    }
-    Ok(out)
-}
-
+/// Absorbed MLA over the cache for every row of a step; `selection` restricts each row to its keys (V3.2).
 pub fn mla(
     b: &CudaBackend,
     cache: &GpuLayerCache,
@@ -119,40 +115,154 @@ pub fn mla(
     kv_b: &CudaSlice<f32>,
     d: &MlaDims,
     rows: &[Row],
-    selection: &Selection,
+    selection: Option<&GpuSelection>,
 ) -> MResult<GpuTensor> {
     let qk = d.qk_nope + d.qk_rope;
     if q.cols != d.heads * qk || q.rows != rows.len() {
         return Err(shape("mla_attention", format!("q [{}, {}]", q.rows, q.cols)));
     }
-    let mut out = b.zeros(rows.len() * d.heads * d.v_head)?;
-    for (r, row) in rows.iter().enumerate() {
-        let buf = cache.seqs.get(&row.seq).ok_or(pipemoe_model::Error::UnknownSequence { seq: row.seq })?;
-        let keys: Option<CudaSlice<i32>> = match selection {
-            Some(sel) => Some(b.upload_i32(&sel[r].iter().map(|&k| k as i32).collect::<Vec<_>>())?),
-            None => None,
-        };
-        let n_keys = selection.as_ref().map_or(row.pos + 1, |s| s[r].len());
-        let smem = (2 * d.kv_lora + n_keys + 32) * 4;
-        if smem > SMEM_BYTES {
-            return Err(shape("mla_attention", format!("{n_keys} keys exceed this kernel's shared-memory limit")));
-        }
-        let qr = q.data.slice(r * d.heads * qk..(r + 1) * d.heads * qk);
-        let mut o = out.slice_mut(r * d.heads * d.v_head..(r + 1) * d.heads * d.v_head);
-        let (nk, nope, rope, v, lora) =
-            (n_keys as i32, d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
+    if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA {
+        return Err(shape("mla_attention", format!("kv_lora {} (at most {MAX_LORA}) for this cache", d.kv_lora)));
+    }
+    if kv_b.len() < d.heads * (d.qk_nope + d.v_head) * d.kv_lora {
+        return Err(shape("mla_attention", format!("kv_b_proj holds {} values", kv_b.len())));
+    }
+    if let Some(s) = selection
+        && s.rows() != rows.len()
+    {
+        return Err(shape("mla_attention", format!("a selection of {} rows for {}", s.rows(), rows.len())));
+    }
+    let dt = q.data.dtype();
+    let mut out = GpuTensor {
+        rows: rows.len(),
+        cols: d.heads * d.v_head,
+        data: Act::zeros(&b.gpu, dt, rows.len() * d.heads * d.v_head).map_err(m)?,
+    };
+    if rows.is_empty() {
+        return Ok(out);
+    }
+    let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
+    let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();
+    let (dev, at) = upload_tables(b, &tables)?;
+    let pool = cache.pool().ok_or_else(|| shape("mla_attention", "nothing cached".into()))?;
+    let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), tables: &dev, at, selection };
+    let per_row = d.heads * d.kv_lora;
+    let chunk = (SCRATCH_BYTES / (per_row * 4)).clamp(1, rows.len().min(MAX_GRID_Y));
+    for r0 in (0..rows.len()).step_by(chunk) {
+        let n = chunk.min(rows.len() - r0);
+        let max_keys = counts[r0..r0 + n].iter().copied().max().unwrap_or(1);
+        let blocks = n * d.heads.div_ceil(HEADS_PER_BLOCK);
+        let splits = (2 * b.gpu.sm_count as usize)
+            .div_ceil(blocks)
+            .min(MAX_SPLITS)
+            .min(max_keys.div_ceil(MIN_SPLIT_KEYS))
+            .min(SCRATCH_BYTES / (n * per_row * 4))
+            .max(1);
+        let c = Chunk { row0: r0, rows: n, splits };
+        let q_lat = st.absorb_q(c)?;
+        let (o_part, ml_part) = st.flash(c, &q_lat)?;
+        st.absorb_out(c, &o_part, &ml_part, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Rows `row0..row0 + rows` of the step, each split over `splits` key shares.
+#[derive(Clone, Copy)]
+struct Chunk {
+    row0: usize,
+    rows: usize,
+    splits: usize,
+}
+
+/// What every launch of one attention step reads.
+struct Step<'a> {
+    b: &'a CudaBackend,
+    d: &'a MlaDims,
+    /// `[rows, heads·(nope + rope)]`.
+    q: &'a GpuTensor,
+    /// `[heads·(nope + v), kv_lora]`, f32.
+    kv_b: &'a CudaSlice<f32>,
+    pool: &'a Pool,
+    /// The cache dtype's kernel code.
+    code: i32,
+    /// `[meta | tables]` of the step's rows, the tables from `at`.
+    tables: &'a CudaSlice<i32>,
+    at: usize,
+    selection: Option<&'a GpuSelection>,
+}
+
+impl Step<'_> {
+    fn suffix(&self) -> &'static str {
+        self.q.data.dtype().suffix()
+    }
+
+    /// `q_lat [rows, heads, kv_lora]` (f32) of a chunk.
+    fn absorb_q(&self, c: Chunk) -> MResult<CudaSlice<f32>> {
+        let (b, d) = (self.b, self.d);
+        let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
+        let f = b.f(&format!("mla_absorb_q_{}", self.suffix()))?;
+        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1);
+        let cfg = smem_cfg(b, f, grid, 128, ROWS_PER_BLOCK * d.qk_nope * 4)?;
+        let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
+        let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
+        let mut l = b.gpu.stream.launch_builder(f);
+        l.arg(&self.q.data).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&rope).arg(&v).arg(&lora);
+        l.arg(&mut q_lat);
+        // SAFETY: matches mla_absorb_q_*; q holds the step's rows, kv_b heads·(nope+v)·lora values (checked).
+        unsafe { l.launch(cfg) }.map_err(md("mla_absorb_q"))?;
+        Ok(q_lat)
+    }
+
+    /// The flash kernel over a chunk: split partials `o_part [rows, heads, splits, kv_lora]` and
+    /// `ml_part [rows, heads, splits, 2]`.
+    fn flash(&self, c: Chunk, q_lat: &CudaSlice<f32>) -> MResult<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (b, d, pool) = (self.b, self.d, self.pool);
+        let mut o_part = scratch(b, c.rows * d.heads * c.splits * d.kv_lora)?;
+        let mut ml_part = scratch(b, c.rows * d.heads * c.splits * 2)?;
+        let f = b.f(&format!("mla_flash_{}", self.suffix()))?;
+        let (lora, rope) = (d.kv_lora, d.qk_rope);
+        let floats = TILE * (lora + 1) + TILE * (rope + 1) + HEADS_PER_BLOCK * (lora + rope);
+        let grid = (d.heads.div_ceil(HEADS_PER_BLOCK) as u32, c.rows as u32, c.splits as u32);
+        let cfg = smem_cfg(b, f, grid, (32 * HEADS_PER_BLOCK) as u32, floats * 4 + TILE * 4)?;
         let null: u64 = 0;
-        let mut l = b.gpu.stream.launch_builder(b.f("mla_attention_f32")?);
-        let code = cache.dtype.code();
-        l.arg(&qr).arg(&buf.latent).arg(&buf.k_pe).arg(&buf.scales).arg(&code).arg(kv_b);
-        match &keys {
-            Some(k) => l.arg(k),
+        let stride = self.selection.map_or(0, |s| s.stride() as i32);
+        let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);
+        let (ri, li) = (rope as i32, lora as i32);
+        let table_view = self.tables.slice(self.at..);
+        let mut l = b.gpu.stream.launch_builder(f);
+        l.arg(q_lat).arg(&self.q.data).arg(&pool.latent).arg(&pool.k_pe).arg(&pool.scales).arg(&self.code);
+        l.arg(self.tables).arg(&table_view);
+        match self.selection {
+            Some(s) => l.arg(s.keys()),
             None => l.arg(&null),
         };
-        l.arg(&nk).arg(&nope).arg(&rope).arg(&v).arg(&lora).arg(&d.softmax_scale).arg(&mut o);
-        let cfg =
-            LaunchConfig { grid_dim: (d.heads as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-        unsafe { l.launch(cfg) }.map_err(md("mla_attention"))?;
+        l.arg(&stride).arg(&row0).arg(&heads).arg(&nope).arg(&ri).arg(&li).arg(&d.softmax_scale);
+        l.arg(&mut o_part).arg(&mut ml_part);
+        // SAFETY: matches mla_flash_*: meta and tables describe cached positions of this pool (step_tables
+        // checked each row), selections hold `stride` keys per row, the scratch rows·heads·splits entries.
+        unsafe { l.launch(cfg) }.map_err(md("mla_flash"))?;
+        Ok((o_part, ml_part))
     }
-    Ok(GpuTensor { rows: rows.len(), cols: d.heads * d.v_head, data: out })
+
+    /// Merges a chunk's splits and projects each head through `W_UV` into `out`.
+    fn absorb_out(
+        &self,
+        c: Chunk,
+        o_part: &CudaSlice<f32>,
+        ml_part: &CudaSlice<f32>,
+        out: &mut GpuTensor,
+    ) -> MResult<()> {
+        let (b, d) = (self.b, self.d);
+        let f = b.f(&format!("mla_out_{}", out.data.dtype().suffix()))?;
+        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1);
+        let cfg = smem_cfg(b, f, grid, 128, ROWS_PER_BLOCK * d.kv_lora * 4)?;
+        let (splits, row0, n, heads) = (c.splits as i32, c.row0 as i32, c.rows as i32, d.heads as i32);
+        let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
+        let mut l = b.gpu.stream.launch_builder(f);
+        l.arg(o_part).arg(ml_part).arg(&splits).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&v);
+        l.arg(&lora).arg(&mut out.data);
+        // SAFETY: matches mla_out_*; the partials come from `flash` with the same chunk, out holds every row.
+        unsafe { l.launch(cfg) }.map_err(md("mla_out"))?;
+        Ok(())
+    }
 }

@@ -1,21 +1,24 @@
-//! `CudaBackend`: the model's backend trait on one GPU (first version). Activations are f32 `[rows, cols]` on
-//! the device; GPTQ linears run the GEMV kernel 16 rows at a time on those f32 inputs (so results agree with the
-//! f32 CPU reference to f32 precision); routing and the indexer's top-k are chosen on the host from device scores.
-//! The speed work (fused experts, tensor-core prefill, bf16 activations end to end, CUDA graphs) is issue 6's.
+//! `CudaBackend`: the model's backend trait on one GPU. Activations are `[rows, cols]` on the device in bf16
+//! (serving) or f32 (the exact path, which agrees with the f32 CPU reference to f32 precision), every kernel
+//! summing in f32; GPTQ linears run the split-K GEMV 16 rows at a time; the routed experts of a decode step run
+//! grouped (`experts.rs`); the router's choice and the indexer's top-k are read back to the host.
 
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, Selection, SeqId,
-    SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row,
+    SeqId, SharedActivations,
 };
-use pipemoe_model::cpu::kernels::top_k;
+use pipemoe_model::sampling::{SampleRow, SampledToken};
 
-use crate::cache::{GpuLayerCache, KvDtype};
+use crate::act::{Act, ActDtype};
+use crate::cache::{CacheBudget, GpuLayerCache, KvDtype};
 use crate::error::{Error, drv};
+use crate::experts::{GpuExperts, GpuRoutes};
 use crate::gemv::{GpuGptq, MAX_BATCH};
 use crate::gpu::Gpu;
+use crate::indexer::GpuSelection;
 
 pub(crate) type MResult<T> = pipemoe_model::Result<T>;
 
@@ -30,11 +33,12 @@ pub(crate) fn md(op: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -
 pub struct GpuTensor {
     pub rows: usize,
     pub cols: usize,
-    pub data: CudaSlice<f32>,
+    pub data: Act,
 }
 
 pub enum GpuWeightKind {
-    Dense(CudaSlice<f32>),
+    /// `[out, in]` in the activation dtype.
+    Dense(Act),
     Gptq(GpuGptq),
 }
 
@@ -51,16 +55,57 @@ pub struct CudaBackend {
     pub gpu: Arc<Gpu>,
     /// How the latent cache stores values (the recipe's `kv_cache_dtype`).
     pub kv_dtype: KvDtype,
+    /// The activations' element type between kernels.
+    pub act: ActDtype,
+    /// Device memory for the latent cache; `None` grows each layer's pool on demand.
+    pub cache_budget: Option<CacheBudget>,
 }
 
 impl CudaBackend {
-    /// A backend on `cuda:ordinal` with an exact (f32) cache.
+    /// A backend on `cuda:ordinal` with bf16 activations and an exact (f32) cache.
     pub fn new(ordinal: usize) -> crate::Result<Self> {
-        Ok(Self { gpu: Arc::new(Gpu::open(ordinal)?), kv_dtype: KvDtype::F32 })
+        Ok(Self { gpu: Arc::new(Gpu::open(ordinal)?), kv_dtype: KvDtype::F32, act: ActDtype::Bf16, cache_budget: None })
     }
 
     pub fn with_kv_dtype(self, kv_dtype: KvDtype) -> Self {
         Self { kv_dtype, ..self }
+    }
+
+    /// Sizes the latent cache: `bytes` of device memory shared equally by the `layers` layers this backend
+    /// holds, each layer's pool allocated in full on its first write.
+    pub fn with_cache_budget(self, bytes: usize, layers: usize) -> Self {
+        Self { cache_budget: Some(CacheBudget { bytes, layers }), ..self }
+    }
+
+    pub fn with_act_dtype(self, act: ActDtype) -> Self {
+        Self { act, ..self }
+    }
+
+    /// A tensor of zeros in the activation dtype.
+    pub(crate) fn tensor(&self, rows: usize, cols: usize) -> MResult<GpuTensor> {
+        Ok(GpuTensor { rows, cols, data: Act::zeros(&self.gpu, self.act, rows * cols).map_err(m)? })
+    }
+
+    /// The kernel `<op>_<activation dtype>`.
+    pub(crate) fn op(&self, name: &str, x: &Act) -> MResult<&cudarc::driver::CudaFunction> {
+        self.f(&format!("{name}_{}", x.dtype().suffix()))
+    }
+
+    /// An f32 sum as a tensor in `dtype`.
+    pub(crate) fn from_f32_sum(&self, sum: CudaSlice<f32>, rows: usize, cols: usize, dtype: ActDtype) -> MResult<GpuTensor> {
+        let data = match dtype {
+            ActDtype::F32 => Act::F32(sum),
+            ActDtype::Bf16 => {
+                let mut y = Act::zeros(&self.gpu, dtype, rows * cols).map_err(m)?;
+                let n = (rows * cols) as u64;
+                let mut l = self.gpu.stream.launch_builder(self.f("cast_f32_bf16")?);
+                l.arg(&sum).arg(&mut y).arg(&n);
+                // SAFETY: matches cast_f32_bf16; both hold rows·cols values.
+                unsafe { l.launch(grid(rows * cols, 256)) }.map_err(md("cast"))?;
+                y
+            }
+        };
+        Ok(GpuTensor { rows, cols, data })
     }
 
     pub(crate) fn f(&self, name: &str) -> MResult<&cudarc::driver::CudaFunction> {
@@ -71,21 +116,30 @@ impl CudaBackend {
         self.gpu.stream.alloc_zeros::<f32>(n.max(1)).map_err(md("alloc"))
     }
 
+    pub(crate) fn zeros_i32(&self, n: usize) -> MResult<CudaSlice<i32>> {
+        self.gpu.stream.alloc_zeros::<i32>(n.max(1)).map_err(md("alloc"))
+    }
+
     pub(crate) fn upload_i32(&self, v: &[i32]) -> MResult<CudaSlice<i32>> {
         self.gpu.stream.clone_htod(v).map_err(md("upload indices"))
     }
 
-    fn dense_of<'a>(&self, w: &'a GpuWeight) -> MResult<&'a CudaSlice<f32>> {
-        match &w.kind {
-            GpuWeightKind::Dense(d) => Ok(d),
-            GpuWeightKind::Gptq(g) => {
-                if w.dense.get().is_none() {
-                    let d = g.dequantize(&self.gpu).map_err(m)?;
-                    let _ = w.dense.set(d);
-                }
-                w.dense.get().ok_or_else(|| m(Error::Shape { what: "weight", reason: "dequantize".into() }))
-            }
+    /// The weight as an f32 matrix (attention's absorbed kv_b_proj), made once.
+    pub(crate) fn dense_of<'a>(&self, w: &'a GpuWeight) -> MResult<&'a CudaSlice<f32>> {
+        if let GpuWeightKind::Dense(Act::F32(d)) = &w.kind {
+            return Ok(d);
         }
+        if w.dense.get().is_none() {
+            let d = match &w.kind {
+                GpuWeightKind::Gptq(g) => g.dequantize(&self.gpu).map_err(m)?,
+                GpuWeightKind::Dense(a) => {
+                    let n = w.out_features * w.in_features;
+                    self.gpu.stream.clone_htod(&a.to_f32(&self.gpu, n).map_err(m)?).map_err(md("upload weight"))?
+                }
+            };
+            let _ = w.dense.set(d);
+        }
+        w.dense.get().ok_or_else(|| m(Error::Shape { what: "weight", reason: "dequantize".into() }))
     }
 }
 
@@ -97,6 +151,18 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// `dense_gemv_*`: a warp per output, a grid row per 16 input rows.
+pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
+    let mut cfg = grid(out * 32, 256);
+    cfg.grid_dim.1 = rows.div_ceil(16).max(1) as u32;
+    cfg
+}
+
+/// One block of 256 threads per row.
+pub(crate) fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 pub(crate) fn shape(what: &'static str, reason: String) -> pipemoe_model::Error {
     m(Error::Shape { what, reason })
 }
@@ -106,6 +172,9 @@ impl Backend for CudaBackend {
     type Weight = GpuWeight;
     type Vector = CudaSlice<f32>;
     type LayerCache = GpuLayerCache;
+    type Selection = GpuSelection;
+    type Routes = GpuRoutes;
+    type Experts = GpuExperts;
 
     fn describe(&self) -> String {
         format!("cuda:{} ({})", self.gpu.ctx.ordinal(), self.gpu.describe())
@@ -114,10 +183,15 @@ impl Backend for CudaBackend {
     fn load_linear(&self, w: HostLinear) -> MResult<GpuWeight> {
         let (out_features, in_features) = (w.out_features(), w.in_features());
         let kind = match w {
-            HostLinear::Dense { data, .. } => {
-                GpuWeightKind::Dense(self.gpu.stream.clone_htod(&data).map_err(md("upload weight"))?)
-            }
-            HostLinear::Gptq(g) => GpuWeightKind::Gptq(GpuGptq::upload(&self.gpu, &g).map_err(m)?),
+            HostLinear::Dense { data, .. } => GpuWeightKind::Dense(Act::from_f32(&self.gpu, self.act, &data).map_err(m)?),
+            // bf16 activations read the tensor-core layout where the shape allows; f32 keeps the exact scalar path.
+            HostLinear::Gptq(g) => GpuWeightKind::Gptq(
+                match self.act {
+                    ActDtype::Bf16 => GpuGptq::upload_for_tensor_cores(&self.gpu, &g),
+                    ActDtype::F32 => GpuGptq::upload(&self.gpu, &g),
+                }
+                .map_err(m)?,
+            ),
         };
         Ok(GpuWeight { out_features, in_features, kind, dense: OnceLock::new() })
     }
@@ -127,20 +201,18 @@ impl Backend for CudaBackend {
     }
 
     fn new_layer_cache(&self, dims: &MlaDims, indexer: Option<&IndexerDims>) -> GpuLayerCache {
-        GpuLayerCache::new(dims, indexer, self.kv_dtype)
+        GpuLayerCache::new(dims, indexer, self.kv_dtype, self.cache_budget)
     }
 
     fn upload(&self, rows: usize, cols: usize, data: Vec<f32>) -> MResult<GpuTensor> {
         if data.len() != rows * cols {
             return Err(shape("upload", format!("{} values for [{rows}, {cols}]", data.len())));
         }
-        Ok(GpuTensor { rows, cols, data: self.gpu.stream.clone_htod(&data).map_err(md("upload"))? })
+        Ok(GpuTensor { rows, cols, data: Act::from_f32(&self.gpu, self.act, &data).map_err(m)? })
     }
 
     fn download(&self, x: &GpuTensor) -> MResult<Vec<f32>> {
-        let mut v = self.gpu.stream.clone_dtoh(&x.data).map_err(md("download"))?;
-        v.truncate(x.rows * x.cols);
-        Ok(v)
+        x.data.to_f32(&self.gpu, x.rows * x.cols).map_err(m)
     }
 
     fn shape(&self, x: &GpuTensor) -> (usize, usize) {
@@ -152,14 +224,17 @@ impl Backend for CudaBackend {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out_features) {
             return Err(pipemoe_model::Error::TokenOutOfRange { token: bad as usize, vocab: table.out_features });
         }
-        let t = self.dense_of(table)?;
+        let GpuWeightKind::Dense(t) = &table.kind else {
+            return Err(shape("embed", "the embedding table is quantized".into()));
+        };
         let idx = self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
-        let mut y = self.zeros(ids.len() * cols)?;
+        let mut y = self.tensor(ids.len(), cols)?;
         let (r, c) = (ids.len() as i32, cols as i32);
-        let mut l = self.gpu.stream.launch_builder(self.f("embed_f32")?);
-        l.arg(t).arg(&idx).arg(&mut y).arg(&r).arg(&c);
+        let mut l = self.gpu.stream.launch_builder(self.op("embed", t)?);
+        l.arg(t).arg(&idx).arg(&mut y.data).arg(&r).arg(&c);
+        // SAFETY: matches embed_*; ids were checked against the table's rows.
         unsafe { l.launch(grid(ids.len() * cols, 256)) }.map_err(md("embed"))?;
-        Ok(GpuTensor { rows: ids.len(), cols, data: y })
+        Ok(y)
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuWeight) -> MResult<GpuTensor> {
@@ -170,46 +245,50 @@ impl Backend for CudaBackend {
             ));
         }
         let (rows, k, n) = (x.rows, w.in_features, w.out_features);
-        let mut y = self.zeros(rows * n)?;
-        let s = &self.gpu.stream;
+        let mut y = self.tensor(rows, n)?;
         match &w.kind {
             GpuWeightKind::Dense(d) => {
                 let (ri, ki, ni) = (rows as i32, k as i32, n as i32);
-                let mut l = s.launch_builder(self.f("dense_gemv_f32")?);
-                l.arg(&x.data).arg(d).arg(&mut y).arg(&ri).arg(&ki).arg(&ni);
-                unsafe { l.launch(grid(rows * n * 32, 256)) }.map_err(md("dense_gemv"))?;
+                let mut l = self.gpu.stream.launch_builder(self.op("dense_gemv", &x.data)?);
+                l.arg(&x.data).arg(d).arg(&mut y.data).arg(&ri).arg(&ki).arg(&ni);
+                // SAFETY: matches dense_gemv_*; x [rows, k], d [n, k], y [rows, n] in the activation dtype.
+                unsafe { l.launch(dense_grid(n, rows)) }.map_err(md("dense_gemv"))?;
+            }
+            // Prefill: the tensor-core GEMM for the weight's packing (checkpoint or Mma layout).
+            GpuWeightKind::Gptq(g) if rows > MAX_BATCH && x.data.dtype() == ActDtype::Bf16 => {
+                g.gemm(&self.gpu, &x.data.view(0, rows * k), rows, &mut y.data.view_mut(0, rows * n)).map_err(m)?;
             }
             GpuWeightKind::Gptq(g) => {
                 let mut partial = self.zeros(g.scratch_len(&self.gpu, MAX_BATCH).max(g.scratch_len(&self.gpu, 1)))?;
                 for r0 in (0..rows).step_by(MAX_BATCH) {
                     let nb = MAX_BATCH.min(rows - r0);
-                    let xv = x.data.slice(r0 * k..(r0 + nb) * k);
-                    let mut yv = y.slice_mut(r0 * n..(r0 + nb) * n);
-                    g.gemv_f32(&self.gpu, &xv, nb, &mut partial, &mut yv).map_err(m)?;
+                    let xv = x.data.view(r0 * k, nb * k);
+                    let mut yv = y.data.view_mut(r0 * n, nb * n);
+                    g.gemv(&self.gpu, &xv, nb, &mut partial, &mut yv).map_err(m)?;
                 }
             }
         }
-        Ok(GpuTensor { rows, cols: n, data: y })
+        Ok(y)
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let mut y = self.zeros(x.rows * x.cols)?;
+        let mut y = self.tensor(x.rows, x.cols)?;
         let c = x.cols as i32;
-        let mut l = self.gpu.stream.launch_builder(self.f("rms_norm_f32")?);
-        l.arg(&x.data).arg(w).arg(&mut y).arg(&c).arg(&eps);
-        let cfg = LaunchConfig { grid_dim: (x.rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { l.launch(cfg) }.map_err(md("rms_norm"))?;
-        Ok(GpuTensor { rows: x.rows, cols: x.cols, data: y })
+        let mut l = self.gpu.stream.launch_builder(self.op("rms_norm", &x.data)?);
+        l.arg(&x.data).arg(w).arg(&mut y.data).arg(&c).arg(&eps);
+        // SAFETY: matches rms_norm_*; one block per row of `cols` values.
+        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("rms_norm"))?;
+        Ok(y)
     }
 
     fn layer_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let mut y = self.zeros(x.rows * x.cols)?;
+        let mut y = self.tensor(x.rows, x.cols)?;
         let c = x.cols as i32;
-        let mut l = self.gpu.stream.launch_builder(self.f("layer_norm_f32")?);
-        l.arg(&x.data).arg(w).arg(b).arg(&mut y).arg(&c).arg(&eps);
-        let cfg = LaunchConfig { grid_dim: (x.rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { l.launch(cfg) }.map_err(md("layer_norm"))?;
-        Ok(GpuTensor { rows: x.rows, cols: x.cols, data: y })
+        let mut l = self.gpu.stream.launch_builder(self.op("layer_norm", &x.data)?);
+        l.arg(&x.data).arg(w).arg(b).arg(&mut y.data).arg(&c).arg(&eps);
+        // SAFETY: matches layer_norm_*; one block per row.
+        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("layer_norm"))?;
+        Ok(y)
     }
 
     fn add_assign(&self, x: &mut GpuTensor, y: &GpuTensor) -> MResult<()> {
@@ -217,17 +296,22 @@ impl Backend for CudaBackend {
         if n != y.rows * y.cols {
             return Err(shape("add", format!("{n} vs {}", y.rows * y.cols)));
         }
+        if x.data.dtype() != y.data.dtype() {
+            return Err(shape("add", "tensors of different dtypes".into()));
+        }
         let nn = n as u64;
-        let mut l = self.gpu.stream.launch_builder(self.f("add_f32")?);
+        let mut l = self.gpu.stream.launch_builder(self.op("add", &x.data)?);
         l.arg(&mut x.data).arg(&y.data).arg(&nn);
+        // SAFETY: matches add_*; both hold n values of one dtype.
         unsafe { l.launch(grid(n, 256)) }.map_err(md("add"))?;
         Ok(())
     }
 
     fn scale(&self, x: &mut GpuTensor, s: f32) -> MResult<()> {
         let nn = (x.rows * x.cols) as u64;
-        let mut l = self.gpu.stream.launch_builder(self.f("scale_f32")?);
+        let mut l = self.gpu.stream.launch_builder(self.op("scale", &x.data)?);
         l.arg(&mut x.data).arg(&s).arg(&nn);
+        // SAFETY: matches scale_*.
         unsafe { l.launch(grid(x.rows * x.cols, 256)) }.map_err(md("scale"))?;
         Ok(())
     }
@@ -249,12 +333,16 @@ impl Backend for CudaBackend {
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> MResult<GpuTensor> {
         let n = gate.rows * gate.cols;
-        let mut y = self.zeros(n)?;
+        if n != up.rows * up.cols || gate.data.dtype() != up.data.dtype() {
+            return Err(shape("silu_mul", format!("[{}, {}] and [{}, {}]", gate.rows, gate.cols, up.rows, up.cols)));
+        }
+        let mut y = self.tensor(gate.rows, gate.cols)?;
         let nn = n as u64;
-        let mut l = self.gpu.stream.launch_builder(self.f("silu_mul_f32")?);
-        l.arg(&gate.data).arg(&up.data).arg(&mut y).arg(&nn);
+        let mut l = self.gpu.stream.launch_builder(self.op("silu_mul", &gate.data)?);
+        l.arg(&gate.data).arg(&up.data).arg(&mut y.data).arg(&nn);
+        // SAFETY: matches silu_mul_*; all three hold n values.
         unsafe { l.launch(grid(n, 256)) }.map_err(md("silu_mul"))?;
-        Ok(GpuTensor { rows: gate.rows, cols: gate.cols, data: y })
+        Ok(y)
     }
 
     fn rope(&self, x: &mut GpuTensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> MResult<()> {
@@ -272,8 +360,9 @@ impl Backend for CudaBackend {
             half as i32,
             i32::from(spec.interleaved),
         );
-        let mut l = self.gpu.stream.launch_builder(self.f("rope_f32")?);
+        let mut l = self.gpu.stream.launch_builder(self.op("rope", &x.data)?);
         l.arg(&mut x.data).arg(&pos).arg(&freq).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
+        // SAFETY: matches rope_*; shapes checked above.
         unsafe { l.launch(grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
         Ok(())
     }
@@ -290,7 +379,7 @@ impl Backend for CudaBackend {
     }
 
     fn cache_free(&self, cache: &mut GpuLayerCache, seq: SeqId) {
-        cache.seqs.remove(&seq);
+        cache.free(seq);
     }
 
     fn cache_len(&self, cache: &GpuLayerCache, seq: SeqId) -> usize {
@@ -304,8 +393,12 @@ impl Backend for CudaBackend {
         w: &GpuTensor,
         dims: &IndexerDims,
         rows: &[Row],
-    ) -> MResult<Vec<Vec<u32>>> {
-        crate::attention::indexer_select(self, cache, q, w, dims, rows)
+    ) -> MResult<GpuSelection> {
+        crate::indexer::indexer_select(self, cache, q, w, dims, rows)
+    }
+
+    fn selection_to_host(&self, selection: &GpuSelection) -> MResult<HostSelection> {
+        selection.to_host(self)
     }
 
     fn mla_attention(
@@ -315,16 +408,40 @@ impl Backend for CudaBackend {
         kv_b: &GpuWeight,
         dims: &MlaDims,
         rows: &[Row],
-        selection: &Selection,
+        selection: Option<&GpuSelection>,
     ) -> MResult<GpuTensor> {
         let w = self.dense_of(kv_b)?;
         crate::attention::mla(self, cache, q, w, dims, rows, selection)
     }
 
-    fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<Routing> {
-        let logits = self.download(&self.linear(x, gate)?)?;
-        let bias = self.gpu.stream.clone_dtoh(bias).map_err(md("download bias"))?;
-        pipemoe_model::routing::route_logits(&logits, x.rows, &bias, dims)
+    fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {
+        let GpuWeightKind::Dense(g) = &gate.kind else {
+            return Err(shape("route", "the router is quantized".into()));
+        };
+        if x.cols != gate.in_features || gate.out_features != dims.n_experts {
+            return Err(shape("route", format!("[{}, {}] through a router of {} experts", x.rows, x.cols, dims.n_experts)));
+        }
+        // Logits in f32 (HF applies the router in f32); the choice on the device.
+        let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
+        let mut logits = self.zeros(x.rows * dims.n_experts)?;
+        let mut l = self.gpu.stream.launch_builder(self.op("dense_gemv_f32out", &x.data)?);
+        l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
+        // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
+        unsafe { l.launch(dense_grid(dims.n_experts, x.rows)) }.map_err(md("router"))?;
+        let dev = crate::route::route_on_device(&self.gpu, &logits.as_view(), x.rows, bias, dims).map_err(m)?;
+        Ok(GpuRoutes::new(dev))
+    }
+
+    fn routes_to_host(&self, routes: &GpuRoutes) -> MResult<Routing> {
+        routes.host().cloned()
+    }
+
+    fn load_experts(&self, experts: Vec<Option<ExpertWeights<Self>>>) -> MResult<GpuExperts> {
+        GpuExperts::new(self, experts)
+    }
+
+    fn experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
+        self.run_experts(x, experts, routes)
     }
 
     fn export(&self, x: &GpuTensor) -> MResult<Option<SharedActivations>> {
@@ -335,26 +452,10 @@ impl Backend for CudaBackend {
         crate::ipc::import(self, rows, cols, mem_handle, event_handle)
     }
 
-    fn experts(&self, x: &GpuTensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing) -> MResult<GpuTensor> {
-        let mut out = GpuTensor { rows: x.rows, cols: x.cols, data: self.zeros(x.rows * x.cols)? };
-        for (e, ew) in experts.iter().enumerate() {
-            let Some(ew) = ew else { continue };
-            let (rows, ws) = routing.rows_of(e);
-            if rows.is_empty() {
-                continue;
-            }
-            let xin = self.gather_rows(x, &rows)?;
-            let h = self.silu_mul(&self.linear(&xin, &ew.gate)?, &self.linear(&xin, &ew.up)?)?;
-            let y = self.linear(&h, &ew.down)?;
-            let idx = self.upload_i32(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
-            let wd = self.gpu.stream.clone_htod(&ws).map_err(md("upload"))?;
-            let (n, c) = (rows.len() as i32, x.cols as i32);
-            let mut l = self.gpu.stream.launch_builder(self.f("scatter_add_scaled_f32")?);
-            l.arg(&mut out.data).arg(&y.data).arg(&idx).arg(&wd).arg(&n).arg(&c);
-            unsafe { l.launch(grid(rows.len() * x.cols, 256)) }.map_err(md("scatter_add"))?;
-        }
-        Ok(out)
+    fn sample(&self, logits: &GpuTensor, rows: &mut [SampleRow<'_>]) -> MResult<Vec<SampledToken>> {
+        crate::sample::sample_rows(self, logits, rows)
     }
+
 }
 
 impl CudaBackend {
@@ -367,23 +468,18 @@ impl CudaBackend {
         start: usize,
         cols: usize,
     ) -> MResult<GpuTensor> {
-        let mut y = self.zeros(n_rows * cols)?;
+        let mut y = self.tensor(n_rows, cols)?;
         let (xc, st, nr, c) = (x.cols as i32, start as i32, n_rows as i32, cols as i32);
         let null: u64 = 0;
-        let mut l = self.gpu.stream.launch_builder(self.f("copy_rows_cols_f32")?);
+        let mut l = self.gpu.stream.launch_builder(self.op("copy_rows_cols", &x.data)?);
         l.arg(&x.data).arg(&xc);
         match rows {
             Some(r) => l.arg(r),
             None => l.arg(&null),
         };
-        l.arg(&st).arg(&mut y).arg(&nr).arg(&c);
+        l.arg(&st).arg(&mut y.data).arg(&nr).arg(&c);
+        // SAFETY: matches copy_rows_cols_*; rows and columns checked by the callers.
         unsafe { l.launch(grid(n_rows * cols, 256)) }.map_err(md("copy"))?;
-        Ok(GpuTensor { rows: n_rows, cols, data: y })
+        Ok(y)
     }
-}
-
-pub(crate) fn top(scores: &[f32], k: usize) -> Vec<u32> {
-    let mut sel = top_k(scores, k);
-    sel.sort_unstable();
-    sel
 }

@@ -3,26 +3,30 @@
 //! At upload, a checkpoint's `g_idx` (act-order) is folded away: input rows are reordered so that groups are
 //! contiguous (row r in group r / group_size), and the kernel gathers x through the same permutation.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
-use half::{bf16, f16};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
+use crate::act::{ActView, ActViewMut};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
 
 /// Rows of a batch the GEMV kernel handles at once (its register accumulators).
 pub const MAX_BATCH: usize = 16;
-const THREADS: u32 = 128;
-
-/// A GEMV input: bf16 (the decode path's format) or f32 (the first backend's activations).
-enum X<'a, 'b> {
-    Bf16(&'a CudaView<'b, bf16>),
-    F32(&'a CudaView<'b, f32>),
-}
+pub(crate) const THREADS: u32 = 128;
 
 /// The kernel instance for `batch` rows: the next power of two.
-fn bucket(batch: usize) -> usize {
+pub(crate) fn bucket(batch: usize) -> usize {
     batch.next_power_of_two().min(MAX_BATCH)
+}
+
+/// How `qweight` is laid out on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// As in the checkpoint (MODEL_SPEC §4), rows reordered by group: read by the scalar GEMV (any input dtype).
+    Gptq,
+    /// Repacked for tensor cores (`kernels/gptq_mma.cu`): bf16 inputs only.
+    Mma,
 }
 
 pub struct GpuGptq {
@@ -31,14 +35,15 @@ pub struct GpuGptq {
     pub bits: u32,
     /// Rows per group after reordering (the whole input for `group_size: -1`).
     pub group_size: usize,
-    /// `[in·bits/32, out]`
-    qweight: CudaSlice<u32>,
+    /// `[in·bits/32, out]` in the checkpoint's packing, or the tensor-core layout of `mma.rs` (see `packing`).
+    pub(crate) qweight: CudaSlice<u32>,
+    pub packing: Packing,
     /// `[groups, out]`, after the checkpoint's zero convention.
-    zeros: CudaSlice<f16>,
+    pub(crate) zeros: CudaSlice<f16>,
     /// `[groups, out]`
-    scales: CudaSlice<f16>,
+    pub(crate) scales: CudaSlice<f16>,
     /// Source row of each reordered row, when the checkpoint had a non-trivial g_idx.
-    perm: Option<CudaSlice<i32>>,
+    pub(crate) perm: Option<CudaSlice<i32>>,
 }
 
 impl GpuGptq {
@@ -47,7 +52,17 @@ impl GpuGptq {
         self.qweight.len() * 4 + (self.zeros.len() + self.scales.len()) * 2
     }
 
+    /// The weight in the checkpoint's packing (rows reordered by group).
     pub fn upload(gpu: &Gpu, w: &GptqWeight) -> Result<GpuGptq> {
+        Self::upload_as(gpu, w, false)
+    }
+
+    /// The weight in the tensor-core layout where its shape allows (`mma::eligible`), else as `upload`.
+    pub fn upload_for_tensor_cores(gpu: &Gpu, w: &GptqWeight) -> Result<GpuGptq> {
+        Self::upload_as(gpu, w, true)
+    }
+
+    fn upload_as(gpu: &Gpu, w: &GptqWeight, tensor_cores: bool) -> Result<GpuGptq> {
         let l = *w.layout();
         let (k, n) = (l.in_features, l.out_features);
         let gs = match l.group_size {
@@ -91,11 +106,21 @@ impl GpuGptq {
             let p: Vec<i32> = order.iter().map(|&r| r as i32).collect();
             Some(s.clone_htod(&p).map_err(drv("upload g_idx order"))?)
         };
+        let packing = if tensor_cores && crate::mma::eligible(l.bits.get(), k, n, gs) {
+            Packing::Mma
+        } else {
+            Packing::Gptq
+        };
+        let qweight = match packing {
+            Packing::Mma => crate::mma::repack(&qweight, l.bits.get(), k, n),
+            Packing::Gptq => qweight,
+        };
         Ok(GpuGptq {
             in_features: k,
             out_features: n,
             bits: l.bits.get(),
             group_size: gs,
+            packing,
             qweight: s.clone_htod(&qweight).map_err(drv("upload qweight"))?,
             zeros: s.clone_htod(&zeros).map_err(drv("upload zeros"))?,
             scales: s.clone_htod(w.scales()).map_err(drv("upload scales"))?,
@@ -106,10 +131,14 @@ impl GpuGptq {
     /// Rows of K per split: a multiple of 32 that keeps groups whole inside a split (or splits whole inside a
     /// group), small enough for x to fit shared memory, with enough splits to give every SM two blocks.
     fn k_chunk(&self, gpu: &Gpu, batch: usize) -> usize {
+        self.k_chunk_for(gpu, batch, self.out_features.div_ceil(THREADS as usize))
+    }
+
+    /// The same for a launch with `blocks_x` blocks besides the splits (the grouped experts' tiles count too).
+    pub(crate) fn k_chunk_for(&self, gpu: &Gpu, batch: usize, blocks_x: usize) -> usize {
         let k = self.in_features;
         // x and the group sums of the padded batch share 48 KiB of shared memory.
         let limit = (40 * 1024 / 4 / bucket(batch)) / 32 * 32;
-        let blocks_x = self.out_features.div_ceil(THREADS as usize);
         // Enough blocks to keep every SM busy with loads in flight (the kernel is latency-bound otherwise).
         let splits = (16 * gpu.sm_count as usize).div_ceil(blocks_x).clamp(1, k / 32);
         let want = k.div_ceil(splits).div_ceil(32) * 32;
@@ -125,41 +154,20 @@ impl GpuGptq {
         }
     }
 
-    /// `y[b, :] = W · x[b, :]` for `batch` rows: `x` bf16 `[batch, in]` → `y` f32 `[batch, out]`.
-    /// `partial` is scratch of at least `splits · batch · out` floats (see [`GpuGptq::scratch_len`]).
+    /// `y[b, :] = W · x[b, :]` for `batch` ≤ 16 rows: `x` `[batch, in]` and `y` `[batch, out]` in f32 or bf16
+    /// (each its own), sums in f32. `partial` is scratch of at least [`GpuGptq::scratch_len`] floats.
     pub fn gemv(
         &self,
         gpu: &Gpu,
-        x: &CudaSlice<bf16>,
+        x: &ActView<'_>,
         batch: usize,
         partial: &mut CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        y: &mut ActViewMut<'_>,
     ) -> Result<()> {
-        let mut yv = y.as_view_mut();
-        self.launch(gpu, X::Bf16(&x.as_view()), x.len(), batch, partial, &mut yv)
-    }
-
-    /// The same with f32 inputs, on views (rows of a larger activation tensor).
-    pub fn gemv_f32(
-        &self,
-        gpu: &Gpu,
-        x: &CudaView<'_, f32>,
-        batch: usize,
-        partial: &mut CudaSlice<f32>,
-        y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        self.launch(gpu, X::F32(x), x.len(), batch, partial, y)
-    }
-
-    fn launch(
-        &self,
-        gpu: &Gpu,
-        x: X<'_, '_>,
-        x_len: usize,
-        batch: usize,
-        partial: &mut CudaSlice<f32>,
-        y: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
+        if self.packing == Packing::Mma {
+            return crate::mma::gemv(self, gpu, x, batch, partial, y);
+        }
+        let x_len = x.len();
         let (k, n) = (self.in_features, self.out_features);
         if batch == 0 || batch > MAX_BATCH || x_len < batch * k || y.len() < batch * n {
             return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {x_len} y {}", y.len()) });
@@ -173,11 +181,7 @@ impl GpuGptq {
             });
         }
         let mb = bucket(batch);
-        let ty = match x {
-            X::Bf16(_) => "bf16",
-            X::F32(_) => "f32",
-        };
-        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_{ty}", self.bits))?;
+        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_{}", self.bits, x.dtype().suffix()))?;
         let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(THREADS as usize) as u32, splits as u32, 1),
@@ -187,10 +191,7 @@ impl GpuGptq {
         let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, self.group_size as i32, chunk as i32);
         let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
-        match &x {
-            X::Bf16(v) => launch.arg(*v),
-            X::F32(v) => launch.arg(*v),
-        };
+        launch.arg(x);
         match &self.perm {
             Some(p) => launch.arg(p),
             None => launch.arg(&null),
@@ -200,7 +201,7 @@ impl GpuGptq {
         // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
         let total = (batch * n) as u32;
-        let reduce = gpu.function("gptq_reduce_f32")?;
+        let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let s = splits as i32;
         let mut launch = gpu.stream.launch_builder(reduce);
@@ -214,7 +215,10 @@ impl GpuGptq {
     pub fn dequantize(&self, gpu: &Gpu) -> Result<CudaSlice<f32>> {
         let (k, n) = (self.in_features, self.out_features);
         let mut w = gpu.stream.alloc_zeros::<f32>(k * n).map_err(drv("alloc dequantized weight"))?;
-        let f = gpu.function(&format!("gptq_dequant_w{}_f32", self.bits))?;
+        let f = match self.packing {
+            Packing::Gptq => gpu.function(&format!("gptq_dequant_w{}_f32", self.bits))?,
+            Packing::Mma => gpu.function(&format!("gptq_mma_dequant_w{}_f32", self.bits))?,
+        };
         let total = (k * n) as u32;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (ki, ni, gs) = (k as i32, n as i32, self.group_size as i32);
@@ -231,8 +235,25 @@ impl GpuGptq {
         Ok(w)
     }
 
+    /// Device addresses of qweight, zeros, scales and the row order (0 when none): the grouped experts' tables.
+    pub(crate) fn addresses(&self, gpu: &Gpu) -> [u64; 4] {
+        use cudarc::driver::DevicePtr;
+        let s = &gpu.stream;
+        let perm = self.perm.as_ref().map_or(0, |p| p.device_ptr(s).0);
+        [self.qweight.device_ptr(s).0, self.zeros.device_ptr(s).0, self.scales.device_ptr(s).0, perm]
+    }
+
+    /// Shared memory bytes of a launch with `chunk` rows of K for `batch` rows.
+    pub(crate) fn smem_bytes(&self, batch: usize, chunk: usize) -> u32 {
+        let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
+        (bucket(batch) * (chunk + groups_in_chunk) * 4) as u32
+    }
+
     /// Scratch floats `gemv` needs for `batch` rows.
     pub fn scratch_len(&self, gpu: &Gpu, batch: usize) -> usize {
+        if self.packing == Packing::Mma {
+            return crate::mma::scratch_len(self, gpu, batch);
+        }
         self.in_features.div_ceil(self.k_chunk(gpu, batch)) * batch * self.out_features
     }
 }

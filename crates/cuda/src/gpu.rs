@@ -2,86 +2,13 @@
 //! then the context, the device's own architecture, and every kernel compiled (or read from the cache) for it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result, drv};
 use crate::nvrtc;
-
-/// Kernel symbols of each source file (`<op>_<dtype>`, STYLE.md §12).
-const SYMBOLS: &[(&str, &[&str])] = &[
-    ("attention.cu", &["mla_attention_f32", "indexer_scores_f32", "cache_store_f32"]),
-    ("gptq_gemv.cu", GEMV_SYMBOLS),
-    ("ops.cu", OPS_SYMBOLS),
-    ("rms_norm.cu", &["rms_norm_bf16"]),
-    ("stream_read.cu", &["stream_read_u32"]),
-];
-
-const OPS_SYMBOLS: &[&str] = &[
-    "embed_f32",
-    "rms_norm_f32",
-    "layer_norm_f32",
-    "add_f32",
-    "scale_f32",
-    "silu_mul_f32",
-    "copy_rows_cols_f32",
-    "scatter_add_scaled_f32",
-    "cast_bf16_f32",
-    "dense_gemv_f32",
-    "rope_f32",
-    "gptq_dequant_w2_f32",
-    "gptq_dequant_w3_f32",
-    "gptq_dequant_w4_f32",
-    "gptq_dequant_w8_f32",
-];
-
-/// `gptq_gemv_w{bits}_b{batch}_{bf16,f32}` for bits 2/3/4/8, batch buckets 1/2/4/8/16 and the input type,
-/// and the split reduction.
-const GEMV_SYMBOLS: &[&str] = &[
-    "gptq_gemv_w2_b1_bf16",
-    "gptq_gemv_w2_b1_f32",
-    "gptq_gemv_w2_b2_bf16",
-    "gptq_gemv_w2_b2_f32",
-    "gptq_gemv_w2_b4_bf16",
-    "gptq_gemv_w2_b4_f32",
-    "gptq_gemv_w2_b8_bf16",
-    "gptq_gemv_w2_b8_f32",
-    "gptq_gemv_w2_b16_bf16",
-    "gptq_gemv_w2_b16_f32",
-    "gptq_gemv_w3_b1_bf16",
-    "gptq_gemv_w3_b1_f32",
-    "gptq_gemv_w3_b2_bf16",
-    "gptq_gemv_w3_b2_f32",
-    "gptq_gemv_w3_b4_bf16",
-    "gptq_gemv_w3_b4_f32",
-    "gptq_gemv_w3_b8_bf16",
-    "gptq_gemv_w3_b8_f32",
-    "gptq_gemv_w3_b16_bf16",
-    "gptq_gemv_w3_b16_f32",
-    "gptq_gemv_w4_b1_bf16",
-    "gptq_gemv_w4_b1_f32",
-    "gptq_gemv_w4_b2_bf16",
-    "gptq_gemv_w4_b2_f32",
-    "gptq_gemv_w4_b4_bf16",
-    "gptq_gemv_w4_b4_f32",
-    "gptq_gemv_w4_b8_bf16",
-    "gptq_gemv_w4_b8_f32",
-    "gptq_gemv_w4_b16_bf16",
-    "gptq_gemv_w4_b16_f32",
-    "gptq_gemv_w8_b1_bf16",
-    "gptq_gemv_w8_b1_f32",
-    "gptq_gemv_w8_b2_bf16",
-    "gptq_gemv_w8_b2_f32",
-    "gptq_gemv_w8_b4_bf16",
-    "gptq_gemv_w8_b4_f32",
-    "gptq_gemv_w8_b8_bf16",
-    "gptq_gemv_w8_b8_f32",
-    "gptq_gemv_w8_b16_bf16",
-    "gptq_gemv_w8_b16_f32",
-    "gptq_reduce_f32",
-];
 
 pub fn driver_present() -> bool {
     // SAFETY: only dlopens libcuda and checks a symbol.
@@ -110,7 +37,11 @@ pub struct Gpu {
     pub arch: String,
     pub name: String,
     pub sm_count: u32,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// One module per kernel source file (`nvrtc::KERNELS`).
+    modules: Vec<Arc<CudaModule>>,
+    /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
+    /// bounded set), so `function` can hand out plain references without holding the lock.
+    functions: Mutex<HashMap<String, &'static CudaFunction>>,
 }
 
 impl Gpu {
@@ -130,23 +61,28 @@ impl Gpu {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("cuDeviceGetAttribute"))? as u32;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
-        let mut functions = HashMap::new();
-        for (file, symbols) in SYMBOLS {
-            let source = nvrtc::KERNELS.iter().find(|(f, _)| f == file).map(|(_, s)| *s).unwrap_or_default();
-            let module = ctx
-                .load_module(Ptx::from_binary(nvrtc::cubin(file, source, &arch)?))
-                .map_err(drv("cuModuleLoadData"))?;
-            for s in *symbols {
-                functions.insert(*s, module.load_function(s).map_err(drv("cuModuleGetFunction"))?);
-            }
+        let mut modules = Vec::new();
+        for (file, source) in nvrtc::KERNELS {
+            let cubin = nvrtc::cubin(file, source, &arch)?;
+            modules.push(ctx.load_module(Ptx::from_binary(cubin)).map_err(drv("cuModuleLoadData"))?);
         }
-        Ok(Gpu { ctx, stream, arch, name, sm_count, functions })
+        Ok(Gpu { ctx, stream, arch, name, sm_count, modules, functions: Mutex::new(HashMap::new()) })
     }
 
+    /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.
     pub fn function(&self, symbol: &str) -> Result<&CudaFunction> {
-        self.functions
-            .get(symbol)
-            .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("{symbol} is not loaded") })
+        let mut found = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = found.get(symbol) {
+            return Ok(f);
+        }
+        let f = self
+            .modules
+            .iter()
+            .find_map(|m| m.load_function(symbol).ok())
+            .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
+        let f: &'static CudaFunction = Box::leak(Box::new(f));
+        found.insert(symbol.to_string(), f);
+        Ok(f)
     }
 
     pub fn describe(&self) -> String {

@@ -8,6 +8,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUipcEventHandle, CUipcMem
 use cudarc::driver::{DevicePtr, DevicePtrMut, result};
 use pipemoe_model::backend::SharedActivations;
 
+use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
 
 /// The exported buffer and its event, freed when the step is over.
@@ -52,7 +53,7 @@ fn from_bytes<T: Copy>(b: &[u8], what: &'static str) -> MResult<T> {
 pub fn export(b: &CudaBackend, x: &GpuTensor) -> MResult<SharedActivations> {
     let g = &b.gpu;
     g.ctx.bind_to_thread().map_err(md("bind context"))?;
-    let bytes = x.rows * x.cols * 4;
+    let bytes = x.rows * x.cols * x.data.dtype().bytes();
     // SAFETY: a fresh allocation of `bytes`, freed by `Exported`.
     let ptr = unsafe { result::malloc_sync(bytes.max(4)) }.map_err(md("cuMemAlloc"))?;
     let mut event: CUevent = std::ptr::null_mut();
@@ -61,7 +62,10 @@ pub fn export(b: &CudaBackend, x: &GpuTensor) -> MResult<SharedActivations> {
     check(unsafe { sys::cuEventCreate(&mut event, flags) }, "cuEventCreate")?;
     let keep = Exported { ctx: g.ctx.clone(), ptr, event };
     {
-        let (src, _sync) = x.data.device_ptr(&g.stream);
+        let (src, _sync) = match &x.data {
+            Act::F32(d) => d.device_ptr(&g.stream),
+            Act::Bf16(d) => d.device_ptr(&g.stream),
+        };
         // SAFETY: both ranges hold `bytes`; the copy is ordered on the stream before the event.
         unsafe { result::memcpy_dtod_async(ptr, src, bytes, g.stream.cu_stream()) }.map_err(md("copy for IPC"))?;
     }
@@ -90,11 +94,14 @@ pub fn import(b: &CudaBackend, rows: usize, cols: usize, mem: &[u8], event: &[u8
         // SAFETY: stream and event live; the wait orders our copy after the sender's.
         unsafe { result::stream::wait_event(g.stream.cu_stream(), ev, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
             .map_err(md("cuStreamWaitEvent"))?;
-        let mut data = b.zeros(rows * cols)?;
+        let mut data = Act::zeros(g, b.act, rows * cols).map_err(crate::backend::m)?;
         {
-            let (dst, _sync) = data.device_ptr_mut(&g.stream);
-            // SAFETY: both ranges hold rows·cols floats.
-            unsafe { result::memcpy_dtod_async(dst, src, rows * cols * 4, g.stream.cu_stream()) }
+            let (dst, _sync) = match &mut data {
+                Act::F32(d) => d.device_ptr_mut(&g.stream),
+                Act::Bf16(d) => d.device_ptr_mut(&g.stream),
+            };
+            // SAFETY: both ranges hold rows·cols values of the fleet's activation dtype.
+            unsafe { result::memcpy_dtod_async(dst, src, rows * cols * b.act.bytes(), g.stream.cu_stream()) }
                 .map_err(md("copy from IPC"))?;
         }
         g.stream.synchronize().map_err(md("synchronize"))?;

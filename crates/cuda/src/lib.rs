@@ -4,20 +4,32 @@
 //! - `nvrtc`: finding NVRTC and the CUDA headers, compiling to CUBIN, the on-disk cache.
 //! - `gpu`: one device with every kernel loaded; "no GPU" is an error, never a panic.
 //! - `gemv`: GPTQ weights on the device (g_idx folded at load) and the decode GEMV for 2/3/4/8 bits.
-//! - `backend`, `attention`, `cache`: `CudaBackend`, the model's backend trait on one GPU (first version).
+//! - `gemm`: the prefill GEMM over the same weights on tensor cores (more than 16 rows).
+//! - `route`, `sample`: the MoE router and sampling's reduction on the device (the host finishes exactly).
+//! - `backend`: `CudaBackend`, the model's backend trait on one GPU.
+//! - `cache`: the block-paged latent cache; `attention`: cache writes and tiled MLA attention over it;
+//!   `indexer`: the V3.2 indexer's scores and top-k, its selection kept on the device.
 
 pub mod act;
 mod attention;
+pub mod experts;
 pub mod backend;
 pub mod cache;
 mod error;
+pub mod gemm;
 pub mod gemv;
+pub mod mma;
 pub mod gpu;
+pub mod indexer;
 pub mod ipc;
 pub mod nvrtc;
+pub mod route;
+pub mod sample;
 
 pub use act::{Act, ActDtype, ActView, ActViewMut};
 pub use backend::CudaBackend;
 pub use error::{Error, Result};
+pub use gemm::GemmTile;
 pub use gemv::GpuGptq;
 pub use gpu::Gpu;
+pub use indexer::GpuSelection;

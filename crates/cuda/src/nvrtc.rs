@@ -13,9 +13,12 @@ use crate::error::{Error, Result};
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("gptq_gemm.cu", include_str!("../kernels/gptq_gemm.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
+    ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
     ("ops.cu", include_str!("../kernels/ops.cu")),
-    ("rms_norm.cu", include_str!("../kernels/rms_norm.cu")),
+    ("route.cu", include_str!("../kernels/route.cu")),
+    ("sample.cu", include_str!("../kernels/sample.cu")),
     ("stream_read.cu", include_str!("../kernels/stream_read.cu")),
 ];
 

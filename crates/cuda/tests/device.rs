@@ -2,38 +2,45 @@
 //! random inputs, at small shapes and at the real model's (MODEL_SPEC §6). Skipped, with the reason printed,
 //! where there is no GPU. Run on the GPU machine as documented in docs/CUDA.md.
 //!
-//! Tolerance: inputs are bf16 and the kernels accumulate in f32 like the reference, in another order and with
-//! fast-math intrinsics: relative L2 ≤ 1e-4 is f32-level agreement; a wrong bit, group or zero is ≥ 1e-2.
+//! Tolerance: the reference sums the same inputs the kernel sees (x rounded to bf16 where the kernel takes bf16)
+//! in f32; the kernels accumulate in f32 too (the tensor-core path in the mma's fp32 accumulators), in another
+//! order and with fast-math intrinsics: relative L2 ≤ 1e-4 is f32-level agreement; a wrong bit, group or zero is
+//! ≥ 1e-2. Outputs stored as bf16 add their rounding (2^-9 relative per value): ≤ 5e-3.
 
 mod common;
 
 use common::*;
 use half::bf16;
-use pipemoe_cuda::{Gpu, GpuGptq};
+use pipemoe_cuda::gemv::Packing;
+use pipemoe_cuda::{Act, ActDtype, Gpu, GpuGptq};
 
 /// One GEMV shape: `(in, out, bits, group, act_order, batch)`.
 type Case = (usize, usize, u32, i64, bool, usize);
 
-fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case) -> f64 {
+/// Relative L2 of the GEMV against the reference for inputs in `xd`, outputs in `yd`, with the weight uploaded
+/// for tensor cores (`mma`, where eligible) or in the checkpoint packing.
+fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, xd: ActDtype, yd: ActDtype, mma: bool) -> (f64, Packing) {
     let (k, n, bits, group, act_order, batch) = case;
     let w = random_weight(rng, k, n, bits, group, act_order);
-    let x: Vec<bf16> = (0..batch * k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0)).collect();
+    let mut x: Vec<f32> = (0..batch * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+    if xd == ActDtype::Bf16 {
+        x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+    }
     let dense = w.dequantize(); // [n, k]
     let mut want = vec![0f32; batch * n];
     for b in 0..batch {
         for j in 0..n {
             let row = &dense[j * k..(j + 1) * k];
-            want[b * n + j] = row.iter().zip(&x[b * k..(b + 1) * k]).map(|(w, x)| w * x.to_f32()).sum();
+            want[b * n + j] = row.iter().zip(&x[b * k..(b + 1) * k]).map(|(w, x)| w * x).sum();
         }
     }
-    let g = GpuGptq::upload(gpu, &w).expect("upload");
-    let s = &gpu.stream;
-    let xd = s.clone_htod(&x).expect("x");
-    let mut partial = s.alloc_zeros::<f32>(g.scratch_len(gpu, batch)).expect("scratch");
-    let mut y = s.alloc_zeros::<f32>(batch * n).expect("y");
-    g.gemv(gpu, &xd, batch, &mut partial, &mut y).expect("gemv");
-    let got = s.clone_dtoh(&y).expect("download");
-    rel_l2(&got, &want)
+    let g = if mma { GpuGptq::upload_for_tensor_cores(gpu, &w) } else { GpuGptq::upload(gpu, &w) }.expect("upload");
+    let xa = Act::from_f32(gpu, xd, &x).expect("x");
+    let mut partial = gpu.stream.alloc_zeros::<f32>(g.scratch_len(gpu, batch)).expect("scratch");
+    let mut y = Act::zeros(gpu, yd, batch * n).expect("y");
+    g.gemv(gpu, &xa.view(0, batch * k), batch, &mut partial, &mut y.view_mut(0, batch * n)).expect("gemv");
+    let got = y.to_f32(gpu, batch * n).expect("download");
+    (rel_l2(&got, &want), g.packing)
 }
 
 #[test]
@@ -57,11 +64,22 @@ fn gptq_gemv_matches_the_cpu_reference() {
         (16384, 7168, 3, 128, false, 1), // o_proj
         (7168, 576, 3, 128, false, 16),  // kv_a_proj_with_mqa
         (1536, 24576, 3, 128, false, 1), // q_b_proj
+        (7168, 2048, 3, 128, false, 9),  // two n8 halves on tensor cores
+        (2048, 7168, 2, 128, true, 16),
+        (7168, 2048, 4, 128, false, 5),
     ];
-    for (k, n, bits, group, act, batch) in cases {
-        let err = gemv_case(&gpu, &mut rng, (k, n, bits, group, act, batch));
-        eprintln!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch}: rel L2 {err:.2e}");
-        assert!(err <= 1e-4, "gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch}: rel L2 {err:e}");
+    let (f32_, bf16_) = (ActDtype::F32, ActDtype::Bf16);
+    for case in cases {
+        let (k, n, bits, group, act, batch) = case;
+        // (x, y, tensor cores, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs.
+        for (xd, yd, mma, tol) in
+            [(f32_, f32_, false, 1e-4), (bf16_, f32_, false, 1e-4), (bf16_, f32_, true, 1e-4), (bf16_, bf16_, true, 5e-3)]
+        {
+            let (err, packing) = gemv_case(&gpu, &mut rng, case, xd, yd, mma);
+            let what = format!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch} x {xd:?} y {yd:?} {packing:?}");
+            eprintln!("{what}: rel L2 {err:.2e}");
+            assert!(err <= tol, "{what}: rel L2 {err:e} > {tol:e}");
+        }
     }
 }
 
@@ -120,7 +138,10 @@ fn bench_gemv() {
     let mut rows =
         vec![format!("{{\"op\":\"stream_read\",\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{ceiling:.1}}}", n * 4)];
     println!("{} — streaming read ceiling {ceiling:.0} GB/s", gpu.describe());
-    println!("{:<28} {:>5} {:>10} {:>10} {:>9} {:>8}", "shape (3-bit g128)", "batch", "MB", "us", "GB/s", "ceiling");
+    println!(
+        "{:<28} {:<5} {:>5} {:>10} {:>10} {:>9} {:>8}",
+        "shape (3-bit g128)", "path", "batch", "MB", "us", "GB/s", "ceiling"
+    );
     let mut rng = Rng::new(11);
     for (name, k, nn) in [
         ("expert gate/up 7168x2048", 7168, 2048),
@@ -129,26 +150,31 @@ fn bench_gemv() {
         ("dense gate 7168x18432", 7168, 18432),
     ] {
         let w = random_weight(&mut rng, k, nn, 3, 128, false);
-        let one = GpuGptq::upload(&gpu, &w).expect("upload");
-        let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
-        let ws: Vec<GpuGptq> = (0..copies).map(|_| GpuGptq::upload(&gpu, &w).expect("upload")).collect();
-        for batch in [1usize, 4, 16] {
-            let x = s.alloc_zeros::<bf16>(batch * k).expect("x");
-            let mut partial = s.alloc_zeros::<f32>(one.scratch_len(&gpu, batch)).expect("scratch");
-            let mut y = s.alloc_zeros::<f32>(batch * nn).expect("y");
-            let mut i = 0;
-            let secs = time(40, &mut || {
-                ws[i % copies].gemv(&gpu, &x, batch, &mut partial, &mut y).expect("gemv");
-                i += 1;
-            });
-            let gbps = one.bytes() as f64 / secs / 1e9;
-            println!(
-                "{name:<28} {batch:>5} {:>10.1} {:>10.1} {gbps:>9.0} {:>7.0}%",
-                one.bytes() as f64 / 1e6,
-                secs * 1e6,
-                100.0 * gbps / ceiling
-            );
-            rows.push(format!("{{\"op\":\"gptq_gemv_w3\",\"shape\":\"{name}\",\"batch\":{batch},\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{gbps:.1},\"ceiling_gbps\":{ceiling:.1}}}", one.bytes()));
+        for mma in [false, true] {
+            let upload = |w| if mma { GpuGptq::upload_for_tensor_cores(&gpu, w) } else { GpuGptq::upload(&gpu, w) };
+            let one = upload(&w).expect("upload");
+            let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
+            let ws: Vec<GpuGptq> = (0..copies).map(|_| upload(&w).expect("upload")).collect();
+            let kernel = format!("{:?}", one.packing);
+            for batch in [1usize, 4, 16] {
+                let x = Act::zeros(&gpu, ActDtype::Bf16, batch * k).expect("x");
+                let mut partial = s.alloc_zeros::<f32>(one.scratch_len(&gpu, batch)).expect("scratch");
+                let mut y = Act::zeros(&gpu, ActDtype::Bf16, batch * nn).expect("y");
+                let mut i = 0;
+                let secs = time(40, &mut || {
+                    let (xv, mut yv) = (x.view(0, batch * k), y.view_mut(0, batch * nn));
+                    ws[i % copies].gemv(&gpu, &xv, batch, &mut partial, &mut yv).expect("gemv");
+                    i += 1;
+                });
+                let gbps = one.bytes() as f64 / secs / 1e9;
+                println!(
+                    "{name:<28} {kernel:<5} {batch:>5} {:>10.1} {:>10.1} {gbps:>9.0} {:>7.0}%",
+                    one.bytes() as f64 / 1e6,
+                    secs * 1e6,
+                    100.0 * gbps / ceiling
+                );
+                rows.push(format!("{{\"op\":\"gptq_gemv_w3\",\"kernel\":\"{kernel}\",\"shape\":\"{name}\",\"batch\":{batch},\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{gbps:.1},\"ceiling_gbps\":{ceiling:.1}}}", one.bytes()));
+            }
         }
     }
     if let Ok(path) = std::env::var("PIPEMOE_BENCH_OUT") {

@@ -1,16 +1,21 @@
 //! The fixture models on the GPU, through the same `Stage` and `Generator` code as the CPU engine, against HF
 //! transformers' golden logits and the demo's held-out questions. Skipped where there is no GPU.
 //!
-//! Tolerance: relative L2 ≤ 1e-4 over each prompt's logits, as for the CPU engine: the first CUDA backend keeps
-//! activations in f32, so it differs from HF's f32 forward only in summation order and fast-math intrinsics.
-//! Greedy continuations must match HF token for token.
+//! Tolerances, relative L2 over each prompt's logits against HF's f32 forward:
+//! - f32 activations: ≤ 1e-4, as for the CPU engine (summation order and fast-math intrinsics only); greedy
+//!   continuations match HF token for token.
+//! - bf16 activations (the serving path): every activation is rounded to 8 bits of mantissa between kernels
+//!   (2^-9 relative per value) through every layer of these 2–4-layer models: ≤ 3e-2 (HF's own bf16 forward
+//!   lands in the same range against its f32 one). Random-weight fixtures have logit gaps smaller than that noise,
+//!   so greedy tokens are reported, and must match for the first token of every prompt; the trained demo's
+//!   answers (the meaningful greedy check) must be as accurate as eval.json says.
 
 mod common;
 
 use std::path::PathBuf;
 
 use common::*;
-use pipemoe_cuda::CudaBackend;
+use pipemoe_cuda::{ActDtype, CudaBackend};
 use pipemoe_model::{ModelConfig, Row, SliceSpec, Stage, StageInput};
 
 fn models() -> PathBuf {
@@ -45,7 +50,7 @@ fn fixture_logits_match_transformers_on_the_gpu() {
     if no_gpu() {
         return;
     }
-    let backend = CudaBackend::new(0).expect("gpu");
+    let gpu = CudaBackend::new(0).expect("gpu");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
         .expect("data/models")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -53,9 +58,10 @@ fn fixture_logits_match_transformers_on_the_gpu() {
         .collect();
     dirs.sort();
     assert!(dirs.len() >= 6, "{dirs:?}");
-    for dir in dirs {
-        let cfg = ModelConfig::from_dir(&dir).expect("config");
-        let mut stage = Stage::open(backend.clone(), &dir, SliceSpec::full(&cfg)).expect("loads on the GPU");
+    for (act, dir) in [ActDtype::F32, ActDtype::Bf16].into_iter().flat_map(|a| dirs.iter().map(move |d| (a, d))) {
+        let backend = gpu.clone().with_act_dtype(act);
+        let cfg = ModelConfig::from_dir(dir).expect("config");
+        let mut stage = Stage::open(backend, dir, SliceSpec::full(&cfg)).expect("loads on the GPU");
         let vocab = cfg.vocab_size;
         let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         for (i, (ids, want, greedy)) in golden(&dir).into_iter().enumerate() {
@@ -76,12 +82,17 @@ fn fixture_logits_match_transformers_on_the_gpu() {
                 next = argmax(&stage.logits(&h, &[0]).expect("logits"));
             }
             eprintln!(
-                "{name} prompt{i}: {} tokens, rel L2 {err:.2e}, greedy {same}/{} tokens as HF",
+                "{name} {act:?} prompt{i}: {} tokens, rel L2 {err:.2e}, greedy {same}/{} tokens as HF",
                 ids.len(),
                 greedy.len()
             );
-            assert!(err <= 1e-4, "{name} prompt{i}: rel L2 {err:e}");
-            assert_eq!(same, greedy.len(), "{name} prompt{i}: greedy decode differs from HF");
+            if act == ActDtype::F32 {
+                assert!(err <= 1e-4, "{name} prompt{i}: rel L2 {err:e}");
+                assert_eq!(same, greedy.len(), "{name} prompt{i}: greedy decode differs from HF");
+            } else {
+                assert!(err <= 3e-2, "{name} bf16 prompt{i}: rel L2 {err:e}");
+                assert!(same >= 1, "{name} bf16 prompt{i}: the first greedy token differs from HF");
+            }
             stage.free(seq);
         }
     }
@@ -97,7 +108,9 @@ fn the_demo_answers_held_out_questions_on_the_gpu() {
     }
     let dir = models().join("tiny-dsv32-w3a16");
     let cfg = ModelConfig::from_dir(&dir).expect("config");
-    let stage = Stage::open(CudaBackend::new(0).expect("gpu"), &dir, SliceSpec::full(&cfg)).expect("loads");
+    // The serving configuration: bf16 activations, bf16 cache.
+    let backend = CudaBackend::new(0).expect("gpu").with_kv_dtype(pipemoe_cuda::cache::KvDtype::Bf16);
+    let stage = Stage::open(backend, &dir, SliceSpec::full(&cfg)).expect("loads");
     let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
     let format = ChatFormat::for_model("deepseek_v32", &tok).expect("chat");
     let lines = std::fs::read_to_string(dir.join("heldout.jsonl")).expect("heldout");
@@ -141,7 +154,7 @@ fn bf16_and_fp8_caches_stay_close_to_f32() {
     let cfg = ModelConfig::from_dir(&dir).expect("config");
     let (ids, _, greedy) = golden(&dir).into_iter().max_by_key(|g| g.0.len()).expect("golden");
     let logits = |dtype: KvDtype| {
-        let b = CudaBackend::new(0).expect("gpu").with_kv_dtype(dtype);
+        let b = CudaBackend::new(0).expect("gpu").with_act_dtype(ActDtype::F32).with_kv_dtype(dtype);
         let mut st = Stage::open(b, &dir, SliceSpec::full(&cfg)).expect("loads");
         let rows: Vec<Row> = (0..ids.len()).map(|pos| Row { seq: 1, pos }).collect();
         let h = st.forward(&rows, StageInput::Tokens(&ids)).expect("forward");
@@ -158,4 +171,57 @@ fn bf16_and_fp8_caches_stay_close_to_f32() {
     assert!(bf16 <= 1e-2, "bf16 cache: {bf16:e}");
     assert!(fp8 <= 1e-1, "fp8 cache: {fp8:e}");
     assert!(fp8 > bf16, "fp8 must be coarser than bf16 (is the dtype really used?)");
+}
+
+/// With bf16 activations a long prompt's prefill in one step (GEMM and expert-by-expert paths, rows > 16) and in
+/// chunks of 16 rows (the decode paths: tensor-core GEMV, grouped experts) give the same logits within bf16
+/// noise, and both stay near the f32 path's. Bounds as in `fixture_logits_match_transformers_on_the_gpu`.
+#[test]
+fn bf16_prefill_in_one_step_matches_chunks_of_16() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("gpu");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
+        .expect("data/models")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("golden.safetensors").exists())
+        .collect();
+    dirs.sort();
+    let mut failed = Vec::new();
+    for dir in &dirs {
+        let cfg = ModelConfig::from_dir(dir).expect("config");
+        let (ids, want, _) = golden(dir).into_iter().max_by_key(|g| g.0.len()).expect("golden");
+        let n = ids.len();
+        let run = |act: ActDtype, chunk: usize| {
+            let mut st = Stage::open(gpu.clone().with_act_dtype(act), dir, SliceSpec::full(&cfg)).expect("loads");
+            let mut out = Vec::new();
+            for start in (0..n).step_by(chunk) {
+                let end = (start + chunk).min(n);
+                let rows: Vec<Row> = (start..end).map(|pos| Row { seq: 1, pos }).collect();
+                let h = st.forward(&rows, StageInput::Tokens(&ids[start..end])).expect("forward");
+                out.extend(st.logits(&h, &(0..end - start).collect::<Vec<_>>()).expect("logits"));
+            }
+            out
+        };
+        let exact = run(ActDtype::F32, n);
+        let (whole, chunks) = (run(ActDtype::Bf16, n), run(ActDtype::Bf16, 16));
+        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let (a, b, c, d) =
+            (rel_l2(&whole, &chunks), rel_l2(&whole, &exact), rel_l2(&chunks, &exact), rel_l2(&exact, &want));
+        let v = cfg.vocab_size;
+        let mut per: Vec<f64> = (0..n).map(|i| rel_l2(&whole[i * v..(i + 1) * v], &exact[i * v..(i + 1) * v])).collect();
+        per.sort_by(f64::total_cmp);
+        eprintln!(
+            "{name}, {n} tokens: bf16 one step vs chunks {a:.2e}; vs f32: one step {b:.2e}, chunks {c:.2e}; f32 vs HF \
+             {d:.2e}; per position vs f32: median {:.2e}, 90% {:.2e}, max {:.2e}",
+            per[n / 2],
+            per[n * 9 / 10],
+            per[n - 1]
+        );
+        if a > 3e-2 || b > 3e-2 || c > 3e-2 {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "bf16 prefill out of bounds: {failed:?}");
 }

@@ -8,6 +8,7 @@
 use pipemoe_quant::GptqWeight;
 
 use crate::Result;
+use crate::sampling::{SampleRow, SampledToken};
 
 /// One sequence in the KV cache. Chosen by the caller; unique among live sequences.
 pub type SeqId = u64;
@@ -112,8 +113,9 @@ impl Routing {
     }
 }
 
-/// Per row of a step, the key positions attention may use; `None` means every causal position (dense MLA).
-pub type Selection = Option<Vec<Vec<u32>>>;
+/// Per row of a step, the key positions attention may use, in ascending order, as host lists (the CPU backend's
+/// own selection; what `Backend::selection_to_host` returns for tests and diagnostics).
+pub type HostSelection = Vec<Vec<u32>>;
 
 /// Activations shared with another process on the same machine (CUDA IPC): a memory handle, an event handle the
 /// receiver waits on before reading, and whatever keeps the exported buffer alive until this value is dropped.
@@ -131,6 +133,9 @@ pub trait Backend: Send + Sync {
     /// One layer's cache for every live sequence: the normed latent `c` (kv_lora), the roped `k_pe` (qk_rope)
     /// and, for V3.2, the indexer key (index_head_dim).
     type LayerCache: Send;
+    /// The indexer's chosen keys for a step as the backend keeps them (host lists on the CPU; a device buffer on
+    /// a GPU, so the choice never leaves the device).
+    type Selection: Send;
 
     /// A short description ("cpu", "cuda:0 (NVIDIA H200)").
     fn describe(&self) -> String;
@@ -187,9 +192,12 @@ pub trait Backend: Send + Sync {
         w: &Self::Tensor,
         dims: &IndexerDims,
         rows: &[Row],
-    ) -> Result<Vec<Vec<u32>>>;
+    ) -> Result<Self::Selection>;
+    /// A selection as host lists, each row's positions ascending (tests, diagnostics).
+    fn selection_to_host(&self, selection: &Self::Selection) -> Result<HostSelection>;
     /// MLA attention with absorbed `kv_b_proj` over the latent cache (MODEL_SPEC §2.5).
     /// `q`: `[rows, heads·(qk_nope+qk_rope)]`, rope part already applied. Returns `[rows, heads·v_head]`.
+    /// `selection`: the indexer's keys per row (V3.2 DSA), or `None` for every causal position (dense MLA).
     fn mla_attention(
         &self,
         cache: &Self::LayerCache,
@@ -197,17 +205,23 @@ pub trait Backend: Send + Sync {
         kv_b: &Self::Weight,
         dims: &MlaDims,
         rows: &[Row],
-        selection: &Selection,
+        selection: Option<&Self::Selection>,
     ) -> Result<Self::Tensor>;
+    /// The routing of a step as the backend keeps it (host vectors on the CPU, device buffers on a GPU).
+    type Routes: Send;
+    /// The routed experts of one MoE layer as the backend lays them out (a GPU keeps a device table of them so
+    /// one launch serves every selected expert).
+    type Experts: Send + Sync;
+
     /// Router scores in f32 with the correction bias for selection only (MODEL_SPEC §2.7).
-    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims) -> Result<Routing>;
-    /// `Σ_k w_k · expert_k(x)` over the routed experts this slice holds (`experts[e]` is `None` elsewhere).
-    fn experts(
-        &self,
-        x: &Self::Tensor,
-        experts: &[Option<ExpertWeights<Self>>],
-        routing: &Routing,
-    ) -> Result<Self::Tensor>;
+    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims)
+    -> Result<Self::Routes>;
+    /// The routing as host vectors (tests, diagnostics).
+    fn routes_to_host(&self, routes: &Self::Routes) -> Result<Routing>;
+    /// Takes one layer's routed experts, indexed by expert id (`None` for those another slice holds).
+    fn load_experts(&self, experts: Vec<Option<ExpertWeights<Self>>>) -> Result<Self::Experts>;
+    /// `Σ_k w_k · expert_k(x)` over the routed experts this slice holds.
+    fn experts(&self, x: &Self::Tensor, experts: &Self::Experts, routes: &Self::Routes) -> Result<Self::Tensor>;
 
     /// Shares `x` with another process without a copy through the host; `None` when this backend cannot.
     fn export(&self, _x: &Self::Tensor) -> Result<Option<SharedActivations>> {
@@ -217,6 +231,13 @@ pub trait Backend: Send + Sync {
     /// Reads `[rows, cols]` activations another process exported.
     fn import(&self, _rows: usize, _cols: usize, _mem_handle: &[u8], _event_handle: &[u8]) -> Result<Self::Tensor> {
         Err(crate::Error::Backend { reason: format!("{} cannot read CUDA IPC handles", self.describe()) })
+    }
+
+    /// One token per row of `logits` `[rows.len(), vocab]`, each from its row's sampler, with the logprobs it
+    /// asks for. The default downloads every row and samples on the host; a GPU reduces the rows where they are
+    /// and downloads what the host needs to finish (the same tokens, `sampling::batch`).
+    fn sample(&self, logits: &Self::Tensor, rows: &mut [SampleRow<'_>]) -> Result<Vec<SampledToken>> {
+        crate::sampling::sample_host(&self.download(logits)?, rows)
     }
 }
 

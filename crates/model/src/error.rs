@@ -73,6 +73,11 @@ pub enum Error {
     #[error("sequence {seq}: the cache holds {expected} positions, the step writes position {found}")]
     CachePosition { seq: u64, expected: usize, found: usize },
 
+    /// The latent cache's pool (sized from the memory budget) cannot hold a step's new positions; nothing of the
+    /// step was written, and freeing finished sequences makes room.
+    #[error("KV cache full: {used} positions in use of {capacity}, the step needs {needed} more")]
+    CacheFull { needed: usize, used: usize, capacity: usize },
+
     /// A prompt the model cannot take: longer than its context (never truncated), or empty.
     #[error("{reason}: {tokens} tokens, the model's limit is {limit}")]
     PromptTooLong { tokens: usize, limit: usize, reason: &'static str },

@@ -3,7 +3,7 @@
 //! `pipemoe generate` runs; the controller's scheduler runs the same steps across worker processes.
 
 use crate::backend::{Backend, Row, SeqId};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{SampleRow, Sampler, SamplingParams};
 use crate::stage::{Stage, StageInput};
 use crate::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
 use crate::{Error, Result};
@@ -135,13 +135,17 @@ impl<B: Backend> Generator<B> {
         let mut step_rows = last_rows;
         loop {
             let h = self.stage.forward(&rows, StageInput::Tokens(&ids))?;
-            let logits = self.stage.logits(&h, &step_rows)?;
-            let vocab = logits.len() / step_rows.len().max(1);
+            let mut samplers: Vec<SampleRow<'_>> = live
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| active.binary_search(i).is_ok())
+                .map(|(_, l)| SampleRow { sampler: &mut l.sampler, logprobs: None })
+                .collect();
+            let sampled = self.stage.sample(&h, &step_rows, &mut samplers)?;
+            drop(samplers);
             let mut still = Vec::new();
-            for (k, &i) in active.iter().enumerate() {
-                let l = &mut live[i];
-                let id = l.sampler.sample(&logits[k * vocab..(k + 1) * vocab]);
-                if self.accept(l, id)? {
+            for (&i, s) in active.iter().zip(sampled) {
+                if self.accept(&mut live[i], s.token)? {
                     still.push(i);
                 }
             }

@@ -105,7 +105,7 @@ impl<B: Backend> Mla<B> {
                 None
             }
         };
-        let attn = b.mla_attention(cache, &q, &self.kv_b, &d, rows, &selection)?;
+        let attn = b.mla_attention(cache, &q, &self.kv_b, &d, rows, selection.as_ref())?;
         b.linear(&attn, &self.o)
     }
 }

@@ -22,8 +22,8 @@ pub struct Moe<B: Backend> {
     /// Router `[n_experts, hidden]`, applied in f32.
     gate: B::Weight,
     bias: B::Vector,
-    /// Indexed by expert id; `None` for experts another stage holds.
-    experts: Vec<Option<ExpertWeights<B>>>,
+    /// The routed experts, indexed by expert id (those another stage holds are absent).
+    experts: B::Experts,
     shared: Option<ExpertWeights<B>>,
     dims: RouterDims,
 }
@@ -50,6 +50,7 @@ impl<B: Backend> Ffn<B> {
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
+        let experts = b.load_experts(experts)?;
         let shared = (c.n_shared_experts > 0 && slice.holds_shared_expert())
             .then(|| load_mlp(b, ld, &format!("{p}.shared_experts"), c.moe_intermediate_size * c.n_shared_experts))
             .transpose()?;

@@ -2,11 +2,20 @@
 //! PRNG, plus the log-probabilities OpenAI's `logprobs`/`top_logprobs` report.
 //!
 //! Probabilities are computed in f64 after subtracting the largest logit, so no logit range overflows. A NaN
-//! logit counts as -inf. Ties between equal probabilities go to the lower token id, so a seed fixes the output.
+//! logit counts as -inf. The draw walks the candidates most likely first, ties to the lower token id, so a seed
+//! fixes the output whatever std's selection algorithm does, and a row reduced on the device to its largest
+//! logits (`reduced`) can reproduce the draw.
+
+use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+mod batch;
+mod reduced;
+pub use batch::{MIN_CANDIDATES, SampleRow, SampledToken, candidates, sample_from_reduced, sample_host};
+pub use reduced::{Reduced, ReducedRow, logprobs_reduced};
 
 /// How to pick the next token. The defaults (1.0, 1.0, 0, none) sample from the model's distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -52,7 +61,8 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn is_greedy(&self) -> bool {
+    /// The argmax decides (temperature 0 or top_k 1): no draw, the PRNG untouched.
+    pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
     }
 }
@@ -93,14 +103,13 @@ impl Sampler {
             let p = (f64::from(l - max) * inv_t).exp();
             (p > 0.0).then_some((i as u32, p))
         }));
-        let by_prob = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
         if k > 0 && k < cand.len() {
             cand.select_nth_unstable_by(k - 1, by_prob);
             cand.truncate(k);
         }
+        cand.sort_unstable_by(by_prob);
         if self.params.top_p < 1.0 {
-            cand.sort_unstable_by(by_prob);
             let total: f64 = cand.iter().map(|c| c.1).sum();
             let target = f64::from(self.params.top_p) * total;
             let mut cum = 0.0;
@@ -144,7 +153,6 @@ pub fn logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
     let lp = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { (f64::from(l) - log_z) as f32 };
     let chosen = logits.get(chosen as usize).map_or(f32::NEG_INFINITY, |&l| lp(l));
     let mut top: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, lp(l))).collect();
-    let by_lp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let k = k.min(top.len());
     if k > 0 && k < top.len() {
         top.select_nth_unstable_by(k - 1, by_lp);
@@ -152,6 +160,16 @@ pub fn logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
     top.truncate(k);
     top.sort_unstable_by(by_lp);
     TokenLogprobs { chosen, top }
+}
+
+/// Most likely first, ties by lower id: the order of candidates for the draw.
+fn by_prob(a: &(u32, f64), b: &(u32, f64)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The order of `top_logprobs`: highest first, ties by lower id.
+fn by_lp(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// Index of the largest logit; the lowest index among equals; NaN never wins.

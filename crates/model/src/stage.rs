@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::backend::{Backend, Row, SeqId};
 use crate::layer::Layer;
 use crate::rope;
+use crate::sampling::{SampleRow, SampledToken};
 use crate::weights::{Loader, SliceSpec};
 use crate::{Checkpoint, Error, ModelConfig, Result};
 
@@ -80,6 +81,23 @@ impl<B: Backend> Stage<B> {
         &self.backend
     }
 
+    /// Every layer's cache, in layer order (a worker reports their size and use).
+    pub fn caches(&self) -> &[B::LayerCache] {
+        &self.caches
+    }
+
+    /// Changes the backend's settings (the KV cache's memory budget, once the weights' real size is known) and
+    /// makes every layer's cache anew under them. Anything cached is dropped: call it before the first step.
+    pub fn renew_caches(&mut self, configure: impl FnOnce(&mut B)) {
+        configure(&mut self.backend);
+        let b = &self.backend;
+        self.caches = self
+            .layers
+            .iter()
+            .map(|layer| b.new_layer_cache(&layer.attn.dims, layer.attn.indexer.as_ref().map(|i| &i.dims)))
+            .collect();
+    }
+
     /// Positions cached for `seq` (0 for an unknown sequence).
     pub fn cache_len(&self, seq: SeqId) -> usize {
         self.caches.first().map_or(0, |c| self.backend.cache_len(c, seq))
@@ -149,12 +167,34 @@ impl<B: Backend> Stage<B> {
 
     /// Final norm and `lm_head` on the rows `which` of `hidden`: logits `[which.len(), vocab]` on the host.
     pub fn logits(&self, hidden: &B::Tensor, which: &[usize]) -> Result<Vec<f32>> {
+        self.backend.download(&self.head_logits(hidden, which)?)
+    }
+
+    /// One token for each of the rows `which` of `hidden`, from `samplers[k]` for `which[k]`: final norm and
+    /// `lm_head`, then `Backend::sample` where the logits are (on a GPU, only a reduced view of them comes back).
+    pub fn sample(
+        &self,
+        hidden: &B::Tensor,
+        which: &[usize],
+        samplers: &mut [SampleRow<'_>],
+    ) -> Result<Vec<SampledToken>> {
+        if which.len() != samplers.len() {
+            return Err(Error::Slice { reason: format!("{} rows to sample with {} samplers", which.len(), samplers.len()) });
+        }
+        if which.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.backend.sample(&self.head_logits(hidden, which)?, samplers)
+    }
+
+    /// Logits `[which.len(), vocab]` where the backend keeps them.
+    fn head_logits(&self, hidden: &B::Tensor, which: &[usize]) -> Result<B::Tensor> {
         let (norm, lm_head) = self
             .head
             .as_ref()
             .ok_or_else(|| Error::Slice { reason: "logits asked of a stage without lm_head".into() })?;
         let b = &self.backend;
         let x = b.rms_norm(&b.gather_rows(hidden, which)?, norm, self.cfg.rms_norm_eps as f32)?;
-        b.download(&b.linear(&x, lm_head)?)
+        b.linear(&x, lm_head)
     }
 }

@@ -137,3 +137,37 @@ fn rows_that_do_not_continue_the_cache_are_refused() {
     // Nothing was cached by the refused steps.
     assert_eq!(m.cache_len(1), 0);
 }
+
+#[test]
+fn stage_sampling_on_the_cpu_is_host_sampling_of_the_logits() {
+    use pipemoe_model::sampling::{SampleRow, Sampler, SamplingParams, logprobs};
+    let ids = long_prompt();
+    let mut m = full_model(&demo());
+    let vocab = m.config().vocab_size;
+    let rows = rows(1, 0, ids.len());
+    let h = m.forward(&rows, StageInput::Tokens(&ids)).expect("forward");
+    let which = [ids.len() - 1, 3, 0];
+    let logits = m.logits(&h, &which).expect("logits");
+    let params = [
+        (SamplingParams { seed: Some(5), ..SamplingParams::greedy() }, Some(4)),
+        (SamplingParams { temperature: 0.8, top_p: 0.9, top_k: 30, seed: Some(6) }, None),
+        (SamplingParams { temperature: 1.3, top_p: 1.0, top_k: 0, seed: Some(7) }, Some(0)),
+    ];
+    let fresh = || params.iter().map(|p| Sampler::new(p.0).expect("sampler")).collect::<Vec<_>>();
+    let (mut staged, mut host) = (fresh(), fresh());
+    for step in 0..20 {
+        let mut samplers: Vec<SampleRow<'_>> =
+            staged.iter_mut().zip(&params).map(|(sampler, p)| SampleRow { sampler, logprobs: p.1 }).collect();
+        let got = m.sample(&h, &which, &mut samplers).expect("sample");
+        for (k, (s, p)) in host.iter_mut().zip(&params).enumerate() {
+            let row = &logits[k * vocab..(k + 1) * vocab];
+            let token = s.sample(row);
+            assert_eq!(got[k].token, token, "step {step} row {k}");
+            assert_eq!(got[k].logprobs, p.1.map(|n| logprobs(row, token, n)), "step {step} row {k}");
+        }
+    }
+    // One sampler per row.
+    let mut one = fresh();
+    let mut short: Vec<SampleRow<'_>> = one.iter_mut().take(2).map(|sampler| SampleRow { sampler, logprobs: None }).collect();
+    assert!(m.sample(&h, &which, &mut short).is_err());
+}

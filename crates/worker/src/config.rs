@@ -8,6 +8,7 @@ use clap::Args;
 use pipemoe_model::SliceSpec;
 
 use crate::error::{Error, Result};
+use crate::memory::MemoryPlan;
 
 /// `pipemoe worker`: serve one slice of the model on one device (spawned by the controller).
 #[derive(Debug, Clone, Args)]
@@ -45,6 +46,19 @@ pub struct WorkerArgs {
     /// How a GPU worker stores its KV cache: auto (= bf16), bf16, fp8 (e4m3 with scales) or f32. CPU: f32.
     #[arg(long, env = "PIPEMOE_KV_CACHE_DTYPE", default_value = "auto")]
     pub kv_cache_dtype: String,
+    /// Device memory this worker may hold in all, in bytes: weights + KV cache + workspace (the plan's figure for
+    /// its device). A GPU worker's KV cache gets what the weights and the workspace leave of it.
+    #[arg(long, env = "PIPEMOE_WORKER_MEMORY_BUDGET_BYTES")]
+    pub memory_budget_bytes: Option<u64>,
+    /// The plan's estimate of this slice's weights on the device, in bytes (absent: what loading measurably took).
+    #[arg(long, env = "PIPEMOE_WORKER_WEIGHT_BYTES")]
+    pub weight_bytes: Option<u64>,
+    /// Device memory left free for activations and scratch, in bytes.
+    #[arg(long, env = "PIPEMOE_WORKER_WORKSPACE_BYTES", default_value_t = crate::memory::DEFAULT_WORKSPACE_BYTES)]
+    pub workspace_bytes: u64,
+    /// At most this many bytes of GPU KV cache, whatever the budget leaves (to leave room, or to test a full cache).
+    #[arg(long, env = "PIPEMOE_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<u64>,
     /// Pass activations to the next worker as CUDA IPC handles instead of bytes (both on GPUs of this machine).
     #[arg(long, env = "PIPEMOE_WORKER_IPC", value_parser = clap::builder::BoolishValueParser::new())]
     pub ipc: bool,
@@ -80,6 +94,8 @@ pub struct WorkerConfig {
     pub ipc: bool,
     /// The GPU cache's storage.
     pub kv_dtype: pipemoe_cuda::cache::KvDtype,
+    /// What the plan allows the device: sizes a GPU worker's KV cache.
+    pub memory: MemoryPlan,
 }
 
 impl WorkerConfig {
@@ -152,6 +168,12 @@ impl WorkerArgs {
                 .kv_cache_dtype
                 .parse()
                 .map_err(|reason| Error::InvalidArg { arg: "kv-cache-dtype", reason })?,
+            memory: MemoryPlan {
+                budget_bytes: self.memory_budget_bytes,
+                weight_bytes: self.weight_bytes,
+                workspace_bytes: self.workspace_bytes,
+                kv_cache_bytes: self.kv_cache_bytes,
+            },
         };
         config.validate()?;
         Ok(config)
@@ -229,6 +251,18 @@ mod tests {
         assert_eq!(c.slice, SliceSpec { layers: 1..3, experts: Some(0..8), embed: false, head: false });
         assert_eq!(c.listen, Listen::Unix("/tmp/w1.sock".into()));
         assert_eq!(c.next.as_deref(), Some("unix:/tmp/w2.sock"));
+        assert_eq!(c.memory, MemoryPlan::default());
+        let mut sized = args.clone();
+        sized.extend(["--memory-budget-bytes", "1000", "--weight-bytes", "300", "--kv-cache-bytes", "50"]);
+        sized.extend(["--workspace-bytes", "100"]);
+        let m = parse(&sized)?.config().map_err(|e| e.to_string())?.memory;
+        let want = MemoryPlan {
+            budget_bytes: Some(1000),
+            weight_bytes: Some(300),
+            workspace_bytes: 100,
+            kv_cache_bytes: Some(50),
+        };
+        assert_eq!(m, want);
 
         // Not the head and nowhere to send the output; the head with a next; an empty range. (A CUDA device is a
         // valid config: whether the GPU opens is decided at start.)

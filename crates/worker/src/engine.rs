@@ -5,12 +5,13 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
-use pipemoe_model::sampling::{Sampler, SamplingParams, logprobs};
+use pipemoe_model::sampling::{SampleRow, Sampler, SamplingParams};
 use pipemoe_model::{Backend, SeqId, Stage, StageInput};
 use pipemoe_proto::worker_v1::{Sampled, TokenLogprob};
 
+use crate::device::{CacheUsage, WorkerBackend};
 use crate::error::{Error, Result};
-use crate::step::{Hidden, Plan};
+use crate::step::{Hidden, Plan, SampleSpec};
 
 /// What this worker's part of a step produced.
 pub enum Output {
@@ -81,28 +82,50 @@ impl<B: Backend> Engine<B> {
             }
             return Ok(Output::Hidden { rows, cols, data: b.download(&hidden).map_err(model)? });
         }
+        Ok(Output::Sampled(self.sample(&hidden, &plan)?))
+    }
+
+    /// The last stage's tokens for the chunks that ask for one, in chunk order: each sequence's sampler lent to
+    /// `Stage::sample` (on a GPU the logits stay on the device, a reduced view of them comes back).
+    fn sample(&mut self, hidden: &B::Tensor, plan: &Plan) -> Result<Vec<Sampled>> {
+        let step_id = plan.step_id;
+        let model = |source| Error::Model { step_id, source };
         let sampled = plan.sampled_rows();
         if sampled.is_empty() {
-            return Ok(Output::Sampled(Vec::new()));
+            return Ok(Vec::new());
         }
-        let which: Vec<usize> = sampled.iter().map(|(row, _)| *row).collect();
-        let logits = self.stage.logits(&hidden, &which).map_err(model)?;
-        let vocab = logits.len() / which.len();
-        let mut out = Vec::with_capacity(sampled.len());
-        for (k, (_, chunk)) in sampled.iter().enumerate() {
-            let Some(spec) = chunk.sample else { continue };
-            let logits = &logits[k * vocab..(k + 1) * vocab];
-            let sampler = self.sampler(chunk.seq, spec.params).map_err(model)?;
-            let token = sampler.sample(logits);
-            let mut s = Sampled { seq: chunk.seq, token, logprob: None, top: Vec::new() };
-            if spec.logprobs || spec.top_logprobs > 0 {
-                let lp = logprobs(logits, token, spec.top_logprobs);
-                s.logprob = spec.logprobs.then_some(lp.chosen);
-                s.top = lp.top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect();
+        // (row of the step, sequence, spec) of each sampled chunk, in chunk order.
+        let wanted: Vec<(usize, SeqId, SampleSpec)> =
+            sampled.iter().filter_map(|(row, c)| c.sample.map(|spec| (*row, c.seq, spec))).collect();
+        for &(_, seq, spec) in &wanted {
+            self.start_sampler(seq, spec.params).map_err(model)?;
+        }
+        // Each chunk's sampler, lent for the step (sequences are unique within a step).
+        let order: HashMap<SeqId, usize> = wanted.iter().enumerate().map(|(k, w)| (w.1, k)).collect();
+        let mut lent: Vec<Option<SampleRow<'_>>> = wanted.iter().map(|_| None).collect();
+        for (seq, state) in &mut self.seqs {
+            if let (Some(&k), Some(sampler)) = (order.get(seq), state.sampler.as_mut()) {
+                let spec = wanted[k].2;
+                let logprobs = (spec.logprobs || spec.top_logprobs > 0).then_some(spec.top_logprobs);
+                lent[k] = Some(SampleRow { sampler, logprobs });
             }
-            out.push(s);
         }
-        Ok(Output::Sampled(out))
+        let missing = || model(pipemoe_model::Error::Backend { reason: "a sampled chunk has no sampler".into() });
+        let mut rows: Vec<SampleRow<'_>> = lent.into_iter().collect::<Option<_>>().ok_or_else(missing)?;
+        let which: Vec<usize> = wanted.iter().map(|w| w.0).collect();
+        let tokens = self.stage.sample(hidden, &which, &mut rows).map_err(model)?;
+        Ok(wanted
+            .iter()
+            .zip(tokens)
+            .map(|(&(_, seq, spec), t)| {
+                let mut s = Sampled { seq, token: t.token, logprob: None, top: Vec::new() };
+                if let Some(lp) = t.logprobs {
+                    s.logprob = spec.logprobs.then_some(lp.chosen);
+                    s.top = lp.top.into_iter().map(|(token, logprob)| TokenLogprob { token, logprob }).collect();
+                }
+                s
+            })
+            .collect())
     }
 
     /// Every chunk continues its sequence's cache, and repeats its sampling settings.
@@ -128,17 +151,15 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// The sequence's sampler, created at its first sampled chunk (seeded from the seq id when it has no seed).
-    fn sampler(&mut self, seq: SeqId, params: SamplingParams) -> pipemoe_model::Result<&mut Sampler> {
+    /// Creates the sequence's sampler at its first sampled chunk (seeded from the seq id when it has no seed).
+    fn start_sampler(&mut self, seq: SeqId, params: SamplingParams) -> pipemoe_model::Result<()> {
         let salt = self.seed_salt;
         let state = self.seqs.entry(seq).or_insert(SeqState { params, sampler: None });
-        Ok(match &mut state.sampler {
-            Some(sampler) => sampler,
-            empty => {
-                let seed = params.seed.unwrap_or_else(|| splitmix64(salt ^ seq));
-                empty.insert(Sampler::new(SamplingParams { seed: Some(seed), ..params })?)
-            }
-        })
+        if state.sampler.is_none() {
+            let seed = params.seed.unwrap_or_else(|| splitmix64(salt ^ seq));
+            state.sampler = Some(Sampler::new(SamplingParams { seed: Some(seed), ..params })?);
+        }
+        Ok(())
     }
 
     /// Drops sequences from the cache and the sampler map; returns the positions that were cached.
@@ -150,6 +171,13 @@ impl<B: Backend> Engine<B> {
             self.seqs.remove(&seq);
         }
         positions
+    }
+}
+
+impl<B: WorkerBackend> Engine<B> {
+    /// The KV cache's size and use now.
+    pub fn cache_usage(&self) -> CacheUsage {
+        self.stage.backend().cache_usage(self.stage.caches())
     }
 }
 

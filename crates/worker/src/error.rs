@@ -57,6 +57,13 @@ pub enum Error {
     #[error("step {step_id}: the model failed")]
     Model { step_id: u64, source: pipemoe_model::Error },
 
+    /// The step's new positions do not fit this worker's KV cache: nothing of it was cached here (the workers
+    /// before this one did cache it, so the caller frees the step's sequences).
+    #[error(
+        "worker {rank}, step {step_id}: KV cache full: {used} positions in use of {capacity}, the step needs {needed} more"
+    )]
+    CacheFull { rank: u32, step_id: u64, needed: usize, used: usize, capacity: usize },
+
     /// The next worker in the chain cannot be reached (or its connection broke).
     #[error("next worker {addr} is unavailable: {message}")]
     NextUnavailable { addr: String, message: String },
@@ -77,6 +84,18 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl Error {
+    /// A full cache on worker `rank` becomes [`Error::CacheFull`], so the status names the worker and the numbers.
+    pub(crate) fn on_rank(self, rank: u32) -> Self {
+        match self {
+            Error::Model { step_id, source: pipemoe_model::Error::CacheFull { needed, used, capacity } } => {
+                Error::CacheFull { rank, step_id, needed, used, capacity }
+            }
+            other => other,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let message = chain(&e);
@@ -86,6 +105,7 @@ impl From<Error> for Status {
             Error::Cuda { .. } => Status::failed_precondition(message),
             Error::NotReady { .. } => Status::failed_precondition(message),
             Error::Draining { .. } | Error::NextUnavailable { .. } => Status::unavailable(message),
+            Error::CacheFull { .. } => Status::resource_exhausted(message),
             Error::Model { .. }
             | Error::Task { .. }
             | Error::InvalidArg { .. }
@@ -98,5 +118,26 @@ impl From<Error> for Status {
                 Status::internal(message)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn a_full_cache_is_resource_exhausted_with_the_numbers() {
+        let full = pipemoe_model::Error::CacheFull { needed: 64, used: 192, capacity: 256 };
+        let status = Status::from(Error::Model { step_id: 9, source: full }.on_rank(2));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "worker 2, step 9: KV cache full: 192 positions in use of 256, the step needs 64 more"
+        );
+        // Any other model error stays internal.
+        let other = Error::Model { step_id: 9, source: pipemoe_model::Error::UnknownSequence { seq: 3 } }.on_rank(2);
+        assert_eq!(Status::from(other).code(), Code::Internal);
     }
 }

@@ -7,9 +7,11 @@
 //! - `step`: a step request checked before anything runs, and activations on the wire.
 //! - `engine`: the loaded stage and per-sequence samplers (blocking work, under the lock).
 //! - `next`: the client to the next worker.
-//! - `memory`: Health's `memory_bytes` estimate.
+//! - `memory`: how big a GPU worker's KV cache is made, and Health's `memory_bytes` estimate on the CPU.
+//! - `device`: what a worker asks of its backend beyond the model's trait (free memory, the cache's budget and use).
 
 pub mod config;
+pub mod device;
 mod engine;
 mod error;
 pub mod memory;
@@ -19,6 +21,7 @@ mod service;
 pub mod step;
 
 pub use config::{Device, Listen, WorkerArgs, WorkerConfig};
+pub use memory::MemoryPlan;
 pub use error::{Error, Result};
 /// The generated protocol, so callers (the controller, tests) need no direct dependency on `pipemoe-proto`.
 pub use pipemoe_proto::worker_v1 as proto;

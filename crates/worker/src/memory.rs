@@ -1,4 +1,11 @@
-//! What Health reports as `memory_bytes`: an estimate of the weights a slice holds on its device plus its cache.
+//! A worker's memory: how big a GPU worker's KV cache is made ([`MemoryPlan`], [`size_cache`]), and what Health
+//! reports as `memory_bytes` on the CPU (an estimate of the weights a slice holds plus its cache).
+//!
+//! The GPU cache gets what the plan leaves of the device's budget once the weights are loaded: the budget (the
+//! plan's capacity for the device) less the weights less a workspace margin, never more than the device's real
+//! free memory after the load less that margin, nor more than an operator's cap. The plan's weight figure is
+//! used rather than the measured one, so that workers sharing a GPU (tests) size alike; the measured one
+//! bounds the cache through the free memory.
 //!
 //! `Stage` has no accessor for the bytes its backend holds, so the weights are estimated from the checkpoint's
 //! tensor headers the way the f32 CPU backend lays them out: every float tensor widened to 4 bytes per value,
@@ -10,6 +17,51 @@ use pipemoe_model::{Checkpoint, ModelConfig, SliceSpec, TensorMeta};
 
 /// Bytes of one f32 value: the CPU backend's only element type.
 const F32: u64 = 4;
+
+/// Device memory kept free for activations and scratch when the controller does not say (it passes the plan's).
+pub const DEFAULT_WORKSPACE_BYTES: u64 = 1 << 30;
+
+/// What the placement plan allows this worker's device, as the controller passes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// Weights + KV cache + workspace at most this; `None`: only the device's free memory bounds the cache.
+    pub budget_bytes: Option<u64>,
+    /// The plan's figure for this slice's weights; `None`: what loading measurably took.
+    pub weight_bytes: Option<u64>,
+    /// Left free for activations, scratch and what the backend allocates on first use.
+    pub workspace_bytes: u64,
+    /// An operator's cap on the cache (`PIPEMOE_KV_CACHE_BYTES`).
+    pub kv_cache_bytes: Option<u64>,
+}
+
+impl Default for MemoryPlan {
+    fn default() -> Self {
+        Self { budget_bytes: None, weight_bytes: None, workspace_bytes: DEFAULT_WORKSPACE_BYTES, kv_cache_bytes: None }
+    }
+}
+
+/// The GPU cache's size, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheSizing {
+    pub cache_bytes: u64,
+    /// What loading the weights took on the device (free memory before less after).
+    pub loaded_bytes: u64,
+    /// Which limit decided: "budget", "free memory" or "PIPEMOE_KV_CACHE_BYTES".
+    pub limited_by: &'static str,
+}
+
+/// The cache's bytes from the plan and the device's free memory measured before and after loading the weights.
+pub fn size_cache(plan: &MemoryPlan, free_before: u64, free_after: u64) -> CacheSizing {
+    let loaded_bytes = free_before.saturating_sub(free_after);
+    let weights = plan.weight_bytes.unwrap_or(loaded_bytes);
+    let budget = plan.budget_bytes.map(|b| ("budget", b.saturating_sub(weights).saturating_sub(plan.workspace_bytes)));
+    let free = Some(("free memory", free_after.saturating_sub(plan.workspace_bytes)));
+    let cap = plan.kv_cache_bytes.map(|c| ("PIPEMOE_KV_CACHE_BYTES", c));
+    // On a tie the first listed is named.
+    let (limited_by, cache_bytes) =
+        [budget, free, cap].into_iter().flatten().min_by_key(|&(_, bytes)| bytes).unwrap_or(("free memory", 0));
+    CacheSizing { cache_bytes, loaded_bytes, limited_by }
+}
 
 /// Estimated bytes of the weights `slice` loads on the f32 CPU backend.
 pub fn weight_bytes(cfg: &ModelConfig, ckpt: &Checkpoint, slice: &SliceSpec) -> u64 {
@@ -80,6 +132,35 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_cache_gets_what_the_weights_leave_of_the_budget() {
+        let plan = MemoryPlan {
+            budget_bytes: Some(18 * GIB),
+            weight_bytes: Some(15 * GIB),
+            workspace_bytes: GIB,
+            kv_cache_bytes: None,
+        };
+        // A roomy device: the budget decides, with the plan's weights (not the 16 GiB loading took).
+        let s = size_cache(&plan, 23 * GIB, 7 * GIB);
+        assert_eq!(s, CacheSizing { cache_bytes: 2 * GIB, loaded_bytes: 16 * GIB, limited_by: "budget" });
+        // Less free memory than the budget assumed: the device decides.
+        let s = size_cache(&plan, 17 * GIB, 2 * GIB + GIB / 2);
+        assert_eq!((s.cache_bytes, s.limited_by), (3 * GIB / 2, "free memory"));
+        // The operator's cap.
+        let capped = MemoryPlan { kv_cache_bytes: Some(1000), ..plan };
+        assert_eq!(size_cache(&capped, 23 * GIB, 7 * GIB).cache_bytes, 1000);
+        assert_eq!(size_cache(&capped, 23 * GIB, 7 * GIB).limited_by, "PIPEMOE_KV_CACHE_BYTES");
+        // Weights over the budget leave nothing (never an underflow).
+        let over = MemoryPlan { weight_bytes: Some(19 * GIB), ..plan };
+        assert_eq!(size_cache(&over, 23 * GIB, 4 * GIB).cache_bytes, 0);
+        // Without a plan: the measured weights and free memory.
+        let bare = MemoryPlan { budget_bytes: Some(10 * GIB), weight_bytes: None, ..plan };
+        assert_eq!(size_cache(&bare, 80 * GIB, 74 * GIB).cache_bytes, 3 * GIB);
+        assert_eq!(size_cache(&MemoryPlan::default(), 80 * GIB, 74 * GIB).cache_bytes, 73 * GIB);
+    }
 
     #[test]
     fn slices_add_up_to_the_whole_model() -> pipemoe_model::Result<()> {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pipemoe_model::cpu::CpuBackend;
-use pipemoe_model::{Backend, Checkpoint, ModelConfig, SliceSpec, Stage};
+use pipemoe_model::{Checkpoint, ModelConfig, SliceSpec, Stage};
 use pipemoe_proto::worker_v1::worker_server::WorkerServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Mutex, watch};
@@ -20,6 +20,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::config::{Device, Listen, WorkerArgs, WorkerConfig};
+use crate::device::{CacheUsage, WorkerBackend};
 use crate::engine::Engine;
 use crate::error::{Error, Result, chain};
 use crate::memory;
@@ -117,7 +118,7 @@ enum Bound {
     Tcp(TcpListener),
 }
 
-async fn start_with<B: Backend + 'static>(config: WorkerConfig, backend: B) -> Result<WorkerHandle> {
+async fn start_with<B: WorkerBackend + 'static>(config: WorkerConfig, backend: B) -> Result<WorkerHandle> {
     let next = config.next.as_deref().map(Next::new).transpose()?;
     let (bound, addr) = bind(&config.listen).await?;
     let loading = format!("loading {} of {} on {}", describe(&config.slice), config.model.display(), config.device);
@@ -185,34 +186,62 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
 }
 
 /// Loads the slice on a blocking thread; READY, or FAILED with the reason (the server keeps answering Health).
-async fn load<B: Backend + 'static>(shared: Arc<Shared<B>>, backend: B) {
+async fn load<B: WorkerBackend + 'static>(shared: Arc<Shared<B>>, backend: B) {
     let rank = shared.config.rank;
     let dir = shared.config.model.clone();
     let slice = shared.config.slice.clone();
     let ipc = shared.config.ipc;
+    let plan = shared.config.memory;
     info!(rank, "{}", shared.loading);
     let started = Instant::now();
-    let loaded = tokio::task::spawn_blocking(move || -> pipemoe_model::Result<Loaded<B>> {
-        let cfg = ModelConfig::from_dir(&dir)?;
-        let ckpt = Checkpoint::open(&dir)?;
-        let stage = Stage::load(backend, &cfg, &ckpt, slice.clone())?;
-        Ok(Loaded {
-            engine: Arc::new(Mutex::new(Engine::new(stage, ipc))),
-            weight_bytes: memory::weight_bytes(&cfg, &ckpt, &slice),
+    let loaded = tokio::task::spawn_blocking(move || -> std::result::Result<(Loaded<B>, CacheUsage), String> {
+        let model = |e: pipemoe_model::Error| chain(&e);
+        let cfg = ModelConfig::from_dir(&dir).map_err(model)?;
+        let ckpt = Checkpoint::open(&dir).map_err(model)?;
+        let free_before = backend.free_bytes()?;
+        let mut stage = Stage::load(backend, &cfg, &ckpt, slice.clone()).map_err(model)?;
+        let weight_bytes = match free_before {
+            // A device of its own: the cache gets what the weights left of the plan's budget.
+            Some(before) => {
+                let after = stage.backend().free_bytes()?.unwrap_or(0);
+                let sizing = memory::size_cache(&plan, before, after);
+                stage.renew_caches(|b| b.set_cache_budget(sizing.cache_bytes, slice.layers.len()));
+                let usage = stage.backend().cache_usage(stage.caches());
+                info!(
+                    rank,
+                    loaded_bytes = sizing.loaded_bytes,
+                    planned_weight_bytes = plan.weight_bytes,
+                    cache_bytes = sizing.cache_bytes,
+                    cache_positions = usage.capacity,
+                    limited_by = sizing.limited_by,
+                    free_bytes = after,
+                    "KV cache sized"
+                );
+                sizing.loaded_bytes
+            }
+            None => memory::weight_bytes(&cfg, &ckpt, &slice),
+        };
+        let engine = Engine::new(stage, ipc);
+        let usage = engine.cache_usage();
+        let loaded = Loaded {
+            engine: Arc::new(Mutex::new(engine)),
+            weight_bytes,
             cache_bytes_per_position: memory::cache_bytes_per_position(&cfg, &slice),
             cfg,
-        })
+        };
+        Ok((loaded, usage))
     })
     .await;
     let why = match loaded {
-        Ok(Ok(loaded)) => {
+        Ok(Ok((loaded, usage))) => {
             let weight_bytes = loaded.weight_bytes;
+            shared.publish_cache(usage);
             if shared.loaded.set(loaded).is_ok() {
                 info!(rank, weight_bytes, took = ?started.elapsed(), "ready");
             }
             return;
         }
-        Ok(Err(e)) => format!("loading {} failed: {}", shared.config.model.display(), chain(&e)),
+        Ok(Err(e)) => format!("loading {} failed: {e}", shared.config.model.display()),
         Err(e) => format!("loading {} panicked: {e}", shared.config.model.display()),
     };
     error!(rank, error = %why, "FAILED");
@@ -220,7 +249,7 @@ async fn load<B: Backend + 'static>(shared: Arc<Shared<B>>, backend: B) {
 }
 
 /// Resolves once a drain was asked for and no step has been in flight for [`DRAIN_QUIET`].
-async fn drained<B: Backend + 'static>(shared: Arc<Shared<B>>) {
+async fn drained<B: WorkerBackend + 'static>(shared: Arc<Shared<B>>) {
     let mut drain = shared.drain.subscribe();
     // The sender lives in `shared`, so this only ends by the flag being set.
     let _ = drain.wait_for(|&d| d).await;

@@ -5,9 +5,9 @@
 //! move down the chain at once, each worker busy with a different one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
-use pipemoe_model::{Backend, ModelConfig};
+use pipemoe_model::ModelConfig;
 use pipemoe_proto::worker_v1::worker_server::Worker;
 use pipemoe_proto::worker_v1::{
     FreeRequest, FreeResponse, HealthRequest, HealthResponse, LayerRange, ShutdownRequest, ShutdownResponse,
@@ -18,24 +18,25 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::WorkerConfig;
+use crate::device::{CacheUsage, WorkerBackend};
 use crate::engine::{Engine, Output};
 use crate::error::{Error, Result};
 use crate::next::Next;
 use crate::step::{Plan, encode, encode_ipc};
 
 /// A slice that finished loading.
-pub struct Loaded<B: Backend> {
+pub struct Loaded<B: WorkerBackend> {
     pub engine: Arc<Mutex<Engine<B>>>,
     pub cfg: ModelConfig,
-    /// Estimated bytes of the weights on the device (memory.rs).
+    /// Bytes of the weights on the device: measured on a GPU, estimated on the CPU (memory.rs).
     pub weight_bytes: u64,
-    /// Cache bytes per cached position over this slice's layers.
+    /// Cache bytes per cached position over this slice's layers (the CPU's estimate).
     pub cache_bytes_per_position: u64,
 }
 
 /// Everything the rpcs, the loader and the drain share. The worker's life: LOADING until `loaded` or `failed`
 /// is set (READY or FAILED), then DRAINING once `draining` is set, whatever it was.
-pub struct Shared<B: Backend> {
+pub struct Shared<B: WorkerBackend> {
     pub config: WorkerConfig,
     /// What Health says while loading.
     pub loading: String,
@@ -51,12 +52,14 @@ pub struct Shared<B: Backend> {
     pub begun: AtomicU64,
     /// Steps this worker has completed (its part of them).
     steps: AtomicU64,
-    /// Positions cached over all sequences (Health's cache bytes).
+    /// Positions cached over all sequences, counted by steps and frees (for a backend that does not count them).
     cached_positions: AtomicU64,
+    /// The KV cache as the last step or free left it: Health reads it without waiting for the engine's lock.
+    cache: RwLock<CacheUsage>,
     next: Option<Next>,
 }
 
-impl<B: Backend> Shared<B> {
+impl<B: WorkerBackend> Shared<B> {
     pub fn new(config: WorkerConfig, next: Option<Next>, loading: String) -> Self {
         Self {
             config,
@@ -69,8 +72,18 @@ impl<B: Backend> Shared<B> {
             begun: AtomicU64::new(0),
             steps: AtomicU64::new(0),
             cached_positions: AtomicU64::new(0),
+            cache: RwLock::new(CacheUsage::default()),
             next,
         }
+    }
+
+    /// Records the cache's size and use for Health.
+    pub fn publish_cache(&self, usage: CacheUsage) {
+        *self.cache.write().unwrap_or_else(PoisonError::into_inner) = usage;
+    }
+
+    fn cache(&self) -> CacheUsage {
+        *self.cache.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Refuse new steps from now on; the server stops once those in flight are done.
@@ -113,11 +126,11 @@ impl Drop for InFlight<'_> {
 }
 
 /// The tonic service over the shared state.
-pub struct WorkerService<B: Backend> {
+pub struct WorkerService<B: WorkerBackend> {
     pub shared: Arc<Shared<B>>,
 }
 
-impl<B: Backend + 'static> WorkerService<B> {
+impl<B: WorkerBackend + 'static> WorkerService<B> {
     async fn run_step(&self, mut req: StepRequest) -> std::result::Result<StepResponse, Status> {
         let s = &self.shared;
         let rank = s.config.rank;
@@ -136,7 +149,9 @@ impl<B: Backend + 'static> WorkerService<B> {
         let counters = s.clone();
         // Counted inside: a step whose caller went away still runs to the end and its rows stay cached.
         let out = tokio::task::spawn_blocking(move || {
-            let out = engine.step(plan)?;
+            let out = engine.step(plan);
+            counters.publish_cache(engine.cache_usage());
+            let out = out.map_err(|e| e.on_rank(rank))?;
             counters.steps.fetch_add(1, Ordering::Relaxed);
             counters.cached_positions.fetch_add(rows as u64, Ordering::Relaxed);
             Ok::<_, Error>(out)
@@ -179,7 +194,7 @@ impl<B: Backend + 'static> WorkerService<B> {
 }
 
 #[tonic::async_trait]
-impl<B: Backend + 'static> Worker for WorkerService<B> {
+impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
     async fn health(&self, _: Request<HealthRequest>) -> std::result::Result<Response<HealthResponse>, Status> {
         let s = &self.shared;
         let c = &s.config;
@@ -192,10 +207,14 @@ impl<B: Backend + 'static> Worker for WorkerService<B> {
             (false, None, Some(why)) => (WorkerState::Failed, why.clone()),
             (false, None, None) => (WorkerState::Loading, s.loading.clone()),
         };
-        let memory_bytes = s
-            .loaded
-            .get()
-            .map_or(0, |l| l.weight_bytes + s.cached_positions.load(Ordering::Relaxed) * l.cache_bytes_per_position);
+        let cache = s.cache();
+        let counted = s.cached_positions.load(Ordering::Relaxed);
+        let used = cache.used.map_or(counted, |u| u as u64);
+        // A device cache knows its bytes; the CPU's is estimated from the positions cached.
+        let memory_bytes = s.loaded.get().map_or(0, |l| {
+            l.weight_bytes
+                + if cache.capacity.is_some() { cache.allocated_bytes } else { used * l.cache_bytes_per_position }
+        });
         let range = |r: &std::ops::Range<usize>| LayerRange { start: r.start as u32, end: r.end as u32 };
         Ok(Response::new(HealthResponse {
             rank: c.rank,
@@ -209,6 +228,10 @@ impl<B: Backend + 'static> Worker for WorkerService<B> {
             message,
             steps: s.steps.load(Ordering::Relaxed),
             experts: c.slice.experts.as_ref().map(range),
+            kv_capacity_positions: cache.capacity.map(|n| n as u64),
+            kv_used_positions: used,
+            kv_reserved_positions: cache.reserved.map_or(used, |r| r as u64),
+            kv_block_positions: cache.block as u32,
         }))
     }
 
@@ -229,8 +252,13 @@ impl<B: Backend + 'static> Worker for WorkerService<B> {
         if let Some(loaded) = s.loaded.get() {
             let mut engine = loaded.engine.clone().lock_owned().await;
             let seqs = req.seqs.clone();
-            let freed = tokio::task::spawn_blocking(move || engine.free(&seqs))
-                .await
+            let shared = s.clone();
+            let freed = tokio::task::spawn_blocking(move || {
+                let freed = engine.free(&seqs);
+                shared.publish_cache(engine.cache_usage());
+                freed
+            })
+            .await
                 .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
             let _ = s
                 .cached_positions

@@ -23,6 +23,7 @@ fn single(socket: PathBuf, model: PathBuf, layers: std::ops::Range<usize>) -> Wo
         next: None,
         ipc: false,
         kv_dtype: Default::default(),
+        memory: Default::default(),
     }
 }
 

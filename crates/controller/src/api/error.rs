@@ -51,6 +51,12 @@ impl ApiError {
         Self { code: Some("context_length_exceeded"), ..Self::invalid(message, Some("messages")) }
     }
 
+    /// 400: the request can never fit the workers' KV cache (it would wait forever), with the numbers.
+    pub fn cache_too_small(t: &crate::admission::TooLarge) -> Self {
+        let message = format!("{t} Reduce the prompt or max_tokens.");
+        Self { code: Some("context_length_exceeded"), ..Self::invalid(message, Some("max_tokens")) }
+    }
+
     pub fn too_large(limit: usize) -> Self {
         Self {
             status: StatusCode::PAYLOAD_TOO_LARGE,

@@ -143,9 +143,11 @@ struct Choice {
     rx: mpsc::UnboundedReceiver<SeqEvent>,
 }
 
-/// Submits `n` sequences per prompt after checking each fits the context.
+/// Submits `n` sequences per prompt after checking each fits the context and the workers' KV cache (the
+/// scheduler checks the cache again: the fleet may have restarted in between).
 fn submit(st: &AppState, prompts: Vec<Vec<u32>>, p: &GenParams, id: &str) -> Result<Vec<Choice>, ApiError> {
     let limit = st.max_model_len;
+    let cache = st.scheduler.shared.cache.read().map(|c| c.limits.clone()).unwrap_or_default();
     for prompt in &prompts {
         if prompt.len() >= limit {
             return Err(ApiError::context_length(prompt.len(), None, limit));
@@ -155,6 +157,8 @@ fn submit(st: &AppState, prompts: Vec<Vec<u32>>, p: &GenParams, id: &str) -> Res
         {
             return Err(ApiError::context_length(prompt.len(), Some(m), limit));
         }
+        let positions = prompt.len() + default_max_tokens(p, prompt.len(), limit, cache.capacity());
+        cache.check(positions).map_err(|t| ApiError::cache_too_small(&t))?;
     }
     let mut out = Vec::new();
     for prompt in prompts {
@@ -168,7 +172,7 @@ fn submit(st: &AppState, prompts: Vec<Vec<u32>>, p: &GenParams, id: &str) -> Res
             out.push(Choice { index, prompt_tokens: prompt.len(), rx });
             st.scheduler.submit(GenRequest {
                 request_id: format!("{id}/{index}"),
-                max_tokens: p.max_tokens.unwrap_or(limit - prompt.len()),
+                max_tokens: default_max_tokens(p, prompt.len(), limit, cache.capacity()),
                 prompt: prompt.clone(),
                 sampling,
                 stop: p.stop.clone(),
@@ -178,6 +182,12 @@ fn submit(st: &AppState, prompts: Vec<Vec<u32>>, p: &GenParams, id: &str) -> Res
         }
     }
     Ok(out)
+}
+
+/// `max_tokens`, or without one the rest of the context: of `max_model_len`, and of the KV cache when it is
+/// smaller (a request that does not ask for a length is not refused for the cache's size).
+fn default_max_tokens(p: &GenParams, prompt: usize, max_model_len: usize, cache: Option<usize>) -> usize {
+    p.max_tokens.unwrap_or_else(|| max_model_len.min(cache.unwrap_or(usize::MAX)).saturating_sub(prompt).max(1))
 }
 
 async fn run(st: Arc<AppState>, prompts: Vec<Vec<u32>>, p: GenParams, kind: Kind) -> Response {
@@ -311,6 +321,7 @@ async fn whole_response(st: Arc<AppState>, id: String, kind: Kind, p: GenParams,
                     break;
                 }
                 SeqEvent::Failed { message } => return error(&st, ApiError::unavailable(message)),
+                SeqEvent::Refused(t) => return error(&st, ApiError::cache_too_small(&t)),
             }
         }
         let Some(finish) = acc.finish else {
@@ -376,6 +387,7 @@ fn stream_response(
     let body = merged.flat_map(move |(index, ev)| {
         let mut events: Vec<Result<Event, Infallible>> = Vec::new();
         let data = |v: Value| Ok(Event::default().data(v.to_string()));
+        let mut failure = None;
         match ev {
             SeqEvent::Token { token, text, logprob, top } => {
                 let acc = &mut accs[index];
@@ -416,13 +428,15 @@ fn stream_response(
                     events.push(Ok(Event::default().data("[DONE]")));
                 }
             }
-            SeqEvent::Failed { message } => {
-                st2.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
-                events.push(data(ApiError::unavailable(message).body()));
-                finished += 1;
-                if finished == n_choices {
-                    events.push(Ok(Event::default().data("[DONE]")));
-                }
+            SeqEvent::Failed { message } => failure = Some(ApiError::unavailable(message)),
+            SeqEvent::Refused(t) => failure = Some(ApiError::cache_too_small(&t)),
+        }
+        if let Some(e) = failure {
+            st2.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+            events.push(data(e.body()));
+            finished += 1;
+            if finished == n_choices {
+                events.push(Ok(Event::default().data("[DONE]")));
             }
         }
         stream::iter(events)

@@ -37,10 +37,18 @@ async fn worker_rows(st: &AppState) -> Vec<Value> {
                 Some(h) => (state_name(h.state()), h.message.clone(), h.memory_bytes, h.steps),
                 None => ("UNREACHABLE", "the worker does not answer Health".to_string(), 0, 0),
             };
+            // Positions of KV cache: capacity null = grows without a bound (CPU).
+            let kv = h.as_ref().map_or(Value::Null, |h| {
+                json!({
+                    "capacity_positions": h.kv_capacity_positions, "used_positions": h.kv_used_positions,
+                    "reserved_positions": h.kv_reserved_positions, "block_positions": h.kv_block_positions,
+                })
+            });
             json!({
                 "rank": p.rank, "pid": v.pid, "device": p.device, "layers": [p.layers.start, p.layers.end],
                 "experts": Value::Null, "embed": p.embed, "head": p.head, "state": state, "healthy": state == "READY",
                 "memory_bytes": memory, "planned_bytes": p.total_bytes(), "steps": steps, "message": message,
+                "kv_cache": kv,
             })
         })
         .collect()
@@ -88,16 +96,25 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let m = &st.metrics;
     let up = u8::from(matches!(st.scheduler.shared.state.read().map(|s| s.clone()), Ok(FleetState::Ready)));
+    let cache = st.scheduler.shared.cache.read().map(|c| c.clone()).unwrap_or_default();
+    // Without a bounded cache there is no capacity to report.
+    let (capacity, held) = cache.tightest.map_or((String::from("NaN"), String::from("NaN")), |(c, h)| {
+        (c.to_string(), h.to_string())
+    });
     let text = format!(
         "# HELP pipemoe_requests_total Generation requests received.\n# TYPE pipemoe_requests_total counter\npipemoe_requests_total {}\n\
          # HELP pipemoe_request_errors_total Requests that ended in an error.\n# TYPE pipemoe_request_errors_total counter\npipemoe_request_errors_total {}\n\
          # HELP pipemoe_prompt_tokens_total Prompt tokens admitted.\n# TYPE pipemoe_prompt_tokens_total counter\npipemoe_prompt_tokens_total {}\n\
          # HELP pipemoe_generated_tokens_total Tokens generated.\n# TYPE pipemoe_generated_tokens_total counter\npipemoe_generated_tokens_total {}\n\
-         # HELP pipemoe_fleet_up 1 when every worker is ready.\n# TYPE pipemoe_fleet_up gauge\npipemoe_fleet_up {up}\n",
+         # HELP pipemoe_fleet_up 1 when every worker is ready.\n# TYPE pipemoe_fleet_up gauge\npipemoe_fleet_up {up}\n\
+         # HELP pipemoe_kv_cache_capacity_tokens Positions the tightest worker's KV cache holds.\n# TYPE pipemoe_kv_cache_capacity_tokens gauge\npipemoe_kv_cache_capacity_tokens {capacity}\n\
+         # HELP pipemoe_kv_cache_reserved_tokens Positions admitted sequences hold in the tightest worker's KV cache.\n# TYPE pipemoe_kv_cache_reserved_tokens gauge\npipemoe_kv_cache_reserved_tokens {held}\n\
+         # HELP pipemoe_queued_sequences Sequences waiting for room in the KV cache.\n# TYPE pipemoe_queued_sequences gauge\npipemoe_queued_sequences {}\n",
         m.requests.load(Ordering::Relaxed),
         m.request_errors.load(Ordering::Relaxed),
         m.prompt_tokens.load(Ordering::Relaxed),
         m.generated_tokens.load(Ordering::Relaxed),
+        cache.queued,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -124,10 +141,11 @@ th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}th{background:#f4f4
 </style></head><body>
 <h1>pipemoe · <span id="model">{{MODEL}}</span> <small>(recipe {{RECIPE}})</small></h1>
 <p>Health: <span id="status">…</span> <span id="reason"></span> · updated <span id="updated">never</span></p>
-<table><thead><tr><th>rank</th><th>pid</th><th>device</th><th>layers</th><th>state</th><th>memory</th><th>planned</th><th>steps</th><th>message</th></tr></thead>
-<tbody id="workers"><tr><td colspan="9">loading…</td></tr></tbody></table>
+<table><thead><tr><th>rank</th><th>pid</th><th>device</th><th>layers</th><th>state</th><th>memory</th><th>planned</th><th>KV cache (positions)</th><th>steps</th><th>message</th></tr></thead>
+<tbody id="workers"><tr><td colspan="10">loading…</td></tr></tbody></table>
 <script>
 function gib(b){return (b/1073741824).toFixed(2)+" GiB"}
+function kv(k){if(!k)return "";const used=k.used_positions;return k.capacity_positions==null?`${used} (no bound)`:`${used} / ${k.capacity_positions} (${k.reserved_positions} held)`}
 function esc(s){return String(s).replace(/[&<>"]/g,c=>({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;"}[c]))}
 async function refresh(){
   try{
@@ -135,7 +153,7 @@ async function refresh(){
     const s=document.getElementById("status");s.textContent=hj.status;s.className=h.ok?"ok":"bad";
     document.getElementById("reason").textContent=hj.reason||"";
     const w=await (await fetch("/v1/workers")).json();
-    document.getElementById("workers").innerHTML=w.map(r=>`<tr data-rank="${r.rank}"><td>${r.rank}</td><td>${r.pid}</td><td>${esc(r.device)}</td><td>${r.layers[0]}..${r.layers[1]}${r.embed?" +embed":""}${r.head?" +head":""}</td><td class="${r.state}">${r.state}</td><td>${gib(r.memory_bytes)}</td><td>${gib(r.planned_bytes)}</td><td>${r.steps}</td><td>${esc(r.message)}</td></tr>`).join("");
+    document.getElementById("workers").innerHTML=w.map(r=>`<tr data-rank="${r.rank}"><td>${r.rank}</td><td>${r.pid}</td><td>${esc(r.device)}</td><td>${r.layers[0]}..${r.layers[1]}${r.embed?" +embed":""}${r.head?" +head":""}</td><td class="${r.state}">${r.state}</td><td>${gib(r.memory_bytes)}</td><td>${gib(r.planned_bytes)}</td><td>${kv(r.kv_cache)}</td><td>${r.steps}</td><td>${esc(r.message)}</td></tr>`).join("");
     document.getElementById("updated").textContent=new Date().toLocaleTimeString();
   }catch(e){const s=document.getElementById("status");s.textContent="unreachable";s.className="bad";}
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::kernels::{dot, softmax, top_k};
 use super::{CpuTensor, CpuWeight};
-use crate::backend::{IndexerDims, MlaDims, Row, Selection, SeqId};
+use crate::backend::{HostSelection, IndexerDims, MlaDims, Row, SeqId};
 use crate::{Error, Result};
 
 /// One sequence's cached positions in one layer.
@@ -86,7 +86,7 @@ impl CpuLayerCache {
         w: &CpuTensor,
         dims: &IndexerDims,
         rows: &[Row],
-    ) -> Result<Vec<Vec<u32>>> {
+    ) -> Result<HostSelection> {
         let d = dims.head_dim;
         let mut out = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter().enumerate() {
@@ -118,12 +118,15 @@ impl CpuLayerCache {
         kv_b: &CpuWeight,
         dims: &MlaDims,
         rows: &[Row],
-        selection: &Selection,
+        selection: Option<&HostSelection>,
     ) -> Result<CpuTensor> {
         let (nope, rope, vdim, lora) = (dims.qk_nope, dims.qk_rope, dims.v_head, dims.kv_lora);
         let qk = nope + rope;
         if q.cols != dims.heads * qk || kv_b.in_features != lora || kv_b.out_features != dims.heads * (nope + vdim) {
             return Err(Error::Backend { reason: "mla_attention: q or kv_b_proj shape".into() });
+        }
+        if selection.is_some_and(|s| s.len() != rows.len()) {
+            return Err(Error::Backend { reason: "mla_attention: the selection has another row count".into() });
         }
         let mut out = vec![0f32; rows.len() * dims.heads * vdim];
         let mut q_abs = vec![0f32; lora];

@@ -13,7 +13,8 @@ pub mod kernels;
 mod moe;
 
 use crate::backend::{
-    Backend, ExpertWeights, HostLinear, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, Selection, SeqId,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row,
+    SeqId,
 };
 use crate::rope::rotate;
 use crate::{Error, Result};
@@ -65,6 +66,9 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Vector = Vec<f32>;
     type LayerCache = CpuLayerCache;
+    type Selection = HostSelection;
+    type Routes = Routing;
+    type Experts = Vec<Option<ExpertWeights<Self>>>;
 
     fn describe(&self) -> String {
         "cpu".to_string()
@@ -236,8 +240,12 @@ impl Backend for CpuBackend {
         w: &CpuTensor,
         dims: &IndexerDims,
         rows: &[Row],
-    ) -> Result<Vec<Vec<u32>>> {
+    ) -> Result<HostSelection> {
         cache.indexer_select(q, w, dims, rows)
+    }
+
+    fn selection_to_host(&self, selection: &HostSelection) -> Result<HostSelection> {
+        Ok(selection.clone())
     }
 
     fn mla_attention(
@@ -247,7 +255,7 @@ impl Backend for CpuBackend {
         kv_b: &CpuWeight,
         dims: &MlaDims,
         rows: &[Row],
-        selection: &Selection,
+        selection: Option<&HostSelection>,
     ) -> Result<CpuTensor> {
         cache.mla_attention(q, kv_b, dims, rows, selection)
     }
@@ -256,7 +264,20 @@ impl Backend for CpuBackend {
         moe::route(x, gate, bias, dims)
     }
 
-    fn experts(&self, x: &CpuTensor, experts: &[Option<ExpertWeights<Self>>], routing: &Routing) -> Result<CpuTensor> {
+    fn routes_to_host(&self, routes: &Routing) -> Result<Routing> {
+        Ok(routes.clone())
+    }
+
+    fn load_experts(&self, experts: Vec<Option<ExpertWeights<Self>>>) -> Result<Vec<Option<ExpertWeights<Self>>>> {
+        Ok(experts)
+    }
+
+    fn experts(
+        &self,
+        x: &CpuTensor,
+        experts: &Vec<Option<ExpertWeights<Self>>>,
+        routing: &Routing,
+    ) -> Result<CpuTensor> {
         moe::experts(self, x, experts, routing)
     }
 }

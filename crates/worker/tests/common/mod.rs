@@ -55,6 +55,7 @@ impl Chain {
                 next: workers.first().map(|w| w.addr().to_string()),
                 ipc: false,
                 kv_dtype: Default::default(),
+                memory: Default::default(),
             };
             workers.insert(0, pipemoe_worker::start(config).await?);
         }

@@ -1,0 +1,494 @@
+// Tensor-core GEMM over GPTQ weights for prefill (MODEL_SPEC §4): y[M, N] = x[M, K] · Wᵀ with
+// W[n, k] = s[g, n] · (q[k, n] − z[g, n]), g = k / group_size. qweight u32 [K·BITS/32, N] (32 rows of a column packed
+// little-endian into BITS words), zeros and scales f16 [G, N] (zeros already after the v1/v2 convention). x is bf16
+// with rows 16-byte aligned and already gathered through the act-order permutation (gptq_gemm_gather_bf16).
+//
+// Block: 256 threads (8 warps, 2 along M × 4 along N) own a BM × 128 tile of y (BM = 64 or 128) and walk K in steps
+// of 32 rows, one GPTQ pack block. Per step a 4-stage cp.async pipeline brings x [BM, 32], the packed words
+// [BITS, 128] and the group's scales and zeros into shared memory; the block dequantizes the step one ahead into
+// a bf16 tile Bs [128 n][32 k] (double-buffered, so one barrier per step) while the warps multiply the current one
+// with mma.sync m16n8k16 (bf16 in, f32 accumulate), fragments loaded with ldmatrix. Rows of 40 bf16 (80 bytes) make
+// every 8-row ldmatrix phase hit distinct banks. Each weight is rounded to bf16 once: (q − z)·s is exact in f32
+// (a 9-bit integer times an f16), then rounded to nearest even, so the test can rebuild the same bf16 weights.
+#include "common.cuh"
+
+#define GEMM_BN 128
+#define GEMM_BK 32
+#define GEMM_STAGES 4
+#define GEMM_LD (GEMM_BK + 8)  // bf16 per shared row of x and of the dequantized tile
+#define GEMM_THREADS 256
+
+// Shared-memory plan (bytes); gemm.rs computes the same total.
+template <int BITS, int BM>
+struct GemmSmem {
+    static constexpr int A = BM * GEMM_LD * 2;        // x tile [BM][GEMM_LD] bf16
+    static constexpr int W = BITS * GEMM_BN * 4;      // packed words [BITS][BN] u32
+    static constexpr int SZ = 2 * GEMM_BN * 2;        // scales [BN], zeros [BN] f16
+    static constexpr int STAGE = A + W + SZ;
+    static constexpr int B = GEMM_BN * GEMM_LD * 2;   // dequantized tile [BN][GEMM_LD] bf16
+    static constexpr int TOTAL = GEMM_STAGES * STAGE + 2 * B;
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16 bytes global → shared, bypassing L1; `bytes` < 16 zero-fills the rest (0: nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Four 8×8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, register j receives it.
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c += a · b for one 16×8×16 step (PTX ISA "mma.m16n8k16": a rows g, g+8 × k 2t.., 2t+8..; b k 2t.., 2t+8.. × n g;
+// c rows g, g+8 × n 2t, 2t+1, with g = lane / 4, t = lane % 4).
+__device__ __forceinline__ void mma_bf16(float c[4], const u32 a[4], const u32 b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+struct GemmArgs {
+    const __nv_bfloat16* x;  // [M, K]
+    const u32* qweight;      // [K*BITS/32, N]
+    const __half* zeros;     // [G, N]
+    const __half* scales;    // [G, N]
+    int M, N, K, group_size, m0, n0;
+};
+
+// Issues the cp.async copies of K step `kt` into stage buffer `st`. Rows past M and columns past N read nothing
+// and land as zeros (N is a multiple of 8, so a 16-byte chunk is wholly inside or outside).
+template <int BITS, int BM>
+__device__ __forceinline__ void load_stage(unsigned char* st, const GemmArgs& a, int kt) {
+    typedef GemmSmem<BITS, BM> S;
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(st);
+    u32* ws = reinterpret_cast<u32*>(st + S::A);
+    __half* ss = reinterpret_cast<__half*>(st + S::A + S::W);
+    const int k0 = kt * GEMM_BK;
+    for (int c = threadIdx.x; c < BM * 4; c += GEMM_THREADS) {  // 4 chunks of 8 bf16 per row
+        const int r = c >> 2, ch = c & 3, m = a.m0 + r;
+        const __nv_bfloat16* src = a.x + (size_t)min(m, a.M - 1) * a.K + k0 + ch * 8;
+        cp_async16(xs + r * GEMM_LD + ch * 8, src, m < a.M ? 16 : 0);
+    }
+    for (int c = threadIdx.x; c < BITS * (GEMM_BN / 4); c += GEMM_THREADS) {  // 4 words per chunk
+        const int r = c / (GEMM_BN / 4), ch = c % (GEMM_BN / 4), n = a.n0 + ch * 4;
+        const u32* src = a.qweight + (size_t)(kt * BITS + r) * a.N + min(n, a.N - 4);
+        cp_async16(ws + r * GEMM_BN + ch * 4, src, n < a.N ? 16 : 0);
+    }
+    if (threadIdx.x < 2 * (GEMM_BN / 8)) {  // 8 halves per chunk: scales, then zeros
+        const int which = threadIdx.x / (GEMM_BN / 8), ch = threadIdx.x % (GEMM_BN / 8), n = a.n0 + ch * 8;
+        const __half* src = (which ? a.zeros : a.scales) + (size_t)(k0 / a.group_size) * a.N + min(n, a.N - 8);
+        cp_async16(ss + which * GEMM_BN + ch * 8, src, n < a.N ? 16 : 0);
+    }
+}
+
+// Packed words of stage `st` → bf16 Bs[n][k]. A task is 8 consecutive k of one column: 8·BITS bits of the column's
+// 32·BITS-bit block starting at bit 8·c·BITS (3 bits: the 96-bit little-endian block of MODEL_SPEC §4.1), written as
+// one 16-byte store. c is uniform across a warp and n follows the lane, so the word reads are conflict-free.
+template <int BITS, int BM>
+__device__ __forceinline__ void dequant_stage(const unsigned char* st, __nv_bfloat16* bs) {
+    typedef GemmSmem<BITS, BM> S;
+    const u32* ws = reinterpret_cast<const u32*>(st + S::A);
+    const __half* ss = reinterpret_cast<const __half*>(st + S::A + S::W);
+    const __half* zs = ss + GEMM_BN;
+    constexpr u32 MASK = (1u << BITS) - 1u;
+#pragma unroll
+    for (int i = 0; i < GEMM_BN * 4 / GEMM_THREADS; i++) {
+        const int t = threadIdx.x + i * GEMM_THREADS;
+        const int n = t % GEMM_BN, c = t / GEMM_BN;
+        const int bit = 8 * c * BITS, lo = bit >> 5;
+        u64 v = ws[lo * GEMM_BN + n];
+        if (lo + 1 < BITS) v |= (u64)ws[(lo + 1) * GEMM_BN + n] << 32;
+        v >>= (bit & 31);
+        const float s = __half2float(ss[n]);
+        // 2^23 + q as a float's bits is exact, so (that − (2^23 + z)) = q − z exactly, then one exact multiply.
+        const float zf = 8388608.f + __half2float(zs[n]);
+        u32 out[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const u32 q0 = (u32)(v >> (2 * j * BITS)) & MASK, q1 = (u32)(v >> ((2 * j + 1) * BITS)) & MASK;
+            const float w0 = (__uint_as_float(0x4B000000u | q0) - zf) * s;
+            const float w1 = (__uint_as_float(0x4B000000u | q1) - zf) * s;
+            __nv_bfloat162 h = __floats2bfloat162_rn(w0, w1);
+            out[j] = *reinterpret_cast<u32*>(&h);
+        }
+        *reinterpret_cast<uint4*>(bs + n * GEMM_LD + c * 8) = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+}
+
+// One 32-deep step of the warp's (16·WM) × 32 tile: WM m16 tiles × 4 n8 tiles × 2 k16 steps.
+template <int WM>
+__device__ __forceinline__ void mma_stage(const __nv_bfloat16* xs, const __nv_bfloat16* bs, float acc[WM][4][4],
+                                          int wm, int wn, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < GEMM_BK; kk += 16) {
+        u32 a[WM][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < WM; i++) {
+            // Matrices: rows 0-7 / 8-15 × k 0-7, then × k 8-15: a's four registers in order.
+            const int row = wm * 16 * WM + i * 16 + (lane & 15);
+            ldmatrix_x4(a[i], xs + row * GEMM_LD + kk + (lane >> 4) * 8);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            // Matrices: n 0-7 × k 0-7, n 0-7 × k 8-15, n 8-15 × k 0-7, n 8-15 × k 8-15: two n8 tiles' b registers.
+            u32 r[4];
+            const int nrow = wn * 32 + j * 16 + ((lane >> 4) << 3) + (lane & 7);
+            ldmatrix_x4(r, bs + nrow * GEMM_LD + kk + ((lane >> 3) & 1) * 8);
+            b[2 * j][0] = r[0];
+            b[2 * j][1] = r[1];
+            b[2 * j + 1][0] = r[2];
+            b[2 * j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < WM; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], a[i], b[j]);
+    }
+}
+
+// grid: (ceil(N / 128), ceil(M / BM)); block: 256 threads; dynamic shared memory GemmSmem<BITS, BM>::TOTAL.
+template <int BITS, int WM, typename OUT>
+__device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
+    constexpr int BM = 32 * WM;
+    typedef GemmSmem<BITS, BM> S;
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32 have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < (u32)S::TOTAL) __trap();  // the launch asked for too little: fail loudly, never overrun
+    // The two dequantized tiles, S::B / 2 bf16 each (indexed arithmetically: an array of pointers would live
+    // in local memory).
+    __nv_bfloat16* const bs = reinterpret_cast<__nv_bfloat16*>(smem + GEMM_STAGES * S::STAGE);
+    constexpr int B_ELEMS = S::B / 2;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+    a.m0 = blockIdx.y * BM;
+    a.n0 = blockIdx.x * GEMM_BN;
+    const int steps = a.K / GEMM_BK;
+
+    // Prologue: stages 0..STAGES-2 in flight (empty groups past the end keep the group count uniform), step 0
+    // dequantized.
+#pragma unroll
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+        if (s < steps) load_stage<BITS, BM>(smem + s * S::STAGE, a, s);
+        cp_async_commit();
+    }
+    cp_async_wait<GEMM_STAGES - 2>();
+    __syncthreads();
+    dequant_stage<BITS, BM>(smem, bs);
+
+    float acc[WM][4][4];
+#pragma unroll
+    for (int i = 0; i < WM; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+
+    for (int kt = 0; kt < steps; kt++) {
+        // Step kt+1 has landed (own copies: wait; everyone's: the barrier). The barrier also means every warp is
+        // done with step kt-1: its x stage and Bs[(kt+1)&1] may be overwritten now.
+        cp_async_wait<GEMM_STAGES - 3>();
+        __syncthreads();
+        const int next = kt + GEMM_STAGES - 1;
+        if (next < steps) load_stage<BITS, BM>(smem + (next % GEMM_STAGES) * S::STAGE, a, next);
+        cp_async_commit();
+        if (kt + 1 < steps)
+            dequant_stage<BITS, BM>(smem + ((kt + 1) % GEMM_STAGES) * S::STAGE, bs + ((kt + 1) & 1) * B_ELEMS);
+        mma_stage<WM>(reinterpret_cast<const __nv_bfloat16*>(smem + (kt % GEMM_STAGES) * S::STAGE),
+                      bs + (kt & 1) * B_ELEMS, acc, wm, wn, lane);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < WM; i++) {
+        const int row = a.m0 + wm * 16 * WM + i * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = a.n0 + wn * 32 + j * 8 + (lane & 3) * 2;  // even, and N is a multiple of 8
+            if (col >= a.N) continue;
+            if (row < a.M) store2(y + (size_t)row * a.N + col, acc[i][j][0], acc[i][j][1]);
+            if (row + 8 < a.M) store2(y + (size_t)(row + 8) * a.N + col, acc[i][j][2], acc[i][j][3]);
+        }
+    }
+}
+
+#define GEMM_T(BITS, BM, OUT, NAME)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS) gptq_gemm_w##BITS##_m##BM##_##NAME(              \
+        const __nv_bfloat16* x, const u32* qweight, const __half* zeros, const __half* scales, OUT* y, int M,     \
+        int N, int K, int group_size) {                                                                          \
+        gptq_gemm<BITS, BM / 32, OUT>(GemmArgs{x, qweight, zeros, scales, M, N, K, group_size, 0, 0}, y);        \
+    }
+#define GEMM(BITS)                                                                                               \
+    GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                        \
+    GEMM_T(BITS, 64, float, f32) GEMM_T(BITS, 128, __nv_bfloat16, bf16) GEMM_T(BITS, 128, float, f32)
+GEMM(2)
+GEMM(3)
+GEMM(4)
+GEMM(8)
+
+// out[m, k] = x[m, perm[k]] (or x[m, k] without perm): act-order gather, or a copy to aligned scratch.
+extern "C" __global__ void gptq_gemm_gather_bf16(const __nv_bfloat16* __restrict__ x,  // [M, K]
+                                                 const int* __restrict__ perm,          // [K] or null
+                                                 __nv_bfloat16* __restrict__ out,       // [M, K]
+                                                 int M, int K) {
+    const size_t total = (size_t)M * K;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t m = i / K;
+        const int k = (int)(i % K);
+        out[i] = x[m * K + (perm ? perm[k] : k)];
+    }
+}
+
+// ---- The same GEMM over the tensor-core (Mma) layout of src/mma.rs -------------------------------------------
+//
+// Weights uploaded for tensor cores are stored as mma fragments: per 16-column tile t and 128-row chunk c of K, lane
+// L owns 2·BITS words ([tile][chunk][BITS][lane] uint2) holding 32 pairs; pair p (k-step p / 4, reg p % 4) is
+// W[n][k], W[n][k + 1] with n = 16t + L/4 + 8·(reg & 1), k = 128c + 16·(p / 4) + 2·(L % 4) + 8·(reg >> 1). For
+// y = x · Wᵀ with W as mma's B operand ("col": k × n), B of m16n8k16 is b0 = (k 2·(L%4).., n L/4), b1 = (k + 8, n):
+// regs 0 and 2 of a k-step are the B fragment of the tile's columns 0..7, regs 1 and 3 that of columns 8..15. So a
+// warp dequantizes its B fragments in registers from its own words (no shared bf16 weight tile) and reuses each for
+// all its m16 tiles of x.
+//
+// Exactness: a field as bf16 is 128 + q (exact up to 7 bits), and one bf16x2 fma subtracts 128 + z exactly (both are
+// integers below 256), leaving q − z exact; x · (q − z) is exact in f32, summed over one chunk on the tensor cores,
+// then scaled once per chunk in f32 (the group's scale, f16, is exact in f32): acc += s · Σ x · (q − z). The only
+// errors are the accumulation order and, for bf16 y, the final rounding.
+//
+// Block: 256 threads (8 warps, 2 along M × 4 along N) own a BM × 128 tile of y and walk K in half chunks of 64 rows
+// (one block of BITS words per lane); a 4-stage cp.async pipeline brings x [BM, 64], the tiles' words of the half
+// and the chunk's scales and zeros into shared memory. A warp covers 16·WM rows × 2 tiles: it reads its lanes' words
+// with 8-byte loads (256 contiguous bytes per warp), x with ldmatrix.
+#define MG_BN 128
+#define MG_BK 64
+#define MG_STAGES 4
+#define MG_LD (MG_BK + 8)  // bf16 per shared row of x: 144 bytes, so 8-row ldmatrix phases hit distinct banks
+#define MG_THREADS 256
+
+// The two fields of pair i (0..15) of a block of BITS words, at bits 0.. and 16..: gptq_mma.cu's `pair_bits`,
+// the layout of src/mma.rs `slot`.
+template <int BITS>
+__device__ __forceinline__ u32 mg_pair_bits(const u32* w, int i) {
+    if (BITS == 2) return (w[i / 8] >> (2 * (i % 8))) & 0x00030003u;
+    if (BITS == 4) return (w[i / 4] >> (4 * (i % 4))) & 0x000F000Fu;
+    if (i < 15) return (w[i / 5] >> (3 * (i % 5))) & 0x00070007u;
+    return ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u) | ((w[2] >> 13) & 0x00040004u);
+}
+
+// a · 1 + c on bf16x2 (one instruction, exact here: every value is an integer below 256).
+__device__ __forceinline__ u32 bf16x2_add(u32 a, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(c));
+    return d;
+}
+
+// Shared-memory plan (bytes); gemm.rs computes the same total. A half chunk's BITS words per lane lie in
+// ROWS uint2 rows of the [BITS][lane] uint2 layout (2 bits: one row; 3 and 4 bits: two, 3 bits overlapping).
+template <int BITS, int BM>
+struct MgSmem {
+    static constexpr int ROWS = BITS == 2 ? 1 : 2;
+    static constexpr int A = BM * MG_LD * 2;            // x tile [BM][MG_LD] bf16
+    static constexpr int W = (MG_BN / 16) * ROWS * 256;  // words [tile][ROWS][lane] uint2
+    static constexpr int SZ = 2 * MG_BN * 2;            // scales [BN], zeros [BN] f16
+    static constexpr int STAGE = A + W + SZ;
+    static constexpr int TOTAL = MG_STAGES * STAGE;
+};
+
+struct MgArgs {
+    const __nv_bfloat16* x;  // [M, K]
+    const uint2* words;      // [N/16][K/128][BITS][32]
+    const __half* zeros;     // [G, N]
+    const __half* scales;    // [G, N]
+    int M, N, K, group_size, m0, n0;
+};
+
+// Issues the cp.async copies of half chunk `kt` into stage buffer `st`. Rows past M and tiles past N read nothing
+// and land as zeros (N is a multiple of 16: a tile, and a 16-byte run of 8 scales, is wholly inside or outside).
+template <int BITS, int BM>
+__device__ __forceinline__ void mg_load_stage(unsigned char* st, const MgArgs& a, int kt) {
+    typedef MgSmem<BITS, BM> S;
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(st);
+    uint2* ws = reinterpret_cast<uint2*>(st + S::A);
+    __half* ss = reinterpret_cast<__half*>(st + S::A + S::W);
+    const int k0 = kt * MG_BK, chunk = kt >> 1, lo = ((kt & 1) * BITS) >> 1;
+    for (int c = threadIdx.x; c < BM * (MG_BK / 8); c += MG_THREADS) {
+        const int r = c / (MG_BK / 8), ch = c % (MG_BK / 8), m = a.m0 + r;
+        const __nv_bfloat16* src = a.x + (size_t)min(m, a.M - 1) * a.K + k0 + ch * 8;
+        cp_async16(xs + r * MG_LD + ch * 8, src, m < a.M ? 16 : 0);
+    }
+    constexpr int PER_TILE = S::ROWS * 16;  // 16-byte copies: two lanes' uint2 each
+    const int chunks = a.K / 128, tiles = a.N / 16, t0 = a.n0 / 16;
+    for (int c = threadIdx.x; c < (MG_BN / 16) * PER_TILE; c += MG_THREADS) {
+        const int ti = c / PER_TILE, r = (c / 16) % S::ROWS, q = c % 16;
+        const int t = min(t0 + ti, tiles - 1);
+        const uint2* src = a.words + (((size_t)t * chunks + chunk) * BITS + lo + r) * 32 + 2 * q;
+        cp_async16(ws + (ti * S::ROWS + r) * 32 + 2 * q, src, t0 + ti < tiles ? 16 : 0);
+    }
+    if (threadIdx.x < 2 * (MG_BN / 8)) {  // 8 halves per run: scales, then zeros
+        const int which = threadIdx.x / (MG_BN / 8), ch = threadIdx.x % (MG_BN / 8), n = a.n0 + ch * 8;
+        const __half* src = (which ? a.zeros : a.scales) + (size_t)(k0 / a.group_size) * a.N + min(n, a.N - 8);
+        cp_async16(ss + which * MG_BN + ch * 8, src, n < a.N ? 16 : 0);
+    }
+}
+
+// The warp's products over one half chunk (H: which half) into the chunk sums `cacc`; after the second half the
+// chunk is scaled into `acc` and `cacc` cleared.
+template <int BITS, int WM, int H>
+__device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[WM][4][4], float cacc[WM][4][4],
+                                             int wm, int wn, int lane) {
+    typedef MgSmem<BITS, 32 * WM> S;
+    const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st);
+    const uint2* ws = reinterpret_cast<const uint2*>(st + S::A);
+    const __half* ss = reinterpret_cast<const __half*>(st + S::A + S::W);
+    const __half* zs = ss + MG_BN;
+    const int g = lane >> 2, t = lane & 3;
+    // The lane's words of its two tiles, and −(128 + z) as bf16x2 for its B columns (g and g + 8 of each tile).
+    u32 w[2][2 * S::ROWS], nz[2][2];
+#pragma unroll
+    for (int ti = 0; ti < 2; ti++) {
+        const int tile = wn * 2 + ti;
+#pragma unroll
+        for (int r = 0; r < S::ROWS; r++) {
+            const uint2 v = ws[(tile * S::ROWS + r) * 32 + lane];
+            w[ti][2 * r] = v.x;
+            w[ti][2 * r + 1] = v.y;
+        }
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const __nv_bfloat162 z = __float2bfloat162_rn(-(128.f + __half2float(zs[tile * 16 + g + 8 * hh])));
+            nz[ti][hh] = *reinterpret_cast<const u32*>(&z);
+        }
+    }
+    // Words 3..5 of a 3-bit lane start at the high half of its second uint2.
+    constexpr int OFF = (H * BITS) & 1;
+#pragma unroll
+    for (int ks = 0; ks < MG_BK / 16; ks++) {
+        u32 a[WM][4], b[4][2];
+#pragma unroll
+        for (int i = 0; i < WM; i++) {
+            const int row = wm * 16 * WM + i * 16 + (lane & 15);
+            ldmatrix_x4(a[i], xs + row * MG_LD + ks * 16 + (lane >> 4) * 8);
+        }
+#pragma unroll
+        for (int ti = 0; ti < 2; ti++) {
+            u32 p[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                p[r] = bf16x2_add(mg_pair_bits<BITS>(w[ti] + OFF, ks * 4 + r) | 0x43004300u, nz[ti][r & 1]);
+            b[2 * ti][0] = p[0];
+            b[2 * ti][1] = p[2];
+            b[2 * ti + 1][0] = p[1];
+            b[2 * ti + 1][1] = p[3];
+        }
+#pragma unroll
+        for (int i = 0; i < WM; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) mma_bf16(cacc[i][j], a[i], b[j]);
+    }
+    if (H == 1) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = wn * 32 + j * 8 + 2 * t;
+            const float s0 = __half2float(ss[col]), s1 = __half2float(ss[col + 1]);
+#pragma unroll
+            for (int i = 0; i < WM; i++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    acc[i][j][e] += (e & 1 ? s1 : s0) * cacc[i][j][e];
+                    cacc[i][j][e] = 0.f;
+                }
+            }
+        }
+    }
+}
+
+// One pipeline step: half chunk kt has landed (own copies: wait; everyone's: the barrier, which also means every
+// warp is done with step kt − 1, whose stage the copies for step kt + STAGES − 1 now overwrite).
+template <int BITS, int WM, int H>
+__device__ __forceinline__ void mg_step(unsigned char* smem, const MgArgs& a, int kt, int steps,
+                                        float acc[WM][4][4], float cacc[WM][4][4], int wm, int wn, int lane) {
+    typedef MgSmem<BITS, 32 * WM> S;
+    cp_async_wait<MG_STAGES - 2>();
+    __syncthreads();
+    const int next = kt + MG_STAGES - 1;
+    if (next < steps) mg_load_stage<BITS, 32 * WM>(smem + (next % MG_STAGES) * S::STAGE, a, next);
+    cp_async_commit();
+    mg_mma_stage<BITS, WM, H>(smem + (kt % MG_STAGES) * S::STAGE, acc, cacc, wm, wn, lane);
+}
+
+// grid: (ceil(N / 128), ceil(M / BM)); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
+template <int BITS, int WM, typename OUT>
+__device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
+    constexpr int BM = 32 * WM;
+    typedef MgSmem<BITS, BM> S;
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32 have;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < (u32)S::TOTAL) __trap();  // the launch asked for too little: fail loudly, never overrun
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = warp >> 2, wn = warp & 3;
+    a.m0 = blockIdx.y * BM;
+    a.n0 = blockIdx.x * MG_BN;
+    const int steps = a.K / MG_BK;  // even: K is whole chunks
+
+#pragma unroll
+    for (int s = 0; s < MG_STAGES - 1; s++) {
+        if (s < steps) mg_load_stage<BITS, BM>(smem + s * S::STAGE, a, s);
+        cp_async_commit();
+    }
+
+    float acc[WM][4][4], cacc[WM][4][4];
+#pragma unroll
+    for (int i = 0; i < WM; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = cacc[i][j][e] = 0.f;
+
+    for (int kt = 0; kt < steps; kt += 2) {
+        mg_step<BITS, WM, 0>(smem, a, kt, steps, acc, cacc, wm, wn, lane);
+        mg_step<BITS, WM, 1>(smem, a, kt + 1, steps, acc, cacc, wm, wn, lane);
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int i = 0; i < WM; i++) {
+        const int row = a.m0 + wm * 16 * WM + i * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = a.n0 + wn * 32 + j * 8 + (lane & 3) * 2;  // even, and N is a multiple of 16
+            if (col >= a.N) continue;
+            if (row < a.M) store2(y + (size_t)row * a.N + col, acc[i][j][0], acc[i][j][1]);
+            if (row + 8 < a.M) store2(y + (size_t)(row + 8) * a.N + col, acc[i][j][2], acc[i][j][3]);
+        }
+    }
+}
+
+#define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MG_THREADS) gptq_mma_gemm_w##BITS##_m##BM##_##NAME(            \
+        const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, OUT* y, int M,    \
+        int N, int K, int group_size) {                                                                          \
+        gptq_mma_gemm<BITS, BM / 32, OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0}, y);        \
+    }
+#define MMA_GEMM(BITS)                                                                                           \
+    MMA_GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                    \
+    MMA_GEMM_T(BITS, 64, float, f32) MMA_GEMM_T(BITS, 128, __nv_bfloat16, bf16) MMA_GEMM_T(BITS, 128, float, f32)
+MMA_GEMM(2)
+MMA_GEMM(3)
+MMA_GEMM(4)

@@ -1,0 +1,279 @@
+//! The routed experts of one MoE layer on the device (MODEL_SPEC §2.8) and their forward pass.
+//!
+//! Decode steps (≤ 16 rows) run **grouped**: every (row, expert) pair of the step is sorted by expert and cut into
+//! tiles of rows sharing an expert; one launch computes gate and up for every tile (each block finds its
+//! expert's packed weights through device tables of addresses), a reduction applies SiLU·up, one launch computes
+//! down, and a last reduction adds each row's experts with their routing weights in slot order (deterministic).
+//! Longer steps (prefill) loop over the selected experts with the backend's `linear`, which takes the GEMM path.
+
+use std::sync::OnceLock;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
+
+use crate::act::Act;
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
+use crate::gemv::{GpuGptq, MAX_BATCH, Packing, THREADS, bucket};
+use crate::route::DeviceRouting;
+
+/// Rows of one tile of the grouped launch: the scalar kernel keeps them in registers per thread (4), the
+/// tensor-core kernel in one n8 half of an mma (8).
+fn tile_rows(packing: Packing) -> usize {
+    match packing {
+        Packing::Gptq => 4,
+        Packing::Mma => 8,
+    }
+}
+
+/// One grouped launch's shape for matrices like `w` over `tiles` tiles of `mb` rows, `mats` matrices side by
+/// side: (kernel, rows of K per split, splits, blocks along x, shared memory bytes).
+fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usize) -> (String, usize, usize, usize, u32) {
+    let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
+    match w.packing {
+        Packing::Gptq => {
+            let bx = n.div_ceil(THREADS as usize);
+            let chunk = w.k_chunk_for(g, mb, mats * bx * tiles);
+            let name = format!("gptq_gemv_grouped_w{}_b{mb}_{}", w.bits, b.act.suffix());
+            (name, chunk, k.div_ceil(chunk), mats * bx, w.smem_bytes(mb, chunk))
+        }
+        Packing::Mma => {
+            let bx = n.div_ceil(crate::mma::BLOCK_COLS);
+            let chunk = crate::mma::k_chunk(w, g, mb, mats * bx * tiles);
+            let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
+            (name, chunk, k.div_ceil(chunk), mats * bx, crate::mma::smem_bytes(mb, chunk))
+        }
+    }
+}
+
+/// The routing of a step, on the device (the router's kernel), read back only when a host needs it (prefill's
+/// expert-by-expert path, tests).
+pub struct GpuRoutes {
+    pub dev: DeviceRouting,
+    host: OnceLock<Routing>,
+}
+
+impl GpuRoutes {
+    pub fn new(dev: DeviceRouting) -> GpuRoutes {
+        GpuRoutes { dev, host: OnceLock::new() }
+    }
+
+    /// A routing chosen elsewhere (tests), uploaded.
+    pub fn from_host(b: &CudaBackend, r: &Routing, n_experts: usize) -> MResult<GpuRoutes> {
+        let s = &b.gpu.stream;
+        let dev = DeviceRouting {
+            rows: r.experts.len() / r.top_k.max(1),
+            top_k: r.top_k,
+            n_experts,
+            experts: s.clone_htod(&r.experts).map_err(md("upload routing"))?,
+            weights: s.clone_htod(&r.weights).map_err(md("upload routing"))?,
+        };
+        Ok(GpuRoutes { dev, host: OnceLock::from(r.clone()) })
+    }
+
+    pub fn host(&self) -> MResult<&Routing> {
+        if self.host.get().is_none() {
+            let _ = self.host.set(self.dev.to_host().map_err(m)?);
+        }
+        self.host.get().ok_or_else(|| shape("routing", "download".into()))
+    }
+}
+
+pub struct GpuExperts {
+    pub weights: Vec<Option<ExpertWeights<CudaBackend>>>,
+    grouped: Option<Tables>,
+}
+
+/// Device address tables of the packed experts: `[mats · n_experts]` each of qweight, zeros, scales, row order.
+struct Tables {
+    gate_up: [CudaSlice<u64>; 4],
+    down: [CudaSlice<u64>; 4],
+    group_size: usize,
+    hidden: usize,
+    inter: usize,
+}
+
+fn gptq(w: &GpuWeight) -> Option<&GpuGptq> {
+    match &w.kind {
+        GpuWeightKind::Gptq(g) => Some(g),
+        GpuWeightKind::Dense(_) => None,
+    }
+}
+
+impl GpuExperts {
+    pub fn new(b: &CudaBackend, weights: Vec<Option<ExpertWeights<CudaBackend>>>) -> MResult<GpuExperts> {
+        let grouped = Tables::build(b, &weights)?;
+        Ok(GpuExperts { weights, grouped })
+    }
+}
+
+impl Tables {
+    /// The tables, when every held expert is GPTQ with one bit width and group size (else the experts run one
+    /// by one).
+    fn build(b: &CudaBackend, experts: &[Option<ExpertWeights<CudaBackend>>]) -> MResult<Option<Tables>> {
+        let held: Vec<&ExpertWeights<CudaBackend>> = experts.iter().flatten().collect();
+        let Some(first) = held.first() else { return Ok(None) };
+        let Some(g0) = gptq(&first.gate) else { return Ok(None) };
+        let same = |w: &GpuWeight, k: usize, n: usize| {
+            gptq(w).is_some_and(|g| {
+                g.bits == g0.bits
+                    && g.group_size == g0.group_size
+                    && g.packing == g0.packing
+                    && g.in_features == k
+                    && g.out_features == n
+            })
+        };
+        let (hidden, inter) = (g0.in_features, g0.out_features);
+        let uniform = held
+            .iter()
+            .all(|e| same(&e.gate, hidden, inter) && same(&e.up, hidden, inter) && same(&e.down, inter, hidden));
+        // The down projection's groups must divide its K like gate/up's (group size ≤ inter, else "whole input").
+        if !uniform || inter % 32 != 0 {
+            return Ok(None);
+        }
+        let e = experts.len();
+        let mut gu = vec![[0u64; 4]; 2 * e];
+        let mut dn = vec![[0u64; 4]; e];
+        for (i, ew) in experts.iter().enumerate() {
+            let Some(ew) = ew else { continue };
+            let addr = |w: &GpuWeight| gptq(w).map(|g| g.addresses(&b.gpu)).unwrap_or_default();
+            gu[i] = addr(&ew.gate);
+            gu[e + i] = addr(&ew.up);
+            dn[i] = addr(&ew.down);
+        }
+        let column = |t: &[[u64; 4]], j: usize| -> MResult<CudaSlice<u64>> {
+            let v: Vec<u64> = t.iter().map(|a| a[j]).collect();
+            b.gpu.stream.clone_htod(&v).map_err(md("upload expert table"))
+        };
+        Ok(Some(Tables {
+            gate_up: [column(&gu, 0)?, column(&gu, 1)?, column(&gu, 2)?, column(&gu, 3)?],
+            down: [column(&dn, 0)?, column(&dn, 1)?, column(&dn, 2)?, column(&dn, 3)?],
+            group_size: g0.group_size,
+            hidden,
+            inter,
+        }))
+    }
+}
+
+impl CudaBackend {
+    pub(crate) fn run_experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
+        if routes.dev.rows != x.rows || routes.dev.n_experts != experts.weights.len() {
+            return Err(shape(
+                "experts",
+                format!("a routing of {} rows over {} experts", routes.dev.rows, routes.dev.n_experts),
+            ));
+        }
+        match &experts.grouped {
+            Some(t) if x.rows <= MAX_BATCH && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
+            _ => self.one_by_one(x, &experts.weights, routes.host()?),
+        }
+    }
+
+    fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
+        let first = experts.weights.iter().flatten().next().ok_or_else(|| shape("experts", "no held expert".into()))?;
+        let (gate0, down0) = match (gptq(&first.gate), gptq(&first.down)) {
+            (Some(g), Some(d)) => (g, d),
+            _ => return Err(shape("experts", "grouped experts must be GPTQ".into())),
+        };
+        let mb = bucket(x.rows).min(tile_rows(gate0.packing));
+        let dtype = x.data.dtype();
+        let mut out = GpuTensor { rows: x.rows, cols: x.cols, data: Act::zeros(&self.gpu, dtype, x.rows * x.cols).map_err(m)? };
+        // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
+        // has `pairs` tiles and blocks past the real count return at once.
+        let pairs = x.rows * r.top_k;
+        let n_tiles = pairs;
+        let s = &self.gpu.stream;
+        let (mut tiles, mut count) = (self.zeros_i32(3 * pairs)?, self.zeros_i32(1)?);
+        let (mut pair_x, mut pair_of) = (self.zeros_i32(pairs)?, self.zeros_i32(pairs)?);
+        let identity = self.upload_i32(&(0..pairs as i32).collect::<Vec<_>>())?;
+        let e = experts.weights.len() as i32;
+        let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
+        let mut l = s.launch_builder(self.f("experts_plan")?);
+        l.arg(&r.experts).arg(&entries).arg(&k).arg(&t.gate_up[0]).arg(&e).arg(&tr);
+        l.arg(&mut tiles).arg(&mut count).arg(&mut pair_x).arg(&mut pair_of);
+        let threads = experts.weights.len().next_multiple_of(32) as u32;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches experts_plan; the routing holds `entries` expert ids < E, the gate table E addresses
+        // first; outputs sized entries·3, 1, entries, entries.
+        unsafe { l.launch(cfg) }.map_err(md("experts plan"))?;
+        let weights = &r.weights;
+        let (hidden, inter) = (t.hidden, t.inter);
+        let sx = dtype.suffix();
+
+        // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
+        let (name, chunk, splits, gx, smem) = launch_shape(self, gate0, mb, n_tiles, 2);
+        let mut partial = self.zeros(splits * pairs * 2 * inter)?;
+        let f = self.f(&name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (gx as u32, splits as u32, n_tiles as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (np, two, ki, ni, gs, ci) =
+            (pairs as i32, 2i32, hidden as i32, inter as i32, t.group_size as i32, chunk as i32);
+        let [qw, zr, sc, pm] = &t.gate_up;
+        let mut l = s.launch_builder(f);
+        l.arg(&x.data).arg(&tiles).arg(&count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
+        l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+        // SAFETY: argument order and types match gptq_gemv_grouped_*; tables hold 2·E addresses, buffers sized above.
+        unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
+        let mut h = Act::zeros(&self.gpu, dtype, pairs * inter).map_err(m)?;
+        let sp = splits as i32;
+        let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
+        l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
+        // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
+        unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
+
+        // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
+        let (name, chunk, splits, gx, smem) = launch_shape(self, down0, mb, n_tiles, 1);
+        let f = self.f(&name)?;
+        let mut partial = self.zeros(splits * pairs * hidden)?;
+        let cfg = LaunchConfig {
+            grid_dim: (gx as u32, splits as u32, n_tiles as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (one, ki, ni, ci) = (1i32, inter as i32, hidden as i32, chunk as i32);
+        let [qw, zr, sc, pm] = &t.down;
+        let mut l = s.launch_builder(f);
+        l.arg(&h).arg(&tiles).arg(&count).arg(&identity).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
+        l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+        // SAFETY: as above, for the down tables (E addresses each).
+        unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
+        let (sp, rows) = (splits as i32, x.rows as i32);
+        let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
+        l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows).arg(&k);
+        // SAFETY: matches gptq_reduce_combine_*; out holds rows·hidden values, pair_of and weights rows·top_k.
+        unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
+        Ok(out)
+    }
+
+    /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add
+    /// `w · y` into an f32 sum, cast to the activation dtype at the end.
+    fn one_by_one(
+        &self,
+        x: &GpuTensor,
+        experts: &[Option<ExpertWeights<CudaBackend>>],
+        r: &Routing,
+    ) -> MResult<GpuTensor> {
+        let mut sum = self.zeros(x.rows * x.cols)?;
+        let sx = x.data.dtype().suffix();
+        for (e, ew) in experts.iter().enumerate() {
+            let Some(ew) = ew else { continue };
+            let (rows, ws) = r.rows_of(e);
+            if rows.is_empty() {
+                continue;
+            }
+            let xin = self.gather_rows(x, &rows)?;
+            let h = self.silu_mul(&self.linear(&xin, &ew.gate)?, &self.linear(&xin, &ew.up)?)?;
+            let y = self.linear(&h, &ew.down)?;
+            let idx = self.upload_i32(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
+            let wd = self.gpu.stream.clone_htod(&ws).map_err(md("upload"))?;
+            let (n, c) = (rows.len() as i32, x.cols as i32);
+            let mut l = self.gpu.stream.launch_builder(self.f(&format!("scatter_add_scaled_{sx}"))?);
+            l.arg(&mut sum).arg(&y.data).arg(&idx).arg(&wd).arg(&n).arg(&c);
+            // SAFETY: matches scatter_add_scaled_*; every index is a row of `sum`.
+            unsafe { l.launch(grid(rows.len() * x.cols, 256)) }.map_err(md("scatter_add"))?;
+        }
+        self.from_f32_sum(sum, x.rows, x.cols, x.data.dtype())
+    }
+}

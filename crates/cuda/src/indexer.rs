@@ -1,0 +1,180 @@
+//! The V3.2 indexer's choice on the device (MODEL_SPEC §2.6): `I(t) = Σ_h w_h · relu(q_h·k_t)` over each row's
+//! causal keys, then a radix-select top-k per row (kernels/attention.cu) that picks exactly the set of
+//! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
+//! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
+
+use crate::attention::{MAX_GRID_Y, scratch, smem_cfg, upload_tables};
+use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
+use crate::cache::{GpuLayerCache, StepTables};
+
+/// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
+const KEYS_PER_BLOCK: usize = 64;
+const TOPK_THREADS: u32 = 512;
+/// Bound on the f32 scores of one launch (rows × widest row): 128 MiB.
+const SCORE_FLOATS: usize = 32 << 20;
+
+/// Per row of a step, the key positions attention uses, on the device: row `r` holds `counts[r]` ascending
+/// positions at `keys[r·stride..]`.
+pub struct GpuSelection {
+    keys: CudaSlice<i32>,
+    counts: Vec<usize>,
+    stride: usize,
+}
+
+impl GpuSelection {
+    pub fn rows(&self) -> usize {
+        self.counts.len()
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
+    pub(crate) fn keys(&self) -> &CudaSlice<i32> {
+        &self.keys
+    }
+
+    /// Host lists of positions, as given (tests, or a choice made elsewhere). Positions past a row's own are
+    /// skipped by attention.
+    pub fn from_host(b: &CudaBackend, sel: &[Vec<u32>]) -> MResult<Self> {
+        let stride = sel.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut flat = vec![0i32; sel.len() * stride];
+        for (r, keys) in sel.iter().enumerate() {
+            for (i, &k) in keys.iter().enumerate() {
+                flat[r * stride + i] = i32::try_from(k).map_err(|_| shape("selection", format!("position {k}")))?;
+            }
+        }
+        Ok(Self { keys: b.upload_i32(&flat)?, counts: sel.iter().map(Vec::len).collect(), stride })
+    }
+
+    pub fn to_host(&self, b: &CudaBackend) -> MResult<HostSelection> {
+        let flat = b.gpu.stream.clone_dtoh(&self.keys).map_err(md("download selection"))?;
+        Ok(self
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| flat[r * self.stride..r * self.stride + n].iter().map(|&k| k as u32).collect())
+            .collect())
+    }
+}
+
+pub fn indexer_select(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    q: &GpuTensor,
+    w: &GpuTensor,
+    d: &IndexerDims,
+    rows: &[Row],
+) -> MResult<GpuSelection> {
+    if q.cols != d.heads * d.head_dim
+        || w.cols != d.heads
+        || q.rows != rows.len()
+        || w.rows != rows.len()
+        || q.data.dtype() != w.data.dtype()
+        || cache.index_dim != d.head_dim
+    {
+        return Err(shape(
+            "indexer_select",
+            format!("q [{}, {}], w [{}, {}] for {d:?}", q.rows, q.cols, w.rows, w.cols),
+        ));
+    }
+    let stride = d.topk.max(1);
+    let counts: Vec<usize> = rows.iter().map(|r| (r.pos + 1).min(d.topk)).collect();
+    let mut keys = b.gpu.stream.alloc_zeros::<i32>((rows.len() * stride).max(1)).map_err(md("alloc selection"))?;
+    if rows.is_empty() {
+        return Ok(GpuSelection { keys, counts, stride });
+    }
+    let tables = cache.step_tables(rows, None)?;
+    let (dev, at) = upload_tables(b, &tables)?;
+    let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
+    let widths: Vec<usize> = rows.iter().map(|r| r.pos + 1).collect();
+    let mut r0 = 0;
+    while r0 < rows.len() {
+        let (n, width) = chunk(&widths[r0..]);
+        let mut scores = scratch(b, n * width)?;
+        if width > d.topk {
+            let f = b.f(&format!("indexer_scores_{}", q.data.dtype().suffix()))?;
+            let floats = d.heads * (d.head_dim + 1) + d.heads + 8 * d.head_dim;
+            let grid = (width.div_ceil(KEYS_PER_BLOCK) as u32, n as u32, 1);
+            let cfg = smem_cfg(b, f, grid, 256, floats * 4)?;
+            let (code, row0, heads, dim) = (cache.dtype.code(), r0 as i32, d.heads as i32, d.head_dim as i32);
+            let (topk, width_i) = (d.topk as i32, width as i32);
+            let table_view = dev.slice(at..);
+            let mut l = b.gpu.stream.launch_builder(f);
+            l.arg(&q.data).arg(&w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(&dev).arg(&table_view);
+            l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width_i).arg(&mut scores);
+            // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
+            // scores hold n rows of `width` ≥ every row's key count.
+            unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
+        }
+        TopK { scores: &scores, width, meta: &dev, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
+        r0 += n;
+    }
+    Ok(GpuSelection { keys, counts, stride })
+}
+
+/// How many of the rows (key counts `widths`) fit one score buffer, and the widest of them.
+fn chunk(widths: &[usize]) -> (usize, usize) {
+    let (mut n, mut width) = (0, 0);
+    for &w in widths {
+        let wider = width.max(w);
+        if n == MAX_GRID_Y || (n > 0 && (n + 1) * wider > SCORE_FLOATS) {
+            break;
+        }
+        (n, width) = (n + 1, wider);
+    }
+    (n, width)
+}
+
+/// One launch of the top-k kernel: rows `row0..row0 + rows` of the step, their scores `[rows, width]`.
+struct TopK<'a> {
+    scores: &'a CudaSlice<f32>,
+    width: usize,
+    /// The step's row descriptors (`StepTables::meta`, uploaded).
+    meta: &'a CudaSlice<i32>,
+    row0: usize,
+    rows: usize,
+    topk: usize,
+}
+
+impl TopK<'_> {
+    /// Writes each row's positions into `keys [step rows, topk]`.
+    fn run(&self, b: &CudaBackend, keys: &mut CudaSlice<i32>) -> MResult<()> {
+        let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
+        let mut l = b.gpu.stream.launch_builder(b.f("indexer_topk_f32")?);
+        l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(keys);
+        let cfg =
+            LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (TOPK_THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row.
+        unsafe { l.launch(cfg) }.map_err(md("indexer_topk"))?;
+        Ok(())
+    }
+}
+
+/// The device top-k on host scores, one row per list (row `r` has `scores[r].len()` keys): what the indexer
+/// selects from its scores, exposed so tests can hold it to `pipemoe_model::cpu::kernels::top_k`.
+pub fn top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<HostSelection> {
+    let width = scores.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut flat = vec![0f32; scores.len() * width];
+    for (r, s) in scores.iter().enumerate() {
+        flat[r * width..r * width + s.len()].copy_from_slice(s);
+    }
+    let meta =
+        StepTables { meta: scores.iter().flat_map(|s| [s.len() as i32 - 1, 0, 0, 0]).collect(), tables: Vec::new() };
+    let (meta, _) = upload_tables(b, &meta)?;
+    let dev = b.gpu.stream.clone_htod(&flat).map_err(md("upload scores"))?;
+    let stride = topk.max(1);
+    let mut keys = b.gpu.stream.alloc_zeros::<i32>((scores.len() * stride).max(1)).map_err(md("alloc selection"))?;
+    if !scores.is_empty() {
+        TopK { scores: &dev, width, meta: &meta, row0: 0, rows: scores.len(), topk }.run(b, &mut keys)?;
+    }
+    let counts = scores.iter().map(|s| s.len().min(topk)).collect();
+    GpuSelection { keys, counts, stride }.to_host(b)
+}

@@ -1,0 +1,198 @@
+//! The tensor-core GEMV (kernels/gptq_mma.cu): the repacking of GPTQ weights into per-lane `mma.m16n8k16`
+//! fragments at load, and its launches. Used for bf16 activations when the shape allows (`eligible`).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::act::{ActDtype, ActView, ActViewMut};
+use crate::error::{Error, Result, drv};
+use crate::gemv::{GpuGptq, MAX_BATCH};
+use crate::gpu::Gpu;
+
+/// Rows of K per chunk (one scale per chunk: group sizes must be multiples of it).
+pub const CHUNK: usize = 128;
+/// Output columns per block: 4 warps × 2 tiles of 16.
+pub const BLOCK_COLS: usize = 128;
+const THREADS: u32 = 128;
+
+/// Whether a weight can take the tensor-core layout: 2/3/4 bits (the bf16 trick holds 128 + q exactly up to
+/// 7 bits, and the packing is written for these), whole chunks of K, whole groups per chunk, whole column tiles.
+pub fn eligible(bits: u32, k: usize, n: usize, group_size: usize) -> bool {
+    matches!(bits, 2..=4) && k.is_multiple_of(CHUNK) && group_size.is_multiple_of(CHUNK) && n.is_multiple_of(16)
+}
+
+/// Word and shift of pair `i` (0..16) inside a block of `bits` words; `None` for 3-bit pair 15 (spread over bits
+/// 15 and 31 of the three words).
+fn slot(bits: u32, i: usize) -> Option<(usize, u32)> {
+    match bits {
+        2 => Some((i / 8, 2 * (i % 8) as u32)),
+        4 => Some((i / 4, 4 * (i % 4) as u32)),
+        _ if i < 15 => Some((i / 5, 3 * (i % 5) as u32)),
+        _ => None,
+    }
+}
+
+/// The checkpoint packing (`[K·bits/32, N]`, rows already in group order) → `[tile][chunk][bits][lane]` pairs of
+/// words, lane L of tile t and chunk c holding the A fragments of `mma.m16n8k16` for its 8 k-steps.
+pub fn repack(qweight: &[u32], bits: u32, k: usize, n: usize) -> Vec<u32> {
+    let b = bits as usize;
+    let field = |row: usize, col: usize| -> u32 {
+        // Value `row` of column `col` in the GPTQ layout: 32 values per `bits` words, little-endian.
+        let base = (row / 32) * b;
+        let bit = (row % 32) * b;
+        let (w, sh) = (bit / 32, bit % 32);
+        let lo = u64::from(qweight[(base + w) * n + col]);
+        let hi = if w + 1 < b { u64::from(qweight[(base + w + 1) * n + col]) } else { 0 };
+        ((lo | (hi << 32)) >> sh) as u32 & ((1 << b) - 1)
+    };
+    let (tiles, chunks) = (n / 16, k / CHUNK);
+    let mut out = vec![0u32; tiles * chunks * b * 64];
+    for t in 0..tiles {
+        for c in 0..chunks {
+            for lane in 0..32 {
+                let mut words = vec![0u32; 2 * b];
+                for p in 0..32 {
+                    let (ks, reg) = (p / 4, p % 4);
+                    let col = 16 * t + lane / 4 + 8 * (reg & 1);
+                    let row = CHUNK * c + 16 * ks + 2 * (lane % 4) + 8 * (reg >> 1);
+                    let (lo, hi) = (field(row, col), field(row + 1, col));
+                    let blk = &mut words[(p / 16) * b..(p / 16 + 1) * b];
+                    match slot(bits, p % 16) {
+                        Some((w, sh)) => blk[w] |= (lo << sh) | (hi << (sh + 16)),
+                        None => {
+                            for (j, word) in blk.iter_mut().enumerate() {
+                                *word |= ((lo >> j) & 1) << 15 | ((hi >> j) & 1) << 31;
+                            }
+                        }
+                    }
+                }
+                for (wi, &word) in words.iter().enumerate() {
+                    let (j, half) = (wi / 2, wi % 2);
+                    out[((((t * chunks + c) * b + j) * 32 + lane) * 2) + half] = word;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Kernel rows per launch: 8 (one n8 half) or 16.
+fn bucket(batch: usize) -> usize {
+    if batch <= 8 { 8 } else { 16 }
+}
+
+/// Rows of K per split: whole chunks, x of the padded batch in 40 KiB of shared memory, and enough splits for
+/// every SM to hold several blocks' loads in flight.
+pub(crate) fn k_chunk(w: &GpuGptq, gpu: &Gpu, batch: usize, blocks_x: usize) -> usize {
+    let k = w.in_features;
+    let mb = bucket(batch);
+    let limit = ((40 * 1024 / (2 * mb)).saturating_sub(8) / CHUNK).max(1) * CHUNK;
+    let splits = (8 * gpu.sm_count as usize).div_ceil(blocks_x.max(1)).clamp(1, k / CHUNK);
+    (k.div_ceil(splits).div_ceil(CHUNK) * CHUNK).clamp(CHUNK, limit)
+}
+
+pub(crate) fn smem_bytes(batch: usize, chunk: usize) -> u32 {
+    let mb = bucket(batch);
+    ((mb * (chunk + 8)).div_ceil(2) * 4 + mb * (chunk / CHUNK) * 4) as u32
+}
+
+pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
+    let bx = w.out_features.div_ceil(BLOCK_COLS);
+    w.in_features.div_ceil(k_chunk(w, gpu, batch, bx)) * batch * w.out_features
+}
+
+/// `y = x · Wᵀ` for `batch` ≤ 16 bf16 rows through the tensor cores; partial sums added by `gptq_reduce_*`.
+pub(crate) fn gemv(
+    w: &GpuGptq,
+    gpu: &Gpu,
+    x: &ActView<'_>,
+    batch: usize,
+    partial: &mut CudaSlice<f32>,
+    y: &mut ActViewMut<'_>,
+) -> Result<()> {
+    let (k, n) = (w.in_features, w.out_features);
+    if x.dtype() != ActDtype::Bf16 {
+        return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
+    }
+    if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
+        return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
+    }
+    let bx = n.div_ceil(BLOCK_COLS);
+    let chunk = k_chunk(w, gpu, batch, bx);
+    let splits = k.div_ceil(chunk);
+    if partial.len() < splits * batch * n {
+        return Err(Error::Shape { what: "gemv scratch", reason: format!("{} < {}", partial.len(), splits * batch * n) });
+    }
+    let f = gpu.function(&format!("gptq_mma_gemv_w{}_b{}_bf16", w.bits, bucket(batch)))?;
+    let cfg = LaunchConfig {
+        grid_dim: (bx as u32, splits as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem_bytes(batch, chunk),
+    };
+    let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, w.group_size as i32, chunk as i32);
+    let null: u64 = 0;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(x);
+    match &w.perm {
+        Some(p) => l.arg(p),
+        None => l.arg(&null),
+    };
+    l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial);
+    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+    // SAFETY: argument order and types match gptq_mma_gemv_*; sizes checked above.
+    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
+    let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
+    let total = (batch * n) as u32;
+    let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let s = splits as i32;
+    let mut l = gpu.stream.launch_builder(reduce);
+    l.arg(&*partial).arg(y).arg(&s).arg(&b).arg(&ni);
+    // SAFETY: matches gptq_reduce_*.
+    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads value (row, col) back from the repacked words the way the kernel's `pair_bits` does.
+    fn unpack(words: &[u32], bits: u32, k: usize, col: usize, row: usize) -> u32 {
+        let b = bits as usize;
+        let (t, r16, c, kk) = (col / 16, col % 16, row / CHUNK, row % CHUNK);
+        let (ks, k16) = (kk / 16, kk % 16);
+        let lane = (r16 % 8) * 4 + (k16 % 8) / 2;
+        let p = ks * 4 + (r16 / 8) + 2 * (k16 / 8);
+        let lw: Vec<u32> =
+            (0..2 * b).map(|wi| words[((((t * (k / CHUNK) + c) * b + wi / 2) * 32 + lane) * 2) + wi % 2]).collect();
+        let blk = &lw[(p / 16) * b..(p / 16 + 1) * b];
+        let pair = match slot(bits, p % 16) {
+            Some((w, sh)) => (blk[w] >> sh) & (((1 << b) - 1) * 0x10001),
+            None => ((blk[0] >> 15) & 0x10001) | ((blk[1] >> 14) & 0x20002) | ((blk[2] >> 13) & 0x40004),
+        };
+        if k16 % 2 == 1 { pair >> 16 } else { pair & 0xFFFF }
+    }
+
+    #[test]
+    fn repacking_keeps_every_value() {
+        for bits in [2u32, 3, 4] {
+            let (k, n) = (256, 32);
+            let layout = pipemoe_quant::GptqLayout::new(
+                k,
+                n,
+                pipemoe_quant::Bits::new(bits).unwrap(),
+                pipemoe_quant::GroupSize::Rows(128),
+            )
+            .unwrap();
+            let q: Vec<u8> = (0..k * n).map(|i| ((i * 7 + i / 13) % (1 << bits)) as u8).collect();
+            let packed = pipemoe_quant::pack::pack_qweight(&q, &layout).unwrap();
+            let words = repack(&packed, bits, k, n);
+            assert_eq!(words.len(), packed.len(), "{bits}-bit: same bytes");
+            for row in 0..k {
+                for col in 0..n {
+                    assert_eq!(unpack(&words, bits, k, col, row), u32::from(q[row * n + col]), "{bits}-bit ({row},{col})");
+                }
+            }
+        }
+        assert!(eligible(3, 7168, 2048, 128) && !eligible(8, 7168, 2048, 128) && !eligible(3, 7168, 2048, 64));
+    }
+}

@@ -1,0 +1,160 @@
+//! The MoE router on the device (MODEL_SPEC §2.7; kernels/route.cu): from router logits, the experts and
+//! weights `pipemoe_model::routing::route_logits` chooses, in the same order (its rounding exceptions are in
+//! the kernel's header), and each expert's (row, slot) pairs laid out for a grouped experts launch.
+
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{RouterDims, Routing};
+
+use crate::error::{Error, Result, drv};
+use crate::gpu::Gpu;
+
+/// The most experts one router block handles (a thread each).
+pub const MAX_EXPERTS: usize = 256;
+
+/// The experts chosen for a step's rows, on the device.
+pub struct DeviceRouting {
+    pub rows: usize,
+    pub top_k: usize,
+    pub n_experts: usize,
+    /// `[rows, top_k]`: each row's experts, best first (`route_logits`' order).
+    pub experts: CudaSlice<u32>,
+    /// `[rows, top_k]`: their unbiased sigmoid scores, normalized when `norm_topk_prob`, times `scaling`.
+    pub weights: CudaSlice<f32>,
+}
+
+/// Each expert's share of a routing, laid out for one grouped launch. A pair is the flat index
+/// `row · top_k + slot` into the routing's `experts`/`weights`.
+pub struct ExpertPairs {
+    pub n_experts: usize,
+    /// `[n_experts]`: how many pairs chose each expert.
+    pub counts: CudaSlice<u32>,
+    /// `[n_experts + 1]`: where each expert's pairs start in `pairs`; the last is the number of pairs.
+    pub offsets: CudaSlice<u32>,
+    /// `[rows · top_k]`: expert by expert (ascending), each expert's pairs in row order.
+    pub pairs: CudaSlice<u32>,
+    /// `[n_experts]`: the experts with at least one pair, ascending; the first `n_active[0]` are set.
+    pub active: CudaSlice<u32>,
+    /// `[1]`.
+    pub n_active: CudaSlice<u32>,
+}
+
+/// `ExpertPairs` read back (tests, diagnostics); `active` holds only the set entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPairs {
+    pub counts: Vec<u32>,
+    pub offsets: Vec<u32>,
+    pub pairs: Vec<u32>,
+    pub active: Vec<u32>,
+}
+
+fn shape(reason: String) -> Error {
+    Error::Shape { what: "route", reason }
+}
+
+fn check(logits: usize, rows: usize, bias: usize, d: &RouterDims) -> Result<()> {
+    let e = d.n_experts;
+    if e == 0 || e > MAX_EXPERTS {
+        return Err(shape(format!("{e} experts (1..={MAX_EXPERTS} on the device)")));
+    }
+    if d.n_group == 0 || !e.is_multiple_of(d.n_group) || d.topk_group == 0 || d.topk_group > d.n_group {
+        return Err(shape(format!("{e} experts in {} groups, {} kept", d.n_group, d.topk_group)));
+    }
+    if d.top_k == 0 || d.top_k > e {
+        return Err(shape(format!("top_k {} of {e} experts", d.top_k)));
+    }
+    if logits < rows * e || bias != e {
+        return Err(shape(format!("{logits} logits for [{rows}, {e}], {bias} biases")));
+    }
+    Ok(())
+}
+
+/// Routes `rows` rows of `logits` (`[rows, n_experts]` f32, `x · gateᵀ`) with the correction `bias`
+/// (`[n_experts]`): one block per row on the GPU's stream.
+pub fn route_on_device(
+    gpu: &Gpu,
+    logits: &CudaView<f32>,
+    rows: usize,
+    bias: &CudaSlice<f32>,
+    dims: &RouterDims,
+) -> Result<DeviceRouting> {
+    check(logits.len(), rows, bias.len(), dims)?;
+    let s = &gpu.stream;
+    let n = (rows * dims.top_k).max(1);
+    let mut experts = s.alloc_zeros::<u32>(n).map_err(drv("alloc routing"))?;
+    let mut weights = s.alloc_zeros::<f32>(n).map_err(drv("alloc routing"))?;
+    if rows > 0 {
+        let ints = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
+        let norm = i32::from(dims.norm_topk_prob);
+        let mut l = s.launch_builder(gpu.function("route_f32")?);
+        l.arg(logits).arg(bias).arg(&mut experts).arg(&mut weights);
+        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&norm).arg(&dims.scaling);
+        let threads = dims.n_experts.next_multiple_of(32) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the buffers hold [rows, n_experts], [n_experts] and [rows, top_k] (checked and allocated
+        // above); the kernel reads and writes nothing else.
+        unsafe { l.launch(cfg) }.map_err(drv("launch route"))?;
+    }
+    Ok(DeviceRouting { rows, top_k: dims.top_k, n_experts: dims.n_experts, experts, weights })
+}
+
+impl DeviceRouting {
+    /// The routing as the host's `route_logits` returns it (waits for the stream).
+    pub fn to_host(&self) -> Result<Routing> {
+        let n = self.rows * self.top_k;
+        let mut experts = self.experts.stream().clone_dtoh(&self.experts).map_err(drv("download routing"))?;
+        let mut weights = self.weights.stream().clone_dtoh(&self.weights).map_err(drv("download routing"))?;
+        experts.truncate(n);
+        weights.truncate(n);
+        Ok(Routing { top_k: self.top_k, experts, weights })
+    }
+
+    /// Each expert's pairs of this routing.
+    pub fn pairs(&self, gpu: &Gpu) -> Result<ExpertPairs> {
+        expert_pairs(gpu, &self.experts.as_view(), self.rows * self.top_k, self.n_experts)
+    }
+}
+
+/// Groups the first `entries` expert ids of `experts` (`[rows · top_k]`, each < n_experts) by expert: two
+/// launches of one block per expert, no atomics, so the layout never varies between runs.
+pub fn expert_pairs(gpu: &Gpu, experts: &CudaView<u32>, entries: usize, n_experts: usize) -> Result<ExpertPairs> {
+    if n_experts == 0 || experts.len() < entries || entries > i32::MAX as usize {
+        return Err(shape(format!("{entries} entries of {} for {n_experts} experts", experts.len())));
+    }
+    let s = &gpu.stream;
+    let alloc = |n: usize| s.alloc_zeros::<u32>(n.max(1)).map_err(drv("alloc pairs"));
+    let mut p = ExpertPairs {
+        n_experts,
+        counts: alloc(n_experts)?,
+        offsets: alloc(n_experts + 1)?,
+        pairs: alloc(entries)?,
+        active: alloc(n_experts)?,
+        n_active: alloc(1)?,
+    };
+    let (n, e) = (entries as i32, n_experts as i32);
+    let cfg = LaunchConfig { grid_dim: (n_experts as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let mut l = s.launch_builder(gpu.function("route_count_u32")?);
+    l.arg(experts).arg(&n).arg(&mut p.counts);
+    // SAFETY: experts holds ≥ entries values (checked); counts holds n_experts, one per block.
+    unsafe { l.launch(cfg) }.map_err(drv("launch route_count"))?;
+    let mut l = s.launch_builder(gpu.function("route_place_u32")?);
+    l.arg(experts).arg(&n).arg(&p.counts).arg(&e);
+    l.arg(&mut p.offsets).arg(&mut p.active).arg(&mut p.n_active).arg(&mut p.pairs);
+    // SAFETY: as above; offsets holds n_experts + 1, active n_experts, pairs ≥ entries (the counts of ids below
+    // n_experts sum to at most entries).
+    unsafe { l.launch(cfg) }.map_err(drv("launch route_place"))?;
+    Ok(p)
+}
+
+impl ExpertPairs {
+    /// Waits for the stream and reads everything back.
+    pub fn to_host(&self) -> Result<HostPairs> {
+        let get = |v: &CudaSlice<u32>| v.stream().clone_dtoh(v).map_err(drv("download pairs"));
+        let offsets = get(&self.offsets)?;
+        let n_active = get(&self.n_active)?[0] as usize;
+        let mut active = get(&self.active)?;
+        active.truncate(n_active);
+        let mut pairs = get(&self.pairs)?;
+        pairs.truncate(offsets[self.n_experts] as usize);
+        Ok(HostPairs { counts: get(&self.counts)?, offsets, pairs, active })
+    }
+}

@@ -1,0 +1,453 @@
+//! Device tests of the block-paged latent cache, tiled MLA attention and the indexer's device top-k, against the
+//! CPU backend on fresh random inputs, at small shapes and at the real model's (128 heads, kv_lora 512, qk_rope
+//! 64, qk_nope 128, v_head 128; indexer 64 heads × 128, top 2048). Skipped, with the reason printed, where there
+//! is no GPU.
+//!
+//! Tolerances. The CPU reference is handed exactly the values the GPU computes with: the cache contents read
+//! back from the pool (so a bf16 or fp8 cache is compared on its own stored values) and q / kv_b rounded to the
+//! activation dtype. What is left is f32 summation order and the fast-math `__expf`: with f32 activations that
+//! is ~1e-6, asserted ≤ 1e-4 (any indexing, masking or merge error is ≥ 1e-2). With bf16 activations the GPU
+//! also rounds its output to bf16 (2^-9 relative at most, ~1.1e-3 RMS), asserted ≤ 5e-3. The top-k must agree
+//! exactly: its inputs are identical (the top-k test) or integer-valued so every score is exact in f32 (the
+//! indexer test). `rel_l2` fails on NaN.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use pipemoe_cuda::cache::{BLOCK, GpuLayerCache, KvDtype};
+use pipemoe_cuda::indexer::top_k_rows;
+use pipemoe_cuda::{ActDtype, CudaBackend, GpuSelection};
+use pipemoe_model::backend::{Backend, HostLinear, IndexerDims, MlaDims, Row};
+use pipemoe_model::cpu::CpuBackend;
+use pipemoe_model::cpu::kernels::top_k;
+
+const REAL: MlaDims =
+    MlaDims { heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora: 512, softmax_scale: 0.1352 };
+/// 12 heads: one full group of 8 and a partial one; kv_lora below the kernel's 512.
+const SMALL: MlaDims = MlaDims { heads: 12, qk_nope: 16, qk_rope: 8, v_head: 16, kv_lora: 64, softmax_scale: 0.2 };
+
+fn gpu(act: ActDtype, kv: KvDtype) -> CudaBackend {
+    CudaBackend::new(0).expect("gpu").with_act_dtype(act).with_kv_dtype(kv)
+}
+
+fn uniform(rng: &mut Rng, n: usize, a: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * a).collect()
+}
+
+/// Values as the activation dtype holds them.
+fn as_act(act: ActDtype, v: Vec<f32>) -> Vec<f32> {
+    match act {
+        ActDtype::F32 => v,
+        ActDtype::Bf16 => v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+fn rows_of(seq: u64, range: std::ops::Range<usize>) -> Vec<Row> {
+    range.map(|pos| Row { seq, pos }).collect()
+}
+
+/// Cached values read back (`got`) against those written (`want`), rows of `dim`: equal in f32, the bf16
+/// rounding in bf16, within e4m3's precision in fp8.
+fn check_stored(dtype: KvDtype, got: &[f32], want: &[f32], dim: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (p, (g, w)) in got.chunks(dim).zip(want.chunks(dim)).enumerate() {
+        let max = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+            let ok = match dtype {
+                KvDtype::F32 => g == w,
+                KvDtype::Bf16 => g == bf16::from_f32(w).to_f32(),
+                // e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 relative; below 2^-6 · scale the step is fixed.
+                KvDtype::Fp8 => (g - w).abs() <= (w.abs() * 0.0625).max(max / 448.0 * 2f32.powi(-9)) * 1.01,
+            };
+            assert!(ok, "{what} {dtype:?} position {p} [{i}]: stored {g}, wrote {w}");
+        }
+    }
+}
+
+/// One sequence's values as written.
+struct Written {
+    latent: Vec<f32>,
+    k_pe: Vec<f32>,
+    index_k: Vec<f32>,
+}
+
+/// Writes `rows` (any mix of sequences) with fresh random values, recording them per sequence in `log`.
+fn write_rows(
+    g: &CudaBackend,
+    cache: &mut GpuLayerCache,
+    rng: &mut Rng,
+    rows: &[Row],
+    log: &mut std::collections::HashMap<u64, Written>,
+) -> pipemoe_model::Result<()> {
+    let (lora, rope, idim) = (cache.lora, cache.rope, cache.index_dim);
+    let (lat, pe, ik) = (
+        uniform(rng, rows.len() * lora, 3.0),
+        uniform(rng, rows.len() * rope, 1.0),
+        uniform(rng, rows.len() * idim, 2.0),
+    );
+    let up = |v: &Vec<f32>, c| g.upload(rows.len(), c, v.clone()).expect("upload");
+    let index = (idim > 0).then(|| up(&ik, idim));
+    g.cache_write(cache, rows, &up(&lat, lora), &up(&pe, rope), index.as_ref())?;
+    for (r, row) in rows.iter().enumerate() {
+        let w = log.entry(row.seq).or_insert(Written { latent: vec![], k_pe: vec![], index_k: vec![] });
+        w.latent.extend_from_slice(&lat[r * lora..(r + 1) * lora]);
+        w.k_pe.extend_from_slice(&pe[r * rope..(r + 1) * rope]);
+        w.index_k.extend_from_slice(&ik[r * idim..(r + 1) * idim]);
+    }
+    Ok(())
+}
+
+fn check_seq(g: &CudaBackend, cache: &GpuLayerCache, seq: u64, want: &Written) {
+    let got = cache.read(&g.gpu, seq).expect("read back");
+    assert_eq!(g.cache_len(cache, seq), want.latent.len() / cache.lora, "seq {seq} length");
+    check_stored(cache.dtype, &got.latent, &want.latent, cache.lora, "latent");
+    check_stored(cache.dtype, &got.k_pe, &want.k_pe, cache.rope, "k_pe");
+    check_stored(cache.dtype, &got.index_k, &want.index_k, cache.index_dim.max(1), "indexer key");
+}
+
+#[test]
+fn paged_cache_round_trips_across_blocks_and_sequences() {
+    if no_gpu() {
+        return;
+    }
+    let ix = IndexerDims { heads: 2, head_dim: 32, topk: 16 };
+    for kv in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8] {
+        let g = gpu(ActDtype::F32, kv);
+        let mut cache = g.new_layer_cache(&SMALL, Some(&ix));
+        let mut rng = Rng::new(3);
+        let mut log = std::collections::HashMap::new();
+        // Chunks that start and end inside blocks, sequences mixed in one step, and (no budget) past the first
+        // 16 blocks so the pool grows and moves what it holds.
+        let (mut a, mut b) = (0, 0);
+        for (na, nb) in [(37, 1), (64, 0), (1, 70), (90, 1), (1000, 3), (8, 200)] {
+            let mut rows = rows_of(1, a..a + na);
+            rows.extend(rows_of(2, b..b + nb));
+            write_rows(&g, &mut cache, &mut rng, &rows, &mut log).expect("write");
+            (a, b) = (a + na, b + nb);
+        }
+        assert!(cache.positions_capacity() >= a + b && cache.positions_capacity().is_multiple_of(BLOCK));
+        assert_eq!(cache.positions_used(), a + b);
+        check_seq(&g, &cache, 1, &log[&1]);
+        check_seq(&g, &cache, 2, &log[&2]);
+        // A row that does not continue its sequence is refused before anything is written.
+        let bad = [Row { seq: 2, pos: b }, Row { seq: 1, pos: a + 1 }];
+        assert!(matches!(
+            write_rows(&g, &mut cache, &mut rng, &bad, &mut std::collections::HashMap::new()),
+            Err(pipemoe_model::Error::CachePosition { .. })
+        ));
+        assert_eq!(g.cache_len(&cache, 2), b);
+        // Freed blocks go to the next sequence; the survivor is untouched.
+        g.cache_free(&mut cache, 1);
+        assert_eq!(cache.positions_used(), b);
+        write_rows(&g, &mut cache, &mut rng, &rows_of(3, 0..130), &mut log).expect("write after free");
+        check_seq(&g, &cache, 2, &log[&2]);
+        check_seq(&g, &cache, 3, &log[&3]);
+        eprintln!("round trip {kv:?}: {} positions, capacity {}", a + b + 130, cache.positions_capacity());
+    }
+}
+
+#[test]
+fn a_full_pool_refuses_the_step_and_free_makes_room() {
+    if no_gpu() {
+        return;
+    }
+    let ix = IndexerDims { heads: 2, head_dim: 32, topk: 16 };
+    let kv = KvDtype::Bf16;
+    let per_position = (SMALL.kv_lora + SMALL.qk_rope + ix.head_dim) * kv.bytes() + 3 * 4;
+    // Two layers' worth, so each layer gets exactly 4 blocks.
+    let g = gpu(ActDtype::F32, kv).with_cache_budget(2 * 4 * BLOCK * per_position + 100, 2);
+    let mut cache = g.new_layer_cache(&SMALL, Some(&ix));
+    assert_eq!(cache.positions_capacity(), 4 * BLOCK);
+    let mut rng = Rng::new(5);
+    let mut log = std::collections::HashMap::new();
+    write_rows(&g, &mut cache, &mut rng, &rows_of(1, 0..200), &mut log).expect("fits");
+    // Seq 1 still fits its 4th block, seq 2 needs a 5th: the whole step is refused.
+    let mut rows = rows_of(1, 200..210);
+    rows.extend(rows_of(2, 0..5));
+    let err = write_rows(&g, &mut cache, &mut rng, &rows, &mut std::collections::HashMap::new()).expect_err("full");
+    eprintln!("{err}");
+    assert!(matches!(err, pipemoe_model::Error::CacheFull { capacity: 256, used: 256, needed: 64 }), "{err:?}");
+    assert_eq!((g.cache_len(&cache, 1), g.cache_len(&cache, 2)), (200, 0));
+    assert_eq!(cache.positions_used(), 200);
+    check_seq(&g, &cache, 1, &log[&1]);
+    write_rows(&g, &mut cache, &mut rng, &rows_of(1, 200..256), &mut log).expect("the last block fills");
+    assert!(matches!(
+        write_rows(&g, &mut cache, &mut rng, &rows_of(1, 256..257), &mut log),
+        Err(pipemoe_model::Error::CacheFull { .. })
+    ));
+    g.cache_free(&mut cache, 1);
+    assert_eq!(cache.positions_used(), 0);
+    write_rows(&g, &mut cache, &mut rng, &rows_of(2, 0..256), &mut log).expect("room after free");
+    check_seq(&g, &cache, 2, &log[&2]);
+}
+
+/// One attention comparison: sequences of `lens` (seq ids 0..), the step's `rows`, and optionally `selected`
+/// random keys per row (V3.2) instead of every causal one.
+struct Case {
+    dims: MlaDims,
+    lens: Vec<usize>,
+    rows: Vec<Row>,
+    selected: Option<usize>,
+}
+
+/// The relative L2 distance of the GPU's attention output from the CPU's on the same values.
+fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case) -> f64 {
+    let (d, cpu) = (c.dims, CpuBackend::F32);
+    let (lora, rope, qk) = (d.kv_lora, d.qk_rope, d.qk_nope + d.qk_rope);
+    let mut gc = g.new_layer_cache(&d, None);
+    let mut cc = cpu.new_layer_cache(&d, None);
+    for (seq, &len) in c.lens.iter().enumerate() {
+        for start in (0..len).step_by(8192) {
+            let rows = rows_of(seq as u64, start..len.min(start + 8192));
+            let (lat, pe) = (uniform(rng, rows.len() * lora, 1.0), uniform(rng, rows.len() * rope, 1.0));
+            let n = rows.len();
+            g.cache_write(&mut gc, &rows, &g.upload(n, lora, lat).unwrap(), &g.upload(n, rope, pe).unwrap(), None)
+                .expect("gpu cache write");
+        }
+        // The CPU attends over exactly what the GPU stored.
+        let stored = gc.read(&g.gpu, seq as u64).expect("read back");
+        let rows = rows_of(seq as u64, 0..len);
+        let up = |v: Vec<f32>, cols| cpu.upload(len, cols, v).unwrap();
+        cpu.cache_write(&mut cc, &rows, &up(stored.latent, lora), &up(stored.k_pe, rope), None).unwrap();
+    }
+    let n = c.rows.len();
+    let q = as_act(g.act, uniform(rng, n * d.heads * qk, 1.0));
+    let wlen = d.heads * (d.qk_nope + d.v_head) * lora;
+    let kv_b = as_act(g.act, uniform(rng, wlen, 0.5));
+    let host_w =
+        || HostLinear::Dense { out_features: d.heads * (d.qk_nope + d.v_head), in_features: lora, data: kv_b.clone() };
+    let sel: Option<Vec<Vec<u32>>> = c.selected.map(|k| {
+        c.rows
+            .iter()
+            .map(|r| {
+                let mut keys: Vec<u32> = (0..=r.pos as u32).collect();
+                for i in 0..k.min(keys.len()) {
+                    let j = i + rng.below((keys.len() - i) as u64) as usize;
+                    keys.swap(i, j);
+                }
+                keys.truncate(k);
+                keys.sort_unstable();
+                keys
+            })
+            .collect()
+    });
+    let want = cpu
+        .mla_attention(
+            &cc,
+            &cpu.upload(n, d.heads * qk, q.clone()).unwrap(),
+            &cpu.load_linear(host_w()).unwrap(),
+            &d,
+            &c.rows,
+            sel.as_ref(),
+        )
+        .expect("cpu attention");
+    let gsel = sel.as_ref().map(|s| GpuSelection::from_host(g, s).expect("selection"));
+    let got = g
+        .mla_attention(
+            &gc,
+            &g.upload(n, d.heads * qk, q).unwrap(),
+            &g.load_linear(host_w()).unwrap(),
+            &d,
+            &c.rows,
+            gsel.as_ref(),
+        )
+        .expect("gpu attention");
+    assert_eq!(g.shape(&got), (n, d.heads * d.v_head));
+    rel_l2(&g.download(&got).unwrap(), &want.data)
+}
+
+fn cases() -> Vec<(&'static str, Case)> {
+    let r = |seq: u64, pos: usize| Row { seq, pos };
+    vec![
+        ("small, 1 key", Case { dims: SMALL, lens: vec![1], rows: vec![r(0, 0)], selected: None }),
+        (
+            "small, few keys and blocks",
+            Case {
+                dims: SMALL,
+                lens: vec![5, 130],
+                rows: vec![r(0, 2), r(0, 4), r(1, 63), r(1, 64), r(1, 129)],
+                selected: None,
+            },
+        ),
+        (
+            "small, 100 selected of 300",
+            Case { dims: SMALL, lens: vec![300], rows: vec![r(0, 250), r(0, 299)], selected: Some(100) },
+        ),
+        ("real, 1 key", Case { dims: REAL, lens: vec![1], rows: vec![r(0, 0)], selected: None }),
+        (
+            "real, a few keys",
+            Case { dims: REAL, lens: vec![3, 5], rows: vec![r(0, 0), r(0, 1), r(0, 2), r(1, 4)], selected: None },
+        ),
+        (
+            "real, 12000 keys dense",
+            Case {
+                dims: REAL,
+                lens: vec![12_000, 70],
+                rows: vec![r(0, 11_998), r(0, 11_999), r(1, 69)],
+                selected: None,
+            },
+        ),
+        (
+            "real, 2048 selected of 20500",
+            Case { dims: REAL, lens: vec![20_500], rows: vec![r(0, 20_498), r(0, 20_499)], selected: Some(2048) },
+        ),
+    ]
+}
+
+#[test]
+fn tiled_attention_matches_the_cpu_reference() {
+    if no_gpu() {
+        return;
+    }
+    let mut rng = Rng::new(17);
+    for (act, kv, tol) in [
+        (ActDtype::F32, KvDtype::F32, 1e-4),
+        (ActDtype::F32, KvDtype::Fp8, 1e-4),
+        (ActDtype::Bf16, KvDtype::Bf16, 5e-3),
+    ] {
+        let g = gpu(act, kv);
+        for (name, case) in cases() {
+            let err = attention_case(&g, &mut rng, &case);
+            eprintln!("attention {name}, activations {act:?}, cache {kv:?}: rel L2 {err:.2e}");
+            assert!(err <= tol, "attention {name}, {act:?}/{kv:?}: rel L2 {err:e} > {tol:e}");
+        }
+    }
+}
+
+#[test]
+fn device_top_k_picks_the_cpu_set() {
+    if no_gpu() {
+        return;
+    }
+    let g = gpu(ActDtype::F32, KvDtype::F32);
+    let mut rng = Rng::new(23);
+    let mut specials: Vec<f32> = (0..3000).map(|i| [0.0, -0.0, -1.0, 1.0, 2.5, -2.5][i % 6]).collect();
+    specials[17] = f32::INFINITY;
+    specials[18] = f32::NEG_INFINITY;
+    specials[19] = f32::NAN;
+    let rows: Vec<Vec<f32>> = vec![
+        uniform(&mut rng, 5, 1.0),
+        vec![1.0; 8],
+        vec![0.5; 2049],
+        uniform(&mut rng, 2049, 1.0),
+        uniform(&mut rng, 20_000, 10.0),
+        (0..65_536).map(|_| rng.below(100) as f32).collect(),
+        (0..40_000).map(|_| -(rng.below(7) as f32)).collect(),
+        specials,
+    ];
+    for topk in [1, 7, 2048] {
+        let got = top_k_rows(&g, &rows, topk).expect("device top-k");
+        for (r, (got, scores)) in got.iter().zip(&rows).enumerate() {
+            let mut want = top_k(scores, topk);
+            want.sort_unstable();
+            assert_eq!(got, &want, "row {r} ({} scores), top {topk}", scores.len());
+        }
+    }
+}
+
+#[test]
+fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
+    if no_gpu() {
+        return;
+    }
+    let ix = IndexerDims { heads: 64, head_dim: 128, topk: 2048 };
+    let d = SMALL;
+    let cpu = CpuBackend::F32;
+    for (act, kv) in [(ActDtype::F32, KvDtype::F32), (ActDtype::Bf16, KvDtype::Bf16)] {
+        let g = gpu(act, kv);
+        let mut rng = Rng::new(29);
+        let (mut gc, mut cc) = (g.new_layer_cache(&d, Some(&ix)), cpu.new_layer_cache(&d, Some(&ix)));
+        // Small integers: exact in bf16 and every score exact in f32, so the two sets must be equal, ties and
+        // all. Positive weights keep zero scores +0 on both sides.
+        let ints = |rng: &mut Rng, n: usize, lo: i64, hi: i64| -> Vec<f32> {
+            (0..n).map(|_| (lo + rng.below((hi - lo + 1) as u64) as i64) as f32).collect()
+        };
+        for (seq, len) in [(0u64, 65_536usize), (1, 300)] {
+            let rows = rows_of(seq, 0..len);
+            let (lat, pe, k) = (
+                uniform(&mut rng, len * d.kv_lora, 1.0),
+                uniform(&mut rng, len * d.qk_rope, 1.0),
+                ints(&mut rng, len * ix.head_dim, -2, 2),
+            );
+            g.cache_write(
+                &mut gc,
+                &rows,
+                &g.upload(len, d.kv_lora, lat).unwrap(),
+                &g.upload(len, d.qk_rope, pe).unwrap(),
+                Some(&g.upload(len, ix.head_dim, k.clone()).unwrap()),
+            )
+            .expect("gpu write");
+            let stored = gc.read(&g.gpu, seq).expect("read back");
+            cpu.cache_write(
+                &mut cc,
+                &rows,
+                &cpu.upload(len, d.kv_lora, stored.latent).unwrap(),
+                &cpu.upload(len, d.qk_rope, stored.k_pe).unwrap(),
+                Some(&cpu.upload(len, ix.head_dim, k).unwrap()),
+            )
+            .unwrap();
+        }
+        let step = vec![
+            Row { seq: 0, pos: 65_535 },
+            Row { seq: 0, pos: 40_000 },
+            Row { seq: 1, pos: 299 },
+            Row { seq: 0, pos: 2048 },
+            Row { seq: 0, pos: 2047 },
+        ];
+        let n = step.len();
+        let q = ints(&mut rng, n * ix.heads * ix.head_dim, -2, 2);
+        let w = ints(&mut rng, n * ix.heads, 1, 3);
+        let cols = ix.heads * ix.head_dim;
+        let want = cpu
+            .indexer_select(
+                &cc,
+                &cpu.upload(n, cols, q.clone()).unwrap(),
+                &cpu.upload(n, ix.heads, w.clone()).unwrap(),
+                &ix,
+                &step,
+            )
+            .expect("cpu select");
+        let gsel = g
+            .indexer_select(&gc, &g.upload(n, cols, q).unwrap(), &g.upload(n, ix.heads, w).unwrap(), &ix, &step)
+            .expect("gpu select");
+        let got = g.selection_to_host(&gsel).expect("download");
+        for (r, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(got.len(), want.len(), "{act:?}: row {r} count");
+            assert_eq!(got, want, "{act:?}: row {r} ({:?}) selection", step[r]);
+        }
+        // Attention over the device selection equals the CPU's over its own.
+        let qk = d.qk_nope + d.qk_rope;
+        let qa = as_act(act, uniform(&mut rng, n * d.heads * qk, 1.0));
+        let kv_b = as_act(act, uniform(&mut rng, d.heads * (d.qk_nope + d.v_head) * d.kv_lora, 0.5));
+        let host_w = || HostLinear::Dense {
+            out_features: d.heads * (d.qk_nope + d.v_head),
+            in_features: d.kv_lora,
+            data: kv_b.clone(),
+        };
+        let cpu_out = cpu
+            .mla_attention(
+                &cc,
+                &cpu.upload(n, d.heads * qk, qa.clone()).unwrap(),
+                &cpu.load_linear(host_w()).unwrap(),
+                &d,
+                &step,
+                Some(&want),
+            )
+            .expect("cpu attention");
+        let gpu_out = g
+            .mla_attention(
+                &gc,
+                &g.upload(n, d.heads * qk, qa).unwrap(),
+                &g.load_linear(host_w()).unwrap(),
+                &d,
+                &step,
+                Some(&gsel),
+            )
+            .expect("gpu attention");
+        let err = rel_l2(&g.download(&gpu_out).unwrap(), &cpu_out.data);
+        let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
+        eprintln!("indexer {act:?}/{kv:?}: selections equal; attention over them rel L2 {err:.2e}");
+        assert!(err <= tol, "attention over the selection, {act:?}: {err:e}");
+    }
+}

@@ -1,0 +1,264 @@
+//! Device tests: every elementwise, row-wise, linear, router and experts operation of `CudaBackend` against the
+//! CPU backend (the f32 reference) on fresh random inputs, at small shapes and at the real model's (MODEL_SPEC
+//! §6: hidden 7168, moe_intermediate 2048, 3-bit g128), with f32 and with bf16 activations. (The cache, attention
+//! and indexer have their own file, device_attention.rs; the GEMV kernels device.rs.)
+//!
+//! Inputs are bf16-representable values, so both backends start from the same numbers in either mode.
+//! Tolerances (relative L2 over the output):
+//! - f32 activations: 1e-5 for elementwise ops (same f32 arithmetic; RoPE's fast-math sincos differs from the
+//!   CPU's by ~1e-6 relative), 1e-4 for reductions and matmuls (f32 sums in another order).
+//! - bf16 activations: 1e-2; every output is rounded to bf16 (2^-9 relative per value, ~3e-3 over a vector)
+//!   and matmul inputs between ops are bf16 too. A wrong index, bit or scale is far above either.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use pipemoe_cuda::experts::GpuRoutes;
+use pipemoe_cuda::{ActDtype, CudaBackend};
+use pipemoe_model::backend::{Backend, ExpertWeights, HostLinear, RopeSpec, RouterDims, Routing, Row};
+use pipemoe_model::cpu::CpuBackend;
+
+fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| bf16::from_f32((rng.uniform() * 2.0 - 1.0) * scale).to_f32()).collect()
+}
+
+fn dense(rng: &mut Rng, out_features: usize, in_features: usize) -> HostLinear {
+    HostLinear::Dense { out_features, in_features, data: values(rng, out_features * in_features, 0.1) }
+}
+
+fn gptq(rng: &mut Rng, in_features: usize, out_features: usize, bits: u32, group: i64) -> HostLinear {
+    HostLinear::Gptq(random_weight(rng, in_features, out_features, bits, group, false))
+}
+
+fn tol(act: ActDtype, exact: f64) -> f64 {
+    match act {
+        ActDtype::F32 => exact,
+        ActDtype::Bf16 => 1e-2,
+    }
+}
+
+fn check(what: &str, act: ActDtype, got: &[f32], want: &[f32], exact: f64) {
+    if want.iter().all(|&v| v == 0.0) {
+        // (e.g. every expert of the step held elsewhere) the output must be exactly zero too.
+        assert!(got.iter().all(|&v| v == 0.0), "{what} ({act:?}): expected zeros");
+        return;
+    }
+    let err = rel_l2(got, want);
+    let limit = tol(act, exact);
+    eprintln!("{what} ({act:?}): rel L2 {err:.2e}");
+    assert!(err <= limit, "{what} ({act:?}): rel L2 {err:e} > {limit:e}");
+}
+
+/// Both backends, in each activation dtype.
+fn backends() -> Vec<(ActDtype, CudaBackend)> {
+    let gpu = CudaBackend::new(0).expect("cuda:0");
+    vec![(ActDtype::F32, gpu.clone().with_act_dtype(ActDtype::F32)), (ActDtype::Bf16, gpu.with_act_dtype(ActDtype::Bf16))]
+}
+
+fn up<B: Backend>(b: &B, rows: usize, cols: usize, v: &[f32]) -> B::Tensor {
+    b.upload(rows, cols, v.to_vec()).expect("upload")
+}
+
+#[test]
+fn elementwise_and_row_ops_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let cpu = CpuBackend::F32;
+    let mut rng = Rng::new(21);
+    for (act, gpu) in backends() {
+        for (rows, cols) in [(1usize, 64usize), (5, 7168), (37, 576)] {
+            let (a, b) = (values(&mut rng, rows * cols, 3.0), values(&mut rng, rows * cols, 3.0));
+            let w = values(&mut rng, cols, 1.0);
+            let bias = values(&mut rng, cols, 0.5);
+            let shape = format!("[{rows}, {cols}]");
+            // rms_norm, layer_norm
+            let (wc, wg) = (cpu.load_vector(w.clone()).unwrap(), gpu.load_vector(w.clone()).unwrap());
+            let (bc, bg) = (cpu.load_vector(bias.clone()).unwrap(), gpu.load_vector(bias.clone()).unwrap());
+            let (xc, xg) = (up(&cpu, rows, cols, &a), up(&gpu, rows, cols, &a));
+            let (yc, yg) = (up(&cpu, rows, cols, &b), up(&gpu, rows, cols, &b));
+            let want = cpu.download(&cpu.rms_norm(&xc, &wc, 1e-6).unwrap()).unwrap();
+            check(&format!("rms_norm {shape}"), act, &gpu.download(&gpu.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(), &want, 1e-4);
+            let want = cpu.download(&cpu.layer_norm(&xc, &wc, &bc, 1e-6).unwrap()).unwrap();
+            let got = gpu.download(&gpu.layer_norm(&xg, &wg, &bg, 1e-6).unwrap()).unwrap();
+            check(&format!("layer_norm {shape}"), act, &got, &want, 1e-4);
+            // silu_mul, add, scale
+            let want = cpu.download(&cpu.silu_mul(&xc, &yc).unwrap()).unwrap();
+            check(&format!("silu_mul {shape}"), act, &gpu.download(&gpu.silu_mul(&xg, &yg).unwrap()).unwrap(), &want, 1e-5);
+            let (mut sc, mut sg) = (up(&cpu, rows, cols, &a), up(&gpu, rows, cols, &a));
+            cpu.add_assign(&mut sc, &yc).unwrap();
+            gpu.add_assign(&mut sg, &yg).unwrap();
+            cpu.scale(&mut sc, 0.37).unwrap();
+            gpu.scale(&mut sg, 0.37).unwrap();
+            check(&format!("add+scale {shape}"), act, &gpu.download(&sg).unwrap(), &cpu.download(&sc).unwrap(), 1e-5);
+            // gather_rows, columns: exact copies in either dtype
+            let idx: Vec<usize> = (0..rows + 2).map(|i| (i * 7 + 3) % rows).collect();
+            let want = cpu.download(&cpu.gather_rows(&xc, &idx).unwrap()).unwrap();
+            assert_eq!(gpu.download(&gpu.gather_rows(&xg, &idx).unwrap()).unwrap(), want, "gather_rows {shape}");
+            let (start, len) = (cols / 3, cols / 2);
+            let want = cpu.download(&cpu.columns(&xc, start, len).unwrap()).unwrap();
+            assert_eq!(gpu.download(&gpu.columns(&xg, start, len).unwrap()).unwrap(), want, "columns {shape}");
+            assert!(gpu.gather_rows(&xg, &[rows]).is_err() && gpu.columns(&xg, cols, 1).is_err());
+        }
+        // RoPE, both pairings, at MLA's and the indexer's shapes, positions up to 64K.
+        for (heads, head_dim, offset, interleaved) in [(128usize, 192usize, 128usize, true), (64, 128, 0, false)] {
+            let rows = 6;
+            let half = (head_dim - offset).min(64) / 2;
+            let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect();
+            let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 13_000 + 5 }).collect();
+            let x = values(&mut rng, rows * heads * head_dim, 2.0);
+            let spec = RopeSpec { heads, head_dim, offset, interleaved };
+            let mut xc = up(&cpu, rows, heads * head_dim, &x);
+            let mut xg = up(&gpu, rows, heads * head_dim, &x);
+            cpu.rope(&mut xc, spec, &inv_freq, &r).unwrap();
+            gpu.rope(&mut xg, spec, &inv_freq, &r).unwrap();
+            let what = format!("rope heads {heads} dim {head_dim} interleaved {interleaved}");
+            check(&what, act, &gpu.download(&xg).unwrap(), &cpu.download(&xc).unwrap(), 1e-5);
+        }
+        // Embedding rows.
+        let table = dense(&mut rng, 300, 96);
+        let (tc, tg) = (cpu.load_linear(table.clone()).unwrap(), gpu.load_linear(table).unwrap());
+        let ids = [0u32, 299, 17, 17];
+        let want = cpu.download(&cpu.embed(&tc, &ids).unwrap()).unwrap();
+        assert_eq!(gpu.download(&gpu.embed(&tg, &ids).unwrap()).unwrap(), want, "embed ({act:?})");
+        assert!(gpu.embed(&tg, &[300]).is_err(), "a token past the vocabulary is an error");
+    }
+}
+
+#[test]
+fn linears_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let cpu = CpuBackend::F32;
+    let mut rng = Rng::new(22);
+    // (in, out, weight) — dense, every bit width, and the real shapes; rows on both sides of the 16-row GEMV.
+    let cases: Vec<(usize, usize, u32, i64)> = vec![
+        (96, 80, 0, 0),
+        (256, 96, 2, 128),
+        (256, 96, 3, 64),
+        (512, 128, 4, 128),
+        (256, 64, 8, 64),
+        (7168, 2048, 3, 128),
+        (2048, 7168, 3, 128),
+        (7168, 576, 3, 128),
+    ];
+    for (act, gpu) in backends() {
+        for &(k, n, bits, group) in &cases {
+            let w = if bits == 0 { dense(&mut rng, n, k) } else { gptq(&mut rng, k, n, bits, group) };
+            let (wc, wg) = (cpu.load_linear(w.clone()).unwrap(), gpu.load_linear(w).unwrap());
+            for rows in [1usize, 3, 16, 37] {
+                let x = values(&mut rng, rows * k, 1.0);
+                let want = cpu.download(&cpu.linear(&up(&cpu, rows, k, &x), &wc).unwrap()).unwrap();
+                let got = gpu.download(&gpu.linear(&up(&gpu, rows, k, &x), &wg).unwrap()).unwrap();
+                check(&format!("linear {k}->{n} w{bits} g{group} rows {rows}"), act, &got, &want, 1e-4);
+            }
+            assert!(gpu.linear(&up(&gpu, 1, k + 1, &vec![0.0; k + 1]), &wg).is_err(), "a wrong width is an error");
+        }
+    }
+}
+
+fn router_dims(n_experts: usize, top_k: usize, n_group: usize, topk_group: usize) -> RouterDims {
+    RouterDims { n_experts, top_k, n_group, topk_group, norm_topk_prob: true, scaling: 2.5 }
+}
+
+#[test]
+fn the_router_matches_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let cpu = CpuBackend::F32;
+    let mut rng = Rng::new(23);
+    for (act, gpu) in backends() {
+        for (hidden, dims) in [(64, router_dims(16, 4, 4, 2)), (7168, router_dims(256, 8, 8, 4)), (7168, router_dims(128, 8, 8, 4))] {
+            let gate = dense(&mut rng, dims.n_experts, hidden);
+            let bias = values(&mut rng, dims.n_experts, 0.01);
+            let (gc, gg) = (cpu.load_linear(gate.clone()).unwrap(), gpu.load_linear(gate).unwrap());
+            let (bc, bg) = (cpu.load_vector(bias.clone()).unwrap(), gpu.load_vector(bias).unwrap());
+            let rows = 9;
+            let x = values(&mut rng, rows * hidden, 1.0);
+            let want = cpu.route(&up(&cpu, rows, hidden, &x), &gc, &bc, &dims).unwrap();
+            let got = gpu.routes_to_host(&gpu.route(&up(&gpu, rows, hidden, &x), &gg, &bg, &dims).unwrap()).unwrap();
+            // The logits are f32 sums of the same bf16 inputs: the same experts, the weights to f32 precision.
+            assert_eq!(got.experts, want.experts, "router {} experts ({act:?})", dims.n_experts);
+            check(&format!("router weights {}", dims.n_experts), ActDtype::F32, &got.weights, &want.weights, 1e-5);
+        }
+    }
+}
+
+/// `count` random SwiGLU experts (hidden → inter → hidden) as host linears.
+fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
+    (0..count)
+        .map(|_| {
+            [
+                gptq(rng, hidden, inter, bits, 128),
+                gptq(rng, hidden, inter, bits, 128),
+                gptq(rng, inter, hidden, bits, 128),
+            ]
+        })
+        .collect()
+}
+
+fn load<B: Backend>(b: &B, hs: &[[HostLinear; 3]], held: impl Fn(usize) -> bool) -> B::Experts {
+    let ws = hs
+        .iter()
+        .enumerate()
+        .map(|(i, [g, u, d])| {
+            held(i).then(|| ExpertWeights {
+                gate: b.load_linear(g.clone()).unwrap(),
+                up: b.load_linear(u.clone()).unwrap(),
+                down: b.load_linear(d.clone()).unwrap(),
+            })
+        })
+        .collect();
+    b.load_experts(ws).unwrap()
+}
+
+fn random_routing(rng: &mut Rng, rows: usize, n_experts: usize, top_k: usize) -> Routing {
+    let mut experts = Vec::new();
+    for _ in 0..rows {
+        let mut chosen: Vec<u32> = Vec::new();
+        while chosen.len() < top_k {
+            let e = rng.below(n_experts as u64) as u32;
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        experts.extend(chosen);
+    }
+    let weights = (0..rows * top_k).map(|_| rng.uniform() + 0.1).collect();
+    Routing { top_k, experts, weights }
+}
+
+#[test]
+fn grouped_experts_match_the_cpu() {
+    if no_gpu() {
+        return;
+    }
+    let cpu = CpuBackend::F32;
+    let mut rng = Rng::new(24);
+    // (experts, hidden, inter, bits, top_k): small shapes of every bit width, and the real dims.
+    for (count, hidden, inter, bits, top_k) in
+        [(8usize, 256usize, 128usize, 3u32, 2usize), (6, 256, 256, 2, 3), (6, 384, 128, 4, 2), (8, 7168, 2048, 3, 4)]
+    {
+        let hs = host_experts(&mut rng, count, hidden, inter, bits);
+        // All held, and a slice holding half (the other half's slots are skipped).
+        for half in [false, true] {
+            let held = |i: usize| !half || i % 2 == 0;
+            let ec = load(&cpu, &hs, held);
+            for (act, gpu) in backends() {
+                let eg = load(&gpu, &hs, held);
+                for rows in [1usize, 4, 16, 21] {
+                    let r = random_routing(&mut rng, rows, count, top_k);
+                    let x = values(&mut rng, rows * hidden, 1.0);
+                    let want = cpu.download(&cpu.experts(&up(&cpu, rows, hidden, &x), &ec, &r).unwrap()).unwrap();
+                    let routes = GpuRoutes::from_host(&gpu, &r, count).unwrap();
+                    let got = gpu.download(&gpu.experts(&up(&gpu, rows, hidden, &x), &eg, &routes).unwrap()).unwrap();
+                    let what = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k} rows {rows} half {half}");
+                    check(&what, act, &got, &want, 1e-4);
+                }
+            }
+        }
+    }
+}
