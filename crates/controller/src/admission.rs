@@ -148,11 +148,14 @@ mod tests {
         // A third waits, even of one position; nothing was held for it.
         assert!(!b.try_reserve(1));
         assert_eq!(b.tightest(), Some((256, 256)));
+        // Freed room is reused; one block on its own goes to a sequence of one block.
         b.release(65);
         assert!(b.try_reserve(64));
+        assert!(b.try_reserve(1));
         assert!(!b.try_reserve(1));
         b.release(100);
         b.release(64);
+        b.release(1);
         assert_eq!(b.tightest(), Some((256, 0)));
         // Without bounded workers everything fits.
         let mut open = CacheBudget::new(CacheLimits::default());

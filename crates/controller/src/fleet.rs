@@ -187,6 +187,12 @@ impl Fleet {
         Ok(fleet)
     }
 
+    /// A fleet of workers started elsewhere (the scheduler's tests): no process of its own to kill.
+    #[cfg(test)]
+    pub(crate) fn attached(workers: Vec<Worker>) -> Fleet {
+        Fleet { workers, pgids: Vec::new() }
+    }
+
     pub fn head(&self) -> Option<&Worker> {
         self.workers.first()
     }

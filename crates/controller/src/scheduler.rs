@@ -172,7 +172,7 @@ impl Scheduler {
             cache: RwLock::new(CacheStatus::default()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut core = Core {
+        let core = Core {
             cfg,
             tokenizer,
             fleet: Some(fleet),
@@ -328,8 +328,12 @@ impl Core {
         if self.fleet.is_none() {
             return;
         }
-        let waiting: Vec<u64> =
-            self.queue.iter().copied().filter(|id| self.seqs.get(id).is_some_and(|s| s.phase == Phase::Queued)).collect();
+        let waiting: Vec<u64> = self
+            .queue
+            .iter()
+            .copied()
+            .filter(|id| self.seqs.get(id).is_some_and(|s| s.phase == Phase::Queued))
+            .collect();
         for id in waiting {
             let Some(s) = self.seqs.get(&id) else { continue };
             if s.req.events.is_closed() {
@@ -512,7 +516,8 @@ impl Core {
             Some(mut c) => {
                 let generation = self.spec.generation;
                 self.frees.spawn(async move {
-                    let freed = tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
+                    let freed =
+                        tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
                     match freed {
                         Ok(Ok(_)) => {}
                         Ok(Err(status)) => tracing::warn!(seq = id, %status, "free failed"),
@@ -584,3 +589,7 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -10,6 +10,7 @@
 // with mma.sync m16n8k16 (bf16 in, f32 accumulate), fragments loaded with ldmatrix. Rows of 40 bf16 (80 bytes) make
 // every 8-row ldmatrix phase hit distinct banks. Each weight is rounded to bf16 once: (q − z)·s is exact in f32
 // (a 9-bit integer times an f16), then rounded to nearest even, so the test can rebuild the same bf16 weights.
+// The second kernel below (gptq_mma_gemm_*) is the same GEMM over weights repacked for tensor cores (src/mma.rs).
 #include "common.cuh"
 
 #define GEMM_BN 128

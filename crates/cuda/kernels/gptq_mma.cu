@@ -35,6 +35,24 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The words of chunk `cg` of the warp's tiles into registers (tiles past `tiles` are left alone).
+template <int BITS>
+__device__ __forceinline__ void load_chunk(u32 (&w)[MMA_TILES_PER_WARP][2 * BITS], const uint2* __restrict__ words,
+                                           int tile0, int tiles, int k_chunks, int cg, int lane) {
+#pragma unroll
+    for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+        if (t < tiles) {
+            const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + cg) * BITS * 32 + lane;
+#pragma unroll
+            for (int j = 0; j < BITS; j++) {
+                uint2 v = __ldg(src + j * 32);
+                w[t][2 * j] = v.x;
+                w[t][2 * j + 1] = v.y;
+            }
+        }
+    }
+}
+
 __device__ __forceinline__ __nv_bfloat16 to_bf16(float v) { return __float2bfloat16(v); }
 __device__ __forceinline__ __nv_bfloat16 to_bf16(__nv_bfloat16 v) { return v; }
 
@@ -52,6 +70,13 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
     const int k0 = blockIdx.y * k_chunk;
     const int kn = min(k_chunk, K - k0);
     const int chunks = kn / MMA_CHUNK;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
+    const int tile0 = (block_x * MMA_WARPS + warp) * MMA_TILES_PER_WARP;
+    const int tiles = max(0, min(MMA_TILES_PER_WARP, n_tiles - tile0));
+    // The first chunk's weights are requested before x is staged, so the loads overlap the staging.
+    u32 w[MMA_TILES_PER_WARP][2 * BITS], next[MMA_TILES_PER_WARP][2 * BITS];
+    if (chunks > 0) load_chunk<BITS>(w, words, tile0, tiles, k_chunks, k0 / MMA_CHUNK, lane);
     for (int i = threadIdx.x; i < MB * kn; i += blockDim.x) {
         int b = i / kn, k = i % kn;
         int src = perm ? perm[k0 + k] : (k0 + k);
@@ -66,11 +91,7 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
     }
     __syncthreads();
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-    const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
-    const int tile0 = (block_x * MMA_WARPS + warp) * MMA_TILES_PER_WARP;
-    if (tile0 >= n_tiles) return;
-    const int tiles = min(MMA_TILES_PER_WARP, n_tiles - tile0);
+    if (tiles == 0) return;
     const int group = lane >> 2, quad = lane & 3;
     constexpr int H = MB / 8;
     float acc[MMA_TILES_PER_WARP][H][4];
@@ -82,20 +103,8 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
 
     for (int c = 0; c < chunks; c++) {
-        const int cg = k0 / MMA_CHUNK + c;
-        u32 w[MMA_TILES_PER_WARP][2 * BITS];
-#pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-            if (t < tiles) {
-                const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + cg) * BITS * 32 + lane;
-#pragma unroll
-                for (int j = 0; j < BITS; j++) {
-                    uint2 v = __ldg(src + j * 32);
-                    w[t][2 * j] = v.x;
-                    w[t][2 * j + 1] = v.y;
-                }
-            }
-        }
+        // Request the next chunk's weights before this one's math (one chunk in flight per warp behind the math).
+        if (c + 1 < chunks) load_chunk<BITS>(next, words, tile0, tiles, k_chunks, k0 / MMA_CHUNK + c + 1, lane);
         float cacc[MMA_TILES_PER_WARP][H][4];
 #pragma unroll
         for (int t = 0; t < MMA_TILES_PER_WARP; t++)
@@ -145,6 +154,10 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
                 }
             }
         }
+#pragma unroll
+        for (int t = 0; t < MMA_TILES_PER_WARP; t++)
+#pragma unroll
+            for (int j = 0; j < 2 * BITS; j++) w[t][j] = next[t][j];
     }
 #pragma unroll
     for (int t = 0; t < MMA_TILES_PER_WARP; t++) {

@@ -139,14 +139,14 @@ impl GpuGptq {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (mi, ni, ki, gs) = (m as i32, n as i32, k as i32, self.group_size as i32);
+        let (mi, ni, ki, gi) = (m as i32, n as i32, k as i32, gs as i32);
         let mut launch = s.launch_builder(f);
         match &staged {
             Some(buf) => launch.arg(buf),
             None => launch.arg(xv),
         };
         launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(y);
-        launch.arg(&mi).arg(&ni).arg(&ki).arg(&gs);
+        launch.arg(&mi).arg(&ni).arg(&ki).arg(&gi);
         // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2);
         // x holds m·k bf16 (16-byte aligned), y m·n elements (pair-aligned), the weights k×n in the packing that
         // kernel reads; the shared memory matches the kernel's plan.

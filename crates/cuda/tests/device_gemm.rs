@@ -12,12 +12,20 @@
 //!   so both round the same value). What remains is summation order and the tensor cores' f32 accumulation,
 //!   which truncates instead of rounding (≲ 1e-4 over K = 16384): allowed 5e-4, plus 2^-8 for a bf16 output.
 //!
+//! The same GEMM over weights in the tensor-core (Mma) layout (`mma_gemm_*` tests) is exact in its weights: it
+//! multiplies bf16 x by q − z (small integers, exact in bf16) and applies each group's scale in f32 to an f32
+//! chunk sum, so against the `exact` reference only summation order remains (f32 sums over ≤ 16384 products,
+//! each side ≲ 1e-5 relative): allowed 1e-4 with f32 output, and 1e-4 + 2^-8 with bf16 output (rounding to
+//! nearest moves each element by at most 2^-8 of itself, a hard bound on the relative L2). The checkpoint-packing
+//! kernel's bf16 weights alone miss 1e-4 by an order of magnitude (≈ 1.7e-3), so the f32 case tells them apart.
+//!
 //! NaN anywhere fails (`rel_l2`), and y starts as NaN so an element the kernel never writes fails too.
 
 mod common;
 
 use common::*;
 use half::bf16;
+use pipemoe_cuda::gemv::Packing;
 use pipemoe_cuda::{Act, ActDtype, GemmTile, Gpu, GpuGptq};
 use pipemoe_quant::GptqWeight;
 
@@ -48,30 +56,32 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-/// `(exact, rounded)`: y `[m, n]` with the f32 weights and with them rounded to bf16, rows spread over the cores.
-fn references(w: &GptqWeight, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
-    let (k, n) = (w.layout().in_features, w.layout().out_features);
-    let exact_w = w.dequantize(); // [n, k]
-    let rounded_w: Vec<f32> = exact_w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    let mut exact = vec![0f32; m * n];
-    let mut rounded = vec![0f32; m * n];
+/// y `[m, n]` = x `[m, k]` · wᵀ (`w` `[n, k]`) in f32, rows spread over the cores.
+fn matmul(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     let rows = m.div_ceil(threads);
     std::thread::scope(|s| {
-        for (i, (ye, yr)) in exact.chunks_mut(rows * n).zip(rounded.chunks_mut(rows * n)).enumerate() {
-            let (ew, rw) = (&exact_w, &rounded_w);
+        for (i, yc) in y.chunks_mut(rows * n).enumerate() {
             s.spawn(move || {
-                for (r, (ye, yr)) in ye.chunks_mut(n).zip(yr.chunks_mut(n)).enumerate() {
+                for (r, yr) in yc.chunks_mut(n).enumerate() {
                     let xr = &x[(i * rows + r) * k..][..k];
-                    for j in 0..n {
-                        ye[j] = dot(xr, &ew[j * k..][..k]);
-                        yr[j] = dot(xr, &rw[j * k..][..k]);
+                    for (j, v) in yr.iter_mut().enumerate() {
+                        *v = dot(xr, &w[j * k..][..k]);
                     }
                 }
             });
         }
     });
-    (exact, rounded)
+    y
+}
+
+/// `(exact, rounded)`: y `[m, n]` with the f32 weights and with them rounded to bf16.
+fn references(w: &GptqWeight, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
+    let (k, n) = (w.layout().in_features, w.layout().out_features);
+    let exact_w = w.dequantize(); // [n, k]
+    let rounded_w: Vec<f32> = exact_w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    (matmul(&exact_w, x, m, k, n), matmul(&rounded_w, x, m, k, n))
 }
 
 /// Runs one case through both tile heights, the automatic choice and both output dtypes; asserts the tolerances.
@@ -175,6 +185,85 @@ fn gptq_gemm_wants_bf16_input() {
     assert!(err.to_string().contains("32 rows"), "{err}");
 }
 
+/// One case over the weight in the tensor-core (Mma) layout: both tile heights and the automatic choice, both
+/// output dtypes, against the exact reference (see the module doc for the tolerances).
+fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case) {
+    let w = random_weight(rng, c.k, c.n, c.bits, c.group, c.act_order);
+    let x: Vec<f32> = (0..c.m * c.k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
+    let exact = matmul(&w.dequantize(), &x, c.m, c.k, c.n);
+    let g = GpuGptq::upload_for_tensor_cores(gpu, &w).expect("upload");
+    let label = format!(
+        "mma {}x{} w{} g{} act_order={} m {} x_offset {}",
+        c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset
+    );
+    assert_eq!(g.packing, Packing::Mma, "{label}: the shape should take the tensor-core layout");
+    let mut host = vec![0f32; c.x_offset];
+    host.extend_from_slice(&x);
+    let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
+    for dtype in [ActDtype::F32, ActDtype::Bf16] {
+        for tile in [Some(GemmTile::M64), Some(GemmTile::M128), None] {
+            let mut y = Act::from_f32(gpu, dtype, &vec![f32::NAN; c.m * c.n]).expect("y");
+            {
+                let xv = xd.view(c.x_offset, c.m * c.k);
+                let mut yv = y.view_mut(0, c.m * c.n);
+                match tile {
+                    Some(t) => g.gemm_tiled(gpu, &xv, c.m, &mut yv, t),
+                    None => g.gemm(gpu, &xv, c.m, &mut yv),
+                }
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            }
+            let got = y.to_f32(gpu, c.m * c.n).expect("download");
+            let err = rel_l2(&got, &exact);
+            let tol = match dtype {
+                ActDtype::F32 => 1e-4,
+                ActDtype::Bf16 => 1e-4 + 2f64.powi(-8),
+            };
+            let tile = tile.map_or_else(|| format!("auto {:?}", g.gemm_tile(gpu, c.m)), |t| format!("{t:?}"));
+            eprintln!("gemm {label} {tile} → {}: rel L2 {err:.2e} (exact weights)", dtype.suffix());
+            assert!(err <= tol, "{label} {tile} {dtype:?}: rel L2 {err:e} vs exact weights (allowed {tol:e})");
+        }
+    }
+}
+
+#[test]
+fn mma_gemm_matches_the_cpu_reference() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let mut rng = Rng::new(31);
+    // Bits 2/3/4, act-order g_idx, group 128/256/-1, m 17/33/100/512, n that is no multiple of the 128-column
+    // block (down to one 16-column tile), an odd number of 128-row chunks, and a misaligned x (realigning copy).
+    let cases = [
+        case(256, 96, 3, 128, false, 17),
+        case(512, 208, 4, 128, true, 100),
+        case(384, 48, 2, 128, false, 512),
+        case(1024, 272, 3, 256, true, 100),
+        case(512, 128, 2, -1, false, 17),
+        Case { x_offset: 4, ..case(768, 160, 4, 128, false, 100) },
+        case(640, 336, 3, 128, true, 512),
+        case(256, 256, 2, 128, true, 512),
+        case(256, 16, 4, 128, false, 33),
+        Case { x_offset: 3, ..case(384, 112, 3, 128, false, 17) },
+    ];
+    for c in &cases {
+        check_mma(&gpu, &mut rng, c);
+    }
+}
+
+#[test]
+fn mma_gemm_at_the_real_shapes() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let mut rng = Rng::new(37);
+    // MODEL_SPEC §6 at m = 256, 3-bit group 128: expert gate/up, 7168 → 4096 and → 7168, expert down, o_proj.
+    for (k, n) in [(7168, 2048), (7168, 4096), (7168, 7168), (2048, 7168), (16384, 7168)] {
+        check_mma(&gpu, &mut rng, &case(k, n, 3, 128, false, 256));
+    }
+}
+
 /// Mean seconds per call of `f` over `iters` calls (after warm-up), timed with CUDA events on the GPU's stream.
 fn seconds_per_call(gpu: &Gpu, iters: usize, f: &mut dyn FnMut()) -> f64 {
     for _ in 0..3 {
@@ -202,8 +291,10 @@ fn cublas(gpu: &Gpu) -> Result<cudarc::cublas::CudaBlas, String> {
 }
 
 /// `PIPEMOE_BENCH_OUT=… device_gemm --ignored bench_gemm --nocapture` on the GPU machine: the GEMM (3-bit,
-/// group 128, bf16 out) at prefill shapes with both tile heights, in TFLOP/s next to cuBLAS's bf16 GEMM on the
-/// same shape (dense bf16 weights, f32 compute) measured in the same run: the ceiling.
+/// group 128, bf16 out) at prefill shapes over both packings (checkpoint: `gptq`, tensor-core layout: `mma`) with
+/// both tile heights, in TFLOP/s next to cuBLAS's bf16 GEMM on the same shape (dense bf16 weights, f32 compute)
+/// measured in the same run: the ceiling. `gemv16` is what prefill over the Mma layout ran before its GEMM: the
+/// mma GEMV 16 rows at a time.
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_gemm() {
@@ -218,44 +309,66 @@ fn bench_gemm() {
         eprintln!("no cuBLAS ceiling: {why}");
     }
     println!("{}", gpu.describe());
-    for tile in ["m64", "m128"] {
-        let f = gpu.function(&format!("gptq_gemm_w3_{tile}_bf16")).expect("kernel");
-        let (regs, local) = (f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1));
-        println!("gptq_gemm_w3_{tile}_bf16: {regs} registers, {local} bytes of local memory per thread");
+    for kernel in ["gptq_gemm", "gptq_mma_gemm"] {
+        for tile in ["m64", "m128"] {
+            let name = format!("{kernel}_w3_{tile}_bf16");
+            let f = gpu.function(&name).expect("kernel");
+            let (regs, local) = (f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1));
+            println!("{name}: {regs} registers, {local} bytes of local memory per thread");
+        }
     }
+    println!("TFLOP/s (µs per call for the best mma tile)");
     println!(
-        "{:<26} {:>5} {:>9} {:>9} {:>9} {:>9} {:>5} {:>9} {:>7}",
-        "shape (3-bit g128)", "m", "m64 us", "TFLOP/s", "m128 us", "TFLOP/s", "auto", "cuBLAS", "best %"
+        "{:<26} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>8} {:>7}",
+        "shape (3-bit g128)", "m", "gptq64", "gptq128", "mma64", "mma128", "mma us", "gemv16", "auto", "cuBLAS",
+        "mma %"
     );
     let mut rows = Vec::new();
     let mut rng = Rng::new(29);
-    let ms = [512usize, 1024, 2048, 4096];
+    let ms = [256usize, 512, 1024, 2048, 4096];
     let m_max = ms[ms.len() - 1];
     for (name, k, n) in [
         ("expert gate/up 7168→2048", 7168, 2048),
         ("7168→4096", 7168, 4096),
         ("7168→7168", 7168, 7168),
         ("expert down 2048→7168", 2048, 7168),
+        ("o_proj 16384→7168", 16384, 7168),
     ] {
-        let g = GpuGptq::upload(&gpu, &random_weight(&mut rng, k, n, 3, 128, false)).expect("upload");
+        let w = random_weight(&mut rng, k, n, 3, 128, false);
+        let g = GpuGptq::upload(&gpu, &w).expect("upload");
+        let gm = GpuGptq::upload_for_tensor_cores(&gpu, &w).expect("upload");
+        assert_eq!(gm.packing, Packing::Mma);
         let random = |rng: &mut Rng, len: usize| -> Vec<bf16> {
             (0..len).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0)).collect()
         };
         let x = s.clone_htod(&random(&mut rng, m_max * k)).expect("x");
         let dense = s.clone_htod(&random(&mut rng, n * k)).expect("dense W"); // [n, k] for cuBLAS
         let mut y = s.alloc_zeros::<bf16>(m_max * n).expect("y");
+        let mut partial = s.alloc_zeros::<f32>(gm.scratch_len(&gpu, 16)).expect("scratch");
         for m in ms {
             let flop = 2.0 * (m * n * k) as f64;
             let iters = (2e12 / flop).clamp(5.0, 50.0) as usize;
-            let mut time_tile = |tile: GemmTile| -> f64 {
+            let mut time_tile = |w: &GpuGptq, tile: GemmTile| -> f64 {
                 seconds_per_call(&gpu, iters, &mut || {
                     let xv = pipemoe_cuda::ActView::Bf16(x.slice(0..m * k));
                     let mut yv = pipemoe_cuda::ActViewMut::Bf16(y.slice_mut(0..m * n));
-                    g.gemm_tiled(&gpu, &xv, m, &mut yv, tile).expect("gemm");
+                    w.gemm_tiled(&gpu, &xv, m, &mut yv, tile).expect("gemm");
                 })
             };
-            let (t64, t128) = (time_tile(GemmTile::M64), time_tile(GemmTile::M128));
-            let auto = g.gemm_tile(&gpu, m);
+            let t = [
+                time_tile(&g, GemmTile::M64),
+                time_tile(&g, GemmTile::M128),
+                time_tile(&gm, GemmTile::M64),
+                time_tile(&gm, GemmTile::M128),
+            ];
+            let gemv16 = seconds_per_call(&gpu, iters.div_ceil(4), &mut || {
+                for r0 in (0..m).step_by(16) {
+                    let xv = pipemoe_cuda::ActView::Bf16(x.slice(r0 * k..(r0 + 16) * k));
+                    let mut yv = pipemoe_cuda::ActViewMut::Bf16(y.slice_mut(r0 * n..(r0 + 16) * n));
+                    gm.gemv(&gpu, &xv, 16, &mut partial, &mut yv).expect("gemv");
+                }
+            });
+            let auto = gm.gemm_tile(&gpu, m);
             let ceiling = blas.as_ref().ok().map(|blas| {
                 // Row-major y [m, n] = x [m, k] · Wᵀ is column-major yᵀ = (W [k×n col-major])ᵀ · (x [k×m]).
                 let cfg = GemmConfig {
@@ -278,20 +391,26 @@ fn bench_gemm() {
                 });
                 flop / secs / 1e12
             });
-            let (tf64, tf128) = (flop / t64 / 1e12, flop / t128 / 1e12);
-            let best = tf64.max(tf128);
-            let pct = ceiling.map_or("-".into(), |c| format!("{:.0}%", 100.0 * best / c));
+            let tf = t.map(|secs| flop / secs / 1e12);
+            let (mma_best, mma_secs) = (tf[2].max(tf[3]), t[2].min(t[3]));
+            let pct = ceiling.map_or("-".into(), |c| format!("{:.0}%", 100.0 * mma_best / c));
             println!(
-                "{name:<26} {m:>5} {:>9.1} {tf64:>9.1} {:>9.1} {tf128:>9.1} {:>5} {:>9} {pct:>7}",
-                t64 * 1e6,
-                t128 * 1e6,
+                "{name:<26} {m:>5} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>5} {:>8} {pct:>7}",
+                tf[0],
+                tf[1],
+                tf[2],
+                tf[3],
+                mma_secs * 1e6,
+                flop / gemv16 / 1e12,
                 format!("m{}", auto.rows()),
                 ceiling.map_or("-".into(), |c| format!("{c:.1}")),
             );
+            let entry = |secs: f64| serde_json::json!({"seconds": secs, "tflops": flop / secs / 1e12});
             rows.push(serde_json::json!({
                 "op": "gptq_gemm_w3_g128_bf16", "shape": name, "m": m, "k": k, "n": n,
-                "m64": {"seconds": t64, "tflops": tf64}, "m128": {"seconds": t128, "tflops": tf128},
-                "auto": format!("m{}", auto.rows()),
+                "gptq": {"m64": entry(t[0]), "m128": entry(t[1])},
+                "mma": {"m64": entry(t[2]), "m128": entry(t[3]), "auto": format!("m{}", auto.rows())},
+                "mma_gemv_16_rows": entry(gemv16),
                 "cublas_bf16_tflops": ceiling,
             }));
         }

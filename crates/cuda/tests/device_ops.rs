@@ -262,3 +262,85 @@ fn grouped_experts_match_the_cpu() {
         }
     }
 }
+
+/// `./device_ops --ignored bench_experts --nocapture` on the GPU machine: one MoE layer's routed experts at the
+/// real dims (hidden 7168, moe_intermediate 2048, 3-bit g128), top-8 of 32 distinct experts per step (so the
+/// weights come from DRAM), batch 1/4/16, next to the streaming-read ceiling measured in the same run.
+#[test]
+#[ignore = "benchmark: run on the GPU machine"]
+fn bench_experts() {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("cuda:0");
+    let g = gpu.gpu.clone();
+    let s = g.stream.clone();
+    let time = |iters: usize, f: &mut dyn FnMut(usize)| -> f64 {
+        for i in 0..3 {
+            f(i);
+        }
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (a, b) = (g.ctx.new_event(timing).expect("event"), g.ctx.new_event(timing).expect("event"));
+        a.record(&s).expect("record");
+        for i in 0..iters {
+            f(i);
+        }
+        b.record(&s).expect("record");
+        b.synchronize().expect("sync");
+        a.elapsed_ms(&b).expect("elapsed") as f64 / iters as f64 * 1e-3
+    };
+    let n = 512usize << 20;
+    let buf = s.alloc_zeros::<u32>(n).expect("buffer");
+    let mut out = s.alloc_zeros::<f32>(1).expect("out");
+    let f = g.function("stream_read_u32").expect("kernel");
+    let n16 = (n / 4) as u64;
+    let secs = time(10, &mut |_| {
+        let cfg = LaunchConfig { grid_dim: (g.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        let mut l = s.launch_builder(f);
+        l.arg(&buf).arg(&n16).arg(&mut out);
+        unsafe { l.launch(cfg) }.expect("launch");
+    });
+    let ceiling = (n * 4) as f64 / secs / 1e9;
+    let (count, hidden, inter, top_k) = (32usize, 7168usize, 2048usize, 8usize);
+    let mut rng = Rng::new(31);
+    let one = host_experts(&mut rng, 1, hidden, inter, 3);
+    let hs: Vec<[HostLinear; 3]> = (0..count).map(|_| one[0].clone()).collect();
+    let experts = load(&gpu, &hs, |_| true);
+    let per_expert = match &one[0][0] {
+        HostLinear::Gptq(w) => 3 * (w.layout().in_features * w.layout().out_features * 3 / 8 + w.layout().n_groups() * w.layout().out_features * 2 * 2),
+        HostLinear::Dense { .. } => 0,
+    };
+    println!("{} — streaming read ceiling {ceiling:.0} GB/s", g.describe());
+    println!("{:<34} {:>5} {:>9} {:>9} {:>9} {:>8}", "routed experts (3-bit g128)", "batch", "MB", "us", "GB/s", "ceiling");
+    let mut rows_json = vec![format!("{{\"op\":\"stream_read\",\"gbps\":{ceiling:.1}}}")];
+    for batch in [1usize, 4, 16] {
+        let routes: Vec<GpuRoutes> = (0..8)
+            .map(|_| GpuRoutes::from_host(&gpu, &random_routing(&mut rng, batch, count, top_k), count).unwrap())
+            .collect();
+        let distinct = |r: &GpuRoutes| {
+            let mut e = gpu.routes_to_host(r).unwrap().experts;
+            e.sort_unstable();
+            e.dedup();
+            e.len()
+        };
+        let avg_experts = routes.iter().map(distinct).sum::<usize>() as f64 / routes.len() as f64;
+        let x = up(&gpu, batch, hidden, &values(&mut rng, batch * hidden, 1.0));
+        let secs = time(24, &mut |i| {
+            gpu.experts(&x, &experts, &routes[i % routes.len()]).expect("experts");
+        });
+        let bytes = avg_experts * per_expert as f64;
+        let gbps = bytes / secs / 1e9;
+        println!(
+            "{:<34} {batch:>5} {:>9.1} {:>9.1} {gbps:>9.0} {:>7.0}%",
+            format!("top-{top_k} of {count}, {avg_experts:.1} distinct"),
+            bytes / 1e6,
+            secs * 1e6,
+            100.0 * gbps / ceiling
+        );
+        rows_json.push(format!("{{\"op\":\"routed_experts\",\"batch\":{batch},\"experts\":{avg_experts:.2},\"bytes\":{bytes:.0},\"seconds\":{secs:e},\"gbps\":{gbps:.1},\"ceiling_gbps\":{ceiling:.1}}}"));
+    }
+    if let Ok(path) = std::env::var("PIPEMOE_BENCH_OUT") {
+        std::fs::write(path, format!("[{}]\n", rows_json.join(",\n"))).expect("write bench JSON");
+    }
+}

@@ -4,7 +4,7 @@
 //! Probabilities are computed in f64 after subtracting the largest logit, so no logit range overflows. A NaN
 //! logit counts as -inf. The draw walks the candidates most likely first, ties to the lower token id, so a seed
 //! fixes the output whatever std's selection algorithm does, and a row reduced on the device to its largest
-//! logits (`reduced`) can reproduce the draw.
+//! logits (`reduced`) can reproduce the draw. `batch` samples a step's rows together, as `Backend::sample` does.
 
 use std::cmp::Ordering;
 

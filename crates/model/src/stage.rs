@@ -179,7 +179,9 @@ impl<B: Backend> Stage<B> {
         samplers: &mut [SampleRow<'_>],
     ) -> Result<Vec<SampledToken>> {
         if which.len() != samplers.len() {
-            return Err(Error::Slice { reason: format!("{} rows to sample with {} samplers", which.len(), samplers.len()) });
+            return Err(Error::Slice {
+                reason: format!("{} rows to sample with {} samplers", which.len(), samplers.len()),
+            });
         }
         if which.is_empty() {
             return Ok(Vec::new());

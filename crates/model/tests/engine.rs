@@ -168,6 +168,7 @@ fn stage_sampling_on_the_cpu_is_host_sampling_of_the_logits() {
     }
     // One sampler per row.
     let mut one = fresh();
-    let mut short: Vec<SampleRow<'_>> = one.iter_mut().take(2).map(|sampler| SampleRow { sampler, logprobs: None }).collect();
+    let mut short: Vec<SampleRow<'_>> =
+        one.iter_mut().take(2).map(|sampler| SampleRow { sampler, logprobs: None }).collect();
     assert!(m.sample(&h, &which, &mut short).is_err());
 }

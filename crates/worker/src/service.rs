@@ -259,7 +259,7 @@ impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
                 freed
             })
             .await
-                .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
+            .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
             let _ = s
                 .cached_positions
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(freed as u64)));

@@ -98,9 +98,8 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let up = u8::from(matches!(st.scheduler.shared.state.read().map(|s| s.clone()), Ok(FleetState::Ready)));
     let cache = st.scheduler.shared.cache.read().map(|c| c.clone()).unwrap_or_default();
     // Without a bounded cache there is no capacity to report.
-    let (capacity, held) = cache.tightest.map_or((String::from("NaN"), String::from("NaN")), |(c, h)| {
-        (c.to_string(), h.to_string())
-    });
+    let (capacity, held) =
+        cache.tightest.map_or((String::from("NaN"), String::from("NaN")), |(c, h)| (c.to_string(), h.to_string()));
     let text = format!(
         "# HELP pipemoe_requests_total Generation requests received.\n# TYPE pipemoe_requests_total counter\npipemoe_requests_total {}\n\
          # HELP pipemoe_request_errors_total Requests that ended in an error.\n# TYPE pipemoe_request_errors_total counter\npipemoe_request_errors_total {}\n\
