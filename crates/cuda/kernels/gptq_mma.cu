@@ -35,22 +35,22 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// The words of chunk `cg` of the warp's tiles into registers (tiles past `tiles` are left alone).
+#define MMA_STAGES 4
+
+// Asynchronous 8-byte copy global → shared (sm_80+), and its group fences.
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Shared memory of one block: the warps' rings of weight words, then Σx per (row, chunk), then x as bf16.
+// (src/mma.rs `smem_bytes` mirrors this.)
 template <int BITS>
-__device__ __forceinline__ void load_chunk(u32 (&w)[MMA_TILES_PER_WARP][2 * BITS], const uint2* __restrict__ words,
-                                           int tile0, int tiles, int k_chunks, int cg, int lane) {
-#pragma unroll
-    for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-        if (t < tiles) {
-            const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + cg) * BITS * 32 + lane;
-#pragma unroll
-            for (int j = 0; j < BITS; j++) {
-                uint2 v = __ldg(src + j * 32);
-                w[t][2 * j] = v.x;
-                w[t][2 * j + 1] = v.y;
-            }
-        }
-    }
+__host__ __device__ constexpr int ring_words() {
+    return MMA_WARPS * MMA_STAGES * MMA_TILES_PER_WARP * BITS * 32;  // uint2 each
 }
 
 __device__ __forceinline__ __nv_bfloat16 to_bf16(float v) { return __float2bfloat16(v); }
@@ -65,29 +65,49 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
                                int K, int N, int group_size, int k_chunk, int block_x) {
     extern __shared__ float smem[];
     const int stride = k_chunk + 8;  // bf16 per staged row: +8 staggers the rows over the banks
-    __nv_bfloat16* xs = (__nv_bfloat16*)smem;                          // [MB, stride]
-    float* gsum = smem + (MB * stride + 1) / 2;                        // [MB, chunks]
     const int k0 = blockIdx.y * k_chunk;
     const int kn = min(k_chunk, K - k0);
     const int chunks = kn / MMA_CHUNK;
+    uint2* rings = (uint2*)smem;                                          // [warps][stages][tiles][BITS][32]
+    float* gsum = smem + 2 * ring_words<BITS>();                          // [MB, k_chunk / 128]
+    __nv_bfloat16* xs = (__nv_bfloat16*)(gsum + MB * (k_chunk / MMA_CHUNK)); // [nrows, stride]
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
     const int tile0 = (block_x * MMA_WARPS + warp) * MMA_TILES_PER_WARP;
     const int tiles = max(0, min(MMA_TILES_PER_WARP, n_tiles - tile0));
-    // The first chunk's weights are requested before x is staged, so the loads overlap the staging.
-    u32 w[MMA_TILES_PER_WARP][2 * BITS], next[MMA_TILES_PER_WARP][2 * BITS];
-    if (chunks > 0) load_chunk<BITS>(w, words, tile0, tiles, k_chunks, k0 / MMA_CHUNK, lane);
-    for (int i = threadIdx.x; i < MB * kn; i += blockDim.x) {
+    uint2* ring = rings + warp * MMA_STAGES * MMA_TILES_PER_WARP * BITS * 32;
+    // Each lane copies, and later reads, only its own words: the per-thread cp.async fences order them, no barrier.
+    auto issue = [&](int c) {
+        if (c < chunks) {
+#pragma unroll
+            for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+                if (t < tiles) {
+                    const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + k0 / MMA_CHUNK + c) * BITS * 32 + lane;
+                    uint2* dst = ring + ((c % MMA_STAGES) * MMA_TILES_PER_WARP + t) * BITS * 32 + lane;
+#pragma unroll
+                    for (int j = 0; j < BITS; j++) cp_async8(dst + j * 32, src + j * 32);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+    // The first stages' weights are requested before x is staged, so the loads overlap the staging.
+#pragma unroll
+    for (int c = 0; c < MMA_STAGES - 1; c++) issue(c);
+    for (int i = threadIdx.x; i < nrows * kn; i += blockDim.x) {
         int b = i / kn, k = i % kn;
         int src = perm ? perm[k0 + k] : (k0 + k);
-        xs[b * stride + k] = b < nrows ? to_bf16(x[(size_t)xrow[b] * K + src]) : __float2bfloat16(0.f);
+        xs[b * stride + k] = to_bf16(x[(size_t)xrow[b] * K + src]);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < MB * chunks; i += blockDim.x) {
+    // Σx per (row, chunk), a warp per pair, of the same bf16 values the tensor cores see.
+    for (int i = warp; i < MB * chunks; i += MMA_WARPS) {
         int b = i / chunks, c = i % chunks;
-        float acc = 0.f;
-        for (int k = 0; k < MMA_CHUNK; k++) acc += __bfloat162float(xs[b * stride + c * MMA_CHUNK + k]);
-        gsum[b * chunks + c] = acc;
+        float v = 0.f;
+        if (b < nrows)
+            for (int k = lane; k < MMA_CHUNK; k += 32) v += __bfloat162float(xs[b * stride + c * MMA_CHUNK + k]);
+        v = warp_sum(v);
+        if (lane == 0) gsum[b * (k_chunk / MMA_CHUNK) + c] = v;
     }
     __syncthreads();
 
@@ -102,9 +122,38 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
 
+    const int gstride = k_chunk / MMA_CHUNK;
+    // Scale and 128 + zero of the lane's two columns per tile, one chunk ahead of the math (their loads would
+    // otherwise stall every chunk).
+    auto load_sz = [&](int c, float (&sz)[MMA_TILES_PER_WARP][4]) {
+        const int g = (k0 + min(c, chunks - 1) * MMA_CHUNK) / group_size;
+#pragma unroll
+        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+            const int na = min(tile0 + t, n_tiles - 1) * 16 + group;
+            sz[t][0] = __half2float(__ldg(&scales[(size_t)g * N + na]));
+            sz[t][1] = __half2float(__ldg(&scales[(size_t)g * N + na + 8]));
+            sz[t][2] = 128.f + __half2float(__ldg(&zeros[(size_t)g * N + na]));
+            sz[t][3] = 128.f + __half2float(__ldg(&zeros[(size_t)g * N + na + 8]));
+        }
+    };
+    float sz[MMA_TILES_PER_WARP][4], sz_next[MMA_TILES_PER_WARP][4];
+    load_sz(0, sz);
     for (int c = 0; c < chunks; c++) {
-        // Request the next chunk's weights before this one's math (one chunk in flight per warp behind the math).
-        if (c + 1 < chunks) load_chunk<BITS>(next, words, tile0, tiles, k_chunks, k0 / MMA_CHUNK + c + 1, lane);
+        // Keep MMA_STAGES − 1 chunks in flight behind this one's math.
+        issue(c + MMA_STAGES - 1);
+        load_sz(c + 1, sz_next);
+        cp_async_wait<MMA_STAGES - 1>();
+        u32 w[MMA_TILES_PER_WARP][2 * BITS];
+#pragma unroll
+        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+            const uint2* src = ring + ((c % MMA_STAGES) * MMA_TILES_PER_WARP + t) * BITS * 32 + lane;
+#pragma unroll
+            for (int j = 0; j < BITS; j++) {
+                uint2 v = src[j * 32];
+                w[t][2 * j] = v.x;
+                w[t][2 * j + 1] = v.y;
+            }
+        }
         float cacc[MMA_TILES_PER_WARP][H][4];
 #pragma unroll
         for (int t = 0; t < MMA_TILES_PER_WARP; t++)
@@ -118,9 +167,10 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
             u32 b0[H], b1[H];
 #pragma unroll
             for (int h = 0; h < H; h++) {
-                const __nv_bfloat16* row = xs + (h * 8 + group) * stride + kk;
-                b0[h] = *(const u32*)row;
-                b1[h] = *(const u32*)(row + 8);
+                const int b = h * 8 + group;
+                const __nv_bfloat16* row = xs + b * stride + kk;
+                b0[h] = b < nrows ? *(const u32*)row : 0u;
+                b1[h] = b < nrows ? *(const u32*)(row + 8) : 0u;
             }
 #pragma unroll
             for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
@@ -134,30 +184,20 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
                 }
             }
         }
-        const int g = (k0 + c * MMA_CHUNK) / group_size;
 #pragma unroll
         for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-            if (t < tiles) {
-                const int na = (tile0 + t) * 16 + group;
-                const float sa = __half2float(scales[(size_t)g * N + na]);
-                const float sb = __half2float(scales[(size_t)g * N + na + 8]);
-                const float za = 128.f + __half2float(zeros[(size_t)g * N + na]);
-                const float zb = 128.f + __half2float(zeros[(size_t)g * N + na + 8]);
 #pragma unroll
-                for (int h = 0; h < H; h++) {
+            for (int h = 0; h < H; h++) {
 #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        const int b = h * 8 + quad * 2 + (i & 1);
-                        const float s = i < 2 ? sa : sb, z = i < 2 ? za : zb;
-                        acc[t][h][i] += s * (cacc[t][h][i] - z * gsum[b * chunks + c]);
-                    }
+                for (int i = 0; i < 4; i++) {
+                    const int b = h * 8 + quad * 2 + (i & 1);
+                    const float sc = sz[t][i >> 1], z = sz[t][2 + (i >> 1)];
+                    acc[t][h][i] += sc * (cacc[t][h][i] - z * gsum[b * gstride + c]);
                 }
             }
+#pragma unroll
+            for (int i = 0; i < 4; i++) sz[t][i] = sz_next[t][i];
         }
-#pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++)
-#pragma unroll
-            for (int j = 0; j < 2 * BITS; j++) w[t][j] = next[t][j];
     }
 #pragma unroll
     for (int t = 0; t < MMA_TILES_PER_WARP; t++) {

@@ -40,7 +40,7 @@ fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usi
             let bx = n.div_ceil(crate::mma::BLOCK_COLS);
             let chunk = crate::mma::k_chunk(w, g, mb, mats * bx * tiles);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
-            (name, chunk, k.div_ceil(chunk), mats * bx, crate::mma::smem_bytes(mb, chunk))
+            (name, chunk, k.div_ceil(chunk), mats * bx, crate::mma::smem_bytes(w.bits, mb, chunk))
         }
     }
 }

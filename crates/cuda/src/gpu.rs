@@ -37,6 +37,8 @@ pub struct Gpu {
     pub arch: String,
     pub name: String,
     pub sm_count: u32,
+    /// Shared memory one multiprocessor holds (bytes): 100 KiB on an RTX 3090, 228 KiB on an H200.
+    pub smem_per_sm: usize,
     /// One module per kernel source file (`nvrtc::KERNELS`).
     modules: Vec<Arc<CudaModule>>,
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
@@ -60,13 +62,16 @@ impl Gpu {
         let sm_count = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("cuDeviceGetAttribute"))? as u32;
+        let smem_per_sm = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(drv("cuDeviceGetAttribute"))? as usize;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {
             let cubin = nvrtc::cubin(file, source, &arch)?;
             modules.push(ctx.load_module(Ptx::from_binary(cubin)).map_err(drv("cuModuleLoadData"))?);
         }
-        Ok(Gpu { ctx, stream, arch, name, sm_count, modules, functions: Mutex::new(HashMap::new()) })
+        Ok(Gpu { ctx, stream, arch, name, sm_count, smem_per_sm, modules, functions: Mutex::new(HashMap::new()) })
     }
 
     /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.

@@ -80,19 +80,31 @@ fn bucket(batch: usize) -> usize {
     if batch <= 8 { 8 } else { 16 }
 }
 
-/// Rows of K per split: whole chunks, x of the padded batch in 40 KiB of shared memory, and enough splits for
-/// every SM to hold several blocks' loads in flight.
-pub(crate) fn k_chunk(w: &GpuGptq, gpu: &Gpu, batch: usize, blocks_x: usize) -> usize {
-    let k = w.in_features;
-    let mb = bucket(batch);
-    let limit = ((40 * 1024 / (2 * mb)).saturating_sub(8) / CHUNK).max(1) * CHUNK;
-    let splits = (8 * gpu.sm_count as usize).div_ceil(blocks_x.max(1)).clamp(1, k / CHUNK);
-    (k.div_ceil(splits).div_ceil(CHUNK) * CHUNK).clamp(CHUNK, limit)
+/// Chunks each warp keeps in flight behind its math, and the shape of a block (kernels/gptq_mma.cu).
+const STAGES: usize = 4;
+const WARPS: usize = 4;
+const TILES_PER_WARP: usize = 2;
+/// Shared memory a block stays within, so it needs no opt-in and a 3090's 100 KiB hold two blocks.
+const SMEM_BLOCK: usize = 44 * 1024;
+
+/// Shared memory of a launch: the warps' rings of weight words, Σx per (row, chunk) for the kernel's MB rows,
+/// and `rows` staged rows of x (the batch, or a grouped tile's rows).
+pub(crate) fn smem_bytes(bits: u32, rows: usize, chunk: usize) -> u32 {
+    let ring = WARPS * STAGES * TILES_PER_WARP * bits as usize * 32 * 8;
+    (ring + bucket(rows) * (chunk / CHUNK) * 4 + rows * (chunk + 8) * 2) as u32
 }
 
-pub(crate) fn smem_bytes(batch: usize, chunk: usize) -> u32 {
-    let mb = bucket(batch);
-    ((mb * (chunk + 8)).div_ceil(2) * 4 + mb * (chunk / CHUNK) * 4) as u32
+/// Rows of K per split: whole chunks within the block's shared memory, and as many splits as fill one wave of
+/// resident blocks (more leaves a tail wave; fewer leaves multiprocessors idle).
+pub(crate) fn k_chunk(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> usize {
+    let k = w.in_features;
+    let fixed = smem_bytes(w.bits, rows, 0) as usize;
+    let per_chunk = smem_bytes(w.bits, rows, CHUNK) as usize - fixed;
+    let limit = ((SMEM_BLOCK.saturating_sub(fixed)) / per_chunk).max(1) * CHUNK;
+    let want = k.div_ceil(CHUNK).min(limit / CHUNK) * CHUNK;
+    let per_sm = (gpu.smem_per_sm / smem_bytes(w.bits, rows, want) as usize).clamp(1, 8);
+    let splits = (per_sm * gpu.sm_count as usize / blocks_x.max(1)).clamp(1, k / CHUNK);
+    (k.div_ceil(splits).div_ceil(CHUNK) * CHUNK).clamp(CHUNK, limit)
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
@@ -126,7 +138,7 @@ pub(crate) fn gemv(
     let cfg = LaunchConfig {
         grid_dim: (bx as u32, splits as u32, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(batch, chunk),
+        shared_mem_bytes: smem_bytes(w.bits, batch, chunk),
     };
     let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, w.group_size as i32, chunk as i32);
     let null: u64 = 0;

@@ -236,15 +236,15 @@ fn mma_gemm_matches_the_cpu_reference() {
     // block (down to one 16-column tile), an odd number of 128-row chunks, and a misaligned x (realigning copy).
     let cases = [
         case(256, 96, 3, 128, false, 17),
-        case(512, 208, 4, 128, true, 100),
-        case(384, 48, 2, 128, false, 512),
-        case(1024, 272, 3, 256, true, 100),
+        case(512, 224, 4, 128, true, 100),
+        case(384, 96, 2, 128, false, 512),
+        case(1024, 288, 3, 256, true, 100),
         case(512, 128, 2, -1, false, 17),
         Case { x_offset: 4, ..case(768, 160, 4, 128, false, 100) },
-        case(640, 336, 3, 128, true, 512),
+        case(640, 352, 3, 128, true, 512),
         case(256, 256, 2, 128, true, 512),
-        case(256, 16, 4, 128, false, 33),
-        Case { x_offset: 3, ..case(384, 112, 3, 128, false, 17) },
+        case(256, 32, 4, 128, false, 33),
+        Case { x_offset: 3, ..case(384, 160, 3, 128, false, 17) },
     ];
     for c in &cases {
         check_mma(&gpu, &mut rng, c);

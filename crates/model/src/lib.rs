@@ -4,6 +4,8 @@
 //! - `checkpoint`: memory-mapped sharded safetensors (index or single file).
 //! - `validate`: every module of every layer present with the right dtype and shape, quantized or not (§3).
 //! - `synthetic`: tiny zero-filled checkpoints for tests in this and other crates.
+//! - `random_checkpoint`: random-weight checkpoints at any dims (the real model's, for benchmarks), sliced by layer;
+//!   `footprint`: a checkpoint's bytes by what reads them, and a decode step's bytes (bandwidth floors).
 //!
 //! - `backend`: the fused operations the forward pass is written against; `cpu`: the f32 reference backend.
 //! - `rope`, `mla`, `indexer`, `moe`, `layer`: DeepSeek's blocks, each with `load` and `forward`.
@@ -17,11 +19,13 @@ pub mod config;
 pub mod cpu;
 pub mod device;
 mod error;
+pub mod footprint;
 pub mod generate;
 pub mod indexer;
 pub mod layer;
 pub mod mla;
 pub mod moe;
+pub mod random_checkpoint;
 pub mod rope;
 pub mod routing;
 pub mod sampling;

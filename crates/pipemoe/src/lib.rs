@@ -1,10 +1,11 @@
-//! The `pipemoe` command line. Today: `inspect` and `generate`. The server (`serve`, `start`, `stop`, `status`), `recipe`,
-//! `worker` and `bench` subcommands come with the controller and worker issues (docs/ARCHITECTURE.md).
+//! The `pipemoe` command line: `inspect`, `generate`, the server (`serve`, `start`, `stop`, `status`), `recipe`,
+//! `worker`, and `bench` (one GPU's slice of the real model timed against ceilings, docs/PERF.md).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod bench;
 pub mod generate;
 pub mod inspect;
 
@@ -34,6 +35,11 @@ pub enum Command {
     Stop(pipemoe_controller::lifecycle::StopArgs),
     /// Say whether the server runs, where, its health and its workers (exit 3 when not running).
     Status(pipemoe_controller::lifecycle::StatusArgs),
+    /// Time one GPU's slice of the real model (generated at its dims) against ceilings measured in the same run.
+    Bench(bench::BenchArgs),
+    /// (internal) The other end of `bench`'s IPC hand-off measurement.
+    #[command(hide = true)]
+    BenchIpcPeer(bench::ipc::PeerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +77,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", pipemoe_controller::lifecycle::stop(args)?);
             Ok(())
         }
+        Command::Bench(args) => bench::run(&args),
+        Command::BenchIpcPeer(args) => bench::ipc::peer(&args),
         Command::Status(args) => {
             let report = pipemoe_controller::lifecycle::status(args)?;
             println!("{report}");

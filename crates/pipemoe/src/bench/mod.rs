@@ -1,0 +1,320 @@
+//! `pipemoe bench`: one GPU's share of the real model, timed through the serving code path, every figure next to
+//! a ceiling measured in the same run, and a projection to the 8 × RTX 3090 target.
+//!
+//! - `ceiling`: the streaming-read bandwidth and cuBLAS's bf16 GEMM on the prefill shapes; event timing.
+//! - `floor`: the bytes a decode step must read, the GEMMs and attention FLOPs of a prefill chunk.
+//! - `stage`: decode, batched decode and prefill through `Stage<CudaBackend>`; one layer's blocks alone.
+//! - `ipc`: the activation hand-off between two processes (CUDA IPC), timed with a child process.
+//! - `report`: the projection, the table (printed last) and the JSON.
+
+pub mod ceiling;
+pub mod floor;
+pub mod ipc;
+pub mod report;
+pub mod stage;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use pipemoe_cuda::CudaBackend;
+use pipemoe_cuda::cache::KvDtype;
+use pipemoe_model::footprint::{CacheBytes, head_bytes, layer_bytes};
+use pipemoe_model::random_checkpoint::{self, Dims, RandomSpec};
+use pipemoe_model::{Checkpoint, ModelConfig, SliceSpec, Stage};
+
+use floor::SliceBytes;
+
+/// Which stage of an 8-GPU pipeline the slice stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SliceKind {
+    /// Layers from 0 (the dense ones first) with the embeddings.
+    First,
+    /// MoE layers after the dense ones, no embeddings or head: the case of most GPUs.
+    Middle,
+    /// The model's last layers, the final norm and lm_head.
+    Last,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A model directory to time instead of a generated one (its config chooses the dims).
+    #[arg(long, env = "PIPEMOE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Decoder layers in the slice (8 = one RTX 3090's share of the real model).
+    #[arg(long, env = "PIPEMOE_BENCH_LAYERS", default_value_t = 8)]
+    pub layers: usize,
+    /// Which pipeline stage the slice is.
+    #[arg(long, env = "PIPEMOE_BENCH_SLICE", value_enum, default_value_t = SliceKind::Middle)]
+    pub slice: SliceKind,
+    /// Also hold the embeddings, final norm and lm_head (whatever the slice).
+    #[arg(long, env = "PIPEMOE_BENCH_WITH_HEAD")]
+    pub with_head: bool,
+    /// Where generated checkpoints are kept between runs (one directory per spec hash).
+    #[arg(long, env = "PIPEMOE_BENCH_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Seed of the generated weights.
+    #[arg(long, env = "PIPEMOE_BENCH_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Only generate (or find) the checkpoint and print its bytes; needs no GPU.
+    #[arg(long)]
+    pub generate_only: bool,
+    /// CUDA device ordinal.
+    #[arg(long, env = "PIPEMOE_BENCH_DEVICE", default_value_t = 0)]
+    pub device: usize,
+    /// Cached positions before the single-stream decode (prefilled first; also the prefill figure's prompt).
+    #[arg(long, env = "PIPEMOE_BENCH_CONTEXT", default_value_t = 4096)]
+    pub context: usize,
+    /// Decode steps timed (after 3 untimed ones).
+    #[arg(long, env = "PIPEMOE_BENCH_STEPS", default_value_t = 32)]
+    pub steps: usize,
+    /// Sequences decoding together in the batched figure (0 skips it).
+    #[arg(long, env = "PIPEMOE_BENCH_STREAMS", default_value_t = 32)]
+    pub streams: usize,
+    /// Cached positions of each batched sequence (default: --context).
+    #[arg(long, env = "PIPEMOE_BENCH_STREAMS_CONTEXT")]
+    pub streams_context: Option<usize>,
+    /// Prefill chunk in rows (the scheduler's tokens per step).
+    #[arg(long, env = "PIPEMOE_BENCH_CHUNK", default_value_t = 512)]
+    pub chunk: usize,
+    /// KV cache dtype, as a recipe's kv_cache_dtype (auto = bf16).
+    #[arg(long, env = "PIPEMOE_BENCH_KV_CACHE_DTYPE", default_value = "auto")]
+    pub kv_cache_dtype: String,
+    /// Per-hop hand-off in µs for the projection, instead of the measured IPC round trip.
+    #[arg(long, env = "PIPEMOE_BENCH_HOP_US")]
+    pub hop_us: Option<f64>,
+    /// Assumed gRPC cost per hop in µs, added to the IPC round trip (the bench does not run workers).
+    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 150.0)]
+    pub grpc_us: f64,
+    /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
+    #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
+    pub target_gbps: f64,
+    /// Write every figure as JSON here.
+    #[arg(long, env = "PIPEMOE_BENCH_JSON")]
+    pub json: Option<PathBuf>,
+}
+
+/// The slice's layer range for `kind` in a model of `layers` layers, `dense` of them dense.
+fn slice_layers(kind: SliceKind, n: usize, layers: usize, dense: usize) -> std::ops::Range<usize> {
+    let n = n.min(layers);
+    match kind {
+        SliceKind::First => 0..n,
+        SliceKind::Middle => {
+            let start = dense.min(layers - n);
+            start..start + n
+        }
+        SliceKind::Last => layers - n..layers,
+    }
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from).join(".cache/pipemoe/bench-models")
+}
+
+/// The model directory and the slice to load from it.
+fn model_and_slice(args: &BenchArgs) -> Result<(PathBuf, SliceSpec)> {
+    let ends =
+        |kind: SliceKind| (kind == SliceKind::First || args.with_head, kind == SliceKind::Last || args.with_head);
+    let (embed, head) = ends(args.slice);
+    if let Some(dir) = &args.model {
+        let cfg = ModelConfig::from_dir(dir).context("reading the model's config")?;
+        let layers = slice_layers(args.slice, args.layers, cfg.num_hidden_layers, cfg.first_k_dense_replace);
+        return Ok((dir.clone(), SliceSpec { layers, experts: None, embed, head }));
+    }
+    let dims = Dims::deepseek_v32_reap();
+    let layers = slice_layers(args.slice, args.layers, dims.layers, dims.first_dense);
+    let spec = RandomSpec { dims, layers: layers.clone(), embed, head, seed: args.seed };
+    let root = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let t0 = Instant::now();
+    eprintln!("bench: checkpoint for layers {layers:?} (embed {embed}, head {head}) under {}", root.display());
+    let (dir, fresh) = random_checkpoint::cached(&root, &spec).context("generating the checkpoint")?;
+    let verb = if fresh { "generated" } else { "reused" };
+    eprintln!("bench: {verb} {} in {:.1} s", dir.display(), t0.elapsed().as_secs_f64());
+    Ok((dir, SliceSpec { layers, experts: None, embed, head }))
+}
+
+fn has_indexer(cfg: &ModelConfig, ckpt: &Checkpoint, layer: usize) -> bool {
+    let wk = format!("model.layers.{layer}.self_attn.indexer.wk");
+    cfg.indexer.is_some() && (ckpt.contains(&format!("{wk}.qweight")) || ckpt.contains(&format!("{wk}.weight")))
+}
+
+/// Runs the benchmark; the table is the last thing printed.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if !args.generate_only
+        && let Some(why) = pipemoe_cuda::gpu::unavailable()
+    {
+        bail!(
+            "pipemoe bench times the CUDA backend and needs a CUDA GPU: {why}. \
+             (--generate-only writes the checkpoint without one.)"
+        );
+    }
+    let kv: KvDtype = args.kv_cache_dtype.parse().map_err(anyhow::Error::msg)?;
+    if args.layers == 0 || args.context == 0 || args.chunk == 0 {
+        bail!("--layers, --context and --chunk must be positive");
+    }
+    let (dir, slice) = model_and_slice(args)?;
+    let cfg = ModelConfig::from_dir(&dir)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let with_indexer = has_indexer(&cfg, &ckpt, slice.layers.start);
+    let bytes = SliceBytes {
+        layers: slice.layers.clone().map(|l| layer_bytes(&cfg, &ckpt, l)).collect(),
+        head: {
+            let h = head_bytes(&ckpt);
+            pipemoe_model::footprint::HeadBytes {
+                embed: if slice.embed { h.embed } else { 0 },
+                norm: if slice.head { h.norm } else { 0 },
+                lm_head: if slice.head { h.lm_head } else { 0 },
+            }
+        },
+        cache: CacheBytes::new(&cfg, kv.bytes(), with_indexer),
+        hidden: cfg.hidden_size,
+        top_k: cfg.num_experts_per_tok,
+    };
+    if args.generate_only {
+        println!("{}: slice {:?}, {:.2} GB of weights", dir.display(), slice.layers, bytes.weights() as f64 / 1e9);
+        return Ok(());
+    }
+    let measured = measure(args, &cfg, &ckpt, &slice, &bytes, kv, with_indexer)?;
+    let rep = report::Report::new(args, &cfg, &slice, &bytes, &measured, with_indexer);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rep.json())? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", rep.table());
+    Ok(())
+}
+
+/// Everything timed on the GPU.
+pub struct Measured {
+    pub device: String,
+    pub read_gbps: f64,
+    pub read_buffer_bytes: usize,
+    /// cuBLAS seconds per shape, or why there are none.
+    pub cublas: std::result::Result<std::collections::BTreeMap<ceiling::Shape, f64>, String>,
+    pub load_seconds: f64,
+    pub prefill_chunks: Vec<f64>,
+    pub decode: stage::Times,
+    pub streams_context: usize,
+    pub streams_prefill_seconds: f64,
+    pub streams_decode: Option<stage::Times>,
+    pub blocks: Option<stage::BlockTimes>,
+    pub ipc: std::result::Result<stage::Times, String>,
+}
+
+fn measure(
+    args: &BenchArgs,
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    slice: &SliceSpec,
+    bytes: &SliceBytes,
+    kv: KvDtype,
+    with_indexer: bool,
+) -> Result<Measured> {
+    let backend = CudaBackend::new(args.device).context("opening the GPU")?.with_kv_dtype(kv);
+    let device = backend.gpu.describe();
+    eprintln!("bench: {device}");
+    // Ceilings first, while the device memory is free.
+    let (read_bps, read_buffer_bytes) = ceiling::stream_read(&backend.gpu, bytes.weights() as usize)?;
+    eprintln!("bench: streaming read {:.0} GB/s over {:.1} GB", read_bps / 1e9, read_buffer_bytes as f64 / 1e9);
+    let mut shapes: Vec<ceiling::Shape> = slice
+        .layers
+        .clone()
+        .flat_map(|l| floor::prefill_shapes(cfg, l, args.chunk, with_indexer))
+        .map(|(s, _)| s)
+        .collect();
+    shapes.sort();
+    shapes.dedup();
+    let cublas = ceiling::cublas(&backend.gpu)
+        .and_then(|blas| ceiling::cublas_times(&backend.gpu, &blas, &shapes).map_err(|e| format!("{e:#}")));
+    if let Err(why) = &cublas {
+        eprintln!("bench: no cuBLAS ceiling: {why}");
+    }
+
+    // The cache sized as a worker sizes it, for the larger of the two decode figures.
+    let streams_context = args.streams_context.unwrap_or(args.context);
+    let positions = (args.context + args.steps + 8).max(args.streams * (streams_context + args.steps + 8));
+    let per_position = (bytes.cache.latent + bytes.cache.index_key) as usize + 12;
+    let n_layers = slice.layers.len();
+    let budget = (positions + 64 * args.streams.max(1)) * per_position * n_layers * 11 / 10;
+    let backend = backend.with_cache_budget(budget, n_layers);
+    let t0 = Instant::now();
+    let stage = Stage::load(backend.clone(), cfg, ckpt, slice.clone()).context("loading the slice")?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    eprintln!("bench: loaded {n_layers} layers in {load_seconds:.1} s");
+    let mut run = stage::Runner::new(stage, args.seed);
+
+    let prefill_chunks = run.prefill(1, args.context, args.chunk)?;
+    eprintln!("bench: prefill of {} positions in {:.2} s", args.context, prefill_chunks.iter().sum::<f64>());
+    let decode = stage::Times::of(run.decode(&[1], 3, args.steps)?);
+    eprintln!("bench: decode {:.3} ms/step", decode.median * 1e3);
+    run.free(&[1]);
+
+    let (mut streams_prefill_seconds, mut streams_decode) = (0.0, None);
+    if args.streams > 0 {
+        let seqs: Vec<u64> = (100..100 + args.streams as u64).collect();
+        for &s in &seqs {
+            streams_prefill_seconds += run.prefill(s, streams_context, args.chunk)?.iter().sum::<f64>();
+        }
+        let t = stage::Times::of(run.decode(&seqs, 3, args.steps)?);
+        eprintln!("bench: {} streams {:.3} ms/step", args.streams, t.median * 1e3);
+        streams_decode = Some(t);
+        run.free(&seqs);
+    }
+    drop(run);
+
+    let moe_layer = slice.layers.clone().find(|&l| cfg.is_moe_layer(l)).unwrap_or(slice.layers.start);
+    let batches: Vec<usize> = [1, args.streams].into_iter().filter(|&b| b > 0).collect();
+    let blocks = match stage::time_blocks(&backend, cfg, ckpt, moe_layer, args.context, &batches) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            eprintln!("bench: per-block rows skipped: {e:#}");
+            None
+        }
+    };
+    let ipc = ipc::measure(&backend, args.device, cfg.hidden_size, 50).map_err(|e| format!("{e:#}"));
+    if let Err(why) = &ipc {
+        eprintln!("bench: IPC hand-off not measured: {why}");
+    }
+    Ok(Measured {
+        device,
+        read_gbps: read_bps / 1e9,
+        read_buffer_bytes,
+        cublas,
+        load_seconds,
+        prefill_chunks,
+        decode,
+        streams_context,
+        streams_prefill_seconds,
+        streams_decode,
+        blocks,
+        ipc,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn slices_sit_where_an_eight_gpu_pipeline_puts_them() {
+        assert_eq!(slice_layers(SliceKind::First, 8, 61, 3), 0..8);
+        assert_eq!(slice_layers(SliceKind::Middle, 8, 61, 3), 3..11);
+        assert_eq!(slice_layers(SliceKind::Last, 8, 61, 3), 53..61);
+        assert_eq!(slice_layers(SliceKind::Middle, 70, 61, 3), 0..61);
+    }
+
+    #[test]
+    fn without_a_gpu_it_says_why_and_fails() {
+        let Some(why) = pipemoe_cuda::gpu::unavailable() else {
+            eprintln!("SKIPPED (a GPU is present): the no-GPU message");
+            return;
+        };
+        let cli = crate::Cli::parse_from(["pipemoe", "bench", "--layers", "1"]);
+        let crate::Command::Bench(args) = cli.command else { panic!("not the bench command") };
+        let err = run(&args).expect_err("bench without a GPU must fail").to_string();
+        assert!(err.contains("needs a CUDA GPU") && err.contains(&why), "{err}");
+    }
+}
