@@ -65,6 +65,12 @@ impl Gpu {
         let smem_per_sm = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("cuDeviceGetAttribute"))? as usize;
+        // Every buffer of a `Gpu` is allocated, used and freed on its one stream, so cudarc's per-buffer events
+        // (two per allocation, a record or wait per kernel argument: several driver calls per launch, most of a
+        // small decode kernel's cost) order nothing that stream order does not already.
+        // SAFETY: no buffer of this context is ever used on another stream (the IPC path orders the other process
+        // with its own interprocess event); called before any buffer exists.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {

@@ -33,46 +33,78 @@ fn slot(bits: u32, i: usize) -> Option<(usize, u32)> {
 
 /// The checkpoint packing (`[K·bits/32, N]`, rows already in group order) → `[tile][chunk][bits][lane]` pairs of
 /// words, lane L of tile t and chunk c holding the A fragments of `mma.m16n8k16` for its 8 k-steps.
+///
+/// Runs at load for every linear (tens of thousands on a real model), so it is written for speed: the values
+/// are first unpacked column-major (`[N][K]` bytes: one tile then touches 16 contiguous columns), and tiles are
+/// shared out among the host's threads.
 pub fn repack(qweight: &[u32], bits: u32, k: usize, n: usize) -> Vec<u32> {
     let b = bits as usize;
-    let field = |row: usize, col: usize| -> u32 {
-        // Value `row` of column `col` in the GPTQ layout: 32 values per `bits` words, little-endian.
-        let base = (row / 32) * b;
-        let bit = (row % 32) * b;
-        let (w, sh) = (bit / 32, bit % 32);
-        let lo = u64::from(qweight[(base + w) * n + col]);
-        let hi = if w + 1 < b { u64::from(qweight[(base + w + 1) * n + col]) } else { 0 };
-        ((lo | (hi << 32)) >> sh) as u32 & ((1 << b) - 1)
-    };
+    let mask = (1u32 << b) - 1;
     let (tiles, chunks) = (n / 16, k / CHUNK);
-    let mut out = vec![0u32; tiles * chunks * b * 64];
-    for t in 0..tiles {
-        for c in 0..chunks {
-            for lane in 0..32 {
-                let mut words = vec![0u32; 2 * b];
-                for p in 0..32 {
-                    let (ks, reg) = (p / 4, p % 4);
-                    let col = 16 * t + lane / 4 + 8 * (reg & 1);
-                    let row = CHUNK * c + 16 * ks + 2 * (lane % 4) + 8 * (reg >> 1);
-                    let (lo, hi) = (field(row, col), field(row + 1, col));
-                    let blk = &mut words[(p / 16) * b..(p / 16 + 1) * b];
-                    match slot(bits, p % 16) {
-                        Some((w, sh)) => blk[w] |= (lo << sh) | (hi << (sh + 16)),
-                        None => {
-                            for (j, word) in blk.iter_mut().enumerate() {
-                                *word |= ((lo >> j) & 1) << 15 | ((hi >> j) & 1) << 31;
-                            }
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(tiles.max(1));
+    let tiles_per_thread = tiles.div_ceil(threads.max(1)).max(1);
+    // q[col][row]: 32 rows of a column come from `bits` words of one packed row block; columns shared out.
+    let mut q = vec![0u8; k * n];
+    std::thread::scope(|scope| {
+        for (part, cols) in q.chunks_mut(16 * tiles_per_thread * k).enumerate() {
+            scope.spawn(move || {
+                for (i, column) in cols.chunks_mut(k).enumerate() {
+                    let col = part * 16 * tiles_per_thread + i;
+                    for blk in 0..k / 32 {
+                        let mut acc: u128 = 0;
+                        for j in 0..b {
+                            acc |= u128::from(qweight[(blk * b + j) * n + col]) << (32 * j);
+                        }
+                        for (r, v) in column[blk * 32..blk * 32 + 32].iter_mut().enumerate() {
+                            *v = ((acc >> (r * b)) as u32 & mask) as u8;
                         }
                     }
                 }
-                for (wi, &word) in words.iter().enumerate() {
-                    let (j, half) = (wi / 2, wi % 2);
-                    out[((((t * chunks + c) * b + j) * 32 + lane) * 2) + half] = word;
+            });
+        }
+    });
+    let per_tile = chunks * b * 64;
+    let mut out = vec![0u32; tiles * per_tile];
+    std::thread::scope(|scope| {
+        for (part, region) in out.chunks_mut(tiles_per_thread * per_tile).enumerate() {
+            let q = &q;
+            scope.spawn(move || {
+                for (i, tile_out) in region.chunks_mut(per_tile).enumerate() {
+                    repack_tile(q, bits, k, part * tiles_per_thread + i, tile_out);
                 }
+            });
+        }
+    });
+    out
+}
+
+/// One 16-column tile of `repack`, from the column-major values.
+fn repack_tile(q: &[u8], bits: u32, k: usize, t: usize, out: &mut [u32]) {
+    let b = bits as usize;
+    let mut words = [0u32; 8];
+    for c in 0..k / CHUNK {
+        for lane in 0..32 {
+            words[..2 * b].fill(0);
+            for p in 0..32 {
+                let (ks, reg) = (p / 4, p % 4);
+                let col = 16 * t + lane / 4 + 8 * (reg & 1);
+                let row = CHUNK * c + 16 * ks + 2 * (lane % 4) + 8 * (reg >> 1);
+                let (lo, hi) = (u32::from(q[col * k + row]), u32::from(q[col * k + row + 1]));
+                let blk = &mut words[(p / 16) * b..(p / 16 + 1) * b];
+                match slot(bits, p % 16) {
+                    Some((w, sh)) => blk[w] |= (lo << sh) | (hi << (sh + 16)),
+                    None => {
+                        for (j, word) in blk.iter_mut().enumerate() {
+                            *word |= ((lo >> j) & 1) << 15 | ((hi >> j) & 1) << 31;
+                        }
+                    }
+                }
+            }
+            for (wi, &word) in words[..2 * b].iter().enumerate() {
+                out[((c * b + wi / 2) * 32 + lane) * 2 + wi % 2] = word;
             }
         }
     }
-    out
 }
 
 /// Kernel rows per launch: 8 (one n8 half) or 16.
@@ -205,6 +237,13 @@ mod tests {
                 }
             }
         }
+        // The real expert shape, timed (a load-time cost paid for every linear of the model).
+        let (k, n) = (7168, 2048);
+        let packed: Vec<u32> = (0..k * 3 / 32 * n).map(|i| (i as u32).wrapping_mul(2_654_435_761)).collect();
+        let t0 = std::time::Instant::now();
+        let words = repack(&packed, 3, k, n);
+        eprintln!("repack 7168x2048 3-bit: {:?}", t0.elapsed());
+        assert_eq!(words.len(), packed.len());
         assert!(eligible(3, 7168, 2048, 128) && !eligible(8, 7168, 2048, 128) && !eligible(3, 7168, 2048, 64));
     }
 }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the device test binaries and the pipemoe binary here (the GPU machine has no Rust toolchain) and puts
+# them, stripped, in .device/ (ignored by git), which the device tool carries to the GPU machine.
+# Usage: tools/device/build.sh [--with-pipemoe]   (pipemoe adds ~35 MB: the carried tree must stay under 64 MiB)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipemoe/target}"
+tests=(device device_ops device_gemm device_attention device_route device_sampling golden_gpu)
+cargo test -p pipemoe-cuda --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])' > /tmp/pipemoe-device-tests.txt
+mkdir -p .device
+rm -f .device/*
+for t in "${tests[@]}"; do
+    exe=$(awk -v t="$t" '$1 == t { print $2 }' /tmp/pipemoe-device-tests.txt)
+    [ -n "$exe" ] || { echo "no test binary for $t" >&2; exit 1; }
+    cp "$exe" ".device/$t" && strip ".device/$t"
+done
+if [ "${1:-}" = "--with-pipemoe" ]; then
+    cargo build -p pipemoe
+    cargo test -p pipemoe --test e2e --no-run --message-format=json 2>/dev/null |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "e2e":
+        print(m["executable"])' > /tmp/pipemoe-e2e.txt
+    cp "$CARGO_TARGET_DIR/debug/pipemoe" .device/pipemoe && strip .device/pipemoe
+    cp "$(cat /tmp/pipemoe-e2e.txt)" .device/e2e && strip .device/e2e
+fi
+du -sh .device
