@@ -510,18 +510,20 @@ impl Core {
             return;
         }
         // The room it held is given back once Free has gone down the chain (or failed: a worker that does not
-        // answer takes the fleet down with it).
+        // answer takes the fleet down with it). Free waits on each worker behind the steps already queued there,
+        // so it gets a step's time, not less: given back early, the room would be admitted again while a worker
+        // still holds it, and the next sequence's step would find that worker's cache full.
         let positions = s.positions;
+        let limit = self.cfg.step_timeout;
         match self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) {
             Some(mut c) => {
                 let generation = self.spec.generation;
                 self.frees.spawn(async move {
-                    let freed =
-                        tokio::time::timeout(Duration::from_secs(5), c.free(FreeRequest { seqs: vec![id] })).await;
+                    let freed = tokio::time::timeout(limit, c.free(FreeRequest { seqs: vec![id] })).await;
                     match freed {
                         Ok(Ok(_)) => {}
                         Ok(Err(status)) => tracing::warn!(seq = id, %status, "free failed"),
-                        Err(_) => tracing::warn!(seq = id, "free took longer than 5 s"),
+                        Err(_) => tracing::warn!(seq = id, "free took longer than {} s", limit.as_secs()),
                     }
                     (generation, positions)
                 });

@@ -73,10 +73,9 @@ fn device_budget(d: &Device, gib: f64) -> DeviceBudget {
     DeviceBudget { device: d.to_string(), budget_bytes: bytes, capacity_bytes: bytes }
 }
 
-/// Device memory a worker keeps beside its weights and KV cache. On a GPU: activations and scratch of a
-/// 512-token step, and the f32 copy of each layer's kv_b_proj that attention makes on first use (128 heads ×
-/// 256 × 512 f32 = 64 MiB a layer on the real model), which the cache must not take. Workers size their cache
-/// with it.
+/// Device memory a worker keeps beside its weights and KV cache: on a GPU, activations and scratch of a
+/// 512-token step (the f32 copies of kv_b_proj that attention makes are counted with each layer's weights by
+/// the planner). Workers size their cache with it.
 fn workspace_bytes(residency: Residency) -> u64 {
     match residency {
         Residency::CpuF32 => 64 << 20,

@@ -259,7 +259,12 @@ impl Backend for CudaBackend {
                 g.gemm(&self.gpu, &x.data.view(0, rows * k), rows, &mut y.data.view_mut(0, rows * n)).map_err(m)?;
             }
             GpuWeightKind::Gptq(g) => {
-                let mut partial = self.zeros(g.scratch_len(&self.gpu, MAX_BATCH).max(g.scratch_len(&self.gpu, 1)))?;
+                // Scratch for the batch sizes this call runs (whole batches of 16, then the rest): the split
+                // count depends on the batch (the tensor-core kernel's shared memory grows with it), so 16 and 1
+                // do not bound, e.g., 12 rows.
+                let sizes = [MAX_BATCH.min(rows), rows % MAX_BATCH];
+                let need = sizes.iter().filter(|&&nb| nb > 0).map(|&nb| g.scratch_len(&self.gpu, nb)).max().unwrap_or(1);
+                let mut partial = self.zeros(need)?;
                 for r0 in (0..rows).step_by(MAX_BATCH) {
                     let nb = MAX_BATCH.min(rows - r0);
                     let xv = x.data.view(r0 * k, nb * k);

@@ -162,6 +162,9 @@ impl CudaBackend {
                 format!("a routing of {} rows over {} experts", routes.dev.rows, routes.dev.n_experts),
             ));
         }
+        if x.rows == 0 {
+            return self.tensor(0, x.cols);
+        }
         match &experts.grouped {
             Some(t) if x.rows <= MAX_BATCH && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
             _ => self.one_by_one(x, &experts.weights, routes.host()?),

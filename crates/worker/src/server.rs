@@ -207,6 +207,19 @@ async fn load<B: WorkerBackend + 'static>(shared: Arc<Shared<B>>, backend: B) {
                 let sizing = memory::size_cache(&plan, before, after);
                 stage.renew_caches(|b| b.set_cache_budget(sizing.cache_bytes, slice.layers.len()));
                 let usage = stage.backend().cache_usage(stage.caches());
+                // A cache that cannot hold one block would make every request a 400 the client cannot fix.
+                if usage.capacity.is_some_and(|c| c < usage.block) {
+                    return Err(format!(
+                        "the KV cache gets {} bytes ({} positions; limited by {}): less than one block of {} \
+                         positions. The weights took {} bytes; raise the recipe's memory budget or give this \
+                         worker fewer layers",
+                        sizing.cache_bytes,
+                        usage.capacity.unwrap_or(0),
+                        sizing.limited_by,
+                        usage.block,
+                        sizing.loaded_bytes
+                    ));
+                }
                 info!(
                     rank,
                     loaded_bytes = sizing.loaded_bytes,

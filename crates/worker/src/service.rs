@@ -247,28 +247,14 @@ impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
     }
 
     async fn free(&self, request: Request<FreeRequest>) -> std::result::Result<Response<FreeResponse>, Status> {
-        let req = request.into_inner();
-        let s = &self.shared;
-        if let Some(loaded) = s.loaded.get() {
-            let mut engine = loaded.engine.clone().lock_owned().await;
-            let seqs = req.seqs.clone();
-            let shared = s.clone();
-            let freed = tokio::task::spawn_blocking(move || {
-                let freed = engine.free(&seqs);
-                shared.publish_cache(engine.cache_usage());
-                freed
-            })
+        // In a task of its own: a caller that stops waiting (its timeout, a dropped connection) cancels this
+        // handler, and a free cancelled while it waits for the engine or for the next worker would leave the
+        // sequences cached here or further down the chain for good, while the controller counts their room free.
+        let shared = self.shared.clone();
+        tokio::spawn(free_chain(shared, request.into_inner()))
             .await
-            .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
-            let _ = s
-                .cached_positions
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(freed as u64)));
-            debug!(seqs = ?req.seqs, freed, "freed");
-        }
-        if let Some(next) = &s.next {
-            next.free(req).await?;
-        }
-        Ok(Response::new(FreeResponse {}))
+            .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?
+            .map(Response::new)
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> std::result::Result<Response<ShutdownResponse>, Status> {
@@ -276,4 +262,31 @@ impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
         self.shared.start_drain();
         Ok(Response::new(ShutdownResponse {}))
     }
+}
+
+/// Frees `req`'s sequences here, then on every worker after this one.
+async fn free_chain<B: WorkerBackend + 'static>(
+    s: Arc<Shared<B>>,
+    req: FreeRequest,
+) -> std::result::Result<FreeResponse, Status> {
+    if let Some(loaded) = s.loaded.get() {
+        let mut engine = loaded.engine.clone().lock_owned().await;
+        let seqs = req.seqs.clone();
+        let shared = s.clone();
+        let freed = tokio::task::spawn_blocking(move || {
+            let freed = engine.free(&seqs);
+            shared.publish_cache(engine.cache_usage());
+            freed
+        })
+        .await
+        .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?;
+        let _ = s
+            .cached_positions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(freed as u64)));
+        debug!(seqs = ?req.seqs, freed, "freed");
+    }
+    if let Some(next) = &s.next {
+        next.free(req).await?;
+    }
+    Ok(FreeResponse {})
 }

@@ -126,6 +126,30 @@ async fn free_then_prefill_again() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_whose_caller_stops_waiting_still_frees_every_worker() -> Result<()> {
+    let chain = Chain::start().await?;
+    let prompts = prompts(&chain.tokenizer)?;
+    let mut c = chain.entry();
+    step(&mut c, 1, vec![chunk(6, 0, &prompts[0], Some(greedy()))]).await?;
+    // The caller's deadline passes while the free is on its way down the chain: the server cancels its handler.
+    let mut req = tonic::Request::new(pipemoe_worker::proto::FreeRequest { seqs: vec![6] });
+    req.set_timeout(std::time::Duration::from_micros(1));
+    let _ = c.free(req).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for rank in 0..3 {
+        loop {
+            let used = health(&mut chain.clients[rank].clone()).await?.kv_used_positions;
+            if used == 0 {
+                break;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "worker {rank} still caches {used} positions");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    chain.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_agree_with_greedy() -> Result<()> {
     let chain = Chain::start().await?;
     let prompts = prompts(&chain.tokenizer)?;
