@@ -17,7 +17,8 @@ failed=0
 run() {  # name, command...
     local name=$1; shift
     local start=$SECONDS
-    if "$@" > "$logs/$name.log" 2>&1 && ! grep -q 'SKIPPED' "$logs/$name.log"; then
+    # One binary may take at most 5 minutes: a hang costs that, not the whole call.
+    if timeout 300 "$@" > "$logs/$name.log" 2>&1 && ! grep -q 'SKIPPED' "$logs/$name.log"; then
         printf '%-22s ok      %4ds  %s\n' "$name" $((SECONDS - start)) "$(grep -h 'test result' "$logs/$name.log" | tail -1)"
     else
         failed=1
