@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row,
-    SeqId, SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, SeqId,
+    SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -92,7 +92,13 @@ impl CudaBackend {
     }
 
     /// An f32 sum as a tensor in `dtype`.
-    pub(crate) fn from_f32_sum(&self, sum: CudaSlice<f32>, rows: usize, cols: usize, dtype: ActDtype) -> MResult<GpuTensor> {
+    pub(crate) fn from_f32_sum(
+        &self,
+        sum: CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        dtype: ActDtype,
+    ) -> MResult<GpuTensor> {
         let data = match dtype {
             ActDtype::F32 => Act::F32(sum),
             ActDtype::Bf16 => {
@@ -183,7 +189,9 @@ impl Backend for CudaBackend {
     fn load_linear(&self, w: HostLinear) -> MResult<GpuWeight> {
         let (out_features, in_features) = (w.out_features(), w.in_features());
         let kind = match w {
-            HostLinear::Dense { data, .. } => GpuWeightKind::Dense(Act::from_f32(&self.gpu, self.act, &data).map_err(m)?),
+            HostLinear::Dense { data, .. } => {
+                GpuWeightKind::Dense(Act::from_f32(&self.gpu, self.act, &data).map_err(m)?)
+            }
             // bf16 activations read the tensor-core layout where the shape allows; f32 keeps the exact scalar path.
             HostLinear::Gptq(g) => GpuWeightKind::Gptq(
                 match self.act {
@@ -263,7 +271,8 @@ impl Backend for CudaBackend {
                 // count depends on the batch (the tensor-core kernel's shared memory grows with it), so 16 and 1
                 // do not bound, e.g., 12 rows.
                 let sizes = [MAX_BATCH.min(rows), rows % MAX_BATCH];
-                let need = sizes.iter().filter(|&&nb| nb > 0).map(|&nb| g.scratch_len(&self.gpu, nb)).max().unwrap_or(1);
+                let need =
+                    sizes.iter().filter(|&&nb| nb > 0).map(|&nb| g.scratch_len(&self.gpu, nb)).max().unwrap_or(1);
                 let mut partial = self.zeros(need)?;
                 for r0 in (0..rows).step_by(MAX_BATCH) {
                     let nb = MAX_BATCH.min(rows - r0);
@@ -424,7 +433,10 @@ impl Backend for CudaBackend {
             return Err(shape("route", "the router is quantized".into()));
         };
         if x.cols != gate.in_features || gate.out_features != dims.n_experts {
-            return Err(shape("route", format!("[{}, {}] through a router of {} experts", x.rows, x.cols, dims.n_experts)));
+            return Err(shape(
+                "route",
+                format!("[{}, {}] through a router of {} experts", x.rows, x.cols, dims.n_experts),
+            ));
         }
         // Logits in f32 (HF applies the router in f32); the choice on the device.
         let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
@@ -460,7 +472,6 @@ impl Backend for CudaBackend {
     fn sample(&self, logits: &GpuTensor, rows: &mut [SampleRow<'_>]) -> MResult<Vec<SampledToken>> {
         crate::sample::sample_rows(self, logits, rows)
     }
-
 }
 
 impl CudaBackend {

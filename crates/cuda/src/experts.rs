@@ -27,7 +27,13 @@ fn tile_rows(packing: Packing) -> usize {
 
 /// One grouped launch's shape for matrices like `w` over `tiles` tiles of `mb` rows, `mats` matrices side by
 /// side: (kernel, rows of K per split, splits, blocks along x, shared memory bytes).
-fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usize) -> (String, usize, usize, usize, u32) {
+fn launch_shape(
+    b: &CudaBackend,
+    w: &GpuGptq,
+    mb: usize,
+    tiles: usize,
+    mats: usize,
+) -> (String, usize, usize, usize, u32) {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
         Packing::Gptq => {
@@ -179,7 +185,8 @@ impl CudaBackend {
         };
         let mb = bucket(x.rows).min(tile_rows(gate0.packing));
         let dtype = x.data.dtype();
-        let mut out = GpuTensor { rows: x.rows, cols: x.cols, data: Act::zeros(&self.gpu, dtype, x.rows * x.cols).map_err(m)? };
+        let mut out =
+            GpuTensor { rows: x.rows, cols: x.cols, data: Act::zeros(&self.gpu, dtype, x.rows * x.cols).map_err(m)? };
         // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
         // has `pairs` tiles and blocks past the real count return at once.
         let pairs = x.rows * r.top_k;

@@ -106,11 +106,8 @@ impl GpuGptq {
             let p: Vec<i32> = order.iter().map(|&r| r as i32).collect();
             Some(s.clone_htod(&p).map_err(drv("upload g_idx order"))?)
         };
-        let packing = if tensor_cores && crate::mma::eligible(l.bits.get(), k, n, gs) {
-            Packing::Mma
-        } else {
-            Packing::Gptq
-        };
+        let packing =
+            if tensor_cores && crate::mma::eligible(l.bits.get(), k, n, gs) { Packing::Mma } else { Packing::Gptq };
         let qweight = match packing {
             Packing::Mma => crate::mma::repack(&qweight, l.bits.get(), k, n),
             Packing::Gptq => qweight,

@@ -63,7 +63,9 @@ impl Gpu {
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("cuDeviceGetAttribute"))? as u32;
         let smem_per_sm = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
             .map_err(drv("cuDeviceGetAttribute"))? as usize;
         // Every buffer of a `Gpu` is allocated, used and freed on its one stream, so cudarc's per-buffer events
         // (two per allocation, a record or wait per kernel argument: several driver calls per launch, most of a

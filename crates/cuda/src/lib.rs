@@ -12,16 +12,16 @@
 
 pub mod act;
 mod attention;
-pub mod experts;
 pub mod backend;
 pub mod cache;
 mod error;
+pub mod experts;
 pub mod gemm;
 pub mod gemv;
-pub mod mma;
 pub mod gpu;
 pub mod indexer;
 pub mod ipc;
+pub mod mma;
 pub mod nvrtc;
 pub mod route;
 pub mod sample;

@@ -164,7 +164,10 @@ pub(crate) fn gemv(
     let chunk = k_chunk(w, gpu, batch, bx);
     let splits = k.div_ceil(chunk);
     if partial.len() < splits * batch * n {
-        return Err(Error::Shape { what: "gemv scratch", reason: format!("{} < {}", partial.len(), splits * batch * n) });
+        return Err(Error::Shape {
+            what: "gemv scratch",
+            reason: format!("{} < {}", partial.len(), splits * batch * n),
+        });
     }
     let f = gpu.function(&format!("gptq_mma_gemv_w{}_b{}_bf16", w.bits, bucket(batch)))?;
     let cfg = LaunchConfig {
@@ -233,7 +236,11 @@ mod tests {
             assert_eq!(words.len(), packed.len(), "{bits}-bit: same bytes");
             for row in 0..k {
                 for col in 0..n {
-                    assert_eq!(unpack(&words, bits, k, col, row), u32::from(q[row * n + col]), "{bits}-bit ({row},{col})");
+                    assert_eq!(
+                        unpack(&words, bits, k, col, row),
+                        u32::from(q[row * n + col]),
+                        "{bits}-bit ({row},{col})"
+                    );
                 }
             }
         }

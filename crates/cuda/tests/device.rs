@@ -72,11 +72,15 @@ fn gptq_gemv_matches_the_cpu_reference() {
     for case in cases {
         let (k, n, bits, group, act, batch) = case;
         // (x, y, tensor cores, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs.
-        for (xd, yd, mma, tol) in
-            [(f32_, f32_, false, 1e-4), (bf16_, f32_, false, 1e-4), (bf16_, f32_, true, 1e-4), (bf16_, bf16_, true, 5e-3)]
-        {
+        for (xd, yd, mma, tol) in [
+            (f32_, f32_, false, 1e-4),
+            (bf16_, f32_, false, 1e-4),
+            (bf16_, f32_, true, 1e-4),
+            (bf16_, bf16_, true, 5e-3),
+        ] {
             let (err, packing) = gemv_case(&gpu, &mut rng, case, xd, yd, mma);
-            let what = format!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch} x {xd:?} y {yd:?} {packing:?}");
+            let what =
+                format!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch} x {xd:?} y {yd:?} {packing:?}");
             eprintln!("{what}: rel L2 {err:.2e}");
             assert!(err <= tol, "{what}: rel L2 {err:e} > {tol:e}");
         }

@@ -93,10 +93,8 @@ fn check(gpu: &Gpu, rng: &mut Rng, c: &Case) {
     let mut host = vec![0f32; c.x_offset];
     host.extend_from_slice(&x);
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
-    let label = format!(
-        "{}x{} w{} g{} act_order={} m {} x_offset {}",
-        c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset
-    );
+    let label =
+        format!("{}x{} w{} g{} act_order={} m {} x_offset {}", c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset);
     for dtype in [ActDtype::F32, ActDtype::Bf16] {
         for tile in [Some(GemmTile::M64), Some(GemmTile::M128), None] {
             let mut y = Act::from_f32(gpu, dtype, &vec![f32::NAN; c.m * c.n]).expect("y");
@@ -320,7 +318,16 @@ fn bench_gemm() {
     println!("TFLOP/s (µs per call for the best mma tile)");
     println!(
         "{:<26} {:>5} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>8} {:>7}",
-        "shape (3-bit g128)", "m", "gptq64", "gptq128", "mma64", "mma128", "mma us", "gemv16", "auto", "cuBLAS",
+        "shape (3-bit g128)",
+        "m",
+        "gptq64",
+        "gptq128",
+        "mma64",
+        "mma128",
+        "mma us",
+        "gemv16",
+        "auto",
+        "cuBLAS",
         "mma %"
     );
     let mut rows = Vec::new();

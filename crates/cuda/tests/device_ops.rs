@@ -53,7 +53,10 @@ fn check(what: &str, act: ActDtype, got: &[f32], want: &[f32], exact: f64) {
 /// Both backends, in each activation dtype.
 fn backends() -> Vec<(ActDtype, CudaBackend)> {
     let gpu = CudaBackend::new(0).expect("cuda:0");
-    vec![(ActDtype::F32, gpu.clone().with_act_dtype(ActDtype::F32)), (ActDtype::Bf16, gpu.with_act_dtype(ActDtype::Bf16))]
+    vec![
+        (ActDtype::F32, gpu.clone().with_act_dtype(ActDtype::F32)),
+        (ActDtype::Bf16, gpu.with_act_dtype(ActDtype::Bf16)),
+    ]
 }
 
 fn up<B: Backend>(b: &B, rows: usize, cols: usize, v: &[f32]) -> B::Tensor {
@@ -79,13 +82,25 @@ fn elementwise_and_row_ops_match_the_cpu() {
             let (xc, xg) = (up(&cpu, rows, cols, &a), up(&gpu, rows, cols, &a));
             let (yc, yg) = (up(&cpu, rows, cols, &b), up(&gpu, rows, cols, &b));
             let want = cpu.download(&cpu.rms_norm(&xc, &wc, 1e-6).unwrap()).unwrap();
-            check(&format!("rms_norm {shape}"), act, &gpu.download(&gpu.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(), &want, 1e-4);
+            check(
+                &format!("rms_norm {shape}"),
+                act,
+                &gpu.download(&gpu.rms_norm(&xg, &wg, 1e-6).unwrap()).unwrap(),
+                &want,
+                1e-4,
+            );
             let want = cpu.download(&cpu.layer_norm(&xc, &wc, &bc, 1e-6).unwrap()).unwrap();
             let got = gpu.download(&gpu.layer_norm(&xg, &wg, &bg, 1e-6).unwrap()).unwrap();
             check(&format!("layer_norm {shape}"), act, &got, &want, 1e-4);
             // silu_mul, add, scale
             let want = cpu.download(&cpu.silu_mul(&xc, &yc).unwrap()).unwrap();
-            check(&format!("silu_mul {shape}"), act, &gpu.download(&gpu.silu_mul(&xg, &yg).unwrap()).unwrap(), &want, 1e-5);
+            check(
+                &format!("silu_mul {shape}"),
+                act,
+                &gpu.download(&gpu.silu_mul(&xg, &yg).unwrap()).unwrap(),
+                &want,
+                1e-5,
+            );
             let (mut sc, mut sg) = (up(&cpu, rows, cols, &a), up(&gpu, rows, cols, &a));
             cpu.add_assign(&mut sc, &yc).unwrap();
             gpu.add_assign(&mut sg, &yg).unwrap();
@@ -171,7 +186,9 @@ fn the_router_matches_the_cpu() {
     let cpu = CpuBackend::F32;
     let mut rng = Rng::new(23);
     for (act, gpu) in backends() {
-        for (hidden, dims) in [(64, router_dims(16, 4, 4, 2)), (7168, router_dims(256, 8, 8, 4)), (7168, router_dims(128, 8, 8, 4))] {
+        for (hidden, dims) in
+            [(64, router_dims(16, 4, 4, 2)), (7168, router_dims(256, 8, 8, 4)), (7168, router_dims(128, 8, 8, 4))]
+        {
             let gate = dense(&mut rng, dims.n_experts, hidden);
             let bias = values(&mut rng, dims.n_experts, 0.01);
             let (gc, gg) = (cpu.load_linear(gate.clone()).unwrap(), gpu.load_linear(gate).unwrap());
@@ -308,11 +325,17 @@ fn bench_experts() {
     let hs: Vec<[HostLinear; 3]> = (0..count).map(|_| one[0].clone()).collect();
     let experts = load(&gpu, &hs, |_| true);
     let per_expert = match &one[0][0] {
-        HostLinear::Gptq(w) => 3 * (w.layout().in_features * w.layout().out_features * 3 / 8 + w.layout().n_groups() * w.layout().out_features * 2 * 2),
+        HostLinear::Gptq(w) => {
+            3 * (w.layout().in_features * w.layout().out_features * 3 / 8
+                + w.layout().n_groups() * w.layout().out_features * 2 * 2)
+        }
         HostLinear::Dense { .. } => 0,
     };
     println!("{} — streaming read ceiling {ceiling:.0} GB/s", g.describe());
-    println!("{:<34} {:>5} {:>9} {:>9} {:>9} {:>8}", "routed experts (3-bit g128)", "batch", "MB", "us", "GB/s", "ceiling");
+    println!(
+        "{:<34} {:>5} {:>9} {:>9} {:>9} {:>8}",
+        "routed experts (3-bit g128)", "batch", "MB", "us", "GB/s", "ceiling"
+    );
     let mut rows_json = vec![format!("{{\"op\":\"stream_read\",\"gbps\":{ceiling:.1}}}")];
     for batch in [1usize, 4, 16] {
         let routes: Vec<GpuRoutes> = (0..8)

@@ -215,7 +215,8 @@ fn bf16_prefill_in_one_step_matches_chunks_of_16() {
         let (a, b, c, d) =
             (rel_l2(&whole, &chunks), rel_l2(&whole, &exact), rel_l2(&chunks, &exact), rel_l2(&exact, &want));
         let v = cfg.vocab_size;
-        let mut per: Vec<f64> = (0..n).map(|i| rel_l2(&whole[i * v..(i + 1) * v], &exact[i * v..(i + 1) * v])).collect();
+        let mut per: Vec<f64> =
+            (0..n).map(|i| rel_l2(&whole[i * v..(i + 1) * v], &exact[i * v..(i + 1) * v])).collect();
         per.sort_by(f64::total_cmp);
         eprintln!(
             "{name}, {n} tokens: bf16 one step vs chunks {a:.2e}; vs f32: one step {b:.2e}, chunks {c:.2e}; f32 vs HF \

@@ -214,8 +214,13 @@ pub trait Backend: Send + Sync {
     type Experts: Send + Sync;
 
     /// Router scores in f32 with the correction bias for selection only (MODEL_SPEC §2.7).
-    fn route(&self, x: &Self::Tensor, gate: &Self::Weight, bias: &Self::Vector, dims: &RouterDims)
-    -> Result<Self::Routes>;
+    fn route(
+        &self,
+        x: &Self::Tensor,
+        gate: &Self::Weight,
+        bias: &Self::Vector,
+        dims: &RouterDims,
+    ) -> Result<Self::Routes>;
     /// The routing as host vectors (tests, diagnostics).
     fn routes_to_host(&self, routes: &Self::Routes) -> Result<Routing>;
     /// Takes one layer's routed experts, indexed by expert id (`None` for those another slice holds).

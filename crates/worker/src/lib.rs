@@ -21,8 +21,8 @@ mod service;
 pub mod step;
 
 pub use config::{Device, Listen, WorkerArgs, WorkerConfig};
-pub use memory::MemoryPlan;
 pub use error::{Error, Result};
+pub use memory::MemoryPlan;
 /// The generated protocol, so callers (the controller, tests) need no direct dependency on `pipemoe-proto`.
 pub use pipemoe_proto::worker_v1 as proto;
 pub use server::{WorkerHandle, init_logging, run, start};

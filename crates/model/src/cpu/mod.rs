@@ -13,8 +13,7 @@ pub mod kernels;
 mod moe;
 
 use crate::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row,
-    SeqId,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, SeqId,
 };
 use crate::rope::rotate;
 use crate::{Error, Result};
