@@ -65,6 +65,24 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
+// A warp's accumulators (WM m16 tiles × 4 n8 tiles of mma.m16n8k16) into y [M, N], rows and columns past the
+// matrix skipped (columns come in pairs: N is even).
+template <int WM, typename OUT>
+__device__ __forceinline__ void store_tile(OUT* y, const float (&acc)[WM][4][4], int m0, int n0, int M, int N,
+                                           int wm, int wn, int lane) {
+#pragma unroll
+    for (int i = 0; i < WM; i++) {
+        const int row = m0 + wm * 16 * WM + i * 16 + (lane >> 2);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int col = n0 + wn * 32 + j * 8 + (lane & 3) * 2;
+            if (col >= N) continue;
+            if (row < M) store2(y + (size_t)row * N + col, acc[i][j][0], acc[i][j][1]);
+            if (row + 8 < M) store2(y + (size_t)(row + 8) * N + col, acc[i][j][2], acc[i][j][3]);
+        }
+    }
+}
+
 struct GemmArgs {
     const __nv_bfloat16* x;  // [M, K]
     const u32* qweight;      // [K*BITS/32, N]
@@ -217,17 +235,7 @@ __device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int i = 0; i < WM; i++) {
-        const int row = a.m0 + wm * 16 * WM + i * 16 + (lane >> 2);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int col = a.n0 + wn * 32 + j * 8 + (lane & 3) * 2;  // even, and N is a multiple of 8
-            if (col >= a.N) continue;
-            if (row < a.M) store2(y + (size_t)row * a.N + col, acc[i][j][0], acc[i][j][1]);
-            if (row + 8 < a.M) store2(y + (size_t)(row + 8) * a.N + col, acc[i][j][2], acc[i][j][3]);
-        }
-    }
+    store_tile<WM>(y, acc, a.m0, a.n0, a.M, a.N, wm, wn, lane);
 }
 
 #define GEMM_T(BITS, BM, OUT, NAME)                                                                              \
@@ -468,17 +476,7 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int i = 0; i < WM; i++) {
-        const int row = a.m0 + wm * 16 * WM + i * 16 + (lane >> 2);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int col = a.n0 + wn * 32 + j * 8 + (lane & 3) * 2;  // even, and N is a multiple of 16
-            if (col >= a.N) continue;
-            if (row < a.M) store2(y + (size_t)row * a.N + col, acc[i][j][0], acc[i][j][1]);
-            if (row + 8 < a.M) store2(y + (size_t)(row + 8) * a.N + col, acc[i][j][2], acc[i][j][3]);
-        }
-    }
+    store_tile<WM>(y, acc, a.m0, a.n0, a.M, a.N, wm, wn, lane);
 }
 
 #define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \

@@ -92,7 +92,7 @@ impl CudaBackend {
     }
 
     /// An f32 sum as a tensor in `dtype`.
-    pub(crate) fn from_f32_sum(
+    pub(crate) fn tensor_from_f32_sum(
         &self,
         sum: CudaSlice<f32>,
         rows: usize,

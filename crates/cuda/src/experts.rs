@@ -284,6 +284,6 @@ impl CudaBackend {
             // SAFETY: matches scatter_add_scaled_*; every index is a row of `sum`.
             unsafe { l.launch(grid(rows.len() * x.cols, 256)) }.map_err(md("scatter_add"))?;
         }
-        self.from_f32_sum(sum, x.rows, x.cols, x.data.dtype())
+        self.tensor_from_f32_sum(sum, x.rows, x.cols, x.data.dtype())
     }
 }

@@ -3,11 +3,11 @@
 //! At upload, a checkpoint's `g_idx` (act-order) is folded away: input rows are reordered so that groups are
 //! contiguous (row r in group r / group_size), and the kernel gathers x through the same permutation.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
-use crate::act::{ActView, ActViewMut};
+use crate::act::{ActDtype, ActView, ActViewMut};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
 
@@ -161,30 +161,22 @@ impl GpuGptq {
         partial: &mut CudaSlice<f32>,
         y: &mut ActViewMut<'_>,
     ) -> Result<()> {
-        if self.packing == Packing::Mma {
-            return crate::mma::gemv(self, gpu, x, batch, partial, y);
-        }
-        let x_len = x.len();
         let (k, n) = (self.in_features, self.out_features);
-        if batch == 0 || batch > MAX_BATCH || x_len < batch * k || y.len() < batch * n {
-            return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {x_len} y {}", y.len()) });
+        if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
+            return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
         }
-        let chunk = self.k_chunk(gpu, batch);
-        let splits = k.div_ceil(chunk);
+        // The two kernels take the same arguments and leave the same partial sums; only the launch differs.
+        let (f, cfg, chunk) = match self.packing {
+            Packing::Gptq => self.scalar_launch(gpu, x.dtype(), batch)?,
+            Packing::Mma => crate::mma::launch(self, gpu, x.dtype(), batch)?,
+        };
+        let splits = cfg.grid_dim.1 as usize;
         if partial.len() < splits * batch * n {
             return Err(Error::Shape {
                 what: "gemv scratch",
                 reason: format!("{} < {}", partial.len(), splits * batch * n),
             });
         }
-        let mb = bucket(batch);
-        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_{}", self.bits, x.dtype().suffix()))?;
-        let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(THREADS as usize) as u32, splits as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (mb * (chunk + groups_in_chunk) * 4) as u32,
-        };
         let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, self.group_size as i32, chunk as i32);
         let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
@@ -195,7 +187,7 @@ impl GpuGptq {
         };
         launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(&mut *partial);
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
+        // SAFETY: argument order and types match gptq_gemv_w*_b*_* and gptq_mma_gemv_*; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
         let total = (batch * n) as u32;
         let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
@@ -203,9 +195,29 @@ impl GpuGptq {
         let s = splits as i32;
         let mut launch = gpu.stream.launch_builder(reduce);
         launch.arg(&*partial).arg(y).arg(&s).arg(&b).arg(&ni);
-        // SAFETY: as above, for gptq_reduce_f32.
+        // SAFETY: as above, for gptq_reduce_*.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
         Ok(())
+    }
+
+    /// The scalar kernel's launch for `batch` rows of `xd` inputs: (kernel, configuration, rows of K per split).
+    fn scalar_launch<'g>(
+        &self,
+        gpu: &'g Gpu,
+        xd: ActDtype,
+        batch: usize,
+    ) -> Result<(&'g CudaFunction, LaunchConfig, usize)> {
+        let (k, n) = (self.in_features, self.out_features);
+        let chunk = self.k_chunk(gpu, batch);
+        let mb = bucket(batch);
+        let f = gpu.function(&format!("gptq_gemv_w{}_b{mb}_{}", self.bits, xd.suffix()))?;
+        let groups_in_chunk = chunk.div_ceil(self.group_size.min(chunk));
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(THREADS as usize) as u32, k.div_ceil(chunk) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (mb * (chunk + groups_in_chunk) * 4) as u32,
+        };
+        Ok((f, cfg, chunk))
     }
 
     /// The whole matrix as f32 `[out, in]` in the checkpoint's row order (for attention's absorbed kv_b_proj).

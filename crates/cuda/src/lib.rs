@@ -25,6 +25,7 @@ pub mod mma;
 pub mod nvrtc;
 pub mod route;
 pub mod sample;
+pub mod timing;
 
 pub use act::{Act, ActDtype, ActView, ActViewMut};
 pub use backend::CudaBackend;

@@ -1,11 +1,11 @@
 //! The tensor-core GEMV (kernels/gptq_mma.cu): the repacking of GPTQ weights into per-lane `mma.m16n8k16`
 //! fragments at load, and its launches. Used for bf16 activations when the shape allows (`eligible`).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig};
 
-use crate::act::{ActDtype, ActView, ActViewMut};
-use crate::error::{Error, Result, drv};
-use crate::gemv::{GpuGptq, MAX_BATCH};
+use crate::act::ActDtype;
+use crate::error::{Error, Result};
+use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
 
 /// Rows of K per chunk (one scale per chunk: group sizes must be multiples of it).
@@ -144,58 +144,27 @@ pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
     w.in_features.div_ceil(k_chunk(w, gpu, batch, bx)) * batch * w.out_features
 }
 
-/// `y = x · Wᵀ` for `batch` ≤ 16 bf16 rows through the tensor cores; partial sums added by `gptq_reduce_*`.
-pub(crate) fn gemv(
+/// The tensor-core GEMV's launch for `batch` ≤ 16 rows of `xd` inputs (bf16 only): (kernel, configuration, rows of
+/// K per split). `GpuGptq::gemv` runs it with the scalar kernel's arguments and adds the splits.
+pub(crate) fn launch<'g>(
     w: &GpuGptq,
-    gpu: &Gpu,
-    x: &ActView<'_>,
+    gpu: &'g Gpu,
+    xd: ActDtype,
     batch: usize,
-    partial: &mut CudaSlice<f32>,
-    y: &mut ActViewMut<'_>,
-) -> Result<()> {
-    let (k, n) = (w.in_features, w.out_features);
-    if x.dtype() != ActDtype::Bf16 {
+) -> Result<(&'g CudaFunction, LaunchConfig, usize)> {
+    if xd != ActDtype::Bf16 {
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
-    if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
-        return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
-    }
+    let (k, n) = (w.in_features, w.out_features);
     let bx = n.div_ceil(BLOCK_COLS);
     let chunk = k_chunk(w, gpu, batch, bx);
-    let splits = k.div_ceil(chunk);
-    if partial.len() < splits * batch * n {
-        return Err(Error::Shape {
-            what: "gemv scratch",
-            reason: format!("{} < {}", partial.len(), splits * batch * n),
-        });
-    }
     let f = gpu.function(&format!("gptq_mma_gemv_w{}_b{}_bf16", w.bits, bucket(batch)))?;
     let cfg = LaunchConfig {
-        grid_dim: (bx as u32, splits as u32, 1),
+        grid_dim: (bx as u32, k.div_ceil(chunk) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem_bytes(w.bits, batch, chunk),
     };
-    let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, w.group_size as i32, chunk as i32);
-    let null: u64 = 0;
-    let mut l = gpu.stream.launch_builder(f);
-    l.arg(x);
-    match &w.perm {
-        Some(p) => l.arg(p),
-        None => l.arg(&null),
-    };
-    l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial);
-    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-    // SAFETY: argument order and types match gptq_mma_gemv_*; sizes checked above.
-    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
-    let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
-    let total = (batch * n) as u32;
-    let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let s = splits as i32;
-    let mut l = gpu.stream.launch_builder(reduce);
-    l.arg(&*partial).arg(y).arg(&s).arg(&b).arg(&ni);
-    // SAFETY: matches gptq_reduce_*.
-    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
-    Ok(())
+    Ok((f, cfg, chunk))
 }
 
 #[cfg(test)]

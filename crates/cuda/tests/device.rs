@@ -104,43 +104,14 @@ fn a_missing_device_is_an_error() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_gemv() {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
     if no_gpu() {
         return;
     }
     let gpu = Gpu::open(0).expect("gpu");
     let s = gpu.stream.clone();
-    let ctx = gpu.ctx.clone();
-    let time = |iters: usize, f: &mut dyn FnMut()| -> f64 {
-        for _ in 0..3 {
-            f();
-        }
-        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let a = ctx.new_event(timing).expect("event");
-        let b = ctx.new_event(timing).expect("event");
-        a.record(&s).expect("record");
-        for _ in 0..iters {
-            f();
-        }
-        b.record(&s).expect("record");
-        b.synchronize().expect("sync");
-        a.elapsed_ms(&b).expect("elapsed") as f64 / iters as f64 * 1e-3
-    };
-    // Ceiling: read 2 GiB once per call.
-    let n = 512usize << 20;
-    let buf = s.alloc_zeros::<u32>(n).expect("buffer");
-    let mut out = s.alloc_zeros::<f32>(1).expect("out");
-    let f = gpu.function("stream_read_u32").expect("kernel");
-    let n16 = (n / 4) as u64;
-    let secs = time(10, &mut || {
-        let cfg = LaunchConfig { grid_dim: (gpu.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        let mut l = s.launch_builder(f);
-        l.arg(&buf).arg(&n16).arg(&mut out);
-        unsafe { l.launch(cfg) }.expect("launch");
-    });
-    let ceiling = (n * 4) as f64 / secs / 1e9;
-    let mut rows =
-        vec![format!("{{\"op\":\"stream_read\",\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{ceiling:.1}}}", n * 4)];
+    let (ceiling, n) = read_ceiling_gbps(&gpu);
+    let secs = n as f64 / ceiling / 1e9;
+    let mut rows = vec![format!("{{\"op\":\"stream_read\",\"bytes\":{n},\"seconds\":{secs:e},\"gbps\":{ceiling:.1}}}")];
     println!("{} — streaming read ceiling {ceiling:.0} GB/s", gpu.describe());
     println!(
         "{:<28} {:<5} {:>5} {:>10} {:>10} {:>9} {:>8}",
@@ -165,7 +136,7 @@ fn bench_gemv() {
                 let mut partial = s.alloc_zeros::<f32>(one.scratch_len(&gpu, batch)).expect("scratch");
                 let mut y = Act::zeros(&gpu, ActDtype::Bf16, batch * nn).expect("y");
                 let mut i = 0;
-                let secs = time(40, &mut || {
+                let secs = time(&gpu, 40, &mut |_| {
                     let (xv, mut yv) = (x.view(0, batch * k), y.view_mut(0, batch * nn));
                     ws[i % copies].gemv(&gpu, &xv, batch, &mut partial, &mut yv).expect("gemv");
                     i += 1;

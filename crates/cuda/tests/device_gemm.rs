@@ -95,6 +95,25 @@ fn check(gpu: &Gpu, rng: &mut Rng, c: &Case) {
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
     let label =
         format!("{}x{} w{} g{} act_order={} m {} x_offset {}", c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset);
+    each_output(gpu, &g, c, &xd, &label, &mut |dtype, tile, got| {
+        let (e_exact, e_rounded) = (rel_l2(got, &exact), rel_l2(got, &rounded));
+        let (tol_exact, tol_rounded) = match dtype {
+            ActDtype::F32 => (4e-3, 5e-4),
+            ActDtype::Bf16 => (6e-3, 5e-4 + 2f64.powi(-8)),
+        };
+        eprintln!(
+            "gemm {label} {tile} → {}: rel L2 {e_exact:.2e} (f32 weights), {e_rounded:.2e} (bf16 weights)",
+            dtype.suffix()
+        );
+        assert!(e_exact <= tol_exact, "{label} {tile} {dtype:?}: rel L2 {e_exact:e} vs f32 weights");
+        assert!(e_rounded <= tol_rounded, "{label} {tile} {dtype:?}: rel L2 {e_rounded:e} vs bf16 weights");
+    });
+}
+
+/// Runs the GEMM of `g` on `xd` (from `c.x_offset`) into f32 and bf16 outputs, with each tile height and the
+/// automatic choice, and hands each result (widened to f32) to `check` with the output dtype and tile name.
+/// Outputs start as NaN, so an element the kernel does not write fails.
+fn each_output(gpu: &Gpu, g: &GpuGptq, c: &Case, xd: &Act, label: &str, check: &mut dyn FnMut(ActDtype, &str, &[f32])) {
     for dtype in [ActDtype::F32, ActDtype::Bf16] {
         for tile in [Some(GemmTile::M64), Some(GemmTile::M128), None] {
             let mut y = Act::from_f32(gpu, dtype, &vec![f32::NAN; c.m * c.n]).expect("y");
@@ -108,18 +127,8 @@ fn check(gpu: &Gpu, rng: &mut Rng, c: &Case) {
                 .unwrap_or_else(|e| panic!("{label}: {e}"));
             }
             let got = y.to_f32(gpu, c.m * c.n).expect("download");
-            let (e_exact, e_rounded) = (rel_l2(&got, &exact), rel_l2(&got, &rounded));
-            let (tol_exact, tol_rounded) = match dtype {
-                ActDtype::F32 => (4e-3, 5e-4),
-                ActDtype::Bf16 => (6e-3, 5e-4 + 2f64.powi(-8)),
-            };
             let tile = tile.map_or_else(|| format!("auto {:?}", g.gemm_tile(gpu, c.m)), |t| format!("{t:?}"));
-            eprintln!(
-                "gemm {label} {tile} → {}: rel L2 {e_exact:.2e} (f32 weights), {e_rounded:.2e} (bf16 weights)",
-                dtype.suffix()
-            );
-            assert!(e_exact <= tol_exact, "{label} {tile} {dtype:?}: rel L2 {e_exact:e} vs f32 weights");
-            assert!(e_rounded <= tol_rounded, "{label} {tile} {dtype:?}: rel L2 {e_rounded:e} vs bf16 weights");
+            check(dtype, &tile, &got);
         }
     }
 }
@@ -198,29 +207,15 @@ fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case) {
     let mut host = vec![0f32; c.x_offset];
     host.extend_from_slice(&x);
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
-    for dtype in [ActDtype::F32, ActDtype::Bf16] {
-        for tile in [Some(GemmTile::M64), Some(GemmTile::M128), None] {
-            let mut y = Act::from_f32(gpu, dtype, &vec![f32::NAN; c.m * c.n]).expect("y");
-            {
-                let xv = xd.view(c.x_offset, c.m * c.k);
-                let mut yv = y.view_mut(0, c.m * c.n);
-                match tile {
-                    Some(t) => g.gemm_tiled(gpu, &xv, c.m, &mut yv, t),
-                    None => g.gemm(gpu, &xv, c.m, &mut yv),
-                }
-                .unwrap_or_else(|e| panic!("{label}: {e}"));
-            }
-            let got = y.to_f32(gpu, c.m * c.n).expect("download");
-            let err = rel_l2(&got, &exact);
-            let tol = match dtype {
-                ActDtype::F32 => 1e-4,
-                ActDtype::Bf16 => 1e-4 + 2f64.powi(-8),
-            };
-            let tile = tile.map_or_else(|| format!("auto {:?}", g.gemm_tile(gpu, c.m)), |t| format!("{t:?}"));
-            eprintln!("gemm {label} {tile} → {}: rel L2 {err:.2e} (exact weights)", dtype.suffix());
-            assert!(err <= tol, "{label} {tile} {dtype:?}: rel L2 {err:e} vs exact weights (allowed {tol:e})");
-        }
-    }
+    each_output(gpu, &g, c, &xd, &label, &mut |dtype, tile, got| {
+        let err = rel_l2(got, &exact);
+        let tol = match dtype {
+            ActDtype::F32 => 1e-4,
+            ActDtype::Bf16 => 1e-4 + 2f64.powi(-8),
+        };
+        eprintln!("gemm {label} {tile} → {}: rel L2 {err:.2e} (exact weights)", dtype.suffix());
+        assert!(err <= tol, "{label} {tile} {dtype:?}: rel L2 {err:e} vs exact weights (allowed {tol:e})");
+    });
 }
 
 #[test]
@@ -262,32 +257,6 @@ fn mma_gemm_at_the_real_shapes() {
     }
 }
 
-/// Mean seconds per call of `f` over `iters` calls (after warm-up), timed with CUDA events on the GPU's stream.
-fn seconds_per_call(gpu: &Gpu, iters: usize, f: &mut dyn FnMut()) -> f64 {
-    for _ in 0..3 {
-        f();
-    }
-    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let a = gpu.ctx.new_event(timing).expect("event");
-    let b = gpu.ctx.new_event(timing).expect("event");
-    a.record(&gpu.stream).expect("record");
-    for _ in 0..iters {
-        f();
-    }
-    b.record(&gpu.stream).expect("record");
-    b.synchronize().expect("sync");
-    a.elapsed_ms(&b).expect("elapsed") as f64 / iters as f64 * 1e-3
-}
-
-/// cuBLAS on the GPU's stream, or why not.
-fn cublas(gpu: &Gpu) -> Result<cudarc::cublas::CudaBlas, String> {
-    // SAFETY: only dlopens the library and checks a symbol.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err("libcublas.so was not found (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)".into());
-    }
-    cudarc::cublas::CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
-}
-
 /// `PIPEMOE_BENCH_OUT=… device_gemm --ignored bench_gemm --nocapture` on the GPU machine: the GEMM (3-bit,
 /// group 128, bf16 out) at prefill shapes over both packings (checkpoint: `gptq`, tensor-core layout: `mma`) with
 /// both tile heights, in TFLOP/s next to cuBLAS's bf16 GEMM on the same shape (dense bf16 weights, f32 compute)
@@ -302,7 +271,7 @@ fn bench_gemm() {
     }
     let gpu = Gpu::open(0).expect("gpu");
     let s = gpu.stream.clone();
-    let blas = cublas(&gpu);
+    let blas = pipemoe_cuda::timing::cublas(&gpu);
     if let Err(why) = &blas {
         eprintln!("no cuBLAS ceiling: {why}");
     }
@@ -356,7 +325,7 @@ fn bench_gemm() {
             let flop = 2.0 * (m * n * k) as f64;
             let iters = (2e12 / flop).clamp(5.0, 50.0) as usize;
             let mut time_tile = |w: &GpuGptq, tile: GemmTile| -> f64 {
-                seconds_per_call(&gpu, iters, &mut || {
+                time(&gpu, iters, &mut |_| {
                     let xv = pipemoe_cuda::ActView::Bf16(x.slice(0..m * k));
                     let mut yv = pipemoe_cuda::ActViewMut::Bf16(y.slice_mut(0..m * n));
                     w.gemm_tiled(&gpu, &xv, m, &mut yv, tile).expect("gemm");
@@ -368,7 +337,7 @@ fn bench_gemm() {
                 time_tile(&gm, GemmTile::M64),
                 time_tile(&gm, GemmTile::M128),
             ];
-            let gemv16 = seconds_per_call(&gpu, iters.div_ceil(4), &mut || {
+            let gemv16 = time(&gpu, iters.div_ceil(4), &mut |_| {
                 for r0 in (0..m).step_by(16) {
                     let xv = pipemoe_cuda::ActView::Bf16(x.slice(r0 * k..(r0 + 16) * k));
                     let mut yv = pipemoe_cuda::ActViewMut::Bf16(y.slice_mut(r0 * n..(r0 + 16) * n));
@@ -390,7 +359,7 @@ fn bench_gemm() {
                     beta: bf16::ZERO,
                     ldc: n as i32,
                 };
-                let secs = seconds_per_call(&gpu, iters, &mut || {
+                let secs = time(&gpu, iters, &mut |_| {
                     let xv = x.slice(0..m * k);
                     let mut yv = y.slice_mut(0..m * n);
                     // SAFETY: dense is [n, k], x holds m·k and y m·n elements, as the leading dimensions say.

@@ -262,7 +262,7 @@ fn grouped_experts_match_the_cpu() {
         let hs = host_experts(&mut rng, count, hidden, inter, bits);
         // All held, and a slice holding half (the other half's slots are skipped).
         for half in [false, true] {
-            let held = |i: usize| !half || i % 2 == 0;
+            let held = |i: usize| !half || i.is_multiple_of(2);
             let ec = load(&cpu, &hs, held);
             for (act, gpu) in backends() {
                 let eg = load(&gpu, &hs, held);
@@ -286,39 +286,12 @@ fn grouped_experts_match_the_cpu() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_experts() {
-    use cudarc::driver::{LaunchConfig, PushKernelArg};
     if no_gpu() {
         return;
     }
     let gpu = CudaBackend::new(0).expect("cuda:0");
     let g = gpu.gpu.clone();
-    let s = g.stream.clone();
-    let time = |iters: usize, f: &mut dyn FnMut(usize)| -> f64 {
-        for i in 0..3 {
-            f(i);
-        }
-        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (a, b) = (g.ctx.new_event(timing).expect("event"), g.ctx.new_event(timing).expect("event"));
-        a.record(&s).expect("record");
-        for i in 0..iters {
-            f(i);
-        }
-        b.record(&s).expect("record");
-        b.synchronize().expect("sync");
-        a.elapsed_ms(&b).expect("elapsed") as f64 / iters as f64 * 1e-3
-    };
-    let n = 512usize << 20;
-    let buf = s.alloc_zeros::<u32>(n).expect("buffer");
-    let mut out = s.alloc_zeros::<f32>(1).expect("out");
-    let f = g.function("stream_read_u32").expect("kernel");
-    let n16 = (n / 4) as u64;
-    let secs = time(10, &mut |_| {
-        let cfg = LaunchConfig { grid_dim: (g.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-        let mut l = s.launch_builder(f);
-        l.arg(&buf).arg(&n16).arg(&mut out);
-        unsafe { l.launch(cfg) }.expect("launch");
-    });
-    let ceiling = (n * 4) as f64 / secs / 1e9;
+    let (ceiling, _) = read_ceiling_gbps(&g);
     let (count, hidden, inter, top_k) = (32usize, 7168usize, 2048usize, 8usize);
     let mut rng = Rng::new(31);
     let one = host_experts(&mut rng, 1, hidden, inter, 3);
@@ -349,7 +322,7 @@ fn bench_experts() {
         };
         let avg_experts = routes.iter().map(distinct).sum::<usize>() as f64 / routes.len() as f64;
         let x = up(&gpu, batch, hidden, &values(&mut rng, batch * hidden, 1.0));
-        let secs = time(24, &mut |i| {
+        let secs = time(&g, 24, &mut |i| {
             gpu.experts(&x, &experts, &routes[i % routes.len()]).expect("experts");
         });
         let bytes = avg_experts * per_expert as f64;

@@ -45,6 +45,17 @@ fn golden(dir: &std::path::Path) -> Vec<(Vec<u32>, Vec<f32>, Vec<u32>)> {
         .collect()
 }
 
+/// Every fixture with golden outputs, in name order.
+fn fixture_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
+        .expect("data/models")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("golden.safetensors").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 fn argmax(v: &[f32]) -> u32 {
     (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap_or(0) as u32
 }
@@ -55,12 +66,7 @@ fn fixture_logits_match_transformers_on_the_gpu() {
         return;
     }
     let gpu = CudaBackend::new(0).expect("gpu");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
-        .expect("data/models")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("golden.safetensors").exists())
-        .collect();
-    dirs.sort();
+    let dirs = fixture_dirs();
     assert!(dirs.len() >= 6, "{dirs:?}");
     for (act, dir) in [ActDtype::F32, ActDtype::Bf16].into_iter().flat_map(|a| dirs.iter().map(move |d| (a, d))) {
         let backend = gpu.clone().with_act_dtype(act);
@@ -68,7 +74,7 @@ fn fixture_logits_match_transformers_on_the_gpu() {
         let mut stage = Stage::open(backend, dir, SliceSpec::full(&cfg)).expect("loads on the GPU");
         let vocab = cfg.vocab_size;
         let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        for (i, (ids, want, greedy)) in golden(&dir).into_iter().enumerate() {
+        for (i, (ids, want, greedy)) in golden(dir).into_iter().enumerate() {
             let seq = i as u64;
             let rows: Vec<Row> = (0..ids.len()).map(|pos| Row { seq, pos }).collect();
             let h = stage.forward(&rows, StageInput::Tokens(&ids)).expect("forward");
@@ -187,12 +193,7 @@ fn bf16_prefill_in_one_step_matches_chunks_of_16() {
         return;
     }
     let gpu = CudaBackend::new(0).expect("gpu");
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(models())
-        .expect("data/models")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("golden.safetensors").exists())
-        .collect();
-    dirs.sort();
+    let dirs = fixture_dirs();
     let mut failed = Vec::new();
     for dir in &dirs {
         let cfg = ModelConfig::from_dir(dir).expect("config");

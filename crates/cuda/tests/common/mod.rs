@@ -86,3 +86,18 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
+
+/// Seconds per call of `f` (given the call's index) after 3 warm-up calls, over `iters` calls (CUDA events).
+pub fn time(gpu: &pipemoe_cuda::Gpu, iters: usize, f: &mut dyn FnMut(usize)) -> f64 {
+    pipemoe_cuda::timing::seconds_per_call(gpu, 3, iters, &mut |i| {
+        f(i);
+        Ok::<(), pipemoe_cuda::Error>(())
+    })
+    .expect("timing")
+}
+
+/// The streaming-read ceiling over 2 GiB in GB/s, and the bytes read.
+pub fn read_ceiling_gbps(gpu: &pipemoe_cuda::Gpu) -> (f64, usize) {
+    let (bps, bytes) = pipemoe_cuda::timing::read_ceiling(gpu, 2 << 30).expect("read ceiling");
+    (bps / 1e9, bytes)
+}

@@ -4,57 +4,21 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use pipemoe_cuda::Gpu;
 
-/// Seconds per call of `f`, from device events around `iters` calls after `warm` calls (the work may also wait
-/// on the host inside `f`; the events then measure wall time on the stream, which is what a step costs).
+pub use pipemoe_cuda::timing::cublas;
+
+/// Seconds per call of `f` after `warm` calls, over `iters` calls ([`pipemoe_cuda::timing::seconds_per_call`]).
 pub fn seconds_per_call(gpu: &Gpu, warm: usize, iters: usize, f: &mut dyn FnMut(usize) -> Result<()>) -> Result<f64> {
-    for i in 0..warm {
-        f(i)?;
-    }
-    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-    let a = gpu.ctx.new_event(timing).context("cuEventCreate")?;
-    let b = gpu.ctx.new_event(timing).context("cuEventCreate")?;
-    a.record(&gpu.stream).context("cuEventRecord")?;
-    for i in 0..iters {
-        f(warm + i)?;
-    }
-    b.record(&gpu.stream).context("cuEventRecord")?;
-    b.synchronize().context("cuEventSynchronize")?;
-    Ok(a.elapsed_ms(&b).context("cuEventElapsedTime")? as f64 * 1e-3 / iters.max(1) as f64)
+    pipemoe_cuda::timing::seconds_per_call(gpu, warm, iters, f)
 }
 
-/// Streaming-read bandwidth in bytes/s over `bytes` of device memory (at most what is free, less a margin).
+/// Streaming-read bandwidth in bytes/s over `bytes` of device memory, and the bytes read.
 pub fn stream_read(gpu: &Gpu, bytes: usize) -> Result<(f64, usize)> {
-    let (free, _) = gpu.ctx.mem_get_info().context("cuMemGetInfo")?;
-    let bytes = bytes.min(free.saturating_sub(4 << 30)).max(1 << 30) / 64 * 64;
-    let words = bytes / 4;
-    let s = &gpu.stream;
-    // Random-ish contents (never time on zeros, METHOD.md): one pass of a cheap fill kernel is not available
-    // here, so copy a 64 MiB random block across the buffer.
-    let block: Vec<u32> = (0..(16usize << 20)).map(|i| (i as u32).wrapping_mul(2_654_435_761)).collect();
-    let src = s.clone_htod(&block).context("upload")?;
-    let mut buf = s.alloc_zeros::<u32>(words).context("allocating the read-ceiling buffer")?;
-    for start in (0..words).step_by(block.len()) {
-        let n = block.len().min(words - start);
-        s.memcpy_dtod(&src.slice(0..n), &mut buf.slice_mut(start..start + n)).context("fill")?;
-    }
-    let mut out = s.alloc_zeros::<f32>(1).context("alloc")?;
-    let f = gpu.function("stream_read_u32")?;
-    let n16 = (words / 4) as u64;
-    let cfg = LaunchConfig { grid_dim: (gpu.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-    let secs = seconds_per_call(gpu, 2, 10, &mut |_| {
-        let mut l = s.launch_builder(f);
-        l.arg(&buf).arg(&n16).arg(&mut out);
-        // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
-        unsafe { l.launch(cfg) }.context("stream_read_u32")?;
-        Ok(())
-    })?;
-    Ok(((n16 * 16) as f64 / secs, (n16 * 16) as usize))
+    Ok(pipemoe_cuda::timing::read_ceiling(gpu, bytes)?)
 }
 
 /// One GEMM shape of a prefill chunk: `y [m, n] = x [m, k] · Wᵀ`, `count` times per layer.
@@ -69,15 +33,6 @@ impl Shape {
     pub fn flop(&self) -> f64 {
         2.0 * (self.m * self.k * self.n) as f64
     }
-}
-
-/// cuBLAS on the GPU's stream, or why not.
-pub fn cublas(gpu: &Gpu) -> std::result::Result<CudaBlas, String> {
-    // SAFETY: only dlopens the library and checks a symbol.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        return Err("libcublas.so was not found (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)".into());
-    }
-    CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
 }
 
 /// cuBLAS bf16 GEMM (f32 accumulation) seconds per call for each shape.

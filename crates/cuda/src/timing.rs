@@ -1,0 +1,71 @@
+//! Timing on the device and the ceilings benchmarks divide by, shared by the benchmark tests and `pipemoe bench`:
+//! seconds per call from CUDA events on the GPU's stream, the streaming-read bandwidth over a buffer in DRAM, and
+//! cuBLAS on the same stream (the compute ceiling).
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::error::{Error, drv};
+use crate::gpu::Gpu;
+
+/// Seconds per call of `f`, from device events around `iters` calls after `warm` calls (`f` gets the call's
+/// index; if it waits on the host, the events measure the stream's wall time, which is what a step costs).
+pub fn seconds_per_call<E: From<Error>>(
+    gpu: &Gpu,
+    warm: usize,
+    iters: usize,
+    f: &mut dyn FnMut(usize) -> Result<(), E>,
+) -> Result<f64, E> {
+    for i in 0..warm {
+        f(i)?;
+    }
+    let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let a = gpu.ctx.new_event(timing).map_err(drv("cuEventCreate"))?;
+    let b = gpu.ctx.new_event(timing).map_err(drv("cuEventCreate"))?;
+    a.record(&gpu.stream).map_err(drv("cuEventRecord"))?;
+    for i in 0..iters {
+        f(warm + i)?;
+    }
+    b.record(&gpu.stream).map_err(drv("cuEventRecord"))?;
+    b.synchronize().map_err(drv("cuEventSynchronize"))?;
+    let ms = a.elapsed_ms(&b).map_err(drv("cuEventElapsedTime"))?;
+    Ok(f64::from(ms) * 1e-3 / iters.max(1) as f64)
+}
+
+/// Streaming-read bandwidth (bytes/s) over about `bytes` of device memory (at most what is free, less a margin;
+/// at least 1 GiB so it comes from DRAM), and the bytes read.
+pub fn read_ceiling(gpu: &Gpu, bytes: usize) -> Result<(f64, usize), Error> {
+    let (free, _) = gpu.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
+    let bytes = bytes.min(free.saturating_sub(4 << 30)).max(1 << 30) / 64 * 64;
+    let words = bytes / 4;
+    let s = &gpu.stream;
+    // Never time on zeros (METHOD.md): a 64 MiB block of varied words copied across the buffer.
+    let block: Vec<u32> = (0..(16usize << 20)).map(|i| (i as u32).wrapping_mul(2_654_435_761)).collect();
+    let src = s.clone_htod(&block).map_err(drv("upload"))?;
+    let mut buf = s.alloc_zeros::<u32>(words).map_err(drv("allocating the read-ceiling buffer"))?;
+    for start in (0..words).step_by(block.len()) {
+        let n = block.len().min(words - start);
+        s.memcpy_dtod(&src.slice(0..n), &mut buf.slice_mut(start..start + n)).map_err(drv("fill"))?;
+    }
+    let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
+    let f = gpu.function("stream_read_u32")?;
+    let n16 = (words / 4) as u64;
+    let cfg = LaunchConfig { grid_dim: (gpu.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+    let secs = seconds_per_call(gpu, 2, 10, &mut |_| {
+        let mut l = s.launch_builder(f);
+        l.arg(&buf).arg(&n16).arg(&mut out);
+        // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
+        unsafe { l.launch(cfg) }.map_err(drv("stream_read_u32"))?;
+        Ok::<(), Error>(())
+    })?;
+    Ok(((n16 * 16) as f64 / secs, (n16 * 16) as usize))
+}
+
+/// cuBLAS on the GPU's stream, or why not.
+pub fn cublas(gpu: &Gpu) -> Result<CudaBlas, String> {
+    // SAFETY: only dlopens the library and checks a symbol.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err("libcublas.so was not found (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)".into());
+    }
+    CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
+}
