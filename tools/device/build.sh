@@ -2,7 +2,8 @@
 # Builds the device test binaries and the pipemoe binary here (the GPU machine has no Rust toolchain) and puts
 # them, stripped, in .device/ (ignored by git), which the device tool carries to the GPU machine.
 # Usage: tools/device/build.sh             the 7 device test binaries (~31 MB)
-#        tools/device/build.sh --pipemoe   pipemoe + the e2e tests instead (~37 MB; the GPU e2e tests, `pipemoe bench`)
+#        tools/device/build.sh --pipemoe   pipemoe + the e2e tests + golden_gpu instead (~51 MB; the GPU e2e tests,
+#                                          `pipemoe bench`, memcheck)
 # (The carried tree must stay under 64 MiB, hence two sets.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,14 +18,15 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' > /tmp/pipemoe-device-tests.txt
 mkdir -p .device
 rm -f .device/*
-[ "${1:-}" = "--pipemoe" ] && tests=()
+[ "${1:-}" = "--pipemoe" ] && tests=(golden_gpu)
 for t in "${tests[@]}"; do
     exe=$(awk -v t="$t" '$1 == t { print $2 }' /tmp/pipemoe-device-tests.txt)
     [ -n "$exe" ] || { echo "no test binary for $t" >&2; exit 1; }
     cp "$exe" ".device/$t" && strip ".device/$t"
 done
 if [ "${1:-}" = "--pipemoe" ]; then
-    cargo build -p pipemoe
+    # Release: `pipemoe bench` times the host side of every launch too (cudarc at opt-level 0 is not what ships).
+    cargo build --release -p pipemoe
     cargo test -p pipemoe --test e2e --no-run --message-format=json 2>/dev/null |
         python3 -c '
 import json, sys
@@ -32,7 +34,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "e2e":
         print(m["executable"])' > /tmp/pipemoe-e2e.txt
-    cp "$CARGO_TARGET_DIR/debug/pipemoe" .device/pipemoe && strip .device/pipemoe
+    cp "$CARGO_TARGET_DIR/release/pipemoe" .device/pipemoe && strip .device/pipemoe
     cp "$(cat /tmp/pipemoe-e2e.txt)" .device/e2e && strip .device/e2e
 fi
 du -sh .device

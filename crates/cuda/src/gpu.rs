@@ -39,8 +39,8 @@ pub struct Gpu {
     pub sm_count: u32,
     /// Shared memory one multiprocessor holds (bytes): 100 KiB on an RTX 3090, 228 KiB on an H200.
     pub smem_per_sm: usize,
-    /// One module per kernel source file (`nvrtc::KERNELS`).
-    modules: Vec<Arc<CudaModule>>,
+    /// One module per kernel source file (`nvrtc::KERNELS`), with its cubin to find which file defines a symbol.
+    modules: Vec<(Arc<CudaModule>, Vec<u8>)>,
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
     /// bounded set), so `function` can hand out plain references without holding the lock.
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
@@ -77,7 +77,8 @@ impl Gpu {
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {
             let cubin = nvrtc::cubin(file, source, &arch)?;
-            modules.push(ctx.load_module(Ptx::from_binary(cubin)).map_err(drv("cuModuleLoadData"))?);
+            let module = ctx.load_module(Ptx::from_binary(cubin.clone())).map_err(drv("cuModuleLoadData"))?;
+            modules.push((module, cubin));
         }
         Ok(Gpu { ctx, stream, arch, name, sm_count, smem_per_sm, modules, functions: Mutex::new(HashMap::new()) })
     }
@@ -88,11 +89,14 @@ impl Gpu {
         if let Some(f) = found.get(symbol) {
             return Ok(f);
         }
-        let f = self
+        // Asking each module in turn would leave a failed driver call (CUDA_ERROR_NOT_FOUND) per miss, which
+        // compute-sanitizer reports as errors; the cubin's string table says which module to ask.
+        let (module, _) = self
             .modules
             .iter()
-            .find_map(|m| m.load_function(symbol).ok())
+            .find(|(_, cubin)| defines(cubin, symbol))
             .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
+        let f = module.load_function(symbol).map_err(drv("cuModuleGetFunction"))?;
         let f: &'static CudaFunction = Box::leak(Box::new(f));
         found.insert(symbol.to_string(), f);
         Ok(f)
@@ -100,5 +104,29 @@ impl Gpu {
 
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch, self.sm_count)
+    }
+}
+
+/// Whether an ELF cubin names `symbol`: its string table holds each kernel's name (and `.text.<name>`,
+/// `.nv.info.<name>`), NUL-terminated and preceded by a NUL or a dot, so `x_foo` does not match `foo`.
+fn defines(cubin: &[u8], symbol: &str) -> bool {
+    let name = symbol.as_bytes();
+    cubin
+        .windows(name.len() + 2)
+        .any(|w| matches!(w[0], 0 | b'.') && &w[1..=name.len()] == name && w[name.len() + 1] == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::defines;
+
+    #[test]
+    fn a_symbol_is_found_only_as_a_whole_name() {
+        let table = b"\0.text.gptq_reduce_f32\0x_embed_bf16\0rms_norm_f32\0";
+        assert!(defines(table, "gptq_reduce_f32"));
+        assert!(defines(table, "rms_norm_f32"));
+        assert!(!defines(table, "embed_bf16"), "a suffix of another name");
+        assert!(!defines(table, "gptq_reduce"), "a prefix of another name");
+        assert!(!defines(table, "rms_norm_bf16"));
     }
 }
