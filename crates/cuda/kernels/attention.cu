@@ -16,9 +16,14 @@
 #define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
 #define MLA_HEADS 8        // heads per attention block, one warp each
 #define MLA_TILE 32        // keys per tile, one lane each while scoring
+#define MLA_MAX_ROPE 64    // k_pe width the flash kernel loads (two values per lane; attention::MAX_ROPE)
+static_assert(MLA_TILE % (2 * MLA_HEADS) == 0, "mla_flash loads a tile's keys two per warp at a time");
 #define MLA_MAX_LORA 512   // each lane accumulates kv_lora / 32 ≤ 16 latent columns
 #define MLA_ROWS 8         // rows per block of the absorption kernels
 #define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
+#define ABS_COLS 64        // latent columns per block of mla_absorb_q (attention::ABSORB_COLS)
+#define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
+#define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
 #define IDX_KEYS 64        // keys per block of indexer_scores
 
 __device__ __forceinline__ float act_ld(const float* p, size_t i) { return p[i]; }
@@ -80,33 +85,53 @@ __device__ void cache_store(const T* latent, const T* k_pe, const T* index_k, co
     }
 }
 
-// q_lat[r, h, :] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, :] for r < n_rows. grid (heads, ⌈n_rows / MLA_ROWS⌉),
-// block 128, shared MLA_ROWS · nope floats.
+// q_lat[r, h, l] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, l] for r < n_rows. grid (heads, ⌈n_rows / MLA_ROWS⌉,
+// ⌈lora / ABS_COLS⌉), block 32 · ABS_WARPS: warp w sums the d ≡ w (mod ABS_WARPS) terms of the block's columns
+// (lane l takes columns l and l + 32, so each load is a warp-wide run of W_UK's row), then the warps' sums are
+// added in shared memory. Enough blocks to keep every multiprocessor's loads in flight at one row. Shared:
+// q [MLA_ROWS][nope] and partial sums [ABS_WARPS][MLA_ROWS][ABS_COLS] (floats).
 template <typename T>
 __device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
-                             const float* kv_b,   // [heads, nope + vdim, lora]
+                             const T* kv_b,       // [heads, nope + vdim, lora]
                              int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
                              float* q_lat) {      // [n_rows, heads, lora]
     extern __shared__ float sm[];
-    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS;
+    float* qs = sm;
+    float* part = sm + MLA_ROWS * nope;
+    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS, c0 = blockIdx.z * ABS_COLS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, rows = min(MLA_ROWS, n_rows - r0);
     for (int i = threadIdx.x; i < MLA_ROWS * nope; i += blockDim.x) {
         const int k = i / nope, d = i % nope;
-        sm[i] = r0 + k < n_rows ? act_ld(q, ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d) : 0.f;
+        qs[i] = k < rows ? act_ld(q, ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d) : 0.f;
     }
     __syncthreads();
-    const float* w = kv_b + (size_t)h * (nope + vdim) * lora;
-    for (int l = threadIdx.x; l < lora; l += blockDim.x) {
-        float acc[MLA_ROWS];
+    const T* w = kv_b + (size_t)h * (nope + vdim) * lora;
+    const int la = c0 + lane, lb = c0 + 32 + lane;
+    float acc_a[MLA_ROWS], acc_b[MLA_ROWS];
 #pragma unroll
-        for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
-        for (int d = 0; d < nope; d++) {
-            const float wv = w[(size_t)d * lora + l];
+    for (int k = 0; k < MLA_ROWS; k++) acc_a[k] = acc_b[k] = 0.f;
+#pragma unroll 4
+    for (int d = warp; d < nope; d += ABS_WARPS) {
+        const float wa = la < lora ? act_ld(w, (size_t)d * lora + la) : 0.f;
+        const float wb = lb < lora ? act_ld(w, (size_t)d * lora + lb) : 0.f;
 #pragma unroll
-            for (int k = 0; k < MLA_ROWS; k++) acc[k] += sm[k * nope + d] * wv;
+        for (int k = 0; k < MLA_ROWS; k++) {
+            acc_a[k] += qs[k * nope + d] * wa;
+            acc_b[k] += qs[k * nope + d] * wb;
         }
+    }
 #pragma unroll
-        for (int k = 0; k < MLA_ROWS; k++)
-            if (r0 + k < n_rows) q_lat[((size_t)(r0 + k) * heads + h) * lora + l] = acc[k];
+    for (int k = 0; k < MLA_ROWS; k++) {
+        part[(warp * MLA_ROWS + k) * ABS_COLS + lane] = acc_a[k];
+        part[(warp * MLA_ROWS + k) * ABS_COLS + 32 + lane] = acc_b[k];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < MLA_ROWS * ABS_COLS; i += blockDim.x) {
+        const int k = i / ABS_COLS, c = i % ABS_COLS;
+        if (k >= rows || c0 + c >= lora) continue;
+        float v = 0.f;
+        for (int g = 0; g < ABS_WARPS; g++) v += part[(g * MLA_ROWS + k) * ABS_COLS + c];
+        q_lat[((size_t)(r0 + k) * heads + h) * lora + c0 + c] = v;
     }
 }
 
@@ -144,9 +169,15 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
     const int per = ((n + MLA_TILE - 1) / MLA_TILE + splits - 1) / splits;
     const int begin = min(n, split * per * MLA_TILE), end = min(n, (split + 1) * per * MLA_TILE);
 
-    for (int i = threadIdx.x; i < MLA_HEADS * lora; i += blockDim.x) {
-        const int g = i / lora;
-        qs[i] = h0 + g < heads ? q_lat[((size_t)lr * heads + h0 + g) * lora + i % lora] : 0.f;
+    // Warp g loads head h0 + g's latent query, every load of a lane issued before the first store.
+    {
+        float v[MLA_MAX_LORA / 32];
+        const float* src = q_lat + ((size_t)lr * heads + h) * lora;
+#pragma unroll
+        for (int j = 0; j < MLA_MAX_LORA / 32; j++) v[j] = h < heads && lane + 32 * j < lora ? src[lane + 32 * j] : 0.f;
+#pragma unroll
+        for (int j = 0; j < MLA_MAX_LORA / 32; j++)
+            if (lane + 32 * j < lora) qs[warp * lora + lane + 32 * j] = v[j];
     }
     for (int i = threadIdx.x; i < MLA_HEADS * rope; i += blockDim.x) {
         const int g = i / rope;
@@ -168,13 +199,41 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
             slot[threadIdx.x] = s;
         }
         __syncthreads();
-        for (int i = threadIdx.x; i < MLA_TILE * lora; i += blockDim.x) {
-            const int t = i / lora, l = i % lora, s = slot[t];
-            cs[t * ls + l] = s >= 0 ? kv_load(c_lat, (size_t)s * lora + l, dtype) * scales[(size_t)s * 3] : 0.f;
-        }
-        for (int i = threadIdx.x; i < MLA_TILE * rope; i += blockDim.x) {
-            const int t = i / rope, l = i % rope, s = slot[t];
-            ps[t * rs + l] = s >= 0 ? kv_load(c_pe, (size_t)s * rope + l, dtype) * scales[(size_t)s * 3 + 1] : 0.f;
+        // Warp w loads keys w, w + MLA_HEADS, ... (MLA_TILE = 4 · MLA_HEADS: four keys per warp), two at a time:
+        // a lane issues all of its loads of both keys before storing any, so they are in flight together — a
+        // decode row's few hundred blocks are otherwise bound by one memory latency per load.
+#pragma unroll 1
+        for (int t = warp; t < MLA_TILE; t += 2 * MLA_HEADS) {
+            const int sa = slot[t], sb = slot[t + MLA_HEADS];
+            float va[MLA_MAX_LORA / 32], vb[MLA_MAX_LORA / 32];
+#pragma unroll
+            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
+                const int l = lane + 32 * j;
+                va[j] = sa >= 0 && l < lora ? kv_load(c_lat, (size_t)sa * lora + l, dtype) : 0.f;
+                vb[j] = sb >= 0 && l < lora ? kv_load(c_lat, (size_t)sb * lora + l, dtype) : 0.f;
+            }
+            const float pa = sa >= 0 && lane < rope ? kv_load(c_pe, (size_t)sa * rope + lane, dtype) : 0.f;
+            const float pb = sb >= 0 && lane < rope ? kv_load(c_pe, (size_t)sb * rope + lane, dtype) : 0.f;
+            const float pa2 = sa >= 0 && lane + 32 < rope ? kv_load(c_pe, (size_t)sa * rope + lane + 32, dtype) : 0.f;
+            const float pb2 = sb >= 0 && lane + 32 < rope ? kv_load(c_pe, (size_t)sb * rope + lane + 32, dtype) : 0.f;
+            const float la = sa >= 0 ? scales[(size_t)sa * 3] : 0.f, ra = sa >= 0 ? scales[(size_t)sa * 3 + 1] : 0.f;
+            const float lb = sb >= 0 ? scales[(size_t)sb * 3] : 0.f, rb = sb >= 0 ? scales[(size_t)sb * 3 + 1] : 0.f;
+#pragma unroll
+            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
+                const int l = lane + 32 * j;
+                if (l < lora) {
+                    cs[t * ls + l] = va[j] * la;
+                    cs[(t + MLA_HEADS) * ls + l] = vb[j] * lb;
+                }
+            }
+            if (lane < rope) {
+                ps[t * rs + lane] = pa * ra;
+                ps[(t + MLA_HEADS) * rs + lane] = pb * rb;
+            }
+            if (lane + 32 < rope) {
+                ps[t * rs + lane + 32] = pa2 * ra;
+                ps[(t + MLA_HEADS) * rs + lane + 32] = pb2 * rb;
+            }
         }
         __syncthreads();
 
@@ -183,12 +242,27 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
         if (slot[lane] >= 0) {
             const float* qh = qs + warp * lora;
             const float* ct = cs + lane * ls;
-            float a = 0.f;
-            for (int l = 0; l < lora; l++) a += qh[l] * ct[l];
+            // Four independent sums: the dot product is a chain of shared-memory loads and FMAs otherwise.
+            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+            int l = 0;
+#pragma unroll 4
+            for (; l + 4 <= lora; l += 4) {
+                a0 += qh[l] * ct[l];
+                a1 += qh[l + 1] * ct[l + 1];
+                a2 += qh[l + 2] * ct[l + 2];
+                a3 += qh[l + 3] * ct[l + 3];
+            }
+            for (; l < lora; l++) a0 += qh[l] * ct[l];
             const float* qr = qp + warp * rope;
             const float* pt = ps + lane * rs;
-            for (int l = 0; l < rope; l++) a += qr[l] * pt[l];
-            sc = a * scale;
+            for (l = 0; l + 4 <= rope; l += 4) {
+                a0 += qr[l] * pt[l];
+                a1 += qr[l + 1] * pt[l + 1];
+                a2 += qr[l + 2] * pt[l + 2];
+                a3 += qr[l + 3] * pt[l + 3];
+            }
+            for (; l < rope; l++) a0 += qr[l] * pt[l];
+            sc = ((a0 + a1) + (a2 + a3)) * scale;
         }
         float mt = sc;
 #pragma unroll
@@ -226,13 +300,13 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
 }
 
 // out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], where o_lat merges the row's key shares:
-// o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / MLA_ROWS⌉),
-// block 128 (a warp per output column), shared MLA_ROWS · lora floats.
+// o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / MLA_ROWS⌉,
+// ⌈vdim / OUT_COLS⌉), block 32 · ABS_WARPS (a warp per output column at a time), shared MLA_ROWS · lora floats.
 template <typename T>
 __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
                         const float* ml_part,  // [n_rows, heads, splits, 2]
                         int splits,
-                        const float* kv_b,     // [heads, nope + vdim, lora]
+                        const T* kv_b,         // [heads, nope + vdim, lora]
                         int row0, int n_rows, int heads, int nope, int vdim, int lora,
                         T* out) {              // [rows, heads, vdim]
     extern __shared__ float sm[];
@@ -268,13 +342,15 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     }
     __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    const float* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
-    for (int o = warp; o < vdim; o += warps) {
+    const T* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
+    const int o_end = min(vdim, (int)(blockIdx.z + 1) * OUT_COLS);
+    for (int o = blockIdx.z * OUT_COLS + warp; o < o_end; o += warps) {
         float acc[MLA_ROWS];
 #pragma unroll
         for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
+#pragma unroll 4
         for (int l = lane; l < lora; l += 32) {
-            const float wv = w[(size_t)o * lora + l];
+            const float wv = act_ld(w, (size_t)o * lora + l);
 #pragma unroll
             for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv * sm[k * lora + l];
         }
@@ -425,7 +501,7 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
                                                float* scales, int dtype) {                                          \
         cache_store<T>(latent, k_pe, index_k, slots, lora, rope, idim, c_lat, c_pe, c_idx, scales, dtype);          \
     }                                                                                                               \
-    extern "C" __global__ void mla_absorb_q_##S(const T* q, const float* kv_b, int row0, int n_rows, int heads,     \
+    extern "C" __global__ void mla_absorb_q_##S(const T* q, const T* kv_b, int row0, int n_rows, int heads,         \
                                                 int nope, int rope, int vdim, int lora, float* q_lat) {             \
         mla_absorb_q<T>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                               \
     }                                                                                                               \
@@ -437,7 +513,7 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
                      lora, scale, o_part, ml_part);                                                                 \
     }                                                                                                               \
     extern "C" __global__ void mla_out_##S(const float* o_part, const float* ml_part, int splits,                   \
-                                           const float* kv_b, int row0, int n_rows, int heads, int nope, int vdim,  \
+                                           const T* kv_b, int row0, int n_rows, int heads, int nope, int vdim,      \
                                            int lora, T* out) {                                                      \
         mla_out<T>(o_part, ml_part, splits, kv_b, row0, n_rows, heads, nope, vdim, lora, out);                      \
     }                                                                                                               \

@@ -19,9 +19,16 @@ const TILE: usize = 32;
 const ROWS_PER_BLOCK: usize = 8;
 /// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
 pub const MAX_LORA: usize = 512;
+/// The largest qk_rope the flash kernel loads (`MLA_MAX_ROPE`).
+pub const MAX_ROPE: usize = 64;
 /// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
 pub const MAX_SPLITS: usize = 16;
-const MIN_SPLIT_KEYS: usize = 256;
+const MIN_SPLIT_KEYS: usize = 64;
+/// Latent columns per block of `mla_absorb_q` (`ABS_COLS`), output columns per block of `mla_out` (`OUT_COLS`),
+/// warps per block of both (`ABS_WARPS`).
+const ABSORB_COLS: usize = 64;
+const OUT_COLS: usize = 32;
+const ABSORB_WARPS: usize = 8;
 /// Bound on each f32 scratch buffer (query latents, split partials) of one launch.
 const SCRATCH_BYTES: usize = 64 << 20;
 /// Rows of one launch at most (CUDA's limit on gridDim.y).
@@ -112,7 +119,7 @@ pub fn mla(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,
-    kv_b: &CudaSlice<f32>,
+    kv_b: &Act,
     d: &MlaDims,
     rows: &[Row],
     selection: Option<&GpuSelection>,
@@ -121,11 +128,20 @@ pub fn mla(
     if q.cols != d.heads * qk || q.rows != rows.len() {
         return Err(shape("mla_attention", format!("q [{}, {}]", q.rows, q.cols)));
     }
-    if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA {
-        return Err(shape("mla_attention", format!("kv_lora {} (at most {MAX_LORA}) for this cache", d.kv_lora)));
+    if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA || d.qk_rope > MAX_ROPE {
+        return Err(shape(
+            "mla_attention",
+            format!(
+                "kv_lora {} (at most {MAX_LORA}), qk_rope {} (at most {MAX_ROPE}) for this cache",
+                d.kv_lora, d.qk_rope
+            ),
+        ));
     }
     if kv_b.len() < d.heads * (d.qk_nope + d.v_head) * d.kv_lora {
         return Err(shape("mla_attention", format!("kv_b_proj holds {} values", kv_b.len())));
+    }
+    if kv_b.dtype() != q.data.dtype() {
+        return Err(shape("mla_attention", "kv_b_proj and q in different dtypes".into()));
     }
     if let Some(s) = selection
         && s.rows() != rows.len()
@@ -141,9 +157,11 @@ pub fn mla(
     if rows.is_empty() {
         return Ok(out);
     }
+    let p = b.gpu.span(|| "mla tables".into());
     let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
     let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();
     let (dev, at) = upload_tables(b, &tables)?;
+    drop(p);
     let pool = cache.pool().ok_or_else(|| shape("mla_attention", "nothing cached".into()))?;
     let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), tables: &dev, at, selection };
     let per_row = d.heads * d.kv_lora;
@@ -159,8 +177,13 @@ pub fn mla(
             .min(SCRATCH_BYTES / (n * per_row * 4))
             .max(1);
         let c = Chunk { row0: r0, rows: n, splits };
+        let p = b.gpu.span(|| "mla absorb_q".into());
         let q_lat = st.absorb_q(c)?;
+        drop(p);
+        let p = b.gpu.span(|| format!("mla flash x{splits}"));
         let (o_part, ml_part) = st.flash(c, &q_lat)?;
+        drop(p);
+        let _p = b.gpu.span(|| "mla out".into());
         st.absorb_out(c, &o_part, &ml_part, &mut out)?;
     }
     Ok(out)
@@ -180,8 +203,8 @@ struct Step<'a> {
     d: &'a MlaDims,
     /// `[rows, heads·(nope + rope)]`.
     q: &'a GpuTensor,
-    /// `[heads·(nope + v), kv_lora]`, f32.
-    kv_b: &'a CudaSlice<f32>,
+    /// `[heads·(nope + v), kv_lora]` in the activation dtype.
+    kv_b: &'a Act,
     pool: &'a Pool,
     /// The cache dtype's kernel code.
     code: i32,
@@ -201,8 +224,9 @@ impl Step<'_> {
         let (b, d) = (self.b, self.d);
         let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
         let f = b.f(&format!("mla_absorb_q_{}", self.suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1);
-        let cfg = smem_cfg(b, f, grid, 128, ROWS_PER_BLOCK * d.qk_nope * 4)?;
+        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, d.kv_lora.div_ceil(ABSORB_COLS) as u32);
+        let smem = ROWS_PER_BLOCK * (d.qk_nope + ABSORB_WARPS * ABSORB_COLS) * 4;
+        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, smem)?;
         let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
@@ -254,8 +278,8 @@ impl Step<'_> {
     ) -> MResult<()> {
         let (b, d) = (self.b, self.d);
         let f = b.f(&format!("mla_out_{}", out.data.dtype().suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, 1);
-        let cfg = smem_cfg(b, f, grid, 128, ROWS_PER_BLOCK * d.kv_lora * 4)?;
+        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, d.v_head.div_ceil(OUT_COLS) as u32);
+        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, ROWS_PER_BLOCK * d.kv_lora * 4)?;
         let (splits, row0, n, heads) = (c.splits as i32, c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);

@@ -46,8 +46,8 @@ pub struct GpuWeight {
     pub out_features: usize,
     pub in_features: usize,
     pub kind: GpuWeightKind,
-    /// The dequantized f32 matrix, made on first use by attention (kv_b_proj).
-    dense: OnceLock<CudaSlice<f32>>,
+    /// The dequantized matrix in the activation dtype, made on first use by attention (kv_b_proj).
+    dense: OnceLock<Act>,
 }
 
 #[derive(Clone)]
@@ -84,6 +84,13 @@ impl CudaBackend {
     /// A tensor of zeros in the activation dtype.
     pub(crate) fn tensor(&self, rows: usize, cols: usize) -> MResult<GpuTensor> {
         Ok(GpuTensor { rows, cols, data: Act::zeros(&self.gpu, self.act, rows * cols).map_err(m)? })
+    }
+
+    /// An output tensor in the activation dtype that the launch after this call writes in full.
+    pub(crate) fn output(&self, rows: usize, cols: usize) -> MResult<GpuTensor> {
+        // SAFETY: every caller launches a kernel that writes each of the rows·cols values (one thread or warp
+        // per value, or per row over all its columns) before the tensor is returned or read.
+        Ok(GpuTensor { rows, cols, data: unsafe { Act::uninit(&self.gpu, self.act, rows * cols) }.map_err(m)? })
     }
 
     /// The kernel `<op>_<activation dtype>`.
@@ -130,20 +137,21 @@ impl CudaBackend {
         self.gpu.stream.clone_htod(v).map_err(md("upload indices"))
     }
 
-    /// The weight as an f32 matrix (attention's absorbed kv_b_proj), made once.
-    pub(crate) fn dense_of<'a>(&self, w: &'a GpuWeight) -> MResult<&'a CudaSlice<f32>> {
-        if let GpuWeightKind::Dense(Act::F32(d)) = &w.kind {
-            return Ok(d);
-        }
-        if w.dense.get().is_none() {
-            let d = match &w.kind {
-                GpuWeightKind::Gptq(g) => g.dequantize(&self.gpu).map_err(m)?,
-                GpuWeightKind::Dense(a) => {
-                    let n = w.out_features * w.in_features;
-                    self.gpu.stream.clone_htod(&a.to_f32(&self.gpu, n).map_err(m)?).map_err(md("upload weight"))?
-                }
-            };
-            let _ = w.dense.set(d);
+    /// The weight as a dense matrix in the activation dtype (attention's absorbed kv_b_proj), made once.
+    pub(crate) fn dense_of<'a>(&self, w: &'a GpuWeight) -> MResult<&'a Act> {
+        match &w.kind {
+            GpuWeightKind::Dense(d) if d.dtype() == self.act => return Ok(d),
+            _ if w.dense.get().is_some() => {}
+            kind => {
+                let n = w.out_features * w.in_features;
+                let f32s = match kind {
+                    GpuWeightKind::Gptq(g) => g.dequantize(&self.gpu).map_err(m)?,
+                    GpuWeightKind::Dense(a) => {
+                        self.gpu.stream.clone_htod(&a.to_f32(&self.gpu, n).map_err(m)?).map_err(md("upload weight"))?
+                    }
+                };
+                let _ = w.dense.set(self.tensor_from_f32_sum(f32s, 1, n, self.act)?.data);
+            }
         }
         w.dense.get().ok_or_else(|| m(Error::Shape { what: "weight", reason: "dequantize".into() }))
     }
@@ -157,16 +165,18 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// `dense_gemv_*`: a warp per output, a grid row per 16 input rows.
+/// `dense_gemv_*`: a block of 256 threads per output and 16 input rows.
 pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
-    let mut cfg = grid(out * 32, 256);
-    cfg.grid_dim.1 = rows.div_ceil(16).max(1) as u32;
-    cfg
+    LaunchConfig {
+        grid_dim: (out.max(1) as u32, rows.div_ceil(16).max(1) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
-/// One block of 256 threads per row.
+/// One block of 512 threads per row.
 pub(crate) fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
 }
 
 pub(crate) fn shape(what: &'static str, reason: String) -> pipemoe_model::Error {
@@ -213,6 +223,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, rows: usize, cols: usize, data: Vec<f32>) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| "upload".into());
         if data.len() != rows * cols {
             return Err(shape("upload", format!("{} values for [{rows}, {cols}]", data.len())));
         }
@@ -228,6 +239,7 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, table: &GpuWeight, ids: &[u32]) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| "embed".into());
         let cols = table.in_features;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= table.out_features) {
             return Err(pipemoe_model::Error::TokenOutOfRange { token: bad as usize, vocab: table.out_features });
@@ -236,7 +248,7 @@ impl Backend for CudaBackend {
             return Err(shape("embed", "the embedding table is quantized".into()));
         };
         let idx = self.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
-        let mut y = self.tensor(ids.len(), cols)?;
+        let mut y = self.output(ids.len(), cols)?;
         let (r, c) = (ids.len() as i32, cols as i32);
         let mut l = self.gpu.stream.launch_builder(self.op("embed", t)?);
         l.arg(t).arg(&idx).arg(&mut y.data).arg(&r).arg(&c);
@@ -253,7 +265,15 @@ impl Backend for CudaBackend {
             ));
         }
         let (rows, k, n) = (x.rows, w.in_features, w.out_features);
-        let mut y = self.tensor(rows, n)?;
+        let _p = self.gpu.span(|| {
+            let kind = match &w.kind {
+                GpuWeightKind::Dense(_) => "dense",
+                GpuWeightKind::Gptq(_) if rows > MAX_BATCH && x.data.dtype() == ActDtype::Bf16 => "gemm",
+                GpuWeightKind::Gptq(_) => "gemv",
+            };
+            format!("linear {kind} {k}->{n} x{rows}")
+        });
+        let mut y = self.output(rows, n)?;
         match &w.kind {
             GpuWeightKind::Dense(d) => {
                 let (ri, ki, ni) = (rows as i32, k as i32, n as i32);
@@ -273,7 +293,8 @@ impl Backend for CudaBackend {
                 let sizes = [MAX_BATCH.min(rows), rows % MAX_BATCH];
                 let need =
                     sizes.iter().filter(|&&nb| nb > 0).map(|&nb| g.scratch_len(&self.gpu, nb)).max().unwrap_or(1);
-                let mut partial = self.zeros(need)?;
+                // SAFETY: each split of the GEMV writes its [batch, n] partial sums in full before the reduction.
+                let mut partial = unsafe { self.gpu.stream.alloc::<f32>(need.max(1)) }.map_err(md("alloc"))?;
                 for r0 in (0..rows).step_by(MAX_BATCH) {
                     let nb = MAX_BATCH.min(rows - r0);
                     let xv = x.data.view(r0 * k, nb * k);
@@ -286,7 +307,8 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let mut y = self.tensor(x.rows, x.cols)?;
+        let _p = self.gpu.span(|| format!("rms_norm {}", x.cols));
+        let mut y = self.output(x.rows, x.cols)?;
         let c = x.cols as i32;
         let mut l = self.gpu.stream.launch_builder(self.op("rms_norm", &x.data)?);
         l.arg(&x.data).arg(w).arg(&mut y.data).arg(&c).arg(&eps);
@@ -296,7 +318,8 @@ impl Backend for CudaBackend {
     }
 
     fn layer_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let mut y = self.tensor(x.rows, x.cols)?;
+        let _p = self.gpu.span(|| format!("layer_norm {}", x.cols));
+        let mut y = self.output(x.rows, x.cols)?;
         let c = x.cols as i32;
         let mut l = self.gpu.stream.launch_builder(self.op("layer_norm", &x.data)?);
         l.arg(&x.data).arg(w).arg(b).arg(&mut y.data).arg(&c).arg(&eps);
@@ -306,6 +329,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, x: &mut GpuTensor, y: &GpuTensor) -> MResult<()> {
+        let _p = self.gpu.span(|| "add".into());
         let n = x.rows * x.cols;
         if n != y.rows * y.cols {
             return Err(shape("add", format!("{n} vs {}", y.rows * y.cols)));
@@ -322,6 +346,7 @@ impl Backend for CudaBackend {
     }
 
     fn scale(&self, x: &mut GpuTensor, s: f32) -> MResult<()> {
+        let _p = self.gpu.span(|| "scale".into());
         let nn = (x.rows * x.cols) as u64;
         let mut l = self.gpu.stream.launch_builder(self.op("scale", &x.data)?);
         l.arg(&mut x.data).arg(&s).arg(&nn);
@@ -331,6 +356,7 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &GpuTensor, idx: &[usize]) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| "gather_rows".into());
         if let Some(&bad) = idx.iter().find(|&&r| r >= x.rows) {
             return Err(shape("gather_rows", format!("row {bad} of {}", x.rows)));
         }
@@ -339,6 +365,7 @@ impl Backend for CudaBackend {
     }
 
     fn columns(&self, x: &GpuTensor, start: usize, len: usize) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| format!("columns {len} of {}", x.cols));
         if start + len > x.cols {
             return Err(shape("columns", format!("{start}+{len} of {}", x.cols)));
         }
@@ -346,11 +373,12 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| "silu_mul".into());
         let n = gate.rows * gate.cols;
         if n != up.rows * up.cols || gate.data.dtype() != up.data.dtype() {
             return Err(shape("silu_mul", format!("[{}, {}] and [{}, {}]", gate.rows, gate.cols, up.rows, up.cols)));
         }
-        let mut y = self.tensor(gate.rows, gate.cols)?;
+        let mut y = self.output(gate.rows, gate.cols)?;
         let nn = n as u64;
         let mut l = self.gpu.stream.launch_builder(self.op("silu_mul", &gate.data)?);
         l.arg(&gate.data).arg(&up.data).arg(&mut y.data).arg(&nn);
@@ -360,6 +388,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut GpuTensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> MResult<()> {
+        let _p = self.gpu.span(|| format!("rope {}x{}", spec.heads, spec.head_dim));
         let half = inv_freq.len();
         if x.cols != spec.heads * spec.head_dim || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
             return Err(shape("rope", format!("{spec:?} for [{}, {}]", x.rows, x.cols)));
@@ -389,6 +418,7 @@ impl Backend for CudaBackend {
         k_pe: &GpuTensor,
         index_k: Option<&GpuTensor>,
     ) -> MResult<()> {
+        let _p = self.gpu.span(|| "cache_write".into());
         crate::attention::cache_write(self, cache, rows, latent, k_pe, index_k)
     }
 
@@ -408,6 +438,7 @@ impl Backend for CudaBackend {
         dims: &IndexerDims,
         rows: &[Row],
     ) -> MResult<GpuSelection> {
+        let _p = self.gpu.span(|| "indexer_select".into());
         crate::indexer::indexer_select(self, cache, q, w, dims, rows)
     }
 
@@ -429,6 +460,7 @@ impl Backend for CudaBackend {
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {
+        let _p = self.gpu.span(|| "route".into());
         let GpuWeightKind::Dense(g) = &gate.kind else {
             return Err(shape("route", "the router is quantized".into()));
         };
@@ -458,6 +490,7 @@ impl Backend for CudaBackend {
     }
 
     fn experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| format!("experts x{}", x.rows));
         self.run_experts(x, experts, routes)
     }
 
@@ -470,6 +503,7 @@ impl Backend for CudaBackend {
     }
 
     fn sample(&self, logits: &GpuTensor, rows: &mut [SampleRow<'_>]) -> MResult<Vec<SampledToken>> {
+        let _p = self.gpu.span(|| "sample".into());
         crate::sample::sample_rows(self, logits, rows)
     }
 }
@@ -484,7 +518,7 @@ impl CudaBackend {
         start: usize,
         cols: usize,
     ) -> MResult<GpuTensor> {
-        let mut y = self.tensor(n_rows, cols)?;
+        let mut y = self.output(n_rows, cols)?;
         let (xc, st, nr, c) = (x.cols as i32, start as i32, n_rows as i32, cols as i32);
         let null: u64 = 0;
         let mut l = self.gpu.stream.launch_builder(self.op("copy_rows_cols", &x.data)?);

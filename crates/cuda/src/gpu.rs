@@ -44,6 +44,8 @@ pub struct Gpu {
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
     /// bounded set), so `function` can hand out plain references without holding the lock.
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
+    /// Per-op timing while on (`profile.rs`).
+    pub(crate) profiler: crate::profile::Profiler,
 }
 
 impl Gpu {
@@ -73,6 +75,7 @@ impl Gpu {
         // SAFETY: no buffer of this context is ever used on another stream (the IPC path orders the other process
         // with its own interprocess event); called before any buffer exists.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {
@@ -80,7 +83,17 @@ impl Gpu {
             let module = ctx.load_module(Ptx::from_binary(cubin.clone())).map_err(drv("cuModuleLoadData"))?;
             modules.push((module, cubin));
         }
-        Ok(Gpu { ctx, stream, arch, name, sm_count, smem_per_sm, modules, functions: Mutex::new(HashMap::new()) })
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch,
+            name,
+            sm_count,
+            smem_per_sm,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            profiler: Default::default(),
+        })
     }
 
     /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.
@@ -105,6 +118,25 @@ impl Gpu {
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch, self.sm_count)
     }
+}
+
+/// Up to this much freed device memory stays in the allocator's pool across synchronizations.
+pub const POOL_KEEP_BYTES: u64 = 1 << 30;
+
+/// Buffers are allocated from the device's stream-ordered pool, which by default hands every freed byte back to
+/// the driver at each synchronization — once per decode step — so the next step maps its activations afresh.
+/// Keeping up to [`POOL_KEEP_BYTES`] makes a step's allocations reuse the last step's memory.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::result::{device, mem_pool};
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    let mut keep = POOL_KEEP_BYTES;
+    // SAFETY: the device comes from the context; the attribute takes a u64, which `keep` is.
+    unsafe {
+        let pool = device::get_default_mem_pool(ctx.cu_device()).map_err(drv("cuDeviceGetDefaultMemPool"))?;
+        mem_pool::set_attribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&raw mut keep).cast())
+            .map_err(drv("cuMemPoolSetAttribute"))?;
+    }
+    Ok(())
 }
 
 /// Whether an ELF cubin names `symbol`: its string table holds each kernel's name (and `.text.<name>`,

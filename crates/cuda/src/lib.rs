@@ -9,6 +9,7 @@
 //! - `backend`: `CudaBackend`, the model's backend trait on one GPU.
 //! - `cache`: the block-paged latent cache; `attention`: cache writes and tiled MLA attention over it;
 //!   `indexer`: the V3.2 indexer's scores and top-k, its selection kept on the device.
+//! - `profile`: per-op device and host time of a step, for benchmarks.
 
 pub mod act;
 mod attention;
@@ -23,6 +24,7 @@ pub mod indexer;
 pub mod ipc;
 pub mod mma;
 pub mod nvrtc;
+pub mod profile;
 pub mod route;
 pub mod sample;
 pub mod timing;

@@ -90,6 +90,9 @@ pub struct BenchArgs {
     /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
     pub target_gbps: f64,
+    /// Also time each op of two single-stream decode steps (device and host time; adds CUDA events per op).
+    #[arg(long)]
+    pub profile: bool,
     /// Write every figure as JSON here.
     #[arg(long, env = "PIPEMOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
@@ -200,6 +203,8 @@ pub struct Measured {
     pub streams_decode: Option<stage::Times>,
     pub blocks: Option<stage::BlockTimes>,
     pub ipc: std::result::Result<stage::Times, String>,
+    /// Per-op times of two decode steps (`--profile`).
+    pub profile: Option<pipemoe_cuda::profile::Profile>,
 }
 
 fn measure(
@@ -248,6 +253,15 @@ fn measure(
     eprintln!("bench: prefill of {} positions in {:.2} s", args.context, prefill_chunks.iter().sum::<f64>());
     let decode = stage::Times::of(run.decode(&[1], 3, args.steps)?);
     eprintln!("bench: decode {:.3} ms/step", decode.median * 1e3);
+    let profile = if args.profile {
+        backend.gpu.profile_start();
+        let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
+        let p = backend.gpu.profile_take()?;
+        eprint!("bench: profile of 2 decode steps ({:.1} us of wall time):\n{}", wall * 1e6, p.table());
+        Some(p)
+    } else {
+        None
+    };
     run.free(&[1]);
 
     let (mut streams_prefill_seconds, mut streams_decode) = (0.0, None);
@@ -289,6 +303,7 @@ fn measure(
         streams_decode,
         blocks,
         ipc,
+        profile,
     })
 }
 

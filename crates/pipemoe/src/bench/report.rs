@@ -236,6 +236,7 @@ impl Report {
                         "fraction_of_floor": prefill_floor.map(|f| f.0 / prefill_secs)},
             "blocks": m.blocks.as_ref().map(|b| json!({"layer": b.layer, "attention_s": b.attention,
                 "moe": b.moe.iter().map(|(r, s)| json!({"rows": r, "seconds": s})).collect::<Vec<_>>()})),
+            "profile": m.profile.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
             "ipc_round_trip_s": m.ipc.as_ref().map(|t| t.median).ok(),
             "ipc_error": m.ipc.as_ref().err(),
             "projection": {"gpu": "RTX 3090", "gbps": args.target_gbps, "efficiency": eff,
