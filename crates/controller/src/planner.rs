@@ -275,9 +275,10 @@ pub fn model_cost(cfg: &ModelConfig, ckpt: &Checkpoint, residency: Residency) ->
         }
     }
     if let Residency::Packed { .. } = residency {
-        // Absorbed attention reads kv_b_proj as an f32 copy made on first use (crates/cuda backend.rs
-        // `dense_of`): heads × (qk_nope + v_head) × kv_lora values a layer, 64 MiB on the real model.
-        let kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank) as u64 * 4;
+        // Absorbed attention reads kv_b_proj as a dense copy in the activation dtype (bf16 on GPU workers) made
+        // on first use (crates/cuda backend.rs `dense_of`): heads × (qk_nope + v_head) × kv_lora values a
+        // layer, 32 MiB on the real model.
+        let kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank) as u64 * 2;
         layers.iter_mut().for_each(|l| l.weight_bytes += kv_b);
     }
     let values = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.indexer.map_or(0, |i| i.head_dim)) as u64;

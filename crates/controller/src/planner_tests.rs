@@ -127,8 +127,8 @@ fn fixture_costs_from_headers() {
     let packed = model_cost(&cfg, &ckpt, Residency::Packed { kv_elem_bytes: 2 });
     let f32s = model_cost(&cfg, &ckpt, Residency::CpuF32);
     let total = |c: &ModelCost| c.embed_bytes + c.head_bytes + c.layers.iter().map(|l| l.weight_bytes).sum::<u64>();
-    // Packed: the file's bytes plus each layer's f32 copy of kv_b_proj (heads × (nope + v) × kv_lora × 4).
-    let kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 4) as u64;
+    // Packed: the file's bytes plus each layer's bf16 copy of kv_b_proj (heads × (nope + v) × kv_lora × 2).
+    let kv_b = (cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank * 2) as u64;
     assert_eq!(total(&packed), ckpt.total_bytes() + kv_b * cfg.num_hidden_layers as u64);
     // 3-bit weights widened to f32: roughly 32/3.15 × for the quantized bulk.
     let ratio = total(&f32s) as f64 / ckpt.total_bytes() as f64;
