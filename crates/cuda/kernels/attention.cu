@@ -15,9 +15,7 @@
 
 #define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
 #define MLA_HEADS 8        // heads per attention block, one warp each
-#define MLA_TILE 32        // keys per tile, one lane each while scoring
-#define MLA_MAX_ROPE 64    // k_pe width the flash kernel loads (two values per lane; attention::MAX_ROPE)
-static_assert(MLA_TILE % (2 * MLA_HEADS) == 0, "mla_flash loads a tile's keys two per warp at a time");
+static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probabilities as two float4");
 #define MLA_MAX_LORA 512   // each lane accumulates kv_lora / 32 ≤ 16 latent columns
 #define MLA_ROWS 8         // rows per block of the absorption kernels
 #define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
@@ -135,12 +133,35 @@ __device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
     }
 }
 
+// The flash kernel's tile: KT keys (32 with bf16 activations, whose tile is bf16 in shared memory; 16 on the f32
+// path, whose f32 tile would not fit an RTX 3090's 99 KB otherwise), and the tile's element type.
+template <typename T> struct FlashTile;
+template <> struct FlashTile<__nv_bfloat16> {
+    typedef __nv_bfloat16 S;
+    static constexpr int KT = 32, PAD = 2;
+};
+template <> struct FlashTile<float> {
+    typedef float S;
+    static constexpr int KT = 16, PAD = 1;
+};
+__device__ __forceinline__ float tile_ld(const float* p, int i) { return p[i]; }
+__device__ __forceinline__ float tile_ld(const __nv_bfloat16* p, int i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void tile_st(float* p, int i, float v) { p[i] = v; }
+__device__ __forceinline__ void tile_st(__nv_bfloat16* p, int i, float v) { p[i] = __float2bfloat16(v); }
+
 // Block (g, r, s) of grid (⌈heads / MLA_HEADS⌉, n_rows, splits), 32 · MLA_HEADS threads: heads g·MLA_HEADS.. of
 // row row0 + r over the s-th share of the row's keys (whole tiles), tile by tile with an online softmax in f32.
 // Leaves the share's unnormalised latent mix Σ e^{s_t − m} c_t and (m, Σ e^{s_t − m}) for mla_out to merge.
 // Keys are the row's selection `keys[r, :count]` (V3.2 DSA) or every causal position 0..count-1; a key outside
-// 0..pos is skipped. Shared: c tile [MLA_TILE][lora + 1] and k_pe tile [MLA_TILE][rope + 1] (padded: lane t
-// reads key t's row without bank conflicts), q_lat [MLA_HEADS][lora], q_pe [MLA_HEADS][rope], slots [MLA_TILE].
+// 0..pos is skipped.
+//
+// Every key's row [c | k_pe] (D = lora + rope values) is read from shared memory once for all MLA_HEADS heads:
+// scoring, warp w takes the dims w·D/8.. of every key (lane = key) and each head's query at that dim (a broadcast
+// of 8 floats), so one shared load feeds 8 FMAs; the warps' partial scores are added per head, warp h runs head
+// h's online softmax, and for the mix each thread owns latent columns (i, i + 256) of all heads, again one
+// shared load of c per 8 FMAs. Shared: q [D][MLA_HEADS] (f32), partial scores [8][MLA_HEADS][KT],
+// probabilities [KT][MLA_HEADS], corrections [MLA_HEADS], slots [KT], the tile [KT][D + PAD] (rows padded so
+// lane-per-key reads fall in distinct banks).
 template <typename T>
 __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
                           const T* q,             // [rows, heads, nope + rope]: q_pe is each head's tail
@@ -154,43 +175,44 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
                           int key_stride, int row0, int heads, int nope, int rope, int lora, float scale,
                           float* o_part,          // [n_rows, heads, splits, lora]
                           float* ml_part) {       // [n_rows, heads, splits, 2]
+    typedef typename FlashTile<T>::S S;
+    constexpr int KT = FlashTile<T>::KT, H = MLA_HEADS, COLS = MLA_MAX_LORA / (32 * MLA_HEADS);
     extern __shared__ float sm[];
-    const int ls = lora + 1, rs = rope + 1;
-    float* cs = sm;
-    float* ps = cs + MLA_TILE * ls;
-    float* qs = ps + MLA_TILE * rs;
-    float* qp = qs + MLA_HEADS * lora;
-    int* slot = (int*)(qp + MLA_HEADS * rope);
+    const int D = lora + rope, CS = D + FlashTile<T>::PAD;
+    float* qt = sm;                    // [D][H], 16-byte aligned rows
+    float* part = qt + D * H;          // [8 warps][H][KT]
+    float* pt = part + 8 * H * KT;     // [KT][H]
+    float* corr = pt + KT * H;         // [H]
+    int* slot = (int*)(corr + H);      // [KT]
+    S* ct = (S*)(slot + KT);           // [KT][CS]
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
-    const int h0 = blockIdx.x * MLA_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31, h = h0 + warp;
+    const int h0 = blockIdx.x * H, warp = threadIdx.x / 32, lane = threadIdx.x & 31, h = h0 + warp;
     const int pos = meta[r * 4], n = meta[r * 4 + 2];
     const int* table = tables + meta[r * 4 + 1];
     const int* kr = keys ? keys + (size_t)r * key_stride : nullptr;
-    const int per = ((n + MLA_TILE - 1) / MLA_TILE + splits - 1) / splits;
-    const int begin = min(n, split * per * MLA_TILE), end = min(n, (split + 1) * per * MLA_TILE);
+    const int per = ((n + KT - 1) / KT + splits - 1) / splits;
+    const int begin = min(n, split * per * KT), end = min(n, (split + 1) * per * KT);
 
-    // Warp g loads head h0 + g's latent query, every load of a lane issued before the first store.
-    {
-        float v[MLA_MAX_LORA / 32];
-        const float* src = q_lat + ((size_t)lr * heads + h) * lora;
-#pragma unroll
-        for (int j = 0; j < MLA_MAX_LORA / 32; j++) v[j] = h < heads && lane + 32 * j < lora ? src[lane + 32 * j] : 0.f;
-#pragma unroll
-        for (int j = 0; j < MLA_MAX_LORA / 32; j++)
-            if (lane + 32 * j < lora) qs[warp * lora + lane + 32 * j] = v[j];
+    // Warp g stores head h0 + g's query (latent, then rope) down column g.
+    for (int d = lane; d < D; d += 32) {
+        float v = 0.f;
+        if (h < heads)
+            v = d < lora ? q_lat[((size_t)lr * heads + h) * lora + d]
+                         : act_ld(q, ((size_t)r * heads + h) * (nope + rope) + nope + d - lora);
+        qt[d * H + warp] = v;
     }
-    for (int i = threadIdx.x; i < MLA_HEADS * rope; i += blockDim.x) {
-        const int g = i / rope;
-        qp[i] = h0 + g < heads ? act_ld(q, ((size_t)r * heads + h0 + g) * (nope + rope) + nope + i % rope) : 0.f;
-    }
-    float m = NEG_INF, sum = 0.f, acc[MLA_MAX_LORA / 32];
+    // Warp w's share of the dims while scoring.
+    const int chunk = (D + 7) / 8, d0 = min(D, warp * chunk), d1 = min(D, d0 + chunk);
+    float m = NEG_INF, sum = 0.f, acc[H][COLS];
 #pragma unroll
-    for (int j = 0; j < MLA_MAX_LORA / 32; j++) acc[j] = 0.f;
+    for (int g = 0; g < H; g++)
+#pragma unroll
+        for (int j = 0; j < COLS; j++) acc[g][j] = 0.f;
 
-    for (int t0 = begin; t0 < end; t0 += MLA_TILE) {
-        const int cnt = min(MLA_TILE, end - t0);
+    for (int t0 = begin; t0 < end; t0 += KT) {
+        const int cnt = min(KT, end - t0);
         __syncthreads();  // the previous tile is consumed (on the first pass: q is stored)
-        if (threadIdx.x < MLA_TILE) {
+        if (threadIdx.x < KT) {
             int s = -1;
             if (threadIdx.x < cnt) {
                 const int p = kr ? kr[t0 + threadIdx.x] : t0 + threadIdx.x;
@@ -199,103 +221,100 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
             slot[threadIdx.x] = s;
         }
         __syncthreads();
-        // Warp w loads keys w, w + MLA_HEADS, ... (MLA_TILE = 4 · MLA_HEADS: four keys per warp), two at a time:
-        // a lane issues all of its loads of both keys before storing any, so they are in flight together — a
-        // decode row's few hundred blocks are otherwise bound by one memory latency per load.
-#pragma unroll 1
-        for (int t = warp; t < MLA_TILE; t += 2 * MLA_HEADS) {
-            const int sa = slot[t], sb = slot[t + MLA_HEADS];
-            float va[MLA_MAX_LORA / 32], vb[MLA_MAX_LORA / 32];
-#pragma unroll
-            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
-                const int l = lane + 32 * j;
-                va[j] = sa >= 0 && l < lora ? kv_load(c_lat, (size_t)sa * lora + l, dtype) : 0.f;
-                vb[j] = sb >= 0 && l < lora ? kv_load(c_lat, (size_t)sb * lora + l, dtype) : 0.f;
-            }
-            const float pa = sa >= 0 && lane < rope ? kv_load(c_pe, (size_t)sa * rope + lane, dtype) : 0.f;
-            const float pb = sb >= 0 && lane < rope ? kv_load(c_pe, (size_t)sb * rope + lane, dtype) : 0.f;
-            const float pa2 = sa >= 0 && lane + 32 < rope ? kv_load(c_pe, (size_t)sa * rope + lane + 32, dtype) : 0.f;
-            const float pb2 = sb >= 0 && lane + 32 < rope ? kv_load(c_pe, (size_t)sb * rope + lane + 32, dtype) : 0.f;
-            const float la = sa >= 0 ? scales[(size_t)sa * 3] : 0.f, ra = sa >= 0 ? scales[(size_t)sa * 3 + 1] : 0.f;
-            const float lb = sb >= 0 ? scales[(size_t)sb * 3] : 0.f, rb = sb >= 0 ? scales[(size_t)sb * 3 + 1] : 0.f;
-#pragma unroll
-            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
-                const int l = lane + 32 * j;
-                if (l < lora) {
-                    cs[t * ls + l] = va[j] * la;
-                    cs[(t + MLA_HEADS) * ls + l] = vb[j] * lb;
-                }
-            }
-            if (lane < rope) {
-                ps[t * rs + lane] = pa * ra;
-                ps[(t + MLA_HEADS) * rs + lane] = pb * rb;
-            }
-            if (lane + 32 < rope) {
-                ps[t * rs + lane + 32] = pa2 * ra;
-                ps[(t + MLA_HEADS) * rs + lane + 32] = pb2 * rb;
-            }
+        // Warp w loads keys w, w + 8, ...: a warp-wide run of each key's row.
+        for (int t = warp; t < KT; t += 8) {
+            const int s = slot[t];
+            const float sl = s >= 0 ? scales[(size_t)s * 3] : 0.f, sp = s >= 0 ? scales[(size_t)s * 3 + 1] : 0.f;
+#pragma unroll 4
+            for (int d = lane; d < lora; d += 32)
+                tile_st(ct, t * CS + d, s >= 0 ? kv_load(c_lat, (size_t)s * lora + d, dtype) * sl : 0.f);
+            for (int d = lane; d < rope; d += 32)
+                tile_st(ct, t * CS + lora + d, s >= 0 ? kv_load(c_pe, (size_t)s * rope + d, dtype) * sp : 0.f);
         }
         __syncthreads();
 
-        // Lane t scores key t for this warp's head.
-        float sc = NEG_INF;
-        if (slot[lane] >= 0) {
-            const float* qh = qs + warp * lora;
-            const float* ct = cs + lane * ls;
-            // Four independent sums: the dot product is a chain of shared-memory loads and FMAs otherwise.
-            float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-            int l = 0;
+        // Partial scores of key `lane` over this warp's dims, every head at once.
+        float a[H];
+#pragma unroll
+        for (int g = 0; g < H; g++) a[g] = 0.f;
+        if (lane < KT) {
+            const S* row = ct + lane * CS;
 #pragma unroll 4
-            for (; l + 4 <= lora; l += 4) {
-                a0 += qh[l] * ct[l];
-                a1 += qh[l + 1] * ct[l + 1];
-                a2 += qh[l + 2] * ct[l + 2];
-                a3 += qh[l + 3] * ct[l + 3];
+            for (int d = d0; d < d1; d++) {
+                const float c = tile_ld(row, d);
+                const float4 qa = *(const float4*)(qt + d * H), qb = *(const float4*)(qt + d * H + 4);
+                a[0] += qa.x * c;
+                a[1] += qa.y * c;
+                a[2] += qa.z * c;
+                a[3] += qa.w * c;
+                a[4] += qb.x * c;
+                a[5] += qb.y * c;
+                a[6] += qb.z * c;
+                a[7] += qb.w * c;
             }
-            for (; l < lora; l++) a0 += qh[l] * ct[l];
-            const float* qr = qp + warp * rope;
-            const float* pt = ps + lane * rs;
-            for (l = 0; l + 4 <= rope; l += 4) {
-                a0 += qr[l] * pt[l];
-                a1 += qr[l + 1] * pt[l + 1];
-                a2 += qr[l + 2] * pt[l + 2];
-                a3 += qr[l + 3] * pt[l + 3];
-            }
-            for (; l < rope; l++) a0 += qr[l] * pt[l];
-            sc = ((a0 + a1) + (a2 + a3)) * scale;
+#pragma unroll
+            for (int g = 0; g < H; g++) part[(warp * H + g) * KT + lane] = a[g];
         }
-        float mt = sc;
+        __syncthreads();
+
+        // Warp g: head h0 + g's scores of the tile and its online softmax.
+        {
+            float sc = NEG_INF;
+            if (lane < cnt && slot[lane] >= 0) {
+                float v = 0.f;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-        const float mn = fmaxf(m, mt);
-        // Nothing unmasked yet: mn = m = -inf, every p = 0 and the running sums stay 0.
-        const float corr = m == mn ? 1.f : __expf(m - mn);
-        const float p = sc == NEG_INF ? 0.f : __expf(sc - mn);
-        sum = sum * corr + warp_sum(p);
+                for (int w = 0; w < 8; w++) v += part[(w * H + warp) * KT + lane];
+                sc = v * scale;
+            }
+            float mt = sc;
 #pragma unroll
-        for (int j = 0; j < MLA_MAX_LORA / 32; j++) acc[j] *= corr;
+            for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+            const float mn = fmaxf(m, mt);
+            // Nothing unmasked yet: mn = m = -inf, every p = 0 and the running sums stay 0.
+            const float c = m == mn ? 1.f : __expf(m - mn);
+            const float p = sc == NEG_INF ? 0.f : __expf(sc - mn);
+            sum = sum * c + warp_sum(p);
+            m = mn;
+            if (lane < KT) pt[lane * H + warp] = p;
+            if (lane == 0) corr[warp] = c;
+        }
+        __syncthreads();
+
+        // The mix: thread i's columns i + 256·j of every head.
+        const float4 ca = *(const float4*)corr, cb = *(const float4*)(corr + 4);
+        const float cr[H] = {ca.x, ca.y, ca.z, ca.w, cb.x, cb.y, cb.z, cb.w};
+#pragma unroll
+        for (int g = 0; g < H; g++)
+#pragma unroll
+            for (int j = 0; j < COLS; j++) acc[g][j] *= cr[g];
         for (int t = 0; t < cnt; t++) {
-            const float pt = __shfl_sync(0xffffffffu, p, t);
-            const float* ct = cs + t * ls;
+            const float4 pa = *(const float4*)(pt + t * H), pb = *(const float4*)(pt + t * H + 4);
+            const float pr[H] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
 #pragma unroll
-            for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
-                const int l = lane + 32 * j;
-                if (l < lora) acc[j] += pt * ct[l];
+            for (int j = 0; j < COLS; j++) {
+                const int l = threadIdx.x + 32 * H * j;
+                if (l < lora) {
+                    const float c = tile_ld(ct, t * CS + l);
+#pragma unroll
+                    for (int g = 0; g < H; g++) acc[g][j] += pr[g] * c;
+                }
             }
         }
-        m = mn;
     }
-    if (h < heads) {
-        const size_t at = ((size_t)lr * heads + h) * splits + split;
 #pragma unroll
-        for (int j = 0; j < MLA_MAX_LORA / 32; j++) {
-            const int l = lane + 32 * j;
-            if (l < lora) o_part[at * lora + l] = acc[j];
+    for (int g = 0; g < H; g++) {
+        if (h0 + g >= heads) continue;
+        const size_t at = ((size_t)lr * heads + h0 + g) * splits + split;
+#pragma unroll
+        for (int j = 0; j < COLS; j++) {
+            const int l = threadIdx.x + 32 * H * j;
+            if (l < lora) o_part[at * lora + l] = acc[g][j];
         }
-        if (lane == 0) {
-            ml_part[at * 2] = m;
-            ml_part[at * 2 + 1] = sum;
-        }
+    }
+    if (h < heads && lane == 0) {
+        const size_t at = ((size_t)lr * heads + h) * splits + split;
+        ml_part[at * 2] = m;
+        ml_part[at * 2 + 1] = sum;
     }
 }
 

@@ -8,19 +8,16 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{MlaDims, Row};
 
-use crate::act::Act;
+use crate::act::{Act, ActDtype};
 use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
 use crate::indexer::GpuSelection;
 
-/// Heads per attention block (`MLA_HEADS`), keys per tile (`MLA_TILE`), rows per absorption block (`MLA_ROWS`).
+/// Heads per attention block (`MLA_HEADS`), rows per absorption block (`MLA_ROWS`).
 const HEADS_PER_BLOCK: usize = 8;
-const TILE: usize = 32;
 const ROWS_PER_BLOCK: usize = 8;
 /// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
 pub const MAX_LORA: usize = 512;
-/// The largest qk_rope the flash kernel loads (`MLA_MAX_ROPE`).
-pub const MAX_ROPE: usize = 64;
 /// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
 pub const MAX_SPLITS: usize = 16;
 const MIN_SPLIT_KEYS: usize = 64;
@@ -128,14 +125,8 @@ pub fn mla(
     if q.cols != d.heads * qk || q.rows != rows.len() {
         return Err(shape("mla_attention", format!("q [{}, {}]", q.rows, q.cols)));
     }
-    if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA || d.qk_rope > MAX_ROPE {
-        return Err(shape(
-            "mla_attention",
-            format!(
-                "kv_lora {} (at most {MAX_LORA}), qk_rope {} (at most {MAX_ROPE}) for this cache",
-                d.kv_lora, d.qk_rope
-            ),
-        ));
+    if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA {
+        return Err(shape("mla_attention", format!("kv_lora {} (at most {MAX_LORA}) for this cache", d.kv_lora)));
     }
     if kv_b.len() < d.heads * (d.qk_nope + d.v_head) * d.kv_lora {
         return Err(shape("mla_attention", format!("kv_b_proj holds {} values", kv_b.len())));
@@ -245,9 +236,16 @@ impl Step<'_> {
         let mut ml_part = scratch(b, c.rows * d.heads * c.splits * 2)?;
         let f = b.f(&format!("mla_flash_{}", self.suffix()))?;
         let (lora, rope) = (d.kv_lora, d.qk_rope);
-        let floats = TILE * (lora + 1) + TILE * (rope + 1) + HEADS_PER_BLOCK * (lora + rope);
+        // The kernel's shared layout (FlashTile): keys per tile and the tile's element size and row padding.
+        let (kt, esize, pad) = match self.q.data.dtype() {
+            ActDtype::Bf16 => (32, 2, 2),
+            ActDtype::F32 => (16, 4, 1),
+        };
+        let dims = lora + rope;
+        let floats = dims * HEADS_PER_BLOCK + 8 * HEADS_PER_BLOCK * kt + kt * HEADS_PER_BLOCK + HEADS_PER_BLOCK;
+        let smem = floats * 4 + kt * 4 + kt * (dims + pad) * esize;
         let grid = (d.heads.div_ceil(HEADS_PER_BLOCK) as u32, c.rows as u32, c.splits as u32);
-        let cfg = smem_cfg(b, f, grid, (32 * HEADS_PER_BLOCK) as u32, floats * 4 + TILE * 4)?;
+        let cfg = smem_cfg(b, f, grid, (32 * HEADS_PER_BLOCK) as u32, smem)?;
         let null: u64 = 0;
         let stride = self.selection.map_or(0, |s| s.stride() as i32);
         let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);

@@ -393,8 +393,8 @@ impl Backend for CudaBackend {
         if x.cols != spec.heads * spec.head_dim || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
             return Err(shape("rope", format!("{spec:?} for [{}, {}]", x.rows, x.cols)));
         }
-        let pos = self.upload_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>())?;
-        let freq = self.gpu.stream.clone_htod(inv_freq).map_err(md("upload"))?;
+        let pos = self.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
+        let freq = self.gpu.uploaded_f32(inv_freq).map_err(m)?;
         let (r, h, d, o, hf, il) = (
             x.rows as i32,
             spec.heads as i32,
@@ -404,7 +404,7 @@ impl Backend for CudaBackend {
             i32::from(spec.interleaved),
         );
         let mut l = self.gpu.stream.launch_builder(self.op("rope", &x.data)?);
-        l.arg(&mut x.data).arg(&pos).arg(&freq).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
+        l.arg(&mut x.data).arg(pos.as_ref()).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
         // SAFETY: matches rope_*; shapes checked above.
         unsafe { l.launch(grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
         Ok(())

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result, drv};
@@ -46,6 +46,44 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
     /// Per-op timing while on (`profile.rs`).
     pub(crate) profiler: crate::profile::Profiler,
+    /// Exported buffers for reuse and opened IPC handles (`ipc.rs`).
+    pub(crate) ipc: Arc<Mutex<crate::ipc::IpcState>>,
+    /// Small read-only inputs uploaded recently, by content (`uploaded_*`).
+    recent: Mutex<Recent>,
+}
+
+/// The last few small uploads of each kind: a step's positions serve its every RoPE of every layer, a model's
+/// inverse frequencies every call.
+#[derive(Default)]
+struct Recent {
+    i32s: Vec<(Vec<i32>, Arc<CudaSlice<i32>>)>,
+    f32s: Vec<(Vec<u32>, Arc<CudaSlice<f32>>)>,
+}
+
+/// Entries kept per kind.
+const RECENT: usize = 4;
+
+fn recall<K: PartialEq, T>(list: &mut Vec<(K, Arc<T>)>, key: K, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    if let Some(i) = list.iter().position(|(k, _)| *k == key) {
+        let hit = list.remove(i);
+        let v = hit.1.clone();
+        list.push(hit);
+        return Ok(v);
+    }
+    let v = Arc::new(make()?);
+    if list.len() >= RECENT {
+        list.remove(0);
+    }
+    list.push((key, v.clone()));
+    Ok(v)
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            self.ipc.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
 }
 
 impl Gpu {
@@ -93,7 +131,22 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             profiler: Default::default(),
+            ipc: Default::default(),
+            recent: Default::default(),
         })
+    }
+
+    /// `v` on the device, uploaded once while it is among the last few such values (never write to it).
+    pub fn uploaded_i32(&self, v: &[i32]) -> Result<Arc<CudaSlice<i32>>> {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recall(&mut r.i32s, v.to_vec(), || self.stream.clone_htod(v).map_err(drv("upload")))
+    }
+
+    /// As `uploaded_i32`, for f32 values (compared bit for bit).
+    pub fn uploaded_f32(&self, v: &[f32]) -> Result<Arc<CudaSlice<f32>>> {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let key: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        recall(&mut r.f32s, key, || self.stream.clone_htod(v).map_err(drv("upload")))
     }
 
     /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.
@@ -150,7 +203,30 @@ fn defines(cubin: &[u8], symbol: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::defines;
+    use std::sync::Arc;
+
+    use super::{RECENT, defines, recall};
+
+    #[test]
+    fn recent_uploads_are_reused_by_content_and_the_oldest_is_dropped() {
+        let mut list = Vec::new();
+        let mut made = 0;
+        let mut get = |list: &mut Vec<(Vec<i32>, Arc<usize>)>, k: Vec<i32>| {
+            *recall(list, k, || {
+                made += 1;
+                Ok(made)
+            })
+            .unwrap()
+        };
+        assert_eq!(get(&mut list, vec![1, 2]), 1);
+        assert_eq!(get(&mut list, vec![1, 2]), 1, "same content: the same upload");
+        assert_eq!(get(&mut list, vec![2, 1]), 2);
+        for k in 3..3 + RECENT as i32 {
+            get(&mut list, vec![k]);
+        }
+        assert_eq!(list.len(), RECENT);
+        assert_eq!(get(&mut list, vec![1, 2]), 3 + RECENT, "evicted, so uploaded again");
+    }
 
     #[test]
     fn a_symbol_is_found_only_as_a_whole_name() {
