@@ -4,7 +4,8 @@
 //! - `recipes`: recipes in SQLite (`data/controller.db`, schema in `migrations/`), and the `recipe` CLI.
 //! - `pidfile`, `lifecycle`: the PID file under `flock`, and `start` / `stop` / `status`.
 //! - `planner`: placement of the model's layers onto devices under memory budgets.
-//! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline;
+//! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline
+//!   (`requests`: what it exchanges with the HTTP side);
 //!   `admission`: the rule that admits sequences against the KV caches the workers report.
 //! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).
 pub mod admission;
@@ -15,6 +16,7 @@ pub mod lifecycle;
 pub mod pidfile;
 pub mod planner;
 pub mod recipes;
+pub mod requests;
 pub mod scheduler;
 pub mod serve;
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pipemoe_proto::worker_v1::worker_client::WorkerClient;
 use pipemoe_proto::worker_v1::worker_server::{Worker as WorkerRpc, WorkerServer};
@@ -15,7 +15,7 @@ use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::admission::WorkerCache;
+use crate::admission::{TooLarge, WorkerCache};
 use crate::fleet::Worker;
 use crate::planner::StagePlan;
 
