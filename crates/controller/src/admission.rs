@@ -1,7 +1,9 @@
 //! Admission against the KV cache. Each GPU worker reports at start how many positions its cache holds and in
-//! blocks of how many ([`WorkerCache`]); a sequence is admitted only while every such worker has room for its
-//! prompt + max_tokens, in whole blocks, beside the sequences already admitted ([`CacheBudget`]). The others
-//! wait in order; one that cannot fit even alone is refused ([`TooLarge`]). CPU workers' caches have no bound.
+//! blocks of how many ([`WorkerCache`]); a sequence is admitted only while every such worker has room, in whole
+//! blocks, for what it will cache next (its prompt and a stretch of tokens ahead, at most prompt + max_tokens)
+//! beside the sequences already admitted ([`CacheBudget`]), and its hold grows as it generates (`try_grow`; the
+//! scheduler preempts a sequence when one cannot grow). The others wait in order; one whose prompt + max_tokens
+//! cannot fit even alone is refused ([`TooLarge`]). CPU workers' caches have no bound.
 //!
 //! A sequence's room is held from admission until every worker has freed it (the Free rpc returned), so a
 //! new sequence never meets blocks a finished one still holds.
@@ -97,6 +99,19 @@ impl CacheBudget {
         fits
     }
 
+    /// Grows a sequence's hold from `from` to `to` positions on every worker, if each has the extra blocks;
+    /// `false` changes nothing. A hold grown this way is given back by `release(to)`.
+    pub fn try_grow(&mut self, from: usize, to: usize) -> bool {
+        let extra = |w: &WorkerCache| w.held(to).saturating_sub(w.held(from));
+        let fits = self.limits.workers.iter().zip(&self.held).all(|(w, &h)| h + extra(w) <= w.capacity);
+        if fits {
+            for (w, h) in self.limits.workers.iter().zip(&mut self.held) {
+                *h += extra(w);
+            }
+        }
+        fits
+    }
+
     /// Gives back what `try_reserve(positions)` held.
     pub fn release(&mut self, positions: usize) {
         for (w, h) in self.limits.workers.iter().zip(&mut self.held) {
@@ -156,6 +171,16 @@ mod tests {
         b.release(100);
         b.release(64);
         b.release(1);
+        assert_eq!(b.tightest(), Some((256, 0)));
+        // A hold grows by whole blocks, only while every worker has them, and is given back at its new size.
+        assert!(b.try_reserve(10));
+        assert!(b.try_grow(10, 64), "within its block: nothing more to hold");
+        assert_eq!(b.tightest(), Some((256, 64)));
+        assert!(b.try_grow(64, 200));
+        assert_eq!(b.tightest(), Some((256, 256)));
+        assert!(!b.try_grow(200, 257));
+        assert_eq!(b.tightest(), Some((256, 256)), "a refused growth holds nothing more");
+        b.release(200);
         assert_eq!(b.tightest(), Some((256, 0)));
         // Without bounded workers everything fits.
         let mut open = CacheBudget::new(CacheLimits::default());

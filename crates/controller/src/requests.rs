@@ -95,5 +95,8 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// A step that takes longer fails its sequences (a hung worker must not hang requests).
     pub step_timeout: Duration,
+    /// Positions a sequence holds in the KV caches beyond what it has cached (its hold grows by this much when
+    /// it reaches the end of it; never beyond prompt + max_tokens): requests without max_tokens do not hold a
+    /// whole context each from the start.
+    pub reserve_ahead: usize,
 }
-

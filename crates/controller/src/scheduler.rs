@@ -2,13 +2,16 @@
 //! the fleet; the HTTP handlers talk to it over channels. Each step carries prefill chunks and decode tokens of
 //! many sequences; up to one step per worker is in flight, over disjoint sequences, so every worker has work
 //! when there are enough streams. Token text, stop strings and finish reasons are settled here, once.
-//! Sequences enter only while the workers' KV caches have room for them (admission.rs); the rest wait in order.
+//! Sequences enter only while the workers' KV caches have room for what they cache next (admission.rs); the rest
+//! wait in order. A sequence's hold grows as it generates; when it cannot, the youngest admitted sequence is
+//! preempted — freed on the workers and queued first, to recompute its cache (prompt and tokens so far) when
+//! there is room again (scheduler_growth.rs).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use pipemoe_model::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
-use pipemoe_proto::worker_v1::{FreeRequest, SeqChunk, StepRequest, StepResponse};
+use pipemoe_proto::worker_v1::{SeqChunk, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -35,7 +38,8 @@ pub struct Scheduler {
 enum Phase {
     /// Waiting for room in the KV caches; nothing of it is on the workers.
     Queued,
-    /// Prompt positions `[0, done)` are cached; the rest still to prefill.
+    /// Positions `[0, done)` of its context (the prompt; after a preemption, with the tokens generated before
+    /// the last) are cached; the rest still to prefill.
     Prefilling { done: usize },
     /// The prompt is cached and tokens are being generated.
     Decoding,
@@ -43,8 +47,12 @@ enum Phase {
 
 struct Seq {
     req: GenRequest,
-    /// Positions it may fill: prompt + max_tokens, within max_model_len (what admission holds for it).
-    positions: usize,
+    /// Positions it may fill at most: prompt + max_tokens, within max_model_len.
+    limit: usize,
+    /// Positions admission holds for it now (0 while queued).
+    held: usize,
+    /// When it was last admitted: the youngest is preempted first.
+    admitted: u64,
     phase: Phase,
     generated: Vec<u32>,
     decoder: StreamDecoder,
@@ -99,6 +107,8 @@ impl Scheduler {
             events_tx,
             budget,
             frees: JoinSet::new(),
+            admissions: 0,
+            starving: false,
         };
         core.warn_if_short();
         core.publish_cache();
@@ -137,6 +147,11 @@ struct Core {
     budget: CacheBudget,
     /// Free rpcs under way: each yields its fleet generation and the positions to give back.
     frees: JoinSet<(u64, usize)>,
+    /// Admissions so far (each sequence's `admitted` is this count at its admission).
+    admissions: u64,
+    /// A decoding sequence could not grow its hold last round: admit nothing until it has (a preempted
+    /// sequence readmitted at once would take the room back).
+    starving: bool,
 }
 
 impl Core {
@@ -209,21 +224,23 @@ impl Core {
                 format!("prompt of {} tokens does not fit max_model_len {}", req.prompt.len(), self.cfg.max_model_len),
             );
         }
-        let positions = (req.prompt.len() + req.max_tokens).min(self.cfg.max_model_len);
-        if let Err(too_large) = self.budget.limits().check(positions) {
+        let limit = (req.prompt.len() + req.max_tokens).min(self.cfg.max_model_len);
+        if let Err(too_large) = self.budget.limits().check(limit) {
             tracing::info!(request = %req.request_id, %too_large, "refused");
             let _ = req.events.send(SeqEvent::Refused(too_large));
             return;
         }
         let id = self.next_seq;
         self.next_seq += 1;
-        tracing::debug!(request = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), positions, "queued");
+        tracing::debug!(request = %req.request_id, seq = id, prompt_tokens = req.prompt.len(), limit, "queued");
         let stops = StopMatcher::new(req.stop.iter().cloned());
         self.seqs.insert(
             id,
             Seq {
                 req,
-                positions,
+                limit,
+                held: 0,
+                admitted: 0,
                 phase: Phase::Queued,
                 generated: Vec::new(),
                 decoder: StreamDecoder::new(true),
@@ -237,7 +254,7 @@ impl Core {
     /// Admits waiting sequences in arrival order while the caches have room for them; one that does not fit
     /// stops the rest (first come, first served). A waiting sequence whose client left is dropped.
     fn admit_waiting(&mut self) {
-        if self.fleet.is_none() {
+        if self.fleet.is_none() || self.starving {
             return;
         }
         let waiting: Vec<u64> = self
@@ -253,13 +270,17 @@ impl Core {
                 self.end(id, Ok(Finish::Stop));
                 continue;
             }
-            if !self.budget.try_reserve(s.positions) {
-                tracing::debug!(request = %s.req.request_id, positions = s.positions, "waiting for KV cache room");
+            let want = s.want(self.cfg.reserve_ahead);
+            if !self.budget.try_reserve(want) {
+                tracing::debug!(request = %s.req.request_id, positions = want, "waiting for KV cache room");
                 return;
             }
-            tracing::debug!(request = %s.req.request_id, seq = id, positions = s.positions, "admitted");
+            tracing::debug!(request = %s.req.request_id, seq = id, positions = want, "admitted");
+            self.admissions += 1;
             if let Some(s) = self.seqs.get_mut(&id) {
                 s.phase = Phase::Prefilling { done: 0 };
+                s.held = want;
+                s.admitted = self.admissions;
             }
         }
     }
@@ -267,11 +288,13 @@ impl Core {
     /// Forms steps from idle sequences while fewer than `max_inflight` are out.
     fn schedule(&mut self) {
         let Some(head) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) else { return };
+        let starved = self.grow_holds();
         while self.steps.len() < self.cfg.max_inflight {
             let idle: Vec<u64> = self
                 .queue
                 .iter()
                 .copied()
+                .filter(|id| !starved.contains(id))
                 .filter(|id| self.seqs.get(id).is_some_and(|s| !s.in_flight && s.phase != Phase::Queued))
                 .collect();
             if idle.is_empty() {
@@ -291,11 +314,12 @@ impl Core {
                 let (chunk, end) = match s.phase {
                     Phase::Queued => continue,
                     Phase::Prefilling { done } => {
-                        let end = (done + budget).min(s.req.prompt.len());
-                        let last = end == s.req.prompt.len();
+                        let context = s.context_len();
+                        let end = (done + budget).min(context);
                         budget -= end - done;
-                        let tokens = s.req.prompt[done..end].to_vec();
-                        let sampling = last.then_some(s.req.sampling);
+                        let tokens = s.context(done, end);
+                        // A recomputed context's next token is known (its last generated one): nothing to sample.
+                        let sampling = (end == context && s.generated.is_empty()).then_some(s.req.sampling);
                         (SeqChunk { seq: id, start: done as u32, tokens, sampling }, Some(end))
                     }
                     Phase::Decoding => {
@@ -357,11 +381,14 @@ impl Core {
             let Some(s) = self.seqs.get_mut(&id) else { continue };
             s.in_flight = false;
             if let Some(end) = chunk_end {
-                if end < s.req.prompt.len() {
+                if end < s.context_len() {
                     s.phase = Phase::Prefilling { done: end };
                     continue;
                 }
                 s.phase = Phase::Decoding;
+                if !s.generated.is_empty() {
+                    continue; // a preempted sequence's context is cached again; it decodes from its last token
+                }
             }
             let Some(tok) = sampled.remove(&id) else {
                 self.end(id, Err("the pipeline returned no token".into()));
@@ -421,27 +448,7 @@ impl Core {
         if s.phase == Phase::Queued {
             return;
         }
-        // The room it held is given back once Free has gone down the chain (or failed: a worker that does not
-        // answer takes the fleet down with it). Free waits on each worker behind the steps already queued there,
-        // so it gets a step's time, not less: given back early, the room would be admitted again while a worker
-        // still holds it, and the next sequence's step would find that worker's cache full.
-        let positions = s.positions;
-        let limit = self.cfg.step_timeout;
-        match self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) {
-            Some(mut c) => {
-                let generation = self.spec.generation;
-                self.frees.spawn(async move {
-                    let freed = tokio::time::timeout(limit, c.free(FreeRequest { seqs: vec![id] })).await;
-                    match freed {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(status)) => tracing::warn!(seq = id, %status, "free failed"),
-                        Err(_) => tracing::warn!(seq = id, "free took longer than {} s", limit.as_secs()),
-                    }
-                    (generation, positions)
-                });
-            }
-            None => self.budget.release(positions),
-        }
+        self.free_on_workers(id, s.held);
     }
 
     /// Publishes admission's view for the API and `/metrics`.
@@ -504,6 +511,8 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+#[path = "scheduler_growth.rs"]
+mod growth;
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]
 mod tests;

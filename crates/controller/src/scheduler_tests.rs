@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pipemoe_proto::worker_v1::worker_client::WorkerClient;
 use pipemoe_proto::worker_v1::worker_server::{Worker as WorkerRpc, WorkerServer};
 use pipemoe_proto::worker_v1::{
-    FreeResponse, HealthRequest, HealthResponse, Sampled, ShutdownRequest, ShutdownResponse, WorkerState,
+    FreeRequest, FreeResponse, HealthRequest, HealthResponse, Sampled, ShutdownRequest, ShutdownResponse, WorkerState,
 };
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status};
@@ -31,6 +31,9 @@ struct Cache {
     seqs: HashMap<u64, usize>,
     peak_seqs: usize,
     full: usize,
+    /// Sequences freed and not seen since; one that starts again from position 0 was recomputed.
+    freed: std::collections::HashSet<u64>,
+    restarts: usize,
 }
 
 fn blocks(positions: &usize) -> usize {
@@ -58,6 +61,9 @@ impl WorkerRpc for Fake {
             let mut c = self.cache();
             let mut after = c.seqs.clone();
             for chunk in &req.chunks {
+                if chunk.start == 0 && c.freed.remove(&chunk.seq) {
+                    c.restarts += 1;
+                }
                 let cached = after.entry(chunk.seq).or_default();
                 if chunk.start as usize != *cached {
                     return Err(Status::invalid_argument(format!("sequence {} starts at {}", chunk.seq, chunk.start)));
@@ -94,6 +100,7 @@ impl WorkerRpc for Fake {
         let mut c = self.cache();
         for seq in request.into_inner().seqs {
             c.seqs.remove(&seq);
+            c.freed.insert(seq);
         }
         Ok(Response::new(FreeResponse {}))
     }
@@ -109,6 +116,11 @@ fn demo() -> PathBuf {
 
 /// A scheduler over one fake worker that reports `reported` positions of cache and really holds `real`.
 async fn start(reported: usize, real: usize) -> anyhow::Result<(Scheduler, Fake)> {
+    start_with(reported, real, 256).await
+}
+
+/// As `start`, with sequences holding `ahead` positions beyond what they have cached.
+async fn start_with(reported: usize, real: usize, ahead: usize) -> anyhow::Result<(Scheduler, Fake)> {
     let fake = Fake::default();
     fake.cache().capacity_blocks = real / BLOCK;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -146,6 +158,7 @@ async fn start(reported: usize, real: usize) -> anyhow::Result<(Scheduler, Fake)
         max_inflight: 2,
         max_step_tokens: 512,
         step_timeout: Duration::from_secs(10),
+        reserve_ahead: ahead,
     };
     let tokenizer = Arc::new(Tokenizer::from_dir(demo())?);
     let (events_tx, events_rx) = mpsc::unbounded_channel();
@@ -239,4 +252,24 @@ async fn a_full_worker_cache_fails_only_the_step_that_found_it() -> anyhow::Resu
     assert_eq!(tokens, 39);
     assert_eq!(fake.cache().full, 1);
     all_freed(&fake).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_that_cannot_grow_preempts_the_youngest_which_recomputes_and_finishes() -> anyhow::Result<()> {
+    // Three blocks. Each sequence needs all three by its end (10 + 150 positions) but is admitted holding one
+    // (10 + 32 ahead), so both start; when the older one must grow past two blocks, the younger is preempted,
+    // and it recomputes its prompt and tokens when the older one is done.
+    let (s, fake) = start_with(192, 192, 32).await?;
+    let mut rxs = [submit(&s, "older", 150), submit(&s, "younger", 150)];
+    for rx in &mut rxs {
+        let (end, tokens) = outcome(rx).await?;
+        assert_eq!(end, SeqEvent::Done { finish: Finish::Length, prompt_tokens: 10, completion_tokens: 150 });
+        assert_eq!(tokens, 150, "every token once, none lost or repeated by the preemption");
+    }
+    all_freed(&fake).await?;
+    let c = fake.cache();
+    assert_eq!(c.peak_seqs, 2, "both ran at once (holding whole limits, one would have waited for the other)");
+    assert!(c.restarts >= 1, "a preempted sequence recomputed its cache from position 0");
+    assert_eq!(c.full, 0, "no step met a full cache");
+    Ok(())
 }

@@ -161,6 +161,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_inflight: p.plan.len(),
         max_step_tokens: 512,
         step_timeout: Duration::from_secs(300),
+        reserve_ahead: 256,
     };
     let (scheduler, sched_task) = Scheduler::spawn(cfg, tokenizer.clone(), fleet, spec, events_rx, events_tx);
     let state = Arc::new(AppState {
