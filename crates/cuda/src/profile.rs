@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
@@ -17,6 +17,9 @@ use crate::gpu::Gpu;
 #[derive(Default)]
 pub struct Profiler {
     on: AtomicBool,
+    /// Spans open now: an op called inside another (the experts' per-expert linears on the prefill path) is
+    /// counted in the outer one only.
+    depth: AtomicUsize,
     spans: Mutex<Vec<Span>>,
 }
 
@@ -89,13 +92,20 @@ impl Gpu {
         Ok(Profile { ops, window_s, idle_s })
     }
 
-    /// A span for one op while profiling is on (`name` is only built then). Ops must not nest.
+    /// A span for one op while profiling is on (`name` is only built then); `None` inside another span.
     pub fn span(&self, name: impl FnOnce() -> String) -> Option<SpanGuard<'_>> {
         if !self.profiler.on.load(Ordering::Relaxed) {
             return None;
         }
-        let start = self.event()?;
-        start.record(&self.stream).ok()?;
+        if self.profiler.depth.fetch_add(1, Ordering::Relaxed) > 0 {
+            self.profiler.depth.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        // From here the guard (or this failure path) gives the depth back.
+        let Some(start) = self.event().filter(|e| e.record(&self.stream).is_ok()) else {
+            self.profiler.depth.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        };
         Some(SpanGuard { gpu: self, name: name(), start: Some(start), t0: Instant::now() })
     }
 
@@ -106,6 +116,7 @@ impl Gpu {
 
 impl Drop for SpanGuard<'_> {
     fn drop(&mut self) {
+        self.gpu.profiler.depth.fetch_sub(1, Ordering::Relaxed);
         let host_s = self.t0.elapsed().as_secs_f64();
         let Some(end) = self.gpu.event() else { return };
         if end.record(&self.gpu.stream).is_err() {
