@@ -320,13 +320,15 @@ impl Core {
                         let tokens = s.context(done, end);
                         // A recomputed context's next token is known (its last generated one): nothing to sample.
                         let sampling = (end == context && s.generated.is_empty()).then_some(s.req.sampling);
-                        (SeqChunk { seq: id, start: done as u32, tokens, sampling }, Some(end))
+                        let generated = s.generated.len() as u32;
+                        (SeqChunk { seq: id, start: done as u32, tokens, sampling, generated }, Some(end))
                     }
                     Phase::Decoding => {
                         budget = budget.saturating_sub(1);
                         let pos = s.req.prompt.len() + s.generated.len() - 1;
                         let tokens = vec![s.generated.last().copied().unwrap_or(0)];
-                        (SeqChunk { seq: id, start: pos as u32, tokens, sampling: Some(s.req.sampling) }, None)
+                        let (sampling, generated) = (Some(s.req.sampling), s.generated.len() as u32);
+                        (SeqChunk { seq: id, start: pos as u32, tokens, sampling, generated }, None)
                     }
                 };
                 s.in_flight = true;

@@ -3,8 +3,8 @@
 //! no room for them, the youngest admitted sequence that is not in a step is preempted — freed on the workers,
 //! its hold given back once Free has returned, and queued first to be admitted again. Its generated tokens stay
 //! (the client already has them): readmitted, it prefills its prompt and every generated token but the last,
-//! then decodes from the last. Greedy decoding continues exactly as if nothing happened; a seeded sampler starts
-//! again from its seed at the first token after the preemption.
+//! then decodes from the last. It samples as if nothing happened: every chunk tells the last worker how many
+//! tokens came before (`SeqChunk.generated`), and the sampler it makes afresh resumes its seeded stream there.
 
 use std::collections::HashSet;
 

@@ -87,6 +87,16 @@ impl Sampler {
         &self.params
     }
 
+    /// Continues the seeded stream as if `tokens` tokens had been sampled already (a non-greedy sample draws
+    /// once; greedy ones never do): a sequence recomputed after a preemption samples as it would have.
+    pub fn resume_after(&mut self, tokens: u64) {
+        if !self.params.is_greedy() {
+            for _ in 0..tokens {
+                self.rng.next_u64();
+            }
+        }
+    }
+
     /// The next token. Logits with no finite value (or an empty slice) give the greedy answer (0 for empty).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
@@ -238,6 +248,19 @@ impl Xoshiro256 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_resumed_sampler_continues_the_stream() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 23) as f32 * 0.25).collect();
+        let params = super::SamplingParams { temperature: 1.2, top_p: 0.95, top_k: 0, seed: Some(9) };
+        let mut whole = super::Sampler::new(params).unwrap();
+        let first: Vec<u32> = (0..10).map(|_| whole.sample(&logits)).collect();
+        let mut resumed = super::Sampler::new(params).unwrap();
+        resumed.resume_after(4);
+        let rest: Vec<u32> = (0..6).map(|_| resumed.sample(&logits)).collect();
+        assert_eq!(rest, first[4..], "tokens 4.. of the whole stream");
+        assert_ne!(first[..6], first[4..], "the stream is not constant (the check could not fail)");
+    }
+
     use super::*;
 
     fn sampler(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> Sampler {

@@ -81,7 +81,7 @@ async fn worker_serves_steps_and_drains_on_sigterm() -> Result<()> {
     let format = ChatFormat::for_model("deepseek_v32", &tok)?;
     let prompt = tok.encode(&format.render(&[Message::user("What is 12 + 30?")], &ChatOptions::default())?)?;
     let greedy = Some(Sampling { temperature: 0.0, top_p: 1.0, ..Sampling::default() });
-    let mut chunk = SeqChunk { seq: 1, start: 0, tokens: prompt, sampling: greedy };
+    let mut chunk = SeqChunk { seq: 1, start: 0, tokens: prompt, sampling: greedy, generated: 0 };
     let mut answer = Vec::new();
     for step_id in 0..12 {
         let resp = client.step(StepRequest { step_id, chunks: vec![chunk.clone()], hidden: None }).await?;
@@ -90,8 +90,13 @@ async fn worker_serves_steps_and_drains_on_sigterm() -> Result<()> {
             break;
         }
         answer.push(token);
-        chunk =
-            SeqChunk { seq: 1, start: chunk.start + chunk.tokens.len() as u32, tokens: vec![token], sampling: greedy };
+        chunk = SeqChunk {
+            seq: 1,
+            start: chunk.start + chunk.tokens.len() as u32,
+            tokens: vec![token],
+            sampling: greedy,
+            generated: 0,
+        };
     }
     assert_eq!(tok.decode(&answer, true)?, "42");
 

@@ -98,7 +98,7 @@ impl<B: Backend> Engine<B> {
         let wanted: Vec<(usize, SeqId, SampleSpec)> =
             sampled.iter().filter_map(|(row, c)| c.sample.map(|spec| (*row, c.seq, spec))).collect();
         for &(_, seq, spec) in &wanted {
-            self.start_sampler(seq, spec.params).map_err(model)?;
+            self.start_sampler(seq, spec.params, spec.generated).map_err(model)?;
         }
         // Each chunk's sampler, lent for the step (sequences are unique within a step).
         let order: HashMap<SeqId, usize> = wanted.iter().enumerate().map(|(k, w)| (w.1, k)).collect();
@@ -151,13 +151,16 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Creates the sequence's sampler at its first sampled chunk (seeded from the seq id when it has no seed).
-    fn start_sampler(&mut self, seq: SeqId, params: SamplingParams) -> pipemoe_model::Result<()> {
+    /// Creates the sequence's sampler at its first sampled chunk (seeded from the seq id when it has no seed),
+    /// its stream resumed after the `generated` tokens the sequence already has (after a preemption).
+    fn start_sampler(&mut self, seq: SeqId, params: SamplingParams, generated: u64) -> pipemoe_model::Result<()> {
         let salt = self.seed_salt;
         let state = self.seqs.entry(seq).or_insert(SeqState { params, sampler: None });
         if state.sampler.is_none() {
             let seed = params.seed.unwrap_or_else(|| splitmix64(salt ^ seq));
-            state.sampler = Some(Sampler::new(SamplingParams { seed: Some(seed), ..params })?);
+            let mut sampler = Sampler::new(SamplingParams { seed: Some(seed), ..params })?;
+            sampler.resume_after(generated);
+            state.sampler = Some(sampler);
         }
         Ok(())
     }

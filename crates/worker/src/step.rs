@@ -24,10 +24,12 @@ pub struct SampleSpec {
     pub logprobs: bool,
     /// Capped at [`MAX_TOP_LOGPROBS`].
     pub top_logprobs: usize,
+    /// Tokens the sequence generated before this one: where a sampler made now resumes its seeded stream.
+    pub generated: u64,
 }
 
 impl SampleSpec {
-    fn from_proto(s: &Sampling) -> Self {
+    fn from_proto(s: &Sampling, generated: u32) -> Self {
         SampleSpec {
             params: SamplingParams {
                 temperature: s.temperature,
@@ -37,6 +39,7 @@ impl SampleSpec {
             },
             logprobs: s.logprobs,
             top_logprobs: (s.top_logprobs as usize).min(MAX_TOP_LOGPROBS),
+            generated: u64::from(generated),
         }
     }
 }
@@ -105,7 +108,7 @@ impl Plan {
                     cfg.max_position_embeddings
                 )));
             }
-            let sample = c.sampling.as_ref().map(SampleSpec::from_proto);
+            let sample = c.sampling.as_ref().map(|s| SampleSpec::from_proto(s, c.generated));
             if let Some(s) = &sample {
                 s.params.validate().map_err(|e| invalid(format!("sequence {seq}: {e}")))?;
             }
@@ -218,7 +221,7 @@ mod tests {
     }
 
     fn chunk(seq: u64, start: u32, tokens: &[u32], sampling: Option<Sampling>) -> SeqChunk {
-        SeqChunk { seq, start, tokens: tokens.to_vec(), sampling }
+        SeqChunk { seq, start, tokens: tokens.to_vec(), sampling, generated: 0 }
     }
 
     fn greedy() -> Option<Sampling> {

@@ -194,3 +194,36 @@ async fn seeded_sampling_is_reproducible() -> Result<()> {
     assert_eq!(runs[0], runs[1], "same seed, same prompt, same tokens");
     chain.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_recomputed_after_a_preemption_continues_its_seeded_stream() -> Result<()> {
+    let chain = Chain::start().await?;
+    let mut c = chain.entry();
+    let hot = Some(Sampling { temperature: 2.0, top_p: 1.0, seed: Some(42), ..Sampling::default() });
+    // A prompt the demo was never trained on, so its next-token distributions are wide and the draws matter.
+    let p: &Vec<u32> = &(0..24).map(|i| 40 + (i * 7) % 50).collect();
+    // Eight tokens in one go.
+    let mut whole = Vec::new();
+    let mut next = chunk(1, 0, p, hot);
+    for step_id in 0..8 {
+        let t = step(&mut c, 100 + step_id, vec![next.clone()]).await?.sampled[0].token;
+        whole.push(t);
+        next = chunk(1, next.start as usize + next.tokens.len(), &[t], hot);
+        next.generated = whole.len() as u32;
+    }
+    // As the scheduler recomputes a sequence preempted after four tokens: its prompt and first three tokens
+    // prefilled without sampling, then decoding from the fourth, the sampler told four came before.
+    let context: Vec<u32> = p.iter().chain(&whole[..3]).copied().collect();
+    step(&mut c, 200, vec![chunk(2, 0, &context, None)]).await?;
+    let mut next = chunk(2, context.len(), &whole[3..4], hot);
+    next.generated = 4;
+    let mut resumed = Vec::new();
+    for step_id in 0..4 {
+        let t = step(&mut c, 201 + step_id, vec![next.clone()]).await?.sampled[0].token;
+        resumed.push(t);
+        next = chunk(2, next.start as usize + 1, &[t], hot);
+        next.generated = 4 + resumed.len() as u32;
+    }
+    assert_eq!(resumed, whole[4..], "the recomputed sequence samples as the uninterrupted one did");
+    chain.stop().await
+}

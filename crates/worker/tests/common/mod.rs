@@ -122,7 +122,7 @@ pub fn greedy() -> Sampling {
 }
 
 pub fn chunk(seq: u64, start: usize, tokens: &[u32], sampling: Option<Sampling>) -> SeqChunk {
-    SeqChunk { seq, start: start as u32, tokens: tokens.to_vec(), sampling }
+    SeqChunk { seq, start: start as u32, tokens: tokens.to_vec(), sampling, generated: 0 }
 }
 
 pub async fn step(c: &mut Client, step_id: u64, chunks: Vec<SeqChunk>) -> Result<StepResponse, tonic::Status> {
