@@ -1,6 +1,7 @@
 //! End to end: the built `pipemoe` binary as a user runs it — controller plus three CPU worker processes on the
 //! demo model — talked to over HTTP.
 
+mod cache;
 mod clients;
 mod gpu;
 mod lifecycle;

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long, env = "PIPEMOE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     pub log_json: bool,
+    /// KV cache positions a sequence holds beyond what it has cached, grown by as much when it gets there
+    /// (smaller packs more sequences into the cache and preempts sooner when it is full).
+    #[arg(long, env = "PIPEMOE_RESERVE_AHEAD", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reserve_ahead: u32,
 }
 
 /// Logs to stderr with `PIPEMOE_LOG` (EnvFilter syntax, default `info`).
@@ -161,7 +165,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_inflight: p.plan.len(),
         max_step_tokens: 512,
         step_timeout: Duration::from_secs(300),
-        reserve_ahead: 256,
+        reserve_ahead: args.reserve_ahead as usize,
     };
     let (scheduler, sched_task) = Scheduler::spawn(cfg, tokenizer.clone(), fleet, spec, events_rx, events_tx);
     let state = Arc::new(AppState {

@@ -1,11 +1,12 @@
 //! What a worker asks of its backend beyond the model's trait: the device's free memory, the KV cache's budget,
-//! and the cache's size and use for Health. The CPU backend has no device memory and a cache without a bound;
-//! the CUDA backend's block-paged pool is sized from the memory the plan leaves it (memory.rs).
+//! and the cache's size and use for Health. The CPU backend has no device memory and a cache without a bound
+//! unless an operator caps it (`PIPEMOE_KV_CACHE_BYTES`, in whole blocks as on a GPU); the CUDA backend's
+//! block-paged pool is sized from the memory the plan leaves it (memory.rs).
 
 use pipemoe_cuda::CudaBackend;
 use pipemoe_cuda::cache::BLOCK;
 use pipemoe_model::Backend;
-use pipemoe_model::cpu::CpuBackend;
+use pipemoe_model::cpu::{CACHE_BLOCK, CpuBackend};
 
 /// The KV cache of one worker, over all its layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,10 +39,24 @@ impl WorkerBackend for CpuBackend {
         Ok(None)
     }
 
-    fn set_cache_budget(&mut self, _bytes: u64, _layers: usize) {}
+    fn set_cache_budget(&mut self, bytes: u64, layers: usize) {
+        *self = self.with_cache_budget(bytes, layers);
+    }
 
-    fn cache_usage(&self, _caches: &[Self::LayerCache]) -> CacheUsage {
-        CacheUsage { capacity: None, used: None, reserved: None, block: 1, allocated_bytes: 0 }
+    fn cache_usage(&self, caches: &[Self::LayerCache]) -> CacheUsage {
+        let capacity =
+            caches.iter().map(|c| c.capacity()).collect::<Option<Vec<_>>>().and_then(|c| c.into_iter().min());
+        match capacity {
+            None => CacheUsage { capacity: None, used: None, reserved: None, block: 1, allocated_bytes: 0 },
+            // Every layer caches the same rows; the first speaks for all.
+            Some(_) => CacheUsage {
+                capacity,
+                used: Some(caches.first().map_or(0, |c| c.positions_used())),
+                reserved: Some(caches.first().map_or(0, |c| c.positions_reserved())),
+                block: CACHE_BLOCK,
+                allocated_bytes: 0,
+            },
+        }
     }
 }
 

@@ -232,7 +232,22 @@ async fn load<B: WorkerBackend + 'static>(shared: Arc<Shared<B>>, backend: B) {
                 );
                 sizing.loaded_bytes
             }
-            None => memory::weight_bytes(&cfg, &ckpt, &slice),
+            // Host memory: unbounded, unless an operator caps the cache (tests run admission this way).
+            None => {
+                if let Some(cap) = plan.kv_cache_bytes {
+                    stage.renew_caches(|b| b.set_cache_budget(cap, slice.layers.len()));
+                    let usage = stage.backend().cache_usage(stage.caches());
+                    if usage.capacity.is_some_and(|c| c < usage.block) {
+                        return Err(format!(
+                            "PIPEMOE_KV_CACHE_BYTES={cap} gives the KV cache {} positions: less than one block of {}",
+                            usage.capacity.unwrap_or(0),
+                            usage.block
+                        ));
+                    }
+                    info!(rank, cache_bytes = cap, cache_positions = usage.capacity, "KV cache capped");
+                }
+                memory::weight_bytes(&cfg, &ckpt, &slice)
+            }
         };
         let engine = Engine::new(stage, ipc);
         let usage = engine.cache_usage();

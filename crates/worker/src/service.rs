@@ -213,7 +213,7 @@ impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
         // A device cache knows its bytes; the CPU's is estimated from the positions cached.
         let memory_bytes = s.loaded.get().map_or(0, |l| {
             l.weight_bytes
-                + if cache.capacity.is_some() { cache.allocated_bytes } else { used * l.cache_bytes_per_position }
+                + if cache.allocated_bytes > 0 { cache.allocated_bytes } else { used * l.cache_bytes_per_position }
         });
         let range = |r: &std::ops::Range<usize>| LayerRange { start: r.start as u32, end: r.end as u32 };
         Ok(Response::new(HealthResponse {

@@ -19,6 +19,9 @@ struct SeqCache {
     len: usize,
 }
 
+/// Positions per block of a bounded cache (as the GPU's pool: crates/cuda cache.rs).
+pub const BLOCK: usize = 64;
+
 /// One layer's cache for every live sequence.
 #[derive(Clone, Debug)]
 pub struct CpuLayerCache {
@@ -26,6 +29,8 @@ pub struct CpuLayerCache {
     qk_rope: usize,
     index_dim: usize,
     seqs: HashMap<SeqId, SeqCache>,
+    /// Positions it may hold over all sequences, each sequence in whole blocks; `None`: no bound.
+    capacity: Option<usize>,
 }
 
 impl CpuLayerCache {
@@ -35,11 +40,53 @@ impl CpuLayerCache {
             qk_rope: dims.qk_rope,
             index_dim: indexer.map_or(0, |i| i.head_dim),
             seqs: HashMap::new(),
+            capacity: None,
         }
+    }
+
+    /// Bounded to the whole blocks of f32 values `bytes` holds.
+    pub fn with_budget(self, bytes: u64) -> Self {
+        let per_position = ((self.kv_lora + self.qk_rope + self.index_dim) * 4).max(1) as u64;
+        let blocks = bytes / per_position / BLOCK as u64;
+        Self { capacity: Some(usize::try_from(blocks).unwrap_or(usize::MAX / BLOCK) * BLOCK), ..self }
     }
 
     pub fn len(&self, seq: SeqId) -> usize {
         self.seqs.get(&seq).map_or(0, |s| s.len)
+    }
+
+    /// Positions it may hold; `None` without a bound.
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// Positions cached over every sequence.
+    pub fn positions_used(&self) -> usize {
+        self.seqs.values().map(|s| s.len).sum()
+    }
+
+    /// Positions held in whole blocks.
+    pub fn positions_reserved(&self) -> usize {
+        self.seqs.values().map(|s| s.len.div_ceil(BLOCK) * BLOCK).sum()
+    }
+
+    /// `CacheFull` unless the rows fit beside what is cached (checked before anything is written).
+    fn check_room(&self, rows: &[Row]) -> Result<()> {
+        let Some(capacity) = self.capacity else { return Ok(()) };
+        let mut after: HashMap<SeqId, usize> = HashMap::new();
+        for row in rows {
+            let end = after.entry(row.seq).or_insert_with(|| self.len(row.seq));
+            *end = (*end).max(row.pos + 1);
+        }
+        let used = self.positions_reserved();
+        let grown: usize = after
+            .iter()
+            .map(|(&s, &end)| (end.div_ceil(BLOCK) * BLOCK).saturating_sub(self.len(s).div_ceil(BLOCK) * BLOCK))
+            .sum();
+        if used + grown > capacity {
+            return Err(Error::CacheFull { needed: grown, used, capacity });
+        }
+        Ok(())
     }
 
     pub fn free(&mut self, seq: SeqId) {
@@ -63,6 +110,7 @@ impl CpuLayerCache {
         if self.index_dim > 0 && index_k.is_none_or(|k| k.cols != self.index_dim) {
             return Err(Error::Backend { reason: "cache_write: the indexer key is missing or mis-shaped".into() });
         }
+        self.check_room(rows)?;
         for (r, row) in rows.iter().enumerate() {
             let s = self.seqs.entry(row.seq).or_default();
             if row.pos != s.len {
@@ -174,5 +222,40 @@ impl CpuLayerCache {
             }
         }
         Ok(CpuTensor { rows: rows.len(), cols: dims.heads * vdim, data: out })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(seq: SeqId, start: usize, n: usize) -> Vec<Row> {
+        (start..start + n).map(|pos| Row { seq, pos }).collect()
+    }
+
+    fn write(c: &mut CpuLayerCache, seq: SeqId, start: usize, n: usize) -> Result<()> {
+        let t = |cols: usize| CpuTensor { rows: n, cols, data: vec![0.5; n * cols] };
+        c.write(&rows(seq, start, n), &t(8), &t(4), None)
+    }
+
+    #[test]
+    fn a_bounded_cache_holds_whole_blocks_and_refuses_a_step_before_writing_any_of_it() {
+        let dims = MlaDims { heads: 1, qk_nope: 4, qk_rope: 4, v_head: 4, kv_lora: 8, softmax_scale: 1.0 };
+        // 12 f32 a position: two blocks of 64.
+        let mut c = CpuLayerCache::new(&dims, None).with_budget(2 * 64 * 12 * 4 + 47);
+        assert_eq!(c.capacity(), Some(128));
+        write(&mut c, 1, 0, 10).unwrap();
+        write(&mut c, 2, 0, 54).unwrap();
+        assert_eq!((c.positions_used(), c.positions_reserved()), (64, 128));
+        // Sequence 1 stays within its block; sequence 2 would need a third.
+        write(&mut c, 1, 10, 54).unwrap();
+        let err = write(&mut c, 2, 54, 11).expect_err("a third block");
+        assert!(matches!(err, Error::CacheFull { needed: 64, used: 128, capacity: 128 }), "{err}");
+        assert_eq!(c.len(2), 54, "nothing of the refused step was written");
+        c.free(1);
+        write(&mut c, 2, 54, 11).unwrap();
+        assert_eq!(c.positions_reserved(), 128);
+        // Unbounded by default.
+        assert_eq!(CpuLayerCache::new(&dims, None).capacity(), None);
     }
 }

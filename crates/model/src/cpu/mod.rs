@@ -18,7 +18,7 @@ use crate::backend::{
 use crate::rope::rotate;
 use crate::{Error, Result};
 
-pub use attention::CpuLayerCache;
+pub use attention::{BLOCK as CACHE_BLOCK, CpuLayerCache};
 
 /// A `[rows, cols]` row-major f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,11 +49,21 @@ impl CpuWeight {
 }
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// Bytes the layers' caches may hold together, and over how many layers; `None`: no bound (the default).
+    cache_budget: Option<(u64, usize)>,
+}
 
 impl CpuBackend {
     /// The f32 reference (the only kind, for now; a name for call sites that will choose a precision).
-    pub const F32: CpuBackend = CpuBackend;
+    pub const F32: CpuBackend = CpuBackend { cache_budget: None };
+
+    /// Bounds the caches made after this: `bytes` shared equally by `layers` layers, each holding whole blocks
+    /// of [`CACHE_BLOCK`] positions (as a GPU worker's cache does; an operator's cap, and the tests' way to
+    /// run admission and preemption without a GPU).
+    pub fn with_cache_budget(self, bytes: u64, layers: usize) -> Self {
+        Self { cache_budget: Some((bytes, layers.max(1))) }
+    }
 }
 
 fn shape_err(what: &str, expected: usize, found: usize) -> Error {
@@ -88,7 +98,11 @@ impl Backend for CpuBackend {
     }
 
     fn new_layer_cache(&self, dims: &MlaDims, indexer: Option<&IndexerDims>) -> CpuLayerCache {
-        CpuLayerCache::new(dims, indexer)
+        let cache = CpuLayerCache::new(dims, indexer);
+        match self.cache_budget {
+            Some((bytes, layers)) => cache.with_budget(bytes / layers as u64),
+            None => cache,
+        }
     }
 
     fn upload(&self, rows: usize, cols: usize, data: Vec<f32>) -> Result<CpuTensor> {
