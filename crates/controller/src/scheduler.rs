@@ -7,7 +7,7 @@
 //! preempted — freed on the workers and queued first, to recompute its cache (prompt and tokens so far) when
 //! there is room again (scheduler_growth.rs).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use pipemoe_model::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
@@ -149,8 +149,8 @@ struct Core {
     frees: JoinSet<(u64, usize)>,
     /// Admissions so far (each sequence's `admitted` is this count at its admission).
     admissions: u64,
-    /// A decoding sequence could not grow its hold last round: admit nothing until it has (a preempted
-    /// sequence readmitted at once would take the room back).
+    /// A decoding sequence could not grow its hold this round (`grow_holds`, before admission): admit nothing
+    /// until it has (a preempted sequence readmitted at once would take the room back).
     starving: bool,
 }
 
@@ -162,8 +162,10 @@ impl Core {
     ) -> Option<Fleet> {
         let (restarted_tx, mut restarted_rx) = mpsc::unbounded_channel::<Result<Fleet, String>>();
         loop {
+            // Holds grow (or a sequence is preempted) before anything new is admitted into the room.
+            let starved = self.grow_holds();
             self.admit_waiting();
-            self.schedule();
+            self.schedule(&starved);
             self.publish_cache();
             if self.drain.is_some() && self.seqs.is_empty() {
                 if let Some(d) = self.drain.take() {
@@ -286,9 +288,8 @@ impl Core {
     }
 
     /// Forms steps from idle sequences while fewer than `max_inflight` are out.
-    fn schedule(&mut self) {
+    fn schedule(&mut self, starved: &HashSet<u64>) {
         let Some(head) = self.fleet.as_ref().and_then(Fleet::head).map(|w| w.client.clone()) else { return };
-        let starved = self.grow_holds();
         while self.steps.len() < self.cfg.max_inflight {
             let idle: Vec<u64> = self
                 .queue

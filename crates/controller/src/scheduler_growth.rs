@@ -38,6 +38,10 @@ impl Core {
     pub(super) fn grow_holds(&mut self) -> HashSet<u64> {
         let ahead = self.cfg.reserve_ahead;
         let mut starved = HashSet::new();
+        if self.fleet.is_none() {
+            self.starving = false;
+            return starved;
+        }
         let ids: Vec<u64> = self.queue.iter().copied().collect();
         for id in ids {
             let Some(s) = self.seqs.get_mut(&id) else { continue };

@@ -131,18 +131,29 @@ async fn a_free_whose_caller_stops_waiting_still_frees_every_worker() -> Result<
     let prompts = prompts(&chain.tokenizer)?;
     let mut c = chain.entry();
     step(&mut c, 1, vec![chunk(6, 0, &prompts[0], Some(greedy()))]).await?;
-    // The caller's deadline passes while the free is on its way down the chain: the server cancels its handler.
+    // A long prefill of another sequence holds the workers' engines while the free arrives, so the caller's
+    // deadline passes while the free waits behind it, and the server cancels the free's handler. (A deadline
+    // of microseconds could pass before the server has even read the request, which then never runs at all:
+    // a caller's choice, not the case under test.)
+    let long: Vec<u32> = prompts[1].iter().cycle().take(1024).copied().collect();
+    let mut busy_client = chain.entry();
+    let busy = tokio::spawn(async move { step(&mut busy_client, 2, vec![chunk(7, 0, &long, None)]).await });
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let mut req = tonic::Request::new(pipemoe_worker::proto::FreeRequest { seqs: vec![6] });
-    req.set_timeout(std::time::Duration::from_micros(1));
-    let _ = c.free(req).await;
+    req.set_timeout(std::time::Duration::from_millis(20));
+    // The prefill takes seconds on the CPU; the free's 20 ms pass long before it ends.
+    let code = c.free(req).await.err().map(|s| s.code());
+    assert!(matches!(code, Some(Code::Cancelled | Code::DeadlineExceeded)), "the caller gave up first: {code:?}");
+    busy.await??;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     for rank in 0..3 {
         loop {
+            // Only the long sequence stays.
             let used = health(&mut chain.clients[rank].clone()).await?.kv_used_positions;
-            if used == 0 {
+            if used == 1024 {
                 break;
             }
-            anyhow::ensure!(std::time::Instant::now() < deadline, "worker {rank} still caches {used} positions");
+            anyhow::ensure!(std::time::Instant::now() < deadline, "worker {rank} caches {used} positions, not 1024");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
