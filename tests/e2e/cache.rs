@@ -33,13 +33,7 @@ fn a_capped_cache_preempts_and_recomputes_without_changing_answers() {
     // Holds of prompt + 32 positions fit one block each, so both requests start; both then need two.
     let s =
         Server::start_on("cpu,cpu,cpu", &[("PIPEMOE_KV_CACHE_BYTES", CACHE_BYTES), ("PIPEMOE_RESERVE_AHEAD", "32")]);
-    let w = s.get("/v1/workers").json();
-    let caps: Vec<u64> = w
-        .as_array()
-        .expect("workers")
-        .iter()
-        .map(|x| x["kv_cache"]["capacity_positions"].as_u64().unwrap_or_else(|| panic!("no cache bound: {x}")))
-        .collect();
+    let caps = capacities(&s);
     assert_eq!(caps.iter().min(), Some(&128), "{caps:?}");
 
     let bodies = [long_body("What is 12 + 30?", 3), long_body("Reverse the word apple", 7)];

@@ -26,9 +26,7 @@ fn gpu_workers_answer_through_cuda_ipc_and_through_the_fallback() {
         return;
     }
     let questions = ["What is 12 + 30?", "Reverse the word apple", "what's 45 plus 38", "Spell tiger backwards."];
-    let cpu = Server::start();
-    let want: Vec<String> = questions.iter().map(|q| content(&cpu.chat(q))).collect();
-    drop(cpu);
+    let want = cpu_answers(&questions);
     for env in [vec![], vec![("PIPEMOE_IPC", "0")]] {
         let s = Server::start_on("cuda:0,cuda:0,cuda:0", &env);
         let got: Vec<String> = questions.iter().map(|q| content(&s.chat(q))).collect();
@@ -39,23 +37,13 @@ fn gpu_workers_answer_through_cuda_ipc_and_through_the_fallback() {
 }
 
 /// Each worker's KV cache in positions, from `/v1/workers` (every GPU worker reports a bound).
-fn capacities(s: &Server) -> Vec<u64> {
-    let w = s.get("/v1/workers").json();
-    let w = w.as_array().expect("workers").clone();
-    w.iter()
-        .map(|x| x["kv_cache"]["capacity_positions"].as_u64().unwrap_or_else(|| panic!("no cache bound: {x}")))
-        .collect()
-}
-
 #[test]
 fn a_small_gpu_kv_cache_queues_requests_and_refuses_what_cannot_fit() {
     if !has_gpu() {
         return;
     }
     let questions = ["What is 12 + 30?", "Reverse the word apple", "what's 45 plus 38", "Spell tiger backwards."];
-    let cpu = Server::start();
-    let want: Vec<String> = questions.iter().map(|q| content(&cpu.chat(q))).collect();
-    drop(cpu);
+    let want = cpu_answers(&questions);
     // bf16 latent + k_pe + indexer key and three f32 scales: 460 bytes a position and layer, 29,440 a block of
     // 64. 117,760 bytes give a two-layer worker two blocks a layer (128 positions), a one-layer worker four.
     let s = Server::start_on("cuda:0,cuda:0,cuda:0", &[("PIPEMOE_KV_CACHE_BYTES", "117760")]);

@@ -238,3 +238,18 @@ fn dechunk(mut s: &[u8]) -> Vec<u8> {
 pub fn content(v: &Value) -> String {
     v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
 }
+
+/// The greedy answers of CPU workers to `questions`: what GPU or capped workers must answer too.
+pub fn cpu_answers(questions: &[&str]) -> Vec<String> {
+    let cpu = Server::start();
+    questions.iter().map(|q| content(&cpu.chat(q))).collect()
+}
+
+/// Each worker's KV cache capacity in positions, as `/v1/workers` reports it (panics on an unbounded one).
+pub fn capacities(s: &Server) -> Vec<u64> {
+    let w = s.get("/v1/workers").json();
+    let w = w.as_array().expect("workers").clone();
+    w.iter()
+        .map(|x| x["kv_cache"]["capacity_positions"].as_u64().unwrap_or_else(|| panic!("no cache bound: {x}")))
+        .collect()
+}

@@ -25,9 +25,8 @@ __device__ __forceinline__ u32 logit_key(float x) {
 
 __device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
 
-// Block-wide: the (key, id) with the larger key, the lower id among equal keys. `sk`, `si`: 32 u32 each.
-__device__ void block_argmax(u32& key, u32& id, u32* sk, u32* si) {
-    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Warp-wide: every lane ends with the (key, id) with the larger key, the lower id among equal keys.
+__device__ __forceinline__ void warp_argmax(u32& key, u32& id) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const u32 k2 = __shfl_xor_sync(0xffffffffu, key, o), i2 = __shfl_xor_sync(0xffffffffu, id, o);
@@ -36,6 +35,12 @@ __device__ void block_argmax(u32& key, u32& id, u32* sk, u32* si) {
             id = i2;
         }
     }
+}
+
+// Block-wide: the (key, id) with the larger key, the lower id among equal keys. `sk`, `si`: 32 u32 each.
+__device__ void block_argmax(u32& key, u32& id, u32* sk, u32* si) {
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    warp_argmax(key, id);
     if (lane == 0) {
         sk[warp] = key;
         si[warp] = id;
@@ -45,14 +50,7 @@ __device__ void block_argmax(u32& key, u32& id, u32* sk, u32* si) {
         const bool live = lane < blockDim.x / 32;
         key = live ? sk[lane] : 0u;
         id = live ? si[lane] : 0xffffffffu;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const u32 k2 = __shfl_xor_sync(0xffffffffu, key, o), i2 = __shfl_xor_sync(0xffffffffu, id, o);
-            if (k2 > key || (k2 == key && i2 < id)) {
-                key = k2;
-                id = i2;
-            }
-        }
+        warp_argmax(key, id);
         if (lane == 0) {
             sk[0] = key;
             si[0] = id;

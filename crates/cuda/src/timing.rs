@@ -2,8 +2,9 @@
 //! seconds per call from CUDA events on the GPU's stream, the streaming-read bandwidth over a buffer in DRAM, and
 //! cuBLAS on the same stream (the compute ceiling).
 
-use cudarc::cublas::CudaBlas;
+use cudarc::cublas::{CudaBlas, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
 
 use crate::error::{Error, drv};
 use crate::gpu::Gpu;
@@ -68,4 +69,21 @@ pub fn cublas(gpu: &Gpu) -> Result<CudaBlas, String> {
         return Err("libcublas.so was not found (put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)".into());
     }
     CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cublasCreate: {e:?}"))
+}
+
+/// cuBLAS's bf16 GEMM for the row-major `y [m, n] = x [m, k] · Wᵀ` of a linear layer (`W` `[n, k]`): in cuBLAS's
+/// column-major terms `yᵀ = (W as k×n)ᵀ · (x as k×m)`.
+pub fn linear_gemm(m: usize, k: usize, n: usize) -> GemmConfig<bf16> {
+    GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: n as i32,
+    }
 }

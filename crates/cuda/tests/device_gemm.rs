@@ -265,7 +265,7 @@ fn mma_gemm_at_the_real_shapes() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_gemm() {
-    use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
+    use cudarc::cublas::Gemm;
     if no_gpu() {
         return;
     }
@@ -346,19 +346,7 @@ fn bench_gemm() {
             });
             let auto = gm.gemm_tile(&gpu, m);
             let ceiling = blas.as_ref().ok().map(|blas| {
-                // Row-major y [m, n] = x [m, k] · Wᵀ is column-major yᵀ = (W [k×n col-major])ᵀ · (x [k×m]).
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_T,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: n as i32,
-                    n: m as i32,
-                    k: k as i32,
-                    alpha: bf16::ONE,
-                    lda: k as i32,
-                    ldb: k as i32,
-                    beta: bf16::ZERO,
-                    ldc: n as i32,
-                };
+                let cfg = pipemoe_cuda::timing::linear_gemm(m, k, n);
                 let secs = time(&gpu, iters, &mut |_| {
                     let xv = x.slice(0..m * k);
                     let mut yv = y.slice_mut(0..m * n);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublas::{CudaBlas, Gemm};
 use half::bf16;
 use pipemoe_cuda::Gpu;
 
@@ -57,19 +57,7 @@ pub fn cublas_times(gpu: &Gpu, blas: &CudaBlas, shapes: &[Shape]) -> Result<BTre
         let w: Vec<_> = (0..copies).map(|_| s.clone_htod(&random(n * k))).collect::<Result<_, _>>()?;
         let x = s.clone_htod(&random(m * k))?;
         let mut y = s.alloc_zeros::<bf16>(m * n)?;
-        // Row-major y [m, n] = x [m, k] · Wᵀ is column-major yᵀ = (W [k×n col-major])ᵀ · (x [k×m]).
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
-        };
+        let cfg = pipemoe_cuda::timing::linear_gemm(m, k, n);
         let iters = (2e12 / shape.flop()).clamp(8.0, 64.0) as usize;
         let secs = seconds_per_call(gpu, 3, iters, &mut |i| {
             // SAFETY: w[i] is [n, k], x holds m·k and y m·n elements, as the leading dimensions say.
