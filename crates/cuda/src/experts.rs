@@ -16,6 +16,8 @@ use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, 
 use crate::gemv::{GpuGptq, MAX_BATCH, Packing, THREADS, bucket};
 use crate::route::DeviceRouting;
 
+/// Rows a step may have for the grouped path (in 16-row chunks); more (prefill) runs one GEMM per expert.
+pub const GROUPED_MAX_ROWS: usize = 64;
 /// Rows of one tile of the grouped launch: the scalar kernel keeps them in registers per thread (4), the
 /// tensor-core kernel in one n8 half of an mma (8).
 fn tile_rows(packing: Packing) -> usize {
@@ -173,8 +175,44 @@ impl CudaBackend {
         }
         match &experts.grouped {
             Some(t) if x.rows <= MAX_BATCH && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
+            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => {
+                self.grouped_in_chunks(x, experts, t, &routes.dev)
+            }
             _ => self.one_by_one(x, &experts.weights, routes.host()?),
         }
+    }
+
+    /// A step of up to [`GROUPED_MAX_ROWS`] rows (many streams decoding) as grouped launches of 16 rows each:
+    /// each chunk reads its selected experts once, where one GEMM per expert (`one_by_one`) paid a launch
+    /// sequence per expert and row gather (8 ms a layer at 32 rows, docs/PERF.md).
+    fn grouped_in_chunks(
+        &self,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        t: &Tables,
+        r: &DeviceRouting,
+    ) -> MResult<GpuTensor> {
+        let (s, h, k) = (&self.gpu.stream, x.cols, r.top_k);
+        let mut out = self.output(x.rows, h)?;
+        for r0 in (0..x.rows).step_by(MAX_BATCH) {
+            let n = MAX_BATCH.min(x.rows - r0);
+            let xs = self.gather_rows(x, &(r0..r0 + n).collect::<Vec<_>>())?;
+            // SAFETY: both are written in full by the copies right after.
+            let (e, w) = unsafe { (s.alloc::<u32>(n * k), s.alloc::<f32>(n * k)) };
+            let (mut e, mut w) = (e.map_err(md("alloc routing"))?, w.map_err(md("alloc routing"))?);
+            s.memcpy_dtod(&r.experts.slice(r0 * k..(r0 + n) * k), &mut e).map_err(md("copy routing"))?;
+            s.memcpy_dtod(&r.weights.slice(r0 * k..(r0 + n) * k), &mut w).map_err(md("copy routing"))?;
+            let sub = DeviceRouting { rows: n, top_k: k, n_experts: r.n_experts, experts: e, weights: w };
+            let y = self.grouped(&xs, experts, t, &sub)?;
+            let rows = r0 * h..(r0 + n) * h;
+            match (&y.data, &mut out.data) {
+                (Act::F32(a), Act::F32(b)) => s.memcpy_dtod(a, &mut b.slice_mut(rows)),
+                (Act::Bf16(a), Act::Bf16(b)) => s.memcpy_dtod(a, &mut b.slice_mut(rows)),
+                _ => return Err(shape("experts", "a chunk in another dtype".into())),
+            }
+            .map_err(md("copy experts"))?;
+        }
+        Ok(out)
     }
 
     fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {

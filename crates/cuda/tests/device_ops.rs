@@ -266,7 +266,7 @@ fn grouped_experts_match_the_cpu() {
             let ec = load(&cpu, &hs, held);
             for (act, gpu) in backends() {
                 let eg = load(&gpu, &hs, held);
-                for rows in [1usize, 4, 16, 21] {
+                for rows in [1usize, 4, 16, 21, 40, 70] {
                     let r = random_routing(&mut rng, rows, count, top_k);
                     let x = values(&mut rng, rows * hidden, 1.0);
                     let want = cpu.download(&cpu.experts(&up(&cpu, rows, hidden, &x), &ec, &r).unwrap()).unwrap();
