@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds the device test binaries and the pipemoe binary here (the GPU machine has no Rust toolchain) and puts
 # them, stripped, in .device/ (ignored by git), which the device tool carries to the GPU machine.
-# Usage: tools/device/build.sh             the 7 device test binaries (~31 MB)
-#        tools/device/build.sh --pipemoe   pipemoe + the e2e tests + golden_gpu instead (~51 MB; the GPU e2e tests,
-#                                          `pipemoe bench`, memcheck)
-# (The carried tree must stay under 64 MiB, hence two sets.)
+# Usage: tools/device/build.sh           the 7 device test binaries, release pipemoe and the e2e tests (~54 MB:
+#                                        the whole suite, memcheck, the GPU e2e tests and `pipemoe bench`)
+#        tools/device/build.sh --tests   the 7 device test binaries only (~31 MB, no release build)
+# (The carried tree must stay under 64 MiB.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipemoe/target}"
@@ -18,13 +18,12 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' > /tmp/pipemoe-device-tests.txt
 mkdir -p .device
 rm -f .device/*
-[ "${1:-}" = "--pipemoe" ] && tests=(golden_gpu)
 for t in "${tests[@]}"; do
     exe=$(awk -v t="$t" '$1 == t { print $2 }' /tmp/pipemoe-device-tests.txt)
     [ -n "$exe" ] || { echo "no test binary for $t" >&2; exit 1; }
     cp "$exe" ".device/$t" && strip ".device/$t"
 done
-if [ "${1:-}" = "--pipemoe" ]; then
+if [ "${1:-}" != "--tests" ]; then
     # Release: `pipemoe bench` times the host side of every launch too (cudarc at opt-level 0 is not what ships).
     cargo build --release -p pipemoe
     cargo test -p pipemoe --test e2e --no-run --message-format=json 2>/dev/null |
