@@ -11,6 +11,8 @@ if ! nvidia-smi -L > /dev/null 2>&1; then
     echo "no GPU here (nvidia-smi finds none): the device suite runs on the GPU machine" >&2
     exit 2
 fi
+# tools/device/build.sh carries the binaries packed; a second run finds them unpacked.
+[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
 logs="${OUT:-/tmp/pipemoe-device}"
 mkdir -p "$logs"
 failed=0

@@ -11,34 +11,15 @@
 // loads each key tile once for all of them. Long rows are split over gridDim.z blocks (flash-decoding) whose
 // partial results mla_out merges; the two absorption GEMMs are their own kernels (mla_absorb_q, mla_out).
 #include "common.cuh"
-#include <cuda_fp8.h>
+#include "attention.cuh"
 
-#define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
-#define MLA_HEADS 8        // heads per attention block, one warp each
 static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probabilities as two float4");
 #define MLA_MAX_LORA 512   // each lane accumulates kv_lora / 32 ≤ 16 latent columns
 #define MLA_ROWS 8         // rows per block of the absorption kernels
-#define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
 #define ABS_COLS 64        // latent columns per block of mla_absorb_q (attention::ABSORB_COLS)
 #define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
 #define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
 #define IDX_KEYS 64        // keys per block of indexer_scores
-
-__device__ __forceinline__ float act_ld(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float act_ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void act_st(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void act_st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
-
-// A cached value: dtype 0 = f32, 1 = bf16, 2 = fp8 e4m3 (times its slot's scale, applied by the caller).
-__device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) {
-    if (dtype == 0) return ((const float*)base)[i];
-    if (dtype == 1) return __bfloat162float(((const __nv_bfloat16*)base)[i]);
-    return float(((const __nv_fp8_e4m3*)base)[i]);
-}
-
-__device__ __forceinline__ int kv_slot(const int* table, int p) {
-    return table[p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
-}
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
 #pragma unroll
@@ -133,21 +114,15 @@ __device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
     }
 }
 
-// The flash kernel's tile: KT keys (32 with bf16 activations, whose tile is bf16 in shared memory; 16 on the f32
-// path, whose f32 tile would not fit an RTX 3090's 99 KB otherwise), and the tile's element type.
+// The flash kernel's tile: KT keys and the tile's element type. Only the exact f32 path runs this kernel (16-key
+// f32 tiles: more would not fit an RTX 3090's 99 KB); bf16 activations take flash_mma.cu's tensor-core kernel.
 template <typename T> struct FlashTile;
-template <> struct FlashTile<__nv_bfloat16> {
-    typedef __nv_bfloat16 S;
-    static constexpr int KT = 32, PAD = 2;
-};
 template <> struct FlashTile<float> {
     typedef float S;
     static constexpr int KT = 16, PAD = 1;
 };
 __device__ __forceinline__ float tile_ld(const float* p, int i) { return p[i]; }
-__device__ __forceinline__ float tile_ld(const __nv_bfloat16* p, int i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void tile_st(float* p, int i, float v) { p[i] = v; }
-__device__ __forceinline__ void tile_st(__nv_bfloat16* p, int i, float v) { p[i] = __float2bfloat16(v); }
 
 // Block (g, r, s) of grid (⌈heads / MLA_HEADS⌉, n_rows, splits), 32 · MLA_HEADS threads: heads g·MLA_HEADS.. of
 // row row0 + r over the s-th share of the row's keys (whole tiles), tile by tile with an online softmax in f32.
@@ -354,8 +329,13 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         const int k = i / lora, l = i % lora;
         float v = 0.f;
         if (r0 + k < n_rows) {
-            const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora;
-            for (int s = 0; s < splits; s++) v += wts[k][s] * op[(size_t)s * lora + l];
+            // Every split's value requested before any is added: one round trip, not one per split.
+            const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l;
+            float part[MLA_MAX_SPLITS];
+#pragma unroll
+            for (int s = 0; s < MLA_MAX_SPLITS; s++) part[s] = s < splits ? op[(size_t)s * lora] : 0.f;
+#pragma unroll
+            for (int s = 0; s < MLA_MAX_SPLITS; s++) v += s < splits ? wts[k][s] * part[s] : 0.f;
         }
         sm[i] = v;
     }
@@ -524,13 +504,6 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
                                                 int nope, int rope, int vdim, int lora, float* q_lat) {             \
         mla_absorb_q<T>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                               \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(32 * MLA_HEADS) mla_flash_##S(                                     \
-        const float* q_lat, const T* q, const void* c_lat, const void* c_pe, const float* scales, int dtype,        \
-        const int* meta, const int* tables, const int* keys, int key_stride, int row0, int heads, int nope,        \
-        int rope, int lora, float scale, float* o_part, float* ml_part) {                                           \
-        mla_flash<T>(q_lat, q, c_lat, c_pe, scales, dtype, meta, tables, keys, key_stride, row0, heads, nope, rope, \
-                     lora, scale, o_part, ml_part);                                                                 \
-    }                                                                                                               \
     extern "C" __global__ void mla_out_##S(const float* o_part, const float* ml_part, int splits,                   \
                                            const T* kv_b, int row0, int n_rows, int heads, int nope, int vdim,      \
                                            int lora, T* out) {                                                      \
@@ -544,3 +517,11 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
 
 ATTENTION_KERNELS(float, f32)
 ATTENTION_KERNELS(__nv_bfloat16, bf16)
+
+extern "C" __global__ void __launch_bounds__(32 * MLA_HEADS) mla_flash_f32(
+    const float* q_lat, const float* q, const void* c_lat, const void* c_pe, const float* scales, int dtype,
+    const int* meta, const int* tables, const int* keys, int key_stride, int row0, int heads, int nope, int rope,
+    int lora, float scale, float* o_part, float* ml_part) {
+    mla_flash<float>(q_lat, q, c_lat, c_pe, scales, dtype, meta, tables, keys, key_stride, row0, heads, nope, rope,
+                     lora, scale, o_part, ml_part);
+}

@@ -49,3 +49,20 @@ __device__ __forceinline__ u32 block_count_before(bool flag, u32* total, u32* sc
     *total = all;
     return before;
 }
+
+// Asynchronous copies global → shared (sm_80+) and their group fences. The "memory" clobbers keep the compiler
+// from moving shared-memory accesses across them: a lane may read a slot right after its own wait, with no barrier.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+// 16 bytes, bypassing L1; `bytes` < 16 zero-fills the rest (0: nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes = 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}

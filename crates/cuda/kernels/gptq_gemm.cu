@@ -30,18 +30,6 @@ struct GemmSmem {
     static constexpr int TOTAL = GEMM_STAGES * STAGE + 2 * B;
 };
 
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// 16 bytes global → shared, bypassing L1; `bytes` < 16 zero-fills the rest (0: nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Four 8×8 b16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, register j receives it.
 __device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {

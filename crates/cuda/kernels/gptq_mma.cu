@@ -8,14 +8,23 @@
 // reads 256 contiguous bytes.
 //
 // The multiply runs on tensor cores with fp32 accumulation; per chunk the zero and scale enter once:
-// acc += s · (Σ x·(128 + q) − (128 + z) · Σx), with Σx of the same bf16 x the tensor cores see.
-// A block is 4 warps × 2 tiles (128 columns) over one split of K; splits write partial sums [splits, B, N]
-// that `gptq_reduce_*` adds in a fixed order (deterministic, as the scalar GEMV).
+// acc += s · (Σ x·(128 + q) − (128 + z) · Σx). Σx comes from one more mma with an all-ones A, so it lands in the
+// very registers (batch row, lane) where the correction needs it, summed from the bf16 x the tensor cores see.
+//
+// A block is 4 warps on the same 2 tiles (32 columns), each warp over its own run of the block's chunks of K:
+// every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
+// slots (no block-wide staging or barrier in the loop, and no load the math waits on that was not requested a
+// whole ring ahead), then the warps' sums are added in shared memory in warp order. A grid with
+// several splits of K (gridDim.y) writes partial sums [splits, B, N]; for the plain GEMV the last block of a
+// column range to finish (a counter per range) adds the splits in split order and stores y — deterministic, one
+// launch. The grouped experts keep their partial sums for their own reductions (SiLU·up, the routing weights).
 #include "common.cuh"
 
 #define MMA_CHUNK 128
-#define MMA_TILES_PER_WARP 2
+#define MMA_TPW 2       // tiles of 16 columns per warp (and per block)
 #define MMA_WARPS 4
+#define MMA_XS 136      // bf16 per x row of a ring slot: +8 staggers the rows over the banks
+#define MMA_MAX_STAGES 8
 
 // The two fields of pair i (0..15) of a block of BITS words, at bits 0.. and 16.. of the result.
 template <int BITS>
@@ -35,120 +44,110 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-#define MMA_STAGES 4
-
-// Asynchronous 8-byte copy global → shared (sm_80+), and its group fences.
-__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src) : "memory");
+// cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch).
+__device__ __forceinline__ void cp_async_wait_n(int n) {
+    switch (n) {
+        case 0: cp_async_wait<0>(); break;
+        case 1: cp_async_wait<1>(); break;
+        case 2: cp_async_wait<2>(); break;
+        case 3: cp_async_wait<3>(); break;
+        case 4: cp_async_wait<4>(); break;
+        case 5: cp_async_wait<5>(); break;
+        case 6: cp_async_wait<6>(); break;
+        default: cp_async_wait<MMA_MAX_STAGES - 1>(); break;
+    }
 }
-// "memory" clobbers: no barrier separates a lane's ring reads from its wait (or its next copy into the slot it
-// just read), so these fences must also keep the compiler from moving shared-memory accesses across them.
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Shared memory of one block: the warps' rings of weight words, then Σx per (row, chunk), then x as bf16.
-// (src/mma.rs `smem_bytes` mirrors this.)
+// Bytes of one ring slot: the warp's weight words of one chunk, the scales then the zeros of its 32 columns (f16),
+// then `rows` rows of x. (src/mma.rs mirrors this.)
+#define MMA_SZ_BYTES 128
 template <int BITS>
-__host__ __device__ constexpr int ring_words() {
-    return MMA_WARPS * MMA_STAGES * MMA_TILES_PER_WARP * BITS * 32;  // uint2 each
+__device__ __forceinline__ int slot_bytes(int rows) {
+    return MMA_TPW * BITS * 32 * 8 + MMA_SZ_BYTES + rows * MMA_XS * 2;
 }
 
-__device__ __forceinline__ __nv_bfloat16 to_bf16(float v) { return __float2bfloat16(v); }
-__device__ __forceinline__ __nv_bfloat16 to_bf16(__nv_bfloat16 v) { return v; }
-
-// One block: tiles [block_x·8, +8) × rows [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows xrow[b]
-// of x (MB = 8 or 16: one or two n8 halves). partial[b·row_stride + n].
-template <int BITS, int MB, typename XT>
-__device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nrows, const int* __restrict__ perm,
-                               const uint2* __restrict__ words, const __half* __restrict__ zeros,
-                               const __half* __restrict__ scales, float* __restrict__ partial, size_t row_stride,
-                               int K, int N, int group_size, int k_chunk, int block_x) {
-    extern __shared__ float smem[];
-    const int stride = k_chunk + 8;  // bf16 per staged row: +8 staggers the rows over the banks
-    const int k0 = blockIdx.y * k_chunk;
-    const int kn = min(k_chunk, K - k0);
-    const int chunks = kn / MMA_CHUNK;
-    uint2* rings = (uint2*)smem;                                          // [warps][stages][tiles][BITS][32]
-    float* gsum = smem + 2 * ring_words<BITS>();                          // [MB, k_chunk / 128]
-    __nv_bfloat16* xs = (__nv_bfloat16*)(gsum + MB * (k_chunk / MMA_CHUNK)); // [nrows, stride]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+// One block: tiles [block_x·2, +2) over chunks [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x
+// (row b is x row `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows,
+// n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma.
+// Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
+template <int BITS, int MB, typename Store>
+__device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
+                               const int* __restrict__ perm, const uint2* __restrict__ words,
+                               const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
+                               int group_size, int k_chunk, int stages, int block_x, Store store) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ int rows_of[MB];
+    constexpr int H = MB / 8;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
-    const int tile0 = (block_x * MMA_WARPS + warp) * MMA_TILES_PER_WARP;
-    const int tiles = max(0, min(MMA_TILES_PER_WARP, n_tiles - tile0));
-    uint2* ring = rings + warp * MMA_STAGES * MMA_TILES_PER_WARP * BITS * 32;
-    // Each lane copies, and later reads, only its own words: the per-thread cp.async fences order them, no barrier.
+    const int tile0 = block_x * MMA_TPW, tiles = max(0, min(MMA_TPW, n_tiles - tile0));
+    // This warp's run of the split's chunks.
+    const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
+    const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
+    const int per = (in_split + MMA_WARPS - 1) / MMA_WARPS;
+    const int c0 = split0 + min(in_split, warp * per);
+    const int chunks = min(in_split, (warp + 1) * per) - min(in_split, warp * per);
+    const int wbytes = MMA_TPW * BITS * 32 * 8, slot = slot_bytes<BITS>(nrows);
+    unsigned char* ring = smem + (size_t)warp * stages * slot;
+    if (threadIdx.x < MB) rows_of[threadIdx.x] = threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
+    __syncthreads();
+
+    // Chunk c of this warp's run into slot c % stages: the weight words each lane later reads itself, and the x
+    // rows (16-byte copies; gathered through perm with plain stores when the checkpoint reorders K).
     auto issue = [&](int c) {
         if (c < chunks) {
+            unsigned char* sl = ring + (c % stages) * slot;
+            const int kc = c0 + c;
 #pragma unroll
-            for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+            for (int t = 0; t < MMA_TPW; t++) {
                 if (t < tiles) {
-                    const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + k0 / MMA_CHUNK + c) * BITS * 32 + lane;
-                    uint2* dst = ring + ((c % MMA_STAGES) * MMA_TILES_PER_WARP + t) * BITS * 32 + lane;
+                    const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + kc) * BITS * 32 + lane;
+                    uint2* dst = (uint2*)sl + t * BITS * 32 + lane;
 #pragma unroll
                     for (int j = 0; j < BITS; j++) cp_async8(dst + j * 32, src + j * 32);
                 }
             }
+            if (lane < 8) {  // 16 bytes each: scales (lanes 0..3) then zeros of the two tiles' 32 columns
+                const int part = lane & 3, tile_ok = (part >> 1) < tiles;
+                const __half* base = lane < 4 ? scales : zeros;
+                const size_t g = (size_t)kc * MMA_CHUNK / group_size;
+                cp_async16(sl + wbytes + lane * 16, base + g * N + tile0 * 16 + (tile_ok ? part * 8 : 0),
+                           tile_ok ? 16 : 0);
+            }
+            __nv_bfloat16* xd = (__nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
+            const size_t k = (size_t)kc * MMA_CHUNK;
+            if (perm == nullptr) {
+                for (int i = lane; i < nrows * 16; i += 32)
+                    cp_async16(xd + (i >> 4) * MMA_XS + (i & 15) * 8, x + (size_t)rows_of[i >> 4] * K + k + (i & 15) * 8);
+            } else {
+                for (int i = lane; i < nrows * MMA_CHUNK; i += 32)
+                    xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[k + (i & 127)]];
+            }
         }
         cp_async_commit();
     };
-    // The first stages' weights are requested before x is staged, so the loads overlap the staging.
-#pragma unroll
-    for (int c = 0; c < MMA_STAGES - 1; c++) issue(c);
-    for (int i = threadIdx.x; i < nrows * kn; i += blockDim.x) {
-        int b = i / kn, k = i % kn;
-        int src = perm ? perm[k0 + k] : (k0 + k);
-        xs[b * stride + k] = to_bf16(x[(size_t)xrow[b] * K + src]);
-    }
-    __syncthreads();
-    // Σx per (row, chunk), a warp per pair, of the same bf16 values the tensor cores see.
-    for (int i = warp; i < MB * chunks; i += MMA_WARPS) {
-        int b = i / chunks, c = i % chunks;
-        float v = 0.f;
-        if (b < nrows)
-            for (int k = lane; k < MMA_CHUNK; k += 32) v += __bfloat162float(xs[b * stride + c * MMA_CHUNK + k]);
-        v = warp_sum(v);
-        if (lane == 0) gsum[b * (k_chunk / MMA_CHUNK) + c] = v;
-    }
-    __syncthreads();
+    for (int c = 0; c < stages - 1; c++) issue(c);
 
-    if (tiles == 0) return;
-    const int group = lane >> 2, quad = lane & 3;
-    constexpr int H = MB / 8;
-    float acc[MMA_TILES_PER_WARP][H][4];
+    float acc[MMA_TPW][H][4];
 #pragma unroll
-    for (int t = 0; t < MMA_TILES_PER_WARP; t++)
+    for (int t = 0; t < MMA_TPW; t++)
 #pragma unroll
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
-
-    const int gstride = k_chunk / MMA_CHUNK;
-    // Scale and 128 + zero of the lane's two columns per tile, one chunk ahead of the math (their loads would
-    // otherwise stall every chunk).
-    auto load_sz = [&](int c, float (&sz)[MMA_TILES_PER_WARP][4]) {
-        const int g = (k0 + min(c, chunks - 1) * MMA_CHUNK) / group_size;
-#pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-            const int na = min(tile0 + t, n_tiles - 1) * 16 + group;
-            sz[t][0] = __half2float(__ldg(&scales[(size_t)g * N + na]));
-            sz[t][1] = __half2float(__ldg(&scales[(size_t)g * N + na + 8]));
-            sz[t][2] = 128.f + __half2float(__ldg(&zeros[(size_t)g * N + na]));
-            sz[t][3] = 128.f + __half2float(__ldg(&zeros[(size_t)g * N + na + 8]));
-        }
-    };
-    float sz[MMA_TILES_PER_WARP][4], sz_next[MMA_TILES_PER_WARP][4];
-    load_sz(0, sz);
+    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
     for (int c = 0; c < chunks; c++) {
-        // Keep MMA_STAGES − 1 chunks in flight behind this one's math.
-        issue(c + MMA_STAGES - 1);
-        load_sz(c + 1, sz_next);
-        cp_async_wait<MMA_STAGES - 1>();
-        u32 w[MMA_TILES_PER_WARP][2 * BITS];
+        __syncwarp();  // every lane has read the slot the next issue refills
+        issue(c + stages - 1);
+        cp_async_wait_n(stages - 1);
+        __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
+        const unsigned char* sl = ring + (c % stages) * slot;
+        const __half* szs = (const __half*)(sl + wbytes);  // scales [32], zeros [32]
+        const __nv_bfloat16* xs = (const __nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
+        u32 w[MMA_TPW][2 * BITS];
 #pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-            const uint2* src = ring + ((c % MMA_STAGES) * MMA_TILES_PER_WARP + t) * BITS * 32 + lane;
+        for (int t = 0; t < MMA_TPW; t++) {
+            const uint2* src = (const uint2*)sl + t * BITS * 32 + lane;
 #pragma unroll
             for (int j = 0; j < BITS; j++) {
                 uint2 v = src[j * 32];
@@ -156,26 +155,29 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
                 w[t][2 * j + 1] = v.y;
             }
         }
-        float cacc[MMA_TILES_PER_WARP][H][4];
+        float cacc[MMA_TPW][H][4], xsum[H][4];
 #pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++)
+        for (int h = 0; h < H; h++)
 #pragma unroll
-            for (int h = 0; h < H; h++)
+            for (int i = 0; i < 4; i++) {
+                xsum[h][i] = 0.f;
 #pragma unroll
-                for (int i = 0; i < 4; i++) cacc[t][h][i] = 0.f;
+                for (int t = 0; t < MMA_TPW; t++) cacc[t][h][i] = 0.f;
+            }
 #pragma unroll
         for (int ks = 0; ks < 8; ks++) {
-            const int kk = c * MMA_CHUNK + ks * 16 + quad * 2;
+            const int kk = ks * 16 + quad * 2;
             u32 b0[H], b1[H];
 #pragma unroll
             for (int h = 0; h < H; h++) {
                 const int b = h * 8 + group;
-                const __nv_bfloat16* row = xs + b * stride + kk;
+                const __nv_bfloat16* row = xs + b * MMA_XS + kk;
                 b0[h] = b < nrows ? *(const u32*)row : 0u;
                 b1[h] = b < nrows ? *(const u32*)(row + 8) : 0u;
+                mma_bf16(xsum[h], ones, b0[h], b1[h]);
             }
 #pragma unroll
-            for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+            for (int t = 0; t < MMA_TPW; t++) {
                 if (t < tiles) {
                     const u32* blk = w[t] + (ks / 4) * BITS;
                     u32 a[4];
@@ -186,83 +188,130 @@ __device__ void mma_gemv_block(const XT* __restrict__ x, const int* xrow, int nr
                 }
             }
         }
+        // Scale and 128 + zero of the lane's two columns per tile (group and group + 8).
 #pragma unroll
-        for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
+        for (int t = 0; t < MMA_TPW; t++) {
+            float sc[2], z[2];
 #pragma unroll
-            for (int h = 0; h < H; h++) {
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int b = h * 8 + quad * 2 + (i & 1);
-                    const float sc = sz[t][i >> 1], z = sz[t][2 + (i >> 1)];
-                    acc[t][h][i] += sc * (cacc[t][h][i] - z * gsum[b * gstride + c]);
-                }
+            for (int j = 0; j < 2; j++) {
+                sc[j] = __half2float(szs[t * 16 + group + 8 * j]);
+                z[j] = 128.f + __half2float(szs[32 + t * 16 + group + 8 * j]);
             }
 #pragma unroll
-            for (int i = 0; i < 4; i++) sz[t][i] = sz_next[t][i];
+            for (int h = 0; h < H; h++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    acc[t][h][i] += sc[i >> 1] * (cacc[t][h][i] - z[i >> 1] * xsum[h][i]);
         }
     }
+
+    // The warps' sums, added in warp order by warp 0.
+    constexpr int V = MMA_TPW * H * 4;
+    __syncthreads();  // every warp is done with its ring
+    float* red = (float*)smem;  // [MMA_WARPS][V][32]
 #pragma unroll
-    for (int t = 0; t < MMA_TILES_PER_WARP; t++) {
-        if (t < tiles) {
+    for (int t = 0; t < MMA_TPW; t++)
 #pragma unroll
-            for (int h = 0; h < H; h++) {
+        for (int h = 0; h < H; h++)
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int b = h * 8 + quad * 2 + (i & 1);
-                    const int n = (tile0 + t) * 16 + group + 8 * (i >> 1);
-                    if (b < nrows) partial[b * row_stride + n] = acc[t][h][i];
-                }
+            for (int i = 0; i < 4; i++) red[(warp * V + (t * H + h) * 4 + i) * 32 + lane] = acc[t][h][i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int t = 0; t < MMA_TPW; t++) {
+#pragma unroll
+        for (int h = 0; h < H; h++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                float v = 0.f;
+                for (int g = 0; g < MMA_WARPS; g++) v += red[(g * V + (t * H + h) * 4 + i) * 32 + lane];
+                const int b = h * 8 + quad * 2 + (i & 1);
+                const int n = (tile0 + t) * 16 + group + 8 * (i >> 1);
+                if (t < tiles && b < nrows) store(b, n, v);
             }
         }
     }
 }
 
-// One matrix, rows 0..B of x: grid (ceil(N / 128), splits); partial [splits, B, N].
-template <int BITS, int MB, typename XT>
-__device__ void mma_gemv(const XT* x, const int* perm, const uint2* words, const __half* zeros,
-                         const __half* scales, float* partial, int B, int K, int N, int group_size, int k_chunk) {
-    int xrow[MB];
-#pragma unroll
-    for (int b = 0; b < MB; b++) xrow[b] = b;
-    mma_gemv_block<BITS, MB, XT>(x, xrow, B, perm, words, zeros, scales, partial + (size_t)blockIdx.y * B * N, N, K,
-                                 N, group_size, k_chunk, blockIdx.x);
+__device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }
+__device__ __forceinline__ void store_y(__nv_bfloat16* y, size_t i, float v) { y[i] = __float2bfloat16(v); }
+
+// One matrix, rows 0..B of x: grid (⌈N / 32⌉, splits). One split stores y; several store partial sums
+// [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
+template <int BITS, int MB, typename YT>
+__device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
+                         const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
+                         int group_size, int k_chunk, int stages) {
+    const int splits = gridDim.y;
+    if (splits == 1) {
+        mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                 blockIdx.x, [&](int b, int n, float v) { store_y(y, (size_t)b * N + n, v); });
+        return;
+    }
+    float* part = partial + (size_t)blockIdx.y * B * N;
+    mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                             blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
+    __shared__ int last;
+    __threadfence();  // this block's partial sums are visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
+        if (last) counters[blockIdx.x] = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int cols = MMA_TPW * 16, n0 = blockIdx.x * cols;
+    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+        const int b = i / cols, n = n0 + i % cols;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * B + b) * N + n]);
+        store_y(y, (size_t)b * N + n, v);
+    }
 }
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to MB pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order).
-template <int BITS, int MB, typename XT>
-__device__ void mma_gemv_grouped(const XT* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,
-                                 const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
-                                 int n_experts, int mats, float* partial, int K, int N, int group_size,
-                                 int k_chunk) {
+// grid (mats·⌈N / 32⌉, splits, max tiles); partial [splits, pairs, mats·N].
+template <int BITS, int MB>
+__device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x,
+                                 int pairs, const u64* w_tab, const u64* zr_tab, const u64* sc_tab,
+                                 const u64* perm_tab, int n_experts, int mats, float* partial, int K, int N,
+                                 int group_size, int k_chunk, int stages) {
     const int t = blockIdx.z;
     if (t >= *n_tiles) return;
     const int expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
-    const int bx = (N / 16 + MMA_WARPS * MMA_TILES_PER_WARP - 1) / (MMA_WARPS * MMA_TILES_PER_WARP);
+    const int bx = (N / 16 + MMA_TPW - 1) / MMA_TPW;
     const int m = blockIdx.x / bx;
     const int e = m * n_experts + expert;
-    int xrow[MB];
-#pragma unroll
-    for (int b = 0; b < MB; b++) xrow[b] = b < np ? pair_x[p0 + b] : 0;
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
-    mma_gemv_block<BITS, MB, XT>(x, xrow, np, (const int*)perm_tab[e], (const uint2*)w_tab[e],
-                                    (const __half*)zr_tab[e], (const __half*)sc_tab[e], out, width, K, N, group_size,
-                                    k_chunk, blockIdx.x % bx);
+    mma_gemv_block<BITS, MB>(x, pair_x + p0, np, (const int*)perm_tab[e], (const uint2*)w_tab[e],
+                             (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N, group_size, k_chunk, stages,
+                             blockIdx.x % bx, [&](int b, int n, float v) { out[b * width + n] = v; });
 }
 
-#define MMA_T(BITS, MB)                                                                                       \
-    extern "C" __global__ void gptq_mma_gemv_w##BITS##_b##MB##_bf16(                                         \
-        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales, \
-        float* partial, int B, int K, int N, int group_size, int k_chunk) {                                   \
-        mma_gemv<BITS, MB, __nv_bfloat16>(x, perm, words, zeros, scales, partial, B, K, N, group_size, k_chunk); \
-    }                                                                                                         \
-    extern "C" __global__ void gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                 \
-        const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,           \
-        const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,  \
-        int K, int N, int group_size, int k_chunk) {                                                          \
-        mma_gemv_grouped<BITS, MB, __nv_bfloat16>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, \
-                                                  mats, partial, K, N, group_size, k_chunk);                  \
+#define MMA_T(BITS, MB)                                                                                         \
+    extern "C" __global__ void gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                         \
+        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
+        float* partial, __nv_bfloat16* y, int* counters, int B, int K, int N, int group_size, int k_chunk,      \
+        int stages) {                                                                                           \
+        mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
+                           stages);                                                                             \
+    }                                                                                                           \
+    extern "C" __global__ void gptq_mma_gemv_w##BITS##_b##MB##_to_f32(                                          \
+        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
+        float* partial, float* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) { \
+        mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
+                           stages);                                                                             \
+    }                                                                                                           \
+    extern "C" __global__ void gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                   \
+        const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,             \
+        const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
+        int K, int N, int group_size, int k_chunk, int stages) {                                                \
+        mma_gemv_grouped<BITS, MB>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, mats, partial, \
+                                   K, N, group_size, k_chunk, stages);                                          \
     }
 MMA_T(2, 8)
 MMA_T(2, 16)

@@ -4,7 +4,6 @@
 //! tables, every row and head group in one grid, long rows split over several blocks), and the merge of those
 //! splits with the output absorption (`W_UV` per head). Rows are chunked only to bound the f32 scratch.
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{MlaDims, Row};
 
@@ -30,8 +29,6 @@ const ABSORB_WARPS: usize = 8;
 const SCRATCH_BYTES: usize = 64 << 20;
 /// Rows of one launch at most (CUDA's limit on gridDim.y).
 pub(crate) const MAX_GRID_Y: usize = 65_535;
-/// Dynamic shared memory a kernel gets without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
 
 /// A launch configuration with `smem` bytes of dynamic shared memory. Above the default the function is opted
 /// in to everything the device allows (always the same value, so concurrent callers cannot undercut each other).
@@ -42,17 +39,7 @@ pub(crate) fn smem_cfg(
     threads: u32,
     smem: usize,
 ) -> MResult<LaunchConfig> {
-    if smem > DEFAULT_SMEM {
-        let optin = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-        let device = b.gpu.ctx.attribute(optin).map_err(md("shared memory limit"))? as usize;
-        let fixed = f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES).map_err(md("kernel"))?;
-        let max = device.saturating_sub(fixed as usize);
-        if smem > max {
-            return Err(shape("attention", format!("{smem} bytes of shared memory exceed this device's {max}")));
-        }
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max as i32)
-            .map_err(md("shared memory opt-in"))?;
-    }
+    b.gpu.allow_smem(f, smem).map_err(m)?;
     Ok(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
 }
 
@@ -234,16 +221,27 @@ impl Step<'_> {
         let (b, d, pool) = (self.b, self.d, self.pool);
         let mut o_part = scratch(b, c.rows * d.heads * c.splits * d.kv_lora)?;
         let mut ml_part = scratch(b, c.rows * d.heads * c.splits * 2)?;
-        let f = b.f(&format!("mla_flash_{}", self.suffix()))?;
         let (lora, rope) = (d.kv_lora, d.qk_rope);
-        // The kernel's shared layout (FlashTile): keys per tile and the tile's element size and row padding.
-        let (kt, esize, pad) = match self.q.data.dtype() {
-            ActDtype::Bf16 => (32, 2, 2),
-            ActDtype::F32 => (16, 4, 1),
-        };
         let dims = lora + rope;
-        let floats = dims * HEADS_PER_BLOCK + 8 * HEADS_PER_BLOCK * kt + kt * HEADS_PER_BLOCK + HEADS_PER_BLOCK;
-        let smem = floats * 4 + kt * 4 + kt * (dims + pad) * esize;
+        let (f, smem) = match self.q.data.dtype() {
+            // flash_mma.cu: q [16][CS] and two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), partial
+            // scores [2][8][32] f32, P [16][40] bf16, corrections [8] f32, slots [2][32].
+            ActDtype::Bf16 => {
+                if !lora.is_multiple_of(8) {
+                    return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
+                }
+                let cs = dims.next_multiple_of(16) + 8;
+                let bytes = (2 * HEADS_PER_BLOCK + 2 * 32) * cs * 2 + 2 * HEADS_PER_BLOCK * 32 * 4;
+                (b.f("mla_flash_mma_bf16")?, bytes + 2 * HEADS_PER_BLOCK * 40 * 2 + HEADS_PER_BLOCK * 4 + 2 * 32 * 4)
+            }
+            // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
+            // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
+            ActDtype::F32 => {
+                let (kt, h) = (16, HEADS_PER_BLOCK);
+                let floats = dims * h + 8 * h * kt + kt * h + h;
+                (b.f("mla_flash_f32")?, floats * 4 + kt * 4 + kt * (dims + 1) * 4)
+            }
+        };
         let grid = (d.heads.div_ceil(HEADS_PER_BLOCK) as u32, c.rows as u32, c.splits as u32);
         let cfg = smem_cfg(b, f, grid, (32 * HEADS_PER_BLOCK) as u32, smem)?;
         let null: u64 = 0;

@@ -14,6 +14,7 @@ use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
 use crate::gemv::{GpuGptq, MAX_BATCH, Packing, THREADS, bucket};
+use crate::mma::Shape;
 use crate::route::DeviceRouting;
 
 /// Rows a step may have for the grouped path (in 16-row chunks); more (prefill) runs one GEMM per expert.
@@ -28,27 +29,21 @@ fn tile_rows(packing: Packing) -> usize {
 }
 
 /// One grouped launch's shape for matrices like `w` over `tiles` tiles of `mb` rows, `mats` matrices side by
-/// side: (kernel, rows of K per split, splits, blocks along x, shared memory bytes).
-fn launch_shape(
-    b: &CudaBackend,
-    w: &GpuGptq,
-    mb: usize,
-    tiles: usize,
-    mats: usize,
-) -> (String, usize, usize, usize, u32) {
+/// side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring: stages 0).
+fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usize) -> (String, usize, Shape) {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
         Packing::Gptq => {
             let bx = n.div_ceil(THREADS as usize);
             let chunk = w.k_chunk_for(g, mb, mats * bx * tiles);
             let name = format!("gptq_gemv_grouped_w{}_b{mb}_{}", w.bits, b.act.suffix());
-            (name, chunk, k.div_ceil(chunk), mats * bx, w.smem_bytes(mb, chunk))
+            let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem: w.smem_bytes(mb, chunk) };
+            (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let bx = n.div_ceil(crate::mma::BLOCK_COLS);
-            let chunk = crate::mma::k_chunk(w, g, mb, mats * bx * tiles);
+            let bx = crate::mma::blocks_x(n);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
-            (name, chunk, k.div_ceil(chunk), mats * bx, crate::mma::smem_bytes(w.bits, mb, chunk))
+            (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles))
         }
     }
 }
@@ -248,20 +243,25 @@ impl CudaBackend {
         let sx = dtype.suffix();
 
         // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
-        let (name, chunk, splits, gx, smem) = launch_shape(self, gate0, mb, n_tiles, 2);
+        let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
+        let splits = sh.splits;
         let mut partial = self.zeros(splits * pairs * 2 * inter)?;
         let f = self.f(&name)?;
+        self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
         let cfg = LaunchConfig {
             grid_dim: (gx as u32, splits as u32, n_tiles as u32),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: sh.smem,
         };
-        let (np, two, ki, ni, gs, ci) =
-            (pairs as i32, 2i32, hidden as i32, inter as i32, t.group_size as i32, chunk as i32);
+        let (np, two, ki, ni, gs, ci, st) =
+            (pairs as i32, 2i32, hidden as i32, inter as i32, t.group_size as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.gate_up;
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&tiles).arg(&count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+        if sh.stages > 0 {
+            l.arg(&st);
+        }
         // SAFETY: argument order and types match gptq_gemv_grouped_*; tables hold 2·E addresses, buffers sized above.
         unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
         let mut h = Act::zeros(&self.gpu, dtype, pairs * inter).map_err(m)?;
@@ -272,19 +272,24 @@ impl CudaBackend {
         unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
 
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
-        let (name, chunk, splits, gx, smem) = launch_shape(self, down0, mb, n_tiles, 1);
+        let (name, gx, sh) = launch_shape(self, down0, mb, n_tiles, 1);
+        let splits = sh.splits;
         let f = self.f(&name)?;
+        self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
         let mut partial = self.zeros(splits * pairs * hidden)?;
         let cfg = LaunchConfig {
             grid_dim: (gx as u32, splits as u32, n_tiles as u32),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: sh.smem,
         };
-        let (one, ki, ni, ci) = (1i32, inter as i32, hidden as i32, chunk as i32);
+        let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(&identity).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
+        if sh.stages > 0 {
+            l.arg(&st);
+        }
         // SAFETY: as above, for the down tables (E addresses each).
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         let (sp, rows) = (splits as i32, x.rows as i32);

@@ -165,11 +165,10 @@ impl GpuGptq {
         if batch == 0 || batch > MAX_BATCH || x.len() < batch * k || y.len() < batch * n {
             return Err(Error::Shape { what: "gemv", reason: format!("batch {batch}, x {} y {}", x.len(), y.len()) });
         }
-        // The two kernels take the same arguments and leave the same partial sums; only the launch differs.
-        let (f, cfg, chunk) = match self.packing {
-            Packing::Gptq => self.scalar_launch(gpu, x.dtype(), batch)?,
-            Packing::Mma => crate::mma::launch(self, gpu, x.dtype(), batch)?,
-        };
+        if self.packing == Packing::Mma {
+            return crate::mma::gemv(self, gpu, x, batch, partial, y);
+        }
+        let (f, cfg, chunk) = self.scalar_launch(gpu, x.dtype(), batch)?;
         let splits = cfg.grid_dim.1 as usize;
         if partial.len() < splits * batch * n {
             return Err(Error::Shape {
@@ -187,7 +186,7 @@ impl GpuGptq {
         };
         launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(&mut *partial);
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        // SAFETY: argument order and types match gptq_gemv_w*_b*_* and gptq_mma_gemv_*; sizes were checked above.
+        // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
         let total = (batch * n) as u32;
         let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;

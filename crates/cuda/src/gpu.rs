@@ -50,7 +50,16 @@ pub struct Gpu {
     pub(crate) ipc: Arc<Mutex<crate::ipc::IpcState>>,
     /// Small read-only inputs uploaded recently, by content (`uploaded_*`).
     recent: Mutex<Recent>,
+    /// Arrival counters of split launches (the tensor-core GEMV's last block adds the splits of its column
+    /// range): zero between launches, as each launch's last block leaves its counter.
+    pub(crate) counters: CudaSlice<i32>,
 }
+
+/// Dynamic shared memory a kernel gets without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
+
+/// Column ranges one split launch may count (the widest tensor-core GEMV has N / 32 of them).
+const COUNTERS: usize = 1 << 16;
 
 /// The last few small uploads of each kind: a step's positions serve its every RoPE of every layer, a model's
 /// inverse frequencies every call.
@@ -115,6 +124,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let counters = stream.alloc_zeros::<i32>(COUNTERS).map_err(drv("cuMemAlloc"))?;
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {
             let cubin = nvrtc::cubin(file, source, &arch)?;
@@ -133,7 +143,32 @@ impl Gpu {
             profiler: Default::default(),
             ipc: Default::default(),
             recent: Default::default(),
+            counters,
         })
+    }
+
+    /// Lets `f` launch with `smem` bytes of dynamic shared memory: above the 48 KiB every kernel gets, the
+    /// function is opted in to everything the device allows (always that same value, so concurrent callers
+    /// cannot undercut each other); more than that is an error naming both sizes.
+    pub(crate) fn allow_smem(&self, f: &CudaFunction, smem: usize) -> Result<()> {
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        if smem <= DEFAULT_SMEM {
+            return Ok(());
+        }
+        let optin = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+        let device = self.ctx.attribute(optin).map_err(drv("cuDeviceGetAttribute"))? as usize;
+        let fixed = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(drv("cuFuncGetAttribute"))?;
+        let max = device.saturating_sub(fixed as usize);
+        if smem > max {
+            return Err(Error::Shape {
+                what: "launch",
+                reason: format!("{smem} bytes of shared memory exceed this device's {max}"),
+            });
+        }
+        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max as i32)
+            .map_err(drv("cuFuncSetAttribute"))
     }
 
     /// `v` on the device, uploaded once while it is among the last few such values (never write to it).

@@ -1,18 +1,18 @@
 //! The tensor-core GEMV (kernels/gptq_mma.cu): the repacking of GPTQ weights into per-lane `mma.m16n8k16`
 //! fragments at load, and its launches. Used for bf16 activations when the shape allows (`eligible`).
 
-use cudarc::driver::{CudaFunction, LaunchConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::act::ActDtype;
-use crate::error::{Error, Result};
+use crate::act::{ActView, ActViewMut};
+use crate::error::{Error, Result, drv};
 use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
 
 /// Rows of K per chunk (one scale per chunk: group sizes must be multiples of it).
 pub const CHUNK: usize = 128;
-/// Output columns per block: 4 warps × 2 tiles of 16.
-pub const BLOCK_COLS: usize = 128;
-const THREADS: u32 = 128;
+/// Output columns per block: 2 tiles of 16, shared by the block's 4 warps (each over its own run of K).
+pub const BLOCK_COLS: usize = 32;
+pub(crate) const THREADS: u32 = 128;
 
 /// Whether a weight can take the tensor-core layout: 2/3/4 bits (the bf16 trick holds 128 + q exactly up to
 /// 7 bits, and the packing is written for these), whole chunks of K, whole groups per chunk, whole column tiles.
@@ -112,59 +112,107 @@ fn bucket(batch: usize) -> usize {
     if batch <= 8 { 8 } else { 16 }
 }
 
-/// Chunks each warp keeps in flight behind its math, and the shape of a block (kernels/gptq_mma.cu).
-const STAGES: usize = 4;
+/// The block's shape (kernels/gptq_mma.cu): warps, tiles of 16 columns, bf16 per x row of a ring slot, deepest ring.
 const WARPS: usize = 4;
-const TILES_PER_WARP: usize = 2;
+const TILES: usize = 2;
+const XS: usize = CHUNK + 8;
+const MAX_STAGES: usize = 8;
 /// Shared memory a block stays within, so it needs no opt-in and a 3090's 100 KiB hold two blocks.
 const SMEM_BLOCK: usize = 44 * 1024;
+/// Warps worth having per multiprocessor before a warp's run of K is cut shorter (more splits).
+const WARPS_PER_SM: usize = 8;
 
-/// Shared memory of a launch: the warps' rings of weight words, Σx per (row, chunk) for the kernel's MB rows,
-/// and `rows` staged rows of x (the batch, or a grouped tile's rows).
-pub(crate) fn smem_bytes(bits: u32, rows: usize, chunk: usize) -> u32 {
-    let ring = WARPS * STAGES * TILES_PER_WARP * bits as usize * 32 * 8;
-    (ring + bucket(rows) * (chunk / CHUNK) * 4 + rows * (chunk + 8) * 2) as u32
+/// One launch's shape: rows of K per split, splits, ring depth (chunks per warp's ring) and shared bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub chunk: usize,
+    pub splits: usize,
+    pub stages: usize,
+    pub smem: u32,
 }
 
-/// Rows of K per split: whole chunks within the block's shared memory, and as many splits as fill one wave of
-/// resident blocks (more leaves a tail wave; fewer leaves multiprocessors idle).
-pub(crate) fn k_chunk(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> usize {
-    let k = w.in_features;
-    let fixed = smem_bytes(w.bits, rows, 0) as usize;
-    let per_chunk = smem_bytes(w.bits, rows, CHUNK) as usize - fixed;
-    let limit = ((SMEM_BLOCK.saturating_sub(fixed)) / per_chunk).max(1) * CHUNK;
-    let want = k.div_ceil(CHUNK).min(limit / CHUNK) * CHUNK;
-    let per_sm = (gpu.smem_per_sm / smem_bytes(w.bits, rows, want) as usize).clamp(1, 8);
-    let splits = (per_sm * gpu.sm_count as usize / blocks_x.max(1)).clamp(1, k / CHUNK);
-    (k.div_ceil(splits).div_ceil(CHUNK) * CHUNK).clamp(CHUNK, limit)
+/// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
+/// of its 32 columns (f16) and `rows` rows of x.
+fn slot_bytes(bits: u32, rows: usize) -> usize {
+    TILES * bits as usize * 32 * 8 + 2 * TILES * 16 * 2 + rows * XS * 2
+}
+
+/// The shape for `rows` rows of x over `blocks_x` column blocks (times the grouped launch's tiles): each warp
+/// gets enough chunks of K that `WARPS_PER_SM` warps per multiprocessor cover the work, a whole run when the
+/// matrix is large (no split, no partial sums), and the ring as deep as the shared budget allows.
+pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Shape {
+    let k_chunks = w.in_features / CHUNK;
+    let slot = slot_bytes(w.bits, rows);
+    let stages = (SMEM_BLOCK / (WARPS * slot)).clamp(2, MAX_STAGES);
+    let target = gpu.sm_count as usize * WARPS_PER_SM;
+    let per_warp = (blocks_x.max(1) * k_chunks).div_ceil(target).clamp(1, k_chunks.div_ceil(WARPS));
+    let splits = k_chunks.div_ceil(WARPS * per_warp);
+    let chunk = k_chunks.div_ceil(splits) * CHUNK;
+    let smem = (WARPS * stages * slot).max(WARPS * TILES * 2 * 4 * 32 * 4);
+    Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32 }
+}
+
+/// Column blocks of a matrix of `n` outputs.
+pub(crate) fn blocks_x(n: usize) -> usize {
+    n.div_ceil(BLOCK_COLS)
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
-    let bx = w.out_features.div_ceil(BLOCK_COLS);
-    w.in_features.div_ceil(k_chunk(w, gpu, batch, bx)) * batch * w.out_features
+    let s = shape(w, gpu, batch, blocks_x(w.out_features));
+    // At least one float: a zero-length allocation is an error.
+    if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
 }
 
-/// The tensor-core GEMV's launch for `batch` ≤ 16 rows of `xd` inputs (bf16 only): (kernel, configuration, rows of
-/// K per split). `GpuGptq::gemv` runs it with the scalar kernel's arguments and adds the splits.
-pub(crate) fn launch<'g>(
+/// `y[b, :] = W · x[b, :]` for `batch` ≤ 16 bf16 rows, one launch: splits of K (when any) leave partial sums in
+/// `partial` that the last block of each column range adds, counted in `gpu.counters`.
+pub(crate) fn gemv(
     w: &GpuGptq,
-    gpu: &'g Gpu,
-    xd: ActDtype,
+    gpu: &Gpu,
+    x: &ActView<'_>,
     batch: usize,
-) -> Result<(&'g CudaFunction, LaunchConfig, usize)> {
-    if xd != ActDtype::Bf16 {
+    partial: &mut CudaSlice<f32>,
+    y: &mut ActViewMut<'_>,
+) -> Result<()> {
+    if x.dtype() != crate::act::ActDtype::Bf16 {
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
     let (k, n) = (w.in_features, w.out_features);
-    let bx = n.div_ceil(BLOCK_COLS);
-    let chunk = k_chunk(w, gpu, batch, bx);
-    let f = gpu.function(&format!("gptq_mma_gemv_w{}_b{}_bf16", w.bits, bucket(batch)))?;
+    let bx = blocks_x(n);
+    let s = shape(w, gpu, batch, bx);
+    if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
+        return Err(Error::Shape {
+            what: "gemv scratch",
+            reason: format!(
+                "{} floats, {} counters for {} splits of {batch}×{n}",
+                partial.len(),
+                gpu.counters.len(),
+                s.splits
+            ),
+        });
+    }
+    let name = format!("gptq_mma_gemv_w{}_b{}_to_{}", w.bits, bucket(batch), y.dtype().suffix());
     let cfg = LaunchConfig {
-        grid_dim: (bx as u32, k.div_ceil(chunk) as u32, 1),
+        grid_dim: (bx as u32, s.splits as u32, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: smem_bytes(w.bits, batch, chunk),
+        shared_mem_bytes: s.smem,
     };
-    Ok((f, cfg, chunk))
+    let (b, ki, ni, gs, ci, st) =
+        (batch as i32, k as i32, n as i32, w.group_size as i32, s.chunk as i32, s.stages as i32);
+    let null: u64 = 0;
+    let f = gpu.function(&name)?;
+    gpu.allow_smem(f, s.smem as usize)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(x);
+    match &w.perm {
+        Some(p) => l.arg(p),
+        None => l.arg(&null),
+    };
+    l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
+    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st);
+    // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n]; partial and counters were checked
+    // above for a split launch (a single split touches neither).
+    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
+    Ok(())
 }
 
 #[cfg(test)]

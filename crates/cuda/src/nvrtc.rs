@@ -9,10 +9,15 @@ use cudarc::nvrtc::{result, sys};
 
 use crate::error::{Error, Result};
 
-/// Every kernel source, by file name; `common.cuh` is prepended by hand since NVRTC sees no files of ours.
-pub const COMMON: &str = include_str!("../kernels/common.cuh");
+/// Every kernel source, by file name; the headers they include are pasted in by [`expand`], since NVRTC sees no
+/// files of ours.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("attention.cuh", include_str!("../kernels/attention.cuh")),
+];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
+    ("flash_mma.cu", include_str!("../kernels/flash_mma.cu")),
     ("gptq_gemm.cu", include_str!("../kernels/gptq_gemm.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
@@ -91,11 +96,27 @@ pub fn cache_dir() -> PathBuf {
     base.join("pipemoe").join("cubin")
 }
 
+/// A kernel file with the headers it includes pasted in front (in `HEADERS` order: a header may use the ones
+/// before it), their include lines dropped, and `#line` marks so compile errors name the right file and line.
+pub fn expand(name: &str, source: &str) -> String {
+    let mut out = String::new();
+    let mut body = source.to_string();
+    for (header, text) in HEADERS {
+        let include = format!("#include \"{header}\"");
+        if body.contains(&include) {
+            out.push_str(&format!("#line 1 \"{header}\"\n{}\n", text.replace("#pragma once", "")));
+            body = body.replace(&include, "");
+        }
+    }
+    out + &format!("#line 1 \"{name}\"\n{body}")
+}
+
 /// CUBIN of one kernel file for `arch` (`sm_86`), from the cache or freshly compiled (then cached).
 pub fn cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
     let (major, minor) = version()?;
-    let src = format!("{COMMON}\n#line 1 \"{name}\"\n{}", source.replace("#include \"common.cuh\"", ""));
-    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), &major.to_le_bytes(), &minor.to_le_bytes()]);
+    let src = expand(name, source);
+    let extra = extra_options();
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), &major.to_le_bytes(), &minor.to_le_bytes(), extra.as_bytes()]);
     let dir = cache_dir();
     let path = dir.join(format!("{}-{arch}-{key:016x}.cubin", name.trim_end_matches(".cu")));
     if let Ok(bytes) = std::fs::read(&path) {
@@ -120,6 +141,13 @@ fn c_string(s: &str, kernel: &str) -> Result<CString> {
     })
 }
 
+/// `PIPEMOE_NVRTC_LINEINFO=1` compiles with `-lineinfo`, so a profiler (ncu's source view) can map samples to
+/// lines of the `.cu` files; it changes no code, only the cached CUBIN's debug sections.
+fn extra_options() -> String {
+    let on = std::env::var("PIPEMOE_NVRTC_LINEINFO").is_ok_and(|v| v == "1");
+    if on { "-lineinfo".into() } else { String::new() }
+}
+
 /// Compiles to CUBIN; a compile error comes back with NVRTC's log.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     if !nvrtc_present() {
@@ -130,13 +158,14 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     let csrc = c_string(src, name)?;
     let cname = c_string(name, name)?;
     let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| err(e.to_string()))?;
-    let opts = vec![
+    let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         format!("-I{}", path_str(&include)),
         "--std=c++17".to_string(),
         "-default-device".to_string(),
         "--use_fast_math".to_string(),
     ];
+    opts.extend(Some(extra_options()).filter(|o| !o.is_empty()));
     // SAFETY: `prog` was created above and is destroyed exactly once below; the options hold no NUL.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let out = match compiled {

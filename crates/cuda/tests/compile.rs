@@ -27,12 +27,7 @@ fn every_kernel_compiles_for_sm86_and_sm90() {
     eprintln!("NVRTC {major}.{minor}");
     for arch in ["sm_86", "sm_90"] {
         for (name, src) in nvrtc::KERNELS {
-            let bin = nvrtc::compile(
-                name,
-                &format!("{}\n{}", nvrtc::COMMON, src.replace("#include \"common.cuh\"", "")),
-                arch,
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+            let bin = nvrtc::compile(name, &nvrtc::expand(name, src), arch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&bin[..4], b"\x7fELF", "{name} for {arch} is not a CUBIN");
         }
     }

@@ -67,6 +67,8 @@ fn gptq_gemv_matches_the_cpu_reference() {
         (7168, 2048, 3, 128, false, 9),  // two n8 halves on tensor cores
         (2048, 7168, 2, 128, true, 16),
         (7168, 2048, 4, 128, false, 5),
+        (7168, 64, 3, 128, false, 2), // many splits of K: the last block of each column range adds them
+        (7168, 128, 3, 128, true, 3), // the same with the rows gathered through g_idx
     ];
     let (f32_, bf16_) = (ActDtype::F32, ActDtype::Bf16);
     for case in cases {
@@ -123,6 +125,9 @@ fn bench_gemv() {
         ("expert down 2048x7168", 2048, 7168),
         ("o_proj 16384x7168", 16384, 7168),
         ("dense gate 7168x18432", 7168, 18432),
+        ("q_a 7168x1536", 7168, 1536),
+        ("indexer wk 7168x128", 7168, 128),
+        ("q_b 1536x24576", 1536, 24576),
     ] {
         let w = random_weight(&mut rng, k, nn, 3, 128, false);
         for mma in [false, true] {
@@ -131,8 +136,10 @@ fn bench_gemv() {
             let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
             let ws: Vec<GpuGptq> = (0..copies).map(|_| upload(&w).expect("upload")).collect();
             let kernel = format!("{:?}", one.packing);
-            for batch in [1usize, 4, 16] {
-                let x = Act::zeros(&gpu, ActDtype::Bf16, batch * k).expect("x");
+            for batch in [1usize, 4, 8, 16] {
+                // Random inputs: zeros can run faster than real data (METHOD.md).
+                let xs: Vec<f32> = (0..batch * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+                let x = Act::from_f32(&gpu, ActDtype::Bf16, &xs).expect("x");
                 let mut partial = s.alloc_zeros::<f32>(one.scratch_len(&gpu, batch)).expect("scratch");
                 let mut y = Act::zeros(&gpu, ActDtype::Bf16, batch * nn).expect("y");
                 let mut i = 0;

@@ -41,6 +41,19 @@ impl<B: Backend> Indexer<B> {
         })
     }
 
+    /// Whether any row has more keys (positions 0..=pos) than `index_topk`: otherwise every row attends to all
+    /// of its keys, exactly what the selection would pick, and only the indexer key (for the cache) is needed.
+    pub fn selects(&self, rows: &[Row]) -> bool {
+        rows.iter().any(|r| r.pos + 1 > self.dims.topk)
+    }
+
+    /// `x`: the normed hidden state `[rows, hidden]` → the indexer key `[rows, head_dim]`, normed and roped.
+    pub fn key(&self, b: &B, x: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<B::Tensor> {
+        let mut k = b.layer_norm(&b.linear(x, &self.wk)?, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
+        b.rope(&mut k, self.rope_spec(1), inv_freq, rows)?;
+        Ok(k)
+    }
+
     /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
     pub fn project(
         &self,
@@ -51,14 +64,16 @@ impl<B: Backend> Indexer<B> {
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
         let d = self.dims;
-        // The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
-        let spec = |heads| RopeSpec { heads, head_dim: d.head_dim, offset: 0, interleaved: false };
         let mut q = b.linear(qr, &self.wq_b)?;
-        b.rope(&mut q, spec(d.heads), inv_freq, rows)?;
-        let mut k = b.layer_norm(&b.linear(x, &self.wk)?, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
-        b.rope(&mut k, spec(1), inv_freq, rows)?;
+        b.rope(&mut q, self.rope_spec(d.heads), inv_freq, rows)?;
+        let k = self.key(b, x, inv_freq, rows)?;
         let mut w = b.linear(x, &self.weights_proj)?;
         b.scale(&mut w, (d.heads as f32).powf(-0.5))?;
         Ok(IndexerOut { k, q, w })
+    }
+
+    /// The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
+    fn rope_spec(&self, heads: usize) -> RopeSpec {
+        RopeSpec { heads, head_dim: self.dims.head_dim, offset: 0, interleaved: false }
     }
 }

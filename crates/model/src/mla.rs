@@ -94,11 +94,17 @@ impl<B: Backend> Mla<B> {
         let mut k_pe = b.columns(&kv, d.kv_lora, d.qk_rope)?;
         b.rope(&mut k_pe, RopeSpec { heads: 1, head_dim: d.qk_rope, offset: 0, interleaved: true }, inv_freq, rows)?;
         let selection = match &self.indexer {
-            Some(ix) => {
+            Some(ix) if ix.selects(rows) => {
                 let qr = qr.as_ref().ok_or_else(|| Error::backend("the indexer needs q_lora_rank"))?;
                 let out = ix.project(b, x, qr, inv_freq, rows)?;
                 b.cache_write(cache, rows, &latent, &k_pe, Some(&out.k))?;
                 Some(b.indexer_select(cache, &out.q, &out.w, &ix.dims, rows)?)
+            }
+            // No row has more keys than the selection keeps: attention over every key is what it would pick,
+            // so only the indexer key is computed (for the cache, where later positions will need it).
+            Some(ix) => {
+                b.cache_write(cache, rows, &latent, &k_pe, Some(&ix.key(b, x, inv_freq, rows)?))?;
+                None
             }
             None => {
                 b.cache_write(cache, rows, &latent, &k_pe, None)?;

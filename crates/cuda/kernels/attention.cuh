@@ -1,0 +1,24 @@
+// What the attention kernels share (attention.cu, flash_mma.cu): the paged cache's addressing and element types.
+#pragma once
+#include <cuda_fp8.h>
+
+#define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
+#define MLA_HEADS 8        // heads per flash block
+#define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
+
+__device__ __forceinline__ float act_ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float act_ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void act_st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void act_st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// A cached value: dtype 0 = f32, 1 = bf16, 2 = fp8 e4m3 (times its slot's scale, applied by the caller).
+__device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) {
+    if (dtype == 0) return ((const float*)base)[i];
+    if (dtype == 1) return __bfloat162float(((const __nv_bfloat16*)base)[i]);
+    return float(((const __nv_fp8_e4m3*)base)[i]);
+}
+
+// Pool slot of position p of a sequence whose block table is `table`.
+__device__ __forceinline__ int kv_slot(const int* table, int p) {
+    return table[p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
+}
