@@ -1,6 +1,8 @@
 //! The tensor-core GEMV (kernels/gptq_mma.cu): the repacking of GPTQ weights into per-lane `mma.m16n8k16`
 //! fragments at load, and its launches. Used for bf16 activations when the shape allows (`eligible`).
 
+use std::sync::OnceLock;
+
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::act::{ActView, ActViewMut};
@@ -117,10 +119,43 @@ const WARPS: usize = 4;
 const TILES: usize = 2;
 const XS: usize = CHUNK + 8;
 const MAX_STAGES: usize = 8;
-/// Shared memory a block stays within, so it needs no opt-in and a 3090's 100 KiB hold two blocks.
-const SMEM_BLOCK: usize = 44 * 1024;
-/// Warps worth having per multiprocessor before a warp's run of K is cut shorter (more splits).
-const WARPS_PER_SM: usize = 8;
+
+/// Launch tuning, read once from the environment so a sweep on a new GPU needs no rebuild (docs/CUDA.md):
+/// `PIPEMOE_GEMV_WARPS_PER_SM` — warps worth having per multiprocessor before a warp's run of K is cut shorter
+/// (more splits), default 8; `PIPEMOE_GEMV_STAGES` — the deepest ring (2..=8), default 8;
+/// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
+/// and lets a 3090's 100 KiB hold two blocks. A value that does not parse or is out of range is reported once on
+/// stderr and the default used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tuning {
+    warps_per_sm: usize,
+    max_stages: usize,
+    smem_block: usize,
+}
+
+fn tuning() -> Tuning {
+    static T: OnceLock<Tuning> = OnceLock::new();
+    *T.get_or_init(|| Tuning {
+        warps_per_sm: knob("PIPEMOE_GEMV_WARPS_PER_SM", 8, 1..=64),
+        max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
+        smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
+    })
+}
+
+fn knob(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> usize {
+    let Ok(text) = std::env::var(name) else { return default };
+    match parse_knob(&text, &range) {
+        Some(v) => v,
+        None => {
+            eprintln!("pipemoe: ignoring {name}={text:?} (want an integer in {range:?}); using {default}");
+            default
+        }
+    }
+}
+
+fn parse_knob(text: &str, range: &std::ops::RangeInclusive<usize>) -> Option<usize> {
+    text.trim().parse().ok().filter(|v| range.contains(v))
+}
 
 /// One launch's shape: rows of K per split, splits, ring depth (chunks per warp's ring) and shared bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,13 +173,14 @@ fn slot_bytes(bits: u32, rows: usize) -> usize {
 }
 
 /// The shape for `rows` rows of x over `blocks_x` column blocks (times the grouped launch's tiles): each warp
-/// gets enough chunks of K that `WARPS_PER_SM` warps per multiprocessor cover the work, a whole run when the
+/// gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a whole run when the
 /// matrix is large (no split, no partial sums), and the ring as deep as the shared budget allows.
 pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Shape {
     let k_chunks = w.in_features / CHUNK;
     let slot = slot_bytes(w.bits, rows);
-    let stages = (SMEM_BLOCK / (WARPS * slot)).clamp(2, MAX_STAGES);
-    let target = gpu.sm_count as usize * WARPS_PER_SM;
+    let t = tuning();
+    let stages = (t.smem_block / (WARPS * slot)).clamp(2, t.max_stages);
+    let target = gpu.sm_count as usize * t.warps_per_sm;
     let per_warp = (blocks_x.max(1) * k_chunks).div_ceil(target).clamp(1, k_chunks.div_ceil(WARPS));
     let splits = k_chunks.div_ceil(WARPS * per_warp);
     let chunk = k_chunks.div_ceil(splits) * CHUNK;
@@ -234,6 +270,15 @@ mod tests {
             None => ((blk[0] >> 15) & 0x10001) | ((blk[1] >> 14) & 0x20002) | ((blk[2] >> 13) & 0x40004),
         };
         if k16 % 2 == 1 { pair >> 16 } else { pair & 0xFFFF }
+    }
+
+    #[test]
+    fn tuning_knobs_take_integers_in_range_only() {
+        assert_eq!(parse_knob(" 12 ", &(1..=64)), Some(12));
+        assert_eq!(parse_knob("0", &(1..=64)), None);
+        assert_eq!(parse_knob("65", &(1..=64)), None);
+        assert_eq!(parse_knob("8.5", &(1..=64)), None);
+        assert_eq!(parse_knob("", &(2..=8)), None);
     }
 
     #[test]

@@ -28,6 +28,12 @@ pub struct IndexerOut<B: Backend> {
     pub w: B::Tensor,
 }
 
+/// Whether any row has more keys (positions 0..=pos) than `index_topk`: otherwise every row attends to all of its
+/// keys, exactly what the selection would pick, and only the indexer key (for the cache) is needed.
+pub fn selects(dims: &IndexerDims, rows: &[Row]) -> bool {
+    rows.iter().any(|r| r.pos + 1 > dims.topk)
+}
+
 impl<B: Backend> Indexer<B> {
     pub fn load(b: &B, ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<Self> {
         let (h, q_lora) = (ld.cfg.hidden_size, ld.cfg.q_lora_rank.unwrap_or(0));
@@ -41,10 +47,9 @@ impl<B: Backend> Indexer<B> {
         })
     }
 
-    /// Whether any row has more keys (positions 0..=pos) than `index_topk`: otherwise every row attends to all
-    /// of its keys, exactly what the selection would pick, and only the indexer key (for the cache) is needed.
+    /// Whether the selection changes anything for this step ([`selects`]).
     pub fn selects(&self, rows: &[Row]) -> bool {
-        rows.iter().any(|r| r.pos + 1 > self.dims.topk)
+        selects(&self.dims, rows)
     }
 
     /// `x`: the normed hidden state `[rows, hidden]` → the indexer key `[rows, head_dim]`, normed and roped.
@@ -75,5 +80,19 @@ impl<B: Backend> Indexer<B> {
     /// The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
     fn rope_spec(&self, heads: usize) -> RopeSpec {
         RopeSpec { heads, head_dim: self.dims.head_dim, offset: 0, interleaved: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_selection_runs_once_a_row_has_more_keys_than_it_keeps() {
+        let dims = IndexerDims { heads: 4, head_dim: 8, topk: 16 };
+        let rows = |ps: &[usize]| ps.iter().map(|&pos| Row { seq: 1, pos }).collect::<Vec<_>>();
+        assert!(!selects(&dims, &rows(&[0, 7, 15])), "16 keys at position 15: all of them are the selection");
+        assert!(selects(&dims, &rows(&[3, 16])), "position 16 has 17 keys, one more than the selection keeps");
+        assert!(!selects(&dims, &[]));
     }
 }
