@@ -129,10 +129,6 @@ impl CudaBackend {
         self.gpu.stream.alloc_zeros::<f32>(n.max(1)).map_err(md("alloc"))
     }
 
-    pub(crate) fn zeros_i32(&self, n: usize) -> MResult<CudaSlice<i32>> {
-        self.gpu.stream.alloc_zeros::<i32>(n.max(1)).map_err(md("alloc"))
-    }
-
     pub(crate) fn upload_i32(&self, v: &[i32]) -> MResult<CudaSlice<i32>> {
         self.gpu.stream.clone_htod(v).map_err(md("upload indices"))
     }

@@ -225,9 +225,13 @@ impl CudaBackend {
         let pairs = x.rows * r.top_k;
         let n_tiles = pairs;
         let s = &self.gpu.stream;
-        let (mut tiles, mut count) = (self.zeros_i32(3 * pairs)?, self.zeros_i32(1)?);
-        let (mut pair_x, mut pair_of) = (self.zeros_i32(pairs)?, self.zeros_i32(pairs)?);
-        let identity = self.upload_i32(&(0..pairs as i32).collect::<Vec<_>>())?;
+        // SAFETY: experts_plan writes the count and every entry of pair_of; the launches below read tiles only
+        // below the count and pair_x only at the pairs those tiles hold, all of which the plan writes.
+        let alloc = |n: usize| unsafe { s.alloc::<i32>(n.max(1)) }.map_err(md("alloc plan"));
+        let (mut tiles, mut count, mut pair_x, mut pair_of) =
+            (alloc(3 * pairs)?, alloc(1)?, alloc(pairs)?, alloc(pairs)?);
+        // The same 0..pairs every step of this size: uploaded once while recent.
+        let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let e = experts.weights.len() as i32;
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
         let mut l = s.launch_builder(self.f("experts_plan")?);
@@ -285,7 +289,7 @@ impl CudaBackend {
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
         let mut l = s.launch_builder(f);
-        l.arg(&h).arg(&tiles).arg(&count).arg(&identity).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
+        l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if sh.stages > 0 {
             l.arg(&st);
