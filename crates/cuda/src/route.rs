@@ -80,8 +80,10 @@ pub fn route_on_device(
     check(logits.len(), rows, bias.len(), dims)?;
     let s = &gpu.stream;
     let n = (rows * dims.top_k).max(1);
-    let mut experts = s.alloc_zeros::<u32>(n).map_err(drv("alloc routing"))?;
-    let mut weights = s.alloc_zeros::<f32>(n).map_err(drv("alloc routing"))?;
+    // SAFETY: route_f32 writes every one of the rows·top_k entries (a block per row, its top_k ranks are a
+    // permutation's first top_k); with no rows nothing is read (DeviceRouting truncates to rows·top_k).
+    let mut experts = unsafe { s.alloc::<u32>(n) }.map_err(drv("alloc routing"))?;
+    let mut weights = unsafe { s.alloc::<f32>(n) }.map_err(drv("alloc routing"))?;
     if rows > 0 {
         let ints = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
         let norm = i32::from(dims.norm_topk_prob);
