@@ -194,20 +194,22 @@ __device__ void reduce_silu(const float* __restrict__ partial, YT* __restrict__ 
 }
 
 // The down reduction of the grouped experts, combined per row in slot order (deterministic):
-// out[r, n] = Σ_j w[r, j] · Σ_s partial[s, pair_of[r, j], n]; pair_of = −1 for experts this slice lacks.
+// out[r, n] = Σ_j w[r, j] · Σ_s partial[s, pair_of[r, j], n]; pair_of = −1 for experts this slice lacks. With
+// `shared` each row has one more slot, last, weighted 1: the shared expert run as one more expert.
 template <typename YT>
 __device__ void reduce_combine(const float* __restrict__ partial, int splits, int P, int N, const int* pair_of,
-                               const float* w, YT* __restrict__ out, int rows, int top_k) {
+                               const float* w, YT* __restrict__ out, int rows, int top_k, int shared) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * N) return;
     int r = i / N, n = i % N;
+    const int slots = top_k + shared;
     float acc = 0.f;
-    for (int j = 0; j < top_k; j++) {
-        int p = pair_of[r * top_k + j];
+    for (int j = 0; j < slots; j++) {
+        int p = pair_of[r * slots + j];
         if (p < 0) continue;
         float v = 0.f;
         for (int s = 0; s < splits; s++) v += partial[((size_t)s * P + p) * N + n];
-        acc += w[r * top_k + j] * v;
+        acc += (j < top_k ? w[r * top_k + j] : 1.f) * v;
     }
     store(out, i, acc);
 }
@@ -218,8 +220,8 @@ __device__ void reduce_combine(const float* __restrict__ partial, int splits, in
     }                                                                                                      \
     extern "C" __global__ void gptq_reduce_combine_##NAME(const float* p, int splits, int P, int N,         \
                                                           const int* pair_of, const float* w, YT* out,      \
-                                                          int rows, int top_k) {                            \
-        reduce_combine(p, splits, P, N, pair_of, w, out, rows, top_k);                                     \
+                                                          int rows, int top_k, int shared) {                \
+        reduce_combine(p, splits, P, N, pair_of, w, out, rows, top_k, shared);                             \
     }
 EXPERT_REDUCE(float, f32)
 EXPERT_REDUCE(__nv_bfloat16, bf16)
@@ -227,16 +229,19 @@ EXPERT_REDUCE(__nv_bfloat16, bf16)
 // The grouped launch's layout of a decode step, from the router's choice on the device (one block, a thread per
 // expert; n_experts ≤ 1024, entries = rows · top_k ≤ 1024): pairs (row, slot) sorted by expert and in row order
 // within one, tiles of up to `tile_rows` pairs of one expert, `pair_x[p]` = the row of pair p, `pair_of[i]` =
-// the pair of entry i (−1 when this slice does not hold the expert: its address in `held` is 0).
+// the pair of entry i (−1 when this slice does not hold the expert: its address in `held` is 0). With `shared`
+// every row has one more entry, last, for expert n_experts − 1 (the shared expert, appended to the tables):
+// entries = rows · (top_k + 1) and entry i is slot i % (top_k + 1) of row i / (top_k + 1).
 // tiles [entries, 3] (expert, first pair, pairs); n_tiles [1]. Deterministic: no atomics.
-extern "C" __global__ void experts_plan(const unsigned* experts, int entries, int top_k, const u64* held,
-                                        int n_experts, int tile_rows, int* tiles, int* n_tiles, int* pair_x,
-                                        int* pair_of) {
+extern "C" __global__ void experts_plan(const unsigned* experts, int entries, int top_k, int shared,
+                                        const u64* held, int n_experts, int tile_rows, int* tiles, int* n_tiles,
+                                        int* pair_x, int* pair_of) {
     __shared__ unsigned ids[1024];
     __shared__ int pair_scan[1024], tile_scan[1024];
-    const int e = threadIdx.x;
+    const int e = threadIdx.x, slots = top_k + shared;
     for (int i = e; i < entries; i += blockDim.x) {
-        ids[i] = experts[i];
+        const int row = i / slots, slot = i % slots;
+        ids[i] = slot < top_k ? experts[row * top_k + slot] : (unsigned)(n_experts - 1);
         pair_of[i] = -1;
     }
     __syncthreads();
@@ -268,7 +273,7 @@ extern "C" __global__ void experts_plan(const unsigned* experts, int entries, in
             tiles[3 * t + 2] = min(tile_rows, count - j);
             t++;
         }
-        pair_x[p] = i / top_k;
+        pair_x[p] = i / slots;
         pair_of[i] = p;
         p++;
         j++;

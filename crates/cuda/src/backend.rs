@@ -469,7 +469,8 @@ impl Backend for CudaBackend {
         // Logits in f32 (HF applies the router in f32); the choice on the device.
         let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
         // SAFETY: the router GEMV below writes all rows·n_experts logits.
-        let mut logits = unsafe { self.gpu.stream.alloc::<f32>((x.rows * dims.n_experts).max(1)) }.map_err(md("alloc"))?;
+        let mut logits =
+            unsafe { self.gpu.stream.alloc::<f32>((x.rows * dims.n_experts).max(1)) }.map_err(md("alloc"))?;
         let mut l = self.gpu.stream.launch_builder(self.op("dense_gemv_f32out", &x.data)?);
         l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
         // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
@@ -488,7 +489,18 @@ impl Backend for CudaBackend {
 
     fn experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
         let _p = self.gpu.span(|| format!("experts x{}", x.rows));
-        self.run_experts(x, experts, routes)
+        self.run_experts(x, experts, routes, None)
+    }
+
+    fn experts_with_shared(
+        &self,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        shared: &ExpertWeights<Self>,
+        routes: &GpuRoutes,
+    ) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| format!("experts+shared x{}", x.rows));
+        self.run_experts(x, experts, routes, Some(shared))
     }
 
     fn export(&self, x: &GpuTensor) -> MResult<Option<SharedActivations>> {

@@ -84,15 +84,21 @@ impl GpuRoutes {
 pub struct GpuExperts {
     pub weights: Vec<Option<ExpertWeights<CudaBackend>>>,
     grouped: Option<Tables>,
+    /// The tables with a shared expert appended, made on the first step that brings one (keyed by its gate's
+    /// address, so another shared expert is never run through them); `None` when it cannot join the launch.
+    with_shared: OnceLock<(u64, Option<Tables>)>,
 }
 
-/// Device address tables of the packed experts: `[mats · n_experts]` each of qweight, zeros, scales, row order.
+/// Device address tables of the packed experts: `[mats · entries]` each of qweight, zeros, scales, row order,
+/// where `entries` is the layer's expert count, plus one when the shared expert is appended (`shared`).
 struct Tables {
     gate_up: [CudaSlice<u64>; 4],
     down: [CudaSlice<u64>; 4],
     group_size: usize,
     hidden: usize,
     inter: usize,
+    entries: usize,
+    shared: bool,
 }
 
 fn gptq(w: &GpuWeight) -> Option<&GpuGptq> {
@@ -104,16 +110,30 @@ fn gptq(w: &GpuWeight) -> Option<&GpuGptq> {
 
 impl GpuExperts {
     pub fn new(b: &CudaBackend, weights: Vec<Option<ExpertWeights<CudaBackend>>>) -> MResult<GpuExperts> {
-        let grouped = Tables::build(b, &weights)?;
-        Ok(GpuExperts { weights, grouped })
+        let grouped = Tables::build(b, &weights, None)?;
+        Ok(GpuExperts { weights, grouped, with_shared: OnceLock::new() })
+    }
+
+    /// The tables with `shared` appended, when it has the routed experts' format and shape.
+    fn tables_with(&self, b: &CudaBackend, shared: &ExpertWeights<CudaBackend>) -> MResult<Option<&Tables>> {
+        let key = gptq(&shared.gate).map_or(0, |g| g.addresses(&b.gpu)[0]);
+        if self.with_shared.get().is_none() {
+            let t = Tables::build(b, &self.weights, Some(shared))?;
+            let _ = self.with_shared.set((key, t));
+        }
+        Ok(self.with_shared.get().and_then(|(k, t)| if *k == key { t.as_ref() } else { None }))
     }
 }
 
 impl Tables {
-    /// The tables, when every held expert is GPTQ with one bit width and group size (else the experts run one
-    /// by one).
-    fn build(b: &CudaBackend, experts: &[Option<ExpertWeights<CudaBackend>>]) -> MResult<Option<Tables>> {
-        let held: Vec<&ExpertWeights<CudaBackend>> = experts.iter().flatten().collect();
+    /// The tables, when every held expert (and `shared`) is GPTQ with one bit width and group size (else the
+    /// experts run one by one).
+    fn build(
+        b: &CudaBackend,
+        experts: &[Option<ExpertWeights<CudaBackend>>],
+        shared: Option<&ExpertWeights<CudaBackend>>,
+    ) -> MResult<Option<Tables>> {
+        let held: Vec<&ExpertWeights<CudaBackend>> = experts.iter().flatten().chain(shared).collect();
         let Some(first) = held.first() else { return Ok(None) };
         let Some(g0) = gptq(&first.gate) else { return Ok(None) };
         let same = |w: &GpuWeight, k: usize, n: usize| {
@@ -133,10 +153,10 @@ impl Tables {
         if !uniform || inter % 32 != 0 {
             return Ok(None);
         }
-        let e = experts.len();
+        let e = experts.len() + usize::from(shared.is_some());
         let mut gu = vec![[0u64; 4]; 2 * e];
         let mut dn = vec![[0u64; 4]; e];
-        for (i, ew) in experts.iter().enumerate() {
+        for (i, ew) in experts.iter().map(Option::as_ref).chain(shared.map(Some)).enumerate() {
             let Some(ew) = ew else { continue };
             let addr = |w: &GpuWeight| gptq(w).map(|g| g.addresses(&b.gpu)).unwrap_or_default();
             gu[i] = addr(&ew.gate);
@@ -153,12 +173,23 @@ impl Tables {
             group_size: g0.group_size,
             hidden,
             inter,
+            entries: e,
+            shared: shared.is_some(),
         }))
     }
 }
 
 impl CudaBackend {
-    pub(crate) fn run_experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
+    /// The routed experts, plus `shared` (the layer's shared expert) when given: as one more expert of the
+    /// grouped launches where it has the routed experts' format (one set of launches for the whole MoE block),
+    /// else on its own and added.
+    pub(crate) fn run_experts(
+        &self,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        routes: &GpuRoutes,
+        shared: Option<&ExpertWeights<CudaBackend>>,
+    ) -> MResult<GpuTensor> {
         if routes.dev.rows != x.rows || routes.dev.n_experts != experts.weights.len() {
             return Err(shape(
                 "experts",
@@ -168,13 +199,27 @@ impl CudaBackend {
         if x.rows == 0 {
             return self.tensor(0, x.cols);
         }
-        match &experts.grouped {
-            Some(t) if x.rows <= MAX_BATCH && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
-            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => {
-                self.grouped_in_chunks(x, experts, t, &routes.dev)
+        if let Some(sh) = shared {
+            if x.rows <= GROUPED_MAX_ROWS
+                && let Some(t) = experts.tables_with(self, sh)?
+                && x.cols == t.hidden
+            {
+                return self.grouped_any(x, experts, t, &routes.dev);
             }
+            let mut y = self.run_experts(x, experts, routes, None)?;
+            let h = self.silu_mul(&self.linear(x, &sh.gate)?, &self.linear(x, &sh.up)?)?;
+            self.add_assign(&mut y, &self.linear(&h, &sh.down)?)?;
+            return Ok(y);
+        }
+        match &experts.grouped {
+            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped_any(x, experts, t, &routes.dev),
             _ => self.one_by_one(x, &experts.weights, routes.host()?),
         }
+    }
+
+    /// A decode step of up to [`GROUPED_MAX_ROWS`] rows through the grouped launches.
+    fn grouped_any(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
+        if x.rows <= MAX_BATCH { self.grouped(x, experts, t, r) } else { self.grouped_in_chunks(x, experts, t, r) }
     }
 
     /// A step of up to [`GROUPED_MAX_ROWS`] rows (many streams decoding) as grouped launches of 16 rows each:
@@ -221,8 +266,8 @@ impl CudaBackend {
         let mut out =
             GpuTensor { rows: x.rows, cols: x.cols, data: Act::zeros(&self.gpu, dtype, x.rows * x.cols).map_err(m)? };
         // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
-        // has `pairs` tiles and blocks past the real count return at once.
-        let pairs = x.rows * r.top_k;
+        // has `pairs` tiles and blocks past the real count return at once. A shared expert is one more slot.
+        let pairs = x.rows * (r.top_k + usize::from(t.shared));
         let n_tiles = pairs;
         let s = &self.gpu.stream;
         // SAFETY: experts_plan writes the count and every entry of pair_of; the launches below read tiles only
@@ -232,15 +277,16 @@ impl CudaBackend {
             (alloc(3 * pairs)?, alloc(1)?, alloc(pairs)?, alloc(pairs)?);
         // The same 0..pairs every step of this size: uploaded once while recent.
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
-        let e = experts.weights.len() as i32;
+        let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
         let mut l = s.launch_builder(self.f("experts_plan")?);
-        l.arg(&r.experts).arg(&entries).arg(&k).arg(&t.gate_up[0]).arg(&e).arg(&tr);
+        l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);
         l.arg(&mut tiles).arg(&mut count).arg(&mut pair_x).arg(&mut pair_of);
-        let threads = experts.weights.len().next_multiple_of(32) as u32;
+        let threads = t.entries.next_multiple_of(32) as u32;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches experts_plan; the routing holds `entries` expert ids < E, the gate table E addresses
-        // first; outputs sized entries·3, 1, entries, entries.
+        // SAFETY: matches experts_plan; the routing holds rows·top_k expert ids < E (the shared slot, when
+        // appended, is entry E of tables of E + 1), the gate table `entries` addresses first; outputs sized
+        // pairs·3, 1, pairs, pairs.
         unsafe { l.launch(cfg) }.map_err(md("experts plan"))?;
         let weights = &r.weights;
         let (hidden, inter) = (t.hidden, t.inter);
@@ -299,7 +345,9 @@ impl CudaBackend {
         let (sp, rows) = (splits as i32, x.rows as i32);
         let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
         l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows).arg(&k);
-        // SAFETY: matches gptq_reduce_combine_*; out holds rows·hidden values, pair_of and weights rows·top_k.
+        l.arg(&with_shared);
+        // SAFETY: matches gptq_reduce_combine_*; out holds rows·hidden values, pair_of rows·(top_k + shared)
+        // entries and weights rows·top_k.
         unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         Ok(out)
     }

@@ -218,18 +218,16 @@ fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: 
 }
 
 fn load<B: Backend>(b: &B, hs: &[[HostLinear; 3]], held: impl Fn(usize) -> bool) -> B::Experts {
-    let ws = hs
-        .iter()
-        .enumerate()
-        .map(|(i, [g, u, d])| {
-            held(i).then(|| ExpertWeights {
-                gate: b.load_linear(g.clone()).unwrap(),
-                up: b.load_linear(u.clone()).unwrap(),
-                down: b.load_linear(d.clone()).unwrap(),
-            })
-        })
-        .collect();
+    let ws = hs.iter().enumerate().map(|(i, h)| held(i).then(|| load_one(b, h))).collect();
     b.load_experts(ws).unwrap()
+}
+
+fn load_one<B: Backend>(b: &B, [g, u, d]: &[HostLinear; 3]) -> ExpertWeights<B> {
+    ExpertWeights {
+        gate: b.load_linear(g.clone()).unwrap(),
+        up: b.load_linear(u.clone()).unwrap(),
+        down: b.load_linear(d.clone()).unwrap(),
+    }
 }
 
 fn random_routing(rng: &mut Rng, rows: usize, n_experts: usize, top_k: usize) -> Routing {
@@ -260,20 +258,32 @@ fn grouped_experts_match_the_cpu() {
         [(8usize, 256usize, 128usize, 3u32, 2usize), (6, 256, 256, 2, 3), (6, 384, 128, 4, 2), (8, 7168, 2048, 3, 4)]
     {
         let hs = host_experts(&mut rng, count, hidden, inter, bits);
+        // A shared expert in the routed experts' format (it joins the grouped launches) and in another bit width
+        // (it runs on its own and is added).
+        let other = if bits == 4 { 3 } else { 4 };
+        let shared = [host_experts(&mut rng, 1, hidden, inter, bits), host_experts(&mut rng, 1, hidden, inter, other)];
         // All held, and a slice holding half (the other half's slots are skipped).
         for half in [false, true] {
             let held = |i: usize| !half || i.is_multiple_of(2);
             let ec = load(&cpu, &hs, held);
+            let sc: Vec<_> = shared.iter().map(|s| load_one(&cpu, &s[0])).collect();
             for (act, gpu) in backends() {
                 let eg = load(&gpu, &hs, held);
+                let sg: Vec<_> = shared.iter().map(|s| load_one(&gpu, &s[0])).collect();
                 for rows in [1usize, 4, 16, 21, 40, 70] {
                     let r = random_routing(&mut rng, rows, count, top_k);
                     let x = values(&mut rng, rows * hidden, 1.0);
-                    let want = cpu.download(&cpu.experts(&up(&cpu, rows, hidden, &x), &ec, &r).unwrap()).unwrap();
+                    let (xc, xg) = (up(&cpu, rows, hidden, &x), up(&gpu, rows, hidden, &x));
+                    let want = cpu.download(&cpu.experts(&xc, &ec, &r).unwrap()).unwrap();
                     let routes = GpuRoutes::from_host(&gpu, &r, count).unwrap();
-                    let got = gpu.download(&gpu.experts(&up(&gpu, rows, hidden, &x), &eg, &routes).unwrap()).unwrap();
+                    let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
                     let what = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k} rows {rows} half {half}");
                     check(&what, act, &got, &want, 1e-4);
+                    for (i, (s_cpu, s_gpu)) in sc.iter().zip(&sg).enumerate() {
+                        let want = cpu.download(&cpu.experts_with_shared(&xc, &ec, s_cpu, &r).unwrap()).unwrap();
+                        let got = gpu.download(&gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap()).unwrap();
+                        check(&format!("{what} + shared expert {i}"), act, &got, &want, 1e-4);
+                    }
                 }
             }
         }

@@ -227,6 +227,20 @@ pub trait Backend: Send + Sync {
     fn load_experts(&self, experts: Vec<Option<ExpertWeights<Self>>>) -> Result<Self::Experts>;
     /// `Σ_k w_k · expert_k(x)` over the routed experts this slice holds.
     fn experts(&self, x: &Self::Tensor, experts: &Self::Experts, routes: &Self::Routes) -> Result<Self::Tensor>;
+    /// The MoE block's experts with its shared expert added: `experts(x) + down(silu(gate·x) ⊙ up·x)`. A backend
+    /// may run the shared expert as one more expert of the routed launches.
+    fn experts_with_shared(
+        &self,
+        x: &Self::Tensor,
+        experts: &Self::Experts,
+        shared: &ExpertWeights<Self>,
+        routes: &Self::Routes,
+    ) -> Result<Self::Tensor> {
+        let mut y = self.experts(x, experts, routes)?;
+        let h = self.silu_mul(&self.linear(x, &shared.gate)?, &self.linear(x, &shared.up)?)?;
+        self.add_assign(&mut y, &self.linear(&h, &shared.down)?)?;
+        Ok(y)
+    }
 
     /// Shares `x` with another process without a copy through the host; `None` when this backend cannot.
     fn export(&self, _x: &Self::Tensor) -> Result<Option<SharedActivations>> {

@@ -80,11 +80,10 @@ impl<B: Backend> Ffn<B> {
             Ffn::Dense(w) => mlp_forward(b, w, x),
             Ffn::Moe(m) => {
                 let routing = b.route(x, &m.gate, &m.bias, &m.dims)?;
-                let mut y = b.experts(x, &m.experts, &routing)?;
-                if let Some(s) = &m.shared {
-                    b.add_assign(&mut y, &mlp_forward(b, s, x)?)?;
+                match &m.shared {
+                    Some(s) => b.experts_with_shared(x, &m.experts, s, &routing),
+                    None => b.experts(x, &m.experts, &routing),
                 }
-                Ok(y)
             }
         }
     }
