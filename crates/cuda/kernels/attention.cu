@@ -19,6 +19,7 @@ static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probab
 #define ABS_COLS 64        // latent columns per block of mla_absorb_q (attention::ABSORB_COLS)
 #define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
 #define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
+static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 8 threads");
 #define IDX_KEYS 64        // keys per block of indexer_scores
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
@@ -36,6 +37,21 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     float r = scratch[0];
     __syncthreads();
     return r;
+}
+
+// 8 consecutive activations (16-byte aligned) as f32: one 16-byte load for bf16, two for f32.
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+    const uint4 u = *(const uint4*)p;
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    const float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
 // grid (rows, 3): block (r, c) stores component c (0 latent, 1 k_pe, 2 indexer key) of row r at pool slot
@@ -295,7 +311,7 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
 
 // out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], where o_lat merges the row's key shares:
 // o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / MLA_ROWS⌉,
-// ⌈vdim / OUT_COLS⌉), block 32 · ABS_WARPS (a warp per output column at a time), shared MLA_ROWS · lora floats.
+// ⌈vdim / OUT_COLS⌉), block 32 · ABS_WARPS (8 threads per output column), shared MLA_ROWS · lora floats.
 template <typename T>
 __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
                         const float* ml_part,  // [n_rows, heads, splits, 2]
@@ -340,24 +356,44 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         sm[i] = v;
     }
     __syncthreads();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+    // Thread t: output column z·OUT_COLS + t / 8 and every eighth run of 8 of its W_UV row from run t % 8, so the
+    // block's weight loads (16 bytes each, ≤ 8 per thread at lora ≤ 512) are all in flight at once; the column's
+    // 8 threads add their sums by shuffles. (lora % 64 ≠ 0 takes a scalar loop over the same runs.)
     const T* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
-    const int o_end = min(vdim, (int)(blockIdx.z + 1) * OUT_COLS);
-    for (int o = blockIdx.z * OUT_COLS + warp; o < o_end; o += warps) {
-        float acc[MLA_ROWS];
+    const int o = blockIdx.z * OUT_COLS + threadIdx.x / 8, part = threadIdx.x % 8;
+    float acc[MLA_ROWS];
 #pragma unroll
-        for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
-#pragma unroll 4
-        for (int l = lane; l < lora; l += 32) {
-            const float wv = act_ld(w, (size_t)o * lora + l);
+    for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
+    if (o < vdim) {
+        const T* wr = w + (size_t)o * lora;
+        if (lora % 64 == 0) {
 #pragma unroll
-            for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv * sm[k * lora + l];
+            for (int v = 0; v < MLA_MAX_LORA / 64; v++) {
+                const int c = (v * 8 + part) * 8;
+                if (c < lora) {
+                    float wv[8];
+                    load8(wr + c, wv);
+#pragma unroll
+                    for (int j = 0; j < 8; j++)
+#pragma unroll
+                        for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv[j] * sm[k * lora + c + j];
+                }
+            }
+        } else {
+            for (int c = part * 8; c < lora; c += 64)
+                for (int j = c; j < min(lora, c + 8); j++) {
+                    const float wv = act_ld(wr, j);
+#pragma unroll
+                    for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv * sm[k * lora + j];
+                }
         }
+    }
 #pragma unroll
-        for (int k = 0; k < MLA_ROWS; k++) {
-            const float v = warp_sum(acc[k]);
-            if (lane == 0 && r0 + k < n_rows) act_st(out, ((size_t)(row0 + r0 + k) * heads + h) * vdim + o, v);
-        }
+    for (int k = 0; k < MLA_ROWS; k++) {
+        float v = acc[k];
+#pragma unroll
+        for (int off = 4; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (part == 0 && o < vdim && r0 + k < n_rows) act_st(out, ((size_t)(row0 + r0 + k) * heads + h) * vdim + o, v);
     }
 }
 

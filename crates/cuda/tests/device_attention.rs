@@ -26,6 +26,10 @@ const REAL: MlaDims =
     MlaDims { heads: 128, qk_nope: 128, qk_rope: 64, v_head: 128, kv_lora: 512, softmax_scale: 0.1352 };
 /// 12 heads: one full group of 8 and a partial one; kv_lora below the kernel's 512.
 const SMALL: MlaDims = MlaDims { heads: 12, qk_nope: 16, qk_rope: 8, v_head: 16, kv_lora: 64, softmax_scale: 0.2 };
+/// Dims no DeepSeek config has, for the kernels' general paths: kv_lora + rope = 60 (bf16 tiles padded to 64,
+/// rope not a multiple of 8 so they load through the converting path), kv_lora not a multiple of 64 (mla_out's
+/// scalar loop), v_head not a multiple of mla_out's 32 columns.
+const ODD: MlaDims = MlaDims { heads: 5, qk_nope: 8, qk_rope: 20, v_head: 20, kv_lora: 40, softmax_scale: 0.3 };
 
 fn gpu(act: ActDtype, kv: KvDtype) -> CudaBackend {
     CudaBackend::new(0).expect("gpu").with_act_dtype(act).with_kv_dtype(kv)
@@ -273,6 +277,10 @@ fn cases() -> Vec<(&'static str, Case)> {
         (
             "small, 100 selected of 300",
             Case { dims: SMALL, lens: vec![300], rows: vec![r(0, 250), r(0, 299)], selected: Some(100) },
+        ),
+        (
+            "odd dims (kv_lora 40, rope 20), 70 keys",
+            Case { dims: ODD, lens: vec![70], rows: vec![r(0, 3), r(0, 69)], selected: None },
         ),
         ("real, 1 key", Case { dims: REAL, lens: vec![1], rows: vec![r(0, 0)], selected: None }),
         (
