@@ -79,30 +79,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
     const int begin = min(n, split * per * FM_KT), end = min(n, (split + 1) * per * FM_KT);
     const int n_tiles = (end - begin + FM_KT - 1) / FM_KT;
 
-    // Warp g stages head h0 + g's q, split in two bf16 rows: the latent part as float4 loads all in flight, then
-    // rope, then zeros to CS. Both tiles' columns D..CS are zeroed too (no copy ever writes them).
-    {
-        const int h = h0 + warp;
-        __nv_bfloat16 *hi = qs + warp * CS, *lo = qs + (MLA_HEADS + warp) * CS;
-        const float* ql = q_lat + ((size_t)lr * heads + min(h, heads - 1)) * lora;
-#pragma unroll 4
-        for (int d = lane * 4; d < lora; d += 128) {
-            const float4 v = h < heads ? *(const float4*)(ql + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-            split_bf16(v.x, hi + d, lo + d);
-            split_bf16(v.y, hi + d + 1, lo + d + 1);
-            split_bf16(v.z, hi + d + 2, lo + d + 2);
-            split_bf16(v.w, hi + d + 3, lo + d + 3);
-        }
-        for (int d = lora + lane; d < CS; d += 32) {
-            const float v = h < heads && d < D ? act_ld(q, ((size_t)r * heads + h) * (nope + rope) + nope + d - lora) : 0.f;
-            split_bf16(v, hi + d, lo + d);
-        }
-    }
-    for (int i = threadIdx.x; i < 2 * FM_KT * (CS - D); i += blockDim.x) {
-        const int row = i / (CS - D), d = D + i % (CS - D);
-        tile[row * CS + d] = __float2bfloat16(0.f);
-    }
-
     // Slots of tile i (threads < FM_KT), −1 for keys past the share or outside 0..pos.
     auto find_slots = [&](int i) {
         if (threadIdx.x < FM_KT) {
@@ -148,9 +124,36 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
         cp_async_commit();
     };
 
+    // The first tile is requested before anything else, so its copies overlap the staging of q.
     find_slots(0);
     __syncthreads();
     load_tile(0);
+
+    // Meanwhile warp g stages head h0 + g's q, split in two bf16 rows: the latent part as float4 loads all in
+    // flight, then rope, then zeros to CS. Both tiles' columns D..CS are zeroed too (no copy ever writes them;
+    // the loop's first barrier orders all of this before any read).
+    {
+        const int h = h0 + warp;
+        __nv_bfloat16 *hi = qs + warp * CS, *lo = qs + (MLA_HEADS + warp) * CS;
+        const float* ql = q_lat + ((size_t)lr * heads + min(h, heads - 1)) * lora;
+#pragma unroll 4
+        for (int d = lane * 4; d < lora; d += 128) {
+            const float4 v = h < heads ? *(const float4*)(ql + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+            split_bf16(v.x, hi + d, lo + d);
+            split_bf16(v.y, hi + d + 1, lo + d + 1);
+            split_bf16(v.z, hi + d + 2, lo + d + 2);
+            split_bf16(v.w, hi + d + 3, lo + d + 3);
+        }
+        for (int d = lora + lane; d < CS; d += 32) {
+            const float v = h < heads && d < D ? act_ld(q, ((size_t)r * heads + h) * (nope + rope) + nope + d - lora) : 0.f;
+            split_bf16(v, hi + d, lo + d);
+        }
+    }
+    for (int i = threadIdx.x; i < 2 * FM_KT * (CS - D); i += blockDim.x) {
+        const int row = i / (CS - D), d = D + i % (CS - D);
+        tile[row * CS + d] = __float2bfloat16(0.f);
+    }
+
 
     // The mix: warp w owns latent column tiles w, w + 8, ... (8 columns each; lora ≤ 512 gives ≤ 8 per warp),
     // rows group and group + 8 (both head `group`) of the fragment; the softmax state of head w lives in warp w.
