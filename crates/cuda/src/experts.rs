@@ -1,6 +1,6 @@
 //! The routed experts of one MoE layer on the device (MODEL_SPEC §2.8) and their forward pass.
 //!
-//! Decode steps (≤ 16 rows) run **grouped**: every (row, expert) pair of the step is sorted by expert and cut into
+//! Decode steps (≤ [`GROUPED_MAX_ROWS`] rows) run **grouped**: every (row, expert) pair of the step is sorted by expert and cut into
 //! tiles of rows sharing an expert; one launch computes gate and up for every tile (each block finds its
 //! expert's packed weights through device tables of addresses), a reduction applies SiLU·up, one launch computes
 //! down, and a last reduction adds each row's experts with their routing weights in slot order (deterministic).
@@ -13,11 +13,13 @@ use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
-use crate::gemv::{GpuGptq, MAX_BATCH, Packing, THREADS, bucket};
+use crate::gemv::{GpuGptq, Packing, THREADS, bucket};
 use crate::mma::Shape;
 use crate::route::DeviceRouting;
 
-/// Rows a step may have for the grouped path (in 16-row chunks); more (prefill) runs one GEMM per expert.
+/// Rows a step may have for the grouped path (one set of launches: tiles of ≤ 8 rows per expert, so an expert
+/// chosen by several rows is read once per tile, not once per 16-row chunk); more (prefill) runs one GEMM per
+/// expert. The plan kernel holds rows · (top_k + 1) ≤ 1024 entries.
 pub const GROUPED_MAX_ROWS: usize = 64;
 /// Rows of one tile of the grouped launch: the scalar kernel keeps them in registers per thread (4), the
 /// tensor-core kernel in one n8 half of an mma (8).
@@ -204,7 +206,7 @@ impl CudaBackend {
                 && let Some(t) = experts.tables_with(self, sh)?
                 && x.cols == t.hidden
             {
-                return self.grouped_any(x, experts, t, &routes.dev);
+                return self.grouped(x, experts, t, &routes.dev);
             }
             let mut y = self.run_experts(x, experts, routes, None)?;
             let h = self.silu_mul(&self.linear(x, &sh.gate)?, &self.linear(x, &sh.up)?)?;
@@ -212,47 +214,9 @@ impl CudaBackend {
             return Ok(y);
         }
         match &experts.grouped {
-            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped_any(x, experts, t, &routes.dev),
+            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
             _ => self.one_by_one(x, &experts.weights, routes.host()?),
         }
-    }
-
-    /// A decode step of up to [`GROUPED_MAX_ROWS`] rows through the grouped launches.
-    fn grouped_any(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
-        if x.rows <= MAX_BATCH { self.grouped(x, experts, t, r) } else { self.grouped_in_chunks(x, experts, t, r) }
-    }
-
-    /// A step of up to [`GROUPED_MAX_ROWS`] rows (many streams decoding) as grouped launches of 16 rows each:
-    /// each chunk reads its selected experts once, where one GEMM per expert (`one_by_one`) paid a launch
-    /// sequence per expert and row gather (8 ms a layer at 32 rows, docs/PERF.md).
-    fn grouped_in_chunks(
-        &self,
-        x: &GpuTensor,
-        experts: &GpuExperts,
-        t: &Tables,
-        r: &DeviceRouting,
-    ) -> MResult<GpuTensor> {
-        let (s, h, k) = (&self.gpu.stream, x.cols, r.top_k);
-        let mut out = self.output(x.rows, h)?;
-        for r0 in (0..x.rows).step_by(MAX_BATCH) {
-            let n = MAX_BATCH.min(x.rows - r0);
-            let xs = self.gather_rows(x, &(r0..r0 + n).collect::<Vec<_>>())?;
-            // SAFETY: both are written in full by the copies right after.
-            let (e, w) = unsafe { (s.alloc::<u32>(n * k), s.alloc::<f32>(n * k)) };
-            let (mut e, mut w) = (e.map_err(md("alloc routing"))?, w.map_err(md("alloc routing"))?);
-            s.memcpy_dtod(&r.experts.slice(r0 * k..(r0 + n) * k), &mut e).map_err(md("copy routing"))?;
-            s.memcpy_dtod(&r.weights.slice(r0 * k..(r0 + n) * k), &mut w).map_err(md("copy routing"))?;
-            let sub = DeviceRouting { rows: n, top_k: k, n_experts: r.n_experts, experts: e, weights: w };
-            let y = self.grouped(&xs, experts, t, &sub)?;
-            let rows = r0 * h..(r0 + n) * h;
-            match (&y.data, &mut out.data) {
-                (Act::F32(a), Act::F32(b)) => s.memcpy_dtod(a, &mut b.slice_mut(rows)),
-                (Act::Bf16(a), Act::Bf16(b)) => s.memcpy_dtod(a, &mut b.slice_mut(rows)),
-                _ => return Err(shape("experts", "a chunk in another dtype".into())),
-            }
-            .map_err(md("copy experts"))?;
-        }
-        Ok(out)
     }
 
     fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
