@@ -15,16 +15,17 @@
 // cache by plain loads. Keys past the share or outside 0..pos are zero rows with probability 0.
 //
 // Shared: q [16][CS] bf16 (rounded, then remainders), two tiles [32][CS] bf16, partial scores [2][8][32] f32,
-// P [16][40] bf16 (the same split), the heads' corrections [8], slots [2][32]. CS = DP + 8 with DP = D rounded up to 16 (zero columns): row strides of 4 mod 8
-// words keep the fragment loads and ldmatrix free of bank conflicts.
+// P [16][40] bf16 (the same split), the heads' corrections [8], slots [2][32]. CS = DP + 8 with DP = D rounded
+// up to 16 (zero columns): row strides of 4 mod 8 words keep the fragment loads and ldmatrix free of bank
+// conflicts.
 #include "common.cuh"
 #include "attention.cuh"
 
 #define FM_KT 32  // keys per tile
 #define FM_PS 40  // bf16 per head row of P (32 + 8: conflict-free fragment loads)
 
-// A fragment row r of a [16][stride] bf16 matrix (rows 0..7 rounded values, 8..15 remainders): a0/a2 from row
-// `group`, a1/a3 from row group + 8, at columns k and k + 8 of the lane's pair.
+// c += A·B with A the 16 × 16 block of a [16][stride] bf16 matrix (rows 0..7 rounded values, 8..15 remainders)
+// whose lane pair starts at `a`: a0/a2 from row `group` at columns k and k + 8, a1/a3 from row group + 8.
 __device__ __forceinline__ void fm_mma(float* c, const __nv_bfloat16* a, int stride, u32 b0, u32 b1) {
     const u32 a0 = *(const u32*)a, a2 = *(const u32*)(a + 8);
     const u32 a1 = *(const u32*)(a + 8 * stride), a3 = *(const u32*)(a + 8 * stride + 8);
