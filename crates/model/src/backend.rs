@@ -46,6 +46,28 @@ impl HostLinear {
             HostLinear::Gptq(w) => w.layout().in_features,
         }
     }
+
+    /// The linears side by side along the outputs (`[Σ out, in]`): projections of one input as one matrix. `None`
+    /// unless all are dense with one in_features, or all GPTQ in one format (`GptqWeight::concat_outputs`).
+    pub fn concat_outputs(parts: &[&HostLinear]) -> Option<HostLinear> {
+        match parts.first()? {
+            HostLinear::Dense { in_features, .. } => {
+                let mut data = Vec::new();
+                for p in parts {
+                    match p {
+                        HostLinear::Dense { in_features: k, data: d, .. } if k == in_features => data.extend(d),
+                        _ => return None,
+                    }
+                }
+                Some(HostLinear::Dense { out_features: data.len() / in_features, in_features: *in_features, data })
+            }
+            HostLinear::Gptq(_) => {
+                let ws: Option<Vec<&GptqWeight>> =
+                    parts.iter().map(|p| if let HostLinear::Gptq(w) = p { Some(w) } else { None }).collect();
+                GptqWeight::concat_outputs(&ws?).map(HostLinear::Gptq)
+            }
+        }
+    }
 }
 
 /// Where RoPE applies inside each head of a `[rows, heads·head_dim]` tensor.

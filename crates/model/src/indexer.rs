@@ -2,15 +2,15 @@
 //! each query may attend to. Hadamard rotation and fp8 of the reference kernels are skipped, as HF does: the
 //! rotation is orthogonal and fp8 is a precision trade, so bf16/f32 scores order keys the same up to near-ties.
 
-use crate::backend::{Backend, IndexerDims, RopeSpec, Row};
+use crate::backend::{Backend, HostLinear, IndexerDims, RopeSpec, Row};
 use crate::weights::Loader;
 use crate::{IndexerConfig, Result};
 
 pub struct Indexer<B: Backend> {
     /// `[heads·head_dim, q_lora_rank]`
     wq_b: B::Weight,
-    /// `[head_dim, hidden]`
-    wk: B::Weight,
+    /// `[head_dim, hidden]`, or `None` when attention runs it fused with its other projections of the hidden state.
+    wk: Option<B::Weight>,
     k_norm_w: B::Vector,
     k_norm_b: B::Vector,
     /// `[heads, hidden]`
@@ -35,11 +35,12 @@ pub fn selects(dims: &IndexerDims, rows: &[Row]) -> bool {
 }
 
 impl<B: Backend> Indexer<B> {
-    pub fn load(b: &B, ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<Self> {
+    /// `wk`: the key projection as read ([`Indexer::wk`]), or `None` when the caller fused it with others.
+    pub fn load(b: &B, ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig, wk: Option<HostLinear>) -> Result<Self> {
         let (h, q_lora) = (ld.cfg.hidden_size, ld.cfg.q_lora_rank.unwrap_or(0));
         Ok(Self {
             wq_b: b.load_linear(ld.linear(&format!("{prefix}.wq_b"), q_lora, cfg.n_heads * cfg.head_dim)?)?,
-            wk: b.load_linear(ld.linear(&format!("{prefix}.wk"), h, cfg.head_dim)?)?,
+            wk: wk.map(|w| b.load_linear(w)).transpose()?,
             k_norm_w: b.load_vector(ld.floats(&format!("{prefix}.k_norm.weight"), &[cfg.head_dim])?)?,
             k_norm_b: b.load_vector(ld.floats(&format!("{prefix}.k_norm.bias"), &[cfg.head_dim])?)?,
             weights_proj: b.load_linear(ld.linear(&format!("{prefix}.weights_proj"), h, cfg.n_heads)?)?,
@@ -52,26 +53,39 @@ impl<B: Backend> Indexer<B> {
         selects(&self.dims, rows)
     }
 
-    /// `x`: the normed hidden state `[rows, hidden]` → the indexer key `[rows, head_dim]`, normed and roped.
-    pub fn key(&self, b: &B, x: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<B::Tensor> {
-        let mut k = b.layer_norm(&b.linear(x, &self.wk)?, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
+    /// The key projection of layer-prefix `prefix`'s indexer as read, for the caller to fuse or hand back.
+    pub fn wk(ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<HostLinear> {
+        ld.linear(&format!("{prefix}.wk"), ld.cfg.hidden_size, cfg.head_dim)
+    }
+
+    /// `x·wkᵀ` `[rows, head_dim]`, when the indexer holds wk (else the caller's fused projection has it).
+    pub fn raw_key(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let wk = self.wk.as_ref().ok_or_else(|| crate::Error::backend("the indexer's wk is fused into attention"))?;
+        b.linear(x, wk)
+    }
+
+    /// `k_raw = x·wkᵀ` → the indexer key `[rows, head_dim]`, normed and roped.
+    pub fn key(&self, b: &B, k_raw: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<B::Tensor> {
+        let mut k = b.layer_norm(k_raw, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
         b.rope(&mut k, self.rope_spec(1), inv_freq, rows)?;
         Ok(k)
     }
 
-    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
+    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`;
+    /// `k_raw`: `x·wkᵀ`.
     pub fn project(
         &self,
         b: &B,
         x: &B::Tensor,
         qr: &B::Tensor,
+        k_raw: &B::Tensor,
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
         let d = self.dims;
         let mut q = b.linear(qr, &self.wq_b)?;
         b.rope(&mut q, self.rope_spec(d.heads), inv_freq, rows)?;
-        let k = self.key(b, x, inv_freq, rows)?;
+        let k = self.key(b, k_raw, inv_freq, rows)?;
         let mut w = b.linear(x, &self.weights_proj)?;
         b.scale(&mut w, (d.heads as f32).powf(-0.5))?;
         Ok(IndexerOut { k, q, w })

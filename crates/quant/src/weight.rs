@@ -123,6 +123,50 @@ impl GptqWeight {
         self.scale(g, col) * (self.q(row, col) as i32 - self.zero(g, col)) as f32
     }
 
+    /// The matrices side by side along the outputs, `[in, Σ out]`: projections of one input run as one GEMV.
+    /// `None` unless all share in_features, bit width, group size, zero convention and row order (g_idx). Every
+    /// out_features is a multiple of 32 (GptqLayout), so each part's packed zeros are whole words.
+    pub fn concat_outputs(parts: &[&GptqWeight]) -> Option<GptqWeight> {
+        let first = *parts.first()?;
+        let l0 = first.layout;
+        let same = |w: &GptqWeight| {
+            w.layout.in_features == l0.in_features
+                && w.layout.bits == l0.bits
+                && w.layout.group_size == l0.group_size
+                && w.zero == first.zero
+                && w.g_idx == first.g_idx
+        };
+        if !parts.iter().all(|w| same(w)) {
+            return None;
+        }
+        let out = parts.iter().map(|w| w.layout.out_features).sum();
+        let layout = GptqLayout::new(l0.in_features, out, l0.bits, l0.group_size).ok()?;
+        // Row r of a [rows, width(w)] matrix of every part, in part order.
+        fn side_by_side<T: Copy>(
+            parts: &[&GptqWeight],
+            rows: usize,
+            of: impl Fn(&GptqWeight) -> (&[T], usize),
+        ) -> Vec<T> {
+            let mut v = Vec::new();
+            for r in 0..rows {
+                for w in parts {
+                    let (data, width) = of(w);
+                    v.extend_from_slice(&data[r * width..(r + 1) * width]);
+                }
+            }
+            v
+        }
+        let zero_words = |w: &GptqWeight| w.layout.qzeros_shape()[1];
+        Some(GptqWeight {
+            layout,
+            zero: first.zero,
+            qweight: side_by_side(parts, layout.qweight_shape()[0], |w| (&w.qweight, w.layout.out_features)),
+            qzeros: side_by_side(parts, layout.n_groups(), |w| (&w.qzeros, zero_words(w))),
+            scales: side_by_side(parts, layout.n_groups(), |w| (&w.scales, w.layout.out_features)),
+            g_idx: first.g_idx.clone(),
+        })
+    }
+
     /// The whole matrix, `[out, in]` row-major (nn.Linear layout).
     pub fn dequantize(&self) -> Vec<f32> {
         let (n_in, n_out) = (self.layout.in_features, self.layout.out_features);

@@ -225,3 +225,27 @@ fn g_idx_must_be_in_range_and_sized() -> Result<()> {
     assert!(matches!(err, Some(Error::ShapeMismatch { ref tensor, .. }) if tensor == "layer.g_idx"));
     Ok(())
 }
+
+#[test]
+fn outputs_side_by_side_dequantize_to_the_stacked_matrices() -> Result<()> {
+    // 3-bit (zeros straddle words), two groups, widths 32 and 64, distinct fields everywhere.
+    let part = |n_out: usize, seed: usize| -> Result<GptqWeight> {
+        let l = layout(64, n_out, Bits::B3, GroupSize::Rows(32));
+        let q: Vec<u8> = (0..64 * n_out).map(|k| ((k * 7 + seed) % 8) as u8).collect();
+        let z: Vec<u8> = (0..2 * n_out).map(|k| ((k * 3 + seed) % 8) as u8).collect();
+        let s: Vec<f32> = (0..2 * n_out).map(|k| (k + seed) as f32 * 0.25 + 0.5).collect();
+        Fixture::new(l, &q, &z, &s, None)?.load(ZeroConvention::V1)
+    };
+    let (a, b) = (part(32, 1)?, part(64, 5)?);
+    let ab = GptqWeight::concat_outputs(&[&a, &b]).expect("same format");
+    assert_eq!((ab.layout().in_features, ab.layout().out_features), (64, 96));
+    let mut want = a.dequantize();
+    want.extend(b.dequantize());
+    assert_eq!(ab.dequantize(), want, "[out, in] rows of a, then of b");
+    // Another group size (or bit width, zero convention, g_idx) cannot share the matrix.
+    let other = Fixture::new(layout(64, 32, Bits::B3, GroupSize::Rows(64)), &[1; 64 * 32], &[3; 32], &[1.0; 32], None)?
+        .load(ZeroConvention::V1)?;
+    assert!(GptqWeight::concat_outputs(&[&a, &other]).is_none());
+    assert!(GptqWeight::concat_outputs(&[]).is_none());
+    Ok(())
+}
