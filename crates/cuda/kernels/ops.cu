@@ -98,6 +98,23 @@ __device__ void copy_rows_cols(const T* x, int x_cols, const int* rows, int star
     y[i] = x[(size_t)src * x_cols + start + c];
 }
 
+// The columns of x [rows, cols] cut into consecutive runs of widths w0..w3 (Σ = cols), each its own [rows, w]
+// tensor: a fused projection's outputs in one launch.
+template <typename T>
+__device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1, int w1, T* y2, int w2, T* y3,
+                           int w3) {
+    GRID_INDEX(i, (size_t)rows * cols);
+    const size_t r = i / cols;
+    int c = i % cols;
+    T* y = y3;
+    int w = w3;
+    if (c < w0) y = y0, w = w0;
+    else if ((c -= w0) < w1) y = y1, w = w1;
+    else if ((c -= w1) < w2) y = y2, w = w2;
+    else c -= w2;
+    y[r * w + c] = x[i];
+}
+
 // y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
 // output o and 16 rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode row's
 // few hundred warps waiting on memory), so the weight row is read from memory once per 16 rows and from L1 for
@@ -180,6 +197,10 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void copy_rows_cols_##S(const T* x, int xc, const int* rows, int start, T* y, int nr,    \
                                                   int cols) {                                                      \
         copy_rows_cols<T>(x, xc, rows, start, y, nr, cols);                                                        \
+    }                                                                                                              \
+    extern "C" __global__ void split_cols_##S(const T* x, int cols, int rows, T* y0, int w0, T* y1, int w1, T* y2, \
+                                              int w2, T* y3, int w3) {                                             \
+        split_cols<T>(x, cols, rows, y0, w0, y1, w1, y2, w2, y3, w3);                                              \
     }                                                                                                              \
     extern "C" __global__ void dense_gemv_##S(const T* x, const T* w, T* y, int rows, int in, int out) {           \
         dense_gemv<T, T>(x, w, y, rows, in, out);                                                                  \

@@ -115,6 +115,17 @@ fn elementwise_and_row_ops_match_the_cpu() {
             let want = cpu.download(&cpu.columns(&xc, start, len).unwrap()).unwrap();
             assert_eq!(gpu.download(&gpu.columns(&xg, start, len).unwrap()).unwrap(), want, "columns {shape}");
             assert!(gpu.gather_rows(&xg, &[rows]).is_err() && gpu.columns(&xg, cols, 1).is_err());
+            // split_columns: 1, 3 and 6 runs (more than one launch's 4), each an exact copy.
+            let w3 = [cols / 4, cols / 2, cols - cols / 4 - cols / 2];
+            let w6 = [1, cols / 5, 2, cols / 3, 3, cols - cols / 5 - cols / 3 - 6];
+            for widths in [&[cols][..], &w3[..], &w6[..]] {
+                let want: Vec<Vec<f32>> =
+                    cpu.split_columns(&xc, widths).unwrap().iter().map(|t| cpu.download(t).unwrap()).collect();
+                let got: Vec<Vec<f32>> =
+                    gpu.split_columns(&xg, widths).unwrap().iter().map(|t| gpu.download(t).unwrap()).collect();
+                assert_eq!(got, want, "split_columns {widths:?} {shape}");
+            }
+            assert!(gpu.split_columns(&xg, &[cols, 1]).is_err() && gpu.split_columns(&xg, &[0, cols]).is_err());
         }
         // RoPE, both pairings, at MLA's and the indexer's shapes, positions up to 64K.
         for (heads, head_dim, offset, interleaved) in [(128usize, 192usize, 128usize, true), (64, 128, 0, false)] {

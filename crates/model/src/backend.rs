@@ -186,6 +186,17 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Tensor, idx: &[usize]) -> Result<Self::Tensor>;
     /// Columns `[start, start+len)` of every row.
     fn columns(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// The columns cut into consecutive runs of `widths` (summing to the row width), each its own tensor.
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>> {
+        let mut start = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                start += w;
+                self.columns(x, start - w, w)
+            })
+            .collect()
+    }
     /// `silu(gate) * up`, elementwise (SwiGLU).
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// RoPE in place with the YaRN table `inv_freq` (one frequency per rotated pair).

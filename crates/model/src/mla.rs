@@ -166,23 +166,26 @@ impl<B: Backend> Mla<B> {
         let (lora, rope) = (self.dims.kv_lora, self.dims.qk_rope);
         Ok(match &self.proj {
             Projections::Separate { q_a, kv_a } => {
-                let kv = b.linear(x, kv_a)?;
+                let mut kv = b.split_columns(&b.linear(x, kv_a)?, &[lora, rope])?.into_iter();
+                let (latent, k_pe) = (kv.next(), kv.next());
                 Projected {
                     q_a: q_a.as_ref().map(|w| b.linear(x, w)).transpose()?,
-                    latent: b.columns(&kv, 0, lora)?,
-                    k_pe: b.columns(&kv, lora, rope)?,
+                    latent: latent.ok_or_else(|| Error::backend("split_columns"))?,
+                    k_pe: k_pe.ok_or_else(|| Error::backend("split_columns"))?,
                     wk: None,
                 }
             }
             Projections::Fused { w, q_a, wk } => {
-                let y = b.linear(x, w)?;
-                let part = |start: usize, len: usize| (len > 0).then(|| b.columns(&y, start, len)).transpose();
-                Projected {
-                    q_a: part(0, *q_a)?,
-                    latent: b.columns(&y, *q_a, lora)?,
-                    k_pe: b.columns(&y, q_a + lora, rope)?,
-                    wk: part(q_a + lora + rope, *wk)?,
-                }
+                // [q_a | latent | k_pe | wk] with the absent ones left out.
+                let widths: Vec<usize> = [(*q_a > 0).then_some(*q_a), Some(lora), Some(rope), (*wk > 0).then_some(*wk)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let mut parts = b.split_columns(&b.linear(x, w)?, &widths)?.into_iter();
+                let mut next = || parts.next().ok_or_else(|| Error::backend("split_columns"));
+                let q_a_out = if *q_a > 0 { Some(next()?) } else { None };
+                let (latent, k_pe) = (next()?, next()?);
+                Projected { q_a: q_a_out, latent, k_pe, wk: if *wk > 0 { Some(next()?) } else { None } }
             }
         })
     }
