@@ -241,15 +241,8 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
                 for (int w = 0; w < 8; w++) v += part[(w * H + warp) * KT + lane];
                 sc = v * scale;
             }
-            float mt = sc;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-            const float mn = fmaxf(m, mt);
-            // Nothing unmasked yet: mn = m = -inf, every p = 0 and the running sums stay 0.
-            const float c = m == mn ? 1.f : __expf(m - mn);
-            const float p = sc == NEG_INF ? 0.f : __expf(sc - mn);
-            sum = sum * c + warp_sum(p);
-            m = mn;
+            float p;
+            const float c = online_softmax_step(sc, m, sum, p);
             if (lane < KT) pt[lane * H + warp] = p;
             if (lane == 0) corr[warp] = c;
         }

@@ -22,3 +22,19 @@ __device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) 
 __device__ __forceinline__ int kv_slot(const int* table, int p) {
     return table[p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
 }
+
+// One online-softmax step of a warp over a tile of keys (lane = key; s its scaled score, NEG_INF when masked):
+// the tile's max joins the running max m, the running sum is rescaled and grown, p = e^{s − m}. Returns the
+// correction e^{m_old − m} the running mix must be scaled by. With nothing unmasked yet m stays −inf, every p is 0
+// and the sums stay 0.
+__device__ __forceinline__ float online_softmax_step(float s, float& m, float& sum, float& p) {
+    float mt = s;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+    const float mn = fmaxf(m, mt);
+    const float c = m == mn ? 1.f : __expf(m - mn);
+    p = s == NEG_INF ? 0.f : __expf(s - mn);
+    sum = sum * c + warp_sum(p);
+    m = mn;
+    return c;
+}

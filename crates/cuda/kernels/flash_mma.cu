@@ -195,15 +195,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
             float s = NEG_INF;
             if (lane < cnt && sl >= 0)
                 s = (sc[warp * FM_KT + lane] + sc[(MLA_HEADS + warp) * FM_KT + lane]) * scale;
-            float mt = s;
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-            const float mn = fmaxf(m, mt);
-            // Nothing unmasked yet: mn = m = -inf, every p = 0 and the running sums stay 0.
-            const float cf = m == mn ? 1.f : __expf(m - mn);
-            const float p = s == NEG_INF ? 0.f : __expf(s - mn);
-            sum = sum * cf + warp_sum(p);
-            m = mn;
+            float p;
+            const float cf = online_softmax_step(s, m, sum, p);
             split_bf16(p, &ps[warp * FM_PS + lane], &ps[(MLA_HEADS + warp) * FM_PS + lane]);
             if (lane == 0) corr[warp] = cf;
         }
