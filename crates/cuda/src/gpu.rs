@@ -44,6 +44,8 @@ pub struct Gpu {
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
     /// bounded set), so `function` can hand out plain references without holding the lock.
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
+    /// Functions opted in to more than the default dynamic shared memory, with the most each may take.
+    opted_in: Mutex<HashMap<usize, usize>>,
     /// Per-op timing while on (`profile.rs`).
     pub(crate) profiler: crate::profile::Profiler,
     /// Exported buffers for reuse and opened IPC handles (`ipc.rs`).
@@ -140,6 +142,7 @@ impl Gpu {
             smem_per_sm,
             modules,
             functions: Mutex::new(HashMap::new()),
+            opted_in: Mutex::new(HashMap::new()),
             profiler: Default::default(),
             ipc: Default::default(),
             recent: Default::default(),
@@ -150,25 +153,37 @@ impl Gpu {
     /// Lets `f` launch with `smem` bytes of dynamic shared memory: above the 48 KiB every kernel gets, the
     /// function is opted in to everything the device allows (always that same value, so concurrent callers
     /// cannot undercut each other); more than that is an error naming both sizes.
+    /// The driver is asked once per function (the answer is kept: decode launches these kernels every layer).
     pub(crate) fn allow_smem(&self, f: &CudaFunction, smem: usize) -> Result<()> {
         use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
         if smem <= DEFAULT_SMEM {
             return Ok(());
         }
-        let optin = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
-        let device = self.ctx.attribute(optin).map_err(drv("cuDeviceGetAttribute"))? as usize;
-        let fixed = f
-            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-            .map_err(drv("cuFuncGetAttribute"))?;
-        let max = device.saturating_sub(fixed as usize);
+        // Functions are handed out once per symbol and never freed while the Gpu lives: the address is the key.
+        let key = f as *const CudaFunction as usize;
+        let mut opted = self.opted_in.lock().unwrap_or_else(|e| e.into_inner());
+        let max = match opted.get(&key) {
+            Some(&max) => max,
+            None => {
+                let optin = CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN;
+                let device = self.ctx.attribute(optin).map_err(drv("cuDeviceGetAttribute"))? as usize;
+                let fixed = f
+                    .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .map_err(drv("cuFuncGetAttribute"))?;
+                let max = device.saturating_sub(fixed as usize);
+                f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max as i32)
+                    .map_err(drv("cuFuncSetAttribute"))?;
+                opted.insert(key, max);
+                max
+            }
+        };
         if smem > max {
             return Err(Error::Shape {
                 what: "launch",
                 reason: format!("{smem} bytes of shared memory exceed this device's {max}"),
             });
         }
-        f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, max as i32)
-            .map_err(drv("cuFuncSetAttribute"))
+        Ok(())
     }
 
     /// `v` on the device, uploaded once while it is among the last few such values (never write to it).
