@@ -12,6 +12,7 @@
 // (a 9-bit integer times an f16), then rounded to nearest even, so the test can rebuild the same bf16 weights.
 // The second kernel below (gptq_mma_gemm_*) is the same GEMM over weights repacked for tensor cores (src/mma.rs).
 #include "common.cuh"
+#include "mma_pack.cuh"
 
 #define GEMM_BN 128
 #define GEMM_BK 32
@@ -278,16 +279,6 @@ extern "C" __global__ void gptq_gemm_gather_bf16(const __nv_bfloat16* __restrict
 #define MG_LD (MG_BK + 8)  // bf16 per shared row of x: 144 bytes, so 8-row ldmatrix phases hit distinct banks
 #define MG_THREADS 256
 
-// The two fields of pair i (0..15) of a block of BITS words, at bits 0.. and 16..: gptq_mma.cu's `pair_bits`,
-// the layout of src/mma.rs `slot`.
-template <int BITS>
-__device__ __forceinline__ u32 mg_pair_bits(const u32* w, int i) {
-    if (BITS == 2) return (w[i / 8] >> (2 * (i % 8))) & 0x00030003u;
-    if (BITS == 4) return (w[i / 4] >> (4 * (i % 4))) & 0x000F000Fu;
-    if (i < 15) return (w[i / 5] >> (3 * (i % 5))) & 0x00070007u;
-    return ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u) | ((w[2] >> 13) & 0x00040004u);
-}
-
 // a · 1 + c on bf16x2 (one instruction, exact here: every value is an integer below 256).
 __device__ __forceinline__ u32 bf16x2_add(u32 a, u32 c) {
     u32 d;
@@ -355,8 +346,9 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
     const __half* ss = reinterpret_cast<const __half*>(st + S::A + S::W);
     const __half* zs = ss + MG_BN;
     const int g = lane >> 2, t = lane & 3;
-    // The lane's words of its two tiles, and −(128 + z) as bf16x2 for its B columns (g and g + 8 of each tile).
-    u32 w[2][2 * S::ROWS], nz[2][2];
+    // The lane's words of its two tiles, and −(base + z) as bf16x2 for its B columns (g and g + 8 of each tile)
+    // and the lower and upper 8 rows of K of a step (mma_pack.cuh).
+    u32 w[2][2 * S::ROWS], nz[2][2][2];
 #pragma unroll
     for (int ti = 0; ti < 2; ti++) {
         const int tile = wn * 2 + ti;
@@ -368,8 +360,11 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
         }
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
-            const __nv_bfloat162 z = __float2bfloat162_rn(-(128.f + __half2float(zs[tile * 16 + g + 8 * hh])));
-            nz[ti][hh] = *reinterpret_cast<const u32*>(&z);
+            // − (base + zero) for the pairs of the lower and the upper 8 rows of K of a step (mma_pack.cuh).
+            const float z = __half2float(zs[tile * 16 + g + 8 * hh]);
+            const __nv_bfloat162 lo = __float2bfloat162_rn(-(128.f + z)), hi = __float2bfloat162_rn(-(mma_base_hi<BITS>() + z));
+            nz[ti][hh][0] = *reinterpret_cast<const u32*>(&lo);
+            nz[ti][hh][1] = *reinterpret_cast<const u32*>(&hi);
         }
     }
     // Words 3..5 of a 3-bit lane start at the high half of its second uint2.
@@ -387,7 +382,7 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
             u32 p[4];
 #pragma unroll
             for (int r = 0; r < 4; r++)
-                p[r] = bf16x2_add(mg_pair_bits<BITS>(w[ti] + OFF, ks * 4 + r) | 0x43004300u, nz[ti][r & 1]);
+                p[r] = bf16x2_add(mma_pair<BITS>(w[ti] + OFF, ks * 4 + r), nz[ti][r & 1][r >> 1]);
             b[2 * ti][0] = p[0];
             b[2 * ti][1] = p[2];
             b[2 * ti + 1][0] = p[1];

@@ -2,14 +2,15 @@
 //
 // The weights are repacked at load (src/mma.rs) so that each lane's share of an `mma.m16n8k16` A fragment is in
 // its own words: for every tile of 16 output columns and every chunk of 128 rows of K, lane L owns 64 values
-// (8 k-steps × 4 pairs), stored as two blocks of BITS words. Inside a block, pair i (two neighbouring k of one
-// column) sits at bits (s, s + 16) of one word, so `(w >> s) & mask | 0x43004300` is the pair as bf16x2
-// (128 + q each, exact). Layout in memory: [tile][chunk][BITS][lane] uint2, so each load instruction of a warp
-// reads 256 contiguous bytes.
+// (8 k-steps × 4 pairs), stored as two blocks of BITS words; `mma_pair` (mma_pack.cuh) turns a pair into a bf16x2
+// register holding base + q (base 128 for the lower 8 rows of each k-step, 128 or — 3 bits — 16 for the upper 8).
+// Layout in memory: [tile][chunk][BITS][lane] uint2, so each load instruction of a warp reads 256 contiguous bytes.
 //
 // The multiply runs on tensor cores with fp32 accumulation; per chunk the zero and scale enter once:
-// acc += s · (Σ x·(128 + q) − (128 + z) · Σx). Σx comes from one more mma with an all-ones A, so it lands in the
-// very registers (batch row, lane) where the correction needs it, summed from the bf16 x the tensor cores see.
+// acc += s · (Σ x·(base + q) − Σ_lo x·(128 + z) − Σ_hi x·(base_hi + z)). The sums of x over the lower and upper
+// 8 rows of each k-step come from one more mma whose A is ones on the lower half for rows 0..7 and ones on the
+// upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
+// summed from the bf16 x the tensor cores see.
 //
 // A block is 4 warps on the same 2 tiles (32 columns), each warp over its own run of the block's chunks of K:
 // every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
@@ -19,22 +20,13 @@
 // column range to finish (a counter per range) adds the splits in split order and stores y — deterministic, one
 // launch. The grouped experts keep their partial sums for their own reductions (SiLU·up, the routing weights).
 #include "common.cuh"
+#include "mma_pack.cuh"
 
 #define MMA_CHUNK 128
 #define MMA_TPW 2       // tiles of 16 columns per warp (and per block)
 #define MMA_WARPS 4
 #define MMA_XS 136      // bf16 per x row of a ring slot: +8 staggers the rows over the banks
 #define MMA_MAX_STAGES 8
-
-// The two fields of pair i (0..15) of a block of BITS words, at bits 0.. and 16.. of the result.
-template <int BITS>
-__device__ __forceinline__ u32 pair_bits(const u32* w, int i) {
-    if (BITS == 2) return (w[i / 8] >> (2 * (i % 8))) & 0x00030003u;
-    if (BITS == 4) return (w[i / 4] >> (4 * (i % 4))) & 0x000F000Fu;
-    // BITS == 3: five pairs per word at bits 0..14 / 16..30; pair 15 is spread over bits 15 and 31 of the three.
-    if (i < 15) return (w[i / 5] >> (3 * (i % 5))) & 0x00070007u;
-    return ((w[0] >> 15) & 0x00010001u) | ((w[1] >> 14) & 0x00020002u) | ((w[2] >> 13) & 0x00040004u);
-}
 
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -77,6 +69,7 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
                                int group_size, int k_chunk, int stages, int block_x, Store store) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
+    __shared__ const __nv_bfloat16* xrows[MB];
     constexpr int H = MB / 8;
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
@@ -89,44 +82,55 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
     const int chunks = min(in_split, (warp + 1) * per) - min(in_split, warp * per);
     const int wbytes = MMA_TPW * BITS * 32 * 8, slot = slot_bytes<BITS>(nrows);
     unsigned char* ring = smem + (size_t)warp * stages * slot;
-    if (threadIdx.x < MB) rows_of[threadIdx.x] = threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
+    if (threadIdx.x < MB) {
+        const int r = threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
+        rows_of[threadIdx.x] = r;
+        xrows[threadIdx.x] = x + (size_t)r * K;
+    }
     __syncthreads();
 
-    // Chunk c of this warp's run into slot c % stages: the weight words each lane later reads itself, and the x
-    // rows (16-byte copies; gathered through perm with plain stores when the checkpoint reorders K).
-    auto issue = [&](int c) {
-        if (c < chunks) {
-            unsigned char* sl = ring + (c % stages) * slot;
-            const int kc = c0 + c;
+    // Chunks are requested in order, so where the next one comes from and goes to advances without a division:
+    // its slot, its weight words (tile 0; tile 1 is a tile's chunks further), the row of its scales and zeros.
+    int next_slot = 0, next_k = c0 * MMA_CHUNK;
+    const int cpg = group_size / MMA_CHUNK;  // chunks per group: group sizes are whole chunks (mma.rs `eligible`)
+    int in_group = c0 % cpg;
+    const size_t tile_words = (size_t)k_chunks * BITS * 32;
+    const uint2* wsrc = words + ((size_t)tile0 * k_chunks + c0) * BITS * 32 + lane;
+    // Lanes 0..7 copy 16 bytes each: scales (lanes 0..3) then zeros of the two tiles' 32 columns.
+    const int sz_part = lane & 3, sz_ok = lane < 8 && (sz_part >> 1) < tiles;
+    const __half* szsrc = (lane < 4 ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
+    const int xcol = (lane & 15) * 8;
+    auto issue = [&](bool real) {
+        if (real) {
+            unsigned char* sl = ring + next_slot * slot;
 #pragma unroll
             for (int t = 0; t < MMA_TPW; t++) {
                 if (t < tiles) {
-                    const uint2* src = words + ((size_t)(tile0 + t) * k_chunks + kc) * BITS * 32 + lane;
+                    const uint2* src = wsrc + t * tile_words;
                     uint2* dst = (uint2*)sl + t * BITS * 32 + lane;
 #pragma unroll
                     for (int j = 0; j < BITS; j++) cp_async8(dst + j * 32, src + j * 32);
                 }
             }
-            if (lane < 8) {  // 16 bytes each: scales (lanes 0..3) then zeros of the two tiles' 32 columns
-                const int part = lane & 3, tile_ok = (part >> 1) < tiles;
-                const __half* base = lane < 4 ? scales : zeros;
-                const size_t g = (size_t)kc * MMA_CHUNK / group_size;
-                cp_async16(sl + wbytes + lane * 16, base + g * N + tile0 * 16 + (tile_ok ? part * 8 : 0),
-                           tile_ok ? 16 : 0);
-            }
+            if (lane < 8) cp_async16(sl + wbytes + lane * 16, szsrc, sz_ok ? 16 : 0);
             __nv_bfloat16* xd = (__nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
-            const size_t k = (size_t)kc * MMA_CHUNK;
             if (perm == nullptr) {
-                for (int i = lane; i < nrows * 16; i += 32)
-                    cp_async16(xd + (i >> 4) * MMA_XS + (i & 15) * 8, x + (size_t)rows_of[i >> 4] * K + k + (i & 15) * 8);
+                for (int r = lane >> 4; r < nrows; r += 2) cp_async16(xd + r * MMA_XS + xcol, xrows[r] + next_k + xcol);
             } else {
                 for (int i = lane; i < nrows * MMA_CHUNK; i += 32)
-                    xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[k + (i & 127)]];
+                    xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[next_k + (i & 127)]];
+            }
+            next_slot = next_slot + 1 == stages ? 0 : next_slot + 1;
+            next_k += MMA_CHUNK;
+            wsrc += BITS * 32;
+            if (++in_group == cpg) {
+                in_group = 0;
+                szsrc += N;
             }
         }
         cp_async_commit();
     };
-    for (int c = 0; c < stages - 1; c++) issue(c);
+    for (int c = 0; c < stages - 1; c++) issue(c < chunks);
 
     float acc[MMA_TPW][H][4];
 #pragma unroll
@@ -135,13 +139,22 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
-    const u32 ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+    // A for the sums of x: rows 0..7 ones on the lower 8 rows of K of a step, rows 8..15 ones on the upper 8.
+    const u32 sums_a[4] = {0x3F803F80u, 0u, 0u, 0x3F803F80u};
+    // Where the lane's x columns (batch rows) sit in a slot; rows past nrows read row nrows − 1, whose products
+    // only reach outputs that are never stored.
+    int xoff[H];
+#pragma unroll
+    for (int h = 0; h < H; h++) xoff[h] = max(0, min(h * 8 + group, nrows - 1)) * MMA_XS + quad * 2;
+    constexpr float BASE_HI = mma_base_hi<BITS>();
+    int read_slot = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
-        issue(c + stages - 1);
+        issue(c + stages - 1 < chunks);
         cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
-        const unsigned char* sl = ring + (c % stages) * slot;
+        const unsigned char* sl = ring + read_slot * slot;
+        read_slot = read_slot + 1 == stages ? 0 : read_slot + 1;
         const __half* szs = (const __half*)(sl + wbytes);  // scales [32], zeros [32]
         const __nv_bfloat16* xs = (const __nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
         u32 w[MMA_TPW][2 * BITS];
@@ -166,15 +179,13 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
             }
 #pragma unroll
         for (int ks = 0; ks < 8; ks++) {
-            const int kk = ks * 16 + quad * 2;
             u32 b0[H], b1[H];
 #pragma unroll
             for (int h = 0; h < H; h++) {
-                const int b = h * 8 + group;
-                const __nv_bfloat16* row = xs + b * MMA_XS + kk;
-                b0[h] = b < nrows ? *(const u32*)row : 0u;
-                b1[h] = b < nrows ? *(const u32*)(row + 8) : 0u;
-                mma_bf16(xsum[h], ones, b0[h], b1[h]);
+                const __nv_bfloat16* row = xs + xoff[h] + ks * 16;
+                b0[h] = *(const u32*)row;
+                b1[h] = *(const u32*)(row + 8);
+                mma_bf16(xsum[h], sums_a, b0[h], b1[h]);
             }
 #pragma unroll
             for (int t = 0; t < MMA_TPW; t++) {
@@ -182,26 +193,35 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
                     const u32* blk = w[t] + (ks / 4) * BITS;
                     u32 a[4];
 #pragma unroll
-                    for (int r = 0; r < 4; r++) a[r] = pair_bits<BITS>(blk, (ks % 4) * 4 + r) | 0x43004300u;
+                    for (int r = 0; r < 4; r++) a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
 #pragma unroll
                     for (int h = 0; h < H; h++) mma_bf16(cacc[t][h], a, b0[h], b1[h]);
                 }
             }
         }
-        // Scale and 128 + zero of the lane's two columns per tile (group and group + 8).
+        // Per batch row: Σ_lo·128 + Σ_hi·base_hi and Σ_lo + Σ_hi (xsum: [Σ_lo b, Σ_lo b+1, Σ_hi b, Σ_hi b+1]).
+        float based[H][2], total[H][2];
+#pragma unroll
+        for (int h = 0; h < H; h++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                based[h][j] = 128.f * xsum[h][j] + BASE_HI * xsum[h][2 + j];
+                total[h][j] = xsum[h][j] + xsum[h][2 + j];
+            }
+        // Scale and zero of the lane's two columns per tile (group and group + 8).
 #pragma unroll
         for (int t = 0; t < MMA_TPW; t++) {
             float sc[2], z[2];
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 sc[j] = __half2float(szs[t * 16 + group + 8 * j]);
-                z[j] = 128.f + __half2float(szs[32 + t * 16 + group + 8 * j]);
+                z[j] = __half2float(szs[32 + t * 16 + group + 8 * j]);
             }
 #pragma unroll
             for (int h = 0; h < H; h++)
 #pragma unroll
                 for (int i = 0; i < 4; i++)
-                    acc[t][h][i] += sc[i >> 1] * (cacc[t][h][i] - z[i >> 1] * xsum[h][i]);
+                    acc[t][h][i] += sc[i >> 1] * (cacc[t][h][i] - based[h][i & 1] - z[i >> 1] * total[h][i & 1]);
         }
     }
 
@@ -339,8 +359,8 @@ __device__ void mma_dequant(const uint2* words, const __half* zeros, const __hal
         wv[2 * j] = v.x;
         wv[2 * j + 1] = v.y;
     }
-    const u32 bits = pair_bits<BITS>(wv + (p / 16) * BITS, p % 16);
-    const float q = (float)((k16 % 2) ? (bits >> 16) : (bits & 0xFFFFu));
+    const u32 v = mma_pair<BITS>(wv + (p / 16) * BITS, p % 16);
+    const float q = __uint_as_float(((k16 % 2) ? (v >> 16) : (v & 0xFFFFu)) << 16) - mma_pair_base<BITS>(p % 16);
     const int g = k / group_size;
     const int src_k = perm ? perm[k] : k;
     w[(size_t)n * K + src_k] = __half2float(scales[(size_t)g * N + n]) * (q - __half2float(zeros[(size_t)g * N + n]));

@@ -22,14 +22,32 @@ pub fn eligible(bits: u32, k: usize, n: usize, group_size: usize) -> bool {
     matches!(bits, 2..=4) && k.is_multiple_of(CHUNK) && group_size.is_multiple_of(CHUNK) && n.is_multiple_of(16)
 }
 
-/// Word and shift of pair `i` (0..16) inside a block of `bits` words; `None` for 3-bit pair 15 (spread over bits
-/// 15 and 31 of the three words).
+/// Word and shift of pair `i` (0..16) inside a block of `bits` words; `None` for 3-bit pair 15 (bit 15 of each
+/// of the three words holds one of its bits, word j bit j). The 3-bit places are chosen for the kernels'
+/// `mma_pair` (kernels/mma_pack.cuh): pairs `i % 4 < 2` at bits 0, 6 or 12 (read after a shift as 128 + q),
+/// pairs `i % 4 >= 2` at bits 3, 9 or, in word 2, 12 (read as 16 + q).
 fn slot(bits: u32, i: usize) -> Option<(usize, u32)> {
+    const THREE: [(usize, u32); 15] = [
+        (0, 0),
+        (1, 0),
+        (0, 3),
+        (1, 3),
+        (0, 6),
+        (1, 6),
+        (0, 9),
+        (1, 9),
+        (0, 12),
+        (1, 12),
+        (2, 3),
+        (2, 9),
+        (2, 0),
+        (2, 6),
+        (2, 12),
+    ];
     match bits {
         2 => Some((i / 8, 2 * (i % 8) as u32)),
         4 => Some((i / 4, 4 * (i % 4) as u32)),
-        _ if i < 15 => Some((i / 5, 3 * (i % 5) as u32)),
-        _ => None,
+        _ => THREE.get(i).copied(),
     }
 }
 
@@ -255,7 +273,37 @@ pub(crate) fn gemv(
 mod tests {
     use super::*;
 
-    /// Reads value (row, col) back from the repacked words the way the kernel's `pair_bits` does.
+    /// The kernels' `mma_pair` (kernels/mma_pack.cuh), bit for bit: pair `i` of a block as bf16x2 base + q.
+    fn mma_pair(bits: u32, w: &[u32], i: usize) -> u32 {
+        const B128: u32 = 0x4300_4300;
+        const B16: u32 = 0x4180_4180;
+        let (lo3, hi3) = (0x0007_0007, 0x0038_0038);
+        match bits {
+            2 => ((w[i / 8] >> (2 * (i % 8))) & 0x0003_0003) | B128,
+            4 => ((w[i / 4] >> (4 * (i % 4))) & 0x000F_000F) | B128,
+            _ => match i {
+                0 => (w[0] & lo3) | B128,
+                1 => (w[1] & lo3) | B128,
+                2 => (w[0] & hi3) | B16,
+                3 => (w[1] & hi3) | B16,
+                4 => ((w[0] >> 6) & lo3) | B128,
+                5 => ((w[1] >> 6) & lo3) | B128,
+                6 => ((w[0] >> 6) & hi3) | B16,
+                7 => ((w[1] >> 6) & hi3) | B16,
+                8 => ((w[0] >> 12) & lo3) | B128,
+                9 => ((w[1] >> 12) & lo3) | B128,
+                10 => (w[2] & hi3) | B16,
+                11 => ((w[2] >> 6) & hi3) | B16,
+                12 => (w[2] & lo3) | B128,
+                13 => ((w[2] >> 6) & lo3) | B128,
+                14 => ((w[2] >> 9) & hi3) | B16,
+                _ => ((w[0] >> 12) & 0x0008_0008) | (((w[1] >> 12) & 0x0008_0008) << 1) | ((w[2] >> 10) & 0x0020_0020) | B16,
+            },
+        }
+    }
+
+    /// Reads value (row, col) back from the repacked words the way the kernels do: the lane's words, its pair's
+    /// bf16 half, minus the pair's base (128, or 16 for 3-bit pairs `i % 4 >= 2`).
     fn unpack(words: &[u32], bits: u32, k: usize, col: usize, row: usize) -> u32 {
         let b = bits as usize;
         let (t, r16, c, kk) = (col / 16, col % 16, row / CHUNK, row % CHUNK);
@@ -264,12 +312,12 @@ mod tests {
         let p = ks * 4 + (r16 / 8) + 2 * (k16 / 8);
         let lw: Vec<u32> =
             (0..2 * b).map(|wi| words[((((t * (k / CHUNK) + c) * b + wi / 2) * 32 + lane) * 2) + wi % 2]).collect();
-        let blk = &lw[(p / 16) * b..(p / 16 + 1) * b];
-        let pair = match slot(bits, p % 16) {
-            Some((w, sh)) => (blk[w] >> sh) & (((1 << b) - 1) * 0x10001),
-            None => ((blk[0] >> 15) & 0x10001) | ((blk[1] >> 14) & 0x20002) | ((blk[2] >> 13) & 0x40004),
-        };
-        if k16 % 2 == 1 { pair >> 16 } else { pair & 0xFFFF }
+        let pair = mma_pair(bits, &lw[(p / 16) * b..(p / 16 + 1) * b], p % 16);
+        let half = if k16 % 2 == 1 { pair >> 16 } else { pair & 0xFFFF };
+        let base = if bits == 3 && p % 4 >= 2 { 16.0 } else { 128.0 };
+        let v = f32::from_bits(half << 16) - base;
+        assert!(v.fract() == 0.0 && v >= 0.0, "pair {p}: {v} is not a field value");
+        v as u32
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("attention.cuh", include_str!("../kernels/attention.cuh")),
+    ("mma_pack.cuh", include_str!("../kernels/mma_pack.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),

@@ -1,0 +1,55 @@
+// The tensor-core weight layout's fields (src/mma.rs `repack`, `slot`): pair i (0..15) of a block of BITS words,
+// two neighbouring rows of K of one column at bits (s, s + 16) of a word, turned into one bf16x2 register of an
+// `mma.m16n8k16` fragment holding base + q in both halves. Used by the GEMV (gptq_mma.cu) and the GEMM
+// (gptq_gemm.cu).
+//
+// A field at bits 0..2 of a bf16 half under the exponent of 128 reads as 128 + q; a field at bits 3..5 under the
+// exponent of 16 reads as 16 + q (the mantissa's step there is 1/8). So a 3-bit field at either place becomes a
+// value with one LOP3 (mask and exponent), and a word's five fields (bits 0, 3, 6, 9, 12) need two shifts, not
+// four. The layout puts the fields so that pairs i % 4 < 2 (the lower 8 rows of K of an mma step) all read as
+// 128 + q and pairs i % 4 ≥ 2 (the upper 8) all as MMA_BASE_HI + q: the bases then come out of the sums of x over
+// each half of the step, whatever the column.
+#pragma once
+
+#define BF16X2_128 0x43004300u
+#define BF16X2_16 0x41804180u
+
+// The base of pairs i % 4 ≥ 2 (pairs i % 4 < 2 read as 128 + q at every width).
+template <int BITS>
+__host__ __device__ constexpr float mma_base_hi() {
+    return BITS == 3 ? 16.f : 128.f;
+}
+
+template <int BITS>
+__device__ __forceinline__ u32 mma_pair(const u32* w, int i) {
+    if (BITS == 2) return ((w[i / 8] >> (2 * (i % 8))) & 0x00030003u) | BF16X2_128;
+    if (BITS == 4) return ((w[i / 4] >> (4 * (i % 4))) & 0x000F000Fu) | BF16X2_128;
+    // 3 bits: pair i at (word, bit) 0:(0,0) 1:(1,0) 2:(0,3) 3:(1,3) 4:(0,6) 5:(1,6) 6:(0,9) 7:(1,9) 8:(0,12)
+    // 9:(1,12) 10:(2,3) 11:(2,9) 12:(2,0) 13:(2,6) 14:(2,12); pair 15's three bits are bit 15 of words 0, 1, 2.
+    switch (i) {
+        case 0: return (w[0] & 0x00070007u) | BF16X2_128;
+        case 1: return (w[1] & 0x00070007u) | BF16X2_128;
+        case 2: return (w[0] & 0x00380038u) | BF16X2_16;
+        case 3: return (w[1] & 0x00380038u) | BF16X2_16;
+        case 4: return ((w[0] >> 6) & 0x00070007u) | BF16X2_128;
+        case 5: return ((w[1] >> 6) & 0x00070007u) | BF16X2_128;
+        case 6: return ((w[0] >> 6) & 0x00380038u) | BF16X2_16;
+        case 7: return ((w[1] >> 6) & 0x00380038u) | BF16X2_16;
+        case 8: return ((w[0] >> 12) & 0x00070007u) | BF16X2_128;
+        case 9: return ((w[1] >> 12) & 0x00070007u) | BF16X2_128;
+        case 10: return (w[2] & 0x00380038u) | BF16X2_16;
+        case 11: return ((w[2] >> 6) & 0x00380038u) | BF16X2_16;
+        case 12: return (w[2] & 0x00070007u) | BF16X2_128;
+        case 13: return ((w[2] >> 6) & 0x00070007u) | BF16X2_128;
+        case 14: return ((w[2] >> 9) & 0x00380038u) | BF16X2_16;
+        default:
+            return ((w[0] >> 12) & 0x00080008u) | (((w[1] >> 12) & 0x00080008u) << 1) | ((w[2] >> 10) & 0x00200020u) |
+                   BF16X2_16;
+    }
+}
+
+// The base of pair i (what mma_pair adds to q).
+template <int BITS>
+__device__ __forceinline__ float mma_pair_base(int i) {
+    return (i & 2) ? mma_base_hi<BITS>() : 128.f;
+}
