@@ -360,9 +360,9 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
         }
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
-            // − (base + zero) for the pairs of the lower and the upper 8 rows of K of a step (mma_pack.cuh).
             const float z = __half2float(zs[tile * 16 + g + 8 * hh]);
-            const __nv_bfloat162 lo = __float2bfloat162_rn(-(128.f + z)), hi = __float2bfloat162_rn(-(mma_base_hi<BITS>() + z));
+            const __nv_bfloat162 lo = __float2bfloat162_rn(-(128.f + z));
+            const __nv_bfloat162 hi = __float2bfloat162_rn(-(mma_base_hi<BITS>() + z));
             nz[ti][hh][0] = *reinterpret_cast<const u32*>(&lo);
             nz[ti][hh][1] = *reinterpret_cast<const u32*>(&hi);
         }
