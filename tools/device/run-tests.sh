@@ -2,7 +2,8 @@
 # The device test suite, on the GPU machine, in one command (docs/CUDA.md): every binary tools/device/build.sh
 # put in .device/, then compute-sanitizer's memcheck on the demo model, then (when .device/pipemoe is there) the
 # GPU end-to-end tests. Prints one line per binary and a verdict last; logs go to $OUT (or /tmp/pipemoe-device).
-# Usage: tools/device/run-tests.sh
+# Usage: tools/device/run-tests.sh              every suite
+#        tools/device/run-tests.sh device ...   only these test binaries (no memcheck, no e2e unless named)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -27,12 +28,15 @@ run() {  # name, command...
         printf '%-22s FAILED  %4ds  %s\n' "$name" $((SECONDS - start)) "$(grep -h -m1 -A1 'panicked' "$logs/$name.log" | tail -1)"
     fi
 }
-for t in device device_ops device_gemm device_attention device_route device_sampling golden_gpu; do
-    [ -x ".device/$t" ] && run "$t" ".device/$t" --nocapture --test-threads 1
+suites=(device device_ops device_gemm device_attention device_route device_sampling golden_gpu)
+only=("$@")
+wanted() { [ ${#only[@]} = 0 ] || [[ " ${only[*]} " == *" $1 "* ]]; }
+for t in "${suites[@]}"; do
+    wanted "$t" && [ -x ".device/$t" ] && run "$t" ".device/$t" --nocapture --test-threads 1
 done
-[ -x .device/golden_gpu ] && run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+[ ${#only[@]} = 0 ] && [ -x .device/golden_gpu ] && run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     .device/golden_gpu bf16_and_fp8_caches_stay_close_to_f32
-if [ -x .device/pipemoe ] && [ -x .device/e2e ]; then
+if wanted e2e_gpu && [ -x .device/pipemoe ] && [ -x .device/e2e ]; then
     PIPEMOE_BIN="$PWD/.device/pipemoe" PIPEMOE_REPO="$PWD" run e2e_gpu .device/e2e gpu --nocapture --test-threads 1
 fi
 if [ $failed = 0 ]; then echo "device suite: PASSED"; else echo "device suite: FAILED (logs in $logs)"; fi
