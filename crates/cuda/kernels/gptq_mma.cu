@@ -58,15 +58,22 @@ __device__ __forceinline__ int slot_bytes(int rows) {
     return MMA_TPW * BITS * 32 * 8 + MMA_SZ_BYTES + rows * MMA_XS * 2;
 }
 
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 // One block: tiles [block_x·2, +2) over chunks [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x
 // (row b is x row `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows,
-// n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma.
+// n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint
+// reorders K (x is gathered through perm with plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
-template <int BITS, int MB, typename Store>
-__device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
-                               const int* __restrict__ perm, const uint2* __restrict__ words,
-                               const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
-                               int group_size, int k_chunk, int stages, int block_x, Store store) {
+template <int BITS, int MB, bool PERM, typename Store>
+__device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
+                             const int* __restrict__ perm, const uint2* __restrict__ words,
+                             const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
+                             int group_size, int k_chunk, int stages, int block_x, Store store) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
@@ -90,37 +97,40 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
     __syncthreads();
 
     // Chunks are requested in order, so where the next one comes from and goes to advances without a division:
-    // its slot, its weight words (tile 0; tile 1 is a tile's chunks further), the row of its scales and zeros.
-    int next_slot = 0, next_k = c0 * MMA_CHUNK;
+    // its slot, its weight words, the row of its scales and zeros. A block with one tile left (N / 16 odd) reads
+    // tile 0 a second time as its tile 1, computes it and stores nothing of it: no branch in the loop.
+    const u32 ring_at = smem_addr(ring);
+    const int ring_bytes = stages * slot;
+    int next_off = 0, next_k = c0 * MMA_CHUNK;
     const int cpg = group_size / MMA_CHUNK;  // chunks per group: group sizes are whole chunks (mma.rs `eligible`)
     int in_group = c0 % cpg;
-    const size_t tile_words = (size_t)k_chunks * BITS * 32;
+    const size_t tile1 = tiles > 1 ? (size_t)k_chunks * BITS * 32 : 0;
     const uint2* wsrc = words + ((size_t)tile0 * k_chunks + c0) * BITS * 32 + lane;
     // Lanes 0..7 copy 16 bytes each: scales (lanes 0..3) then zeros of the two tiles' 32 columns.
     const int sz_part = lane & 3, sz_ok = lane < 8 && (sz_part >> 1) < tiles;
     const __half* szsrc = (lane < 4 ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
+    // x: lane copies 16 bytes of rows lane / 16, + 2, ... of each chunk.
     const int xcol = (lane & 15) * 8;
+    const u32 w_at = ring_at + lane * 8, sz_at = ring_at + wbytes + lane * 16;
+    const u32 x_at = ring_at + wbytes + MMA_SZ_BYTES + xcol * 2;
     auto issue = [&](bool real) {
         if (real) {
-            unsigned char* sl = ring + next_slot * slot;
 #pragma unroll
-            for (int t = 0; t < MMA_TPW; t++) {
-                if (t < tiles) {
-                    const uint2* src = wsrc + t * tile_words;
-                    uint2* dst = (uint2*)sl + t * BITS * 32 + lane;
+            for (int t = 0; t < MMA_TPW; t++)
 #pragma unroll
-                    for (int j = 0; j < BITS; j++) cp_async8(dst + j * 32, src + j * 32);
-                }
-            }
-            if (lane < 8) cp_async16(sl + wbytes + lane * 16, szsrc, sz_ok ? 16 : 0);
-            __nv_bfloat16* xd = (__nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
-            if (perm == nullptr) {
-                for (int r = lane >> 4; r < nrows; r += 2) cp_async16(xd + r * MMA_XS + xcol, xrows[r] + next_k + xcol);
+                for (int j = 0; j < BITS; j++)
+                    cp_async8_at(w_at + next_off + (t * BITS + j) * 256, wsrc + (t ? tile1 : 0) + j * 32);
+            if (lane < 8) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
+            if (!PERM) {
+                for (int r = lane >> 4; r < nrows; r += 2)
+                    cp_async16_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
             } else {
+                __nv_bfloat16* xd = (__nv_bfloat16*)(ring + next_off + wbytes + MMA_SZ_BYTES);
                 for (int i = lane; i < nrows * MMA_CHUNK; i += 32)
                     xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[next_k + (i & 127)]];
             }
-            next_slot = next_slot + 1 == stages ? 0 : next_slot + 1;
+            next_off += slot;
+            if (next_off == ring_bytes) next_off = 0;
             next_k += MMA_CHUNK;
             wsrc += BITS * 32;
             if (++in_group == cpg) {
@@ -140,23 +150,31 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
     // A for the sums of x: rows 0..7 ones on the lower 8 rows of K of a step, rows 8..15 ones on the upper 8.
-    const u32 sums_a[4] = {0x3F803F80u, 0u, 0u, 0x3F803F80u};
-    // Where the lane's x columns (batch rows) sit in a slot; rows past nrows read row nrows − 1, whose products
-    // only reach outputs that are never stored.
-    int xoff[H];
+    // Made by asm so they stay in registers (as plain constants they were rebuilt before every mma).
+    u32 sums_a[4];
+    asm volatile("mov.b32 %0, 0x3F803F80;\n" : "=r"(sums_a[0]));
+    asm volatile("mov.b32 %0, 0;\n" : "=r"(sums_a[1]));
+    asm volatile("mov.b32 %0, 0;\n" : "=r"(sums_a[2]));
+    asm volatile("mov.b32 %0, 0x3F803F80;\n" : "=r"(sums_a[3]));
+    // x fragments by ldmatrix: lane L gives the address of row L % 8 (+ 8 for the second half of 16 rows) of
+    // matrix L / 8 — k 0..7 and 8..15 of one step, then of the next. Rows past nrows read row nrows − 1, whose
+    // products only reach outputs that are never stored.
+    u32 xrow_at[H];
 #pragma unroll
-    for (int h = 0; h < H; h++) xoff[h] = max(0, min(h * 8 + group, nrows - 1)) * MMA_XS + quad * 2;
+    for (int h = 0; h < H; h++)
+        xrow_at[h] = (max(0, min(h * 8 + (lane & 7), nrows - 1)) * MMA_XS + (lane >> 3) * 8) * 2;
     constexpr float BASE_HI = mma_base_hi<BITS>();
-    int read_slot = 0;
+    int read_off = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
         issue(c + stages - 1 < chunks);
         cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
-        const unsigned char* sl = ring + read_slot * slot;
-        read_slot = read_slot + 1 == stages ? 0 : read_slot + 1;
+        const unsigned char* sl = ring + read_off;
+        const u32 xs_at = ring_at + read_off + wbytes + MMA_SZ_BYTES;
+        read_off += slot;
+        if (read_off == ring_bytes) read_off = 0;
         const __half* szs = (const __half*)(sl + wbytes);  // scales [32], zeros [32]
-        const __nv_bfloat16* xs = (const __nv_bfloat16*)(sl + wbytes + MMA_SZ_BYTES);
         u32 w[MMA_TPW][2 * BITS];
 #pragma unroll
         for (int t = 0; t < MMA_TPW; t++) {
@@ -178,24 +196,23 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
                 for (int t = 0; t < MMA_TPW; t++) cacc[t][h][i] = 0.f;
             }
 #pragma unroll
-        for (int ks = 0; ks < 8; ks++) {
-            u32 b0[H], b1[H];
+        for (int kp = 0; kp < 4; kp++) {  // two k-steps per ldmatrix
+            u32 xb[H][4];
 #pragma unroll
-            for (int h = 0; h < H; h++) {
-                const __nv_bfloat16* row = xs + xoff[h] + ks * 16;
-                b0[h] = *(const u32*)row;
-                b1[h] = *(const u32*)(row + 8);
-                mma_bf16(xsum[h], sums_a, b0[h], b1[h]);
-            }
+            for (int h = 0; h < H; h++) ldmatrix_x4(xb[h], xs_at + xrow_at[h] + kp * 64);
 #pragma unroll
-            for (int t = 0; t < MMA_TPW; t++) {
-                if (t < tiles) {
+            for (int s = 0; s < 2; s++) {
+                const int ks = kp * 2 + s;
+#pragma unroll
+                for (int h = 0; h < H; h++) mma_bf16(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
+#pragma unroll
+                for (int t = 0; t < MMA_TPW; t++) {
                     const u32* blk = w[t] + (ks / 4) * BITS;
                     u32 a[4];
 #pragma unroll
                     for (int r = 0; r < 4; r++) a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
 #pragma unroll
-                    for (int h = 0; h < H; h++) mma_bf16(cacc[t][h], a, b0[h], b1[h]);
+                    for (int h = 0; h < H; h++) mma_bf16(cacc[t][h], a, xb[h][2 * s], xb[h][2 * s + 1]);
                 }
             }
         }
@@ -251,6 +268,20 @@ __device__ void mma_gemv_block(const __nv_bfloat16* __restrict__ x, const int* _
             }
         }
     }
+}
+
+// mma_gemv_run with or without a row order of K, chosen once per block.
+template <int BITS, int MB, typename Store>
+__device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
+                                               const uint2* words, const __half* zeros, const __half* scales, int K,
+                                               int N, int group_size, int k_chunk, int stages, int block_x,
+                                               Store store) {
+    if (perm == nullptr)
+        mma_gemv_run<BITS, MB, false>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                      block_x, store);
+    else
+        mma_gemv_run<BITS, MB, true>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                     block_x, store);
 }
 
 __device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }

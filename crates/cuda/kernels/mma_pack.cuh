@@ -20,31 +20,47 @@ __host__ __device__ constexpr float mma_base_hi() {
     return BITS == 3 ? 16.f : 128.f;
 }
 
+// (a & MASK) | MAGIC as one LOP3: written out, the compiler makes it an AND and an OR (two constants do not fit
+// one instruction's immediate; here one goes to a register, once).
+template <u32 MASK, u32 MAGIC>
+__device__ __forceinline__ u32 and_or(u32 a) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(MASK), "r"(MAGIC));
+    return d;
+}
+
 template <int BITS>
 __device__ __forceinline__ u32 mma_pair(const u32* w, int i) {
-    if (BITS == 2) return ((w[i / 8] >> (2 * (i % 8))) & 0x00030003u) | BF16X2_128;
-    if (BITS == 4) return ((w[i / 4] >> (4 * (i % 4))) & 0x000F000Fu) | BF16X2_128;
+    if (BITS == 2) {
+        const u32 v = w[i / 8] >> (2 * (i % 8));
+        return and_or<0x00030003u, BF16X2_128>(v);
+    }
+    if (BITS == 4) {
+        const u32 v = w[i / 4] >> (4 * (i % 4));
+        return and_or<0x000F000Fu, BF16X2_128>(v);
+    }
     // 3 bits: pair i at (word, bit) 0:(0,0) 1:(1,0) 2:(0,3) 3:(1,3) 4:(0,6) 5:(1,6) 6:(0,9) 7:(1,9) 8:(0,12)
     // 9:(1,12) 10:(2,3) 11:(2,9) 12:(2,0) 13:(2,6) 14:(2,12); pair 15's three bits are bit 15 of words 0, 1, 2.
+    constexpr u32 LO = 0x00070007u, HI = 0x00380038u;
     switch (i) {
-        case 0: return (w[0] & 0x00070007u) | BF16X2_128;
-        case 1: return (w[1] & 0x00070007u) | BF16X2_128;
-        case 2: return (w[0] & 0x00380038u) | BF16X2_16;
-        case 3: return (w[1] & 0x00380038u) | BF16X2_16;
-        case 4: return ((w[0] >> 6) & 0x00070007u) | BF16X2_128;
-        case 5: return ((w[1] >> 6) & 0x00070007u) | BF16X2_128;
-        case 6: return ((w[0] >> 6) & 0x00380038u) | BF16X2_16;
-        case 7: return ((w[1] >> 6) & 0x00380038u) | BF16X2_16;
-        case 8: return ((w[0] >> 12) & 0x00070007u) | BF16X2_128;
-        case 9: return ((w[1] >> 12) & 0x00070007u) | BF16X2_128;
-        case 10: return (w[2] & 0x00380038u) | BF16X2_16;
-        case 11: return ((w[2] >> 6) & 0x00380038u) | BF16X2_16;
-        case 12: return (w[2] & 0x00070007u) | BF16X2_128;
-        case 13: return ((w[2] >> 6) & 0x00070007u) | BF16X2_128;
-        case 14: return ((w[2] >> 9) & 0x00380038u) | BF16X2_16;
-        default:
-            return ((w[0] >> 12) & 0x00080008u) | (((w[1] >> 12) & 0x00080008u) << 1) | ((w[2] >> 10) & 0x00200020u) |
-                   BF16X2_16;
+        case 0: return and_or<LO, BF16X2_128>(w[0]);
+        case 1: return and_or<LO, BF16X2_128>(w[1]);
+        case 2: return and_or<HI, BF16X2_16>(w[0]);
+        case 3: return and_or<HI, BF16X2_16>(w[1]);
+        case 4: return and_or<LO, BF16X2_128>(w[0] >> 6);
+        case 5: return and_or<LO, BF16X2_128>(w[1] >> 6);
+        case 6: return and_or<HI, BF16X2_16>(w[0] >> 6);
+        case 7: return and_or<HI, BF16X2_16>(w[1] >> 6);
+        case 8: return and_or<LO, BF16X2_128>(w[0] >> 12);
+        case 9: return and_or<LO, BF16X2_128>(w[1] >> 12);
+        case 10: return and_or<HI, BF16X2_16>(w[2]);
+        case 11: return and_or<HI, BF16X2_16>(w[2] >> 6);
+        case 12: return and_or<LO, BF16X2_128>(w[2]);
+        case 13: return and_or<LO, BF16X2_128>(w[2] >> 6);
+        case 14: return and_or<HI, BF16X2_16>(w[2] >> 9);
+        default:  // bit 15 of each word to bits 3, 4, 5 (and 19, 20, 21)
+            return and_or<0x00080008u, BF16X2_16>(w[0] >> 12) | ((w[1] >> 11) & 0x00100010u) |
+                   ((w[2] >> 10) & 0x00200020u);
     }
 }
 
