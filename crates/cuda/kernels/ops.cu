@@ -6,6 +6,9 @@ __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+// v as a T holds it (what a store then a load gives back).
+__device__ __forceinline__ float rnd(const float*, float v) { return v; }
+__device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
 
 #define GRID_INDEX(i, n)                                         \
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; \
@@ -23,8 +26,10 @@ __device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) 
 // rows of up to 16 values per thread (8,192 at 512 threads: the model's 7,168) hold x and w in registers, every
 // load in flight at once (one round trip instead of one per value and pass).
 #define NORM_HELD 16
+// With `add` (the residual add before a norm, fused): x += add first, stored and normed as rounded to T, so the
+// result is the one an add then a norm give, bit for bit.
 template <typename T>
-__device__ void rms_norm(const T* x, const float* w, T* y, int cols, float eps) {
+__device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * cols;
     float ss = 0.f;
@@ -34,7 +39,16 @@ __device__ void rms_norm(const T* x, const float* w, T* y, int cols, float eps) 
         for (int j = 0; j < NORM_HELD; j++) {
             const int i = threadIdx.x + j * blockDim.x;
             v[j] = i < cols ? ld(x, base + i) : 0.f;
+            if (add != nullptr && i < cols) v[j] += ld(add, base + i);
             wv[j] = i < cols ? w[i] : 0.f;
+        }
+        if (add != nullptr) {
+#pragma unroll
+            for (int j = 0; j < NORM_HELD; j++) {
+                const int i = threadIdx.x + j * blockDim.x;
+                v[j] = rnd(x, v[j]);
+                if (i < cols) st(x, base + i, v[j]);
+            }
         }
 #pragma unroll
         for (int j = 0; j < NORM_HELD; j++) ss += v[j] * v[j];
@@ -49,6 +63,10 @@ __device__ void rms_norm(const T* x, const float* w, T* y, int cols, float eps) 
 #pragma unroll 8
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
         float v = ld(x, base + i);
+        if (add != nullptr) {
+            v = rnd(x, v + ld(add, base + i));
+            st(x, base + i, v);  // read back below by this same thread
+        }
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
@@ -185,7 +203,10 @@ __device__ void cast(const S* x, D* y, size_t n) {
         embed<T>(t, ids, y, rows, cols);                                                                           \
     }                                                                                                              \
     extern "C" __global__ void rms_norm_##S(const T* x, const float* w, T* y, int cols, float eps) {               \
-        rms_norm<T>(x, w, y, cols, eps);                                                                           \
+        rms_norm<T>(const_cast<T*>(x), nullptr, w, y, cols, eps);                                                  \
+    }                                                                                                              \
+    extern "C" __global__ void add_rms_norm_##S(T* x, const T* add, const float* w, T* y, int cols, float eps) {   \
+        rms_norm<T>(x, add, w, y, cols, eps);                                                                      \
     }                                                                                                              \
     extern "C" __global__ void layer_norm_##S(const T* x, const float* w, const float* b, T* y, int cols,          \
                                               float eps) {                                                         \

@@ -313,6 +313,31 @@ impl Backend for CudaBackend {
         Ok(y)
     }
 
+    fn add_rms_norm(&self, x: &mut GpuTensor, y: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
+        let _p = self.gpu.span(|| format!("add+rms_norm {}", x.cols));
+        if (x.rows, x.cols) != (y.rows, y.cols) || x.data.dtype() != y.data.dtype() {
+            return Err(shape(
+                "add_rms_norm",
+                format!(
+                    "[{}, {}] += [{}, {}] of {:?} and {:?}",
+                    x.rows,
+                    x.cols,
+                    y.rows,
+                    y.cols,
+                    x.data.dtype(),
+                    y.data.dtype()
+                ),
+            ));
+        }
+        let mut out = self.output(x.rows, x.cols)?;
+        let c = x.cols as i32;
+        let mut l = self.gpu.stream.launch_builder(self.op("add_rms_norm", &x.data)?);
+        l.arg(&mut x.data).arg(&y.data).arg(w).arg(&mut out.data).arg(&c).arg(&eps);
+        // SAFETY: matches add_rms_norm_*; x, y and out hold rows·cols values of one dtype, one block per row.
+        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("add_rms_norm"))?;
+        Ok(out)
+    }
+
     fn layer_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
         let _p = self.gpu.span(|| format!("layer_norm {}", x.cols));
         let mut y = self.output(x.rows, x.cols)?;

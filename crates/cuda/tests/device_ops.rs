@@ -89,6 +89,19 @@ fn elementwise_and_row_ops_match_the_cpu() {
                 &want,
                 1e-4,
             );
+            // add_rms_norm: the fused kernel gives what the add and the norm give apart on the device, bit for bit
+            // (the sum is stored rounded, then normed), and the CPU's within the dtype's tolerance.
+            let (mut fused_x, mut apart_x) = (up(&gpu, rows, cols, &a), up(&gpu, rows, cols, &a));
+            let fused = gpu.add_rms_norm(&mut fused_x, &yg, &wg, 1e-6).unwrap();
+            gpu.add_assign(&mut apart_x, &yg).unwrap();
+            let apart = gpu.rms_norm(&apart_x, &wg, 1e-6).unwrap();
+            assert_eq!(gpu.download(&fused_x).unwrap(), gpu.download(&apart_x).unwrap(), "add_rms_norm {shape}: x");
+            assert_eq!(gpu.download(&fused).unwrap(), gpu.download(&apart).unwrap(), "add_rms_norm {shape}");
+            let mut xc2 = up(&cpu, rows, cols, &a);
+            let want = cpu.download(&cpu.add_rms_norm(&mut xc2, &yc, &wc, 1e-6).unwrap()).unwrap();
+            check(&format!("add_rms_norm {shape}"), act, &gpu.download(&fused).unwrap(), &want, 1e-4);
+            let other = up(&gpu, rows, cols + 1, &values(&mut rng, rows * (cols + 1), 1.0));
+            assert!(gpu.add_rms_norm(&mut fused_x, &other, &wg, 1e-6).is_err(), "add_rms_norm of mismatched shapes");
             let want = cpu.download(&cpu.layer_norm(&xc, &wc, &bc, 1e-6).unwrap()).unwrap();
             let got = gpu.download(&gpu.layer_norm(&xg, &wg, &bg, 1e-6).unwrap()).unwrap();
             check(&format!("layer_norm {shape}"), act, &got, &want, 1e-4);

@@ -180,6 +180,12 @@ pub trait Backend: Send + Sync {
     fn layer_norm(&self, x: &Self::Tensor, w: &Self::Vector, b: &Self::Vector, eps: f32) -> Result<Self::Tensor>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x += y`, then the RMSNorm of the new `x`: a residual add and the norm after it, which a backend may do in
+    /// one pass. The result must be what the two give apart (`x` as stored, then normed).
+    fn add_rms_norm(&self, x: &mut Self::Tensor, y: &Self::Tensor, w: &Self::Vector, eps: f32) -> Result<Self::Tensor> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps)
+    }
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// The rows `idx` of `x`, in that order.

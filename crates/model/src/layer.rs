@@ -28,20 +28,24 @@ impl<B: Backend> Layer<B> {
         })
     }
 
-    /// `h`: the residual stream `[rows, hidden]`, updated in place.
+    /// `h`: the residual stream `[rows, hidden]`, updated in place; `pending`: the previous layer's output not yet
+    /// added to it (added here, with the input norm). Returns this layer's FFN output, likewise not yet added: the
+    /// next layer (or the caller, after the last) adds it, so each residual add rides on the norm after it.
     pub fn forward(
         &self,
         b: &B,
         h: &mut B::Tensor,
+        pending: Option<B::Tensor>,
         cache: &mut B::LayerCache,
         inv_freq: &[f32],
         rows: &[Row],
-    ) -> Result<()> {
-        let x = b.rms_norm(h, &self.input_norm, self.eps)?;
+    ) -> Result<B::Tensor> {
+        let x = match pending {
+            Some(p) => b.add_rms_norm(h, &p, &self.input_norm, self.eps)?,
+            None => b.rms_norm(h, &self.input_norm, self.eps)?,
+        };
         let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
-        b.add_assign(h, &a)?;
-        let x = b.rms_norm(h, &self.post_norm, self.eps)?;
-        let f = self.ffn.forward(b, &x)?;
-        b.add_assign(h, &f)
+        let x = b.add_rms_norm(h, &a, &self.post_norm, self.eps)?;
+        self.ffn.forward(b, &x)
     }
 }

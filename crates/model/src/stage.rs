@@ -159,8 +159,12 @@ impl<B: Backend> Stage<B> {
                 h
             }
         };
+        let mut pending = None;
         for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            layer.forward(b, &mut h, cache, &self.inv_freq, rows)?;
+            pending = Some(layer.forward(b, &mut h, pending.take(), cache, &self.inv_freq, rows)?);
+        }
+        if let Some(f) = pending {
+            b.add_assign(&mut h, &f)?;
         }
         Ok(h)
     }
