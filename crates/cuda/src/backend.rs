@@ -171,6 +171,17 @@ pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
 }
 
 /// One block of 512 threads per row.
+/// An element-wise op's check: as many values, of one dtype.
+fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> {
+    if x.rows * x.cols != y.rows * y.cols {
+        return Err(shape(what, format!("{} vs {} values", x.rows * x.cols, y.rows * y.cols)));
+    }
+    if x.data.dtype() != y.data.dtype() {
+        return Err(shape(what, "tensors of different dtypes".into()));
+    }
+    Ok(())
+}
+
 pub(crate) fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
 }
@@ -315,19 +326,9 @@ impl Backend for CudaBackend {
 
     fn add_rms_norm(&self, x: &mut GpuTensor, y: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
         let _p = self.gpu.span(|| format!("add+rms_norm {}", x.cols));
-        if (x.rows, x.cols) != (y.rows, y.cols) || x.data.dtype() != y.data.dtype() {
-            return Err(shape(
-                "add_rms_norm",
-                format!(
-                    "[{}, {}] += [{}, {}] of {:?} and {:?}",
-                    x.rows,
-                    x.cols,
-                    y.rows,
-                    y.cols,
-                    x.data.dtype(),
-                    y.data.dtype()
-                ),
-            ));
+        same_layout("add_rms_norm", x, y)?;
+        if (x.rows, x.cols) != (y.rows, y.cols) {
+            return Err(shape("add_rms_norm", format!("[{}, {}] += [{}, {}]", x.rows, x.cols, y.rows, y.cols)));
         }
         let mut out = self.output(x.rows, x.cols)?;
         let c = x.cols as i32;
@@ -352,12 +353,7 @@ impl Backend for CudaBackend {
     fn add_assign(&self, x: &mut GpuTensor, y: &GpuTensor) -> MResult<()> {
         let _p = self.gpu.span(|| "add".into());
         let n = x.rows * x.cols;
-        if n != y.rows * y.cols {
-            return Err(shape("add", format!("{n} vs {}", y.rows * y.cols)));
-        }
-        if x.data.dtype() != y.data.dtype() {
-            return Err(shape("add", "tensors of different dtypes".into()));
-        }
+        same_layout("add", x, y)?;
         let nn = n as u64;
         let mut l = self.gpu.stream.launch_builder(self.op("add", &x.data)?);
         l.arg(&mut x.data).arg(&y.data).arg(&nn);
