@@ -20,6 +20,7 @@ static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probab
 #define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
 #define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
 static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 8 threads");
+static_assert(ABS_WARPS == MLA_ROWS && MLA_MAX_SPLITS <= 32, "mla_out weighs a row's splits with a warp");
 #define IDX_KEYS 64        // keys per block of indexer_scores
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
@@ -315,23 +316,24 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     extern __shared__ float sm[];
     __shared__ float wts[MLA_ROWS][MLA_MAX_SPLITS];
     const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS;
-    if (threadIdx.x < MLA_ROWS) {
-        const int k = threadIdx.x;
-        if (r0 + k < n_rows) {
-            const float* ml = ml_part + ((size_t)(r0 + k) * heads + h) * splits * 2;
-            float mx = NEG_INF;
-            for (int s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);
-            float total = 0.f;
-            for (int s = 0; s < splits; s++) {
-                const float e = ml[2 * s] == NEG_INF ? 0.f : __expf(ml[2 * s] - mx);
-                wts[k][s] = e;
-                total += e * ml[2 * s + 1];
-            }
-            const float inv = total > 0.f ? 1.f / total : 0.f;
-            for (int s = 0; s < splits; s++) wts[k][s] *= inv;
-        } else {
-            for (int s = 0; s < splits; s++) wts[k][s] = 0.f;
+    {
+        // Warp k weighs row k's splits, lane s split s: the max and the sum by shuffles, all splits' loads at once
+        // (one thread per row walked them: two passes of loads one after another).
+        const int k = threadIdx.x / 32, s = threadIdx.x & 31;
+        float m = NEG_INF, l = 0.f;
+        if (r0 + k < n_rows && s < splits) {
+            const float* ml = ml_part + (((size_t)(r0 + k) * heads + h) * splits + s) * 2;
+            m = ml[0];
+            l = ml[1];
         }
+        float mx = m;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float e = m == NEG_INF ? 0.f : __expf(m - mx);
+        float total = e * l;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
+        if (s < MLA_MAX_SPLITS) wts[k][s] = total > 0.f ? e / total : 0.f;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < MLA_ROWS * lora; i += blockDim.x) {
