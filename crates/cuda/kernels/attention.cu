@@ -20,7 +20,7 @@ static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probab
 #define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
 #define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
 static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 8 threads");
-static_assert(ABS_WARPS == MLA_ROWS && MLA_MAX_SPLITS <= 32, "mla_out weighs a row's splits with a warp");
+static_assert(ABS_WARPS >= MLA_ROWS && MLA_MAX_SPLITS <= 32, "mla_out weighs a row's splits with a warp");
 #define IDX_KEYS 64        // keys per block of indexer_scores
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
@@ -81,52 +81,52 @@ __device__ void cache_store(const T* latent, const T* k_pe, const T* index_k, co
     }
 }
 
-// q_lat[r, h, l] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, l] for r < n_rows. grid (heads, ⌈n_rows / MLA_ROWS⌉,
+// q_lat[r, h, l] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, l] for r < n_rows. grid (heads, ⌈n_rows / R⌉,
 // ⌈lora / ABS_COLS⌉), block 32 · ABS_WARPS: warp w sums the d ≡ w (mod ABS_WARPS) terms of the block's columns
 // (lane l takes columns l and l + 32, so each load is a warp-wide run of W_UK's row), then the warps' sums are
 // added in shared memory. Enough blocks to keep every multiprocessor's loads in flight at one row. Shared:
-// q [MLA_ROWS][nope] and partial sums [ABS_WARPS][MLA_ROWS][ABS_COLS] (floats).
-template <typename T>
+// q [R][nope] and partial sums [ABS_WARPS][R][ABS_COLS] (floats). R: rows per block (ABSORB_KERNELS).
+template <typename T, int R>
 __device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
                              const T* kv_b,       // [heads, nope + vdim, lora]
                              int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
                              float* q_lat) {      // [n_rows, heads, lora]
     extern __shared__ float sm[];
     float* qs = sm;
-    float* part = sm + MLA_ROWS * nope;
-    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS, c0 = blockIdx.z * ABS_COLS;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, rows = min(MLA_ROWS, n_rows - r0);
-    for (int i = threadIdx.x; i < MLA_ROWS * nope; i += blockDim.x) {
+    float* part = sm + R * nope;
+    const int h = blockIdx.x, r0 = blockIdx.y * R, c0 = blockIdx.z * ABS_COLS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, rows = min(R, n_rows - r0);
+    for (int i = threadIdx.x; i < R * nope; i += blockDim.x) {
         const int k = i / nope, d = i % nope;
         qs[i] = k < rows ? act_ld(q, ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d) : 0.f;
     }
     __syncthreads();
     const T* w = kv_b + (size_t)h * (nope + vdim) * lora;
     const int la = c0 + lane, lb = c0 + 32 + lane;
-    float acc_a[MLA_ROWS], acc_b[MLA_ROWS];
+    float acc_a[R], acc_b[R];
 #pragma unroll
-    for (int k = 0; k < MLA_ROWS; k++) acc_a[k] = acc_b[k] = 0.f;
+    for (int k = 0; k < R; k++) acc_a[k] = acc_b[k] = 0.f;
 #pragma unroll 4
     for (int d = warp; d < nope; d += ABS_WARPS) {
         const float wa = la < lora ? act_ld(w, (size_t)d * lora + la) : 0.f;
         const float wb = lb < lora ? act_ld(w, (size_t)d * lora + lb) : 0.f;
 #pragma unroll
-        for (int k = 0; k < MLA_ROWS; k++) {
+        for (int k = 0; k < R; k++) {
             acc_a[k] += qs[k * nope + d] * wa;
             acc_b[k] += qs[k * nope + d] * wb;
         }
     }
 #pragma unroll
-    for (int k = 0; k < MLA_ROWS; k++) {
-        part[(warp * MLA_ROWS + k) * ABS_COLS + lane] = acc_a[k];
-        part[(warp * MLA_ROWS + k) * ABS_COLS + 32 + lane] = acc_b[k];
+    for (int k = 0; k < R; k++) {
+        part[(warp * R + k) * ABS_COLS + lane] = acc_a[k];
+        part[(warp * R + k) * ABS_COLS + 32 + lane] = acc_b[k];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < MLA_ROWS * ABS_COLS; i += blockDim.x) {
+    for (int i = threadIdx.x; i < R * ABS_COLS; i += blockDim.x) {
         const int k = i / ABS_COLS, c = i % ABS_COLS;
         if (k >= rows || c0 + c >= lora) continue;
         float v = 0.f;
-        for (int g = 0; g < ABS_WARPS; g++) v += part[(g * MLA_ROWS + k) * ABS_COLS + c];
+        for (int g = 0; g < ABS_WARPS; g++) v += part[(g * R + k) * ABS_COLS + c];
         q_lat[((size_t)(r0 + k) * heads + h) * lora + c0 + c] = v;
     }
 }
@@ -304,9 +304,9 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
 }
 
 // out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], where o_lat merges the row's key shares:
-// o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / MLA_ROWS⌉,
-// ⌈vdim / OUT_COLS⌉), block 32 · ABS_WARPS (8 threads per output column), shared MLA_ROWS · lora floats.
-template <typename T>
+// o_lat = Σ_s e^{m_s − M} o_s / Σ_s e^{m_s − M} l_s with M = max_s m_s. grid (heads, ⌈n_rows / R⌉,
+// ⌈vdim / OUT_COLS⌉), block 32 · ABS_WARPS (8 threads per output column), shared R · lora floats.
+template <typename T, int R>
 __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
                         const float* ml_part,  // [n_rows, heads, splits, 2]
                         int splits,
@@ -314,8 +314,8 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
                         int row0, int n_rows, int heads, int nope, int vdim, int lora,
                         T* out) {              // [rows, heads, vdim]
     extern __shared__ float sm[];
-    __shared__ float wts[MLA_ROWS][MLA_MAX_SPLITS];
-    const int h = blockIdx.x, r0 = blockIdx.y * MLA_ROWS;
+    __shared__ float wts[R][MLA_MAX_SPLITS];
+    const int h = blockIdx.x, r0 = blockIdx.y * R;
     {
         // Warp k weighs row k's splits, lane s split s: the max and the sum by shuffles, all splits' loads at once
         // (one thread per row walked them: two passes of loads one after another).
@@ -333,10 +333,10 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         float total = e * l;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
-        if (s < MLA_MAX_SPLITS) wts[k][s] = total > 0.f ? e / total : 0.f;
+        if (k < R && s < MLA_MAX_SPLITS) wts[k][s] = total > 0.f ? e / total : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < MLA_ROWS * lora; i += blockDim.x) {
+    for (int i = threadIdx.x; i < R * lora; i += blockDim.x) {
         const int k = i / lora, l = i % lora;
         float v = 0.f;
         if (r0 + k < n_rows) {
@@ -356,9 +356,9 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     // 8 threads add their sums by shuffles. (lora % 64 ≠ 0 takes a scalar loop over the same runs.)
     const T* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
     const int o = blockIdx.z * OUT_COLS + threadIdx.x / 8, part = threadIdx.x % 8;
-    float acc[MLA_ROWS];
+    float acc[R];
 #pragma unroll
-    for (int k = 0; k < MLA_ROWS; k++) acc[k] = 0.f;
+    for (int k = 0; k < R; k++) acc[k] = 0.f;
     if (o < vdim) {
         const T* wr = w + (size_t)o * lora;
         if (lora % 64 == 0) {
@@ -371,7 +371,7 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
 #pragma unroll
                     for (int j = 0; j < 8; j++)
 #pragma unroll
-                        for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv[j] * sm[k * lora + c + j];
+                        for (int k = 0; k < R; k++) acc[k] += wv[j] * sm[k * lora + c + j];
                 }
             }
         } else {
@@ -379,12 +379,12 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
                 for (int j = c; j < min(lora, c + 8); j++) {
                     const float wv = act_ld(wr, j);
 #pragma unroll
-                    for (int k = 0; k < MLA_ROWS; k++) acc[k] += wv * sm[k * lora + j];
+                    for (int k = 0; k < R; k++) acc[k] += wv * sm[k * lora + j];
                 }
         }
     }
 #pragma unroll
-    for (int k = 0; k < MLA_ROWS; k++) {
+    for (int k = 0; k < R; k++) {
         float v = acc[k];
 #pragma unroll
         for (int off = 4; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -525,21 +525,27 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
     }
 }
 
+// The absorption kernels for R rows per block: MLA_ROWS, and 1 (a single-stream decode step, which would
+// otherwise spend 7 of every 8 multiply-adds and shared loads on rows it does not have).
+#define ABSORB_KERNELS(T, S, R, TAG)                                                                                \
+    extern "C" __global__ void mla_absorb_q##TAG##_##S(const T* q, const T* kv_b, int row0, int n_rows, int heads,  \
+                                                       int nope, int rope, int vdim, int lora, float* q_lat) {      \
+        mla_absorb_q<T, R>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                            \
+    }                                                                                                               \
+    extern "C" __global__ void mla_out##TAG##_##S(const float* o_part, const float* ml_part, int splits,            \
+                                                  const T* kv_b, int row0, int n_rows, int heads, int nope,         \
+                                                  int vdim, int lora, T* out) {                                     \
+        mla_out<T, R>(o_part, ml_part, splits, kv_b, row0, n_rows, heads, nope, vdim, lora, out);                   \
+    }
+
 #define ATTENTION_KERNELS(T, S)                                                                                     \
     extern "C" __global__ void cache_store_##S(const T* latent, const T* k_pe, const T* index_k, const int* slots, \
                                                int lora, int rope, int idim, void* c_lat, void* c_pe, void* c_idx, \
                                                float* scales, int dtype) {                                          \
         cache_store<T>(latent, k_pe, index_k, slots, lora, rope, idim, c_lat, c_pe, c_idx, scales, dtype);          \
     }                                                                                                               \
-    extern "C" __global__ void mla_absorb_q_##S(const T* q, const T* kv_b, int row0, int n_rows, int heads,         \
-                                                int nope, int rope, int vdim, int lora, float* q_lat) {             \
-        mla_absorb_q<T>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                               \
-    }                                                                                                               \
-    extern "C" __global__ void mla_out_##S(const float* o_part, const float* ml_part, int splits,                   \
-                                           const T* kv_b, int row0, int n_rows, int heads, int nope, int vdim,      \
-                                           int lora, T* out) {                                                      \
-        mla_out<T>(o_part, ml_part, splits, kv_b, row0, n_rows, heads, nope, vdim, lora, out);                      \
-    }                                                                                                               \
+    ABSORB_KERNELS(T, S, MLA_ROWS, )                                                                                \
+    ABSORB_KERNELS(T, S, 1, _r1)                                                                                    \
     extern "C" __global__ void indexer_scores_##S(const T* q, const T* w, const void* k_idx, const float* scales,  \
                                                   int dtype, const int* meta, const int* tables, int row0,          \
                                                   int heads, int dim, int topk, int stride, float* scores) {        \

@@ -43,6 +43,12 @@ pub(crate) fn smem_cfg(
     Ok(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
 }
 
+/// Rows per block of the absorption kernels and their names' tag: one for a single row (the kernels for
+/// `ROWS_PER_BLOCK` would spend 7 of every 8 multiply-adds on rows that are not there), else `ROWS_PER_BLOCK`.
+fn rows_per_block(rows: usize) -> (usize, &'static str) {
+    if rows == 1 { (1, "_r1") } else { (ROWS_PER_BLOCK, "") }
+}
+
 /// `[meta | tables]` on the device, and where the tables start.
 pub(crate) fn upload_tables(b: &CudaBackend, t: &StepTables) -> MResult<(CudaSlice<i32>, usize)> {
     let (packed, at) = t.packed();
@@ -201,9 +207,10 @@ impl Step<'_> {
     fn absorb_q(&self, c: Chunk) -> MResult<CudaSlice<f32>> {
         let (b, d) = (self.b, self.d);
         let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
-        let f = b.f(&format!("mla_absorb_q_{}", self.suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, d.kv_lora.div_ceil(ABSORB_COLS) as u32);
-        let smem = ROWS_PER_BLOCK * (d.qk_nope + ABSORB_WARPS * ABSORB_COLS) * 4;
+        let (r, tag) = rows_per_block(c.rows);
+        let f = b.f(&format!("mla_absorb_q{tag}_{}", self.suffix()))?;
+        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.kv_lora.div_ceil(ABSORB_COLS) as u32);
+        let smem = r * (d.qk_nope + ABSORB_WARPS * ABSORB_COLS) * 4;
         let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, smem)?;
         let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
@@ -273,9 +280,10 @@ impl Step<'_> {
         out: &mut GpuTensor,
     ) -> MResult<()> {
         let (b, d) = (self.b, self.d);
-        let f = b.f(&format!("mla_out_{}", out.data.dtype().suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(ROWS_PER_BLOCK) as u32, d.v_head.div_ceil(OUT_COLS) as u32);
-        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, ROWS_PER_BLOCK * d.kv_lora * 4)?;
+        let (r, tag) = rows_per_block(c.rows);
+        let f = b.f(&format!("mla_out{tag}_{}", out.data.dtype().suffix()))?;
+        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.v_head.div_ceil(OUT_COLS) as u32);
+        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, r * d.kv_lora * 4)?;
         let (splits, row0, n, heads) = (c.splits as i32, c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);

@@ -283,6 +283,9 @@ fn cases() -> Vec<(&'static str, Case)> {
             Case { dims: ODD, lens: vec![70], rows: vec![r(0, 3), r(0, 69)], selected: None },
         ),
         ("real, 1 key", Case { dims: REAL, lens: vec![1], rows: vec![r(0, 0)], selected: None }),
+        // One row alone takes the single-row absorption kernels (`_r1`), here over every split.
+        ("real, one row over 3000 keys", Case { dims: REAL, lens: vec![3000], rows: vec![r(0, 2999)], selected: None }),
+        ("odd dims, one row", Case { dims: ODD, lens: vec![70], rows: vec![r(0, 69)], selected: None }),
         (
             "real, a few keys",
             Case { dims: REAL, lens: vec![3, 5], rows: vec![r(0, 0), r(0, 1), r(0, 2), r(1, 4)], selected: None },
