@@ -40,21 +40,6 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     return r;
 }
 
-// 8 consecutive activations (16-byte aligned) as f32: one 16-byte load for bf16, two for f32.
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
-    const uint4 u = *(const uint4*)p;
-    const u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-}
-__device__ __forceinline__ void load8(const float* p, float* v) {
-    const float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-}
-
 // grid (rows, 3): block (r, c) stores component c (0 latent, 1 k_pe, 2 indexer key) of row r at pool slot
 // slots[r] in the cache dtype, and its scale (fp8: max|x| / 448, the e4m3 range; else 1). Block 128.
 template <typename T>

@@ -175,6 +175,8 @@ fn linears_match_the_cpu() {
     // (in, out, weight) — dense, every bit width, and the real shapes; rows on both sides of the 16-row GEMV.
     let cases: Vec<(usize, usize, u32, i64)> = vec![
         (96, 80, 0, 0),
+        (100, 40, 0, 0),
+        (7168, 256, 0, 0),
         (256, 96, 2, 128),
         (256, 96, 3, 64),
         (512, 128, 4, 128),
