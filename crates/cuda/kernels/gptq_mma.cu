@@ -12,7 +12,8 @@
 // upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
 // summed from the bf16 x the tensor cores see.
 //
-// A block is 4 warps on the same 2 tiles (32 columns), each warp over its own run of the block's chunks of K:
+// A block is 4 warps on the same tiles (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
+// accumulators are twice as many), each warp over its own run of the block's chunks of K:
 // every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
 // slots (no block-wide staging or barrier in the loop, and no load the math waits on that was not requested a
 // whole ring ahead), then the warps' sums are added in shared memory in warp order. A grid with
@@ -23,10 +24,16 @@
 #include "mma_pack.cuh"
 
 #define MMA_CHUNK 128
-#define MMA_TPW 2       // tiles of 16 columns per warp (and per block)
 #define MMA_WARPS 4
 #define MMA_XS 136      // bf16 per x row of a ring slot: +8 staggers the rows over the banks
 #define MMA_MAX_STAGES 8
+
+// Tiles of 16 columns per warp (and per block) for MB rows: more tiles share each chunk's x fragments, sums of x
+// and ring bookkeeping (src/mma.rs `tiles_per_block` mirrors this).
+template <int MB>
+__host__ __device__ constexpr int mma_tpw() {
+    return MB == 8 ? 4 : 2;
+}
 
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -50,12 +57,15 @@ __device__ __forceinline__ void cp_async_wait_n(int n) {
     }
 }
 
-// Bytes of one ring slot: the warp's weight words of one chunk, the scales then the zeros of its 32 columns (f16),
-// then `rows` rows of x. (src/mma.rs mirrors this.)
-#define MMA_SZ_BYTES 128
-template <int BITS>
+// Bytes of one ring slot: the warp's weight words of one chunk, the scales then the zeros of its TPW·16 columns
+// (f16), then `rows` rows of x. (src/mma.rs mirrors this.)
+template <int TPW>
+__device__ __forceinline__ constexpr int sz_bytes() {
+    return TPW * 16 * 2 * 2;
+}
+template <int BITS, int TPW>
 __device__ __forceinline__ int slot_bytes(int rows) {
-    return MMA_TPW * BITS * 32 * 8 + MMA_SZ_BYTES + rows * MMA_XS * 2;
+    return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2;
 }
 
 __device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
@@ -64,10 +74,10 @@ __device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
                  : "r"(addr));
 }
 
-// One block: tiles [block_x·2, +2) over chunks [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x
-// (row b is x row `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows,
-// n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint
-// reorders K (x is gathered through perm with plain stores instead of copied).
+// One block: tiles [block_x·TPW, +TPW) over chunks [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of
+// x (row b is x row `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every
+// (b < nrows, n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma. PERM: the
+// checkpoint reorders K (x is gathered through perm with plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 template <int BITS, int MB, bool PERM, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
@@ -77,62 +87,80 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
-    constexpr int H = MB / 8;
+    __shared__ u32 sums_word[2];
+    constexpr int H = MB / 8, TPW = mma_tpw<MB>();
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
-    const int tile0 = block_x * MMA_TPW, tiles = max(0, min(MMA_TPW, n_tiles - tile0));
+    const int tile0 = block_x * TPW, tiles = max(0, min(TPW, n_tiles - tile0));
     // This warp's run of the split's chunks.
     const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
     const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
     const int per = (in_split + MMA_WARPS - 1) / MMA_WARPS;
     const int c0 = split0 + min(in_split, warp * per);
     const int chunks = min(in_split, (warp + 1) * per) - min(in_split, warp * per);
-    const int wbytes = MMA_TPW * BITS * 32 * 8, slot = slot_bytes<BITS>(nrows);
+    constexpr int wbytes = TPW * BITS * 32 * 8;
+    const int slot = slot_bytes<BITS, TPW>(nrows);
     unsigned char* ring = smem + (size_t)warp * stages * slot;
     if (threadIdx.x < MB) {
         const int r = threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
         rows_of[threadIdx.x] = r;
         xrows[threadIdx.x] = x + (size_t)r * K;
     }
+    if (threadIdx.x == 0) {
+        sums_word[0] = 0x3F803F80u;  // bf16x2 ones
+        sums_word[1] = 0u;
+    }
     __syncthreads();
 
     // Chunks are requested in order, so where the next one comes from and goes to advances without a division:
-    // its slot, its weight words, the row of its scales and zeros. A block with one tile left (N / 16 odd) reads
-    // tile 0 a second time as its tile 1, computes it and stores nothing of it: no branch in the loop.
+    // its slot, its weight words, the row of its scales and zeros. Tiles past the matrix's last (N / 16 not a
+    // multiple of TPW) read tile 0 again, are computed and store nothing: no branch in the loop.
     const u32 ring_at = smem_addr(ring);
     const int ring_bytes = stages * slot;
     int next_off = 0, next_k = c0 * MMA_CHUNK;
     const int cpg = group_size / MMA_CHUNK;  // chunks per group: group sizes are whole chunks (mma.rs `eligible`)
     int in_group = c0 % cpg;
-    const size_t tile1 = tiles > 1 ? (size_t)k_chunks * BITS * 32 : 0;
-    const uint2* wsrc = words + ((size_t)tile0 * k_chunks + c0) * BITS * 32 + lane;
-    // Lanes 0..7 copy 16 bytes each: scales (lanes 0..3) then zeros of the two tiles' 32 columns.
-    const int sz_part = lane & 3, sz_ok = lane < 8 && (sz_part >> 1) < tiles;
-    const __half* szsrc = (lane < 4 ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
-    // x: lane copies 16 bytes of rows lane / 16, + 2, ... of each chunk.
-    const int xcol = (lane & 15) * 8;
-    const u32 w_at = ring_at + lane * 8, sz_at = ring_at + wbytes + lane * 16;
-    const u32 x_at = ring_at + wbytes + MMA_SZ_BYTES + xcol * 2;
+    // Weights: a chunk of one tile is BITS·16 pieces of 16 bytes, contiguous; the slot holds the TPW tiles' pieces
+    // in order, and lane L copies pieces L, L + 32, ...: their sources, as byte offsets from the chunk of tile 0.
+    constexpr int PIECES = BITS * TPW / 2;  // per lane
+    u32 piece_src[PIECES];
+#pragma unroll
+    for (int i = 0; i < PIECES; i++) {
+        const int p = lane + 32 * i, t = p / (BITS * 16);
+        piece_src[i] = (u32)((t < tiles ? t : 0) * (size_t)k_chunks * BITS * 256 + (p % (BITS * 16)) * 16);
+    }
+    const unsigned char* wsrc = (const unsigned char*)(words + ((size_t)tile0 * k_chunks + c0) * BITS * 32);
+    // Scales then zeros of the TPW tiles: 2·TPW pieces of 8 columns each; a piece of a tile past the matrix is
+    // zero-filled.
+    constexpr int SZ_LANES = 4 * TPW;
+    const int sz_part = lane % (2 * TPW), sz_ok = lane < SZ_LANES && (sz_part >> 1) < tiles;
+    const __half* szsrc =
+        (lane < 2 * TPW ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
+    // x: lane copies 16 bytes of rows lane / 16, + 2, ... of each chunk; the first from a register.
+    const int xcol = (lane & 15) * 8, xr0 = lane >> 4;
+    const bool x0_ok = xr0 < nrows;
+    const __nv_bfloat16* xsrc0 = xrows[x0_ok ? xr0 : 0] + xcol + next_k;
+    const u32 sz_at = ring_at + wbytes + lane * 16;
+    const u32 x_at = ring_at + wbytes + sz_bytes<TPW>() + xcol * 2;
     auto issue = [&](bool real) {
         if (real) {
 #pragma unroll
-            for (int t = 0; t < MMA_TPW; t++)
-#pragma unroll
-                for (int j = 0; j < BITS; j++)
-                    cp_async8_at(w_at + next_off + (t * BITS + j) * 256, wsrc + (t ? tile1 : 0) + j * 32);
-            if (lane < 8) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
+            for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
+            if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
             if (!PERM) {
-                for (int r = lane >> 4; r < nrows; r += 2)
+                if (x0_ok) cp_async16_at(x_at + next_off + xr0 * (MMA_XS * 2), xsrc0);
+                for (int r = xr0 + 2; r < nrows; r += 2)
                     cp_async16_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
             } else {
-                __nv_bfloat16* xd = (__nv_bfloat16*)(ring + next_off + wbytes + MMA_SZ_BYTES);
+                __nv_bfloat16* xd = (__nv_bfloat16*)(ring + next_off + wbytes + sz_bytes<TPW>());
                 for (int i = lane; i < nrows * MMA_CHUNK; i += 32)
                     xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[next_k + (i & 127)]];
             }
             next_off += slot;
             if (next_off == ring_bytes) next_off = 0;
             next_k += MMA_CHUNK;
-            wsrc += BITS * 32;
+            xsrc0 += MMA_CHUNK;
+            wsrc += BITS * 256;
             if (++in_group == cpg) {
                 in_group = 0;
                 szsrc += N;
@@ -142,20 +170,17 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     };
     for (int c = 0; c < stages - 1; c++) issue(c < chunks);
 
-    float acc[MMA_TPW][H][4];
+    float acc[TPW][H][4];
 #pragma unroll
-    for (int t = 0; t < MMA_TPW; t++)
+    for (int t = 0; t < TPW; t++)
 #pragma unroll
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
     // A for the sums of x: rows 0..7 ones on the lower 8 rows of K of a step, rows 8..15 ones on the upper 8.
-    // Made by asm so they stay in registers (as plain constants they were rebuilt before every mma).
-    u32 sums_a[4];
-    asm volatile("mov.b32 %0, 0x3F803F80;\n" : "=r"(sums_a[0]));
-    asm volatile("mov.b32 %0, 0;\n" : "=r"(sums_a[1]));
-    asm volatile("mov.b32 %0, 0;\n" : "=r"(sums_a[2]));
-    asm volatile("mov.b32 %0, 0x3F803F80;\n" : "=r"(sums_a[3]));
+    // Loaded from shared memory: as constants the compiler rebuilt them before every mma (16 moves a chunk).
+    const u32 ones = sums_word[0], zero = sums_word[1];
+    const u32 sums_a[4] = {ones, zero, zero, ones};
     // x fragments by ldmatrix: lane L gives the address of row L % 8 (+ 8 for the second half of 16 rows) of
     // matrix L / 8 — k 0..7 and 8..15 of one step, then of the next. Rows past nrows read row nrows − 1, whose
     // products only reach outputs that are never stored.
@@ -171,13 +196,13 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
         cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
         const unsigned char* sl = ring + read_off;
-        const u32 xs_at = ring_at + read_off + wbytes + MMA_SZ_BYTES;
+        const u32 xs_at = ring_at + read_off + wbytes + sz_bytes<TPW>();
         read_off += slot;
         if (read_off == ring_bytes) read_off = 0;
-        const __half* szs = (const __half*)(sl + wbytes);  // scales [32], zeros [32]
-        u32 w[MMA_TPW][2 * BITS];
+        const __half* szs = (const __half*)(sl + wbytes);  // scales [TPW·16], zeros [TPW·16]
+        u32 w[TPW][2 * BITS];
 #pragma unroll
-        for (int t = 0; t < MMA_TPW; t++) {
+        for (int t = 0; t < TPW; t++) {
             const uint2* src = (const uint2*)sl + t * BITS * 32 + lane;
 #pragma unroll
             for (int j = 0; j < BITS; j++) {
@@ -186,14 +211,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
                 w[t][2 * j + 1] = v.y;
             }
         }
-        float cacc[MMA_TPW][H][4], xsum[H][4];
+        float cacc[TPW][H][4], xsum[H][4];
 #pragma unroll
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 xsum[h][i] = 0.f;
 #pragma unroll
-                for (int t = 0; t < MMA_TPW; t++) cacc[t][h][i] = 0.f;
+                for (int t = 0; t < TPW; t++) cacc[t][h][i] = 0.f;
             }
 #pragma unroll
         for (int kp = 0; kp < 4; kp++) {  // two k-steps per ldmatrix
@@ -206,7 +231,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
 #pragma unroll
                 for (int h = 0; h < H; h++) mma_bf16(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
 #pragma unroll
-                for (int t = 0; t < MMA_TPW; t++) {
+                for (int t = 0; t < TPW; t++) {
                     const u32* blk = w[t] + (ks / 4) * BITS;
                     u32 a[4];
 #pragma unroll
@@ -227,12 +252,12 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
             }
         // Scale and zero of the lane's two columns per tile (group and group + 8).
 #pragma unroll
-        for (int t = 0; t < MMA_TPW; t++) {
+        for (int t = 0; t < TPW; t++) {
             float sc[2], z[2];
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 sc[j] = __half2float(szs[t * 16 + group + 8 * j]);
-                z[j] = __half2float(szs[32 + t * 16 + group + 8 * j]);
+                z[j] = __half2float(szs[TPW * 16 + t * 16 + group + 8 * j]);
             }
 #pragma unroll
             for (int h = 0; h < H; h++)
@@ -243,11 +268,11 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     }
 
     // The warps' sums, added in warp order by warp 0.
-    constexpr int V = MMA_TPW * H * 4;
+    constexpr int V = TPW * H * 4;
     __syncthreads();  // every warp is done with its ring
     float* red = (float*)smem;  // [MMA_WARPS][V][32]
 #pragma unroll
-    for (int t = 0; t < MMA_TPW; t++)
+    for (int t = 0; t < TPW; t++)
 #pragma unroll
         for (int h = 0; h < H; h++)
 #pragma unroll
@@ -255,7 +280,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     __syncthreads();
     if (warp != 0) return;
 #pragma unroll
-    for (int t = 0; t < MMA_TPW; t++) {
+    for (int t = 0; t < TPW; t++) {
 #pragma unroll
         for (int h = 0; h < H; h++) {
 #pragma unroll
@@ -287,7 +312,7 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
 __device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }
 __device__ __forceinline__ void store_y(__nv_bfloat16* y, size_t i, float v) { y[i] = __float2bfloat16(v); }
 
-// One matrix, rows 0..B of x: grid (⌈N / 32⌉, splits). One split stores y; several store partial sums
+// One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits). One split stores y; several store partial sums
 // [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
 template <int BITS, int MB, typename YT>
 __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
@@ -312,7 +337,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const int cols = MMA_TPW * 16, n0 = blockIdx.x * cols;
+    const int cols = mma_tpw<MB>() * 16, n0 = blockIdx.x * cols;
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = n0 + i % cols;
         if (n >= N) continue;
@@ -324,7 +349,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to MB pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order).
-// grid (mats·⌈N / 32⌉, splits, max tiles); partial [splits, pairs, mats·N].
+// grid (mats·⌈N / (16·TPW)⌉, splits, max tiles); partial [splits, pairs, mats·N].
 template <int BITS, int MB>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x,
                                  int pairs, const u64* w_tab, const u64* zr_tab, const u64* sc_tab,
@@ -333,7 +358,8 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
     const int t = blockIdx.z;
     if (t >= *n_tiles) return;
     const int expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
-    const int bx = (N / 16 + MMA_TPW - 1) / MMA_TPW;
+    constexpr int TPW = mma_tpw<MB>();
+    const int bx = (N / 16 + TPW - 1) / TPW;
     const int m = blockIdx.x / bx;
     const int e = m * n_experts + expert;
     const size_t width = (size_t)mats * N;

@@ -43,7 +43,7 @@ fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usi
             (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let bx = crate::mma::blocks_x(n);
+            let bx = crate::mma::blocks_x(n, mb);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
             (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles))
         }

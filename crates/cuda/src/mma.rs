@@ -12,8 +12,6 @@ use crate::gpu::Gpu;
 
 /// Rows of K per chunk (one scale per chunk: group sizes must be multiples of it).
 pub const CHUNK: usize = 128;
-/// Output columns per block: 2 tiles of 16, shared by the block's 4 warps (each over its own run of K).
-pub const BLOCK_COLS: usize = 32;
 pub(crate) const THREADS: u32 = 128;
 
 /// Whether a weight can take the tensor-core layout: 2/3/4 bits (the bf16 trick holds 128 + q exactly up to
@@ -134,7 +132,6 @@ fn bucket(batch: usize) -> usize {
 
 /// The block's shape (kernels/gptq_mma.cu): warps, tiles of 16 columns, bf16 per x row of a ring slot, deepest ring.
 const WARPS: usize = 4;
-const TILES: usize = 2;
 const XS: usize = CHUNK + 8;
 const MAX_STAGES: usize = 8;
 
@@ -187,7 +184,14 @@ pub(crate) struct Shape {
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
 /// of its 32 columns (f16) and `rows` rows of x.
 fn slot_bytes(bits: u32, rows: usize) -> usize {
-    TILES * bits as usize * 32 * 8 + 2 * TILES * 16 * 2 + rows * XS * 2
+    let tiles = tiles_per_block(rows);
+    tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2
+}
+
+/// Tiles of 16 output columns per block (`mma_tpw` in the kernel), shared by the block's 4 warps (each over its
+/// own run of K): 4 for the ≤ 8-row kernels, 2 for the 16-row ones (twice the accumulators per tile).
+pub(crate) fn tiles_per_block(rows: usize) -> usize {
+    if bucket(rows) == 8 { 4 } else { 2 }
 }
 
 /// The shape for `rows` rows of x over `blocks_x` column blocks (times the grouped launch's tiles): each warp
@@ -202,17 +206,18 @@ pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Sha
     let per_warp = (blocks_x.max(1) * k_chunks).div_ceil(target).clamp(1, k_chunks.div_ceil(WARPS));
     let splits = k_chunks.div_ceil(WARPS * per_warp);
     let chunk = k_chunks.div_ceil(splits) * CHUNK;
-    let smem = (WARPS * stages * slot).max(WARPS * TILES * 2 * 4 * 32 * 4);
+    // The warps' sums at the end: [WARPS][tiles · halves · 4][32] floats, 16 values a lane either way.
+    let smem = (WARPS * stages * slot).max(WARPS * 16 * 32 * 4);
     Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32 }
 }
 
-/// Column blocks of a matrix of `n` outputs.
-pub(crate) fn blocks_x(n: usize) -> usize {
-    n.div_ceil(BLOCK_COLS)
+/// Column blocks of a matrix of `n` outputs for `rows` rows of x.
+pub(crate) fn blocks_x(n: usize, rows: usize) -> usize {
+    n.div_ceil(16 * tiles_per_block(rows))
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
-    let s = shape(w, gpu, batch, blocks_x(w.out_features));
+    let s = shape(w, gpu, batch, blocks_x(w.out_features, batch));
     // At least one float: a zero-length allocation is an error.
     if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
 }
@@ -231,7 +236,7 @@ pub(crate) fn gemv(
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
     let (k, n) = (w.in_features, w.out_features);
-    let bx = blocks_x(n);
+    let bx = blocks_x(n, batch);
     let s = shape(w, gpu, batch, bx);
     if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
         return Err(Error::Shape {
