@@ -28,10 +28,11 @@ __device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) 
 #define NORM_HELD 16
 // With `add` (the residual add before a norm, fused): x += add first, stored and normed as rounded to T, so the
 // result is the one an add then a norm give, bit for bit.
+// One row: x and y point at the row (add too, when given).
 template <typename T>
-__device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, float eps) {
+__device__ void rms_norm_row(T* x, const T* add, const float* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    const size_t base = (size_t)blockIdx.x * cols;
+    const size_t base = 0;
     float ss = 0.f;
     if (cols <= (int)blockDim.x * NORM_HELD) {
         float v[NORM_HELD], wv[NORM_HELD];
@@ -76,9 +77,15 @@ __device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, flo
 }
 
 template <typename T>
-__device__ void layer_norm(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
-    __shared__ float scratch[32];
+__device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, float eps) {
     const size_t base = (size_t)blockIdx.x * cols;
+    rms_norm_row(x + base, add ? add + base : nullptr, w, y + base, cols, eps);
+}
+
+template <typename T>
+__device__ void layer_norm_row(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
+    __shared__ float scratch[32];
+    const size_t base = 0;
     float s = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, base + i);
     const float mean = block_sum(s, scratch) / cols;
@@ -86,6 +93,12 @@ __device__ void layer_norm(const T* x, const float* w, const float* b, T* y, int
     for (int i = threadIdx.x; i < cols; i += blockDim.x) v += (ld(x, base + i) - mean) * (ld(x, base + i) - mean);
     const float inv = rsqrtf(block_sum(v, scratch) / cols + eps);
     for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, (ld(x, base + i) - mean) * inv * w[i] + b[i]);
+}
+
+template <typename T>
+__device__ void layer_norm(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    layer_norm_row(x + base, w, b, y + base, cols, eps);
 }
 
 template <typename T>
@@ -180,6 +193,20 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
     }
 }
 
+// One rotated pair (a, b) → (da, db): the angle in f32 as the reference computes it; sin and cos in f64, since
+// fast-math's f32 sincos loses ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
+template <typename T>
+__device__ __forceinline__ void rope_pair(const T* a, const T* b, T* da, T* db, int pos, float inv_freq) {
+    double s, c;
+    sincos((double)((float)pos * inv_freq), &s, &c);
+    const float xa = ld(a, 0), xb = ld(b, 0);
+    st(da, 0, xa * (float)c - xb * (float)s);
+    st(db, 0, xb * (float)c + xa * (float)s);
+}
+
+// The indexer key's LayerNorm epsilon (pipemoe_model::backend::INDEXER_NORM_EPS).
+#define INDEXER_NORM_EPS 1e-6f
+
 // RoPE in place on heads of a [rows, heads*head_dim] tensor: pairs (2i, 2i+1) (interleaved) or (i, i+d/2),
 // starting at column `offset` of each head; angle pos[r] * inv_freq[i] in f32 (as the CPU reference).
 template <typename T>
@@ -191,13 +218,43 @@ __device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int 
     int r = i / ((size_t)half * heads);
     size_t v = ((size_t)r * heads + h) * head_dim + offset;
     size_t a = v + (interleaved ? 2 * p : p), b = v + (interleaved ? 2 * p + 1 : p + half);
-    // The angle in f32 as the reference computes it; sin and cos in f64, since fast-math's f32 sincos loses
-    // ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
-    double s, c;
-    sincos((double)((float)pos[r] * inv_freq[p]), &s, &c);
-    float xa = ld(x, a), xb = ld(x, b);
-    st(x, a, xa * (float)c - xb * (float)s);
-    st(x, b, xb * (float)c + xa * (float)s);
+    rope_pair(x + a, x + b, x + a, x + b, pos[r], inv_freq[p]);
+}
+
+// The attention inputs of a fused projection row [q_a | latent | k_pe | index key] (widths q_a, lora, rope, idx;
+// q_a or idx 0 when absent), what split_cols, rms_norm, rope and layer_norm give one after another, bit for bit
+// (the norms' block sums at the same 512 threads): grid (rows, 4), blockIdx.y the part. Outputs [rows, width].
+template <typename T>
+__device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, const float* q_norm,
+                         const float* kv_norm, const float* k_w, const float* k_b, float eps, const int* pos,
+                         const float* inv_freq, int half, T* q_out, T* lat_out, T* kpe_out, T* key_out) {
+    const int r = blockIdx.x, total = q_a + lora + rope + idx;
+    const T* row = proj + (size_t)r * total;
+    switch (blockIdx.y) {
+        case 0:
+            if (q_a > 0) rms_norm_row(const_cast<T*>(row), (const T*)nullptr, q_norm, q_out + (size_t)r * q_a, q_a, eps);
+            return;
+        case 1:
+            rms_norm_row(const_cast<T*>(row + q_a), (const T*)nullptr, kv_norm, lat_out + (size_t)r * lora, lora, eps);
+            return;
+        case 2: {  // one head, interleaved pairs from column 0
+            const T* src = row + q_a + lora;
+            T* dst = kpe_out + (size_t)r * rope;
+            for (int i = threadIdx.x; i < rope; i += blockDim.x)
+                if (i >= 2 * half) dst[i] = src[i];  // columns past the rotated pairs, as split copies them
+            for (int p = threadIdx.x; p < half; p += blockDim.x)
+                rope_pair(src + 2 * p, src + 2 * p + 1, dst + 2 * p, dst + 2 * p + 1, pos[r], inv_freq[p]);
+            return;
+        }
+        default: {  // layer norm, stored, then one head's half-split pairs from column 0 in place
+            if (idx == 0) return;
+            T* key = key_out + (size_t)r * idx;
+            layer_norm_row(row + q_a + lora + rope, k_w, k_b, key, idx, INDEXER_NORM_EPS);
+            __syncthreads();  // the row as stored, before its pairs are read across threads
+            for (int p = threadIdx.x; p < half; p += blockDim.x)
+                rope_pair(key + p, key + p + half, key + p, key + p + half, pos[r], inv_freq[p]);
+        }
+    }
 }
 
 // out[rows[i], :] += w[i] · y[i, :] into an f32 sum (each target row appears once per launch: no race).
@@ -249,6 +306,12 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
                                         int offset, int half, int il) {                                            \
         rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \
+    }                                                                                                              \
+    extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, const float* qn,  \
+                                            const float* kvn, const float* kw, const float* kb, float eps,         \
+                                            const int* pos, const float* f, int half, T* q, T* lat, T* kpe,        \
+                                            T* key) {                                                              \
+        mla_prep<T>(proj, q_a, lora, rope, idx, qn, kvn, kw, kb, eps, pos, f, half, q, lat, kpe, key);            \
     }                                                                                                              \
     extern "C" __global__ void scatter_add_scaled_##S(float* out, const T* y, const int* rows, const float* w,     \
                                                       int n, int cols) {                                           \

@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, RopeSpec, RouterDims, Routing, Row, SeqId,
-    SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, MlaPrep, MlaPrepped, RopeSpec, RouterDims,
+    Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -170,9 +170,8 @@ pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
     }
 }
 
-/// One block of 512 threads per row.
 /// An element-wise op's check: as many values, of one dtype.
-fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> {
+pub(crate) fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> {
     if x.rows * x.cols != y.rows * y.cols {
         return Err(shape(what, format!("{} vs {} values", x.rows * x.cols, y.rows * y.cols)));
     }
@@ -182,6 +181,7 @@ fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> 
     Ok(())
 }
 
+/// One block of 512 threads per row.
 pub(crate) fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
 }
@@ -314,40 +314,15 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let _p = self.gpu.span(|| format!("rms_norm {}", x.cols));
-        let mut y = self.output(x.rows, x.cols)?;
-        let c = x.cols as i32;
-        let mut l = self.gpu.stream.launch_builder(self.op("rms_norm", &x.data)?);
-        l.arg(&x.data).arg(w).arg(&mut y.data).arg(&c).arg(&eps);
-        // SAFETY: matches rms_norm_*; one block per row of `cols` values.
-        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("rms_norm"))?;
-        Ok(y)
+        crate::rowops::rms_norm(self, x, w, eps)
     }
 
     fn add_rms_norm(&self, x: &mut GpuTensor, y: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let _p = self.gpu.span(|| format!("add+rms_norm {}", x.cols));
-        same_layout("add_rms_norm", x, y)?;
-        if (x.rows, x.cols) != (y.rows, y.cols) {
-            return Err(shape("add_rms_norm", format!("[{}, {}] += [{}, {}]", x.rows, x.cols, y.rows, y.cols)));
-        }
-        let mut out = self.output(x.rows, x.cols)?;
-        let c = x.cols as i32;
-        let mut l = self.gpu.stream.launch_builder(self.op("add_rms_norm", &x.data)?);
-        l.arg(&mut x.data).arg(&y.data).arg(w).arg(&mut out.data).arg(&c).arg(&eps);
-        // SAFETY: matches add_rms_norm_*; x, y and out hold rows·cols values of one dtype, one block per row.
-        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("add_rms_norm"))?;
-        Ok(out)
+        crate::rowops::add_rms_norm(self, x, y, w, eps)
     }
 
     fn layer_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
-        let _p = self.gpu.span(|| format!("layer_norm {}", x.cols));
-        let mut y = self.output(x.rows, x.cols)?;
-        let c = x.cols as i32;
-        let mut l = self.gpu.stream.launch_builder(self.op("layer_norm", &x.data)?);
-        l.arg(&x.data).arg(w).arg(b).arg(&mut y.data).arg(&c).arg(&eps);
-        // SAFETY: matches layer_norm_*; one block per row.
-        unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("layer_norm"))?;
-        Ok(y)
+        crate::rowops::layer_norm(self, x, w, b, eps)
     }
 
     fn add_assign(&self, x: &mut GpuTensor, y: &GpuTensor) -> MResult<()> {
@@ -436,26 +411,17 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &mut GpuTensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> MResult<()> {
-        let _p = self.gpu.span(|| format!("rope {}x{}", spec.heads, spec.head_dim));
-        let half = inv_freq.len();
-        if x.cols != spec.heads * spec.head_dim || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
-            return Err(shape("rope", format!("{spec:?} for [{}, {}]", x.rows, x.cols)));
-        }
-        let pos = self.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
-        let freq = self.gpu.uploaded_f32(inv_freq).map_err(m)?;
-        let (r, h, d, o, hf, il) = (
-            x.rows as i32,
-            spec.heads as i32,
-            spec.head_dim as i32,
-            spec.offset as i32,
-            half as i32,
-            i32::from(spec.interleaved),
-        );
-        let mut l = self.gpu.stream.launch_builder(self.op("rope", &x.data)?);
-        l.arg(&mut x.data).arg(pos.as_ref()).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
-        // SAFETY: matches rope_*; shapes checked above.
-        unsafe { l.launch(grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
-        Ok(())
+        crate::rowops::rope(self, x, spec, inv_freq, rows)
+    }
+
+    fn mla_prep(
+        &self,
+        proj: &GpuTensor,
+        p: &MlaPrep<'_, CudaSlice<f32>>,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<MlaPrepped<GpuTensor>> {
+        crate::rowops::mla_prep(self, proj, p, inv_freq, rows)
     }
 
     fn cache_write(

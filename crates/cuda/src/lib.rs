@@ -26,6 +26,7 @@ pub mod mma;
 pub mod nvrtc;
 pub mod profile;
 pub mod route;
+mod rowops;
 pub mod sample;
 pub mod timing;
 

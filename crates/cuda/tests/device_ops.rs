@@ -16,7 +16,9 @@ use common::*;
 use half::bf16;
 use pipemoe_cuda::experts::GpuRoutes;
 use pipemoe_cuda::{ActDtype, CudaBackend};
-use pipemoe_model::backend::{Backend, ExpertWeights, HostLinear, RopeSpec, RouterDims, Routing, Row};
+use pipemoe_model::backend::{
+    Backend, ExpertWeights, HostLinear, INDEXER_NORM_EPS, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Routing, Row,
+};
 use pipemoe_model::cpu::CpuBackend;
 
 fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
@@ -162,6 +164,97 @@ fn elementwise_and_row_ops_match_the_cpu() {
         let want = cpu.download(&cpu.embed(&tc, &ids).unwrap()).unwrap();
         assert_eq!(gpu.download(&gpu.embed(&tg, &ids).unwrap()).unwrap(), want, "embed ({act:?})");
         assert!(gpu.embed(&tg, &[300]).is_err(), "a token past the vocabulary is an error");
+    }
+}
+
+/// `Backend::mla_prep` as the trait's default runs it: the split, then each op.
+fn prep_apart(
+    b: &CudaBackend,
+    proj: &<CudaBackend as Backend>::Tensor,
+    p: &MlaPrep<'_, <CudaBackend as Backend>::Vector>,
+    inv_freq: &[f32],
+    rows: &[Row],
+) -> Vec<Vec<f32>> {
+    let widths: Vec<usize> =
+        [p.q_a.map(|q| q.0), Some(p.latent.0), Some(p.rope), p.index_key.map(|k| k.0)].into_iter().flatten().collect();
+    let mut parts = b.split_columns(proj, &widths).unwrap().into_iter();
+    let mut out = Vec::new();
+    if let Some((_, w)) = p.q_a {
+        out.push(b.download(&b.rms_norm(&parts.next().unwrap(), w, p.eps).unwrap()).unwrap());
+    }
+    out.push(b.download(&b.rms_norm(&parts.next().unwrap(), p.latent.1, p.eps).unwrap()).unwrap());
+    let mut k_pe = parts.next().unwrap();
+    b.rope(&mut k_pe, RopeSpec::k_pe(p.rope), inv_freq, rows).unwrap();
+    out.push(b.download(&k_pe).unwrap());
+    if let Some((dim, w, bias)) = p.index_key {
+        let mut k = b.layer_norm(&parts.next().unwrap(), w, bias, INDEXER_NORM_EPS).unwrap();
+        b.rope(&mut k, RopeSpec::indexer(1, dim), inv_freq, rows).unwrap();
+        out.push(b.download(&k).unwrap());
+    }
+    out
+}
+
+fn prepped<B: Backend>(b: &B, p: MlaPrepped<B::Tensor>) -> Vec<Vec<f32>> {
+    [p.q_a, Some(p.latent), Some(p.k_pe), p.index_key].into_iter().flatten().map(|t| b.download(&t).unwrap()).collect()
+}
+
+#[test]
+fn mla_prep_gives_what_the_ops_apart_give() {
+    if no_gpu() {
+        return;
+    }
+    let cpu = CpuBackend::F32;
+    let mut rng = Rng::new(23);
+    for (act, gpu) in backends() {
+        // The real model's parts (q_lora 1536, kv_lora 512, qk_rope 64, indexer head_dim 128), V3 without q LoRA
+        // or indexer, and odd widths with fewer rope pairs than columns.
+        for (q_a, lora, rope, idx, half, rows) in [
+            (1536usize, 512usize, 64usize, 128usize, 32usize, 1usize),
+            (1536, 512, 64, 128, 32, 5),
+            (0, 512, 64, 0, 32, 3),
+            (24, 40, 18, 20, 8, 2),
+        ] {
+            let total = q_a + lora + rope + idx;
+            let x = values(&mut rng, rows * total, 3.0);
+            // (An absent part's vectors have one value: an empty device allocation is an error, and none is read.)
+            let (qw, lw) = (values(&mut rng, q_a.max(1), 1.0), values(&mut rng, lora, 1.0));
+            let (kw, kb) = (values(&mut rng, idx.max(1), 1.0), values(&mut rng, idx.max(1), 0.5));
+            let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect();
+            let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 13_000 + 5 }).collect();
+            let what = format!("mla_prep {q_a}+{lora}+{rope}+{idx} x {rows} ({act:?})");
+            let run = |cpu_side: bool| -> Vec<Vec<f32>> {
+                let [qv, lv, kwv, kbv] = [&qw, &lw, &kw, &kb]
+                    .map(|v| (cpu.load_vector(v.clone()).unwrap(), gpu.load_vector(v.clone()).unwrap()));
+                if cpu_side {
+                    let p = MlaPrep {
+                        q_a: (q_a > 0).then_some((q_a, &qv.0)),
+                        latent: (lora, &lv.0),
+                        rope,
+                        index_key: (idx > 0).then_some((idx, &kwv.0, &kbv.0)),
+                        eps: 1e-6,
+                    };
+                    return prepped(&cpu, cpu.mla_prep(&up(&cpu, rows, total, &x), &p, &inv_freq, &r).unwrap());
+                }
+                let p = MlaPrep {
+                    q_a: (q_a > 0).then_some((q_a, &qv.1)),
+                    latent: (lora, &lv.1),
+                    rope,
+                    index_key: (idx > 0).then_some((idx, &kwv.1, &kbv.1)),
+                    eps: 1e-6,
+                };
+                let proj = up(&gpu, rows, total, &x);
+                let fused = prepped(&gpu, gpu.mla_prep(&proj, &p, &inv_freq, &r).unwrap());
+                assert_eq!(fused, prep_apart(&gpu, &proj, &p, &inv_freq, &r), "{what}: fused vs apart");
+                let wrong = up(&gpu, rows, total + 1, &values(&mut Rng::new(1), rows * (total + 1), 1.0));
+                assert!(gpu.mla_prep(&wrong, &p, &inv_freq, &r).is_err(), "{what}: a projection of the wrong width");
+                assert!(gpu.mla_prep(&proj, &p, &inv_freq, &r[1..]).is_err(), "{what}: fewer positions than rows");
+                fused
+            };
+            let (got, want) = (run(false), run(true));
+            for (g, w) in got.iter().zip(&want) {
+                check(&what, act, g, w, 1e-4);
+            }
+        }
     }
 }
 

@@ -81,6 +81,45 @@ pub struct RopeSpec {
     pub interleaved: bool,
 }
 
+impl RopeSpec {
+    /// MLA's `k_pe`: one head of `qk_rope` values, interleaved pairs.
+    pub fn k_pe(qk_rope: usize) -> RopeSpec {
+        RopeSpec { heads: 1, head_dim: qk_rope, offset: 0, interleaved: true }
+    }
+
+    /// The indexer's query heads and key: the rope slice comes first in a head, half split (MODEL_SPEC §2.6).
+    pub fn indexer(heads: usize, head_dim: usize) -> RopeSpec {
+        RopeSpec { heads, head_dim, offset: 0, interleaved: false }
+    }
+}
+
+/// The indexer key's LayerNorm epsilon (HF `DeepseekV32Indexer`'s `k_norm`).
+pub const INDEXER_NORM_EPS: f32 = 1e-6;
+
+/// The row-wise work between attention's fused projection `[rows, q_lora | kv_lora | qk_rope | index_dim]` and
+/// the cache ([`Backend::mla_prep`]); a part that is absent has no columns.
+pub struct MlaPrep<'a, V> {
+    /// `q_lora` and `q_a_layernorm`'s weight (with q LoRA).
+    pub q_a: Option<(usize, &'a V)>,
+    /// `kv_lora` and `kv_a_layernorm`'s weight.
+    pub latent: (usize, &'a V),
+    /// `qk_rope`: k_pe's columns.
+    pub rope: usize,
+    /// The indexer key's `head_dim` and `k_norm`'s weight and bias (V3.2, its `wk` fused).
+    pub index_key: Option<(usize, &'a V, &'a V)>,
+    /// The RMSNorms' epsilon.
+    pub eps: f32,
+}
+
+/// What [`Backend::mla_prep`] gives: `q_a` RMS-normed, the latent RMS-normed, `k_pe` roped and the indexer key
+/// layer-normed and roped.
+pub struct MlaPrepped<T> {
+    pub q_a: Option<T>,
+    pub latent: T,
+    pub k_pe: T,
+    pub index_key: Option<T>,
+}
+
 /// Shapes of MLA attention over the latent cache (MODEL_SPEC §2.3, §2.5).
 #[derive(Clone, Copy, Debug)]
 pub struct MlaDims {
@@ -207,6 +246,38 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// RoPE in place with the YaRN table `inv_freq` (one frequency per rotated pair).
     fn rope(&self, x: &mut Self::Tensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> Result<()>;
+    /// Attention's fused projection `proj` cut into its parts and each made ready for the cache ([`MlaPrep`]):
+    /// the ops below, which a backend may run in one pass. The result must be what they give apart.
+    fn mla_prep(
+        &self,
+        proj: &Self::Tensor,
+        p: &MlaPrep<'_, Self::Vector>,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<MlaPrepped<Self::Tensor>> {
+        let widths: Vec<usize> = [p.q_a.map(|q| q.0), Some(p.latent.0), Some(p.rope), p.index_key.map(|k| k.0)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut parts = self.split_columns(proj, &widths)?.into_iter();
+        let mut next = || parts.next().ok_or_else(|| crate::Error::backend("split_columns"));
+        let q_a = match p.q_a {
+            Some((_, w)) => Some(self.rms_norm(&next()?, w, p.eps)?),
+            None => None,
+        };
+        let latent = self.rms_norm(&next()?, p.latent.1, p.eps)?;
+        let mut k_pe = next()?;
+        self.rope(&mut k_pe, RopeSpec::k_pe(p.rope), inv_freq, rows)?;
+        let index_key = match p.index_key {
+            Some((dim, w, b)) => {
+                let mut k = self.layer_norm(&next()?, w, b, INDEXER_NORM_EPS)?;
+                self.rope(&mut k, RopeSpec::indexer(1, dim), inv_freq, rows)?;
+                Some(k)
+            }
+            None => None,
+        };
+        Ok(MlaPrepped { q_a, latent, k_pe, index_key })
+    }
 
     /// Writes each row's latent, roped k_pe and optional indexer key into the cache at its position.
     fn cache_write(

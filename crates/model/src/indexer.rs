@@ -2,7 +2,7 @@
 //! each query may attend to. Hadamard rotation and fp8 of the reference kernels are skipped, as HF does: the
 //! rotation is orthogonal and fp8 is a precision trade, so bf16/f32 scores order keys the same up to near-ties.
 
-use crate::backend::{Backend, HostLinear, IndexerDims, RopeSpec, Row};
+use crate::backend::{Backend, HostLinear, INDEXER_NORM_EPS, IndexerDims, RopeSpec, Row};
 use crate::weights::Loader;
 use crate::{IndexerConfig, Result};
 
@@ -18,10 +18,8 @@ pub struct Indexer<B: Backend> {
     pub dims: IndexerDims,
 }
 
-/// What the indexer hands to attention for one step.
+/// What the indexer hands to attention for one step (besides the key, [`Indexer::key`]).
 pub struct IndexerOut<B: Backend> {
-    /// `[rows, head_dim]`, roped: written to the cache with the latent.
-    pub k: B::Tensor,
     /// `[rows, heads·head_dim]`, roped.
     pub q: B::Tensor,
     /// `[rows, heads]`, scaled by `heads^-0.5`.
@@ -64,36 +62,34 @@ impl<B: Backend> Indexer<B> {
         b.linear(x, wk)
     }
 
-    /// `k_raw = x·wkᵀ` → the indexer key `[rows, head_dim]`, normed and roped.
+    /// `k_raw = x·wkᵀ` → the indexer key `[rows, head_dim]`, normed and roped (what `Backend::mla_prep` does
+    /// when wk is fused).
     pub fn key(&self, b: &B, k_raw: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<B::Tensor> {
-        let mut k = b.layer_norm(k_raw, &self.k_norm_w, &self.k_norm_b, 1e-6)?;
-        b.rope(&mut k, self.rope_spec(1), inv_freq, rows)?;
+        let mut k = b.layer_norm(k_raw, &self.k_norm_w, &self.k_norm_b, INDEXER_NORM_EPS)?;
+        b.rope(&mut k, RopeSpec::indexer(1, self.dims.head_dim), inv_freq, rows)?;
         Ok(k)
     }
 
-    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`;
-    /// `k_raw`: `x·wkᵀ`.
+    /// `k_norm`'s weight and bias.
+    pub fn key_norm(&self) -> (&B::Vector, &B::Vector) {
+        (&self.k_norm_w, &self.k_norm_b)
+    }
+
+    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
     pub fn project(
         &self,
         b: &B,
         x: &B::Tensor,
         qr: &B::Tensor,
-        k_raw: &B::Tensor,
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
         let d = self.dims;
         let mut q = b.linear(qr, &self.wq_b)?;
-        b.rope(&mut q, self.rope_spec(d.heads), inv_freq, rows)?;
-        let k = self.key(b, k_raw, inv_freq, rows)?;
+        b.rope(&mut q, RopeSpec::indexer(d.heads, d.head_dim), inv_freq, rows)?;
         let mut w = b.linear(x, &self.weights_proj)?;
         b.scale(&mut w, (d.heads as f32).powf(-0.5))?;
-        Ok(IndexerOut { k, q, w })
-    }
-
-    /// The rope slice comes FIRST in an indexer head, half-split (MLA's is last and interleaved).
-    fn rope_spec(&self, heads: usize) -> RopeSpec {
-        RopeSpec { heads, head_dim: self.dims.head_dim, offset: 0, interleaved: false }
+        Ok(IndexerOut { q, w })
     }
 }
 

@@ -2,7 +2,7 @@
 //! latent `c` and the roped `k_pe` per token (576 values per token per layer for the real model), never the
 //! expanded per-head keys; attention absorbs `kv_b_proj` into the query and the output.
 
-use crate::backend::{Backend, HostLinear, MlaDims, RopeSpec, Row};
+use crate::backend::{Backend, HostLinear, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
 use crate::indexer::Indexer;
 use crate::weights::Loader;
 use crate::{Error, Result};
@@ -32,15 +32,6 @@ enum Projections<B: Backend> {
     Separate { q_a: Option<B::Weight>, kv_a: B::Weight },
     /// `[q_lora | kv_lora + qk_rope | wk's head_dim, hidden]`; `q_a` / `wk` are 0 where absent.
     Fused { w: B::Weight, q_a: usize, wk: usize },
-}
-
-/// One step's projections of the hidden state: q_a's output (with q LoRA), the latent before its norm, k_pe
-/// before RoPE and `x·wkᵀ` when attention holds it.
-struct Projected<T> {
-    q_a: Option<T>,
-    latent: T,
-    k_pe: T,
-    wk: Option<T>,
 }
 
 impl<B: Backend> Mla<B> {
@@ -115,40 +106,29 @@ impl<B: Backend> Mla<B> {
     ) -> Result<B::Tensor> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
-        let pr = self.project(b, x)?;
-        // [rows, q_lora] then [rows, heads·qk]
-        let (mut q, qr) = match (&pr.q_a, &self.q_a_norm) {
-            (Some(qa), Some(norm)) => {
-                let qr = b.rms_norm(qa, norm, self.eps)?;
-                (b.linear(&qr, &self.q_b)?, Some(qr))
-            }
-            _ => (b.linear(x, &self.q_b)?, None),
-        };
+        let MlaPrepped { q_a: qr, latent, k_pe, index_key } = self.prep(b, x, inv_freq, rows)?;
+        // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state.
+        let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
         b.rope(
             &mut q,
             RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true },
             inv_freq,
             rows,
         )?;
-        // Normed latent c and roped k_pe.
-        let latent = b.rms_norm(&pr.latent, &self.kv_a_norm, self.eps)?;
-        let mut k_pe = pr.k_pe;
-        b.rope(&mut k_pe, RopeSpec { heads: 1, head_dim: d.qk_rope, offset: 0, interleaved: true }, inv_freq, rows)?;
         let selection = match &self.indexer {
             Some(ix) => {
-                let k_raw = match pr.wk {
+                let key = match index_key {
                     Some(k) => k,
-                    None => ix.raw_key(b, x)?,
+                    None => ix.key(b, &ix.raw_key(b, x)?, inv_freq, rows)?,
                 };
+                b.cache_write(cache, rows, &latent, &k_pe, Some(&key))?;
                 if ix.selects(rows) {
                     let qr = qr.as_ref().ok_or_else(|| Error::backend("the indexer needs q_lora_rank"))?;
-                    let out = ix.project(b, x, qr, &k_raw, inv_freq, rows)?;
-                    b.cache_write(cache, rows, &latent, &k_pe, Some(&out.k))?;
+                    let out = ix.project(b, x, qr, inv_freq, rows)?;
                     Some(b.indexer_select(cache, &out.q, &out.w, &ix.dims, rows)?)
                 } else {
                     // No row has more keys than the selection keeps: attention over every key is what it would
-                    // pick, so only the indexer key is computed (for the cache, where later positions need it).
-                    b.cache_write(cache, rows, &latent, &k_pe, Some(&ix.key(b, &k_raw, inv_freq, rows)?))?;
+                    // pick, so only the indexer key (for the cache, where later positions need it) is computed.
                     None
                 }
             }
@@ -161,32 +141,37 @@ impl<B: Backend> Mla<B> {
         b.linear(&attn, &self.o)
     }
 
-    /// The step's projections of `x`, from the fused matrix's column ranges or each its own.
-    fn project(&self, b: &B, x: &B::Tensor) -> Result<Projected<B::Tensor>> {
+    /// The step's projections of `x`, normed and roped for the cache ([`Backend::mla_prep`]): from the fused
+    /// matrix's column ranges in one pass, or from each projection its own.
+    fn prep(&self, b: &B, x: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<MlaPrepped<B::Tensor>> {
         let (lora, rope) = (self.dims.kv_lora, self.dims.qk_rope);
-        Ok(match &self.proj {
+        let latent = (lora, &self.kv_a_norm);
+        let q_norm = |width: usize| match &self.q_a_norm {
+            Some(norm) => Ok(Some((width, norm))),
+            None => Err(Error::backend("q_a_proj without q_a_layernorm")),
+        };
+        match &self.proj {
             Projections::Separate { q_a, kv_a } => {
-                let mut kv = b.split_columns(&b.linear(x, kv_a)?, &[lora, rope])?.into_iter();
-                let (latent, k_pe) = (kv.next(), kv.next());
-                Projected {
-                    q_a: q_a.as_ref().map(|w| b.linear(x, w)).transpose()?,
-                    latent: latent.ok_or_else(|| Error::backend("split_columns"))?,
-                    k_pe: k_pe.ok_or_else(|| Error::backend("split_columns"))?,
-                    wk: None,
+                let p = MlaPrep { q_a: None, latent, rope, index_key: None, eps: self.eps };
+                let mut out = b.mla_prep(&b.linear(x, kv_a)?, &p, inv_freq, rows)?;
+                if let (Some(w), Some(norm)) = (q_a, &self.q_a_norm) {
+                    out.q_a = Some(b.rms_norm(&b.linear(x, w)?, norm, self.eps)?);
                 }
+                Ok(out)
             }
             Projections::Fused { w, q_a, wk } => {
-                // [q_a | latent | k_pe | wk] with the absent ones left out.
-                let widths: Vec<usize> = [(*q_a > 0).then_some(*q_a), Some(lora), Some(rope), (*wk > 0).then_some(*wk)]
-                    .into_iter()
-                    .flatten()
-                    .collect();
-                let mut parts = b.split_columns(&b.linear(x, w)?, &widths)?.into_iter();
-                let mut next = || parts.next().ok_or_else(|| Error::backend("split_columns"));
-                let q_a_out = if *q_a > 0 { Some(next()?) } else { None };
-                let (latent, k_pe) = (next()?, next()?);
-                Projected { q_a: q_a_out, latent, k_pe, wk: if *wk > 0 { Some(next()?) } else { None } }
+                let index_key = match (*wk, &self.indexer) {
+                    (0, _) => None,
+                    (dim, Some(ix)) => {
+                        let (kw, kb) = ix.key_norm();
+                        Some((dim, kw, kb))
+                    }
+                    (_, None) => return Err(Error::backend("wk fused into attention without an indexer")),
+                };
+                let q_a = if *q_a > 0 { q_norm(*q_a)? } else { None };
+                let p = MlaPrep { q_a, latent, rope, index_key, eps: self.eps };
+                b.mla_prep(&b.linear(x, w)?, &p, inv_freq, rows)
             }
-        })
+        }
     }
 }

@@ -1,0 +1,148 @@
+//! The backend's row-wise ops (kernels/ops.cu): the norms, RoPE and attention's fused preparation of its
+//! projections for the cache. One block of 512 threads per row (the norms' block sums depend on it: `mla_prep`
+//! gives what the ops apart give only at the same width).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{MlaPrep, MlaPrepped, RopeSpec, Row};
+
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, rows_cfg, same_layout, shape};
+
+pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
+    let _p = b.gpu.span(|| format!("rms_norm {}", x.cols));
+    let mut y = b.output(x.rows, x.cols)?;
+    let c = x.cols as i32;
+    let mut l = b.gpu.stream.launch_builder(b.op("rms_norm", &x.data)?);
+    l.arg(&x.data).arg(w).arg(&mut y.data).arg(&c).arg(&eps);
+    // SAFETY: matches rms_norm_*; one block per row of `cols` values.
+    unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("rms_norm"))?;
+    Ok(y)
+}
+
+pub(crate) fn add_rms_norm(
+    b: &CudaBackend,
+    x: &mut GpuTensor,
+    y: &GpuTensor,
+    w: &CudaSlice<f32>,
+    eps: f32,
+) -> MResult<GpuTensor> {
+    let _p = b.gpu.span(|| format!("add+rms_norm {}", x.cols));
+    same_layout("add_rms_norm", x, y)?;
+    if (x.rows, x.cols) != (y.rows, y.cols) {
+        return Err(shape("add_rms_norm", format!("[{}, {}] += [{}, {}]", x.rows, x.cols, y.rows, y.cols)));
+    }
+    let mut out = b.output(x.rows, x.cols)?;
+    let c = x.cols as i32;
+    let mut l = b.gpu.stream.launch_builder(b.op("add_rms_norm", &x.data)?);
+    l.arg(&mut x.data).arg(&y.data).arg(w).arg(&mut out.data).arg(&c).arg(&eps);
+    // SAFETY: matches add_rms_norm_*; x, y and out hold rows·cols values of one dtype, one block per row.
+    unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("add_rms_norm"))?;
+    Ok(out)
+}
+
+pub(crate) fn layer_norm(
+    b: &CudaBackend,
+    x: &GpuTensor,
+    w: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    eps: f32,
+) -> MResult<GpuTensor> {
+    let _p = b.gpu.span(|| format!("layer_norm {}", x.cols));
+    let mut y = b.output(x.rows, x.cols)?;
+    let c = x.cols as i32;
+    let mut l = b.gpu.stream.launch_builder(b.op("layer_norm", &x.data)?);
+    l.arg(&x.data).arg(w).arg(bias).arg(&mut y.data).arg(&c).arg(&eps);
+    // SAFETY: matches layer_norm_*; one block per row.
+    unsafe { l.launch(rows_cfg(x.rows)) }.map_err(md("layer_norm"))?;
+    Ok(y)
+}
+
+pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> MResult<()> {
+    let _p = b.gpu.span(|| format!("rope {}x{}", spec.heads, spec.head_dim));
+    let half = inv_freq.len();
+    if x.cols != spec.heads * spec.head_dim || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
+        return Err(shape("rope", format!("{spec:?} for [{}, {}]", x.rows, x.cols)));
+    }
+    let pos = b.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
+    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
+    let (r, h, d, o, hf, il) = (
+        x.rows as i32,
+        spec.heads as i32,
+        spec.head_dim as i32,
+        spec.offset as i32,
+        half as i32,
+        i32::from(spec.interleaved),
+    );
+    let mut l = b.gpu.stream.launch_builder(b.op("rope", &x.data)?);
+    l.arg(&mut x.data).arg(pos.as_ref()).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
+    // SAFETY: matches rope_*; shapes checked above.
+    unsafe { l.launch(crate::backend::grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
+    Ok(())
+}
+
+/// `Backend::mla_prep` in one launch (`mla_prep_*`): a block per row and part.
+pub(crate) fn mla_prep(
+    b: &CudaBackend,
+    proj: &GpuTensor,
+    p: &MlaPrep<'_, CudaSlice<f32>>,
+    inv_freq: &[f32],
+    rows: &[Row],
+) -> MResult<MlaPrepped<GpuTensor>> {
+    let _p = b.gpu.span(|| "mla_prep".into());
+    let (q_a, lora, rope, idx) = (p.q_a.map_or(0, |q| q.0), p.latent.0, p.rope, p.index_key.map_or(0, |k| k.0));
+    let half = inv_freq.len();
+    let short = |w: &CudaSlice<f32>, n: usize| w.len() < n;
+    let bad = proj.cols != q_a + lora + rope + idx
+        || rows.len() != proj.rows
+        || lora == 0
+        || 2 * half > rope
+        || (idx > 0 && 2 * half > idx)
+        || p.q_a.is_some_and(|(n, w)| n == 0 || short(w, n))
+        || short(p.latent.1, lora)
+        || p.index_key.is_some_and(|(n, w, bias)| n == 0 || short(w, n) || short(bias, n));
+    if bad {
+        return Err(shape(
+            "mla_prep",
+            format!(
+                "[{}, {}] as {q_a} + {lora} + {rope} + {idx} for {} rows, {half} rope pairs",
+                proj.rows,
+                proj.cols,
+                rows.len()
+            ),
+        ));
+    }
+    let n = proj.rows;
+    let mut q_out = p.q_a.map(|_| b.output(n, q_a)).transpose()?;
+    let mut latent = b.output(n, lora)?;
+    let mut k_pe = b.output(n, rope)?;
+    let mut key = p.index_key.map(|_| b.output(n, idx)).transpose()?;
+    let pos = b.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
+    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
+    let (qi, li, ri, ii, hi, null) = (q_a as i32, lora as i32, rope as i32, idx as i32, half as i32, 0u64);
+    let mut l = b.gpu.stream.launch_builder(b.op("mla_prep", &proj.data)?);
+    l.arg(&proj.data).arg(&qi).arg(&li).arg(&ri).arg(&ii);
+    match p.q_a {
+        Some((_, w)) => l.arg(w),
+        None => l.arg(&null),
+    };
+    l.arg(p.latent.1);
+    match p.index_key {
+        Some((_, w, bias)) => l.arg(w).arg(bias),
+        None => l.arg(&null).arg(&null),
+    };
+    l.arg(&p.eps).arg(pos.as_ref()).arg(freq.as_ref()).arg(&hi);
+    match &mut q_out {
+        Some(t) => l.arg(&mut t.data),
+        None => l.arg(&null),
+    };
+    l.arg(&mut latent.data).arg(&mut k_pe.data);
+    match &mut key {
+        Some(t) => l.arg(&mut t.data),
+        None => l.arg(&null),
+    };
+    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 4, 1), ..rows_cfg(n) };
+    // SAFETY: matches mla_prep_*: proj holds rows·(q_a + lora + rope + idx) values, each output rows·width of
+    // the same dtype, the norms' vectors at least their widths, 2·half ≤ rope (and ≤ idx) as checked above; the
+    // kernel touches an absent part's pointers (null) never, as its width is 0.
+    unsafe { l.launch(cfg) }.map_err(md("mla_prep"))?;
+    Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key })
+}
