@@ -219,6 +219,13 @@ impl CudaBackend {
         }
     }
 
+    /// Partial sums of a grouped launch, not cleared ([`CudaBackend::grouped`] says why none is read unwritten).
+    fn partial(&self, n: usize) -> MResult<CudaSlice<f32>> {
+        // SAFETY: f32 has no invalid bit patterns; which values are written before they are read is argued in
+        // `grouped`.
+        unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(md("alloc partial sums"))
+    }
+
     fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
         let first = experts.weights.iter().flatten().next().ok_or_else(|| shape("experts", "no held expert".into()))?;
         let (gate0, down0) = match (gptq(&first.gate), gptq(&first.down)) {
@@ -227,8 +234,12 @@ impl CudaBackend {
         };
         let mb = bucket(x.rows).min(tile_rows(gate0.packing));
         let dtype = x.data.dtype();
-        let mut out =
-            GpuTensor { rows: x.rows, cols: x.cols, data: Act::zeros(&self.gpu, dtype, x.rows * x.cols).map_err(m)? };
+        // No buffer below is cleared (a memset is a launch and ~2 µs each): the combine writes every value of
+        // `out`, the SiLU reduction every value of `h`; the GEMVs write every (split, pair) of the pairs that are in
+        // tiles, and only those are read downstream — the plan numbers only pairs of held experts, the down GEMV
+        // reads h at its tiles' pairs, the combine skips entries whose pair is −1. What the reductions compute
+        // for pair numbers past the plan's count (from uninitialised partial sums) is never read.
+        let mut out = self.output(x.rows, x.cols)?;
         // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
         // has `pairs` tiles and blocks past the real count return at once. A shared expert is one more slot.
         let pairs = x.rows * (r.top_k + usize::from(t.shared));
@@ -259,7 +270,7 @@ impl CudaBackend {
         // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
         let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
         let splits = sh.splits;
-        let mut partial = self.zeros(splits * pairs * 2 * inter)?;
+        let mut partial = self.partial(splits * pairs * 2 * inter)?;
         let f = self.f(&name)?;
         self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
         let cfg = LaunchConfig {
@@ -278,7 +289,8 @@ impl CudaBackend {
         }
         // SAFETY: argument order and types match gptq_gemv_grouped_*; tables hold 2·E addresses, buffers sized above.
         unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
-        let mut h = Act::zeros(&self.gpu, dtype, pairs * inter).map_err(m)?;
+        // SAFETY: reduce_silu writes all pairs·inter values (see above).
+        let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
         let sp = splits as i32;
         let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
         l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
@@ -290,7 +302,7 @@ impl CudaBackend {
         let splits = sh.splits;
         let f = self.f(&name)?;
         self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
-        let mut partial = self.zeros(splits * pairs * hidden)?;
+        let mut partial = self.partial(splits * pairs * hidden)?;
         let cfg = LaunchConfig {
             grid_dim: (gx as u32, splits as u32, n_tiles as u32),
             block_dim: (THREADS, 1, 1),

@@ -46,6 +46,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
     /// Functions opted in to more than the default dynamic shared memory, with the most each may take.
     opted_in: Mutex<HashMap<usize, usize>>,
+    /// Blocks of a function resident at once on the whole device, by (function, block threads, shared bytes).
+    resident: Mutex<HashMap<(usize, u32, u32), usize>>,
     /// Per-op timing while on (`profile.rs`).
     pub(crate) profiler: crate::profile::Profiler,
     /// Exported buffers for reuse and opened IPC handles (`ipc.rs`).
@@ -143,6 +145,7 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             opted_in: Mutex::new(HashMap::new()),
+            resident: Mutex::new(HashMap::new()),
             profiler: Default::default(),
             ipc: Default::default(),
             recent: Default::default(),
@@ -184,6 +187,22 @@ impl Gpu {
             });
         }
         Ok(())
+    }
+
+    /// How many blocks of `symbol` (`threads` each, `smem` bytes of dynamic shared memory) the device holds at
+    /// once (the occupancy calculator, times the multiprocessors), asked once per shape; `None` when the driver
+    /// cannot say (launch shapes then fall back to their defaults).
+    pub(crate) fn resident_blocks(&self, symbol: &str, threads: u32, smem: u32) -> Option<usize> {
+        let f = self.function(symbol).ok()?;
+        let key = (f as *const CudaFunction as usize, threads, smem);
+        if let Some(&n) = self.resident.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Some(n);
+        }
+        self.allow_smem(f, smem as usize).ok()?;
+        let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None).ok()?;
+        let n = per_sm as usize * self.sm_count as usize;
+        self.resident.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
+        Some(n)
     }
 
     /// `v` on the device, uploaded once while it is among the last few such values (never write to it).

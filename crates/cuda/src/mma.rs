@@ -196,7 +196,8 @@ pub(crate) fn tiles_per_block(rows: usize) -> usize {
 
 /// The shape for `rows` rows of x over `blocks_x` column blocks (times the grouped launch's tiles): each warp
 /// gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a whole run when the
-/// matrix is large (no split, no partial sums), and the ring as deep as the shared budget allows.
+/// matrix is large (no split, no partial sums), and the ring as deep as the shared budget allows; then the splits
+/// are raised where that fills the device's resident blocks more evenly ([`even_splits`]).
 pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Shape {
     let k_chunks = w.in_features / CHUNK;
     let slot = slot_bytes(w.bits, rows);
@@ -204,11 +205,29 @@ pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Sha
     let stages = (t.smem_block / (WARPS * slot)).clamp(2, t.max_stages);
     let target = gpu.sm_count as usize * t.warps_per_sm;
     let per_warp = (blocks_x.max(1) * k_chunks).div_ceil(target).clamp(1, k_chunks.div_ceil(WARPS));
-    let splits = k_chunks.div_ceil(WARPS * per_warp);
-    let chunk = k_chunks.div_ceil(splits) * CHUNK;
     // The warps' sums at the end: [WARPS][tiles · halves · 4][32] floats, 16 values a lane either way.
     let smem = (WARPS * stages * slot).max(WARPS * 16 * 32 * 4);
+    let least = k_chunks.div_ceil(WARPS * per_warp);
+    // The grouped kernels hold as many registers as the plain one within a few: its residency stands for both.
+    let symbol = format!("gptq_mma_gemv_w{}_b{}_to_bf16", w.bits, bucket(rows));
+    let splits = match gpu.resident_blocks(&symbol, THREADS, smem as u32) {
+        Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident),
+        _ => least,
+    };
+    let chunk = k_chunks.div_ceil(splits) * CHUNK;
     Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32 }
+}
+
+/// Splits of `k_chunks` chunks for `blocks` blocks per split, from `least` up to twice that: the count whose
+/// rounds of `resident` blocks times each warp's chunks (plus one for a block's start and end) is least — a last
+/// round of a few blocks costs as long as a full one (576 blocks on 528 resident took two rounds of 14 chunks;
+/// two splits take three of 7). Splits that leave a warp fewer than 4 chunks (or than `least` does) are not taken:
+/// there a block's fixed costs and the partial sums outweigh the rounds.
+pub(crate) fn even_splits(k_chunks: usize, blocks: usize, least: usize, resident: usize) -> usize {
+    let per_warp = |s: usize| k_chunks.div_ceil(s).div_ceil(WARPS);
+    let floor = per_warp(least).min(4);
+    let cost = |s: usize| (blocks * s).div_ceil(resident) * (per_warp(s) + 1);
+    (least..=(2 * least).min(k_chunks)).filter(|&s| per_warp(s) >= floor).min_by_key(|&s| (cost(s), s)).unwrap_or(least)
 }
 
 /// Column blocks of a matrix of `n` outputs for `rows` rows of x.
@@ -277,6 +296,21 @@ pub(crate) fn gemv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splits_fill_the_resident_blocks_evenly() {
+        // The H200's grouped gate/up at one row: 576 blocks, 528 resident, 56 chunks: 2 splits (3 rounds of 7
+        // chunks a warp) beat 1 (2 rounds of 14).
+        assert_eq!(even_splits(56, 576, 1, 528), 2);
+        // With room for every block at once, one split.
+        assert_eq!(even_splits(56, 576, 1, 660), 1);
+        // o_proj at one row: 112 blocks, 128 chunks, 3 splits least: 4 still fit in one round with fewer chunks.
+        assert_eq!(even_splits(128, 112, 3, 528), 4);
+        // The grouped down at one row (16 chunks): 2 splits would leave warps 2 chunks — not taken.
+        assert_eq!(even_splits(16, 1008, 1, 528), 1);
+        // A short matrix already split to 2 chunks a warp stays where it is.
+        assert_eq!(even_splits(56, 35, 7, 528), 7);
+    }
 
     /// The kernels' `mma_pair` (kernels/mma_pack.cuh), bit for bit: pair `i` of a block as bf16x2 base + q.
     fn mma_pair(bits: u32, w: &[u32], i: usize) -> u32 {
