@@ -182,7 +182,7 @@ pub(crate) struct Shape {
 }
 
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
-/// of its 32 columns (f16) and `rows` rows of x.
+/// of its tiles' columns (f16) and `rows` rows of x.
 fn slot_bytes(bits: u32, rows: usize) -> usize {
     let tiles = tiles_per_block(rows);
     tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2
