@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""SASS of one kernel source, here, without a GPU: NVRTC (the CI venv's nvidia-cuda-nvrtc wheel) compiles a file of
+crates/cuda/kernels to a cubin as the backend does (its headers pasted in), and nvdisasm prints it.
+
+nvdisasm is not in the CI venv: `pip download --no-deps nvidia-cuda-nvdisasm -d /tmp/nvd && unzip -o -q
+/tmp/nvd/*.whl -d /tmp/nvd/x` puts it at /tmp/nvd/x/nvidia/cu13/bin/nvdisasm (a CUDA 13 disassembler reads
+sm_86/sm_90 cubins); point NVDISASM at it.
+
+Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops]
+  --kernel   only functions whose name matches REGEX
+  --loops    per function, each backward branch's loop (nested ones indented) and its own instructions by opcode
+"""
+import argparse, collections, ctypes, glob, os, re, subprocess, sys, tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = os.path.join(ROOT, "crates", "cuda", "kernels")
+
+
+def nvrtc():
+    sp = glob.glob(os.path.expanduser("~/.cache/pipemoe/venv/lib/python3*/site-packages"))
+    if not sp:
+        sys.exit("no ~/.cache/pipemoe/venv: run .ci/run once (it installs NVRTC and the CUDA headers there)")
+    lib = ctypes.CDLL(glob.glob(sp[0] + "/nvidia/cuda_nvrtc/lib/libnvrtc.so*")[0])
+    return lib, sp[0] + "/nvidia/cuda_runtime/include"
+
+
+def source(name):
+    src = open(os.path.join(KERNELS, name)).read()
+    for h in sorted(glob.glob(os.path.join(KERNELS, "*.cuh"))):
+        text = open(h).read().replace("#pragma once", "")
+        src = src.replace('#include "%s"' % os.path.basename(h), text)
+    return src
+
+
+def cubin(name, arch):
+    lib, inc = nvrtc()
+    prog = ctypes.c_void_p()
+    lib.nvrtcCreateProgram(ctypes.byref(prog), source(name).encode(), name.encode(), 0, None, None)
+    opts = [b"--gpu-architecture=" + arch.encode(), b"-I" + inc.encode(), b"--std=c++17", b"-default-device",
+            b"--use_fast_math"]
+    r = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    if r != 0:
+        sys.exit(log.value.decode())
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    buf = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetCUBIN(prog, buf)
+    return buf.raw
+
+
+def functions(sass):
+    """{name: ([(offset, text)], {label: offset})} from nvdisasm's output."""
+    out, cur, pending = {}, None, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.text\.(\S+):", line)
+        if m:
+            cur = out.setdefault(m.group(1), ([], {}))
+            continue
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m and cur is not None:
+            off = int(m.group(1), 16)
+            cur[0].append((off, m.group(2).strip()))
+            for label in pending:
+                cur[1][label] = off
+            pending = []
+    return out
+
+
+def opcode(text):
+    t = text.split()
+    if t and t[0].startswith("@"):
+        t = t[1:]
+    return t[0].split(".")[0] if t else ""
+
+
+def loops(insts, labels):
+    """Loops: spans [target, branch] of backward branches, outermost first, each with its own instructions (those
+    in no loop nested inside it)."""
+    spans = set()
+    for off, text in insts:
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+        if opcode(text) == "BRA" and m and m.group(1) in labels and labels[m.group(1)] <= off:
+            spans.add((labels[m.group(1)], off))
+    spans = sorted(spans, key=lambda s: (s[0], -s[1]))
+    out = []
+    for lo, hi in spans:
+        inner = [o for o in spans if o != (lo, hi) and lo <= o[0] and o[1] <= hi]
+        own = [t for o, t in insts if lo <= o <= hi and not any(a <= o <= b for a, b in inner)]
+        depth = sum(1 for o in spans if o != (lo, hi) and o[0] <= lo and hi <= o[1])
+        out.append((lo, hi, depth, own))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("file")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--kernel", default=".")
+    ap.add_argument("--loops", action="store_true")
+    a = ap.parse_args()
+    nvd = os.environ.get("NVDISASM", "/tmp/nvd/x/nvidia/cu13/bin/nvdisasm")
+    if not os.path.exists(nvd):
+        sys.exit(f"no nvdisasm at {nvd} (see this file's docstring)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin(a.file, a.arch))
+        f.flush()
+        sass = subprocess.run([nvd, "-c", f.name], check=True, capture_output=True, text=True).stdout
+    for name, (insts, labels) in functions(sass).items():
+        if not re.search(a.kernel, name):
+            continue
+        if not a.loops:
+            print(f"// {name}: {len(insts)} instructions")
+            for off, text in insts:
+                print(f"/*{off:04x}*/ {text}")
+            continue
+        print(f"{name}: {len(insts)} instructions")
+        for lo, hi, depth, own in loops(insts, labels):
+            mix = collections.Counter(opcode(t) for t in own)
+            print(f"  {'  ' * depth}loop {lo:#x}..{hi:#x}: {len(own)} own instructions  " +
+                  ", ".join(f"{k} {v}" for k, v in mix.most_common(14)))
+
+
+if __name__ == "__main__":
+    main()
