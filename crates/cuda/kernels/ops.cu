@@ -32,15 +32,14 @@ __device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) 
 template <typename T>
 __device__ void rms_norm_row(T* x, const T* add, const float* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    const size_t base = 0;
     float ss = 0.f;
     if (cols <= (int)blockDim.x * NORM_HELD) {
         float v[NORM_HELD], wv[NORM_HELD];
 #pragma unroll
         for (int j = 0; j < NORM_HELD; j++) {
             const int i = threadIdx.x + j * blockDim.x;
-            v[j] = i < cols ? ld(x, base + i) : 0.f;
-            if (add != nullptr && i < cols) v[j] += ld(add, base + i);
+            v[j] = i < cols ? ld(x, i) : 0.f;
+            if (add != nullptr && i < cols) v[j] += ld(add, i);
             wv[j] = i < cols ? w[i] : 0.f;
         }
         if (add != nullptr) {
@@ -48,7 +47,7 @@ __device__ void rms_norm_row(T* x, const T* add, const float* w, T* y, int cols,
             for (int j = 0; j < NORM_HELD; j++) {
                 const int i = threadIdx.x + j * blockDim.x;
                 v[j] = rnd(x, v[j]);
-                if (i < cols) st(x, base + i, v[j]);
+                if (i < cols) st(x, i, v[j]);
             }
         }
 #pragma unroll
@@ -57,23 +56,23 @@ __device__ void rms_norm_row(T* x, const T* add, const float* w, T* y, int cols,
 #pragma unroll
         for (int j = 0; j < NORM_HELD; j++) {
             const int i = threadIdx.x + j * blockDim.x;
-            if (i < cols) st(y, base + i, wv[j] * (v[j] * inv));
+            if (i < cols) st(y, i, wv[j] * (v[j] * inv));
         }
         return;
     }
 #pragma unroll 8
     for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        float v = ld(x, base + i);
+        float v = ld(x, i);
         if (add != nullptr) {
-            v = rnd(x, v + ld(add, base + i));
-            st(x, base + i, v);  // read back below by this same thread
+            v = rnd(x, v + ld(add, i));
+            st(x, i, v);  // read back below by this same thread
         }
         ss += v * v;
     }
     ss = block_sum(ss, scratch);
     const float inv = rsqrtf(ss / cols + eps);
 #pragma unroll 8
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, w[i] * (ld(x, base + i) * inv));
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, i, w[i] * (ld(x, i) * inv));
 }
 
 template <typename T>
@@ -85,14 +84,13 @@ __device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, flo
 template <typename T>
 __device__ void layer_norm_row(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
     __shared__ float scratch[32];
-    const size_t base = 0;
     float s = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, base + i);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, i);
     const float mean = block_sum(s, scratch) / cols;
     float v = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) v += (ld(x, base + i) - mean) * (ld(x, base + i) - mean);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) v += (ld(x, i) - mean) * (ld(x, i) - mean);
     const float inv = rsqrtf(block_sum(v, scratch) / cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, base + i, (ld(x, base + i) - mean) * inv * w[i] + b[i]);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) st(y, i, (ld(x, i) - mean) * inv * w[i] + b[i]);
 }
 
 template <typename T>

@@ -46,8 +46,8 @@ pub struct Gpu {
     functions: Mutex<HashMap<String, &'static CudaFunction>>,
     /// Functions opted in to more than the default dynamic shared memory, with the most each may take.
     opted_in: Mutex<HashMap<usize, usize>>,
-    /// Blocks of a function resident at once on the whole device, by (function, block threads, shared bytes).
-    resident: Mutex<HashMap<(usize, u32, u32), usize>>,
+    /// Blocks of a function resident at once on the whole device, by the caller's key, block threads, shared bytes.
+    resident: Mutex<HashMap<ResidentKey, usize>>,
     /// Per-op timing while on (`profile.rs`).
     pub(crate) profiler: crate::profile::Profiler,
     /// Exported buffers for reuse and opened IPC handles (`ipc.rs`).
@@ -58,6 +58,9 @@ pub struct Gpu {
     /// range): zero between launches, as each launch's last block leaves its counter.
     pub(crate) counters: CudaSlice<i32>,
 }
+
+/// A function and shape of `Gpu::resident_blocks`: the caller's three numbers, block threads, shared bytes.
+type ResidentKey = (u32, u32, u32, u32, u32);
 
 /// Dynamic shared memory a kernel gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -189,15 +192,22 @@ impl Gpu {
         Ok(())
     }
 
-    /// How many blocks of `symbol` (`threads` each, `smem` bytes of dynamic shared memory) the device holds at
-    /// once (the occupancy calculator, times the multiprocessors), asked once per shape; `None` when the driver
-    /// cannot say (launch shapes then fall back to their defaults).
-    pub(crate) fn resident_blocks(&self, symbol: &str, threads: u32, smem: u32) -> Option<usize> {
-        let f = self.function(symbol).ok()?;
-        let key = (f as *const CudaFunction as usize, threads, smem);
+    /// How many blocks of a function (`threads` each, `smem` bytes of dynamic shared memory) the device holds at
+    /// once (the occupancy calculator, times the multiprocessors), asked once per `key`, which must name the
+    /// function and shape (`symbol` makes the function's name only on the first ask: launch shapes call this for
+    /// every GEMV); `None` when the driver cannot say (launch shapes then fall back to their defaults).
+    pub(crate) fn resident_blocks(
+        &self,
+        key: (u32, u32, u32),
+        symbol: impl FnOnce() -> String,
+        threads: u32,
+        smem: u32,
+    ) -> Option<usize> {
+        let key = (key.0, key.1, key.2, threads, smem);
         if let Some(&n) = self.resident.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Some(n);
         }
+        let f = self.function(&symbol()).ok()?;
         self.allow_smem(f, smem as usize).ok()?;
         let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None).ok()?;
         let n = per_sm as usize * self.sm_count as usize;

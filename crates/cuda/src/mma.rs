@@ -209,8 +209,9 @@ pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Sha
     let smem = (WARPS * stages * slot).max(WARPS * 16 * 32 * 4);
     let least = k_chunks.div_ceil(WARPS * per_warp);
     // The grouped kernels hold as many registers as the plain one within a few: its residency stands for both.
-    let symbol = format!("gptq_mma_gemv_w{}_b{}_to_bf16", w.bits, bucket(rows));
-    let splits = match gpu.resident_blocks(&symbol, THREADS, smem as u32) {
+    let (bits, mb) = (w.bits, bucket(rows));
+    let symbol = || format!("gptq_mma_gemv_w{bits}_b{mb}_to_bf16");
+    let splits = match gpu.resident_blocks((bits, mb as u32, 0), symbol, THREADS, smem as u32) {
         Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident),
         _ => least,
     };

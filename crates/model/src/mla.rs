@@ -146,10 +146,6 @@ impl<B: Backend> Mla<B> {
     fn prep(&self, b: &B, x: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<MlaPrepped<B::Tensor>> {
         let (lora, rope) = (self.dims.kv_lora, self.dims.qk_rope);
         let latent = (lora, &self.kv_a_norm);
-        let q_norm = |width: usize| match &self.q_a_norm {
-            Some(norm) => Ok(Some((width, norm))),
-            None => Err(Error::backend("q_a_proj without q_a_layernorm")),
-        };
         match &self.proj {
             Projections::Separate { q_a, kv_a } => {
                 let p = MlaPrep { q_a: None, latent, rope, index_key: None, eps: self.eps };
@@ -168,7 +164,11 @@ impl<B: Backend> Mla<B> {
                     }
                     (_, None) => return Err(Error::backend("wk fused into attention without an indexer")),
                 };
-                let q_a = if *q_a > 0 { q_norm(*q_a)? } else { None };
+                let q_a = match (*q_a, &self.q_a_norm) {
+                    (0, _) => None,
+                    (width, Some(norm)) => Some((width, norm)),
+                    (_, None) => return Err(Error::backend("q_a_proj without q_a_layernorm")),
+                };
                 let p = MlaPrep { q_a, latent, rope, index_key, eps: self.eps };
                 b.mla_prep(&b.linear(x, w)?, &p, inv_freq, rows)
             }
