@@ -506,7 +506,6 @@ impl Backend for CudaBackend {
     }
 
     fn experts(&self, x: &GpuTensor, experts: &GpuExperts, routes: &GpuRoutes) -> MResult<GpuTensor> {
-        let _p = self.gpu.span(|| format!("experts x{}", x.rows));
         self.run_experts(x, experts, routes, None)
     }
 
@@ -517,7 +516,6 @@ impl Backend for CudaBackend {
         shared: &ExpertWeights<Self>,
         routes: &GpuRoutes,
     ) -> MResult<GpuTensor> {
-        let _p = self.gpu.span(|| format!("experts+shared x{}", x.rows));
         self.run_experts(x, experts, routes, Some(shared))
     }
 

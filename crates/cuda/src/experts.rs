@@ -184,7 +184,8 @@ impl Tables {
 impl CudaBackend {
     /// The routed experts, plus `shared` (the layer's shared expert) when given: as one more expert of the
     /// grouped launches where it has the routed experts' format (one set of launches for the whole MoE block),
-    /// else on its own and added.
+    /// else on its own and added. Profiled as each grouped launch ("grouped experts: …"), or as one op
+    /// ("experts[+shared] x rows") on the other paths.
     pub(crate) fn run_experts(
         &self,
         x: &GpuTensor,
@@ -208,6 +209,7 @@ impl CudaBackend {
             {
                 return self.grouped(x, experts, t, &routes.dev);
             }
+            let _p = self.gpu.span(|| format!("experts+shared x{}", x.rows));
             let mut y = self.run_experts(x, experts, routes, None)?;
             let h = self.silu_mul(&self.linear(x, &sh.gate)?, &self.linear(x, &sh.up)?)?;
             self.add_assign(&mut y, &self.linear(&h, &sh.down)?)?;
@@ -215,7 +217,10 @@ impl CudaBackend {
         }
         match &experts.grouped {
             Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
-            _ => self.one_by_one(x, &experts.weights, routes.host()?),
+            _ => {
+                let _p = self.gpu.span(|| format!("experts x{}", x.rows));
+                self.one_by_one(x, &experts.weights, routes.host()?)
+            }
         }
     }
 
@@ -239,6 +244,9 @@ impl CudaBackend {
         // tiles, and only those are read downstream — the plan numbers only pairs of held experts, the down GEMV
         // reads h at its tiles' pairs, the combine skips entries whose pair is −1. What the reductions compute
         // for pair numbers past the plan's count (from uninitialised partial sums) is never read.
+        let rows = x.rows;
+        let span = |what: &'static str| self.gpu.span(move || format!("grouped experts: {what} x{rows}"));
+        let p = span("plan");
         let mut out = self.output(x.rows, x.cols)?;
         // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
         // has `pairs` tiles and blocks past the real count return at once. A shared expert is one more slot.
@@ -267,7 +275,9 @@ impl CudaBackend {
         let (hidden, inter) = (t.hidden, t.inter);
         let sx = dtype.suffix();
 
+        drop(p);
         // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
+        let p = span("gate/up");
         let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
         let splits = sh.splits;
         let mut partial = self.partial(splits * pairs * 2 * inter)?;
@@ -292,12 +302,16 @@ impl CudaBackend {
         // SAFETY: reduce_silu writes all pairs·inter values (see above).
         let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
         let sp = splits as i32;
+        drop(p);
+        let p = span("silu");
         let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
         l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
         // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
         unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
 
+        drop(p);
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
+        let p = span("down");
         let (name, gx, sh) = launch_shape(self, down0, mb, n_tiles, 1);
         let splits = sh.splits;
         let f = self.f(&name)?;
@@ -319,6 +333,8 @@ impl CudaBackend {
         // SAFETY: as above, for the down tables (E addresses each).
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         let (sp, rows) = (splits as i32, x.rows as i32);
+        drop(p);
+        let _p = span("combine");
         let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
         l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows).arg(&k);
         l.arg(&with_shared);
