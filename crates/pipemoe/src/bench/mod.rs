@@ -202,7 +202,7 @@ pub struct Measured {
     pub streams_prefill_seconds: f64,
     pub streams_decode: Option<stage::Times>,
     pub blocks: Option<stage::BlockTimes>,
-    pub ipc: std::result::Result<stage::Times, String>,
+    pub ipc: std::result::Result<ipc::IpcTimes, String>,
     /// Per-op times of two decode steps (`--profile`).
     pub profile: Option<pipemoe_cuda::profile::Profile>,
 }

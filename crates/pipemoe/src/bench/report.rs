@@ -132,7 +132,18 @@ impl Report {
         if let Ok(t) = &m.ipc {
             lines.push(Line {
                 what: "IPC hand-off [1, hidden] bf16, 2 processes".into(),
-                measured: format!("{:.1} us round trip (median)", t.median * 1e6),
+                measured: format!("{:.1} us round trip (median)", t.round_trip.median * 1e6),
+                floor: "-".into(),
+                ratio: None,
+            });
+            lines.push(Line {
+                what: "  of which export / import / bare pipe round trip".into(),
+                measured: format!(
+                    "{:.1} / {:.1} / {:.1} us",
+                    t.export.median * 1e6,
+                    t.import.median * 1e6,
+                    t.pipe.median * 1e6
+                ),
                 floor: "-".into(),
                 ratio: None,
             });
@@ -158,8 +169,12 @@ impl Report {
         let (hop_s, hop_source) = match (args.hop_us, &m.ipc) {
             (Some(us), _) => (us * 1e-6, format!("{us} us given by --hop-us")),
             (None, Ok(t)) => (
-                t.median + args.grpc_us * 1e-6,
-                format!("IPC round trip measured {:.0} us + {:.0} us assumed for gRPC", t.median * 1e6, args.grpc_us),
+                t.round_trip.median + args.grpc_us * 1e-6,
+                format!(
+                    "IPC round trip measured {:.0} us + {:.0} us assumed for gRPC",
+                    t.round_trip.median * 1e6,
+                    args.grpc_us
+                ),
             ),
             (None, Err(_)) => (
                 (300.0 + args.grpc_us) * 1e-6,
@@ -237,7 +252,10 @@ impl Report {
             "blocks": m.blocks.as_ref().map(|b| json!({"layer": b.layer, "attention_s": b.attention,
                 "moe": b.moe.iter().map(|(r, s)| json!({"rows": r, "seconds": s})).collect::<Vec<_>>()})),
             "profile": m.profile.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
-            "ipc_round_trip_s": m.ipc.as_ref().map(|t| t.median).ok(),
+            "ipc_round_trip_s": m.ipc.as_ref().map(|t| t.round_trip.median).ok(),
+            "ipc_export_s": m.ipc.as_ref().map(|t| t.export.median).ok(),
+            "ipc_import_s": m.ipc.as_ref().map(|t| t.import.median).ok(),
+            "ipc_pipe_round_trip_s": m.ipc.as_ref().map(|t| t.pipe.median).ok(),
             "ipc_error": m.ipc.as_ref().err(),
             "projection": {"gpu": "RTX 3090", "gbps": args.target_gbps, "efficiency": eff,
                            "bytes_per_token": token_bytes, "hop_s": hop_s, "hops": HOPS,
