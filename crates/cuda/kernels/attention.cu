@@ -16,7 +16,6 @@
 static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probabilities as two float4");
 #define MLA_MAX_LORA 512   // each lane accumulates kv_lora / 32 ≤ 16 latent columns
 #define MLA_ROWS 8         // rows per block of the absorption kernels
-#define ABS_COLS 64        // latent columns per block of mla_absorb_q (attention::ABSORB_COLS)
 #define ABS_WARPS 8        // warps per block of mla_absorb_q and mla_out
 #define OUT_COLS 32        // output columns per block of mla_out (attention::OUT_COLS)
 static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 8 threads");
@@ -67,52 +66,70 @@ __device__ void cache_store(const T* latent, const T* k_pe, const T* index_k, co
 }
 
 // q_lat[r, h, l] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, l] for r < n_rows. grid (heads, ⌈n_rows / R⌉,
-// ⌈lora / ABS_COLS⌉), block 32 · ABS_WARPS: warp w sums the d ≡ w (mod ABS_WARPS) terms of the block's columns
-// (lane l takes columns l and l + 32, so each load is a warp-wide run of W_UK's row), then the warps' sums are
-// added in shared memory. Enough blocks to keep every multiprocessor's loads in flight at one row. Shared:
-// q [R][nope] and partial sums [ABS_WARPS][R][ABS_COLS] (floats). R: rows per block (ABSORB_KERNELS).
-template <typename T, int R>
+// ⌈lora / C⌉), block 32 · ABS_WARPS. A warp's load is 16 bytes a lane: lane (dl, cg) takes the 8 columns cg·8.. of
+// the block's C and row d ≡ warp·DL + dl (mod ABS_WARPS·DL) of W_UK, DL = 32·8 / C rows at once (one row of 256
+// columns for a single row of q, four rows of 64 for R rows, whose R · 8 sums a lane then holds); every load of a
+// thread is in flight together. The lanes of one column group add their sums by shuffles, the warps theirs in
+// shared memory. (lora % 8 ≠ 0 reads each value alone, same lanes.) Shared: q [R][nope] and partial sums
+// [ABS_WARPS][R][C] (floats). R: rows per block, C: columns per block (ABSORB_KERNELS; attention::absorb_cols).
+template <typename T, int R, int C>
 __device__ void mla_absorb_q(const T* q,          // [rows, heads, nope + rope]
                              const T* kv_b,       // [heads, nope + vdim, lora]
                              int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
                              float* q_lat) {      // [n_rows, heads, lora]
+    static_assert(C % 8 == 0 && 32 % (C / 8) == 0, "a warp covers the block's columns in runs of 8");
+    constexpr int G = C / 8, DL = 32 / G;
     extern __shared__ float sm[];
     float* qs = sm;
     float* part = sm + R * nope;
-    const int h = blockIdx.x, r0 = blockIdx.y * R, c0 = blockIdx.z * ABS_COLS;
+    const int h = blockIdx.x, r0 = blockIdx.y * R, c0 = blockIdx.z * C;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, rows = min(R, n_rows - r0);
+    const int cg = lane % G, dl = lane / G, c = c0 + cg * 8;
     for (int i = threadIdx.x; i < R * nope; i += blockDim.x) {
         const int k = i / nope, d = i % nope;
         qs[i] = k < rows ? act_ld(q, ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d) : 0.f;
     }
     __syncthreads();
     const T* w = kv_b + (size_t)h * (nope + vdim) * lora;
-    const int la = c0 + lane, lb = c0 + 32 + lane;
-    float acc_a[R], acc_b[R];
+    const bool wide = lora % 8 == 0;
+    float acc[R][8];
 #pragma unroll
-    for (int k = 0; k < R; k++) acc_a[k] = acc_b[k] = 0.f;
+    for (int k = 0; k < R; k++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[k][j] = 0.f;
 #pragma unroll 4
-    for (int d = warp; d < nope; d += ABS_WARPS) {
-        const float wa = la < lora ? act_ld(w, (size_t)d * lora + la) : 0.f;
-        const float wb = lb < lora ? act_ld(w, (size_t)d * lora + lb) : 0.f;
+    for (int d = warp * DL + dl; d < nope; d += ABS_WARPS * DL) {
+        float wv[8];
+        const T* wr = w + (size_t)d * lora + c;
+        if (wide && c < lora) {
+            load8(wr, wv);
+        } else {
 #pragma unroll
-        for (int k = 0; k < R; k++) {
-            acc_a[k] += qs[k * nope + d] * wa;
-            acc_b[k] += qs[k * nope + d] * wb;
+            for (int j = 0; j < 8; j++) wv[j] = c + j < lora ? act_ld(wr, j) : 0.f;
         }
+#pragma unroll
+        for (int k = 0; k < R; k++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[k][j] += qs[k * nope + d] * wv[j];
     }
 #pragma unroll
-    for (int k = 0; k < R; k++) {
-        part[(warp * R + k) * ABS_COLS + lane] = acc_a[k];
-        part[(warp * R + k) * ABS_COLS + 32 + lane] = acc_b[k];
-    }
+    for (int off = G; off < 32; off <<= 1)
+#pragma unroll
+        for (int k = 0; k < R; k++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[k][j] += __shfl_xor_sync(0xffffffffu, acc[k][j], off);
+    if (dl == 0)
+#pragma unroll
+        for (int k = 0; k < R; k++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) part[(warp * R + k) * C + cg * 8 + j] = acc[k][j];
     __syncthreads();
-    for (int i = threadIdx.x; i < R * ABS_COLS; i += blockDim.x) {
-        const int k = i / ABS_COLS, c = i % ABS_COLS;
-        if (k >= rows || c0 + c >= lora) continue;
+    for (int i = threadIdx.x; i < R * C; i += blockDim.x) {
+        const int k = i / C, cc = i % C;
+        if (k >= rows || c0 + cc >= lora) continue;
         float v = 0.f;
-        for (int g = 0; g < ABS_WARPS; g++) v += part[(g * R + k) * ABS_COLS + c];
-        q_lat[((size_t)(r0 + k) * heads + h) * lora + c0 + c] = v;
+        for (int g = 0; g < ABS_WARPS; g++) v += part[(g * R + k) * C + cc];
+        q_lat[((size_t)(r0 + k) * heads + h) * lora + c0 + cc] = v;
     }
 }
 
@@ -511,11 +528,12 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
 }
 
 // The absorption kernels for R rows per block: MLA_ROWS, and 1 (a single-stream decode step, which would
-// otherwise spend 7 of every 8 multiply-adds and shared loads on rows it does not have).
-#define ABSORB_KERNELS(T, S, R, TAG)                                                                                \
+// otherwise spend 7 of every 8 multiply-adds and shared loads on rows it does not have); mla_absorb_q's block
+// covers C latent columns (64 for MLA_ROWS rows, 256 for one: attention::absorb_cols).
+#define ABSORB_KERNELS(T, S, R, C, TAG)                                                                             \
     extern "C" __global__ void mla_absorb_q##TAG##_##S(const T* q, const T* kv_b, int row0, int n_rows, int heads,  \
                                                        int nope, int rope, int vdim, int lora, float* q_lat) {      \
-        mla_absorb_q<T, R>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                            \
+        mla_absorb_q<T, R, C>(q, kv_b, row0, n_rows, heads, nope, rope, vdim, lora, q_lat);                         \
     }                                                                                                               \
     extern "C" __global__ void mla_out##TAG##_##S(const float* o_part, const float* ml_part, int splits,            \
                                                   const T* kv_b, int row0, int n_rows, int heads, int nope,         \
@@ -529,8 +547,8 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
                                                float* scales, int dtype) {                                          \
         cache_store<T>(latent, k_pe, index_k, slots, lora, rope, idim, c_lat, c_pe, c_idx, scales, dtype);          \
     }                                                                                                               \
-    ABSORB_KERNELS(T, S, MLA_ROWS, )                                                                                \
-    ABSORB_KERNELS(T, S, 1, _r1)                                                                                    \
+    ABSORB_KERNELS(T, S, MLA_ROWS, 64, )                                                                            \
+    ABSORB_KERNELS(T, S, 1, 256, _r1)                                                                               \
     extern "C" __global__ void indexer_scores_##S(const T* q, const T* w, const void* k_idx, const float* scales,  \
                                                   int dtype, const int* meta, const int* tables, int row0,          \
                                                   int heads, int dim, int topk, int stride, float* scores) {        \

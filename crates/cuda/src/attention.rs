@@ -20,9 +20,7 @@ pub const MAX_LORA: usize = 512;
 /// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
 pub const MAX_SPLITS: usize = 16;
 const MIN_SPLIT_KEYS: usize = 64;
-/// Latent columns per block of `mla_absorb_q` (`ABS_COLS`), output columns per block of `mla_out` (`OUT_COLS`),
-/// warps per block of both (`ABS_WARPS`).
-const ABSORB_COLS: usize = 64;
+/// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
 const OUT_COLS: usize = 32;
 const ABSORB_WARPS: usize = 8;
 /// Bound on each f32 scratch buffer (query latents, split partials) of one launch.
@@ -47,6 +45,12 @@ pub(crate) fn smem_cfg(
 /// `ROWS_PER_BLOCK` would spend 7 of every 8 multiply-adds on rows that are not there), else `ROWS_PER_BLOCK`.
 fn rows_per_block(rows: usize) -> (usize, &'static str) {
     if rows == 1 { (1, "_r1") } else { (ROWS_PER_BLOCK, "") }
+}
+
+/// Latent columns per block of `mla_absorb_q` for `r` rows per block (the kernels' C): a warp's loads cover 256
+/// columns of one row of W_UK for one row of q, 64 columns of four rows for eight.
+fn absorb_cols(r: usize) -> usize {
+    if r == 1 { 256 } else { 64 }
 }
 
 /// `[meta | tables]` on the device, and where the tables start.
@@ -209,8 +213,9 @@ impl Step<'_> {
         let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
         let (r, tag) = rows_per_block(c.rows);
         let f = b.f(&format!("mla_absorb_q{tag}_{}", self.suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.kv_lora.div_ceil(ABSORB_COLS) as u32);
-        let smem = r * (d.qk_nope + ABSORB_WARPS * ABSORB_COLS) * 4;
+        let cols = absorb_cols(r);
+        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.kv_lora.div_ceil(cols) as u32);
+        let smem = r * (d.qk_nope + ABSORB_WARPS * cols) * 4;
         let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, smem)?;
         let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
