@@ -4,6 +4,8 @@
 //! tables, every row and head group in one grid, long rows split over several blocks), and the merge of those
 //! splits with the output absorption (`W_UV` per head). Rows are chunked only to bound the f32 scratch.
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{MlaDims, Row};
 
@@ -54,9 +56,11 @@ fn absorb_cols(r: usize) -> usize {
 }
 
 /// `[meta | tables]` on the device, and where the tables start.
-pub(crate) fn upload_tables(b: &CudaBackend, t: &StepTables) -> MResult<(CudaSlice<i32>, usize)> {
+/// The step's tables on the device. Every layer of a stage builds the same ones for a step (their caches place
+/// positions alike), so the upload is kept by content and made once per step, not once per layer.
+pub(crate) fn upload_tables(b: &CudaBackend, t: &StepTables) -> MResult<(Arc<CudaSlice<i32>>, usize)> {
     let (packed, at) = t.packed();
-    Ok((b.upload_i32(&packed)?, at))
+    Ok((b.gpu.uploaded_i32(&packed).map_err(m)?, at))
 }
 
 /// Scratch of `n` f32 that the next kernel writes in full before anything reads it.
@@ -89,7 +93,8 @@ pub fn cache_write(
         return Ok(());
     }
     let slots = cache.reserve(&b.gpu, rows)?;
-    let slots = b.upload_i32(&slots)?;
+    // The same slots at every layer of the step, as the tables: uploaded once while recent.
+    let slots = b.gpu.uploaded_i32(&slots).map_err(m)?;
     let pool = cache.pool().ok_or_else(|| shape("cache_write", "no pool after reserving".into()))?;
     let (li, ri, ii, code) = (lora as i32, rope as i32, idim as i32, cache.dtype.code());
     let null: u64 = 0;
@@ -101,7 +106,7 @@ pub fn cache_write(
         None => l.arg(&null),
     };
     let Pool { latent: cl, k_pe: cp, index_k: ci, scales, .. } = pool;
-    l.arg(&slots).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
+    l.arg(slots.as_ref()).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
     let cfg = LaunchConfig { grid_dim: (rows.len() as u32, 3, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches cache_store_*: the sources hold rows·dim values, every slot was reserved in the pool.
     unsafe { l.launch(cfg) }.map_err(md("cache_store"))?;
@@ -151,7 +156,7 @@ pub fn mla(
     let (dev, at) = upload_tables(b, &tables)?;
     drop(p);
     let pool = cache.pool().ok_or_else(|| shape("mla_attention", "nothing cached".into()))?;
-    let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), tables: &dev, at, selection };
+    let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), tables: dev.as_ref(), at, selection };
     let per_row = d.heads * d.kv_lora;
     let chunk = (SCRATCH_BYTES / (per_row * 4)).clamp(1, rows.len().min(MAX_GRID_Y));
     for r0 in (0..rows.len()).step_by(chunk) {

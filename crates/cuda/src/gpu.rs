@@ -65,19 +65,20 @@ type ResidentKey = (u32, u32, u32, u32, u32);
 /// Dynamic shared memory a kernel gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
-/// Column ranges one split launch may count (the widest tensor-core GEMV has N / 32 of them).
+/// Column ranges one split launch may count (the widest tensor-core GEMV has N / 32 of them at most).
 const COUNTERS: usize = 1 << 16;
 
-/// The last few small uploads of each kind: a step's positions serve its every RoPE of every layer, a model's
-/// inverse frequencies every call.
+/// The last few small uploads of each kind: a step's positions serve its every RoPE of every layer, its cache
+/// slots and attention tables every layer (the layers' caches place positions alike), a model's inverse
+/// frequencies every call.
 #[derive(Default)]
 struct Recent {
     i32s: Vec<(Vec<i32>, Arc<CudaSlice<i32>>)>,
     f32s: Vec<(Vec<u32>, Arc<CudaSlice<f32>>)>,
 }
 
-/// Entries kept per kind.
-const RECENT: usize = 4;
+/// Entries kept per kind (a step's i32 inputs are about four: positions, slots, tables, the experts' pair order).
+const RECENT: usize = 8;
 
 fn recall<K: PartialEq, T>(list: &mut Vec<(K, Arc<T>)>, key: K, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
     if let Some(i) = list.iter().position(|(k, _)| *k == key) {

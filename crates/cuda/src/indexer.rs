@@ -108,7 +108,13 @@ pub fn indexer_select(
             let (topk, width_i) = (d.topk as i32, width as i32);
             let table_view = dev.slice(at..);
             let mut l = b.gpu.stream.launch_builder(f);
-            l.arg(&q.data).arg(&w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(&dev).arg(&table_view);
+            l.arg(&q.data)
+                .arg(&w.data)
+                .arg(&pool.index_k)
+                .arg(&pool.scales)
+                .arg(&code)
+                .arg(dev.as_ref())
+                .arg(&table_view);
             l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width_i).arg(&mut scores);
             // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
             // scores hold n rows of `width` ≥ every row's key count.
