@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
     pub target_gbps: f64,
+    /// Multiprocessors × boost clock of the projection's GPU in G cycles/s (RTX 3090: 82 × 1.695), for the
+    /// projection whose time above the floor scales with SM cycles.
+    #[arg(long, env = "PIPEMOE_BENCH_TARGET_SM_GHZ", default_value_t = 82.0 * 1.695)]
+    pub target_sm_ghz: f64,
     /// Also time each op of two single-stream decode steps (device and host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
@@ -191,6 +195,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 /// Everything timed on the GPU.
 pub struct Measured {
     pub device: String,
+    /// Multiprocessors × clock of this GPU, G cycles/s (`None` when the driver does not say).
+    pub sm_ghz: Option<f64>,
     pub read_gbps: f64,
     pub read_buffer_bytes: usize,
     /// cuBLAS seconds per shape, or why there are none.
@@ -219,6 +225,8 @@ fn measure(
     let backend = CudaBackend::new(args.device).context("opening the GPU")?.with_kv_dtype(kv);
     let device = backend.gpu.describe();
     eprintln!("bench: {device}");
+    let clock = cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE;
+    let sm_ghz = backend.gpu.ctx.attribute(clock).ok().map(|khz| backend.gpu.sm_count as f64 * khz as f64 / 1e6);
     // Ceilings first, while the device memory is free.
     let (read_bps, read_buffer_bytes) = ceiling::stream_read(&backend.gpu, bytes.weights() as usize)?;
     eprintln!("bench: streaming read {:.0} GB/s over {:.1} GB", read_bps / 1e9, read_buffer_bytes as f64 / 1e9);
@@ -292,6 +300,7 @@ fn measure(
     }
     Ok(Measured {
         device,
+        sm_ghz,
         read_gbps: read_bps / 1e9,
         read_buffer_bytes,
         cublas,

@@ -183,6 +183,14 @@ impl Report {
         };
         let t_token = token_bytes / (target * eff) + HOPS as f64 * hop_s;
         let projected = 1.0 / t_token;
+        // The other reading of the same run: what the kernels spend above the read floor is instruction issue and
+        // latency (ncu on the H200), which scales with multiprocessor cycles, not with bytes — the 3090 has 2.7×
+        // more SM cycles per byte. Its floor plus this GPU's excess time, scaled by the cycle ratio.
+        let cycle_scaled = m.sm_ghz.map(|here| {
+            let ratio = here / args.target_sm_ghz;
+            let excess = token_bytes / bw * (1.0 / eff - 1.0);
+            (1.0 / (token_bytes / target + excess * ratio + HOPS as f64 * hop_s), ratio)
+        });
         let bound = target / token_bytes;
         let assumptions = vec![
             format!("real model: {n_dense} dense + {n_moe} MoE layers, 128 routed experts, top-8 + 1 shared, 3-bit g128, lm_head bf16"),
@@ -226,6 +234,14 @@ impl Report {
         for a in &assumptions {
             let _ = writeln!(table, "  assumes: {a}");
         }
+        if let Some((tps, ratio)) = cycle_scaled {
+            let _ = writeln!(
+                table,
+                "projection, same, if the time above the floor scales with SM cycles: {tps:.1} tok/s \
+                 (the 3090's floor + this run's excess × {ratio:.2}, this GPU's SM cycles over the 3090's {:.0} G/s)",
+                args.target_sm_ghz
+            );
+        }
 
         let json = json!({
             "device": m.device,
@@ -260,6 +276,8 @@ impl Report {
             "projection": {"gpu": "RTX 3090", "gbps": args.target_gbps, "efficiency": eff,
                            "bytes_per_token": token_bytes, "hop_s": hop_s, "hops": HOPS,
                            "tokens_per_s": projected, "bandwidth_bound_tokens_per_s": bound,
+                           "cycle_scaled_tokens_per_s": cycle_scaled.map(|c| c.0),
+                           "sm_cycle_ratio": cycle_scaled.map(|c| c.1),
                            "assumptions": assumptions},
         });
         Report { json, table }
