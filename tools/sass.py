@@ -6,7 +6,7 @@ nvdisasm is not in the CI venv: `pip download --no-deps nvidia-cuda-nvdisasm -d 
 /tmp/nvd/*.whl -d /tmp/nvd/x` puts it at /tmp/nvd/x/nvidia/cu13/bin/nvdisasm (a CUDA 13 disassembler reads
 sm_86/sm_90 cubins); point NVDISASM at it.
 
-Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops]
+Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops] [-D NAME=VALUE ...]
   --kernel   only functions whose name matches REGEX
   --loops    per function, each backward branch's loop (nested ones indented) and its own instructions by opcode
 """
@@ -32,12 +32,12 @@ def source(name):
     return src
 
 
-def cubin(name, arch):
+def cubin(name, arch, defines=()):
     lib, inc = nvrtc()
     prog = ctypes.c_void_p()
     lib.nvrtcCreateProgram(ctypes.byref(prog), source(name).encode(), name.encode(), 0, None, None)
     opts = [b"--gpu-architecture=" + arch.encode(), b"-I" + inc.encode(), b"--std=c++17", b"-default-device",
-            b"--use_fast_math"]
+            b"--use_fast_math"] + [d.encode() for d in defines]
     r = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
@@ -104,12 +104,13 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--kernel", default=".")
     ap.add_argument("--loops", action="store_true")
+    ap.add_argument("-D", dest="defines", action="append", default=[], help="a macro, as -DNAME=VALUE would")
     a = ap.parse_args()
     nvd = os.environ.get("NVDISASM", "/tmp/nvd/x/nvidia/cu13/bin/nvdisasm")
     if not os.path.exists(nvd):
         sys.exit(f"no nvdisasm at {nvd} (see this file's docstring)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin(a.file, a.arch))
+        f.write(cubin(a.file, a.arch, ["-D" + d for d in a.defines]))
         f.flush()
         sass = subprocess.run([nvd, "-c", f.name], check=True, capture_output=True, text=True).stdout
     for name, (insts, labels) in functions(sass).items():

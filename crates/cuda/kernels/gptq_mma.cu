@@ -369,21 +369,29 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
                              blockIdx.x % bx, [&](int b, int n, float v) { out[b * width + n] = v; });
 }
 
+// Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 1 leaves
+// the registers to the compiler (114 at 3 bits, 4 blocks per SM by registers); 5 caps them at 102 (5 blocks, a
+// few more instructions a chunk: tools/sass.py). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5.
+#ifndef MMA_MIN_BLOCKS
+#define MMA_MIN_BLOCKS 1
+#endif
+#define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? MMA_MIN_BLOCKS : 1)
+
 #define MMA_T(BITS, MB)                                                                                         \
-    extern "C" __global__ void gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                         \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                      \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
         float* partial, __nv_bfloat16* y, int* counters, int B, int K, int N, int group_size, int k_chunk,      \
         int stages) {                                                                                           \
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
                            stages);                                                                             \
     }                                                                                                           \
-    extern "C" __global__ void gptq_mma_gemv_w##BITS##_b##MB##_to_f32(                                          \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_f32(                                      \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
         float* partial, float* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) { \
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
                            stages);                                                                             \
     }                                                                                                           \
-    extern "C" __global__ void gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                   \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
         const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,             \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages) {                                                \

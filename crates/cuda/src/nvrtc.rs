@@ -116,7 +116,7 @@ pub fn expand(name: &str, source: &str) -> String {
 pub fn cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
     let (major, minor) = version()?;
     let src = expand(name, source);
-    let extra = extra_options();
+    let extra = extra_options().join(" ");
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), &major.to_le_bytes(), &minor.to_le_bytes(), extra.as_bytes()]);
     let dir = cache_dir();
     let path = dir.join(format!("{}-{arch}-{key:016x}.cubin", name.trim_end_matches(".cu")));
@@ -144,9 +144,24 @@ fn c_string(s: &str, kernel: &str) -> Result<CString> {
 
 /// `PIPEMOE_NVRTC_LINEINFO=1` compiles with `-lineinfo`, so a profiler (ncu's source view) can map samples to
 /// lines of the `.cu` files; it changes no code, only the cached CUBIN's debug sections.
-fn extra_options() -> String {
-    let on = std::env::var("PIPEMOE_NVRTC_LINEINFO").is_ok_and(|v| v == "1");
-    if on { "-lineinfo".into() } else { String::new() }
+/// `PIPEMOE_NVRTC_DEFINES="-DNAME=VALUE ..."` sets a kernel file's tuning macros for an experiment without a
+/// rebuild (e.g. `-DMMA_MIN_BLOCKS=5`, gptq_mma.cu); anything but `-D` options is ignored, with a note on stderr.
+/// Both are part of the cache key.
+fn extra_options() -> Vec<String> {
+    let mut out = Vec::new();
+    if std::env::var("PIPEMOE_NVRTC_LINEINFO").is_ok_and(|v| v == "1") {
+        out.push("-lineinfo".to_string());
+    }
+    if let Ok(defs) = std::env::var("PIPEMOE_NVRTC_DEFINES") {
+        for d in defs.split_whitespace() {
+            if d.len() > 2 && d.starts_with("-D") {
+                out.push(d.to_string());
+            } else {
+                eprintln!("pipemoe: ignoring {d:?} in PIPEMOE_NVRTC_DEFINES (only -DNAME[=VALUE])");
+            }
+        }
+    }
+    out
 }
 
 /// Compiles to CUBIN; a compile error comes back with NVRTC's log.
@@ -166,7 +181,7 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
         "-default-device".to_string(),
         "--use_fast_math".to_string(),
     ];
-    opts.extend(Some(extra_options()).filter(|o| !o.is_empty()));
+    opts.extend(extra_options());
     // SAFETY: `prog` was created above and is destroyed exactly once below; the options hold no NUL.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let out = match compiled {
