@@ -306,34 +306,67 @@ struct MgArgs {
     int M, N, K, group_size, m0, n0;
 };
 
-// Issues the cp.async copies of half chunk `kt` into stage buffer `st`. Rows past M and tiles past N read nothing
-// and land as zeros (N is a multiple of 16: a tile, and a 16-byte run of 8 scales, is wholly inside or outside).
+// The cp.async copies of a half chunk into a stage buffer. Each thread's share is the same every step: x rows
+// tid / 8 + 32·i at 16-byte column tid % 8, one 16-byte run of the tiles' words, for 32 threads one run of 8
+// scales or zeros. Their sources and destinations are worked out once (a step adds its K offset): the division and
+// 64-bit index arithmetic per copy and step was most of the loop's instructions (tools/sass.py). Rows past M and
+// tiles past N read nothing and land as zeros (N is a multiple of 16: a tile, and a 16-byte run of 8 scales, is
+// wholly inside or outside).
 template <int BITS, int BM>
-__device__ __forceinline__ void mg_load_stage(unsigned char* st, const MgArgs& a, int kt) {
+struct MgLoader {
     typedef MgSmem<BITS, BM> S;
-    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(st);
-    uint2* ws = reinterpret_cast<uint2*>(st + S::A);
-    __half* ss = reinterpret_cast<__half*>(st + S::A + S::W);
-    const int k0 = kt * MG_BK, chunk = kt >> 1, lo = ((kt & 1) * BITS) >> 1;
-    for (int c = threadIdx.x; c < BM * (MG_BK / 8); c += MG_THREADS) {
-        const int r = c / (MG_BK / 8), ch = c % (MG_BK / 8), m = a.m0 + r;
-        const __nv_bfloat16* src = a.x + (size_t)min(m, a.M - 1) * a.K + k0 + ch * 8;
-        cp_async16(xs + r * MG_LD + ch * 8, src, m < a.M ? 16 : 0);
-    }
-    constexpr int PER_TILE = S::ROWS * 16;  // 16-byte copies: two lanes' uint2 each
-    const int chunks = a.K / 128, tiles = a.N / 16, t0 = a.n0 / 16;
-    for (int c = threadIdx.x; c < (MG_BN / 16) * PER_TILE; c += MG_THREADS) {
-        const int ti = c / PER_TILE, r = (c / 16) % S::ROWS, q = c % 16;
+    static constexpr int XI = BM * (MG_BK / 8) / MG_THREADS;  // x copies per thread: BM / 32
+    static constexpr int PER_TILE = S::ROWS * 16;             // 16-byte copies of a tile's half chunk
+    const __nv_bfloat16* x;                                   // row tid / 8 (clamped), column (tid % 8) · 8
+    u32 x_rows;                                               // bit i: row tid / 8 + 32·i is inside M
+    size_t x_step;                                            // 32 rows of x, in elements
+    const uint2* w;                                           // this thread's run at chunk 0, lo 0
+    bool w_ok;
+    const __half* sz;                                         // scales or zeros at group 0, this thread's run
+    bool sz_ok;
+    int group_size, n;
+
+    __device__ __forceinline__ MgLoader(const MgArgs& a) {
+        const int tid = threadIdx.x, r0 = tid / (MG_BK / 8), ch = tid % (MG_BK / 8);
+        x = a.x + (size_t)min(a.m0 + r0, a.M - 1) * a.K + ch * 8;
+        x_step = (size_t)32 * a.K;
+        x_rows = 0;
+#pragma unroll
+        for (int i = 0; i < XI; i++) x_rows |= (u32)(a.m0 + r0 + 32 * i < a.M) << i;
+        const int chunks = a.K / 128, tiles = a.N / 16, t0 = a.n0 / 16;
+        const int ti = tid / PER_TILE, r = (tid / 16) % S::ROWS, q = tid % 16;
         const int t = min(t0 + ti, tiles - 1);
-        const uint2* src = a.words + (((size_t)t * chunks + chunk) * BITS + lo + r) * 32 + 2 * q;
-        cp_async16(ws + (ti * S::ROWS + r) * 32 + 2 * q, src, t0 + ti < tiles ? 16 : 0);
+        w = a.words + ((size_t)t * chunks * BITS + r) * 32 + 2 * q;
+        w_ok = tid < (MG_BN / 16) * PER_TILE && t0 + ti < tiles;
+        const int which = tid / (MG_BN / 8), c = tid % (MG_BN / 8), col = a.n0 + c * 8;
+        sz = (which ? a.zeros : a.scales) + min(col, a.N - 8);
+        sz_ok = tid < 2 * (MG_BN / 8) && col < a.N;
+        group_size = a.group_size;
+        n = a.N;
     }
-    if (threadIdx.x < 2 * (MG_BN / 8)) {  // 8 halves per run: scales, then zeros
-        const int which = threadIdx.x / (MG_BN / 8), ch = threadIdx.x % (MG_BN / 8), n = a.n0 + ch * 8;
-        const __half* src = (which ? a.zeros : a.scales) + (size_t)(k0 / a.group_size) * a.N + min(n, a.N - 8);
-        cp_async16(ss + which * MG_BN + ch * 8, src, n < a.N ? 16 : 0);
+
+    // Half chunk kt into stage buffer st.
+    __device__ __forceinline__ void load(unsigned char* st, int kt) const {
+        const int tid = threadIdx.x, k0 = kt * MG_BK, chunk = kt >> 1, lo = ((kt & 1) * BITS) >> 1;
+        __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(st) + (tid / (MG_BK / 8)) * MG_LD + (tid % (MG_BK / 8)) * 8;
+        // A row past M reads row M − 1 with size 0 (zeros); the clamped source stays inside x.
+        const __nv_bfloat16* src = x + k0;
+#pragma unroll
+        for (int i = 0; i < XI; i++) {
+            const bool in = (x_rows >> i) & 1;
+            cp_async16(xs + i * 32 * MG_LD, in ? src + i * x_step : src, in ? 16 : 0);
+        }
+        if (tid < (MG_BN / 16) * PER_TILE) {
+            uint2* ws = reinterpret_cast<uint2*>(st + S::A);
+            const int ti = tid / PER_TILE, r = (tid / 16) % S::ROWS, q = tid % 16;
+            cp_async16(ws + (ti * S::ROWS + r) * 32 + 2 * q, w + ((size_t)chunk * BITS + lo) * 32, w_ok ? 16 : 0);
+        }
+        if (tid < 2 * (MG_BN / 8)) {
+            __half* ss = reinterpret_cast<__half*>(st + S::A + S::W);
+            cp_async16(ss + tid * 8, sz + (size_t)(k0 / group_size) * n, sz_ok ? 16 : 0);
+        }
     }
-}
+};
 
 // The warp's products over one half chunk (H: which half) into the chunk sums `cacc`; after the second half the
 // chunk is scaled into `acc` and `cacc` cleared.
@@ -413,13 +446,13 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
 // One pipeline step: half chunk kt has landed (own copies: wait; everyone's: the barrier, which also means every
 // warp is done with step kt − 1, whose stage the copies for step kt + STAGES − 1 now overwrite).
 template <int BITS, int WM, int H>
-__device__ __forceinline__ void mg_step(unsigned char* smem, const MgArgs& a, int kt, int steps,
+__device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS, 32 * WM>& ld, int kt, int steps,
                                         float acc[WM][4][4], float cacc[WM][4][4], int wm, int wn, int lane) {
     typedef MgSmem<BITS, 32 * WM> S;
     cp_async_wait<MG_STAGES - 2>();
     __syncthreads();
     const int next = kt + MG_STAGES - 1;
-    if (next < steps) mg_load_stage<BITS, 32 * WM>(smem + (next % MG_STAGES) * S::STAGE, a, next);
+    if (next < steps) ld.load(smem + (next % MG_STAGES) * S::STAGE, next);
     cp_async_commit();
     mg_mma_stage<BITS, WM, H>(smem + (kt % MG_STAGES) * S::STAGE, acc, cacc, wm, wn, lane);
 }
@@ -438,10 +471,11 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
     a.m0 = blockIdx.y * BM;
     a.n0 = blockIdx.x * MG_BN;
     const int steps = a.K / MG_BK;  // even: K is whole chunks
+    const MgLoader<BITS, BM> ld(a);
 
 #pragma unroll
     for (int s = 0; s < MG_STAGES - 1; s++) {
-        if (s < steps) mg_load_stage<BITS, BM>(smem + s * S::STAGE, a, s);
+        if (s < steps) ld.load(smem + s * S::STAGE, s);
         cp_async_commit();
     }
 
@@ -454,8 +488,8 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
             for (int e = 0; e < 4; e++) acc[i][j][e] = cacc[i][j][e] = 0.f;
 
     for (int kt = 0; kt < steps; kt += 2) {
-        mg_step<BITS, WM, 0>(smem, a, kt, steps, acc, cacc, wm, wn, lane);
-        mg_step<BITS, WM, 1>(smem, a, kt + 1, steps, acc, cacc, wm, wn, lane);
+        mg_step<BITS, WM, 0>(smem, ld, kt, steps, acc, cacc, wm, wn, lane);
+        mg_step<BITS, WM, 1>(smem, ld, kt + 1, steps, acc, cacc, wm, wn, lane);
     }
     cp_async_wait<0>();
 
