@@ -22,6 +22,14 @@ pub const MAX_LORA: usize = 512;
 /// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
 pub const MAX_SPLITS: usize = 16;
 const MIN_SPLIT_KEYS: usize = 64;
+
+/// The fewest keys per share, `PIPEMOE_FLASH_MIN_SPLIT_KEYS` (32..=4096, default 64) for a sweep on a new GPU
+/// without a rebuild: fewer shares mean longer blocks and fewer partial sums for `mla_out` to merge (at 1,024 keys
+/// and 64, a row's 16 shares write and read 4 MiB of f32 partials per layer).
+fn min_split_keys() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_MIN_SPLIT_KEYS", MIN_SPLIT_KEYS, 32..=4096))
+}
 /// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
 const OUT_COLS: usize = 32;
 const ABSORB_WARPS: usize = 8;
@@ -166,7 +174,7 @@ pub fn mla(
         let splits = (2 * b.gpu.sm_count as usize)
             .div_ceil(blocks)
             .min(MAX_SPLITS)
-            .min(max_keys.div_ceil(MIN_SPLIT_KEYS))
+            .min(max_keys.div_ceil(min_split_keys()))
             .min(SCRATCH_BYTES / (n * per_row * 4))
             .max(1);
         let c = Chunk { row0: r0, rows: n, splits };

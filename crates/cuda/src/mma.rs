@@ -157,7 +157,7 @@ fn tuning() -> Tuning {
     })
 }
 
-fn knob(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> usize {
+pub(crate) fn knob(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> usize {
     let Ok(text) = std::env::var(name) else { return default };
     match parse_knob(&text, &range) {
         Some(v) => v,
