@@ -370,8 +370,8 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
 }
 
 // Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 1 leaves
-// the registers to the compiler (114 at 3 bits, 4 blocks per SM by registers); 5 caps them at 102 (5 blocks, a
-// few more instructions a chunk: tools/sass.py). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5.
+// the registers to the compiler (126 at 3 bits on sm_90, 4 blocks per SM); 5 caps them at 96 (5 blocks, a few
+// more instructions a chunk: tools/sass.py). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5.
 #ifndef MMA_MIN_BLOCKS
 #define MMA_MIN_BLOCKS 1
 #endif
