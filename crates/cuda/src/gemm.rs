@@ -72,10 +72,28 @@ impl GpuGptq {
         self.gemm_tiled(gpu, x, m, y, self.gemm_tile(gpu, m))
     }
 
-    /// The tile height for `m` rows: 128 unless that grid has fewer blocks than the device has SMs.
+    /// The tile height for `m` rows: 64 where the device holds twice as many 64-row blocks of the Mma-layout
+    /// kernel as 128-row ones (the same rows resident, with two blocks' latency hidden by each other: the H200's
+    /// m64 at 128 registers beat m128 at every prefill shape, docs/PERF.md session 7; the 3090's 100 KiB of
+    /// shared memory per SM holds one m64 block); otherwise 128 unless that grid has fewer blocks than SMs.
     pub fn gemm_tile(&self, gpu: &Gpu, m: usize) -> GemmTile {
         let blocks = self.out_features.div_ceil(BN) * m.div_ceil(GemmTile::M128.rows());
-        if blocks < gpu.sm_count as usize { GemmTile::M64 } else { GemmTile::M128 }
+        if blocks < gpu.sm_count as usize || (self.packing == Packing::Mma && self.m64_holds_twice(gpu)) {
+            GemmTile::M64
+        } else {
+            GemmTile::M128
+        }
+    }
+
+    /// Whether the device keeps at least twice as many m64 blocks of this weight's Mma kernel resident as m128.
+    fn m64_holds_twice(&self, gpu: &Gpu) -> bool {
+        let bits = self.bits as usize;
+        let resident = |rows: usize| {
+            let symbol = || format!("gptq_mma_gemm_w{bits}_m{rows}_bf16");
+            // Key (bits, rows, 1): the GEMV's keys end in 0.
+            gpu.resident_blocks((bits as u32, rows as u32, 1), symbol, THREADS, mma_smem_bytes(bits, rows) as u32)
+        };
+        matches!((resident(64), resident(128)), (Some(a), Some(b)) if b > 0 && a >= 2 * b)
     }
 
     /// [`GpuGptq::gemm`] with a chosen tile height (tests and the benchmark cover both).

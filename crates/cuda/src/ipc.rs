@@ -169,6 +169,26 @@ pub fn export(b: &CudaBackend, x: &GpuTensor) -> MResult<SharedActivations> {
 }
 
 pub fn import(b: &CudaBackend, rows: usize, cols: usize, mem: &[u8], event: &[u8]) -> MResult<GpuTensor> {
+    import_timed(b, rows, cols, mem, event).map(|(x, _)| x)
+}
+
+/// Host seconds of an import's two parts (`pipemoe bench` reports them): finding or opening the handles and
+/// queueing the event wait and the copy, then synchronizing (the wait for the sender's event and the copy).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ImportTimes {
+    pub queue_s: f64,
+    pub sync_s: f64,
+}
+
+/// [`import`], timed in its two parts.
+pub fn import_timed(
+    b: &CudaBackend,
+    rows: usize,
+    cols: usize,
+    mem: &[u8],
+    event: &[u8],
+) -> MResult<(GpuTensor, ImportTimes)> {
+    let t0 = std::time::Instant::now();
     let g = &b.gpu;
     g.ctx.bind_to_thread().map_err(md("bind context"))?;
     let mh: CUipcMemHandle = from_bytes(mem, "IPC memory handle")?;
@@ -214,7 +234,9 @@ pub fn import(b: &CudaBackend, rows: usize, cols: usize, mem: &[u8], event: &[u8
         unsafe { result::memcpy_dtod_async(dst, src, rows * cols * b.act.bytes(), g.stream.cu_stream()) }
             .map_err(md("copy from IPC"))?;
     }
+    let queue_s = t0.elapsed().as_secs_f64();
     // The sender may reuse its buffer once we reply; our copy is done before anything we do after this returns.
     g.stream.synchronize().map_err(md("synchronize"))?;
-    Ok(GpuTensor { rows, cols, data })
+    let sync_s = t0.elapsed().as_secs_f64() - queue_s;
+    Ok((GpuTensor { rows, cols, data }, ImportTimes { queue_s, sync_s }))
 }

@@ -14,6 +14,9 @@ use cudarc::driver::sys::CUevent_flags;
 use crate::error::{Result, drv};
 use crate::gpu::Gpu;
 
+/// Events made when profiling starts.
+const SPARE_EVENTS: usize = 1024;
+
 #[derive(Default)]
 pub struct Profiler {
     on: AtomicBool,
@@ -21,6 +24,9 @@ pub struct Profiler {
     /// counted in the outer one only.
     depth: AtomicUsize,
     spans: Mutex<Vec<Span>>,
+    /// Events of earlier profiles, recorded again rather than created (creating one costs host time inside the
+    /// span it opens).
+    spare: Mutex<Vec<CudaEvent>>,
 }
 
 struct Span {
@@ -47,6 +53,9 @@ pub struct OpTime {
     pub gpu_s: f64,
     /// Seconds the host spent issuing the calls, summed.
     pub host_s: f64,
+    /// Device seconds idle just before each call (since the previous op's end), summed: where the device
+    /// waits on the host.
+    pub idle_before_s: f64,
 }
 
 /// A profile: per-op totals, largest GPU time first, and the whole window.
@@ -63,6 +72,15 @@ impl Gpu {
     /// Starts recording (drops whatever was recorded before).
     pub fn profile_start(&self) {
         self.profiler.spans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Events made ahead for the spans' starts and ends (~20 ops a layer and step; more are made as needed).
+        let mut spare = self.profiler.spare.lock().unwrap_or_else(|e| e.into_inner());
+        while spare.len() < SPARE_EVENTS {
+            match self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)) {
+                Ok(e) => spare.push(e),
+                Err(_) => break,
+            }
+        }
+        drop(spare);
         self.profiler.on.store(true, Ordering::Relaxed);
     }
 
@@ -81,13 +99,17 @@ impl Gpu {
             t.host_s += s.host_s;
             if i > 0 {
                 let gap = spans[i - 1].end.elapsed_ms(&s.start).map_err(drv("cuEventElapsedTime"))?;
-                idle_s += f64::from(gap.max(0.0)) * 1e-3;
+                let gap = f64::from(gap.max(0.0)) * 1e-3;
+                t.idle_before_s += gap;
+                idle_s += gap;
             }
         }
         if let (Some(first), Some(last)) = (spans.first(), spans.last()) {
             window_s = f64::from(first.start.elapsed_ms(&last.end).map_err(drv("cuEventElapsedTime"))?) * 1e-3;
         }
         let mut ops: Vec<OpTime> = by_name.into_values().collect();
+        let mut spare = self.profiler.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.extend(spans.into_iter().flat_map(|s| [s.start, s.end]));
         ops.sort_by(|a, b| b.gpu_s.total_cmp(&a.gpu_s));
         Ok(Profile { ops, window_s, idle_s })
     }
@@ -110,7 +132,8 @@ impl Gpu {
     }
 
     fn event(&self) -> Option<CudaEvent> {
-        self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
+        let spare = self.profiler.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        spare.or_else(|| self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok())
     }
 }
 
@@ -132,15 +155,19 @@ impl Profile {
     /// The table, one op per line, the window last.
     pub fn table(&self) -> String {
         let gpu: f64 = self.ops.iter().map(|o| o.gpu_s).sum();
-        let mut s = format!("{:<44} {:>6} {:>10} {:>10} {:>6}\n", "op", "calls", "gpu us", "host us", "gpu %");
+        let mut s = format!(
+            "{:<44} {:>6} {:>10} {:>10} {:>6} {:>12}\n",
+            "op", "calls", "gpu us", "host us", "gpu %", "idle before"
+        );
         for o in &self.ops {
             s += &format!(
-                "{:<44} {:>6} {:>10.1} {:>10.1} {:>5.1}%\n",
+                "{:<44} {:>6} {:>10.1} {:>10.1} {:>5.1}% {:>12.1}\n",
                 o.name,
                 o.calls,
                 o.gpu_s * 1e6,
                 o.host_s * 1e6,
-                100.0 * o.gpu_s / self.window_s.max(1e-12)
+                100.0 * o.gpu_s / self.window_s.max(1e-12),
+                o.idle_before_s * 1e6
             );
         }
         s += &format!(

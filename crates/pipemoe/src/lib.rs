@@ -37,6 +37,8 @@ pub enum Command {
     Status(pipemoe_controller::lifecycle::StatusArgs),
     /// Time one GPU's slice of the real model (generated at its dims) against ceilings measured in the same run.
     Bench(bench::BenchArgs),
+    /// Time the activation hand-off between two processes (CUDA IPC) alone, e.g. with the peer on another GPU.
+    BenchIpc(bench::ipc::IpcArgs),
     /// (internal) The other end of `bench`'s IPC hand-off measurement.
     #[command(hide = true)]
     BenchIpcPeer(bench::ipc::PeerArgs),
@@ -78,6 +80,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(&args),
+        Command::BenchIpc(args) => bench::ipc::run(&args),
         Command::BenchIpcPeer(args) => bench::ipc::peer(&args),
         Command::Status(args) => {
             let report = pipemoe_controller::lifecycle::status(args)?;

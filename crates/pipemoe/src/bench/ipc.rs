@@ -1,10 +1,12 @@
 //! The activation hand-off between two worker processes, measured: this process exports a decode step's hidden
 //! state (`[1, hidden]` bf16) through CUDA IPC as a worker does, a child process (this binary, `bench-ipc-peer`)
 //! imports it as the next worker does and answers; the round trip is timed, and apart from it the export (this
-//! process's host time), the import (the child's, reported in its answer: open handles, wait on the event, copy,
-//! synchronize) and a bare message round trip over the same pipes (what waking two processes costs). CUDA refuses to
-//! open an IPC handle in the process that made it, hence the child. The gRPC call that carries the handles in
-//! serving is not included.
+//! process's host time), the import (the child's, reported in its answer: open handles and queue the event wait
+//! and the copy, then synchronize) and a bare message round trip over the same pipes (what waking two processes
+//! costs). A second run has the sender synchronize its stream before it sends, so the receiver's event wait is
+//! already met: the difference says what the interprocess event costs. CUDA refuses to open an IPC handle in the
+//! process that made it, hence the child. The gRPC call that carries the handles in serving is not included.
+//! `pipemoe bench-ipc` runs this alone (e.g. with the peer on another GPU).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -22,6 +24,35 @@ pub struct PeerArgs {
     /// CUDA device ordinal to import on.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct IpcArgs {
+    /// CUDA device ordinal of the sender.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// CUDA device ordinal of the receiver (default: the sender's).
+    #[arg(long)]
+    pub peer_device: Option<usize>,
+    /// Values in the hand-off's one row (the real model's hidden size).
+    #[arg(long, default_value_t = 7168)]
+    pub hidden: usize,
+    /// Hand-offs timed (after 5 untimed ones).
+    #[arg(long, default_value_t = 200)]
+    pub iters: usize,
+}
+
+/// `pipemoe bench-ipc`: the hand-off alone, a short table.
+pub fn run(args: &IpcArgs) -> Result<()> {
+    let b = CudaBackend::new(args.device).context("opening the GPU")?;
+    let peer = args.peer_device.unwrap_or(args.device);
+    let t = measure(&b, peer, args.hidden, args.iters)?;
+    println!(
+        "IPC hand-off [1, {}] bf16, device {} -> {peer}, {} iterations (medians, us)",
+        args.hidden, args.device, args.iters
+    );
+    print!("{}", t.table());
+    Ok(())
 }
 
 fn hex(b: &[u8]) -> String {
@@ -55,8 +86,11 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
         let t0 = Instant::now();
         let reply = unhex(mem)
             .and_then(|m| Ok((m, unhex(event)?)))
-            .and_then(|(m, e)| Ok(b.import(rows.parse()?, cols.parse()?, &m, &e)?))
-            .map_or_else(|e| format!("error {e:#}"), |_| format!("ok {:e}", t0.elapsed().as_secs_f64()));
+            .and_then(|(m, e)| Ok(pipemoe_cuda::ipc::import_timed(&b, rows.parse()?, cols.parse()?, &m, &e)?))
+            .map_or_else(
+                |e| format!("error {e:#}"),
+                |(_, t)| format!("ok {:e} {:e} {:e}", t0.elapsed().as_secs_f64(), t.queue_s, t.sync_s),
+            );
         writeln!(out, "{reply}")?;
         out.flush()?;
     }
@@ -70,13 +104,49 @@ pub struct IpcTimes {
     pub round_trip: Times,
     /// The sender's host time in `export` (copy into the shared buffer, event record).
     pub export: Times,
-    /// The receiver's host time in `import`, as it reports.
+    /// The receiver's host time in `import`, as it reports, and its two parts: finding the handles and queueing
+    /// the event wait and copy; synchronizing.
     pub import: Times,
+    pub import_queue: Times,
+    pub import_sync: Times,
     /// A message and its answer over the same pipes, no CUDA.
     pub pipe: Times,
+    /// The same hand-off with the sender synchronizing its stream before it sends: round trip (the export with
+    /// its synchronize included) and the receiver's synchronize.
+    pub settled_round_trip: Times,
+    pub settled_import_sync: Times,
 }
 
-/// `iters` hand-offs of a `[1, hidden]` tensor to a child process on `device`, and as many bare messages.
+/// One mode's samples.
+#[derive(Default)]
+struct Samples {
+    round: Vec<f64>,
+    export: Vec<f64>,
+    import: Vec<f64>,
+    queue: Vec<f64>,
+    sync: Vec<f64>,
+    pipe: Vec<f64>,
+}
+
+impl IpcTimes {
+    /// Lines of `label  value` (µs), for `pipemoe bench-ipc`.
+    pub fn table(&self) -> String {
+        let rows = [
+            ("round trip (export, message, import, answer)", &self.round_trip),
+            ("  sender's export (copy, event record)", &self.export),
+            ("  receiver's import", &self.import),
+            ("    handles, queue event wait and copy", &self.import_queue),
+            ("    synchronize (event, copy)", &self.import_sync),
+            ("  bare message round trip", &self.pipe),
+            ("sender synchronizes before sending: round trip", &self.settled_round_trip),
+            ("  receiver's synchronize", &self.settled_import_sync),
+        ];
+        rows.iter().map(|(what, t)| format!("{what:<50} {:>9.1}\n", t.median * 1e6)).collect()
+    }
+}
+
+/// `iters` hand-offs of a `[1, hidden]` tensor to a child process on `device` (as a worker sends them, then with
+/// the sender synchronizing first), and as many bare messages.
 pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> Result<IpcTimes> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut child = Command::new(exe)
@@ -95,42 +165,58 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
             bail!("the IPC peer did not start: {line:?}");
         }
         let x = b.upload(1, hidden, vec![0.5; hidden])?;
-        let (mut round, mut export, mut import, mut pipe) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for i in 0..iters + 5 {
-            b.gpu.stream.synchronize()?;
-            let t0 = Instant::now();
-            let shared = b.export(&x)?.context("this backend cannot export")?;
-            let exported = t0.elapsed().as_secs_f64();
-            writeln!(to, "1 {hidden} {} {}", hex(&shared.mem_handle), hex(&shared.event_handle))?;
-            to.flush()?;
-            line.clear();
-            from.read_line(&mut line)?;
-            let dt = t0.elapsed().as_secs_f64();
-            let imported = match line.trim().strip_prefix("ok ") {
-                Some(secs) => secs.parse::<f64>().context("the IPC peer's import time")?,
-                None => bail!("the IPC peer: {}", line.trim()),
-            };
-            drop(shared);
-            let t1 = Instant::now();
-            writeln!(to, "ping")?;
-            to.flush()?;
-            line.clear();
-            from.read_line(&mut line)?;
-            if line.trim() != "pong" {
-                bail!("the IPC peer answered {:?} to ping", line.trim());
-            }
-            if i >= 5 {
-                round.push(dt);
-                export.push(exported);
-                import.push(imported);
-                pipe.push(t1.elapsed().as_secs_f64());
+        let mut modes = [Samples::default(), Samples::default()];
+        for (settle, got) in modes.iter_mut().enumerate() {
+            for i in 0..iters + 5 {
+                b.gpu.stream.synchronize()?;
+                let t0 = Instant::now();
+                let shared = b.export(&x)?.context("this backend cannot export")?;
+                if settle == 1 {
+                    b.gpu.stream.synchronize()?;
+                }
+                let exported = t0.elapsed().as_secs_f64();
+                writeln!(to, "1 {hidden} {} {}", hex(&shared.mem_handle), hex(&shared.event_handle))?;
+                to.flush()?;
+                line.clear();
+                from.read_line(&mut line)?;
+                let dt = t0.elapsed().as_secs_f64();
+                let answer =
+                    line.trim().strip_prefix("ok ").with_context(|| format!("the IPC peer: {}", line.trim()))?;
+                let secs: Vec<f64> = answer
+                    .split(' ')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("the IPC peer's import times {answer:?}"))?;
+                let [imported, queued, synced] = secs[..] else { bail!("the IPC peer's import times {answer:?}") };
+                drop(shared);
+                let t1 = Instant::now();
+                writeln!(to, "ping")?;
+                to.flush()?;
+                line.clear();
+                from.read_line(&mut line)?;
+                if line.trim() != "pong" {
+                    bail!("the IPC peer answered {:?} to ping", line.trim());
+                }
+                if i >= 5 {
+                    got.round.push(dt);
+                    got.export.push(exported);
+                    got.import.push(imported);
+                    got.queue.push(queued);
+                    got.sync.push(synced);
+                    got.pipe.push(t1.elapsed().as_secs_f64());
+                }
             }
         }
+        let [plain, settled] = modes;
         Ok(IpcTimes {
-            round_trip: Times::of(round),
-            export: Times::of(export),
-            import: Times::of(import),
-            pipe: Times::of(pipe),
+            round_trip: Times::of(plain.round),
+            export: Times::of(plain.export),
+            import: Times::of(plain.import),
+            import_queue: Times::of(plain.queue),
+            import_sync: Times::of(plain.sync),
+            pipe: Times::of(plain.pipe),
+            settled_round_trip: Times::of(settled.round),
+            settled_import_sync: Times::of(settled.sync),
         })
     })();
     let _ = child.kill();

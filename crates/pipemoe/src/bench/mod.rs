@@ -204,6 +204,8 @@ pub struct Measured {
     pub load_seconds: f64,
     pub prefill_chunks: Vec<f64>,
     pub decode: stage::Times,
+    /// The host's time to queue each of those steps' launches.
+    pub decode_issued: stage::Times,
     pub streams_context: usize,
     pub streams_prefill_seconds: f64,
     pub streams_decode: Option<stage::Times>,
@@ -259,8 +261,15 @@ fn measure(
 
     let prefill_chunks = run.prefill(1, args.context, args.chunk)?;
     eprintln!("bench: prefill of {} positions in {:.2} s", args.context, prefill_chunks.iter().sum::<f64>());
+    run.take_issued();
     let decode = stage::Times::of(run.decode(&[1], 3, args.steps)?);
-    eprintln!("bench: decode {:.3} ms/step", decode.median * 1e3);
+    let issued = run.take_issued();
+    let decode_issued = stage::Times::of(issued[issued.len().saturating_sub(args.steps)..].to_vec());
+    eprintln!(
+        "bench: decode {:.3} ms/step, its launches queued by the host in {:.3} ms",
+        decode.median * 1e3,
+        decode_issued.median * 1e3
+    );
     let profile = if args.profile {
         backend.gpu.profile_start();
         let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
@@ -307,6 +316,7 @@ fn measure(
         load_seconds,
         prefill_chunks,
         decode,
+        decode_issued,
         streams_context,
         streams_prefill_seconds,
         streams_decode,

@@ -147,6 +147,18 @@ impl Report {
                 floor: "-".into(),
                 ratio: None,
             });
+            lines.push(Line {
+                what: "  import: queue / synchronize; sender syncs first".into(),
+                measured: format!(
+                    "{:.1} / {:.1} us; {:.1} us (sync {:.1})",
+                    t.import_queue.median * 1e6,
+                    t.import_sync.median * 1e6,
+                    t.settled_round_trip.median * 1e6,
+                    t.settled_import_sync.median * 1e6
+                ),
+                floor: "-".into(),
+                ratio: None,
+            });
         }
 
         // The projection.
@@ -256,6 +268,7 @@ impl Report {
             "load_seconds": m.load_seconds,
             "decode": {"median_s": m.decode.median, "mean_s": m.decode.mean, "min_s": m.decode.min,
                        "max_s": m.decode.max, "steps": m.decode.n, "tokens_per_s": 1.0 / m.decode.median,
+                       "host_queued_median_s": m.decode_issued.median,
                        "bytes": b1, "floor_s": floor1, "fraction_of_floor": eff},
             "streams": streams.as_ref().map(|(t, bb, fb)| json!({
                 "streams": args.streams, "median_s": t.median, "mean_s": t.mean,
@@ -272,6 +285,10 @@ impl Report {
             "ipc_export_s": m.ipc.as_ref().map(|t| t.export.median).ok(),
             "ipc_import_s": m.ipc.as_ref().map(|t| t.import.median).ok(),
             "ipc_pipe_round_trip_s": m.ipc.as_ref().map(|t| t.pipe.median).ok(),
+            "ipc_import_queue_s": m.ipc.as_ref().map(|t| t.import_queue.median).ok(),
+            "ipc_import_sync_s": m.ipc.as_ref().map(|t| t.import_sync.median).ok(),
+            "ipc_settled_round_trip_s": m.ipc.as_ref().map(|t| t.settled_round_trip.median).ok(),
+            "ipc_settled_import_sync_s": m.ipc.as_ref().map(|t| t.settled_import_sync.median).ok(),
             "ipc_error": m.ipc.as_ref().err(),
             "projection": {"gpu": "RTX 3090", "gbps": args.target_gbps, "efficiency": eff,
                            "bytes_per_token": token_bytes, "hop_s": hop_s, "hops": HOPS,

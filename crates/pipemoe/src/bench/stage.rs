@@ -68,11 +68,14 @@ pub struct Runner {
     rng: Rng,
     /// Greedy samplers of the sequences, when this stage holds the head.
     samplers: Vec<(SeqId, Sampler)>,
+    /// Each step's host time until its last launch was queued (before the closing synchronize): near the step's
+    /// wall time, the host's launching is what the device waits on.
+    issued: Vec<f64>,
 }
 
 impl Runner {
     pub fn new(stage: Stage<CudaBackend>, seed: u64) -> Self {
-        Runner { stage, rng: Rng::new(seed), samplers: Vec::new() }
+        Runner { stage, rng: Rng::new(seed), samplers: Vec::new(), issued: Vec::new() }
     }
 
     fn sync(&self) -> Result<()> {
@@ -97,6 +100,7 @@ impl Runner {
         if slice.head {
             self.sample(&out, rows)?;
         }
+        self.issued.push(t0.elapsed().as_secs_f64());
         self.sync()?;
         Ok(t0.elapsed().as_secs_f64())
     }
@@ -144,6 +148,11 @@ impl Runner {
             }
         }
         Ok(times)
+    }
+
+    /// The host times of the steps since the last call ([`Runner::step`]'s `issued`).
+    pub fn take_issued(&mut self) -> Vec<f64> {
+        std::mem::take(&mut self.issued)
     }
 
     pub fn free(&mut self, seqs: &[SeqId]) {
