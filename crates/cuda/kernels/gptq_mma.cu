@@ -312,6 +312,21 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
 __device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }
 __device__ __forceinline__ void store_y(__nv_bfloat16* y, size_t i, float v) { y[i] = __float2bfloat16(v); }
 
+// The last of a launch's blocks to arrive at `*counter` (`expected` arrivals) learns it is last and leaves the
+// counter at 0 for the next launch; every block's partial sums are then visible to it.
+__device__ __forceinline__ bool arrive_last(int* counter, int expected) {
+    __shared__ int last;
+    __threadfence();  // this block's partial sums are visible device-wide before it is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == expected - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits). One split stores y; several store partial sums
 // [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
 template <int BITS, int MB, typename YT>
@@ -327,16 +342,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
     float* part = partial + (size_t)blockIdx.y * B * N;
     mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                              blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
-    __shared__ int last;
-    __threadfence();  // this block's partial sums are visible device-wide before it is counted
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
-        if (last) counters[blockIdx.x] = 0;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!arrive_last(&counters[blockIdx.x], splits)) return;
     const int cols = mma_tpw<MB>() * 16, n0 = blockIdx.x * cols;
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = n0 + i % cols;
@@ -347,26 +353,70 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
     }
 }
 
+// What a grouped launch's last block does after the others (`fuse`): nothing (the partial sums are reduced by
+// gptq_reduce_silu / gptq_reduce_combine), SiLU·up (gate/up launch) or the routing-weighted sum (down launch).
+#define FUSE_NONE 0
+#define FUSE_SILU 1
+#define FUSE_COMBINE 2
+
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to MB pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order).
 // grid (mats·⌈N / (16·TPW)⌉, splits, max tiles); partial [splits, pairs, mats·N].
+// FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
+// writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
+// FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
+// row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1).
 template <int BITS, int MB>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x,
                                  int pairs, const u64* w_tab, const u64* zr_tab, const u64* sc_tab,
                                  const u64* perm_tab, int n_experts, int mats, float* partial, int K, int N,
-                                 int group_size, int k_chunk, int stages) {
+                                 int group_size, int k_chunk, int stages, int fuse, int* counters,
+                                 __nv_bfloat16* y, const int* pair_of, const float* rw, int rows, int top_k,
+                                 int shared) {
     const int t = blockIdx.z;
     if (t >= *n_tiles) return;
     const int expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
     constexpr int TPW = mma_tpw<MB>();
     const int bx = (N / 16 + TPW - 1) / TPW;
-    const int m = blockIdx.x / bx;
+    const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     const int e = m * n_experts + expert;
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     mma_gemv_block<BITS, MB>(x, pair_x + p0, np, (const int*)perm_tab[e], (const uint2*)w_tab[e],
                              (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N, group_size, k_chunk, stages,
-                             blockIdx.x % bx, [&](int b, int n, float v) { out[b * width + n] = v; });
+                             cb, [&](int b, int n, float v) { out[b * width + n] = v; });
+    if (fuse == FUSE_NONE) return;
+    const int splits = gridDim.y, cols = TPW * 16, n0 = cb * cols;
+    if (fuse == FUSE_SILU) {
+        if (!arrive_last(&counters[t * bx + cb], 2 * splits)) return;
+        for (int i = threadIdx.x; i < np * cols; i += blockDim.x) {
+            const int p = p0 + i / cols, n = n0 + i % cols;
+            if (n >= N) continue;
+            float g = 0.f, u = 0.f;
+            for (int s = 0; s < splits; s++) {
+                const float* row = partial + ((size_t)s * pairs + p) * width;
+                g += __ldcg(&row[n]);
+                u += __ldcg(&row[N + n]);
+            }
+            y[(size_t)p * N + n] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+        }
+        return;
+    }
+    if (!arrive_last(&counters[cb], *n_tiles * splits)) return;
+    const int slots = top_k + shared;
+    for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
+        const int r = i / cols, n = n0 + i % cols;
+        if (n >= N) continue;
+        float acc = 0.f;
+        for (int j = 0; j < slots; j++) {
+            const int p = pair_of[r * slots + j];
+            if (p < 0) continue;
+            float v = 0.f;
+            for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * pairs + p) * N + n]);
+            acc += (j < top_k ? rw[r * top_k + j] : 1.f) * v;
+        }
+        y[(size_t)r * N + n] = __float2bfloat16(acc);
+    }
 }
 
 // Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 1 leaves
@@ -394,9 +444,11 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
         const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,             \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
-        int K, int N, int group_size, int k_chunk, int stages) {                                                \
+        int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
+        const int* pair_of, const float* rw, int rows, int top_k, int shared) {                                 \
         mma_gemv_grouped<BITS, MB>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, mats, partial, \
-                                   K, N, group_size, k_chunk, stages);                                          \
+                                   K, N, group_size, k_chunk, stages, fuse, counters, y, pair_of, rw, rows,     \
+                                   top_k, shared);                                                              \
     }
 MMA_T(2, 8)
 MMA_T(2, 16)

@@ -2,8 +2,10 @@
 //!
 //! Decode steps (≤ [`GROUPED_MAX_ROWS`] rows) run **grouped**: every (row, expert) pair of the step is sorted by expert and cut into
 //! tiles of rows sharing an expert; one launch computes gate and up for every tile (each block finds its
-//! expert's packed weights through device tables of addresses), a reduction applies SiLU·up, one launch computes
-//! down, and a last reduction adds each row's experts with their routing weights in slot order (deterministic).
+//! expert's packed weights through device tables of addresses), SiLU·up is applied (by the tensor-core kernel's
+//! last block of each column range, or a reduction), one launch computes down, and each row's experts are added
+//! with their routing weights in slot order (deterministic; by the down launch's last blocks for a few rows with
+//! the shared expert in the launch, else a reduction).
 //! Longer steps (prefill) loop over the selected experts with the backend's `linear`, which takes the GEMM path.
 
 use std::sync::OnceLock;
@@ -21,6 +23,12 @@ use crate::route::DeviceRouting;
 /// chosen by several rows is read once per tile, not once per 16-row chunk); more (prefill) runs one GEMM per
 /// expert. The plan kernel holds rows · (top_k + 1) ≤ 1024 entries.
 pub const GROUPED_MAX_ROWS: usize = 64;
+/// Rows up to which the down launch's last blocks add the experts' outputs (`FUSE_COMBINE` in gptq_mma.cu).
+const FUSED_COMBINE_ROWS: usize = 8;
+/// The tensor-core grouped kernel's `fuse` argument.
+const FUSE_NONE: i32 = 0;
+const FUSE_SILU: i32 = 1;
+const FUSE_COMBINE: i32 = 2;
 /// Rows of one tile of the grouped launch: the scalar kernel keeps them in registers per thread (4), the
 /// tensor-core kernel in one n8 half of an mma (8).
 fn tile_rows(packing: Packing) -> usize {
@@ -291,25 +299,36 @@ impl CudaBackend {
         let (np, two, ki, ni, gs, ci, st) =
             (pairs as i32, 2i32, hidden as i32, inter as i32, t.group_size as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.gate_up;
+        // SAFETY: the SiLU reduction (fused or not) writes all pairs·inter values (see above).
+        let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
+        // The tensor-core kernel's last block of each tile's column range applies SiLU·up itself (one counter per
+        // tile and column range); the scalar kernel leaves it to gptq_reduce_silu.
+        let mma = gate0.packing == Packing::Mma;
+        let fuse_silu = mma && n_tiles * (gx / 2) <= self.gpu.counters.len();
+        let (rows_i, sf) = (x.rows as i32, if fuse_silu { FUSE_SILU } else { FUSE_NONE });
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&tiles).arg(&count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if sh.stages > 0 {
             l.arg(&st);
         }
-        // SAFETY: argument order and types match gptq_gemv_grouped_*; tables hold 2·E addresses, buffers sized above.
+        if mma {
+            l.arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&pair_of).arg(weights).arg(&rows_i).arg(&k);
+            l.arg(&with_shared);
+        }
+        // SAFETY: argument order and types match gptq_gemv_grouped_* / gptq_mma_gemv_grouped_*; tables hold 2·E
+        // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx.
         unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
-        // SAFETY: reduce_silu writes all pairs·inter values (see above).
-        let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
         let sp = splits as i32;
         drop(p);
-        let p = span("silu");
-        let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
-        l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
-        // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
-        unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
+        if !fuse_silu {
+            let _p = span("silu");
+            let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
+            l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
+            // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
+            unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
+        }
 
-        drop(p);
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
         let p = span("down");
         let (name, gx, sh) = launch_shape(self, down0, mb, n_tiles, 1);
@@ -324,23 +343,36 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
+        // The last block of each column range adds the rows' experts itself for a few rows (its one block then
+        // reads rows·slots·splits partial sums per column); more rows take gptq_reduce_combine's wide grid.
+        // Only with the shared expert in the launch: a tile always exists then, so every column range has a last
+        // block (a step whose rows chose no expert this slice holds has no tile, and the combine writes zeros).
+        let fuse_combine = mma && t.shared && x.rows <= FUSED_COMBINE_ROWS && gx <= self.gpu.counters.len();
+        let cf = if fuse_combine { FUSE_COMBINE } else { FUSE_NONE };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if sh.stages > 0 {
             l.arg(&st);
         }
-        // SAFETY: as above, for the down tables (E addresses each).
+        if mma {
+            l.arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&pair_of).arg(weights).arg(&rows_i).arg(&k);
+            l.arg(&with_shared);
+        }
+        // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
+        // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
-        let (sp, rows) = (splits as i32, x.rows as i32);
+        let sp = splits as i32;
         drop(p);
-        let _p = span("combine");
-        let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
-        l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows).arg(&k);
-        l.arg(&with_shared);
-        // SAFETY: matches gptq_reduce_combine_*; out holds rows·hidden values, pair_of rows·(top_k + shared)
-        // entries and weights rows·top_k.
-        unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
+        if !fuse_combine {
+            let _p = span("combine");
+            let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
+            l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows_i);
+            l.arg(&k).arg(&with_shared);
+            // SAFETY: matches gptq_reduce_combine_*; out holds rows·hidden values, pair_of rows·(top_k + shared)
+            // entries and weights rows·top_k.
+            unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
+        }
         Ok(out)
     }
 
