@@ -426,6 +426,9 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
 #define MMA_MIN_BLOCKS 1
 #endif
 #define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? MMA_MIN_BLOCKS : 1)
+// The grouped 8-row kernel is held to 4 blocks per SM (128 registers): its fused reductions' values kept live
+// across the main loop took it from 126 to 136 registers unbounded, 3 blocks per SM, and the MoE block slower.
+#define GROUPED_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? (MMA_MIN_BLOCKS > 4 ? MMA_MIN_BLOCKS : 4) : 1)
 
 #define MMA_T(BITS, MB)                                                                                         \
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                      \
@@ -441,7 +444,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
                            stages);                                                                             \
     }                                                                                                           \
-    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
+    extern "C" __global__ void GROUPED_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
         const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,             \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \

@@ -98,6 +98,8 @@ fn recall<K: PartialEq, T>(list: &mut Vec<(K, Arc<T>)>, key: K, make: impl FnOnc
 impl Drop for Gpu {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
+            // Imports queue copies from opened handles without waiting for them.
+            let _ = self.stream.synchronize();
             self.ipc.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
     }

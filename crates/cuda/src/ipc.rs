@@ -1,8 +1,13 @@
 //! Activations passed between worker processes through CUDA IPC (ARCHITECTURE.md "Processes"): the sender
 //! copies the tensor into a buffer from `cuMemAlloc` (pool memory cannot be exported), records an interprocess
 //! event after the copy, and sends both handles in the gRPC message; the receiver opens them, makes its stream
-//! wait on the event and copies into its own memory before it runs. The sender keeps its buffer until the next
-//! worker has answered (the whole chain's reply), so the receiver never reads memory that is reused or freed.
+//! wait on the event and queues a copy into its own memory ahead of its layers, without waiting for it: the
+//! receiver's host goes on queueing its layers (and answering) while its device waits for the sender's data.
+//! The sender keeps its buffer until the next worker has answered (the whole chain's reply). By then the
+//! receiver's copy is done: the chain's last worker synchronizes its stream before it answers, and that stream
+//! waited on its sender's event, recorded after that sender's own import copy — and so on back along the chain. A
+//! reply that is an error can come before the copy ran; the buffer is then reused while a copy for a failed step
+//! may read it, which costs nothing but that step's (discarded) values: pooled buffers are never freed.
 //!
 //! Both ends reuse what is expensive (docs/PERF.md: 436 µs a round trip when every hand-off allocated, exported,
 //! opened and closed afresh): the sender takes its buffer and event from a pool and gets them back when the step's
@@ -169,33 +174,15 @@ pub fn export(b: &CudaBackend, x: &GpuTensor) -> MResult<SharedActivations> {
 }
 
 pub fn import(b: &CudaBackend, rows: usize, cols: usize, mem: &[u8], event: &[u8]) -> MResult<GpuTensor> {
-    import_timed(b, rows, cols, mem, event).map(|(x, _)| x)
-}
-
-/// Host seconds of an import's two parts (`pipemoe bench` reports them): finding or opening the handles and
-/// queueing the event wait and the copy, then synchronizing (the wait for the sender's event and the copy).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ImportTimes {
-    pub queue_s: f64,
-    pub sync_s: f64,
-}
-
-/// [`import`], timed in its two parts.
-pub fn import_timed(
-    b: &CudaBackend,
-    rows: usize,
-    cols: usize,
-    mem: &[u8],
-    event: &[u8],
-) -> MResult<(GpuTensor, ImportTimes)> {
-    let t0 = std::time::Instant::now();
     let g = &b.gpu;
     g.ctx.bind_to_thread().map_err(md("bind context"))?;
     let mh: CUipcMemHandle = from_bytes(mem, "IPC memory handle")?;
     let eh: CUipcEventHandle = from_bytes(event, "IPC event handle")?;
-    // Held for the whole import: a handle closed to make room is never one a concurrent import is reading.
+    // Held for the whole import: a handle closed to make room is never one a concurrent import is queueing from.
     let mut st = g.ipc.lock().unwrap_or_else(|e| e.into_inner());
     if st.opened.len() >= OPENED_MAX || st.events.len() >= OPENED_MAX {
+        // Copies from what is about to be closed may still be queued.
+        g.stream.synchronize().map_err(md("synchronize"))?;
         st.close_opened();
     }
     let src = match st.opened.get(mem) {
@@ -234,9 +221,5 @@ pub fn import_timed(
         unsafe { result::memcpy_dtod_async(dst, src, rows * cols * b.act.bytes(), g.stream.cu_stream()) }
             .map_err(md("copy from IPC"))?;
     }
-    let queue_s = t0.elapsed().as_secs_f64();
-    // The sender may reuse its buffer once we reply; our copy is done before anything we do after this returns.
-    g.stream.synchronize().map_err(md("synchronize"))?;
-    let sync_s = t0.elapsed().as_secs_f64() - queue_s;
-    Ok((GpuTensor { rows, cols, data }, ImportTimes { queue_s, sync_s }))
+    Ok(GpuTensor { rows, cols, data })
 }

@@ -1,12 +1,14 @@
 //! The activation hand-off between two worker processes, measured: this process exports a decode step's hidden
 //! state (`[1, hidden]` bf16) through CUDA IPC as a worker does, a child process (this binary, `bench-ipc-peer`)
-//! imports it as the next worker does and answers; the round trip is timed, and apart from it the export (this
-//! process's host time), the import (the child's, reported in its answer: open handles and queue the event wait
-//! and the copy, then synchronize) and a bare message round trip over the same pipes (what waking two processes
-//! costs). A second run has the sender synchronize its stream before it sends, so the receiver's event wait is
-//! already met: the difference says what the interprocess event costs. CUDA refuses to open an IPC handle in the
-//! process that made it, hence the child. The gRPC call that carries the handles in serving is not included.
-//! `pipemoe bench-ipc` runs this alone (e.g. with the peer on another GPU).
+//! imports it as the next worker does and answers at once, as a worker goes on to queue its layers; the round trip
+//! is timed, and apart from it the export (this process's host time), the import (the child's host time: open
+//! handles, queue the event wait and the copy), when the data had landed on the child's device (it synchronizes
+//! after answering and reports it with its next answer: the hand-off's latency on the device) and a bare message
+//! round trip over the same pipes (what waking two processes costs). A second run has the sender synchronize its
+//! stream before it sends, so the receiver's event wait is already met: the difference in landing says what
+//! the interprocess event costs. On one GPU the two processes' contexts take turns on it, which two GPUs do not.
+//! CUDA refuses to open an IPC handle in the process that made it, hence the child. The gRPC call that carries
+//! the handles in serving is not included. `pipemoe bench-ipc` runs this alone (`--peer-device` for two GPUs).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -66,33 +68,38 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("bad hex")).collect()
 }
 
-/// The child: reads `rows cols mem_hex event_hex` lines, imports each, answers `ok <seconds the import took>` (or
-/// the error) per line; a `ping` line is answered `pong`.
+/// The child: reads `rows cols mem_hex event_hex` lines, imports each and answers `ok <seconds the import took>`
+/// (or the error) at once, then synchronizes; a `ping` line is answered `pong <seconds from the last import's
+/// start until its data had landed>`.
 pub fn peer(args: &PeerArgs) -> Result<()> {
     let b = CudaBackend::new(args.device).context("opening the GPU")?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     writeln!(out, "ready")?;
     out.flush()?;
+    let mut landed = 0.0;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
         if line.trim() == "ping" {
-            writeln!(out, "pong")?;
+            writeln!(out, "pong {landed:e}")?;
             out.flush()?;
             continue;
         }
         let f: Vec<&str> = line.split_whitespace().collect();
         let [rows, cols, mem, event] = f[..] else { bail!("bad request line {line:?}") };
         let t0 = Instant::now();
-        let reply = unhex(mem)
+        let imported = unhex(mem)
             .and_then(|m| Ok((m, unhex(event)?)))
-            .and_then(|(m, e)| Ok(pipemoe_cuda::ipc::import_timed(&b, rows.parse()?, cols.parse()?, &m, &e)?))
-            .map_or_else(
-                |e| format!("error {e:#}"),
-                |(_, t)| format!("ok {:e} {:e} {:e}", t0.elapsed().as_secs_f64(), t.queue_s, t.sync_s),
-            );
+            .and_then(|(m, e)| Ok(b.import(rows.parse()?, cols.parse()?, &m, &e)?));
+        let reply = match &imported {
+            Ok(_) => format!("ok {:e}", t0.elapsed().as_secs_f64()),
+            Err(e) => format!("error {e:#}"),
+        };
         writeln!(out, "{reply}")?;
         out.flush()?;
+        b.gpu.stream.synchronize()?;
+        landed = t0.elapsed().as_secs_f64();
+        drop(imported);
     }
     Ok(())
 }
@@ -100,21 +107,19 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
 /// The hand-off's times ([`measure`]), seconds.
 #[derive(Clone, Debug)]
 pub struct IpcTimes {
-    /// Export, message, import, answer.
+    /// Export, message, import (queued), answer.
     pub round_trip: Times,
     /// The sender's host time in `export` (copy into the shared buffer, event record).
     pub export: Times,
-    /// The receiver's host time in `import`, as it reports, and its two parts: finding the handles and queueing
-    /// the event wait and copy; synchronizing.
+    /// The receiver's host time in `import` (handles, event wait and copy queued).
     pub import: Times,
-    pub import_queue: Times,
-    pub import_sync: Times,
+    /// From the receiver's import until its synchronize returned: the data on its device.
+    pub landed: Times,
     /// A message and its answer over the same pipes, no CUDA.
     pub pipe: Times,
-    /// The same hand-off with the sender synchronizing its stream before it sends: round trip (the export with
-    /// its synchronize included) and the receiver's synchronize.
+    /// With the sender synchronizing its stream before it sends: round trip (its synchronize included) and landing.
     pub settled_round_trip: Times,
-    pub settled_import_sync: Times,
+    pub settled_landed: Times,
 }
 
 /// One mode's samples.
@@ -123,8 +128,7 @@ struct Samples {
     round: Vec<f64>,
     export: Vec<f64>,
     import: Vec<f64>,
-    queue: Vec<f64>,
-    sync: Vec<f64>,
+    landed: Vec<f64>,
     pipe: Vec<f64>,
 }
 
@@ -132,16 +136,15 @@ impl IpcTimes {
     /// Lines of `label  value` (µs), for `pipemoe bench-ipc`.
     pub fn table(&self) -> String {
         let rows = [
-            ("round trip (export, message, import, answer)", &self.round_trip),
+            ("round trip (export, message, import queued, answer)", &self.round_trip),
             ("  sender's export (copy, event record)", &self.export),
-            ("  receiver's import", &self.import),
-            ("    handles, queue event wait and copy", &self.import_queue),
-            ("    synchronize (event, copy)", &self.import_sync),
+            ("  receiver's import (handles, queue wait and copy)", &self.import),
             ("  bare message round trip", &self.pipe),
+            ("data landed on the receiver's device, from its import", &self.landed),
             ("sender synchronizes before sending: round trip", &self.settled_round_trip),
-            ("  receiver's synchronize", &self.settled_import_sync),
+            ("  data landed, from the receiver's import", &self.settled_landed),
         ];
-        rows.iter().map(|(what, t)| format!("{what:<50} {:>9.1}\n", t.median * 1e6)).collect()
+        rows.iter().map(|(what, t)| format!("{what:<55} {:>9.1}\n", t.median * 1e6)).collect()
     }
 }
 
@@ -180,30 +183,27 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
                 line.clear();
                 from.read_line(&mut line)?;
                 let dt = t0.elapsed().as_secs_f64();
-                let answer =
-                    line.trim().strip_prefix("ok ").with_context(|| format!("the IPC peer: {}", line.trim()))?;
-                let secs: Vec<f64> = answer
-                    .split(' ')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()
-                    .with_context(|| format!("the IPC peer's import times {answer:?}"))?;
-                let [imported, queued, synced] = secs[..] else { bail!("the IPC peer's import times {answer:?}") };
+                let imported = match line.trim().strip_prefix("ok ") {
+                    Some(secs) => secs.parse::<f64>().context("the IPC peer's import time")?,
+                    None => bail!("the IPC peer: {}", line.trim()),
+                };
                 drop(shared);
                 let t1 = Instant::now();
                 writeln!(to, "ping")?;
                 to.flush()?;
                 line.clear();
                 from.read_line(&mut line)?;
-                if line.trim() != "pong" {
-                    bail!("the IPC peer answered {:?} to ping", line.trim());
-                }
+                let pipe = t1.elapsed().as_secs_f64();
+                let landed = match line.trim().strip_prefix("pong ") {
+                    Some(secs) => secs.parse::<f64>().context("the IPC peer's landing time")?,
+                    None => bail!("the IPC peer answered {:?} to ping", line.trim()),
+                };
                 if i >= 5 {
                     got.round.push(dt);
                     got.export.push(exported);
                     got.import.push(imported);
-                    got.queue.push(queued);
-                    got.sync.push(synced);
-                    got.pipe.push(t1.elapsed().as_secs_f64());
+                    got.landed.push(landed);
+                    got.pipe.push(pipe);
                 }
             }
         }
@@ -212,11 +212,10 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
             round_trip: Times::of(plain.round),
             export: Times::of(plain.export),
             import: Times::of(plain.import),
-            import_queue: Times::of(plain.queue),
-            import_sync: Times::of(plain.sync),
+            landed: Times::of(plain.landed),
             pipe: Times::of(plain.pipe),
             settled_round_trip: Times::of(settled.round),
-            settled_import_sync: Times::of(settled.sync),
+            settled_landed: Times::of(settled.landed),
         })
     })();
     let _ = child.kill();
