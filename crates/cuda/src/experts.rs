@@ -23,8 +23,10 @@ use crate::route::DeviceRouting;
 /// chosen by several rows is read once per tile, not once per 16-row chunk); more (prefill) runs one GEMM per
 /// expert. The plan kernel holds rows · (top_k + 1) ≤ 1024 entries.
 pub const GROUPED_MAX_ROWS: usize = 64;
-/// Rows up to which the down launch's last blocks add the experts' outputs (`FUSE_COMBINE` in gptq_mma.cu).
-const FUSED_COMBINE_ROWS: usize = 8;
+/// Rows up to which the tensor-core launches' last blocks apply SiLU·up and add the experts' outputs (`FUSE_*` in
+/// gptq_mma.cu): at one row they save two launches (MoE block 91.7 -> 89.8 us on the H200); at 32 rows the
+/// reductions' own wide grids were faster (688 vs 723 us).
+const FUSED_ROWS: usize = 8;
 /// The tensor-core grouped kernel's `fuse` argument.
 const FUSE_NONE: i32 = 0;
 const FUSE_SILU: i32 = 1;
@@ -301,10 +303,10 @@ impl CudaBackend {
         let [qw, zr, sc, pm] = &t.gate_up;
         // SAFETY: the SiLU reduction (fused or not) writes all pairs·inter values (see above).
         let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
-        // The tensor-core kernel's last block of each tile's column range applies SiLU·up itself (one counter per
-        // tile and column range); the scalar kernel leaves it to gptq_reduce_silu.
+        // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
+        // (one counter per tile and column range); otherwise gptq_reduce_silu does.
         let mma = gate0.packing == Packing::Mma;
-        let fuse_silu = mma && n_tiles * (gx / 2) <= self.gpu.counters.len();
+        let fuse_silu = mma && x.rows <= FUSED_ROWS && n_tiles * (gx / 2) <= self.gpu.counters.len();
         let (rows_i, sf) = (x.rows as i32, if fuse_silu { FUSE_SILU } else { FUSE_NONE });
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&tiles).arg(&count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
@@ -347,7 +349,7 @@ impl CudaBackend {
         // reads rows·slots·splits partial sums per column); more rows take gptq_reduce_combine's wide grid.
         // Only with the shared expert in the launch: a tile always exists then, so every column range has a last
         // block (a step whose rows chose no expert this slice holds has no tile, and the combine writes zeros).
-        let fuse_combine = mma && t.shared && x.rows <= FUSED_COMBINE_ROWS && gx <= self.gpu.counters.len();
+        let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && gx <= self.gpu.counters.len();
         let cf = if fuse_combine { FUSE_COMBINE } else { FUSE_NONE };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);

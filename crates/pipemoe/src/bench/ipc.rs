@@ -69,8 +69,8 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
 }
 
 /// The child: reads `rows cols mem_hex event_hex` lines, imports each and answers `ok <seconds the import took>`
-/// (or the error) at once, then synchronizes; a `ping` line is answered `pong <seconds from the last import's
-/// start until its data had landed>`.
+/// (or the error) at once, then synchronizes; a `landed` line is answered with the seconds from the last import's
+/// start until its data had landed, a `ping` line `pong`.
 pub fn peer(args: &PeerArgs) -> Result<()> {
     let b = CudaBackend::new(args.device).context("opening the GPU")?;
     let stdout = std::io::stdout();
@@ -80,8 +80,12 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
     let mut landed = 0.0;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
-        if line.trim() == "ping" {
-            writeln!(out, "pong {landed:e}")?;
+        if line.trim() == "ping" || line.trim() == "landed" {
+            if line.trim() == "ping" {
+                writeln!(out, "pong")?
+            } else {
+                writeln!(out, "{landed:e}")?
+            }
             out.flush()?;
             continue;
         }
@@ -187,6 +191,11 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
                     Some(secs) => secs.parse::<f64>().context("the IPC peer's import time")?,
                     None => bail!("the IPC peer: {}", line.trim()),
                 };
+                writeln!(to, "landed")?;
+                to.flush()?;
+                line.clear();
+                from.read_line(&mut line)?;
+                let landed = line.trim().parse::<f64>().with_context(|| format!("the IPC peer's landing {line:?}"))?;
                 drop(shared);
                 let t1 = Instant::now();
                 writeln!(to, "ping")?;
@@ -194,10 +203,9 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
                 line.clear();
                 from.read_line(&mut line)?;
                 let pipe = t1.elapsed().as_secs_f64();
-                let landed = match line.trim().strip_prefix("pong ") {
-                    Some(secs) => secs.parse::<f64>().context("the IPC peer's landing time")?,
-                    None => bail!("the IPC peer answered {:?} to ping", line.trim()),
-                };
+                if line.trim() != "pong" {
+                    bail!("the IPC peer answered {:?} to ping", line.trim());
+                }
                 if i >= 5 {
                     got.round.push(dt);
                     got.export.push(exported);
