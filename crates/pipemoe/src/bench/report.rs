@@ -130,34 +130,29 @@ impl Report {
             }
         }
         if let Ok(t) = &m.ipc {
-            lines.push(Line {
-                what: "IPC hand-off [1, hidden] bf16, 2 processes".into(),
-                measured: format!("{:.1} us round trip (median)", t.round_trip.median * 1e6),
-                floor: "-".into(),
-                ratio: None,
-            });
-            lines.push(Line {
-                what: "  of which export / import / bare pipe round trip".into(),
-                measured: format!(
-                    "{:.1} / {:.1} / {:.1} us",
-                    t.export.median * 1e6,
-                    t.import.median * 1e6,
-                    t.pipe.median * 1e6
+            let us = |t: &super::stage::Times| t.median * 1e6;
+            let ipc = [
+                (
+                    "IPC hand-off [1, hidden] bf16, 2 processes",
+                    format!("{:.1} us round trip (median)", us(&t.round_trip)),
                 ),
-                floor: "-".into(),
-                ratio: None,
-            });
-            lines.push(Line {
-                what: "  data landed on the receiver's device; sender synced first".into(),
-                measured: format!(
-                    "{:.1} us; {:.1} us (landed {:.1})",
-                    t.landed.median * 1e6,
-                    t.settled_round_trip.median * 1e6,
-                    t.settled_landed.median * 1e6
+                (
+                    "  of which export / import / bare pipe round trip",
+                    format!("{:.1} / {:.1} / {:.1} us", us(&t.export), us(&t.import), us(&t.pipe)),
                 ),
-                floor: "-".into(),
-                ratio: None,
-            });
+                (
+                    "  data landed on the receiver's device; sender synced first",
+                    format!(
+                        "{:.1} us; {:.1} us (landed {:.1})",
+                        us(&t.landed),
+                        us(&t.settled_round_trip),
+                        us(&t.settled_landed)
+                    ),
+                ),
+            ];
+            for (what, measured) in ipc {
+                lines.push(Line { what: what.into(), measured, floor: "-".into(), ratio: None });
+            }
         }
 
         // The projection.
