@@ -321,10 +321,10 @@ impl CudaBackend {
         // SAFETY: argument order and types match gptq_gemv_grouped_* / gptq_mma_gemv_grouped_*; tables hold 2·E
         // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx.
         unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
-        let sp = splits as i32;
         drop(p);
         if !fuse_silu {
             let _p = span("silu");
+            let sp = splits as i32;
             let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
             l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
             // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
@@ -364,10 +364,10 @@ impl CudaBackend {
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
         // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
-        let sp = splits as i32;
         drop(p);
         if !fuse_combine {
             let _p = span("combine");
+            let sp = splits as i32;
             let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
             l.arg(&partial).arg(&sp).arg(&np).arg(&ni).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows_i);
             l.arg(&k).arg(&with_shared);

@@ -80,12 +80,13 @@ pub fn peer(args: &PeerArgs) -> Result<()> {
     let mut landed = 0.0;
     for line in std::io::stdin().lock().lines() {
         let line = line?;
-        if line.trim() == "ping" || line.trim() == "landed" {
-            if line.trim() == "ping" {
-                writeln!(out, "pong")?
-            } else {
-                writeln!(out, "{landed:e}")?
-            }
+        let answer = match line.trim() {
+            "ping" => Some("pong".to_string()),
+            "landed" => Some(format!("{landed:e}")),
+            _ => None,
+        };
+        if let Some(a) = answer {
+            writeln!(out, "{a}")?;
             out.flush()?;
             continue;
         }
@@ -171,6 +172,14 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
         if line.trim() != "ready" {
             bail!("the IPC peer did not start: {line:?}");
         }
+        // One line to the peer, its answer back.
+        let mut ask = |msg: &str| -> Result<String> {
+            writeln!(to, "{msg}")?;
+            to.flush()?;
+            line.clear();
+            from.read_line(&mut line)?;
+            Ok(line.trim().to_string())
+        };
         let x = b.upload(1, hidden, vec![0.5; hidden])?;
         let mut modes = [Samples::default(), Samples::default()];
         for (settle, got) in modes.iter_mut().enumerate() {
@@ -182,29 +191,20 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
                     b.gpu.stream.synchronize()?;
                 }
                 let exported = t0.elapsed().as_secs_f64();
-                writeln!(to, "1 {hidden} {} {}", hex(&shared.mem_handle), hex(&shared.event_handle))?;
-                to.flush()?;
-                line.clear();
-                from.read_line(&mut line)?;
+                let answer = ask(&format!("1 {hidden} {} {}", hex(&shared.mem_handle), hex(&shared.event_handle)))?;
                 let dt = t0.elapsed().as_secs_f64();
-                let imported = match line.trim().strip_prefix("ok ") {
+                let imported = match answer.strip_prefix("ok ") {
                     Some(secs) => secs.parse::<f64>().context("the IPC peer's import time")?,
-                    None => bail!("the IPC peer: {}", line.trim()),
+                    None => bail!("the IPC peer: {answer}"),
                 };
-                writeln!(to, "landed")?;
-                to.flush()?;
-                line.clear();
-                from.read_line(&mut line)?;
-                let landed = line.trim().parse::<f64>().with_context(|| format!("the IPC peer's landing {line:?}"))?;
+                let answer = ask("landed")?;
+                let landed = answer.parse::<f64>().with_context(|| format!("the IPC peer's landing {answer:?}"))?;
                 drop(shared);
                 let t1 = Instant::now();
-                writeln!(to, "ping")?;
-                to.flush()?;
-                line.clear();
-                from.read_line(&mut line)?;
+                let answer = ask("ping")?;
                 let pipe = t1.elapsed().as_secs_f64();
-                if line.trim() != "pong" {
-                    bail!("the IPC peer answered {:?} to ping", line.trim());
+                if answer != "pong" {
+                    bail!("the IPC peer answered {answer:?} to ping");
                 }
                 if i >= 5 {
                     got.round.push(dt);
