@@ -158,17 +158,31 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
         const size_t xr = (size_t)(r0 + k) * in;
         float a0 = 0.f, a1 = 0.f;
         if (in % 8 == 0) {
-            // 16-byte loads of 8 values (rows start 16-byte aligned): a 7168-wide bf16 row is one load of x and
-            // of w per thread and round (3.5 rounds, all in flight), not 14 two-byte ones.
-#pragma unroll 4
-            for (int i = threadIdx.x * 8; i < in; i += blockDim.x * 8) {
-                float xv[8], wv[8];
-                load8(x + xr + i, xv);
-                load8(w + wr + i, wv);
+            // 16-byte loads of 8 values (rows start 16-byte aligned), DENSE_BATCH rounds' loads issued before any
+            // is used: a 7168-wide bf16 row at 256 threads is 3.5 rounds, one batch; rounds past the row add
+            // 0·w (w read again from the row's start: finite weights, as the CPU's sum assumes too). (A plain unrolled loop tests
+            // the bound between one round's loads and the next and left one round in flight: tools/sass.py.)
+            constexpr int DENSE_BATCH = 4;
+            const int round = blockDim.x * 8;
+            for (int i0 = threadIdx.x * 8; i0 < in; i0 += DENSE_BATCH * round) {
+                float xv[DENSE_BATCH][8], wv[DENSE_BATCH][8];
 #pragma unroll
-                for (int j = 0; j < 8; j += 2) {
-                    a0 += xv[j] * wv[j];
-                    a1 += xv[j + 1] * wv[j + 1];
+                for (int u = 0; u < DENSE_BATCH; u++) {
+                    // Past the row: x read as zeros (predicated loads: no branch between the batch's loads).
+                    const bool in_row = i0 + u * round < in;
+                    const int i = in_row ? i0 + u * round : 0;
+                    load8(x + xr + i, xv[u]);
+                    load8(w + wr + i, wv[u]);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) xv[u][j] = in_row ? xv[u][j] : 0.f;
+                }
+#pragma unroll
+                for (int u = 0; u < DENSE_BATCH; u++) {
+#pragma unroll
+                    for (int j = 0; j < 8; j += 2) {
+                        a0 += xv[u][j] * wv[u][j];
+                        a1 += xv[u][j + 1] * wv[u][j + 1];
+                    }
                 }
             }
         } else {
