@@ -54,17 +54,17 @@ __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
-// A warp's accumulators (WM m16 tiles × 4 n8 tiles of mma.m16n8k16) into y [M, N], rows and columns past the
-// matrix skipped (columns come in pairs: N is even).
-template <int WM, typename OUT>
-__device__ __forceinline__ void store_tile(OUT* y, const float (&acc)[WM][4][4], int m0, int n0, int M, int N,
-                                           int wm, int wn, int lane) {
+// A warp's accumulators (RB m16 tiles × NB n8 tiles of mma.m16n8k16, from row m0 + r0 and column n0 + c0) into
+// y [M, N], rows and columns past the matrix skipped (columns come in pairs: N is even).
+template <int RB, int NB, typename OUT>
+__device__ __forceinline__ void store_tile(OUT* y, const float (&acc)[RB][NB][4], int m0, int n0, int M, int N,
+                                           int r0, int c0, int lane) {
 #pragma unroll
-    for (int i = 0; i < WM; i++) {
-        const int row = m0 + wm * 16 * WM + i * 16 + (lane >> 2);
+    for (int i = 0; i < RB; i++) {
+        const int row = m0 + r0 + i * 16 + (lane >> 2);
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int col = n0 + wn * 32 + j * 8 + (lane & 3) * 2;
+        for (int j = 0; j < NB; j++) {
+            const int col = n0 + c0 + j * 8 + (lane & 3) * 2;
             if (col >= N) continue;
             if (row < M) store2(y + (size_t)row * N + col, acc[i][j][0], acc[i][j][1]);
             if (row + 8 < M) store2(y + (size_t)(row + 8) * N + col, acc[i][j][2], acc[i][j][3]);
@@ -224,7 +224,7 @@ __device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
     }
     cp_async_wait<0>();
 
-    store_tile<WM>(y, acc, a.m0, a.n0, a.M, a.N, wm, wn, lane);
+    store_tile<WM, 4>(y, acc, a.m0, a.n0, a.M, a.N, wm * 16 * WM, wn * 32, lane);
 }
 
 #define GEMM_T(BITS, BM, OUT, NAME)                                                                              \
@@ -324,7 +324,8 @@ struct MgLoader {
     bool w_ok;
     const __half* sz;                                         // scales or zeros at group 0, this thread's run
     bool sz_ok;
-    int group_size, n;
+    unsigned long long group_magic;                           // ⌈2^32 / chunks per group⌉: group = chunk · it >> 32
+    int n;
 
     __device__ __forceinline__ MgLoader(const MgArgs& a) {
         const int tid = threadIdx.x, r0 = tid / (MG_BK / 8), ch = tid % (MG_BK / 8);
@@ -341,13 +342,16 @@ struct MgLoader {
         const int which = tid / (MG_BN / 8), c = tid % (MG_BN / 8), col = a.n0 + c * 8;
         sz = (which ? a.zeros : a.scales) + min(col, a.N - 8);
         sz_ok = tid < 2 * (MG_BN / 8) && col < a.N;
-        group_size = a.group_size;
+        // Mma layouts have groups of whole 128-row chunks (mma::eligible). Exact for chunk · chunks per group < 2^32.
+        const unsigned long long per = a.group_size / 128;
+        group_magic = ((1ull << 32) + per - 1) / per;
         n = a.N;
     }
 
     // Half chunk kt into stage buffer st.
     __device__ __forceinline__ void load(unsigned char* st, int kt) const {
         const int tid = threadIdx.x, k0 = kt * MG_BK, chunk = kt >> 1, lo = ((kt & 1) * BITS) >> 1;
+        static_assert(MG_BK * 2 == 128, "two steps make a 128-row chunk");
         __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(st) + (tid / (MG_BK / 8)) * MG_LD + (tid % (MG_BK / 8)) * 8;
         // A row past M reads row M − 1 with size 0 (zeros); the clamped source stays inside x.
         const __nv_bfloat16* src = x + k0;
@@ -363,28 +367,31 @@ struct MgLoader {
         }
         if (tid < 2 * (MG_BN / 8)) {
             __half* ss = reinterpret_cast<__half*>(st + S::A + S::W);
-            cp_async16(ss + tid * 8, sz + (size_t)(k0 / group_size) * n, sz_ok ? 16 : 0);
+            // The group by a multiply: a division here was ~20 of the loop's instructions every step (tools/sass.py).
+            const int group = (int)(((unsigned long long)chunk * group_magic) >> 32);
+            cp_async16(ss + tid * 8, sz + (size_t)group * n, sz_ok ? 16 : 0);
         }
     }
 };
 
 // The warp's products over one half chunk (H: which half) into the chunk sums `cacc`; after the second half the
-// chunk is scaled into `acc` and `cacc` cleared.
-template <int BITS, int WM, int H>
-__device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[WM][4][4], float cacc[WM][4][4],
-                                             int wm, int wn, int lane) {
-    typedef MgSmem<BITS, 32 * WM> S;
+// chunk is scaled into `acc` and `cacc` cleared. The warp holds RB m16 row blocks from row r0 and TW 16-column
+// tiles from tile t0 (2·TW n8 blocks); BM is the block's rows (the shared x tile's height).
+template <int BITS, int BM, int RB, int TW, int H>
+__device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[RB][2 * TW][4],
+                                             float cacc[RB][2 * TW][4], int r0, int t0, int lane) {
+    typedef MgSmem<BITS, BM> S;
     const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st);
     const uint2* ws = reinterpret_cast<const uint2*>(st + S::A);
     const __half* ss = reinterpret_cast<const __half*>(st + S::A + S::W);
     const __half* zs = ss + MG_BN;
     const int g = lane >> 2, t = lane & 3;
-    // The lane's words of its two tiles, and −(base + z) as bf16x2 for its B columns (g and g + 8 of each tile)
+    // The lane's words of its tiles, and −(base + z) as bf16x2 for its B columns (g and g + 8 of each tile)
     // and the lower and upper 8 rows of K of a step (mma_pack.cuh).
-    u32 w[2][2 * S::ROWS], nz[2][2][2];
+    u32 w[TW][2 * S::ROWS], nz[TW][2][2];
 #pragma unroll
-    for (int ti = 0; ti < 2; ti++) {
-        const int tile = wn * 2 + ti;
+    for (int ti = 0; ti < TW; ti++) {
+        const int tile = t0 + ti;
 #pragma unroll
         for (int r = 0; r < S::ROWS; r++) {
             const uint2 v = ws[(tile * S::ROWS + r) * 32 + lane];
@@ -404,14 +411,14 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
     constexpr int OFF = (H * BITS) & 1;
 #pragma unroll
     for (int ks = 0; ks < MG_BK / 16; ks++) {
-        u32 a[WM][4], b[4][2];
+        u32 a[RB][4], b[2 * TW][2];
 #pragma unroll
-        for (int i = 0; i < WM; i++) {
-            const int row = wm * 16 * WM + i * 16 + (lane & 15);
+        for (int i = 0; i < RB; i++) {
+            const int row = r0 + i * 16 + (lane & 15);
             ldmatrix_x4(a[i], xs + row * MG_LD + ks * 16 + (lane >> 4) * 8);
         }
 #pragma unroll
-        for (int ti = 0; ti < 2; ti++) {
+        for (int ti = 0; ti < TW; ti++) {
             u32 p[4];
 #pragma unroll
             for (int r = 0; r < 4; r++)
@@ -422,17 +429,17 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
             b[2 * ti + 1][1] = p[3];
         }
 #pragma unroll
-        for (int i = 0; i < WM; i++)
+        for (int i = 0; i < RB; i++)
 #pragma unroll
-            for (int j = 0; j < 4; j++) mma_bf16(cacc[i][j], a[i], b[j]);
+            for (int j = 0; j < 2 * TW; j++) mma_bf16(cacc[i][j], a[i], b[j]);
     }
     if (H == 1) {
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int col = wn * 32 + j * 8 + 2 * t;
+        for (int j = 0; j < 2 * TW; j++) {
+            const int col = t0 * 16 + j * 8 + 2 * t;
             const float s0 = __half2float(ss[col]), s1 = __half2float(ss[col + 1]);
 #pragma unroll
-            for (int i = 0; i < WM; i++) {
+            for (int i = 0; i < RB; i++) {
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     acc[i][j][e] += (e & 1 ? s1 : s0) * cacc[i][j][e];
@@ -445,29 +452,35 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
 
 // One pipeline step: half chunk kt has landed (own copies: wait; everyone's: the barrier, which also means every
 // warp is done with step kt − 1, whose stage the copies for step kt + STAGES − 1 now overwrite).
-template <int BITS, int WM, int H>
-__device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS, 32 * WM>& ld, int kt, int steps,
-                                        float acc[WM][4][4], float cacc[WM][4][4], int wm, int wn, int lane) {
-    typedef MgSmem<BITS, 32 * WM> S;
+template <int BITS, int BM, int RB, int TW, int H>
+__device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS, BM>& ld, int kt, int steps,
+                                        float acc[RB][2 * TW][4], float cacc[RB][2 * TW][4], int r0, int t0,
+                                        int lane) {
+    typedef MgSmem<BITS, BM> S;
     cp_async_wait<MG_STAGES - 2>();
     __syncthreads();
     const int next = kt + MG_STAGES - 1;
-    if (next < steps) ld.load(smem + (next % MG_STAGES) * S::STAGE, next);
+    static_assert((MG_STAGES & (MG_STAGES - 1)) == 0, "stage indices by a mask");
+    if (next < steps) ld.load(smem + (next & (MG_STAGES - 1)) * S::STAGE, next);
     cp_async_commit();
-    mg_mma_stage<BITS, WM, H>(smem + (kt % MG_STAGES) * S::STAGE, acc, cacc, wm, wn, lane);
+    mg_mma_stage<BITS, BM, RB, TW, H>(smem + (kt & (MG_STAGES - 1)) * S::STAGE, acc, cacc, r0, t0, lane);
 }
 
 // grid: (ceil(N / 128), ceil(M / BM)); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
-template <int BITS, int WM, typename OUT>
+// TW: 16-column tiles per warp. With 2 the 8 warps are 2 along M × 4 along N; with 1, 8 along N, each warp all
+// BM rows: every tile's words are unpacked by one warp instead of two (the unpacking was ~40% of the m64 loop,
+// done twice), for twice the x fragment loads.
+template <int BITS, int BM, int TW, typename OUT>
 __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
-    constexpr int BM = 32 * WM;
+    constexpr int WN = (MG_BN / 16) / TW, WM = (MG_THREADS / 32) / WN, RB = BM / (16 * WM);
+    static_assert(WN * WM == MG_THREADS / 32 && RB * 16 * WM == BM, "the warps tile the block");
     typedef MgSmem<BITS, BM> S;
     extern __shared__ __align__(16) unsigned char smem[];
     u32 have;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
     if (have < (u32)S::TOTAL) __trap();  // the launch asked for too little: fail loudly, never overrun
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int wm = warp >> 2, wn = warp & 3;
+    const int r0 = (warp / WN) * 16 * RB, t0 = (warp % WN) * TW;
     a.m0 = blockIdx.y * BM;
     a.n0 = blockIdx.x * MG_BN;
     const int steps = a.K / MG_BK;  // even: K is whole chunks
@@ -479,28 +492,30 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
         cp_async_commit();
     }
 
-    float acc[WM][4][4], cacc[WM][4][4];
+    float acc[RB][2 * TW][4], cacc[RB][2 * TW][4];
 #pragma unroll
-    for (int i = 0; i < WM; i++)
+    for (int i = 0; i < RB; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < 2 * TW; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = cacc[i][j][e] = 0.f;
 
     for (int kt = 0; kt < steps; kt += 2) {
-        mg_step<BITS, WM, 0>(smem, ld, kt, steps, acc, cacc, wm, wn, lane);
-        mg_step<BITS, WM, 1>(smem, ld, kt + 1, steps, acc, cacc, wm, wn, lane);
+        mg_step<BITS, BM, RB, TW, 0>(smem, ld, kt, steps, acc, cacc, r0, t0, lane);
+        mg_step<BITS, BM, RB, TW, 1>(smem, ld, kt + 1, steps, acc, cacc, r0, t0, lane);
     }
     cp_async_wait<0>();
 
-    store_tile<WM>(y, acc, a.m0, a.n0, a.M, a.N, wm, wn, lane);
+    store_tile<RB, 2 * TW>(y, acc, a.m0, a.n0, a.M, a.N, r0, t0 * 16, lane);
 }
 
+// Tiles per warp: 1 for 64-row blocks (4 m16 blocks a warp), 2 for 128 (1 would hold 8 m16 blocks' sums a warp).
+#define MG_TW(BM) ((BM) == 64 ? 1 : 2)
 #define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(MG_THREADS) gptq_mma_gemm_w##BITS##_m##BM##_##NAME(            \
         const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, OUT* y, int M,    \
         int N, int K, int group_size) {                                                                          \
-        gptq_mma_gemm<BITS, BM / 32, OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0}, y);        \
+        gptq_mma_gemm<BITS, BM, MG_TW(BM), OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0}, y);  \
     }
 #define MMA_GEMM(BITS)                                                                                           \
     MMA_GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                    \
