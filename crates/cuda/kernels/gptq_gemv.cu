@@ -239,6 +239,8 @@ extern "C" __global__ void experts_plan(const unsigned* experts, int entries, in
     __shared__ unsigned ids[1024];
     __shared__ int pair_scan[1024], tile_scan[1024];
     const int e = threadIdx.x, slots = top_k + shared;
+    // Whether this slice holds expert e, asked first: its load overlaps the routing's (they were one after other).
+    const bool mine = e < n_experts && held[e] != 0;
     for (int i = e; i < entries; i += blockDim.x) {
         const int row = i / slots, slot = i % slots;
         ids[i] = slot < top_k ? experts[row * top_k + slot] : (unsigned)(n_experts - 1);
@@ -246,7 +248,6 @@ extern "C" __global__ void experts_plan(const unsigned* experts, int entries, in
     }
     __syncthreads();
     int count = 0;
-    const bool mine = e < n_experts && held[e] != 0;
     if (mine)
         for (int i = 0; i < entries; i++) count += ids[i] == (unsigned)e;
     const int n_t = (count + tile_rows - 1) / tile_rows;
