@@ -39,10 +39,12 @@ extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)
     const int e = threadIdx.x;
     const size_t row = blockIdx.x;
     if (e < n_experts) {
-        const float ex = (float)exp(-(double)logits[row * n_experts + e]);
+        // Both loads before the exponential (the bias was read after it: two round trips one after the other).
+        const float logit = logits[row * n_experts + e], b = bias[e];
+        const float ex = (float)exp(-(double)logit);
         const float s = __fdiv_rn(1.f, 1.f + ex);
         score[e] = s;
-        choice[e] = s + bias[e];
+        choice[e] = s + b;
     }
     __syncthreads();
     if (n_group > 1) {
