@@ -6,9 +6,12 @@ nvdisasm is not in the CI venv: `pip download --no-deps nvidia-cuda-nvdisasm -d 
 /tmp/nvd/*.whl -d /tmp/nvd/x` puts it at /tmp/nvd/x/nvidia/cu13/bin/nvdisasm (a CUDA 13 disassembler reads
 sm_86/sm_90 cubins); point NVDISASM at it.
 
-Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops] [-D NAME=VALUE ...]
+Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops] [--inflight] [-D NAME=VALUE ...]
   --kernel   only functions whose name matches REGEX
   --loops    per function, each backward branch's loop (nested ones indented) and its own instructions by opcode
+  --inflight per function, its global loads and how many more are issued before each one's value is first read
+             in the same basic block (registers read as a multi-register operand's first only): loads read before
+             the next is issued wait one after another — session 7 found four kernels doing that
 """
 import argparse, collections, ctypes, glob, os, re, subprocess, sys, tempfile
 
@@ -98,12 +101,61 @@ def loops(insts, labels):
     return out
 
 
+LOADS = ("LDG", "LD")
+NO_DEST = ("ST", "STG", "STS", "STL", "RED", "BRA", "BAR", "EXIT", "RET", "CALL", "MEMBAR", "DEPBAR", "NOP",
+           "WARPSYNC", "BSYNC", "BSSY", "LDGSTS", "LDGDEPBAR", "ERRBAR", "CCTL")
+
+
+def registers(operand):
+    """General registers an operand names: R12 → {12}; R12.64 (an address pair) → {12, 13}."""
+    out = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?", operand):
+        r = int(m.group(1))
+        out |= {r, r + 1} if m.group(2) else {r}
+    return out
+
+
+def inflight(insts, labels):
+    """[(offset, loads issued before this load's value was first read, read in its basic block, bytes)] for each
+    global load. A branch or a branch target ends a block: what the other path issues is not counted."""
+    out, pending = [], []  # pending: [offset, destination registers, loads issued since]
+    starts = set(labels.values())
+    for off, text in insts:
+        if off in starts:
+            out += [(p[0], p[2], False, p[3]) for p in pending]
+            pending = []
+        body = text.split(None, 1)[1] if text.startswith("@") else text
+        parts = body.split(None, 1)
+        op = opcode(body)
+        operands = [o.strip() for o in parts[1].split(",")] if len(parts) > 1 else []
+        reads = set()
+        for o in operands[0 if op in NO_DEST else 1:]:
+            reads |= registers(o)
+        for p in [p for p in pending if p[1] & reads]:
+            out.append((p[0], p[2], True, p[3]))
+            pending.remove(p)
+        if op in LOADS and operands:
+            for p in pending:
+                p[2] += 1
+            width = 4 if ".128" in parts[0] else 2 if ".64" in parts[0] else 1
+            first = min(registers(operands[0]) or {-1})
+            size = 16 if ".128" in parts[0] else 8 if ".64" in parts[0] else 2 if "16" in parts[0] else 1 if "8" in \
+                parts[0] else 4
+            pending.append([off, set(range(first, first + width)), 0, size])
+        if op == "BRA":
+            out += [(p[0], p[2], False, p[3]) for p in pending]
+            pending = []
+    out += [(p[0], p[2], False, p[3]) for p in pending]
+    return sorted(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("file")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--kernel", default=".")
     ap.add_argument("--loops", action="store_true")
+    ap.add_argument("--inflight", action="store_true")
     ap.add_argument("-D", dest="defines", action="append", default=[], help="a macro, as -DNAME=VALUE would")
     a = ap.parse_args()
     nvd = os.environ.get("NVDISASM", "/tmp/nvd/x/nvidia/cu13/bin/nvdisasm")
@@ -115,6 +167,19 @@ def main():
         sass = subprocess.run([nvd, "-c", f.name], check=True, capture_output=True, text=True).stdout
     for name, (insts, labels) in functions(sass).items():
         if not re.search(a.kernel, name):
+            continue
+        if a.inflight:
+            loads = inflight(insts, labels)
+            alone = [o for o, n, read, _ in loads if read and n == 0]
+            print(f"{name}: {len(loads)} global loads, {len(alone)} read before another load is issued")
+            for lo, hi, depth, _ in loops(insts, labels):
+                # By width: a kernel's wide and narrow paths are usually alternatives, not issued together.
+                for size in sorted({b for o, _, r, b in loads if lo <= o <= hi and r}, reverse=True):
+                    inner = [n for o, n, read, b in loads if lo <= o <= hi and read and b == size]
+                    if len(inner) >= 2:
+                        flag = "  <- one in flight" if max(inner) == 0 else ""
+                        print(f"  {'  ' * depth}loop {lo:#x}..{hi:#x}: {len(inner)} loads of {size} bytes, issued "
+                              f"with {sorted(inner)} others in flight{flag}")
             continue
         if not a.loops:
             print(f"// {name}: {len(insts)} instructions")

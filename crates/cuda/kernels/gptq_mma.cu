@@ -152,9 +152,23 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
                 for (int r = xr0 + 2; r < nrows; r += 2)
                     cp_async16_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
             } else {
+                // Four values a lane at a time, loaded before any is stored: a store to shared memory between one
+                // load and the next (rows_of is shared too) kept them one after another, two round trips each.
                 __nv_bfloat16* xd = (__nv_bfloat16*)(ring + next_off + wbytes + sz_bytes<TPW>());
-                for (int i = lane; i < nrows * MMA_CHUNK; i += 32)
-                    xd[(i >> 7) * MMA_XS + (i & 127)] = x[(size_t)rows_of[i >> 7] * K + perm[next_k + (i & 127)]];
+                const int n = nrows * MMA_CHUNK;
+                for (int i0 = lane; i0 < n; i0 += 4 * 32) {
+                    __nv_bfloat16 v[4];
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        const int i = min(i0 + 32 * u, n - 1);
+                        v[u] = x[(size_t)rows_of[i >> 7] * K + perm[next_k + (i & 127)]];
+                    }
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        const int i = i0 + 32 * u;
+                        if (i < n) xd[(i >> 7) * MMA_XS + (i & 127)] = v[u];
+                    }
+                }
             }
             next_off += slot;
             if (next_off == ring_bytes) next_off = 0;
