@@ -11,6 +11,7 @@
 #include "common.cuh"
 
 #define SAMPLE_THREADS 1024
+#define SAMPLE_BATCH 8  // logits a thread loads at once in sample_reduce's passes
 #define SAMPLE_MAX_CANDIDATES 1024
 // Row flags: the candidates and sum_t (a sampled row); the candidates and sum_1 (logprobs).
 #define SAMPLE_WANT_T 1u
@@ -97,12 +98,23 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const u32 flags = spec[2 * row + 1];
 
     // Argmax: strictly greater wins, so each thread keeps its first; NaN and -inf never win (key of -inf).
+    // SAMPLE_BATCH values a thread loaded before any is compared (a compare and branch between one load and the
+    // next kept them one at a time: ~126 round trips a thread at a 129K vocabulary); past the row reads as -inf.
     u32 key = logit_key(NEG_INF), id = 0xffffffffu;
-    for (u32 i = tid; i < n; i += blockDim.x) {
-        const u32 k = logit_key(x[i]);
-        if (k > key) {
-            key = k;
-            id = i;
+    for (u32 i0 = tid; i0 < n; i0 += SAMPLE_BATCH * blockDim.x) {
+        float v[SAMPLE_BATCH];
+#pragma unroll
+        for (int u = 0; u < SAMPLE_BATCH; u++) {
+            const u32 i = i0 + u * blockDim.x;
+            v[u] = i < n ? x[i] : NEG_INF;
+        }
+#pragma unroll
+        for (int u = 0; u < SAMPLE_BATCH; u++) {
+            const u32 k = logit_key(v[u]);
+            if (k > key) {
+                key = k;
+                id = i0 + u * blockDim.x;
+            }
         }
     }
     block_argmax(key, id, sk, si);
@@ -116,12 +128,22 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const double inv_t = want_t ? 1.0 / (double)temperature : 1.0;
     double st = 0.0, s1 = 0.0;
     if (found) {
-        for (u32 i = tid; i < n; i += blockDim.x) {
-            const float d = x[i] - mx;  // NaN for a NaN logit, and for +inf − +inf
-            if (is_nan(d)) continue;
-            const double e1 = want_1 || inv_t == 1.0 ? exp((double)d) : 0.0;
-            s1 += e1;
-            if (want_t) st += inv_t == 1.0 ? e1 : exp(__dmul_rn((double)d, inv_t));
+        // Batched loads as above; past the row reads as NaN, which is skipped like a NaN logit.
+        for (u32 i0 = tid; i0 < n; i0 += SAMPLE_BATCH * blockDim.x) {
+            float v[SAMPLE_BATCH];
+#pragma unroll
+            for (int u = 0; u < SAMPLE_BATCH; u++) {
+                const u32 i = i0 + u * blockDim.x;
+                v[u] = i < n ? x[i] : __int_as_float(0x7fffffff);
+            }
+#pragma unroll
+            for (int u = 0; u < SAMPLE_BATCH; u++) {
+                const float d = v[u] - mx;  // NaN for a NaN logit, and for +inf − +inf
+                if (is_nan(d)) continue;
+                const double e1 = want_1 || inv_t == 1.0 ? exp((double)d) : 0.0;
+                s1 += e1;
+                if (want_t) st += inv_t == 1.0 ? e1 : exp(__dmul_rn((double)d, inv_t));
+            }
         }
     }
     st = block_sum_f64(st, sd);
