@@ -8,6 +8,7 @@
 // splits in a fixed order, so results do not depend on scheduling (no float atomics).
 // Per group the inner loop needs only Σ x·q; the zero enters once per group as z·Σx (Σx computed once per block).
 #include "common.cuh"
+#include "experts.cuh"
 
 template <int BITS>
 __device__ __forceinline__ u32 field(const u32* w, int k) {
@@ -183,14 +184,7 @@ template <typename YT>
 __device__ void reduce_silu(const float* __restrict__ partial, YT* __restrict__ h, int splits, int P, int N) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= P * N) return;
-    int p = i / N, n = i % N;
-    float g = 0.f, u = 0.f;
-    for (int s = 0; s < splits; s++) {
-        const float* row = partial + ((size_t)s * P + p) * 2 * N;
-        g += row[n];
-        u += row[N + n];
-    }
-    store(h, i, g / (1.f + __expf(-g)) * u);
+    store(h, i, expert_silu_up(partial, splits, P, N, i / N, i % N));
 }
 
 // The down reduction of the grouped experts, combined per row in slot order (deterministic):
@@ -201,17 +195,7 @@ __device__ void reduce_combine(const float* __restrict__ partial, int splits, in
                                const float* w, YT* __restrict__ out, int rows, int top_k, int shared) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * N) return;
-    int r = i / N, n = i % N;
-    const int slots = top_k + shared;
-    float acc = 0.f;
-    for (int j = 0; j < slots; j++) {
-        int p = pair_of[r * slots + j];
-        if (p < 0) continue;
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += partial[((size_t)s * P + p) * N + n];
-        acc += (j < top_k ? w[r * top_k + j] : 1.f) * v;
-    }
-    store(out, i, acc);
+    store(out, i, expert_combine(partial, splits, P, N, pair_of, w, i / N, i % N, top_k, shared));
 }
 
 #define EXPERT_REDUCE(YT, NAME)                                                                            \

@@ -22,6 +22,7 @@
 // launch. The grouped experts keep their partial sums for their own reductions (SiLU·up, the routing weights).
 #include "common.cuh"
 #include "mma_pack.cuh"
+#include "experts.cuh"
 
 #define MMA_CHUNK 128
 #define MMA_WARPS 4
@@ -405,31 +406,14 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
         if (!arrive_last(&counters[t * bx + cb], 2 * splits)) return;
         for (int i = threadIdx.x; i < np * cols; i += blockDim.x) {
             const int p = p0 + i / cols, n = n0 + i % cols;
-            if (n >= N) continue;
-            float g = 0.f, u = 0.f;
-            for (int s = 0; s < splits; s++) {
-                const float* row = partial + ((size_t)s * pairs + p) * width;
-                g += __ldcg(&row[n]);
-                u += __ldcg(&row[N + n]);
-            }
-            y[(size_t)p * N + n] = __float2bfloat16(g / (1.f + __expf(-g)) * u);
+            if (n < N) y[(size_t)p * N + n] = __float2bfloat16(expert_silu_up(partial, splits, pairs, N, p, n));
         }
         return;
     }
     if (!arrive_last(&counters[cb], *n_tiles * splits)) return;
-    const int slots = top_k + shared;
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
         const int r = i / cols, n = n0 + i % cols;
-        if (n >= N) continue;
-        float acc = 0.f;
-        for (int j = 0; j < slots; j++) {
-            const int p = pair_of[r * slots + j];
-            if (p < 0) continue;
-            float v = 0.f;
-            for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * pairs + p) * N + n]);
-            acc += (j < top_k ? rw[r * top_k + j] : 1.f) * v;
-        }
-        y[(size_t)r * N + n] = __float2bfloat16(acc);
+        if (n < N) y[(size_t)r * N + n] = __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
     }
 }
 

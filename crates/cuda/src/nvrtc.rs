@@ -15,6 +15,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("attention.cuh", include_str!("../kernels/attention.cuh")),
     ("mma_pack.cuh", include_str!("../kernels/mma_pack.cuh")),
+    ("experts.cuh", include_str!("../kernels/experts.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
