@@ -105,6 +105,22 @@ impl Act {
         Ok(v)
     }
 
+    /// Copies `src` (same dtype and length) over these values, in stream order.
+    pub fn copy_from(&mut self, gpu: &Gpu, src: &Act) -> Result<()> {
+        let s = &gpu.stream;
+        match (self, src) {
+            (Act::F32(d), Act::F32(x)) if d.len() == x.len() => s.memcpy_dtod(x, d),
+            (Act::Bf16(d), Act::Bf16(x)) if d.len() == x.len() => s.memcpy_dtod(x, d),
+            (d, _) => {
+                return Err(crate::error::Error::Shape {
+                    what: "copy",
+                    reason: format!("{:?} [{}] from {:?} [{}]", d.dtype(), d.len(), src.dtype(), src.len()),
+                });
+            }
+        }
+        .map_err(drv("copy activations"))
+    }
+
     pub fn dtype(&self) -> ActDtype {
         match self {
             Act::F32(_) => ActDtype::F32,

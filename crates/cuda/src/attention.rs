@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
@@ -26,7 +26,7 @@ const MIN_SPLIT_KEYS: usize = 64;
 /// The fewest keys per share, `PIPEMOE_FLASH_MIN_SPLIT_KEYS` (32..=4096, default 64) for a sweep on a new GPU
 /// without a rebuild: fewer shares mean longer blocks and fewer partial sums for `mla_out` to merge (at 1,024 keys
 /// and 64, a row's 16 shares write and read 4 MiB of f32 partials per layer).
-fn min_split_keys() -> usize {
+pub(crate) fn min_split_keys() -> usize {
     static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_MIN_SPLIT_KEYS", MIN_SPLIT_KEYS, 32..=4096))
 }
@@ -100,9 +100,13 @@ pub fn cache_write(
     if rows.is_empty() {
         return Ok(());
     }
-    let slots = cache.reserve(&b.gpu, rows)?;
-    // The same slots at every layer of the step, as the tables: uploaded once while recent.
-    let slots = b.gpu.uploaded_i32(&slots).map_err(m)?;
+    let slots = match cache.take_reserved(rows) {
+        Some(s) => s,
+        None => cache.reserve(&b.gpu, rows)?,
+    };
+    // The same slots at every layer of the step: the step's inputs, or uploaded once while recent.
+    let slots = crate::graph::slots(b, rows, &slots)?;
+    let slots = slots.view();
     let pool = cache.pool().ok_or_else(|| shape("cache_write", "no pool after reserving".into()))?;
     let (li, ri, ii, code) = (lora as i32, rope as i32, idim as i32, cache.dtype.code());
     let null: u64 = 0;
@@ -114,7 +118,7 @@ pub fn cache_write(
         None => l.arg(&null),
     };
     let Pool { latent: cl, k_pe: cp, index_k: ci, scales, .. } = pool;
-    l.arg(slots.as_ref()).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
+    l.arg(&slots).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
     let cfg = LaunchConfig { grid_dim: (rows.len() as u32, 3, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches cache_store_*: the sources hold rows·dim values, every slot was reserved in the pool.
     unsafe { l.launch(cfg) }.map_err(md("cache_store"))?;
@@ -158,13 +162,26 @@ pub fn mla(
     if rows.is_empty() {
         return Ok(out);
     }
+    // Dense causal attention reads the step's tables (made once for every layer); a selection's key counts are
+    // this layer's own.
     let p = b.gpu.span(|| "mla tables".into());
-    let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
-    let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();
-    let (dev, at) = upload_tables(b, &tables)?;
+    let step = selection.is_none().then(|| b.gpu.steps.inputs_for(rows)).flatten();
+    let (own, counts) = match &step {
+        Some(_) => (None, rows.iter().map(|r| r.pos + 1).collect()),
+        None => {
+            let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
+            let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();
+            (Some(upload_tables(b, &tables)?), counts)
+        }
+    };
+    let (meta, table_view) = match (&step, &own) {
+        (Some(s), _) => s.tables(),
+        (None, Some((dev, at))) => (dev.slice(..), dev.slice(*at..)),
+        (None, None) => return Err(shape("mla_attention", "no tables".into())),
+    };
     drop(p);
     let pool = cache.pool().ok_or_else(|| shape("mla_attention", "nothing cached".into()))?;
-    let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), tables: dev.as_ref(), at, selection };
+    let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), meta, tables: table_view, selection };
     let per_row = d.heads * d.kv_lora;
     let chunk = (SCRATCH_BYTES / (per_row * 4)).clamp(1, rows.len().min(MAX_GRID_Y));
     for r0 in (0..rows.len()).step_by(chunk) {
@@ -209,9 +226,9 @@ struct Step<'a> {
     pool: &'a Pool,
     /// The cache dtype's kernel code.
     code: i32,
-    /// `[meta | tables]` of the step's rows, the tables from `at`.
-    tables: &'a CudaSlice<i32>,
-    at: usize,
+    /// The step's rows' `meta` and the block tables it points into.
+    meta: CudaView<'a, i32>,
+    tables: CudaView<'a, i32>,
     selection: Option<&'a GpuSelection>,
 }
 
@@ -273,10 +290,9 @@ impl Step<'_> {
         let stride = self.selection.map_or(0, |s| s.stride() as i32);
         let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);
         let (ri, li) = (rope as i32, lora as i32);
-        let table_view = self.tables.slice(self.at..);
         let mut l = b.gpu.stream.launch_builder(f);
         l.arg(q_lat).arg(&self.q.data).arg(&pool.latent).arg(&pool.k_pe).arg(&pool.scales).arg(&self.code);
-        l.arg(self.tables).arg(&table_view);
+        l.arg(&self.meta).arg(&self.tables);
         match self.selection {
             Some(s) => l.arg(s.keys()),
             None => l.arg(&null),

@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, MlaDims, MlaPrep, MlaPrepped, RopeSpec, RouterDims,
-    Routing, Row, SeqId, SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, LayersBody, MlaDims, MlaPrep, MlaPrepped, RopeSpec,
+    RouterDims, Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -65,6 +65,13 @@ impl CudaBackend {
     /// A backend on `cuda:ordinal` with bf16 activations and an exact (f32) cache.
     pub fn new(ordinal: usize) -> crate::Result<Self> {
         Ok(Self { gpu: Arc::new(Gpu::open(ordinal)?), kv_dtype: KvDtype::F32, act: ActDtype::Bf16, cache_budget: None })
+    }
+
+    /// Records decode steps as CUDA graphs (`true`, the default unless `PIPEMOE_CUDA_GRAPHS=0`) or runs every step
+    /// as launches: the GPU's setting, so every backend on it follows.
+    pub fn with_graphs(self, graphs: bool) -> Self {
+        self.gpu.steps.set_enabled(graphs);
+        self
     }
 
     pub fn with_kv_dtype(self, kv_dtype: KvDtype) -> Self {
@@ -434,6 +441,17 @@ impl Backend for CudaBackend {
     ) -> MResult<()> {
         let _p = self.gpu.span(|| "cache_write".into());
         crate::attention::cache_write(self, cache, rows, latent, k_pe, index_k)
+    }
+
+    fn run_layers(
+        &self,
+        caches: &mut [GpuLayerCache],
+        rows: &[Row],
+        replayable: bool,
+        h: GpuTensor,
+        body: &mut LayersBody<'_, Self>,
+    ) -> MResult<GpuTensor> {
+        crate::graph::run_layers(self, caches, rows, replayable, h, body)
     }
 
     fn cache_free(&self, cache: &mut GpuLayerCache, seq: SeqId) {

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use pipemoe_model::backend::{IndexerDims, MlaDims, Row, SeqId};
@@ -86,7 +87,12 @@ pub struct Pool {
     /// `[slots, 3]`: latent, k_pe, indexer-key scale of each slot.
     pub scales: CudaSlice<f32>,
     blocks: usize,
+    /// This allocation's number in the process (a recorded step replays only over the pools it was recorded with).
+    pub id: u64,
 }
+
+/// Pool allocations so far in this process.
+static POOL_IDS: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Default)]
 struct SeqTable {
@@ -105,6 +111,8 @@ pub struct GpuLayerCache {
     /// Unused block ids, the lowest last (handed out first).
     free: Vec<u32>,
     seqs: HashMap<SeqId, SeqTable>,
+    /// A step's rows and slots reserved ahead of its `cache_write` ([`GpuLayerCache::reserve_ahead`]).
+    reserved: Option<(Vec<Row>, Vec<i32>)>,
 }
 
 /// One step's rows as kernels read them: `meta[r] = (pos, table start, key count, 0)` and the block tables of the
@@ -137,6 +145,7 @@ impl GpuLayerCache {
             pool: None,
             free: Vec::new(),
             seqs: HashMap::new(),
+            reserved: None,
         }
     }
 
@@ -166,6 +175,9 @@ impl GpuLayerCache {
 
     /// Drops a sequence and returns its blocks to the pool.
     pub fn free(&mut self, seq: SeqId) {
+        if self.reserved.as_ref().is_some_and(|(rows, _)| rows.iter().any(|r| r.seq == seq)) {
+            self.reserved = None;
+        }
         if let Some(t) = self.seqs.remove(&seq) {
             self.free.extend(t.blocks);
             // Lowest ids last, so reuse stays compact (and deterministic).
@@ -205,6 +217,27 @@ impl GpuLayerCache {
         Ok(slots)
     }
 
+    /// Reserves a step's slots before its layers run (a stage reserves every layer's first, so growing a pool or
+    /// refusing a full cache happens before any launch); the step's `cache_write` of the same rows takes them
+    /// ([`GpuLayerCache::take_reserved`]) instead of reserving again.
+    pub fn reserve_ahead(&mut self, gpu: &Gpu, rows: &[Row]) -> MResult<Vec<i32>> {
+        self.reserved = None;
+        let slots = self.reserve(gpu, rows)?;
+        self.reserved = Some((rows.to_vec(), slots.clone()));
+        Ok(slots)
+    }
+
+    /// The slots [`GpuLayerCache::reserve_ahead`] reserved for exactly these rows, once.
+    pub fn take_reserved(&mut self, rows: &[Row]) -> Option<Vec<i32>> {
+        match self.reserved.take() {
+            Some((r, slots)) if r == rows => Some(slots),
+            other => {
+                self.reserved = other;
+                None
+            }
+        }
+    }
+
     /// Makes `needed` blocks free: the whole budget on first use, or (without one) a doubled pool; else
     /// `CacheFull`.
     fn grow(&mut self, gpu: &Gpu, needed: usize) -> MResult<()> {
@@ -238,6 +271,7 @@ impl GpuLayerCache {
             index_k: regrow(gpu, prev.as_ref().map(|p| &p.index_k), old * idim, (new * idim).max(1))?,
             scales: regrow(gpu, prev.as_ref().map(|p| &p.scales), old * 3, new * 3)?,
             blocks: want,
+            id: POOL_IDS.fetch_add(1, Ordering::Relaxed),
         };
         self.pool = Some(grown);
         // New ids above the old ones, lowest last.
@@ -267,6 +301,44 @@ impl GpuLayerCache {
             meta.extend([row.pos as i32, at as i32, keys as i32, 0]);
         }
         Ok(StepTables { meta, tables })
+    }
+
+    /// Table entries per sequence in [`GpuLayerCache::step_inputs`]: the most blocks any of the rows' sequences
+    /// holds, to the next power of two (a step's layout changes only when a sequence doubles).
+    pub fn table_cap(&self, rows: &[Row]) -> usize {
+        let most = rows.iter().map(|r| self.seqs.get(&r.seq).map_or(0, |t| t.blocks.len())).max().unwrap_or(0);
+        most.max(1).next_power_of_two()
+    }
+
+    /// Every input a step's kernels read, for the rows reserved at `slots`, in one buffer whose layout depends
+    /// only on the row count and `cap`: `[positions | slots | meta | tables]`, `meta` as [`StepTables`]'s (dense
+    /// causal key counts, each table start counted from the tables' first entry) and each sequence's block table
+    /// in `cap` entries of its own, in the order of the sequences' first rows (a sequence's rows are contiguous).
+    pub fn step_inputs(&self, rows: &[Row], slots: &[i32], cap: usize) -> MResult<Vec<i32>> {
+        let n = rows.len();
+        if slots.len() != n {
+            return Err(crate::backend::shape("cache", format!("{} slots for {n} rows", slots.len())));
+        }
+        let seqs = rows.iter().enumerate().filter(|&(r, row)| r == 0 || rows[r - 1].seq != row.seq).count();
+        let mut v = vec![0i32; 6 * n + seqs * cap];
+        let mut start: HashMap<SeqId, usize> = HashMap::new();
+        for (r, row) in rows.iter().enumerate() {
+            let t = self.seqs.get(&row.seq).ok_or(pipemoe_model::Error::UnknownSequence { seq: row.seq })?;
+            if row.pos >= t.len || t.blocks.len() > cap {
+                return Err(pipemoe_model::Error::CachePosition { seq: row.seq, expected: t.len, found: row.pos });
+            }
+            let next = start.len() * cap;
+            let at = *start.entry(row.seq).or_insert_with(|| {
+                for (k, &b) in t.blocks.iter().enumerate() {
+                    v[6 * n + next + k] = b as i32;
+                }
+                next
+            });
+            v[r] = row.pos as i32;
+            v[n + r] = slots[r];
+            v[2 * n + 4 * r..2 * n + 4 * r + 3].copy_from_slice(&[row.pos as i32, at as i32, row.pos as i32 + 1]);
+        }
+        Ok(v)
     }
 }
 
@@ -401,5 +473,30 @@ mod tests {
         c.free(7);
         assert_eq!(c.free, vec![7, 6, 5, 4, 3, 2, 1]);
         assert_eq!(c.positions_used(), 5);
+    }
+
+    #[test]
+    fn step_inputs_lay_out_by_row_count_and_capacity() {
+        let mut c = GpuLayerCache::new(&dims(), None, KvDtype::F32, None);
+        c.seqs.insert(7, SeqTable { blocks: vec![3, 1], len: 70 });
+        c.seqs.insert(9, SeqTable { blocks: vec![0], len: 5 });
+        let rows = [Row { seq: 7, pos: 68 }, Row { seq: 7, pos: 69 }, Row { seq: 9, pos: 4 }];
+        assert_eq!(c.table_cap(&rows), 2);
+        let v = c.step_inputs(&rows, &[196, 197, 4], 4).expect("inputs");
+        // positions | slots | meta (pos, table start, keys, 0) | two sequences' tables of 4 entries each.
+        assert_eq!(v[..6], [68, 69, 4, 196, 197, 4]);
+        assert_eq!(v[6..18], [68, 0, 69, 0, 69, 0, 70, 0, 4, 4, 5, 0]);
+        assert_eq!(v[18..], [3, 1, 0, 0, 0, 0, 0, 0]);
+        assert!(c.step_inputs(&rows, &[1, 2], 4).is_err(), "a slot per row");
+        assert!(c.step_inputs(&rows, &[1, 2, 3], 1).is_err(), "a table longer than its capacity");
+        assert!(c.step_inputs(&[Row { seq: 9, pos: 5 }], &[5], 4).is_err(), "not yet reserved");
+        // Slots reserved ahead go to the write of the same rows only, once; freeing a sequence drops them.
+        c.reserved = Some((rows.to_vec(), vec![196, 197, 4]));
+        assert_eq!(c.take_reserved(&rows[..2]), None);
+        assert_eq!(c.take_reserved(&rows), Some(vec![196, 197, 4]));
+        assert_eq!(c.take_reserved(&rows), None);
+        c.reserved = Some((rows.to_vec(), vec![196, 197, 4]));
+        c.free(9);
+        assert_eq!(c.take_reserved(&rows), None);
     }
 }

@@ -57,6 +57,8 @@ pub struct Gpu {
     /// Arrival counters of split launches (the tensor-core GEMV's last block adds the splits of its column
     /// range): zero between launches, as each launch's last block leaves its counter.
     pub(crate) counters: CudaSlice<i32>,
+    /// The running step's inputs and the recorded steps (`graph.rs`).
+    pub steps: crate::graph::Steps,
 }
 
 /// A function and shape of `Gpu::resident_blocks`: the caller's three numbers, block threads, shared bytes.
@@ -156,6 +158,7 @@ impl Gpu {
             ipc: Default::default(),
             recent: Default::default(),
             counters,
+            steps: Default::default(),
         })
     }
 
@@ -218,17 +221,27 @@ impl Gpu {
         Some(n)
     }
 
-    /// `v` on the device, uploaded once while it is among the last few such values (never write to it).
+    /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).
+    pub fn profiling(&self) -> bool {
+        self.profiler.on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `v` on the device, uploaded once while it is among the last few such values (never write to it); a graph
+    /// being recorded keeps what it reads.
     pub fn uploaded_i32(&self, v: &[i32]) -> Result<Arc<CudaSlice<i32>>> {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        recall(&mut r.i32s, v.to_vec(), || self.stream.clone_htod(v).map_err(drv("upload")))
+        let v = recall(&mut r.i32s, v.to_vec(), || self.stream.clone_htod(v).map_err(drv("upload")))?;
+        self.steps.keep_if_capturing(v.clone());
+        Ok(v)
     }
 
     /// As `uploaded_i32`, for f32 values (compared bit for bit).
     pub fn uploaded_f32(&self, v: &[f32]) -> Result<Arc<CudaSlice<f32>>> {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         let key: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
-        recall(&mut r.f32s, key, || self.stream.clone_htod(v).map_err(drv("upload")))
+        let v = recall(&mut r.f32s, key, || self.stream.clone_htod(v).map_err(drv("upload")))?;
+        self.steps.keep_if_capturing(v.clone());
+        Ok(v)
     }
 
     /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.

@@ -9,6 +9,7 @@
 //! - `backend`: `CudaBackend`, the model's backend trait on one GPU.
 //! - `cache`: the block-paged latent cache; `attention`: cache writes and tiled MLA attention over it;
 //!   `indexer`: the V3.2 indexer's scores and top-k, its selection kept on the device.
+//! - `graph`: a stage's step: cache slots reserved first, its inputs uploaded once, decode steps as CUDA graphs.
 //! - `profile`: per-op device and host time of a step, for benchmarks.
 
 pub mod act;
@@ -20,6 +21,7 @@ pub mod experts;
 pub mod gemm;
 pub mod gemv;
 pub mod gpu;
+pub mod graph;
 pub mod indexer;
 pub mod ipc;
 pub mod mma;

@@ -19,7 +19,7 @@ const SPARE_EVENTS: usize = 1024;
 
 #[derive(Default)]
 pub struct Profiler {
-    on: AtomicBool,
+    pub(crate) on: AtomicBool,
     /// Spans open now: an op called inside another (the experts' per-expert linears on the prefill path) is
     /// counted in the outer one only.
     depth: AtomicUsize,

@@ -62,7 +62,8 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
     if x.cols != spec.heads * spec.head_dim || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
         return Err(shape("rope", format!("{spec:?} for [{}, {}]", x.rows, x.cols)));
     }
-    let pos = b.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
+    let positions = crate::graph::positions(b, rows)?;
+    let pos = positions.view();
     let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
     let (r, h, d, o, hf, il) = (
         x.rows as i32,
@@ -73,7 +74,7 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
         i32::from(spec.interleaved),
     );
     let mut l = b.gpu.stream.launch_builder(b.op("rope", &x.data)?);
-    l.arg(&mut x.data).arg(pos.as_ref()).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
+    l.arg(&mut x.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
     // SAFETY: matches rope_*; shapes checked above.
     unsafe { l.launch(crate::backend::grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
     Ok(())
@@ -115,7 +116,8 @@ pub(crate) fn mla_prep(
     let mut latent = b.output(n, lora)?;
     let mut k_pe = b.output(n, rope)?;
     let mut key = p.index_key.map(|_| b.output(n, idx)).transpose()?;
-    let pos = b.gpu.uploaded_i32(&rows.iter().map(|r| r.pos as i32).collect::<Vec<_>>()).map_err(m)?;
+    let positions = crate::graph::positions(b, rows)?;
+    let pos = positions.view();
     let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
     let (qi, li, ri, ii, hi, null) = (q_a as i32, lora as i32, rope as i32, idx as i32, half as i32, 0u64);
     let mut l = b.gpu.stream.launch_builder(b.op("mla_prep", &proj.data)?);
@@ -129,7 +131,7 @@ pub(crate) fn mla_prep(
         Some((_, w, bias)) => l.arg(w).arg(bias),
         None => l.arg(&null).arg(&null),
     };
-    l.arg(&p.eps).arg(pos.as_ref()).arg(freq.as_ref()).arg(&hi);
+    l.arg(&p.eps).arg(&pos).arg(freq.as_ref()).arg(&hi);
     match &mut q_out {
         Some(t) => l.arg(&mut t.data),
         None => l.arg(&null),

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 
 use common::*;
 use pipemoe_cuda::{ActDtype, CudaBackend};
+use pipemoe_model::backend::Backend;
 use pipemoe_model::{ModelConfig, Row, SliceSpec, Stage, StageInput};
 
 fn models() -> PathBuf {
@@ -231,4 +232,57 @@ fn bf16_prefill_in_one_step_matches_chunks_of_16() {
         }
     }
     assert!(failed.is_empty(), "bf16 prefill out of bounds: {failed:?}");
+}
+
+/// Decode steps recorded as CUDA graphs and replayed give what the same steps give as launches, bit for bit: the
+/// same kernels on the same inputs, and no kernel sums with float atomics. One sequence, then three decoding
+/// together, past 64 positions (the tables' capacity and the flash kernel's key shares change, so steps are
+/// recorded anew) and, with the V3.2 demo, past its indexer's top-k of 32 (steps that select keys run as
+/// launches, the ones before replay).
+#[test]
+fn decode_steps_replayed_as_graphs_match_launches() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("gpu");
+    for (name, act) in
+        [("rand-dsv3-w3a16", ActDtype::Bf16), ("tiny-dsv32-w3a16", ActDtype::Bf16), ("rand-dsv3-w3a16", ActDtype::F32)]
+    {
+        let dir = models().join(name);
+        let cfg = ModelConfig::from_dir(&dir).expect("config");
+        let run = |graphs: bool| -> (Vec<Vec<f32>>, usize) {
+            let b = gpu.clone().with_act_dtype(act).with_graphs(graphs);
+            let replayed = b.gpu.steps.replayed();
+            let mut st = Stage::open(b, &dir, SliceSpec::full(&cfg)).expect("loads");
+            let token = |seq: u64, pos: usize| ((pos * 7 + seq as usize * 13) % cfg.vocab_size) as u32;
+            let mut out = Vec::new();
+            let mut len = [0usize; 3];
+            for (seq, n) in [(0u64, 5usize), (1, 9), (2, 20)] {
+                let rows: Vec<Row> = (0..n).map(|pos| Row { seq, pos }).collect();
+                let ids: Vec<u32> = rows.iter().map(|r| token(seq, r.pos)).collect();
+                st.forward(&rows, StageInput::Tokens(&ids)).expect("prefill");
+                len[seq as usize] = n;
+            }
+            for step in 0..90 {
+                let seqs: &[u64] = if step < 30 { &[0] } else { &[0, 1, 2] };
+                let rows: Vec<Row> = seqs.iter().map(|&seq| Row { seq, pos: len[seq as usize] }).collect();
+                let ids: Vec<u32> = rows.iter().map(|r| token(r.seq, r.pos)).collect();
+                let h = st.forward(&rows, StageInput::Tokens(&ids)).expect("decode");
+                out.push(st.backend().download(&h).expect("download"));
+                for r in &rows {
+                    len[r.seq as usize] += 1;
+                }
+            }
+            (out, st.backend().gpu.steps.replayed() - replayed)
+        };
+        let (launched, none) = run(false);
+        let (replayed, steps) = run(true);
+        eprintln!("{name} {act:?}: {steps} of {} decode steps replayed as graphs", launched.len());
+        assert_eq!(none, 0, "{name}: graphs off, yet steps replayed");
+        assert!(steps >= 20, "{name}: only {steps} steps replayed");
+        for (k, (a, b)) in launched.iter().zip(&replayed).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name} {act:?}: decode step {k} differs replayed (rel L2 {:.2e})", rel_l2(b, a));
+        }
+    }
 }

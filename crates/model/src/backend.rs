@@ -186,6 +186,10 @@ pub struct SharedActivations {
     pub keep: Box<dyn std::any::Any + Send>,
 }
 
+/// A step's layers over the residual stream with their caches ([`Backend::run_layers`]).
+pub type LayersBody<'a, B> =
+    dyn FnMut(&mut <B as Backend>::Tensor, &mut [<B as Backend>::LayerCache]) -> Result<()> + 'a;
+
 /// The fused operations of the forward pass.
 pub trait Backend: Send + Sync {
     type Tensor: Send;
@@ -350,6 +354,25 @@ pub trait Backend: Send + Sync {
         let h = self.silu_mul(&self.linear(x, &shared.gate)?, &self.linear(x, &shared.up)?)?;
         self.add_assign(&mut y, &self.linear(&h, &shared.down)?)?;
         Ok(y)
+    }
+
+    /// One step of a stage's layers: `body` runs them over the residual stream `h` with their caches. A backend
+    /// may reserve the rows' cache slots in every layer first, put the step's inputs on the device once for all
+    /// layers, and replay the launches of an earlier step of the same shape instead of running `body` (CUDA
+    /// graphs), so `body` must change nothing on the host that a later step relies on. `replayable`: no layer
+    /// depends on more than the rows' shape and positions this step (no indexer selection).
+    fn run_layers(
+        &self,
+        caches: &mut [Self::LayerCache],
+        rows: &[Row],
+        replayable: bool,
+        h: Self::Tensor,
+        body: &mut LayersBody<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let _ = (rows, replayable);
+        let mut h = h;
+        body(&mut h, caches)?;
+        Ok(h)
     }
 
     /// Shares `x` with another process without a copy through the host; `None` when this backend cannot.

@@ -140,7 +140,7 @@ impl<B: Backend> Stage<B> {
     pub fn forward(&mut self, rows: &[Row], input: StageInput<'_, B>) -> Result<B::Tensor> {
         self.check_rows(rows)?;
         let b = &self.backend;
-        let mut h = match (input, &self.embed) {
+        let h = match (input, &self.embed) {
             (StageInput::Tokens(ids), Some(table)) => {
                 if ids.len() != rows.len() {
                     return Err(Error::Slice { reason: format!("{} token ids for {} rows", ids.len(), rows.len()) });
@@ -159,14 +159,19 @@ impl<B: Backend> Stage<B> {
                 h
             }
         };
-        let mut pending = None;
-        for (layer, cache) in self.layers.iter().zip(self.caches.iter_mut()) {
-            pending = Some(layer.forward(b, &mut h, pending.take(), cache, &self.inv_freq, rows)?);
-        }
-        if let Some(f) = pending {
-            b.add_assign(&mut h, &f)?;
-        }
-        Ok(h)
+        let (layers, inv_freq) = (&self.layers, &self.inv_freq);
+        let replayable = layers.iter().all(|l| l.attn.indexer.as_ref().is_none_or(|ix| !ix.selects(rows)));
+        let mut body = |h: &mut B::Tensor, caches: &mut [B::LayerCache]| -> Result<()> {
+            let mut pending = None;
+            for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
+                pending = Some(layer.forward(b, h, pending.take(), cache, inv_freq, rows)?);
+            }
+            if let Some(f) = pending {
+                b.add_assign(h, &f)?;
+            }
+            Ok(())
+        };
+        b.run_layers(&mut self.caches, rows, replayable, h, &mut body)
     }
 
     /// Final norm and `lm_head` on the rows `which` of `hidden`: logits `[which.len(), vocab]` on the host.

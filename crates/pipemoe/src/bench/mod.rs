@@ -206,6 +206,10 @@ pub struct Measured {
     pub decode: stage::Times,
     /// The host's time to queue each of those steps' launches.
     pub decode_issued: stage::Times,
+    /// The same decode as launches, CUDA graphs off (when they were on), and its host queueing time.
+    pub decode_launches: Option<(stage::Times, stage::Times)>,
+    /// Decode steps of the timed runs replayed as CUDA graphs.
+    pub graph_replays: usize,
     pub streams_context: usize,
     pub streams_prefill_seconds: f64,
     pub streams_decode: Option<stage::Times>,
@@ -265,11 +269,27 @@ fn measure(
     let decode = stage::Times::of(run.decode(&[1], 3, args.steps)?);
     let issued = run.take_issued();
     let decode_issued = stage::Times::of(issued[issued.len().saturating_sub(args.steps)..].to_vec());
+    let graph_replays = backend.gpu.steps.replayed();
     eprintln!(
-        "bench: decode {:.3} ms/step, its launches queued by the host in {:.3} ms",
+        "bench: decode {:.3} ms/step, queued by the host in {:.3} ms ({graph_replays} of {} steps replayed as CUDA \
+         graphs)",
         decode.median * 1e3,
-        decode_issued.median * 1e3
+        decode_issued.median * 1e3,
+        args.steps + 3
     );
+    // The same steps as launches: what the graphs save, in the same run.
+    let decode_launches = if backend.gpu.steps.enabled() {
+        backend.gpu.steps.set_enabled(false);
+        let t = run.decode(&[1], 3, args.steps).map(stage::Times::of);
+        backend.gpu.steps.set_enabled(true);
+        let t = t?;
+        let issued = run.take_issued();
+        let q = stage::Times::of(issued[issued.len().saturating_sub(args.steps)..].to_vec());
+        eprintln!("bench: decode as launches {:.3} ms/step, queued in {:.3} ms", t.median * 1e3, q.median * 1e3);
+        Some((t, q))
+    } else {
+        None
+    };
     let profile = if args.profile {
         backend.gpu.profile_start();
         let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
@@ -317,6 +337,8 @@ fn measure(
         prefill_chunks,
         decode,
         decode_issued,
+        decode_launches,
+        graph_replays,
         streams_context,
         streams_prefill_seconds,
         streams_decode,

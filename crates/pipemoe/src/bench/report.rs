@@ -71,6 +71,14 @@ impl Report {
             floor: format!("{:.3} ms ({:.2} GB)", floor1 * 1e3, b1 / 1e9),
             ratio: Some(eff),
         });
+        if let Some((t, _)) = &m.decode_launches {
+            lines.push(Line {
+                what: "  same, as launches (CUDA graphs off)".into(),
+                measured: format!("{:.3} ms/step = {:.1} tok/s", t.median * 1e3, 1.0 / t.median),
+                floor: format!("{:.3} ms", floor1 * 1e3),
+                ratio: Some(floor1 / t.median),
+            });
+        }
         // (b) batched decode
         let streams = m.streams_decode.as_ref().map(|t| {
             let bytes_b = bytes.decode_step(args.streams, m.streams_context);
@@ -265,7 +273,9 @@ impl Report {
             "load_seconds": m.load_seconds,
             "decode": {"median_s": m.decode.median, "mean_s": m.decode.mean, "min_s": m.decode.min,
                        "max_s": m.decode.max, "steps": m.decode.n, "tokens_per_s": 1.0 / m.decode.median,
-                       "host_queued_median_s": m.decode_issued.median,
+                       "host_queued_median_s": m.decode_issued.median, "graph_replays": m.graph_replays,
+                       "launches_median_s": m.decode_launches.as_ref().map(|t| t.0.median),
+                       "launches_host_queued_median_s": m.decode_launches.as_ref().map(|t| t.1.median),
                        "bytes": b1, "floor_s": floor1, "fraction_of_floor": eff},
             "streams": streams.as_ref().map(|(t, bb, fb)| json!({
                 "streams": args.streams, "median_s": t.median, "mean_s": t.mean,
