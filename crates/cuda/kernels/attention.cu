@@ -229,7 +229,9 @@ __device__ void mla_flash(const float* q_lat,     // [n_rows, heads, lora]
     S* ct = (S*)(slot + KT);           // [KT][CS]
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
     const int h0 = blockIdx.x * H, warp = threadIdx.x / 32, lane = threadIdx.x & 31, h = h0 + warp;
-    const int pos = meta[r * 4], n = meta[r * 4 + 2];
+    // A selection holds at most key_stride keys a row: a step's tables count every causal key (pos + 1), which
+    // serve the dense and the selecting layers alike.
+    const int pos = meta[r * 4], n = keys ? min(meta[r * 4 + 2], key_stride) : meta[r * 4 + 2];
     const int* table = tables + meta[r * 4 + 1];
     const int* kr = keys ? keys + (size_t)r * key_stride : nullptr;
     const int per = ((n + KT - 1) / KT + splits - 1) / splits;

@@ -73,7 +73,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
     const int h0 = blockIdx.x * MLA_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int group = lane >> 2, quad = lane & 3;
-    const int pos = meta[r * 4], n = meta[r * 4 + 2];
+    // A selection holds at most key_stride keys a row: a step's tables count every causal key (pos + 1), which
+    // serve the dense and the selecting layers alike.
+    const int pos = meta[r * 4], n = keys ? min(meta[r * 4 + 2], key_stride) : meta[r * 4 + 2];
     const int* table = tables + meta[r * 4 + 1];
     const int* kr = keys ? keys + (size_t)r * key_stride : nullptr;
     const int per = ((n + FM_KT - 1) / FM_KT + splits - 1) / splits;

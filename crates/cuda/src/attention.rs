@@ -162,12 +162,16 @@ pub fn mla(
     if rows.is_empty() {
         return Ok(out);
     }
-    // Dense causal attention reads the step's tables (made once for every layer); a selection's key counts are
-    // this layer's own.
+    // The step's tables (made once for every layer) serve dense attention and the indexer's selection, whose
+    // kernels take at most its stride of keys a row: its counts when it chose for every row of the step.
     let p = b.gpu.span(|| "mla tables".into());
-    let step = selection.is_none().then(|| b.gpu.steps.inputs_for(rows)).flatten();
+    let counts: Vec<usize> = match selection {
+        Some(s) => rows.iter().map(|r| (r.pos + 1).min(s.stride())).collect(),
+        None => rows.iter().map(|r| r.pos + 1).collect(),
+    };
+    let step = b.gpu.steps.inputs_for(rows).filter(|_| selection.is_none_or(|s| s.counts() == counts));
     let (own, counts) = match &step {
-        Some(_) => (None, rows.iter().map(|r| r.pos + 1).collect()),
+        Some(_) => (None, counts),
         None => {
             let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
             let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();

@@ -447,11 +447,11 @@ impl Backend for CudaBackend {
         &self,
         caches: &mut [GpuLayerCache],
         rows: &[Row],
-        replayable: bool,
+        variant: u64,
         h: GpuTensor,
         body: &mut LayersBody<'_, Self>,
     ) -> MResult<GpuTensor> {
-        crate::graph::run_layers(self, caches, rows, replayable, h, body)
+        crate::graph::run_layers(self, caches, rows, variant, h, body)
     }
 
     fn cache_free(&self, cache: &mut GpuLayerCache, seq: SeqId) {

@@ -10,9 +10,13 @@
 //! key copies its inputs and residual stream into those buffers, launches the graph and copies the stream back:
 //! three copies and one launch instead of ~25 launches a layer, and no gaps between kernels on the device.
 //!
+//! The V3.2 indexer reads the same tables (its scores' row stride is the tables' capacity in positions, so it does
+//! not change every step) and attention over its selection counts at most the selection's keys a row; which
+//! layers select is the stage's `variant`, part of the key.
+//!
 //! Anything a capture cannot hold (an upload from host memory, a synchronization) fails the capture, not the step:
-//! the key is refused and the step runs as launches. Steps whose layers select keys (the V3.2 indexer past its
-//! top-k), with more than [`GRAPH_ROWS`] rows, or while profiling, always run as launches.
+//! the key is refused and the step runs as launches. Steps of more than [`GRAPH_ROWS`] rows, or profiled, always
+//! run as launches.
 
 use std::any::Any;
 use std::ops::Range;
@@ -47,6 +51,8 @@ pub struct GraphKey {
     shares: usize,
     /// Each layer's cache pool.
     pools: Vec<u64>,
+    /// The stage's path through its layers (`Backend::run_layers`).
+    variant: u64,
 }
 
 /// The step's inputs on the device (`[positions | slots | meta | tables]`, `GpuLayerCache::step_inputs`).
@@ -54,6 +60,8 @@ pub struct StepInputs {
     rows: Vec<Row>,
     slots: Vec<i32>,
     buf: Arc<CudaSlice<i32>>,
+    /// Table entries per sequence.
+    pub cap: usize,
 }
 
 impl StepInputs {
@@ -187,7 +195,7 @@ pub fn run_layers(
     b: &CudaBackend,
     caches: &mut [GpuLayerCache],
     rows: &[Row],
-    replayable: bool,
+    variant: u64,
     mut h: GpuTensor,
     body: &mut LayersBody<'_, CudaBackend>,
 ) -> MResult<GpuTensor> {
@@ -219,10 +227,11 @@ pub fn run_layers(
         inputs: packed.len(),
         shares: max_keys.div_ceil(min_split_keys()).min(MAX_SPLITS),
         pools: caches.iter().map(|c| c.pool().map_or(0, |p| p.id)).collect(),
+        variant,
     };
-    let step = |buf: Arc<CudaSlice<i32>>| Arc::new(StepInputs { rows: rows.to_vec(), slots: slots.clone(), buf });
+    let step = |buf: Arc<CudaSlice<i32>>| Arc::new(StepInputs { rows: rows.to_vec(), slots: slots.clone(), buf, cap });
     let steps = &b.gpu.steps;
-    if steps.enabled() && replayable && rows.len() <= GRAPH_ROWS && !b.gpu.profiling() {
+    if steps.enabled() && rows.len() <= GRAPH_ROWS && !b.gpu.profiling() {
         let mut g = steps.graphs.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = g.recorded.iter().position(|r| r.key == key) {
             let mut r = g.recorded.remove(i);

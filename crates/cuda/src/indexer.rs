@@ -3,12 +3,12 @@
 //! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
 //! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
 use crate::attention::{MAX_GRID_Y, scratch, smem_cfg, upload_tables};
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
-use crate::cache::{GpuLayerCache, StepTables};
+use crate::cache::{BLOCK, GpuLayerCache, StepTables};
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
 const KEYS_PER_BLOCK: usize = 64;
@@ -91,10 +91,24 @@ pub fn indexer_select(
     if rows.is_empty() {
         return Ok(GpuSelection { keys, counts, stride });
     }
-    let tables = cache.step_tables(rows, None)?;
-    let (dev, at) = upload_tables(b, &tables)?;
+    // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
+    // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
+    // each row's own count).
+    let step = b.gpu.steps.inputs_for(rows);
+    let own = match &step {
+        Some(_) => None,
+        None => Some(upload_tables(b, &cache.step_tables(rows, None)?)?),
+    };
+    let (meta, table_view) = match (&step, &own) {
+        (Some(s), _) => s.tables(),
+        (None, Some((dev, at))) => (dev.slice(..), dev.slice(*at..)),
+        (None, None) => return Err(shape("indexer_select", "no tables".into())),
+    };
     let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
-    let widths: Vec<usize> = rows.iter().map(|r| r.pos + 1).collect();
+    let widths: Vec<usize> = match &step {
+        Some(s) => vec![s.cap * BLOCK; rows.len()],
+        None => rows.iter().map(|r| r.pos + 1).collect(),
+    };
     let mut r0 = 0;
     while r0 < rows.len() {
         let (n, width) = chunk(&widths[r0..]);
@@ -106,21 +120,14 @@ pub fn indexer_select(
             let cfg = smem_cfg(b, f, grid, 256, floats * 4)?;
             let (code, row0, heads, dim) = (cache.dtype.code(), r0 as i32, d.heads as i32, d.head_dim as i32);
             let (topk, width_i) = (d.topk as i32, width as i32);
-            let table_view = dev.slice(at..);
             let mut l = b.gpu.stream.launch_builder(f);
-            l.arg(&q.data)
-                .arg(&w.data)
-                .arg(&pool.index_k)
-                .arg(&pool.scales)
-                .arg(&code)
-                .arg(dev.as_ref())
-                .arg(&table_view);
+            l.arg(&q.data).arg(&w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(&meta).arg(&table_view);
             l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width_i).arg(&mut scores);
             // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
             // scores hold n rows of `width` ≥ every row's key count.
             unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
         }
-        TopK { scores: &scores, width, meta: &dev, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
+        TopK { scores: &scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
         r0 += n;
     }
     Ok(GpuSelection { keys, counts, stride })
@@ -144,7 +151,7 @@ struct TopK<'a> {
     scores: &'a CudaSlice<f32>,
     width: usize,
     /// The step's row descriptors (`StepTables::meta`, uploaded).
-    meta: &'a CudaSlice<i32>,
+    meta: &'a CudaView<'a, i32>,
     row0: usize,
     rows: usize,
     topk: usize,
@@ -179,7 +186,7 @@ pub fn top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<
     let stride = topk.max(1);
     let mut keys = b.gpu.stream.alloc_zeros::<i32>((scores.len() * stride).max(1)).map_err(md("alloc selection"))?;
     if !scores.is_empty() {
-        TopK { scores: &dev, width, meta: &meta, row0: 0, rows: scores.len(), topk }.run(b, &mut keys)?;
+        TopK { scores: &dev, width, meta: &meta.slice(..), row0: 0, rows: scores.len(), topk }.run(b, &mut keys)?;
     }
     let counts = scores.iter().map(|s| s.len().min(topk)).collect();
     GpuSelection { keys, counts, stride }.to_host(b)

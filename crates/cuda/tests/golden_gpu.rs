@@ -237,8 +237,8 @@ fn bf16_prefill_in_one_step_matches_chunks_of_16() {
 /// Decode steps recorded as CUDA graphs and replayed give what the same steps give as launches, bit for bit: the
 /// same kernels on the same inputs, and no kernel sums with float atomics. One sequence, then three decoding
 /// together, past 64 positions (the tables' capacity and the flash kernel's key shares change, so steps are
-/// recorded anew) and, with the V3.2 demo, past its indexer's top-k of 32 (steps that select keys run as
-/// launches, the ones before replay).
+/// recorded anew) and, with the V3.2 demo, past its indexer's top-k of 32 (steps that select keys are recorded
+/// apart from those that do not).
 #[test]
 fn decode_steps_replayed_as_graphs_match_launches() {
     if no_gpu() {
@@ -279,7 +279,7 @@ fn decode_steps_replayed_as_graphs_match_launches() {
         let (replayed, steps) = run(true);
         eprintln!("{name} {act:?}: {steps} of {} decode steps replayed as graphs", launched.len());
         assert_eq!(none, 0, "{name}: graphs off, yet steps replayed");
-        assert!(steps >= 20, "{name}: only {steps} steps replayed");
+        assert!(steps >= 70, "{name}: only {steps} steps replayed");
         for (k, (a, b)) in launched.iter().zip(&replayed).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             assert!(same, "{name} {act:?}: decode step {k} differs replayed (rel L2 {:.2e})", rel_l2(b, a));

@@ -359,17 +359,18 @@ pub trait Backend: Send + Sync {
     /// One step of a stage's layers: `body` runs them over the residual stream `h` with their caches. A backend
     /// may reserve the rows' cache slots in every layer first, put the step's inputs on the device once for all
     /// layers, and replay the launches of an earlier step of the same shape instead of running `body` (CUDA
-    /// graphs), so `body` must change nothing on the host that a later step relies on. `replayable`: no layer
-    /// depends on more than the rows' shape and positions this step (no indexer selection).
+    /// graphs), so `body` must change nothing on the host that a later step relies on. `variant` tells apart the
+    /// paths the layers may take for rows of one shape (the stage passes how many layers' indexers select keys):
+    /// a step replays only a recording of its own variant.
     fn run_layers(
         &self,
         caches: &mut [Self::LayerCache],
         rows: &[Row],
-        replayable: bool,
+        variant: u64,
         h: Self::Tensor,
         body: &mut LayersBody<'_, Self>,
     ) -> Result<Self::Tensor> {
-        let _ = (rows, replayable);
+        let _ = (rows, variant);
         let mut h = h;
         body(&mut h, caches)?;
         Ok(h)

@@ -160,7 +160,7 @@ impl<B: Backend> Stage<B> {
             }
         };
         let (layers, inv_freq) = (&self.layers, &self.inv_freq);
-        let replayable = layers.iter().all(|l| l.attn.indexer.as_ref().is_none_or(|ix| !ix.selects(rows)));
+        let selecting = layers.iter().filter(|l| l.attn.indexer.as_ref().is_some_and(|ix| ix.selects(rows))).count();
         let mut body = |h: &mut B::Tensor, caches: &mut [B::LayerCache]| -> Result<()> {
             let mut pending = None;
             for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
@@ -171,7 +171,7 @@ impl<B: Backend> Stage<B> {
             }
             Ok(())
         };
-        b.run_layers(&mut self.caches, rows, replayable, h, &mut body)
+        b.run_layers(&mut self.caches, rows, selecting as u64, h, &mut body)
     }
 
     /// Final norm and `lm_head` on the rows `which` of `hidden`: logits `[which.len(), vocab]` on the host.
