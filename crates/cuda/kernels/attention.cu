@@ -445,9 +445,11 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
 }
 
 // I(t) = Σ_h w[h] · relu(q[h] · k[t]) for keys t ≤ pos of rows row0 + r that have more than topk keys (the others
-// take every key and are skipped). grid (⌈stride / IDX_KEYS⌉, n_rows), block 256: a warp per key at a time, a lane
-// per head. Shared: q [heads][dim + 1] (padded: lanes read their heads without bank conflicts), w [heads],
-// one key per warp [8][dim].
+// take every key and are skipped). grid (⌈stride / IDX_KEYS⌉, n_rows), block 256 = 8 warps: a lane per key, the
+// warps split as 2 halves of the block's 64 keys × 4 groups of heads, each lane 16 heads at a time in registers
+// (so the sums over dim are 16 independent chains, not one). Shared (f32): q transposed [dim][hp] (hp = heads to
+// a multiple of 16, zeros past heads: 16-byte broadcast loads), the keys transposed [dim][IDX_KEYS + 1] (padded:
+// stores and loads without bank conflicts), w [hp], and each head group's partial sums [4][IDX_KEYS].
 template <typename T>
 __device__ void indexer_scores(const T* q,           // [rows, heads, dim], roped
                                const T* w,           // [rows, heads], scaled
@@ -456,36 +458,59 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
                                int dtype, const int* meta, const int* tables, int row0, int heads, int dim,
                                int topk, int stride,
                                float* scores) {      // [n_rows, stride]
-    extern __shared__ float sm[];
+    extern __shared__ __align__(16) float sm[];
     const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
     if (n <= topk || (int)blockIdx.x * IDX_KEYS >= n) return;
-    const int ds = dim + 1;
-    float* qs = sm;
-    float* ws = qs + heads * ds;
-    float* ks = ws + heads;
-    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x)
-        qs[(i / dim) * ds + i % dim] = act_ld(q, (size_t)r * heads * dim + i);
-    for (int i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = act_ld(w, (size_t)r * heads + i);
-    __syncthreads();
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    float* kw = ks + warp * dim;
+    const int hp = (heads + 15) / 16 * 16, ks = IDX_KEYS + 1;
+    float* qt = sm;                // [dim][hp]
+    float* kt = qt + dim * hp;     // [dim][ks]
+    float* ws = kt + dim * ks;     // [hp]
+    float* part = ws + hp;         // [4][IDX_KEYS]
+    for (int i = threadIdx.x; i < hp * dim; i += blockDim.x) {
+        const int h = i % hp, d = i / hp;
+        qt[d * hp + h] = h < heads ? act_ld(q, ((size_t)r * heads + h) * dim + d) : 0.f;
+    }
+    for (int i = threadIdx.x; i < hp; i += blockDim.x) ws[i] = i < heads ? act_ld(w, (size_t)r * heads + i) : 0.f;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;
     const int* table = tables + meta[r * 4 + 1];
-    const int end = min(n, ((int)blockIdx.x + 1) * IDX_KEYS);
-    for (int t = blockIdx.x * IDX_KEYS + warp; t < end; t += warps) {
-        const int s = kv_slot(table, t);
-        const float ksc = scales[(size_t)s * 3 + 2];
-        for (int d = lane; d < dim; d += 32) kw[d] = kv_load(k_idx, (size_t)s * dim + d, dtype) * ksc;
-        __syncwarp();
-        float total = 0.f;
-        for (int hh = lane; hh < heads; hh += 32) {
-            const float* qh = qs + hh * ds;
-            float dot = 0.f;
-            for (int d = 0; d < dim; d++) dot += qh[d] * kw[d];
-            total += ws[hh] * fmaxf(dot, 0.f);
+    for (int key = warp; key < IDX_KEYS; key += 8) {
+        const int t = t0 + key;
+        if (t < n) {
+            const int s = kv_slot(table, t);
+            const float ksc = scales[(size_t)s * 3 + 2];
+            for (int d = lane; d < dim; d += 32) kt[d * ks + key] = kv_load(k_idx, (size_t)s * dim + d, dtype) * ksc;
+        } else {
+            for (int d = lane; d < dim; d += 32) kt[d * ks + key] = 0.f;
         }
-        total = warp_sum(total);
-        if (lane == 0) scores[(size_t)lr * stride + t] = total;
-        __syncwarp();  // kw is rewritten for the next key
+    }
+    __syncthreads();
+    const int key = (warp & 1) * 32 + lane, group = warp >> 1;
+    float total = 0.f;
+    for (int h0 = group * 16; h0 < hp; h0 += 64) {
+        float acc[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) acc[j] = 0.f;
+        for (int d = 0; d < dim; d++) {
+            const float kv = kt[d * ks + key];
+            const float4* qh = (const float4*)(qt + d * hp + h0);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float4 v = qh[j];
+                acc[4 * j] += v.x * kv;
+                acc[4 * j + 1] += v.y * kv;
+                acc[4 * j + 2] += v.z * kv;
+                acc[4 * j + 3] += v.w * kv;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (h0 + j < heads) total += ws[h0 + j] * fmaxf(acc[j], 0.f);
+    }
+    part[group * IDX_KEYS + key] = total;
+    __syncthreads();
+    if (threadIdx.x < IDX_KEYS && t0 + (int)threadIdx.x < n) {
+        const float* p = part + threadIdx.x;
+        scores[(size_t)lr * stride + t0 + threadIdx.x] = ((p[0] + p[IDX_KEYS]) + p[2 * IDX_KEYS]) + p[3 * IDX_KEYS];
     }
 }
 
@@ -542,19 +567,50 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
     const float* sc = scores + (size_t)lr * stride;
     u32 prefix = 0, mask = 0;
     int need = topk;  // how many keys matching the prefix are still to take
+    const int lane = threadIdx.x & 31;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const u32 k = order_key(sc[i]);
-            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
+        // Scores cluster in a few bins (the first pass sees one or two exponents): the lanes of a warp that share a
+        // bin add to it once, through their leader.
+        for (int c0 = 0; c0 < n; c0 += blockDim.x) {
+            const int i = c0 + threadIdx.x;
+            const u32 k = i < n ? order_key(sc[i]) : 0u;
+            const bool counted = i < n && (k & mask) == prefix;
+            const u32 bin = counted ? (k >> shift) & 255u : 256u + lane;
+            const u32 peers = __match_any_sync(0xffffffffu, bin);
+            if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int above = 0, d = 255;
-            while (d > 0 && above + hist[d] < need) above += hist[d--];
-            pick[0] = d;
-            pick[1] = need - above;
+        // The highest bin d ≥ 1 whose keys and those above reach `need` (else bin 0): warp 0, eight bins a lane,
+        // a suffix sum over the lanes, and the highest lane that found one.
+        if (threadIdx.x < 32) {
+            int h[8], t = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) t += h[j] = hist[lane * 8 + j];
+            int s = t;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int y = __shfl_down_sync(0xffffffffu, s, o);
+                if (lane + o < 32) s += y;
+            }
+            int run = s - t, found = -1, above = 0;
+#pragma unroll
+            for (int j = 7; j >= 0; j--) {
+                if (found < 0 && lane * 8 + j > 0 && run + h[j] >= need) {
+                    found = lane * 8 + j;
+                    above = run;
+                }
+                run += h[j];
+            }
+            const u32 any = __ballot_sync(0xffffffffu, found >= 0);
+            if (any != 0 && lane == 31 - __clz(any)) {
+                pick[0] = found;
+                pick[1] = need - above;
+            } else if (any == 0 && lane == 0) {
+                pick[0] = 0;
+                pick[1] = need - (run - h[0]);
+            }
         }
         __syncthreads();
         prefix |= (u32)pick[0] << shift;

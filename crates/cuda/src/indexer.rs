@@ -115,7 +115,9 @@ pub fn indexer_select(
         let mut scores = scratch(b, n * width)?;
         if width > d.topk {
             let f = b.f(&format!("indexer_scores_{}", q.data.dtype().suffix()))?;
-            let floats = d.heads * (d.head_dim + 1) + d.heads + 8 * d.head_dim;
+            // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/attention.cu).
+            let hp = d.heads.next_multiple_of(16);
+            let floats = d.head_dim * hp + d.head_dim * (KEYS_PER_BLOCK + 1) + hp + 4 * KEYS_PER_BLOCK;
             let grid = (width.div_ceil(KEYS_PER_BLOCK) as u32, n as u32, 1);
             let cfg = smem_cfg(b, f, grid, 256, floats * 4)?;
             let (code, row0, heads, dim) = (cache.dtype.code(), r0 as i32, d.heads as i32, d.head_dim as i32);
