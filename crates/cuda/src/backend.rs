@@ -470,7 +470,7 @@ impl Backend for CudaBackend {
         dims: &IndexerDims,
         rows: &[Row],
     ) -> MResult<GpuSelection> {
-        let _p = self.gpu.span(|| "indexer_select".into());
+        // Profiled in parts (indexer.rs): the tables, the scores, the top-k.
         crate::indexer::indexer_select(self, cache, q, w, dims, rows)
     }
 

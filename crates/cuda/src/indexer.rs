@@ -94,6 +94,7 @@ pub fn indexer_select(
     // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
     // each row's own count).
+    let p = b.gpu.span(|| "indexer tables".into());
     let step = b.gpu.steps.inputs_for(rows);
     let own = match &step {
         Some(_) => None,
@@ -104,6 +105,7 @@ pub fn indexer_select(
         (None, Some((dev, at))) => (dev.slice(..), dev.slice(*at..)),
         (None, None) => return Err(shape("indexer_select", "no tables".into())),
     };
+    drop(p);
     let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
     let widths: Vec<usize> = match &step {
         Some(s) => vec![s.cap * BLOCK; rows.len()],
@@ -114,6 +116,7 @@ pub fn indexer_select(
         let (n, width) = chunk(&widths[r0..]);
         let mut scores = scratch(b, n * width)?;
         if width > d.topk {
+            let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
             let f = b.f(&format!("indexer_scores_{}", q.data.dtype().suffix()))?;
             // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/attention.cu).
             let hp = d.heads.next_multiple_of(16);
@@ -129,6 +132,7 @@ pub fn indexer_select(
             // scores hold n rows of `width` ≥ every row's key count.
             unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
         }
+        let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
         TopK { scores: &scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
         r0 += n;
     }
