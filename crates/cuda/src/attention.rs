@@ -12,6 +12,7 @@ use pipemoe_model::backend::{MlaDims, Row};
 use crate::act::{Act, ActDtype};
 use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
+use crate::graph::StepInputs;
 use crate::indexer::GpuSelection;
 
 /// Heads per attention block (`MLA_HEADS`), rows per absorption block (`MLA_ROWS`).
@@ -63,12 +64,45 @@ fn absorb_cols(r: usize) -> usize {
     if r == 1 { 256 } else { 64 }
 }
 
-/// `[meta | tables]` on the device, and where the tables start.
-/// The step's tables on the device. Every layer of a stage builds the same ones for a step (their caches place
-/// positions alike), so the upload is kept by content and made once per step, not once per layer.
+/// `[meta | tables]` on the device, and where the tables start. Uploads of the same content are shared while
+/// recent (outside a stage's step, every layer of a step builds the same ones).
 pub(crate) fn upload_tables(b: &CudaBackend, t: &StepTables) -> MResult<(Arc<CudaSlice<i32>>, usize)> {
     let (packed, at) = t.packed();
     Ok((b.gpu.uploaded_i32(&packed).map_err(m)?, at))
+}
+
+/// A step's row descriptors (`meta`) and block tables on the device: the stage step's inputs (made once for every
+/// layer, `graph.rs`) or this call's own upload.
+pub(crate) enum Tables {
+    Step(Arc<StepInputs>),
+    Own(Arc<CudaSlice<i32>>, usize),
+}
+
+impl Tables {
+    /// `step` when given, else `cache.step_tables(rows, counts)` uploaded.
+    pub(crate) fn of(
+        b: &CudaBackend,
+        cache: &GpuLayerCache,
+        rows: &[Row],
+        counts: Option<&[usize]>,
+        step: Option<Arc<StepInputs>>,
+    ) -> MResult<Tables> {
+        Ok(match step {
+            Some(s) => Tables::Step(s),
+            None => {
+                let (dev, at) = upload_tables(b, &cache.step_tables(rows, counts)?)?;
+                Tables::Own(dev, at)
+            }
+        })
+    }
+
+    /// `meta` and the tables it points into.
+    pub(crate) fn views(&self) -> (CudaView<'_, i32>, CudaView<'_, i32>) {
+        match self {
+            Tables::Step(s) => s.tables(),
+            Tables::Own(dev, at) => (dev.slice(..), dev.slice(*at..)),
+        }
+    }
 }
 
 /// Scratch of `n` f32 that the next kernel writes in full before anything reads it.
@@ -166,23 +200,14 @@ pub fn mla(
     // kernels take at most its stride of keys a row: its counts when it chose for every row of the step.
     let p = b.gpu.span(|| "mla tables".into());
     let counts: Vec<usize> = match selection {
-        Some(s) => rows.iter().map(|r| (r.pos + 1).min(s.stride())).collect(),
+        Some(s) => s.counts().to_vec(),
         None => rows.iter().map(|r| r.pos + 1).collect(),
     };
-    let step = b.gpu.steps.inputs_for(rows).filter(|_| selection.is_none_or(|s| s.counts() == counts));
-    let (own, counts) = match &step {
-        Some(_) => (None, counts),
-        None => {
-            let tables = cache.step_tables(rows, selection.map(|s| s.counts()))?;
-            let counts: Vec<usize> = tables.meta.chunks(4).map(|c| c[2] as usize).collect();
-            (Some(upload_tables(b, &tables)?), counts)
-        }
-    };
-    let (meta, table_view) = match (&step, &own) {
-        (Some(s), _) => s.tables(),
-        (None, Some((dev, at))) => (dev.slice(..), dev.slice(*at..)),
-        (None, None) => return Err(shape("mla_attention", "no tables".into())),
-    };
+    let stride = selection.map_or(usize::MAX, |s| s.stride());
+    let counted = rows.iter().zip(&counts).all(|(r, &c)| c == (r.pos + 1).min(stride));
+    let step = b.gpu.steps.inputs_for(rows).filter(|_| counted);
+    let tables = Tables::of(b, cache, rows, selection.map(|s| s.counts()), step)?;
+    let (meta, table_view) = tables.views();
     drop(p);
     let pool = cache.pool().ok_or_else(|| shape("mla_attention", "nothing cached".into()))?;
     let st = Step { b, d, q, kv_b, pool, code: cache.dtype.code(), meta, tables: table_view, selection };

@@ -303,6 +303,12 @@ impl GpuLayerCache {
         Ok(StepTables { meta, tables })
     }
 
+    /// Whether the rows' sequences hold the same blocks here as in `other` (a stage's layers do: same budget, same
+    /// history), so one step's tables serve both.
+    pub fn same_tables(&self, other: &GpuLayerCache, rows: &[Row]) -> bool {
+        rows.iter().all(|r| self.seqs.get(&r.seq).map(|t| &t.blocks) == other.seqs.get(&r.seq).map(|t| &t.blocks))
+    }
+
     /// Table entries per sequence in [`GpuLayerCache::step_inputs`]: the most blocks any of the rows' sequences
     /// holds, to the next power of two (a step's layout changes only when a sequence doubles).
     pub fn table_cap(&self, rows: &[Row]) -> usize {
@@ -490,6 +496,11 @@ mod tests {
         assert!(c.step_inputs(&rows, &[1, 2], 4).is_err(), "a slot per row");
         assert!(c.step_inputs(&rows, &[1, 2, 3], 1).is_err(), "a table longer than its capacity");
         assert!(c.step_inputs(&[Row { seq: 9, pos: 5 }], &[5], 4).is_err(), "not yet reserved");
+        let mut other = GpuLayerCache::new(&dims(), None, KvDtype::F32, None);
+        other.seqs.insert(7, SeqTable { blocks: vec![3, 1], len: 70 });
+        other.seqs.insert(9, SeqTable { blocks: vec![2], len: 5 });
+        assert!(other.same_tables(&c, &rows[..2]));
+        assert!(!other.same_tables(&c, &rows), "sequence 9's block differs");
         // Slots reserved ahead go to the write of the same rows only, once; freeing a sequence drops them.
         c.reserved = Some((rows.to_vec(), vec![196, 197, 4]));
         assert_eq!(c.take_reserved(&rows[..2]), None);

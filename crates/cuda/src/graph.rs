@@ -203,22 +203,19 @@ pub fn run_layers(
         body(&mut h, caches)?;
         return Ok(h);
     }
-    let mut slots = Vec::new();
-    for c in caches.iter_mut() {
-        slots = c.reserve_ahead(&b.gpu, rows)?;
+    let slots = caches[0].reserve_ahead(&b.gpu, rows)?;
+    let mut alike = true;
+    for c in &mut caches[1..] {
+        alike &= c.reserve_ahead(&b.gpu, rows)? == slots;
     }
     // The layers' caches place positions alike (same budget, same history): one buffer serves them all. If they
     // ever differ, each layer uploads its own as it runs.
-    let cap = caches.iter().map(|c| c.table_cap(rows)).max().unwrap_or(1);
-    let packed = caches[0].step_inputs(rows, &slots, cap)?;
-    let mut alike = true;
-    for c in &caches[1..] {
-        alike &= c.step_inputs(rows, &slots, cap).is_ok_and(|p| p == packed);
-    }
-    if !alike {
+    if !alike || !caches[1..].iter().all(|c| c.same_tables(&caches[0], rows)) {
         body(&mut h, caches)?;
         return Ok(h);
     }
+    let cap = caches[0].table_cap(rows);
+    let packed = caches[0].step_inputs(rows, &slots, cap)?;
     let max_keys = rows.iter().map(|r| r.pos + 1).max().unwrap_or(1);
     let key = GraphKey {
         rows: rows.len(),

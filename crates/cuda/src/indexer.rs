@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
-use crate::attention::{MAX_GRID_Y, scratch, smem_cfg, upload_tables};
+use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
 use crate::cache::{BLOCK, GpuLayerCache, StepTables};
 
@@ -95,21 +95,13 @@ pub fn indexer_select(
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
     // each row's own count).
     let p = b.gpu.span(|| "indexer tables".into());
-    let step = b.gpu.steps.inputs_for(rows);
-    let own = match &step {
-        Some(_) => None,
-        None => Some(upload_tables(b, &cache.step_tables(rows, None)?)?),
-    };
-    let (meta, table_view) = match (&step, &own) {
-        (Some(s), _) => s.tables(),
-        (None, Some((dev, at))) => (dev.slice(..), dev.slice(*at..)),
-        (None, None) => return Err(shape("indexer_select", "no tables".into())),
-    };
+    let tables = Tables::of(b, cache, rows, None, b.gpu.steps.inputs_for(rows))?;
+    let (meta, table_view) = tables.views();
     drop(p);
     let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
-    let widths: Vec<usize> = match &step {
-        Some(s) => vec![s.cap * BLOCK; rows.len()],
-        None => rows.iter().map(|r| r.pos + 1).collect(),
+    let widths: Vec<usize> = match &tables {
+        Tables::Step(s) => vec![s.cap * BLOCK; rows.len()],
+        Tables::Own(..) => rows.iter().map(|r| r.pos + 1).collect(),
     };
     let mut r0 = 0;
     while r0 < rows.len() {

@@ -265,10 +265,7 @@ fn measure(
 
     let prefill_chunks = run.prefill(1, args.context, args.chunk)?;
     eprintln!("bench: prefill of {} positions in {:.2} s", args.context, prefill_chunks.iter().sum::<f64>());
-    run.take_issued();
-    let decode = stage::Times::of(run.decode(&[1], 3, args.steps)?);
-    let issued = run.take_issued();
-    let decode_issued = stage::Times::of(issued[issued.len().saturating_sub(args.steps)..].to_vec());
+    let (decode, decode_issued) = run.timed_decode(&[1], 3, args.steps)?;
     let graph_replays = backend.gpu.steps.replayed();
     eprintln!(
         "bench: decode {:.3} ms/step, queued by the host in {:.3} ms ({graph_replays} of {} steps replayed as CUDA \
@@ -280,11 +277,9 @@ fn measure(
     // The same steps as launches: what the graphs save, in the same run.
     let decode_launches = if backend.gpu.steps.enabled() {
         backend.gpu.steps.set_enabled(false);
-        let t = run.decode(&[1], 3, args.steps).map(stage::Times::of);
+        let timed = run.timed_decode(&[1], 3, args.steps);
         backend.gpu.steps.set_enabled(true);
-        let t = t?;
-        let issued = run.take_issued();
-        let q = stage::Times::of(issued[issued.len().saturating_sub(args.steps)..].to_vec());
+        let (t, q) = timed?;
         eprintln!("bench: decode as launches {:.3} ms/step, queued in {:.3} ms", t.median * 1e3, q.median * 1e3);
         Some((t, q))
     } else {

@@ -150,9 +150,12 @@ impl Runner {
         Ok(times)
     }
 
-    /// The host times of the steps since the last call ([`Runner::step`]'s `issued`).
-    pub fn take_issued(&mut self) -> Vec<f64> {
-        std::mem::take(&mut self.issued)
+    /// [`Runner::decode`]'s times, and the host's time to queue each timed step's launches.
+    pub fn timed_decode(&mut self, seqs: &[SeqId], warm: usize, steps: usize) -> Result<(Times, Times)> {
+        self.issued.clear();
+        let times = Times::of(self.decode(seqs, warm, steps)?);
+        let issued = std::mem::take(&mut self.issued);
+        Ok((times, Times::of(issued[issued.len().saturating_sub(steps)..].to_vec())))
     }
 
     pub fn free(&mut self, seqs: &[SeqId]) {
