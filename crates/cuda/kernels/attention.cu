@@ -444,6 +444,47 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     }
 }
 
+__device__ __forceinline__ float idx_value(float v) { return v; }
+__device__ __forceinline__ float idx_value(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float idx_value(__nv_fp8_e4m3 v) { return float(v); }
+
+// indexer_scores' keys w, w + 8, ..., w + 56 of its block (warp w), scaled, into kt [dim][ks]: lanes 0..7 find the
+// 8 keys' slots and scales together, then every value a lane loads for them is issued before any is stored (one
+// key at a time waited on its table entry, then its values: 16 round trips a warp where this takes 3).
+template <typename S>
+__device__ __forceinline__ void idx_stage_keys(const S* k, const float* scales, const int* table, float* kt, int ks,
+                                               int t0, int n, int dim, int warp, int lane) {
+    const int mine = t0 + warp + 8 * lane;
+    int slot = 0;
+    float ksc = 0.f;
+    if (lane < 8 && mine < n) {
+        slot = kv_slot(table, mine);
+        ksc = scales[(size_t)slot * 3 + 2];
+    }
+    for (int d0 = 0; d0 < dim; d0 += 128) {
+        float v[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int s = __shfl_sync(0xffffffffu, slot, j);
+            const bool valid = t0 + warp + 8 * j < n;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int d = d0 + c * 32 + lane;
+                v[j][c] = valid && d < dim ? idx_value(k[(size_t)s * dim + d]) : 0.f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float sc = __shfl_sync(0xffffffffu, ksc, j);
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int d = d0 + c * 32 + lane;
+                if (d < dim) kt[d * ks + warp + 8 * j] = v[j][c] * sc;
+            }
+        }
+    }
+}
+
 // I(t) = Σ_h w[h] · relu(q[h] · k[t]) for keys t ≤ pos of rows row0 + r that have more than topk keys (the others
 // take every key and are skipped). grid (⌈stride / IDX_KEYS⌉, n_rows), block 256 = 8 warps: a lane per key, the
 // warps split as 2 halves of the block's 64 keys × 4 groups of heads, each lane 16 heads at a time in registers
@@ -473,16 +514,10 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
     for (int i = threadIdx.x; i < hp; i += blockDim.x) ws[i] = i < heads ? act_ld(w, (size_t)r * heads + i) : 0.f;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;
     const int* table = tables + meta[r * 4 + 1];
-    for (int key = warp; key < IDX_KEYS; key += 8) {
-        const int t = t0 + key;
-        if (t < n) {
-            const int s = kv_slot(table, t);
-            const float ksc = scales[(size_t)s * 3 + 2];
-            for (int d = lane; d < dim; d += 32) kt[d * ks + key] = kv_load(k_idx, (size_t)s * dim + d, dtype) * ksc;
-        } else {
-            for (int d = lane; d < dim; d += 32) kt[d * ks + key] = 0.f;
-        }
-    }
+    // Warp w stages keys w, w + 8, ..., w + 56 (idx_stage_keys), in the cache's own element type.
+    if (dtype == 0) idx_stage_keys((const float*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
+    else if (dtype == 1) idx_stage_keys((const __nv_bfloat16*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
+    else idx_stage_keys((const __nv_fp8_e4m3*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
     __syncthreads();
     const int key = (warp & 1) * 32 + lane, group = warp >> 1;
     float total = 0.f;
