@@ -176,7 +176,9 @@ def main():
                 # By width: a kernel's wide and narrow paths are usually alternatives, not issued together.
                 for size in sorted({b for o, _, r, b in loads if lo <= o <= hi and r}, reverse=True):
                     inner = [n for o, n, read, b in loads if lo <= o <= hi and read and b == size]
-                    if len(inner) >= 2:
+                    # One load an iteration, read in it, is as serial as several read one by one: the next
+                    # iteration's load waits behind this one's use (a staging loop's store to shared memory).
+                    if inner:
                         flag = "  <- one in flight" if max(inner) == 0 else ""
                         print(f"  {'  ' * depth}loop {lo:#x}..{hi:#x}: {len(inner)} loads of {size} bytes, issued "
                               f"with {sorted(inner)} others in flight{flag}")

@@ -469,8 +469,11 @@ __device__ __forceinline__ void idx_stage_keys(const S* k, const float* scales, 
             const bool valid = t0 + warp + 8 * j < n;
 #pragma unroll
             for (int c = 0; c < 4; c++) {
+                // Every lane loads (past the keys, slot 0 of the pool; past dim, the key's first value): no branch
+                // between the loads.
                 const int d = d0 + c * 32 + lane;
-                v[j][c] = valid && d < dim ? idx_value(k[(size_t)s * dim + d]) : 0.f;
+                const float x = idx_value(k[(size_t)s * dim + (d < dim ? d : 0)]);
+                v[j][c] = valid && d < dim ? x : 0.f;
             }
         }
 #pragma unroll
@@ -507,9 +510,22 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
     float* kt = qt + dim * hp;     // [dim][ks]
     float* ws = kt + dim * ks;     // [hp]
     float* part = ws + hp;         // [4][IDX_KEYS]
-    for (int i = threadIdx.x; i < hp * dim; i += blockDim.x) {
-        const int h = i % hp, d = i / hp;
-        qt[d * hp + h] = h < heads ? act_ld(q, ((size_t)r * heads + h) * dim + d) : 0.f;
+    // q [heads][dim] → qt [dim][hp] (qt[i] holds head i % hp, dim i / hp): 8 loads a thread in flight at once (one
+    // at a time, each waited for before its store, this was 32 round trips a thread at 64 heads of 128).
+    const int qn = hp * dim;
+    for (int i0 = threadIdx.x; i0 < qn; i0 += 8 * blockDim.x) {
+        float v[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const int i = i0 + j * blockDim.x, h = i % hp, d = i / hp;
+            // Every thread loads (a padding entry reads q's first value): no branch between the loads.
+            const bool real = i < qn && h < heads;
+            const float x = act_ld(q, real ? ((size_t)r * heads + h) * dim + d : 0);
+            v[j] = real ? x : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (i0 + j * (int)blockDim.x < qn) qt[i0 + j * blockDim.x] = v[j];
     }
     for (int i = threadIdx.x; i < hp; i += blockDim.x) ws[i] = i < heads ? act_ld(w, (size_t)r * heads + i) : 0.f;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;

@@ -241,9 +241,12 @@ pub fn run_layers(
         g.last = Some(key.clone());
         drop(g);
         if record_now {
-            match record(b, key.clone(), &packed, &step, &h, caches, body) {
-                Ok(mut r) => {
-                    replay_recorded(b, &mut r, &mut h)?;
+            // A recording whose first launch fails (its graph memory did not fit, say) ran nothing: the step runs
+            // as launches, as does every later step of its key.
+            let recorded = record(b, key.clone(), &packed, &step, &h, caches, body)
+                .and_then(|mut r| replay_recorded(b, &mut r, &mut h).map(|()| r));
+            match recorded {
+                Ok(r) => {
                     let mut g = steps.graphs.lock().unwrap_or_else(|e| e.into_inner());
                     if g.recorded.len() >= GRAPHS {
                         // A launch of the oldest may still be queued: it finishes before its graph goes.
