@@ -1,5 +1,5 @@
 //! The V3.2 indexer's choice on the device (MODEL_SPEC §2.6): `I(t) = Σ_h w_h · relu(q_h·k_t)` over each row's
-//! causal keys, then a radix-select top-k per row (kernels/attention.cu) that picks exactly the set of
+//! causal keys, then a radix-select top-k per row (kernels/indexer.cu) that picks exactly the set of
 //! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
 //! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
 
@@ -110,7 +110,7 @@ pub fn indexer_select(
         if width > d.topk {
             let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
             let f = b.f(&format!("indexer_scores_{}", q.data.dtype().suffix()))?;
-            // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/attention.cu).
+            // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/indexer.cu).
             let hp = d.heads.next_multiple_of(16);
             let floats = d.head_dim * hp + d.head_dim * (KEYS_PER_BLOCK + 1) + hp + 4 * KEYS_PER_BLOCK;
             let grid = (width.div_ceil(KEYS_PER_BLOCK) as u32, n as u32, 1);

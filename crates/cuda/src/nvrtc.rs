@@ -23,6 +23,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gptq_gemm.cu", include_str!("../kernels/gptq_gemm.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
+    ("indexer.cu", include_str!("../kernels/indexer.cu")),
     ("ops.cu", include_str!("../kernels/ops.cu")),
     ("route.cu", include_str!("../kernels/route.cu")),
     ("sample.cu", include_str!("../kernels/sample.cu")),
