@@ -6,25 +6,19 @@
 #include "common.cuh"
 #include "attention.cuh"
 
-#define IDX_KEYS 64  // keys per block of indexer_scores (indexer::KEYS_PER_BLOCK)
+#define IDX_KEYS 64    // keys per block of indexer_scores (indexer::KEYS_PER_BLOCK)
 
 __device__ __forceinline__ float idx_value(float v) { return v; }
 __device__ __forceinline__ float idx_value(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float idx_value(__nv_fp8_e4m3 v) { return float(v); }
 
-// indexer_scores' keys w, w + 8, ..., w + 56 of its block (warp w), scaled, into kt [dim][ks]: lanes 0..7 find the
-// 8 keys' slots and scales together, then every value a lane loads for them is issued before any is stored (one
-// key at a time waited on its table entry, then its values: 16 round trips a warp where this takes 3).
+// indexer_scores' keys w, w + 8, ..., w + 56 of its block (warp w), scaled, into kt [dim][ks]: lanes 0..7 hold the
+// 8 keys' slots (found before q was staged) and load their scales, then every value a lane loads for them is
+// issued before any is stored (one key at a time waited on its table entry, then its values).
 template <typename S>
-__device__ __forceinline__ void idx_stage_keys(const S* k, const float* scales, const int* table, float* kt, int ks,
-                                               int t0, int n, int dim, int warp, int lane) {
-    const int mine = t0 + warp + 8 * lane;
-    int slot = 0;
-    float ksc = 0.f;
-    if (lane < 8 && mine < n) {
-        slot = kv_slot(table, mine);
-        ksc = scales[(size_t)slot * 3 + 2];
-    }
+__device__ __forceinline__ void idx_stage_keys(const S* k, const float* scales, int slot, float* kt, int ks, int t0,
+                                               int n, int dim, int warp, int lane) {
+    const float ksc = lane < 8 && t0 + warp + 8 * lane < n ? scales[(size_t)slot * 3 + 2] : 0.f;
     for (int d0 = 0; d0 < dim; d0 += 128) {
         float v[8][4];
 #pragma unroll
@@ -52,6 +46,34 @@ __device__ __forceinline__ void idx_stage_keys(const S* k, const float* scales, 
     }
 }
 
+// q of one row [heads][dim] → qt [dim][hp] (zeros past heads); dim a multiple of 8 (indexer.rs checks). A thread
+// loads 16-byte pieces (8 bf16 or 4 f32 of one head), four at once, a warp's lanes on consecutive heads so the
+// transposed stores do not conflict: 64 heads of 128 bf16 are one round trip a thread (one value at a time: 32).
+template <typename T>
+__device__ __forceinline__ void idx_stage_q(const T* q, float* qt, int heads, int hp, int dim) {
+    constexpr int E = 16 / sizeof(T);  // values per 16-byte piece
+    for (int i = threadIdx.x; i < (hp - heads) * dim; i += blockDim.x)
+        qt[(i / (hp - heads)) * hp + heads + i % (hp - heads)] = 0.f;
+    const int pieces = heads * (dim / E);
+    for (int i0 = threadIdx.x; i0 < pieces; i0 += 4 * blockDim.x) {
+        uint4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Piece i is head i % heads, values (i / heads)·E..; past the end a thread reads piece 0 and drops it.
+            const int i = i0 + j * blockDim.x;
+            v[j] = *(const uint4*)(q + (i < pieces ? (size_t)(i % heads) * dim + (i / heads) * E : 0));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int i = i0 + j * blockDim.x, h = i % heads, d0 = (i / heads) * E;
+            if (i >= pieces) continue;
+            const T* e = (const T*)&v[j];
+#pragma unroll
+            for (int c = 0; c < E; c++) qt[(d0 + c) * hp + h] = act_ld(e, c);
+        }
+    }
+}
+
 // I(t) = Σ_h w[h] · relu(q[h] · k[t]) for keys t ≤ pos of rows row0 + r that have more than topk keys (the others
 // take every key and are skipped). grid (⌈stride / IDX_KEYS⌉, n_rows), block 256 = 8 warps: a lane per key, the
 // warps split as 2 halves of the block's 64 keys × 4 groups of heads, each lane 16 heads at a time in registers
@@ -74,30 +96,18 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
     float* kt = qt + dim * hp;     // [dim][ks]
     float* ws = kt + dim * ks;     // [hp]
     float* part = ws + hp;         // [4][IDX_KEYS]
-    // q [heads][dim] → qt [dim][hp] (qt[i] holds head i % hp, dim i / hp): 8 loads a thread in flight at once (one
-    // at a time, each waited for before its store, this was 32 round trips a thread at 64 heads of 128).
-    const int qn = hp * dim;
-    for (int i0 = threadIdx.x; i0 < qn; i0 += 8 * blockDim.x) {
-        float v[8];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int i = i0 + j * blockDim.x, h = i % hp, d = i / hp;
-            // Every thread loads (a padding entry reads q's first value): no branch between the loads.
-            const bool real = i < qn && h < heads;
-            const float x = act_ld(q, real ? ((size_t)r * heads + h) * dim + d : 0);
-            v[j] = real ? x : 0.f;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-            if (i0 + j * (int)blockDim.x < qn) qt[i0 + j * blockDim.x] = v[j];
-    }
-    for (int i = threadIdx.x; i < hp; i += blockDim.x) ws[i] = i < heads ? act_ld(w, (size_t)r * heads + i) : 0.f;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;
-    const int* table = tables + meta[r * 4 + 1];
-    // Warp w stages keys w, w + 8, ..., w + 56 (idx_stage_keys), in the cache's own element type.
-    if (dtype == 0) idx_stage_keys((const float*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
-    else if (dtype == 1) idx_stage_keys((const __nv_bfloat16*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
-    else idx_stage_keys((const __nv_fp8_e4m3*)k_idx, scales, table, kt, ks, t0, n, dim, warp, lane);
+    // Warp w's keys are w, w + 8, ..., w + 56: lanes 0..7 ask for their blocks first (kv_slot, its use after q's
+    // loads), so the table's round trip overlaps q's.
+    const int mine = t0 + warp + 8 * lane;
+    const int block = lane < 8 && mine < n ? tables[meta[r * 4 + 1] + mine / KV_BLOCK] : 0;
+    idx_stage_q(q + (size_t)r * heads * dim, qt, heads, hp, dim);
+    const int slot = block * KV_BLOCK + mine % KV_BLOCK;
+    for (int i = threadIdx.x; i < hp; i += blockDim.x) ws[i] = i < heads ? act_ld(w, (size_t)r * heads + i) : 0.f;
+    // The keys (idx_stage_keys), in the cache's own element type.
+    if (dtype == 0) idx_stage_keys((const float*)k_idx, scales, slot, kt, ks, t0, n, dim, warp, lane);
+    else if (dtype == 1) idx_stage_keys((const __nv_bfloat16*)k_idx, scales, slot, kt, ks, t0, n, dim, warp, lane);
+    else idx_stage_keys((const __nv_fp8_e4m3*)k_idx, scales, slot, kt, ks, t0, n, dim, warp, lane);
     __syncthreads();
     const int key = (warp & 1) * 32 + lane, group = warp >> 1;
     float total = 0.f;
@@ -162,17 +172,42 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
     return before + x - v;
 }
 
+#define TOPK_THREADS 512  // indexer::TOPK_THREADS
+#define TOPK_PER 16       // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
+#define TOPK_BINS 2048    // radix digits of 11, 11 and 10 bits: three passes cover a key
+
+// Thread t's keys of the tile from t0: `per` consecutive ones (so one scan orders the last pass's output), as
+// order keys in registers; `valid` bit j says key j exists. Every load is issued before any is used: past the
+// row's end a thread reads its last key again and drops it.
+__device__ __forceinline__ unsigned topk_load(const float* sc, int n, int t0, u32 key[TOPK_PER], int* per) {
+    const int left = min(n - t0, TOPK_THREADS * TOPK_PER);
+    *per = (left + TOPK_THREADS - 1) / TOPK_THREADS;
+    const int first = t0 + threadIdx.x * *per;
+    float v[TOPK_PER];
+#pragma unroll
+    for (int j = 0; j < TOPK_PER; j++) v[j] = sc[min(first + j, n - 1)];
+    unsigned valid = 0;
+#pragma unroll
+    for (int j = 0; j < TOPK_PER; j++) {
+        key[j] = order_key(v[j]);
+        if (j < *per && first + j < n) valid |= 1u << j;
+    }
+    return valid;
+}
+
 // The topk largest of each row's n = pos + 1 scores, as positions in ascending order: exactly the set of
 // pipemoe_model::cpu::kernels::top_k (total_cmp order, ties to the lower index). Radix select finds the k-th
-// largest key 8 bits at a time (a histogram of the keys that share the prefix found so far), then one ordered
-// pass writes every key above it and the lowest-index keys equal to it. Rows with n ≤ topk take 0..n-1.
-// grid (n_rows), block 512.
-extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, stride]
-                                            int stride, const int* meta, int row0, int topk,
-                                            int* sel) {           // [rows, topk]
-    __shared__ int hist[256];
+// largest key 11 bits at a time (a histogram of the keys that share the prefix found so far; it stops early when
+// the chosen bin holds exactly the keys still needed), then one ordered pass writes every key above the prefix
+// and the lowest-index keys equal to it. A row of up to 8,192 keys is read once and kept in registers; longer
+// rows are read a tile at a time each pass. Rows with n ≤ topk take 0..n-1. grid (n_rows), block TOPK_THREADS.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(const float* scores,  // [n_rows, stride]
+                                                                           int stride, const int* meta, int row0,
+                                                                           int topk,
+                                                                           int* sel) {  // [rows, topk]
+    __shared__ int hist[TOPK_BINS];
     __shared__ int scratch[32];
-    __shared__ int pick[2];
+    __shared__ int pick[3];
     const int lr = blockIdx.x, r = row0 + lr, n = meta[r * 4] + 1;
     int* out = sel + (size_t)r * topk;
     if (n <= topk) {
@@ -180,71 +215,86 @@ extern "C" __global__ void indexer_topk_f32(const float* scores,  // [n_rows, st
         return;
     }
     const float* sc = scores + (size_t)lr * stride;
+    const int tile = TOPK_THREADS * TOPK_PER, tiles = (n + tile - 1) / tile, lane = threadIdx.x & 31;
+    u32 key[TOPK_PER];
+    int per = 0;
+    unsigned valid = tiles == 1 ? topk_load(sc, n, 0, key, &per) : 0u;
     u32 prefix = 0, mask = 0;
     int need = topk;  // how many keys matching the prefix are still to take
-    const int lane = threadIdx.x & 31;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    for (int pass = 0; pass < 3; pass++) {
+        const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+        const u32 digit = pass == 2 ? 1023u : 2047u;
+        for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[i] = 0;
         __syncthreads();
-        // Scores cluster in a few bins (the first pass sees one or two exponents): the lanes of a warp that share a
-        // bin add to it once, through their leader.
-        for (int c0 = 0; c0 < n; c0 += blockDim.x) {
-            const int i = c0 + threadIdx.x;
-            const u32 k = i < n ? order_key(sc[i]) : 0u;
-            const bool counted = i < n && (k & mask) == prefix;
-            const u32 bin = counted ? (k >> shift) & 255u : 256u + lane;
-            const u32 peers = __match_any_sync(0xffffffffu, bin);
-            if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        for (int t = 0; t < tiles; t++) {
+            if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
+#pragma unroll
+            for (int j = 0; j < TOPK_PER; j++) {
+                const bool counted = ((valid >> j) & 1u) && (key[j] & mask) == prefix;
+                // Lanes of a warp that share a bin add to it once, through their leader (scores share a few bins
+                // in the first pass); warps with nothing to count skip the match.
+                if (__any_sync(0xffffffffu, counted)) {
+                    const u32 bin = counted ? (key[j] >> shift) & digit : TOPK_BINS + lane;
+                    const u32 peers = __match_any_sync(0xffffffffu, bin);
+                    if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+                }
+            }
         }
         __syncthreads();
-        // The highest bin d ≥ 1 whose keys and those above reach `need` (else bin 0): warp 0, eight bins a lane,
-        // a suffix sum over the lanes, and the highest lane that found one.
-        if (threadIdx.x < 32) {
-            int h[8], t = 0;
+        // The highest bin whose keys and those above reach `need`: thread t holds bins 2047 − 4t down to 2044 − 4t,
+        // a scan over the threads gives the count above them, and the one thread where `need` is crossed says so.
+        int h[TOPK_BINS / TOPK_THREADS], mine = 0, total;
 #pragma unroll
-            for (int j = 0; j < 8; j++) t += h[j] = hist[lane * 8 + j];
-            int s = t;
+        for (int j = 0; j < TOPK_BINS / TOPK_THREADS; j++)
+            mine += h[j] = hist[TOPK_BINS - 1 - (TOPK_BINS / TOPK_THREADS) * threadIdx.x - j];
+        int above = block_exclusive_scan(mine, scratch, &total);
 #pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_down_sync(0xffffffffu, s, o);
-                if (lane + o < 32) s += y;
-            }
-            int run = s - t, found = -1, above = 0;
-#pragma unroll
-            for (int j = 7; j >= 0; j--) {
-                if (found < 0 && lane * 8 + j > 0 && run + h[j] >= need) {
-                    found = lane * 8 + j;
-                    above = run;
-                }
-                run += h[j];
-            }
-            const u32 any = __ballot_sync(0xffffffffu, found >= 0);
-            if (any != 0 && lane == 31 - __clz(any)) {
-                pick[0] = found;
+        for (int j = 0; j < TOPK_BINS / TOPK_THREADS; j++) {
+            if (above < need && above + h[j] >= need) {
+                pick[0] = TOPK_BINS - 1 - (TOPK_BINS / TOPK_THREADS) * threadIdx.x - j;
                 pick[1] = need - above;
-            } else if (any == 0 && lane == 0) {
-                pick[0] = 0;
-                pick[1] = need - (run - h[0]);
+                pick[2] = h[j];
             }
+            above += h[j];
         }
         __syncthreads();
         prefix |= (u32)pick[0] << shift;
-        mask |= 255u << shift;
+        mask |= digit << shift;
         need = pick[1];
-        __syncthreads();  // pick and hist are rewritten by the next pass
+        // Every key of the chosen bin is taken: the prefix so far is the threshold. (pick is rewritten only after
+        // the next pass's barriers.)
+        if (pick[2] == need) break;
     }
-    int written = 0, equal_seen = 0;
-    for (int c0 = 0; c0 < n; c0 += blockDim.x) {
-        const int i = c0 + threadIdx.x;
-        const u32 k = i < n ? order_key(sc[i]) : 0u;
-        const int eq = i < n && k == prefix;
-        int eq_total, take_total;
-        const int rank = equal_seen + block_exclusive_scan(eq, scratch, &eq_total);
-        const int take = i < n && (k > prefix || (eq && rank < need));
-        const int at = written + block_exclusive_scan(take, scratch, &take_total);
-        if (take) out[at] = i;
-        written += take_total;
-        equal_seen += eq_total;
+    // A taken key's place: the keys above the prefix before it, plus those equal to it before it (at most need).
+    int gt_seen = 0, eq_seen = 0;
+    for (int t = 0; t < tiles; t++) {
+        if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
+        int gt = 0, eq = 0;
+#pragma unroll
+        for (int j = 0; j < TOPK_PER; j++) {
+            const u32 m = key[j] & mask;
+            gt += ((valid >> j) & 1u) && m > prefix;
+            eq += ((valid >> j) & 1u) && m == prefix;
+        }
+        // One scan of both counts (a tile has < 2^16 keys): above in the low half, equal in the high.
+        int both;
+        const int before = block_exclusive_scan(gt | (eq << 16), scratch, &both);
+        int g = gt_seen + (before & 0xffff), e = eq_seen + (before >> 16);
+        const int first = t * tile + threadIdx.x * per;
+#pragma unroll
+        for (int j = 0; j < TOPK_PER; j++) {
+            if (!((valid >> j) & 1u)) continue;
+            const u32 m = key[j] & mask;
+            if (m > prefix) {
+                out[g + min(e, need)] = first + j;
+                g++;
+            } else if (m == prefix) {
+                if (e < need) out[g + e] = first + j;
+                e++;
+            }
+        }
+        gt_seen += both & 0xffff;
+        eq_seen += both >> 16;
     }
 }
 

@@ -85,6 +85,10 @@ pub fn indexer_select(
             format!("q [{}, {}], w [{}, {}] for {d:?}", q.rows, q.cols, w.rows, w.cols),
         ));
     }
+    // indexer_scores stages q in 16-byte pieces (V3.2's index_head_dim is 128).
+    if !d.head_dim.is_multiple_of(8) {
+        return Err(shape("indexer_select", format!("index head dim {} is not a multiple of 8", d.head_dim)));
+    }
     let stride = d.topk.max(1);
     let counts: Vec<usize> = rows.iter().map(|r| (r.pos + 1).min(d.topk)).collect();
     let mut keys = b.gpu.stream.alloc_zeros::<i32>((rows.len() * stride).max(1)).map_err(md("alloc selection"))?;

@@ -342,6 +342,10 @@ fn device_top_k_picks_the_cpu_set() {
         vec![1.0; 8],
         vec![0.5; 2049],
         uniform(&mut rng, 2049, 1.0),
+        // One tile of the kernel (8,192 keys, held in registers), one key past it, and the 4K row of the bench.
+        uniform(&mut rng, 4096, 1.0),
+        uniform(&mut rng, 8192, 3.0),
+        (0..8193).map(|i| (i % 97) as f32 * 0.25).collect(),
         uniform(&mut rng, 20_000, 10.0),
         (0..65_536).map(|_| rng.below(100) as f32).collect(),
         (0..40_000).map(|_| -(rng.below(7) as f32)).collect(),
