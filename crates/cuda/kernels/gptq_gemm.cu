@@ -466,12 +466,14 @@ __device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS
     mg_mma_stage<BITS, BM, RB, TW, H>(smem + (kt & (MG_STAGES - 1)) * S::STAGE, acc, cacc, r0, t0, lane);
 }
 
-// grid: (ceil(N / 128), ceil(M / BM)); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
+// grid: (ceil(N / 128), ceil(M / BM), splits); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
+// Split z takes K rows [z·k_split, (z + 1)·k_split) (k_split a multiple of 128) and writes its sums to
+// y + z·M·N: with one split that is the output, with more f32 partial sums that gptq_reduce adds in split order.
 // TW: 16-column tiles per warp. With 2 the 8 warps are 2 along M × 4 along N; with 1, 8 along N, each warp all
 // BM rows: every tile's words are unpacked by one warp instead of two (the unpacking was ~40% of the m64 loop,
 // done twice), for twice the x fragment loads.
 template <int BITS, int BM, int TW, typename OUT>
-__device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
+__device__ void gptq_mma_gemm(MgArgs a, int k_split, OUT* __restrict__ y) {
     constexpr int WN = (MG_BN / 16) / TW, WM = (MG_THREADS / 32) / WN, RB = BM / (16 * WM);
     static_assert(WN * WM == MG_THREADS / 32 && RB * 16 * WM == BM, "the warps tile the block");
     typedef MgSmem<BITS, BM> S;
@@ -483,12 +485,14 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
     const int r0 = (warp / WN) * 16 * RB, t0 = (warp % WN) * TW;
     a.m0 = blockIdx.y * BM;
     a.n0 = blockIdx.x * MG_BN;
-    const int steps = a.K / MG_BK;  // even: K is whole chunks
+    // Steps (half chunks) of this split: both ends even, K being whole chunks.
+    const int first = blockIdx.z * (k_split / MG_BK), stop = min(a.K, (int)(blockIdx.z + 1) * k_split) / MG_BK;
+    y += (size_t)blockIdx.z * a.M * a.N;
     const MgLoader<BITS, BM> ld(a);
 
 #pragma unroll
     for (int s = 0; s < MG_STAGES - 1; s++) {
-        if (s < steps) ld.load(smem + s * S::STAGE, s);
+        if (first + s < stop) ld.load(smem + ((first + s) & (MG_STAGES - 1)) * S::STAGE, first + s);
         cp_async_commit();
     }
 
@@ -500,9 +504,9 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = cacc[i][j][e] = 0.f;
 
-    for (int kt = 0; kt < steps; kt += 2) {
-        mg_step<BITS, BM, RB, TW, 0>(smem, ld, kt, steps, acc, cacc, r0, t0, lane);
-        mg_step<BITS, BM, RB, TW, 1>(smem, ld, kt + 1, steps, acc, cacc, r0, t0, lane);
+    for (int kt = first; kt < stop; kt += 2) {
+        mg_step<BITS, BM, RB, TW, 0>(smem, ld, kt, stop, acc, cacc, r0, t0, lane);
+        mg_step<BITS, BM, RB, TW, 1>(smem, ld, kt + 1, stop, acc, cacc, r0, t0, lane);
     }
     cp_async_wait<0>();
 
@@ -514,8 +518,9 @@ __device__ void gptq_mma_gemm(MgArgs a, OUT* __restrict__ y) {
 #define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(MG_THREADS) gptq_mma_gemm_w##BITS##_m##BM##_##NAME(            \
         const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, OUT* y, int M,    \
-        int N, int K, int group_size) {                                                                          \
-        gptq_mma_gemm<BITS, BM, MG_TW(BM), OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0}, y);  \
+        int N, int K, int group_size, int k_split) {                                                             \
+        gptq_mma_gemm<BITS, BM, MG_TW(BM), OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0},     \
+                                                k_split, y);                                                     \
     }
 #define MMA_GEMM(BITS)                                                                                           \
     MMA_GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                    \

@@ -42,6 +42,16 @@ impl GemmTile {
     }
 }
 
+/// Splits of K for a tensor-core GEMM of `blocks` blocks over `chunks` 128-row chunks: (splits, rows per split).
+/// A grid smaller than two blocks per SM — a prefill expert's ~32 rows give gate/up 16 blocks on the H200's 132
+/// SMs, each streaming all 7,168 rows of K — is split along K until it fills them, each split keeping at least two
+/// chunks (its ring's prologue and a full step).
+fn k_splits(chunks: usize, blocks: usize, sm_count: usize) -> (usize, usize) {
+    let want = (2 * sm_count).div_ceil(blocks.max(1)).clamp(1, (chunks / 2).max(1));
+    let per = chunks.div_ceil(want);
+    (chunks.div_ceil(per), per * crate::mma::CHUNK)
+}
+
 /// Dynamic shared memory of one block (the kernel's `GemmSmem<BITS, BM>::TOTAL`; it traps if given less).
 fn smem_bytes(bits: usize, rows: usize) -> usize {
     let stage = rows * LD * 2 + bits * BN * 4 + 2 * BN * 2;
@@ -147,28 +157,59 @@ impl GpuGptq {
             Packing::Gptq => ("gptq_gemm", smem_bytes(bits, rows)),
             Packing::Mma => ("gptq_mma_gemm", mma_smem_bytes(bits, rows)),
         };
-        let f = gpu.function(&format!("{kernel}_w{bits}_m{rows}_{}", y.dtype().suffix()))?;
+        let blocks = n.div_ceil(BN) * m.div_ceil(rows);
+        let (splits, k_split) = match self.packing {
+            Packing::Mma => k_splits(k / crate::mma::CHUNK, blocks, gpu.sm_count as usize),
+            Packing::Gptq => (1, k),
+        };
+        // More than one split: f32 partial sums [splits, m, n], added in split order into y by gptq_reduce.
+        let mut partial = if splits > 1 {
+            // SAFETY: every split's launch writes all m·n of its partial sums before the reduction reads them.
+            Some(unsafe { s.alloc::<f32>(splits * m * n) }.map_err(drv("alloc gemm partial sums"))?)
+        } else {
+            None
+        };
+        let out = if partial.is_some() { "f32" } else { y.dtype().suffix() };
+        let f = gpu.function(&format!("{kernel}_w{bits}_m{rows}_{out}"))?;
         // Above 48 KiB a kernel must opt in (3090: up to 99 KiB per block; the largest plan here is 90 KiB).
         gpu.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
         f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(drv("cuFuncSetAttribute"))?;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(BN) as u32, m.div_ceil(rows) as u32, 1),
+            grid_dim: (n.div_ceil(BN) as u32, m.div_ceil(rows) as u32, splits as u32),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (mi, ni, ki, gi) = (m as i32, n as i32, k as i32, gs as i32);
+        let (mi, ni, ki, gi, si) = (m as i32, n as i32, k as i32, gs as i32, k_split as i32);
         let mut launch = s.launch_builder(f);
         match &staged {
             Some(buf) => launch.arg(buf),
             None => launch.arg(xv),
         };
-        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(y);
+        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales);
+        match partial.as_mut() {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&mut *y),
+        };
         launch.arg(&mi).arg(&ni).arg(&ki).arg(&gi);
-        // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2);
-        // x holds m·k bf16 (16-byte aligned), y m·n elements (pair-aligned), the weights k×n in the packing that
-        // kernel reads; the shared memory matches the kernel's plan.
+        if self.packing == Packing::Mma {
+            launch.arg(&si);
+        }
+        // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2,
+        // then k_split); x holds m·k bf16 (16-byte aligned), the output m·n elements (pair-aligned) per split, the
+        // weights k×n in the packing that kernel reads; the shared memory matches the kernel's plan.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm"))?;
+        if let Some(p) = &partial {
+            let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
+            let total = (m * n) as u32;
+            let cfg =
+                LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let si = splits as i32;
+            let mut launch = s.launch_builder(reduce);
+            launch.arg(p).arg(y).arg(&si).arg(&mi).arg(&ni);
+            // SAFETY: matches gptq_reduce_*: p holds splits·m·n sums, y m·n elements.
+            unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
+        }
         Ok(())
     }
 
@@ -217,6 +258,22 @@ mod tests {
             }
         }
         assert_eq!(mma_smem_bytes(4, 128), 4 * (128 * 72 * 2 + 8 * 2 * 256 + 512));
+    }
+
+    #[test]
+    fn small_grids_split_k_to_fill_the_device() {
+        // A prefill expert's gate (7,168 → 2,048, one 64-row tile: 16 blocks) on 132 SMs: 14 splits of 4 chunks.
+        assert_eq!(k_splits(56, 16, 132), (14, 512));
+        // Its down (2,048 → 7,168: 56 blocks, 16 chunks): 4 splits of 4.
+        assert_eq!(k_splits(16, 56, 132), (4, 512));
+        // A grid that already fills the device, and a K of two chunks, stay whole.
+        assert_eq!(k_splits(56, 448, 132), (1, 56 * 128));
+        assert_eq!(k_splits(2, 1, 132), (1, 256));
+        // Never a split of fewer than two chunks, and the splits cover K exactly once.
+        for (chunks, blocks) in [(3, 1), (7, 2), (57, 5), (128, 9)] {
+            let (n, rows) = k_splits(chunks, blocks, 82);
+            assert!(rows >= 2 * 128 && (n - 1) * rows < chunks * 128 && n * rows >= chunks * 128, "{chunks} {blocks}");
+        }
     }
 
     #[test]
