@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
     Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, LayersBody, MlaDims, MlaPrep, MlaPrepped, RopeSpec,
     RouterDims, Routing, Row, SeqId, SharedActivations,
@@ -360,7 +360,7 @@ impl Backend for CudaBackend {
             return Err(shape("gather_rows", format!("row {bad} of {}", x.rows)));
         }
         let rows = self.upload_i32(&idx.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
-        self.copy(x, Some(&rows), idx.len(), 0, x.cols)
+        self.copy(x, Some(&rows.as_view()), idx.len(), 0, x.cols)
     }
 
     fn columns(&self, x: &GpuTensor, start: usize, len: usize) -> MResult<GpuTensor> {
@@ -553,10 +553,10 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// `y[r, c] = x[rows[r] or r, start + c]`.
-    fn copy(
+    pub(crate) fn copy(
         &self,
         x: &GpuTensor,
-        rows: Option<&CudaSlice<i32>>,
+        rows: Option<&CudaView<'_, i32>>,
         n_rows: usize,
         start: usize,
         cols: usize,
