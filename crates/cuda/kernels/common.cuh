@@ -8,6 +8,13 @@ typedef unsigned long long u64;
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// Rust's f32::total_cmp as an unsigned order (-NaN < -inf < … < -0 < +0 < … < +inf < +NaN): every bit of a
+// negative flipped, the sign of any other. The router, the indexer's top-k and the sampler order by it.
+__device__ __forceinline__ u32 total_order_key(float x) {
+    const u32 u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Warp-wide sum.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -139,11 +139,6 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
     }
 }
 
-// The total order of Rust's f32::total_cmp as an unsigned order: flip every bit of negatives, the sign of others.
-__device__ __forceinline__ u32 order_key(float f) {
-    const u32 u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 // Exclusive prefix sum over the block (blockDim.x a multiple of 32); `*total` gets the block's sum.
 __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
@@ -189,7 +184,7 @@ __device__ __forceinline__ unsigned topk_load(const float* sc, int n, int t0, u3
     unsigned valid = 0;
 #pragma unroll
     for (int j = 0; j < TOPK_PER; j++) {
-        key[j] = order_key(v[j]);
+        key[j] = total_order_key(v[j]);
         if (j < *per && first + j < n) valid |= 1u << j;
     }
     return valid;

@@ -10,13 +10,6 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
-// Rust's f32::total_cmp as an unsigned order: -NaN < -inf < … < -0 < +0 < … < +inf < +NaN.
-__device__ __forceinline__ u32 total_order_key(float x) {
-    int b = __float_as_int(x);
-    b ^= (int)(((u32)(b >> 31)) >> 1);
-    return (u32)b ^ 0x80000000u;
-}
-
 // Place of item i among n keys by key descending, then index ascending (the host's `top_k`).
 __device__ __forceinline__ int rank_desc(const u32* keys, int n, int i) {
     const u32 k = keys[i];

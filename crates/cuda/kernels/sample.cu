@@ -21,7 +21,7 @@ __device__ __forceinline__ u32 logit_key(float x) {
     u32 b = __float_as_uint(x);
     if ((b & 0x7fffffffu) > 0x7f800000u) b = 0xff800000u;  // NaN → -inf
     if (b == 0x80000000u) b = 0u;                           // -0 → +0
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return total_order_key(__uint_as_float(b));
 }
 
 __device__ __forceinline__ bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
