@@ -199,18 +199,10 @@ impl GpuGptq {
         // then k_split); x holds m·k bf16 (16-byte aligned), the output m·n elements (pair-aligned) per split, the
         // weights k×n in the packing that kernel reads; the shared memory matches the kernel's plan.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm"))?;
-        if let Some(p) = &partial {
-            let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
-            let total = (m * n) as u32;
-            let cfg =
-                LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let si = splits as i32;
-            let mut launch = s.launch_builder(reduce);
-            launch.arg(p).arg(y).arg(&si).arg(&mi).arg(&ni);
-            // SAFETY: matches gptq_reduce_*: p holds splits·m·n sums, y m·n elements.
-            unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
+        match &partial {
+            Some(p) => crate::gemv::reduce_splits(gpu, p, splits, m, n, y),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// x `[m, in]` with its columns in the reordered row order of W (or just copied, when only misaligned).

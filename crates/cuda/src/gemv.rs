@@ -46,6 +46,30 @@ pub struct GpuGptq {
     pub(crate) perm: Option<CudaSlice<i32>>,
 }
 
+/// `y[r, c] = Σ_s partial[s, r, c]` for `rows × n` outputs, the splits added in order (`gptq_reduce_*`): the
+/// split-K GEMV's and GEMM's last step.
+pub(crate) fn reduce_splits(
+    gpu: &Gpu,
+    partial: &CudaSlice<f32>,
+    splits: usize,
+    rows: usize,
+    n: usize,
+    y: &mut ActViewMut<'_>,
+) -> Result<()> {
+    if partial.len() < splits * rows * n || y.len() < rows * n {
+        return Err(Error::Shape { what: "gptq_reduce", reason: format!("{splits} splits of {rows}×{n}") });
+    }
+    let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
+    let total = (rows * n) as u32;
+    let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (s, r, ni) = (splits as i32, rows as i32, n as i32);
+    let mut launch = gpu.stream.launch_builder(reduce);
+    launch.arg(partial).arg(y).arg(&s).arg(&r).arg(&ni);
+    // SAFETY: matches gptq_reduce_*: partial holds splits·rows·n sums, y rows·n elements (checked above).
+    unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
+    Ok(())
+}
+
 impl GpuGptq {
     /// Bytes the GEMV streams per call (packed weights, zeros, scales).
     pub fn bytes(&self) -> usize {
@@ -188,15 +212,7 @@ impl GpuGptq {
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
-        let total = (batch * n) as u32;
-        let reduce = gpu.function(&format!("gptq_reduce_{}", y.dtype().suffix()))?;
-        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let s = splits as i32;
-        let mut launch = gpu.stream.launch_builder(reduce);
-        launch.arg(&*partial).arg(y).arg(&s).arg(&b).arg(&ni);
-        // SAFETY: as above, for gptq_reduce_*.
-        unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_reduce"))?;
-        Ok(())
+        reduce_splits(gpu, partial, splits, batch, n, y)
     }
 
     /// The scalar kernel's launch for `batch` rows of `xd` inputs: (kernel, configuration, rows of K per split).
