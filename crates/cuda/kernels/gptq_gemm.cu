@@ -304,6 +304,7 @@ struct MgArgs {
     const __half* zeros;     // [G, N]
     const __half* scales;    // [G, N]
     int M, N, K, group_size, m0, n0;
+    const int* rows;  // x's row of each of the M rows (the grouped experts' pairs), or null: rows m0.. of x
 };
 
 // The cp.async copies of a half chunk into a stage buffer. Each thread's share is the same every step: x rows
@@ -312,12 +313,13 @@ struct MgArgs {
 // 64-bit index arithmetic per copy and step was most of the loop's instructions (tools/sass.py). Rows past M and
 // tiles past N read nothing and land as zeros (N is a multiple of 16: a tile, and a 16-byte run of 8 scales, is
 // wholly inside or outside).
-template <int BITS, int BM>
+template <int BITS, int BM, bool GATHER>
 struct MgLoader {
     typedef MgSmem<BITS, BM> S;
     static constexpr int XI = BM * (MG_BK / 8) / MG_THREADS;  // x copies per thread: BM / 32
     static constexpr int PER_TILE = S::ROWS * 16;             // 16-byte copies of a tile's half chunk
     const __nv_bfloat16* x;                                   // row tid / 8 (clamped), column (tid % 8) · 8
+    const __nv_bfloat16* xg[GATHER ? XI : 1];                 // GATHER: rows tid / 8 + 32·i, through a.rows
     u32 x_rows;                                               // bit i: row tid / 8 + 32·i is inside M
     size_t x_step;                                            // 32 rows of x, in elements
     const uint2* w;                                           // this thread's run at chunk 0, lo 0
@@ -331,6 +333,10 @@ struct MgLoader {
         const int tid = threadIdx.x, r0 = tid / (MG_BK / 8), ch = tid % (MG_BK / 8);
         x = a.x + (size_t)min(a.m0 + r0, a.M - 1) * a.K + ch * 8;
         x_step = (size_t)32 * a.K;
+        if constexpr (GATHER) {
+#pragma unroll
+            for (int i = 0; i < XI; i++) xg[i] = a.x + (size_t)a.rows[min(a.m0 + r0 + 32 * i, a.M - 1)] * a.K + ch * 8;
+        }
         x_rows = 0;
 #pragma unroll
         for (int i = 0; i < XI; i++) x_rows |= (u32)(a.m0 + r0 + 32 * i < a.M) << i;
@@ -358,7 +364,8 @@ struct MgLoader {
 #pragma unroll
         for (int i = 0; i < XI; i++) {
             const bool in = (x_rows >> i) & 1;
-            cp_async16(xs + i * 32 * MG_LD, in ? src + i * x_step : src, in ? 16 : 0);
+            const __nv_bfloat16* from = GATHER ? xg[GATHER ? i : 0] + k0 : src + i * x_step;
+            cp_async16(xs + i * 32 * MG_LD, in ? from : src, in ? 16 : 0);
         }
         if (tid < (MG_BN / 16) * PER_TILE) {
             uint2* ws = reinterpret_cast<uint2*>(st + S::A);
@@ -452,8 +459,8 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
 
 // One pipeline step: half chunk kt has landed (own copies: wait; everyone's: the barrier, which also means every
 // warp is done with step kt − 1, whose stage the copies for step kt + STAGES − 1 now overwrite).
-template <int BITS, int BM, int RB, int TW, int H>
-__device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS, BM>& ld, int kt, int steps,
+template <int BITS, int BM, int RB, int TW, int H, bool GATHER>
+__device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS, BM, GATHER>& ld, int kt, int steps,
                                         float acc[RB][2 * TW][4], float cacc[RB][2 * TW][4], int r0, int t0,
                                         int lane) {
     typedef MgSmem<BITS, BM> S;
@@ -466,14 +473,13 @@ __device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS
     mg_mma_stage<BITS, BM, RB, TW, H>(smem + (kt & (MG_STAGES - 1)) * S::STAGE, acc, cacc, r0, t0, lane);
 }
 
-// grid: (ceil(N / 128), ceil(M / BM), splits); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
-// Split z takes K rows [z·k_split, (z + 1)·k_split) (k_split a multiple of 128) and writes its sums to
-// y + z·M·N: with one split that is the output, with more f32 partial sums that gptq_reduce adds in split order.
+// One block: columns a.n0.. and rows a.m0.. of y, over K rows [split·k_split, (split + 1)·k_split) (k_split a
+// multiple of 128); block: 256 threads; dynamic shared memory MgSmem<BITS, BM>::TOTAL.
 // TW: 16-column tiles per warp. With 2 the 8 warps are 2 along M × 4 along N; with 1, 8 along N, each warp all
 // BM rows: every tile's words are unpacked by one warp instead of two (the unpacking was ~40% of the m64 loop,
 // done twice), for twice the x fragment loads.
-template <int BITS, int BM, int TW, typename OUT>
-__device__ void gptq_mma_gemm(MgArgs a, int k_split, OUT* __restrict__ y) {
+template <int BITS, int BM, int TW, typename OUT, bool GATHER>
+__device__ void gptq_mma_gemm(const MgArgs& a, int split, int k_split, OUT* __restrict__ y) {
     constexpr int WN = (MG_BN / 16) / TW, WM = (MG_THREADS / 32) / WN, RB = BM / (16 * WM);
     static_assert(WN * WM == MG_THREADS / 32 && RB * 16 * WM == BM, "the warps tile the block");
     typedef MgSmem<BITS, BM> S;
@@ -483,12 +489,9 @@ __device__ void gptq_mma_gemm(MgArgs a, int k_split, OUT* __restrict__ y) {
     if (have < (u32)S::TOTAL) __trap();  // the launch asked for too little: fail loudly, never overrun
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r0 = (warp / WN) * 16 * RB, t0 = (warp % WN) * TW;
-    a.m0 = blockIdx.y * BM;
-    a.n0 = blockIdx.x * MG_BN;
     // Steps (half chunks) of this split: both ends even, K being whole chunks.
-    const int first = blockIdx.z * (k_split / MG_BK), stop = min(a.K, (int)(blockIdx.z + 1) * k_split) / MG_BK;
-    y += (size_t)blockIdx.z * a.M * a.N;
-    const MgLoader<BITS, BM> ld(a);
+    const int first = split * (k_split / MG_BK), stop = min(a.K, (split + 1) * k_split) / MG_BK;
+    const MgLoader<BITS, BM, GATHER> ld(a);
 
 #pragma unroll
     for (int s = 0; s < MG_STAGES - 1; s++) {
@@ -505,8 +508,8 @@ __device__ void gptq_mma_gemm(MgArgs a, int k_split, OUT* __restrict__ y) {
             for (int e = 0; e < 4; e++) acc[i][j][e] = cacc[i][j][e] = 0.f;
 
     for (int kt = first; kt < stop; kt += 2) {
-        mg_step<BITS, BM, RB, TW, 0>(smem, ld, kt, stop, acc, cacc, r0, t0, lane);
-        mg_step<BITS, BM, RB, TW, 1>(smem, ld, kt + 1, stop, acc, cacc, r0, t0, lane);
+        mg_step<BITS, BM, RB, TW, 0, GATHER>(smem, ld, kt, stop, acc, cacc, r0, t0, lane);
+        mg_step<BITS, BM, RB, TW, 1, GATHER>(smem, ld, kt + 1, stop, acc, cacc, r0, t0, lane);
     }
     cp_async_wait<0>();
 
@@ -515,16 +518,39 @@ __device__ void gptq_mma_gemm(MgArgs a, int k_split, OUT* __restrict__ y) {
 
 // Tiles per warp: 1 for 64-row blocks (4 m16 blocks a warp), 2 for 128 (1 would hold 8 m16 blocks' sums a warp).
 #define MG_TW(BM) ((BM) == 64 ? 1 : 2)
+// grid (ceil(N / 128), ceil(M / BM), splits): split z writes y + z·M·N — with one split the output, with more
+// f32 partial sums that gptq_reduce adds in split order.
 #define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \
     extern "C" __global__ void __launch_bounds__(MG_THREADS) gptq_mma_gemm_w##BITS##_m##BM##_##NAME(            \
         const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, OUT* y, int M,    \
         int N, int K, int group_size, int k_split) {                                                             \
-        gptq_mma_gemm<BITS, BM, MG_TW(BM), OUT>(MgArgs{x, words, zeros, scales, M, N, K, group_size, 0, 0},     \
-                                                k_split, y);                                                     \
+        const MgArgs a{x, words, zeros, scales, M, N, K, group_size, (int)blockIdx.y * (BM),                    \
+                       (int)blockIdx.x * MG_BN, nullptr};                                                        \
+        gptq_mma_gemm<BITS, BM, MG_TW(BM), OUT, false>(a, blockIdx.z, k_split, y + (size_t)blockIdx.z * M * N); \
+    }
+// The prefill's routed experts, all in one launch per projection (experts_prefill.rs): blockIdx.y is a tile of
+// up to 64 pairs (row, expert) of one expert, tiles[3·t..] = (expert, first pair, pairs); blockIdx.z the matrix
+// (gate, up: tables at z·n_experts + expert, output y0 or y1). The gate/up launch reads x's row pair_x[p] for
+// pair p (`_gather`); the down launch reads row p of h (one row per pair). y [pairs, N]: pair p's row p.
+template <int BITS, typename OUT, bool GATHER>
+__device__ __forceinline__ void mma_gemm_grouped(const __nv_bfloat16* x, const int* pair_x, const int* tiles,
+                                                 const u64* qw, const u64* zr, const u64* sc, int n_experts,
+                                                 OUT* y0, OUT* y1, int N, int K, int group_size) {
+    const int t = blockIdx.y, e = blockIdx.z * n_experts + tiles[3 * t], p0 = tiles[3 * t + 1];
+    const MgArgs a{GATHER ? x : x + (size_t)p0 * K, (const uint2*)qw[e], (const __half*)zr[e], (const __half*)sc[e],
+                   tiles[3 * t + 2], N, K, group_size, 0, (int)blockIdx.x * MG_BN, GATHER ? pair_x + p0 : nullptr};
+    gptq_mma_gemm<BITS, 64, MG_TW(64), OUT, GATHER>(a, 0, K, (blockIdx.z == 0 ? y0 : y1) + (size_t)p0 * N);
+}
+#define MMA_GROUPED_T(BITS, OUT, NAME, GATHER)                                                                   \
+    extern "C" __global__ void __launch_bounds__(MG_THREADS) gptq_mma_gemm_grouped_w##BITS##_##NAME(            \
+        const __nv_bfloat16* x, const int* pair_x, const int* tiles, const u64* qw, const u64* zr,              \
+        const u64* sc, int n_experts, OUT* y0, OUT* y1, int N, int K, int group_size) {                         \
+        mma_gemm_grouped<BITS, OUT, GATHER>(x, pair_x, tiles, qw, zr, sc, n_experts, y0, y1, N, K, group_size); \
     }
 #define MMA_GEMM(BITS)                                                                                           \
     MMA_GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                    \
-    MMA_GEMM_T(BITS, 64, float, f32) MMA_GEMM_T(BITS, 128, __nv_bfloat16, bf16) MMA_GEMM_T(BITS, 128, float, f32)
+    MMA_GEMM_T(BITS, 64, float, f32) MMA_GEMM_T(BITS, 128, __nv_bfloat16, bf16) MMA_GEMM_T(BITS, 128, float, f32) \
+    MMA_GROUPED_T(BITS, __nv_bfloat16, gather_bf16, true) MMA_GROUPED_T(BITS, float, f32, false)
 MMA_GEMM(2)
 MMA_GEMM(3)
 MMA_GEMM(4)

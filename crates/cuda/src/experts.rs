@@ -103,14 +103,20 @@ pub struct GpuExperts {
 
 /// Device address tables of the packed experts: `[mats · entries]` each of qweight, zeros, scales, row order,
 /// where `entries` is the layer's expert count, plus one when the shared expert is appended (`shared`).
-struct Tables {
-    gate_up: [CudaSlice<u64>; 4],
-    down: [CudaSlice<u64>; 4],
-    group_size: usize,
-    hidden: usize,
-    inter: usize,
-    entries: usize,
-    shared: bool,
+pub(crate) struct Tables {
+    pub(crate) gate_up: [CudaSlice<u64>; 4],
+    pub(crate) down: [CudaSlice<u64>; 4],
+    pub(crate) group_size: usize,
+    pub(crate) hidden: usize,
+    pub(crate) inter: usize,
+    pub(crate) entries: usize,
+    pub(crate) shared: bool,
+    /// Per entry, whether this slice holds that expert.
+    pub(crate) held: Vec<bool>,
+    pub(crate) bits: usize,
+    pub(crate) packing: Packing,
+    /// Whether any matrix has an act-order row order (`perm`).
+    pub(crate) reordered: bool,
 }
 
 fn gptq(w: &GpuWeight) -> Option<&GpuGptq> {
@@ -168,13 +174,16 @@ impl Tables {
         let e = experts.len() + usize::from(shared.is_some());
         let mut gu = vec![[0u64; 4]; 2 * e];
         let mut dn = vec![[0u64; 4]; e];
+        let mut held = vec![false; e];
         for (i, ew) in experts.iter().map(Option::as_ref).chain(shared.map(Some)).enumerate() {
             let Some(ew) = ew else { continue };
             let addr = |w: &GpuWeight| gptq(w).map(|g| g.addresses(&b.gpu)).unwrap_or_default();
             gu[i] = addr(&ew.gate);
             gu[e + i] = addr(&ew.up);
             dn[i] = addr(&ew.down);
+            held[i] = true;
         }
+        let reordered = gu.iter().chain(&dn).any(|a| a[3] != 0);
         let column = |t: &[[u64; 4]], j: usize| -> MResult<CudaSlice<u64>> {
             let v: Vec<u64> = t.iter().map(|a| a[j]).collect();
             b.gpu.stream.clone_htod(&v).map_err(md("upload expert table"))
@@ -187,6 +196,10 @@ impl Tables {
             inter,
             entries: e,
             shared: shared.is_some(),
+            held,
+            bits: g0.bits as usize,
+            packing: g0.packing,
+            reordered,
         }))
     }
 }
@@ -227,6 +240,10 @@ impl CudaBackend {
         }
         match &experts.grouped {
             Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
+            Some(t) if t.takes_prefill(x) => {
+                let _p = self.gpu.span(|| format!("experts (grouped GEMM) x{}", x.rows));
+                self.grouped_prefill(x, t, routes.host()?)
+            }
             _ => {
                 let _p = self.gpu.span(|| format!("experts x{}", x.rows));
                 self.one_by_one(x, &experts.weights, routes.host()?)

@@ -66,7 +66,7 @@ const MG_LD: usize = MG_BK + 8;
 
 /// Its dynamic shared memory (`MgSmem<BITS, BM>::TOTAL`): per stage x, the half chunk's words of 8 tiles
 /// (`bits` words per lane in one uint2 row for 2 bits, two otherwise) and the chunk's scales and zeros.
-fn mma_smem_bytes(bits: usize, rows: usize) -> usize {
+pub(crate) fn mma_smem_bytes(bits: usize, rows: usize) -> usize {
     let uint2_rows = if bits == 2 { 1 } else { 2 };
     MG_STAGES * (rows * MG_LD * 2 + (BN / 16) * uint2_rows * 256 + 2 * BN * 2)
 }
