@@ -233,14 +233,16 @@ __device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int 
     rope_pair(x + a, x + b, x + a, x + b, pos[r], inv_freq[p]);
 }
 
-// The attention inputs of a fused projection row [q_a | latent | k_pe | index key] (widths q_a, lora, rope, idx;
-// q_a or idx 0 when absent), what split_cols, rms_norm, rope and layer_norm give one after another, bit for bit
-// (the norms' block sums at the same 512 threads): grid (rows, 4), blockIdx.y the part. Outputs [rows, width].
+// The attention inputs of a fused projection row [q_a | latent | k_pe | index key | index weights] (widths q_a,
+// lora, rope, idx, iw; q_a, idx or iw 0 when absent), what split_cols, rms_norm, rope, layer_norm and scale give
+// one after another, bit for bit (the norms' block sums at the same 512 threads): grid (rows, 5), blockIdx.y the
+// part. Outputs [rows, width].
 template <typename T>
-__device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, const float* q_norm,
-                         const float* kv_norm, const float* k_w, const float* k_b, float eps, const int* pos,
-                         const float* inv_freq, int half, T* q_out, T* lat_out, T* kpe_out, T* key_out) {
-    const int r = blockIdx.x, total = q_a + lora + rope + idx;
+__device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, int iw, float iw_scale,
+                         const float* q_norm, const float* kv_norm, const float* k_w, const float* k_b, float eps,
+                         const int* pos, const float* inv_freq, int half, T* q_out, T* lat_out, T* kpe_out,
+                         T* key_out, T* iw_out) {
+    const int r = blockIdx.x, total = q_a + lora + rope + idx + iw;
     const T* row = proj + (size_t)r * total;
     switch (blockIdx.y) {
         case 0:
@@ -256,6 +258,11 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, co
                 if (i >= 2 * half) dst[i] = src[i];  // columns past the rotated pairs, as split copies them
             for (int p = threadIdx.x; p < half; p += blockDim.x)
                 rope_pair(src + 2 * p, src + 2 * p + 1, dst + 2 * p, dst + 2 * p + 1, pos[r], inv_freq[p]);
+            return;
+        }
+        case 4: {  // the indexer's head weights, scaled as `scale` does
+            const T* src = row + q_a + lora + rope + idx;
+            for (int i = threadIdx.x; i < iw; i += blockDim.x) st(iw_out + (size_t)r * iw, i, ld(src, i) * iw_scale);
             return;
         }
         default: {  // layer norm, stored, then one head's half-split pairs from column 0 in place
@@ -319,11 +326,12 @@ __device__ void cast(const S* x, D* y, size_t n) {
                                         int offset, int half, int il) {                                            \
         rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \
     }                                                                                                              \
-    extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, const float* qn,  \
-                                            const float* kvn, const float* kw, const float* kb, float eps,         \
-                                            const int* pos, const float* f, int half, T* q, T* lat, T* kpe,        \
-                                            T* key) {                                                              \
-        mla_prep<T>(proj, q_a, lora, rope, idx, qn, kvn, kw, kb, eps, pos, f, half, q, lat, kpe, key);            \
+    extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, int iw,          \
+                                            float iw_scale, const float* qn, const float* kvn, const float* kw,    \
+                                            const float* kb, float eps, const int* pos, const float* f, int half,  \
+                                            T* q, T* lat, T* kpe, T* key, T* w) {                                  \
+        mla_prep<T>(proj, q_a, lora, rope, idx, iw, iw_scale, qn, kvn, kw, kb, eps, pos, f, half, q, lat, kpe,     \
+                    key, w);                                                                                       \
     }                                                                                                              \
     extern "C" __global__ void scatter_add_scaled_##S(float* out, const T* y, const int* rows, const float* w,     \
                                                       int n, int cols) {                                           \

@@ -90,10 +90,12 @@ pub(crate) fn mla_prep(
 ) -> MResult<MlaPrepped<GpuTensor>> {
     let _p = b.gpu.span(|| "mla_prep".into());
     let (q_a, lora, rope, idx) = (p.q_a.map_or(0, |q| q.0), p.latent.0, p.rope, p.index_key.map_or(0, |k| k.0));
+    let (iw, iw_scale) = p.index_weights.unwrap_or((0, 1.0));
     let half = inv_freq.len();
     let short = |w: &CudaSlice<f32>, n: usize| w.len() < n;
-    let bad = proj.cols != q_a + lora + rope + idx
+    let bad = proj.cols != q_a + lora + rope + idx + iw
         || rows.len() != proj.rows
+        || p.index_weights.is_some_and(|(n, _)| n == 0)
         || lora == 0
         || 2 * half > rope
         || (idx > 0 && 2 * half > idx)
@@ -104,7 +106,7 @@ pub(crate) fn mla_prep(
         return Err(shape(
             "mla_prep",
             format!(
-                "[{}, {}] as {q_a} + {lora} + {rope} + {idx} for {} rows, {half} rope pairs",
+                "[{}, {}] as {q_a} + {lora} + {rope} + {idx} + {iw} for {} rows, {half} rope pairs",
                 proj.rows,
                 proj.cols,
                 rows.len()
@@ -116,12 +118,14 @@ pub(crate) fn mla_prep(
     let mut latent = b.output(n, lora)?;
     let mut k_pe = b.output(n, rope)?;
     let mut key = p.index_key.map(|_| b.output(n, idx)).transpose()?;
+    let mut weights = p.index_weights.map(|_| b.output(n, iw)).transpose()?;
     let positions = crate::graph::positions(b, rows)?;
     let pos = positions.view();
     let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
     let (qi, li, ri, ii, hi, null) = (q_a as i32, lora as i32, rope as i32, idx as i32, half as i32, 0u64);
+    let wi = iw as i32;
     let mut l = b.gpu.stream.launch_builder(b.op("mla_prep", &proj.data)?);
-    l.arg(&proj.data).arg(&qi).arg(&li).arg(&ri).arg(&ii);
+    l.arg(&proj.data).arg(&qi).arg(&li).arg(&ri).arg(&ii).arg(&wi).arg(&iw_scale);
     match p.q_a {
         Some((_, w)) => l.arg(w),
         None => l.arg(&null),
@@ -141,10 +145,14 @@ pub(crate) fn mla_prep(
         Some(t) => l.arg(&mut t.data),
         None => l.arg(&null),
     };
-    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 4, 1), ..rows_cfg(n) };
-    // SAFETY: matches mla_prep_*: proj holds rows·(q_a + lora + rope + idx) values, each output rows·width of
+    match &mut weights {
+        Some(t) => l.arg(&mut t.data),
+        None => l.arg(&null),
+    };
+    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 5, 1), ..rows_cfg(n) };
+    // SAFETY: matches mla_prep_*: proj holds rows·(q_a + lora + rope + idx + iw) values, each output rows·width of
     // the same dtype, the norms' vectors at least their widths, 2·half ≤ rope (and ≤ idx) as checked above; the
     // kernel touches an absent part's pointers (null) never, as its width is 0.
     unsafe { l.launch(cfg) }.map_err(md("mla_prep"))?;
-    Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key })
+    Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key, index_weights: weights })
 }

@@ -176,7 +176,10 @@ fn prep_apart(
     rows: &[Row],
 ) -> Vec<Vec<f32>> {
     let widths: Vec<usize> =
-        [p.q_a.map(|q| q.0), Some(p.latent.0), Some(p.rope), p.index_key.map(|k| k.0)].into_iter().flatten().collect();
+        [p.q_a.map(|q| q.0), Some(p.latent.0), Some(p.rope), p.index_key.map(|k| k.0), p.index_weights.map(|w| w.0)]
+            .into_iter()
+            .flatten()
+            .collect();
     let mut parts = b.split_columns(proj, &widths).unwrap().into_iter();
     let mut out = Vec::new();
     if let Some((_, w)) = p.q_a {
@@ -191,11 +194,20 @@ fn prep_apart(
         b.rope(&mut k, RopeSpec::indexer(1, dim), inv_freq, rows).unwrap();
         out.push(b.download(&k).unwrap());
     }
+    if let Some((_, s)) = p.index_weights {
+        let mut w = parts.next().unwrap();
+        b.scale(&mut w, s).unwrap();
+        out.push(b.download(&w).unwrap());
+    }
     out
 }
 
 fn prepped<B: Backend>(b: &B, p: MlaPrepped<B::Tensor>) -> Vec<Vec<f32>> {
-    [p.q_a, Some(p.latent), Some(p.k_pe), p.index_key].into_iter().flatten().map(|t| b.download(&t).unwrap()).collect()
+    [p.q_a, Some(p.latent), Some(p.k_pe), p.index_key, p.index_weights]
+        .into_iter()
+        .flatten()
+        .map(|t| b.download(&t).unwrap())
+        .collect()
 }
 
 #[test]
@@ -206,22 +218,25 @@ fn mla_prep_gives_what_the_ops_apart_give() {
     let cpu = CpuBackend::F32;
     let mut rng = Rng::new(23);
     for (act, gpu) in backends() {
-        // The real model's parts (q_lora 1536, kv_lora 512, qk_rope 64, indexer head_dim 128), V3 without q LoRA
-        // or indexer, and odd widths with fewer rope pairs than columns.
-        for (q_a, lora, rope, idx, half, rows) in [
-            (1536usize, 512usize, 64usize, 128usize, 32usize, 1usize),
-            (1536, 512, 64, 128, 32, 5),
-            (0, 512, 64, 0, 32, 3),
-            (24, 40, 18, 20, 8, 2),
+        // The real model's parts (q_lora 1536, kv_lora 512, qk_rope 64, indexer head_dim 128 and 64 head weights),
+        // the same without the head weights, V3 without q LoRA or indexer, and odd widths with fewer rope pairs
+        // than columns.
+        for (q_a, lora, rope, idx, iw, half, rows) in [
+            (1536usize, 512usize, 64usize, 128usize, 64usize, 32usize, 1usize),
+            (1536, 512, 64, 128, 0, 32, 5),
+            (1536, 512, 64, 128, 64, 32, 5),
+            (0, 512, 64, 0, 0, 32, 3),
+            (24, 40, 18, 20, 6, 8, 2),
         ] {
-            let total = q_a + lora + rope + idx;
+            let total = q_a + lora + rope + idx + iw;
+            let index_weights = (iw > 0).then_some((iw, (iw as f32).powf(-0.5)));
             let x = values(&mut rng, rows * total, 3.0);
             // (An absent part's vectors have one value: an empty device allocation is an error, and none is read.)
             let (qw, lw) = (values(&mut rng, q_a.max(1), 1.0), values(&mut rng, lora, 1.0));
             let (kw, kb) = (values(&mut rng, idx.max(1), 1.0), values(&mut rng, idx.max(1), 0.5));
             let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect();
             let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 13_000 + 5 }).collect();
-            let what = format!("mla_prep {q_a}+{lora}+{rope}+{idx} x {rows} ({act:?})");
+            let what = format!("mla_prep {q_a}+{lora}+{rope}+{idx}+{iw} x {rows} ({act:?})");
             let run = |cpu_side: bool| -> Vec<Vec<f32>> {
                 let [qv, lv, kwv, kbv] = [&qw, &lw, &kw, &kb]
                     .map(|v| (cpu.load_vector(v.clone()).unwrap(), gpu.load_vector(v.clone()).unwrap()));
@@ -231,6 +246,7 @@ fn mla_prep_gives_what_the_ops_apart_give() {
                         latent: (lora, &lv.0),
                         rope,
                         index_key: (idx > 0).then_some((idx, &kwv.0, &kbv.0)),
+                        index_weights,
                         eps: 1e-6,
                     };
                     return prepped(&cpu, cpu.mla_prep(&up(&cpu, rows, total, &x), &p, &inv_freq, &r).unwrap());
@@ -240,6 +256,7 @@ fn mla_prep_gives_what_the_ops_apart_give() {
                     latent: (lora, &lv.1),
                     rope,
                     index_key: (idx > 0).then_some((idx, &kwv.1, &kbv.1)),
+                    index_weights,
                     eps: 1e-6,
                 };
                 let proj = up(&gpu, rows, total, &x);

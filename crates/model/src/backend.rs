@@ -96,8 +96,8 @@ impl RopeSpec {
 /// The indexer key's LayerNorm epsilon (HF `DeepseekV32Indexer`'s `k_norm`).
 pub const INDEXER_NORM_EPS: f32 = 1e-6;
 
-/// The row-wise work between attention's fused projection `[rows, q_lora | kv_lora | qk_rope | index_dim]` and
-/// the cache ([`Backend::mla_prep`]); a part that is absent has no columns.
+/// The row-wise work between attention's fused projection `[rows, q_lora | kv_lora | qk_rope | index_dim |
+/// index_heads]` and the cache ([`Backend::mla_prep`]); a part that is absent has no columns.
 pub struct MlaPrep<'a, V> {
     /// `q_lora` and `q_a_layernorm`'s weight (with q LoRA).
     pub q_a: Option<(usize, &'a V)>,
@@ -107,17 +107,21 @@ pub struct MlaPrep<'a, V> {
     pub rope: usize,
     /// The indexer key's `head_dim` and `k_norm`'s weight and bias (V3.2, its `wk` fused).
     pub index_key: Option<(usize, &'a V, &'a V)>,
+    /// The indexer's head weights: `heads` and the factor they are scaled by (`heads^-0.5`; V3.2, its
+    /// `weights_proj` fused).
+    pub index_weights: Option<(usize, f32)>,
     /// The RMSNorms' epsilon.
     pub eps: f32,
 }
 
-/// What [`Backend::mla_prep`] gives: `q_a` RMS-normed, the latent RMS-normed, `k_pe` roped and the indexer key
-/// layer-normed and roped.
+/// What [`Backend::mla_prep`] gives: `q_a` RMS-normed, the latent RMS-normed, `k_pe` roped, the indexer key
+/// layer-normed and roped, and the indexer's head weights scaled.
 pub struct MlaPrepped<T> {
     pub q_a: Option<T>,
     pub latent: T,
     pub k_pe: T,
     pub index_key: Option<T>,
+    pub index_weights: Option<T>,
 }
 
 /// Shapes of MLA attention over the latent cache (MODEL_SPEC §2.3, §2.5).
@@ -259,10 +263,16 @@ pub trait Backend: Send + Sync {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<MlaPrepped<Self::Tensor>> {
-        let widths: Vec<usize> = [p.q_a.map(|q| q.0), Some(p.latent.0), Some(p.rope), p.index_key.map(|k| k.0)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let widths: Vec<usize> = [
+            p.q_a.map(|q| q.0),
+            Some(p.latent.0),
+            Some(p.rope),
+            p.index_key.map(|k| k.0),
+            p.index_weights.map(|w| w.0),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         let mut parts = self.split_columns(proj, &widths)?.into_iter();
         let mut next = || parts.next().ok_or_else(|| crate::Error::backend("split_columns"));
         let q_a = match p.q_a {
@@ -280,7 +290,15 @@ pub trait Backend: Send + Sync {
             }
             None => None,
         };
-        Ok(MlaPrepped { q_a, latent, k_pe, index_key })
+        let index_weights = match p.index_weights {
+            Some((_, s)) => {
+                let mut w = next()?;
+                self.scale(&mut w, s)?;
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(MlaPrepped { q_a, latent, k_pe, index_key, index_weights })
     }
 
     /// Writes each row's latent, roped k_pe and optional indexer key into the cache at its position.

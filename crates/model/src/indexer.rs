@@ -13,8 +13,8 @@ pub struct Indexer<B: Backend> {
     wk: Option<B::Weight>,
     k_norm_w: B::Vector,
     k_norm_b: B::Vector,
-    /// `[heads, hidden]`
-    weights_proj: B::Weight,
+    /// `[heads, hidden]`, or `None` when attention runs it fused with its other projections of the hidden state.
+    weights_proj: Option<B::Weight>,
     pub dims: IndexerDims,
 }
 
@@ -22,7 +22,7 @@ pub struct Indexer<B: Backend> {
 pub struct IndexerOut<B: Backend> {
     /// `[rows, heads·head_dim]`, roped.
     pub q: B::Tensor,
-    /// `[rows, heads]`, scaled by `heads^-0.5`.
+    /// `[rows, heads]`, scaled by [`Indexer::weights_scale`].
     pub w: B::Tensor,
 }
 
@@ -33,15 +33,23 @@ pub fn selects(dims: &IndexerDims, rows: &[Row]) -> bool {
 }
 
 impl<B: Backend> Indexer<B> {
-    /// `wk`: the key projection as read ([`Indexer::wk`]), or `None` when the caller fused it with others.
-    pub fn load(b: &B, ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig, wk: Option<HostLinear>) -> Result<Self> {
-        let (h, q_lora) = (ld.cfg.hidden_size, ld.cfg.q_lora_rank.unwrap_or(0));
+    /// `wk` and `wp`: the key projection and the head weights' projection as read ([`Indexer::wk`],
+    /// [`Indexer::weights_proj`]), or `None` where the caller fused them with others.
+    pub fn load(
+        b: &B,
+        ld: &Loader<'_>,
+        prefix: &str,
+        cfg: &IndexerConfig,
+        wk: Option<HostLinear>,
+        wp: Option<HostLinear>,
+    ) -> Result<Self> {
+        let q_lora = ld.cfg.q_lora_rank.unwrap_or(0);
         Ok(Self {
             wq_b: b.load_linear(ld.linear(&format!("{prefix}.wq_b"), q_lora, cfg.n_heads * cfg.head_dim)?)?,
             wk: wk.map(|w| b.load_linear(w)).transpose()?,
             k_norm_w: b.load_vector(ld.floats(&format!("{prefix}.k_norm.weight"), &[cfg.head_dim])?)?,
             k_norm_b: b.load_vector(ld.floats(&format!("{prefix}.k_norm.bias"), &[cfg.head_dim])?)?,
-            weights_proj: b.load_linear(ld.linear(&format!("{prefix}.weights_proj"), h, cfg.n_heads)?)?,
+            weights_proj: wp.map(|w| b.load_linear(w)).transpose()?,
             dims: IndexerDims { heads: cfg.n_heads, head_dim: cfg.head_dim, topk: cfg.topk },
         })
     }
@@ -54,6 +62,16 @@ impl<B: Backend> Indexer<B> {
     /// The key projection of layer-prefix `prefix`'s indexer as read, for the caller to fuse or hand back.
     pub fn wk(ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<HostLinear> {
         ld.linear(&format!("{prefix}.wk"), ld.cfg.hidden_size, cfg.head_dim)
+    }
+
+    /// The head weights' projection of layer-prefix `prefix`'s indexer as read, for the caller to fuse or hand back.
+    pub fn weights_proj(ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig) -> Result<HostLinear> {
+        ld.linear(&format!("{prefix}.weights_proj"), ld.cfg.hidden_size, cfg.n_heads)
+    }
+
+    /// What the head weights are scaled by: `heads^-0.5` (MODEL_SPEC §2.6).
+    pub fn weights_scale(&self) -> f32 {
+        (self.dims.heads as f32).powf(-0.5)
     }
 
     /// `x·wkᵀ` `[rows, head_dim]`, when the indexer holds wk (else the caller's fused projection has it).
@@ -75,20 +93,29 @@ impl<B: Backend> Indexer<B> {
         (&self.k_norm_w, &self.k_norm_b)
     }
 
-    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`.
+    /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`;
+    /// `w`: the head weights already made by attention's fused projection (`Backend::mla_prep`), if they were.
     pub fn project(
         &self,
         b: &B,
         x: &B::Tensor,
         qr: &B::Tensor,
+        w: Option<B::Tensor>,
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
         let d = self.dims;
         let mut q = b.linear(qr, &self.wq_b)?;
         b.rope(&mut q, RopeSpec::indexer(d.heads, d.head_dim), inv_freq, rows)?;
-        let mut w = b.linear(x, &self.weights_proj)?;
-        b.scale(&mut w, (d.heads as f32).powf(-0.5))?;
+        let w = match (w, &self.weights_proj) {
+            (Some(w), _) => w,
+            (None, Some(wp)) => {
+                let mut w = b.linear(x, wp)?;
+                b.scale(&mut w, self.weights_scale())?;
+                w
+            }
+            (None, None) => return Err(crate::Error::backend("the indexer's weights_proj is fused into attention")),
+        };
         Ok(IndexerOut { q, w })
     }
 }

@@ -9,7 +9,7 @@ use crate::{Error, Result};
 
 pub struct Mla<B: Backend> {
     /// The projections of the normed hidden state: `q_a_proj` (with q LoRA), `kv_a_proj_with_mqa` and the
-    /// indexer's `wk`.
+    /// indexer's `wk` and `weights_proj`.
     proj: Projections<B>,
     /// `q_a_layernorm` with q LoRA.
     q_a_norm: Option<B::Vector>,
@@ -26,12 +26,14 @@ pub struct Mla<B: Backend> {
 }
 
 /// The projections of the normed hidden state, as one matrix when they share a format (one GEMV for a decode
-/// step instead of up to three; the outputs are then column ranges of its result), else each its own.
+/// step instead of up to four; the outputs are then column ranges of its result), else each its own.
 enum Projections<B: Backend> {
-    /// `q_a` `[q_lora, hidden]` (with q LoRA), `kv_a` `[kv_lora + qk_rope, hidden]`; wk stays with the indexer.
+    /// `q_a` `[q_lora, hidden]` (with q LoRA), `kv_a` `[kv_lora + qk_rope, hidden]`; wk and weights_proj stay
+    /// with the indexer.
     Separate { q_a: Option<B::Weight>, kv_a: B::Weight },
-    /// `[q_lora | kv_lora + qk_rope | wk's head_dim, hidden]`; `q_a` / `wk` are 0 where absent.
-    Fused { w: B::Weight, q_a: usize, wk: usize },
+    /// `[q_lora | kv_lora + qk_rope | wk's head_dim | weights_proj's heads, hidden]`; `q_a` / `wk` / `wp` are 0
+    /// where absent (or left with the indexer).
+    Fused { w: B::Weight, q_a: usize, wk: usize, wp: usize },
 }
 
 impl<B: Backend> Mla<B> {
@@ -55,25 +57,39 @@ impl<B: Backend> Mla<B> {
         };
         let ix_prefix = format!("{p}.indexer");
         let wk = ix.map(|ic| Indexer::<B>::wk(ld, &ix_prefix, ic)).transpose()?;
-        // Fuse what shares a format — all three, else q_a and kv_a with wk on its own; a lone kv_a stays.
-        let fuse = |with_wk: bool| {
-            let parts: Vec<&HostLinear> = q_a.iter().chain([&kv_a]).chain(wk.iter().filter(|_| with_wk)).collect();
-            if parts.len() > 1 { HostLinear::concat_outputs(&parts).map(|w| (w, with_wk)) } else { None }
+        let wp = ix.map(|ic| Indexer::<B>::weights_proj(ld, &ix_prefix, ic)).transpose()?;
+        // Fuse what shares a format — all four, else without weights_proj, else without wk, else q_a and kv_a; a
+        // lone kv_a stays.
+        let fuse = |with_wk: bool, with_wp: bool| {
+            let parts: Vec<&HostLinear> = q_a
+                .iter()
+                .chain([&kv_a])
+                .chain(wk.iter().filter(|_| with_wk))
+                .chain(wp.iter().filter(|_| with_wp))
+                .collect();
+            if parts.len() > 1 { HostLinear::concat_outputs(&parts).map(|w| (w, with_wk, with_wp)) } else { None }
         };
-        let fused = fuse(true).or_else(|| fuse(false));
-        let (proj, wk) = match fused {
-            Some((w, with_wk)) => {
+        let fused =
+            [(true, true), (true, false), (false, true), (false, false)].into_iter().find_map(|(k, p)| fuse(k, p));
+        let (proj, wk, wp) = match fused {
+            Some((w, with_wk, with_wp)) => {
+                let width =
+                    |part: &Option<HostLinear>, on: bool| part.as_ref().filter(|_| on).map_or(0, |l| l.out_features());
                 let qa = q_a.as_ref().map_or(0, HostLinear::out_features);
-                let wk_out = wk.as_ref().filter(|_| with_wk).map_or(0, HostLinear::out_features);
-                let proj = Projections::Fused { w: b.load_linear(w)?, q_a: qa, wk: wk_out };
-                (proj, wk.filter(|_| !with_wk))
+                let proj = Projections::Fused {
+                    w: b.load_linear(w)?,
+                    q_a: qa,
+                    wk: width(&wk, with_wk),
+                    wp: width(&wp, with_wp),
+                };
+                (proj, wk.filter(|_| !with_wk), wp.filter(|_| !with_wp))
             }
             None => {
                 let q_a = q_a.map(|w| b.load_linear(w)).transpose()?;
-                (Projections::Separate { q_a, kv_a: b.load_linear(kv_a)? }, wk)
+                (Projections::Separate { q_a, kv_a: b.load_linear(kv_a)? }, wk, wp)
             }
         };
-        let indexer = ix.map(|ic| Indexer::load(b, ld, &ix_prefix, ic, wk)).transpose()?;
+        let indexer = ix.map(|ic| Indexer::load(b, ld, &ix_prefix, ic, wk, wp)).transpose()?;
         Ok(Self {
             proj,
             q_a_norm,
@@ -106,7 +122,7 @@ impl<B: Backend> Mla<B> {
     ) -> Result<B::Tensor> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
-        let MlaPrepped { q_a: qr, latent, k_pe, index_key } = self.prep(b, x, inv_freq, rows)?;
+        let MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights } = self.prep(b, x, inv_freq, rows)?;
         // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state.
         let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
         b.rope(
@@ -124,7 +140,7 @@ impl<B: Backend> Mla<B> {
                 b.cache_write(cache, rows, &latent, &k_pe, Some(&key))?;
                 if ix.selects(rows) {
                     let qr = qr.as_ref().ok_or_else(|| Error::backend("the indexer needs q_lora_rank"))?;
-                    let out = ix.project(b, x, qr, inv_freq, rows)?;
+                    let out = ix.project(b, x, qr, index_weights, inv_freq, rows)?;
                     Some(b.indexer_select(cache, &out.q, &out.w, &ix.dims, rows)?)
                 } else {
                     // No row has more keys than the selection keeps: attention over every key is what it would
@@ -148,14 +164,14 @@ impl<B: Backend> Mla<B> {
         let latent = (lora, &self.kv_a_norm);
         match &self.proj {
             Projections::Separate { q_a, kv_a } => {
-                let p = MlaPrep { q_a: None, latent, rope, index_key: None, eps: self.eps };
+                let p = MlaPrep { q_a: None, latent, rope, index_key: None, index_weights: None, eps: self.eps };
                 let mut out = b.mla_prep(&b.linear(x, kv_a)?, &p, inv_freq, rows)?;
                 if let (Some(w), Some(norm)) = (q_a, &self.q_a_norm) {
                     out.q_a = Some(b.rms_norm(&b.linear(x, w)?, norm, self.eps)?);
                 }
                 Ok(out)
             }
-            Projections::Fused { w, q_a, wk } => {
+            Projections::Fused { w, q_a, wk, wp } => {
                 let index_key = match (*wk, &self.indexer) {
                     (0, _) => None,
                     (dim, Some(ix)) => {
@@ -169,7 +185,12 @@ impl<B: Backend> Mla<B> {
                     (width, Some(norm)) => Some((width, norm)),
                     (_, None) => return Err(Error::backend("q_a_proj without q_a_layernorm")),
                 };
-                let p = MlaPrep { q_a, latent, rope, index_key, eps: self.eps };
+                let index_weights = match (*wp, &self.indexer) {
+                    (0, _) => None,
+                    (heads, Some(ix)) => Some((heads, ix.weights_scale())),
+                    (_, None) => return Err(Error::backend("weights_proj fused into attention without an indexer")),
+                };
+                let p = MlaPrep { q_a, latent, rope, index_key, index_weights, eps: self.eps };
                 b.mla_prep(&b.linear(x, w)?, &p, inv_freq, rows)
             }
         }
