@@ -94,7 +94,8 @@ pub struct BenchArgs {
     /// projection whose time above the floor scales with SM cycles.
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_SM_GHZ", default_value_t = 82.0 * 1.695)]
     pub target_sm_ghz: f64,
-    /// Also time each op of two single-stream decode steps (device and host time; adds CUDA events per op).
+    /// Also time each op of two single-stream decode steps, and of two steps of the batched streams (device and
+    /// host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
     /// Write every figure as JSON here.
@@ -217,6 +218,8 @@ pub struct Measured {
     pub ipc: std::result::Result<ipc::IpcTimes, String>,
     /// Per-op times of two decode steps (`--profile`).
     pub profile: Option<pipemoe_cuda::profile::Profile>,
+    /// The same for two steps of the batched streams.
+    pub streams_profile: Option<pipemoe_cuda::profile::Profile>,
 }
 
 fn measure(
@@ -296,7 +299,7 @@ fn measure(
     };
     run.free(&[1]);
 
-    let (mut streams_prefill_seconds, mut streams_decode) = (0.0, None);
+    let (mut streams_prefill_seconds, mut streams_decode, mut streams_profile) = (0.0, None, None);
     if args.streams > 0 {
         let seqs: Vec<u64> = (100..100 + args.streams as u64).collect();
         for &s in &seqs {
@@ -305,6 +308,18 @@ fn measure(
         let t = stage::Times::of(run.decode(&seqs, 3, args.steps)?);
         eprintln!("bench: {} streams {:.3} ms/step", args.streams, t.median * 1e3);
         streams_decode = Some(t);
+        if args.profile {
+            backend.gpu.profile_start();
+            let wall = run.decode(&seqs, 0, 2)?.iter().sum::<f64>();
+            let p = backend.gpu.profile_take()?;
+            eprint!(
+                "bench: profile of 2 decode steps of {} streams ({:.1} us of wall time):\n{}",
+                args.streams,
+                wall * 1e6,
+                p.table()
+            );
+            streams_profile = Some(p);
+        }
         run.free(&seqs);
     }
     drop(run);
@@ -340,6 +355,7 @@ fn measure(
         blocks,
         ipc,
         profile,
+        streams_profile,
     })
 }
 
