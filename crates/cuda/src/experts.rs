@@ -15,6 +15,7 @@ use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
+use crate::experts_prefill::PairsByExpert;
 use crate::gemv::{GpuGptq, Packing, THREADS, bucket};
 use crate::mma::Shape;
 use crate::route::DeviceRouting;
@@ -406,40 +407,26 @@ impl CudaBackend {
     ) -> MResult<GpuTensor> {
         let mut sum = self.zeros(x.rows * x.cols)?;
         let sx = x.data.dtype().suffix();
-        // The entries of the experts this slice holds, by expert: rows [starts[e]..starts[e + 1]) of `rows`.
-        let mut starts = vec![0usize; experts.len() + 1];
-        for &e in &r.experts {
-            let e = e as usize;
-            if e < experts.len() && experts[e].is_some() {
-                starts[e + 1] += 1;
-            }
+        // The pairs of the experts this slice holds, by expert (one tile each): expert e's rows are pair_x[a..b].
+        let plan = PairsByExpert::new(r, experts.len(), |e| experts[e].is_some(), usize::MAX);
+        if let Some(&bad) = plan.pair_x.iter().find(|&&row| row as usize >= x.rows) {
+            return Err(shape("experts", format!("routing row {bad} of {}", x.rows)));
         }
-        for e in 0..experts.len() {
-            starts[e + 1] += starts[e];
-        }
-        let (mut rows, mut ws) = (vec![0i32; starts[experts.len()]], vec![0f32; starts[experts.len()]]);
-        let mut next = starts.clone();
-        for (i, (&e, &w)) in r.experts.iter().zip(&r.weights).enumerate() {
-            let e = e as usize;
-            if e < experts.len() && experts[e].is_some() {
-                let row = i / r.top_k;
-                if row >= x.rows {
-                    return Err(shape("experts", format!("routing row {row} of {}", x.rows)));
-                }
-                (rows[next[e]], ws[next[e]]) = (row as i32, w);
-                next[e] += 1;
+        let rows = &plan.pair_x;
+        let mut ws = vec![0f32; rows.len()];
+        for (&p, &w) in plan.pair_of.iter().zip(&r.weights) {
+            if p >= 0 {
+                ws[p as usize] = w;
             }
         }
         if rows.is_empty() {
             return self.tensor_from_f32_sum(sum, x.rows, x.cols, x.data.dtype());
         }
-        let rows_d = self.upload_i32(&rows)?;
+        let rows_d = self.upload_i32(rows)?;
         let ws_d = self.gpu.stream.clone_htod(&ws).map_err(md("upload"))?;
-        for (e, ew) in experts.iter().enumerate() {
-            let (Some(ew), a, b) = (ew, starts[e], starts[e + 1]) else { continue };
-            if a == b {
-                continue;
-            }
+        for tile in plan.tiles.chunks_exact(3) {
+            let (e, a) = (tile[0] as usize, tile[1] as usize);
+            let (Some(ew), b) = (&experts[e], a + tile[2] as usize) else { continue };
             let (idx, w) = (rows_d.slice(a..b), ws_d.slice(a..b));
             let xin = self.copy(x, Some(&idx), b - a, 0, x.cols)?;
             let h = self.silu_mul(&self.linear(&xin, &ew.gate)?, &self.linear(&xin, &ew.up)?)?;

@@ -26,16 +26,16 @@ const BN: usize = 128;
 /// The layout of one step's pairs: `tiles [n_tiles, 3]` (expert, first pair, pairs), `pair_x[p]` the row of pair
 /// `p`, `pair_of[i]` the pair of routing entry `i = row · top_k + slot` (−1 for experts this slice lacks).
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct PrefillPlan {
+pub(crate) struct PairsByExpert {
     pub tiles: Vec<i32>,
     pub pair_x: Vec<i32>,
     pub pair_of: Vec<i32>,
 }
 
-impl PrefillPlan {
+impl PairsByExpert {
     /// Pairs sorted by expert and in row order within one; tiles of at most `tile` pairs. `held(e)`: whether this
     /// slice holds expert `e` (< `n_experts`).
-    pub(crate) fn new(r: &Routing, n_experts: usize, held: impl Fn(usize) -> bool, tile: usize) -> PrefillPlan {
+    pub(crate) fn new(r: &Routing, n_experts: usize, held: impl Fn(usize) -> bool, tile: usize) -> PairsByExpert {
         let mine = |e: u32| (e as usize) < n_experts && held(e as usize);
         let mut start = vec![0usize; n_experts + 1];
         for &e in r.experts.iter().filter(|&&e| mine(e)) {
@@ -60,7 +60,7 @@ impl PrefillPlan {
                 tiles.extend([e as i32, p0 as i32, (tile.min(start[e + 1] - p0)) as i32]);
             }
         }
-        PrefillPlan { tiles, pair_x, pair_of }
+        PairsByExpert { tiles, pair_x, pair_of }
     }
 
     pub(crate) fn tile_count(&self) -> usize {
@@ -82,7 +82,7 @@ impl CudaBackend {
         if !t.takes_prefill(x) || t.shared || r.experts.len() != x.rows * r.top_k {
             return Err(shape("experts", format!("a grouped prefill of {} rows that does not fit", x.rows)));
         }
-        let plan = PrefillPlan::new(r, t.entries, |e| t.held[e], TILE);
+        let plan = PairsByExpert::new(r, t.entries, |e| t.held[e], TILE);
         let pairs = plan.pair_x.len();
         if pairs == 0 {
             return self.tensor_from_f32_sum(self.zeros(x.rows * x.cols)?, x.rows, x.cols, x.data.dtype());
@@ -165,7 +165,7 @@ mod tests {
     fn pairs_sort_by_expert_and_tile_within_one() {
         // 4 rows, top-2 over 3 experts; expert 1 is not held.
         let r = Routing { top_k: 2, experts: vec![2, 0, 0, 1, 2, 0, 1, 2], weights: vec![1.0; 8] };
-        let p = PrefillPlan::new(&r, 3, |e| e != 1, 2);
+        let p = PairsByExpert::new(&r, 3, |e| e != 1, 2);
         // Expert 0: entries 1, 2, 5 (rows 0, 1, 2); expert 2: entries 0, 4, 7 (rows 0, 2, 3).
         assert_eq!(p.pair_x, vec![0, 1, 2, 0, 2, 3]);
         assert_eq!(p.pair_of, vec![3, 0, 1, -1, 4, 2, -1, 5]);
@@ -180,9 +180,17 @@ mod tests {
     }
 
     #[test]
+    fn an_unbounded_tile_is_one_per_expert() {
+        let r = Routing { top_k: 2, experts: vec![2, 0, 0, 1, 2, 0, 1, 2], weights: vec![1.0; 8] };
+        let p = PairsByExpert::new(&r, 3, |_| true, usize::MAX);
+        assert_eq!(p.tiles, vec![0, 0, 3, 1, 3, 2, 2, 5, 3]);
+        assert_eq!(p.pair_x, vec![0, 1, 2, 1, 3, 0, 2, 3]);
+    }
+
+    #[test]
     fn nothing_held_is_an_empty_plan() {
         let r = Routing { top_k: 1, experts: vec![0, 1], weights: vec![1.0; 2] };
-        let p = PrefillPlan::new(&r, 2, |_| false, 64);
+        let p = PairsByExpert::new(&r, 2, |_| false, 64);
         assert!(p.tiles.is_empty() && p.pair_x.is_empty());
         assert_eq!(p.pair_of, vec![-1, -1]);
     }
