@@ -243,7 +243,7 @@ impl CudaBackend {
             Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
             Some(t) if t.takes_prefill(x) => {
                 let _p = self.gpu.span(|| format!("experts (grouped GEMM) x{}", x.rows));
-                self.grouped_prefill(x, t, routes.host()?)
+                self.grouped_prefill(x, t, routes.host()?, &routes.dev.weights)
             }
             _ => {
                 let _p = self.gpu.span(|| format!("experts x{}", x.rows));

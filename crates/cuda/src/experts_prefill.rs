@@ -9,7 +9,7 @@
 //!
 //! [`GROUPED_MAX_ROWS`]: crate::experts::GROUPED_MAX_ROWS
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, Routing};
 
 use crate::act::ActDtype;
@@ -77,9 +77,16 @@ impl Tables {
 }
 
 impl CudaBackend {
-    /// The routed experts of `x` (no shared expert in the tables) by the grouped GEMM; see the module doc.
-    pub(crate) fn grouped_prefill(&self, x: &GpuTensor, t: &Tables, r: &Routing) -> MResult<GpuTensor> {
-        if !t.takes_prefill(x) || t.shared || r.experts.len() != x.rows * r.top_k {
+    /// The routed experts of `x` (no shared expert in the tables) by the grouped GEMM; see the module doc. `r`:
+    /// the routing read back, `weights`: its weights where they already are, on the device.
+    pub(crate) fn grouped_prefill(
+        &self,
+        x: &GpuTensor,
+        t: &Tables,
+        r: &Routing,
+        weights: &CudaSlice<f32>,
+    ) -> MResult<GpuTensor> {
+        if !t.takes_prefill(x) || t.shared || r.experts.len() != x.rows * r.top_k || weights.len() < r.experts.len() {
             return Err(shape("experts", format!("a grouped prefill of {} rows that does not fit", x.rows)));
         }
         let plan = PairsByExpert::new(r, t.entries, |e| t.held[e], TILE);
@@ -100,7 +107,6 @@ impl CudaBackend {
         let tl = plan.tiles.len();
         let (tiles, pair_x, pair_of) =
             (dev.slice(0..tl), dev.slice(tl..tl + pairs), dev.slice(tl + pairs..tl + pairs + plan.pair_of.len()));
-        let weights = self.gpu.stream.clone_htod(&r.weights).map_err(md("upload routing weights"))?;
         let smem = crate::gemm::mma_smem_bytes(t.bits, TILE);
         let (e, gs) = (t.entries as i32, t.group_size as i32);
         let s = &self.gpu.stream;
@@ -148,7 +154,7 @@ impl CudaBackend {
         let sx = x.data.dtype().suffix();
         let (one, pi, hi, rows, k, no_shared) = (1i32, pairs as i32, hidden as i32, x.rows as i32, r.top_k as i32, 0);
         let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
-        l.arg(&yd).arg(&one).arg(&pi).arg(&hi).arg(&pair_of).arg(&weights).arg(&mut out.data).arg(&rows);
+        l.arg(&yd).arg(&one).arg(&pi).arg(&hi).arg(&pair_of).arg(weights).arg(&mut out.data).arg(&rows);
         l.arg(&k).arg(&no_shared);
         // SAFETY: matches gptq_reduce_combine_*: yd [1, pairs, hidden], pair_of rows·top_k entries (< pairs or
         // −1), weights rows·top_k, out rows·hidden.
