@@ -110,9 +110,11 @@ impl CudaBackend {
         let smem = crate::gemm::mma_smem_bytes(t.bits, TILE);
         let (e, gs) = (t.entries as i32, t.group_size as i32);
         let s = &self.gpu.stream;
+        let span = |what: &'static str| self.gpu.span(move || format!("grouped prefill: {what} x{pairs}"));
 
         // gate and up of every pair, bf16 [pairs, inter] each, then h = SiLU(gate)·up.
         let (mut yg, mut yu) = (self.output(pairs, inter)?, self.output(pairs, inter)?);
+        let p = span("gate/up");
         let f = self.f(&format!("gptq_mma_gemm_grouped_w{}_gather_bf16", t.bits))?;
         self.gpu.allow_smem(f, smem).map_err(m)?;
         let (ni, ki) = (inter as i32, hidden as i32);
@@ -128,10 +130,12 @@ impl CudaBackend {
         // gate/up tables 2·entries addresses of Mma-packed hidden → inter matrices, yg and yu [pairs, inter]; the
         // tiles cover pairs 0..pairs once; the shared memory is the kernel's m64 plan.
         unsafe { l.launch(cfg) }.map_err(md("grouped prefill gate/up"))?;
+        drop(p);
         let h = self.silu_mul(&yg, &yu)?;
         drop((yg, yu));
 
         // down, f32 [pairs, hidden], h's row p for pair p.
+        let p = span("down");
         // SAFETY: the down launch writes every row of every tile, i.e. all pairs · hidden values.
         let mut yd = unsafe { s.alloc::<f32>(pairs * hidden) }.map_err(md("alloc expert outputs"))?;
         let f = self.f(&format!("gptq_mma_gemm_grouped_w{}_f32", t.bits))?;
@@ -149,6 +153,8 @@ impl CudaBackend {
         // `entries` addresses of inter → hidden matrices, y0 = yd [pairs, hidden] (y1, null, belongs to a second
         // matrix, and this grid has one).
         unsafe { l.launch(cfg) }.map_err(md("grouped prefill down"))?;
+        drop(p);
+        let _p = span("combine");
 
         // out[r] = Σ_j w[r, j] · yd[pair_of[r, j]] in slot order (one split).
         let sx = x.data.dtype().suffix();

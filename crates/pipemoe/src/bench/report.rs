@@ -288,6 +288,7 @@ impl Report {
             "blocks": m.blocks.as_ref().map(|b| json!({"layer": b.layer, "attention_s": b.attention,
                 "moe": b.moe.iter().map(|(r, s)| json!({"rows": r, "seconds": s})).collect::<Vec<_>>()})),
             "profile": m.profile.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
+            "prefill_profile": m.prefill_profile.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
             "streams_profile": m.streams_profile.as_ref().map(|p| serde_json::to_value(p).unwrap_or(Value::Null)),
             "ipc_round_trip_s": m.ipc.as_ref().map(|t| t.round_trip.median).ok(),
             "ipc_export_s": m.ipc.as_ref().map(|t| t.export.median).ok(),
