@@ -1,56 +1,79 @@
 // MLA flash attention on tensor cores for bf16 activations (the serving path; attention.cu's `mla_flash_f32` is
-// the exact f32 path). Same contract as mla_flash: block (g, r, s) of grid (⌈heads / 8⌉, n_rows, splits) takes
-// heads g·8.. of row row0 + r over the s-th share of the row's keys and leaves the share's unnormalised latent mix
-// and (max, Σ e^{s − max}) per head for mla_out to merge.
+// the exact f32 path). Same contract as mla_flash, with FM_HEADS heads a block: block (g, r, s) of grid
+// (⌈heads / FM_HEADS⌉, n_rows, splits) takes heads g·FM_HEADS.. of row row0 + r over the s-th share of the row's
+// keys and leaves the share's unnormalised latent mix and (max, Σ e^{s − max}) per head for mla_out to merge.
 //
 // Absorbed MLA is MQA over the cached rows [c | k_pe] (D = lora + rope values), so both products are small
 // matrix multiplications on `mma.m16n8k16` (FlashMLA's shape, on sm_80 instructions): scores S = Q · Kᵀ over a
-// tile of 32 keys and the mix O += P · C with C the latent part of the same tile; the f32 online softmax sits
-// between. The fragment's 16 rows are the block's 8 heads twice: rows 0..7 take q (or P) rounded to bf16, rows
-// 8..15 what that rounding left (v − bf16(v), in bf16), so the two halves of each result add up to products of
-// f32 q and P to ~2^-16 — only the cached keys carry bf16 rounding, as on the scalar path.
+// tile of FM_KT keys and the mix O += P · C with C the latent part of the same tile; the f32 online softmax sits
+// between. The fragment's 16 rows are 16 heads, and its 16 values of K are 8 values twice: k 0..7 carry q (or P)
+// rounded to bf16, k 8..15 what that rounding left (v − bf16(v), in bf16), against the same 8 keys' values (the
+// B fragment's two registers are one), so each product adds up f32 q and P to ~2^-16 in one accumulator — only
+// the cached keys carry bf16 rounding, as on the scalar path.
 //
-// Tiles are double-buffered: while the math runs on tile i, tile i + 1 is on its way — 16-byte cp.async copies of
-// each key's row for a bf16 cache (whole rows in flight, not a load per value), or converted from an f32 / fp8
-// cache by plain loads. Keys past the share or outside 0..pos are zero rows with probability 0.
+// Warp w's share of the scores is its eighth of the query dims (both key groups of the tile): its q fragments
+// sit in registers for the whole block, loaded once (no q in shared memory; a tile's scores cost a warp 18 mma
+// and 18 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (half a warp a
+// head, a lane a key); the mix gives warp w latent column tiles w, w + 8, ...
 //
-// Shared: q [16][CS] bf16 (rounded, then remainders), two tiles [32][CS] bf16, partial scores [2][8][32] f32,
-// P [16][40] bf16 (the same split), the heads' corrections [8], slots [2][32]. CS = DP + 8 with DP = D rounded
-// up to 16 (zero columns): row strides of 4 mod 8 words keep the fragment loads and ldmatrix free of bank
-// conflicts.
+// Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tiles i + 1 and i + 2 are on their way
+// — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
+// converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS (a thread each) at a
+// time, the next run's loads spread over the current run's tiles (position, then block table, then the store), so
+// no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with probability 0.
+//
+// Shared: FM_ST tiles [FM_KT][CS] bf16, partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS][FM_PS] bf16 (the
+// rounded values, then the remainders), the heads' corrections [FM_HEADS], slots [2][FM_SLOTS]. CS = DP + 8 with
+// DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the fragment loads and ldmatrix free
+// of bank conflicts. (attention::flash mirrors this.)
 #include "common.cuh"
 #include "attention.cuh"
 
-#define FM_KT 32  // keys per tile
-#define FM_PS 40  // bf16 per head row of P (32 + 8: conflict-free fragment loads)
+#define FM_HEADS 16   // heads per block: the fragment's 16 rows
+#define FM_KT 16      // keys per tile
+#define FM_PS 24      // bf16 per head row of P (16 + 8: conflict-free fragment loads)
+#define FM_WARPS 8
+#define FM_ST 3       // tiles in flight
+#define FM_SLOTS 256  // keys whose slots are found together: one a thread, FM_SLOTS / FM_KT tiles
+#define FM_QK 9       // k-steps of 8 query dims per warp: D rounded up to 16 ≤ 8 · 9 · 8 = 576 (attention.rs checks)
 
-// c += A·B with A the 16 × 16 block of a [16][stride] bf16 matrix (rows 0..7 rounded values, 8..15 remainders)
-// whose lane pair starts at `a`: a0/a2 from row `group` at columns k and k + 8, a1/a3 from row group + 8.
-__device__ __forceinline__ void fm_mma(float* c, const __nv_bfloat16* a, int stride, u32 b0, u32 b1) {
-    const u32 a0 = *(const u32*)a, a2 = *(const u32*)(a + 8);
-    const u32 a1 = *(const u32*)(a + 8 * stride), a3 = *(const u32*)(a + 8 * stride + 8);
+// c += A·B for one m16n8k16 step whose B registers are both `b` (the K-split above).
+__device__ __forceinline__ void fm_mma(float* c, const u32* a, u32 b) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%8}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b));
 }
 
-// v as bf16 (hi) and what that rounding left, as bf16 (lo): hi + lo = v to ~2^-16 relative.
-__device__ __forceinline__ void split_bf16(float v, __nv_bfloat16* hi, __nv_bfloat16* lo) {
-    const __nv_bfloat16 h = __float2bfloat16(v);
-    *hi = h;
-    *lo = __float2bfloat16(v - __bfloat162float(h));
+// Two values as bf16x2 (the first in the low half), rounded, and what the rounding left, also bf16x2.
+__device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const __nv_bfloat162 l = __floats2bfloat162_rn(x - __low2float(h), y - __high2float(h));
+    hi = *(const u32*)&h;
+    lo = *(const u32*)&l;
 }
 
-// Two 8×8 b16 matrices transposed (the B fragment of a 16×8 block stored k-major): lanes 0..15 give the rows.
-__device__ __forceinline__ void ldmatrix_x2_trans(u32& r0, u32& r1, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
+// Four 8×8 b16 matrices transposed (B fragments of blocks stored k-major): lane L gives row L % 8 of matrix L / 8.
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(p)));
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
+// Half a warp's max and sum (lanes 0..15 and 16..31 apart).
+__device__ __forceinline__ float half_max(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float half_sum(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
     const void* c_lat,            // [slots, lora] in the cache dtype
@@ -63,15 +86,16 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
     float* ml_part) {             // [n_rows, heads, splits, 2]
     extern __shared__ __align__(16) unsigned char fm_smem[];
     const int D = lora + rope, DP = (D + 15) / 16 * 16, CS = DP + 8;
-    __nv_bfloat16* qs = (__nv_bfloat16*)fm_smem;                 // [16][CS]
-    __nv_bfloat16* tile = qs + 2 * MLA_HEADS * CS;               // [2][FM_KT][CS]
-    float* sc = (float*)(tile + 2 * FM_KT * CS);                 // [2][8][FM_KT]
-    __nv_bfloat16* ps = (__nv_bfloat16*)(sc + 2 * MLA_HEADS * FM_KT);  // [16][FM_PS]
-    float* corr = (float*)(ps + 2 * MLA_HEADS * FM_PS);          // [8]
-    int* slot = (int*)(corr + MLA_HEADS);                        // [2][FM_KT]
+    static_assert(FM_SLOTS == 32 * FM_WARPS && FM_SLOTS % FM_KT == 0, "a thread finds one key's slot");
+    constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
+    __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
+    float* sc = (float*)(tile + FM_ST * FM_KT * CS);                 // [FM_WARPS][FM_HEADS][FM_KT]
+    __nv_bfloat16* ps = (__nv_bfloat16*)(sc + FM_WARPS * FM_HEADS * FM_KT);  // [2][FM_HEADS][FM_PS]
+    float* corr = (float*)(ps + 2 * FM_HEADS * FM_PS);               // [FM_HEADS]
+    int* slot = (int*)(corr + FM_HEADS);                             // [2][FM_SLOTS]
 
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
-    const int h0 = blockIdx.x * MLA_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int h0 = blockIdx.x * FM_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int group = lane >> 2, quad = lane & 3;
     // A selection holds at most key_stride keys a row: a step's tables count every causal key (pos + 1), which
     // serve the dense and the selecting layers alike.
@@ -82,25 +106,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
     const int begin = min(n, split * per * FM_KT), end = min(n, (split + 1) * per * FM_KT);
     const int n_tiles = (end - begin + FM_KT - 1) / FM_KT;
 
-    // Slots of tile i (threads < FM_KT), −1 for keys past the share or outside 0..pos.
-    auto find_slots = [&](int i) {
-        if (threadIdx.x < FM_KT) {
-            const int t = begin + i * FM_KT + threadIdx.x;
-            int s = -1;
-            if (i < n_tiles && t < end) {
-                const int p = kr ? kr[t] : t;
-                if (p >= 0 && p <= pos) s = kv_slot(table, p);
-            }
-            slot[(i & 1) * FM_KT + threadIdx.x] = s;
-        }
+    // Thread t's key of run u of slots: its position (−1 past the share), its block's table entry, its slot.
+    auto run_pos = [&](int u) {
+        const int t = begin + u * FM_SLOTS + (int)threadIdx.x;
+        const int p = t < end ? (kr ? kr[t] : t) : -1;
+        return p <= pos ? p : -1;
     };
-    // Tile i into buffer i & 1: warp w copies keys w, w + 8, ...
+    auto slot_of = [&](int i) -> const int* { return slot + ((i / RUN) & 1) * FM_SLOTS + (i % RUN) * FM_KT; };
+    // Tile i into buffer i % FM_ST: warp w copies keys w, w + 8.
     const bool raw = dtype == 1 && lora % 8 == 0 && rope % 8 == 0;
     auto load_tile = [&](int i) {
         if (i < n_tiles) {
-            __nv_bfloat16* buf = tile + (i & 1) * FM_KT * CS;
-            const int* sl = slot + (i & 1) * FM_KT;
-            for (int t = warp; t < FM_KT; t += 8) {
+            __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
+            const int* sl = slot_of(i);
+            for (int t = warp; t < FM_KT; t += FM_WARPS) {
                 const int s = sl[t];
                 __nv_bfloat16* row = buf + t * CS;
                 if (raw) {
@@ -127,39 +146,45 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
         cp_async_commit();
     };
 
-    // The first tile is requested before anything else, so its copies overlap the staging of q.
-    find_slots(0);
-    __syncthreads();
-    load_tile(0);
-
-    // Meanwhile warp g stages head h0 + g's q, split in two bf16 rows: the latent part as float4 loads all in
-    // flight, then rope, then zeros to CS. Both tiles' columns D..CS are zeroed too (no copy ever writes them;
-    // the loop's first barrier orders all of this before any read).
+    // The first run's slots at once, the first tiles requested before anything else (their copies overlap the q
+    // fragments' loads).
     {
-        const int h = h0 + warp;
-        __nv_bfloat16 *hi = qs + warp * CS, *lo = qs + (MLA_HEADS + warp) * CS;
-        const float* ql = q_lat + ((size_t)lr * heads + min(h, heads - 1)) * lora;
-#pragma unroll 4
-        for (int d = lane * 4; d < lora; d += 128) {
-            const float4 v = h < heads ? *(const float4*)(ql + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-            split_bf16(v.x, hi + d, lo + d);
-            split_bf16(v.y, hi + d + 1, lo + d + 1);
-            split_bf16(v.z, hi + d + 2, lo + d + 2);
-            split_bf16(v.w, hi + d + 3, lo + d + 3);
-        }
-        for (int d = lora + lane; d < CS; d += 32) {
-            const float v = h < heads && d < D ? act_ld(q, ((size_t)r * heads + h) * (nope + rope) + nope + d - lora) : 0.f;
-            split_bf16(v, hi + d, lo + d);
-        }
+        const int p = run_pos(0);
+        slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
     }
-    for (int i = threadIdx.x; i < 2 * FM_KT * (CS - D); i += blockDim.x) {
-        const int row = i / (CS - D), d = D + i % (CS - D);
+    // Columns D..DP of every buffer meet the zero q dims past D: zeros (no copy ever writes them).
+    for (int i = threadIdx.x; i < FM_ST * FM_KT * (DP - D); i += blockDim.x) {
+        const int row = i / (DP - D), d = D + i % (DP - D);
         tile[row * CS + d] = __float2bfloat16(0.f);
     }
+    __syncthreads();
+    for (int i = 0; i < FM_ST - 1; i++) load_tile(i);
 
+    // Warp w's q fragments: k-steps w·FM_QK.. of 8 dims, heads h0 + group and + 8, dims 2·quad, +1 of each step;
+    // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
+    u32 qa[FM_QK][4];
+    {
+        const int ha = h0 + group, hb = ha + 8;
+        auto qv = [&](int h, int d) -> float2 {
+            if (h >= heads || d >= D) return make_float2(0.f, 0.f);
+            if (d < lora) return *(const float2*)(q_lat + ((size_t)lr * heads + h) * lora + d);
+            const __nv_bfloat16* p = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
+            return make_float2(__bfloat162float(p[0]), d + 1 < D ? __bfloat162float(p[1]) : 0.f);
+        };
+#pragma unroll
+        for (int j = 0; j < FM_QK; j++) {
+            const int d = (warp * FM_QK + j) * 8 + quad * 2;
+            const float2 a = qv(ha, d), b = qv(hb, d);
+            split_bf16x2(a.x, a.y, qa[j][0], qa[j][2]);
+            split_bf16x2(b.x, b.y, qa[j][1], qa[j][3]);
+        }
+    }
+    const int ksteps = DP / 8;
+    const int my_steps = max(0, min(FM_QK, ksteps - warp * FM_QK));
 
     // The mix: warp w owns latent column tiles w, w + 8, ... (8 columns each; lora ≤ 512 gives ≤ 8 per warp),
-    // rows group and group + 8 (both head `group`) of the fragment; the softmax state of head w lives in warp w.
+    // rows group and group + 8 (heads h0 + group, + 8) of each fragment. The softmax state of head
+    // h0 + 2·w + lane / 16 lives in that half of warp w.
     const int col_tiles = lora / 8;
     float acc[8][4];
 #pragma unroll
@@ -167,80 +192,216 @@ extern "C" __global__ void __launch_bounds__(256, 1) mla_flash_mma_bf16(
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
     float m = NEG_INF, sum = 0.f;
-    const int ksteps = DP / 16, half = (ksteps + 1) / 2;
+    const int sh = 2 * warp + (lane >> 4), sk = lane & 15;
 
+    // The next run's lookups, spread over this run's tiles: its position at the first, its block's table entry a
+    // quarter in, the slot stored at half (the next run's first tile is requested FM_ST − 1 tiles before its end).
+    int next_p = -1, next_b = -1;
     for (int i = 0; i < n_tiles; i++) {
-        find_slots(i + 1);
-        __syncthreads();  // slots of i + 1 are set; everyone is done with buffer (i + 1) & 1 and with P
-        load_tile(i + 1);
-        cp_async_wait<1>();
+        const int u = i / RUN + 1, phase = i % RUN;
+        if (u * RUN < n_tiles) {
+            if (phase == 0) next_p = run_pos(u);
+            if (phase == RUN / 4 && next_p >= 0) next_b = table[next_p / KV_BLOCK];
+            if (phase == RUN / 2) slot[(u & 1) * FM_SLOTS + threadIdx.x] = next_p >= 0 ? next_b * KV_BLOCK + next_p % KV_BLOCK : -1;
+        }
+        __syncthreads();  // slots of the next run are set; everyone is done with tile i − 1's buffer, scores and P
+        load_tile(i + FM_ST - 1);
+        cp_async_wait<FM_ST - 1>();
         __syncthreads();  // tile i has landed, every thread's copies and stores
-        const __nv_bfloat16* buf = tile + (i & 1) * FM_KT * CS;
+        const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
 
-        // Scores: warp w takes keys (w & 3)·8.. over k-steps [(w >> 2)·half, +half).
+        // Scores over warp w's dims, both key groups (two chains of FM_QK steps, interleaved).
         {
-            const int nt = warp & 3, kh = warp >> 2;
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
-            const __nv_bfloat16* qrow = qs + group * CS + quad * 2;
-            const __nv_bfloat16* krow = buf + (nt * 8 + group) * CS + quad * 2;
-            for (int ks = kh * half; ks < min(ksteps, (kh + 1) * half); ks++) {
-                const int k0 = ks * 16;
-                fm_mma(c, qrow + k0, CS, *(const u32*)(krow + k0), *(const u32*)(krow + k0 + 8));
-            }
-            float* out = sc + (kh * MLA_HEADS + group) * FM_KT + nt * 8 + quad * 2;
-            out[0] = c[0] + c[2];
-            out[1] = c[1] + c[3];
-        }
-        __syncthreads();
-
-        // Warp g: head h0 + g's online softmax over the tile (lane = key); P in bf16 for the mix.
-        {
-            const int sl = slot[(i & 1) * FM_KT + lane];
-            float s = NEG_INF;
-            if (lane < cnt && sl >= 0)
-                s = (sc[warp * FM_KT + lane] + sc[(MLA_HEADS + warp) * FM_KT + lane]) * scale;
-            float p;
-            const float cf = online_softmax_step(s, m, sum, p);
-            split_bf16(p, &ps[warp * FM_PS + lane], &ps[(MLA_HEADS + warp) * FM_PS + lane]);
-            if (lane == 0) corr[warp] = cf;
-        }
-        __syncthreads();
-
-        // O[head, col] = O · corr[head] + Σ_key P[head, key] · C[key, col].
-        const float cr = corr[group];
-        const __nv_bfloat16* prow = ps + group * FM_PS + quad * 2;
+            float c[2][4] = {};
+            const __nv_bfloat16* k0 = buf + group * CS + warp * FM_QK * 8 + quad * 2;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
+            for (int j = 0; j < FM_QK; j++) {
+                if (j < my_steps) {
+#pragma unroll
+                    for (int g = 0; g < 2; g++) fm_mma(c[g], qa[j], *(const u32*)(k0 + g * 8 * CS + j * 8));
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < 2; g++) {
+                float* out = sc + (warp * FM_HEADS + group) * FM_KT + g * 8 + quad * 2;
+                *(float2*)out = make_float2(c[g][0], c[g][1]);
+                *(float2*)(out + 8 * FM_KT) = make_float2(c[g][2], c[g][3]);
+            }
+        }
+        __syncthreads();
+
+        // Half a warp a head, a lane a key: the eight partial scores added in warp order, the online softmax,
+        // P rounded and its remainder for the mix.
+        {
+            const int sl = slot_of(i)[sk];
+            float s = NEG_INF;
+            if (sk < cnt && sl >= 0) {
+                float v = 0.f;
+#pragma unroll
+                for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + sh) * FM_KT + sk];
+                s = v * scale;
+            }
+            const float mn = fmaxf(m, half_max(s));
+            const float cf = m == mn ? 1.f : __expf(m - mn);
+            const float p = s == NEG_INF ? 0.f : __expf(s - mn);
+            sum = sum * cf + half_sum(p);
+            m = mn;
+            const __nv_bfloat16 hi = __float2bfloat16(p);
+            ps[sh * FM_PS + sk] = hi;
+            ps[(FM_HEADS + sh) * FM_PS + sk] = __float2bfloat16(p - __bfloat162float(hi));
+            if (sk == 0) corr[sh] = cf;
+        }
+        __syncthreads();
+
+        // O[head, col] = O · corr[head] + Σ_key P[head, key] · C[key, col]: per k-step of 8 keys, a0/a1 the
+        // rounded P of heads group and group + 8, a2/a3 the remainders.
+        const float cr0 = corr[group], cr1 = corr[group + 8];
+        u32 pa[2][4];
+#pragma unroll
+        for (int ks = 0; ks < 2; ks++) {
+            const __nv_bfloat16* p = ps + group * FM_PS + ks * 8 + quad * 2;
+            pa[ks][0] = *(const u32*)p;
+            pa[ks][1] = *(const u32*)(p + 8 * FM_PS);
+            pa[ks][2] = *(const u32*)(p + FM_HEADS * FM_PS);
+            pa[ks][3] = *(const u32*)(p + (FM_HEADS + 8) * FM_PS);
+        }
+        // ldmatrix: matrices (keys 0..7, tile ct), (keys 8..15, tile ct), (keys 0..7, tile ct + 8), (keys 8..15,
+        // tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past the latent reads the first
+        // again (computed, never stored).
+        const __nv_bfloat16* vrow = buf + (((lane >> 3) & 1) * 8 + (lane & 7)) * CS;
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
             const int ct = warp + 8 * j;
             if (ct < col_tiles) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, vrow + (lane >= 16 && ct + 8 < col_tiles ? ct + 8 : ct) * 8);
 #pragma unroll
-                for (int e = 0; e < 4; e++) acc[j][e] *= cr;
-                u32 b0, b1;
-                ldmatrix_x2_trans(b0, b1, buf + (lane & 15) * CS + ct * 8);
-                fm_mma(acc[j], prow, FM_PS, b0, b1);
-                ldmatrix_x2_trans(b0, b1, buf + (16 + (lane & 15)) * CS + ct * 8);
-                fm_mma(acc[j], prow + 16, FM_PS, b0, b1);
+                for (int u = 0; u < 2; u++) {
+                    acc[j + u][0] *= cr0;
+                    acc[j + u][1] *= cr0;
+                    acc[j + u][2] *= cr1;
+                    acc[j + u][3] *= cr1;
+                    fm_mma(acc[j + u], pa[0], b[2 * u]);
+                    fm_mma(acc[j + u], pa[1], b[2 * u + 1]);
+                }
             }
         }
     }
     cp_async_wait<0>();
 
-    const int h = h0 + group;
-    if (h < heads) {
-        const size_t at = ((size_t)lr * heads + h) * splits + split;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int ct = warp + 8 * j;
-            if (ct < col_tiles) {
-                o_part[at * lora + ct * 8 + quad * 2] = acc[j][0] + acc[j][2];
-                o_part[at * lora + ct * 8 + quad * 2 + 1] = acc[j][1] + acc[j][3];
+    for (int hh = 0; hh < 2; hh++) {
+        const int h = h0 + group + 8 * hh;
+        if (h < heads) {
+            const size_t at = (((size_t)lr * heads + h) * splits + split) * lora;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int ct = warp + 8 * j;
+                if (ct < col_tiles) *(float2*)(o_part + at + ct * 8 + quad * 2) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
             }
         }
     }
-    if (h0 + warp < heads && lane == 0) {
-        const size_t at = ((size_t)lr * heads + h0 + warp) * splits + split;
+    if (h0 + sh < heads && sk == 0) {
+        const size_t at = ((size_t)lr * heads + h0 + sh) * splits + split;
         ml_part[at * 2] = m;
         ml_part[at * 2 + 1] = sum;
     }
+}
+
+// mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single
+// row and f32): out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], with o_lat the row's key shares merged
+// as mla_out merges them. Block (h, b) of grid (heads, ⌈n_rows / 64⌉), 8 warps: head h, rows b·64.. . The
+// fragment's 16 rows are 16 outputs i (warp w: i = 16·w.., vdim ≤ 128 per pass of the grid's z), its 8 columns
+// 8 rows of the block, its K 8 latent values twice — o_lat rounded to bf16, then what the rounding left — against
+// the same 8 values of W_UV (the A registers repeat), so the f32 o_lat enters to ~2^-16 as in the flash kernel.
+// The latent runs in chunks of OM_LC: the merged o_lat of the block's rows staged in shared memory (both halves),
+// W_UV's fragments read from global memory (a head's 128 KB stay in L2 for its row blocks).
+// Shared: [2][64][OM_LC + 8] bf16 (rows 4 mod 8 words apart: conflict-free fragment loads), weights [64][16] f32.
+#define OM_ROWS 64
+#define OM_LC 64
+#define OM_LS (OM_LC + 8)
+
+extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
+    const float* o_part,          // [n_rows, heads, splits, lora]
+    const float* ml_part,         // [n_rows, heads, splits, 2]
+    int splits,
+    const __nv_bfloat16* kv_b,    // [heads, nope + vdim, lora]
+    int row0, int n_rows, int heads, int nope, int vdim, int lora,
+    __nv_bfloat16* out) {         // [rows, heads, vdim]
+    __shared__ __align__(16) __nv_bfloat16 ol[2][OM_ROWS][OM_LS];
+    __shared__ float wts[OM_ROWS][MLA_MAX_SPLITS];
+    const int h = blockIdx.x, r0 = blockIdx.y * OM_ROWS, i0 = (blockIdx.z * 8 + threadIdx.x / 32) * 16;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    // Warp w weighs rows w, w + 8, ...: lane s split s.
+    for (int k = warp; k < OM_ROWS; k += 8) {
+        float m = NEG_INF, l = 0.f;
+        if (r0 + k < n_rows && lane < splits) {
+            const float* ml = ml_part + (((size_t)(r0 + k) * heads + h) * splits + lane) * 2;
+            m = ml[0];
+            l = ml[1];
+        }
+        float mx = m;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float e = m == NEG_INF ? 0.f : __expf(m - mx);
+        const float total = warp_sum(e * l);
+        if (lane < MLA_MAX_SPLITS) wts[k][lane] = total > 0.f ? e / total : 0.f;
+    }
+    // W_UV rows i0 + group and + 8 of this warp (zero past vdim).
+    const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora + (size_t)nope * lora;
+    const int ia = i0 + group, ib = ia + 8;
+    float acc[OM_ROWS / 8][4] = {};
+    for (int l0 = 0; l0 < lora; l0 += OM_LC) {
+        __syncthreads();  // the weights are set; everyone is done with the last chunk
+        // Stage o_lat[rows, l0 .. l0 + OM_LC) merged, as bf16 and remainder: four values a thread a pass.
+        for (int e = threadIdx.x; e < OM_ROWS * OM_LC / 4; e += blockDim.x) {
+            const int k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (r0 + k < n_rows && l0 + c < lora) {
+                const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l0 + c;
+                for (int s = 0; s < splits; s++) {
+                    const float4 p = *(const float4*)(op + (size_t)s * lora);
+                    const float ws = wts[k][s];
+                    v.x += ws * p.x, v.y += ws * p.y, v.z += ws * p.z, v.w += ws * p.w;
+                }
+            }
+            u32 hi0, lo0, hi1, lo1;
+            split_bf16x2(v.x, v.y, hi0, lo0);
+            split_bf16x2(v.z, v.w, hi1, lo1);
+            *(uint2*)&ol[0][k][c] = make_uint2(hi0, hi1);
+            *(uint2*)&ol[1][k][c] = make_uint2(lo0, lo1);
+        }
+        __syncthreads();
+        // This chunk's W_UV fragments (all requested before any is used), then the mma over its steps.
+        u32 a[OM_LC / 8][2];
+#pragma unroll
+        for (int ks = 0; ks < OM_LC / 8; ks++) {
+            const int l = l0 + ks * 8 + quad * 2;
+            a[ks][0] = ia < vdim && l < lora ? *(const u32*)(w + (size_t)ia * lora + l) : 0u;
+            a[ks][1] = ib < vdim && l < lora ? *(const u32*)(w + (size_t)ib * lora + l) : 0u;
+        }
+#pragma unroll
+        for (int ks = 0; ks < OM_LC / 8; ks++) {
+            const u32 af[4] = {a[ks][0], a[ks][1], a[ks][0], a[ks][1]};
+#pragma unroll
+            for (int nt = 0; nt < OM_ROWS / 8; nt++) {
+                const int c = ks * 8 + quad * 2;
+                const u32 b0 = *(const u32*)&ol[0][nt * 8 + group][c], b1 = *(const u32*)&ol[1][nt * 8 + group][c];
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(acc[nt][0]), "+f"(acc[nt][1]), "+f"(acc[nt][2]), "+f"(acc[nt][3])
+                    : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "r"(b0), "r"(b1));
+            }
+        }
+    }
+    // acc[nt]: outputs ia (0, 1) and ib (2, 3) of rows nt·8 + 2·quad, + 1.
+#pragma unroll
+    for (int nt = 0; nt < OM_ROWS / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = e < 2 ? ia : ib, k = r0 + nt * 8 + quad * 2 + (e & 1);
+            if (i < vdim && k < n_rows) out[((size_t)(row0 + k) * heads + h) * vdim + i] = __float2bfloat16(acc[nt][e]);
+        }
 }

@@ -15,8 +15,13 @@ use crate::cache::{GpuLayerCache, Pool, StepTables};
 use crate::graph::StepInputs;
 use crate::indexer::GpuSelection;
 
-/// Heads per attention block (`MLA_HEADS`), rows per absorption block (`MLA_ROWS`).
+/// Heads per attention block of the f32 kernel (`MLA_HEADS`) and of the bf16 tensor-core one (`FM_HEADS`), rows
+/// per absorption block (`MLA_ROWS`).
 const HEADS_PER_BLOCK: usize = 8;
+const MMA_HEADS_PER_BLOCK: usize = 16;
+/// The most query dims (kv_lora + rope, rounded up to 16) the tensor-core flash kernel's warps hold in registers
+/// (8 warps × `FM_QK` steps of 8).
+const MMA_MAX_DIMS: usize = 576;
 const ROWS_PER_BLOCK: usize = 8;
 /// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
 pub const MAX_LORA: usize = 512;
@@ -50,6 +55,14 @@ pub(crate) fn smem_cfg(
 ) -> MResult<LaunchConfig> {
     b.gpu.allow_smem(f, smem).map_err(m)?;
     Ok(LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 })
+}
+
+/// Heads per block of the flash kernel for activations of `dt` (both kernels run 256 threads).
+fn flash_heads(dt: ActDtype) -> usize {
+    match dt {
+        ActDtype::Bf16 => MMA_HEADS_PER_BLOCK,
+        ActDtype::F32 => HEADS_PER_BLOCK,
+    }
 }
 
 /// Rows per block of the absorption kernels and their names' tag: one for a single row (the kernels for
@@ -216,7 +229,7 @@ pub fn mla(
     for r0 in (0..rows.len()).step_by(chunk) {
         let n = chunk.min(rows.len() - r0);
         let max_keys = counts[r0..r0 + n].iter().copied().max().unwrap_or(1);
-        let blocks = n * d.heads.div_ceil(HEADS_PER_BLOCK);
+        let blocks = n * d.heads.div_ceil(flash_heads(q.data.dtype()));
         let splits = (2 * b.gpu.sm_count as usize)
             .div_ceil(blocks)
             .min(MAX_SPLITS)
@@ -294,16 +307,23 @@ impl Step<'_> {
         let mut ml_part = scratch(b, c.rows * d.heads * c.splits * 2)?;
         let (lora, rope) = (d.kv_lora, d.qk_rope);
         let dims = lora + rope;
-        let (f, smem) = match self.q.data.dtype() {
-            // flash_mma.cu: q [16][CS] and two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), partial
-            // scores [2][8][32] f32, P [16][40] bf16, corrections [8] f32, slots [2][32].
+        let dt = self.q.data.dtype();
+        let (f, smem) = match dt {
+            // flash_mma.cu: three tiles [16][CS] in bf16 (CS = dims rounded up to 16, + 8), partial scores
+            // [8][16][16] f32, P [2][16][24] bf16, corrections [16] f32, slots [2][256].
             ActDtype::Bf16 => {
                 if !lora.is_multiple_of(8) {
                     return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
                 }
+                if dims.next_multiple_of(16) > MMA_MAX_DIMS {
+                    return Err(shape(
+                        "mla_attention",
+                        format!("bf16 attention holds at most {MMA_MAX_DIMS} query dims, not {lora} + {rope}"),
+                    ));
+                }
+                let (h, kt) = (MMA_HEADS_PER_BLOCK, 16);
                 let cs = dims.next_multiple_of(16) + 8;
-                let bytes = (2 * HEADS_PER_BLOCK + 2 * 32) * cs * 2 + 2 * HEADS_PER_BLOCK * 32 * 4;
-                (b.f("mla_flash_mma_bf16")?, bytes + 2 * HEADS_PER_BLOCK * 40 * 2 + HEADS_PER_BLOCK * 4 + 2 * 32 * 4)
+                (b.f("mla_flash_mma_bf16")?, 3 * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * 24 * 2 + h * 4 + 2 * 256 * 4)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
@@ -313,8 +333,8 @@ impl Step<'_> {
                 (b.f("mla_flash_f32")?, floats * 4 + kt * 4 + kt * (dims + 1) * 4)
             }
         };
-        let grid = (d.heads.div_ceil(HEADS_PER_BLOCK) as u32, c.rows as u32, c.splits as u32);
-        let cfg = smem_cfg(b, f, grid, (32 * HEADS_PER_BLOCK) as u32, smem)?;
+        let grid = (d.heads.div_ceil(flash_heads(dt)) as u32, c.rows as u32, c.splits as u32);
+        let cfg = smem_cfg(b, f, grid, 256, smem)?;
         let null: u64 = 0;
         let stride = self.selection.map_or(0, |s| s.stride() as i32);
         let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);
@@ -343,16 +363,25 @@ impl Step<'_> {
         out: &mut GpuTensor,
     ) -> MResult<()> {
         let (b, d) = (self.b, self.d);
-        let (r, tag) = rows_per_block(c.rows);
-        let f = b.f(&format!("mla_out{tag}_{}", out.data.dtype().suffix()))?;
-        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.v_head.div_ceil(OUT_COLS) as u32);
-        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, r * d.kv_lora * 4)?;
+        let cfg = if out.data.dtype() == ActDtype::Bf16 && c.rows > 1 {
+            // flash_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
+            let f = b.f("mla_out_mma_bf16")?;
+            let grid = (d.heads as u32, c.rows.div_ceil(64) as u32, d.v_head.div_ceil(128) as u32);
+            (f, smem_cfg(b, f, grid, 256, 0)?)
+        } else {
+            let (r, tag) = rows_per_block(c.rows);
+            let f = b.f(&format!("mla_out{tag}_{}", out.data.dtype().suffix()))?;
+            let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.v_head.div_ceil(OUT_COLS) as u32);
+            (f, smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, r * d.kv_lora * 4)?)
+        };
+        let (f, cfg) = cfg;
         let (splits, row0, n, heads) = (c.splits as i32, c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
         l.arg(o_part).arg(ml_part).arg(&splits).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&v);
         l.arg(&lora).arg(&mut out.data);
-        // SAFETY: matches mla_out_*; the partials come from `flash` with the same chunk, out holds every row.
+        // SAFETY: matches mla_out_* and mla_out_mma_bf16 (bf16 attention checked kv_lora % 8 == 0 in `flash`);
+        // the partials come from `flash` with the same chunk, out holds every row.
         unsafe { l.launch(cfg) }.map_err(md("mla_out"))?;
         Ok(())
     }

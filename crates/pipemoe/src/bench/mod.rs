@@ -306,7 +306,12 @@ fn measure(
         backend.gpu.profile_start();
         let wall = run.prefill(2, args.context, args.chunk)?.iter().sum::<f64>();
         let p = backend.gpu.profile_take()?;
-        eprint!("bench: profile of a prefill of {} positions ({:.1} ms of wall time):\n{}", args.context, wall * 1e3, p.table());
+        eprint!(
+            "bench: profile of a prefill of {} positions ({:.1} ms of wall time):\n{}",
+            args.context,
+            wall * 1e3,
+            p.table()
+        );
         run.free(&[2]);
         Some(p)
     } else {
