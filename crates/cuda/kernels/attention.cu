@@ -371,20 +371,8 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         // Warp k weighs row k's splits, lane s split s: the max and the sum by shuffles, all splits' loads at once
         // (one thread per row walked them: two passes of loads one after another).
         const int k = threadIdx.x / 32, s = threadIdx.x & 31;
-        float m = NEG_INF, l = 0.f;
-        if (r0 + k < n_rows && s < splits) {
-            const float* ml = ml_part + (((size_t)(r0 + k) * heads + h) * splits + s) * 2;
-            m = ml[0];
-            l = ml[1];
-        }
-        float mx = m;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float e = m == NEG_INF ? 0.f : __expf(m - mx);
-        float total = e * l;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
-        if (k < R && s < MLA_MAX_SPLITS) wts[k][s] = total > 0.f ? e / total : 0.f;
+        const float wt = split_weight(ml_part, r0 + k, n_rows, heads, h, splits, s);
+        if (k < R && s < MLA_MAX_SPLITS) wts[k][s] = wt;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < R * lora; i += blockDim.x) {

@@ -38,3 +38,22 @@ __device__ __forceinline__ float online_softmax_step(float s, float& m, float& s
     m = mn;
     return c;
 }
+
+// The weight of row r's key share s (lane s of a warp; the warp holds the row) in its merged latent mix:
+// e^{m_s − M} / Σ_t e^{m_t − M} l_t with M the row's largest share max, 0 for an empty share, a row past n_rows or
+// a lane past the shares. (Needs common.cuh's warp_sum.)
+__device__ __forceinline__ float split_weight(const float* ml_part, int r, int n_rows, int heads, int h, int splits,
+                                             int s) {
+    float m = NEG_INF, l = 0.f;
+    if (r < n_rows && s < splits) {
+        const float* ml = ml_part + (((size_t)r * heads + h) * splits + s) * 2;
+        m = ml[0];
+        l = ml[1];
+    }
+    float mx = m;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float e = m == NEG_INF ? 0.f : __expf(m - mx);
+    const float total = warp_sum(e * l);
+    return total > 0.f ? e / total : 0.f;
+}

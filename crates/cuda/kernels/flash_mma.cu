@@ -1,5 +1,8 @@
-// MLA flash attention on tensor cores for bf16 activations (the serving path; attention.cu's `mla_flash_f32` is
-// the exact f32 path). Same contract as mla_flash, with FM_HEADS heads a block: block (g, r, s) of grid
+// MLA attention on tensor cores for bf16 activations (the serving path; attention.cu's kernels are the exact f32
+// path and the single-row absorptions): the flash kernel here, then (at the end of the file) both absorptions —
+// mla_out and mla_absorb_q — for steps of more than one row.
+//
+// The flash kernel (attention.cu's `mla_flash_f32` is its f32 twin). Same contract as mla_flash, with FM_HEADS heads a block: block (g, r, s) of grid
 // (⌈heads / FM_HEADS⌉, n_rows, splits) takes heads g·FM_HEADS.. of row row0 + r over the s-th share of the row's
 // keys and leaves the share's unnormalised latent mix and (max, Σ e^{s − max}) per head for mla_out to merge.
 //
@@ -335,18 +338,8 @@ extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
     // Warp w weighs rows w, w + 8, ...: lane s split s.
     for (int k = warp; k < OM_ROWS; k += 8) {
-        float m = NEG_INF, l = 0.f;
-        if (r0 + k < n_rows && lane < splits) {
-            const float* ml = ml_part + (((size_t)(r0 + k) * heads + h) * splits + lane) * 2;
-            m = ml[0];
-            l = ml[1];
-        }
-        float mx = m;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float e = m == NEG_INF ? 0.f : __expf(m - mx);
-        const float total = warp_sum(e * l);
-        if (lane < MLA_MAX_SPLITS) wts[k][lane] = total > 0.f ? e / total : 0.f;
+        const float wt = split_weight(ml_part, r0 + k, n_rows, heads, h, splits, lane);
+        if (lane < MLA_MAX_SPLITS) wts[k][lane] = wt;
     }
     // W_UV rows i0 + group and + 8 of this warp (zero past vdim).
     const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora + (size_t)nope * lora;
@@ -404,4 +397,89 @@ extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
             const int i = e < 2 ? ia : ib, k = r0 + nt * 8 + quad * 2 + (e & 1);
             if (i < vdim && k < n_rows) out[((size_t)(row0 + k) * heads + h) * vdim + i] = __float2bfloat16(acc[nt][e]);
         }
+}
+
+// mla_absorb_q on tensor cores for bf16 activations and more than one row: q_lat[r, h, l] = Σ_d q_nope[row0 + r,
+// h, d] · W_UK[h, d, l], f32 out (bf16 products are exact in the f32 accumulators, as on the scalar path). Block
+// (h, b, z) of grid (heads, ⌈n_rows / 64⌉, ⌈lora / 128⌉), 8 warps: head h, rows b·64.., latent columns z·128..;
+// warp w the 16 rows (w % 4)·16.. and 64 columns (w / 4)·64.. . The block's q rows and W_UK columns are staged in
+// shared memory ([64][nope + 8] and [nope][136] bf16: rows 4 mod 8 words apart, conflict-free ldmatrix), the
+// fragments come by ldmatrix (W_UK's transposed: it is stored k-major). nope % 16 == 0 (attention.rs checks).
+#define AQ_ROWS 64
+#define AQ_COLS 128
+#define AQ_WS (AQ_COLS + 8)
+
+__device__ __forceinline__ void aq_ldmatrix_x4(u32 r[4], const void* p, bool trans) {
+    if (trans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(p)));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(smem_addr(p)));
+}
+
+extern "C" __global__ void __launch_bounds__(256) mla_absorb_q_mma_bf16(
+    const __nv_bfloat16* q,       // [rows, heads, nope + rope]
+    const __nv_bfloat16* kv_b,    // [heads, nope + vdim, lora]
+    int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
+    float* q_lat) {               // [n_rows, heads, lora]
+    extern __shared__ __align__(16) unsigned char aq_smem[];
+    const int QS = nope + 8;
+    __nv_bfloat16* qs = (__nv_bfloat16*)aq_smem;  // [AQ_ROWS][QS]
+    __nv_bfloat16* ws = qs + AQ_ROWS * QS;        // [nope][AQ_WS]
+    const int h = blockIdx.x, r0 = blockIdx.y * AQ_ROWS, l0 = blockIdx.z * AQ_COLS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
+    // Stage 8 values a copy: the rows' q_nope (zeros past n_rows), W_UK's columns (zeros past lora).
+    const int qv = nope / 8;
+    for (int e = threadIdx.x; e < AQ_ROWS * qv; e += blockDim.x) {
+        const int k = e / qv, d = (e % qv) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + k < n_rows) v = *(const uint4*)(q + ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d);
+        *(uint4*)(qs + k * QS + d) = v;
+    }
+    const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora;
+    for (int e = threadIdx.x; e < nope * (AQ_COLS / 8); e += blockDim.x) {
+        const int d = e / (AQ_COLS / 8), c = (e % (AQ_COLS / 8)) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (l0 + c < lora) v = *(const uint4*)(w + (size_t)d * lora + l0 + c);
+        *(uint4*)(ws + d * AQ_WS + c) = v;
+    }
+    __syncthreads();
+    const int wm = warp & 3, wn = warp >> 2;
+    float acc[8][4] = {};
+    // ldmatrix rows: A's four matrices are (rows 0..7 | 8..15) × (k 0..7 | 8..15), B's (k 0..7 | 8..15) × (tile j
+    // | j + 1): lane L the row L % 8 of matrix L / 8.
+    const int lr = (lane & 7) + ((lane >> 3) & 1) * 8;
+    const __nv_bfloat16* arow = qs + (wm * 16 + lr) * QS + (lane >> 4) * 8;
+    const __nv_bfloat16* brow = ws + lr * AQ_WS + wn * 64 + (lane >> 4) * 8;
+    for (int ks = 0; ks < nope / 16; ks++) {
+        u32 a[4];
+        aq_ldmatrix_x4(a, arow + ks * 16, false);
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            u32 b[4];
+            aq_ldmatrix_x4(b, brow + ks * 16 * AQ_WS + j * 8, true);
+#pragma unroll
+            for (int u = 0; u < 2; u++)
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(acc[j + u][0]), "+f"(acc[j + u][1]), "+f"(acc[j + u][2]), "+f"(acc[j + u][3])
+                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * u]), "r"(b[2 * u + 1]));
+        }
+    }
+    // acc[j]: rows wm·16 + group (0, 1) and + 8 (2, 3), columns j·8 + 2·quad, + 1 of the warp's 64.
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int l = l0 + wn * 64 + j * 8 + quad * 2;
+        if (l >= lora) continue;
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int k = r0 + wm * 16 + group + 8 * hh;
+            if (k < n_rows)
+                *(float2*)(q_lat + ((size_t)k * heads + h) * lora + l) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
+        }
+    }
 }

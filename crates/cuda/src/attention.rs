@@ -22,6 +22,8 @@ const MMA_HEADS_PER_BLOCK: usize = 16;
 /// The most query dims (kv_lora + rope, rounded up to 16) the tensor-core flash kernel's warps hold in registers
 /// (8 warps × `FM_QK` steps of 8).
 const MMA_MAX_DIMS: usize = 576;
+/// Shared memory the tensor-core absorption takes at most (a 3090 allows 99 KiB a block).
+const MMA_MAX_SMEM: usize = 96 << 10;
 const ROWS_PER_BLOCK: usize = 8;
 /// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
 pub const MAX_LORA: usize = 512;
@@ -283,18 +285,33 @@ impl Step<'_> {
     fn absorb_q(&self, c: Chunk) -> MResult<CudaSlice<f32>> {
         let (b, d) = (self.b, self.d);
         let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
-        let (r, tag) = rows_per_block(c.rows);
-        let f = b.f(&format!("mla_absorb_q{tag}_{}", self.suffix()))?;
-        let cols = absorb_cols(r);
-        let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.kv_lora.div_ceil(cols) as u32);
-        let smem = r * (d.qk_nope + ABSORB_WARPS * cols) * 4;
-        let cfg = smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, smem)?;
+        // flash_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
+        let mma_smem = (64 * (d.qk_nope + 8) + d.qk_nope * 136) * 2;
+        let mma = self.q.data.dtype() == ActDtype::Bf16
+            && c.rows > 1
+            && d.qk_nope.is_multiple_of(16)
+            && (d.qk_nope + d.qk_rope).is_multiple_of(8)
+            && d.kv_lora.is_multiple_of(8)
+            && mma_smem <= MMA_MAX_SMEM;
+        let (f, cfg) = if mma {
+            let f = b.f("mla_absorb_q_mma_bf16")?;
+            let grid = (d.heads as u32, c.rows.div_ceil(64) as u32, d.kv_lora.div_ceil(128) as u32);
+            (f, smem_cfg(b, f, grid, 256, mma_smem)?)
+        } else {
+            let (r, tag) = rows_per_block(c.rows);
+            let f = b.f(&format!("mla_absorb_q{tag}_{}", self.suffix()))?;
+            let cols = absorb_cols(r);
+            let grid = (d.heads as u32, c.rows.div_ceil(r) as u32, d.kv_lora.div_ceil(cols) as u32);
+            let smem = r * (d.qk_nope + ABSORB_WARPS * cols) * 4;
+            (f, smem_cfg(b, f, grid, 32 * ABSORB_WARPS as u32, smem)?)
+        };
         let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
         l.arg(&self.q.data).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&rope).arg(&v).arg(&lora);
         l.arg(&mut q_lat);
-        // SAFETY: matches mla_absorb_q_*; q holds the step's rows, kv_b heads·(nope+v)·lora values (checked).
+        // SAFETY: matches mla_absorb_q_* and mla_absorb_q_mma_bf16 (its alignment conditions checked above); q
+        // holds the step's rows, kv_b heads·(nope+v)·lora values (checked).
         unsafe { l.launch(cfg) }.map_err(md("mla_absorb_q"))?;
         Ok(q_lat)
     }
