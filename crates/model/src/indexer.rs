@@ -7,8 +7,8 @@ use crate::weights::Loader;
 use crate::{IndexerConfig, Result};
 
 pub struct Indexer<B: Backend> {
-    /// `[heads·head_dim, q_lora_rank]`
-    wq_b: B::Weight,
+    /// `[heads·head_dim, q_lora_rank]`, or `None` when attention runs it fused with its own `q_b_proj`.
+    wq_b: Option<B::Weight>,
     /// `[head_dim, hidden]`, or `None` when attention runs it fused with its other projections of the hidden state.
     wk: Option<B::Weight>,
     k_norm_w: B::Vector,
@@ -33,19 +33,19 @@ pub fn selects(dims: &IndexerDims, rows: &[Row]) -> bool {
 }
 
 impl<B: Backend> Indexer<B> {
-    /// `wk` and `wp`: the key projection and the head weights' projection as read ([`Indexer::wk`],
-    /// [`Indexer::weights_proj`]), or `None` where the caller fused them with others.
+    /// `wq_b`, `wk` and `wp`: the query, key and head weights' projections as read ([`Indexer::wq_b`],
+    /// [`Indexer::wk`], [`Indexer::weights_proj`]), or `None` where the caller fused them with others.
     pub fn load(
         b: &B,
         ld: &Loader<'_>,
         prefix: &str,
         cfg: &IndexerConfig,
+        wq_b: Option<HostLinear>,
         wk: Option<HostLinear>,
         wp: Option<HostLinear>,
     ) -> Result<Self> {
-        let q_lora = ld.cfg.q_lora_rank.unwrap_or(0);
         Ok(Self {
-            wq_b: b.load_linear(ld.linear(&format!("{prefix}.wq_b"), q_lora, cfg.n_heads * cfg.head_dim)?)?,
+            wq_b: wq_b.map(|w| b.load_linear(w)).transpose()?,
             wk: wk.map(|w| b.load_linear(w)).transpose()?,
             k_norm_w: b.load_vector(ld.floats(&format!("{prefix}.k_norm.weight"), &[cfg.head_dim])?)?,
             k_norm_b: b.load_vector(ld.floats(&format!("{prefix}.k_norm.bias"), &[cfg.head_dim])?)?,
@@ -57,6 +57,12 @@ impl<B: Backend> Indexer<B> {
     /// Whether the selection changes anything for this step ([`selects`]).
     pub fn selects(&self, rows: &[Row]) -> bool {
         selects(&self.dims, rows)
+    }
+
+    /// The query projection of layer-prefix `prefix`'s indexer as read (`q_lora` inputs), for the caller to fuse
+    /// or hand back.
+    pub fn wq_b(ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig, q_lora: usize) -> Result<HostLinear> {
+        ld.linear(&format!("{prefix}.wq_b"), q_lora, cfg.n_heads * cfg.head_dim)
     }
 
     /// The key projection of layer-prefix `prefix`'s indexer as read, for the caller to fuse or hand back.
@@ -94,18 +100,25 @@ impl<B: Backend> Indexer<B> {
     }
 
     /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`;
-    /// `w`: the head weights already made by attention's fused projection (`Backend::mla_prep`), if they were.
+    /// `q`: `qr·wq_bᵀ` already made by attention's fused query projection, if it was; `w`: the head weights
+    /// already made by attention's fused projection (`Backend::mla_prep`), if they were.
+    #[allow(clippy::too_many_arguments)]
     pub fn project(
         &self,
         b: &B,
         x: &B::Tensor,
         qr: &B::Tensor,
+        q: Option<B::Tensor>,
         w: Option<B::Tensor>,
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
         let d = self.dims;
-        let mut q = b.linear(qr, &self.wq_b)?;
+        let mut q = match (q, &self.wq_b) {
+            (Some(q), _) => q,
+            (None, Some(wq)) => b.linear(qr, wq)?,
+            (None, None) => return Err(crate::Error::backend("the indexer's wq_b is fused into attention")),
+        };
         b.rope(&mut q, RopeSpec::indexer(d.heads, d.head_dim), inv_freq, rows)?;
         let w = match (w, &self.weights_proj) {
             (Some(w), _) => w,

@@ -13,8 +13,11 @@ pub struct Mla<B: Backend> {
     proj: Projections<B>,
     /// `q_a_layernorm` with q LoRA.
     q_a_norm: Option<B::Vector>,
-    /// `q_b_proj` `[heads·qk_head_dim, q_lora]`, or `q_proj` `[heads·qk_head_dim, hidden]`.
+    /// `q_b_proj` `[heads·qk_head_dim, q_lora]`, or `q_proj` `[heads·qk_head_dim, hidden]`; with the indexer's
+    /// `wq_b` `[index heads·head_dim, q_lora]` below it when both read q_a's normed output in one format
+    /// (`q_b_index` its width, else 0): one GEMV for a decode step's two query projections.
     q_b: B::Weight,
+    q_b_index: usize,
     kv_a_norm: B::Vector,
     /// `[heads·(qk_nope + v_head), kv_lora]`
     kv_b: B::Weight,
@@ -46,9 +49,13 @@ impl<B: Backend> Mla<B> {
         let (q_a, q_a_norm, q_b) = match c.q_lora_rank {
             Some(r) => {
                 let norm = b.load_vector(ld.floats(&format!("{p}.q_a_layernorm.weight"), &[r])?)?;
-                (Some(ld.linear(&format!("{p}.q_a_proj"), h, r)?), Some(norm), lin("q_b_proj", r, nh * qk)?)
+                (
+                    Some(ld.linear(&format!("{p}.q_a_proj"), h, r)?),
+                    Some(norm),
+                    ld.linear(&format!("{p}.q_b_proj"), r, nh * qk)?,
+                )
             }
-            None => (None, None, lin("q_proj", h, nh * qk)?),
+            None => (None, None, ld.linear(&format!("{p}.q_proj"), h, nh * qk)?),
         };
         let kv_a = ld.linear(&format!("{p}.kv_a_proj_with_mqa"), h, c.kv_lora_rank + c.qk_rope_head_dim)?;
         let ix = match (&c.indexer, with_indexer) {
@@ -57,6 +64,16 @@ impl<B: Backend> Mla<B> {
         };
         let ix_prefix = format!("{p}.indexer");
         let wk = ix.map(|ic| Indexer::<B>::wk(ld, &ix_prefix, ic)).transpose()?;
+        // The indexer's query projection reads what q_b_proj reads (q_a's normed output): one matrix when their
+        // formats allow.
+        let wq_b = match (ix, c.q_lora_rank) {
+            (Some(ic), Some(r)) => Some(Indexer::<B>::wq_b(ld, &ix_prefix, ic, r)?),
+            _ => None,
+        };
+        let (q_b, q_b_index, wq_b) = match wq_b.as_ref().and_then(|w| HostLinear::concat_outputs(&[&q_b, w])) {
+            Some(fused) => (b.load_linear(fused)?, wq_b.as_ref().map_or(0, HostLinear::out_features), None),
+            None => (b.load_linear(q_b)?, 0, wq_b),
+        };
         let wp = ix.map(|ic| Indexer::<B>::weights_proj(ld, &ix_prefix, ic)).transpose()?;
         // Fuse what shares a format — all four, else without weights_proj, else without wk, else q_a and kv_a; a
         // lone kv_a stays.
@@ -89,11 +106,12 @@ impl<B: Backend> Mla<B> {
                 (Projections::Separate { q_a, kv_a: b.load_linear(kv_a)? }, wk, wp)
             }
         };
-        let indexer = ix.map(|ic| Indexer::load(b, ld, &ix_prefix, ic, wk, wp)).transpose()?;
+        let indexer = ix.map(|ic| Indexer::load(b, ld, &ix_prefix, ic, wq_b, wk, wp)).transpose()?;
         Ok(Self {
             proj,
             q_a_norm,
             q_b,
+            q_b_index,
             kv_a_norm: b.load_vector(ld.floats(&format!("{p}.kv_a_layernorm.weight"), &[c.kv_lora_rank])?)?,
             kv_b: lin("kv_b_proj", c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim))?,
             o: lin("o_proj", nh * c.v_head_dim, h)?,
@@ -123,8 +141,19 @@ impl<B: Backend> Mla<B> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
         let MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights } = self.prep(b, x, inv_freq, rows)?;
-        // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state.
-        let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
+        // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state; with the indexer's query
+        // projection fused, its columns follow (cut off here, roped by the indexer if it selects).
+        let (mut q, index_q) = match self.q_b_index {
+            0 => (b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?, None),
+            width => {
+                let both = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
+                let mut parts = b.split_columns(&both, &[d.heads * qk, width])?.into_iter();
+                match (parts.next(), parts.next()) {
+                    (Some(q), Some(iq)) => (q, Some(iq)),
+                    _ => return Err(Error::backend("split_columns gave fewer than two parts")),
+                }
+            }
+        };
         b.rope(
             &mut q,
             RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true },
@@ -140,7 +169,7 @@ impl<B: Backend> Mla<B> {
                 b.cache_write(cache, rows, &latent, &k_pe, Some(&key))?;
                 if ix.selects(rows) {
                     let qr = qr.as_ref().ok_or_else(|| Error::backend("the indexer needs q_lora_rank"))?;
-                    let out = ix.project(b, x, qr, index_weights, inv_freq, rows)?;
+                    let out = ix.project(b, x, qr, index_q, index_weights, inv_freq, rows)?;
                     Some(b.indexer_select(cache, &out.q, &out.w, &ix.dims, rows)?)
                 } else {
                     // No row has more keys than the selection keeps: attention over every key is what it would
