@@ -57,7 +57,13 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
     lo = *(const u32*)&l;
 }
 
-// Four 8×8 b16 matrices transposed (B fragments of blocks stored k-major): lane L gives row L % 8 of matrix L / 8.
+// Four 8×8 b16 matrices (A fragments), or transposed (B fragments of blocks stored k-major): lane L gives row
+// L % 8 of matrix L / 8.
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -409,17 +415,6 @@ extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
 #define AQ_COLS 128
 #define AQ_WS (AQ_COLS + 8)
 
-__device__ __forceinline__ void aq_ldmatrix_x4(u32 r[4], const void* p, bool trans) {
-    if (trans)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_addr(p)));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(smem_addr(p)));
-}
-
 extern "C" __global__ void __launch_bounds__(256) mla_absorb_q_mma_bf16(
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]
     const __nv_bfloat16* kv_b,    // [heads, nope + vdim, lora]
@@ -456,11 +451,11 @@ extern "C" __global__ void __launch_bounds__(256) mla_absorb_q_mma_bf16(
     const __nv_bfloat16* brow = ws + lr * AQ_WS + wn * 64 + (lane >> 4) * 8;
     for (int ks = 0; ks < nope / 16; ks++) {
         u32 a[4];
-        aq_ldmatrix_x4(a, arow + ks * 16, false);
+        ldmatrix_x4(a, arow + ks * 16);
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
             u32 b[4];
-            aq_ldmatrix_x4(b, brow + ks * 16 * AQ_WS + j * 8, true);
+            ldmatrix_x4_trans(b, brow + ks * 16 * AQ_WS + j * 8);
 #pragma unroll
             for (int u = 0; u < 2; u++)
                 asm volatile(
