@@ -12,17 +12,18 @@ export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMO
 ctx="${1:-1024}" layers="${2:-1}"
 logs="${OUT:-/tmp/pipemoe-kernel-times}"
 mkdir -p "$logs"
-# Prefill in 64-row chunks (the grouped GEMV path: ~20 launches a layer and chunk), so the skip below lands past it
-# whatever the context: chunks · layers · 40 launches, then 4 decode steps.
+# Prefill in 64-row chunks (the grouped GEMV path: ~20–40 launches a layer and chunk). ncu takes every pipemoe
+# kernel from the start (no skip to guess: session 10's landed in the prefill) up to a count past the prefill and a
+# dozen decode steps; the analysis below finds the decode steps by their single-row kernels.
 bench=(./.device/pipemoe bench --layers "$layers" --context "$ctx" --chunk 64 --steps 12 --streams 0 --cache-dir /tmp/pb)
 "${bench[@]}" > "$logs/bench.txt" 2>&1 || { tail -5 "$logs/bench.txt"; exit 1; }
 step_ms=$(grep -oP 'bench: decode \K[0-9.]+(?= ms/step)' "$logs/bench.txt" | head -1)
-skip=$(( (ctx / 64 + 1) * layers * 40 + 4 * layers * 30 ))
+count=$(( (ctx / 64 + 1) * layers * 60 + 12 * layers * 30 ))
 # ncu's --kernel-name matches every launch counted by --launch-skip: only pipemoe's own kernels (not cuBLAS's,
 # whose splitKreduce_kernel a bare `split` would match).
 timeout 400 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
     --kernel-name 'regex:^(add_|cache_|dense_|embed_|experts_|gptq_|indexer_|layer_norm|mla_|rms_|rope_|route|scale_|silu_|copy_rows)' \
-    --launch-skip "$skip" --launch-count $(( 6 * layers * 30 )) "${bench[@]}" > "$logs/ncu.csv" 2> "$logs/ncu.err"
+    --launch-count "$count" "${bench[@]}" > "$logs/ncu.csv" 2> "$logs/ncu.err"
 python3 - "$logs/ncu.csv" "$step_ms" "$layers" <<'EOF'
 import collections, csv, sys
 path, step_ms, layers = sys.argv[1], float(sys.argv[2] or 0), int(sys.argv[3])
@@ -33,11 +34,15 @@ h = rows[0]
 ki, vi, ui = h.index("Kernel Name"), h.index("Metric Value"), h.index("Metric Unit")
 scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 seq = [(r[ki].split("(")[0].strip(), float(r[vi].replace(",", "")) * scale.get(r[ui], 1e-3)) for r in rows[1:]]
-# mla_prep runs once per layer and step: whole steps are the kernels from one mla_prep to the one `layers` later.
-marks = [i for i, (k, _) in enumerate(seq) if k.startswith("mla_prep")]
+# The single-row absorption runs once per layer of a one-row step and nowhere in a prefill: whole decode steps are
+# the kernels from one mla_absorb_q_r1 to the one `layers` later. The first two steps (warm-up) are left out.
+marks = [i for i, (k, _) in enumerate(seq) if k.startswith("mla_absorb_q_r1")][2 * layers:]
 if len(marks) <= layers:
-    sys.exit("fewer than two steps' mla_prep among the profiled kernels: the skip did not reach decode")
-whole = (len(marks) - 1) // layers * layers
+    sys.exit("fewer than two decode steps among the profiled kernels: raise the launch count")
+whole = min(len(marks) - 1, 8 * layers) // layers * layers
+lengths = {marks[i + layers] - marks[i] for i in range(0, whole, layers)}
+if len(lengths) > 1:
+    sys.exit(f"the decode steps found hold different kernel counts {sorted(lengths)}: not one run of steps")
 seq = seq[marks[0]:marks[whole]]
 steps = whole / layers
 per = collections.defaultdict(lambda: [0, 0.0])
