@@ -9,7 +9,7 @@
 //!
 //! [`GROUPED_MAX_ROWS`]: crate::experts::GROUPED_MAX_ROWS
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, Routing};
 
 use crate::act::ActDtype;
@@ -77,6 +77,23 @@ impl Tables {
 }
 
 impl CudaBackend {
+    /// The grouped GEMM `gptq_mma_gemm_grouped_w{bits}_{variant}` and its launch over `n` outputs, `n_tiles` tiles
+    /// of pairs and `mats` matrices side by side: BN columns and one tile a block, the m64 plan's shared memory.
+    fn grouped_gemm(
+        &self,
+        bits: usize,
+        variant: &str,
+        n: usize,
+        n_tiles: usize,
+        mats: u32,
+    ) -> MResult<(&CudaFunction, LaunchConfig)> {
+        let f = self.f(&format!("gptq_mma_gemm_grouped_w{bits}_{variant}"))?;
+        let smem = crate::gemm::mma_smem_bytes(bits, TILE);
+        self.gpu.allow_smem(f, smem).map_err(m)?;
+        let grid_dim = (n.div_ceil(BN) as u32, n_tiles as u32, mats);
+        Ok((f, LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }))
+    }
+
     /// The routed experts of `x` (no shared expert in the tables) by the grouped GEMM; see the module doc. `r`:
     /// the routing read back, `weights`: its weights where they already are, on the device.
     pub(crate) fn grouped_prefill(
@@ -107,7 +124,6 @@ impl CudaBackend {
         let tl = plan.tiles.len();
         let (tiles, pair_x, pair_of) =
             (dev.slice(0..tl), dev.slice(tl..tl + pairs), dev.slice(tl + pairs..tl + pairs + plan.pair_of.len()));
-        let smem = crate::gemm::mma_smem_bytes(t.bits, TILE);
         let (e, gs) = (t.entries as i32, t.group_size as i32);
         let s = &self.gpu.stream;
         let span = |what: &'static str| self.gpu.span(move || format!("grouped prefill: {what} x{pairs}"));
@@ -115,17 +131,11 @@ impl CudaBackend {
         // gate and up of every pair, bf16 [pairs, inter] each, then h = SiLU(gate)·up.
         let (mut yg, mut yu) = (self.output(pairs, inter)?, self.output(pairs, inter)?);
         let p = span("gate/up");
-        let f = self.f(&format!("gptq_mma_gemm_grouped_w{}_gather_bf16", t.bits))?;
-        self.gpu.allow_smem(f, smem).map_err(m)?;
+        let (f, cfg) = self.grouped_gemm(t.bits, "gather_bf16", inter, n_tiles, 2)?;
         let (ni, ki) = (inter as i32, hidden as i32);
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&pair_x).arg(&tiles).arg(&t.gate_up[0]).arg(&t.gate_up[1]).arg(&t.gate_up[2]).arg(&e);
         l.arg(&mut yg.data).arg(&mut yu.data).arg(&ni).arg(&ki).arg(&gs);
-        let cfg = LaunchConfig {
-            grid_dim: (inter.div_ceil(BN) as u32, n_tiles as u32, 2),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
         // SAFETY: matches gptq_mma_gemm_grouped_w*_gather_bf16: x bf16 [rows, hidden] (every pair_x < rows), the
         // gate/up tables 2·entries addresses of Mma-packed hidden → inter matrices, yg and yu [pairs, inter]; the
         // tiles cover pairs 0..pairs once; the shared memory is the kernel's m64 plan.
@@ -138,17 +148,11 @@ impl CudaBackend {
         let p = span("down");
         // SAFETY: the down launch writes every row of every tile, i.e. all pairs · hidden values.
         let mut yd = unsafe { s.alloc::<f32>(pairs * hidden) }.map_err(md("alloc expert outputs"))?;
-        let f = self.f(&format!("gptq_mma_gemm_grouped_w{}_f32", t.bits))?;
-        self.gpu.allow_smem(f, smem).map_err(m)?;
+        let (f, cfg) = self.grouped_gemm(t.bits, "f32", hidden, n_tiles, 1)?;
         let (ni, ki, null) = (hidden as i32, inter as i32, 0u64);
         let mut l = s.launch_builder(f);
         l.arg(&h.data).arg(&null).arg(&tiles).arg(&t.down[0]).arg(&t.down[1]).arg(&t.down[2]).arg(&e);
         l.arg(&mut yd).arg(&null).arg(&ni).arg(&ki).arg(&gs);
-        let cfg = LaunchConfig {
-            grid_dim: (hidden.div_ceil(BN) as u32, n_tiles as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
         // SAFETY: matches gptq_mma_gemm_grouped_w*_f32 with no pair_x (h holds one row per pair), the down tables
         // `entries` addresses of inter → hidden matrices, y0 = yd [pairs, hidden] (y1, null, belongs to a second
         // matrix, and this grid has one).
