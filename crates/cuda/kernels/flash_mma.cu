@@ -31,6 +31,7 @@
 // of bank conflicts. (attention::flash mirrors this.)
 #include "common.cuh"
 #include "attention.cuh"
+#include "mma.cuh"
 
 #define FM_HEADS 16   // heads per block: the fragment's 16 rows
 #define FM_KT 16      // keys per tile
@@ -55,19 +56,6 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
     const __nv_bfloat162 l = __floats2bfloat162_rn(x - __low2float(h), y - __high2float(h));
     hi = *(const u32*)&h;
     lo = *(const u32*)&l;
-}
-
-// Four 8×8 b16 matrices (A fragments), or transposed (B fragments of blocks stored k-major): lane L gives row
-// L % 8 of matrix L / 8.
-__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
 }
 
 // Half a warp's max and sum (lanes 0..15 and 16..31 apart).

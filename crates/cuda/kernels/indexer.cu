@@ -5,8 +5,11 @@
 
 #include "common.cuh"
 #include "attention.cuh"
+#include "mma.cuh"
 
 #define IDX_KEYS 64    // keys per block of indexer_scores (indexer::KEYS_PER_BLOCK)
+#define IDXM_WARPS 4   // indexer_scores_mma: a warp per 16 of the block's keys
+#define IDXM_MT 4      // indexer_scores_mma: m16 tiles of heads at most (64 heads; indexer::mma_eligible)
 
 __device__ __forceinline__ float idx_value(float v) { return v; }
 __device__ __forceinline__ float idx_value(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -137,6 +140,97 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
         const float* p = part + threadIdx.x;
         scores[(size_t)lr * stride + t0 + threadIdx.x] = ((p[0] + p[IDX_KEYS]) + p[2 * IDX_KEYS]) + p[3 * IDX_KEYS];
     }
+}
+
+
+// I(t) on tensor cores, for bf16 activations and a bf16 cache: indexer_scores' contract and grid, block 32 ·
+// IDXM_WARPS. The dot products q[h] · k[t] of the block are one small GEMM on `mma.m16n8k16`: A = q [hp][dim]
+// (the activations' bf16), B = the block's IDX_KEYS keys [key][dim] as cached, f32 accumulation — every product
+// exact as in the f32 kernel, only the order of the sums differs. The key's scale multiplies its dot product (the
+// f32 kernel scales the key first: equal up to f32 rounding), then relu, the head weights, and the sum over heads:
+// a lane's rows of its fragments, then shuffles across the 8 row groups. Warp w takes keys 16·w.. (two n8 tiles)
+// against every head (hp / 16 ≤ IDXM_MT m tiles), dim / 16 k-steps; dim % 16 == 0 (indexer.rs checks).
+// Shared: q [hp][dim + 8] and the keys [IDX_KEYS][dim + 8] bf16 (rows an odd number of 16-byte units apart:
+// ldmatrix without bank conflicts), the keys' slots and scales [IDX_KEYS].
+extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma_bf16(
+    const __nv_bfloat16* q,  // [rows, heads, dim], roped
+    const __nv_bfloat16* w,  // [rows, heads], scaled
+    const __nv_bfloat16* k_idx, const float* scales, const int* meta, const int* tables, int row0, int heads,
+    int dim, int topk, int stride, float* scores) {
+    extern __shared__ __align__(16) unsigned char im_smem[];
+    const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
+    if (n <= topk || (int)blockIdx.x * IDX_KEYS >= n) return;
+    const int hp = (heads + 15) / 16 * 16, rs = dim + 8, pieces = dim / 8;
+    __nv_bfloat16* qs = (__nv_bfloat16*)im_smem;  // [hp][rs]
+    __nv_bfloat16* ks = qs + hp * rs;              // [IDX_KEYS][rs]
+    int* slot = (int*)(ks + IDX_KEYS * rs);        // [IDX_KEYS]
+    float* ksc = (float*)(slot + IDX_KEYS);        // [IDX_KEYS]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;
+    // q's copies go out first (heads past `heads` zero-filled), then each key's slot is looked up: the table's
+    // round trip overlaps q's.
+    const __nv_bfloat16* qrow = q + (size_t)r * heads * dim;
+    for (int i = threadIdx.x; i < hp * pieces; i += blockDim.x) {
+        const int h = i / pieces, c = (i % pieces) * 8;
+        cp_async16(qs + h * rs + c, qrow + (h < heads ? (size_t)h * dim + c : 0), h < heads ? 16 : 0);
+    }
+    for (int i = threadIdx.x; i < IDX_KEYS; i += blockDim.x) {
+        const int t = t0 + i;
+        const int s = t < n ? kv_slot(tables + meta[r * 4 + 1], t) : -1;
+        slot[i] = s;
+        ksc[i] = s >= 0 ? scales[(size_t)s * 3 + 2] : 0.f;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < IDX_KEYS * pieces; i += blockDim.x) {
+        const int key = i / pieces, c = (i % pieces) * 8, s = slot[key];
+        cp_async16(ks + key * rs + c, k_idx + (size_t)max(s, 0) * dim + c, s >= 0 ? 16 : 0);
+    }
+    cp_async_commit();
+    // The head weights of the lane's fragment rows (heads mt·16 + group and + 8), 0 past `heads`.
+    const int group = lane >> 2, quad = lane & 3, mts = hp / 16;
+    float wv[IDXM_MT][2];
+#pragma unroll
+    for (int mt = 0; mt < IDXM_MT; mt++)
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int h = mt * 16 + group + 8 * hh;
+            wv[mt][hh] = h < heads ? __bfloat162float(w[(size_t)r * heads + h]) : 0.f;
+        }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // ldmatrix rows: A's matrices are (heads 0..7 | 8..15) × (dims 0..7 | 8..15); B's (keys 0..7, dims 0..7),
+    // (keys 0..7, dims 8..15), then keys 8..15: both n8 tiles' two registers.
+    const __nv_bfloat16* a_at = qs + (((lane >> 3) & 1) * 8 + (lane & 7)) * rs + (lane >> 4) * 8;
+    const __nv_bfloat16* b_at = ks + (warp * 16 + (lane >> 4) * 8 + (lane & 7)) * rs + ((lane >> 3) & 1) * 8;
+    float acc[IDXM_MT][2][4] = {};
+    for (int k = 0; k < dim; k += 16) {
+        u32 b[4];
+        ldmatrix_x4(b, b_at + k);
+#pragma unroll
+        for (int mt = 0; mt < IDXM_MT; mt++) {
+            if (mt < mts) {
+                u32 a[4];
+                ldmatrix_x4(a, a_at + mt * 16 * rs + k);
+                mma_16816(acc[mt][0], a, b[0], b[1]);
+                mma_16816(acc[mt][1], a, b[2], b[3]);
+            }
+        }
+    }
+    // Fragment value i of tile (mt, nt): head mt·16 + group (+ 8 for i ≥ 2), key 16·warp + 8·nt + 2·quad + i % 2.
+#pragma unroll
+    for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int key = warp * 16 + nt * 8 + quad * 2 + j;
+            const float s = ksc[key];
+            float v = 0.f;
+#pragma unroll
+            for (int mt = 0; mt < IDXM_MT; mt++)
+                v += wv[mt][0] * fmaxf(acc[mt][nt][j] * s, 0.f) + wv[mt][1] * fmaxf(acc[mt][nt][2 + j] * s, 0.f);
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if (group == 0 && t0 + key < n) scores[(size_t)lr * stride + t0 + key] = v;
+        }
 }
 
 

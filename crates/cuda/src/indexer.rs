@@ -8,11 +8,15 @@ use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
 use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
-use crate::cache::{BLOCK, GpuLayerCache, StepTables};
+use crate::act::ActDtype;
+use crate::cache::{BLOCK, GpuLayerCache, KvDtype, Pool, StepTables};
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
 const KEYS_PER_BLOCK: usize = 64;
 const TOPK_THREADS: u32 = 512;
+/// Warps of `indexer_scores_mma_bf16` (`IDXM_WARPS`, 16 keys each) and its most m16 tiles of heads (`IDXM_MT`).
+const MMA_WARPS: u32 = 4;
+const MMA_HEAD_TILES: usize = 4;
 /// Bound on the f32 scores of one launch (rows × widest row): 128 MiB.
 const SCORE_FLOATS: usize = 32 << 20;
 
@@ -113,26 +117,86 @@ pub fn indexer_select(
         let mut scores = scratch(b, n * width)?;
         if width > d.topk {
             let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
-            let f = b.f(&format!("indexer_scores_{}", q.data.dtype().suffix()))?;
-            // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/indexer.cu).
-            let hp = d.heads.next_multiple_of(16);
-            let floats = d.head_dim * hp + d.head_dim * (KEYS_PER_BLOCK + 1) + hp + 4 * KEYS_PER_BLOCK;
-            let grid = (width.div_ceil(KEYS_PER_BLOCK) as u32, n as u32, 1);
-            let cfg = smem_cfg(b, f, grid, 256, floats * 4)?;
-            let (code, row0, heads, dim) = (cache.dtype.code(), r0 as i32, d.heads as i32, d.head_dim as i32);
-            let (topk, width_i) = (d.topk as i32, width as i32);
-            let mut l = b.gpu.stream.launch_builder(f);
-            l.arg(&q.data).arg(&w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(&meta).arg(&table_view);
-            l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width_i).arg(&mut scores);
-            // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
-            // scores hold n rows of `width` ≥ every row's key count.
-            unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
+            let launch = Scores { q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
+            if mma_eligible(q, cache, d) { launch.mma(b, &mut scores)? } else { launch.scalar(b, &mut scores)? }
         }
         let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
         TopK { scores: &scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
         r0 += n;
     }
     Ok(GpuSelection { keys, counts, stride })
+}
+
+/// Whether `indexer_scores_mma_bf16` takes the scores: bf16 activations over a bf16 cache, at most 64 heads
+/// (`IDXM_MT` m tiles) and a head dim of whole k-steps within the shared memory a block may have (256).
+fn mma_eligible(q: &GpuTensor, cache: &GpuLayerCache, d: &IndexerDims) -> bool {
+    q.data.dtype() == ActDtype::Bf16
+        && cache.dtype == KvDtype::Bf16
+        && d.heads <= 16 * MMA_HEAD_TILES
+        && d.head_dim.is_multiple_of(16)
+        && d.head_dim <= 256
+}
+
+/// One launch of a scores kernel: rows `row0..row0 + rows` of the step into `[rows, width]` f32.
+struct Scores<'a> {
+    q: &'a GpuTensor,
+    w: &'a GpuTensor,
+    cache: &'a GpuLayerCache,
+    pool: &'a Pool,
+    meta: &'a CudaView<'a, i32>,
+    tables: &'a CudaView<'a, i32>,
+    row0: usize,
+    rows: usize,
+    width: usize,
+    d: &'a IndexerDims,
+}
+
+impl Scores<'_> {
+    fn grid(&self) -> (u32, u32, u32) {
+        (self.width.div_ceil(KEYS_PER_BLOCK) as u32, self.rows as u32, 1)
+    }
+
+    fn ints(&self) -> [i32; 5] {
+        let d = self.d;
+        [self.row0 as i32, d.heads as i32, d.head_dim as i32, d.topk as i32, self.width as i32]
+    }
+
+    /// The f32 kernel (any activation and cache dtype).
+    fn scalar(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
+        let pool = self.pool;
+        let f = b.f(&format!("indexer_scores_{}", self.q.data.dtype().suffix()))?;
+        // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/indexer.cu).
+        let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
+        let floats = dim * hp + dim * (KEYS_PER_BLOCK + 1) + hp + 4 * KEYS_PER_BLOCK;
+        let cfg = smem_cfg(b, f, self.grid(), 256, floats * 4)?;
+        let code = self.cache.dtype.code();
+        let [row0, heads, dim, topk, width] = self.ints();
+        let mut l = b.gpu.stream.launch_builder(f);
+        l.arg(&self.q.data).arg(&self.w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(self.meta);
+        l.arg(self.tables).arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
+        // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
+        // scores hold `rows` rows of `width` ≥ every row's key count.
+        unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
+        Ok(())
+    }
+
+    /// The tensor-core kernel ([`mma_eligible`]).
+    fn mma(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
+        let pool = self.pool;
+        let f = b.f("indexer_scores_mma_bf16")?;
+        // q [hp][dim + 8] and the keys [64][dim + 8] bf16, slots and scales [64] (kernels/indexer.cu).
+        let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
+        let bytes = (hp + KEYS_PER_BLOCK) * (dim + 8) * 2 + KEYS_PER_BLOCK * 8;
+        let cfg = smem_cfg(b, f, self.grid(), 32 * MMA_WARPS, bytes)?;
+        let [row0, heads, dim, topk, width] = self.ints();
+        let mut l = b.gpu.stream.launch_builder(f);
+        l.arg(&self.q.data).arg(&self.w.data).arg(&pool.index_k).arg(&pool.scales).arg(self.meta).arg(self.tables);
+        l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
+        // SAFETY: matches indexer_scores_mma_bf16: bf16 q, w and cache (mma_eligible), every row cached to its
+        // position, the scores hold `rows` rows of `width` ≥ every row's key count.
+        unsafe { l.launch(cfg) }.map_err(md("indexer_scores_mma"))?;
+        Ok(())
+    }
 }
 
 /// How many of the rows (key counts `widths`) fit one score buffer, and the widest of them.

@@ -16,6 +16,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("attention.cuh", include_str!("../kernels/attention.cuh")),
     ("mma_pack.cuh", include_str!("../kernels/mma_pack.cuh")),
     ("experts.cuh", include_str!("../kernels/experts.cuh")),
+    ("mma.cuh", include_str!("../kernels/mma.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),

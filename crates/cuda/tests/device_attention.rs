@@ -366,10 +366,17 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
     if no_gpu() {
         return;
     }
-    let ix = IndexerDims { heads: 64, head_dim: 128, topk: 2048 };
     let d = SMALL;
     let cpu = CpuBackend::F32;
-    for (act, kv) in [(ActDtype::F32, KvDtype::F32), (ActDtype::Bf16, KvDtype::Bf16)] {
+    // The real indexer (64 heads of 128: the tensor-core kernel's full 4 head tiles for bf16), then 20 heads of 48
+    // (heads padded to 32, 3 k-steps).
+    let big = IndexerDims { heads: 64, head_dim: 128, topk: 2048 };
+    let odd = IndexerDims { heads: 20, head_dim: 48, topk: 64 };
+    for (ix, act, kv) in [
+        (big, ActDtype::F32, KvDtype::F32),
+        (big, ActDtype::Bf16, KvDtype::Bf16),
+        (odd, ActDtype::Bf16, KvDtype::Bf16),
+    ] {
         let g = gpu(act, kv);
         let mut rng = Rng::new(29);
         let (mut gc, mut cc) = (g.new_layer_cache(&d, Some(&ix)), cpu.new_layer_cache(&d, Some(&ix)));
@@ -428,8 +435,8 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
             .expect("gpu select");
         let got = g.selection_to_host(&gsel).expect("download");
         for (r, (got, want)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(got.len(), want.len(), "{act:?}: row {r} count");
-            assert_eq!(got, want, "{act:?}: row {r} ({:?}) selection", step[r]);
+            assert_eq!(got.len(), want.len(), "{act:?} {ix:?}: row {r} count");
+            assert_eq!(got, want, "{act:?} {ix:?}: row {r} ({:?}) selection", step[r]);
         }
         // Attention over the device selection equals the CPU's over its own.
         let qk = d.qk_nope + d.qk_rope;
@@ -462,7 +469,8 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
             .expect("gpu attention");
         let err = rel_l2(&g.download(&gpu_out).unwrap(), &cpu_out.data);
         let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
-        eprintln!("indexer {act:?}/{kv:?}: selections equal; attention over them rel L2 {err:.2e}");
+        let (heads, dim) = (ix.heads, ix.head_dim);
+        eprintln!("indexer {act:?}/{kv:?}, {heads} heads × {dim}: selections equal; attention over them rel L2 {err:.2e}");
         assert!(err <= tol, "attention over the selection, {act:?}: {err:e}");
     }
 }
