@@ -84,6 +84,7 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
     extern __shared__ __align__(16) unsigned char fm_smem[];
     const int D = lora + rope, DP = (D + 15) / 16 * 16, CS = DP + 8;
     static_assert(FM_SLOTS == 32 * FM_WARPS && FM_SLOTS % FM_KT == 0, "a thread finds one key's slot");
+    static_assert(16 * FM_KT == 32 * FM_WARPS, "16 threads copy each key of a tile");
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
     __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
     float* sc = (float*)(tile + FM_ST * FM_KT * CS);                 // [FM_WARPS][FM_HEADS][FM_KT]
@@ -110,24 +111,27 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         return p <= pos ? p : -1;
     };
     auto slot_of = [&](int i) -> const int* { return slot + ((i / RUN) & 1) * FM_SLOTS + (i % RUN) * FM_KT; };
-    // Tile i into buffer i % FM_ST: warp w copies keys w, w + 8.
+    // Tile i into buffer i % FM_ST (a bf16 cache by 16-byte copies; the others converted, warp w keys w, w + 8).
     const bool raw = dtype == 1 && lora % 8 == 0 && rope % 8 == 0;
     auto load_tile = [&](int i) {
         if (i < n_tiles) {
             __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
             const int* sl = slot_of(i);
-            for (int t = warp; t < FM_KT; t += FM_WARPS) {
-                const int s = sl[t];
-                __nv_bfloat16* row = buf + t * CS;
-                if (raw) {
-                    const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
-                    const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
-                    const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
-                    for (int c = lane; c < D / 8; c += 32) {
-                        const int d = c * 8;
-                        cp_async16(row + d, d < lora ? lat + d : pe + d - lora, bytes);
-                    }
-                } else {
+            if (raw) {
+                // Thread t copies key t / 16's pieces of 8 values t % 16, + 16, ... of the latent, then of the
+                // rope part: one slot a thread and plain strides (a warp's two keys by lanes over the whole row,
+                // with a select between the parts per piece, took a third of a tile's instructions).
+                const int s = sl[threadIdx.x / 16], c0 = threadIdx.x % 16;
+                __nv_bfloat16* row = buf + (threadIdx.x / 16) * CS;
+                const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
+                const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
+                const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
+                for (int c = c0; c < lora / 8; c += 16) cp_async16(row + c * 8, lat + c * 8, bytes);
+                for (int c = c0; c < rope / 8; c += 16) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
+            } else {
+                for (int t = warp; t < FM_KT; t += FM_WARPS) {
+                    const int s = sl[t];
+                    __nv_bfloat16* row = buf + t * CS;
                     const float s_lat = s >= 0 ? scales[(size_t)s * 3] : 0.f;
                     const float s_pe = s >= 0 ? scales[(size_t)s * 3 + 1] : 0.f;
                     for (int d = lane; d < D; d += 32) {
@@ -267,6 +271,17 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         // tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past the latent reads the first
         // again (computed, never stored).
         const __nv_bfloat16* vrow = buf + (((lane >> 3) & 1) * 8 + (lane & 7)) * CS;
+        // The running mix is rescaled only when some head's max moved (the correction is exactly 1 otherwise):
+        // after the first tiles that is rare, and skipping it saves 32 multiplies a tile.
+        if (__any_sync(0xffffffffu, cr0 != 1.f || cr1 != 1.f)) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                acc[j][0] *= cr0;
+                acc[j][1] *= cr0;
+                acc[j][2] *= cr1;
+                acc[j][3] *= cr1;
+            }
+        }
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
             const int ct = warp + 8 * j;
@@ -275,10 +290,6 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
                 ldmatrix_x4_trans(b, vrow + (lane >= 16 && ct + 8 < col_tiles ? ct + 8 : ct) * 8);
 #pragma unroll
                 for (int u = 0; u < 2; u++) {
-                    acc[j + u][0] *= cr0;
-                    acc[j + u][1] *= cr0;
-                    acc[j + u][2] *= cr1;
-                    acc[j + u][3] *= cr1;
                     fm_mma(acc[j + u], pa[0], b[2 * u]);
                     fm_mma(acc[j + u], pa[1], b[2 * u + 1]);
                 }
