@@ -15,6 +15,12 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// How many CUDA devices the driver reports.
+pub fn device_count() -> Result<usize> {
+    let n = CudaContext::device_count().map_err(drv("cuDeviceGetCount"))?;
+    Ok(n.max(0) as usize)
+}
+
 /// Why there is no usable GPU here, or `None` when there is one.
 pub fn unavailable() -> Option<String> {
     if !driver_present() {

@@ -125,6 +125,8 @@ pub struct IpcTimes {
     /// With the sender synchronizing its stream before it sends: round trip (its synchronize included) and landing.
     pub settled_round_trip: Times,
     pub settled_landed: Times,
+    /// The receiver's device ordinal.
+    pub receiver: usize,
 }
 
 /// One mode's samples.
@@ -224,6 +226,7 @@ pub fn measure(b: &CudaBackend, device: usize, hidden: usize, iters: usize) -> R
             pipe: Times::of(plain.pipe),
             settled_round_trip: Times::of(settled.round),
             settled_landed: Times::of(settled.landed),
+            receiver: device,
         })
     })();
     let _ = child.kill();

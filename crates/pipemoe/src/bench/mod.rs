@@ -216,6 +216,8 @@ pub struct Measured {
     pub streams_decode: Option<stage::Times>,
     pub blocks: Option<stage::BlockTimes>,
     pub ipc: std::result::Result<ipc::IpcTimes, String>,
+    /// The bench's device ordinal (the IPC sender).
+    pub ordinal: usize,
     /// Per-op times of two decode steps (`--profile`).
     pub profile: Option<pipemoe_cuda::profile::Profile>,
     /// Per-op times of a second prefill of the same prompt length (`--profile`).
@@ -352,7 +354,13 @@ fn measure(
             None
         }
     };
-    let ipc = ipc::measure(&backend, args.device, cfg.hidden_size, 50).map_err(|e| format!("{e:#}"));
+    // A hop is between two GPUs: with a second one here the hand-off goes to it (on one GPU the two processes'
+    // contexts take turns on it, which costs ~250 us of landing that two GPUs do not pay).
+    let peer = match pipemoe_cuda::gpu::device_count() {
+        Ok(n) if n > 1 => (args.device + 1) % n,
+        _ => args.device,
+    };
+    let ipc = ipc::measure(&backend, peer, cfg.hidden_size, 50).map_err(|e| format!("{e:#}"));
     if let Err(why) = &ipc {
         eprintln!("bench: IPC hand-off not measured: {why}");
     }
@@ -373,6 +381,7 @@ fn measure(
         streams_decode,
         blocks,
         ipc,
+        ordinal: args.device,
         profile,
         prefill_profile,
         streams_profile,

@@ -141,7 +141,11 @@ impl Report {
             let us = |t: &super::stage::Times| t.median * 1e6;
             let ipc = [
                 (
-                    "IPC hand-off [1, hidden] bf16, 2 processes",
+                    if t.receiver == m.ordinal {
+                        "IPC hand-off [1, hidden] bf16, 2 processes, one GPU"
+                    } else {
+                        "IPC hand-off [1, hidden] bf16, 2 processes, 2 GPUs"
+                    },
                     format!("{:.1} us round trip (median)", us(&t.round_trip)),
                 ),
                 (
@@ -215,7 +219,15 @@ impl Report {
             format!("each RTX 3090 reaches {:.0}% of its {:.0} GB/s, the fraction of the read floor measured here", eff * 100.0, args.target_gbps),
             "the 3090's achievable read bandwidth is its nominal one (optimistic by ~5-10%); fixed per-step costs scale with bandwidth (pessimistic)".into(),
             format!("{HOPS} hops per token (7 between workers, 1 through the controller), each {:.0} us: {hop_source}", hop_s * 1e6),
-            "hops between different 3090s cross PCIe (peer access untested), measured here on one GPU".into(),
+            match &m.ipc {
+                Ok(t) if t.receiver != m.ordinal => format!(
+                    "hops between 3090s cross PCIe (peer access untested); measured here from device {} to {}",
+                    m.ordinal, t.receiver
+                ),
+                _ => "hops between different 3090s cross PCIe (peer access untested), measured here on one GPU \
+                      (two processes taking turns on it: pessimistic)"
+                    .into(),
+            },
         ];
 
         let mut table = String::new();
@@ -295,6 +307,7 @@ impl Report {
             "ipc_import_s": m.ipc.as_ref().map(|t| t.import.median).ok(),
             "ipc_pipe_round_trip_s": m.ipc.as_ref().map(|t| t.pipe.median).ok(),
             "ipc_landed_s": m.ipc.as_ref().map(|t| t.landed.median).ok(),
+            "ipc_devices": m.ipc.as_ref().map(|t| [m.ordinal, t.receiver]).ok(),
             "ipc_settled_round_trip_s": m.ipc.as_ref().map(|t| t.settled_round_trip.median).ok(),
             "ipc_settled_landed_s": m.ipc.as_ref().map(|t| t.settled_landed.median).ok(),
             "ipc_error": m.ipc.as_ref().err(),
