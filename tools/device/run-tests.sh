@@ -3,7 +3,8 @@
 # put in .device/, then compute-sanitizer's memcheck on the demo model, then (when .device/pipemoe is there) the
 # GPU end-to-end tests. Prints one line per binary and a verdict last; logs go to $OUT (or /tmp/pipemoe-device).
 # Usage: tools/device/run-tests.sh              every suite
-#        tools/device/run-tests.sh device ...   only these test binaries (no memcheck, no e2e unless named)
+#        tools/device/run-tests.sh device ...   only these suites: test binaries, `memcheck`, `e2e_gpu` (an unknown
+#                                               name is refused, not skipped)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -31,10 +32,16 @@ run() {  # name, command...
 suites=(device device_ops device_gemm device_attention device_route device_sampling golden_gpu)
 only=("$@")
 wanted() { [ ${#only[@]} = 0 ] || [[ " ${only[*]} " == *" $1 "* ]]; }
+for name in "${only[@]}"; do
+    if [[ " ${suites[*]} memcheck e2e_gpu " != *" $name "* ]]; then
+        echo "unknown suite '$name': one of ${suites[*]} memcheck e2e_gpu" >&2
+        exit 2
+    fi
+done
 for t in "${suites[@]}"; do
     wanted "$t" && [ -x ".device/$t" ] && run "$t" ".device/$t" --nocapture --test-threads 1
 done
-[ ${#only[@]} = 0 ] && [ -x .device/golden_gpu ] && run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
+wanted memcheck && [ -x .device/golden_gpu ] && run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     .device/golden_gpu bf16_and_fp8_caches_stay_close_to_f32
 if wanted e2e_gpu && [ -x .device/pipemoe ] && [ -x .device/e2e ]; then
     PIPEMOE_BIN="$PWD/.device/pipemoe" PIPEMOE_REPO="$PWD" run e2e_gpu .device/e2e gpu --nocapture --test-threads 1
