@@ -6,9 +6,9 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
+use crate::act::ActDtype;
 use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
-use crate::act::ActDtype;
 use crate::cache::{BLOCK, GpuLayerCache, KvDtype, Pool, StepTables};
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.

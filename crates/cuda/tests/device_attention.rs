@@ -372,11 +372,9 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
     // (heads padded to 32, 3 k-steps).
     let big = IndexerDims { heads: 64, head_dim: 128, topk: 2048 };
     let odd = IndexerDims { heads: 20, head_dim: 48, topk: 64 };
-    for (ix, act, kv) in [
-        (big, ActDtype::F32, KvDtype::F32),
-        (big, ActDtype::Bf16, KvDtype::Bf16),
-        (odd, ActDtype::Bf16, KvDtype::Bf16),
-    ] {
+    for (ix, act, kv) in
+        [(big, ActDtype::F32, KvDtype::F32), (big, ActDtype::Bf16, KvDtype::Bf16), (odd, ActDtype::Bf16, KvDtype::Bf16)]
+    {
         let g = gpu(act, kv);
         let mut rng = Rng::new(29);
         let (mut gc, mut cc) = (g.new_layer_cache(&d, Some(&ix)), cpu.new_layer_cache(&d, Some(&ix)));
@@ -470,7 +468,9 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
         let err = rel_l2(&g.download(&gpu_out).unwrap(), &cpu_out.data);
         let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
         let (heads, dim) = (ix.heads, ix.head_dim);
-        eprintln!("indexer {act:?}/{kv:?}, {heads} heads × {dim}: selections equal; attention over them rel L2 {err:.2e}");
+        eprintln!(
+            "indexer {act:?}/{kv:?}, {heads} heads × {dim}: selections equal; attention over them rel L2 {err:.2e}"
+        );
         assert!(err <= tol, "attention over the selection, {act:?}: {err:e}");
     }
 }

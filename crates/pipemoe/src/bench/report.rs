@@ -117,6 +117,12 @@ impl Report {
             }),
             ratio: prefill_floor.map(|(s, _, _)| s / prefill_secs),
         });
+        lines.push(Line {
+            what: "  a process's first chunk (untimed above: one-time setup)".into(),
+            measured: format!("{:.3} s", m.prefill_warmup),
+            floor: "-".into(),
+            ratio: None,
+        });
         // (d) one layer's blocks
         if let Some(bl) = &m.blocks {
             let lb = bytes.layers.iter().find(|l| l.layer == bl.layer).cloned().unwrap_or_default();
@@ -294,6 +300,7 @@ impl Report {
                 "tokens_per_s": args.streams as f64 / t.median, "bytes": bb, "floor_s": fb,
                 "fraction_of_floor": fb / t.median, "prefill_s": m.streams_prefill_seconds})),
             "prefill": {"tokens": args.context, "seconds": prefill_secs, "chunk_seconds": m.prefill_chunks,
+                        "warmup_chunk_seconds": m.prefill_warmup,
                         "tokens_per_s": args.context as f64 / prefill_secs,
                         "floor_s": prefill_floor.map(|f| f.0), "flop": prefill_floor.map(|f| f.2),
                         "fraction_of_floor": prefill_floor.map(|f| f.0 / prefill_secs)},
