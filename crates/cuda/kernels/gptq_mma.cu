@@ -23,6 +23,7 @@
 #include "common.cuh"
 #include "mma_pack.cuh"
 #include "experts.cuh"
+#include "mma.cuh"
 
 #define MMA_CHUNK 128
 #define MMA_WARPS 4
@@ -34,14 +35,6 @@
 template <int MB>
 __host__ __device__ constexpr int mma_tpw() {
     return MB == 8 ? 4 : 2;
-}
-
-__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch).
@@ -244,7 +237,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
             for (int s = 0; s < 2; s++) {
                 const int ks = kp * 2 + s;
 #pragma unroll
-                for (int h = 0; h < H; h++) mma_bf16(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
+                for (int h = 0; h < H; h++) mma_16816(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
 #pragma unroll
                 for (int t = 0; t < TPW; t++) {
                     const u32* blk = w[t] + (ks / 4) * BITS;
@@ -252,7 +245,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
 #pragma unroll
                     for (int r = 0; r < 4; r++) a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
 #pragma unroll
-                    for (int h = 0; h < H; h++) mma_bf16(cacc[t][h], a, xb[h][2 * s], xb[h][2 * s + 1]);
+                    for (int h = 0; h < H; h++) mma_16816(cacc[t][h], a, xb[h][2 * s], xb[h][2 * s + 1]);
                 }
             }
         }

@@ -1,5 +1,5 @@
-// Tensor-core fragments shared by the kernels on `mma.m16n8k16` (flash_mma.cu, indexer.cu): ldmatrix loads and
-// the bf16 multiply with f32 accumulation.
+// Tensor-core fragments shared by the kernels on `mma.m16n8k16` (flash_mma.cu, indexer.cu, gptq_mma.cu):
+// ldmatrix loads and the bf16 multiply with f32 accumulation.
 #pragma once
 
 // Four 8×8 b16 matrices (A fragments, or B fragments of blocks stored n-major), or transposed (B fragments of
