@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# What one pipeline hop costs in serving — the gRPC step call from one worker process to the next, its activations
+# and the processes' wake-ups — measured on the real server, CPU workers (no GPU needed): the demo model served by
+# 1 and then by 3 CPU workers (same layers, split), the same greedy request of N tokens (ignore_eos) five times
+# each; the per-token time of 3 workers minus that of 1, over the 2 extra hops, is one hop's cost. Compute per
+# token is the same in both (the same layers run once each), so the difference is the hand-offs.
+# Usage: tools/hop-cost.sh [pipemoe binary] [tokens]   (defaults: the release build, 200). Prints JSON lines last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin="${1:-${CARGO_TARGET_DIR:-$HOME/.cache/pipemoe/target}/release/pipemoe}"
+tokens="${2:-200}"
+[ -x "$bin" ] || { echo "no pipemoe binary at $bin (cargo build --release -p pipemoe)" >&2; exit 2; }
+dir=$(mktemp -d /tmp/pipemoe-hop.XXXXXX)
+port=$((20000 + RANDOM % 20000))
+model="$PWD/data/models/tiny-dsv32-w3a16"
+trap '"$bin" stop --data-dir "$dir" > /dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+for workers in 1 3; do
+    devices=$(printf 'cpu%.0s,' $(seq "$workers")); devices=${devices%,}
+    "$bin" recipe upsert --data-dir "$dir" --id "w$workers" --model "$model" --devices "$devices" \
+        --max-model-len 4096 > /dev/null
+    "$bin" start --data-dir "$dir" --recipe "w$workers" --port "$port" > /dev/null 2>&1
+    python3 - "$port" "$tokens" "$workers" <<'PY' | tee -a "$dir/runs.jsonl"
+import json, sys, time, urllib.request
+port, n, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def ask(max_tokens):
+    body = json.dumps({"model": "tiny-dsv32-w3a16", "messages": [{"role": "user", "content": "Count to one hundred."}],
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                 {"Content-Type": "application/json"})
+    t = time.perf_counter()
+    r = json.load(urllib.request.urlopen(req, timeout=600))
+    return time.perf_counter() - t, r["usage"]["completion_tokens"]
+ask(4)
+per = []
+for _ in range(5):
+    t1, c1 = ask(1)
+    tn, cn = ask(n)
+    per.append((tn - t1) / (cn - c1))
+per.sort()
+print(json.dumps({"workers": workers, "tokens": n, "per_token_ms": [round(p * 1e3, 3) for p in per],
+                  "median_ms": round(per[2] * 1e3, 3)}))
+PY
+    "$bin" stop --data-dir "$dir" > /dev/null
+done
+python3 -c '
+import json, sys
+one, three = (json.loads(l) for l in open(sys.argv[1]))
+hop = (three["median_ms"] - one["median_ms"]) / 2
+print(json.dumps({"hop_ms": round(hop, 3), "machine_cores": __import__("os").cpu_count()}))' "$dir/runs.jsonl"
