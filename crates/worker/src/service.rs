@@ -148,7 +148,10 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
         let waited = started.elapsed();
         let counters = s.clone();
         // Counted inside: a step whose caller went away still runs to the end and its rows stay cached.
+        let (began_tx, began_rx) = std::sync::mpsc::channel();
         let out = tokio::task::spawn_blocking(move || {
+            // When the blocking thread picked the step up: the hand-off's own cost shows in the debug line.
+            let _ = began_tx.send(started.elapsed());
             let out = engine.step(plan);
             counters.publish_cache(engine.cache_usage());
             let out = out.map_err(|e| e.on_rank(rank))?;
@@ -158,7 +161,16 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
         })
         .await
         .map_err(|e| Error::Task { reason: format!("step {step_id}: {e}") })??;
-        debug!(step_id, rows, chunks = req.chunks.len(), ?waited, took = ?started.elapsed() - waited, "ran this stage");
+        let began = began_rx.try_recv().unwrap_or(waited);
+        debug!(
+            step_id,
+            rows,
+            chunks = req.chunks.len(),
+            ?waited,
+            handoff = ?began.saturating_sub(waited),
+            took = ?started.elapsed() - began,
+            "ran this stage"
+        );
         match out {
             Output::Sampled(sampled) => Ok(StepResponse { sampled }),
             Output::Hidden { rows, cols, data } => {
