@@ -163,7 +163,6 @@ impl Scores<'_> {
 
     /// The f32 kernel (any activation and cache dtype).
     fn scalar(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
-        let pool = self.pool;
         let f = b.f(&format!("indexer_scores_{}", self.q.data.dtype().suffix()))?;
         // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/indexer.cu).
         let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
@@ -172,7 +171,7 @@ impl Scores<'_> {
         let code = self.cache.dtype.code();
         let [row0, heads, dim, topk, width] = self.ints();
         let mut l = b.gpu.stream.launch_builder(f);
-        l.arg(&self.q.data).arg(&self.w.data).arg(&pool.index_k).arg(&pool.scales).arg(&code).arg(self.meta);
+        l.arg(&self.q.data).arg(&self.w.data).arg(&self.pool.index_k).arg(&self.pool.scales).arg(&code).arg(self.meta);
         l.arg(self.tables).arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
         // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
         // scores hold `rows` rows of `width` ≥ every row's key count.
@@ -182,7 +181,6 @@ impl Scores<'_> {
 
     /// The tensor-core kernel ([`mma_eligible`]).
     fn mma(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
-        let pool = self.pool;
         let f = b.f("indexer_scores_mma_bf16")?;
         // q [hp][dim + 8] and the keys [64][dim + 8] bf16, slots and scales [64] (kernels/indexer.cu).
         let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
@@ -190,7 +188,12 @@ impl Scores<'_> {
         let cfg = smem_cfg(b, f, self.grid(), 32 * MMA_WARPS, bytes)?;
         let [row0, heads, dim, topk, width] = self.ints();
         let mut l = b.gpu.stream.launch_builder(f);
-        l.arg(&self.q.data).arg(&self.w.data).arg(&pool.index_k).arg(&pool.scales).arg(self.meta).arg(self.tables);
+        l.arg(&self.q.data)
+            .arg(&self.w.data)
+            .arg(&self.pool.index_k)
+            .arg(&self.pool.scales)
+            .arg(self.meta)
+            .arg(self.tables);
         l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
         // SAFETY: matches indexer_scores_mma_bf16: bf16 q, w and cache (mma_eligible), every row cached to its
         // position, the scores hold `rows` rows of `width` ≥ every row's key count.

@@ -148,20 +148,18 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
         let waited = started.elapsed();
         let counters = s.clone();
         // Counted inside: a step whose caller went away still runs to the end and its rows stay cached.
-        let (began_tx, began_rx) = std::sync::mpsc::channel();
-        let out = tokio::task::spawn_blocking(move || {
+        let (out, began) = tokio::task::spawn_blocking(move || {
             // When the blocking thread picked the step up: the hand-off's own cost shows in the debug line.
-            let _ = began_tx.send(started.elapsed());
+            let began = started.elapsed();
             let out = engine.step(plan);
             counters.publish_cache(engine.cache_usage());
             let out = out.map_err(|e| e.on_rank(rank))?;
             counters.steps.fetch_add(1, Ordering::Relaxed);
             counters.cached_positions.fetch_add(rows as u64, Ordering::Relaxed);
-            Ok::<_, Error>(out)
+            Ok::<_, Error>((out, began))
         })
         .await
         .map_err(|e| Error::Task { reason: format!("step {step_id}: {e}") })??;
-        let began = began_rx.try_recv().unwrap_or(waited);
         debug!(
             step_id,
             rows,
