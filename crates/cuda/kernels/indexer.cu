@@ -320,12 +320,19 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
 #pragma unroll
             for (int j = 0; j < TOPK_PER; j++) {
                 const bool counted = ((valid >> j) & 1u) && (key[j] & mask) == prefix;
-                // Lanes of a warp that share a bin add to it once, through their leader (scores share a few bins
-                // in the first pass); warps with nothing to count skip the match.
-                if (__any_sync(0xffffffffu, counted)) {
-                    const u32 bin = counted ? (key[j] >> shift) & digit : TOPK_BINS + lane;
-                    const u32 peers = __match_any_sync(0xffffffffu, bin);
-                    if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+                if (pass == 0) {
+                    // Lanes of a warp that share a bin add to it once, through their leader (the first pass's bins
+                    // are the sign, exponent and top mantissa bits: a row's scores share a few); warps with nothing
+                    // to count skip the match.
+                    if (__any_sync(0xffffffffu, counted)) {
+                        const u32 bin = counted ? (key[j] >> shift) & digit : TOPK_BINS + lane;
+                        const u32 peers = __match_any_sync(0xffffffffu, bin);
+                        if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+                    }
+                } else if (counted) {
+                    // Later passes count only keys within the chosen bin, on the next 11 bits: spread over the
+                    // bins, so plain atomics (the match's cost grows with the distinct bins of a warp).
+                    atomicAdd(&hist[(key[j] >> shift) & digit], 1);
                 }
             }
         }
