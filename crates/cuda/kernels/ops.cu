@@ -233,6 +233,28 @@ __device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int 
     rope_pair(x + a, x + b, x + a, x + b, pos[r], inv_freq[p]);
 }
 
+// Columns start.. of x [rows, cols] as y [rows, heads·head_dim], roped as `rope` does, in one launch: what
+// `columns` then `rope` give, bit for bit — a thread per value of y, a rotated one computing its pair by rope_pair
+// and keeping its own half; the other columns copied. (A fused projection's parts without a split copy.)
+template <typename T>
+__device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int rows,
+                          int heads, int head_dim, int offset, int half, int interleaved) {
+    const int width = heads * head_dim;
+    GRID_INDEX(i, (size_t)rows * width);
+    const int r = i / width, c = i % width, j = c % head_dim - offset;
+    const T* src = x + (size_t)r * cols + start;
+    if (j < 0 || j >= 2 * half) {
+        y[i] = src[c];
+        return;
+    }
+    const int p = interleaved ? j / 2 : j % half;
+    const bool first = interleaved ? j % 2 == 0 : j < half;
+    const int a = c - j + (interleaved ? 2 * p : p), b = a + (interleaved ? 1 : half);
+    T pair[2];
+    rope_pair(src + a, src + b, pair, pair + 1, pos[r], inv_freq[p]);
+    y[i] = pair[first ? 0 : 1];
+}
+
 // The attention inputs of a fused projection row [q_a | latent | k_pe | index key | index weights] (widths q_a,
 // lora, rope, idx, iw; q_a, idx or iw 0 when absent), what split_cols, rms_norm, rope, layer_norm and scale give
 // one after another, bit for bit (the norms' block sums at the same 512 threads): grid (rows, 5), blockIdx.y the
@@ -325,6 +347,10 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
                                         int offset, int half, int il) {                                            \
         rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \
+    }                                                                                                              \
+    extern "C" __global__ void rope_cols_##S(const T* x, int cols, int start, T* y, const int* pos, const float* f, \
+                                             int rows, int heads, int hd, int offset, int half, int il) {          \
+        rope_cols<T>(x, cols, start, y, pos, f, rows, heads, hd, offset, half, il);                                \
     }                                                                                                              \
     extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, int iw,          \
                                             float iw_scale, const float* qn, const float* kvn, const float* kw,    \

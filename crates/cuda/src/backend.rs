@@ -421,6 +421,17 @@ impl Backend for CudaBackend {
         crate::rowops::rope(self, x, spec, inv_freq, rows)
     }
 
+    fn rope_columns(
+        &self,
+        x: &GpuTensor,
+        start: usize,
+        spec: RopeSpec,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<GpuTensor> {
+        crate::rowops::rope_columns(self, x, start, spec, inv_freq, rows)
+    }
+
     fn mla_prep(
         &self,
         proj: &GpuTensor,

@@ -80,6 +80,34 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
     Ok(())
 }
 
+/// `Backend::rope_columns` in one launch (`rope_cols_*`): columns `start..` of `x` roped into a new tensor.
+pub(crate) fn rope_columns(
+    b: &CudaBackend,
+    x: &GpuTensor,
+    start: usize,
+    spec: RopeSpec,
+    inv_freq: &[f32],
+    rows: &[Row],
+) -> MResult<GpuTensor> {
+    let _p = b.gpu.span(|| format!("rope columns {}x{}", spec.heads, spec.head_dim));
+    let (half, width) = (inv_freq.len(), spec.heads * spec.head_dim);
+    if start + width > x.cols || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
+        return Err(shape("rope_columns", format!("{spec:?} from column {start} of [{}, {}]", x.rows, x.cols)));
+    }
+    let mut y = b.output(x.rows, width)?;
+    let positions = crate::graph::positions(b, rows)?;
+    let pos = positions.view();
+    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
+    let (cols, st, r, h, d) = (x.cols as i32, start as i32, x.rows as i32, spec.heads as i32, spec.head_dim as i32);
+    let (o, hf, il) = (spec.offset as i32, half as i32, i32::from(spec.interleaved));
+    let mut l = b.gpu.stream.launch_builder(b.op("rope_cols", &x.data)?);
+    l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d);
+    l.arg(&o).arg(&hf).arg(&il);
+    // SAFETY: matches rope_cols_*: x holds rows·cols values and start + width ≤ cols, y rows·width; shapes checked.
+    unsafe { l.launch(crate::backend::grid(x.rows * width, 256)) }.map_err(md("rope_cols"))?;
+    Ok(y)
+}
+
 /// `Backend::mla_prep` in one launch (`mla_prep_*`): a block per row and part.
 pub(crate) fn mla_prep(
     b: &CudaBackend,

@@ -156,6 +156,16 @@ fn elementwise_and_row_ops_match_the_cpu() {
             gpu.rope(&mut xg, spec, &inv_freq, &r).unwrap();
             let what = format!("rope heads {heads} dim {head_dim} interleaved {interleaved}");
             check(&what, act, &gpu.download(&xg).unwrap(), &cpu.download(&xc).unwrap(), 1e-5);
+            // rope_columns: the same heads cut out of a wider row (columns before and after them) and roped in one
+            // launch must be what columns then rope give on the device, bit for bit.
+            let (before, after) = (40, 24);
+            let wide_cols = before + heads * head_dim + after;
+            let wide = up(&gpu, rows, wide_cols, &values(&mut rng, rows * wide_cols, 2.0));
+            let mut apart = gpu.columns(&wide, before, heads * head_dim).unwrap();
+            gpu.rope(&mut apart, spec, &inv_freq, &r).unwrap();
+            let fused = gpu.rope_columns(&wide, before, spec, &inv_freq, &r).unwrap();
+            assert_eq!(gpu.download(&fused).unwrap(), gpu.download(&apart).unwrap(), "rope_columns {what} ({act:?})");
+            assert!(gpu.rope_columns(&wide, before + after + 1, spec, &inv_freq, &r).is_err(), "past the row");
         }
         // Embedding rows.
         let table = dense(&mut rng, 300, 96);

@@ -254,6 +254,20 @@ pub trait Backend: Send + Sync {
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// RoPE in place with the YaRN table `inv_freq` (one frequency per rotated pair).
     fn rope(&self, x: &mut Self::Tensor, spec: RopeSpec, inv_freq: &[f32], rows: &[Row]) -> Result<()>;
+    /// Columns `[start, start + spec.heads · spec.head_dim)` of `x` as their own tensor, roped: what `columns`
+    /// then `rope` give, which a backend may do in one pass (a fused projection's parts without a copy).
+    fn rope_columns(
+        &self,
+        x: &Self::Tensor,
+        start: usize,
+        spec: RopeSpec,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<Self::Tensor> {
+        let mut y = self.columns(x, start, spec.heads * spec.head_dim)?;
+        self.rope(&mut y, spec, inv_freq, rows)?;
+        Ok(y)
+    }
     /// Attention's fused projection `proj` cut into its parts and each made ready for the cache ([`MlaPrep`]):
     /// the ops below, which a backend may run in one pass. The result must be what they give apart.
     fn mla_prep(

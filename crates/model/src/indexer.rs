@@ -59,6 +59,11 @@ impl<B: Backend> Indexer<B> {
         selects(&self.dims, rows)
     }
 
+    /// The RoPE of the query heads.
+    pub fn q_rope(&self) -> RopeSpec {
+        RopeSpec::indexer(self.dims.heads, self.dims.head_dim)
+    }
+
     /// The query projection of layer-prefix `prefix`'s indexer as read (`q_lora` inputs), for the caller to fuse
     /// or hand back.
     pub fn wq_b(ld: &Loader<'_>, prefix: &str, cfg: &IndexerConfig, q_lora: usize) -> Result<HostLinear> {
@@ -100,8 +105,8 @@ impl<B: Backend> Indexer<B> {
     }
 
     /// `x`: the normed hidden state `[rows, hidden]`; `qr`: `q_a_layernorm(q_a_proj(x))` `[rows, q_lora]`;
-    /// `q`: `qr·wq_bᵀ` already made by attention's fused query projection, if it was; `w`: the head weights
-    /// already made by attention's fused projection (`Backend::mla_prep`), if they were.
+    /// `q`: `qr·wq_bᵀ` already made and roped by attention's fused query projection, if it was; `w`: the head
+    /// weights already made by attention's fused projection (`Backend::mla_prep`), if they were.
     #[allow(clippy::too_many_arguments)]
     pub fn project(
         &self,
@@ -113,13 +118,15 @@ impl<B: Backend> Indexer<B> {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<IndexerOut<B>> {
-        let d = self.dims;
-        let mut q = match (q, &self.wq_b) {
+        let q = match (q, &self.wq_b) {
             (Some(q), _) => q,
-            (None, Some(wq)) => b.linear(qr, wq)?,
+            (None, Some(wq)) => {
+                let mut q = b.linear(qr, wq)?;
+                b.rope(&mut q, self.q_rope(), inv_freq, rows)?;
+                q
+            }
             (None, None) => return Err(crate::Error::backend("the indexer's wq_b is fused into attention")),
         };
-        b.rope(&mut q, RopeSpec::indexer(d.heads, d.head_dim), inv_freq, rows)?;
         let w = match (w, &self.weights_proj) {
             (Some(w), _) => w,
             (None, Some(wp)) => {

@@ -141,25 +141,27 @@ impl<B: Backend> Mla<B> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
         let MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights } = self.prep(b, x, inv_freq, rows)?;
-        // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state; with the indexer's query
-        // projection fused, its columns follow (cut off here, roped by the indexer if it selects).
-        let (mut q, index_q) = match self.q_b_index {
-            0 => (b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?, None),
-            width => {
+        // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state, roped; with the indexer's query
+        // projection fused, its columns follow: cut off and roped in the same way only when the indexer selects.
+        let q_spec = RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true };
+        let (q, index_q) = match self.q_b_index {
+            0 => {
+                let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
+                b.rope(&mut q, q_spec, inv_freq, rows)?;
+                (q, None)
+            }
+            _ => {
                 let both = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
-                let mut parts = b.split_columns(&both, &[d.heads * qk, width])?.into_iter();
-                match (parts.next(), parts.next()) {
-                    (Some(q), Some(iq)) => (q, Some(iq)),
-                    _ => return Err(Error::backend("split_columns gave fewer than two parts")),
-                }
+                let q = b.rope_columns(&both, 0, q_spec, inv_freq, rows)?;
+                let index_q = match &self.indexer {
+                    Some(ix) if ix.selects(rows) => {
+                        Some(b.rope_columns(&both, d.heads * qk, ix.q_rope(), inv_freq, rows)?)
+                    }
+                    _ => None,
+                };
+                (q, index_q)
             }
         };
-        b.rope(
-            &mut q,
-            RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true },
-            inv_freq,
-            rows,
-        )?;
         let selection = match &self.indexer {
             Some(ix) => {
                 let key = match index_key {
