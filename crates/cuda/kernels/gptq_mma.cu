@@ -37,8 +37,16 @@ __host__ __device__ constexpr int mma_tpw() {
     return MB == 8 ? 4 : 2;
 }
 
-// cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch).
+// cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch). The
+// depths the launch picks by default (src/mma.rs: 2 or 3 stages) are tested first: a switch compiles to a table
+// load and an indirect branch every chunk; deeper rings (the tuning knobs) still go through it.
 __device__ __forceinline__ void cp_async_wait_n(int n) {
+    if (n <= 2) {
+        if (n >= 2) cp_async_wait<2>();
+        else if (n >= 1) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        return;
+    }
     switch (n) {
         case 0: cp_async_wait<0>(); break;
         case 1: cp_async_wait<1>(); break;
