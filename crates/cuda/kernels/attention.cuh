@@ -4,7 +4,7 @@
 
 #define KV_BLOCK 64        // positions per cache block (cache::BLOCK)
 #define MLA_HEADS 8        // heads per flash block
-#define MLA_MAX_SPLITS 16  // key shares per row (attention::MAX_SPLITS)
+#define MLA_MAX_SPLITS 32  // key shares per row the kernels hold (attention::MAX_SPLITS)
 
 __device__ __forceinline__ float act_ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float act_ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }

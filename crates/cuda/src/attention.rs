@@ -27,9 +27,19 @@ const MMA_MAX_SMEM: usize = 96 << 10;
 const ROWS_PER_BLOCK: usize = 8;
 /// The largest kv_lora the flash kernel's per-lane accumulators hold (`MLA_MAX_LORA`).
 pub const MAX_LORA: usize = 512;
-/// Key shares of one row at most (`MLA_MAX_SPLITS`), and the fewest keys worth a share of their own.
-pub const MAX_SPLITS: usize = 16;
+/// Key shares of one row the kernels hold at most (`MLA_MAX_SPLITS`), the default cap on them, and the fewest keys
+/// worth a share of their own.
+pub const MAX_SPLITS: usize = 32;
+const DEFAULT_MAX_SPLITS: usize = 16;
 const MIN_SPLIT_KEYS: usize = 64;
+
+/// The most key shares of one row, `PIPEMOE_FLASH_MAX_SPLITS` (1..=32, default 16) for a sweep without a rebuild:
+/// a single decode row's 8 head groups × 16 shares are 128 blocks, one wave on an H200 with 8 tiles each; 32
+/// shares halve each block's chain of tiles and double the partials `mla_out` merges.
+pub(crate) fn max_splits() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_MAX_SPLITS", DEFAULT_MAX_SPLITS, 1..=MAX_SPLITS))
+}
 
 /// The fewest keys per share, `PIPEMOE_FLASH_MIN_SPLIT_KEYS` (32..=4096, default 64) for a sweep on a new GPU
 /// without a rebuild: fewer shares mean longer blocks and fewer partial sums for `mla_out` to merge (at 1,024 keys
@@ -234,7 +244,7 @@ pub fn mla(
         let blocks = n * d.heads.div_ceil(flash_heads(q.data.dtype()));
         let splits = (2 * b.gpu.sm_count as usize)
             .div_ceil(blocks)
-            .min(MAX_SPLITS)
+            .min(max_splits())
             .min(max_keys.div_ceil(min_split_keys()))
             .min(SCRATCH_BYTES / (n * per_row * 4))
             .max(1);

@@ -4,7 +4,7 @@
 //! The inputs a step's kernels read — the rows' positions, their cache slots, the attention tables — are one
 //! buffer (`GpuLayerCache::step_inputs`) whose layout depends only on the row count and the tables' capacity.
 //! Everything else a decode step launches depends on shapes alone, except the flash kernel's key shares (from the
-//! longest row, up to `MAX_SPLITS` shares of `min_split_keys` keys) and the cache pools' addresses. Those make a
+//! longest row, up to `max_splits()` shares of `min_split_keys` keys) and the cache pools' addresses. Those make a
 //! step's [`GraphKey`]. A key seen twice in a row is recorded: its inputs and the residual stream get buffers of
 //! their own, the stream is captured while the layers run once, and the graph is launched. A later step with the
 //! key copies its inputs and residual stream into those buffers, launches the graph and copies the stream back:
@@ -28,7 +28,7 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
 use pipemoe_model::backend::{LayersBody, Row};
 
 use crate::act::{Act, ActDtype};
-use crate::attention::{MAX_SPLITS, min_split_keys};
+use crate::attention::{max_splits, min_split_keys};
 use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::GpuLayerCache;
 
@@ -222,7 +222,7 @@ pub fn run_layers(
         cols: h.cols,
         dtype: h.data.dtype(),
         inputs: packed.len(),
-        shares: max_keys.div_ceil(min_split_keys()).min(MAX_SPLITS),
+        shares: max_keys.div_ceil(min_split_keys()).min(max_splits()),
         pools: caches.iter().map(|c| c.pool().map_or(0, |p| p.id)).collect(),
         variant,
     };
