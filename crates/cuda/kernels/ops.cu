@@ -234,25 +234,24 @@ __device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int 
 }
 
 // Columns start.. of x [rows, cols] as y [rows, heads·head_dim], roped as `rope` does, in one launch: what
-// `columns` then `rope` give, bit for bit — a thread per value of y, a rotated one computing its pair by rope_pair
-// and keeping its own half; the other columns copied. (A fused projection's parts without a split copy.)
+// `columns` then `rope` give, bit for bit. A thread per rotated pair (rope_pair, as `rope`) or per copied value:
+// a head's head_dim − half units are its `half` pairs, then its other columns in order. (A fused projection's parts
+// without a split copy.)
 template <typename T>
 __device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int rows,
                           int heads, int head_dim, int offset, int half, int interleaved) {
-    const int width = heads * head_dim;
-    GRID_INDEX(i, (size_t)rows * width);
-    const int r = i / width, c = i % width, j = c % head_dim - offset;
-    const T* src = x + (size_t)r * cols + start;
-    if (j < 0 || j >= 2 * half) {
-        y[i] = src[c];
-        return;
+    const int units = head_dim - half;
+    GRID_INDEX(i, (size_t)rows * heads * units);
+    const int r = i / ((size_t)heads * units), h = (i / units) % heads, k = i % units;
+    const T* src = x + (size_t)r * cols + start + (size_t)h * head_dim;
+    T* dst = y + ((size_t)r * heads + h) * head_dim;
+    if (k < half) {
+        const int a = offset + (interleaved ? 2 * k : k), b = a + (interleaved ? 1 : half);
+        rope_pair(src + a, src + b, dst + a, dst + b, pos[r], inv_freq[k]);
+    } else {
+        const int c = k - half, col = c < offset ? c : c + 2 * half;
+        dst[col] = src[col];
     }
-    const int p = interleaved ? j / 2 : j % half;
-    const bool first = interleaved ? j % 2 == 0 : j < half;
-    const int a = c - j + (interleaved ? 2 * p : p), b = a + (interleaved ? 1 : half);
-    T pair[2];
-    rope_pair(src + a, src + b, pair, pair + 1, pos[r], inv_freq[p]);
-    y[i] = pair[first ? 0 : 1];
 }
 
 // The attention inputs of a fused projection row [q_a | latent | k_pe | index key | index weights] (widths q_a,

@@ -104,7 +104,8 @@ pub(crate) fn rope_columns(
     l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d);
     l.arg(&o).arg(&hf).arg(&il);
     // SAFETY: matches rope_cols_*: x holds rows·cols values and start + width ≤ cols, y rows·width; shapes checked.
-    unsafe { l.launch(crate::backend::grid(x.rows * width, 256)) }.map_err(md("rope_cols"))?;
+    unsafe { l.launch(crate::backend::grid(x.rows * spec.heads * (spec.head_dim - half), 256)) }
+        .map_err(md("rope_cols"))?;
     Ok(y)
 }
 
