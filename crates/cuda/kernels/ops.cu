@@ -6,6 +6,24 @@ __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+// 8 values (16-byte aligned) copied as they are; 8 f32 stored as `st` stores each (round to nearest even).
+template <typename T>
+__device__ __forceinline__ void store8(T* d, const T* s) {
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T) / 2; i++) ((uint4*)d)[i] = ((const uint4*)s)[i];
+}
+__device__ __forceinline__ void save8(float* p, const float* v) {
+    ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]), ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void save8(__nv_bfloat16* p, const float* v) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const __nv_bfloat162 t = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        w[i] = *(const u32*)&t;
+    }
+    *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
 // v as a T holds it (what a store then a load gives back).
 __device__ __forceinline__ float rnd(const float*, float v) { return v; }
 __device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
@@ -207,13 +225,17 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
 
 // One rotated pair (a, b) → (da, db): the angle in f32 as the reference computes it; sin and cos in f64, since
 // fast-math's f32 sincos loses ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
+// The rotation itself, its roundings spelled out so that every kernel using it gives the same bits.
+__device__ __forceinline__ float2 rotate(float xa, float xb, float c, float s) {
+    return make_float2(fmaf(xa, c, -__fmul_rn(xb, s)), fmaf(xb, c, __fmul_rn(xa, s)));
+}
 template <typename T>
 __device__ __forceinline__ void rope_pair(const T* a, const T* b, T* da, T* db, int pos, float inv_freq) {
     double s, c;
     sincos((double)((float)pos * inv_freq), &s, &c);
-    const float xa = ld(a, 0), xb = ld(b, 0);
-    st(da, 0, xa * (float)c - xb * (float)s);
-    st(db, 0, xb * (float)c + xa * (float)s);
+    const float2 v = rotate(ld(a, 0), ld(b, 0), (float)c, (float)s);
+    st(da, 0, v.x);
+    st(db, 0, v.y);
 }
 
 // The indexer key's LayerNorm epsilon (pipemoe_model::backend::INDEXER_NORM_EPS).
@@ -251,6 +273,54 @@ __device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos,
     } else {
         const int c = k - half, col = c < offset ? c : c + 2 * half;
         dst[col] = src[col];
+    }
+}
+
+// rope_cols by 8-value pieces (16 bytes of bf16), what it gives bit for bit: grid (rows, ⌈heads / 16⌉), 128
+// threads. A block works out its row's `half` (cos, sin) once into shared memory (rope_pair's f64 sincos, rounded
+// to f32 as it rounds them) instead of once per head and pair; then a thread per piece copies it, rotates the 4
+// interleaved pairs it holds, or (paired halves) rotates it with its partner piece `half` columns on. The host
+// takes it when start, cols, head_dim, offset and the rotated pieces are multiples of 8 values and half ≤ 128.
+#define ROPE_COLS_HEADS 16
+template <typename T>
+__device__ void rope_cols8(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int heads,
+                           int head_dim, int offset, int half, int interleaved) {
+    __shared__ float2 cs[128];
+    const int r = blockIdx.x, h0 = blockIdx.y * ROPE_COLS_HEADS, nh = min(ROPE_COLS_HEADS, heads - h0);
+    for (int p = threadIdx.x; p < half; p += blockDim.x) {
+        double s, c;
+        sincos((double)((float)pos[r] * inv_freq[p]), &s, &c);
+        cs[p] = make_float2((float)c, (float)s);
+    }
+    __syncthreads();
+    const int pieces = head_dim / 8, rot = interleaved ? half / 4 : half / 8, units = pieces - (interleaved ? 0 : rot);
+    for (int u = threadIdx.x; u < nh * units; u += blockDim.x) {
+        const int h = h0 + u / units, k = u % units;
+        const T* src = x + (size_t)r * cols + start + (size_t)h * head_dim;
+        T* dst = y + ((size_t)r * heads + h) * head_dim;
+        if (k >= rot) {  // a copied piece: before the rotated columns or after them
+            const int c = (k - rot) * 8, col = c < offset ? c : c + 2 * half;
+            store8(dst + col, src + col);
+            continue;
+        }
+        float a[8], b[8];
+        if (interleaved) {
+            load8(src + offset + 8 * k, a);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 t = cs[4 * k + j], v = rotate(a[2 * j], a[2 * j + 1], t.x, t.y);
+                a[2 * j] = v.x, a[2 * j + 1] = v.y;
+            }
+            save8(dst + offset + 8 * k, a);
+        } else {
+            load8(src + offset + 8 * k, a), load8(src + offset + half + 8 * k, b);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float2 t = cs[8 * k + j], v = rotate(a[j], b[j], t.x, t.y);
+                a[j] = v.x, b[j] = v.y;
+            }
+            save8(dst + offset + 8 * k, a), save8(dst + offset + half + 8 * k, b);
+        }
     }
 }
 
@@ -350,6 +420,10 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void rope_cols_##S(const T* x, int cols, int start, T* y, const int* pos, const float* f, \
                                              int rows, int heads, int hd, int offset, int half, int il) {          \
         rope_cols<T>(x, cols, start, y, pos, f, rows, heads, hd, offset, half, il);                                \
+    }                                                                                                              \
+    extern "C" __global__ void rope_cols8_##S(const T* x, int cols, int start, T* y, const int* pos,              \
+                                              const float* f, int heads, int hd, int offset, int half, int il) {   \
+        rope_cols8<T>(x, cols, start, y, pos, f, heads, hd, offset, half, il);                                     \
     }                                                                                                              \
     extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, int iw,          \
                                             float iw_scale, const float* qn, const float* kvn, const float* kw,    \

@@ -80,6 +80,9 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
     Ok(())
 }
 
+/// Heads a block of `rope_cols8_*` takes (ROPE_COLS_HEADS in ops.cu).
+const ROPE_COLS_HEADS: usize = 16;
+
 /// `Backend::rope_columns` in one launch (`rope_cols_*`): columns `start..` of `x` roped into a new tensor.
 pub(crate) fn rope_columns(
     b: &CudaBackend,
@@ -100,6 +103,21 @@ pub(crate) fn rope_columns(
     let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
     let (cols, st, r, h, d) = (x.cols as i32, start as i32, x.rows as i32, spec.heads as i32, spec.head_dim as i32);
     let (o, hf, il) = (spec.offset as i32, half as i32, i32::from(spec.interleaved));
+    // By 8-value pieces when every piece lines up (the checkpoints' shapes: 192- and 128-wide heads, 64 roped
+    // columns, parts starting on a multiple of 8); value by value otherwise.
+    let rotated_pieces = if spec.interleaved { half % 4 == 0 } else { half % 8 == 0 };
+    let by8 = [start, x.cols, spec.head_dim, spec.offset].iter().all(|v| v % 8 == 0) && rotated_pieces && half <= 128;
+    if by8 {
+        let mut l = b.gpu.stream.launch_builder(b.op("rope_cols8", &x.data)?);
+        l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&h).arg(&d);
+        l.arg(&o).arg(&hf).arg(&il);
+        let blocks = (x.rows as u32, spec.heads.div_ceil(ROPE_COLS_HEADS) as u32, 1);
+        let cfg = LaunchConfig { grid_dim: blocks, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches rope_cols8_*: as below, plus every piece 16-byte aligned (checked above; activations
+        // are allocated whole) and half ≤ 128, the kernel's table.
+        unsafe { l.launch(cfg) }.map_err(md("rope_cols8"))?;
+        return Ok(y);
+    }
     let mut l = b.gpu.stream.launch_builder(b.op("rope_cols", &x.data)?);
     l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d);
     l.arg(&o).arg(&hf).arg(&il);

@@ -157,15 +157,19 @@ fn elementwise_and_row_ops_match_the_cpu() {
             let what = format!("rope heads {heads} dim {head_dim} interleaved {interleaved}");
             check(&what, act, &gpu.download(&xg).unwrap(), &cpu.download(&xc).unwrap(), 1e-5);
             // rope_columns: the same heads cut out of a wider row (columns before and after them) and roped in one
-            // launch must be what columns then rope give on the device, bit for bit.
-            let (before, after) = (40, 24);
-            let wide_cols = before + heads * head_dim + after;
-            let wide = up(&gpu, rows, wide_cols, &values(&mut rng, rows * wide_cols, 2.0));
-            let mut apart = gpu.columns(&wide, before, heads * head_dim).unwrap();
-            gpu.rope(&mut apart, spec, &inv_freq, &r).unwrap();
-            let fused = gpu.rope_columns(&wide, before, spec, &inv_freq, &r).unwrap();
-            assert_eq!(gpu.download(&fused).unwrap(), gpu.download(&apart).unwrap(), "rope_columns {what} ({act:?})");
-            assert!(gpu.rope_columns(&wide, before + after + 1, spec, &inv_freq, &r).is_err(), "past the row");
+            // launch must be what columns then rope give on the device, bit for bit: by 8-value pieces when the
+            // part starts on a multiple of 8 (40 columns in), value by value when it does not (41).
+            for before in [40, 41] {
+                let after = 24;
+                let wide_cols = before + heads * head_dim + after;
+                let wide = up(&gpu, rows, wide_cols, &values(&mut rng, rows * wide_cols, 2.0));
+                let mut apart = gpu.columns(&wide, before, heads * head_dim).unwrap();
+                gpu.rope(&mut apart, spec, &inv_freq, &r).unwrap();
+                let fused = gpu.rope_columns(&wide, before, spec, &inv_freq, &r).unwrap();
+                let (got, want) = (gpu.download(&fused).unwrap(), gpu.download(&apart).unwrap());
+                assert_eq!(got, want, "rope_columns {what}, {before} columns in ({act:?})");
+                assert!(gpu.rope_columns(&wide, before + after + 1, spec, &inv_freq, &r).is_err(), "past the row");
+            }
         }
         // Embedding rows.
         let table = dense(&mut rng, 300, 96);
