@@ -276,17 +276,17 @@ __device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos,
     }
 }
 
-// rope_cols by 8-value pieces (16 bytes of bf16), what it gives bit for bit: grid (rows, ⌈heads / 16⌉), 128
-// threads. A block works out its row's `half` (cos, sin) once into shared memory (rope_pair's f64 sincos, rounded
-// to f32 as it rounds them) instead of once per head and pair; then a thread per piece copies it, rotates the 4
+// rope_cols by 8-value pieces (16 bytes of bf16), what it gives bit for bit: grid (rows, ⌈heads / hpb⌉), 128
+// threads, `hpb` heads a block (few at a decode step's few rows, so that the grid still fills the GPU). A block
+// works out its row's `half` (cos, sin) once into shared memory (rope_pair's f64 sincos, rounded to f32 as it
+// rounds them) instead of once per head and pair; then a thread per piece copies it, rotates the 4
 // interleaved pairs it holds, or (paired halves) rotates it with its partner piece `half` columns on. The host
 // takes it when start, cols, head_dim, offset and the rotated pieces are multiples of 8 values and half ≤ 128.
-#define ROPE_COLS_HEADS 16
 template <typename T>
 __device__ void rope_cols8(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int heads,
-                           int head_dim, int offset, int half, int interleaved) {
+                           int head_dim, int offset, int half, int interleaved, int hpb) {
     __shared__ float2 cs[128];
-    const int r = blockIdx.x, h0 = blockIdx.y * ROPE_COLS_HEADS, nh = min(ROPE_COLS_HEADS, heads - h0);
+    const int r = blockIdx.x, h0 = blockIdx.y * hpb, nh = min(hpb, heads - h0);
     for (int p = threadIdx.x; p < half; p += blockDim.x) {
         double s, c;
         sincos((double)((float)pos[r] * inv_freq[p]), &s, &c);
@@ -422,8 +422,9 @@ __device__ void cast(const S* x, D* y, size_t n) {
         rope_cols<T>(x, cols, start, y, pos, f, rows, heads, hd, offset, half, il);                                \
     }                                                                                                              \
     extern "C" __global__ void rope_cols8_##S(const T* x, int cols, int start, T* y, const int* pos,              \
-                                              const float* f, int heads, int hd, int offset, int half, int il) {   \
-        rope_cols8<T>(x, cols, start, y, pos, f, heads, hd, offset, half, il);                                     \
+                                              const float* f, int heads, int hd, int offset, int half, int il,     \
+                                              int hpb) {                                                           \
+        rope_cols8<T>(x, cols, start, y, pos, f, heads, hd, offset, half, il, hpb);                                \
     }                                                                                                              \
     extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, int iw,          \
                                             float iw_scale, const float* qn, const float* kvn, const float* kw,    \

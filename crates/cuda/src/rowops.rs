@@ -80,9 +80,6 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
     Ok(())
 }
 
-/// Heads a block of `rope_cols8_*` takes (ROPE_COLS_HEADS in ops.cu).
-const ROPE_COLS_HEADS: usize = 16;
-
 /// `Backend::rope_columns` in one launch (`rope_cols_*`): columns `start..` of `x` roped into a new tensor.
 pub(crate) fn rope_columns(
     b: &CudaBackend,
@@ -110,8 +107,12 @@ pub(crate) fn rope_columns(
     if by8 {
         let mut l = b.gpu.stream.launch_builder(b.op("rope_cols8", &x.data)?);
         l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&h).arg(&d);
-        l.arg(&o).arg(&hf).arg(&il);
-        let blocks = (x.rows as u32, spec.heads.div_ceil(ROPE_COLS_HEADS) as u32, 1);
+        // Heads a block: up to 16 (a prefill chunk: thousands of blocks, the row's angles shared by 16 heads), as
+        // few as one at a decode step's rows (a single row's 128 heads were 8 blocks: slower than a thread a value).
+        let hpb = (x.rows * spec.heads / 512).clamp(1, 16);
+        let hpb_arg = hpb as i32;
+        l.arg(&o).arg(&hf).arg(&il).arg(&hpb_arg);
+        let blocks = (x.rows as u32, spec.heads.div_ceil(hpb) as u32, 1);
         let cfg = LaunchConfig { grid_dim: blocks, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: matches rope_cols8_*: as below, plus every piece 16-byte aligned (checked above; activations
         // are allocated whole) and half ≤ 128, the kernel's table.

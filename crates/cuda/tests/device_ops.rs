@@ -158,16 +158,18 @@ fn elementwise_and_row_ops_match_the_cpu() {
             check(&what, act, &gpu.download(&xg).unwrap(), &cpu.download(&xc).unwrap(), 1e-5);
             // rope_columns: the same heads cut out of a wider row (columns before and after them) and roped in one
             // launch must be what columns then rope give on the device, bit for bit: by 8-value pieces when the
-            // part starts on a multiple of 8 (40 columns in), value by value when it does not (41).
-            for before in [40, 41] {
+            // part starts on a multiple of 8 (40 columns in), value by value when it does not (41); 6 rows take a
+            // head a block, 100 rows up to 16 (64 heads: 12 a block, the last block 4).
+            for (before, rows) in [(40, 6), (41, 6), (40, 100)] {
                 let after = 24;
+                let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 650 + 5 }).collect();
                 let wide_cols = before + heads * head_dim + after;
                 let wide = up(&gpu, rows, wide_cols, &values(&mut rng, rows * wide_cols, 2.0));
                 let mut apart = gpu.columns(&wide, before, heads * head_dim).unwrap();
                 gpu.rope(&mut apart, spec, &inv_freq, &r).unwrap();
                 let fused = gpu.rope_columns(&wide, before, spec, &inv_freq, &r).unwrap();
                 let (got, want) = (gpu.download(&fused).unwrap(), gpu.download(&apart).unwrap());
-                assert_eq!(got, want, "rope_columns {what}, {before} columns in ({act:?})");
+                assert_eq!(got, want, "rope_columns {what}, {rows} rows {before} columns in ({act:?})");
                 assert!(gpu.rope_columns(&wide, before + after + 1, spec, &inv_freq, &r).is_err(), "past the row");
             }
         }
