@@ -15,11 +15,11 @@
 // the cached keys carry bf16 rounding, as on the scalar path.
 //
 // Warp w's share of the scores is its eighth of the query dims (both key groups of the tile): its q fragments
-// sit in registers for the whole block, loaded once (no q in shared memory; a tile's scores cost a warp 18 mma
-// and 18 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (half a warp a
+// sit in registers for the whole block, loaded once (no q in shared memory; a tile's scores cost a warp 36 mma
+// and 36 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (half a warp a
 // head, a lane a key); the mix gives warp w latent column tiles w, w + 8, ...
 //
-// Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tiles i + 1 and i + 2 are on their way
+// Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tile i + 1 is on its way
 // — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
 // converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS (a thread each) at a
 // time, the next run's loads spread over the current run's tiles (position, then block table, then the store), so
@@ -34,10 +34,10 @@
 #include "mma.cuh"
 
 #define FM_HEADS 16   // heads per block: the fragment's 16 rows
-#define FM_KT 16      // keys per tile
-#define FM_PS 24      // bf16 per head row of P (16 + 8: conflict-free fragment loads)
+#define FM_KT 32      // keys per tile: a warp's lanes in the softmax
+#define FM_PS 40      // bf16 per head row of P (32 + 8: conflict-free fragment loads)
 #define FM_WARPS 8
-#define FM_ST 3       // tiles in flight
+#define FM_ST 2       // tiles in flight
 #define FM_SLOTS 256  // keys whose slots are found together: one a thread, FM_SLOTS / FM_KT tiles
 #define FM_QK 9       // k-steps of 8 query dims per warp: D rounded up to 16 ≤ 8 · 9 · 8 = 576 (attention.rs checks)
 
@@ -58,15 +58,10 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
     lo = *(const u32*)&l;
 }
 
-// Half a warp's max and sum (lanes 0..15 and 16..31 apart).
-__device__ __forceinline__ float half_max(float v) {
+// Warp-wide max (warp_sum is in common.cuh).
+__device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-__device__ __forceinline__ float half_sum(float v) {
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -84,7 +79,8 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
     extern __shared__ __align__(16) unsigned char fm_smem[];
     const int D = lora + rope, DP = (D + 15) / 16 * 16, CS = DP + 8;
     static_assert(FM_SLOTS == 32 * FM_WARPS && FM_SLOTS % FM_KT == 0, "a thread finds one key's slot");
-    static_assert(16 * FM_KT == 32 * FM_WARPS, "16 threads copy each key of a tile");
+    static_assert(FM_KT == 32 && FM_HEADS == 2 * FM_WARPS, "a lane a key, a warp two heads in the softmax");
+    constexpr int TPK = 32 * FM_WARPS / FM_KT;  // threads copying each key of a tile
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
     __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
     float* sc = (float*)(tile + FM_ST * FM_KT * CS);                 // [FM_WARPS][FM_HEADS][FM_KT]
@@ -118,16 +114,16 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
             __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
             const int* sl = slot_of(i);
             if (raw) {
-                // Thread t copies key t / 16's pieces of 8 values t % 16, + 16, ... of the latent, then of the
+                // Thread t copies key t / TPK's pieces of 8 values t % TPK, + TPK, ... of the latent, then of the
                 // rope part: one slot a thread and plain strides (a warp's two keys by lanes over the whole row,
                 // with a select between the parts per piece, took a third of a tile's instructions).
-                const int s = sl[threadIdx.x / 16], c0 = threadIdx.x % 16;
-                __nv_bfloat16* row = buf + (threadIdx.x / 16) * CS;
+                const int s = sl[threadIdx.x / TPK], c0 = threadIdx.x % TPK;
+                __nv_bfloat16* row = buf + (threadIdx.x / TPK) * CS;
                 const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
                 const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
                 const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
-                for (int c = c0; c < lora / 8; c += 16) cp_async16(row + c * 8, lat + c * 8, bytes);
-                for (int c = c0; c < rope / 8; c += 16) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
+                for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
+                for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
             } else {
                 for (int t = warp; t < FM_KT; t += FM_WARPS) {
                     const int s = sl[t];
@@ -184,16 +180,15 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
     const int my_steps = max(0, min(FM_QK, ksteps - warp * FM_QK));
 
     // The mix: warp w owns latent column tiles w, w + 8, ... (8 columns each; lora ≤ 512 gives ≤ 8 per warp),
-    // rows group and group + 8 (heads h0 + group, + 8) of each fragment. The softmax state of head
-    // h0 + 2·w + lane / 16 lives in that half of warp w.
+    // rows group and group + 8 (heads h0 + group, + 8) of each fragment. The softmax state of heads h0 + 2·w and
+    // h0 + 2·w + 1 lives in warp w (every lane holds it; lane k scores key k of a tile).
     const int col_tiles = lora / 8;
     float acc[8][4];
 #pragma unroll
     for (int j = 0; j < 8; j++)
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[j][i] = 0.f;
-    float m = NEG_INF, sum = 0.f;
-    const int sh = 2 * warp + (lane >> 4), sk = lane & 15;
+    float m[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
 
     // The next run's lookups, spread over this run's tiles: its position at the first, its block's table entry a
     // quarter in, the slot stored at half (the next run's first tile is requested FM_ST − 1 tiles before its end).
@@ -212,19 +207,19 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
 
-        // Scores over warp w's dims, both key groups (two chains of FM_QK steps, interleaved).
+        // Scores over warp w's dims, the tile's four groups of 8 keys (four chains of FM_QK steps, interleaved).
         {
-            float c[2][4] = {};
+            float c[FM_KT / 8][4] = {};
             const __nv_bfloat16* k0 = buf + group * CS + warp * FM_QK * 8 + quad * 2;
 #pragma unroll
             for (int j = 0; j < FM_QK; j++) {
                 if (j < my_steps) {
 #pragma unroll
-                    for (int g = 0; g < 2; g++) fm_mma(c[g], qa[j], *(const u32*)(k0 + g * 8 * CS + j * 8));
+                    for (int g = 0; g < FM_KT / 8; g++) fm_mma(c[g], qa[j], *(const u32*)(k0 + g * 8 * CS + j * 8));
                 }
             }
 #pragma unroll
-            for (int g = 0; g < 2; g++) {
+            for (int g = 0; g < FM_KT / 8; g++) {
                 float* out = sc + (warp * FM_HEADS + group) * FM_KT + g * 8 + quad * 2;
                 *(float2*)out = make_float2(c[g][0], c[g][1]);
                 *(float2*)(out + 8 * FM_KT) = make_float2(c[g][2], c[g][3]);
@@ -232,44 +227,48 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         }
         __syncthreads();
 
-        // Half a warp a head, a lane a key: the eight partial scores added in warp order, the online softmax,
+        // A warp two heads, a lane a key: the eight partial scores added in warp order, the online softmax,
         // P rounded and its remainder for the mix.
         {
-            const int sl = slot_of(i)[sk];
-            float s = NEG_INF;
-            if (sk < cnt && sl >= 0) {
-                float v = 0.f;
+            const bool live = lane < cnt && slot_of(i)[lane] >= 0;
 #pragma unroll
-                for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + sh) * FM_KT + sk];
-                s = v * scale;
+            for (int u = 0; u < 2; u++) {
+                const int sh = 2 * warp + u;
+                float s = NEG_INF;
+                if (live) {
+                    float v = 0.f;
+#pragma unroll
+                    for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + sh) * FM_KT + lane];
+                    s = v * scale;
+                }
+                const float mn = fmaxf(m[u], warp_max(s));
+                const float cf = m[u] == mn ? 1.f : __expf(m[u] - mn);
+                const float p = s == NEG_INF ? 0.f : __expf(s - mn);
+                sum[u] = sum[u] * cf + warp_sum(p);
+                m[u] = mn;
+                const __nv_bfloat16 hi = __float2bfloat16(p);
+                ps[sh * FM_PS + lane] = hi;
+                ps[(FM_HEADS + sh) * FM_PS + lane] = __float2bfloat16(p - __bfloat162float(hi));
+                if (lane == 0) corr[sh] = cf;
             }
-            const float mn = fmaxf(m, half_max(s));
-            const float cf = m == mn ? 1.f : __expf(m - mn);
-            const float p = s == NEG_INF ? 0.f : __expf(s - mn);
-            sum = sum * cf + half_sum(p);
-            m = mn;
-            const __nv_bfloat16 hi = __float2bfloat16(p);
-            ps[sh * FM_PS + sk] = hi;
-            ps[(FM_HEADS + sh) * FM_PS + sk] = __float2bfloat16(p - __bfloat162float(hi));
-            if (sk == 0) corr[sh] = cf;
         }
         __syncthreads();
 
         // O[head, col] = O · corr[head] + Σ_key P[head, key] · C[key, col]: per k-step of 8 keys, a0/a1 the
         // rounded P of heads group and group + 8, a2/a3 the remainders.
         const float cr0 = corr[group], cr1 = corr[group + 8];
-        u32 pa[2][4];
+        u32 pa[FM_KT / 8][4];
 #pragma unroll
-        for (int ks = 0; ks < 2; ks++) {
+        for (int ks = 0; ks < FM_KT / 8; ks++) {
             const __nv_bfloat16* p = ps + group * FM_PS + ks * 8 + quad * 2;
             pa[ks][0] = *(const u32*)p;
             pa[ks][1] = *(const u32*)(p + 8 * FM_PS);
             pa[ks][2] = *(const u32*)(p + FM_HEADS * FM_PS);
             pa[ks][3] = *(const u32*)(p + (FM_HEADS + 8) * FM_PS);
         }
-        // ldmatrix: matrices (keys 0..7, tile ct), (keys 8..15, tile ct), (keys 0..7, tile ct + 8), (keys 8..15,
-        // tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past the latent reads the first
-        // again (computed, never stored).
+        // ldmatrix, per 16 keys k0: matrices (keys k0..+7, tile ct), (keys k0+8..+15, tile ct), (keys k0..+7,
+        // tile ct + 8), (keys k0+8..+15, tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past
+        // the latent reads the first again (computed, never stored).
         const __nv_bfloat16* vrow = buf + (((lane >> 3) & 1) * 8 + (lane & 7)) * CS;
         // The running mix is rescaled only when some head's max moved (the correction is exactly 1 otherwise):
         // after the first tiles that is rare, and skipping it saves 32 multiplies a tile.
@@ -286,12 +285,16 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         for (int j = 0; j < 8; j += 2) {
             const int ct = warp + 8 * j;
             if (ct < col_tiles) {
-                u32 b[4];
-                ldmatrix_x4_trans(b, vrow + (lane >= 16 && ct + 8 < col_tiles ? ct + 8 : ct) * 8);
+                const __nv_bfloat16* v = vrow + (lane >= 16 && ct + 8 < col_tiles ? ct + 8 : ct) * 8;
 #pragma unroll
-                for (int u = 0; u < 2; u++) {
-                    fm_mma(acc[j + u], pa[0], b[2 * u]);
-                    fm_mma(acc[j + u], pa[1], b[2 * u + 1]);
+                for (int kk = 0; kk < FM_KT / 16; kk++) {
+                    u32 b[4];
+                    ldmatrix_x4_trans(b, v + kk * 16 * CS);
+#pragma unroll
+                    for (int u = 0; u < 2; u++) {
+                        fm_mma(acc[j + u], pa[2 * kk], b[2 * u]);
+                        fm_mma(acc[j + u], pa[2 * kk + 1], b[2 * u + 1]);
+                    }
                 }
             }
         }
@@ -310,10 +313,14 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
             }
         }
     }
-    if (h0 + sh < heads && sk == 0) {
-        const size_t at = ((size_t)lr * heads + h0 + sh) * splits + split;
-        ml_part[at * 2] = m;
-        ml_part[at * 2 + 1] = sum;
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const int h = h0 + 2 * warp + u;
+        if (h < heads && lane == 0) {
+            const size_t at = ((size_t)lr * heads + h) * splits + split;
+            ml_part[at * 2] = m[u];
+            ml_part[at * 2 + 1] = sum[u];
+        }
     }
 }
 

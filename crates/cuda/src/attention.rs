@@ -336,8 +336,8 @@ impl Step<'_> {
         let dims = lora + rope;
         let dt = self.q.data.dtype();
         let (f, smem) = match dt {
-            // flash_mma.cu: three tiles [16][CS] in bf16 (CS = dims rounded up to 16, + 8), partial scores
-            // [8][16][16] f32, P [2][16][24] bf16, corrections [16] f32, slots [2][256].
+            // flash_mma.cu: two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), partial scores
+            // [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32, slots [2][256].
             ActDtype::Bf16 => {
                 if !lora.is_multiple_of(8) {
                     return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
@@ -348,9 +348,10 @@ impl Step<'_> {
                         format!("bf16 attention holds at most {MMA_MAX_DIMS} query dims, not {lora} + {rope}"),
                     ));
                 }
-                let (h, kt) = (MMA_HEADS_PER_BLOCK, 16);
+                let (h, kt, stages, ps) = (MMA_HEADS_PER_BLOCK, 32, 2, 40);
                 let cs = dims.next_multiple_of(16) + 8;
-                (b.f("mla_flash_mma_bf16")?, 3 * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * 24 * 2 + h * 4 + 2 * 256 * 4)
+                let smem = stages * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * ps * 2 + h * 4 + 2 * 256 * 4;
+                (b.f("mla_flash_mma_bf16")?, smem)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
