@@ -193,19 +193,22 @@ impl Report {
         let (hop_s, hop_source) = match (args.hop_us, &m.ipc) {
             (Some(us), _) => (us * 1e-6, format!("{us} us given by --hop-us")),
             // The receiver answers once its copy is queued; what a hop adds to a token is the data's landing on the
-            // next device (measured) and the message carrying the handles (assumed), no credit taken for the
-            // message overlapping the sender's device work.
+            // next device (measured here) and the serving path's message (measured by tools/hop-cost.sh, or
+            // given), no credit taken for the message overlapping the sender's device work.
             (None, Ok(t)) => (
                 t.landed.median + args.grpc_us * 1e-6,
                 format!(
-                    "IPC data landed on the next device {:.0} us after its import (measured) + {:.0} us assumed for gRPC",
+                    "IPC data landed on the next device {:.0} us after its import (measured) + {:.0} us for the gRPC step (tools/hop-cost.sh)",
                     t.landed.median * 1e6,
                     args.grpc_us
                 ),
             ),
             (None, Err(_)) => (
                 (300.0 + args.grpc_us) * 1e-6,
-                format!("IPC not measured: 300 us assumed + {:.0} us assumed for gRPC", args.grpc_us),
+                format!(
+                    "IPC not measured: 300 us assumed + {:.0} us for the gRPC step (tools/hop-cost.sh)",
+                    args.grpc_us
+                ),
             ),
         };
         let t_token = token_bytes / (target * eff) + HOPS as f64 * hop_s;
