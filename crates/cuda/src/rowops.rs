@@ -101,9 +101,13 @@ pub(crate) fn rope_columns(
     let (cols, st, r, h, d) = (x.cols as i32, start as i32, x.rows as i32, spec.heads as i32, spec.head_dim as i32);
     let (o, hf, il) = (spec.offset as i32, half as i32, i32::from(spec.interleaved));
     // By 8-value pieces when every piece lines up (the checkpoints' shapes: 192- and 128-wide heads, 64 roped
-    // columns, parts starting on a multiple of 8); value by value otherwise.
+    // columns, parts starting on a multiple of 8) and the step has 8 rows or more; value by value otherwise. (H200,
+    // session 12: at one decode row a thread a value took 4.5 + 4.3 us for q and the index query, the pieces 5.4
+    // + 5.2 — the row's angles wait for a barrier before any load — at 32 rows 8.9 + 5.8 against 6.3 + 5.5, and
+    // a 512-row prefill chunk 72 + 26 against 21 + 15.)
     let rotated_pieces = if spec.interleaved { half % 4 == 0 } else { half % 8 == 0 };
-    let by8 = [start, x.cols, spec.head_dim, spec.offset].iter().all(|v| v % 8 == 0) && rotated_pieces && half <= 128;
+    let aligned = [start, x.cols, spec.head_dim, spec.offset].iter().all(|v| v % 8 == 0);
+    let by8 = aligned && rotated_pieces && half <= 128 && x.rows >= 8;
     if by8 {
         let mut l = b.gpu.stream.launch_builder(b.op("rope_cols8", &x.data)?);
         l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&h).arg(&d);

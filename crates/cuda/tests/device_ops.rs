@@ -158,9 +158,10 @@ fn elementwise_and_row_ops_match_the_cpu() {
             check(&what, act, &gpu.download(&xg).unwrap(), &cpu.download(&xc).unwrap(), 1e-5);
             // rope_columns: the same heads cut out of a wider row (columns before and after them) and roped in one
             // launch must be what columns then rope give on the device, bit for bit: by 8-value pieces when the
-            // part starts on a multiple of 8 (40 columns in), value by value when it does not (41); 6 rows take a
-            // head a block, 100 rows up to 16 (64 heads: 12 a block, the last block 4).
-            for (before, rows) in [(40, 6), (41, 6), (40, 100)] {
+            // part starts on a multiple of 8 (40 columns in) and the step has 8 rows or more, value by value when
+            // it does not (41 columns in, or 6 rows); 8 rows take 2 heads a block (64 heads: 1), 100 rows up to 16
+            // (64 heads: 12 a block, the last block 4).
+            for (before, rows) in [(40, 8), (40, 6), (41, 8), (40, 100)] {
                 let after = 24;
                 let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 650 + 5 }).collect();
                 let wide_cols = before + heads * head_dim + after;
