@@ -367,22 +367,6 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     extern __shared__ float sm[];
     __shared__ float wts[R][MLA_MAX_SPLITS];
     const int h = blockIdx.x, r0 = blockIdx.y * R;
-    // Thread t: output column z·OUT_COLS + t / 8 and every eighth run of 8 of its W_UV row from run t % 8, so the
-    // block's weight loads (16 bytes each, ≤ 8 per thread at lora ≤ 512) are all in flight at once — requested
-    // here, before the splits are merged, so that they overlap the merge instead of following it; the column's
-    // 8 threads add their sums by shuffles. (lora % 64 ≠ 0 takes a scalar loop over the same runs.)
-    const T* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
-    const int o = blockIdx.z * OUT_COLS + threadIdx.x / 8, part = threadIdx.x % 8;
-    const T* wr = w + (size_t)min(o, vdim - 1) * lora;
-    constexpr int NV = MLA_MAX_LORA / 64, WQ = sizeof(T) / 2;  // runs a thread; 16-byte words a run
-    uint4 wraw[NV][WQ];
-    if (lora % 64 == 0) {
-#pragma unroll
-        for (int v = 0; v < NV; v++) {
-            const int c = (v * 8 + part) * 8;
-            if (c < lora && o < vdim) fetch8(wr + c, wraw[v]);
-        }
-    }
     {
         // Warp k weighs row k's splits, lane s split s: the max and the sum by shuffles, all splits' loads at once
         // (one thread per row walked them: two passes of loads one after another).
@@ -396,14 +380,12 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         float v = 0.f;
         if (r0 + k < n_rows) {
             // Every split's value of a run of 16 requested before any is added: one round trip per 16 splits, not
-            // one per split (runs of 16 keep the registers of the usual ≤ 16 splits). The loads are unconditional
-            // (a split past the row's reads the last one again, weighed 0): predicated, they compiled to one load,
-            // its use, then the next — 16 round trips one after another.
+            // one per split (runs of 16 keep the registers of the usual ≤ 16 splits).
             const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l;
             for (int s0 = 0; s0 < splits; s0 += 16) {
                 float part[16];
 #pragma unroll
-                for (int s = 0; s < 16; s++) part[s] = op[(size_t)min(s0 + s, splits - 1) * lora];
+                for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * lora] : 0.f;
 #pragma unroll
                 for (int s = 0; s < 16; s++) v += s0 + s < splits ? wts[k][s0 + s] * part[s] : 0.f;
             }
@@ -411,17 +393,23 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
         sm[i] = v;
     }
     __syncthreads();
+    // Thread t: output column z·OUT_COLS + t / 8 and every eighth run of 8 of its W_UV row from run t % 8, so the
+    // block's weight loads (16 bytes each, ≤ 8 per thread at lora ≤ 512) are all in flight at once; the column's
+    // 8 threads add their sums by shuffles. (lora % 64 ≠ 0 takes a scalar loop over the same runs.)
+    const T* w = kv_b + ((size_t)h * (nope + vdim) + nope) * lora;
+    const int o = blockIdx.z * OUT_COLS + threadIdx.x / 8, part = threadIdx.x % 8;
     float acc[R];
 #pragma unroll
     for (int k = 0; k < R; k++) acc[k] = 0.f;
     if (o < vdim) {
+        const T* wr = w + (size_t)o * lora;
         if (lora % 64 == 0) {
 #pragma unroll
-            for (int v = 0; v < NV; v++) {
+            for (int v = 0; v < MLA_MAX_LORA / 64; v++) {
                 const int c = (v * 8 + part) * 8;
                 if (c < lora) {
                     float wv[8];
-                    widen8(wraw[v], wv, wr);
+                    load8(wr + c, wv);
 #pragma unroll
                     for (int j = 0; j < 8; j++)
 #pragma unroll

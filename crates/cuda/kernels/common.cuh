@@ -72,27 +72,6 @@ __device__ __forceinline__ void load8(const float* p, float* v) {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
-// The same in two halves: the raw 16 bytes (of 8 bf16) or 32 bytes (of 8 f32) requested, then widened — so a
-// kernel can have loads in flight across other work before it needs the values.
-__device__ __forceinline__ void fetch8(const __nv_bfloat16* p, uint4* raw) { raw[0] = *(const uint4*)p; }
-__device__ __forceinline__ void fetch8(const float* p, uint4* raw) {
-    raw[0] = *(const uint4*)p;
-    raw[1] = *(const uint4*)(p + 4);
-}
-__device__ __forceinline__ void widen8(const uint4* raw, float* v, const __nv_bfloat16*) {
-    const u32 w[4] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-}
-__device__ __forceinline__ void widen8(const uint4* raw, float* v, const float*) {
-    const u32 w[8] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w, raw[1].x, raw[1].y, raw[1].z, raw[1].w};
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = __uint_as_float(w[i]);
-}
-
 // Asynchronous copies global → shared (sm_80+) and their group fences. The "memory" clobbers keep the compiler
 // from moving shared-memory accesses across them: a lane may read a slot right after its own wait, with no barrier.
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
