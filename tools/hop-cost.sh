@@ -2,7 +2,8 @@
 # What one pipeline hop costs in serving — the gRPC step call from one worker process to the next, its activations
 # and the processes' wake-ups — measured on the real server, CPU workers (no GPU needed): the demo model served by
 # 1 and then by 3 CPU workers (same layers, split), the same greedy request of N tokens (ignore_eos) five times
-# each; the per-token time of 3 workers minus that of 1, over the 2 extra hops, is one hop's cost. Compute per
+# each, twice over in turns; the per-token time of 3 workers minus that of 1 (medians of the 10 runs each), over
+# the 2 extra hops, is one hop's cost (each round's own figure is printed too, for the spread). Compute per
 # token is the same in both (the same layers run once each), so the difference is the hand-offs.
 # Usage: tools/hop-cost.sh [pipemoe binary] [tokens]   (defaults: the release build, 200). Prints JSON lines last.
 set -euo pipefail
@@ -14,7 +15,8 @@ dir=$(mktemp -d /tmp/pipemoe-hop.XXXXXX)
 port=$((20000 + RANDOM % 20000))
 model="$PWD/data/models/tiny-dsv32-w3a16"
 trap '"$bin" stop --data-dir "$dir" > /dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-for workers in 1 3; do
+# Two rounds, 1 and 3 workers taking turns: the host's drift between the configurations lands in both.
+for workers in 1 3 1 3; do
     devices=$(printf 'cpu%.0s,' $(seq "$workers")); devices=${devices%,}
     "$bin" recipe upsert --data-dir "$dir" --id "w$workers" --model "$model" --devices "$devices" \
         --max-model-len 4096 > /dev/null
@@ -43,7 +45,9 @@ PY
     "$bin" stop --data-dir "$dir" > /dev/null
 done
 python3 -c '
-import json, sys
-one, three = (json.loads(l) for l in open(sys.argv[1]))
-hop = (three["median_ms"] - one["median_ms"]) / 2
-print(json.dumps({"hop_ms": round(hop, 3), "machine_cores": __import__("os").cpu_count()}))' "$dir/runs.jsonl"
+import json, os, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+pooled = {w: statistics.median(p for r in runs if r["workers"] == w for p in r["per_token_ms"]) for w in (1, 3)}
+rounds = [(b["median_ms"] - a["median_ms"]) / 2 for a, b in zip(runs[0::2], runs[1::2])]
+print(json.dumps({"hop_ms": round((pooled[3] - pooled[1]) / 2, 3), "per_round_hop_ms": [round(h, 3) for h in rounds],
+                  "machine_cores": os.cpu_count()}))' "$dir/runs.jsonl"
