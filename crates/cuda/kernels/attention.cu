@@ -22,8 +22,7 @@ static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 
 static_assert(ABS_WARPS >= MLA_ROWS && MLA_MAX_SPLITS <= 32, "mla_out weighs a row's splits with a warp");
 
 __device__ __forceinline__ float block_max(float v, float* scratch) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    v = warp_max(v);
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
     if (threadIdx.x < 32) {

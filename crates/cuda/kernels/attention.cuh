@@ -50,9 +50,7 @@ __device__ __forceinline__ float split_weight(const float* ml_part, int r, int n
         m = ml[0];
         l = ml[1];
     }
-    float mx = m;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float mx = warp_max(m);
     const float e = m == NEG_INF ? 0.f : __expf(m - mx);
     const float total = warp_sum(e * l);
     return total > 0.f ? e / total : 0.f;

@@ -22,6 +22,13 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Warp-wide max.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // Block-wide sum (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = warp_sum(v);

@@ -16,8 +16,8 @@
 //
 // Warp w's share of the scores is its eighth of the query dims (both key groups of the tile): its q fragments
 // sit in registers for the whole block, loaded once (no q in shared memory; a tile's scores cost a warp 36 mma
-// and 36 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (half a warp a
-// head, a lane a key); the mix gives warp w latent column tiles w, w + 8, ...
+// and 36 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (a warp two
+// heads, a lane a key); the mix gives warp w latent column tiles w, w + 8, ...
 //
 // Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tile i + 1 is on its way
 // — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
@@ -58,12 +58,6 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
     lo = *(const u32*)&l;
 }
 
-// Warp-wide max (warp_sum is in common.cuh).
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16(
     const float* q_lat,           // [n_rows, heads, lora]

@@ -8,7 +8,7 @@ __device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 // 8 values (16-byte aligned) copied as they are; 8 f32 stored as `st` stores each (round to nearest even).
 template <typename T>
-__device__ __forceinline__ void store8(T* d, const T* s) {
+__device__ __forceinline__ void copy8(T* d, const T* s) {
 #pragma unroll
     for (int i = 0; i < (int)sizeof(T) / 2; i++) ((uint4*)d)[i] = ((const uint4*)s)[i];
 }
@@ -223,12 +223,14 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
     }
 }
 
-// One rotated pair (a, b) → (da, db): the angle in f32 as the reference computes it; sin and cos in f64, since
-// fast-math's f32 sincos loses ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
-// The rotation itself, its roundings spelled out so that every kernel using it gives the same bits.
+// A pair (xa, xb) rotated by the angle whose cosine and sine are c and s, its roundings spelled out (one rounded
+// product, then a fused multiply-add) so that every kernel using it gives the same bits.
 __device__ __forceinline__ float2 rotate(float xa, float xb, float c, float s) {
     return make_float2(fmaf(xa, c, -__fmul_rn(xb, s)), fmaf(xb, c, __fmul_rn(xa, s)));
 }
+
+// One rotated pair (a, b) → (da, db): the angle in f32 as the reference computes it; sin and cos in f64, since
+// fast-math's f32 sincos loses ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
 template <typename T>
 __device__ __forceinline__ void rope_pair(const T* a, const T* b, T* da, T* db, int pos, float inv_freq) {
     double s, c;
@@ -281,7 +283,8 @@ __device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos,
 // works out its row's `half` (cos, sin) once into shared memory (rope_pair's f64 sincos, rounded to f32 as it
 // rounds them) instead of once per head and pair; then a thread per piece copies it, rotates the 4
 // interleaved pairs it holds, or (paired halves) rotates it with its partner piece `half` columns on. The host
-// takes it when start, cols, head_dim, offset and the rotated pieces are multiples of 8 values and half ≤ 128.
+// takes it when start, cols, head_dim, offset and the rotated pieces are multiples of 8 values, half ≤ 128 and
+// the step has 8 rows or more (rowops.rs says why).
 template <typename T>
 __device__ void rope_cols8(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int heads,
                            int head_dim, int offset, int half, int interleaved, int hpb) {
@@ -300,7 +303,7 @@ __device__ void rope_cols8(const T* x, int cols, int start, T* y, const int* pos
         T* dst = y + ((size_t)r * heads + h) * head_dim;
         if (k >= rot) {  // a copied piece: before the rotated columns or after them
             const int c = (k - rot) * 8, col = c < offset ? c : c + 2 * half;
-            store8(dst + col, src + col);
+            copy8(dst + col, src + col);
             continue;
         }
         float a[8], b[8];
