@@ -44,6 +44,10 @@ __device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) 
 // rows of up to 16 values per thread (8,192 at 512 threads: the model's 7,168) hold x and w in registers, every
 // load in flight at once (one round trip instead of one per value and pass).
 #define NORM_HELD 16
+// Rows of 8-value pieces (16-byte aligned, cols % 8 == 0) take 16-byte loads and stores instead: up to 2 pieces
+// a thread (8,192 values at 512 threads). A thread's scalar loads of two bytes each (48 for the model's row with
+// the add) kept one SM's load pipe busy for microseconds.
+#define NORM_PIECES 2
 // With `add` (the residual add before a norm, fused): x += add first, stored and normed as rounded to T, so the
 // result is the one an add then a norm give, bit for bit.
 // One row: x and y point at the row (add too, when given).
@@ -51,6 +55,45 @@ template <typename T>
 __device__ void rms_norm_row(T* x, const T* add, const float* w, T* y, int cols, float eps) {
     __shared__ float scratch[32];
     float ss = 0.f;
+    const size_t addr = (size_t)x | (size_t)y | (size_t)w | (size_t)(add != nullptr ? add : x);
+    if (cols % 8 == 0 && cols <= (int)blockDim.x * 8 * NORM_PIECES && addr % 16 == 0) {
+        // Every load before any store (a store to x could alias them, so the compiler keeps the order written).
+        float v[NORM_PIECES][8], wv[NORM_PIECES][8], a[NORM_PIECES][8];
+#pragma unroll
+        for (int j = 0; j < NORM_PIECES; j++) {
+            const int c = (threadIdx.x + j * blockDim.x) * 8;
+#pragma unroll
+            for (int i = 0; i < 8; i++) v[j][i] = wv[j][i] = a[j][i] = 0.f;
+            if (c < cols) {
+                load8(x + c, v[j]);
+                load8(w + c, wv[j]);
+                if (add != nullptr) load8(add + c, a[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NORM_PIECES; j++) {
+            const int c = (threadIdx.x + j * blockDim.x) * 8;
+            if (add != nullptr) {
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[j][i] = rnd(x, v[j][i] + a[j][i]);
+                if (c < cols) save8(x + c, v[j]);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++) ss += v[j][i] * v[j][i];
+        }
+        const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+#pragma unroll
+        for (int j = 0; j < NORM_PIECES; j++) {
+            const int c = (threadIdx.x + j * blockDim.x) * 8;
+            if (c < cols) {
+                float o[8];
+#pragma unroll
+                for (int i = 0; i < 8; i++) o[i] = wv[j][i] * (v[j][i] * inv);
+                save8(y + c, o);
+            }
+        }
+        return;
+    }
     if (cols <= (int)blockDim.x * NORM_HELD) {
         float v[NORM_HELD], wv[NORM_HELD];
 #pragma unroll
