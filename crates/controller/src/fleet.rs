@@ -5,6 +5,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pipemoe_proto::worker_v1::worker_client::WorkerClient;
@@ -15,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::admission::{CacheLimits, WorkerCache};
 use crate::planner::StagePlan;
+use crate::ring::Ring;
 
 /// What the fleet tells its owner.
 #[derive(Debug)]
@@ -54,6 +56,8 @@ pub enum FleetError {
     ExitedEarly { rank: usize, status: String },
     #[error("worker {rank} was not ready after {secs} s (last state: {last})")]
     Timeout { rank: usize, secs: u64, last: String },
+    #[error("worker {rank} would not open its results stream: {message}")]
+    Results { rank: usize, message: String },
 }
 
 /// A running worker.
@@ -77,6 +81,8 @@ pub struct WorkerView {
 /// The running fleet. Dropping it kills every worker's process group.
 pub struct Fleet {
     pub workers: Vec<Worker>,
+    /// The workers' Results streams, for ring steps; `None` sends nested steps (each worker relays the reply).
+    pub ring: Option<Arc<Ring>>,
     pgids: Vec<i32>,
 }
 
@@ -145,7 +151,7 @@ impl Fleet {
             pgids.push(child.id().map_or(0, |p| p as i32));
             children.push(child);
         }
-        let mut fleet = Fleet { workers: Vec::new(), pgids };
+        let mut fleet = Fleet { workers: Vec::new(), ring: None, pgids };
         let deadline = Instant::now() + spec.ready_timeout;
         for (rank, child) in children.iter_mut().enumerate() {
             let socket = socket_path(&spec.run_dir, spec.generation, rank);
@@ -167,6 +173,10 @@ impl Fleet {
             );
             fleet.workers.push(Worker { plan: p.clone(), pid: child.id().unwrap_or(0), socket, client, cache });
         }
+        let clients: Vec<_> = fleet.workers.iter().map(|w| w.client.clone()).collect();
+        let ring =
+            Ring::open(&clients).await.map_err(|(rank, s)| FleetError::Results { rank, message: s.to_string() })?;
+        fleet.ring = Some(Arc::new(ring));
         for (rank, mut child) in children.into_iter().enumerate() {
             let events = events.clone();
             let pid = child.id().unwrap_or(0);
@@ -190,7 +200,7 @@ impl Fleet {
     /// A fleet of workers started elsewhere (the scheduler's tests): no process of its own to kill.
     #[cfg(test)]
     pub(crate) fn attached(workers: Vec<Worker>) -> Fleet {
-        Fleet { workers, pgids: Vec::new() }
+        Fleet { workers, ring: None, pgids: Vec::new() }
     }
 
     pub fn head(&self) -> Option<&Worker> {

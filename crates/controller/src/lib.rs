@@ -5,7 +5,8 @@
 //! - `pidfile`, `lifecycle`: the PID file under `flock`, and `start` / `stop` / `status`.
 //! - `planner`: placement of the model's layers onto devices under memory budgets.
 //! - `fleet`: spawning and supervising worker processes; `scheduler`: continuous batching over the pipeline
-//!   (`requests`: what it exchanges with the HTTP side);
+//!   (`requests`: what it exchanges with the HTTP side; `ring`: the steps' outcomes from the workers' Results
+//!   streams);
 //!   `admission`: the rule that admits sequences against the KV caches the workers report.
 //! - `api`: the HTTP server (OpenAI API, `/health`, `/v1/workers`, the dashboard).
 pub mod admission;
@@ -17,6 +18,7 @@ pub mod pidfile;
 pub mod planner;
 pub mod recipes;
 pub mod requests;
+pub mod ring;
 pub mod scheduler;
 pub mod serve;
 

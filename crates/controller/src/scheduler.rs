@@ -14,7 +14,7 @@ use pipemoe_model::tokenizer::{StopMatcher, StreamDecoder, Tokenizer};
 use pipemoe_proto::worker_v1::{SeqChunk, StepRequest, StepResponse};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use crate::admission::CacheBudget;
 use crate::fleet::{Fleet, FleetEvent, FleetSpec};
@@ -342,11 +342,22 @@ impl Core {
             let step_id = self.next_step;
             self.next_step += 1;
             let mut client = head.clone();
-            let req = StepRequest { step_id, chunks, hidden: None };
+            // A ring step's outcome comes on the workers' Results streams (ring.rs): registered before it is sent.
+            let ring = self.fleet.as_ref().and_then(|f| f.ring.clone());
+            let outcome = ring.as_ref().map(|r| r.expect(step_id)).transpose();
+            let req = StepRequest { step_id, chunks, hidden: None, ring: ring.is_some() };
             let limit = self.cfg.step_timeout;
             self.steps.spawn(async move {
-                let r = match tokio::time::timeout(limit, client.step(req)).await {
-                    Ok(r) => r.map(|r| r.into_inner()).map_err(|s| StepError {
+                let call = async {
+                    let outcome = outcome?;
+                    let reply = client.step(req).await?.into_inner();
+                    match outcome {
+                        Some(rx) => rx.await.unwrap_or_else(|_| Err(Status::unavailable("the ring stopped"))),
+                        None => Ok(reply),
+                    }
+                };
+                let r = match tokio::time::timeout(limit, call).await {
+                    Ok(r) => r.map_err(|s| StepError {
                         cache_full: s.code() == Code::ResourceExhausted,
                         message: s.message().to_string(),
                     }),
@@ -355,6 +366,9 @@ impl Core {
                         message: format!("step {step_id} took longer than {} s", limit.as_secs()),
                     }),
                 };
+                if let (Err(_), Some(ring)) = (&r, &ring) {
+                    ring.forget(step_id);
+                }
                 (ids, r)
             });
         }

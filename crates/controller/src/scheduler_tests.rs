@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use pipemoe_proto::worker_v1::worker_client::WorkerClient;
 use pipemoe_proto::worker_v1::worker_server::{Worker as WorkerRpc, WorkerServer};
 use pipemoe_proto::worker_v1::{
-    FreeRequest, FreeResponse, HealthRequest, HealthResponse, Sampled, ShutdownRequest, ShutdownResponse, WorkerState,
+    FreeRequest, FreeResponse, HealthRequest, HealthResponse, ResultsRequest, Sampled, ShutdownRequest,
+    ShutdownResponse, StepResult, WorkerState,
 };
 use tonic::transport::{Endpoint, Server};
 use tonic::{Request, Response, Status};
@@ -103,6 +104,13 @@ impl WorkerRpc for Fake {
             c.freed.insert(seq);
         }
         Ok(Response::new(FreeResponse {}))
+    }
+
+    type ResultsStream = tokio_stream::Empty<Result<StepResult, Status>>;
+
+    /// Nested steps only (`Fleet::attached` opens no ring).
+    async fn results(&self, _: Request<ResultsRequest>) -> Result<Response<Self::ResultsStream>, Status> {
+        Err(Status::unimplemented("the fake worker answers nested steps only"))
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> Result<Response<ShutdownResponse>, Status> {

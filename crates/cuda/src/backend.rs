@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, LayersBody, MlaDims, MlaPrep, MlaPrepped, RopeSpec,
-    RouterDims, Routing, Row, SeqId, SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, Landed, LayersBody, MlaDims, MlaPrep, MlaPrepped,
+    RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -554,6 +554,10 @@ impl Backend for CudaBackend {
 
     fn import(&self, rows: usize, cols: usize, mem_handle: &[u8], event_handle: &[u8]) -> MResult<GpuTensor> {
         crate::ipc::import(self, rows, cols, mem_handle, event_handle)
+    }
+
+    fn import_landed(&self) -> MResult<Option<Landed>> {
+        crate::ipc::landed(self).map(Some)
     }
 
     fn sample(&self, logits: &GpuTensor, rows: &mut [SampleRow<'_>]) -> MResult<Vec<SampledToken>> {

@@ -3,9 +3,11 @@
 //! event after the copy, and sends both handles in the gRPC message; the receiver opens them, makes its stream
 //! wait on the event and queues a copy into its own memory ahead of its layers, without waiting for it: the
 //! receiver's host goes on queueing its layers (and answering) while its device waits for the sender's data.
-//! The sender keeps its buffer until the next worker has answered (the whole chain's reply). By then the
-//! receiver's copy is done: the chain's last worker synchronizes its stream before it answers, and that stream
-//! waited on its sender's event, recorded after that sender's own import copy — and so on back along the chain. A
+//! The sender keeps its buffer until the next worker has answered. A ring step's receiver answers only once an
+//! event recorded after its copy has completed (`landed`). A nested step's answer is the whole chain's reply, and
+//! by then the receiver's copy is done: the chain's last worker synchronizes its stream before it answers, and that
+//! stream waited on its sender's event, recorded after that sender's own import copy — and so on back along the
+//! chain. A
 //! reply that is an error can come before the copy ran; the buffer is then reused while a copy for a failed step
 //! may read it, which costs nothing but that step's (discarded) values: pooled buffers are never freed.
 //!
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdeviceptr, CUevent, CUipcEventHandle, CUipcMemHandle};
 use cudarc::driver::{DevicePtr, DevicePtrMut, result};
-use pipemoe_model::backend::SharedActivations;
+use pipemoe_model::backend::{Landed, SharedActivations};
 
 use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
@@ -171,6 +173,15 @@ pub fn export(b: &CudaBackend, x: &GpuTensor) -> MResult<SharedActivations> {
     // SAFETY: event and stream are live.
     unsafe { result::event::record(event, g.stream.cu_stream()) }.map_err(md("cuEventRecord"))?;
     Ok(SharedActivations { mem_handle, event_handle, keep: Box::new(keep) })
+}
+
+/// An event recorded after every copy `import` has queued so far; waiting on it (blocking the thread, not
+/// spinning) says the senders' buffers have been read. A ring step's receiver answers only then (the chain's
+/// last worker synchronizing is what a nested step relies on, and a ring step's answer comes before that).
+pub fn landed(b: &CudaBackend) -> MResult<Landed> {
+    let blocking = Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+    let event = b.gpu.stream.record_event(blocking).map_err(md("cuEventRecord"))?;
+    Ok(Landed::new(move || event.synchronize().map_err(md("cuEventSynchronize"))))
 }
 
 pub fn import(b: &CudaBackend, rows: usize, cols: usize, mem: &[u8], event: &[u8]) -> MResult<GpuTensor> {

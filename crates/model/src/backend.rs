@@ -190,6 +190,20 @@ pub struct SharedActivations {
     pub keep: Box<dyn std::any::Any + Send>,
 }
 
+/// Waits until what a backend imported has been copied into its own memory ([`Backend::import_landed`]).
+pub struct Landed(Box<dyn FnOnce() -> Result<()> + Send>);
+
+impl Landed {
+    pub fn new(wait: impl FnOnce() -> Result<()> + Send + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    /// Blocks until the copies are done.
+    pub fn wait(self) -> Result<()> {
+        (self.0)()
+    }
+}
+
 /// A step's layers over the residual stream with their caches ([`Backend::run_layers`]).
 pub type LayersBody<'a, B> =
     dyn FnMut(&mut <B as Backend>::Tensor, &mut [<B as Backend>::LayerCache]) -> Result<()> + 'a;
@@ -416,6 +430,13 @@ pub trait Backend: Send + Sync {
     /// Reads `[rows, cols]` activations another process exported.
     fn import(&self, _rows: usize, _cols: usize, _mem_handle: &[u8], _event_handle: &[u8]) -> Result<Self::Tensor> {
         Err(crate::Error::Backend { reason: format!("{} cannot read CUDA IPC handles", self.describe()) })
+    }
+
+    /// Something to wait on until every `import` so far has been copied into this backend's memory, so the
+    /// sender may reuse its buffer; `None` when imports copy before they return (the default). A CUDA import
+    /// only queues its copy, and the receiver answers before its device has run it unless it waits.
+    fn import_landed(&self) -> Result<Option<Landed>> {
+        Ok(None)
     }
 
     /// One token per row of `logits` `[rows.len(), vocab]`, each from its row's sampler, with the logprobs it

@@ -84,7 +84,7 @@ async fn worker_serves_steps_and_drains_on_sigterm() -> Result<()> {
     let mut chunk = SeqChunk { seq: 1, start: 0, tokens: prompt, sampling: greedy, generated: 0 };
     let mut answer = Vec::new();
     for step_id in 0..12 {
-        let resp = client.step(StepRequest { step_id, chunks: vec![chunk.clone()], hidden: None }).await?;
+        let resp = client.step(StepRequest { step_id, chunks: vec![chunk.clone()], hidden: None, ring: false }).await?;
         let token = resp.into_inner().sampled.first().context("no token sampled")?.token;
         if tok.is_eos(token) {
             break;

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 
+use pipemoe_model::backend::Landed;
 use pipemoe_model::sampling::{SampleRow, Sampler, SamplingParams};
 use pipemoe_model::{Backend, SeqId, Stage, StageInput};
 use pipemoe_proto::worker_v1::{Sampled, TokenLogprob};
@@ -49,19 +50,30 @@ impl<B: Backend> Engine<B> {
 
     /// Runs this worker's part of a step: checks every chunk against the cache and the sequence's sampling
     /// settings, then the stage, then (last stage) samples. On an error before the forward pass nothing changed.
-    pub fn step(&mut self, mut plan: Plan) -> Result<Output> {
+    /// With activations from CUDA IPC, also what to wait on until they have been copied in (`Backend::import_landed`).
+    pub fn step(&mut self, mut plan: Plan) -> Result<(Output, Option<Landed>)> {
         let step_id = plan.step_id;
         self.check(&plan)?;
         let model = |source| Error::Model { step_id, source };
         let cols = self.stage.config().hidden_size;
         let b = self.stage.backend();
+        let mut landed = None;
         let input = match plan.hidden.take() {
             Some(Hidden::Host(h)) => StageInput::Hidden(b.upload(plan.rows.len(), cols, h).map_err(model)?),
             Some(Hidden::Ipc { mem_handle, event_handle }) => {
-                StageInput::Hidden(b.import(plan.rows.len(), cols, &mem_handle, &event_handle).map_err(model)?)
+                let x = b.import(plan.rows.len(), cols, &mem_handle, &event_handle).map_err(model)?;
+                landed = b.import_landed().map_err(model)?;
+                StageInput::Hidden(x)
             }
             None => StageInput::Tokens(&plan.tokens),
         };
+        let out = self.forward(&plan, input)?;
+        Ok((out, landed))
+    }
+
+    fn forward(&mut self, plan: &Plan, input: StageInput<'_, B>) -> Result<Output> {
+        let step_id = plan.step_id;
+        let model = |source| Error::Model { step_id, source };
         let hidden = self.stage.forward(&plan.rows, input).map_err(model)?;
         let b = self.stage.backend();
         for c in &plan.chunks {
@@ -82,7 +94,7 @@ impl<B: Backend> Engine<B> {
             }
             return Ok(Output::Hidden { rows, cols, data: b.download(&hidden).map_err(model)? });
         }
-        Ok(Output::Sampled(self.sample(&hidden, &plan)?))
+        Ok(Output::Sampled(self.sample(&hidden, plan)?))
     }
 
     /// The last stage's tokens for the chunks that ask for one, in chunk order: each sequence's sampler lent to

@@ -67,6 +67,10 @@ pub enum Error {
     /// The next worker in the chain cannot be reached (or its connection broke).
     #[error("next worker {addr} is unavailable: {message}")]
     NextUnavailable { addr: String, message: String },
+
+    /// A ring step reached a worker with no Results stream to report its outcome on.
+    #[error("step {step_id}: a ring step, but worker {rank} has no Results stream open to report it on")]
+    NoResults { rank: u32, step_id: u64 },
 }
 
 /// Result with this crate's [`Error`].
@@ -103,7 +107,7 @@ impl From<Error> for Status {
             Error::InvalidStep { .. } => Status::invalid_argument(message),
             Error::IpcUnsupported { .. } => Status::unimplemented(message),
             Error::Cuda { .. } => Status::failed_precondition(message),
-            Error::NotReady { .. } => Status::failed_precondition(message),
+            Error::NotReady { .. } | Error::NoResults { .. } => Status::failed_precondition(message),
             Error::Draining { .. } | Error::NextUnavailable { .. } => Status::unavailable(message),
             Error::CacheFull { .. } => Status::resource_exhausted(message),
             Error::Model { .. }

@@ -291,6 +291,8 @@ async fn drained<B: WorkerBackend + 'static>(shared: Arc<Shared<B>>) {
             break;
         }
     }
+    // The server stops once every response has ended: the Results stream too.
+    shared.close_results();
     info!(rank = shared.config.rank, "drained");
 }
 

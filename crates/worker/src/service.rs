@@ -3,17 +3,23 @@
 //! The engine sits behind a `tokio::sync::Mutex`: a step takes it, runs its blocking part in `spawn_blocking`,
 //! and releases it before awaiting the next worker, so several steps (micro-batches over disjoint sequences)
 //! move down the chain at once, each worker busy with a different one.
+//!
+//! A ring step (`StepRequest.ring`, what the controller sends) is answered as soon as this worker has run its
+//! part, and passed on by a task of its own; its outcome goes to the controller on a Results stream — the
+//! sampled tokens from the last worker, a failure to pass it on from the worker that met it. A nested step
+//! (without `ring`) is answered with the whole chain's reply, relayed back up through every worker.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex as SyncMutex, OnceLock, PoisonError, RwLock};
 
 use pipemoe_model::ModelConfig;
 use pipemoe_proto::worker_v1::worker_server::Worker;
 use pipemoe_proto::worker_v1::{
-    FreeRequest, FreeResponse, HealthRequest, HealthResponse, LayerRange, ShutdownRequest, ShutdownResponse,
-    StepRequest, StepResponse, WorkerState,
+    FreeRequest, FreeResponse, HealthRequest, HealthResponse, LayerRange, ResultsRequest, ShutdownRequest,
+    ShutdownResponse, StepRequest, StepResponse, StepResult, WorkerState,
 };
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -57,6 +63,8 @@ pub struct Shared<B: WorkerBackend> {
     /// The KV cache as the last step or free left it: Health reads it without waiting for the engine's lock.
     cache: RwLock<CacheUsage>,
     next: Option<Next>,
+    /// The Results stream's sender, while one is open.
+    results: SyncMutex<Option<mpsc::UnboundedSender<std::result::Result<StepResult, Status>>>>,
 }
 
 impl<B: WorkerBackend> Shared<B> {
@@ -74,6 +82,36 @@ impl<B: WorkerBackend> Shared<B> {
             cached_positions: AtomicU64::new(0),
             cache: RwLock::new(CacheUsage::default()),
             next,
+            results: SyncMutex::new(None),
+        }
+    }
+
+    /// A new Results stream: the one open before ends.
+    fn open_results(&self) -> ResultStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.results.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+        UnboundedReceiverStream::new(rx)
+    }
+
+    /// Ends the Results stream (the drain is over: the server stops only once every response has ended).
+    pub fn close_results(&self) {
+        self.results.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+
+    fn has_results(&self) -> bool {
+        self.results.lock().unwrap_or_else(PoisonError::into_inner).as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// Sends a ring step's outcome on the Results stream.
+    fn report(&self, step_id: u64, outcome: std::result::Result<StepResponse, Status>) -> Result<()> {
+        let r = match outcome {
+            Ok(response) => StepResult { step_id, response: Some(response), code: 0, message: String::new() },
+            Err(s) => StepResult { step_id, response: None, code: s.code() as i32, message: s.message().to_string() },
+        };
+        let results = self.results.lock().unwrap_or_else(PoisonError::into_inner);
+        match results.as_ref().map(|tx| tx.send(Ok(r))) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(Error::NoResults { rank: self.config.rank, step_id }),
         }
     }
 
@@ -109,19 +147,22 @@ impl<B: WorkerBackend> Shared<B> {
         })
     }
 
-    /// Counts a step in flight until the guard drops.
-    fn begin_step(&self) -> InFlight<'_> {
+    /// Counts a step in flight until the guard drops (a ring step's guard goes with it to the task passing it
+    /// on, so the drain waits for that too).
+    fn begin_step(self: &Arc<Self>) -> InFlight<B> {
         self.begun.fetch_add(1, Ordering::SeqCst);
         self.in_flight.send_modify(|n| *n += 1);
-        InFlight(&self.in_flight)
+        InFlight(self.clone())
     }
 }
 
-struct InFlight<'a>(&'a watch::Sender<usize>);
+type ResultStream = UnboundedReceiverStream<std::result::Result<StepResult, Status>>;
 
-impl Drop for InFlight<'_> {
+struct InFlight<B: WorkerBackend>(Arc<Shared<B>>);
+
+impl<B: WorkerBackend> Drop for InFlight<B> {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -139,8 +180,12 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
             return Err(Error::Draining { rank }.into());
         }
         let loaded = s.ready()?;
-        let _in_flight = s.begin_step();
-        let step_id = req.step_id;
+        let (step_id, ring) = (req.step_id, req.ring);
+        // Refused before it runs: its outcome could not be told.
+        if ring && !s.has_results() {
+            return Err(Error::NoResults { rank, step_id }.into());
+        }
+        let in_flight = s.begin_step();
         let plan = Plan::new(&req, &loaded.cfg, &s.config.slice)?;
         let rows = plan.rows.len();
         let started = std::time::Instant::now();
@@ -148,7 +193,7 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
         let waited = started.elapsed();
         let counters = s.clone();
         // Counted inside: a step whose caller went away still runs to the end and its rows stay cached.
-        let (out, began) = tokio::task::spawn_blocking(move || {
+        let ((out, landed), began) = tokio::task::spawn_blocking(move || {
             // When the blocking thread picked the step up: the hand-off's own cost shows in the debug line.
             let began = started.elapsed();
             let out = engine.step(plan);
@@ -169,37 +214,56 @@ impl<B: WorkerBackend + 'static> WorkerService<B> {
             took = ?started.elapsed() - began,
             "ran this stage"
         );
-        match out {
-            Output::Sampled(sampled) => Ok(StepResponse { sampled }),
+        let keep = match out {
+            Output::Sampled(sampled) => {
+                let response = StepResponse { sampled };
+                if ring {
+                    s.report(step_id, Ok(response.clone()))?;
+                }
+                return Ok(response);
+            }
             Output::Hidden { rows, cols, data } => {
-                let Some(next) = &s.next else {
-                    return Err(
-                        Error::Task { reason: format!("step {step_id}: a non-head worker without --next") }.into()
-                    );
-                };
                 req.hidden = Some(encode(rows, cols, &data));
-                drop(data);
-                next.step(req).await.map_err(|status| {
-                    debug!(step_id, next = next.addr(), %status, "the next worker refused the step");
-                    status
-                })
+                None
             }
             Output::Shared { rows, cols, shared } => {
-                let Some(next) = &s.next else {
-                    return Err(
-                        Error::Task { reason: format!("step {step_id}: a non-head worker without --next") }.into()
-                    );
-                };
                 req.hidden = Some(encode_ipc(rows, cols, &shared.mem_handle, &shared.event_handle));
-                // `shared` keeps the exported buffer alive until the next worker (and the chain) has answered.
-                let reply = next.step(req).await;
-                drop(shared);
-                reply.map_err(|status| {
-                    debug!(step_id, next = next.addr(), %status, "the next worker refused the step");
-                    status
-                })
+                Some(shared)
             }
+        };
+        let Some(next) = s.next.clone() else {
+            return Err(Error::Task { reason: format!("step {step_id}: a non-head worker without --next") }.into());
+        };
+        // `keep` holds the exported buffer (IPC) until the next worker has answered — a ring step's once its copy
+        // of the buffer has run (`landed`, below), a nested step's once the whole chain has (the last worker
+        // synchronizes a stream that waited on every copy before it: ipc.rs).
+        let pass_on = async move {
+            let reply = next.step(req).await;
+            drop(keep);
+            reply.inspect_err(|status| debug!(step_id, next = next.addr(), %status, "the next worker refused the step"))
+        };
+        if !ring {
+            return pass_on.await;
         }
+        let shared = s.clone();
+        let forward = async move {
+            let _in_flight = in_flight;
+            if let Err(status) = pass_on.await
+                && let Err(e) = shared.report(step_id, Err(status))
+            {
+                warn!(step_id, error = %e, "a ring step failed past this worker and its outcome could not be sent");
+            }
+        };
+        tokio::spawn(forward.in_current_span());
+        // This worker's device may not have copied the previous worker's buffer in yet: the answer waits for it
+        // (after the step has been passed on, so the next worker is not held back).
+        if let Some(landed) = landed {
+            tokio::task::spawn_blocking(move || landed.wait())
+                .await
+                .map_err(|e| Error::Task { reason: format!("step {step_id}: {e}") })?
+                .map_err(|source| Error::Model { step_id, source }.on_rank(rank))?;
+        }
+        Ok(StepResponse::default())
     }
 }
 
@@ -265,6 +329,13 @@ impl<B: WorkerBackend + 'static> Worker for WorkerService<B> {
             .await
             .map_err(|e| Status::from(Error::Task { reason: format!("free: {e}") }))?
             .map(Response::new)
+    }
+
+    type ResultsStream = ResultStream;
+
+    async fn results(&self, _: Request<ResultsRequest>) -> std::result::Result<Response<ResultStream>, Status> {
+        debug!(rank = self.shared.config.rank, "Results stream opened");
+        Ok(Response::new(self.shared.open_results()))
     }
 
     async fn shutdown(&self, _: Request<ShutdownRequest>) -> std::result::Result<Response<ShutdownResponse>, Status> {

@@ -241,6 +241,7 @@ mod tests {
             step_id: 7,
             chunks: vec![chunk(1, 0, &[5, 6, 7], greedy()), chunk(2, 4, &[9], None), chunk(3, 2, &[8, 8], greedy())],
             hidden: None,
+            ring: false,
         };
         let plan = Plan::new(&req, &cfg(), &FIRST)?;
         assert_eq!(plan.rows.len(), 6);
@@ -254,7 +255,7 @@ mod tests {
 
     #[test]
     fn bad_steps_are_refused_with_the_reason() {
-        let step = |chunks: Vec<SeqChunk>| StepRequest { step_id: 3, chunks, hidden: None };
+        let step = |chunks: Vec<SeqChunk>| StepRequest { step_id: 3, chunks, hidden: None, ring: false };
         assert!(err(&step(vec![]), &FIRST).contains("no chunks"));
         assert!(err(&step(vec![chunk(1, 0, &[], None)]), &FIRST).contains("has no tokens"));
         assert!(err(&step(vec![chunk(1, 0, &[1], None), chunk(1, 1, &[2], None)]), &FIRST).contains("more than one"));
@@ -271,7 +272,7 @@ mod tests {
     fn activations_round_trip_and_are_checked() -> Result<()> {
         let cols = cfg().hidden_size;
         let data: Vec<f32> = (0..2 * cols).map(|i| (i % 64) as f32 * 0.5 - 3.0).collect();
-        let mut req = StepRequest { step_id: 1, chunks: vec![chunk(1, 0, &[1, 2], None)], hidden: None };
+        let mut req = StepRequest { step_id: 1, chunks: vec![chunk(1, 0, &[1, 2], None)], hidden: None, ring: false };
         req.hidden = Some(encode(2, cols, &data));
         assert_eq!(Plan::new(&req, &cfg(), &MIDDLE)?.hidden, Some(Hidden::Host(data.clone())));
         assert!(err(&req, &FIRST).contains("must be absent"));

@@ -126,7 +126,7 @@ pub fn chunk(seq: u64, start: usize, tokens: &[u32], sampling: Option<Sampling>)
 }
 
 pub async fn step(c: &mut Client, step_id: u64, chunks: Vec<SeqChunk>) -> Result<StepResponse, tonic::Status> {
-    c.step(StepRequest { step_id, chunks, hidden: None }).await.map(tonic::Response::into_inner)
+    c.step(StepRequest { step_id, chunks, hidden: None, ring: false }).await.map(tonic::Response::into_inner)
 }
 
 pub async fn free(c: &mut Client, seqs: &[u64]) -> Result<()> {
