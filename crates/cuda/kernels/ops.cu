@@ -304,11 +304,12 @@ __device__ void rope(T* x, const int* pos, const float* inv_freq, int rows, int 
 // `columns` then `rope` give, bit for bit. A thread per rotated pair (rope_pair, as `rope`) or per copied value:
 // a head's head_dim − half units are its `half` pairs, then its other columns in order. (A fused projection's parts
 // without a split copy.)
+// Unit i of rope_cols.
 template <typename T>
-__device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int rows,
-                          int heads, int head_dim, int offset, int half, int interleaved) {
+__device__ __forceinline__ void rope_cols_unit(const T* x, int cols, int start, T* y, const int* pos,
+                                               const float* inv_freq, int heads, int head_dim, int offset, int half,
+                                               int interleaved, size_t i) {
     const int units = head_dim - half;
-    GRID_INDEX(i, (size_t)rows * heads * units);
     const int r = i / ((size_t)heads * units), h = (i / units) % heads, k = i % units;
     const T* src = x + (size_t)r * cols + start + (size_t)h * head_dim;
     T* dst = y + ((size_t)r * heads + h) * head_dim;
@@ -319,6 +320,24 @@ __device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos,
         const int c = k - half, col = c < offset ? c : c + 2 * half;
         dst[col] = src[col];
     }
+}
+
+template <typename T>
+__device__ void rope_cols(const T* x, int cols, int start, T* y, const int* pos, const float* inv_freq, int rows,
+                          int heads, int head_dim, int offset, int half, int interleaved) {
+    GRID_INDEX(i, (size_t)rows * heads * (head_dim - half));
+    rope_cols_unit(x, cols, start, y, pos, inv_freq, heads, head_dim, offset, half, interleaved, i);
+}
+
+// Two parts of x cut and roped as rope_cols cuts and ropes each, in one launch (attention's q and the indexer's
+// query, both from the fused q_b + wq_b output): the first part's units, then the second's. Same bits.
+template <typename T>
+__device__ void rope_cols2(const T* x, int cols, const int* pos, const float* inv_freq, int rows, int half, int s1,
+                           T* y1, int h1, int d1, int o1, int il1, int s2, T* y2, int h2, int d2, int o2, int il2) {
+    const size_t n1 = (size_t)rows * h1 * (d1 - half);
+    GRID_INDEX(i, n1 + (size_t)rows * h2 * (d2 - half));
+    if (i < n1) rope_cols_unit(x, cols, s1, y1, pos, inv_freq, h1, d1, o1, half, il1, i);
+    else rope_cols_unit(x, cols, s2, y2, pos, inv_freq, h2, d2, o2, half, il2, i - n1);
 }
 
 // rope_cols by 8-value pieces (16 bytes of bf16), what it gives bit for bit: grid (rows, ⌈heads / hpb⌉), 128
@@ -466,6 +485,11 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void rope_cols_##S(const T* x, int cols, int start, T* y, const int* pos, const float* f, \
                                              int rows, int heads, int hd, int offset, int half, int il) {          \
         rope_cols<T>(x, cols, start, y, pos, f, rows, heads, hd, offset, half, il);                                \
+    }                                                                                                              \
+    extern "C" __global__ void rope_cols2_##S(const T* x, int cols, const int* pos, const float* f, int rows,      \
+                                              int half, int s1, T* y1, int h1, int d1, int o1, int il1, int s2,    \
+                                              T* y2, int h2, int d2, int o2, int il2) {                            \
+        rope_cols2<T>(x, cols, pos, f, rows, half, s1, y1, h1, d1, o1, il1, s2, y2, h2, d2, o2, il2);              \
     }                                                                                                              \
     extern "C" __global__ void rope_cols8_##S(const T* x, int cols, int start, T* y, const int* pos,              \
                                               const float* f, int heads, int hd, int offset, int half, int il,     \

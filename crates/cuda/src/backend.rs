@@ -432,6 +432,17 @@ impl Backend for CudaBackend {
         crate::rowops::rope_columns(self, x, start, spec, inv_freq, rows)
     }
 
+    fn rope_columns2(
+        &self,
+        x: &GpuTensor,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<(GpuTensor, GpuTensor)> {
+        crate::rowops::rope_columns2(self, x, a, b, inv_freq, rows)
+    }
+
     fn mla_prep(
         &self,
         proj: &GpuTensor,

@@ -174,6 +174,22 @@ fn elementwise_and_row_ops_match_the_cpu() {
                 assert!(gpu.rope_columns(&wide, before + after + 1, spec, &inv_freq, &r).is_err(), "past the row");
             }
         }
+        // rope_columns2: attention's q and the indexer's query from one fused row, as rope_columns gives each, bit
+        // for bit — one launch at 1 and 6 rows, each part its own from 8 rows (the pieces).
+        let q = RopeSpec { heads: 128, head_dim: 192, offset: 128, interleaved: true };
+        let ix = RopeSpec { heads: 64, head_dim: 128, offset: 0, interleaved: false };
+        let inv_freq: Vec<f32> = (0..32).map(|i| 10000f32.powf(-(i as f32) / 32.0)).collect();
+        for rows in [1, 6, 8] {
+            let r: Vec<Row> = (0..rows).map(|i| Row { seq: 1, pos: i * 777 + 3 }).collect();
+            let cols = 128 * 192 + 64 * 128;
+            let both = up(&gpu, rows, cols, &values(&mut rng, rows * cols, 2.0));
+            let (gq, gi) = gpu.rope_columns2(&both, (0, q), (128 * 192, ix), &inv_freq, &r).unwrap();
+            let want_q = gpu.download(&gpu.rope_columns(&both, 0, q, &inv_freq, &r).unwrap()).unwrap();
+            let want_i = gpu.download(&gpu.rope_columns(&both, 128 * 192, ix, &inv_freq, &r).unwrap()).unwrap();
+            assert_eq!(gpu.download(&gq).unwrap(), want_q, "rope_columns2 q, {rows} rows ({act:?})");
+            assert_eq!(gpu.download(&gi).unwrap(), want_i, "rope_columns2 index query, {rows} rows ({act:?})");
+            assert!(gpu.rope_columns2(&both, (0, q), (128 * 192 + 1, ix), &inv_freq, &r).is_err(), "past the row");
+        }
         // Embedding rows.
         let table = dense(&mut rng, 300, 96);
         let (tc, tg) = (cpu.load_linear(table.clone()).unwrap(), gpu.load_linear(table).unwrap());

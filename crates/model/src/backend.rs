@@ -282,6 +282,18 @@ pub trait Backend: Send + Sync {
         self.rope(&mut y, spec, inv_freq, rows)?;
         Ok(y)
     }
+    /// Two parts `(start, spec)` of `x` as [`Backend::rope_columns`] gives each, which a backend may do in one
+    /// pass: attention's q and the indexer's query, both from the fused q_b + wq_b output.
+    fn rope_columns2(
+        &self,
+        x: &Self::Tensor,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        Ok((self.rope_columns(x, a.0, a.1, inv_freq, rows)?, self.rope_columns(x, b.0, b.1, inv_freq, rows)?))
+    }
     /// Attention's fused projection `proj` cut into its parts and each made ready for the cache ([`MlaPrep`]):
     /// the ops below, which a backend may run in one pass. The result must be what they give apart.
     fn mla_prep(

@@ -152,14 +152,14 @@ impl<B: Backend> Mla<B> {
             }
             _ => {
                 let both = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
-                let q = b.rope_columns(&both, 0, q_spec, inv_freq, rows)?;
-                let index_q = match &self.indexer {
+                match &self.indexer {
                     Some(ix) if ix.selects(rows) => {
-                        Some(b.rope_columns(&both, d.heads * qk, ix.q_rope(), inv_freq, rows)?)
+                        let index = (d.heads * qk, ix.q_rope());
+                        let (q, index_q) = b.rope_columns2(&both, (0, q_spec), index, inv_freq, rows)?;
+                        (q, Some(index_q))
                     }
-                    _ => None,
-                };
-                (q, index_q)
+                    _ => (b.rope_columns(&both, 0, q_spec, inv_freq, rows)?, None),
+                }
             }
         };
         let selection = match &self.indexer {
