@@ -160,9 +160,7 @@ pub(crate) fn rope_columns2(
     let pos = positions.view();
     let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
     let (cols, r, hf) = (x.cols as i32, x.rows as i32, half as i32);
-    let part = |s: usize, p: RopeSpec| {
-        [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32)
-    };
+    let part = |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
     let (a, c) = (part(s1, p1), part(s2, p2));
     let mut l = b.gpu.stream.launch_builder(b.op("rope_cols2", &x.data)?);
     l.arg(&x.data).arg(&cols).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&hf);

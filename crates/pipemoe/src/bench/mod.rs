@@ -87,10 +87,11 @@ pub struct BenchArgs {
     /// Per-hop hand-off in µs for the projection, instead of the measured IPC round trip.
     #[arg(long, env = "PIPEMOE_BENCH_HOP_US")]
     pub hop_us: Option<f64>,
-    /// The serving path's cost per hop in µs (the gRPC step call down, its reply relayed back up, the worker's
-    /// hand-offs), added to the IPC landing: the bench runs no workers. Default: `tools/hop-cost.sh` on the H200
-    /// host (16 cores, CPU workers), median of three runs of 0.36 / 0.49 / 0.71 ms (docs/PERF.md, session 12).
-    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 490.0)]
+    /// The serving path's cost per hop in µs (the gRPC step call down and the worker's hand-offs; ring steps
+    /// relay no reply back up), added to the IPC landing: the bench runs no workers. Default: `tools/hop-cost.sh`
+    /// on the H200 host (16 cores, CPU workers) with ring steps, 0.256 ms (medians of 10 runs a side; nested
+    /// steps 0.389 ms in the same call: docs/PERF.md, session 13).
+    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 256.0)]
     pub grpc_us: f64,
     /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
