@@ -1,6 +1,7 @@
 // Elementwise and row-wise operations of the backend on activations [rows, cols] of type T (float or bf16; the
 // symbols end in _f32 / _bf16). Arithmetic is f32: values are widened on load and rounded once on store.
 #include "common.cuh"
+#include "route.cuh"
 
 __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
@@ -440,6 +441,25 @@ __device__ void scatter_add_scaled(float* out, const T* y, const int* rows, cons
     out[(size_t)rows[r] * cols + c] += w[r] * ld(y, i);
 }
 
+// The router of one row in one launch: dense_gemv's logits (a block an expert), then the block that finishes
+// last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row, so
+// the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
+template <typename T>
+__device__ void router_route(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,
+                             float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
+                             float scaling, int* counter) {
+    __shared__ bool last;
+    dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
+    __threadfence();  // this block's logit is visible to every block before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
+    if (threadIdx.x == 0) *counter = 0;
+}
+
 template <typename S, typename D>
 __device__ void cast(const S* x, D* y, size_t n) {
     GRID_INDEX(i, n);
@@ -477,6 +497,13 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void dense_gemv_f32out_##S(const T* x, const T* w, float* y, int rows, int in,           \
                                                      int out) {                                                    \
         dense_gemv<T, float>(x, w, y, rows, in, out);                                                              \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)                                                \
+        router_route_##S(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,           \
+                         float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,          \
+                         float scaling, int* counter) {                                                            \
+        router_route<T>(x, w, logits, in, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm,     \
+                        scaling, counter);                                                                         \
     }                                                                                                              \
     extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
                                         int offset, int half, int il) {                                            \

@@ -17,6 +17,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("mma_pack.cuh", include_str!("../kernels/mma_pack.cuh")),
     ("experts.cuh", include_str!("../kernels/experts.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
+    ("route.cuh", include_str!("../kernels/route.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),

@@ -51,7 +51,8 @@ fn shape(reason: String) -> Error {
     Error::Shape { what: "route", reason }
 }
 
-fn check(logits: usize, rows: usize, bias: usize, d: &RouterDims) -> Result<()> {
+/// The router's shapes as the kernels need them: logits `[rows, n_experts]` of at least `logits` values.
+pub(crate) fn check(logits: usize, rows: usize, bias: usize, d: &RouterDims) -> Result<()> {
     let e = d.n_experts;
     if e == 0 || e > MAX_EXPERTS {
         return Err(shape(format!("{e} experts (1..={MAX_EXPERTS} on the device)")));
@@ -79,11 +80,7 @@ pub fn route_on_device(
 ) -> Result<DeviceRouting> {
     check(logits.len(), rows, bias.len(), dims)?;
     let s = &gpu.stream;
-    let n = (rows * dims.top_k).max(1);
-    // SAFETY: route_f32 writes every one of the rows·top_k entries (a block per row, its top_k ranks are a
-    // permutation's first top_k); with no rows nothing is read (DeviceRouting truncates to rows·top_k).
-    let mut experts = unsafe { s.alloc::<u32>(n) }.map_err(drv("alloc routing"))?;
-    let mut weights = unsafe { s.alloc::<f32>(n) }.map_err(drv("alloc routing"))?;
+    let (mut experts, mut weights) = routing_buffers(gpu, rows, dims.top_k)?;
     if rows > 0 {
         let ints = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
         let norm = i32::from(dims.norm_topk_prob);
@@ -97,6 +94,16 @@ pub fn route_on_device(
         unsafe { l.launch(cfg) }.map_err(drv("launch route"))?;
     }
     Ok(DeviceRouting { rows, top_k: dims.top_k, n_experts: dims.n_experts, experts, weights })
+}
+
+/// A routing's `experts` and `weights`, `[rows, top_k]` each, for a kernel that writes them all.
+pub(crate) fn routing_buffers(gpu: &Gpu, rows: usize, top_k: usize) -> Result<(CudaSlice<u32>, CudaSlice<f32>)> {
+    let n = (rows * top_k).max(1);
+    // SAFETY: route_f32 and router_route write every one of the rows·top_k entries (a block per row, its top_k
+    // ranks are a permutation's first top_k); with no rows nothing is read (DeviceRouting truncates to rows·top_k).
+    let experts = unsafe { gpu.stream.alloc::<u32>(n) }.map_err(drv("alloc routing"))?;
+    let weights = unsafe { gpu.stream.alloc::<f32>(n) }.map_err(drv("alloc routing"))?;
+    Ok((experts, weights))
 }
 
 impl DeviceRouting {

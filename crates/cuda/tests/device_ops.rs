@@ -369,6 +369,14 @@ fn the_router_matches_the_cpu() {
             // The logits are f32 sums of the same bf16 inputs: the same experts, the weights to f32 precision.
             assert_eq!(got.experts, want.experts, "router {} experts ({act:?})", dims.n_experts);
             check(&format!("router weights {}", dims.n_experts), ActDtype::F32, &got.weights, &want.weights, 1e-5);
+            // One row takes the fused launch (router_route): what the 9-row launches gave that row, bit for bit.
+            let k = dims.top_k;
+            for r in [0, 4, 8] {
+                let one = up(&gpu, 1, hidden, &x[r * hidden..(r + 1) * hidden]);
+                let row = gpu.routes_to_host(&gpu.route(&one, &gg, &bg, &dims).unwrap()).unwrap();
+                assert_eq!(row.experts, got.experts[r * k..(r + 1) * k], "router row {r} alone ({act:?})");
+                assert_eq!(row.weights, got.weights[r * k..(r + 1) * k], "router row {r} alone ({act:?})");
+            }
         }
     }
 }
