@@ -4,9 +4,9 @@
 //! worker, a failure from the worker before the one that refused the step or could not be reached.
 //!
 //! `Ring` keeps one Results stream open to every worker of a fleet and hands each outcome to the step that
-//! waits for it. A stream that ends or breaks (its worker exited or is shutting down) fails every waiting
-//! step at once and every later one, instead of leaving them to the step timeout: the fleet's own watcher
-//! reports the worker and restarts it, with a new `Ring`.
+//! waits for it. A stream that ends or breaks (its worker exited or is shutting down) fails every waiting step
+//! at once, instead of leaving them to the step timeout; later steps go nested (a worker that exited is reported
+//! by the fleet's watcher, which restarts the fleet with a new `Ring`; one that lives on keeps serving).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,8 +24,9 @@ pub type Outcome = Result<StepResponse, Status>;
 #[derive(Default)]
 struct Waiting {
     steps: HashMap<u64, oneshot::Sender<Outcome>>,
-    /// Why the ring cannot deliver any more (a stream ended); new steps are refused with it.
+    /// Why the ring cannot deliver any more (a stream ended); new steps go nested.
     broken: Option<String>,
+    fallback_said: bool,
 }
 
 /// The Results streams of one fleet.
@@ -46,15 +47,20 @@ impl Ring {
         Ok(Ring { waiting, readers })
     }
 
-    /// Registers a step before it is sent (its outcome may come before the first worker's answer does).
-    pub fn expect(&self, step_id: u64) -> Result<oneshot::Receiver<Outcome>, Status> {
+    /// Registers a step before it is sent (its outcome may come before the first worker's answer does);
+    /// `None` once a stream has stopped: the step goes nested instead (said once in the log).
+    pub fn expect(&self, step_id: u64) -> Option<oneshot::Receiver<Outcome>> {
         let mut w = lock(&self.waiting);
         if let Some(why) = &w.broken {
-            return Err(Status::unavailable(why.clone()));
+            if !w.fallback_said {
+                tracing::warn!(%why, "ring steps stopped: steps go nested (replies relayed up the chain) from now on");
+                w.fallback_said = true;
+            }
+            return None;
         }
         let (tx, rx) = oneshot::channel();
         w.steps.insert(step_id, tx);
-        Ok(rx)
+        Some(rx)
     }
 
     /// Stops waiting for a step (it failed before any outcome could be sent, or its caller gave up).
@@ -109,9 +115,60 @@ fn deliver(waiting: &Mutex<Waiting>, r: StepResult) {
 }
 
 fn fail_all(waiting: &Mutex<Waiting>, why: String) {
+    // (Waiting steps fail: their outcome may have been on the stream that stopped.)
     let mut w = lock(waiting);
     for (_, tx) in w.steps.drain() {
         let _ = tx.send(Err(Status::unavailable(why.clone())));
     }
     w.broken.get_or_insert(why);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipemoe_proto::worker_v1::Sampled;
+
+    fn ring() -> Ring {
+        Ring { waiting: Arc::new(Mutex::new(Waiting::default())), readers: Vec::new() }
+    }
+
+    fn result(step_id: u64, code: i32) -> StepResult {
+        let response =
+            (code == 0).then(|| StepResponse { sampled: vec![Sampled { seq: 4, token: 9, ..Default::default() }] });
+        StepResult {
+            step_id,
+            response,
+            code,
+            message: if code == 0 { String::new() } else { "worker 2 is full".into() },
+        }
+    }
+
+    #[tokio::test]
+    async fn outcomes_reach_their_steps_and_a_stopped_stream_fails_the_waiting_ones() {
+        let r = ring();
+        let (a, b, c) = (r.expect(1).unwrap(), r.expect(2).unwrap(), r.expect(3).unwrap());
+        deliver(&r.waiting, result(2, Code::ResourceExhausted as i32));
+        deliver(&r.waiting, result(1, 0));
+        deliver(&r.waiting, result(7, 0)); // nobody waits for it: dropped
+        assert_eq!(a.await.unwrap().unwrap().sampled[0].token, 9);
+        let e = b.await.unwrap().unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::ResourceExhausted, "worker 2 is full"));
+        r.forget(3);
+        assert!(c.await.is_err(), "a forgotten step's sender is gone");
+        let d = r.expect(4).unwrap();
+        assert_eq!(r.waiting(), 1);
+        fail_all(&r.waiting, "worker 1's results stream ended".into());
+        let e = d.await.unwrap().unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::Unavailable, "worker 1's results stream ended"));
+        // Later steps go nested.
+        assert!(r.expect(5).is_none() && r.waiting() == 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_ring_fails_what_waits() {
+        let r = ring();
+        let a = r.expect(1).unwrap();
+        drop(r);
+        assert_eq!(a.await.unwrap().unwrap_err().code(), Code::Unavailable);
+    }
 }

@@ -343,13 +343,14 @@ impl Core {
             self.next_step += 1;
             let mut client = head.clone();
             // A ring step's outcome comes on the workers' Results streams (ring.rs): registered before it is sent.
+            // Without a ring (or with one whose stream broke, while its workers live on) the step is nested: the
+            // reply relayed back up the chain carries the tokens.
             let ring = self.fleet.as_ref().and_then(|f| f.ring.clone());
-            let outcome = ring.as_ref().map(|r| r.expect(step_id)).transpose();
-            let req = StepRequest { step_id, chunks, hidden: None, ring: ring.is_some() };
+            let outcome = ring.as_ref().and_then(|r| r.expect(step_id));
+            let req = StepRequest { step_id, chunks, hidden: None, ring: outcome.is_some() };
             let limit = self.cfg.step_timeout;
             self.steps.spawn(async move {
                 let call = async {
-                    let outcome = outcome?;
                     let reply = client.step(req).await?.into_inner();
                     match outcome {
                         Some(rx) => rx.await.unwrap_or_else(|_| Err(Status::unavailable("the ring stopped"))),
@@ -367,7 +368,7 @@ impl Core {
                     }),
                 };
                 if let (Err(_), Some(ring)) = (&r, &ring) {
-                    ring.forget(step_id);
+                    ring.forget(step_id); // refused by worker 0, or timed out
                 }
                 (ids, r)
             });
