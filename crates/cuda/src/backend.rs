@@ -514,44 +514,7 @@ impl Backend for CudaBackend {
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {
-        let _p = self.gpu.span(|| "route".into());
-        let GpuWeightKind::Dense(g) = &gate.kind else {
-            return Err(shape("route", "the router is quantized".into()));
-        };
-        if x.cols != gate.in_features || gate.out_features != dims.n_experts {
-            return Err(shape(
-                "route",
-                format!("[{}, {}] through a router of {} experts", x.rows, x.cols, dims.n_experts),
-            ));
-        }
-        // Logits in f32 (HF applies the router in f32); the choice on the device.
-        let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
-        // SAFETY: the router GEMV below writes all rows·n_experts logits.
-        let mut logits =
-            unsafe { self.gpu.stream.alloc::<f32>((x.rows * dims.n_experts).max(1)) }.map_err(md("alloc"))?;
-        if x.rows == 1 {
-            // A decode row: the GEMV and the choice in one launch (router_route: its last block routes).
-            crate::route::check(dims.n_experts, 1, bias.len(), dims).map_err(m)?;
-            let (mut experts, mut weights) = crate::route::routing_buffers(&self.gpu, 1, dims.top_k).map_err(m)?;
-            let d = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
-            let norm = i32::from(dims.norm_topk_prob);
-            let mut l = self.gpu.stream.launch_builder(self.op("router_route", &x.data)?);
-            l.arg(&x.data).arg(g).arg(&mut logits).arg(&ki).arg(bias).arg(&mut experts).arg(&mut weights);
-            l.arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]).arg(&norm).arg(&dims.scaling).arg(&self.gpu.counters);
-            // SAFETY: matches router_route_*: x [1, in], the gate [n_experts, in], logits n_experts floats, the
-            // routing [1, top_k] (shapes checked above, n_experts ≤ 256 = the block); the counter is 0 between
-            // launches (its last block puts it back), and no other kernel runs beside it on this stream.
-            unsafe { l.launch(dense_grid(dims.n_experts, 1)) }.map_err(md("router_route"))?;
-            let (top_k, n_experts) = (dims.top_k, dims.n_experts);
-            let dev = crate::route::DeviceRouting { rows: 1, top_k, n_experts, experts, weights };
-            return Ok(GpuRoutes::new(dev));
-        }
-        let mut l = self.gpu.stream.launch_builder(self.op("dense_gemv_f32out", &x.data)?);
-        l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
-        // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
-        unsafe { l.launch(dense_grid(dims.n_experts, x.rows)) }.map_err(md("router"))?;
-        let dev = crate::route::route_on_device(&self.gpu, &logits.as_view(), x.rows, bias, dims).map_err(m)?;
-        Ok(GpuRoutes::new(dev))
+        crate::route::route(self, x, gate, bias, dims).map(GpuRoutes::new)
     }
 
     fn routes_to_host(&self, routes: &GpuRoutes) -> MResult<Routing> {

@@ -5,6 +5,7 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{RouterDims, Routing};
 
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, dense_grid, m, md};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
 
@@ -104,6 +105,51 @@ pub(crate) fn routing_buffers(gpu: &Gpu, rows: usize, top_k: usize) -> Result<(C
     let experts = unsafe { gpu.stream.alloc::<u32>(n) }.map_err(drv("alloc routing"))?;
     let weights = unsafe { gpu.stream.alloc::<f32>(n) }.map_err(drv("alloc routing"))?;
     Ok((experts, weights))
+}
+
+/// `Backend::route`: the router's logits in f32 (HF applies the router in f32), then the choice on the device —
+/// at one row both in one launch (`router_route`: its last block routes).
+pub(crate) fn route(
+    b: &CudaBackend,
+    x: &GpuTensor,
+    gate: &GpuWeight,
+    bias: &CudaSlice<f32>,
+    dims: &RouterDims,
+) -> MResult<DeviceRouting> {
+    let _p = b.gpu.span(|| "route".into());
+    let GpuWeightKind::Dense(g) = &gate.kind else {
+        return Err(crate::backend::shape("route", "the router is quantized".into()));
+    };
+    if x.cols != gate.in_features || gate.out_features != dims.n_experts {
+        return Err(crate::backend::shape(
+            "route",
+            format!("[{}, {}] through a router of {} experts", x.rows, x.cols, dims.n_experts),
+        ));
+    }
+    let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
+    // SAFETY: the router GEMV below writes all rows·n_experts logits.
+    let mut logits = unsafe { b.gpu.stream.alloc::<f32>((x.rows * dims.n_experts).max(1)) }.map_err(md("alloc"))?;
+    if x.rows == 1 {
+        // A decode row: the GEMV and the choice in one launch (router_route: its last block routes).
+        check(dims.n_experts, 1, bias.len(), dims).map_err(m)?;
+        let (mut experts, mut weights) = routing_buffers(&b.gpu, 1, dims.top_k).map_err(m)?;
+        let d = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
+        let norm = i32::from(dims.norm_topk_prob);
+        let mut l = b.gpu.stream.launch_builder(b.op("router_route", &x.data)?);
+        l.arg(&x.data).arg(g).arg(&mut logits).arg(&ki).arg(bias).arg(&mut experts).arg(&mut weights);
+        l.arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]).arg(&norm).arg(&dims.scaling).arg(&b.gpu.counters);
+        // SAFETY: matches router_route_*: x [1, in], the gate [n_experts, in], logits n_experts floats, the
+        // routing [1, top_k] (shapes checked above, n_experts ≤ 256 = the block); the counter is 0 between
+        // launches (its last block puts it back), and no other kernel runs beside it on this stream.
+        unsafe { l.launch(dense_grid(dims.n_experts, 1)) }.map_err(md("router_route"))?;
+        let (top_k, n_experts) = (dims.top_k, dims.n_experts);
+        return Ok(DeviceRouting { rows: 1, top_k, n_experts, experts, weights });
+    }
+    let mut l = b.gpu.stream.launch_builder(b.op("dense_gemv_f32out", &x.data)?);
+    l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
+    // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
+    unsafe { l.launch(dense_grid(dims.n_experts, x.rows)) }.map_err(md("router"))?;
+    route_on_device(&b.gpu, &logits.as_view(), x.rows, bias, dims).map_err(m)
 }
 
 impl DeviceRouting {
