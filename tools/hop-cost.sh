@@ -2,21 +2,24 @@
 # What one pipeline hop costs in serving — the gRPC step call from one worker process to the next, its activations
 # and the processes' wake-ups — measured on the real server, CPU workers (no GPU needed): the demo model served by
 # 1 and then by 3 CPU workers (same layers, split), the same greedy request of N tokens (ignore_eos) five times
-# each, twice over in turns; the per-token time of 3 workers minus that of 1 (medians of the 10 runs each), over
+# each, in turns for a number of rounds; the per-token time of 3 workers minus that of 1 (medians of all runs each), over
 # the 2 extra hops, is one hop's cost (each round's own figure is printed too, for the spread). Compute per
 # token is the same in both (the same layers run once each), so the difference is the hand-offs.
-# Usage: tools/hop-cost.sh [pipemoe binary] [tokens]   (defaults: the release build, 200). Prints JSON lines last.
+# Usage: tools/hop-cost.sh [pipemoe binary] [tokens] [rounds]   (defaults: the release build, 200, 2). Prints JSON
+# lines last. Two rounds resolve ~0.1 ms at best (session 13: rounds of one binary 0.21-0.37 ms apart); more rounds
+# narrow the pooled medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${1:-${CARGO_TARGET_DIR:-$HOME/.cache/pipemoe/target}/release/pipemoe}"
 tokens="${2:-200}"
+rounds="${3:-2}"
 [ -x "$bin" ] || { echo "no pipemoe binary at $bin (cargo build --release -p pipemoe)" >&2; exit 2; }
 dir=$(mktemp -d /tmp/pipemoe-hop.XXXXXX)
 port=$((20000 + RANDOM % 20000))
 model="$PWD/data/models/tiny-dsv32-w3a16"
 trap '"$bin" stop --data-dir "$dir" > /dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-# Two rounds, 1 and 3 workers taking turns: the host's drift between the configurations lands in both.
-for workers in 1 3 1 3; do
+# Rounds of 1 and 3 workers taking turns: the host's drift between the configurations lands in both.
+for workers in $(for _ in $(seq "$rounds"); do echo 1 3; done); do
     devices=$(printf 'cpu%.0s,' $(seq "$workers")); devices=${devices%,}
     "$bin" recipe upsert --data-dir "$dir" --id "w$workers" --model "$model" --devices "$devices" \
         --max-model-len 4096 > /dev/null
