@@ -89,9 +89,9 @@ pub struct BenchArgs {
     pub hop_us: Option<f64>,
     /// The serving path's cost per hop in µs (the gRPC step call down and the worker's hand-offs; ring steps
     /// relay no reply back up), added to the IPC landing: the bench runs no workers. Default: `tools/hop-cost.sh`
-    /// on the H200 host (16 cores, CPU workers) with ring steps, 0.256 ms (medians of 10 runs a side; nested
-    /// steps 0.389 ms in the same call: docs/PERF.md, session 13).
-    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 256.0)]
+    /// on the H200 host (16 cores, CPU workers) with ring steps, the median of three runs' pooled medians (0.256,
+    /// 0.297, 0.267 ms; nested steps 0.389, 0.350, 0.357 in the same calls: docs/PERF.md, session 13).
+    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 267.0)]
     pub grpc_us: f64,
     /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
