@@ -2,8 +2,8 @@
 # What one pipeline hop costs in serving — the gRPC step call from one worker process to the next, its activations
 # and the processes' wake-ups — measured on the real server, CPU workers (no GPU needed): the demo model served by
 # 1 and then by 3 CPU workers (same layers, split), the same greedy request of N tokens (ignore_eos) five times
-# each, in turns for a number of rounds; the per-token time of 3 workers minus that of 1 (medians of all runs each), over
-# the 2 extra hops, is one hop's cost (each round's own figure is printed too, for the spread). Compute per
+# each, in turns for a number of rounds; the per-token time of 3 workers minus that of 1 (medians of all runs
+# each), over the 2 extra hops, is one hop's cost (each round's own figure is printed too, for the spread). Compute per
 # token is the same in both (the same layers run once each), so the difference is the hand-offs.
 # Usage: tools/hop-cost.sh [pipemoe binary] [tokens] [rounds]   (defaults: the release build, 200, 2). Prints JSON
 # lines last. Two rounds resolve ~0.1 ms at best (session 13: rounds of one binary 0.21-0.37 ms apart); more rounds

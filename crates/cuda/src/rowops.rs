@@ -81,6 +81,21 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
 }
 
 /// `Backend::rope_columns` in one launch (`rope_cols_*`): columns `start..` of `x` roped into a new tensor.
+/// Columns `start..` of `x` hold `spec`'s heads, each with room for `half` rotated pairs, one row per `rows`.
+fn rope_part(
+    what: &'static str,
+    x: &GpuTensor,
+    start: usize,
+    spec: RopeSpec,
+    half: usize,
+    rows: &[Row],
+) -> MResult<()> {
+    if start + spec.heads * spec.head_dim > x.cols || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
+        return Err(shape(what, format!("{spec:?} from column {start} of [{}, {}]", x.rows, x.cols)));
+    }
+    Ok(())
+}
+
 pub(crate) fn rope_columns(
     b: &CudaBackend,
     x: &GpuTensor,
@@ -91,9 +106,7 @@ pub(crate) fn rope_columns(
 ) -> MResult<GpuTensor> {
     let _p = b.gpu.span(|| format!("rope columns {}x{}", spec.heads, spec.head_dim));
     let (half, width) = (inv_freq.len(), spec.heads * spec.head_dim);
-    if start + width > x.cols || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows {
-        return Err(shape("rope_columns", format!("{spec:?} from column {start} of [{}, {}]", x.rows, x.cols)));
-    }
+    rope_part("rope_columns", x, start, spec, half, rows)?;
     let mut y = b.output(x.rows, width)?;
     let positions = crate::graph::positions(b, rows)?;
     let pos = positions.view();
@@ -148,12 +161,8 @@ pub(crate) fn rope_columns2(
     }
     let _p = b.gpu.span(|| format!("rope columns {}x{} + {}x{}", p1.heads, p1.head_dim, p2.heads, p2.head_dim));
     let half = inv_freq.len();
-    for (start, spec) in [(s1, p1), (s2, p2)] {
-        if start + spec.heads * spec.head_dim > x.cols || spec.offset + 2 * half > spec.head_dim || rows.len() != x.rows
-        {
-            return Err(shape("rope_columns2", format!("{spec:?} from column {start} of [{}, {}]", x.rows, x.cols)));
-        }
-    }
+    rope_part("rope_columns2", x, s1, p1, half, rows)?;
+    rope_part("rope_columns2", x, s2, p2, half, rows)?;
     let mut y1 = b.output(x.rows, p1.heads * p1.head_dim)?;
     let mut y2 = b.output(x.rows, p2.heads * p2.head_dim)?;
     let positions = crate::graph::positions(b, rows)?;
