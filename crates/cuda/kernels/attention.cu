@@ -21,69 +21,16 @@ static_assert(MLA_HEADS == 8, "mla_flash reads a key's 8 head queries and probab
 static_assert(OUT_COLS * 8 == 32 * ABS_WARPS, "mla_out gives each output column 8 threads");
 static_assert(ABS_WARPS >= MLA_ROWS && MLA_MAX_SPLITS <= 32, "mla_out weighs a row's splits with a warp");
 
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    v = warp_max(v);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : NEG_INF;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
-        if (threadIdx.x == 0) scratch[0] = t;
-    }
-    __syncthreads();
-    float r = scratch[0];
-    __syncthreads();
-    return r;
-}
-
-// Values a thread of cache_store holds (a 512-wide latent at 128 threads is 4).
-#define CACHE_HELD 8
-
 // grid (rows, 3): block (r, c) stores component c (0 latent, 1 k_pe, 2 indexer key) of row r at pool slot
-// slots[r] in the cache dtype, and its scale (fp8: max|x| / 448, the e4m3 range; else 1). Block 128.
+// slots[r] (cache_put_row). Block 128.
 template <typename T>
 __device__ void cache_store(const T* latent, const T* k_pe, const T* index_k, const int* slots, int lora, int rope,
                             int idim, void* c_lat, void* c_pe, void* c_idx, float* scales, int dtype) {
-    __shared__ float scratch[32];
     const int r = blockIdx.x, c = blockIdx.y;
     const T* src = c == 0 ? latent : c == 1 ? k_pe : index_k;
-    void* dst = c == 0 ? c_lat : c == 1 ? c_pe : c_idx;
     const int n = c == 0 ? lora : c == 1 ? rope : idim;
     if (src == nullptr || n == 0) return;
-    const size_t slot = slots[r], at = slot * n;
-    src += (size_t)r * n;
-    const auto put = [&](int i, float v, float sc) {
-        if (dtype == 0) ((float*)dst)[at + i] = v;
-        else if (dtype == 1) ((__nv_bfloat16*)dst)[at + i] = __float2bfloat16(v);
-        else ((__nv_fp8_e4m3*)dst)[at + i] = __nv_fp8_e4m3(v / sc);
-    };
-    float m = 0.f;
-    if (n <= (int)blockDim.x * CACHE_HELD) {
-        // Every value of the thread loaded at once and kept for the store (a loop over them issued one load after
-        // the other's use: one round trip a value, twice).
-        float v[CACHE_HELD];
-#pragma unroll
-        for (int j = 0; j < CACHE_HELD; j++) {
-            const int i = threadIdx.x + j * blockDim.x;
-            v[j] = i < n ? act_ld(src, i) : 0.f;
-            m = fmaxf(m, fabsf(v[j]));
-        }
-        m = block_max(m, scratch);
-        const float sc = dtype == 2 && m > 0.f ? m / 448.f : 1.f;
-        if (threadIdx.x == 0) scales[slot * 3 + c] = sc;
-#pragma unroll
-        for (int j = 0; j < CACHE_HELD; j++) {
-            const int i = threadIdx.x + j * blockDim.x;
-            if (i < n) put(i, v[j], sc);
-        }
-        return;
-    }
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(act_ld(src, i)));
-    m = block_max(m, scratch);
-    const float sc = dtype == 2 && m > 0.f ? m / 448.f : 1.f;
-    if (threadIdx.x == 0) scales[slot * 3 + c] = sc;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) put(i, act_ld(src, i), sc);
+    cache_put_row(src + (size_t)r * n, n, slots[r], c, c == 0 ? c_lat : c == 1 ? c_pe : c_idx, scales, dtype);
 }
 
 // q_lat[r, h, l] = Σ_d q_nope[row0 + r, h, d] · W_UK[h, d, l] for r < n_rows. grid (heads, ⌈n_rows / R⌉,

@@ -1,4 +1,5 @@
-// What the attention kernels share (attention.cu, flash_mma.cu): the paged cache's addressing and element types.
+// What the attention kernels share (attention.cu, flash_mma.cu; ops.cu's mla_prep stores rows too): the paged
+// cache's addressing, element types and row stores.
 #pragma once
 #include <cuda_fp8.h>
 
@@ -16,6 +17,49 @@ __device__ __forceinline__ float kv_load(const void* base, size_t i, int dtype) 
     if (dtype == 0) return ((const float*)base)[i];
     if (dtype == 1) return __bfloat162float(((const __nv_bfloat16*)base)[i]);
     return float(((const __nv_fp8_e4m3*)base)[i]);
+}
+
+// Values a thread of cache_put_row holds (a 512-wide latent at 128 threads is 4).
+#define CACHE_HELD 8
+
+// One row `src` [n] of component c (0 latent, 1 k_pe, 2 indexer key) into the pool at `slot` of `dst` in the cache
+// dtype, and its scale (fp8: max|x| / 448, the e4m3 range; else 1). Every thread of the block calls it (a block
+// max). (Needs common.cuh's block_max.)
+template <typename T>
+__device__ void cache_put_row(const T* src, int n, size_t slot, int c, void* dst, float* scales, int dtype) {
+    __shared__ float scratch[32];
+    const size_t at = slot * n;
+    const auto put = [&](int i, float v, float sc) {
+        if (dtype == 0) ((float*)dst)[at + i] = v;
+        else if (dtype == 1) ((__nv_bfloat16*)dst)[at + i] = __float2bfloat16(v);
+        else ((__nv_fp8_e4m3*)dst)[at + i] = __nv_fp8_e4m3(v / sc);
+    };
+    float m = 0.f;
+    if (n <= (int)blockDim.x * CACHE_HELD) {
+        // Every value of the thread loaded at once and kept for the store (a loop over them issued one load after
+        // the other's use: one round trip a value, twice).
+        float v[CACHE_HELD];
+#pragma unroll
+        for (int j = 0; j < CACHE_HELD; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            v[j] = i < n ? act_ld(src, i) : 0.f;
+            m = fmaxf(m, fabsf(v[j]));
+        }
+        m = block_max(m, scratch);
+        const float sc = dtype == 2 && m > 0.f ? m / 448.f : 1.f;
+        if (threadIdx.x == 0) scales[slot * 3 + c] = sc;
+#pragma unroll
+        for (int j = 0; j < CACHE_HELD; j++) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < n) put(i, v[j], sc);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, fabsf(act_ld(src, i)));
+    m = block_max(m, scratch);
+    const float sc = dtype == 2 && m > 0.f ? m / 448.f : 1.f;
+    if (threadIdx.x == 0) scales[slot * 3 + c] = sc;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) put(i, act_ld(src, i), sc);
 }
 
 // Pool slot of position p of a sequence whose block table is `table`.

@@ -45,6 +45,22 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return r;
 }
 
+// Block-wide max (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : NEG_INF;
+        t = warp_max(t);
+        if (threadIdx.x == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    float r = scratch[0];
+    __syncthreads();
+    return r;
+}
+
 // Stable block-wide compaction: how many threads before this one (in thread order) have `flag` set; `*total`
 // gets the count over the block. Every thread must call it (blockDim.x a multiple of 32, ≤ 1024); `scratch`
 // holds 32 u32 of shared memory and is free again on return.

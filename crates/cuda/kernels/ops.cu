@@ -1,6 +1,7 @@
 // Elementwise and row-wise operations of the backend on activations [rows, cols] of type T (float or bf16; the
 // symbols end in _f32 / _bf16). Arithmetic is f32: values are widened on load and rounded once on store.
 #include "common.cuh"
+#include "attention.cuh"
 #include "route.cuh"
 
 __device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
@@ -393,20 +394,37 @@ __device__ void rope_cols8(const T* x, int cols, int start, T* y, const int* pos
 // The attention inputs of a fused projection row [q_a | latent | k_pe | index key | index weights] (widths q_a,
 // lora, rope, idx, iw; q_a, idx or iw 0 when absent), what split_cols, rms_norm, rope, layer_norm and scale give
 // one after another, bit for bit (the norms' block sums at the same 512 threads): grid (rows, 5), blockIdx.y the
-// part. Outputs [rows, width].
+// part. Outputs [rows, width]. With `c->slots`, the latent, k_pe and indexer key also go into the cache at the
+// rows' slots as cache_store puts them (the block that made a part stores it, reading back what it wrote).
+struct CacheDst {
+    const int* slots;  // [rows], or null: no store
+    void* lat;
+    void* pe;
+    void* idx;
+    float* scales;
+    int dtype;
+};
+
 template <typename T>
 __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, int iw, float iw_scale,
                          const float* q_norm, const float* kv_norm, const float* k_w, const float* k_b, float eps,
                          const int* pos, const float* inv_freq, int half, T* q_out, T* lat_out, T* kpe_out,
-                         T* key_out, T* iw_out) {
+                         T* key_out, T* iw_out, CacheDst c) {
     const int r = blockIdx.x, total = q_a + lora + rope + idx + iw;
     const T* row = proj + (size_t)r * total;
+    // After a part's last store, every thread's values are visible to the block: the store reads them back.
+    const auto cached = [&](const T* out, int n, int part, void* dst) {
+        if (c.slots == nullptr || n == 0) return;
+        __syncthreads();
+        cache_put_row(out, n, c.slots[r], part, dst, c.scales, c.dtype);
+    };
     switch (blockIdx.y) {
         case 0:
             if (q_a > 0) rms_norm_row(const_cast<T*>(row), (const T*)nullptr, q_norm, q_out + (size_t)r * q_a, q_a, eps);
             return;
         case 1:
             rms_norm_row(const_cast<T*>(row + q_a), (const T*)nullptr, kv_norm, lat_out + (size_t)r * lora, lora, eps);
+            cached(lat_out + (size_t)r * lora, lora, 0, c.lat);
             return;
         case 2: {  // one head, interleaved pairs from column 0
             const T* src = row + q_a + lora;
@@ -415,6 +433,7 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
                 if (i >= 2 * half) dst[i] = src[i];  // columns past the rotated pairs, as split copies them
             for (int p = threadIdx.x; p < half; p += blockDim.x)
                 rope_pair(src + 2 * p, src + 2 * p + 1, dst + 2 * p, dst + 2 * p + 1, pos[r], inv_freq[p]);
+            cached(dst, rope, 1, c.pe);
             return;
         }
         case 4: {  // the indexer's head weights, scaled as `scale` does
@@ -429,6 +448,7 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
             __syncthreads();  // the row as stored, before its pairs are read across threads
             for (int p = threadIdx.x; p < half; p += blockDim.x)
                 rope_pair(key + p, key + p + half, key + p, key + p + half, pos[r], inv_freq[p]);
+            cached(key, idx, 2, c.idx);
         }
     }
 }
@@ -526,9 +546,10 @@ __device__ void cast(const S* x, D* y, size_t n) {
     extern "C" __global__ void mla_prep_##S(const T* proj, int q_a, int lora, int rope, int idx, int iw,          \
                                             float iw_scale, const float* qn, const float* kvn, const float* kw,    \
                                             const float* kb, float eps, const int* pos, const float* f, int half,  \
-                                            T* q, T* lat, T* kpe, T* key, T* w) {                                  \
+                                            T* q, T* lat, T* kpe, T* key, T* w, const int* slots, void* c_lat,     \
+                                            void* c_pe, void* c_idx, float* scales, int dtype) {                   \
         mla_prep<T>(proj, q_a, lora, rope, idx, iw, iw_scale, qn, kvn, kw, kb, eps, pos, f, half, q, lat, kpe,     \
-                    key, w);                                                                                       \
+                    key, w, CacheDst{slots, c_lat, c_pe, c_idx, scales, dtype});                                   \
     }                                                                                                              \
     extern "C" __global__ void scatter_add_scaled_##S(float* out, const T* y, const int* rows, const float* w,     \
                                                       int n, int cols) {                                           \

@@ -7,12 +7,13 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{MlaDims, Row};
+use pipemoe_model::backend::{IndexQuery, MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
 use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
-use crate::graph::StepInputs;
+use crate::gpu::Branch;
+use crate::graph::{Ints, StepInputs};
 use crate::indexer::GpuSelection;
 
 /// Heads per attention block of the f32 kernel (`MLA_HEADS`) and of the bf16 tensor-core one (`FM_HEADS`), rows
@@ -159,15 +160,9 @@ pub fn cache_write(
     if rows.is_empty() {
         return Ok(());
     }
-    let slots = match cache.take_reserved(rows) {
-        Some(s) => s,
-        None => cache.reserve(&b.gpu, rows)?,
-    };
-    // The same slots at every layer of the step: the step's inputs, or uploaded once while recent.
-    let slots = crate::graph::slots(b, rows, &slots)?;
-    let slots = slots.view();
-    let pool = cache.pool().ok_or_else(|| shape("cache_write", "no pool after reserving".into()))?;
     let (li, ri, ii, code) = (lora as i32, rope as i32, idim as i32, cache.dtype.code());
+    let (slots, pool) = cache_target(b, cache, rows)?;
+    let slots = slots.view();
     let null: u64 = 0;
     let f = b.f(&format!("cache_store_{}", dt.suffix()))?;
     let mut l = b.gpu.stream.launch_builder(f);
@@ -184,6 +179,44 @@ pub fn cache_write(
     Ok(())
 }
 
+/// The indexer's selection and attention over it (V3.2): the scores and top-k run on a branch of the step
+/// beside the query's absorption, which does not need them; the main stream joins the branch before the flash
+/// kernel reads the selection. The selection (and `index`'s tensors, the caller's) outlive the join.
+pub fn mla_indexed(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    q: &GpuTensor,
+    kv_b: &Act,
+    d: &MlaDims,
+    rows: &[Row],
+    index: IndexQuery<'_, CudaBackend>,
+) -> MResult<GpuTensor> {
+    let branch = b.gpu.branch();
+    let selection = crate::indexer::select(b, cache, index.q, index.w, index.dims, rows, branch.as_ref())?;
+    let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
+    let out = attend(b, cache, q, kv_b, d, rows, keys);
+    // The branch joins (if the attention did not get that far) before the selection's buffers go back to the pool.
+    drop(branch);
+    drop(selection);
+    out
+}
+
+/// Where a step's rows go in `cache`: their slots (reserved ahead for the step, or now) on the device — the same
+/// at every layer of the step: the step's inputs, or uploaded once while recent — and the pool.
+pub(crate) fn cache_target<'c>(
+    b: &CudaBackend,
+    cache: &'c mut GpuLayerCache,
+    rows: &[Row],
+) -> MResult<(Ints, &'c Pool)> {
+    let slots = match cache.take_reserved(rows) {
+        Some(s) => s,
+        None => cache.reserve(&b.gpu, rows)?,
+    };
+    let slots = crate::graph::slots(b, rows, &slots)?;
+    let pool = cache.pool().ok_or_else(|| shape("cache_write", "no pool after reserving".into()))?;
+    Ok((slots, pool))
+}
+
 /// Absorbed MLA over the cache for every row of a step; `selection` restricts each row to its keys (V3.2).
 pub fn mla(
     b: &CudaBackend,
@@ -194,6 +227,27 @@ pub fn mla(
     rows: &[Row],
     selection: Option<&GpuSelection>,
 ) -> MResult<GpuTensor> {
+    attend(b, cache, q, kv_b, d, rows, Keys { selection, branch: None })
+}
+
+/// The keys each row attends to: every causal one, or the indexer's selection — which, with `branch`, is still
+/// being made there (the main stream joins the branch before the first flash launch).
+#[derive(Clone, Copy)]
+struct Keys<'a, 'b> {
+    selection: Option<&'a GpuSelection>,
+    branch: Option<&'a Branch<'b>>,
+}
+
+fn attend(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    q: &GpuTensor,
+    kv_b: &Act,
+    d: &MlaDims,
+    rows: &[Row],
+    keys: Keys<'_, '_>,
+) -> MResult<GpuTensor> {
+    let Keys { selection, branch } = keys;
     let qk = d.qk_nope + d.qk_rope;
     if q.cols != d.heads * qk || q.rows != rows.len() {
         return Err(shape("mla_attention", format!("q [{}, {}]", q.rows, q.cols)));
@@ -213,11 +267,11 @@ pub fn mla(
         return Err(shape("mla_attention", format!("a selection of {} rows for {}", s.rows(), rows.len())));
     }
     let dt = q.data.dtype();
-    let mut out = GpuTensor {
-        rows: rows.len(),
-        cols: d.heads * d.v_head,
-        data: Act::zeros(&b.gpu, dt, rows.len() * d.heads * d.v_head).map_err(m)?,
-    };
+    // Not cleared (a memset is one more node of a decode step's graph): mla_out writes every (row, head, value) of
+    // every chunk, and the chunks cover the rows.
+    // SAFETY: as just said; no value is read before the last chunk's mla_out.
+    let data = unsafe { Act::uninit(&b.gpu, dt, rows.len() * d.heads * d.v_head) }.map_err(m)?;
+    let mut out = GpuTensor { rows: rows.len(), cols: d.heads * d.v_head, data };
     if rows.is_empty() {
         return Ok(out);
     }
@@ -252,6 +306,9 @@ pub fn mla(
         let p = b.gpu.span(|| "mla absorb_q".into());
         let q_lat = st.absorb_q(c)?;
         drop(p);
+        if let Some(br) = branch {
+            br.join().map_err(m)?;
+        }
         let p = b.gpu.span(|| format!("mla flash x{splits}"));
         let (o_part, ml_part) = st.flash(c, &q_lat)?;
         drop(p);

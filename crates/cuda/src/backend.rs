@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexerDims, Landed, LayersBody, MlaDims, MlaPrep, MlaPrepped,
-    RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
+    Backend, ExpertWeights, HostLinear, HostSelection, IndexQuery, IndexerDims, Landed, LayersBody, MlaDims, MlaPrep,
+    MlaPrepped, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -450,7 +450,18 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> MResult<MlaPrepped<GpuTensor>> {
-        crate::rowops::mla_prep(self, proj, p, inv_freq, rows)
+        crate::rowops::mla_prep(self, proj, p, inv_freq, rows, None)
+    }
+
+    fn mla_prep_write(
+        &self,
+        proj: &GpuTensor,
+        p: &MlaPrep<'_, CudaSlice<f32>>,
+        inv_freq: &[f32],
+        rows: &[Row],
+        cache: &mut GpuLayerCache,
+    ) -> MResult<MlaPrepped<GpuTensor>> {
+        crate::rowops::mla_prep(self, proj, p, inv_freq, rows, Some(cache))
     }
 
     fn cache_write(
@@ -511,6 +522,19 @@ impl Backend for CudaBackend {
     ) -> MResult<GpuTensor> {
         let w = self.dense_of(kv_b)?;
         crate::attention::mla(self, cache, q, w, dims, rows, selection)
+    }
+
+    fn mla_attention_indexed(
+        &self,
+        cache: &GpuLayerCache,
+        q: &GpuTensor,
+        kv_b: &GpuWeight,
+        dims: &MlaDims,
+        rows: &[Row],
+        index: IndexQuery<'_, Self>,
+    ) -> MResult<GpuTensor> {
+        let w = self.dense_of(kv_b)?;
+        crate::attention::mla_indexed(self, cache, q, w, dims, rows, index)
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {

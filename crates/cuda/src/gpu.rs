@@ -2,9 +2,9 @@
 //! then the context, the device's own architecture, and every kernel compiled (or read from the cache) for it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result, drv};
@@ -65,6 +65,54 @@ pub struct Gpu {
     pub(crate) counters: CudaSlice<i32>,
     /// The running step's inputs and the recorded steps (`graph.rs`).
     pub steps: crate::graph::Steps,
+    /// A second stream for a branch of a step beside the main stream's next launches ([`Gpu::branch`]).
+    side: Mutex<Side>,
+    /// Whether [`Gpu::branch`] hands out branches (on unless a benchmark's A/B turns them off).
+    branches: std::sync::atomic::AtomicBool,
+}
+
+/// The side stream and the events that fork it from the main stream and join it back.
+struct Side {
+    stream: Arc<CudaStream>,
+    forked: CudaEvent,
+    done: CudaEvent,
+}
+
+/// A branch of a step on the side stream ([`Gpu::branch`]): work queued on [`Branch::fork`]'s stream runs beside
+/// what the main stream queues meanwhile, until [`Branch::join`] (or the branch's drop) makes the main stream wait
+/// for it. Memory: the pool is stream-ordered and every buffer here is allocated and freed on the main stream, so
+/// whatever the branch reads or writes must be allocated before the fork and freed only after the join — the
+/// caller keeps each such buffer alive until then. No launch of the branch may use `Gpu::counters` (the main
+/// stream's split launches do).
+pub struct Branch<'a> {
+    side: MutexGuard<'a, Side>,
+    main: &'a CudaStream,
+    joined: std::cell::Cell<bool>,
+}
+
+impl Branch<'_> {
+    /// The side stream, once it waits for everything queued on the main stream so far.
+    pub fn fork(&self) -> Result<&Arc<CudaStream>> {
+        self.side.forked.record(self.main).map_err(drv("cuEventRecord"))?;
+        self.side.stream.wait(&self.side.forked).map_err(drv("cuStreamWaitEvent"))?;
+        Ok(&self.side.stream)
+    }
+
+    /// The main stream waits for everything queued on the side stream so far (once; later calls do nothing).
+    pub fn join(&self) -> Result<()> {
+        if self.joined.replace(true) {
+            return Ok(());
+        }
+        self.side.done.record(&self.side.stream).map_err(drv("cuEventRecord"))?;
+        self.main.wait(&self.side.done).map_err(drv("cuStreamWaitEvent"))
+    }
+}
+
+impl Drop for Branch<'_> {
+    fn drop(&mut self) {
+        // An error path between fork and join still orders the branch before the main stream's frees.
+        let _ = self.join();
+    }
 }
 
 /// A function and shape of `Gpu::resident_blocks`: the caller's three numbers, block threads, shared bytes.
@@ -134,14 +182,21 @@ impl Gpu {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
             )
             .map_err(drv("cuDeviceGetAttribute"))? as usize;
-        // Every buffer of a `Gpu` is allocated, used and freed on its one stream, so cudarc's per-buffer events
-        // (two per allocation, a record or wait per kernel argument: several driver calls per launch, most of a
-        // small decode kernel's cost) order nothing that stream order does not already.
-        // SAFETY: no buffer of this context is ever used on another stream (the IPC path orders the other process
-        // with its own interprocess event); called before any buffer exists.
+        // Every buffer of a `Gpu` is allocated and freed on its main stream and used there or on a `Branch` of it
+        // (which the main stream forks and joins by events), so cudarc's per-buffer events (two per allocation, a
+        // record or wait per kernel argument: several driver calls per launch, most of a small decode kernel's
+        // cost) order nothing that stream order and the branches' events do not already.
+        // SAFETY: a buffer is used on the side stream only between a branch's fork and join, allocated before the
+        // one and freed after the other (`Branch`); the IPC path orders the other process with its own
+        // interprocess event. Called before any buffer exists.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let side = Side {
+            stream: ctx.new_stream().map_err(drv("cuStreamCreate"))?,
+            forked: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
+            done: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
+        };
         let counters = stream.alloc_zeros::<i32>(COUNTERS).map_err(drv("cuMemAlloc"))?;
         let mut modules = Vec::new();
         for (file, source) in nvrtc::KERNELS {
@@ -165,7 +220,19 @@ impl Gpu {
             recent: Default::default(),
             counters,
             steps: Default::default(),
+            side: Mutex::new(side),
+            branches: true.into(),
         })
+    }
+
+    /// A branch on the side stream (one at a time: the next caller waits until this one is dropped), or `None`
+    /// while profiling (a profile times each op alone on the main stream).
+    pub fn branch(&self) -> Option<Branch<'_>> {
+        if self.profiling() || !self.branches() {
+            return None;
+        }
+        let side = self.side.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Branch { side, main: &self.stream, joined: std::cell::Cell::new(false) })
     }
 
     /// Lets `f` launch with `smem` bytes of dynamic shared memory: above the 48 KiB every kernel gets, the
@@ -225,6 +292,16 @@ impl Gpu {
         let n = per_sm as usize * self.sm_count as usize;
         self.resident.lock().unwrap_or_else(|e| e.into_inner()).insert(key, n);
         Some(n)
+    }
+
+    /// Whether [`Gpu::branch`] hands out branches (recorded steps are keyed by it).
+    pub fn branches(&self) -> bool {
+        self.branches.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns side-stream branches on or off: what they save, timed in one process (`pipemoe bench --ab-branches`).
+    pub fn set_branches(&self, on: bool) {
+        self.branches.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).

@@ -3,13 +3,14 @@
 //! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
 //! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
 use crate::act::ActDtype;
 use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
-use crate::backend::{CudaBackend, GpuTensor, MResult, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{BLOCK, GpuLayerCache, KvDtype, Pool, StepTables};
+use crate::gpu::Branch;
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
 const KEYS_PER_BLOCK: usize = 64;
@@ -26,6 +27,9 @@ pub struct GpuSelection {
     keys: CudaSlice<i32>,
     counts: Vec<usize>,
     stride: usize,
+    /// What its launches read, kept while it lives: a selection made on a `Branch` may still be running when
+    /// [`select`] returns, and the pool must not hand these buffers out again before the branch's join.
+    _inputs: Option<(Tables, Vec<CudaSlice<f32>>)>,
 }
 
 impl GpuSelection {
@@ -55,7 +59,7 @@ impl GpuSelection {
                 flat[r * stride + i] = i32::try_from(k).map_err(|_| shape("selection", format!("position {k}")))?;
             }
         }
-        Ok(Self { keys: b.upload_i32(&flat)?, counts: sel.iter().map(Vec::len).collect(), stride })
+        Ok(Self { keys: b.upload_i32(&flat)?, counts: sel.iter().map(Vec::len).collect(), stride, _inputs: None })
     }
 
     pub fn to_host(&self, b: &CudaBackend) -> MResult<HostSelection> {
@@ -77,6 +81,21 @@ pub fn indexer_select(
     d: &IndexerDims,
     rows: &[Row],
 ) -> MResult<GpuSelection> {
+    select(b, cache, q, w, d, rows, None)
+}
+
+/// [`indexer_select`], its launches on `branch`'s side stream when given: every buffer is allocated on the main
+/// stream first, then the branch forks, and the selection keeps what its launches read. The caller joins the
+/// branch before anything reads the selection, and drops the selection (and `q`, `w`) only after that.
+pub(crate) fn select(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    q: &GpuTensor,
+    w: &GpuTensor,
+    d: &IndexerDims,
+    rows: &[Row],
+    branch: Option<&Branch<'_>>,
+) -> MResult<GpuSelection> {
     if q.cols != d.heads * d.head_dim
         || w.cols != d.heads
         || q.rows != rows.len()
@@ -95,9 +114,12 @@ pub fn indexer_select(
     }
     let stride = d.topk.max(1);
     let counts: Vec<usize> = rows.iter().map(|r| (r.pos + 1).min(d.topk)).collect();
-    let mut keys = b.gpu.stream.alloc_zeros::<i32>((rows.len() * stride).max(1)).map_err(md("alloc selection"))?;
+    // Not cleared (a memset is one more node of a decode step's graph): the top-k writes each row's first
+    // counts[r] entries, and nothing reads past them (attention takes counts[r] keys a row, as does `to_host`).
+    // SAFETY: i32 has no invalid bit patterns; the entries read are written first, as just said.
+    let mut keys = unsafe { b.gpu.stream.alloc::<i32>((rows.len() * stride).max(1)) }.map_err(md("alloc selection"))?;
     if rows.is_empty() {
-        return Ok(GpuSelection { keys, counts, stride });
+        return Ok(GpuSelection { keys, counts, stride, _inputs: None });
     }
     // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
@@ -111,20 +133,30 @@ pub fn indexer_select(
         Tables::Step(s) => vec![s.cap * BLOCK; rows.len()],
         Tables::Own(..) => rows.iter().map(|r| r.pos + 1).collect(),
     };
+    // Rows in chunks whose scores fit one buffer, every buffer allocated before any launch.
+    let mut parts = Vec::new();
     let mut r0 = 0;
     while r0 < rows.len() {
         let (n, width) = chunk(&widths[r0..]);
-        let mut scores = scratch(b, n * width)?;
-        if width > d.topk {
-            let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
-            let launch = Scores { q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
-            if mma_eligible(q, cache, d) { launch.mma(b, &mut scores)? } else { launch.scalar(b, &mut scores)? }
-        }
-        let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
-        TopK { scores: &scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, &mut keys)?;
+        parts.push((r0, n, width, scratch(b, n * width)?));
         r0 += n;
     }
-    Ok(GpuSelection { keys, counts, stride })
+    let s = match branch {
+        Some(br) => br.fork().map_err(m)?,
+        None => &b.gpu.stream,
+    };
+    for (r0, n, width, scores) in &mut parts {
+        let (r0, n, width) = (*r0, *n, *width);
+        if width > d.topk {
+            let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
+            let launch = Scores { s, q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
+            if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
+        }
+        let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
+        TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, &mut keys)?;
+    }
+    let scores = parts.into_iter().map(|p| p.3).collect();
+    Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, scores)) })
 }
 
 /// Whether `indexer_scores_mma_bf16` takes the scores: bf16 activations over a bf16 cache, at most 64 heads
@@ -139,6 +171,7 @@ fn mma_eligible(q: &GpuTensor, cache: &GpuLayerCache, d: &IndexerDims) -> bool {
 
 /// One launch of a scores kernel: rows `row0..row0 + rows` of the step into `[rows, width]` f32.
 struct Scores<'a> {
+    s: &'a CudaStream,
     q: &'a GpuTensor,
     w: &'a GpuTensor,
     cache: &'a GpuLayerCache,
@@ -170,7 +203,7 @@ impl Scores<'_> {
         let cfg = smem_cfg(b, f, self.grid(), 256, floats * 4)?;
         let code = self.cache.dtype.code();
         let [row0, heads, dim, topk, width] = self.ints();
-        let mut l = b.gpu.stream.launch_builder(f);
+        let mut l = self.s.launch_builder(f);
         l.arg(&self.q.data).arg(&self.w.data).arg(&self.pool.index_k).arg(&self.pool.scales).arg(&code).arg(self.meta);
         l.arg(self.tables).arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
         // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
@@ -187,7 +220,7 @@ impl Scores<'_> {
         let bytes = (hp + KEYS_PER_BLOCK) * (dim + 8) * 2 + KEYS_PER_BLOCK * 8;
         let cfg = smem_cfg(b, f, self.grid(), 32 * MMA_WARPS, bytes)?;
         let [row0, heads, dim, topk, width] = self.ints();
-        let mut l = b.gpu.stream.launch_builder(f);
+        let mut l = self.s.launch_builder(f);
         l.arg(&self.q.data)
             .arg(&self.w.data)
             .arg(&self.pool.index_k)
@@ -228,9 +261,9 @@ struct TopK<'a> {
 
 impl TopK<'_> {
     /// Writes each row's positions into `keys [step rows, topk]`.
-    fn run(&self, b: &CudaBackend, keys: &mut CudaSlice<i32>) -> MResult<()> {
+    fn run(&self, b: &CudaBackend, s: &CudaStream, keys: &mut CudaSlice<i32>) -> MResult<()> {
         let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
-        let mut l = b.gpu.stream.launch_builder(b.f("indexer_topk_f32")?);
+        let mut l = s.launch_builder(b.f("indexer_topk_f32")?);
         l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(keys);
         let cfg =
             LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (TOPK_THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -255,8 +288,9 @@ pub fn top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<
     let stride = topk.max(1);
     let mut keys = b.gpu.stream.alloc_zeros::<i32>((scores.len() * stride).max(1)).map_err(md("alloc selection"))?;
     if !scores.is_empty() {
-        TopK { scores: &dev, width, meta: &meta.slice(..), row0: 0, rows: scores.len(), topk }.run(b, &mut keys)?;
+        let top = TopK { scores: &dev, width, meta: &meta.slice(..), row0: 0, rows: scores.len(), topk };
+        top.run(b, &b.gpu.stream, &mut keys)?;
     }
     let counts = scores.iter().map(|s| s.len().min(topk)).collect();
-    GpuSelection { keys, counts, stride }.to_host(b)
+    GpuSelection { keys, counts, stride, _inputs: None }.to_host(b)
 }

@@ -6,6 +6,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{MlaPrep, MlaPrepped, RopeSpec, Row};
 
 use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, rows_cfg, same_layout, shape};
+use crate::cache::GpuLayerCache;
 
 pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
     let _p = b.gpu.span(|| format!("rms_norm {}", x.cols));
@@ -182,15 +183,17 @@ pub(crate) fn rope_columns2(
     Ok((y1, y2))
 }
 
-/// `Backend::mla_prep` in one launch (`mla_prep_*`): a block per row and part.
+/// `Backend::mla_prep` in one launch (`mla_prep_*`): a block per row and part. With `cache`, the same launch
+/// writes the rows' latent, k_pe and indexer key into it as `Backend::cache_write` would (`mla_prep_write`).
 pub(crate) fn mla_prep(
     b: &CudaBackend,
     proj: &GpuTensor,
     p: &MlaPrep<'_, CudaSlice<f32>>,
     inv_freq: &[f32],
     rows: &[Row],
+    cache: Option<&mut GpuLayerCache>,
 ) -> MResult<MlaPrepped<GpuTensor>> {
-    let _p = b.gpu.span(|| "mla_prep".into());
+    let _p = b.gpu.span(|| if cache.is_some() { "mla_prep+cache_write" } else { "mla_prep" }.into());
     let (q_a, lora, rope, idx) = (p.q_a.map_or(0, |q| q.0), p.latent.0, p.rope, p.index_key.map_or(0, |k| k.0));
     let (iw, iw_scale) = p.index_weights.unwrap_or((0, 1.0));
     let half = inv_freq.len();
@@ -203,7 +206,8 @@ pub(crate) fn mla_prep(
         || (idx > 0 && 2 * half > idx)
         || p.q_a.is_some_and(|(n, w)| n == 0 || short(w, n))
         || short(p.latent.1, lora)
-        || p.index_key.is_some_and(|(n, w, bias)| n == 0 || short(w, n) || short(bias, n));
+        || p.index_key.is_some_and(|(n, w, bias)| n == 0 || short(w, n) || short(bias, n))
+        || cache.as_ref().is_some_and(|c| c.lora != lora || c.rope != rope || c.index_dim != idx);
     if bad {
         return Err(shape(
             "mla_prep",
@@ -251,10 +255,22 @@ pub(crate) fn mla_prep(
         Some(t) => l.arg(&mut t.data),
         None => l.arg(&null),
     };
+    let code = cache.as_ref().map_or(0, |c| c.dtype.code());
+    let target = match cache {
+        Some(c) if n > 0 => Some(crate::attention::cache_target(b, c, rows)?),
+        _ => None,
+    };
+    let slots = target.as_ref().map(|(s, _)| s.view());
+    match (&slots, &target) {
+        (Some(s), Some((_, pool))) => l.arg(s).arg(&pool.latent).arg(&pool.k_pe).arg(&pool.index_k).arg(&pool.scales),
+        _ => l.arg(&null).arg(&null).arg(&null).arg(&null).arg(&null),
+    };
+    l.arg(&code);
     let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 5, 1), ..rows_cfg(n) };
     // SAFETY: matches mla_prep_*: proj holds rows·(q_a + lora + rope + idx + iw) values, each output rows·width of
     // the same dtype, the norms' vectors at least their widths, 2·half ≤ rope (and ≤ idx) as checked above; the
-    // kernel touches an absent part's pointers (null) never, as its width is 0.
+    // kernel touches an absent part's pointers (null) never, as its width is 0; with a cache, its dims are the
+    // parts' (checked), every row's slot is reserved in its pool and `slots` holds one a row.
     unsafe { l.launch(cfg) }.map_err(md("mla_prep"))?;
     Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key, index_weights: weights })
 }

@@ -18,7 +18,7 @@ use half::bf16;
 use pipemoe_cuda::cache::{BLOCK, GpuLayerCache, KvDtype};
 use pipemoe_cuda::indexer::top_k_rows;
 use pipemoe_cuda::{ActDtype, CudaBackend, GpuSelection};
-use pipemoe_model::backend::{Backend, HostLinear, IndexerDims, MlaDims, Row};
+use pipemoe_model::backend::{Backend, HostLinear, IndexQuery, IndexerDims, MlaDims, MlaPrep, MlaPrepped, Row};
 use pipemoe_model::cpu::CpuBackend;
 use pipemoe_model::cpu::kernels::top_k;
 
@@ -428,6 +428,7 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
                 &step,
             )
             .expect("cpu select");
+        let (q_host, w_host) = (q.clone(), w.clone());
         let gsel = g
             .indexer_select(&gc, &g.upload(n, cols, q).unwrap(), &g.upload(n, ix.heads, w).unwrap(), &ix, &step)
             .expect("gpu select");
@@ -455,22 +456,74 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
                 Some(&want),
             )
             .expect("cpu attention");
-        let gpu_out = g
-            .mla_attention(
-                &gc,
-                &g.upload(n, d.heads * qk, qa).unwrap(),
-                &g.load_linear(host_w()).unwrap(),
-                &d,
-                &step,
-                Some(&gsel),
-            )
-            .expect("gpu attention");
+        let (gq, gkv) = (g.upload(n, d.heads * qk, qa).unwrap(), g.load_linear(host_w()).unwrap());
+        let gpu_out = g.mla_attention(&gc, &gq, &gkv, &d, &step, Some(&gsel)).expect("gpu attention");
         let err = rel_l2(&g.download(&gpu_out).unwrap(), &cpu_out.data);
+        // The selection made on a branch of the step beside the query's absorption (mla_attention_indexed): the
+        // same launches on the same inputs, so the same bits.
+        let (iq, iw) = (g.upload(n, cols, q_host.clone()).unwrap(), g.upload(n, ix.heads, w_host.clone()).unwrap());
+        let index = IndexQuery { q: &iq, w: &iw, dims: &ix };
+        let joined = g.mla_attention_indexed(&gc, &gq, &gkv, &d, &step, index).expect("gpu indexed attention");
+        let (a, b) = (g.download(&gpu_out).unwrap(), g.download(&joined).unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{act:?} {ix:?}: indexed attention differs");
         let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
         let (heads, dim) = (ix.heads, ix.head_dim);
         eprintln!(
             "indexer {act:?}/{kv:?}, {heads} heads × {dim}: selections equal; attention over them rel L2 {err:.2e}"
         );
         assert!(err <= tol, "attention over the selection, {act:?}: {err:e}");
+    }
+}
+
+/// `mla_prep_write` (one launch: the prep and the cache write) leaves what `mla_prep` then `cache_write` leave:
+/// the same parts, and the same cached bytes and scales for every dtype — the fused kernel's store is
+/// cache_store's, reading back the very values the prep wrote.
+#[test]
+fn mla_prep_write_stores_what_cache_write_stores() {
+    if no_gpu() {
+        return;
+    }
+    let (d, ix) = (SMALL, IndexerDims { heads: 16, head_dim: 32, topk: 8 });
+    let (q_a, lora, rope, idx, iw) = (24usize, d.kv_lora, d.qk_rope, ix.head_dim, ix.heads);
+    let total = q_a + lora + rope + idx + iw;
+    let inv_freq: Vec<f32> = (0..rope / 2).map(|i| 10000f32.powf(-2.0 * i as f32 / rope as f32)).collect();
+    for (act, kv) in [(ActDtype::F32, KvDtype::F32), (ActDtype::Bf16, KvDtype::Bf16), (ActDtype::Bf16, KvDtype::Fp8)] {
+        let g = gpu(act, kv);
+        let mut rng = Rng::new(37);
+        let [qn, kvn, kw, kb] = [q_a, lora, idx, idx].map(|n| g.load_vector(uniform(&mut rng, n, 1.0)).unwrap());
+        let p = MlaPrep {
+            q_a: Some((q_a, &qn)),
+            latent: (lora, &kvn),
+            rope,
+            index_key: Some((idx, &kw, &kb)),
+            index_weights: Some((iw, 0.25)),
+            eps: 1e-6,
+        };
+        let (mut apart, mut fused) = (g.new_layer_cache(&d, Some(&ix)), g.new_layer_cache(&d, Some(&ix)));
+        for (seq, range) in [(0u64, 0..5usize), (1, 0..3), (0, 5..6)] {
+            let rows = rows_of(seq, range);
+            let proj = g.upload(rows.len(), total, uniform(&mut rng, rows.len() * total, 2.0)).unwrap();
+            let a = g.mla_prep(&proj, &p, &inv_freq, &rows).expect("prep");
+            g.cache_write(&mut apart, &rows, &a.latent, &a.k_pe, a.index_key.as_ref()).expect("write");
+            let f = g.mla_prep_write(&proj, &p, &inv_freq, &rows, &mut fused).expect("prep and write");
+            let parts = |m: &MlaPrepped<<CudaBackend as Backend>::Tensor>| {
+                let dl = |t: &<CudaBackend as Backend>::Tensor| g.download(t).unwrap();
+                [m.q_a.as_ref().map(dl), Some(dl(&m.latent)), Some(dl(&m.k_pe)), m.index_key.as_ref().map(dl)]
+                    .into_iter()
+                    .chain([m.index_weights.as_ref().map(dl)])
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(parts(&f), parts(&a), "{act:?}/{kv:?}: the prepared parts");
+        }
+        for seq in [0u64, 1] {
+            let (a, f) = (apart.read(&g.gpu, seq).unwrap(), fused.read(&g.gpu, seq).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (what, x, y) in
+                [("latent", &a.latent, &f.latent), ("k_pe", &a.k_pe, &f.k_pe), ("key", &a.index_k, &f.index_k)]
+            {
+                assert!(!x.is_empty(), "{act:?}/{kv:?}: sequence {seq} has no {what}");
+                assert_eq!(bits(y), bits(x), "{act:?}/{kv:?}: sequence {seq}'s cached {what}");
+            }
+        }
     }
 }

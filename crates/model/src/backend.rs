@@ -143,6 +143,14 @@ pub struct IndexerDims {
     pub topk: usize,
 }
 
+/// The indexer's inputs for one step ([`Backend::mla_attention_indexed`]): `q` `[rows, heads·head_dim]` roped,
+/// `w` `[rows, heads]` already scaled.
+pub struct IndexQuery<'a, B: Backend + ?Sized> {
+    pub q: &'a B::Tensor,
+    pub w: &'a B::Tensor,
+    pub dims: &'a IndexerDims,
+}
+
 /// Group-limited `noaux_tc` routing settings (MODEL_SPEC §2.7).
 #[derive(Clone, Copy, Debug)]
 pub struct RouterDims {
@@ -340,6 +348,21 @@ pub trait Backend: Send + Sync {
         };
         Ok(MlaPrepped { q_a, latent, k_pe, index_key, index_weights })
     }
+    /// [`Backend::mla_prep`], then the rows' latent, roped k_pe and indexer key (when `p` makes one) written into
+    /// `cache` as [`Backend::cache_write`] writes them: one pass on a backend that can. A cache with an indexer
+    /// needs `p.index_key`.
+    fn mla_prep_write(
+        &self,
+        proj: &Self::Tensor,
+        p: &MlaPrep<'_, Self::Vector>,
+        inv_freq: &[f32],
+        rows: &[Row],
+        cache: &mut Self::LayerCache,
+    ) -> Result<MlaPrepped<Self::Tensor>> {
+        let out = self.mla_prep(proj, p, inv_freq, rows)?;
+        self.cache_write(cache, rows, &out.latent, &out.k_pe, out.index_key.as_ref())?;
+        Ok(out)
+    }
 
     /// Writes each row's latent, roped k_pe and optional indexer key into the cache at its position.
     fn cache_write(
@@ -379,6 +402,21 @@ pub trait Backend: Send + Sync {
         rows: &[Row],
         selection: Option<&Self::Selection>,
     ) -> Result<Self::Tensor>;
+    /// The indexer's selection and MLA attention over it: what [`Backend::indexer_select`] then
+    /// [`Backend::mla_attention`] give, in one call so that a backend may run the two where they are
+    /// independent side by side (the GPU makes the selection beside the query's absorption).
+    fn mla_attention_indexed(
+        &self,
+        cache: &Self::LayerCache,
+        q: &Self::Tensor,
+        kv_b: &Self::Weight,
+        dims: &MlaDims,
+        rows: &[Row],
+        index: IndexQuery<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let selection = self.indexer_select(cache, index.q, index.w, index.dims, rows)?;
+        self.mla_attention(cache, q, kv_b, dims, rows, Some(&selection))
+    }
     /// The routing of a step as the backend keeps it (host vectors on the CPU, device buffers on a GPU).
     type Routes: Send;
     /// The routed experts of one MoE layer as the backend lays them out (a GPU keeps a device table of them so

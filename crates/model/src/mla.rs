@@ -2,7 +2,7 @@
 //! latent `c` and the roped `k_pe` per token (576 values per token per layer for the real model), never the
 //! expanded per-head keys; attention absorbs `kv_b_proj` into the query and the output.
 
-use crate::backend::{Backend, HostLinear, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
+use crate::backend::{Backend, HostLinear, IndexQuery, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
 use crate::indexer::Indexer;
 use crate::weights::Loader;
 use crate::{Error, Result};
@@ -140,7 +140,8 @@ impl<B: Backend> Mla<B> {
     ) -> Result<B::Tensor> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
-        let MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights } = self.prep(b, x, inv_freq, rows)?;
+        let (MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights }, written) =
+            self.prep(b, x, inv_freq, rows, cache)?;
         // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state, roped; with the indexer's query
         // projection fused, its columns follow: cut off and roped in the same way only when the indexer selects.
         let q_spec = RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true };
@@ -162,17 +163,18 @@ impl<B: Backend> Mla<B> {
                 }
             }
         };
-        let selection = match &self.indexer {
+        let index = match &self.indexer {
             Some(ix) => {
-                let key = match index_key {
-                    Some(k) => k,
-                    None => ix.key(b, &ix.raw_key(b, x)?, inv_freq, rows)?,
-                };
-                b.cache_write(cache, rows, &latent, &k_pe, Some(&key))?;
+                if !written {
+                    let key = match index_key {
+                        Some(k) => k,
+                        None => ix.key(b, &ix.raw_key(b, x)?, inv_freq, rows)?,
+                    };
+                    b.cache_write(cache, rows, &latent, &k_pe, Some(&key))?;
+                }
                 if ix.selects(rows) {
                     let qr = qr.as_ref().ok_or_else(|| Error::backend("the indexer needs q_lora_rank"))?;
-                    let out = ix.project(b, x, qr, index_q, index_weights, inv_freq, rows)?;
-                    Some(b.indexer_select(cache, &out.q, &out.w, &ix.dims, rows)?)
+                    Some((ix.project(b, x, qr, index_q, index_weights, inv_freq, rows)?, &ix.dims))
                 } else {
                     // No row has more keys than the selection keeps: attention over every key is what it would
                     // pick, so only the indexer key (for the cache, where later positions need it) is computed.
@@ -180,17 +182,33 @@ impl<B: Backend> Mla<B> {
                 }
             }
             None => {
-                b.cache_write(cache, rows, &latent, &k_pe, None)?;
+                if !written {
+                    b.cache_write(cache, rows, &latent, &k_pe, None)?;
+                }
                 None
             }
         };
-        let attn = b.mla_attention(cache, &q, &self.kv_b, &d, rows, selection.as_ref())?;
+        let attn = match &index {
+            Some((out, dims)) => {
+                let index = IndexQuery { q: &out.q, w: &out.w, dims };
+                b.mla_attention_indexed(cache, &q, &self.kv_b, &d, rows, index)?
+            }
+            None => b.mla_attention(cache, &q, &self.kv_b, &d, rows, None)?,
+        };
         b.linear(&attn, &self.o)
     }
 
     /// The step's projections of `x`, normed and roped for the cache ([`Backend::mla_prep`]): from the fused
-    /// matrix's column ranges in one pass, or from each projection its own.
-    fn prep(&self, b: &B, x: &B::Tensor, inv_freq: &[f32], rows: &[Row]) -> Result<MlaPrepped<B::Tensor>> {
+    /// matrix's column ranges in one pass, or from each projection its own. `true` with them when that pass has
+    /// also written the rows into `cache` (the fused matrix holds everything the cache takes).
+    fn prep(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        inv_freq: &[f32],
+        rows: &[Row],
+        cache: &mut B::LayerCache,
+    ) -> Result<(MlaPrepped<B::Tensor>, bool)> {
         let (lora, rope) = (self.dims.kv_lora, self.dims.qk_rope);
         let latent = (lora, &self.kv_a_norm);
         match &self.proj {
@@ -200,7 +218,7 @@ impl<B: Backend> Mla<B> {
                 if let (Some(w), Some(norm)) = (q_a, &self.q_a_norm) {
                     out.q_a = Some(b.rms_norm(&b.linear(x, w)?, norm, self.eps)?);
                 }
-                Ok(out)
+                Ok((out, false))
             }
             Projections::Fused { w, q_a, wk, wp } => {
                 let index_key = match (*wk, &self.indexer) {
@@ -222,7 +240,13 @@ impl<B: Backend> Mla<B> {
                     (_, None) => return Err(Error::backend("weights_proj fused into attention without an indexer")),
                 };
                 let p = MlaPrep { q_a, latent, rope, index_key, index_weights, eps: self.eps };
-                b.mla_prep(&b.linear(x, w)?, &p, inv_freq, rows)
+                let y = b.linear(x, w)?;
+                // Without the indexer's key in the fused matrix (and an indexer), the key comes later.
+                if index_key.is_some() || self.indexer.is_none() {
+                    Ok((b.mla_prep_write(&y, &p, inv_freq, rows, cache)?, true))
+                } else {
+                    Ok((b.mla_prep(&y, &p, inv_freq, rows)?, false))
+                }
             }
         }
     }

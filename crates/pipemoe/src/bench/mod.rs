@@ -104,9 +104,45 @@ pub struct BenchArgs {
     /// steps of the batched streams (device and host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
+    /// Rounds of an in-process A/B of single-stream decode with the side-stream branches (`Gpu::branch`) on and
+    /// off, `--steps` steps each way a round, the order alternating: separate runs drift by a few % (host and
+    /// clocks), which hides changes of that size.
+    #[arg(long, default_value_t = 0)]
+    pub ab_branches: usize,
     /// Write every figure as JSON here.
     #[arg(long, env = "PIPEMOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
+}
+
+/// `--ab-branches`: single-stream decode with the side-stream branches on and off in turns, in this process.
+fn ab_branches(run: &mut stage::Runner, backend: &CudaBackend, args: &BenchArgs) -> Result<()> {
+    let (mut on, mut off, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.ab_branches {
+        let mut medians = [0.0; 2];
+        for k in 0..2 {
+            let branches = (round + k) % 2 == 0;
+            backend.gpu.set_branches(branches);
+            let (t, _) = run.timed_decode(&[1], 3, args.steps)?;
+            medians[usize::from(!branches)] = t.median;
+            if branches { on.push(t.median) } else { off.push(t.median) }
+        }
+        diff.push(medians[1] - medians[0]);
+    }
+    backend.gpu.set_branches(true);
+    let median = |v: Vec<f64>| stage::Times::of(v).median * 1e3;
+    let (lo, hi) = diff.iter().fold((f64::MAX, f64::MIN), |(a, b), &d| (a.min(d), b.max(d)));
+    eprintln!(
+        "bench: A/B side-stream branches, {} rounds of {} steps: on {:.4} ms, off {:.4} ms (medians of the rounds' \
+         medians); off − on per round: median {:.4} ms, range {:.4} .. {:.4}",
+        args.ab_branches,
+        args.steps,
+        median(on),
+        median(off),
+        median(diff),
+        lo * 1e3,
+        hi * 1e3
+    );
+    Ok(())
 }
 
 /// The slice's layer range for `kind` in a model of `layers` layers, `dense` of them dense.
@@ -267,7 +303,10 @@ fn measure(
 
     // The cache sized as a worker sizes it, for the larger of the two decode figures.
     let streams_context = args.streams_context.unwrap_or(args.context);
-    let positions = (args.context + args.steps + 8).max(args.streams * (streams_context + args.steps + 8));
+    // Each decode run is 3 untimed steps and `steps` timed ones: the graphs-on and -off runs, the profile's 2 and
+    // the A/B's two a round.
+    let decoded = (2 + 2 * args.ab_branches) * (args.steps + 3) + 2;
+    let positions = (args.context + decoded + 8).max(args.streams * (streams_context + args.steps + 8));
     let per_position = (bytes.cache.latent + bytes.cache.index_key) as usize + 12;
     let n_layers = slice.layers.len();
     let budget = (positions + 64 * args.streams.max(1)) * per_position * n_layers * 11 / 10;
@@ -305,6 +344,9 @@ fn measure(
     } else {
         None
     };
+    if args.ab_branches > 0 {
+        ab_branches(&mut run, &backend, args)?;
+    }
     let profile = if args.profile {
         backend.gpu.profile_start();
         let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
