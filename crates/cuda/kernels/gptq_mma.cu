@@ -382,25 +382,46 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
 // FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
 // row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1).
+// One row without a plan (`route`, the row's top_k expert ids, given to the gate/up launch): tile t is slot t of
+// the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
+// is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
+// whose blocks of an empty tile only count themselves in for the combine.
 template <int BITS, int MB>
-__device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x,
-                                 int pairs, const u64* w_tab, const u64* zr_tab, const u64* sc_tab,
-                                 const u64* perm_tab, int n_experts, int mats, float* partial, int K, int N,
-                                 int group_size, int k_chunk, int stages, int fuse, int* counters,
-                                 __nv_bfloat16* y, const int* pair_of, const float* rw, int rows, int top_k,
-                                 int shared) {
+__device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
+                                 const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
+                                 int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
+                                 int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
+                                 const float* rw, int rows, int top_k, int shared, const u32* route) {
     const int t = blockIdx.z;
-    if (t >= *n_tiles) return;
-    const int expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
+    int expert, p0, np;
+    if (route != nullptr) {
+        const int slots = top_k + shared;
+        if (t >= slots) return;
+        expert = t < top_k ? (int)route[t] : n_experts - 1;
+        p0 = t;
+        np = w_tab[expert] != 0;
+        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+            tiles[3 * t] = expert;
+            tiles[3 * t + 1] = t;
+            tiles[3 * t + 2] = np;
+            pair_of[t] = np ? t : -1;
+            if (t == 0) *n_tiles = slots;
+        }
+        if (np == 0) return;
+    } else {
+        if (t >= *n_tiles) return;
+        expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
+    }
     constexpr int TPW = mma_tpw<MB>();
     const int bx = (N / 16 + TPW - 1) / TPW;
     const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     const int e = m * n_experts + expert;
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
-    mma_gemv_block<BITS, MB>(x, pair_x + p0, np, (const int*)perm_tab[e], (const uint2*)w_tab[e],
-                             (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N, group_size, k_chunk, stages,
-                             cb, [&](int b, int n, float v) { out[b * width + n] = v; });
+    if (np > 0)
+        mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)perm_tab[e],
+                                 (const uint2*)w_tab[e], (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N,
+                                 group_size, k_chunk, stages, cb, [&](int b, int n, float v) { out[b * width + n] = v; });
     if (fuse == FUSE_NONE) return;
     const int splits = gridDim.y, cols = TPW * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
@@ -444,13 +465,13 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, const int* tiles, const
                            stages);                                                                             \
     }                                                                                                           \
     extern "C" __global__ void GROUPED_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
-        const __nv_bfloat16* x, const int* tiles, const int* n_tiles, const int* pair_x, int pairs,             \
+        const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
-        const int* pair_of, const float* rw, int rows, int top_k, int shared) {                                 \
+        int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
         mma_gemv_grouped<BITS, MB>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, mats, partial, \
                                    K, N, group_size, k_chunk, stages, fuse, counters, y, pair_of, rw, rows,     \
-                                   top_k, shared);                                                              \
+                                   top_k, shared, route);                                                       \
     }
 MMA_T(2, 8)
 MMA_T(2, 16)

@@ -290,15 +290,31 @@ impl CudaBackend {
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
-        let mut l = s.launch_builder(self.f("experts_plan")?);
-        l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);
-        l.arg(&mut tiles).arg(&mut count).arg(&mut pair_x).arg(&mut pair_of);
-        let threads = t.entries.next_multiple_of(32) as u32;
-        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches experts_plan; the routing holds rows·top_k expert ids < E (the shared slot, when
-        // appended, is entry E of tables of E + 1), the gate table `entries` addresses first; outputs sized
-        // pairs·3, 1, pairs, pairs.
-        unsafe { l.launch(cfg) }.map_err(md("experts plan"))?;
+        let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
+        let down_shape = launch_shape(self, down0, mb, n_tiles, 1);
+        // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
+        // (one counter per tile and column range); otherwise gptq_reduce_silu does. The last block of each of the
+        // down launch's column ranges adds the rows' experts itself for a few rows (its one block then reads
+        // rows·slots·splits partial sums per column); more rows take gptq_reduce_combine's wide grid. Only with
+        // the shared expert in the launch: a tile always exists then, so every column range has a last block (a
+        // step whose rows chose no expert this slice holds has no tile, and the combine writes zeros).
+        let mma = gate0.packing == Packing::Mma;
+        let fuse_silu = mma && x.rows <= FUSED_ROWS && n_tiles * (gx / 2) <= self.gpu.counters.len();
+        let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && down_shape.1 <= self.gpu.counters.len();
+        // One row with both reductions fused needs no plan: the gate/up launch takes the routing itself, a tile a
+        // slot, and writes the plan's outputs for the down launch (gptq_mma.cu).
+        let one_row = x.rows == 1 && fuse_silu && fuse_combine;
+        if !one_row {
+            let mut l = s.launch_builder(self.f("experts_plan")?);
+            l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);
+            l.arg(&mut tiles).arg(&mut count).arg(&mut pair_x).arg(&mut pair_of);
+            let threads = t.entries.next_multiple_of(32) as u32;
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: matches experts_plan; the routing holds rows·top_k expert ids < E (the shared slot, when
+            // appended, is entry E of tables of E + 1), the gate table `entries` addresses first; outputs sized
+            // pairs·3, 1, pairs, pairs.
+            unsafe { l.launch(cfg) }.map_err(md("experts plan"))?;
+        }
         let weights = &r.weights;
         let (hidden, inter) = (t.hidden, t.inter);
         let sx = dtype.suffix();
@@ -306,7 +322,6 @@ impl CudaBackend {
         drop(p);
         // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
         let p = span("gate/up");
-        let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
         let splits = sh.splits;
         let mut partial = self.partial(splits * pairs * 2 * inter)?;
         let f = self.f(&name)?;
@@ -321,23 +336,26 @@ impl CudaBackend {
         let [qw, zr, sc, pm] = &t.gate_up;
         // SAFETY: the SiLU reduction (fused or not) writes all pairs·inter values (see above).
         let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
-        // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
-        // (one counter per tile and column range); otherwise gptq_reduce_silu does.
-        let mma = gate0.packing == Packing::Mma;
-        let fuse_silu = mma && x.rows <= FUSED_ROWS && n_tiles * (gx / 2) <= self.gpu.counters.len();
         let (rows_i, sf) = (x.rows as i32, if fuse_silu { FUSE_SILU } else { FUSE_NONE });
+        let null = 0u64;
         let mut l = s.launch_builder(f);
-        l.arg(&x.data).arg(&tiles).arg(&count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
+        l.arg(&x.data).arg(&mut tiles).arg(&mut count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if sh.stages > 0 {
             l.arg(&st);
         }
         if mma {
-            l.arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&pair_of).arg(weights).arg(&rows_i).arg(&k);
+            l.arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of).arg(weights).arg(&rows_i).arg(&k);
             l.arg(&with_shared);
+            if one_row {
+                l.arg(&r.experts)
+            } else {
+                l.arg(&null)
+            };
         }
         // SAFETY: argument order and types match gptq_gemv_grouped_* / gptq_mma_gemv_grouped_*; tables hold 2·E
-        // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx.
+        // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx. One row:
+        // the routing holds top_k ids < E, and the launch writes tiles, count and pair_of (pairs entries each).
         unsafe { l.launch(cfg) }.map_err(md("grouped gate/up"))?;
         drop(p);
         if !fuse_silu {
@@ -351,7 +369,7 @@ impl CudaBackend {
 
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
         let p = span("down");
-        let (name, gx, sh) = launch_shape(self, down0, mb, n_tiles, 1);
+        let (name, gx, sh) = down_shape;
         let splits = sh.splits;
         let f = self.f(&name)?;
         self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
@@ -363,11 +381,6 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
-        // The last block of each column range adds the rows' experts itself for a few rows (its one block then
-        // reads rows·slots·splits partial sums per column); more rows take gptq_reduce_combine's wide grid.
-        // Only with the shared expert in the launch: a tile always exists then, so every column range has a last
-        // block (a step whose rows chose no expert this slice holds has no tile, and the combine writes zeros).
-        let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && gx <= self.gpu.counters.len();
         let cf = if fuse_combine { FUSE_COMBINE } else { FUSE_NONE };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
@@ -376,8 +389,8 @@ impl CudaBackend {
             l.arg(&st);
         }
         if mma {
-            l.arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&pair_of).arg(weights).arg(&rows_i).arg(&k);
-            l.arg(&with_shared);
+            l.arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of).arg(weights).arg(&rows_i);
+            l.arg(&k).arg(&with_shared).arg(&null);
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
         // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
