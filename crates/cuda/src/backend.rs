@@ -461,6 +461,11 @@ impl Backend for CudaBackend {
         rows: &[Row],
         cache: &mut GpuLayerCache,
     ) -> MResult<MlaPrepped<GpuTensor>> {
+        if self.gpu.is_apart(crate::gpu::Apart::PrepWrite) {
+            let out = crate::rowops::mla_prep(self, proj, p, inv_freq, rows, None)?;
+            self.cache_write(cache, rows, &out.latent, &out.k_pe, out.index_key.as_ref())?;
+            return Ok(out);
+        }
         crate::rowops::mla_prep(self, proj, p, inv_freq, rows, Some(cache))
     }
 

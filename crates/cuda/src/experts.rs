@@ -303,7 +303,7 @@ impl CudaBackend {
         let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && down_shape.1 <= self.gpu.counters.len();
         // One row with both reductions fused needs no plan: the gate/up launch takes the routing itself, a tile a
         // slot, and writes the plan's outputs for the down launch (gptq_mma.cu).
-        let one_row = x.rows == 1 && fuse_silu && fuse_combine;
+        let one_row = x.rows == 1 && fuse_silu && fuse_combine && !self.gpu.is_apart(crate::gpu::Apart::Plan);
         if !one_row {
             let mut l = s.launch_builder(self.f("experts_plan")?);
             l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);

@@ -67,8 +67,21 @@ pub struct Gpu {
     pub steps: crate::graph::Steps,
     /// A second stream for a branch of a step beside the main stream's next launches ([`Gpu::branch`]).
     side: Mutex<Side>,
-    /// Whether [`Gpu::branch`] hands out branches (on unless a benchmark's A/B turns them off).
-    branches: std::sync::atomic::AtomicBool,
+    /// The [`Apart`] switches a benchmark's A/B has turned on (none otherwise).
+    apart: std::sync::atomic::AtomicU32,
+}
+
+/// Ways of running a step the old way, each an [`Apart`] switch of [`Gpu::set_apart`], so that a benchmark can
+/// time what a fusion or an overlap saves in one process (`pipemoe bench --ab`): separate runs drift by a few %,
+/// as much as such a change is worth. Every switch selects a path the backend also takes for other shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Apart {
+    /// The indexer's selection on the main stream, not on a branch beside the query absorption.
+    Branches = 1,
+    /// `mla_prep` and `cache_write` as two launches.
+    PrepWrite = 2,
+    /// One-row grouped experts planned by `experts_plan`, as for more rows.
+    Plan = 4,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.
@@ -221,14 +234,14 @@ impl Gpu {
             counters,
             steps: Default::default(),
             side: Mutex::new(side),
-            branches: true.into(),
+            apart: 0.into(),
         })
     }
 
     /// A branch on the side stream (one at a time: the next caller waits until this one is dropped), or `None`
     /// while profiling (a profile times each op alone on the main stream).
     pub fn branch(&self) -> Option<Branch<'_>> {
-        if self.profiling() || !self.branches() {
+        if self.profiling() || self.is_apart(Apart::Branches) {
             return None;
         }
         let side = self.side.lock().unwrap_or_else(|e| e.into_inner());
@@ -294,14 +307,20 @@ impl Gpu {
         Some(n)
     }
 
-    /// Whether [`Gpu::branch`] hands out branches (recorded steps are keyed by it).
-    pub fn branches(&self) -> bool {
-        self.branches.load(std::sync::atomic::Ordering::Relaxed)
+    /// The [`Apart`] switches on, as bits (recorded steps are keyed by them).
+    pub fn apart(&self) -> u32 {
+        self.apart.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Turns side-stream branches on or off: what they save, timed in one process (`pipemoe bench --ab-branches`).
-    pub fn set_branches(&self, on: bool) {
-        self.branches.store(on, std::sync::atomic::Ordering::Relaxed);
+    /// Whether `switch` is on: the step takes the old way.
+    pub fn is_apart(&self, switch: Apart) -> bool {
+        self.apart() & switch as u32 != 0
+    }
+
+    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual).
+    pub fn set_apart(&self, switches: &[Apart]) {
+        let bits = switches.iter().fold(0, |b, &s| b | s as u32);
+        self.apart.store(bits, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).

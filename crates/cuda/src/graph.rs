@@ -53,8 +53,8 @@ pub struct GraphKey {
     pools: Vec<u64>,
     /// The stage's path through its layers (`Backend::run_layers`).
     variant: u64,
-    /// Whether the step's side-stream branches were on (`Gpu::set_branches`).
-    branches: bool,
+    /// The `Apart` switches on while it was recorded (`Gpu::set_apart`).
+    apart: u32,
 }
 
 /// The step's inputs on the device (`[positions | slots | meta | tables]`, `GpuLayerCache::step_inputs`).
@@ -227,7 +227,7 @@ pub fn run_layers(
         shares: max_keys.div_ceil(min_split_keys()).min(max_splits()),
         pools: caches.iter().map(|c| c.pool().map_or(0, |p| p.id)).collect(),
         variant,
-        branches: b.gpu.branches(),
+        apart: b.gpu.apart(),
     };
     let step = |buf: Arc<CudaSlice<i32>>| Arc::new(StepInputs { rows: rows.to_vec(), slots: slots.clone(), buf, cap });
     let steps = &b.gpu.steps;

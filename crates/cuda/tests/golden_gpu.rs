@@ -286,3 +286,42 @@ fn decode_steps_replayed_as_graphs_match_launches() {
         }
     }
 }
+
+/// Every `Apart` switch (what `pipemoe bench --ab` times) leaves a decode step's bits as they are: each undoes a
+/// fusion or an overlap, not the arithmetic. The V3.2 demo past its indexer's top-k of 32 (so the indexer
+/// selects, on a branch unless apart), one row a step (the grouped experts' one-row path), as launches and as
+/// recorded graphs (a switch is part of a recorded step's key).
+#[test]
+fn apart_switches_leave_the_bits_alone() {
+    if no_gpu() {
+        return;
+    }
+    use pipemoe_cuda::gpu::Apart;
+    let gpu = CudaBackend::new(0).expect("gpu").with_act_dtype(ActDtype::Bf16);
+    let dir = models().join("tiny-dsv32-w3a16");
+    let cfg = ModelConfig::from_dir(&dir).expect("config");
+    let run = |apart: &[Apart]| -> Vec<Vec<f32>> {
+        gpu.gpu.set_apart(apart);
+        let mut st = Stage::open(gpu.clone(), &dir, SliceSpec::full(&cfg)).expect("loads");
+        let ids: Vec<u32> = (0..40).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+        let rows: Vec<Row> = (0..40).map(|pos| Row { seq: 0, pos }).collect();
+        st.forward(&rows, StageInput::Tokens(&ids)).expect("prefill");
+        let out = (40..52)
+            .map(|pos| {
+                let id = [(pos * 11 % cfg.vocab_size) as u32];
+                let h = st.forward(&[Row { seq: 0, pos }], StageInput::Tokens(&id)).expect("decode");
+                st.backend().download(&h).expect("download")
+            })
+            .collect();
+        gpu.gpu.set_apart(&[]);
+        out
+    };
+    let usual = run(&[]);
+    for apart in [Apart::Branches, Apart::PrepWrite, Apart::Plan] {
+        let got = run(&[apart]);
+        for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! - `ipc`: the activation hand-off between two processes (CUDA IPC), timed with a child process.
 //! - `report`: the projection, the table (printed last) and the JSON.
 
+pub mod ab;
 pub mod ceiling;
 pub mod floor;
 pub mod ipc;
@@ -104,45 +105,17 @@ pub struct BenchArgs {
     /// steps of the batched streams (device and host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
-    /// Rounds of an in-process A/B of single-stream decode with the side-stream branches (`Gpu::branch`) on and
-    /// off, `--steps` steps each way a round, the order alternating: separate runs drift by a few % (host and
-    /// clocks), which hides changes of that size.
-    #[arg(long, default_value_t = 0)]
-    pub ab_branches: usize,
+    /// Also time single-stream decode with each of these fusions or overlaps undone and not, in turns in this
+    /// process (`--ab-rounds` rounds of `--steps` steps each way): separate runs drift by a few % (host and
+    /// clocks), which hides changes of that size. Repeat the flag for several.
+    #[arg(long, value_enum)]
+    pub ab: Vec<ab::AbSwitch>,
+    /// Rounds of each `--ab` comparison.
+    #[arg(long, default_value_t = 8)]
+    pub ab_rounds: usize,
     /// Write every figure as JSON here.
     #[arg(long, env = "PIPEMOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
-}
-
-/// `--ab-branches`: single-stream decode with the side-stream branches on and off in turns, in this process.
-fn ab_branches(run: &mut stage::Runner, backend: &CudaBackend, args: &BenchArgs) -> Result<()> {
-    let (mut on, mut off, mut diff) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..args.ab_branches {
-        let mut medians = [0.0; 2];
-        for k in 0..2 {
-            let branches = (round + k) % 2 == 0;
-            backend.gpu.set_branches(branches);
-            let (t, _) = run.timed_decode(&[1], 3, args.steps)?;
-            medians[usize::from(!branches)] = t.median;
-            if branches { on.push(t.median) } else { off.push(t.median) }
-        }
-        diff.push(medians[1] - medians[0]);
-    }
-    backend.gpu.set_branches(true);
-    let median = |v: Vec<f64>| stage::Times::of(v).median * 1e3;
-    let (lo, hi) = diff.iter().fold((f64::MAX, f64::MIN), |(a, b), &d| (a.min(d), b.max(d)));
-    eprintln!(
-        "bench: A/B side-stream branches, {} rounds of {} steps: on {:.4} ms, off {:.4} ms (medians of the rounds' \
-         medians); off − on per round: median {:.4} ms, range {:.4} .. {:.4}",
-        args.ab_branches,
-        args.steps,
-        median(on),
-        median(off),
-        median(diff),
-        lo * 1e3,
-        hi * 1e3
-    );
-    Ok(())
 }
 
 /// The slice's layer range for `kind` in a model of `layers` layers, `dense` of them dense.
@@ -268,6 +241,8 @@ pub struct Measured {
     pub prefill_profile: Option<pipemoe_cuda::profile::Profile>,
     /// The same for two steps of the batched streams.
     pub streams_profile: Option<pipemoe_cuda::profile::Profile>,
+    /// `--ab`'s comparisons.
+    pub ab: Vec<ab::AbResult>,
 }
 
 fn measure(
@@ -304,8 +279,8 @@ fn measure(
     // The cache sized as a worker sizes it, for the larger of the two decode figures.
     let streams_context = args.streams_context.unwrap_or(args.context);
     // Each decode run is 3 untimed steps and `steps` timed ones: the graphs-on and -off runs, the profile's 2 and
-    // the A/B's two a round.
-    let decoded = (2 + 2 * args.ab_branches) * (args.steps + 3) + 2;
+    // the A/B's.
+    let decoded = 2 * (args.steps + 3) + 2 + ab::positions(args.ab.len(), args.ab_rounds, args.steps);
     let positions = (args.context + decoded + 8).max(args.streams * (streams_context + args.steps + 8));
     let per_position = (bytes.cache.latent + bytes.cache.index_key) as usize + 12;
     let n_layers = slice.layers.len();
@@ -344,9 +319,7 @@ fn measure(
     } else {
         None
     };
-    if args.ab_branches > 0 {
-        ab_branches(&mut run, &backend, args)?;
-    }
+    let ab = ab::run(&mut run, &backend, &args.ab, args.ab_rounds, args.steps)?;
     let profile = if args.profile {
         backend.gpu.profile_start();
         let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
@@ -441,6 +414,7 @@ fn measure(
         profile,
         prefill_profile,
         streams_profile,
+        ab,
     })
 }
 
@@ -456,6 +430,18 @@ mod tests {
         assert_eq!(slice_layers(SliceKind::Middle, 8, 61, 3), 3..11);
         assert_eq!(slice_layers(SliceKind::Last, 8, 61, 3), 53..61);
         assert_eq!(slice_layers(SliceKind::Middle, 70, 61, 3), 0..61);
+    }
+
+    #[test]
+    fn ab_switches_parse_by_name_and_size_the_cache() {
+        let cli =
+            crate::Cli::parse_from(["pipemoe", "bench", "--ab", "plan", "--ab", "prep-write", "--ab-rounds", "3"]);
+        let crate::Command::Bench(args) = cli.command else { panic!("not the bench command") };
+        assert_eq!(args.ab, [ab::AbSwitch::Plan, ab::AbSwitch::PrepWrite]);
+        assert_eq!(args.ab_rounds, 3);
+        // Two switches, 3 rounds, 16 timed steps: each round decodes 19 positions each way.
+        assert_eq!(ab::positions(args.ab.len(), args.ab_rounds, 16), 2 * 2 * 3 * 19);
+        assert!(crate::Cli::try_parse_from(["pipemoe", "bench", "--ab", "nothing"]).is_err());
     }
 
     #[test]

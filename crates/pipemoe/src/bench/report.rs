@@ -292,6 +292,9 @@ impl Report {
                              "m": s.m, "k": s.k, "n": s.n, "seconds": secs, "tflops": s.flop() / secs / 1e12
                          })).collect::<Vec<_>>()).map_err(Clone::clone).map_or_else(|e| json!({"error": e}), Value::from)},
             "load_seconds": m.load_seconds,
+            "ab": m.ab.iter().map(|r| json!({"switch": r.switch.name(), "rounds": r.rounds, "usual_s": r.usual,
+                "old_way_s": r.apart, "saved_median_s": r.saved.0, "saved_min_s": r.saved.1,
+                "saved_max_s": r.saved.2})).collect::<Vec<_>>(),
             "decode": {"median_s": m.decode.median, "mean_s": m.decode.mean, "min_s": m.decode.min,
                        "max_s": m.decode.max, "steps": m.decode.n, "tokens_per_s": 1.0 / m.decode.median,
                        "host_queued_median_s": m.decode_issued.median, "graph_replays": m.graph_replays,

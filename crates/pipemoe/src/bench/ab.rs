@@ -1,0 +1,104 @@
+//! In-process A/B timing of the backend's fusions and overlaps (`pipemoe bench --ab`): single-stream decode with
+//! one [`Apart`] switch off and on in turns, the order alternating by round, all in one process. Separate runs of
+//! the bench drift by a few % (the host's timing of each step's launch, clocks), as much as one fusion saves.
+
+use anyhow::Result;
+use clap::ValueEnum;
+use pipemoe_cuda::CudaBackend;
+use pipemoe_cuda::gpu::Apart;
+
+use super::stage::{Runner, Times};
+
+/// A switch of `Gpu::set_apart`, as `--ab` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AbSwitch {
+    /// The indexer's selection on a side-stream branch beside the query absorption.
+    Branches,
+    /// `mla_prep` and the cache write as one launch.
+    PrepWrite,
+    /// One-row grouped experts without the `experts_plan` launch.
+    Plan,
+}
+
+impl AbSwitch {
+    fn apart(self) -> Apart {
+        match self {
+            AbSwitch::Branches => Apart::Branches,
+            AbSwitch::PrepWrite => Apart::PrepWrite,
+            AbSwitch::Plan => Apart::Plan,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AbSwitch::Branches => "branches",
+            AbSwitch::PrepWrite => "prep-write",
+            AbSwitch::Plan => "plan",
+        }
+    }
+}
+
+/// One switch's A/B: medians of the rounds' step medians the usual way and the old way (seconds), and the
+/// median, least and largest of the rounds' differences (old − usual: what the usual way saves a step).
+pub struct AbResult {
+    pub switch: AbSwitch,
+    pub rounds: usize,
+    pub usual: f64,
+    pub apart: f64,
+    pub saved: (f64, f64, f64),
+}
+
+/// Decode positions the A/B adds to a sequence: each round runs `steps` timed steps and 3 untimed ones each way.
+pub fn positions(switches: usize, rounds: usize, steps: usize) -> usize {
+    2 * switches * rounds * (steps + 3)
+}
+
+/// `rounds` rounds per switch of `steps` single-stream steps each way, on sequence 1; every switch is off again
+/// after.
+pub fn run(
+    run: &mut Runner,
+    backend: &CudaBackend,
+    switches: &[AbSwitch],
+    rounds: usize,
+    steps: usize,
+) -> Result<Vec<AbResult>> {
+    let mut out = Vec::new();
+    for &switch in switches {
+        let (mut usual, mut apart, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut medians = [0.0; 2];
+            for k in 0..2 {
+                let old_way = (round + k) % 2 == 1;
+                let on = [switch.apart()];
+                backend.gpu.set_apart(if old_way { &on } else { &[] });
+                let timed = run.timed_decode(&[1], 3, steps);
+                backend.gpu.set_apart(&[]);
+                medians[usize::from(old_way)] = timed?.0.median;
+            }
+            usual.push(medians[0]);
+            apart.push(medians[1]);
+            saved.push(medians[1] - medians[0]);
+        }
+        let least = saved.iter().copied().fold(f64::INFINITY, f64::min);
+        let most = saved.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let r = AbResult {
+            switch,
+            rounds,
+            usual: Times::of(usual).median,
+            apart: Times::of(apart).median,
+            saved: (Times::of(saved).median, least, most),
+        };
+        eprintln!(
+            "bench: A/B {}, {rounds} rounds of {steps} steps: {:.4} ms, the old way {:.4} ms (medians of the rounds' \
+             medians); saved a step: median {:.4} ms, range {:.4} .. {:.4}",
+            switch.name(),
+            r.usual * 1e3,
+            r.apart * 1e3,
+            r.saved.0 * 1e3,
+            r.saved.1 * 1e3,
+            r.saved.2 * 1e3
+        );
+        out.push(r);
+    }
+    Ok(out)
+}
