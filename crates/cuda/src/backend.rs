@@ -372,34 +372,7 @@ impl Backend for CudaBackend {
     }
 
     fn split_columns(&self, x: &GpuTensor, widths: &[usize]) -> MResult<Vec<GpuTensor>> {
-        let _p = self.gpu.span(|| format!("split {widths:?}"));
-        if widths.iter().sum::<usize>() != x.cols || widths.contains(&0) {
-            return Err(shape("split_columns", format!("{widths:?} of {}", x.cols)));
-        }
-        if widths.len() > 4 {
-            let (head, tail) = widths.split_at(4);
-            let first: usize = head.iter().sum();
-            let mut out = self.split_columns(&self.columns(x, 0, first)?, head)?;
-            out.extend(self.split_columns(&self.columns(x, first, x.cols - first)?, tail)?);
-            return Ok(out);
-        }
-        let mut outs = widths.iter().map(|&w| self.output(x.rows, w)).collect::<MResult<Vec<_>>>()?;
-        let ws: Vec<i32> = (0..4).map(|i| widths.get(i).map_or(0, |&w| w as i32)).collect();
-        let (c, r, null) = (x.cols as i32, x.rows as i32, 0u64);
-        let mut l = self.gpu.stream.launch_builder(self.op("split_cols", &x.data)?);
-        l.arg(&x.data).arg(&c).arg(&r);
-        let mut it = outs.iter_mut();
-        for w in &ws {
-            match it.next() {
-                Some(o) => l.arg(&mut o.data),
-                None => l.arg(&null),
-            };
-            l.arg(w);
-        }
-        // SAFETY: matches split_cols_*; output i holds rows·widths[i] values, the widths sum to x's columns, and
-        // the kernel never selects an absent output (width 0).
-        unsafe { l.launch(grid(x.rows * x.cols, 256)) }.map_err(md("split_cols"))?;
-        Ok(outs)
+        crate::rowops::split_columns(self, x, widths)
     }
 
     fn silu_mul(&self, gate: &GpuTensor, up: &GpuTensor) -> MResult<GpuTensor> {
@@ -461,12 +434,7 @@ impl Backend for CudaBackend {
         rows: &[Row],
         cache: &mut GpuLayerCache,
     ) -> MResult<MlaPrepped<GpuTensor>> {
-        if self.gpu.is_apart(crate::gpu::Apart::PrepWrite) {
-            let out = crate::rowops::mla_prep(self, proj, p, inv_freq, rows, None)?;
-            self.cache_write(cache, rows, &out.latent, &out.k_pe, out.index_key.as_ref())?;
-            return Ok(out);
-        }
-        crate::rowops::mla_prep(self, proj, p, inv_freq, rows, Some(cache))
+        crate::rowops::mla_prep_write(self, proj, p, inv_freq, rows, cache)
     }
 
     fn cache_write(

@@ -100,7 +100,8 @@ struct Side {
 pub struct Branch<'a> {
     side: MutexGuard<'a, Side>,
     main: &'a CudaStream,
-    joined: std::cell::Cell<bool>,
+    /// Forked and not joined since.
+    open: std::cell::Cell<bool>,
 }
 
 impl Branch<'_> {
@@ -108,12 +109,14 @@ impl Branch<'_> {
     pub fn fork(&self) -> Result<&Arc<CudaStream>> {
         self.side.forked.record(self.main).map_err(drv("cuEventRecord"))?;
         self.side.stream.wait(&self.side.forked).map_err(drv("cuStreamWaitEvent"))?;
+        self.open.set(true);
         Ok(&self.side.stream)
     }
 
-    /// The main stream waits for everything queued on the side stream so far (once; later calls do nothing).
+    /// The main stream waits for everything queued on the side stream since the fork (nothing to do without one:
+    /// a captured step must not wait on an event recorded outside its capture).
     pub fn join(&self) -> Result<()> {
-        if self.joined.replace(true) {
+        if !self.open.replace(false) {
             return Ok(());
         }
         self.side.done.record(&self.side.stream).map_err(drv("cuEventRecord"))?;
@@ -245,7 +248,7 @@ impl Gpu {
             return None;
         }
         let side = self.side.lock().unwrap_or_else(|e| e.into_inner());
-        Some(Branch { side, main: &self.stream, joined: std::cell::Cell::new(false) })
+        Some(Branch { side, main: &self.stream, open: std::cell::Cell::new(false) })
     }
 
     /// Lets `f` launch with `smem` bytes of dynamic shared memory: above the 48 KiB every kernel gets, the

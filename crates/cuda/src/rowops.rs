@@ -1,11 +1,11 @@
-//! The backend's row-wise ops (kernels/ops.cu): the norms, RoPE and attention's fused preparation of its
-//! projections for the cache. One block of 512 threads per row (the norms' block sums depend on it: `mla_prep`
+//! The backend's row-wise ops (kernels/ops.cu): the norms, RoPE, the column split and attention's fused preparation of
+//! its projections for the cache. One block of 512 threads per row (the norms' block sums depend on it: `mla_prep`
 //! gives what the ops apart give only at the same width).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{MlaPrep, MlaPrepped, RopeSpec, Row};
+use pipemoe_model::backend::{Backend, MlaPrep, MlaPrepped, RopeSpec, Row};
 
-use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, rows_cfg, same_layout, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, grid, m, md, rows_cfg, same_layout, shape};
 use crate::cache::GpuLayerCache;
 
 pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
@@ -273,4 +273,54 @@ pub(crate) fn mla_prep(
     // parts' (checked), every row's slot is reserved in its pool and `slots` holds one a row.
     unsafe { l.launch(cfg) }.map_err(md("mla_prep"))?;
     Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key, index_weights: weights })
+}
+
+/// `Backend::split_columns`: up to four outputs a launch (`split_cols_*`), more in runs of four.
+pub(crate) fn split_columns(b: &CudaBackend, x: &GpuTensor, widths: &[usize]) -> MResult<Vec<GpuTensor>> {
+    let _p = b.gpu.span(|| format!("split {widths:?}"));
+    if widths.iter().sum::<usize>() != x.cols || widths.contains(&0) {
+        return Err(shape("split_columns", format!("{widths:?} of {}", x.cols)));
+    }
+    if widths.len() > 4 {
+        let (head, tail) = widths.split_at(4);
+        let first: usize = head.iter().sum();
+        let mut out = split_columns(b, &b.columns(x, 0, first)?, head)?;
+        out.extend(split_columns(b, &b.columns(x, first, x.cols - first)?, tail)?);
+        return Ok(out);
+    }
+    let mut outs = widths.iter().map(|&w| b.output(x.rows, w)).collect::<MResult<Vec<_>>>()?;
+    let ws: Vec<i32> = (0..4).map(|i| widths.get(i).map_or(0, |&w| w as i32)).collect();
+    let (c, r, null) = (x.cols as i32, x.rows as i32, 0u64);
+    let mut l = b.gpu.stream.launch_builder(b.op("split_cols", &x.data)?);
+    l.arg(&x.data).arg(&c).arg(&r);
+    let mut it = outs.iter_mut();
+    for w in &ws {
+        match it.next() {
+            Some(o) => l.arg(&mut o.data),
+            None => l.arg(&null),
+        };
+        l.arg(w);
+    }
+    // SAFETY: matches split_cols_*; output i holds rows·widths[i] values, the widths sum to x's columns, and
+    // the kernel never selects an absent output (width 0).
+    unsafe { l.launch(grid(x.rows * x.cols, 256)) }.map_err(md("split_cols"))?;
+    Ok(outs)
+}
+
+/// `Backend::mla_prep_write`: one launch, or (`Apart::PrepWrite`, a benchmark's A/B) the prep and then the cache
+/// write as two.
+pub(crate) fn mla_prep_write(
+    b: &CudaBackend,
+    proj: &GpuTensor,
+    p: &MlaPrep<'_, CudaSlice<f32>>,
+    inv_freq: &[f32],
+    rows: &[Row],
+    cache: &mut GpuLayerCache,
+) -> MResult<MlaPrepped<GpuTensor>> {
+    if !b.gpu.is_apart(crate::gpu::Apart::PrepWrite) {
+        return mla_prep(b, proj, p, inv_freq, rows, Some(cache));
+    }
+    let out = mla_prep(b, proj, p, inv_freq, rows, None)?;
+    b.cache_write(cache, rows, &out.latent, &out.k_pe, out.index_key.as_ref())?;
+    Ok(out)
 }
