@@ -1,6 +1,6 @@
 //! In-process A/B timing of the backend's fusions and overlaps (`pipemoe bench --ab`): single-stream decode with
 //! one [`Apart`] switch off and on in turns, the order alternating by round, all in one process. Separate runs of
-//! the bench drift by a few % (the host's timing of each step's launch, clocks), as much as one fusion saves.
+//! the bench drift by a few % (the host's time to queue each step moves by tens of µs), as much as one fusion saves.
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -38,14 +38,17 @@ impl AbSwitch {
     }
 }
 
-/// One switch's A/B: medians of the rounds' step medians the usual way and the old way (seconds), and the
-/// median, least and largest of the rounds' differences (old − usual: what the usual way saves a step).
+/// One switch's A/B, in each step's time after the host queued it (`Runner::timed_decode`: the host's jitter is
+/// most of what moves between steps): medians of the rounds' medians the usual way and the old way (seconds), and
+/// the median, least and largest of the rounds' differences (old − usual: what the usual way saves a step); and
+/// the whole steps' medians of medians, the usual way and the old.
 pub struct AbResult {
     pub switch: AbSwitch,
     pub rounds: usize,
     pub usual: f64,
     pub apart: f64,
     pub saved: (f64, f64, f64),
+    pub steps: (f64, f64),
 }
 
 /// Decode positions the A/B adds to a sequence: each round runs `steps` timed steps and 3 untimed ones each way.
@@ -64,7 +67,7 @@ pub fn run(
 ) -> Result<Vec<AbResult>> {
     let mut out = Vec::new();
     for &switch in switches {
-        let (mut usual, mut apart, mut saved) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut usual, mut apart, mut saved, mut whole) = (Vec::new(), Vec::new(), Vec::new(), [vec![], vec![]]);
         for round in 0..rounds {
             let mut medians = [0.0; 2];
             for k in 0..2 {
@@ -73,7 +76,9 @@ pub fn run(
                 backend.gpu.set_apart(if old_way { &on } else { &[] });
                 let timed = run.timed_decode(&[1], 3, steps);
                 backend.gpu.set_apart(&[]);
-                medians[usize::from(old_way)] = timed?.0.median;
+                let timed = timed?;
+                medians[usize::from(old_way)] = timed.after.median;
+                whole[usize::from(old_way)].push(timed.steps.median);
             }
             usual.push(medians[0]);
             apart.push(medians[1]);
@@ -87,16 +92,20 @@ pub fn run(
             usual: Times::of(usual).median,
             apart: Times::of(apart).median,
             saved: (Times::of(saved).median, least, most),
+            steps: (Times::of(whole[0].clone()).median, Times::of(whole[1].clone()).median),
         };
         eprintln!(
-            "bench: A/B {}, {rounds} rounds of {steps} steps: {:.4} ms, the old way {:.4} ms (medians of the rounds' \
-             medians); saved a step: median {:.4} ms, range {:.4} .. {:.4}",
+            "bench: A/B {}, {rounds} rounds of {steps} steps, after the host's queueing: {:.4} ms, the old way {:.4} \
+             ms (medians of the rounds' medians); saved a step: median {:.4} ms, range {:.4} .. {:.4}; whole steps \
+             {:.4} / {:.4} ms",
             switch.name(),
             r.usual * 1e3,
             r.apart * 1e3,
             r.saved.0 * 1e3,
             r.saved.1 * 1e3,
-            r.saved.2 * 1e3
+            r.saved.2 * 1e3,
+            r.steps.0 * 1e3,
+            r.steps.1 * 1e3
         );
         out.push(r);
     }

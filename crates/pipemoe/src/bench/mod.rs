@@ -224,6 +224,8 @@ pub struct Measured {
     pub decode: stage::Times,
     /// The host's time to queue each of those steps' launches.
     pub decode_issued: stage::Times,
+    /// Each step's time after the host queued its last launch (`Runner::timed_decode`).
+    pub decode_after: stage::Times,
     /// The same decode as launches, CUDA graphs off (when they were on), and its host queueing time.
     pub decode_launches: Option<(stage::Times, stage::Times)>,
     /// Decode steps of the timed runs replayed as CUDA graphs.
@@ -299,13 +301,15 @@ fn measure(
     run.free(&[WARMUP_SEQ]);
     let prefill_chunks = run.prefill(1, args.context, args.chunk)?;
     eprintln!("bench: prefill of {} positions in {:.2} s", args.context, prefill_chunks.iter().sum::<f64>());
-    let (decode, decode_issued) = run.timed_decode(&[1], 3, args.steps)?;
+    let stage::Decoded { steps: decode, queued: decode_issued, after: decode_after } =
+        run.timed_decode(&[1], 3, args.steps)?;
     let graph_replays = backend.gpu.steps.replayed();
     eprintln!(
-        "bench: decode {:.3} ms/step, queued by the host in {:.3} ms ({graph_replays} of {} steps replayed as CUDA \
-         graphs)",
+        "bench: decode {:.3} ms/step, queued by the host in {:.3} ms, {:.3} ms after that ({graph_replays} of {} \
+         steps replayed as CUDA graphs)",
         decode.median * 1e3,
         decode_issued.median * 1e3,
+        decode_after.median * 1e3,
         args.steps + 3
     );
     // The same steps as launches: what the graphs save, in the same run.
@@ -313,7 +317,7 @@ fn measure(
         backend.gpu.steps.set_enabled(false);
         let timed = run.timed_decode(&[1], 3, args.steps);
         backend.gpu.steps.set_enabled(true);
-        let (t, q) = timed?;
+        let stage::Decoded { steps: t, queued: q, .. } = timed?;
         eprintln!("bench: decode as launches {:.3} ms/step, queued in {:.3} ms", t.median * 1e3, q.median * 1e3);
         Some((t, q))
     } else {
@@ -403,6 +407,7 @@ fn measure(
         prefill_warmup: warmup,
         decode,
         decode_issued,
+        decode_after,
         decode_launches,
         graph_replays,
         streams_context,

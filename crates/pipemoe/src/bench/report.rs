@@ -71,6 +71,12 @@ impl Report {
             floor: format!("{:.3} ms ({:.2} GB)", floor1 * 1e3, b1 / 1e9),
             ratio: Some(eff),
         });
+        lines.push(Line {
+            what: "  same, after the host queued the step (device)".into(),
+            measured: format!("{:.3} ms/step", m.decode_after.median * 1e3),
+            floor: format!("{:.3} ms", floor1 * 1e3),
+            ratio: Some(floor1 / m.decode_after.median),
+        });
         if let Some((t, _)) = &m.decode_launches {
             lines.push(Line {
                 what: "  same, as launches (CUDA graphs off)".into(),
@@ -294,10 +300,12 @@ impl Report {
             "load_seconds": m.load_seconds,
             "ab": m.ab.iter().map(|r| json!({"switch": r.switch.name(), "rounds": r.rounds, "usual_s": r.usual,
                 "old_way_s": r.apart, "saved_median_s": r.saved.0, "saved_min_s": r.saved.1,
-                "saved_max_s": r.saved.2})).collect::<Vec<_>>(),
+                "saved_max_s": r.saved.2, "steps_usual_s": r.steps.0, "steps_old_way_s": r.steps.1}))
+                .collect::<Vec<_>>(),
             "decode": {"median_s": m.decode.median, "mean_s": m.decode.mean, "min_s": m.decode.min,
                        "max_s": m.decode.max, "steps": m.decode.n, "tokens_per_s": 1.0 / m.decode.median,
-                       "host_queued_median_s": m.decode_issued.median, "graph_replays": m.graph_replays,
+                       "host_queued_median_s": m.decode_issued.median, "after_queued_median_s": m.decode_after.median,
+                       "graph_replays": m.graph_replays,
                        "launches_median_s": m.decode_launches.as_ref().map(|t| t.0.median),
                        "launches_host_queued_median_s": m.decode_launches.as_ref().map(|t| t.1.median),
                        "bytes": b1, "floor_s": floor1, "fraction_of_floor": eff},

@@ -150,12 +150,15 @@ impl Runner {
         Ok(times)
     }
 
-    /// [`Runner::decode`]'s times, and the host's time to queue each timed step's launches.
-    pub fn timed_decode(&mut self, seqs: &[SeqId], warm: usize, steps: usize) -> Result<(Times, Times)> {
+    /// [`Runner::decode`]'s times, the host's time to queue each timed step's launches, and each step's time after
+    /// that: the device's part, which the host's own jitter (tens of µs a step between runs) does not reach.
+    pub fn timed_decode(&mut self, seqs: &[SeqId], warm: usize, steps: usize) -> Result<Decoded> {
         self.issued.clear();
-        let times = Times::of(self.decode(seqs, warm, steps)?);
+        let times = self.decode(seqs, warm, steps)?;
         let issued = std::mem::take(&mut self.issued);
-        Ok((times, Times::of(issued[issued.len().saturating_sub(steps)..].to_vec())))
+        let issued = &issued[issued.len().saturating_sub(times.len())..];
+        let after = times.iter().zip(issued).map(|(t, q)| t - q).collect();
+        Ok(Decoded { steps: Times::of(times), queued: Times::of(issued.to_vec()), after: Times::of(after) })
     }
 
     pub fn free(&mut self, seqs: &[SeqId]) {
@@ -164,6 +167,13 @@ impl Runner {
         }
         self.samplers.retain(|(s, _)| !seqs.contains(s));
     }
+}
+
+/// [`Runner::timed_decode`]'s three figures.
+pub struct Decoded {
+    pub steps: Times,
+    pub queued: Times,
+    pub after: Times,
 }
 
 /// Per-kernel rows: one layer's attention (decode rows at `context` cached positions) and MoE block, timed alone.
