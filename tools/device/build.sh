@@ -37,5 +37,9 @@ for line in sys.stdin:
     cp "$CARGO_TARGET_DIR/release/pipemoe" .device/pipemoe && strip .device/pipemoe
     cp "$(cat /tmp/pipemoe-e2e.txt)" .device/e2e && strip .device/e2e
 fi
+# The GPU machine's compiled kernels from an earlier call (run-tests.sh leaves them in $OUT as cubin.tgz; copy that
+# file to ~/.cache/pipemoe/device-cubin.tgz): a fresh machine then compiles only the kernel files that changed.
+cache="${PIPEMOE_DEVICE_CUBIN:-$HOME/.cache/pipemoe/device-cubin.tgz}"
+[ -f "$cache" ] && cp "$cache" .device/cubin.tgz
 (cd .device && files=(*) && tar czf set.tgz --remove-files -- "${files[@]}")
 du -sh .device

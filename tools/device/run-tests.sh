@@ -17,6 +17,13 @@ fi
 [ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
 logs="${OUT:-/tmp/pipemoe-device}"
 mkdir -p "$logs"
+# Kernels compiled by an earlier call (build.sh packs them when it finds them): a fresh machine starts from them,
+# and the cache as this run leaves it goes back in $logs for the next build (~/.cache/pipemoe/device-cubin.tgz).
+if [ -f .device/cubin.tgz ] && [ ! -d "$PIPEMOE_KERNEL_CACHE" ]; then
+    mkdir -p "$PIPEMOE_KERNEL_CACHE" && tar xzf .device/cubin.tgz -C "$PIPEMOE_KERNEL_CACHE" --strip-components 1
+fi
+keep_cache() { [ -d "$PIPEMOE_KERNEL_CACHE" ] && tar czf "$logs/cubin.tgz" -C "$PIPEMOE_KERNEL_CACHE" .; }
+trap keep_cache EXIT
 failed=0
 run() {  # name, command...
     local name=$1; shift
