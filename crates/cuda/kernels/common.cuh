@@ -29,14 +29,16 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Block-wide sum (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    v = warp_sum(v);
+// Block-wide sum or max (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory: each
+// warp's result, then the first warp's over them (lanes past the warps hold the identity).
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+    v = MAX ? warp_max(v) : warp_sum(v);
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : 0.f;
-        t = warp_sum(t);
+        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : MAX ? NEG_INF : 0.f;
+        t = MAX ? warp_max(t) : warp_sum(t);
         if (threadIdx.x == 0) scratch[0] = t;
     }
     __syncthreads();
@@ -44,22 +46,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();
     return r;
 }
-
-// Block-wide max (blockDim.x a multiple of 32, ≤ 1024); `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    v = warp_max(v);
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        float t = threadIdx.x < (blockDim.x + 31) / 32 ? scratch[threadIdx.x] : NEG_INF;
-        t = warp_max(t);
-        if (threadIdx.x == 0) scratch[0] = t;
-    }
-    __syncthreads();
-    float r = scratch[0];
-    __syncthreads();
-    return r;
-}
+__device__ __forceinline__ float block_sum(float v, float* scratch) { return block_reduce<false>(v, scratch); }
+__device__ __forceinline__ float block_max(float v, float* scratch) { return block_reduce<true>(v, scratch); }
 
 // Stable block-wide compaction: how many threads before this one (in thread order) have `flag` set; `*total`
 // gets the count over the block. Every thread must call it (blockDim.x a multiple of 32, ≤ 1024); `scratch`

@@ -192,7 +192,7 @@ pub fn mla_indexed(
     index: IndexQuery<'_, CudaBackend>,
 ) -> MResult<GpuTensor> {
     let branch = b.gpu.branch();
-    let selection = crate::indexer::select(b, cache, index.q, index.w, index.dims, rows, branch.as_ref())?;
+    let selection = crate::indexer::indexer_select(b, cache, index.q, index.w, index.dims, rows, branch.as_ref())?;
     let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
     let out = attend(b, cache, q, kv_b, d, rows, keys);
     // The branch joins (if the attention did not get that far) before the selection's buffers go back to the pool.

@@ -477,7 +477,7 @@ impl Backend for CudaBackend {
         rows: &[Row],
     ) -> MResult<GpuSelection> {
         // Profiled in parts (indexer.rs): the tables, the scores, the top-k.
-        crate::indexer::indexer_select(self, cache, q, w, dims, rows)
+        crate::indexer::indexer_select(self, cache, q, w, dims, rows, None)
     }
 
     fn selection_to_host(&self, selection: &GpuSelection) -> MResult<HostSelection> {

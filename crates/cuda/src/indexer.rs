@@ -73,21 +73,10 @@ impl GpuSelection {
     }
 }
 
-pub fn indexer_select(
-    b: &CudaBackend,
-    cache: &GpuLayerCache,
-    q: &GpuTensor,
-    w: &GpuTensor,
-    d: &IndexerDims,
-    rows: &[Row],
-) -> MResult<GpuSelection> {
-    select(b, cache, q, w, d, rows, None)
-}
-
-/// [`indexer_select`], its launches on `branch`'s side stream when given: every buffer is allocated on the main
-/// stream first, then the branch forks, and the selection keeps what its launches read. The caller joins the
+/// `Backend::indexer_select`, its launches on `branch`'s side stream when given: every buffer is allocated on the
+/// main stream first, then the branch forks, and the selection keeps what its launches read. The caller joins the
 /// branch before anything reads the selection, and drops the selection (and `q`, `w`) only after that.
-pub(crate) fn select(
+pub fn indexer_select(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,
