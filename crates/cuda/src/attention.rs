@@ -10,11 +10,12 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernel
 use pipemoe_model::backend::{IndexQuery, MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
-use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
 use crate::gpu::Branch;
 use crate::graph::{Ints, StepInputs};
 use crate::indexer::GpuSelection;
+use crate::kvb::{self, Kvb};
 
 /// Heads per attention block of the f32 kernel (`MLA_HEADS`) and of the bf16 tensor-core one (`FM_HEADS`), rows
 /// per absorption block (`MLA_ROWS`).
@@ -186,7 +187,7 @@ pub fn mla_indexed(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,
-    kv_b: &Act,
+    kv_b: &GpuWeight,
     d: &MlaDims,
     rows: &[Row],
     index: IndexQuery<'_, CudaBackend>,
@@ -222,7 +223,7 @@ pub fn mla(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,
-    kv_b: &Act,
+    kv_b: &GpuWeight,
     d: &MlaDims,
     rows: &[Row],
     selection: Option<&GpuSelection>,
@@ -242,7 +243,7 @@ fn attend(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,
-    kv_b: &Act,
+    kv_b: &GpuWeight,
     d: &MlaDims,
     rows: &[Row],
     keys: Keys<'_, '_>,
@@ -255,10 +256,13 @@ fn attend(
     if d.kv_lora != cache.lora || d.qk_rope != cache.rope || d.kv_lora > MAX_LORA {
         return Err(shape("mla_attention", format!("kv_lora {} (at most {MAX_LORA}) for this cache", d.kv_lora)));
     }
-    if kv_b.len() < d.heads * (d.qk_nope + d.v_head) * d.kv_lora {
-        return Err(shape("mla_attention", format!("kv_b_proj holds {} values", kv_b.len())));
+    if kv_b.in_features != d.kv_lora || kv_b.out_features != d.heads * (d.qk_nope + d.v_head) {
+        return Err(shape("mla_attention", format!("kv_b_proj [{}, {}]", kv_b.out_features, kv_b.in_features)));
     }
-    if kv_b.dtype() != q.data.dtype() {
+    let kv_b = Kvb::of(b, kv_b, d, rows.len())?;
+    if let Kvb::Dense(w) = kv_b
+        && w.dtype() != q.data.dtype()
+    {
         return Err(shape("mla_attention", "kv_b_proj and q in different dtypes".into()));
     }
     if let Some(s) = selection
@@ -332,8 +336,8 @@ struct Step<'a> {
     d: &'a MlaDims,
     /// `[rows, heads·(nope + rope)]`.
     q: &'a GpuTensor,
-    /// `[heads·(nope + v), kv_lora]` in the activation dtype.
-    kv_b: &'a Act,
+    /// `[heads·(nope + v), kv_lora]`: dense in the activation dtype, or quantized (decode).
+    kv_b: Kvb<'a>,
     pool: &'a Pool,
     /// The cache dtype's kernel code.
     code: i32,
@@ -352,6 +356,13 @@ impl Step<'_> {
     fn absorb_q(&self, c: Chunk) -> MResult<CudaSlice<f32>> {
         let (b, d) = (self.b, self.d);
         let mut q_lat = scratch(b, c.rows * d.heads * d.kv_lora)?;
+        let kv_b = match self.kv_b {
+            Kvb::Quant(g) => {
+                kvb::absorb_q(b, g, self.q, d, c.row0, c.rows, &mut q_lat)?;
+                return Ok(q_lat);
+            }
+            Kvb::Dense(w) => w,
+        };
         // flash_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
         let mma_smem = (64 * (d.qk_nope + 8) + d.qk_nope * 136) * 2;
         let mma = self.q.data.dtype() == ActDtype::Bf16
@@ -375,7 +386,7 @@ impl Step<'_> {
         let (row0, n, heads) = (c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
-        l.arg(&self.q.data).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&rope).arg(&v).arg(&lora);
+        l.arg(&self.q.data).arg(kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&rope).arg(&v).arg(&lora);
         l.arg(&mut q_lat);
         // SAFETY: matches mla_absorb_q_* and mla_absorb_q_mma_bf16 (its alignment conditions checked above); q
         // holds the step's rows, kv_b heads·(nope+v)·lora values (checked).
@@ -448,6 +459,10 @@ impl Step<'_> {
         out: &mut GpuTensor,
     ) -> MResult<()> {
         let (b, d) = (self.b, self.d);
+        let kv_b = match self.kv_b {
+            Kvb::Quant(g) => return kvb::out(b, g, d, (c.row0, c.rows, c.splits), o_part, ml_part, &mut out.data),
+            Kvb::Dense(w) => w,
+        };
         let cfg = if out.data.dtype() == ActDtype::Bf16 && c.rows > 1 {
             // flash_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
             let f = b.f("mla_out_mma_bf16")?;
@@ -463,7 +478,7 @@ impl Step<'_> {
         let (splits, row0, n, heads) = (c.splits as i32, c.row0 as i32, c.rows as i32, d.heads as i32);
         let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
-        l.arg(o_part).arg(ml_part).arg(&splits).arg(self.kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&v);
+        l.arg(o_part).arg(ml_part).arg(&splits).arg(kv_b).arg(&row0).arg(&n).arg(&heads).arg(&nope).arg(&v);
         l.arg(&lora).arg(&mut out.data);
         // SAFETY: matches mla_out_* and mla_out_mma_bf16 (bf16 attention checked kv_lora % 8 == 0 in `flash`);
         // the partials come from `flash` with the same chunk, out holds every row.

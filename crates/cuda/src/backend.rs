@@ -493,8 +493,7 @@ impl Backend for CudaBackend {
         rows: &[Row],
         selection: Option<&GpuSelection>,
     ) -> MResult<GpuTensor> {
-        let w = self.dense_of(kv_b)?;
-        crate::attention::mla(self, cache, q, w, dims, rows, selection)
+        crate::attention::mla(self, cache, q, kv_b, dims, rows, selection)
     }
 
     fn mla_attention_indexed(
@@ -506,8 +505,7 @@ impl Backend for CudaBackend {
         rows: &[Row],
         index: IndexQuery<'_, Self>,
     ) -> MResult<GpuTensor> {
-        let w = self.dense_of(kv_b)?;
-        crate::attention::mla_indexed(self, cache, q, w, dims, rows, index)
+        crate::attention::mla_indexed(self, cache, q, kv_b, dims, rows, index)
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {

@@ -69,6 +69,8 @@ pub struct Gpu {
     side: Mutex<Side>,
     /// The [`Apart`] switches a benchmark's A/B has turned on (none otherwise).
     apart: std::sync::atomic::AtomicU32,
+    /// Rows of a step up to which MLA reads the quantized kv_b_proj (`kvb.rs`; `PIPEMOE_KVB_QUANT_ROWS`).
+    kvb_quant_rows: std::sync::atomic::AtomicUsize,
 }
 
 /// Ways of running a step the old way, each an [`Apart`] switch of [`Gpu::set_apart`], so that a benchmark can
@@ -82,6 +84,8 @@ pub enum Apart {
     PrepWrite = 2,
     /// One-row grouped experts planned by `experts_plan`, as for more rows.
     Plan = 4,
+    /// MLA's absorptions from the dense copy of kv_b_proj, not from the quantized weight.
+    DenseKvb = 8,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.
@@ -238,6 +242,7 @@ impl Gpu {
             steps: Default::default(),
             side: Mutex::new(side),
             apart: 0.into(),
+            kvb_quant_rows: crate::kvb::default_quant_rows().into(),
         })
     }
 
@@ -311,6 +316,17 @@ impl Gpu {
     }
 
     /// The [`Apart`] switches on, as bits (recorded steps are keyed by them).
+    /// Rows of a step up to which MLA reads the quantized kv_b_proj (decode); a step already recorded as a graph
+    /// keeps the way it was recorded with.
+    pub fn kvb_quant_rows(&self) -> usize {
+        self.kvb_quant_rows.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets [`Gpu::kvb_quant_rows`] (tests, sweeps).
+    pub fn set_kvb_quant_rows(&self, rows: usize) {
+        self.kvb_quant_rows.store(rows, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn apart(&self) -> u32 {
         self.apart.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -25,6 +25,7 @@ pub mod gpu;
 pub mod graph;
 pub mod indexer;
 pub mod ipc;
+mod kvb;
 pub mod mma;
 pub mod nvrtc;
 pub mod profile;

@@ -195,8 +195,11 @@ struct Case {
     selected: Option<usize>,
 }
 
+/// kv_b_proj as a random GPTQ weight of (bits, group size, act-order) instead of a dense one.
+type Quantized = Option<(u32, i64, bool)>;
+
 /// The relative L2 distance of the GPU's attention output from the CPU's on the same values.
-fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case) -> f64 {
+fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case, quantized: Quantized) -> f64 {
     let (d, cpu) = (c.dims, CpuBackend::F32);
     let (lora, rope, qk) = (d.kv_lora, d.qk_rope, d.qk_nope + d.qk_rope);
     let mut gc = g.new_layer_cache(&d, None);
@@ -217,10 +220,13 @@ fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case) -> f64 {
     }
     let n = c.rows.len();
     let q = as_act(g.act, uniform(rng, n * d.heads * qk, 1.0));
-    let wlen = d.heads * (d.qk_nope + d.v_head) * lora;
+    let (wlen, w_out) = (d.heads * (d.qk_nope + d.v_head) * lora, d.heads * (d.qk_nope + d.v_head));
     let kv_b = as_act(g.act, uniform(rng, wlen, 0.5));
-    let host_w =
-        || HostLinear::Dense { out_features: d.heads * (d.qk_nope + d.v_head), in_features: lora, data: kv_b.clone() };
+    let gptq = quantized.map(|(bits, group, act_order)| random_weight(rng, lora, w_out, bits, group, act_order));
+    let host_w = || match &gptq {
+        Some(w) => HostLinear::Gptq(w.clone()),
+        None => HostLinear::Dense { out_features: w_out, in_features: lora, data: kv_b.clone() },
+    };
     let sel: Option<Vec<Vec<u32>>> = c.selected.map(|k| {
         c.rows
             .iter()
@@ -319,11 +325,60 @@ fn tiled_attention_matches_the_cpu_reference() {
     ] {
         let g = gpu(act, kv);
         for (name, case) in cases() {
-            let err = attention_case(&g, &mut rng, &case);
+            let err = attention_case(&g, &mut rng, &case, None);
             eprintln!("attention {name}, activations {act:?}, cache {kv:?}: rel L2 {err:.2e}");
             assert!(err <= tol, "attention {name}, {act:?}/{kv:?}: rel L2 {err:e} > {tol:e}");
         }
     }
+}
+
+/// A GPTQ kv_b_proj in the tensor-core layout: steps of up to `Gpu::kvb_quant_rows` rows (default 4) read it
+/// quantized (mla_q.cu), the rest (and `Apart::DenseKvb`) from its bf16 copy; here up to 64, so that blocks of
+/// rows beyond the first (and a partial one) are covered too. Both against the CPU on the exactly dequantized weight, at the
+/// bf16 bound above: the quantized kernels' products are as exact as f32 ones (values and remainders), the copy's
+/// weights are rounded to bf16 (2^-9 relative each, ~1e-3 on the output). A block of 4 rows, a partial one,
+/// act-order (the latent gathered and scattered through the row order), groups of 128 and 256, 2/3/4 bits.
+#[test]
+fn quantized_kv_b_matches_the_cpu_reference() {
+    if no_gpu() {
+        return;
+    }
+    // The smallest shape the quantized kernels take: nope 32 (two tiles a B load), v 16 (one tile: three of the
+    // four warps idle), one chunk of lora; 6 heads so that the GPTQ columns (288) pack whole words.
+    let qsmall = MlaDims { heads: 6, qk_nope: 32, qk_rope: 16, v_head: 16, kv_lora: 128, softmax_scale: 0.2 };
+    let r = |seq: u64, pos: usize| Row { seq, pos };
+    let case = |dims, lens: Vec<usize>, rows: Vec<Row>, selected| Case { dims, lens, rows, selected };
+    let step = |n: usize| (0..n).map(|i| r(0, 2999 - i)).collect::<Vec<_>>();
+    let cases: Vec<(&str, Case, (u32, i64, bool))> = vec![
+        ("small, 1 row", case(qsmall, vec![40], vec![r(0, 39)], None), (3, 128, false)),
+        (
+            "small, 5 rows act-order",
+            case(qsmall, vec![40, 9], vec![r(0, 3), r(0, 39), r(1, 0), r(1, 4), r(1, 8)], None),
+            (3, 128, true),
+        ),
+        ("real, 1 row over 3000 keys", case(REAL, vec![3000], step(1), None), (3, 128, false)),
+        ("real, 2048 selected, act-order", case(REAL, vec![3000], step(2), Some(2048)), (3, 128, true)),
+        ("real, 6 rows, groups of 256", case(REAL, vec![3000], step(6), None), (3, 256, false)),
+        ("real, 1 row, 2 bits", case(REAL, vec![300], vec![r(0, 299)], None), (2, 128, false)),
+        (
+            "real, 3 rows, 4 bits",
+            case(REAL, vec![300], step(3).into_iter().map(|x| r(0, x.pos - 2700)).collect(), None),
+            (4, 128, false),
+        ),
+        ("real, 70 rows (the dense copy)", case(REAL, vec![3000], step(70), None), (3, 128, false)),
+    ];
+    let g = gpu(ActDtype::Bf16, KvDtype::Bf16);
+    g.gpu.set_kvb_quant_rows(64);
+    let mut rng = Rng::new(23);
+    for apart in [&[][..], &[pipemoe_cuda::gpu::Apart::DenseKvb][..]] {
+        g.gpu.set_apart(apart);
+        for (name, c, q) in &cases {
+            let err = attention_case(&g, &mut rng, c, Some(*q));
+            eprintln!("quantized kv_b {q:?}, {name}, apart {apart:?}: rel L2 {err:.2e}");
+            assert!(err <= 5e-3, "quantized kv_b {q:?}, {name}, apart {apart:?}: rel L2 {err:e}");
+        }
+    }
+    g.gpu.set_apart(&[]);
 }
 
 #[test]

@@ -18,6 +18,8 @@ pub enum AbSwitch {
     PrepWrite,
     /// One-row grouped experts without the `experts_plan` launch.
     Plan,
+    /// MLA's absorptions from the quantized kv_b_proj, not from its bf16 copy.
+    DenseKvb,
 }
 
 impl AbSwitch {
@@ -26,6 +28,7 @@ impl AbSwitch {
             AbSwitch::Branches => Apart::Branches,
             AbSwitch::PrepWrite => Apart::PrepWrite,
             AbSwitch::Plan => Apart::Plan,
+            AbSwitch::DenseKvb => Apart::DenseKvb,
         }
     }
 
@@ -34,6 +37,7 @@ impl AbSwitch {
             AbSwitch::Branches => "branches",
             AbSwitch::PrepWrite => "prep-write",
             AbSwitch::Plan => "plan",
+            AbSwitch::DenseKvb => "dense-kvb",
         }
     }
 }
