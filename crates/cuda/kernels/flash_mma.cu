@@ -59,7 +59,10 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
 }
 
 
-extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16(
+// EXACT: q and P enter as value + remainder (above); otherwise as bf16 alone, each k-step 16 distinct values — half
+// the tensor-core work, the precision of HF's own bf16 attention (scores of bf16 q, P cast to bf16 for the mix).
+template <bool EXACT>
+__device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
     const void* c_lat,            // [slots, lora] in the cache dtype
@@ -166,8 +169,19 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         for (int j = 0; j < FM_QK; j++) {
             const int d = (warp * FM_QK + j) * 8 + quad * 2;
             const float2 a = qv(ha, d), b = qv(hb, d);
-            split_bf16x2(a.x, a.y, qa[j][0], qa[j][2]);
-            split_bf16x2(b.x, b.y, qa[j][1], qa[j][3]);
+            if (EXACT) {
+                split_bf16x2(a.x, a.y, qa[j][0], qa[j][2]);
+                split_bf16x2(b.x, b.y, qa[j][1], qa[j][3]);
+            } else {
+                // Pairs of the warp's steps of 8 dims make one of 16: even j the lower half, odd j the upper (the
+                // ninth step's upper half, the next warp's dims, stays zero).
+                u32 hi, lo;
+                split_bf16x2(a.x, a.y, hi, lo);
+                qa[j / 2][(j & 1) * 2] = hi;
+                split_bf16x2(b.x, b.y, hi, lo);
+                qa[j / 2][(j & 1) * 2 + 1] = hi;
+                if (j == FM_QK - 1) qa[j / 2][2] = qa[j / 2][3] = 0u;
+            }
         }
     }
     const int ksteps = DP / 8;
@@ -205,11 +219,29 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         {
             float c[FM_KT / 8][4] = {};
             const __nv_bfloat16* k0 = buf + group * CS + warp * FM_QK * 8 + quad * 2;
+if (EXACT) {
 #pragma unroll
-            for (int j = 0; j < FM_QK; j++) {
-                if (j < my_steps) {
+                for (int j = 0; j < FM_QK; j++) {
+                    if (j < my_steps) {
 #pragma unroll
-                    for (int g = 0; g < FM_KT / 8; g++) fm_mma(c[g], qa[j], *(const u32*)(k0 + g * 8 * CS + j * 8));
+                        for (int g = 0; g < FM_KT / 8; g++)
+                            fm_mma(c[g], qa[j], *(const u32*)(k0 + g * 8 * CS + j * 8));
+                    }
+                }
+            } else {
+                // Step j2 covers the warp's 8-dim steps 2·j2 and 2·j2 + 1; past my_steps (or the warp's last) the
+                // upper half's q is zero and B repeats the lower half (the tile's columns past DP are never written).
+#pragma unroll
+                for (int j2 = 0; j2 < (FM_QK + 1) / 2; j2++) {
+                    if (2 * j2 < my_steps) {
+                        const bool upper = 2 * j2 + 1 < my_steps && 2 * j2 + 1 < FM_QK;
+#pragma unroll
+                        for (int g = 0; g < FM_KT / 8; g++) {
+                            const __nv_bfloat16* kp = k0 + g * 8 * CS + j2 * 16;
+                            const u32 b0 = *(const u32*)kp, b1 = upper ? *(const u32*)(kp + 8) : b0;
+                            mma_16816(c[g], qa[j2], b0, b1);
+                        }
+                    }
                 }
             }
 #pragma unroll
@@ -242,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
                 m[u] = mn;
                 const __nv_bfloat16 hi = __float2bfloat16(p);
                 ps[sh * FM_PS + lane] = hi;
-                ps[(FM_HEADS + sh) * FM_PS + lane] = __float2bfloat16(p - __bfloat162float(hi));
+                if (EXACT) ps[(FM_HEADS + sh) * FM_PS + lane] = __float2bfloat16(p - __bfloat162float(hi));
                 if (lane == 0) corr[sh] = cf;
             }
         }
@@ -251,14 +283,20 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
         // O[head, col] = O · corr[head] + Σ_key P[head, key] · C[key, col]: per k-step of 8 keys, a0/a1 the
         // rounded P of heads group and group + 8, a2/a3 the remainders.
         const float cr0 = corr[group], cr1 = corr[group + 8];
+        // Not EXACT: a k-step of 16 keys, a0/a1 keys 16·kk + 2·quad.., a2/a3 those 8 keys on (pa[kk], kk < 2).
         u32 pa[FM_KT / 8][4];
 #pragma unroll
         for (int ks = 0; ks < FM_KT / 8; ks++) {
             const __nv_bfloat16* p = ps + group * FM_PS + ks * 8 + quad * 2;
-            pa[ks][0] = *(const u32*)p;
-            pa[ks][1] = *(const u32*)(p + 8 * FM_PS);
-            pa[ks][2] = *(const u32*)(p + FM_HEADS * FM_PS);
-            pa[ks][3] = *(const u32*)(p + (FM_HEADS + 8) * FM_PS);
+            if (EXACT) {
+                pa[ks][0] = *(const u32*)p;
+                pa[ks][1] = *(const u32*)(p + 8 * FM_PS);
+                pa[ks][2] = *(const u32*)(p + FM_HEADS * FM_PS);
+                pa[ks][3] = *(const u32*)(p + (FM_HEADS + 8) * FM_PS);
+            } else {
+                pa[ks / 2][(ks & 1) * 2] = *(const u32*)p;
+                pa[ks / 2][(ks & 1) * 2 + 1] = *(const u32*)(p + 8 * FM_PS);
+            }
         }
         // ldmatrix, per 16 keys k0: matrices (keys k0..+7, tile ct), (keys k0+8..+15, tile ct), (keys k0..+7,
         // tile ct + 8), (keys k0+8..+15, tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past
@@ -286,8 +324,12 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
                     ldmatrix_x4_trans(b, v + kk * 16 * CS);
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
-                        fm_mma(acc[j + u], pa[2 * kk], b[2 * u]);
-                        fm_mma(acc[j + u], pa[2 * kk + 1], b[2 * u + 1]);
+                        if (EXACT) {
+                            fm_mma(acc[j + u], pa[2 * kk], b[2 * u]);
+                            fm_mma(acc[j + u], pa[2 * kk + 1], b[2 * u + 1]);
+                        } else {
+                            mma_16816(acc[j + u], pa[kk], b[2 * u], b[2 * u + 1]);
+                        }
                     }
                 }
             }
@@ -316,6 +358,19 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
             ml_part[at * 2 + 1] = sum[u];
         }
     }
+}
+
+#define FM_ARGS                                                                                                   \
+    const float *q_lat, const __nv_bfloat16 *q, const void *c_lat, const void *c_pe, const float *scales,         \
+        int dtype, const int *meta, const int *tables, const int *keys, int key_stride, int row0, int heads,      \
+        int nope, int rope, int lora, float scale, float *o_part, float *ml_part
+#define FM_PASS q_lat, q, c_lat, c_pe, scales, dtype, meta, tables, keys, key_stride, row0, heads, nope, rope, lora, \
+                scale, o_part, ml_part
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16(FM_ARGS) {
+    mla_flash_mma<true>(FM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16(FM_ARGS) {
+    mla_flash_mma<false>(FM_PASS);
 }
 
 // mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single

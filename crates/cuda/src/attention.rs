@@ -50,6 +50,15 @@ pub(crate) fn min_split_keys() -> usize {
     static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_MIN_SPLIT_KEYS", MIN_SPLIT_KEYS, 32..=4096))
 }
+/// Whether bf16 flash attention takes q and P as value + remainder (`PIPEMOE_FLASH_EXACT=1`): f32-exact products
+/// at twice the tensor-core work. By default they enter as bf16, as in HF's own bf16 attention: on a 3090, whose
+/// bf16 tensor cores with f32 accumulation run at 71 TFLOP/s, the exact mix of 32 rows at 4K context is ~0.5 ms a
+/// layer of tensor-core time on its own (docs/PERF.md, session 15).
+fn flash_exact() -> bool {
+    static K: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_EXACT", 0, 0..=1) == 1)
+}
+
 /// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
 const OUT_COLS: usize = 32;
 const ABSORB_WARPS: usize = 8;
@@ -419,7 +428,8 @@ impl Step<'_> {
                 let (h, kt, stages, ps) = (MMA_HEADS_PER_BLOCK, 32, 2, 40);
                 let cs = dims.next_multiple_of(16) + 8;
                 let smem = stages * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * ps * 2 + h * 4 + 2 * 256 * 4;
-                (b.f("mla_flash_mma_bf16")?, smem)
+                let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
+                (b.f(if exact { "mla_flash_mma_bf16" } else { "mla_flash_mma_fast_bf16" })?, smem)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.

@@ -86,6 +86,8 @@ pub enum Apart {
     Plan = 4,
     /// MLA's absorptions from the dense copy of kv_b_proj, not from the quantized weight.
     DenseKvb = 8,
+    /// bf16 flash attention with q and P as value + remainder (`PIPEMOE_FLASH_EXACT=1` always), not as bf16.
+    ExactFlash = 16,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

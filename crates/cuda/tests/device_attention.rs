@@ -7,7 +7,10 @@
 //! back from the pool (so a bf16 or fp8 cache is compared on its own stored values) and q / kv_b rounded to the
 //! activation dtype. What is left is f32 summation order and the fast-math `__expf`: with f32 activations that
 //! is ~1e-6, asserted ≤ 1e-4 (any indexing, masking or merge error is ≥ 1e-2). With bf16 activations the GPU
-//! also rounds its output to bf16 (2^-9 relative at most, ~1.1e-3 RMS), asserted ≤ 5e-3. The top-k must agree
+//! also rounds its output to bf16 (2^-9 relative at most, ~1.1e-3 RMS), asserted ≤ 5e-3 with the exact flash
+//! kernel (q and P as value + remainder, `Apart::ExactFlash`). The default bf16 flash kernel also rounds q and P
+//! to bf16, as HF's own attention does: two more roundings of ~1.1e-3 RMS each on the scores' and the weights'
+//! terms, ~2e-3 on the output together, asserted ≤ 7.5e-3 (an indexing error is still ≥ 1e-2). The top-k must agree
 //! exactly: its inputs are identical (the top-k test) or integer-valued so every score is exact in f32 (the
 //! indexer test). `rel_l2` fails on NaN.
 
@@ -16,6 +19,7 @@ mod common;
 use common::*;
 use half::bf16;
 use pipemoe_cuda::cache::{BLOCK, GpuLayerCache, KvDtype};
+use pipemoe_cuda::gpu::Apart;
 use pipemoe_cuda::indexer::top_k_rows;
 use pipemoe_cuda::{ActDtype, CudaBackend, GpuSelection};
 use pipemoe_model::backend::{Backend, HostLinear, IndexQuery, IndexerDims, MlaDims, MlaPrep, MlaPrepped, Row};
@@ -318,16 +322,19 @@ fn tiled_attention_matches_the_cpu_reference() {
         return;
     }
     let mut rng = Rng::new(17);
-    for (act, kv, tol) in [
-        (ActDtype::F32, KvDtype::F32, 1e-4),
-        (ActDtype::F32, KvDtype::Fp8, 1e-4),
-        (ActDtype::Bf16, KvDtype::Bf16, 5e-3),
+    let exact: &[Apart] = &[Apart::ExactFlash];
+    for (act, kv, apart, tol) in [
+        (ActDtype::F32, KvDtype::F32, &[][..], 1e-4),
+        (ActDtype::F32, KvDtype::Fp8, &[], 1e-4),
+        (ActDtype::Bf16, KvDtype::Bf16, exact, 5e-3),
+        (ActDtype::Bf16, KvDtype::Bf16, &[], 7.5e-3),
     ] {
         let g = gpu(act, kv);
+        g.gpu.set_apart(apart);
         for (name, case) in cases() {
             let err = attention_case(&g, &mut rng, &case, None);
-            eprintln!("attention {name}, activations {act:?}, cache {kv:?}: rel L2 {err:.2e}");
-            assert!(err <= tol, "attention {name}, {act:?}/{kv:?}: rel L2 {err:e} > {tol:e}");
+            eprintln!("attention {name}, activations {act:?}, cache {kv:?}, {apart:?}: rel L2 {err:.2e}");
+            assert!(err <= tol, "attention {name}, {act:?}/{kv:?}, {apart:?}: rel L2 {err:e} > {tol:e}");
         }
     }
 }
@@ -337,7 +344,8 @@ fn tiled_attention_matches_the_cpu_reference() {
 /// rows beyond the first (and a partial one) are covered too. Both against the CPU on the exactly dequantized weight, at the
 /// bf16 bound above: the quantized kernels' products are as exact as f32 ones (values and remainders), the copy's
 /// weights are rounded to bf16 (2^-9 relative each, ~1e-3 on the output). A block of 4 rows, a partial one,
-/// act-order (the latent gathered and scattered through the row order), groups of 128 and 256, 2/3/4 bits.
+/// act-order (the latent gathered and scattered through the row order), groups of 128 and 256, 2/3/4 bits. The
+/// flash kernel between is the default one (bf16 q and P).
 #[test]
 fn quantized_kv_b_matches_the_cpu_reference() {
     if no_gpu() {
@@ -370,12 +378,13 @@ fn quantized_kv_b_matches_the_cpu_reference() {
     let g = gpu(ActDtype::Bf16, KvDtype::Bf16);
     g.gpu.set_kvb_quant_rows(64);
     let mut rng = Rng::new(23);
-    for apart in [&[][..], &[pipemoe_cuda::gpu::Apart::DenseKvb][..]] {
+    for apart in [&[][..], &[Apart::DenseKvb][..]] {
         g.gpu.set_apart(apart);
         for (name, c, q) in &cases {
             let err = attention_case(&g, &mut rng, c, Some(*q));
             eprintln!("quantized kv_b {q:?}, {name}, apart {apart:?}: rel L2 {err:.2e}");
-            assert!(err <= 5e-3, "quantized kv_b {q:?}, {name}, apart {apart:?}: rel L2 {err:e}");
+            // The default flash kernel's bf16 q and P: the bound of the test above.
+            assert!(err <= 7.5e-3, "quantized kv_b {q:?}, {name}, apart {apart:?}: rel L2 {err:e}");
         }
     }
     g.gpu.set_apart(&[]);
@@ -521,7 +530,8 @@ fn indexer_select_matches_the_cpu_backend_and_feeds_attention() {
         let joined = g.mla_attention_indexed(&gc, &gq, &gkv, &d, &step, index).expect("gpu indexed attention");
         let (a, b) = (g.download(&gpu_out).unwrap(), g.download(&joined).unwrap());
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{act:?} {ix:?}: indexed attention differs");
-        let tol = if act == ActDtype::F32 { 1e-4 } else { 5e-3 };
+        // bf16: the default flash kernel's bound (the tiled test's module note).
+        let tol = if act == ActDtype::F32 { 1e-4 } else { 7.5e-3 };
         let (heads, dim) = (ix.heads, ix.head_dim);
         eprintln!(
             "indexer {act:?}/{kv:?}, {heads} heads × {dim}: selections equal; attention over them rel L2 {err:.2e}"

@@ -20,6 +20,8 @@ pub enum AbSwitch {
     Plan,
     /// MLA's absorptions from the quantized kv_b_proj, not from its bf16 copy.
     DenseKvb,
+    /// bf16 flash attention on bf16 q and P, not value + remainder.
+    ExactFlash,
 }
 
 impl AbSwitch {
@@ -29,6 +31,7 @@ impl AbSwitch {
             AbSwitch::PrepWrite => Apart::PrepWrite,
             AbSwitch::Plan => Apart::Plan,
             AbSwitch::DenseKvb => Apart::DenseKvb,
+            AbSwitch::ExactFlash => Apart::ExactFlash,
         }
     }
 
@@ -38,6 +41,7 @@ impl AbSwitch {
             AbSwitch::PrepWrite => "prep-write",
             AbSwitch::Plan => "plan",
             AbSwitch::DenseKvb => "dense-kvb",
+            AbSwitch::ExactFlash => "exact-flash",
         }
     }
 }
