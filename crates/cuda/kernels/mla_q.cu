@@ -24,6 +24,7 @@
 #define MQ_CHUNK 128
 #define MQ_MAX_CHUNKS 4 // lora ≤ MLA_MAX_LORA = 512
 #define MQ_OUT_WARPS 8  // mla_out_w: a V tile a warp (vdim 128: all 8 at once)
+#define MQ_PRE 2        // mla_out_w: values of o_lat a thread requests before the barrier (one row: all 512)
 
 // The lane's words of (tile, chunk): BITS uint2, as gptq_mma.cu reads them from its ring.
 template <int BITS>
@@ -91,6 +92,38 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
         for (int c = 0; c < MQ_MAX_CHUNKS; c++)
             if (tile < vt && c < k_chunks) mq_load<BITS>(w[c], words, tile0 + tile, k_chunks, c, lane);
         if (t0 == 0) {
+            // o_lat of the block's rows, merged over the key shares in the repacked order of lora: the first MQ_PRE
+            // values of each thread have their shares requested before the shares' weights are known (one round
+            // trip for both at one row, where they are all there is).
+            const int vals = max(0, min(MQ_ROWS, n_rows - r0)) * lora;
+            auto shares = [&](int i) {
+                const int k = i / lora, l = i % lora;
+                return o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + (perm ? perm[l] : l);
+            };
+            // Σ_s wts[k][s]·o_s of value i from share s0 on, 16 shares' loads at a time.
+            auto merge_from = [&](int i, int s0) {
+                const float* op = shares(i);
+                const int k = i / lora;
+                float v = 0.f;
+                for (; s0 < splits; s0 += 16) {
+                    float part[16];
+#pragma unroll
+                    for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * lora] : 0.f;
+#pragma unroll
+                    for (int s = 0; s < 16; s++) v += s0 + s < splits ? wts[k][s0 + s] * part[s] : 0.f;
+                }
+                return v;
+            };
+            float pre[MQ_PRE][16];
+#pragma unroll
+            for (int u = 0; u < MQ_PRE; u++) {
+                const int i = threadIdx.x + u * blockDim.x;
+                if (i < vals) {
+                    const float* op = shares(i);
+#pragma unroll
+                    for (int s = 0; s < 16; s++) pre[u][s] = s < splits ? op[(size_t)s * lora] : 0.f;
+                }
+            }
             if (warp < MQ_ROWS) {
                 const float wt = split_weight(ml_part, r0 + warp, n_rows, heads, h, splits, lane);
                 if (lane < MLA_MAX_SPLITS) wts[warp][lane] = wt;
@@ -101,22 +134,26 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
                 sz[i] = __halves2half2(scales[g], zeros[g]);
             }
             __syncthreads();
-            // o_lat of the block's rows merged over the key shares, in the repacked order of lora, as value +
-            // remainder.
-            for (int i = threadIdx.x; i < MQ_ROWS * lora; i += blockDim.x) {
-                const int k = i / lora, l = i % lora;
-                float v = 0.f;
-                if (r0 + k < n_rows) {
-                    const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + (perm ? perm[l] : l);
-                    for (int s0 = 0; s0 < splits; s0 += 16) {
-                        float part[16];
+            // Stored as value + remainder; rows past n_rows are zeros.
 #pragma unroll
-                        for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * lora] : 0.f;
+            for (int u = 0; u < MQ_PRE; u++) {
+                const int i = threadIdx.x + u * blockDim.x;
+                if (i < vals) {
+                    const int k = i / lora, l = i % lora;
+                    float v = 0.f;
 #pragma unroll
-                        for (int s = 0; s < 16; s++) v += s0 + s < splits ? wts[k][s0 + s] * part[s] : 0.f;
-                    }
+                    for (int s = 0; s < 16; s++) v += s < splits ? wts[k][s] * pre[u][s] : 0.f;
+                    if (splits > 16) v += merge_from(i, 16);
+                    mq_split(v, &ohl[2 * k * os + l], &ohl[(2 * k + 1) * os + l]);
                 }
-                mq_split(v, &ohl[2 * k * os + l], &ohl[(2 * k + 1) * os + l]);
+            }
+            for (int i = threadIdx.x + MQ_PRE * blockDim.x; i < vals; i += blockDim.x) {
+                const int k = i / lora, l = i % lora;
+                mq_split(merge_from(i, 0), &ohl[2 * k * os + l], &ohl[(2 * k + 1) * os + l]);
+            }
+            for (int i = vals + threadIdx.x; i < MQ_ROWS * lora; i += blockDim.x) {
+                const int k = i / lora, l = i % lora;
+                ohl[2 * k * os + l] = ohl[(2 * k + 1) * os + l] = __float2bfloat16(0.f);
             }
             __syncthreads();
             // Sums of each (part, chunk) over the lower and the upper 8 columns of its k-steps: a warp a pair, lane
