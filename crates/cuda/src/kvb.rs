@@ -23,9 +23,9 @@ const MAX_CHUNKS: usize = MAX_LORA / CHUNK;
 
 /// Rows of a step up to which attention reads the quantized kv_b (`Gpu::kvb_quant_rows`), from
 /// `PIPEMOE_KVB_QUANT_ROWS` (0..=256, default 4: one block of rows; 0 never). Measured on the H200 (docs/PERF.md,
-/// session 15): one row saves ~1.4 µs a layer; at 32 rows the dense copy's tensor-core kernels, which read it once
-/// a 64 rows, are ~20 µs a layer faster than 8 blocks of rows each reading the weights again and merging their own
-/// key shares.
+/// session 15): one row saves ~4.5 µs a layer; at 32 rows the dense copy's tensor-core kernels, which read it once
+/// a 64 rows, were ~20 µs a layer faster than 8 blocks of rows each reading the weights again and merging their own
+/// key shares (before `mla_out_w` requested its shares ahead of their weights).
 pub(crate) fn default_quant_rows() -> usize {
     crate::mma::knob("PIPEMOE_KVB_QUANT_ROWS", QUANT_ROWS, 0..=256)
 }
