@@ -287,8 +287,8 @@ fn decode_steps_replayed_as_graphs_match_launches() {
     }
 }
 
-/// Every `Apart` switch (what `pipemoe bench --ab` times) leaves a decode step's bits as they are: each undoes a
-/// fusion or an overlap, not the arithmetic. The V3.2 demo past its indexer's top-k of 32 (so the indexer
+/// The `Apart` switches that undo a fusion or an overlap (what `pipemoe bench --ab` times) leave a decode step's
+/// bits as they are: not the arithmetic. (`DenseKvb` and `ExactFlash` change it: device_attention bounds them.) The V3.2 demo past its indexer's top-k of 32 (so the indexer
 /// selects, on a branch unless apart), one row a step (the grouped experts' one-row path), as launches and as
 /// recorded graphs (a switch is part of a recorded step's key).
 #[test]

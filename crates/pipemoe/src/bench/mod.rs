@@ -105,8 +105,8 @@ pub struct BenchArgs {
     /// steps of the batched streams (device and host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
-    /// Also time single-stream decode with each of these fusions or overlaps undone and not, in turns in this
-    /// process (`--ab-rounds` rounds of `--steps` steps each way): separate runs drift by a few % (host and
+    /// Also time single-stream decode with each of these fusions, overlaps or kernels undone and not, in turns in
+    /// this process (`--ab-rounds` rounds of `--steps` steps each way): separate runs drift by a few % (host and
     /// clocks), which hides changes of that size. Repeat the flag for several.
     #[arg(long, value_enum)]
     pub ab: Vec<ab::AbSwitch>,
@@ -443,6 +443,10 @@ mod tests {
             crate::Cli::parse_from(["pipemoe", "bench", "--ab", "plan", "--ab", "prep-write", "--ab-rounds", "3"]);
         let crate::Command::Bench(args) = cli.command else { panic!("not the bench command") };
         assert_eq!(args.ab, [ab::AbSwitch::Plan, ab::AbSwitch::PrepWrite]);
+        let kernels = crate::Cli::parse_from(["pipemoe", "bench", "--ab", "dense-kvb", "--ab", "exact-flash"]);
+        let crate::Command::Bench(k) = kernels.command else { panic!("not the bench command") };
+        assert_eq!(k.ab, [ab::AbSwitch::DenseKvb, ab::AbSwitch::ExactFlash]);
+        assert_eq!(k.ab.iter().map(|s| s.name()).collect::<Vec<_>>(), ["dense-kvb", "exact-flash"]);
         assert_eq!(args.ab_rounds, 3);
         // Two switches, 3 rounds, 16 timed steps: each round decodes 19 positions each way.
         assert_eq!(ab::positions(args.ab.len(), args.ab_rounds, 16), 2 * 2 * 3 * 19);
