@@ -1,7 +1,7 @@
 //! MLA's absorbed `kv_b_proj` as attention reads it: the activation-dtype copy the dense absorption kernels need
 //! (made on first use, kept), or — for decode steps of bf16 activations over a tensor-core-packed kv_b — the
-//! quantized weight itself (kernels/mla_q.cu): a fifth of the bytes a step reads for the two absorptions, and no
-//! dense copy at all on a worker that only decodes small batches.
+//! quantized weight itself (kernels/mla_q.cu): a fifth of the bytes a step reads for the two absorptions. The copy
+//! is then made by the first larger step (a prefill chunk), not by the first decode step.
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::MlaDims;
