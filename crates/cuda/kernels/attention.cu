@@ -324,18 +324,8 @@ __device__ void mla_out(const float* o_part,   // [n_rows, heads, splits, lora]
     for (int i = threadIdx.x; i < R * lora; i += blockDim.x) {
         const int k = i / lora, l = i % lora;
         float v = 0.f;
-        if (r0 + k < n_rows) {
-            // Every split's value of a run of 16 requested before any is added: one round trip per 16 splits, not
-            // one per split (runs of 16 keep the registers of the usual ≤ 16 splits).
-            const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l;
-            for (int s0 = 0; s0 < splits; s0 += 16) {
-                float part[16];
-#pragma unroll
-                for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * lora] : 0.f;
-#pragma unroll
-                for (int s = 0; s < 16; s++) v += s0 + s < splits ? wts[k][s0 + s] * part[s] : 0.f;
-            }
-        }
+        if (r0 + k < n_rows)
+            v = merge_shares(o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l, lora, splits, wts[k], 0);
         sm[i] = v;
     }
     __syncthreads();

@@ -83,6 +83,21 @@ __device__ __forceinline__ float online_softmax_step(float s, float& m, float& s
     return c;
 }
 
+// Σ_s w[s]·op[s·stride] over key shares s0.. of one merged value: each run of 16 shares' values requested before
+// any is added (one round trip per 16 shares, not one per share; runs of 16 keep the registers of the usual ≤ 16).
+// mla_out and mla_out_w merge o_lat with it.
+__device__ __forceinline__ float merge_shares(const float* op, size_t stride, int splits, const float* w, int s0) {
+    float v = 0.f;
+    for (; s0 < splits; s0 += 16) {
+        float part[16];
+#pragma unroll
+        for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * stride] : 0.f;
+#pragma unroll
+        for (int s = 0; s < 16; s++) v += s0 + s < splits ? w[s0 + s] * part[s] : 0.f;
+    }
+    return v;
+}
+
 // The weight of row r's key share s (lane s of a warp; the warp holds the row) in its merged latent mix:
 // e^{m_s − M} / Σ_t e^{m_t − M} l_t with M the row's largest share max, 0 for an empty share, a row past n_rows or
 // a lane past the shares. (Needs common.cuh's warp_sum.)

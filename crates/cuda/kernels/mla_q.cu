@@ -100,20 +100,8 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
                 const int k = i / lora, l = i % lora;
                 return o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + (perm ? perm[l] : l);
             };
-            // Σ_s wts[k][s]·o_s of value i from share s0 on, 16 shares' loads at a time.
-            auto merge_from = [&](int i, int s0) {
-                const float* op = shares(i);
-                const int k = i / lora;
-                float v = 0.f;
-                for (; s0 < splits; s0 += 16) {
-                    float part[16];
-#pragma unroll
-                    for (int s = 0; s < 16; s++) part[s] = s0 + s < splits ? op[(size_t)(s0 + s) * lora] : 0.f;
-#pragma unroll
-                    for (int s = 0; s < 16; s++) v += s0 + s < splits ? wts[k][s0 + s] * part[s] : 0.f;
-                }
-                return v;
-            };
+            // Value i merged from share s0 on.
+            auto merge_from = [&](int i, int s0) { return merge_shares(shares(i), lora, splits, wts[i / lora], s0); };
             float pre[MQ_PRE][16];
 #pragma unroll
             for (int u = 0; u < MQ_PRE; u++) {
