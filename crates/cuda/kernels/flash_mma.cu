@@ -406,28 +406,10 @@ extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
     const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora + (size_t)nope * lora;
     const int ia = i0 + group, ib = ia + 8;
     float acc[OM_ROWS / 8][4] = {};
+    constexpr int PER = OM_ROWS * OM_LC / 4 / 256;  // float4 entries of o_lat a thread merges per chunk
+    static_assert(PER * 256 * 4 == OM_ROWS * OM_LC, "whole passes of the block's threads");
     for (int l0 = 0; l0 < lora; l0 += OM_LC) {
-        __syncthreads();  // the weights are set; everyone is done with the last chunk
-        // Stage o_lat[rows, l0 .. l0 + OM_LC) merged, as bf16 and remainder: four values a thread a pass.
-        for (int e = threadIdx.x; e < OM_ROWS * OM_LC / 4; e += blockDim.x) {
-            const int k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r0 + k < n_rows && l0 + c < lora) {
-                const float* op = o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l0 + c;
-                for (int s = 0; s < splits; s++) {
-                    const float4 p = *(const float4*)(op + (size_t)s * lora);
-                    const float ws = wts[k][s];
-                    v.x += ws * p.x, v.y += ws * p.y, v.z += ws * p.z, v.w += ws * p.w;
-                }
-            }
-            u32 hi0, lo0, hi1, lo1;
-            split_bf16x2(v.x, v.y, hi0, lo0);
-            split_bf16x2(v.z, v.w, hi1, lo1);
-            *(uint2*)&ol[0][k][c] = make_uint2(hi0, hi1);
-            *(uint2*)&ol[1][k][c] = make_uint2(lo0, lo1);
-        }
-        __syncthreads();
-        // This chunk's W_UV fragments (all requested before any is used), then the mma over its steps.
+        // This chunk's W_UV fragments, requested first: they do not wait for the barrier or the merge.
         u32 a[OM_LC / 8][2];
 #pragma unroll
         for (int ks = 0; ks < OM_LC / 8; ks++) {
@@ -435,6 +417,40 @@ extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
             a[ks][0] = ia < vdim && l < lora ? *(const u32*)(w + (size_t)ia * lora + l) : 0u;
             a[ks][1] = ib < vdim && l < lora ? *(const u32*)(w + (size_t)ib * lora + l) : 0u;
         }
+        __syncthreads();  // the weights are set; everyone is done with the last chunk
+        // Stage o_lat[rows, l0 .. l0 + OM_LC) merged, as bf16 and remainder: a thread's PER entries of four values
+        // merged a split at a time, so their PER loads are in flight together (an entry at a time, each load
+        // waited a round trip).
+        const float* op[PER];
+        float4 v[PER];
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int e = threadIdx.x + j * 256, k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
+            const bool live = r0 + k < n_rows && l0 + c < lora;
+            op[j] = live ? o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l0 + c : nullptr;
+            v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        for (int s = 0; s < splits; s++) {
+            float4 p[PER];
+#pragma unroll
+            for (int j = 0; j < PER; j++)
+                p[j] = op[j] ? *(const float4*)(op[j] + (size_t)s * lora) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < PER; j++) {
+                const float ws = wts[(threadIdx.x + j * 256) / (OM_LC / 4)][s];
+                v[j].x += ws * p[j].x, v[j].y += ws * p[j].y, v[j].z += ws * p[j].z, v[j].w += ws * p[j].w;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int e = threadIdx.x + j * 256, k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
+            u32 hi0, lo0, hi1, lo1;
+            split_bf16x2(v[j].x, v[j].y, hi0, lo0);
+            split_bf16x2(v[j].z, v[j].w, hi1, lo1);
+            *(uint2*)&ol[0][k][c] = make_uint2(hi0, hi1);
+            *(uint2*)&ol[1][k][c] = make_uint2(lo0, lo1);
+        }
+        __syncthreads();
 #pragma unroll
         for (int ks = 0; ks < OM_LC / 8; ks++) {
             const u32 af[4] = {a[ks][0], a[ks][1], a[ks][0], a[ks][1]};
