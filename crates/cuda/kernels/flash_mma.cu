@@ -61,7 +61,10 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
 
 // EXACT: q and P enter as value + remainder (above); otherwise as bf16 alone, each k-step 16 distinct values — half
 // the tensor-core work, the precision of HF's own bf16 attention (scores of bf16 q, P cast to bf16 for the mix).
-template <bool EXACT>
+// LORA, ROPE: the cache's dims fixed at compile time (DeepSeek's 512 + 64: every shared-memory offset, copy loop
+// and column test folds to constants — a fifth of the kernel's instructions were integer address arithmetic), or
+// 0 for the dims of the arguments.
+template <bool EXACT, int LORA, int ROPE>
 __device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
@@ -70,10 +73,15 @@ __device__ __forceinline__ void mla_flash_mma(
     const float* scales,          // [slots, 3]
     int dtype, const int* meta, const int* tables,
     const int* keys,              // [rows, key_stride], or null: every position 0..count-1
-    int key_stride, int row0, int heads, int nope, int rope, int lora, float scale,
+    int key_stride, int row0, int heads, int nope, int rope_arg, int lora_arg, float scale,
     float* o_part,                // [n_rows, heads, splits, lora]
     float* ml_part) {             // [n_rows, heads, splits, 2]
     extern __shared__ __align__(16) unsigned char fm_smem[];
+    const int lora = LORA ? LORA : lora_arg, rope = LORA ? ROPE : rope_arg;
+    // Fixed dims of exactly 8 warps' FM_QK steps each, and of 8 column tiles a warp in the mix: no warp's share
+    // is short, no column test.
+    constexpr bool FULL_STEPS = LORA && (LORA + ROPE) == FM_WARPS * FM_QK * 8;
+    constexpr bool FULL_COLS = LORA == FM_WARPS * 8 * 8;
     const int D = lora + rope, DP = (D + 15) / 16 * 16, CS = DP + 8;
     static_assert(FM_SLOTS == 32 * FM_WARPS && FM_SLOTS % FM_KT == 0, "a thread finds one key's slot");
     static_assert(FM_KT == 32 && FM_HEADS == 2 * FM_WARPS, "a lane a key, a warp two heads in the softmax");
@@ -119,8 +127,17 @@ __device__ __forceinline__ void mla_flash_mma(
                 const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
                 const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
                 const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
-                for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
-                for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
+                if (LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {  // a fixed count each, unrolled
+#pragma unroll
+                    for (int k = 0; k < LORA / 8 / TPK; k++)
+                        cp_async16(row + (c0 + k * TPK) * 8, lat + (c0 + k * TPK) * 8, bytes);
+#pragma unroll
+                    for (int k = 0; k < ROPE / 8 / TPK; k++)
+                        cp_async16(row + LORA + (c0 + k * TPK) * 8, pe + (c0 + k * TPK) * 8, bytes);
+                } else {
+                    for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
+                    for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
+                }
             } else {
                 for (int t = warp; t < FM_KT; t += FM_WARPS) {
                     const int s = sl[t];
@@ -185,7 +202,7 @@ __device__ __forceinline__ void mla_flash_mma(
         }
     }
     const int ksteps = DP / 8;
-    const int my_steps = max(0, min(FM_QK, ksteps - warp * FM_QK));
+    const int my_steps = FULL_STEPS ? FM_QK : max(0, min(FM_QK, ksteps - warp * FM_QK));
 
     // The mix: warp w owns latent column tiles w, w + 8, ... (8 columns each; lora ≤ 512 gives ≤ 8 per warp),
     // rows group and group + 8 (heads h0 + group, + 8) of each fragment. The softmax state of heads h0 + 2·w and
@@ -214,6 +231,9 @@ __device__ __forceinline__ void mla_flash_mma(
         __syncthreads();  // tile i has landed, every thread's copies and stores
         const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
+        // Whether lane's key of the tile counts (read here: after the scores' barrier every warp's loads would
+        // queue behind each other's).
+        const bool live = lane < cnt && slot_of(i)[lane] >= 0;
 
         // Scores over warp w's dims, the tile's four groups of 8 keys (four chains of FM_QK steps, interleaved).
         {
@@ -254,23 +274,35 @@ if (EXACT) {
         __syncthreads();
 
         // A warp two heads, a lane a key: the eight partial scores added in warp order, the online softmax,
-        // P rounded and its remainder for the mix.
+        // P rounded and its remainder for the mix. The two heads' maxima go through one ladder of shuffles, and
+        // each lane keeps its own keys' running sum (added across the warp once, at the end): a tile's softmax
+        // is one chain of dependent shuffles, not four.
         {
-            const bool live = lane < cnt && slot_of(i)[lane] >= 0;
+            float s[2];
 #pragma unroll
             for (int u = 0; u < 2; u++) {
-                const int sh = 2 * warp + u;
-                float s = NEG_INF;
+                s[u] = NEG_INF;
                 if (live) {
                     float v = 0.f;
 #pragma unroll
-                    for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + sh) * FM_KT + lane];
-                    s = v * scale;
+                    for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + 2 * warp + u) * FM_KT + lane];
+                    s[u] = v * scale;
                 }
-                const float mn = fmaxf(m[u], warp_max(s));
+            }
+            float mx[2] = {s[0], s[1]};
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                const float a = __shfl_xor_sync(0xffffffffu, mx[0], o), b = __shfl_xor_sync(0xffffffffu, mx[1], o);
+                mx[0] = fmaxf(mx[0], a);
+                mx[1] = fmaxf(mx[1], b);
+            }
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int sh = 2 * warp + u;
+                const float mn = fmaxf(m[u], mx[u]);
                 const float cf = m[u] == mn ? 1.f : __expf(m[u] - mn);
-                const float p = s == NEG_INF ? 0.f : __expf(s - mn);
-                sum[u] = sum[u] * cf + warp_sum(p);
+                const float p = s[u] == NEG_INF ? 0.f : __expf(s[u] - mn);
+                sum[u] = sum[u] * cf + p;
                 m[u] = mn;
                 const __nv_bfloat16 hi = __float2bfloat16(p);
                 ps[sh * FM_PS + lane] = hi;
@@ -316,8 +348,8 @@ if (EXACT) {
 #pragma unroll
         for (int j = 0; j < 8; j += 2) {
             const int ct = warp + 8 * j;
-            if (ct < col_tiles) {
-                const __nv_bfloat16* v = vrow + (lane >= 16 && ct + 8 < col_tiles ? ct + 8 : ct) * 8;
+            if (FULL_COLS || ct < col_tiles) {
+                const __nv_bfloat16* v = vrow + (lane >= 16 && (FULL_COLS || ct + 8 < col_tiles) ? ct + 8 : ct) * 8;
 #pragma unroll
                 for (int kk = 0; kk < FM_KT / 16; kk++) {
                     u32 b[4];
@@ -345,13 +377,14 @@ if (EXACT) {
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const int ct = warp + 8 * j;
-                if (ct < col_tiles) *(float2*)(o_part + at + ct * 8 + quad * 2) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
+                if (FULL_COLS || ct < col_tiles) *(float2*)(o_part + at + ct * 8 + quad * 2) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
             }
         }
     }
 #pragma unroll
     for (int u = 0; u < 2; u++) {
         const int h = h0 + 2 * warp + u;
+        sum[u] = warp_sum(sum[u]);
         if (h < heads && lane == 0) {
             const size_t at = ((size_t)lr * heads + h) * splits + split;
             ml_part[at * 2] = m[u];
@@ -367,10 +400,17 @@ if (EXACT) {
 #define FM_PASS q_lat, q, c_lat, c_pe, scales, dtype, meta, tables, keys, key_stride, row0, heads, nope, rope, lora, \
                 scale, o_part, ml_part
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16(FM_ARGS) {
-    mla_flash_mma<true>(FM_PASS);
+    mla_flash_mma<true, 0, 0>(FM_PASS);
 }
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16(FM_ARGS) {
-    mla_flash_mma<false>(FM_PASS);
+    mla_flash_mma<false, 0, 0>(FM_PASS);
+}
+// DeepSeek V3's cache rows (kv_lora 512 + rope 64), every dim a constant.
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf16_d576(FM_ARGS) {
+    mla_flash_mma<true, 512, 64>(FM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16_d576(FM_ARGS) {
+    mla_flash_mma<false, 512, 64>(FM_PASS);
 }
 
 // mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single

@@ -429,7 +429,14 @@ impl Step<'_> {
                 let cs = dims.next_multiple_of(16) + 8;
                 let smem = stages * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * ps * 2 + h * 4 + 2 * 256 * 4;
                 let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
-                (b.f(if exact { "mla_flash_mma_bf16" } else { "mla_flash_mma_fast_bf16" })?, smem)
+                // DeepSeek's dims have their own instances, every shared-memory offset a constant.
+                let name = match (exact, (lora, rope) == (512, 64)) {
+                    (true, false) => "mla_flash_mma_bf16",
+                    (false, false) => "mla_flash_mma_fast_bf16",
+                    (true, true) => "mla_flash_mma_bf16_d576",
+                    (false, true) => "mla_flash_mma_fast_bf16_d576",
+                };
+                (b.f(name)?, smem)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
