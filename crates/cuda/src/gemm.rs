@@ -42,13 +42,27 @@ impl GemmTile {
     }
 }
 
-/// Splits of K for a tensor-core GEMM of `blocks` blocks over `chunks` 128-row chunks: (splits, rows per split).
-/// A grid smaller than two blocks per SM — a prefill expert's ~32 rows give gate/up 16 blocks on the H200's 132
-/// SMs, each streaming all 7,168 rows of K — is split along K until it fills them, each split keeping at least two
-/// chunks (its ring's prologue and a full step).
-fn k_splits(chunks: usize, blocks: usize, sm_count: usize) -> (usize, usize) {
-    let want = (2 * sm_count).div_ceil(blocks.max(1)).clamp(1, (chunks / 2).max(1));
-    let per = chunks.div_ceil(want);
+/// Splits of K for a tensor-core GEMM of `blocks` blocks over `chunks` 128-row chunks, `resident` of its blocks
+/// fitting on the device at once: (splits, rows per split). A grid smaller than the device — a prefill expert's ~32
+/// rows give gate/up 16 blocks on the H200's 132 SMs, each streaming all 7,168 rows of K — is split along K. Each
+/// split keeps at least two chunks (its ring's prologue and a full step). The count is the fewest whose waves
+/// (blocks·splits over `resident`, rounded up) times a block's run (its chunks and `BLOCK_FIXED`) come within a
+/// tenth of the least: a last wave of a few blocks costs a whole block's run (o_proj at 32 rows: 5 splits made 280
+/// blocks for the H200's 264 places, 1.06 waves and 82 µs; 4 fit one wave), and each split adds partial sums to
+/// write and add.
+fn k_splits(chunks: usize, blocks: usize, resident: usize) -> (usize, usize) {
+    /// A block's ring fill and store, in chunks of its run (about two: the fill waits a memory round trip).
+    const BLOCK_FIXED: usize = 2;
+    let (blocks, resident) = (blocks.max(1), resident.max(1));
+    let cost = |s: usize| {
+        let per = chunks.div_ceil(s);
+        let s = chunks.div_ceil(per);
+        ((blocks * s).div_ceil(resident) * (per + BLOCK_FIXED), s)
+    };
+    let candidates: Vec<(usize, usize)> = (1..=(chunks / 2).max(1)).map(cost).collect();
+    let least = candidates.iter().map(|c| c.0).min().unwrap_or(1);
+    let splits = candidates.iter().find(|c| c.0 * 10 <= least * 11).map_or(1, |c| c.1);
+    let per = chunks.div_ceil(splits);
     (chunks.div_ceil(per), per * crate::mma::CHUNK)
 }
 
@@ -159,7 +173,12 @@ impl GpuGptq {
         };
         let blocks = n.div_ceil(BN) * m.div_ceil(rows);
         let (splits, k_split) = match self.packing {
-            Packing::Mma => k_splits(k / crate::mma::CHUNK, blocks, gpu.sm_count as usize),
+            Packing::Mma => {
+                // The split kernel's blocks the device holds at once (two an SM when the driver cannot say).
+                let symbol = || format!("gptq_mma_gemm_w{bits}_m{rows}_f32");
+                let resident = gpu.resident_blocks((bits as u32, rows as u32, 2), symbol, THREADS, smem as u32);
+                k_splits(k / crate::mma::CHUNK, blocks, resident.unwrap_or(2 * gpu.sm_count as usize))
+            }
             Packing::Gptq => (1, k),
         };
         // More than one split: f32 partial sums [splits, m, n], added in split order into y by gptq_reduce.
@@ -254,13 +273,20 @@ mod tests {
 
     #[test]
     fn small_grids_split_k_to_fill_the_device() {
-        // A prefill expert's gate (7,168 → 2,048, one 64-row tile: 16 blocks) on 132 SMs: 14 splits of 4 chunks.
-        assert_eq!(k_splits(56, 16, 132), (14, 512));
+        // On the H200 (264 blocks resident: two an SM): a prefill expert's gate (7,168 → 2,048, one 64-row tile:
+        // 16 blocks): 14 splits of 4 chunks.
+        assert_eq!(k_splits(56, 16, 264), (14, 512));
         // Its down (2,048 → 7,168: 56 blocks, 16 chunks): 4 splits of 4.
-        assert_eq!(k_splits(16, 56, 132), (4, 512));
+        assert_eq!(k_splits(16, 56, 264), (4, 512));
+        // o_proj at 32 rows (16,384 → 7,168: 56 blocks, 128 chunks): 4 splits, one wave (5 made 1.06 waves).
+        assert_eq!(k_splits(128, 56, 264), (4, 32 * 128));
+        // q_b at 32 rows (1,536 → 32,768: 256 blocks, 12 chunks) already fills the device. A 3090 (82 resident)
+        // splits that o_proj 4 ways too: 2.7 waves of 32 chunks beat 56 of its 82 SMs streaming all 128.
+        assert_eq!(k_splits(12, 256, 264), (1, 12 * 128));
+        assert_eq!(k_splits(128, 56, 82).0, 4);
         // A grid that already fills the device, and a K of two chunks, stay whole.
-        assert_eq!(k_splits(56, 448, 132), (1, 56 * 128));
-        assert_eq!(k_splits(2, 1, 132), (1, 256));
+        assert_eq!(k_splits(56, 448, 264), (1, 56 * 128));
+        assert_eq!(k_splits(2, 1, 264), (1, 256));
         // Never a split of fewer than two chunks, and the splits cover K exactly once.
         for (chunks, blocks) in [(3, 1), (7, 2), (57, 5), (128, 9)] {
             let (n, rows) = k_splits(chunks, blocks, 82);
