@@ -516,8 +516,9 @@ __device__ void gptq_mma_gemm(const MgArgs& a, int split, int k_split, OUT* __re
     store_tile<RB, 2 * TW>(y, acc, a.m0, a.n0, a.M, a.N, r0, t0 * 16, lane);
 }
 
-// Tiles per warp: 1 for 64-row blocks (4 m16 blocks a warp), 2 for 128 (1 would hold 8 m16 blocks' sums a warp).
-#define MG_TW(BM) ((BM) == 64 ? 1 : 2)
+// Tiles per warp: 1 for 32- and 64-row blocks (2 or 4 m16 blocks a warp), 2 for 128 (1 would hold 8 m16 blocks'
+// sums a warp). 32 rows: decode batches of 17..32 rows, whose m64 tile spent half its mma and ldmatrix on padding.
+#define MG_TW(BM) ((BM) == 128 ? 2 : 1)
 // grid (ceil(N / 128), ceil(M / BM), splits): split z writes y + z·M·N — with one split the output, with more
 // f32 partial sums that gptq_reduce adds in split order.
 #define MMA_GEMM_T(BITS, BM, OUT, NAME)                                                                          \
@@ -548,6 +549,7 @@ __device__ __forceinline__ void mma_gemm_grouped(const __nv_bfloat16* x, const i
         mma_gemm_grouped<BITS, OUT, GATHER>(x, pair_x, tiles, qw, zr, sc, n_experts, y0, y1, N, K, group_size); \
     }
 #define MMA_GEMM(BITS)                                                                                           \
+    MMA_GEMM_T(BITS, 32, __nv_bfloat16, bf16) MMA_GEMM_T(BITS, 32, float, f32)                                   \
     MMA_GEMM_T(BITS, 64, __nv_bfloat16, bf16)                                                                    \
     MMA_GEMM_T(BITS, 64, float, f32) MMA_GEMM_T(BITS, 128, __nv_bfloat16, bf16) MMA_GEMM_T(BITS, 128, float, f32) \
     MMA_GROUPED_T(BITS, __nv_bfloat16, gather_bf16, true) MMA_GROUPED_T(BITS, float, f32, false)

@@ -27,6 +27,9 @@ const THREADS: u32 = 256;
 /// Rows of x (and y) per block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTile {
+    /// 32 rows, the tensor-core layout only: decode batches of 17..32 rows (32 streams), whose 64-row tile spends
+    /// half its tensor-core work and x fragment loads on padding.
+    M32,
     /// 64 rows: twice the blocks, for shapes whose 128-row grid would leave SMs idle.
     M64,
     /// 128 rows: each dequantized slice of W serves twice the rows.
@@ -36,6 +39,7 @@ pub enum GemmTile {
 impl GemmTile {
     pub fn rows(self) -> usize {
         match self {
+            GemmTile::M32 => 32,
             GemmTile::M64 => 64,
             GemmTile::M128 => 128,
         }
@@ -96,11 +100,15 @@ impl GpuGptq {
         self.gemm_tiled(gpu, x, m, y, self.gemm_tile(gpu, m))
     }
 
-    /// The tile height for `m` rows: 64 where the device holds twice as many 64-row blocks of the Mma-layout
+    /// The tile height for `m` rows: 32 for at most 32 rows of the Mma layout (the decode batches past the
+    /// GEMV's 16); otherwise 64 where the device holds twice as many 64-row blocks of the Mma-layout
     /// kernel as 128-row ones (the same rows resident, with two blocks' latency hidden by each other: the H200's
     /// m64 at 128 registers beat m128 at every prefill shape, docs/PERF.md session 7; the 3090's 100 KiB of
     /// shared memory per SM holds one m64 block); otherwise 128 unless that grid has fewer blocks than SMs.
     pub fn gemm_tile(&self, gpu: &Gpu, m: usize) -> GemmTile {
+        if self.packing == Packing::Mma && m <= GemmTile::M32.rows() {
+            return GemmTile::M32;
+        }
         let blocks = self.out_features.div_ceil(BN) * m.div_ceil(GemmTile::M128.rows());
         if blocks < gpu.sm_count as usize || (self.packing == Packing::Mma && self.m64_holds_twice(gpu)) {
             GemmTile::M64
@@ -167,6 +175,9 @@ impl GpuGptq {
         };
         let bits = self.bits as usize;
         let rows = tile.rows();
+        if tile == GemmTile::M32 && self.packing == Packing::Gptq {
+            return Err(shape("the 32-row tile is the tensor-core layout's (checkpoint packing: 64 or 128)".into()));
+        }
         let (kernel, smem) = match self.packing {
             Packing::Gptq => ("gptq_gemm", smem_bytes(bits, rows)),
             Packing::Mma => ("gptq_mma_gemm", mma_smem_bytes(bits, rows)),
@@ -263,7 +274,7 @@ mod tests {
         }
         assert_eq!(smem_bytes(3, 128), 4 * (128 * 40 * 2 + 3 * 128 * 4 + 512) + 2 * 128 * 40 * 2);
         for bits in [2, 3, 4] {
-            for tile in [GemmTile::M64, GemmTile::M128] {
+            for tile in [GemmTile::M32, GemmTile::M64, GemmTile::M128] {
                 let b = mma_smem_bytes(bits, tile.rows());
                 assert!(b <= 99 * 1024 && b.is_multiple_of(16), "mma w{bits} {tile:?}: {b} bytes");
             }
@@ -301,7 +312,7 @@ mod tests {
         for bits in [2, 3, 4] {
             assert!(src.contains(&format!("\nMMA_GEMM({bits})\n")), "bits {bits} not instantiated");
         }
-        for rows in [GemmTile::M64.rows(), GemmTile::M128.rows()] {
+        for rows in [GemmTile::M32.rows(), GemmTile::M64.rows(), GemmTile::M128.rows()] {
             assert!(src.contains(&format!("MMA_GEMM_T(BITS, {rows}, __nv_bfloat16, bf16)")), "m{rows} bf16");
             assert!(src.contains(&format!("MMA_GEMM_T(BITS, {rows}, float, f32)")), "m{rows} f32");
         }

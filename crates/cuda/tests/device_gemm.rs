@@ -114,8 +114,13 @@ fn check(gpu: &Gpu, rng: &mut Rng, c: &Case) {
 /// automatic choice, and hands each result (widened to f32) to `check` with the output dtype and tile name.
 /// Outputs start as NaN, so an element the kernel does not write fails.
 fn each_output(gpu: &Gpu, g: &GpuGptq, c: &Case, xd: &Act, label: &str, check: &mut dyn FnMut(ActDtype, &str, &[f32])) {
+    // The 32-row tile is the tensor-core layout's alone.
+    let mut tiles = vec![Some(GemmTile::M64), Some(GemmTile::M128), None];
+    if g.packing == Packing::Mma {
+        tiles.insert(0, Some(GemmTile::M32));
+    }
     for dtype in [ActDtype::F32, ActDtype::Bf16] {
-        for tile in [Some(GemmTile::M64), Some(GemmTile::M128), None] {
+        for &tile in &tiles {
             let mut y = Act::from_f32(gpu, dtype, &vec![f32::NAN; c.m * c.n]).expect("y");
             {
                 let xv = xd.view(c.x_offset, c.m * c.k);
@@ -225,7 +230,7 @@ fn mma_gemm_matches_the_cpu_reference() {
     }
     let gpu = Gpu::open(0).expect("gpu");
     let mut rng = Rng::new(31);
-    // Bits 2/3/4, act-order g_idx, group 128/256/-1, m 17/33/100/512, n that is no multiple of the 128-column
+    // Bits 2/3/4, act-order g_idx, group 128/256/-1, m 17/32/33/100/512, n that is no multiple of the 128-column
     // block (down to one 16-column tile), an odd number of 128-row chunks, and a misaligned x (realigning copy).
     let cases = [
         case(256, 96, 3, 128, false, 17),
@@ -238,6 +243,7 @@ fn mma_gemm_matches_the_cpu_reference() {
         case(256, 256, 2, 128, true, 512),
         case(256, 32, 4, 128, false, 33),
         Case { x_offset: 3, ..case(384, 160, 3, 128, false, 17) },
+        case(512, 224, 3, 128, false, 32),
     ];
     for c in &cases {
         check_mma(&gpu, &mut rng, c);
@@ -255,6 +261,8 @@ fn mma_gemm_at_the_real_shapes() {
     for (k, n) in [(7168, 2048), (7168, 4096), (7168, 7168), (2048, 7168), (16384, 7168)] {
         check_mma(&gpu, &mut rng, &case(k, n, 3, 128, false, 256));
     }
+    // o_proj at 32 decode streams: the 32-row tile, its K split in whole waves.
+    check_mma(&gpu, &mut rng, &case(16384, 7168, 3, 128, false, 32));
 }
 
 /// `PIPEMOE_BENCH_OUT=… device_gemm --ignored bench_gemm --nocapture` on the GPU machine: the GEMM (3-bit,
