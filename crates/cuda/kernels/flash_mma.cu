@@ -225,10 +225,12 @@ __device__ __forceinline__ void mla_flash_mma(
             if (phase == RUN / 4 && next_p >= 0) next_b = table[next_p / KV_BLOCK];
             if (phase == RUN / 2) slot[(u & 1) * FM_SLOTS + threadIdx.x] = next_p >= 0 ? next_b * KV_BLOCK + next_p % KV_BLOCK : -1;
         }
-        __syncthreads();  // slots of the next run are set; everyone is done with tile i − 1's buffer, scores and P
+        // One barrier for both: tile i has landed (every thread's copies and stores), and everyone is done with tile
+        // i − 1's buffer, scores and P and has set the next run's slots — then the next tile is requested (two
+        // barriers a tile before, the request between them: it waited for nothing the second one gave).
+        cp_async_wait<FM_ST - 2>();
+        __syncthreads();
         load_tile(i + FM_ST - 1);
-        cp_async_wait<FM_ST - 1>();
-        __syncthreads();  // tile i has landed, every thread's copies and stores
         const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
         // Whether lane's key of the tile counts (read here: after the scores' barrier every warp's loads would
