@@ -63,9 +63,9 @@ fn k_splits(chunks: usize, blocks: usize, resident: usize) -> (usize, usize) {
         let s = chunks.div_ceil(per);
         ((blocks * s).div_ceil(resident) * (per + BLOCK_FIXED), s)
     };
-    let candidates: Vec<(usize, usize)> = (1..=(chunks / 2).max(1)).map(cost).collect();
-    let least = candidates.iter().map(|c| c.0).min().unwrap_or(1);
-    let splits = candidates.iter().find(|c| c.0 * 10 <= least * 11).map_or(1, |c| c.1);
+    let counts = || (1..=(chunks / 2).max(1)).map(cost);
+    let least = counts().map(|c| c.0).min().unwrap_or(1);
+    let splits = counts().find(|c| c.0 * 10 <= least * 11).map_or(1, |c| c.1);
     let per = chunks.div_ceil(splits);
     (chunks.div_ceil(per), per * crate::mma::CHUNK)
 }

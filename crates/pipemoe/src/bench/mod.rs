@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// projection whose time above the floor scales with SM cycles.
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_SM_GHZ", default_value_t = 82.0 * 1.695)]
     pub target_sm_ghz: f64,
+    /// bf16 tensor-core rate of the projection's GPU with f32 accumulation in TFLOP/s (RTX 3090: 71, dense), for
+    /// the check of the tensor-core work a token issues.
+    #[arg(long, env = "PIPEMOE_BENCH_TARGET_TFLOPS", default_value_t = 71.0)]
+    pub target_tflops: f64,
     /// Also time each op of two single-stream decode steps, of a second prefill of the same length and of two
     /// steps of the batched streams (device and host time; adds CUDA events per op).
     #[arg(long)]

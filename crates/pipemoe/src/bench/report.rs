@@ -49,6 +49,34 @@ fn real_layer_bytes() -> (f64, f64, f64, usize, usize) {
     (dense, moe, head, d.first_dense, d.layers - d.first_dense)
 }
 
+/// Tensor-core FLOPs the kernels issue per quantized weight at one decode row: the GEMV's m16n8k16 mma carries
+/// the row in one of its 8 columns (16 FLOPs a weight), and each k-step's sums of x take one more mma, shared by a
+/// warp's 4 tiles (kernels/gptq_mma.cu).
+const MMA_FLOP_PER_WEIGHT: f64 = 16.0 * 1.25;
+
+/// Tensor-core FLOPs one token's decode issues in the real model at `context` cached positions: each quantized
+/// weight it multiplies (attention, indexer, dense MLP or shared + top-k routed experts) at `MMA_FLOP_PER_WEIGHT`,
+/// flash attention over the selected keys and the indexer's scores over every cached key (those mma rows are
+/// heads, all used).
+fn real_token_tensor_flop(context: usize) -> f64 {
+    let d = Dims::deepseek_v32_reap();
+    let weights = |layer: usize, routed: bool| -> f64 {
+        let spec = RandomSpec { dims: d.clone(), layers: layer..layer + 1, embed: false, head: false, seed: 0 };
+        tensors(&spec)
+            .iter()
+            .filter(|t| t.name.ends_with(".qweight") && t.name.contains(".mlp.experts.") == routed)
+            .map(|t| (t.shape[0] * 32 / d.bits as usize * t.shape[1]) as f64)
+            .sum()
+    };
+    let dense = weights(0, false);
+    let moe = weights(d.first_dense, false) + weights(d.first_dense, true) / d.experts as f64 * d.top_k as f64;
+    let keys = context.min(d.index_topk) as f64;
+    let attention = 2.0 * d.heads as f64 * (2 * d.kv_lora + d.rope) as f64 * keys
+        + 2.0 * (d.index_heads * d.index_dim) as f64 * context as f64;
+    let n_moe = (d.layers - d.first_dense) as f64;
+    MMA_FLOP_PER_WEIGHT * (d.first_dense as f64 * dense + n_moe * moe) + d.layers as f64 * attention
+}
+
 impl Report {
     pub fn new(
         args: &BenchArgs,
@@ -228,11 +256,25 @@ impl Report {
             (1.0 / (token_bytes / target + excess * ratio + HOPS as f64 * hop_s), ratio)
         });
         let bound = target / token_bytes;
+        // Tensor-core work is neither bytes nor SM cycles: the 3090's bf16 rate with f32 accumulation is a small
+        // fraction of the H200's, so the check is against its own rate.
+        let tensor_flop = real_token_tensor_flop(args.context);
+        let tensor_s = tensor_flop / (args.target_tflops * 1e12);
         let assumptions = vec![
             format!("real model: {n_dense} dense + {n_moe} MoE layers, 128 routed experts, top-8 + 1 shared, 3-bit g128, lm_head bf16"),
             format!("bytes per token {:.2} GB: weights read once per token, cache at {} positions (bf16)", token_bytes / 1e9, args.context),
             format!("each RTX 3090 reaches {:.0}% of its {:.0} GB/s, the fraction of the read floor measured here", eff * 100.0, args.target_gbps),
             "the 3090's achievable read bandwidth is its nominal one (optimistic by ~5-10%); fixed per-step costs scale with bandwidth (pessimistic)".into(),
+            format!(
+                "tensor-core work {:.0} GFLOP a token as the kernels issue it (a one-row GEMV's mma carries the row in \
+                 1 of its 8 columns): {:.1} ms at the 3090's {:.0} TFLOP/s (bf16, f32 accumulation), {} the {:.1} ms \
+                 its bytes take at full bandwidth",
+                tensor_flop / 1e9,
+                tensor_s * 1e3,
+                args.target_tflops,
+                if tensor_s < token_bytes / target { "under" } else { "OVER" },
+                token_bytes / target * 1e3
+            ),
             format!("{HOPS} hops per token (7 between workers, 1 through the controller), each {:.0} us: {hop_source}", hop_s * 1e6),
             match &m.ipc {
                 Ok(t) if t.receiver != m.ordinal => format!(
@@ -337,6 +379,8 @@ impl Report {
                            "tokens_per_s": projected, "bandwidth_bound_tokens_per_s": bound,
                            "cycle_scaled_tokens_per_s": cycle_scaled.map(|c| c.0),
                            "sm_cycle_ratio": cycle_scaled.map(|c| c.1),
+                           "tensor_flop_per_token": tensor_flop, "target_tflops": args.target_tflops,
+                           "tensor_s_per_token": tensor_s,
                            "assumptions": assumptions},
         });
         Report { json, table }
@@ -359,4 +403,29 @@ fn moe_bytes(l: &LayerBytes, top_k: usize, rows: usize) -> f64 {
 
 fn gb(b: f64) -> String {
     format!("{:.2} GB", b / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokens_tensor_work_counts_every_quantized_weight_and_the_attention() {
+        // MODEL_SPEC's dims by hand: every layer multiplies 597.4M quantized weights (attention 201.1M with the
+        // indexer's; a dense MLP of 18,432 or shared + 8 routed experts of 2,048: 396.4M), 61 layers; attention at
+        // 4K over 2,048 selected keys of 512 + 64 dims (scores, then the 512-wide mix), the indexer's 64 × 128 over
+        // all 4,096.
+        let attention_w = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 16384 * 7168;
+        let indexer_w = 1536 * 64 * 128 + 7168 * 128 + 7168 * 64;
+        let mlp_w = 3 * 7168 * 18432;
+        assert_eq!(mlp_w, 9 * 3 * 7168 * 2048);
+        let per_layer = (attention_w + indexer_w + mlp_w) as f64;
+        let attention =
+            2.0 * 128.0 * (512.0 + 64.0) * 2048.0 + 2.0 * 128.0 * 512.0 * 2048.0 + 2.0 * 64.0 * 128.0 * 4096.0;
+        let want = 61.0 * (20.0 * per_layer + attention);
+        let got = real_token_tensor_flop(4096);
+        assert!((got - want).abs() < 1e-9 * want, "{got} vs {want}");
+        // 768 GFLOP: 10.8 ms at a 3090's 71 TFLOP/s, against the 17.6 ms its 16.5 GB take at 936 GB/s.
+        assert!((got / 1e9 - 767.8).abs() < 1.0, "{got}");
+    }
 }
