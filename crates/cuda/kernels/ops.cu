@@ -208,14 +208,17 @@ __device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1,
 }
 
 // y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
-// output o and 16 rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode row's
-// few hundred warps waiting on memory), so the weight row is read from memory once per 16 rows and from L1 for
-// the others; f32 sums, output in O (f32 for the router's logits, T otherwise).
+// output o and DENSE_ROWS rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode
+// row's few hundred warps waiting on memory), so the weight row is read from memory once and from L1 or L2 for the
+// other rows; f32 sums, output in O (f32 for the router's logits, T otherwise). A block's rows are one after
+// another (each a round trip for its x), so they are few: the router at 32 rows took ~13 µs in blocks of 16
+// rows (256 blocks on 132 SMs), where blocks of 4 run all at once. (src/backend.rs `dense_grid` mirrors this.)
+#define DENSE_ROWS 4
 template <typename T, typename O>
 __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
-    __shared__ float part[16][8];
+    __shared__ float part[DENSE_ROWS][8];
     const int o = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int r0 = blockIdx.y * 16, nr = min(16, rows - r0);
+    const int r0 = blockIdx.y * DENSE_ROWS, nr = min(DENSE_ROWS, rows - r0);
     const size_t wr = (size_t)o * in;
     for (int k = 0; k < nr; k++) {
         const size_t xr = (size_t)(r0 + k) * in;

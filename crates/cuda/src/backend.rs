@@ -168,10 +168,13 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// `dense_gemv_*`: a block of 256 threads per output and 16 input rows.
+/// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/ops.cu).
+const DENSE_ROWS: usize = 4;
+
+/// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
 pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (out.max(1) as u32, rows.div_ceil(16).max(1) as u32, 1),
+        grid_dim: (out.max(1) as u32, rows.div_ceil(DENSE_ROWS).max(1) as u32, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -575,5 +578,15 @@ impl CudaBackend {
         // SAFETY: matches copy_rows_cols_*; rows and columns checked by the callers.
         unsafe { l.launch(grid(n_rows * cols, 256)) }.map_err(md("copy"))?;
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The launch's rows per block are the kernel's: more would leave rows of y unwritten.
+    #[test]
+    fn dense_rows_match_the_kernel() {
+        let src = include_str!("../kernels/ops.cu");
+        assert!(src.contains(&format!("#define DENSE_ROWS {}\n", super::DENSE_ROWS)), "DENSE_ROWS differs");
     }
 }

@@ -41,6 +41,17 @@ fn tile_rows(packing: Packing) -> usize {
     }
 }
 
+/// The most tiles of `tile` rows a step's plan can make (experts_plan): expert e's c_e pairs (rows · top_k of
+/// them over at most `n_experts` experts) take ⌈c_e / tile⌉ tiles, so Σ ≤ (rows · top_k + (tile − 1) · experts
+/// chosen) / tile; the shared expert, one pair a row, ⌈rows / tile⌉ more. The grid's tiles past the plan's count
+/// return at once but still take their turn on the SMs: at 32 rows a tile a pair (288) left 174 of them a launch,
+/// 11K blocks of the gate/up launch that only read the count (ncu, docs/PERF.md session 17); this bound is 148.
+fn max_tiles(rows: usize, top_k: usize, n_experts: usize, shared: bool, tile: usize) -> usize {
+    let routed = rows * top_k;
+    let chosen = routed.min(n_experts);
+    ((routed + (tile - 1) * chosen) / tile).min(routed) + if shared { rows.div_ceil(tile) } else { 0 }
+}
+
 /// One grouped launch's shape for matrices like `w` over `tiles` tiles of `mb` rows, `mats` matrices side by
 /// side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring: stages 0).
 fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usize) -> (String, usize, Shape) {
@@ -276,10 +287,10 @@ impl CudaBackend {
         let span = |what: &'static str| self.gpu.span(move || format!("grouped experts: {what} x{rows}"));
         let p = span("plan");
         let mut out = self.output(x.rows, x.cols)?;
-        // The layout comes from the routing on the device: every (row, slot) may be its own tile, so the grid
-        // has `pairs` tiles and blocks past the real count return at once. A shared expert is one more slot.
+        // The layout comes from the routing on the device: the grid has as many tiles as the plan can make
+        // (`max_tiles`), and blocks past the real count return at once. A shared expert is one more slot.
         let pairs = x.rows * (r.top_k + usize::from(t.shared));
-        let n_tiles = pairs;
+        let n_tiles = max_tiles(x.rows, r.top_k, r.n_experts, t.shared, mb).min(pairs);
         let s = &self.gpu.stream;
         // SAFETY: experts_plan writes the count and every entry of pair_of; the launches below read tiles only
         // below the count and pair_x only at the pairs those tiles hold, all of which the plan writes.
@@ -451,5 +462,54 @@ impl CudaBackend {
             unsafe { l.launch(grid((b - a) * x.cols, 256)) }.map_err(md("scatter_add"))?;
         }
         self.tensor_from_f32_sum(sum, x.rows, x.cols, x.data.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_tiles;
+
+    /// The tiles experts_plan makes for a routing: ⌈c_e / tile⌉ per expert, plus the shared expert's.
+    fn plan_tiles(experts: &[usize], n_experts: usize, rows: usize, shared: bool, tile: usize) -> usize {
+        let mut counts = vec![0usize; n_experts];
+        for &e in experts {
+            counts[e] += 1;
+        }
+        counts.iter().map(|c| c.div_ceil(tile)).sum::<usize>() + if shared { rows.div_ceil(tile) } else { 0 }
+    }
+
+    #[test]
+    fn max_tiles_bounds_every_plan() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) as usize % n
+        };
+        for (rows, top_k, n_experts) in [(1, 8, 128), (4, 8, 128), (16, 8, 128), (32, 8, 128), (64, 8, 128), (40, 2, 8)]
+        {
+            for shared in [false, true] {
+                let bound = max_tiles(rows, top_k, n_experts, shared, 8);
+                for round in 0..200 {
+                    // Distinct experts a row; every other round from a few popular experts (long tiles).
+                    let pool = if round % 2 == 0 { n_experts } else { top_k + 2 };
+                    let mut experts = Vec::new();
+                    for _ in 0..rows {
+                        let mut row: Vec<usize> = Vec::new();
+                        while row.len() < top_k {
+                            let e = next(pool);
+                            if !row.contains(&e) {
+                                row.push(e);
+                            }
+                        }
+                        experts.extend(row);
+                    }
+                    let got = plan_tiles(&experts, n_experts, rows, shared, 8);
+                    assert!(got <= bound, "rows {rows} top_k {top_k} shared {shared}: {got} tiles > {bound}");
+                }
+            }
+        }
+        // Tight where every pair can be its own tile; 32 decode rows of the real model: 148 against 288 pairs.
+        assert_eq!(max_tiles(8, 8, 128, false, 8), 64);
+        assert_eq!(max_tiles(32, 8, 128, true, 8), 148);
     }
 }
