@@ -209,11 +209,12 @@ __device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1,
 
 // y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
 // output o and DENSE_ROWS rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode
-// row's few hundred warps waiting on memory), so the weight row is read from memory once and from L1 or L2 for the
-// other rows; f32 sums, output in O (f32 for the router's logits, T otherwise). A block's rows are one after
-// another (each a round trip for its x), so they are few: the router at 32 rows took ~13 µs in blocks of 16
-// rows (256 blocks on 132 SMs), where blocks of 4 run all at once. (src/backend.rs `dense_grid` mirrors this.)
-#define DENSE_ROWS 4
+// row's few hundred warps waiting on memory), so the weight row is read from memory once per DENSE_ROWS rows and
+// from L1 for the others; f32 sums, output in O (f32 for the router's logits, T otherwise). The blocks run output
+// by output, a row block at a time, so a weight larger than L2 is read once per row block: the bf16 lm_head
+// (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
+// session 17, and would read the head 8 times.) src/backend.rs `dense_grid` mirrors this.
+#define DENSE_ROWS 16
 template <typename T, typename O>
 __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
     __shared__ float part[DENSE_ROWS][8];

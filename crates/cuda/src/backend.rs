@@ -169,7 +169,7 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
 }
 
 /// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/ops.cu).
-const DENSE_ROWS: usize = 4;
+const DENSE_ROWS: usize = 16;
 
 /// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
 pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
