@@ -288,7 +288,8 @@ impl CudaBackend {
         let p = span("plan");
         let mut out = self.output(x.rows, x.cols)?;
         // The layout comes from the routing on the device: the grid has as many tiles as the plan can make
-        // (`max_tiles`), and blocks past the real count return at once. A shared expert is one more slot.
+        // (`max_tiles`; never more than the pairs, the tiles buffer's room), and blocks past the real count return
+        // at once. A shared expert is one more slot.
         let pairs = x.rows * (r.top_k + usize::from(t.shared));
         let n_tiles = max_tiles(x.rows, r.top_k, r.n_experts, t.shared, mb).min(pairs);
         let s = &self.gpu.stream;
