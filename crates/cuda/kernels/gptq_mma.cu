@@ -12,11 +12,15 @@
 // upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
 // summed from the bf16 x the tensor cores see.
 //
-// A block is 4 warps on the same tiles (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
-// accumulators are twice as many), each warp over its own run of the block's chunks of K:
-// every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
+// A warp takes TPW tiles of 16 columns (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
+// accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out one of two ways
+// (`warp_cols`, chosen at launch: src/mma.rs): on the same tiles, each over its own quarter of the block's chunks,
+// their sums then added in shared memory in warp order; or on 4 neighbouring groups of tiles, each over all of
+// the block's chunks, storing its own sums (4 times the columns a block, no barrier after the start, and each
+// warp's run 4 times as long, so a block's start and end are paid over 4 times the bytes).
+// Every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
 // slots (no block-wide staging or barrier in the loop, and no load the math waits on that was not requested a
-// whole ring ahead), then the warps' sums are added in shared memory in warp order. A grid with
+// whole ring ahead). A grid with
 // several splits of K (gridDim.y) writes partial sums [splits, B, N]; for the plain GEMV the last block of a
 // column range to finish (a counter per range) adds the splits in split order and stores y — deterministic, one
 // launch. The grouped experts keep their partial sums for their own reductions (SiLU·up, the routing weights).
@@ -76,16 +80,17 @@ __device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
                  : "r"(addr));
 }
 
-// One block: tiles [block_x·TPW, +TPW) over chunks [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of
-// x (row b is x row `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every
-// (b < nrows, n of the block's tiles) exactly once. MB = 8 or 16: one or two n8 halves of the mma. PERM: the
-// checkpoint reorders K (x is gathered through perm with plain stores instead of copied).
+// One block: tiles [block_x·TPW, +TPW) — or, with `warp_cols`, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
+// [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (row b is x row `xrow[b]`, or b when xrow is
+// null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
+// MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
+// plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 template <int BITS, int MB, bool PERM, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
-                             int group_size, int k_chunk, int stages, int block_x, Store store) {
+                             int group_size, int k_chunk, int stages, bool warp_cols, int block_x, Store store) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
@@ -93,13 +98,16 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     constexpr int H = MB / 8, TPW = mma_tpw<MB>();
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
-    const int tile0 = block_x * TPW, tiles = max(0, min(TPW, n_tiles - tile0));
-    // This warp's run of the split's chunks.
+    // This warp's tiles (a warp past the matrix's last, with warp_cols, has none and runs no chunk; its
+    // addresses stay on the last tile) and its run of the split's chunks: all of them, or its quarter.
+    const int tile_at = (warp_cols ? block_x * MMA_WARPS + warp : block_x) * TPW;
+    const int tiles = max(0, min(TPW, n_tiles - tile_at)), tile0 = min(tile_at, n_tiles - 1);
     const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
     const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
-    const int per = (in_split + MMA_WARPS - 1) / MMA_WARPS;
-    const int c0 = split0 + min(in_split, warp * per);
-    const int chunks = min(in_split, (warp + 1) * per) - min(in_split, warp * per);
+    const int per = warp_cols ? in_split : (in_split + MMA_WARPS - 1) / MMA_WARPS;
+    const int kw = warp_cols ? 0 : warp;  // this warp's place among those sharing the tiles
+    const int c0 = split0 + min(in_split, kw * per);
+    const int chunks = tiles > 0 ? min(in_split, (kw + 1) * per) - min(in_split, kw * per) : 0;
     constexpr int wbytes = TPW * BITS * 32 * 8;
     const int slot = slot_bytes<BITS, TPW>(nrows);
     unsigned char* ring = smem + (size_t)warp * stages * slot;
@@ -283,6 +291,19 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
         }
     }
 
+    if (warp_cols) {  // the warp's own columns
+#pragma unroll
+        for (int t = 0; t < TPW; t++)
+#pragma unroll
+            for (int h = 0; h < H; h++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int b = h * 8 + quad * 2 + (i & 1);
+                    const int n = (tile0 + t) * 16 + group + 8 * (i >> 1);
+                    if (t < tiles && b < nrows) store(b, n, acc[t][h][i]);
+                }
+        return;
+    }
     // The warps' sums, added in warp order by warp 0.
     constexpr int V = TPW * H * 4;
     __syncthreads();  // every warp is done with its ring
@@ -315,14 +336,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
 template <int BITS, int MB, typename Store>
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
-                                               int N, int group_size, int k_chunk, int stages, int block_x,
-                                               Store store) {
+                                               int N, int group_size, int k_chunk, int stages, bool warp_cols,
+                                               int block_x, Store store) {
     if (perm == nullptr)
         mma_gemv_run<BITS, MB, false>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                                      block_x, store);
+                                      warp_cols, block_x, store);
     else
         mma_gemv_run<BITS, MB, true>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                                     block_x, store);
+                                     warp_cols, block_x, store);
 }
 
 __device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }
@@ -343,23 +364,30 @@ __device__ __forceinline__ bool arrive_last(int* counter, int expected) {
     return last;
 }
 
-// One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits). One split stores y; several store partial sums
-// [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
+// Tiles of 16 columns a block: a warp's, or with `warp_cols` the 4 warps' side by side.
+template <int MB>
+__device__ __forceinline__ int block_tiles(bool warp_cols) {
+    return mma_tpw<MB>() * (warp_cols ? MMA_WARPS : 1);
+}
+
+// One matrix, rows 0..B of x: grid (⌈N / (16·block_tiles)⌉, splits). One split stores y; several store partial
+// sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
 template <int BITS, int MB, typename YT>
 __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
                          const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
-                         int group_size, int k_chunk, int stages) {
+                         int group_size, int k_chunk, int stages, bool warp_cols) {
     const int splits = gridDim.y;
     if (splits == 1) {
         mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                                 blockIdx.x, [&](int b, int n, float v) { store_y(y, (size_t)b * N + n, v); });
+                                 warp_cols, blockIdx.x,
+                                 [&](int b, int n, float v) { store_y(y, (size_t)b * N + n, v); });
         return;
     }
     float* part = partial + (size_t)blockIdx.y * B * N;
     mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                             blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
+                             warp_cols, blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
     if (!arrive_last(&counters[blockIdx.x], splits)) return;
-    const int cols = mma_tpw<MB>() * 16, n0 = blockIdx.x * cols;
+    const int cols = block_tiles<MB>(warp_cols) * 16, n0 = blockIdx.x * cols;
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = n0 + i % cols;
         if (n >= N) continue;
@@ -377,7 +405,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to MB pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order).
-// grid (mats·⌈N / (16·TPW)⌉, splits, max tiles); partial [splits, pairs, mats·N].
+// grid (mats·⌈N / (16·block_tiles)⌉, splits, max tiles); partial [splits, pairs, mats·N].
 // FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
 // FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
@@ -390,7 +418,7 @@ template <int BITS, int MB>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
-                                 int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
+                                 int stages, bool warp_cols, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
                                  const float* rw, int rows, int top_k, int shared, const u32* route) {
     const int t = blockIdx.z;
     int expert, p0, np;
@@ -412,8 +440,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         if (t >= *n_tiles) return;
         expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
     }
-    constexpr int TPW = mma_tpw<MB>();
-    const int bx = (N / 16 + TPW - 1) / TPW;
+    const int bt = block_tiles<MB>(warp_cols), bx = (N / 16 + bt - 1) / bt;
     const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     const int e = m * n_experts + expert;
     const size_t width = (size_t)mats * N;
@@ -421,9 +448,10 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     if (np > 0)
         mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)perm_tab[e],
                                  (const uint2*)w_tab[e], (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N,
-                                 group_size, k_chunk, stages, cb, [&](int b, int n, float v) { out[b * width + n] = v; });
+                                 group_size, k_chunk, stages, warp_cols, cb,
+                                 [&](int b, int n, float v) { out[b * width + n] = v; });
     if (fuse == FUSE_NONE) return;
-    const int splits = gridDim.y, cols = TPW * 16, n0 = cb * cols;
+    const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
         if (!arrive_last(&counters[t * bx + cb], 2 * splits)) return;
         for (int i = threadIdx.x; i < np * cols; i += blockDim.x) {
@@ -445,7 +473,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 #ifndef MMA_MIN_BLOCKS
 #define MMA_MIN_BLOCKS 1
 #endif
-#define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? MMA_MIN_BLOCKS : 1)
+#define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? (MMA_MIN_BLOCKS > 4 ? MMA_MIN_BLOCKS : 4) : 1)
 // The grouped 8-row kernel is held to 4 blocks per SM (128 registers): its fused reductions' values kept live
 // across the main loop took it from 126 to 136 registers unbounded, 3 blocks per SM, and the MoE block slower.
 #define GROUPED_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? (MMA_MIN_BLOCKS > 4 ? MMA_MIN_BLOCKS : 4) : 1)
@@ -454,24 +482,25 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                      \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
         float* partial, __nv_bfloat16* y, int* counters, int B, int K, int N, int group_size, int k_chunk,      \
-        int stages) {                                                                                           \
+        int stages, int warp_cols) {                                                                            \
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
-                           stages);                                                                             \
+                           stages, warp_cols != 0);                                                             \
     }                                                                                                           \
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_f32(                                      \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
-        float* partial, float* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) { \
+        float* partial, float* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages,  \
+        int warp_cols) {                                                                                        \
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
-                           stages);                                                                             \
+                           stages, warp_cols != 0);                                                             \
     }                                                                                                           \
     extern "C" __global__ void GROUPED_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
-        int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
-        int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
+        int K, int N, int group_size, int k_chunk, int stages, int warp_cols, int fuse, int* counters,           \
+        __nv_bfloat16* y, int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {   \
         mma_gemv_grouped<BITS, MB>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, mats, partial, \
-                                   K, N, group_size, k_chunk, stages, fuse, counters, y, pair_of, rw, rows,     \
-                                   top_k, shared, route);                                                       \
+                                   K, N, group_size, k_chunk, stages, warp_cols != 0, fuse, counters, y,        \
+                                   pair_of, rw, rows, top_k, shared, route);                                    \
     }
 MMA_T(2, 8)
 MMA_T(2, 16)

@@ -61,13 +61,15 @@ fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usi
             let bx = n.div_ceil(THREADS as usize);
             let chunk = w.k_chunk_for(g, mb, mats * bx * tiles);
             let name = format!("gptq_gemv_grouped_w{}_b{mb}_{}", w.bits, b.act.suffix());
-            let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem: w.smem_bytes(mb, chunk) };
+            let smem = w.smem_bytes(mb, chunk);
+            let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem, warp_cols: 0 };
             (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let bx = crate::mma::blocks_x(n, mb);
+            let layout = crate::mma::Layout::for_launch(true);
+            let bx = crate::mma::blocks_x(n, mb, layout);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
-            (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles))
+            (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles, layout))
         }
     }
 }
@@ -353,11 +355,8 @@ impl CudaBackend {
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&mut tiles).arg(&mut count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        if sh.stages > 0 {
-            l.arg(&st);
-        }
         if mma {
-            l.arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of).arg(weights).arg(&rows_i).arg(&k);
+            l.arg(&st).arg(&sh.warp_cols).arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of).arg(weights).arg(&rows_i).arg(&k);
             l.arg(&with_shared);
             if one_row {
                 l.arg(&r.experts)
@@ -397,11 +396,8 @@ impl CudaBackend {
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        if sh.stages > 0 {
-            l.arg(&st);
-        }
         if mma {
-            l.arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of).arg(weights).arg(&rows_i);
+            l.arg(&st).arg(&sh.warp_cols).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of).arg(weights).arg(&rows_i);
             l.arg(&k).arg(&with_shared).arg(&null);
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of

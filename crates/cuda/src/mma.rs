@@ -139,13 +139,16 @@ const MAX_STAGES: usize = 8;
 /// `PIPEMOE_GEMV_WARPS_PER_SM` — warps worth having per multiprocessor before a warp's run of K is cut shorter
 /// (more splits), default 8; `PIPEMOE_GEMV_STAGES` — the deepest ring (2..=8), default 8;
 /// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
-/// and lets a 3090's 100 KiB hold two blocks. A value that does not parse or is out of range is reported once on
-/// stderr and the default used.
+/// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which launches lay a block's warps
+/// side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1 the grouped
+/// experts', 2 every launch. A value that does not parse or is out of range is reported once on stderr and the
+/// default used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tuning {
     warps_per_sm: usize,
     max_stages: usize,
     smem_block: usize,
+    warp_cols: usize,
 }
 
 fn tuning() -> Tuning {
@@ -154,7 +157,36 @@ fn tuning() -> Tuning {
         warps_per_sm: knob("PIPEMOE_GEMV_WARPS_PER_SM", 8, 1..=64),
         max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
         smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
+        warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 2, 0..=2),
     })
+}
+
+/// How a block's 4 warps share its work (`warp_cols` in kernels/gptq_mma.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// On the same tiles, each over a quarter of the split's chunks, the sums added in shared memory at the end.
+    SplitK,
+    /// On 4 neighbouring groups of tiles, each over all of the split's chunks and storing its own sums: a block
+    /// covers 4 times the columns, and its start and end are paid over 4 times the bytes.
+    WarpCols,
+}
+
+impl Layout {
+    /// The layout of a grouped experts' launch (`grouped`) or a plain GEMV's ([`Tuning`]'s `warp_cols`).
+    pub(crate) fn for_launch(grouped: bool) -> Layout {
+        match (tuning().warp_cols, grouped) {
+            (2, _) | (1, true) => Layout::WarpCols,
+            _ => Layout::SplitK,
+        }
+    }
+
+    /// Warps of a block that share a run of K.
+    fn k_warps(self) -> usize {
+        match self {
+            Layout::SplitK => WARPS,
+            Layout::WarpCols => 1,
+        }
+    }
 }
 
 pub(crate) fn knob(name: &str, default: usize, range: std::ops::RangeInclusive<usize>) -> usize {
@@ -172,72 +204,81 @@ fn parse_knob(text: &str, range: &std::ops::RangeInclusive<usize>) -> Option<usi
     text.trim().parse().ok().filter(|v| range.contains(v))
 }
 
-/// One launch's shape: rows of K per split, splits, ring depth (chunks per warp's ring) and shared bytes.
+/// One launch's shape: rows of K per split, splits, ring depth (chunks per warp's ring), shared bytes and how
+/// the block's warps share the work (the kernels' `warp_cols` argument, 1 for [`Layout::WarpCols`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
     pub chunk: usize,
     pub splits: usize,
     pub stages: usize,
     pub smem: u32,
+    pub warp_cols: i32,
 }
 
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
 /// of its tiles' columns (f16) and `rows` rows of x.
 fn slot_bytes(bits: u32, rows: usize) -> usize {
-    let tiles = tiles_per_block(rows);
+    let tiles = tiles_per_warp(rows);
     tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2
 }
 
-/// Tiles of 16 output columns per block (`mma_tpw` in the kernel), shared by the block's 4 warps (each over its
-/// own run of K): 4 for the ≤ 8-row kernels, 2 for the 16-row ones (twice the accumulators per tile).
-pub(crate) fn tiles_per_block(rows: usize) -> usize {
+/// Tiles of 16 output columns per warp (`mma_tpw` in the kernel): 4 for the ≤ 8-row kernels, 2 for the 16-row
+/// ones (twice the accumulators per tile).
+pub(crate) fn tiles_per_warp(rows: usize) -> usize {
     if bucket(rows) == 8 { 4 } else { 2 }
 }
 
-/// The shape for `rows` rows of x over `blocks_x` column blocks (times the grouped launch's tiles): each warp
-/// gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a whole run when the
-/// matrix is large (no split, no partial sums), and the ring as deep as the shared budget allows; then the splits
-/// are raised where that fills the device's resident blocks more evenly ([`even_splits`]).
-pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize) -> Shape {
+/// The shape for `rows` rows of x over `blocks_x` column blocks of `layout` (times the grouped launch's tiles):
+/// each warp gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a
+/// whole run when the matrix is large (no split, no partial sums), and the ring as deep as the shared budget
+/// allows; then the splits are raised where that fills the device's resident blocks more evenly
+/// ([`even_splits`]).
+pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize, layout: Layout) -> Shape {
     let k_chunks = w.in_features / CHUNK;
     let slot = slot_bytes(w.bits, rows);
     let t = tuning();
     let stages = (t.smem_block / (WARPS * slot)).clamp(2, t.max_stages);
     let target = gpu.sm_count as usize * t.warps_per_sm;
-    let per_warp = (blocks_x.max(1) * k_chunks).div_ceil(target).clamp(1, k_chunks.div_ceil(WARPS));
-    // The warps' sums at the end: [WARPS][tiles · halves · 4][32] floats, 16 values a lane either way.
+    let kw = layout.k_warps();
+    let warp_runs = blocks_x.max(1) * (WARPS / kw) * k_chunks;
+    let per_warp = warp_runs.div_ceil(target).clamp(1, k_chunks.div_ceil(kw));
+    // The warps' sums at the end (split K): [WARPS][tiles · halves · 4][32] floats, 16 values a lane either way.
     let smem = (WARPS * stages * slot).max(WARPS * 16 * 32 * 4);
-    let least = k_chunks.div_ceil(WARPS * per_warp);
+    let least = k_chunks.div_ceil(kw * per_warp);
     // The grouped kernels hold as many registers as the plain one within a few: its residency stands for both.
     let (bits, mb) = (w.bits, bucket(rows));
     let symbol = || format!("gptq_mma_gemv_w{bits}_b{mb}_to_bf16");
     let splits = match gpu.resident_blocks((bits, mb as u32, 0), symbol, THREADS, smem as u32) {
-        Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident),
+        Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident, kw),
         _ => least,
     };
     let chunk = k_chunks.div_ceil(splits) * CHUNK;
-    Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32 }
+    let warp_cols = i32::from(layout == Layout::WarpCols);
+    Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32, warp_cols }
 }
 
 /// Splits of `k_chunks` chunks for `blocks` blocks per split, from `least` up to twice that: the count whose
 /// rounds of `resident` blocks times each warp's chunks (plus one for a block's start and end) is least — a last
 /// round of a few blocks costs as long as a full one (576 blocks on 528 resident took two rounds of 14 chunks;
 /// two splits take three of 7). Splits that leave a warp fewer than 4 chunks (or than `least` does) are not taken:
-/// there a block's fixed costs and the partial sums outweigh the rounds.
-pub(crate) fn even_splits(k_chunks: usize, blocks: usize, least: usize, resident: usize) -> usize {
-    let per_warp = |s: usize| k_chunks.div_ceil(s).div_ceil(WARPS);
+/// there a block's fixed costs and the partial sums outweigh the rounds. `k_warps`: a block's warps that share
+/// each split's chunks ([`Layout`]).
+pub(crate) fn even_splits(k_chunks: usize, blocks: usize, least: usize, resident: usize, k_warps: usize) -> usize {
+    let per_warp = |s: usize| k_chunks.div_ceil(s).div_ceil(k_warps);
     let floor = per_warp(least).min(4);
     let cost = |s: usize| (blocks * s).div_ceil(resident) * (per_warp(s) + 1);
     (least..=(2 * least).min(k_chunks)).filter(|&s| per_warp(s) >= floor).min_by_key(|&s| (cost(s), s)).unwrap_or(least)
 }
 
-/// Column blocks of a matrix of `n` outputs for `rows` rows of x.
-pub(crate) fn blocks_x(n: usize, rows: usize) -> usize {
-    n.div_ceil(16 * tiles_per_block(rows))
+/// Column blocks of a matrix of `n` outputs for `rows` rows of x: a block's warps on the same tiles, or (warp
+/// columns) on 4 groups side by side.
+pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
+    n.div_ceil(16 * tiles_per_warp(rows) * (WARPS / layout.k_warps()))
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
-    let s = shape(w, gpu, batch, blocks_x(w.out_features, batch));
+    let layout = Layout::for_launch(false);
+    let s = shape(w, gpu, batch, blocks_x(w.out_features, batch, layout), layout);
     // At least one float: a zero-length allocation is an error.
     if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
 }
@@ -256,8 +297,9 @@ pub(crate) fn gemv(
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
     let (k, n) = (w.in_features, w.out_features);
-    let bx = blocks_x(n, batch);
-    let s = shape(w, gpu, batch, bx);
+    let layout = Layout::for_launch(false);
+    let bx = blocks_x(n, batch, layout);
+    let s = shape(w, gpu, batch, bx, layout);
     if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
         return Err(Error::Shape {
             what: "gemv scratch",
@@ -287,7 +329,7 @@ pub(crate) fn gemv(
         None => l.arg(&null),
     };
     l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
-    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st);
+    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st).arg(&s.warp_cols);
     // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n]; partial and counters were checked
     // above for a split launch (a single split touches neither).
     unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
@@ -302,15 +344,20 @@ mod tests {
     fn splits_fill_the_resident_blocks_evenly() {
         // The H200's grouped gate/up at one row: 576 blocks, 528 resident, 56 chunks: 2 splits (3 rounds of 7
         // chunks a warp) beat 1 (2 rounds of 14).
-        assert_eq!(even_splits(56, 576, 1, 528), 2);
+        assert_eq!(even_splits(56, 576, 1, 528, WARPS), 2);
         // With room for every block at once, one split.
-        assert_eq!(even_splits(56, 576, 1, 660), 1);
+        assert_eq!(even_splits(56, 576, 1, 660, WARPS), 1);
         // o_proj at one row: 112 blocks, 128 chunks, 3 splits least: 4 still fit in one round with fewer chunks.
-        assert_eq!(even_splits(128, 112, 3, 528), 4);
+        assert_eq!(even_splits(128, 112, 3, 528, WARPS), 4);
         // The grouped down at one row (16 chunks): 2 splits would leave warps 2 chunks — not taken.
-        assert_eq!(even_splits(16, 1008, 1, 528), 1);
+        assert_eq!(even_splits(16, 1008, 1, 528, WARPS), 1);
         // A short matrix already split to 2 chunks a warp stays where it is.
-        assert_eq!(even_splits(56, 35, 7, 528), 7);
+        assert_eq!(even_splits(56, 35, 7, 528, WARPS), 7);
+        // Warps over columns, each over its split's every chunk. The grouped down at one row (9 tiles of 28
+        // blocks): 2 splits fill one round of 504 blocks, 8 chunks a warp.
+        assert_eq!(even_splits(16, 252, 1, 528, 1), 2);
+        // gate/up at one row (9 tiles of 16 blocks, 2 splits least): 3 splits are one round of 19 chunks a warp.
+        assert_eq!(even_splits(56, 144, 2, 528, 1), 3);
     }
 
     /// The kernels' `mma_pair` (kernels/mma_pack.cuh), bit for bit: pair `i` of a block as bf16x2 base + q.
