@@ -52,9 +52,16 @@ fn max_tiles(rows: usize, top_k: usize, n_experts: usize, shared: bool, tile: us
     ((routed + (tile - 1) * chosen) / tile).min(routed) + if shared { rows.div_ceil(tile) } else { 0 }
 }
 
-/// One grouped launch's shape for matrices like `w` over `tiles` tiles of `mb` rows, `mats` matrices side by
-/// side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring: stages 0).
-fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usize) -> (String, usize, Shape) {
+/// One grouped launch's shape for a step of `rows` rows: matrices like `w` over `tiles` tiles of `mb` rows, `mats`
+/// matrices side by side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring:
+/// stages 0).
+fn launch_shape(
+    b: &CudaBackend,
+    w: &GpuGptq,
+    (rows, mb): (usize, usize),
+    tiles: usize,
+    mats: usize,
+) -> (String, usize, Shape) {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
         Packing::Gptq => {
@@ -66,7 +73,7 @@ fn launch_shape(b: &CudaBackend, w: &GpuGptq, mb: usize, tiles: usize, mats: usi
             (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let layout = crate::mma::Layout::for_launch(true);
+            let layout = crate::mma::Layout::for_launch(true, rows);
             let bx = crate::mma::blocks_x(n, mb, layout);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
             (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles, layout))
@@ -304,8 +311,8 @@ impl CudaBackend {
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
-        let (name, gx, sh) = launch_shape(self, gate0, mb, n_tiles, 2);
-        let down_shape = launch_shape(self, down0, mb, n_tiles, 1);
+        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2);
+        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1);
         // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
         // (one counter per tile and column range); otherwise gptq_reduce_silu does. The last block of each of the
         // down launch's column ranges adds the rows' experts itself for a few rows (its one block then reads

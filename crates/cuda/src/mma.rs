@@ -141,8 +141,8 @@ const MAX_STAGES: usize = 8;
 /// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
 /// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which launches lay a block's warps
 /// side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1 the grouped
-/// experts', 2 every launch. A value that does not parse or is out of range is reported once on stderr and the
-/// default used.
+/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch. A value that
+/// does not parse or is out of range is reported once on stderr and the default used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tuning {
     warps_per_sm: usize,
@@ -157,7 +157,7 @@ fn tuning() -> Tuning {
         warps_per_sm: knob("PIPEMOE_GEMV_WARPS_PER_SM", 8, 1..=64),
         max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
         smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
-        warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 2, 0..=2),
+        warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 1, 0..=3),
     })
 }
 
@@ -171,11 +171,20 @@ pub(crate) enum Layout {
     WarpCols,
 }
 
+/// Rows of a step above which the grouped experts' launches lay their warps over the columns. H200, 2 layers at
+/// 4K (docs/PERF.md, session 18): at 32 rows down 228 -> 209 us a layer (16K blocks of 4 chunks a warp became 4K
+/// of 16, each block's start and its warps' reduction paid a quarter as often), gate/up unchanged; at one row
+/// gate/up 46 -> 50 and down 32 -> 38 us (one round of fewer, longer blocks kept fewer warps resident than the
+/// split layout's two), and the plain GEMVs unchanged or slower (the fused q_a/kv_a/wk 14 -> 17 us).
+pub(crate) const WARP_COLS_ROWS: usize = 8;
+
 impl Layout {
-    /// The layout of a grouped experts' launch (`grouped`) or a plain GEMV's ([`Tuning`]'s `warp_cols`).
-    pub(crate) fn for_launch(grouped: bool) -> Layout {
+    /// The layout of a launch over `rows` rows of a step: a grouped experts' launch (`grouped`) or a plain GEMV
+    /// ([`Tuning`]'s `warp_cols`).
+    pub(crate) fn for_launch(grouped: bool, rows: usize) -> Layout {
         match (tuning().warp_cols, grouped) {
-            (2, _) | (1, true) => Layout::WarpCols,
+            (3, _) | (2, true) => Layout::WarpCols,
+            (1, true) if rows > WARP_COLS_ROWS => Layout::WarpCols,
             _ => Layout::SplitK,
         }
     }
@@ -277,7 +286,7 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
-    let layout = Layout::for_launch(false);
+    let layout = Layout::for_launch(false, batch);
     let s = shape(w, gpu, batch, blocks_x(w.out_features, batch, layout), layout);
     // At least one float: a zero-length allocation is an error.
     if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
@@ -297,7 +306,7 @@ pub(crate) fn gemv(
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
     let (k, n) = (w.in_features, w.out_features);
-    let layout = Layout::for_launch(false);
+    let layout = Layout::for_launch(false, batch);
     let bx = blocks_x(n, batch, layout);
     let s = shape(w, gpu, batch, bx, layout);
     if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
@@ -358,6 +367,11 @@ mod tests {
         assert_eq!(even_splits(16, 252, 1, 528, 1), 2);
         // gate/up at one row (9 tiles of 16 blocks, 2 splits least): 3 splits are one round of 19 chunks a warp.
         assert_eq!(even_splits(56, 144, 2, 528, 1), 3);
+        // Warps over columns: a block 4 times the columns (the down projection's 7,168 at ≤ 8 and at 16 rows).
+        assert_eq!((blocks_x(7168, 8, Layout::SplitK), blocks_x(7168, 8, Layout::WarpCols)), (112, 28));
+        assert_eq!((blocks_x(7168, 16, Layout::SplitK), blocks_x(7168, 16, Layout::WarpCols)), (224, 56));
+        // A last block whose warps past the matrix have no tiles (576 columns: 36 tiles, 3 blocks of 16).
+        assert_eq!(blocks_x(576, 1, Layout::WarpCols), 3);
     }
 
     /// The kernels' `mma_pair` (kernels/mma_pack.cuh), bit for bit: pair `i` of a block as bf16x2 base + q.
