@@ -76,9 +76,36 @@ fn launch_shape(
             let layout = crate::mma::Layout::for_launch(true, rows);
             let bx = crate::mma::blocks_x(n, mb, layout);
             let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
-            (name, mats * bx, crate::mma::shape(w, g, mb, mats * bx * tiles, layout))
+            let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout);
+            if let Some((gate_up, down)) = swept_splits()
+                && rows <= crate::mma::WARP_COLS_ROWS
+            {
+                shape = shape.with_splits(k, if mats == 2 { gate_up } else { down });
+            }
+            (name, mats * bx, shape)
         }
     }
+}
+
+/// `PIPEMOE_GROUPED_SPLITS=G,D`: the splits of K of the grouped gate/up and down launches of steps of up to
+/// [`crate::mma::WARP_COLS_ROWS`] rows, in place of the shape's choice — a sweep's knob (docs/CUDA.md). Unset, or
+/// not two integers in 1..=64, the shape's own (the latter reported once on stderr).
+fn swept_splits() -> Option<(usize, usize)> {
+    static S: OnceLock<Option<(usize, usize)>> = OnceLock::new();
+    *S.get_or_init(|| {
+        let text = std::env::var("PIPEMOE_GROUPED_SPLITS").ok()?;
+        let parsed = parse_splits(&text);
+        if parsed.is_none() {
+            eprintln!("pipemoe: ignoring PIPEMOE_GROUPED_SPLITS={text:?} (want G,D with each in 1..=64)");
+        }
+        parsed
+    })
+}
+
+fn parse_splits(text: &str) -> Option<(usize, usize)> {
+    let (g, d) = text.split_once(',')?;
+    let one = |t: &str| t.trim().parse::<usize>().ok().filter(|v| (1..=64).contains(v));
+    Some((one(g)?, one(d)?))
 }
 
 /// The routing of a step, on the device (the router's kernel), read back only when a host needs it (prefill's
@@ -471,7 +498,17 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::max_tiles;
+    use super::{max_tiles, parse_splits};
+
+    #[test]
+    fn swept_splits_take_two_counts_in_range() {
+        assert_eq!(parse_splits("8,4"), Some((8, 4)));
+        assert_eq!(parse_splits(" 7 , 2 "), Some((7, 2)));
+        assert_eq!(parse_splits("8"), None);
+        assert_eq!(parse_splits("0,4"), None);
+        assert_eq!(parse_splits("8,65"), None);
+        assert_eq!(parse_splits("a,b"), None);
+    }
 
     /// The tiles experts_plan makes for a routing: ⌈c_e / tile⌉ per expert, plus the shared expert's.
     fn plan_tiles(experts: &[usize], n_experts: usize, rows: usize, shared: bool, tile: usize) -> usize {

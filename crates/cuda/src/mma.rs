@@ -224,6 +224,15 @@ pub(crate) struct Shape {
     pub warp_cols: i32,
 }
 
+impl Shape {
+    /// This shape with `splits` splits of `k` rows of K (at most one a chunk), for a sweep of the split counts.
+    pub(crate) fn with_splits(self, k: usize, splits: usize) -> Shape {
+        let k_chunks = k / CHUNK;
+        let chunk = k_chunks.div_ceil(splits.clamp(1, k_chunks.max(1))) * CHUNK;
+        Shape { chunk, splits: k.div_ceil(chunk), ..self }
+    }
+}
+
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
 /// of its tiles' columns (f16) and `rows` rows of x.
 fn slot_bytes(bits: u32, rows: usize) -> usize {
