@@ -13,7 +13,8 @@ export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMO
 [ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
 logs="${OUT:-/tmp/pipemoe-experiments}"
 mkdir -p "$logs"
-want() { [ $# -eq 0 ] || [[ " $* " == *" $1 "* ]]; }
+# want NAME ARGS...: whether NAME was asked for (every experiment when ARGS is empty).
+want() { local name=$1; shift; [ $# -eq 0 ] || [[ " $* " == *" $name "* ]]; }
 summary=()
 if want gemm "$@"; then
     timeout 240 ./.device/device_gemm --ignored bench_gemm --nocapture > "$logs/gemm.log" 2>&1
