@@ -89,10 +89,12 @@ pub struct BenchArgs {
     #[arg(long, env = "PIPEMOE_BENCH_HOP_US")]
     pub hop_us: Option<f64>,
     /// The serving path's cost per hop in µs (the gRPC step call down and the worker's hand-offs; ring steps
-    /// relay no reply back up), added to the IPC landing: the bench runs no workers. Default: `tools/hop-cost.sh`
-    /// on the H200 host (16 cores, CPU workers) with ring steps, the median of three runs' pooled medians (0.256,
-    /// 0.297, 0.267 ms; nested steps 0.389, 0.350, 0.357 in the same calls: docs/PERF.md, session 13).
-    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 267.0)]
+    /// relay no reply back up), added to the IPC landing: the bench runs no workers. Default: `tools/hop-cost.sh
+    /// … cuda` on a host of two H200s (GPU workers, one per GPU: a hop is the gRPC step and a CUDA IPC hand-off
+    /// between the devices) measured 0.065 ms a hop in all, of which the IPC landing the bench measures on the
+    /// same host is 12 µs: 53 µs (docs/PERF.md, session 18). CPU workers measure 0.27–0.70 ms a hop, their engines'
+    /// threads competing with the hand-off for the cores.
+    #[arg(long, env = "PIPEMOE_BENCH_GRPC_US", default_value_t = 53.0)]
     pub grpc_us: f64,
     /// Memory bandwidth of the projection's GPU in GB/s (RTX 3090: 936).
     #[arg(long, env = "PIPEMOE_BENCH_TARGET_GBPS", default_value_t = 936.0)]
