@@ -467,16 +467,15 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     }
 }
 
-// Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 1 leaves
-// the registers to the compiler (126 at 3 bits on sm_90, 4 blocks per SM); 5 caps them at 96 (5 blocks, a few
-// more instructions a chunk: tools/sass.py). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5.
+// Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 4, at most
+// 128 registers. Left to the compiler, the grouped kernel (its fused reductions' values live across the main loop)
+// took 136 registers, 3 blocks per SM, and the MoE block was slower; the plain one took 129 once its warps could
+// store their own sums (warp_cols). 5 caps them at 96 (5 blocks, a few more instructions a chunk: tools/sass.py;
+// slower, docs/PERF.md session 7). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5 (1: unbounded).
 #ifndef MMA_MIN_BLOCKS
-#define MMA_MIN_BLOCKS 1
+#define MMA_MIN_BLOCKS 4
 #endif
-#define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? (MMA_MIN_BLOCKS > 4 ? MMA_MIN_BLOCKS : 4) : 1)
-// The grouped 8-row kernel is held to 4 blocks per SM (128 registers): its fused reductions' values kept live
-// across the main loop took it from 126 to 136 registers unbounded, 3 blocks per SM, and the MoE block slower.
-#define GROUPED_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? (MMA_MIN_BLOCKS > 4 ? MMA_MIN_BLOCKS : 4) : 1)
+#define MMA_BOUNDS(MB) __launch_bounds__(128, (MB) == 8 ? MMA_MIN_BLOCKS : 1)
 
 #define MMA_T(BITS, MB)                                                                                         \
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                      \
@@ -493,7 +492,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
                            stages, warp_cols != 0);                                                             \
     }                                                                                                           \
-    extern "C" __global__ void GROUPED_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int warp_cols, int fuse, int* counters,           \
