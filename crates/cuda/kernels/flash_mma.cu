@@ -128,9 +128,10 @@ __device__ __forceinline__ void mla_flash_mma(
                 const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
                 const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
                 const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
-                if (LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {  // a fixed count each, unrolled
+                if (!EXACT && LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {  // fixed counts, unrolled
                     // One shared address and one source a part, the pieces at constant offsets from them (a
                     // generic-to-shared conversion and 64-bit sums a copy were two thirds of the copies' work).
+                    // (Not in the exact kernel: at its 128 registers, sm_90 then spills inside the tile loop.)
                     const u32 dst = smem_addr(row) + c0 * 16;
                     const unsigned char* src_lat = (const unsigned char*)lat + c0 * 16;
                     const unsigned char* src_pe = (const unsigned char*)pe + c0 * 16;
@@ -140,6 +141,13 @@ __device__ __forceinline__ void mla_flash_mma(
 #pragma unroll
                     for (int k = 0; k < ROPE / 8 / TPK; k++)
                         cp_async16_at(dst + LORA * 2 + k * TPK * 16, src_pe + k * TPK * 16, bytes);
+                } else if (LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {
+#pragma unroll
+                    for (int k = 0; k < LORA / 8 / TPK; k++)
+                        cp_async16(row + (c0 + k * TPK) * 8, lat + (c0 + k * TPK) * 8, bytes);
+#pragma unroll
+                    for (int k = 0; k < ROPE / 8 / TPK; k++)
+                        cp_async16(row + LORA + (c0 + k * TPK) * 8, pe + (c0 + k * TPK) * 8, bytes);
                 } else {
                     for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
                     for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
