@@ -5,10 +5,22 @@
 # Usage: tools/device/build.sh           the 7 device test binaries, release pipemoe and the e2e tests (~54 MB:
 #                                        the whole suite, memcheck, the GPU e2e tests and `pipemoe bench`)
 #        tools/device/build.sh --tests   the 7 device test binaries only (~31 MB, no release build)
+#        tools/device/build.sh --base REF   also REF's release pipemoe as .device/base/pipemoe (built in a worktree
+#                                        of REF; ~+15 MB), for tools/device/ab-bins.sh on the GPU machine
 # (The carried tree must stay under 64 MiB: the tree is ~18 MB, the binaries ~54 MB, gzipped ~20 MB.)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pipemoe/target}"
+mode=all base=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tests) mode=tests; shift ;;
+        --base) base="${2:?--base needs a git ref}"; shift 2 ;;
+        *) echo "build.sh: unknown argument $1 (--tests, --base REF)" >&2; exit 2 ;;
+    esac
+done
+[ "$mode" = tests ] && [ -n "$base" ] && { echo "build.sh: --base builds release binaries; not with --tests" >&2; exit 2; }
+[ -z "$base" ] || git rev-parse --verify -q "$base^{commit}" > /dev/null || { echo "build.sh: no commit $base" >&2; exit 2; }
 tests=(device device_ops device_gemm device_attention device_route device_sampling golden_gpu)
 cargo test -p pipemoe-cuda --no-run --message-format=json 2>/dev/null |
     python3 -c '
@@ -24,7 +36,16 @@ for t in "${tests[@]}"; do
     [ -n "$exe" ] || { echo "no test binary for $t" >&2; exit 1; }
     cp "$exe" ".device/$t" && strip ".device/$t"
 done
-if [ "${1:-}" != "--tests" ]; then
+if [ "$mode" != tests ]; then
+    if [ -n "$base" ]; then
+        # REF's binary first (both builds leave theirs at the same path); it carries its own kernel sources.
+        wt=$(mktemp -d /tmp/pipemoe-base.XXXXXX)
+        git worktree add -q --detach "$wt" "$base"
+        (cd "$wt" && cargo build --release -p pipemoe)
+        mkdir -p .device/base
+        cp "$CARGO_TARGET_DIR/release/pipemoe" .device/base/pipemoe && strip .device/base/pipemoe
+        git worktree remove --force "$wt"
+    fi
     # Release: `pipemoe bench` times the host side of every launch too (cudarc at opt-level 0 is not what ships).
     cargo build --release -p pipemoe
     cargo test -p pipemoe --test e2e --no-run --message-format=json 2>/dev/null |

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Two pipemoe binaries timed against each other on the GPU machine, in alternating runs of one call (the order
+# flips every round, so a host's drift lands on both): each run is `pipemoe bench … --profile`, and the table at
+# the end gives, per binary, the median over rounds of the decode step and of every profiled op's µs a call, and
+# B's change against A. Each binary carries its own kernel sources (the cubin cache keys on them).
+# Usage: tools/device/ab-bins.sh A B [rounds] [-- bench args]
+#   A, B        pipemoe binaries, e.g. .device/base/pipemoe (tools/device/build.sh --base REF) and .device/pipemoe
+#   rounds      default 3
+#   bench args  default: --layers 2 --context 4096 --steps 16 --cache-dir /tmp/pb2 --streams 32
+# Logs go to $OUT (or /tmp/pipemoe-ab-bins); the table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMOE_MODELS_DIR="$PWD/data/models"
+[ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
+# tools/device/build.sh carries the binaries packed, and the kernels an earlier call compiled (as run-tests.sh).
+[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
+if [ -f .device/cubin.tgz ] && [ ! -d "$PIPEMOE_KERNEL_CACHE" ]; then
+    mkdir -p "$PIPEMOE_KERNEL_CACHE" && tar xzf .device/cubin.tgz -C "$PIPEMOE_KERNEL_CACHE" --strip-components 1
+fi
+a=$1 b=$2
+shift 2
+rounds=3
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then rounds=$1; shift; fi
+[ "${1:-}" = "--" ] && shift
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(--layers 2 --context 4096 --steps 16 --cache-dir /tmp/pb2 --streams 32)
+for bin in "$a" "$b"; do [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }; done
+logs="${OUT:-/tmp/pipemoe-ab-bins}"
+mkdir -p "$logs"
+for i in $(seq "$rounds"); do
+    order="A B"
+    [ $((i % 2)) -eq 0 ] && order="B A"
+    for side in $order; do
+        bin=$a
+        [ "$side" = B ] && bin=$b
+        timeout 300 "$bin" bench "${args[@]}" --profile > "$logs/ab-$side-$i.txt" 2>&1 ||
+            echo "round $i $side: the bench failed (rc $?), see $logs/ab-$side-$i.txt" >&2
+    done
+done
+python3 "$(dirname "$0")/ab_table.py" "$logs" "$rounds"
