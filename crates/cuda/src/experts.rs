@@ -390,16 +390,8 @@ impl CudaBackend {
         l.arg(&x.data).arg(&mut tiles).arg(&mut count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if mma {
-            l.arg(&st)
-                .arg(&sh.warp_cols)
-                .arg(&sf)
-                .arg(&self.gpu.counters)
-                .arg(&mut h)
-                .arg(&mut pair_of)
-                .arg(weights)
-                .arg(&rows_i)
-                .arg(&k);
-            l.arg(&with_shared);
+            l.arg(&st).arg(&sh.warp_cols).arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of);
+            l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared);
             if one_row {
                 l.arg(&r.experts)
             } else {
@@ -439,15 +431,8 @@ impl CudaBackend {
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if mma {
-            l.arg(&st)
-                .arg(&sh.warp_cols)
-                .arg(&cf)
-                .arg(&self.gpu.counters)
-                .arg(&mut out.data)
-                .arg(&mut pair_of)
-                .arg(weights)
-                .arg(&rows_i);
-            l.arg(&k).arg(&with_shared).arg(&null);
+            l.arg(&st).arg(&sh.warp_cols).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of);
+            l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared).arg(&null);
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
         // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.

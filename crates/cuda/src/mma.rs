@@ -225,7 +225,8 @@ pub(crate) struct Shape {
 }
 
 impl Shape {
-    /// This shape with `splits` splits of `k` rows of K (at most one a chunk), for a sweep of the split counts.
+    /// This shape with `splits` splits of `k` rows of K (at most one a chunk): whole chunks a split, so the count
+    /// may come out lower.
     pub(crate) fn with_splits(self, k: usize, splits: usize) -> Shape {
         let k_chunks = k / CHUNK;
         let chunk = k_chunks.div_ceil(splits.clamp(1, k_chunks.max(1))) * CHUNK;
@@ -270,9 +271,8 @@ pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize, layout
         Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident, kw),
         _ => least,
     };
-    let chunk = k_chunks.div_ceil(splits) * CHUNK;
     let warp_cols = i32::from(layout == Layout::WarpCols);
-    Shape { chunk, splits: w.in_features.div_ceil(chunk), stages, smem: smem as u32, warp_cols }
+    Shape { chunk: 0, splits, stages, smem: smem as u32, warp_cols }.with_splits(w.in_features, splits)
 }
 
 /// Splits of `k_chunks` chunks for `blocks` blocks per split, from `least` up to twice that: the count whose
@@ -294,9 +294,15 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
     n.div_ceil(16 * tiles_per_warp(rows) * (WARPS / layout.k_warps()))
 }
 
-pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
+/// A plain GEMV's column blocks and shape for `batch` rows: what `gemv` launches and `scratch_len` sizes.
+fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
     let layout = Layout::for_launch(false, batch);
-    let s = shape(w, gpu, batch, blocks_x(w.out_features, batch, layout), layout);
+    let bx = blocks_x(w.out_features, batch, layout);
+    (bx, shape(w, gpu, batch, bx, layout))
+}
+
+pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
+    let (_, s) = plain_shape(w, gpu, batch);
     // At least one float: a zero-length allocation is an error.
     if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
 }
@@ -315,9 +321,7 @@ pub(crate) fn gemv(
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
     let (k, n) = (w.in_features, w.out_features);
-    let layout = Layout::for_launch(false, batch);
-    let bx = blocks_x(n, batch, layout);
-    let s = shape(w, gpu, batch, bx, layout);
+    let (bx, s) = plain_shape(w, gpu, batch);
     if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
         return Err(Error::Shape {
             what: "gemv scratch",
@@ -433,6 +437,16 @@ mod tests {
         let v = f32::from_bits(half << 16) - base;
         assert!(v.fract() == 0.0 && v >= 0.0, "pair {p}: {v} is not a field value");
         v as u32
+    }
+
+    #[test]
+    fn splits_are_whole_chunks() {
+        let s = Shape { chunk: 0, splits: 0, stages: 2, smem: 0, warp_cols: 0 };
+        // gate/up's 56 chunks in 3 splits: 19 chunks each (the last 18).
+        assert_eq!((s.with_splits(7168, 3).chunk, s.with_splits(7168, 3).splits), (19 * CHUNK, 3));
+        // 8 splits of 14 chunks come out as 7 of 2 (whole chunks a split); more splits than chunks, one a chunk.
+        assert_eq!(s.with_splits(14 * CHUNK, 8).splits, 7);
+        assert_eq!((s.with_splits(2048, 64).chunk, s.with_splits(2048, 64).splits), (CHUNK, 16));
     }
 
     #[test]
