@@ -16,8 +16,9 @@
 //
 // Warp w's share of the scores is its eighth of the query dims (both key groups of the tile): its q fragments
 // sit in registers for the whole block, loaded once (no q in shared memory; a tile's scores cost a warp 36 mma
-// and 36 shared loads at D = 576). The eight partial scores meet in shared memory for the softmax (a warp two
-// heads, a lane a key); the mix gives warp w latent column tiles w, w + 8, ...
+// and 36 shared loads at D = 576 with q exact, 20 mma and 10 ldmatrix with q in bf16). The eight partial scores
+// meet in shared memory for the softmax (a warp two heads, a lane a key); the mix gives warp w latent column tiles
+// w, w + 8, ...
 //
 // Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tile i + 1 is on its way
 // — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
@@ -127,7 +128,20 @@ __device__ __forceinline__ void mla_flash_mma(
                 const __nv_bfloat16* lat = (const __nv_bfloat16*)c_lat + (size_t)max(s, 0) * lora;
                 const __nv_bfloat16* pe = (const __nv_bfloat16*)c_pe + (size_t)max(s, 0) * rope;
                 const int bytes = s >= 0 ? 16 : 0;  // 0: the copy writes zeros
-                if (LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {  // a fixed count each, unrolled
+                if (!EXACT && LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {  // fixed counts, unrolled
+                    // One shared address and one source a part, the pieces at constant offsets from them (a
+                    // generic-to-shared conversion and 64-bit sums a copy were two thirds of the copies' work).
+                    // (Not in the exact kernel: at its 128 registers, sm_90 then spills inside the tile loop.)
+                    const u32 dst = smem_addr(row) + c0 * 16;
+                    const unsigned char* src_lat = (const unsigned char*)lat + c0 * 16;
+                    const unsigned char* src_pe = (const unsigned char*)pe + c0 * 16;
+#pragma unroll
+                    for (int k = 0; k < LORA / 8 / TPK; k++)
+                        cp_async16_at(dst + k * TPK * 16, src_lat + k * TPK * 16, bytes);
+#pragma unroll
+                    for (int k = 0; k < ROPE / 8 / TPK; k++)
+                        cp_async16_at(dst + LORA * 2 + k * TPK * 16, src_pe + k * TPK * 16, bytes);
+                } else if (LORA && (LORA / 8) % TPK == 0 && (ROPE / 8) % TPK == 0) {
 #pragma unroll
                     for (int k = 0; k < LORA / 8 / TPK; k++)
                         cp_async16(row + (c0 + k * TPK) * 8, lat + (c0 + k * TPK) * 8, bytes);
@@ -163,9 +177,11 @@ __device__ __forceinline__ void mla_flash_mma(
         const int p = run_pos(0);
         slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
     }
-    // Columns D..DP of every buffer meet the zero q dims past D: zeros (no copy ever writes them).
-    for (int i = threadIdx.x; i < FM_ST * FM_KT * (DP - D); i += blockDim.x) {
-        const int row = i / (DP - D), d = D + i % (DP - D);
+    // Columns D..CS of every buffer, which no copy writes, are zeros: they meet the zero q dims past D, and the
+    // bf16 scores' last step of a warp reads 8 of them as its upper half (zero q against zero keys, not against
+    // whatever shared memory held).
+    for (int i = threadIdx.x; i < FM_ST * FM_KT * (CS - D); i += blockDim.x) {
+        const int row = i / (CS - D), d = D + i % (CS - D);
         tile[row * CS + d] = __float2bfloat16(0.f);
     }
     __syncthreads();
@@ -252,16 +268,20 @@ if (EXACT) {
                 }
             } else {
                 // Step j2 covers the warp's 8-dim steps 2·j2 and 2·j2 + 1; past my_steps (or the warp's last) the
-                // upper half's q is zero and B repeats the lower half (the tile's columns past DP are never written).
+                // upper half's q is zero, against the next warp's dims or the zeroed columns past D. B by ldmatrix,
+                // two key groups at once: matrices (keys 16·gp.., lower 8 dims), (the same keys, upper 8), (keys
+                // 16·gp + 8.., lower), (upper) — lane L the row L % 8 of matrix L / 8; one load where four were.
+                const int kr = (lane >> 4) * 8 + (lane & 7), kc = warp * FM_QK * 8 + ((lane >> 3) & 1) * 8;
+                const u32 kb = smem_addr(buf) + (kr * CS + kc) * 2;
 #pragma unroll
                 for (int j2 = 0; j2 < (FM_QK + 1) / 2; j2++) {
                     if (2 * j2 < my_steps) {
-                        const bool upper = 2 * j2 + 1 < my_steps && 2 * j2 + 1 < FM_QK;
 #pragma unroll
-                        for (int g = 0; g < FM_KT / 8; g++) {
-                            const __nv_bfloat16* kp = k0 + g * 8 * CS + j2 * 16;
-                            const u32 b0 = *(const u32*)kp, b1 = upper ? *(const u32*)(kp + 8) : b0;
-                            mma_16816(c[g], qa[j2], b0, b1);
+                        for (int gp = 0; gp < FM_KT / 16; gp++) {
+                            u32 b[4];
+                            ldmatrix_x4_at(b, kb + (gp * 16 * CS + j2 * 16) * 2);
+                            mma_16816(c[2 * gp], qa[j2], b[0], b[1]);
+                            mma_16816(c[2 * gp + 1], qa[j2], b[2], b[3]);
                         }
                     }
                 }
@@ -335,7 +355,7 @@ if (EXACT) {
         // ldmatrix, per 16 keys k0: matrices (keys k0..+7, tile ct), (keys k0+8..+15, tile ct), (keys k0..+7,
         // tile ct + 8), (keys k0+8..+15, tile ct + 8) — lane L the row L % 8 of matrix L / 8. A second tile past
         // the latent reads the first again (computed, never stored).
-        const __nv_bfloat16* vrow = buf + (((lane >> 3) & 1) * 8 + (lane & 7)) * CS;
+        const u32 vrow = smem_addr(buf + (((lane >> 3) & 1) * 8 + (lane & 7)) * CS);
         // The running mix is rescaled only when some head's max moved (the correction is exactly 1 otherwise):
         // after the first tiles that is rare, and skipping it saves 32 multiplies a tile.
         if (__any_sync(0xffffffffu, cr0 != 1.f || cr1 != 1.f)) {
@@ -351,11 +371,11 @@ if (EXACT) {
         for (int j = 0; j < 8; j += 2) {
             const int ct = warp + 8 * j;
             if (FULL_COLS || ct < col_tiles) {
-                const __nv_bfloat16* v = vrow + (lane >= 16 && (FULL_COLS || ct + 8 < col_tiles) ? ct + 8 : ct) * 8;
+                const u32 v = vrow + (lane >= 16 && (FULL_COLS || ct + 8 < col_tiles) ? ct + 8 : ct) * 16;
 #pragma unroll
                 for (int kk = 0; kk < FM_KT / 16; kk++) {
                     u32 b[4];
-                    ldmatrix_x4_trans(b, v + kk * 16 * CS);
+                    ldmatrix_x4_trans_at(b, v + kk * 16 * CS * 2);
 #pragma unroll
                     for (int u = 0; u < 2; u++) {
                         if (EXACT) {

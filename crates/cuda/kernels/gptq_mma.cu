@@ -74,12 +74,6 @@ __device__ __forceinline__ int slot_bytes(int rows) {
     return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2;
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32 r[4], u32 addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
 // One block: tiles [block_x·TPW, +TPW) — or, with `warp_cols`, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
 // [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (row b is x row `xrow[b]`, or b when xrow is
 // null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
@@ -248,7 +242,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
         for (int kp = 0; kp < 4; kp++) {  // two k-steps per ldmatrix
             u32 xb[H][4];
 #pragma unroll
-            for (int h = 0; h < H; h++) ldmatrix_x4(xb[h], xs_at + xrow_at[h] + kp * 64);
+            for (int h = 0; h < H; h++) ldmatrix_x4_at(xb[h], xs_at + xrow_at[h] + kp * 64);
 #pragma unroll
             for (int s = 0; s < 2; s++) {
                 const int ks = kp * 2 + s;

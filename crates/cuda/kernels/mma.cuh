@@ -15,6 +15,18 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void* p) {
                  : "r"(smem_addr(p)));
 }
 
+// The same at a shared-memory address already converted (smem_addr): hot loops convert once and add offsets.
+__device__ __forceinline__ void ldmatrix_x4_at(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans_at(u32 r[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
 // c += A·B for one m16n8k16 step, bf16 inputs, f32 accumulators.
 __device__ __forceinline__ void mma_16816(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
