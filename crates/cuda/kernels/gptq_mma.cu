@@ -75,13 +75,13 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 }
 
 // One block: tiles [block_x·TPW, +TPW) — or, with `warp_cols`, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
-// [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (row b is x row `xrow[b]`, or b when xrow is
-// null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
+// [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
+// which mma_gemv_block reads: `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 template <int BITS, int MB, bool PERM, typename Store>
-__device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __restrict__ xrow, int nrows,
+__device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
                              int group_size, int k_chunk, int stages, bool warp_cols, int block_x, Store store) {
@@ -106,9 +106,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, const int* __r
     const int slot = slot_bytes<BITS, TPW>(nrows);
     unsigned char* ring = smem + (size_t)warp * stages * slot;
     if (threadIdx.x < MB) {
-        const int r = threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
-        rows_of[threadIdx.x] = r;
-        xrows[threadIdx.x] = x + (size_t)r * K;
+        rows_of[threadIdx.x] = row;
+        xrows[threadIdx.x] = x + (size_t)row * K;
     }
     if (threadIdx.x == 0) {
         sums_word[0] = 0x3F803F80u;  // bf16x2 ones
@@ -332,11 +331,13 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
                                                int N, int group_size, int k_chunk, int stages, bool warp_cols,
                                                int block_x, Store store) {
+    // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
+    const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if (perm == nullptr)
-        mma_gemv_run<BITS, MB, false>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+        mma_gemv_run<BITS, MB, false>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                                       warp_cols, block_x, store);
     else
-        mma_gemv_run<BITS, MB, true>(x, xrow, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+        mma_gemv_run<BITS, MB, true>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                                      warp_cols, block_x, store);
 }
 
@@ -415,13 +416,23 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
                                  int stages, bool warp_cols, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
                                  const float* rw, int rows, int top_k, int shared, const u32* route) {
     const int t = blockIdx.z;
+    const int bt = block_tiles<MB>(warp_cols), bx = (N / 16 + bt - 1) / bt;
+    const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     int expert, p0, np;
+    // The matrix's four table entries, loaded together as soon as the expert is known (one round trip of the
+    // block's start, not one to learn whether the slice holds the expert and then one for its addresses).
+    u64 wa, za, sa, pa;
+    auto entries = [&]() {
+        const int e = m * n_experts + expert;
+        wa = w_tab[e], za = zr_tab[e], sa = sc_tab[e], pa = perm_tab[e];
+    };
     if (route != nullptr) {
         const int slots = top_k + shared;
         if (t >= slots) return;
         expert = t < top_k ? (int)route[t] : n_experts - 1;
         p0 = t;
-        np = w_tab[expert] != 0;
+        entries();
+        np = wa != 0;  // a slice lacking the expert has zeros for each of its matrices (src/experts.rs)
         if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
             tiles[3 * t] = expert;
             tiles[3 * t + 1] = t;
@@ -433,17 +444,14 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     } else {
         if (t >= *n_tiles) return;
         expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
+        entries();
     }
-    const int bt = block_tiles<MB>(warp_cols), bx = (N / 16 + bt - 1) / bt;
-    const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
-    const int e = m * n_experts + expert;
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0)
-        mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)perm_tab[e],
-                                 (const uint2*)w_tab[e], (const __half*)zr_tab[e], (const __half*)sc_tab[e], K, N,
-                                 group_size, k_chunk, stages, warp_cols, cb,
-                                 [&](int b, int n, float v) { out[b * width + n] = v; });
+        mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)pa, (const uint2*)wa,
+                                 (const __half*)za, (const __half*)sa, K, N, group_size, k_chunk, stages, warp_cols,
+                                 cb, [&](int b, int n, float v) { out[b * width + n] = v; });
     if (fuse == FUSE_NONE) return;
     const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
