@@ -35,8 +35,10 @@ ki, vi, ui = h.index("Kernel Name"), h.index("Metric Value"), h.index("Metric Un
 scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 seq = [(r[ki].split("(")[0].strip(), float(r[vi].replace(",", "")) * scale.get(r[ui], 1e-3)) for r in rows[1:]]
 # The single-row absorption runs once per layer of a one-row step and nowhere in a prefill: whole decode steps are
-# the kernels from one mla_absorb_q_r1 to the one `layers` later. The first two steps (warm-up) are left out.
-marks = [i for i, (k, _) in enumerate(seq) if k.startswith("mla_absorb_q_r1")][2 * layers:]
+# the kernels from one to the one `layers` later (mla_absorb_q_r1 with a dense kv_b, mla_absorb_q_w<bits> with the
+# quantized one). The first two steps (warm-up) are left out.
+one_row = ("mla_absorb_q_r1", "mla_absorb_q_w")
+marks = [i for i, (k, _) in enumerate(seq) if k.startswith(one_row)][2 * layers:]
 if len(marks) <= layers:
     sys.exit("fewer than two decode steps among the profiled kernels: raise the launch count")
 whole = min(len(marks) - 1, 8 * layers) // layers * layers

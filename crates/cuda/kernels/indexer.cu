@@ -234,35 +234,34 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
 }
 
 
-// Exclusive prefix sum over the block (blockDim.x a multiple of 32); `*total` gets the block's sum.
-__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#define TOPK_THREADS 1024  // indexer::TOPK_THREADS
+#define TOPK_WARPS (TOPK_THREADS / 32)
+
+// Exclusive prefix sum of v over the block's TOPK_THREADS threads in one barrier: each warp scans its own values
+// by shuffles and leaves its total in wsum[warp]; after the barrier every warp adds up the totals of the warps
+// before it (and `*total` all of them). The caller puts a barrier between two uses of one `wsum`.
+__device__ __forceinline__ int block_scan_once(int v, int* wsum, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
     int x = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const int y = __shfl_up_sync(0xffffffffu, x, o);
         if (lane >= o) x += y;
     }
-    if (lane == 31) scratch[warp] = x;
+    if (lane == 31) wsum[warp] = x;
     __syncthreads();
-    if (warp == 0) {
-        int s = lane < warps ? scratch[lane] : 0;
+    const int w = lane < TOPK_WARPS ? wsum[lane] : 0;
+    int before = lane < warp ? w : 0, all = w;
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, s, o);
-            if (lane >= o) s += y;
-        }
-        if (lane < warps) scratch[lane] = s;
+    for (int o = 16; o > 0; o >>= 1) {
+        before += __shfl_xor_sync(0xffffffffu, before, o);
+        all += __shfl_xor_sync(0xffffffffu, all, o);
     }
-    __syncthreads();
-    const int before = warp > 0 ? scratch[warp - 1] : 0;
-    *total = scratch[warps - 1];
-    __syncthreads();
+    *total = all;
     return before + x - v;
 }
 
-#define TOPK_THREADS 512  // indexer::TOPK_THREADS
-#define TOPK_PER 16       // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
+#define TOPK_PER 8        // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
 #define TOPK_BINS 2048    // radix digits of 11, 11 and 10 bits: three passes cover a key
 
 // Thread t's keys of the tile from t0: `per` consecutive ones (so one scan orders the last pass's output), as
@@ -294,8 +293,10 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
                                                                            int stride, const int* meta, int row0,
                                                                            int topk,
                                                                            int* sel) {  // [rows, topk]
-    __shared__ int hist[TOPK_BINS];
-    __shared__ int scratch[32];
+    // Two histograms: a pass counts into one while its threads clear the other for the next pass, so no barrier
+    // stands between one pass's choice and the next pass's counting.
+    __shared__ int hist[2][TOPK_BINS];
+    __shared__ int wsum[TOPK_WARPS];
     __shared__ int pick[3];
     const int lr = blockIdx.x, r = row0 + lr, n = meta[r * 4] + 1;
     int* out = sel + (size_t)r * topk;
@@ -310,11 +311,16 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
     unsigned valid = tiles == 1 ? topk_load(sc, n, 0, key, &per) : 0u;
     u32 prefix = 0, mask = 0;
     int need = topk;  // how many keys matching the prefix are still to take
+    for (int i = threadIdx.x; i < 2 * TOPK_BINS; i += TOPK_THREADS) (&hist[0][0])[i] = 0;
+    __syncthreads();
     for (int pass = 0; pass < 3; pass++) {
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
         const u32 digit = pass == 2 ? 1023u : 2047u;
-        for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[i] = 0;
-        __syncthreads();
+        int* hs = hist[pass & 1];
+        // The other histogram was last read before the previous pass's final barrier: it is cleared for the next
+        // pass (pass 1's was cleared at the start).
+        if (pass > 0)
+            for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[(pass + 1) & 1][i] = 0;
         for (int t = 0; t < tiles; t++) {
             if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
 #pragma unroll
@@ -327,23 +333,23 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
                     if (__any_sync(0xffffffffu, counted)) {
                         const u32 bin = counted ? (key[j] >> shift) & digit : TOPK_BINS + lane;
                         const u32 peers = __match_any_sync(0xffffffffu, bin);
-                        if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+                        if (counted && lane == __ffs(peers) - 1) atomicAdd(&hs[bin], __popc(peers));
                     }
                 } else if (counted) {
                     // Later passes count only keys within the chosen bin, on the next 11 bits: spread over the
                     // bins, so plain atomics (the match's cost grows with the distinct bins of a warp).
-                    atomicAdd(&hist[(key[j] >> shift) & digit], 1);
+                    atomicAdd(&hs[(key[j] >> shift) & digit], 1);
                 }
             }
         }
         __syncthreads();
-        // The highest bin whose keys and those above reach `need`: thread t holds bins 2047 − 4t down to 2044 − 4t,
+        // The highest bin whose keys and those above reach `need`: thread t holds bins 2047 − 2t and 2046 − 2t,
         // a scan over the threads gives the count above them, and the one thread where `need` is crossed says so.
         int h[TOPK_BINS / TOPK_THREADS], mine = 0, total;
 #pragma unroll
         for (int j = 0; j < TOPK_BINS / TOPK_THREADS; j++)
-            mine += h[j] = hist[TOPK_BINS - 1 - (TOPK_BINS / TOPK_THREADS) * threadIdx.x - j];
-        int above = block_exclusive_scan(mine, scratch, &total);
+            mine += h[j] = hs[TOPK_BINS - 1 - (TOPK_BINS / TOPK_THREADS) * threadIdx.x - j];
+        int above = block_scan_once(mine, wsum, &total);
 #pragma unroll
         for (int j = 0; j < TOPK_BINS / TOPK_THREADS; j++) {
             if (above < need && above + h[j] >= need) {
@@ -374,7 +380,8 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
         }
         // One scan of both counts (a tile has < 2^16 keys): above in the low half, equal in the high.
         int both;
-        const int before = block_exclusive_scan(gt | (eq << 16), scratch, &both);
+        if (t > 0) __syncthreads();  // every warp has read the previous tile's wsum
+        const int before = block_scan_once(gt | (eq << 16), wsum, &both);
         int g = gt_seen + (before & 0xffff), e = eq_seen + (before >> 16);
         const int first = t * tile + threadIdx.x * per;
 #pragma unroll
