@@ -2,7 +2,10 @@
 
 Per binary, the median over rounds of the decode steps (one stream and, when run, the streams) and of each
 profiled op's µs a call, section by section (one-row decode, the prefill, the streams' decode), with B's change
-against A. Usage: python3 tools/device/ab_table.py LOG_DIR ROUNDS
+against A; then each binary's spread over its rounds ((max − min) / median, %) and whether the two binaries' rounds
+lie apart (every round of one below every round of the other: "apart"; "-" with fewer than 2 rounds each). A
+change inside the spread of overlapping rounds is not evidence (PERF.md session 19: the 32-stream step moved ±4%
+between binaries whose kernels all stayed within 2%). Usage: python3 tools/device/ab_table.py LOG_DIR ROUNDS
 """
 
 import os
@@ -53,12 +56,25 @@ def main():
     if not runs["A"] or not runs["B"]:
         sys.exit(f"no runs of both binaries in {folder}")
     keys = [k for k in runs["A"][0] if all(k in r for side in "AB" for r in runs[side])]
-    print(f"{'section':<36} {'op':<42} {'A':>10} {'B':>10} {'B/A':>7}")
+    print(f"{'section':<36} {'op':<42} {'A':>10} {'B':>10} {'B/A':>7} {'±A %':>6} {'±B %':>6} {'rounds':>7}")
     for key in keys:
-        med = {side: statistics.median(r[key] for r in runs[side]) for side in "AB"}
+        vals = {side: [r[key] for r in runs[side]] for side in "AB"}
+        med = {side: statistics.median(vals[side]) for side in "AB"}
+        spread = {side: 100 * (max(vals[side]) - min(vals[side])) / med[side] if med[side] else 0.0 for side in "AB"}
         section, op = key
         ratio = med["B"] / med["A"] if med["A"] else float("nan")
-        print(f"{section[:36]:<36} {op[:42]:<42} {med['A']:>10.3f} {med['B']:>10.3f} {ratio:>7.3f}")
+        print(
+            f"{section[:36]:<36} {op[:42]:<42} {med['A']:>10.3f} {med['B']:>10.3f} {ratio:>7.3f} "
+            f"{spread['A']:>6.1f} {spread['B']:>6.1f} {separation(vals['A'], vals['B']):>7}"
+        )
+
+
+def separation(a, b):
+    """"apart" when every value of one list is below every value of the other, "overlap" otherwise ("-" when either
+    has fewer than two: one round says nothing of the spread)."""
+    if len(a) < 2 or len(b) < 2:
+        return "-"
+    return "apart" if max(a) < min(b) or max(b) < min(a) else "overlap"
 
 
 if __name__ == "__main__":
