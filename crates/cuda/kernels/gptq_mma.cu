@@ -76,7 +76,8 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 
 // One block: tiles [block_x·TPW, +TPW) — or, with `warp_cols`, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
 // [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
-// which mma_gemv_block reads: `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
+// which mma_gemv_block reads: `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every
+// (b < nrows, n of the block's tiles) exactly once.
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
