@@ -84,16 +84,24 @@ impl Runner {
 
     /// One step over `rows` as a worker runs it: the stage's input (token ids on the first stage, the previous
     /// stage's hidden state otherwise), the layers, and on the last stage a greedy token for each sequence's last
-    /// row. Returns the step's wall time, from input on the host to the output ready.
+    /// row. Returns the step's wall time, from the input's arrival to the output ready. A hidden state arrives on
+    /// the device before the step starts, as the previous worker's IPC hand-off lands it: its hand-off is the hop's
+    /// cost, which the projection adds apart (`bench-ipc`, `--grpc-us`), and HF's baseline feeds its decode steps
+    /// from the device too. (Until session 19 the step began with the host upload of the f32 rows: ~16 µs of a
+    /// one-row step, ~240 µs of 32 rows, ~5 ms of a 512-row prefill chunk on the H200.)
     pub fn step(&mut self, rows: &[Row]) -> Result<f64> {
         let (h, vocab) = (self.stage.config().hidden_size, self.stage.config().vocab_size);
         let slice = self.stage.slice().clone();
         let ids: Vec<u32> = if slice.embed { rows.iter().map(|_| self.rng.token(vocab)).collect() } else { Vec::new() };
-        let hidden = if slice.embed { None } else { Some(self.rng.hidden(rows.len() * h)) };
+        let hidden = if slice.embed {
+            None
+        } else {
+            Some(self.stage.backend().upload(rows.len(), h, self.rng.hidden(rows.len() * h))?)
+        };
         self.sync()?;
         let t0 = Instant::now();
         let input = match hidden {
-            Some(x) => StageInput::Hidden(self.stage.backend().upload(rows.len(), h, x)?),
+            Some(x) => StageInput::Hidden(x),
             None => StageInput::Tokens(&ids),
         };
         let out = self.stage.forward(rows, input)?;
