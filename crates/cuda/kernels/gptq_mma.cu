@@ -42,10 +42,8 @@ __host__ __device__ constexpr int mma_tpw() {
 }
 
 // cp.async.wait_group takes an immediate, and the ring depth is chosen at launch (it depends on the batch): the
-// depths the launch picks by default (src/mma.rs: 2 or 3 stages) are compiled as constants (mma_gemv_block), and
-// only deeper rings (the tuning knobs) and act-order weights wait through this. (A switch here compiles to branches
-// and a table load every chunk: with the depth a constant, the one-row loop is 459 instructions a chunk, not 510 —
-// tools/sass.py, sm_90.)
+// ≤ 8-row kernels' default depths (src/mma.rs: 2 or 3 stages) are compiled as constants (mma_gemv_block), and only
+// the rest wait through this switch, which compiles to branches and a table load every chunk.
 __device__ __forceinline__ void cp_async_wait_n(int n) {
     if (n <= 2) {
         if (n >= 2) cp_async_wait<2>();
@@ -82,8 +80,7 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // (b < nrows, n of the block's tiles) exactly once.
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied). ST: `stages` (the ring depth) as a constant for the loop's wait, or 0 to wait
-// through cp_async_wait_n. (Only the wait: with the whole ring's bookkeeping on the constant, the compiler unrolled
-// the x rows' copy loop into the chunk loop, 10 instructions a chunk more than it saved.)
+// through cp_async_wait_n; the ring's bookkeeping keeps the run-time `stages` either way.
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 template <int BITS, int MB, bool PERM, int ST, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
@@ -218,8 +215,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
         issue(c + stages - 1 < chunks);
-        if (ST)
-            cp_async_wait<(ST > 0 ? ST - 1 : 0)>();
+        if constexpr (ST > 0)
+            cp_async_wait<ST - 1>();
         else
             cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
@@ -344,10 +341,10 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
                                                int block_x, Store store) {
     // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
-    // The ≤ 8-row kernels' default ring depths as constants (cp_async_wait_n): their loop is issue-bound (sm_90, w3:
-    // 526–538 instructions a chunk → 494–509). Act-order weights, the knobs' deeper rings and the 16-row kernels
-    // wait at run time: there constant depths took 144–161 registers, not 127–133 (fewer blocks an SM on sm_86),
-    // and each copy of the loop lengthens the file's compile (~36 → ~60 s an arch with these two).
+    // The ≤ 8-row kernels' default ring depths as constants (cp_async_wait_n): their loop is issue-bound, and the
+    // switch was ~30 of its instructions a chunk (sm_90, w3). Act-order weights, the knobs' deeper rings and the
+    // 16-row kernels wait at run time: there constant depths took 144–161 registers, not 127–133 (fewer blocks an
+    // SM on sm_86), and each copy of the loop lengthens the file's compile (36 → 42–58 s an arch with these two).
     if (perm != nullptr) {
         mma_gemv_run<BITS, MB, true, 0>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                                         warp_cols, block_x, store);
