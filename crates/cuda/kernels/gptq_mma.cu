@@ -41,9 +41,9 @@ __host__ __device__ constexpr int mma_tpw() {
     return MB == 8 ? 4 : 2;
 }
 
-// cp.async.wait_group takes an immediate, and the ring depth is chosen at launch (it depends on the batch): the
-// ≤ 8-row kernels' default depths (src/mma.rs: 2 or 3 stages) are compiled as constants (mma_gemv_block), and only
-// the rest wait through this switch, which compiles to branches and a table load every chunk.
+// cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch). The
+// depths the launch picks by default (src/mma.rs: 2 or 3 stages) are tested first: a switch compiles to a table
+// load and an indirect branch every chunk; deeper rings (the tuning knobs) still go through it.
 __device__ __forceinline__ void cp_async_wait_n(int n) {
     if (n <= 2) {
         if (n >= 2) cp_async_wait<2>();
@@ -79,10 +79,9 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // which mma_gemv_block reads: `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every
 // (b < nrows, n of the block's tiles) exactly once.
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
-// plain stores instead of copied). ST: `stages` (the ring depth) as a constant for the loop's wait, or 0 to wait
-// through cp_async_wait_n; the ring's bookkeeping keeps the run-time `stages` either way.
+// plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
-template <int BITS, int MB, bool PERM, int ST, typename Store>
+template <int BITS, int MB, bool PERM, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
@@ -215,10 +214,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
         issue(c + stages - 1 < chunks);
-        if constexpr (ST > 0)
-            cp_async_wait<ST - 1>();
-        else
-            cp_async_wait_n(stages - 1);
+        cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
         const unsigned char* sl = ring + read_off;
         const u32 xs_at = ring_at + read_off + wbytes + sz_bytes<TPW>();
@@ -341,28 +337,11 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
                                                int block_x, Store store) {
     // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
-    // The ≤ 8-row kernels' default ring depths as constants (cp_async_wait_n): their loop is issue-bound, and the
-    // switch was ~30 of its instructions a chunk (sm_90, w3). Act-order weights, the knobs' deeper rings and the
-    // 16-row kernels wait at run time: there constant depths took 144–161 registers, not 127–133 (fewer blocks an
-    // SM on sm_86), and each copy of the loop lengthens the file's compile (36 → 42–58 s an arch with these two).
-    if (perm != nullptr) {
-        mma_gemv_run<BITS, MB, true, 0>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                                        warp_cols, block_x, store);
-        return;
-    }
-    if constexpr (MB == 8) {
-        if (stages == 3) {
-            mma_gemv_run<BITS, MB, false, 3>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, 3,
-                                             warp_cols, block_x, store);
-            return;
-        }
-        if (stages == 2) {
-            mma_gemv_run<BITS, MB, false, 2>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, 2,
-                                             warp_cols, block_x, store);
-            return;
-        }
-    }
-    mma_gemv_run<BITS, MB, false, 0>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+    if (perm == nullptr)
+        mma_gemv_run<BITS, MB, false>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                      warp_cols, block_x, store);
+    else
+        mma_gemv_run<BITS, MB, true>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                                      warp_cols, block_x, store);
 }
 
