@@ -15,17 +15,38 @@ __device__ __forceinline__ float expert_silu_up(const float* partial, int splits
 }
 
 // Row r's experts at column n: Σ_j w[r, j] · Σ_s partial[s, pair_of[r, j], n] in slot order, partial [splits, P, N];
-// pair_of −1 for experts this slice lacks; with `shared` each row has one more slot, last, weighted 1.
+// pair_of −1 for experts this slice lacks; with `shared` each row has one more slot, last, weighted 1. The slots'
+// pairs and weights are read together, then every slot's partial sum of a split together: two round trips to L2 a
+// split, where a slot at a time took three a slot one after another (27 for DeepSeek's 9 slots, at the end of the
+// one-row down launch). The sums are the same, in the same order.
+#define EXPERT_SLOTS 16  // slots read together (a row's top_k + shared; more take further passes)
 __device__ __forceinline__ float expert_combine(const float* partial, int splits, int P, int N, const int* pair_of,
                                                 const float* w, int r, int n, int top_k, int shared) {
     const int slots = top_k + shared;
     float acc = 0.f;
-    for (int j = 0; j < slots; j++) {
-        const int p = pair_of[r * slots + j];
-        if (p < 0) continue;
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * P + p) * N + n]);
-        acc += (j < top_k ? w[r * top_k + j] : 1.f) * v;
+    for (int j0 = 0; j0 < slots; j0 += EXPERT_SLOTS) {
+        int p[EXPERT_SLOTS];
+        float wt[EXPERT_SLOTS], v[EXPERT_SLOTS];
+#pragma unroll
+        for (int u = 0; u < EXPERT_SLOTS; u++) {
+            const int j = j0 + u;
+            p[u] = j < slots ? pair_of[r * slots + j] : -1;
+            wt[u] = j < top_k ? w[r * top_k + j] : 1.f;
+            v[u] = 0.f;
+        }
+        for (int s = 0; s < splits; s++) {
+            // Every slot's load before any add (an add after each load made each wait for the one before).
+            float t[EXPERT_SLOTS];
+#pragma unroll
+            for (int u = 0; u < EXPERT_SLOTS; u++)
+                t[u] = p[u] >= 0 ? __ldcg(&partial[((size_t)s * P + p[u]) * N + n]) : 0.f;
+#pragma unroll
+            for (int u = 0; u < EXPERT_SLOTS; u++)
+                if (p[u] >= 0) v[u] += t[u];
+        }
+#pragma unroll
+        for (int u = 0; u < EXPERT_SLOTS; u++)
+            if (p[u] >= 0) acc += wt[u] * v[u];
     }
     return acc;
 }

@@ -153,6 +153,9 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
             if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
             if (!PERM) {
                 if (x0_ok) cp_async16_at(x_at + next_off + xr0 * (MMA_XS * 2), xsrc0);
+                // Not unrolled: unrolled, its copies for rows up to MB were issued (predicated off) every chunk
+                // whatever nrows — ~45 instructions a chunk of the one-row loop's ~500 (tools/sass.py, sm_90).
+#pragma unroll 1
                 for (int r = xr0 + 2; r < nrows; r += 2)
                     cp_async16_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
             } else {

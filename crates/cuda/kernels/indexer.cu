@@ -317,10 +317,10 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
         const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
         const u32 digit = pass == 2 ? 1023u : 2047u;
         int* hs = hist[pass & 1];
-        // The other histogram was last read before the previous pass's final barrier: it is cleared for the next
-        // pass (pass 1's was cleared at the start).
-        if (pass > 0)
-            for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[(pass + 1) & 1][i] = 0;
+        // Pass 2 counts into pass 0's histogram, last read before pass 0's final barrier: pass 1 clears it (pass
+        // 1's own was cleared at the start).
+        if (pass == 1)
+            for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[0][i] = 0;
         for (int t = 0; t < tiles; t++) {
             if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
 #pragma unroll
