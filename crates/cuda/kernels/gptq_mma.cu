@@ -152,12 +152,17 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
             for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
             if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
             if (!PERM) {
-                if (x0_ok) cp_async16_at(x_at + next_off + xr0 * (MMA_XS * 2), xsrc0);
+                // x through L1: a block's warps on other columns (warp_cols), and other blocks of the SM on the same
+                // rows and chunks, copy the same x of a chunk at about the same time. Through L2 alone each warp's
+                // copy is its own L2 read: 256 bytes a row beside 3 KB of weights (8 rows: 2 KB; the 16-row kernels'
+                // 2 tiles: 4 KB beside 1.5 KB), and L2 was the busiest unit of the 32-row grouped launches (ncu,
+                // session 17: 86% against DRAM's 69%).
+                if (x0_ok) cp_async16_ca_at(x_at + next_off + xr0 * (MMA_XS * 2), xsrc0);
                 // Not unrolled: unrolled, its copies for rows up to MB were issued (predicated off) every chunk
                 // whatever nrows — ~45 instructions a chunk of the one-row loop's ~500 (tools/sass.py, sm_90).
 #pragma unroll 1
                 for (int r = xr0 + 2; r < nrows; r += 2)
-                    cp_async16_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
+                    cp_async16_ca_at(x_at + next_off + r * (MMA_XS * 2), xrows[r] + next_k + xcol);
             } else {
                 // Four values a lane at a time, loaded before any is stored: a store to shared memory between one
                 // load and the next (rows_of is shared too) kept them one after another, two round trips each.
