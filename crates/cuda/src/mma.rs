@@ -333,7 +333,9 @@ pub(crate) fn stream_k(
             even
         }
     };
-    (sk > 0 && units.checked_mul(sk).is_some_and(|p| p < 1 << 31)).then_some(sk)
+    // More runs than units would leave some empty: the pieces counted for a column block would then include a block
+    // that never writes or arrives (mma_gemv_sk counts every block whose run starts inside it).
+    (sk > 0 && sk <= units && units.checked_mul(sk).is_some_and(|p| p < 1 << 31)).then_some(sk)
 }
 
 /// The most pieces a column block's chunks fall into when the bx·k_chunks units are cut into `sk` runs (block b
@@ -516,6 +518,8 @@ mod tests {
         // Always: as many blocks as are resident, at most one a unit.
         assert_eq!(stream_k(2, 112, 128, 4, 528, 132), Some(528));
         assert_eq!(stream_k(2, 2, 3, 1, 528, 132), Some(6));
+        // Never more runs than units (mode 1's next multiple of the SMs could be).
+        assert_eq!(stream_k(1, 150, 1, 1, 528, 132), None);
         // The kernel's 32-bit index arithmetic: units · blocks below 2^31.
         assert_eq!(stream_k(2, 1 << 16, 1 << 10, 1, 1 << 10, 132), None);
     }
@@ -527,6 +531,7 @@ mod tests {
         for (bx, k_chunks, sk) in [(112, 128, 528), (3, 5, 7), (1, 1, 1), (9, 16, 132), (5, 2, 10), (64, 56, 200)] {
             let units = bx * k_chunks;
             let mut seen = vec![0u32; units];
+            let mut pieces_of = vec![Vec::new(); bx]; // each column block's piece indices, in block order
             let mut most = 1;
             for b in 0..sk {
                 let (mut u, u1) = (b * units / sk, (b + 1) * units / sk);
@@ -537,6 +542,7 @@ mod tests {
                     let b0 = ((f + 1) * sk - 1) / units;
                     let pieces = ((f + k_chunks) * sk - 1) / units - b0 + 1;
                     assert!(b >= b0 && b - b0 < pieces, "block {b} outside column block {cb}'s pieces");
+                    pieces_of[cb].push((b - b0, pieces));
                     most = most.max(pieces);
                     for unit in seen.iter_mut().skip(u).take(n_ch) {
                         *unit += 1;
@@ -545,6 +551,11 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&c| c == 1), "{bx}×{k_chunks} in {sk}: a unit run twice or never");
+            // Every piece a column block counts is written and arrives: its pieces are exactly 0, 1, ….
+            for (cb, got) in pieces_of.iter().enumerate() {
+                let want: Vec<(usize, usize)> = (0..got[0].1).map(|p| (p, got[0].1)).collect();
+                assert_eq!(got, &want, "{bx}×{k_chunks} in {sk}: column block {cb}'s pieces");
+            }
             assert_eq!(stream_k_pieces(bx, k_chunks, sk), most);
         }
     }
