@@ -10,14 +10,9 @@
 # Logs go to $OUT (or /tmp/pipemoe-ab-bins); the table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMOE_MODELS_DIR="$PWD/data/models"
 [ $# -ge 2 ] || { sed -n 2,10p "$0" >&2; exit 2; }
 # tools/device/build.sh carries the binaries packed, and the kernels an earlier call compiled (as run-tests.sh).
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
-if [ -f .device/cubin.tgz ] && [ ! -d "$PIPEMOE_KERNEL_CACHE" ]; then
-    mkdir -p "$PIPEMOE_KERNEL_CACHE" && tar xzf .device/cubin.tgz -C "$PIPEMOE_KERNEL_CACHE" --strip-components 1
-fi
+. tools/device/env.sh
 a=$1 b=$2
 shift 2
 rounds=3

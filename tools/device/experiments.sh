@@ -8,9 +8,7 @@
 # per share stays 64; PERF.md "Session 7".)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMOE_MODELS_DIR="$PWD/data/models"
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
+. tools/device/env.sh
 logs="${OUT:-/tmp/pipemoe-experiments}"
 mkdir -p "$logs"
 # want NAME ARGS...: whether NAME was asked for (every experiment when ARGS is empty).

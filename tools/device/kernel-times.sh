@@ -6,9 +6,7 @@
 # Usage: tools/device/kernel-times.sh [context] [layers]   (default 1024 1; prints a table last; logs in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMOE_MODELS_DIR="$PWD/data/models"
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
+. tools/device/env.sh
 ctx="${1:-1024}" layers="${2:-1}"
 logs="${OUT:-/tmp/pipemoe-kernel-times}"
 mkdir -p "$logs"

@@ -7,21 +7,16 @@
 #                                               name is refused, not skipped)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_MODELS_DIR="$PWD/data/models" PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}"
 if ! nvidia-smi -L > /dev/null 2>&1; then
     echo "no GPU here (nvidia-smi finds none): the device suite runs on the GPU machine" >&2
     exit 2
 fi
-# tools/device/build.sh carries the binaries packed; a second run finds them unpacked.
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
+# The binaries tools/device/build.sh carried, unpacked (a second run finds them so), and the kernels an earlier
+# call compiled; the cache as this run leaves it goes back in $logs for the next build
+# (~/.cache/pipemoe/device-cubin.tgz).
+. tools/device/env.sh
 logs="${OUT:-/tmp/pipemoe-device}"
 mkdir -p "$logs"
-# Kernels compiled by an earlier call (build.sh packs them when it finds them): a fresh machine starts from them,
-# and the cache as this run leaves it goes back in $logs for the next build (~/.cache/pipemoe/device-cubin.tgz).
-if [ -f .device/cubin.tgz ] && [ ! -d "$PIPEMOE_KERNEL_CACHE" ]; then
-    mkdir -p "$PIPEMOE_KERNEL_CACHE" && tar xzf .device/cubin.tgz -C "$PIPEMOE_KERNEL_CACHE" --strip-components 1
-fi
 keep_cache() { [ -d "$PIPEMOE_KERNEL_CACHE" ] && tar czf "$logs/cubin.tgz" -C "$PIPEMOE_KERNEL_CACHE" .; }
 trap keep_cache EXIT
 failed=0

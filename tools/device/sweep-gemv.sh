@@ -5,9 +5,7 @@
 # Usage: tools/device/sweep-gemv.sh "8 8 44" "16 8 44" "8 4 44" "16 4 96"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}"
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
+. tools/device/env.sh
 [ -x .device/device ] && [ -x .device/device_ops ] || { echo "no .device/ binaries: run tools/device/build.sh here" >&2; exit 2; }
 for cfg in "$@"; do
     read -r w s k <<< "$cfg"

@@ -13,8 +13,6 @@
 # A whole call is at most 10 minutes: the default suites take ~5, an A/B of 3 rounds ~3.5, bench_gemv ~0.5.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PIPEMOE_KERNEL_CACHE="${PIPEMOE_KERNEL_CACHE:-/tmp/pipemoe-cubin}" PIPEMOE_MODELS_DIR="$PWD/data/models"
 suites="device device_ops golden_gpu memcheck" rounds=3 envs=() benches=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -25,10 +23,7 @@ while [ $# -gt 0 ]; do
         *) sed -n 2,13p "$0" >&2; exit 2 ;;
     esac
 done
-[ -f .device/set.tgz ] && tar xzf .device/set.tgz -C .device && rm .device/set.tgz
-if [ -f .device/cubin.tgz ] && [ ! -d "$PIPEMOE_KERNEL_CACHE" ]; then
-    mkdir -p "$PIPEMOE_KERNEL_CACHE" && tar xzf .device/cubin.tgz -C "$PIPEMOE_KERNEL_CACHE" --strip-components 1
-fi
+. tools/device/env.sh
 out="${OUT:-/tmp/verify-out}" work=$(mktemp -d /tmp/verify.XXXXXX)
 mkdir -p "$out"
 summary="$work/summary.txt"
