@@ -98,6 +98,11 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes = 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
+// 16 bytes through L1 (allocating there): for data several warps of an SM copy within a short time (the x rows
+// of a GEMV chunk, which every warp on other columns of the same chunk copies too), so that L2 sends it once.
+__device__ __forceinline__ void cp_async16_ca_at(u32 dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }

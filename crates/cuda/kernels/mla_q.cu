@@ -116,10 +116,24 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
                 const float wt = split_weight(ml_part, r0 + warp, n_rows, heads, h, splits, lane);
                 if (lane < MLA_MAX_SPLITS) wts[warp][lane] = wt;
             }
-            for (int i = threadIdx.x; i < k_chunks * vdim; i += blockDim.x) {
-                const int c = i / vdim, n = h * (nope + vdim) + nope + i % vdim;
-                const size_t g = (size_t)(c * MQ_CHUNK / group_size) * n_out + n;
-                sz[i] = __halves2half2(scales[g], zeros[g]);
+            // Two entries a thread a pass (a decode row's 4 chunks × 128 V columns over 256 threads: one pass), both
+            // loaded before either is stored: a pass an entry waited one round trip for each (tools/sass.py). An
+            // entry past the last is the last again, stored with the same value as its own thread's: no branch
+            // for the compiler to sink the second pair's loads into, behind the first pair's store.
+            const int n_sz = k_chunks * vdim;
+            for (int i0 = threadIdx.x; i0 < n_sz; i0 += 2 * blockDim.x) {
+                int at[2];
+                __half s2[2], z2[2];
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    at[u] = min(i0 + u * (int)blockDim.x, n_sz - 1);
+                    const int c = at[u] / vdim, n = h * (nope + vdim) + nope + at[u] % vdim;
+                    const size_t g = (size_t)(c * MQ_CHUNK / group_size) * n_out + n;
+                    s2[u] = scales[g];
+                    z2[u] = zeros[g];
+                }
+#pragma unroll
+                for (int u = 0; u < 2; u++) sz[at[u]] = __halves2half2(s2[u], z2[u]);
             }
             __syncthreads();
             // Stored as value + remainder; rows past n_rows are zeros.

@@ -3,7 +3,7 @@
 //! cuBLAS on the same stream (the compute ceiling).
 
 use cudarc::cublas::{CudaBlas, GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::error::{Error, drv};
@@ -38,28 +38,60 @@ pub fn seconds_per_call<E: From<Error>>(
 pub fn read_ceiling(gpu: &Gpu, bytes: usize) -> Result<(f64, usize), Error> {
     let (free, _) = gpu.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
     let bytes = bytes.min(free.saturating_sub(4 << 30)).max(1 << 30) / 64 * 64;
-    let words = bytes / 4;
+    let buf = varied_words(gpu, bytes / 4)?;
+    let grid = Grid { blocks: gpu.sm_count * 8, threads: 512 };
+    let secs = read_seconds(gpu, std::slice::from_ref(&buf), grid, 10)?;
+    let read = buf.len() / 4 * 16;
+    Ok((read as f64 / secs, read))
+}
+
+/// A launch's shape for [`read_rate`]: blocks of `threads` threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: u32,
+    pub threads: u32,
+}
+
+/// Streaming-read bandwidth (bytes/s) of one launch reading `bytes` at `grid`: the ceiling a kernel of that size
+/// and occupancy can reach, which [`read_ceiling`] (2 GiB by a full grid) does not say for a launch of a few MB,
+/// whose start and tail are a share of its time. Copies of the buffer, `rotate_bytes` in all, are read in turn
+/// so that each launch reads DRAM, not L2 (bench_gemv rotates its weights the same way).
+pub fn read_rate(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid) -> Result<f64, Error> {
+    let words = (bytes / 64 * 64 / 4).max(16);
+    let copies = rotate_bytes.div_ceil(words * 4).max(2);
+    let bufs = (0..copies).map(|_| varied_words(gpu, words)).collect::<Result<Vec<_>, Error>>()?;
+    let secs = read_seconds(gpu, &bufs, grid, 40)?;
+    Ok((words * 4) as f64 / secs)
+}
+
+/// `words` u32 of device memory holding varied values (never time on zeros: METHOD.md).
+fn varied_words(gpu: &Gpu, words: usize) -> Result<CudaSlice<u32>, Error> {
     let s = &gpu.stream;
-    // Never time on zeros (METHOD.md): a 64 MiB block of varied words copied across the buffer.
-    let block: Vec<u32> = (0..(16usize << 20)).map(|i| (i as u32).wrapping_mul(2_654_435_761)).collect();
+    let block: Vec<u32> = (0..words.min(16usize << 20)).map(|i| (i as u32).wrapping_mul(2_654_435_761)).collect();
     let src = s.clone_htod(&block).map_err(drv("upload"))?;
-    let mut buf = s.alloc_zeros::<u32>(words).map_err(drv("allocating the read-ceiling buffer"))?;
+    let mut buf = s.alloc_zeros::<u32>(words).map_err(drv("allocating a read buffer"))?;
     for start in (0..words).step_by(block.len()) {
         let n = block.len().min(words - start);
         s.memcpy_dtod(&src.slice(0..n), &mut buf.slice_mut(start..start + n)).map_err(drv("fill"))?;
     }
+    Ok(buf)
+}
+
+/// Seconds a call of stream_read_u32 over each of `bufs` in turn (whole 16-byte vectors of each) at `grid`.
+fn read_seconds(gpu: &Gpu, bufs: &[CudaSlice<u32>], grid: Grid, iters: usize) -> Result<f64, Error> {
+    let s = &gpu.stream;
     let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
     let f = gpu.function("stream_read_u32")?;
-    let n16 = (words / 4) as u64;
-    let cfg = LaunchConfig { grid_dim: (gpu.sm_count * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-    let secs = seconds_per_call(gpu, 2, 10, &mut |_| {
+    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes: 0 };
+    seconds_per_call(gpu, 2, iters, &mut |i| {
+        let buf = &bufs[i % bufs.len()];
+        let n16 = (buf.len() / 4) as u64;
         let mut l = s.launch_builder(f);
-        l.arg(&buf).arg(&n16).arg(&mut out);
+        l.arg(buf).arg(&n16).arg(&mut out);
         // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
         unsafe { l.launch(cfg) }.map_err(drv("stream_read_u32"))?;
         Ok::<(), Error>(())
-    })?;
-    Ok(((n16 * 16) as f64 / secs, (n16 * 16) as usize))
+    })
 }
 
 /// cuBLAS on the GPU's stream, or why not.

@@ -100,9 +100,13 @@ fn a_missing_device_is_an_error() {
     }
 }
 
-/// `cargo test --release -p pipemoe-cuda --test device -- --ignored bench` on the GPU machine: GEMV time and
-/// bandwidth at the real model's shapes next to the streaming-read ceiling measured in the same run.
-/// Weights rotate through copies larger than L2 so every call reads from DRAM.
+/// `cargo test --release -p pipemoe-cuda --test device -- --ignored bench_gemv` on the GPU machine: GEMV time
+/// and bandwidth at the real model's shapes next to the streaming-read ceiling measured in the same run (2 GiB by
+/// a full grid) and a plain read of the same bytes (`read_rate`: what a launch of that size can reach at all).
+/// Weights rotate through copies larger than L2 so every call reads from DRAM. The "1 chunk" shapes are o_proj's
+/// and q_b's grids with one chunk of K each: a launch's start and end with almost nothing to stream.
+/// `PIPEMOE_BENCH_SHAPES` (parts of shape names), `PIPEMOE_BENCH_PATHS` (`mma`, `gptq`) and
+/// `PIPEMOE_BENCH_BATCHES`, comma-separated, run only those.
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_gemv() {
@@ -116,9 +120,16 @@ fn bench_gemv() {
     let mut rows = vec![format!("{{\"op\":\"stream_read\",\"bytes\":{n},\"seconds\":{secs:e},\"gbps\":{ceiling:.1}}}")];
     println!("{} — streaming read ceiling {ceiling:.0} GB/s", gpu.describe());
     println!(
-        "{:<28} {:<5} {:>5} {:>10} {:>10} {:>9} {:>8}",
-        "shape (3-bit g128)", "path", "batch", "MB", "us", "GB/s", "ceiling"
+        "{:<30} {:<5} {:>5} {:>8} {:>8} {:>7} {:>8} {:>8}",
+        "shape (3-bit g128)", "path", "batch", "MB", "us", "GB/s", "ceiling", "of read"
     );
+    let shapes = env_list("PIPEMOE_BENCH_SHAPES");
+    let paths = env_list("PIPEMOE_BENCH_PATHS");
+    let batches: Vec<usize> = match env_list("PIPEMOE_BENCH_BATCHES") {
+        Some(b) => b.iter().map(|v| v.parse().expect("PIPEMOE_BENCH_BATCHES: integers")).collect(),
+        None => vec![1, 4, 8, 16],
+    };
+    let full = pipemoe_cuda::timing::Grid { blocks: gpu.sm_count * 8, threads: 512 };
     let mut rng = Rng::new(11);
     for (name, k, nn) in [
         ("expert gate/up 7168x2048", 7168, 2048),
@@ -128,15 +139,24 @@ fn bench_gemv() {
         ("q_a 7168x1536", 7168, 1536),
         ("indexer wk 7168x128", 7168, 128),
         ("q_b 1536x24576", 1536, 24576),
+        ("o_proj grid, 1 chunk 128x7168", 128, 7168),
+        ("q_b grid, 1 chunk 128x24576", 128, 24576),
     ] {
+        if shapes.as_ref().is_some_and(|want| !want.iter().any(|w| name.contains(w.as_str()))) {
+            continue;
+        }
         let w = random_weight(&mut rng, k, nn, 3, 128, false);
         for mma in [false, true] {
+            if paths.as_ref().is_some_and(|want| !want.iter().any(|p| p == if mma { "mma" } else { "gptq" })) {
+                continue;
+            }
             let upload = |w| if mma { GpuGptq::upload_for_tensor_cores(&gpu, w) } else { GpuGptq::upload(&gpu, w) };
             let one = upload(&w).expect("upload");
+            let read = pipemoe_cuda::timing::read_rate(&gpu, one.bytes(), 256 << 20, full).expect("read rate") / 1e9;
             let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
             let ws: Vec<GpuGptq> = (0..copies).map(|_| upload(&w).expect("upload")).collect();
             let kernel = format!("{:?}", one.packing);
-            for batch in [1usize, 4, 8, 16] {
+            for &batch in &batches {
                 // Random inputs: zeros can run faster than real data (METHOD.md).
                 let xs: Vec<f32> = (0..batch * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
                 let x = Act::from_f32(&gpu, ActDtype::Bf16, &xs).expect("x");
@@ -150,16 +170,51 @@ fn bench_gemv() {
                 });
                 let gbps = one.bytes() as f64 / secs / 1e9;
                 println!(
-                    "{name:<28} {kernel:<5} {batch:>5} {:>10.1} {:>10.1} {gbps:>9.0} {:>7.0}%",
+                    "{name:<30} {kernel:<5} {batch:>5} {:>8.1} {:>8.1} {gbps:>7.0} {:>7.0}% {:>7.0}%",
                     one.bytes() as f64 / 1e6,
                     secs * 1e6,
-                    100.0 * gbps / ceiling
+                    100.0 * gbps / ceiling,
+                    100.0 * gbps / read
                 );
-                rows.push(format!("{{\"op\":\"gptq_gemv_w3\",\"kernel\":\"{kernel}\",\"shape\":\"{name}\",\"batch\":{batch},\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{gbps:.1},\"ceiling_gbps\":{ceiling:.1}}}", one.bytes()));
+                rows.push(format!("{{\"op\":\"gptq_gemv_w3\",\"kernel\":\"{kernel}\",\"shape\":\"{name}\",\"batch\":{batch},\"bytes\":{},\"seconds\":{secs:e},\"gbps\":{gbps:.1},\"ceiling_gbps\":{ceiling:.1},\"same_size_read_gbps\":{read:.1}}}", one.bytes()));
             }
         }
     }
     if let Ok(path) = std::env::var("PIPEMOE_BENCH_OUT") {
         std::fs::write(path, format!("[{}]\n", rows.join(",\n"))).expect("write bench JSON");
     }
+}
+
+/// `... --ignored bench_read_sizes`: the streaming read (stream_read_u32) of the GEMVs' sizes, by a full grid (8
+/// blocks of 512 threads an SM) and by the tensor-core GEMV's occupancy (4 blocks of 128 an SM, its register
+/// limit): how much of a GEMV's distance to the 2 GiB ceiling a plain read of its bytes, at its launch size and
+/// warps, already has.
+#[test]
+#[ignore = "benchmark: run on the GPU machine"]
+fn bench_read_sizes() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let (ceiling, _) = read_ceiling_gbps(&gpu);
+    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, full grid)", gpu.describe());
+    println!("{:>8} {:>16} {:>8} {:>8} {:>8}", "MB", "grid", "us", "GB/s", "ceiling");
+    let sm = gpu.sm_count;
+    let grids = [("8 x 512 an SM", sm * 8, 512), ("4 x 128 an SM", sm * 4, 128), ("2 x 128 an SM", sm * 2, 128)];
+    for mb in [0.4f64, 4.5, 6.0, 15.3, 47.7, 53.7, 200.0] {
+        let bytes = (mb * 1e6) as usize;
+        for (what, blocks, threads) in grids {
+            let grid = pipemoe_cuda::timing::Grid { blocks, threads };
+            let gbps = pipemoe_cuda::timing::read_rate(&gpu, bytes, 256 << 20, grid).expect("read rate") / 1e9;
+            let us = bytes as f64 / gbps / 1e3;
+            println!("{mb:>8.1} {what:>16} {us:>8.1} {gbps:>8.0} {:>7.0}%", 100.0 * gbps / ceiling);
+        }
+    }
+}
+
+/// A comma-separated list from the environment, or None when the variable is unset or empty.
+fn env_list(name: &str) -> Option<Vec<String>> {
+    let v = std::env::var(name).ok()?;
+    let items: Vec<String> = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    (!items.is_empty()).then_some(items)
 }
