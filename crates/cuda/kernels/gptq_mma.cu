@@ -75,9 +75,9 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 }
 
 // One block: tiles [block_x·TPW, +TPW) — or, with `warp_cols`, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
-// [split0, split0 + in_split) of K (a grid's split blockIdx.y: `split_chunks`; or a stream-K piece), for `nrows`
-// ≤ MB rows of x (thread b < MB gives row b's x row as `row`, which mma_gemv_block reads: `xrow[b]`, or b when
-// xrow is null). Sums of the block go to store(b, n, v) — every (b < nrows, n of the block's tiles) exactly once.
+// [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
+// which mma_gemv_block reads: `xrow[b]`, or b when xrow is null). Sums of the block go to store(b, n, v) — every
+// (b < nrows, n of the block's tiles) exactly once.
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
@@ -85,8 +85,7 @@ template <int BITS, int MB, bool PERM, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
-                             int group_size, int split0, int in_split, int stages, bool warp_cols, int block_x,
-                             Store store) {
+                             int group_size, int k_chunk, int stages, bool warp_cols, int block_x, Store store) {
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
@@ -98,6 +97,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     // addresses stay on the last tile) and its run of the split's chunks: all of them, or its quarter.
     const int tile_at = (warp_cols ? block_x * MMA_WARPS + warp : block_x) * TPW;
     const int tiles = max(0, min(TPW, n_tiles - tile_at)), tile0 = min(tile_at, n_tiles - 1);
+    const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
+    const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
     const int per = warp_cols ? in_split : (in_split + MMA_WARPS - 1) / MMA_WARPS;
     const int kw = warp_cols ? 0 : warp;  // this warp's place among those sharing the tiles
     const int c0 = split0 + min(in_split, kw * per);
@@ -333,26 +334,20 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     }
 }
 
-// The chunks of K of a grid's split blockIdx.y of `k_chunk` rows: (first chunk, chunks).
-__device__ __forceinline__ int2 split_chunks(int k_chunk, int K) {
-    const int first = blockIdx.y * (k_chunk / MMA_CHUNK);
-    return make_int2(first, max(0, min(k_chunk / MMA_CHUNK, K / MMA_CHUNK - first)));
-}
-
-// mma_gemv_run with or without a row order of K, chosen once per call.
+// mma_gemv_run with or without a row order of K, chosen once per block.
 template <int BITS, int MB, typename Store>
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
-                                               int N, int group_size, int2 chunks, int stages, bool warp_cols,
+                                               int N, int group_size, int k_chunk, int stages, bool warp_cols,
                                                int block_x, Store store) {
     // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if (perm == nullptr)
-        mma_gemv_run<BITS, MB, false>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, chunks.x,
-                                      chunks.y, stages, warp_cols, block_x, store);
+        mma_gemv_run<BITS, MB, false>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                      warp_cols, block_x, store);
     else
-        mma_gemv_run<BITS, MB, true>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, chunks.x,
-                                     chunks.y, stages, warp_cols, block_x, store);
+        mma_gemv_run<BITS, MB, true>(x, row, nrows, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
+                                     warp_cols, block_x, store);
 }
 
 __device__ __forceinline__ void store_y(float* y, size_t i, float v) { y[i] = v; }
@@ -379,19 +374,6 @@ __device__ __forceinline__ int block_tiles(bool warp_cols) {
     return mma_tpw<MB>() * (warp_cols ? MMA_WARPS : 1);
 }
 
-// y for column block cb (`cols` columns) from its `pieces` partial sums [pieces, B, N], added in piece order.
-template <typename YT>
-__device__ __forceinline__ void add_pieces(const float* partial, YT* y, int cb, int pieces, int B, int N, int cols) {
-    const int n0 = cb * cols;
-    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
-        const int b = i / cols, n = n0 + i % cols;
-        if (n >= N) continue;
-        float v = 0.f;
-        for (int s = 0; s < pieces; s++) v += __ldcg(&partial[((size_t)s * B + b) * N + n]);
-        store_y(y, (size_t)b * N + n, v);
-    }
-}
-
 // One matrix, rows 0..B of x: grid (⌈N / (16·block_tiles)⌉, splits). One split stores y; several store partial
 // sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
 template <int BITS, int MB, typename YT>
@@ -399,51 +381,23 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
                          const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
                          int group_size, int k_chunk, int stages, bool warp_cols) {
     const int splits = gridDim.y;
-    const int2 chunks = split_chunks(k_chunk, K);
     if (splits == 1) {
-        mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, chunks, stages,
+        mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                                  warp_cols, blockIdx.x,
                                  [&](int b, int n, float v) { store_y(y, (size_t)b * N + n, v); });
         return;
     }
     float* part = partial + (size_t)blockIdx.y * B * N;
-    mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, chunks, stages,
+    mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
                              warp_cols, blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
     if (!arrive_last(&counters[blockIdx.x], splits)) return;
-    add_pieces(partial, y, blockIdx.x, splits, B, N, block_tiles<MB>(warp_cols) * 16);
-}
-
-// Stream-K, for ≤ 8 rows (src/mma.rs `stream_k`): the units (column block of 4 tiles, chunk), column block by
-// column block, cut into gridDim.x equal runs, one a block, so that every SM gets the same work where a grid of
-// splits would put one more block on some SMs than on others (o_proj at one row: 448 blocks on 132 SMs, 4 on 52
-// and 3 on 80, ±20% active cycles: ncu, docs/PERF.md session 20). A run that ends one column block's chunks and
-// starts the next's is two pieces; a column block's pieces (the blocks its chunks fell to, in order) are its
-// splits, added by the last of them to finish. src/mma.rs `stream_k_pieces` mirrors the cut and keeps U·gridDim.x
-// below 2^31.
-template <int BITS, typename YT>
-__device__ void mma_gemv_sk(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
-                            const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
-                            int group_size, int stages) {
-    const int k_chunks = K / MMA_CHUNK, cols = mma_tpw<8>() * 16, sk = gridDim.x;
-    const int U = (N + cols - 1) / cols * k_chunks;
-    int u = (int)blockIdx.x * U / sk;
-    const int u1 = ((int)blockIdx.x + 1) * U / sk;
-    while (u < u1) {  // a piece a pass, the same for every thread of the block
-        const int cb = u / k_chunks, n_ch = min(u1, (cb + 1) * k_chunks) - u;
-        // The blocks holding the column block's first and last units (block b starts at ⌊b·U / sk⌋).
-        const int f = cb * k_chunks;
-        const int b0 = ((f + 1) * sk - 1) / U, pieces = ((f + k_chunks) * sk - 1) / U - b0 + 1;
-        float* part = partial + (size_t)(blockIdx.x - b0) * B * N;
-        mma_gemv_block<BITS, 8>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
-                                make_int2(u - f, n_ch), stages, false, cb, [&](int b, int n, float v) {
-                                    if (pieces == 1)
-                                        store_y(y, (size_t)b * N + n, v);
-                                    else
-                                        part[(size_t)b * N + n] = v;
-                                });
-        if (pieces > 1 && arrive_last(&counters[cb], pieces)) add_pieces(partial, y, cb, pieces, B, N, cols);
-        u += n_ch;
-        if (u < u1) __syncthreads();  // this piece's shared memory (ring, the warps' sums) before the next's copies
+    const int cols = block_tiles<MB>(warp_cols) * 16, n0 = blockIdx.x * cols;
+    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+        const int b = i / cols, n = n0 + i % cols;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * B + b) * N + n]);
+        store_y(y, (size_t)b * N + n, v);
     }
 }
 
@@ -505,8 +459,8 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0)
         mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)pa, (const uint2*)wa,
-                                 (const __half*)za, (const __half*)sa, K, N, group_size, split_chunks(k_chunk, K),
-                                 stages, warp_cols, cb, [&](int b, int n, float v) { out[b * width + n] = v; });
+                                 (const __half*)za, (const __half*)sa, K, N, group_size, k_chunk, stages, warp_cols,
+                                 cb, [&](int b, int n, float v) { out[b * width + n] = v; });
     if (fuse == FUSE_NONE) return;
     const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
@@ -558,23 +512,12 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
                                    K, N, group_size, k_chunk, stages, warp_cols != 0, fuse, counters, y,        \
                                    pair_of, rw, rows, top_k, shared, route);                                    \
     }
-// Stream-K entries (≤ 8 rows, bf16 out: the serving path's; the same arguments, k_chunk and warp_cols unused).
-#define MMA_SK(BITS, OUT, YT)                                                                                   \
-    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_sk_w##BITS##_b8_to_##OUT(                               \
-        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
-        float* partial, YT* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages,     \
-        int warp_cols) {                                                                                        \
-        mma_gemv_sk<BITS>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, stages);    \
-    }
 MMA_T(2, 8)
 MMA_T(2, 16)
 MMA_T(3, 8)
 MMA_T(3, 16)
 MMA_T(4, 8)
 MMA_T(4, 16)
-MMA_SK(2, bf16, __nv_bfloat16)
-MMA_SK(3, bf16, __nv_bfloat16)
-MMA_SK(4, bf16, __nv_bfloat16)
 
 // The repacked weight back to f32 [N, K] in the checkpoint's row order (attention's absorbed kv_b_proj, tests).
 template <int BITS>

@@ -141,17 +141,14 @@ const MAX_STAGES: usize = 8;
 /// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
 /// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which launches lay a block's warps
 /// side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1 the grouped
-/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch;
-/// `PIPEMOE_GEMV_STREAM_K` — a plain launch of ≤ 8 rows cut into equal runs of (column block, chunk) units
-/// ([`stream_k`]): 0 never, 1 where its grid of splits would not divide evenly over the SMs (default), 2 always. A
-/// value that does not parse or is out of range is reported once on stderr and the default used.
+/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch. A value that
+/// does not parse or is out of range is reported once on stderr and the default used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tuning {
     warps_per_sm: usize,
     max_stages: usize,
     smem_block: usize,
     warp_cols: usize,
-    stream_k: usize,
 }
 
 fn tuning() -> Tuning {
@@ -161,7 +158,6 @@ fn tuning() -> Tuning {
         max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
         smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
         warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 1, 0..=3),
-        stream_k: knob("PIPEMOE_GEMV_STREAM_K", 1, 0..=2),
     })
 }
 
@@ -305,67 +301,10 @@ fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
     (bx, shape(w, gpu, batch, bx, layout))
 }
 
-/// Blocks of a stream-K launch (kernels/gptq_mma.cu `mma_gemv_sk`) in place of a grid of `bx` column blocks ×
-/// `splits`, or None. The grid is one wave of blocks of equal work, so an SM given one block more than another
-/// is busy that much longer while the other idles (o_proj at one row on the H200: 448 blocks, 4 on 52 SMs and 3
-/// on 80; ncu: SMs' active cycles ±20%, docs/PERF.md session 20). Stream-K cuts the bx·k_chunks units (column
-/// block, chunk) into equal runs, as many as the next multiple of the SMs (`mode` 1: where that is ≥ 10% more
-/// blocks, at least one an SM, and all resident), or as many as are resident (`mode` 2, every launch: tests);
-/// `mode` 0 never. The kernel's index arithmetic is 32-bit: units · blocks stays below 2^31.
-pub(crate) fn stream_k(
-    mode: usize,
-    bx: usize,
-    k_chunks: usize,
-    splits: usize,
-    resident: usize,
-    sms: usize,
-) -> Option<usize> {
-    let units = bx * k_chunks;
-    let sk = match mode {
-        0 => return None,
-        2 => resident.min(units),
-        _ => {
-            let blocks = bx * splits;
-            let even = blocks.div_ceil(sms.max(1)) * sms;
-            if blocks < sms || even > resident || even * 10 < blocks * 11 {
-                return None;
-            }
-            even
-        }
-    };
-    // More runs than units would leave some empty: the pieces counted for a column block would then include a block
-    // that never writes or arrives (mma_gemv_sk counts every block whose run starts inside it).
-    (sk > 0 && sk <= units && units.checked_mul(sk).is_some_and(|p| p < 1 << 31)).then_some(sk)
-}
-
-/// The most pieces a column block's chunks fall into when the bx·k_chunks units are cut into `sk` runs (block b
-/// starting at ⌊b·units / sk⌋, as the kernel cuts them): the partial sums a stream-K launch needs, [pieces, rows, N].
-pub(crate) fn stream_k_pieces(bx: usize, k_chunks: usize, sk: usize) -> usize {
-    let units = bx * k_chunks;
-    let block_of = |u: usize| ((u + 1) * sk - 1) / units;
-    (0..bx).map(|cb| block_of((cb + 1) * k_chunks - 1) - block_of(cb * k_chunks) + 1).max().unwrap_or(1)
-}
-
-/// A plain launch's stream-K blocks (bf16 out, ≤ 8 rows, split K layout), or None.
-fn plain_stream_k(w: &GpuGptq, gpu: &Gpu, batch: usize, bx: usize, s: &Shape) -> Option<usize> {
-    if bucket(batch) != 8 || s.warp_cols != 0 {
-        return None;
-    }
-    let bits = w.bits;
-    let symbol = || format!("gptq_mma_gemv_sk_w{bits}_b8_to_bf16");
-    let resident = gpu.resident_blocks((bits, 8, 3), symbol, THREADS, s.smem)?;
-    stream_k(tuning().stream_k, bx, w.in_features / CHUNK, s.splits, resident, gpu.sm_count as usize)
-}
-
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
-    let (bx, s) = plain_shape(w, gpu, batch);
-    let splits = if s.splits > 1 { s.splits } else { 0 };
-    // A bf16 output may take stream-K's pieces; at least one float: a zero-length allocation is an error.
-    let pieces = match plain_stream_k(w, gpu, batch, bx, &s) {
-        Some(sk) => stream_k_pieces(bx, w.in_features / CHUNK, sk),
-        None => 0,
-    };
-    (splits.max(pieces) * batch * w.out_features).max(1)
+    let (_, s) = plain_shape(w, gpu, batch);
+    // At least one float: a zero-length allocation is an error.
+    if s.splits > 1 { s.splits * batch * w.out_features } else { 1 }
 }
 
 /// `y[b, :] = W · x[b, :]` for `batch` ≤ 16 bf16 rows, one launch: splits of K (when any) leave partial sums in
@@ -383,27 +322,23 @@ pub(crate) fn gemv(
     }
     let (k, n) = (w.in_features, w.out_features);
     let (bx, s) = plain_shape(w, gpu, batch);
-    let sk = if y.dtype() == crate::act::ActDtype::Bf16 { plain_stream_k(w, gpu, batch, bx, &s) } else { None };
-    // Partial sums a launch writes: its splits, or stream-K's most pieces of a column block (1: none).
-    let pieces = sk.map_or(s.splits, |sk| stream_k_pieces(bx, k / CHUNK, sk));
-    if pieces > 1 && (partial.len() < pieces * batch * n || bx > gpu.counters.len()) {
+    if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {
         return Err(Error::Shape {
             what: "gemv scratch",
             reason: format!(
-                "{} floats, {} counters for {pieces} partial sums of {batch}×{n}",
+                "{} floats, {} counters for {} splits of {batch}×{n}",
                 partial.len(),
                 gpu.counters.len(),
+                s.splits
             ),
         });
     }
-    let (name, grid_dim) = match sk {
-        Some(sk) => (format!("gptq_mma_gemv_sk_w{}_b8_to_bf16", w.bits), (sk as u32, 1, 1)),
-        None => (
-            format!("gptq_mma_gemv_w{}_b{}_to_{}", w.bits, bucket(batch), y.dtype().suffix()),
-            (bx as u32, s.splits as u32, 1),
-        ),
+    let name = format!("gptq_mma_gemv_w{}_b{}_to_{}", w.bits, bucket(batch), y.dtype().suffix());
+    let cfg = LaunchConfig {
+        grid_dim: (bx as u32, s.splits as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: s.smem,
     };
-    let cfg = LaunchConfig { grid_dim, block_dim: (THREADS, 1, 1), shared_mem_bytes: s.smem };
     let (b, ki, ni, gs, ci, st) =
         (batch as i32, k as i32, n as i32, w.group_size as i32, s.chunk as i32, s.stages as i32);
     let null: u64 = 0;
@@ -417,8 +352,8 @@ pub(crate) fn gemv(
     };
     l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
     l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st).arg(&s.warp_cols);
-    // SAFETY: matches gptq_mma_gemv_*_to_* and gptq_mma_gemv_sk_*: x [batch, k] bf16, y [batch, n]; partial and
-    // counters were checked above for a launch with partial sums (one without touches neither).
+    // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n]; partial and counters were checked
+    // above for a split launch (a single split touches neither).
     unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
     Ok(())
 }
@@ -502,62 +437,6 @@ mod tests {
         let v = f32::from_bits(half << 16) - base;
         assert!(v.fract() == 0.0 && v >= 0.0, "pair {p}: {v} is not a field value");
         v as u32
-    }
-
-    #[test]
-    fn stream_k_takes_one_wave_grids_that_do_not_divide_over_the_sms() {
-        // o_proj at one row on the H200: 112 column blocks × 4 splits = 448 blocks, 4 on 52 SMs and 3 on 80.
-        assert_eq!(stream_k(1, 112, 128, 4, 528, 132), Some(528));
-        // q_b (384 blocks: 396 would be 3%) and the fused q_a/kv_a (252 of 264: 5%) stay grids.
-        assert_eq!(stream_k(1, 384, 12, 1, 528, 132), None);
-        assert_eq!(stream_k(1, 36, 56, 7, 528, 132), None);
-        // Fewer blocks than SMs, or more than one wave (the 3090's 164 places): the grid.
-        assert_eq!(stream_k(1, 2, 56, 7, 528, 132), None);
-        assert_eq!(stream_k(1, 112, 128, 4, 164, 82), None);
-        assert_eq!(stream_k(0, 112, 128, 4, 528, 132), None);
-        // Always: as many blocks as are resident, at most one a unit.
-        assert_eq!(stream_k(2, 112, 128, 4, 528, 132), Some(528));
-        assert_eq!(stream_k(2, 2, 3, 1, 528, 132), Some(6));
-        // Never more runs than units (mode 1's next multiple of the SMs could be).
-        assert_eq!(stream_k(1, 150, 1, 1, 528, 132), None);
-        // The kernel's 32-bit index arithmetic: units · blocks below 2^31.
-        assert_eq!(stream_k(2, 1 << 16, 1 << 10, 1, 1 << 10, 132), None);
-    }
-
-    #[test]
-    fn stream_k_pieces_cover_every_unit_once() {
-        // The kernel's cut (mma_gemv_sk), unit by unit: block b runs [⌊b·U/sk⌋, ⌊(b+1)·U/sk⌋); a column block's
-        // piece p is the p-th block holding its chunks, and it has `pieces` of them.
-        for (bx, k_chunks, sk) in [(112, 128, 528), (3, 5, 7), (1, 1, 1), (9, 16, 132), (5, 2, 10), (64, 56, 200)] {
-            let units = bx * k_chunks;
-            let mut seen = vec![0u32; units];
-            let mut pieces_of = vec![Vec::new(); bx]; // each column block's piece indices, in block order
-            let mut most = 1;
-            for b in 0..sk {
-                let (mut u, u1) = (b * units / sk, (b + 1) * units / sk);
-                while u < u1 {
-                    let cb = u / k_chunks;
-                    let n_ch = u1.min((cb + 1) * k_chunks) - u;
-                    let f = cb * k_chunks;
-                    let b0 = ((f + 1) * sk - 1) / units;
-                    let pieces = ((f + k_chunks) * sk - 1) / units - b0 + 1;
-                    assert!(b >= b0 && b - b0 < pieces, "block {b} outside column block {cb}'s pieces");
-                    pieces_of[cb].push((b - b0, pieces));
-                    most = most.max(pieces);
-                    for unit in seen.iter_mut().skip(u).take(n_ch) {
-                        *unit += 1;
-                    }
-                    u += n_ch;
-                }
-            }
-            assert!(seen.iter().all(|&c| c == 1), "{bx}×{k_chunks} in {sk}: a unit run twice or never");
-            // Every piece a column block counts is written and arrives: its pieces are exactly 0, 1, ….
-            for (cb, got) in pieces_of.iter().enumerate() {
-                let want: Vec<(usize, usize)> = (0..got[0].1).map(|p| (p, got[0].1)).collect();
-                assert_eq!(got, &want, "{bx}×{k_chunks} in {sk}: column block {cb}'s pieces");
-            }
-            assert_eq!(stream_k_pieces(bx, k_chunks, sk), most);
-        }
     }
 
     #[test]
