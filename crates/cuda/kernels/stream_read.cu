@@ -1,4 +1,7 @@
-// The bandwidth ceiling: every byte of a buffer read once with 16-byte loads, summed so nothing is elided.
+// The bandwidth ceiling: every byte of a buffer read once with 16-byte loads. Each thread folds its words into one
+// and stores it only on a value it practically never has, so no load can be elided and the launch ends with no
+// reduction: the sum and same-address atomicAdd this kernel had cost ~30 us at 8 blocks of 512 an SM on the H200
+// (16,896 warps' atomics on one word, serialized in L2), a fixed tail that hid how fast a short read really is.
 #include "common.cuh"
 
 extern "C" __global__ void stream_read_u32(const uint4* __restrict__ buf, size_t n16, float* __restrict__ out) {
@@ -7,6 +10,5 @@ extern "C" __global__ void stream_read_u32(const uint4* __restrict__ buf, size_t
         uint4 v = buf[i];
         acc ^= v.x ^ v.y ^ v.z ^ v.w;
     }
-    float s = warp_sum((float)(acc & 1u));
-    if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
+    if (acc == 0x9e3779b9u) *out = (float)acc;
 }
