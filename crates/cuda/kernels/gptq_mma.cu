@@ -33,6 +33,16 @@
 #define MMA_WARPS 4
 #define MMA_XS 136      // bf16 per x row of a ring slot: +8 staggers the rows over the banks
 #define MMA_MAX_STAGES 8
+// Kernels of at least this many rows take the zeros out of A (one bf16x2 FMA a register) instead of out of sums of
+// x (8 more mma a chunk per 8 rows: a fifth of the 8-row kernels' mma, a third of the 16-row kernels'). On the
+// H200 the 16-row GEMV gains (o_proj 40.6 -> 33.9 us) and the 8-row kernels do not move (±2%): they have the mma
+// to spare there, and +21% instructions a chunk. A 3090 has ~76 tensor flop a byte of bandwidth (71 TFLOPS with
+// f32 sums, 936 GB/s; the H200 ~200): its one-row mma need ~70% of its tensor rate with the sums and ~56% without
+// (arithmetic, not measured), so every kernel takes it.
+// An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_ZSUB_MIN_MB=16 (the 16-row kernels only) or 32 (none).
+#ifndef MMA_ZSUB_MIN_MB
+#define MMA_ZSUB_MIN_MB 8
+#endif
 
 // Tiles of 16 columns per warp (and per block) for MB rows: more tiles share each chunk's x fragments, sums of x
 // and ring bookkeeping (src/mma.rs `tiles_per_block` mirrors this).
@@ -215,6 +225,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     for (int h = 0; h < H; h++)
         xrow_at[h] = (max(0, min(h * 8 + (lane & 7), nrows - 1)) * MMA_XS + (lane >> 3) * 8) * 2;
     constexpr float BASE_HI = mma_base_hi<BITS>();
+    constexpr bool ZSUB = MB >= MMA_ZSUB_MIN_MB;
     int read_off = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
@@ -237,6 +248,19 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
                 w[t][2 * j + 1] = v.y;
             }
         }
+        // ZSUB: A is q − z itself, (base + q) − (base + z) by one bf16x2 FMA a register — exact, both small
+        // integers (z ≤ 2^BITS) — so no sums of x are needed: −(base + z) of pair r's column (a0, a2: group; a1,
+        // a3: group + 8) and base (r < 2: 128, else BASE_HI), per tile.
+        u32 negz[TPW][4];
+        if constexpr (ZSUB) {
+#pragma unroll
+            for (int t = 0; t < TPW; t++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float z = __half2float(szs[TPW * 16 + t * 16 + group + 8 * (r & 1)]);
+                    negz[t][r] = bf16x2_splat(-((r < 2 ? 128.f : BASE_HI) + z));
+                }
+        }
         float cacc[TPW][H][4], xsum[H][4];
 #pragma unroll
         for (int h = 0; h < H; h++)
@@ -254,14 +278,19 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
             for (int s = 0; s < 2; s++) {
                 const int ks = kp * 2 + s;
+                if constexpr (!ZSUB) {
 #pragma unroll
-                for (int h = 0; h < H; h++) mma_16816(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
+                    for (int h = 0; h < H; h++) mma_16816(xsum[h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
+                }
 #pragma unroll
                 for (int t = 0; t < TPW; t++) {
                     const u32* blk = w[t] + (ks / 4) * BITS;
                     u32 a[4];
 #pragma unroll
-                    for (int r = 0; r < 4; r++) a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
+                    for (int r = 0; r < 4; r++) {
+                        a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
+                        if constexpr (ZSUB) a[r] = bf16x2_fma(a[r], BF16X2_ONE, negz[t][r]);
+                    }
 #pragma unroll
                     for (int h = 0; h < H; h++) mma_16816(cacc[t][h], a, xb[h][2 * s], xb[h][2 * s + 1]);
                 }
@@ -289,7 +318,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
             for (int h = 0; h < H; h++)
 #pragma unroll
                 for (int i = 0; i < 4; i++)
-                    acc[t][h][i] += sc[i >> 1] * (cacc[t][h][i] - based[h][i & 1] - z[i >> 1] * total[h][i & 1]);
+                    acc[t][h][i] += sc[i >> 1] * (ZSUB ? cacc[t][h][i]
+                                                       : cacc[t][h][i] - based[h][i & 1] - z[i >> 1] * total[h][i & 1]);
         }
     }
 

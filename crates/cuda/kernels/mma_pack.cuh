@@ -13,6 +13,20 @@
 
 #define BF16X2_128 0x43004300u
 #define BF16X2_16 0x41804180u
+#define BF16X2_ONE 0x3F803F80u
+
+// v in both halves of a bf16x2 register (round to nearest).
+__device__ __forceinline__ u32 bf16x2_splat(float v) {
+    const u32 h = __bfloat16_as_ushort(__float2bfloat16(v));
+    return h | (h << 16);
+}
+
+// a·b + c per bf16 half (sm_80's bf16 FMA; sm_90 also has a plain bf16x2 subtract).
+__device__ __forceinline__ u32 bf16x2_fma(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
 
 // The base of pairs i % 4 ≥ 2 (pairs i % 4 < 2 read as 128 + q at every width).
 template <int BITS>
