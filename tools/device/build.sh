@@ -38,12 +38,14 @@ for t in "${tests[@]}"; do
 done
 if [ "$mode" != tests ]; then
     if [ -n "$base" ]; then
-        # REF's binary first (both builds leave theirs at the same path); it carries its own kernel sources.
+        # REF's binary in a target folder of its own: cargo names a workspace's artifacts by paths relative to
+        # the workspace, so a worktree's build in the same folder is taken for this tree's, and (its files being
+        # newer) this tree's build then found nothing to do and shipped REF's binary as its own (sessions 18-21).
         wt=$(mktemp -d /tmp/pipemoe-base.XXXXXX)
         git worktree add -q --detach "$wt" "$base"
-        (cd "$wt" && cargo build --release -p pipemoe)
+        (cd "$wt" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR-base" cargo build --release -p pipemoe)
         mkdir -p .device/base
-        cp "$CARGO_TARGET_DIR/release/pipemoe" .device/base/pipemoe && strip .device/base/pipemoe
+        cp "$CARGO_TARGET_DIR-base/release/pipemoe" .device/base/pipemoe && strip .device/base/pipemoe
         git worktree remove --force "$wt"
     fi
     # Release: `pipemoe bench` times the host side of every launch too (cudarc at opt-level 0 is not what ships).
@@ -56,6 +58,11 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "e2e":
         print(m["executable"])' > /tmp/pipemoe-e2e.txt
     cp "$CARGO_TARGET_DIR/release/pipemoe" .device/pipemoe && strip .device/pipemoe
+    if [ -n "$base" ] && cmp -s .device/base/pipemoe .device/pipemoe &&
+        ! git diff --quiet "$base" -- crates Cargo.toml Cargo.lock; then
+        echo "build.sh: $base's pipemoe and this tree's are the same file although their sources differ" >&2
+        exit 1
+    fi
     cp "$(cat /tmp/pipemoe-e2e.txt)" .device/e2e && strip .device/e2e
 fi
 # The GPU machine's compiled kernels from an earlier call (run-tests.sh leaves them in $OUT as cubin.tgz; copy that

@@ -34,14 +34,14 @@
 #define MMA_XS 136      // bf16 per x row of a ring slot: +8 staggers the rows over the banks
 #define MMA_MAX_STAGES 8
 // Kernels of at least this many rows take the zeros out of A (one bf16x2 FMA a register) instead of out of sums of
-// x (8 more mma a chunk per 8 rows: a fifth of the 8-row kernels' mma, a third of the 16-row kernels'). On the
-// H200 the 16-row GEMV gains (o_proj 40.6 -> 33.9 us) and the 8-row kernels do not move (±2%): they have the mma
-// to spare there, and +21% instructions a chunk. A 3090 has ~76 tensor flop a byte of bandwidth (71 TFLOPS with
-// f32 sums, 936 GB/s; the H200 ~200): its one-row mma need ~70% of its tensor rate with the sums and ~56% without
-// (arithmetic, not measured), so every kernel takes it.
-// An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_ZSUB_MIN_MB=16 (the 16-row kernels only) or 32 (none).
+// x (8 more mma a chunk per 8 rows: a fifth of the 8-row kernels' mma, a third of the 16-row kernels'). H200: the
+// 16-row GEMV gains (bench_gemv o_proj batch 16 40.6 -> 33.9 us); the 8-row kernels, with +21% instructions a
+// chunk and mma to spare there, are even in bench_gemv but 1.5-3% slower in the serving A/B (one-row step 0.373 ->
+// 0.386 ms), so they keep the sums. A 3090 has ~76 tensor flop a byte of bandwidth (71 TFLOPS with f32 sums, 936
+// GB/s; the H200 ~200): its one-row mma need ~70% of its tensor rate with the sums, ~56% without (arithmetic) —
+// PIPEMOE_NVRTC_DEFINES=-DMMA_ZSUB_MIN_MB=8 (every kernel) is the first thing to time there; 32: none.
 #ifndef MMA_ZSUB_MIN_MB
-#define MMA_ZSUB_MIN_MB 8
+#define MMA_ZSUB_MIN_MB 16
 #endif
 
 // Tiles of 16 columns per warp (and per block) for MB rows: more tiles share each chunk's x fragments, sums of x
