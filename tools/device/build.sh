@@ -40,7 +40,7 @@ if [ "$mode" != tests ]; then
     if [ -n "$base" ]; then
         # REF's binary in a target folder of its own: cargo names a workspace's artifacts by paths relative to
         # the workspace, so a worktree's build in the same folder is taken for this tree's, and (its files being
-        # newer) this tree's build then found nothing to do and shipped REF's binary as its own (sessions 18-21).
+        # newer) this tree's build then found nothing to do and shipped REF's binary as its own (sessions 19-21).
         wt=$(mktemp -d /tmp/pipemoe-base.XXXXXX)
         git worktree add -q --detach "$wt" "$base"
         (cd "$wt" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR-base" cargo build --release -p pipemoe)

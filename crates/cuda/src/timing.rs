@@ -40,7 +40,7 @@ pub fn read_ceiling(gpu: &Gpu, bytes: usize) -> Result<(f64, usize), Error> {
     let bytes = bytes.min(free.saturating_sub(4 << 30)).max(1 << 30) / 64 * 64;
     let buf = varied_words(gpu, bytes / 4)?;
     let grid = Grid { blocks: gpu.sm_count * 8, threads: 512 };
-    let secs = read_seconds(gpu, std::slice::from_ref(&buf), grid, 10)?;
+    let secs = read_seconds(gpu, std::slice::from_ref(&buf), grid, Reader::Plain, 10)?;
     let read = buf.len() / 4 * 16;
     Ok((read as f64 / secs, read))
 }
@@ -57,10 +57,39 @@ pub struct Grid {
 /// whose start and tail are a share of its time. Copies of the buffer, `rotate_bytes` in all, are read in turn
 /// so that each launch reads DRAM, not L2 (bench_gemv rotates its weights the same way).
 pub fn read_rate(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid) -> Result<f64, Error> {
+    read_rate_by(gpu, bytes, rotate_bytes, grid, Reader::Plain)
+}
+
+/// How a read kernel keeps bytes in flight (stream_read.cu): what a small grid needs to reach the ceiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// One 16-byte load a thread at a time (`stream_read_u32`, the ceiling's kernel).
+    Plain,
+    /// 2, 4, 8 or 16 loads a thread issued together, into registers (`stream_read_x*`).
+    Batched(u32),
+    /// A ring of 2, 4, 8 or 16 slots a thread in shared memory, one fewer `cp.async` copies in flight
+    /// (`stream_read_ring*`), as the GEMV streams its weights.
+    Ring(u32),
+}
+
+impl Reader {
+    fn kernel(self) -> Result<(String, u32), Error> {
+        let ok = |n: u32| matches!(n, 2 | 4 | 8 | 16);
+        match self {
+            Reader::Plain => Ok(("stream_read_u32".into(), 0)),
+            Reader::Batched(n) if ok(n) => Ok((format!("stream_read_x{n}"), 0)),
+            Reader::Ring(n) if ok(n) => Ok((format!("stream_read_ring{n}"), n * 16)),
+            other => Err(Error::Shape { what: "read kernel", reason: format!("{other:?}: 2, 4, 8 or 16") }),
+        }
+    }
+}
+
+/// [`read_rate`] by a chosen [`Reader`].
+pub fn read_rate_by(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid, reader: Reader) -> Result<f64, Error> {
     let words = (bytes / 64 * 64 / 4).max(16);
     let copies = rotate_bytes.div_ceil(words * 4).max(2);
     let bufs = (0..copies).map(|_| varied_words(gpu, words)).collect::<Result<Vec<_>, Error>>()?;
-    let secs = read_seconds(gpu, &bufs, grid, 40)?;
+    let secs = read_seconds(gpu, &bufs, grid, reader, 40)?;
     Ok((words * 4) as f64 / secs)
 }
 
@@ -77,19 +106,22 @@ fn varied_words(gpu: &Gpu, words: usize) -> Result<CudaSlice<u32>, Error> {
     Ok(buf)
 }
 
-/// Seconds a call of stream_read_u32 over each of `bufs` in turn (whole 16-byte vectors of each) at `grid`.
-fn read_seconds(gpu: &Gpu, bufs: &[CudaSlice<u32>], grid: Grid, iters: usize) -> Result<f64, Error> {
+/// Seconds a call of `reader`'s kernel over each of `bufs` in turn (whole 16-byte vectors of each) at `grid`.
+fn read_seconds(gpu: &Gpu, bufs: &[CudaSlice<u32>], grid: Grid, reader: Reader, iters: usize) -> Result<f64, Error> {
     let s = &gpu.stream;
     let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
-    let f = gpu.function("stream_read_u32")?;
-    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes: 0 };
+    let (name, smem_a_thread) = reader.kernel()?;
+    let f = gpu.function(&name)?;
+    let shared_mem_bytes = smem_a_thread * grid.threads;
+    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes };
     seconds_per_call(gpu, 2, iters, &mut |i| {
         let buf = &bufs[i % bufs.len()];
         let n16 = (buf.len() / 4) as u64;
         let mut l = s.launch_builder(f);
         l.arg(buf).arg(&n16).arg(&mut out);
-        // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
-        unsafe { l.launch(cfg) }.map_err(drv("stream_read_u32"))?;
+        // SAFETY: matches every stream_read kernel: buf holds n16 16-byte vectors, out one float; a ring kernel's
+        // shared memory is its slots for every thread of the block.
+        unsafe { l.launch(cfg) }.map_err(drv("stream_read"))?;
         Ok::<(), Error>(())
     })
 }
@@ -117,5 +149,29 @@ pub fn linear_gemm(m: usize, k: usize, n: usize) -> GemmConfig<bf16> {
         ldb: k as i32,
         beta: bf16::ZERO,
         ldc: n as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reader;
+
+    #[test]
+    fn every_reader_names_a_kernel_of_stream_read_cu() {
+        let (_, src) = crate::nvrtc::KERNELS.iter().find(|(f, _)| *f == "stream_read.cu").expect("stream_read.cu");
+        for n in [2, 4, 8, 16] {
+            for reader in [Reader::Batched(n), Reader::Ring(n)] {
+                let (name, _) = reader.kernel().expect("a kernel");
+                let short = name.trim_start_matches("stream_read_");
+                // The kernels come from READ_KERNELS(n): `stream_read_x##K` and `stream_read_ring##K`.
+                assert!(src.contains(&format!("READ_KERNELS({n})")), "{short}: no READ_KERNELS({n})");
+            }
+        }
+        assert!(src.contains("void stream_read_u32("));
+        assert_eq!(Reader::Ring(8).kernel().unwrap(), ("stream_read_ring8".to_string(), 128));
+        assert_eq!(Reader::Batched(4).kernel().unwrap(), ("stream_read_x4".to_string(), 0));
+        for bad in [Reader::Batched(3), Reader::Ring(1), Reader::Ring(32)] {
+            assert!(bad.kernel().is_err(), "{bad:?}");
+        }
     }
 }

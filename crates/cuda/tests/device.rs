@@ -212,6 +212,43 @@ fn bench_read_sizes() {
     }
 }
 
+/// `... --ignored bench_read_inflight`: what a read at the tensor-core GEMV's occupancy (4 blocks of 128 threads an
+/// SM; also 2, a 3090's by shared memory) needs to reach the ceiling: 1, 2, 4, 8, 16 loads of 16 bytes in flight a
+/// thread into registers, and rings of 2–16 slots a thread copied by cp.async into shared memory, as the GEMV
+/// streams its weights (its ring keeps ~12 such copies a thread in flight at one row). o_proj's and 200 MB.
+#[test]
+#[ignore = "benchmark: run on the GPU machine"]
+fn bench_read_inflight() {
+    use pipemoe_cuda::timing::{Grid, Reader, read_rate_by};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let (ceiling, _) = read_ceiling_gbps(&gpu);
+    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, 8 blocks of 512 an SM)", gpu.describe());
+    println!("{:>8} {:>14} {:>10} {:>8} {:>8} {:>8}", "MB", "grid", "reader", "us", "GB/s", "ceiling");
+    let sm = gpu.sm_count;
+    let mut readers = vec![Reader::Plain];
+    readers.extend([2, 4, 8, 16].map(Reader::Batched));
+    readers.extend([2, 4, 8, 16].map(Reader::Ring));
+    for mb in [47.7f64, 200.0] {
+        let bytes = (mb * 1e6) as usize;
+        for (what, blocks) in [("4 x 128 an SM", sm * 4), ("2 x 128 an SM", sm * 2)] {
+            for &reader in &readers {
+                let grid = Grid { blocks, threads: 128 };
+                let gbps = read_rate_by(&gpu, bytes, 256 << 20, grid, reader).expect("read rate") / 1e9;
+                let name = match reader {
+                    Reader::Plain => "load x1".to_string(),
+                    Reader::Batched(n) => format!("load x{n}"),
+                    Reader::Ring(n) => format!("ring {n}"),
+                };
+                let us = bytes as f64 / gbps / 1e3;
+                println!("{mb:>8.1} {what:>14} {name:>10} {us:>8.1} {gbps:>8.0} {:>7.0}%", 100.0 * gbps / ceiling);
+            }
+        }
+    }
+}
+
 /// A comma-separated list from the environment, or None when the variable is unset or empty.
 fn env_list(name: &str) -> Option<Vec<String>> {
     let v = std::env::var(name).ok()?;
