@@ -279,13 +279,6 @@ extern "C" __global__ void gptq_gemm_gather_bf16(const __nv_bfloat16* __restrict
 #define MG_LD (MG_BK + 8)  // bf16 per shared row of x: 144 bytes, so 8-row ldmatrix phases hit distinct banks
 #define MG_THREADS 256
 
-// a · 1 + c on bf16x2 (one instruction, exact here: every value is an integer below 256).
-__device__ __forceinline__ u32 bf16x2_add(u32 a, u32 c) {
-    u32 d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(c));
-    return d;
-}
-
 // Shared-memory plan (bytes); gemm.rs computes the same total. A half chunk's BITS words per lane lie in
 // ROWS uint2 rows of the [BITS][lane] uint2 layout (2 bits: one row; 3 and 4 bits: two, 3 bits overlapping).
 template <int BITS, int BM>

@@ -289,7 +289,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
                     for (int r = 0; r < 4; r++) {
                         a[r] = mma_pair<BITS>(blk, (ks % 4) * 4 + r);
-                        if constexpr (ZSUB) a[r] = bf16x2_fma(a[r], BF16X2_ONE, negz[t][r]);
+                        if constexpr (ZSUB) a[r] = bf16x2_add(a[r], negz[t][r]);
                     }
 #pragma unroll
                     for (int h = 0; h < H; h++) mma_16816(cacc[t][h], a, xb[h][2 * s], xb[h][2 * s + 1]);

@@ -13,7 +13,6 @@
 
 #define BF16X2_128 0x43004300u
 #define BF16X2_16 0x41804180u
-#define BF16X2_ONE 0x3F803F80u
 
 // v in both halves of a bf16x2 register (round to nearest).
 __device__ __forceinline__ u32 bf16x2_splat(float v) {
@@ -21,10 +20,11 @@ __device__ __forceinline__ u32 bf16x2_splat(float v) {
     return h | (h << 16);
 }
 
-// a·b + c per bf16 half (sm_80's bf16 FMA; sm_90 also has a plain bf16x2 subtract).
-__device__ __forceinline__ u32 bf16x2_fma(u32 a, u32 b, u32 c) {
+// a · 1 + c on bf16x2 (sm_80's bf16 FMA; one instruction): exact for the weights' (base + q) − (base + z), every
+// value an integer below 256.
+__device__ __forceinline__ u32 bf16x2_add(u32 a, u32 c) {
     u32 d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(c));
     return d;
 }
 
