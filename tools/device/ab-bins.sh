@@ -21,6 +21,8 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then rounds=$1; shift; fi
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--layers 2 --context 4096 --steps 16 --cache-dir /tmp/pb2 --streams 32)
 for bin in "$a" "$b"; do [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }; done
+# Sessions 19-21 compared a binary with itself without knowing it (build.sh --base's shared target folder): say so.
+cmp -s "$a" "$b" && echo "ab-bins.sh: WARNING: $a and $b are the same file; this A/B measures noise only" >&2
 logs="${OUT:-/tmp/pipemoe-ab-bins}"
 mkdir -p "$logs"
 for i in $(seq "$rounds"); do
