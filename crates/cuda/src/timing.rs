@@ -93,6 +93,38 @@ pub fn read_rate_by(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid, re
     Ok((words * 4) as f64 / secs)
 }
 
+/// [`read_rate`] with every launch inside one CUDA graph (one launch a buffer copy, `rotate_bytes` in all, replayed
+/// whole), as decode steps run: a launch's start and end without the host's launch between kernels. Against
+/// [`read_rate`] at small sizes, what a kernel's fixed cost is in a step's graph.
+pub fn read_rate_in_graph(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid) -> Result<f64, Error> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let words = (bytes / 64 * 64 / 4).max(16);
+    let copies = rotate_bytes.div_ceil(words * 4).max(2);
+    let bufs = (0..copies).map(|_| varied_words(gpu, words)).collect::<Result<Vec<_>, Error>>()?;
+    let s = &gpu.stream;
+    let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
+    let f = gpu.function("stream_read_u32")?;
+    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes: 0 };
+    let n16 = (words / 4) as u64;
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv("begin capture"))?;
+    let mut launched = Ok(());
+    for buf in &bufs {
+        let mut l = s.launch_builder(f);
+        l.arg(buf).arg(&n16).arg(&mut out);
+        // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
+        launched = unsafe { l.launch(cfg) }.map(|_| ()).map_err(drv("stream_read_u32 (captured)"));
+        if launched.is_err() {
+            break;
+        }
+    }
+    // The capture ends whatever happened in it (the stream leaves capture mode either way).
+    let graph = s.end_capture(CUgraphInstantiate_flags(0)).map_err(drv("end capture"));
+    launched?;
+    let graph = graph?.ok_or(Error::Shape { what: "read graph", reason: "the capture is empty".into() })?;
+    let secs = seconds_per_call(gpu, 1, 4, &mut |_| graph.launch().map_err(drv("launch read graph")))?;
+    Ok((words * 4 * copies) as f64 / secs)
+}
+
 /// `words` u32 of device memory holding varied values (never time on zeros: METHOD.md).
 fn varied_words(gpu: &Gpu, words: usize) -> Result<CudaSlice<u32>, Error> {
     let s = &gpu.stream;

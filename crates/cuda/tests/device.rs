@@ -249,6 +249,33 @@ fn bench_read_inflight() {
     }
 }
 
+/// `... --ignored bench_launch_cost`: a read of a small kernel's size launched back to back from the host
+/// (`read_rate`) and replayed inside one CUDA graph (`read_rate_in_graph`, as decode steps run), µs a launch: what
+/// a kernel's start and end cost in a step, and so what fusing two kernels would save.
+#[test]
+#[ignore = "benchmark: run on the GPU machine"]
+fn bench_launch_cost() {
+    use pipemoe_cuda::timing::{Grid, read_rate, read_rate_in_graph};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let (ceiling, _) = read_ceiling_gbps(&gpu);
+    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, 8 blocks of 512 an SM)", gpu.describe());
+    println!("{:>8} {:>14} {:>12} {:>12} {:>14}", "MB", "grid", "stream us", "graph us", "at ceiling us");
+    let sm = gpu.sm_count;
+    for mb in [0.02f64, 0.4, 1.3, 4.5, 15.3] {
+        let bytes = (mb * 1e6) as usize;
+        for (what, blocks, threads) in [("8 x 512 an SM", sm * 8, 512), ("4 x 128 an SM", sm * 4, 128)] {
+            let grid = Grid { blocks, threads };
+            let us = |rate: f64| bytes as f64 / rate * 1e6;
+            let stream = us(read_rate(&gpu, bytes, 256 << 20, grid).expect("read rate"));
+            let graph = us(read_rate_in_graph(&gpu, bytes, 256 << 20, grid).expect("graph read rate"));
+            println!("{mb:>8.2} {what:>14} {stream:>12.2} {graph:>12.2} {:>14.2}", bytes as f64 / ceiling / 1e3);
+        }
+    }
+}
+
 /// A comma-separated list from the environment, or None when the variable is unset or empty.
 fn env_list(name: &str) -> Option<Vec<String>> {
     let v = std::env::var(name).ok()?;
