@@ -10,7 +10,8 @@
 // acc += s · (Σ x·(base + q) − Σ_lo x·(128 + z) − Σ_hi x·(base_hi + z)). The sums of x over the lower and upper
 // 8 rows of each k-step come from one more mma whose A is ones on the lower half for rows 0..7 and ones on the
 // upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
-// summed from the bf16 x the tensor cores see.
+// summed from the bf16 x the tensor cores see. The 16-row kernels (MMA_ZSUB_MIN_MB) instead subtract base + z
+// from A before the mma (exact), acc += s · Σ x·(q − z), and need no sums.
 //
 // A warp takes TPW tiles of 16 columns (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
 // accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out one of two ways
