@@ -86,11 +86,9 @@ impl Reader {
 
 /// [`read_rate`] by a chosen [`Reader`].
 pub fn read_rate_by(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid, reader: Reader) -> Result<f64, Error> {
-    let words = (bytes / 64 * 64 / 4).max(16);
-    let copies = rotate_bytes.div_ceil(words * 4).max(2);
-    let bufs = (0..copies).map(|_| varied_words(gpu, words)).collect::<Result<Vec<_>, Error>>()?;
+    let bufs = rotating_copies(gpu, bytes, rotate_bytes)?;
     let secs = read_seconds(gpu, &bufs, grid, reader, 40)?;
-    Ok((words * 4) as f64 / secs)
+    Ok((bufs[0].len() * 4) as f64 / secs)
 }
 
 /// [`read_rate`] with every launch inside one CUDA graph (one launch a buffer copy, `rotate_bytes` in all, replayed
@@ -98,31 +96,25 @@ pub fn read_rate_by(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid, re
 /// [`read_rate`] at small sizes, what a kernel's fixed cost is in a step's graph.
 pub fn read_rate_in_graph(gpu: &Gpu, bytes: usize, rotate_bytes: usize, grid: Grid) -> Result<f64, Error> {
     use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    let words = (bytes / 64 * 64 / 4).max(16);
-    let copies = rotate_bytes.div_ceil(words * 4).max(2);
-    let bufs = (0..copies).map(|_| varied_words(gpu, words)).collect::<Result<Vec<_>, Error>>()?;
+    let bufs = rotating_copies(gpu, bytes, rotate_bytes)?;
+    let mut read = ReadLaunch::new(gpu, Reader::Plain, grid)?;
     let s = &gpu.stream;
-    let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
-    let f = gpu.function("stream_read_u32")?;
-    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes: 0 };
-    let n16 = (words / 4) as u64;
     s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(drv("begin capture"))?;
-    let mut launched = Ok(());
-    for buf in &bufs {
-        let mut l = s.launch_builder(f);
-        l.arg(buf).arg(&n16).arg(&mut out);
-        // SAFETY: matches stream_read_u32: buf holds n16 16-byte vectors, out one float.
-        launched = unsafe { l.launch(cfg) }.map(|_| ()).map_err(drv("stream_read_u32 (captured)"));
-        if launched.is_err() {
-            break;
-        }
-    }
+    let launched = bufs.iter().try_for_each(|buf| read.launch(gpu, buf));
     // The capture ends whatever happened in it (the stream leaves capture mode either way).
     let graph = s.end_capture(CUgraphInstantiate_flags(0)).map_err(drv("end capture"));
     launched?;
     let graph = graph?.ok_or(Error::Shape { what: "read graph", reason: "the capture is empty".into() })?;
     let secs = seconds_per_call(gpu, 1, 4, &mut |_| graph.launch().map_err(drv("launch read graph")))?;
-    Ok((words * 4 * copies) as f64 / secs)
+    Ok((bufs[0].len() * 4 * bufs.len()) as f64 / secs)
+}
+
+/// Copies of a buffer of about `bytes` (whole 64-byte lines, at least 64), `rotate_bytes` in all and at least two:
+/// read in turn, each launch reads DRAM, not L2.
+fn rotating_copies(gpu: &Gpu, bytes: usize, rotate_bytes: usize) -> Result<Vec<CudaSlice<u32>>, Error> {
+    let words = (bytes / 64 * 64 / 4).max(16);
+    let copies = rotate_bytes.div_ceil(words * 4).max(2);
+    (0..copies).map(|_| varied_words(gpu, words)).collect()
 }
 
 /// `words` u32 of device memory holding varied values (never time on zeros: METHOD.md).
@@ -140,22 +132,35 @@ fn varied_words(gpu: &Gpu, words: usize) -> Result<CudaSlice<u32>, Error> {
 
 /// Seconds a call of `reader`'s kernel over each of `bufs` in turn (whole 16-byte vectors of each) at `grid`.
 fn read_seconds(gpu: &Gpu, bufs: &[CudaSlice<u32>], grid: Grid, reader: Reader, iters: usize) -> Result<f64, Error> {
-    let s = &gpu.stream;
-    let mut out = s.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
-    let (name, smem_a_thread) = reader.kernel()?;
-    let f = gpu.function(&name)?;
-    let shared_mem_bytes = smem_a_thread * grid.threads;
-    let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes };
-    seconds_per_call(gpu, 2, iters, &mut |i| {
-        let buf = &bufs[i % bufs.len()];
+    let mut read = ReadLaunch::new(gpu, reader, grid)?;
+    seconds_per_call(gpu, 2, iters, &mut |i| read.launch(gpu, &bufs[i % bufs.len()]))
+}
+
+/// A read kernel's launch at a grid, and the word it may write.
+struct ReadLaunch<'a> {
+    f: &'a cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    out: CudaSlice<f32>,
+}
+
+impl<'a> ReadLaunch<'a> {
+    fn new(gpu: &'a Gpu, reader: Reader, grid: Grid) -> Result<Self, Error> {
+        let (name, smem_a_thread) = reader.kernel()?;
+        let shared_mem_bytes = smem_a_thread * grid.threads;
+        let cfg = LaunchConfig { grid_dim: (grid.blocks, 1, 1), block_dim: (grid.threads, 1, 1), shared_mem_bytes };
+        let out = gpu.stream.alloc_zeros::<f32>(1).map_err(drv("alloc"))?;
+        Ok(ReadLaunch { f: gpu.function(&name)?, cfg, out })
+    }
+
+    /// One read of `buf`'s whole 16-byte vectors, on the GPU's stream.
+    fn launch(&mut self, gpu: &Gpu, buf: &CudaSlice<u32>) -> Result<(), Error> {
         let n16 = (buf.len() / 4) as u64;
-        let mut l = s.launch_builder(f);
-        l.arg(buf).arg(&n16).arg(&mut out);
+        let mut l = gpu.stream.launch_builder(self.f);
+        l.arg(buf).arg(&n16).arg(&mut self.out);
         // SAFETY: matches every stream_read kernel: buf holds n16 16-byte vectors, out one float; a ring kernel's
         // shared memory is its slots for every thread of the block.
-        unsafe { l.launch(cfg) }.map_err(drv("stream_read"))?;
-        Ok::<(), Error>(())
-    })
+        unsafe { l.launch(self.cfg) }.map(|_| ()).map_err(drv("stream_read"))
+    }
 }
 
 /// cuBLAS on the GPU's stream, or why not.
