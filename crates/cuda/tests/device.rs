@@ -12,6 +12,7 @@ mod common;
 use common::*;
 use half::bf16;
 use pipemoe_cuda::gemv::Packing;
+use pipemoe_cuda::timing::{Grid, Reader, read_rate, read_rate_by, read_rate_in_graph};
 use pipemoe_cuda::{Act, ActDtype, Gpu, GpuGptq};
 
 /// One GEMV shape: `(in, out, bits, group, act_order, batch)`.
@@ -129,7 +130,7 @@ fn bench_gemv() {
         Some(b) => b.iter().map(|v| v.parse().expect("PIPEMOE_BENCH_BATCHES: integers")).collect(),
         None => vec![1, 4, 8, 16],
     };
-    let full = pipemoe_cuda::timing::Grid { blocks: gpu.sm_count * 8, threads: 512 };
+    let full = Grid { blocks: gpu.sm_count * 8, threads: 512 };
     let mut rng = Rng::new(11);
     for (name, k, nn) in [
         ("expert gate/up 7168x2048", 7168, 2048),
@@ -152,7 +153,7 @@ fn bench_gemv() {
             }
             let upload = |w| if mma { GpuGptq::upload_for_tensor_cores(&gpu, w) } else { GpuGptq::upload(&gpu, w) };
             let one = upload(&w).expect("upload");
-            let read = pipemoe_cuda::timing::read_rate(&gpu, one.bytes(), 256 << 20, full).expect("read rate") / 1e9;
+            let read = read_rate(&gpu, one.bytes(), 256 << 20, full).expect("read rate") / 1e9;
             let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
             let ws: Vec<GpuGptq> = (0..copies).map(|_| upload(&w).expect("upload")).collect();
             let kernel = format!("{:?}", one.packing);
@@ -192,24 +193,10 @@ fn bench_gemv() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_read_sizes() {
-    if no_gpu() {
-        return;
-    }
-    let gpu = Gpu::open(0).expect("gpu");
-    let (ceiling, _) = read_ceiling_gbps(&gpu);
-    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, full grid)", gpu.describe());
-    println!("{:>8} {:>16} {:>8} {:>8} {:>8}", "MB", "grid", "us", "GB/s", "ceiling");
+    let Some((gpu, ceiling)) = read_bench_gpu() else { return };
     let sm = gpu.sm_count;
     let grids = [("8 x 512 an SM", sm * 8, 512), ("4 x 128 an SM", sm * 4, 128), ("2 x 128 an SM", sm * 2, 128)];
-    for mb in [0.4f64, 4.5, 6.0, 15.3, 47.7, 53.7, 200.0] {
-        let bytes = (mb * 1e6) as usize;
-        for (what, blocks, threads) in grids {
-            let grid = pipemoe_cuda::timing::Grid { blocks, threads };
-            let gbps = pipemoe_cuda::timing::read_rate(&gpu, bytes, 256 << 20, grid).expect("read rate") / 1e9;
-            let us = bytes as f64 / gbps / 1e3;
-            println!("{mb:>8.1} {what:>16} {us:>8.1} {gbps:>8.0} {:>7.0}%", 100.0 * gbps / ceiling);
-        }
-    }
+    print_reads(&gpu, ceiling, &[0.4, 4.5, 6.0, 15.3, 47.7, 53.7, 200.0], &grids, &[Reader::Plain]);
 }
 
 /// `... --ignored bench_read_inflight`: what a read at the tensor-core GEMV's occupancy (4 blocks of 128 threads an
@@ -219,24 +206,25 @@ fn bench_read_sizes() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_read_inflight() {
-    use pipemoe_cuda::timing::{Grid, Reader, read_rate_by};
-    if no_gpu() {
-        return;
-    }
-    let gpu = Gpu::open(0).expect("gpu");
-    let (ceiling, _) = read_ceiling_gbps(&gpu);
-    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, 8 blocks of 512 an SM)", gpu.describe());
-    println!("{:>8} {:>14} {:>10} {:>8} {:>8} {:>8}", "MB", "grid", "reader", "us", "GB/s", "ceiling");
+    let Some((gpu, ceiling)) = read_bench_gpu() else { return };
     let sm = gpu.sm_count;
     let mut readers = vec![Reader::Plain];
     readers.extend([2, 4, 8, 16].map(Reader::Batched));
     readers.extend([2, 4, 8, 16].map(Reader::Ring));
-    for mb in [47.7f64, 200.0] {
+    let grids = [("4 x 128 an SM", sm * 4, 128), ("2 x 128 an SM", sm * 2, 128)];
+    print_reads(&gpu, ceiling, &[47.7, 200.0], &grids, &readers);
+}
+
+/// A table row per size, grid and reader: µs, GB/s and the share of `ceiling` of one launch's read (`read_rate_by`,
+/// 256 MB of copies rotated so each launch reads DRAM).
+fn print_reads(gpu: &Gpu, ceiling: f64, mbs: &[f64], grids: &[(&str, u32, u32)], readers: &[Reader]) {
+    println!("{:>8} {:>14} {:>10} {:>8} {:>8} {:>8}", "MB", "grid", "reader", "us", "GB/s", "ceiling");
+    for &mb in mbs {
         let bytes = (mb * 1e6) as usize;
-        for (what, blocks) in [("4 x 128 an SM", sm * 4), ("2 x 128 an SM", sm * 2)] {
-            for &reader in &readers {
-                let grid = Grid { blocks, threads: 128 };
-                let gbps = read_rate_by(&gpu, bytes, 256 << 20, grid, reader).expect("read rate") / 1e9;
+        for &(what, blocks, threads) in grids {
+            for &reader in readers {
+                let grid = Grid { blocks, threads };
+                let gbps = read_rate_by(gpu, bytes, 256 << 20, grid, reader).expect("read rate") / 1e9;
                 let name = match reader {
                     Reader::Plain => "load x1".to_string(),
                     Reader::Batched(n) => format!("load x{n}"),
@@ -255,13 +243,7 @@ fn bench_read_inflight() {
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_launch_cost() {
-    use pipemoe_cuda::timing::{Grid, read_rate, read_rate_in_graph};
-    if no_gpu() {
-        return;
-    }
-    let gpu = Gpu::open(0).expect("gpu");
-    let (ceiling, _) = read_ceiling_gbps(&gpu);
-    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, 8 blocks of 512 an SM)", gpu.describe());
+    let Some((gpu, ceiling)) = read_bench_gpu() else { return };
     println!("{:>8} {:>14} {:>12} {:>12} {:>14}", "MB", "grid", "stream us", "graph us", "at ceiling us");
     let sm = gpu.sm_count;
     for mb in [0.02f64, 0.4, 1.3, 4.5, 15.3] {
@@ -274,6 +256,17 @@ fn bench_launch_cost() {
             println!("{mb:>8.2} {what:>14} {stream:>12.2} {graph:>12.2} {:>14.2}", bytes as f64 / ceiling / 1e3);
         }
     }
+}
+
+/// The GPU of a read benchmark and the 2 GiB read ceiling (GB/s), printed as its first line; None without a GPU.
+fn read_bench_gpu() -> Option<(Gpu, f64)> {
+    if no_gpu() {
+        return None;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let (ceiling, _) = read_ceiling_gbps(&gpu);
+    println!("{} — streaming read ceiling {ceiling:.0} GB/s (2 GiB, 8 blocks of 512 an SM)", gpu.describe());
+    Some((gpu, ceiling))
 }
 
 /// A comma-separated list from the environment, or None when the variable is unset or empty.
