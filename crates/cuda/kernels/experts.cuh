@@ -37,12 +37,13 @@ __device__ __forceinline__ float expert_combine(const float* partial, int splits
         for (int s = 0; s < splits; s++) {
             // Every slot's load before any add (an add after each load made each wait for the one before).
             float t[EXPERT_SLOTS];
+            const float* ps = partial + (size_t)s * P * N + n;
 #pragma unroll
             for (int u = 0; u < EXPERT_SLOTS; u++)
-                t[u] = p[u] >= 0 ? __ldcg(&partial[((size_t)s * P + p[u]) * N + n]) : 0.f;
+                if (j0 + u < slots) t[u] = __ldcg(&ps[(size_t)max(p[u], 0) * N]);
 #pragma unroll
             for (int u = 0; u < EXPERT_SLOTS; u++)
-                if (p[u] >= 0) v[u] += t[u];
+                if (j0 + u < slots) v[u] += p[u] >= 0 ? t[u] : 0.f;
         }
 #pragma unroll
         for (int u = 0; u < EXPERT_SLOTS; u++)

@@ -234,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
 }
 
 
-#define TOPK_THREADS 1024  // indexer::TOPK_THREADS
+#define TOPK_THREADS 512  // indexer::TOPK_THREADS
 #define TOPK_WARPS (TOPK_THREADS / 32)
 
 // Exclusive prefix sum of v over the block's TOPK_THREADS threads in one barrier: each warp scans its own values
@@ -261,7 +261,7 @@ __device__ __forceinline__ int block_scan_once(int v, int* wsum, int* total) {
     return before + x - v;
 }
 
-#define TOPK_PER 8        // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
+#define TOPK_PER 16       // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
 #define TOPK_BINS 2048    // radix digits of 11, 11 and 10 bits: three passes cover a key
 
 // Thread t's keys of the tile from t0: `per` consecutive ones (so one scan orders the last pass's output), as
@@ -343,7 +343,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
             }
         }
         __syncthreads();
-        // The highest bin whose keys and those above reach `need`: thread t holds bins 2047 − 2t and 2046 − 2t,
+        // The highest bin whose keys and those above reach `need`: thread t holds bins 2047 − 4t down to 2044 − 4t,
         // a scan over the threads gives the count above them, and the one thread where `need` is crossed says so.
         int h[TOPK_BINS / TOPK_THREADS], mine = 0, total;
 #pragma unroll

@@ -14,7 +14,7 @@ use crate::gpu::Branch;
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
 const KEYS_PER_BLOCK: usize = 64;
-const TOPK_THREADS: u32 = 1024;
+const TOPK_THREADS: u32 = 512;
 /// Warps of `indexer_scores_mma_bf16` (`IDXM_WARPS`, 16 keys each) and its most m16 tiles of heads (`IDXM_MT`).
 const MMA_WARPS: u32 = 4;
 const MMA_HEAD_TILES: usize = 4;
