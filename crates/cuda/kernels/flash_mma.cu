@@ -65,7 +65,10 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
 // LORA, ROPE: the cache's dims fixed at compile time (DeepSeek's 512 + 64: every shared-memory offset, copy loop
 // and column test folds to constants — a fifth of the kernel's instructions were integer address arithmetic), or
 // 0 for the dims of the arguments.
-template <bool EXACT, int LORA, int ROPE>
+// HG: groups of FM_HEADS heads a block, each its own FM_WARPS warps, scores, P and softmax, over one copy of each
+// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 112 KB at HG 2, fits an H200's
+// SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
+template <bool EXACT, int LORA, int ROPE, int HG = 1>
 __device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
@@ -89,13 +92,19 @@ __device__ __forceinline__ void mla_flash_mma(
     constexpr int TPK = 32 * FM_WARPS / FM_KT;  // threads copying each key of a tile
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
     __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
-    float* sc = (float*)(tile + FM_ST * FM_KT * CS);                 // [FM_WARPS][FM_HEADS][FM_KT]
-    __nv_bfloat16* ps = (__nv_bfloat16*)(sc + FM_WARPS * FM_HEADS * FM_KT);  // [2][FM_HEADS][FM_PS]
-    float* corr = (float*)(ps + 2 * FM_HEADS * FM_PS);               // [FM_HEADS]
-    int* slot = (int*)(corr + FM_HEADS);                             // [2][FM_SLOTS]
+    float* sc_all = (float*)(tile + FM_ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_KT]
+    __nv_bfloat16* ps_all = (__nv_bfloat16*)(sc_all + HG * FM_WARPS * FM_HEADS * FM_KT);  // [HG][2][FM_HEADS][FM_PS]
+    float* corr_all = (float*)(ps_all + HG * 2 * FM_HEADS * FM_PS);  // [HG][FM_HEADS]
+    int* slot = (int*)(corr_all + HG * FM_HEADS);                    // [2][FM_SLOTS]
 
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
-    const int h0 = blockIdx.x * FM_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    // Warp `warp` of head group hg; a group's warps, scores, P and corrections are those of a block of one group.
+    const int hg = HG > 1 ? (int)threadIdx.x / (32 * FM_WARPS) : 0, warp = threadIdx.x / 32 % FM_WARPS;
+    const int h0 = (blockIdx.x * HG + hg) * FM_HEADS, lane = threadIdx.x & 31;
+    const bool finder = HG == 1 || threadIdx.x < FM_SLOTS;  // finds a key's slot, copies tiles
+    float* sc = sc_all + hg * FM_WARPS * FM_HEADS * FM_KT;
+    __nv_bfloat16* ps = ps_all + hg * 2 * FM_HEADS * FM_PS;
+    float* corr = corr_all + hg * FM_HEADS;
     const int group = lane >> 2, quad = lane & 3;
     // A selection holds at most key_stride keys a row: a step's tables count every causal key (pos + 1), which
     // serve the dense and the selecting layers alike.
@@ -119,7 +128,7 @@ __device__ __forceinline__ void mla_flash_mma(
         if (i < n_tiles) {
             __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
             const int* sl = slot_of(i);
-            if (raw) {
+            if (raw && finder) {
                 // Thread t copies key t / TPK's pieces of 8 values t % TPK, + TPK, ... of the latent, then of the
                 // rope part: one slot a thread and plain strides (a warp's two keys by lanes over the whole row,
                 // with a select between the parts per piece, took a third of a tile's instructions).
@@ -152,8 +161,8 @@ __device__ __forceinline__ void mla_flash_mma(
                     for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
                     for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
                 }
-            } else {
-                for (int t = warp; t < FM_KT; t += FM_WARPS) {
+            } else if (!raw) {
+                for (int t = threadIdx.x / 32; t < FM_KT; t += FM_WARPS * HG) {
                     const int s = sl[t];
                     __nv_bfloat16* row = buf + t * CS;
                     const float s_lat = s >= 0 ? scales[(size_t)s * 3] : 0.f;
@@ -174,8 +183,8 @@ __device__ __forceinline__ void mla_flash_mma(
     // The first run's slots at once, the first tiles requested before anything else (their copies overlap the q
     // fragments' loads).
     {
-        const int p = run_pos(0);
-        slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
+        const int p = finder ? run_pos(0) : -1;
+        if (finder) slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
     }
     // Columns D..CS of every buffer, which no copy writes, are zeros: they meet the zero q dims past D, and the
     // bf16 scores' last step of a warp reads 8 of them as its upper half (zero q against zero keys, not against
@@ -236,7 +245,7 @@ __device__ __forceinline__ void mla_flash_mma(
     int next_p = -1, next_b = -1;
     for (int i = 0; i < n_tiles; i++) {
         const int u = i / RUN + 1, phase = i % RUN;
-        if (u * RUN < n_tiles) {
+        if (finder && u * RUN < n_tiles) {
             if (phase == 0) next_p = run_pos(u);
             if (phase == RUN / 4 && next_p >= 0) next_b = table[next_p / KV_BLOCK];
             if (phase == RUN / 2) slot[(u & 1) * FM_SLOTS + threadIdx.x] = next_p >= 0 ? next_b * KV_BLOCK + next_p % KV_BLOCK : -1;
@@ -433,6 +442,10 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
 }
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16_d576(FM_ARGS) {
     mla_flash_mma<false, 512, 64>(FM_PASS);
+}
+// Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were.
+extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {
+    mla_flash_mma<false, 512, 64, 2>(FM_PASS);
 }
 
 // mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single
