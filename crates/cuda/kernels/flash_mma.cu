@@ -65,10 +65,11 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
 // LORA, ROPE: the cache's dims fixed at compile time (DeepSeek's 512 + 64: every shared-memory offset, copy loop
 // and column test folds to constants — a fifth of the kernel's instructions were integer address arithmetic), or
 // 0 for the dims of the arguments.
+// ST: tiles in the ring (FM_ST; at most RUN / 2 + 1, so a run's slots are stored before its first tile's copy).
 // HG: groups of FM_HEADS heads a block, each its own FM_WARPS warps, scores, P and softmax, over one copy of each
 // key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 112 KB at HG 2, fits an H200's
 // SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
-template <bool EXACT, int LORA, int ROPE, int HG = 1>
+template <bool EXACT, int LORA, int ROPE, int HG = 1, int ST = FM_ST>
 __device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
@@ -91,8 +92,9 @@ __device__ __forceinline__ void mla_flash_mma(
     static_assert(FM_KT == 32 && FM_HEADS == 2 * FM_WARPS, "a lane a key, a warp two heads in the softmax");
     constexpr int TPK = 32 * FM_WARPS / FM_KT;  // threads copying each key of a tile
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
-    __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
-    float* sc_all = (float*)(tile + FM_ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_KT]
+    static_assert(ST >= 2 && ST <= RUN / 2 + 1, "a run's slots are stored (at its predecessor's half) before its first copy");
+    __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [ST][FM_KT][CS]
+    float* sc_all = (float*)(tile + ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_KT]
     __nv_bfloat16* ps_all = (__nv_bfloat16*)(sc_all + HG * FM_WARPS * FM_HEADS * FM_KT);  // [HG][2][FM_HEADS][FM_PS]
     float* corr_all = (float*)(ps_all + HG * 2 * FM_HEADS * FM_PS);  // [HG][FM_HEADS]
     int* slot = (int*)(corr_all + HG * FM_HEADS);                    // [2][FM_SLOTS]
@@ -122,11 +124,11 @@ __device__ __forceinline__ void mla_flash_mma(
         return p <= pos ? p : -1;
     };
     auto slot_of = [&](int i) -> const int* { return slot + ((i / RUN) & 1) * FM_SLOTS + (i % RUN) * FM_KT; };
-    // Tile i into buffer i % FM_ST (a bf16 cache by 16-byte copies; the others converted, warp w keys w, w + 8).
+    // Tile i into buffer i % ST (a bf16 cache by 16-byte copies; the others converted, warp w keys w, w + 8).
     const bool raw = dtype == 1 && lora % 8 == 0 && rope % 8 == 0;
     auto load_tile = [&](int i) {
         if (i < n_tiles) {
-            __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
+            __nv_bfloat16* buf = tile + (i % ST) * FM_KT * CS;
             const int* sl = slot_of(i);
             if (raw && finder) {
                 // Thread t copies key t / TPK's pieces of 8 values t % TPK, + TPK, ... of the latent, then of the
@@ -189,12 +191,12 @@ __device__ __forceinline__ void mla_flash_mma(
     // Columns D..CS of every buffer, which no copy writes, are zeros: they meet the zero q dims past D, and the
     // bf16 scores' last step of a warp reads 8 of them as its upper half (zero q against zero keys, not against
     // whatever shared memory held).
-    for (int i = threadIdx.x; i < FM_ST * FM_KT * (CS - D); i += blockDim.x) {
+    for (int i = threadIdx.x; i < ST * FM_KT * (CS - D); i += blockDim.x) {
         const int row = i / (CS - D), d = D + i % (CS - D);
         tile[row * CS + d] = __float2bfloat16(0.f);
     }
     __syncthreads();
-    for (int i = 0; i < FM_ST - 1; i++) load_tile(i);
+    for (int i = 0; i < ST - 1; i++) load_tile(i);
 
     // Warp w's q fragments: k-steps w·FM_QK.. of 8 dims, heads h0 + group and + 8, dims 2·quad, +1 of each step;
     // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
@@ -241,7 +243,7 @@ __device__ __forceinline__ void mla_flash_mma(
     float m[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
 
     // The next run's lookups, spread over this run's tiles: its position at the first, its block's table entry a
-    // quarter in, the slot stored at half (the next run's first tile is requested FM_ST − 1 tiles before its end).
+    // quarter in, the slot stored at half (the next run's first tile is requested ST − 1 tiles before its end).
     int next_p = -1, next_b = -1;
     for (int i = 0; i < n_tiles; i++) {
         const int u = i / RUN + 1, phase = i % RUN;
@@ -253,10 +255,10 @@ __device__ __forceinline__ void mla_flash_mma(
         // One barrier for both: tile i has landed (every thread's copies and stores), and everyone is done with tile
         // i − 1's buffer, scores and P and has set the next run's slots — then the next tile is requested (two
         // barriers a tile before, the request between them: it waited for nothing the second one gave).
-        cp_async_wait<FM_ST - 2>();
+        cp_async_wait<ST - 2>();
         __syncthreads();
-        load_tile(i + FM_ST - 1);
-        const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
+        load_tile(i + ST - 1);
+        const __nv_bfloat16* buf = tile + (i % ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
         // Whether lane's key of the tile counts (read here: after the scores' barrier every warp's loads would
         // queue behind each other's).
@@ -446,6 +448,9 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fas
 // Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were.
 extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {
     mla_flash_mma<false, 512, 64, 2>(FM_PASS);
+}
+extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2s3(FM_ARGS) {
+    mla_flash_mma<false, 512, 64, 2, 3>(FM_PASS);
 }
 
 // mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single

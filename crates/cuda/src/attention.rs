@@ -68,6 +68,13 @@ fn flash_g2_min_rows() -> usize {
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_G2_MIN_ROWS", 2, 1..=MAX_GRID_Y))
 }
 
+/// Key tiles in the two-group kernel's ring, `PIPEMOE_FLASH_G2_STAGES` (2 or 3, default 2): 3 (`_g2s3`) keeps two
+/// tiles in flight behind the one the math is on, for 37 KB more shared memory.
+fn flash_g2_stages() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_G2_STAGES", 2, 2..=3))
+}
+
 /// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
 const OUT_COLS: usize = 32;
 const ABSORB_WARPS: usize = 8;
@@ -434,25 +441,28 @@ impl Step<'_> {
                         format!("bf16 attention holds at most {MMA_MAX_DIMS} query dims, not {lora} + {rope}"),
                     ));
                 }
-                let (h, kt, stages, ps) = (MMA_HEADS_PER_BLOCK, 32, 2, 40);
+                let (h, kt, ps) = (MMA_HEADS_PER_BLOCK, 32, 40);
                 let cs = dims.next_multiple_of(16) + 8;
                 // Each head group has its own partial scores, P and corrections; the tiles and slots are shared.
-                let smem = |groups: usize| {
+                let smem = |groups: usize, stages: usize| {
                     stages * kt * cs * 2 + groups * (8 * h * kt * 4 + 2 * h * ps * 2 + h * 4) + 2 * 256 * 4
                 };
+                let g2_stages = flash_g2_stages();
                 let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
                 let d576 = (lora, rope) == (512, 64);
                 // The driver keeps 1 KiB of an SM's shared memory for each block.
-                let g2 = !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2) + 1024 <= b.gpu.smem_per_sm;
+                let g2 =
+                    !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2, g2_stages) + 1024 <= b.gpu.smem_per_sm;
                 // DeepSeek's dims have their own instances, every shared-memory offset a constant.
                 let name = match (exact, d576, g2) {
                     (true, false, _) => "mla_flash_mma_bf16",
                     (false, false, _) => "mla_flash_mma_fast_bf16",
                     (true, true, _) => "mla_flash_mma_bf16_d576",
                     (false, true, false) => "mla_flash_mma_fast_bf16_d576",
+                    (false, true, true) if g2_stages == 3 => "mla_flash_mma_fast_bf16_d576_g2s3",
                     (false, true, true) => "mla_flash_mma_fast_bf16_d576_g2",
                 };
-                (b.f(name)?, smem(if g2 { 2 } else { 1 }), if g2 { 2 } else { 1 })
+                if g2 { (b.f(name)?, smem(2, g2_stages), 2) } else { (b.f(name)?, smem(1, 2), 1) }
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
