@@ -20,16 +20,17 @@
 // meet in shared memory for the softmax (a warp two heads, a lane a key); the mix gives warp w latent column tiles
 // w, w + 8, ...
 //
-// Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tile i + 1 is on its way
-// — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
-// converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS (a thread each) at a
-// time, the next run's loads spread over the current run's tiles (position, then block table, then the store), so
-// no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with probability 0.
+// Tiles go through a ring of ST buffers (FM_ST; 3 in the two-group kernel): while the math runs on tile i, tiles
+// i + 1.. are on their way — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not
+// a load per value), or converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS
+// (a thread each) at a time, the next run's loads spread over the current run's tiles (position, then block table,
+// then the store), so no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with
+// probability 0.
 //
-// Shared: FM_ST tiles [FM_KT][CS] bf16, partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS][FM_PS] bf16 (the
-// rounded values, then the remainders), the heads' corrections [FM_HEADS], slots [2][FM_SLOTS]. CS = DP + 8 with
-// DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the fragment loads and ldmatrix free
-// of bank conflicts. (attention::flash mirrors this.)
+// Shared: ST tiles [FM_KT][CS] bf16, then per head group partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS]
+// [FM_PS] bf16 (the rounded values, then the remainders) and the heads' corrections [FM_HEADS], then slots
+// [2][FM_SLOTS]. CS = DP + 8 with DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the
+// fragment loads and ldmatrix free of bank conflicts. (attention::flash mirrors this.)
 #include "common.cuh"
 #include "attention.cuh"
 #include "mma.cuh"
@@ -67,8 +68,8 @@ __device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo)
 // 0 for the dims of the arguments.
 // ST: tiles in the ring (FM_ST; at most RUN / 2 + 1, so a run's slots are stored before its first tile's copy).
 // HG: groups of FM_HEADS heads a block, each its own FM_WARPS warps, scores, P and softmax, over one copy of each
-// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 112 KB at HG 2, fits an H200's
-// SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
+// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 149 KB at HG 2 with 3 tiles, fits
+// an H200's SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
 template <bool EXACT, int LORA, int ROPE, int HG = 1, int ST = FM_ST>
 __device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
@@ -445,11 +446,9 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16_d576(FM_ARGS) {
     mla_flash_mma<false, 512, 64>(FM_PASS);
 }
-// Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were.
+// Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were; a ring
+// of 3 tiles (149 KB; H200, 32 rows: flash 181 -> 177 µs a layer against 2 tiles, session 22).
 extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {
-    mla_flash_mma<false, 512, 64, 2>(FM_PASS);
-}
-extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2s3(FM_ARGS) {
     mla_flash_mma<false, 512, 64, 2, 3>(FM_PASS);
 }
 

@@ -59,6 +59,9 @@ fn flash_exact() -> bool {
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_EXACT", 0, 0..=1) == 1)
 }
 
+/// Key tiles in the ring of the two-group flash kernel (its `ST`); the one-group kernels keep `FM_ST`, 2.
+const G2_STAGES: usize = 3;
+
 /// The fewest rows of a launch for which the bf16 flash kernel takes two head groups a block
 /// (`mla_flash_mma_fast_bf16_d576_g2`: each key tile crosses L2 once per 32 heads, not per 16), where an SM's
 /// shared memory holds the block: `PIPEMOE_FLASH_G2_MIN_ROWS` (1..=65535, default 2; 65535: never). A single row
@@ -66,13 +69,6 @@ fn flash_exact() -> bool {
 fn flash_g2_min_rows() -> usize {
     static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_G2_MIN_ROWS", 2, 1..=MAX_GRID_Y))
-}
-
-/// Key tiles in the two-group kernel's ring, `PIPEMOE_FLASH_G2_STAGES` (2 or 3, default 2): 3 (`_g2s3`) keeps two
-/// tiles in flight behind the one the math is on, for 37 KB more shared memory.
-fn flash_g2_stages() -> usize {
-    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_G2_STAGES", 2, 2..=3))
 }
 
 /// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
@@ -447,22 +443,20 @@ impl Step<'_> {
                 let smem = |groups: usize, stages: usize| {
                     stages * kt * cs * 2 + groups * (8 * h * kt * 4 + 2 * h * ps * 2 + h * 4) + 2 * 256 * 4
                 };
-                let g2_stages = flash_g2_stages();
                 let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
                 let d576 = (lora, rope) == (512, 64);
                 // The driver keeps 1 KiB of an SM's shared memory for each block.
                 let g2 =
-                    !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2, g2_stages) + 1024 <= b.gpu.smem_per_sm;
+                    !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2, G2_STAGES) + 1024 <= b.gpu.smem_per_sm;
                 // DeepSeek's dims have their own instances, every shared-memory offset a constant.
                 let name = match (exact, d576, g2) {
                     (true, false, _) => "mla_flash_mma_bf16",
                     (false, false, _) => "mla_flash_mma_fast_bf16",
                     (true, true, _) => "mla_flash_mma_bf16_d576",
                     (false, true, false) => "mla_flash_mma_fast_bf16_d576",
-                    (false, true, true) if g2_stages == 3 => "mla_flash_mma_fast_bf16_d576_g2s3",
                     (false, true, true) => "mla_flash_mma_fast_bf16_d576_g2",
                 };
-                if g2 { (b.f(name)?, smem(2, g2_stages), 2) } else { (b.f(name)?, smem(1, 2), 1) }
+                if g2 { (b.f(name)?, smem(2, G2_STAGES), 2) } else { (b.f(name)?, smem(1, 2), 1) }
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
