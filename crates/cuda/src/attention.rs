@@ -384,7 +384,7 @@ impl Step<'_> {
             }
             Kvb::Dense(w) => w,
         };
-        // flash_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
+        // mla_absorb_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
         let mma_smem = (64 * (d.qk_nope + 8) + d.qk_nope * 136) * 2;
         let mma = self.q.data.dtype() == ActDtype::Bf16
             && c.rows > 1
@@ -503,7 +503,7 @@ impl Step<'_> {
             Kvb::Dense(w) => w,
         };
         let cfg = if out.data.dtype() == ActDtype::Bf16 && c.rows > 1 {
-            // flash_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
+            // mla_absorb_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
             let f = b.f("mla_out_mma_bf16")?;
             let grid = (d.heads as u32, c.rows.div_ceil(64) as u32, d.v_head.div_ceil(128) as u32);
             (f, smem_cfg(b, f, grid, 256, 0)?)
