@@ -35,7 +35,9 @@ __device__ __forceinline__ float expert_combine(const float* partial, int splits
             v[u] = 0.f;
         }
         for (int s = 0; s < splits; s++) {
-            // Every slot's load before any add (an add after each load made each wait for the one before).
+            // Every slot's load before any add (an add after each load made each wait for the one before). A load
+            // must not depend on its pair: predicated on p ≥ 0, ptxas put each add after its load again (session
+            // 22). A missing pair reads pair 0's row (P ≥ 1 wherever a combine runs) and the select drops it.
             float t[EXPERT_SLOTS];
             const float* ps = partial + (size_t)s * P * N + n;
 #pragma unroll

@@ -1,6 +1,6 @@
 // MLA attention on tensor cores for bf16 activations (the serving path; attention.cu's kernels are the exact f32
-// path and the single-row absorptions): the flash kernel here, then (at the end of the file) both absorptions —
-// mla_out and mla_absorb_q — for steps of more than one row.
+// path and the single-row absorptions): the flash kernel (mla_absorb_mma.cu has both absorptions, mla_out and
+// mla_absorb_q, for steps of more than one row).
 //
 // The flash kernel (attention.cu's `mla_flash_f32` is its f32 twin). Same contract as mla_flash, with FM_HEADS heads a block: block (g, r, s) of grid
 // (⌈heads / FM_HEADS⌉, n_rows, splits) takes heads g·FM_HEADS.. of row row0 + r over the s-th share of the row's
@@ -20,16 +20,17 @@
 // meet in shared memory for the softmax (a warp two heads, a lane a key); the mix gives warp w latent column tiles
 // w, w + 8, ...
 //
-// Tiles go through a ring of FM_ST buffers: while the math runs on tile i, tile i + 1 is on its way
-// — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not a load per value), or
-// converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS (a thread each) at a
-// time, the next run's loads spread over the current run's tiles (position, then block table, then the store), so
-// no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with probability 0.
+// Tiles go through a ring of ST buffers (FM_ST; 3 in the two-group kernel): while the math runs on tile i, tiles
+// i + 1.. are on their way — 16-byte cp.async copies of each key's row for a bf16 cache (whole rows in flight, not
+// a load per value), or converted from an f32 / fp8 cache by plain loads. The keys' cache slots are found FM_SLOTS
+// (a thread each) at a time, the next run's loads spread over the current run's tiles (position, then block table,
+// then the store), so no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with
+// probability 0.
 //
-// Shared: FM_ST tiles [FM_KT][CS] bf16, partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS][FM_PS] bf16 (the
-// rounded values, then the remainders), the heads' corrections [FM_HEADS], slots [2][FM_SLOTS]. CS = DP + 8 with
-// DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the fragment loads and ldmatrix free
-// of bank conflicts. (attention::flash mirrors this.)
+// Shared: ST tiles [FM_KT][CS] bf16, then per head group partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS]
+// [FM_PS] bf16 (the rounded values, then the remainders) and the heads' corrections [FM_HEADS], then slots
+// [2][FM_SLOTS]. CS = DP + 8 with DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the
+// fragment loads and ldmatrix free of bank conflicts. (attention::flash mirrors this.)
 #include "common.cuh"
 #include "attention.cuh"
 #include "mma.cuh"
@@ -51,21 +52,16 @@ __device__ __forceinline__ void fm_mma(float* c, const u32* a, u32 b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b));
 }
 
-// Two values as bf16x2 (the first in the low half), rounded, and what the rounding left, also bf16x2.
-__device__ __forceinline__ void split_bf16x2(float x, float y, u32& hi, u32& lo) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    const __nv_bfloat162 l = __floats2bfloat162_rn(x - __low2float(h), y - __high2float(h));
-    hi = *(const u32*)&h;
-    lo = *(const u32*)&l;
-}
-
-
 // EXACT: q and P enter as value + remainder (above); otherwise as bf16 alone, each k-step 16 distinct values — half
 // the tensor-core work, the precision of HF's own bf16 attention (scores of bf16 q, P cast to bf16 for the mix).
 // LORA, ROPE: the cache's dims fixed at compile time (DeepSeek's 512 + 64: every shared-memory offset, copy loop
 // and column test folds to constants — a fifth of the kernel's instructions were integer address arithmetic), or
 // 0 for the dims of the arguments.
-template <bool EXACT, int LORA, int ROPE>
+// ST: tiles in the ring (FM_ST; at most RUN / 2 + 1, so a run's slots are stored before its first tile's copy).
+// HG: groups of FM_HEADS heads a block, each its own FM_WARPS warps, scores, P and softmax, over one copy of each
+// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 149 KB at HG 2 with 3 tiles, fits
+// an H200's SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
+template <bool EXACT, int LORA, int ROPE, int HG = 1, int ST = FM_ST>
 __device__ __forceinline__ void mla_flash_mma(
     const float* q_lat,           // [n_rows, heads, lora]
     const __nv_bfloat16* q,       // [rows, heads, nope + rope]: q_pe is each head's tail
@@ -88,14 +84,21 @@ __device__ __forceinline__ void mla_flash_mma(
     static_assert(FM_KT == 32 && FM_HEADS == 2 * FM_WARPS, "a lane a key, a warp two heads in the softmax");
     constexpr int TPK = 32 * FM_WARPS / FM_KT;  // threads copying each key of a tile
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
-    __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [FM_ST][FM_KT][CS]
-    float* sc = (float*)(tile + FM_ST * FM_KT * CS);                 // [FM_WARPS][FM_HEADS][FM_KT]
-    __nv_bfloat16* ps = (__nv_bfloat16*)(sc + FM_WARPS * FM_HEADS * FM_KT);  // [2][FM_HEADS][FM_PS]
-    float* corr = (float*)(ps + 2 * FM_HEADS * FM_PS);               // [FM_HEADS]
-    int* slot = (int*)(corr + FM_HEADS);                             // [2][FM_SLOTS]
+    static_assert(ST >= 2 && ST <= RUN / 2 + 1, "a run's slots are stored (at its predecessor's half) before its first copy");
+    __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [ST][FM_KT][CS]
+    float* sc_all = (float*)(tile + ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_KT]
+    __nv_bfloat16* ps_all = (__nv_bfloat16*)(sc_all + HG * FM_WARPS * FM_HEADS * FM_KT);  // [HG][2][FM_HEADS][FM_PS]
+    float* corr_all = (float*)(ps_all + HG * 2 * FM_HEADS * FM_PS);  // [HG][FM_HEADS]
+    int* slot = (int*)(corr_all + HG * FM_HEADS);                    // [2][FM_SLOTS]
 
     const int lr = blockIdx.y, r = row0 + lr, split = blockIdx.z, splits = gridDim.z;
-    const int h0 = blockIdx.x * FM_HEADS, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    // Warp `warp` of head group hg; a group's warps, scores, P and corrections are those of a block of one group.
+    const int hg = HG > 1 ? (int)threadIdx.x / (32 * FM_WARPS) : 0, warp = threadIdx.x / 32 % FM_WARPS;
+    const int h0 = (blockIdx.x * HG + hg) * FM_HEADS, lane = threadIdx.x & 31;
+    const bool finder = HG == 1 || threadIdx.x < FM_SLOTS;  // finds a key's slot, copies tiles
+    float* sc = sc_all + hg * FM_WARPS * FM_HEADS * FM_KT;
+    __nv_bfloat16* ps = ps_all + hg * 2 * FM_HEADS * FM_PS;
+    float* corr = corr_all + hg * FM_HEADS;
     const int group = lane >> 2, quad = lane & 3;
     // A selection holds at most key_stride keys a row: a step's tables count every causal key (pos + 1), which
     // serve the dense and the selecting layers alike.
@@ -113,13 +116,13 @@ __device__ __forceinline__ void mla_flash_mma(
         return p <= pos ? p : -1;
     };
     auto slot_of = [&](int i) -> const int* { return slot + ((i / RUN) & 1) * FM_SLOTS + (i % RUN) * FM_KT; };
-    // Tile i into buffer i % FM_ST (a bf16 cache by 16-byte copies; the others converted, warp w keys w, w + 8).
+    // Tile i into buffer i % ST (a bf16 cache by 16-byte copies; the others converted, warp w keys w, w + 8).
     const bool raw = dtype == 1 && lora % 8 == 0 && rope % 8 == 0;
     auto load_tile = [&](int i) {
         if (i < n_tiles) {
-            __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
+            __nv_bfloat16* buf = tile + (i % ST) * FM_KT * CS;
             const int* sl = slot_of(i);
-            if (raw) {
+            if (raw && finder) {
                 // Thread t copies key t / TPK's pieces of 8 values t % TPK, + TPK, ... of the latent, then of the
                 // rope part: one slot a thread and plain strides (a warp's two keys by lanes over the whole row,
                 // with a select between the parts per piece, took a third of a tile's instructions).
@@ -152,8 +155,8 @@ __device__ __forceinline__ void mla_flash_mma(
                     for (int c = c0; c < lora / 8; c += TPK) cp_async16(row + c * 8, lat + c * 8, bytes);
                     for (int c = c0; c < rope / 8; c += TPK) cp_async16(row + lora + c * 8, pe + c * 8, bytes);
                 }
-            } else {
-                for (int t = warp; t < FM_KT; t += FM_WARPS) {
+            } else if (!raw) {
+                for (int t = threadIdx.x / 32; t < FM_KT; t += FM_WARPS * HG) {
                     const int s = sl[t];
                     __nv_bfloat16* row = buf + t * CS;
                     const float s_lat = s >= 0 ? scales[(size_t)s * 3] : 0.f;
@@ -174,18 +177,18 @@ __device__ __forceinline__ void mla_flash_mma(
     // The first run's slots at once, the first tiles requested before anything else (their copies overlap the q
     // fragments' loads).
     {
-        const int p = run_pos(0);
-        slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
+        const int p = finder ? run_pos(0) : -1;
+        if (finder) slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
     }
     // Columns D..CS of every buffer, which no copy writes, are zeros: they meet the zero q dims past D, and the
     // bf16 scores' last step of a warp reads 8 of them as its upper half (zero q against zero keys, not against
     // whatever shared memory held).
-    for (int i = threadIdx.x; i < FM_ST * FM_KT * (CS - D); i += blockDim.x) {
+    for (int i = threadIdx.x; i < ST * FM_KT * (CS - D); i += blockDim.x) {
         const int row = i / (CS - D), d = D + i % (CS - D);
         tile[row * CS + d] = __float2bfloat16(0.f);
     }
     __syncthreads();
-    for (int i = 0; i < FM_ST - 1; i++) load_tile(i);
+    for (int i = 0; i < ST - 1; i++) load_tile(i);
 
     // Warp w's q fragments: k-steps w·FM_QK.. of 8 dims, heads h0 + group and + 8, dims 2·quad, +1 of each step;
     // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
@@ -232,11 +235,11 @@ __device__ __forceinline__ void mla_flash_mma(
     float m[2] = {NEG_INF, NEG_INF}, sum[2] = {0.f, 0.f};
 
     // The next run's lookups, spread over this run's tiles: its position at the first, its block's table entry a
-    // quarter in, the slot stored at half (the next run's first tile is requested FM_ST − 1 tiles before its end).
+    // quarter in, the slot stored at half (the next run's first tile is requested ST − 1 tiles before its end).
     int next_p = -1, next_b = -1;
     for (int i = 0; i < n_tiles; i++) {
         const int u = i / RUN + 1, phase = i % RUN;
-        if (u * RUN < n_tiles) {
+        if (finder && u * RUN < n_tiles) {
             if (phase == 0) next_p = run_pos(u);
             if (phase == RUN / 4 && next_p >= 0) next_b = table[next_p / KV_BLOCK];
             if (phase == RUN / 2) slot[(u & 1) * FM_SLOTS + threadIdx.x] = next_p >= 0 ? next_b * KV_BLOCK + next_p % KV_BLOCK : -1;
@@ -244,10 +247,10 @@ __device__ __forceinline__ void mla_flash_mma(
         // One barrier for both: tile i has landed (every thread's copies and stores), and everyone is done with tile
         // i − 1's buffer, scores and P and has set the next run's slots — then the next tile is requested (two
         // barriers a tile before, the request between them: it waited for nothing the second one gave).
-        cp_async_wait<FM_ST - 2>();
+        cp_async_wait<ST - 2>();
         __syncthreads();
-        load_tile(i + FM_ST - 1);
-        const __nv_bfloat16* buf = tile + (i % FM_ST) * FM_KT * CS;
+        load_tile(i + ST - 1);
+        const __nv_bfloat16* buf = tile + (i % ST) * FM_KT * CS;
         const int cnt = min(FM_KT, end - (begin + i * FM_KT));
         // Whether lane's key of the tile counts (read here: after the scores' barrier every warp's loads would
         // queue behind each other's).
@@ -434,180 +437,8 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16_d576(FM_ARGS) {
     mla_flash_mma<false, 512, 64>(FM_PASS);
 }
-
-// mla_out on tensor cores for bf16 activations and more than one row (attention.cu's mla_out keeps the single
-// row and f32): out[row0 + r, h, i] = Σ_l W_UV[h, i, l] · o_lat[r, h, l], with o_lat the row's key shares merged
-// as mla_out merges them. Block (h, b) of grid (heads, ⌈n_rows / 64⌉), 8 warps: head h, rows b·64.. . The
-// fragment's 16 rows are 16 outputs i (warp w: i = 16·w.., vdim ≤ 128 per pass of the grid's z), its 8 columns
-// 8 rows of the block, its K 8 latent values twice — o_lat rounded to bf16, then what the rounding left — against
-// the same 8 values of W_UV (the A registers repeat), so the f32 o_lat enters to ~2^-16 as in the flash kernel.
-// The latent runs in chunks of OM_LC: the merged o_lat of the block's rows staged in shared memory (both halves),
-// W_UV's fragments read from global memory (a head's 128 KB stay in L2 for its row blocks).
-// Shared: [2][64][OM_LC + 8] bf16 (rows 4 mod 8 words apart: conflict-free fragment loads), weights [64][16] f32.
-#define OM_ROWS 64
-#define OM_LC 64
-#define OM_LS (OM_LC + 8)
-
-extern "C" __global__ void __launch_bounds__(256) mla_out_mma_bf16(
-    const float* o_part,          // [n_rows, heads, splits, lora]
-    const float* ml_part,         // [n_rows, heads, splits, 2]
-    int splits,
-    const __nv_bfloat16* kv_b,    // [heads, nope + vdim, lora]
-    int row0, int n_rows, int heads, int nope, int vdim, int lora,
-    __nv_bfloat16* out) {         // [rows, heads, vdim]
-    __shared__ __align__(16) __nv_bfloat16 ol[2][OM_ROWS][OM_LS];
-    __shared__ float wts[OM_ROWS][MLA_MAX_SPLITS];
-    const int h = blockIdx.x, r0 = blockIdx.y * OM_ROWS, i0 = (blockIdx.z * 8 + threadIdx.x / 32) * 16;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
-    // Warp w weighs rows w, w + 8, ...: lane s split s.
-    for (int k = warp; k < OM_ROWS; k += 8) {
-        const float wt = split_weight(ml_part, r0 + k, n_rows, heads, h, splits, lane);
-        if (lane < MLA_MAX_SPLITS) wts[k][lane] = wt;
-    }
-    // W_UV rows i0 + group and + 8 of this warp (zero past vdim).
-    const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora + (size_t)nope * lora;
-    const int ia = i0 + group, ib = ia + 8;
-    float acc[OM_ROWS / 8][4] = {};
-    constexpr int PER = OM_ROWS * OM_LC / 4 / 256;  // float4 entries of o_lat a thread merges per chunk
-    static_assert(PER * 256 * 4 == OM_ROWS * OM_LC, "whole passes of the block's threads");
-    for (int l0 = 0; l0 < lora; l0 += OM_LC) {
-        // This chunk's W_UV fragments, requested first: they do not wait for the barrier or the merge.
-        u32 a[OM_LC / 8][2];
-#pragma unroll
-        for (int ks = 0; ks < OM_LC / 8; ks++) {
-            const int l = l0 + ks * 8 + quad * 2;
-            a[ks][0] = ia < vdim && l < lora ? *(const u32*)(w + (size_t)ia * lora + l) : 0u;
-            a[ks][1] = ib < vdim && l < lora ? *(const u32*)(w + (size_t)ib * lora + l) : 0u;
-        }
-        __syncthreads();  // the weights are set; everyone is done with the last chunk
-        // Stage o_lat[rows, l0 .. l0 + OM_LC) merged, as bf16 and remainder: a thread's PER entries of four values
-        // merged a split at a time, so their PER loads are in flight together (an entry at a time, each load
-        // waited a round trip).
-        const float* op[PER];
-        float4 v[PER];
-#pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int e = threadIdx.x + j * 256, k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
-            const bool live = r0 + k < n_rows && l0 + c < lora;
-            op[j] = live ? o_part + ((size_t)(r0 + k) * heads + h) * splits * lora + l0 + c : nullptr;
-            v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-        for (int s = 0; s < splits; s++) {
-            float4 p[PER];
-#pragma unroll
-            for (int j = 0; j < PER; j++)
-                p[j] = op[j] ? *(const float4*)(op[j] + (size_t)s * lora) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-            for (int j = 0; j < PER; j++) {
-                const float ws = wts[(threadIdx.x + j * 256) / (OM_LC / 4)][s];
-                v[j].x += ws * p[j].x, v[j].y += ws * p[j].y, v[j].z += ws * p[j].z, v[j].w += ws * p[j].w;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < PER; j++) {
-            const int e = threadIdx.x + j * 256, k = e / (OM_LC / 4), c = (e % (OM_LC / 4)) * 4;
-            u32 hi0, lo0, hi1, lo1;
-            split_bf16x2(v[j].x, v[j].y, hi0, lo0);
-            split_bf16x2(v[j].z, v[j].w, hi1, lo1);
-            *(uint2*)&ol[0][k][c] = make_uint2(hi0, hi1);
-            *(uint2*)&ol[1][k][c] = make_uint2(lo0, lo1);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int ks = 0; ks < OM_LC / 8; ks++) {
-            const u32 af[4] = {a[ks][0], a[ks][1], a[ks][0], a[ks][1]};
-#pragma unroll
-            for (int nt = 0; nt < OM_ROWS / 8; nt++) {
-                const int c = ks * 8 + quad * 2;
-                const u32 b0 = *(const u32*)&ol[0][nt * 8 + group][c], b1 = *(const u32*)&ol[1][nt * 8 + group][c];
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                    "{%0,%1,%2,%3};\n"
-                    : "+f"(acc[nt][0]), "+f"(acc[nt][1]), "+f"(acc[nt][2]), "+f"(acc[nt][3])
-                    : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "r"(b0), "r"(b1));
-            }
-        }
-    }
-    // acc[nt]: outputs ia (0, 1) and ib (2, 3) of rows nt·8 + 2·quad, + 1.
-#pragma unroll
-    for (int nt = 0; nt < OM_ROWS / 8; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int i = e < 2 ? ia : ib, k = r0 + nt * 8 + quad * 2 + (e & 1);
-            if (i < vdim && k < n_rows) out[((size_t)(row0 + k) * heads + h) * vdim + i] = __float2bfloat16(acc[nt][e]);
-        }
-}
-
-// mla_absorb_q on tensor cores for bf16 activations and more than one row: q_lat[r, h, l] = Σ_d q_nope[row0 + r,
-// h, d] · W_UK[h, d, l], f32 out (bf16 products are exact in the f32 accumulators, as on the scalar path). Block
-// (h, b, z) of grid (heads, ⌈n_rows / 64⌉, ⌈lora / 128⌉), 8 warps: head h, rows b·64.., latent columns z·128..;
-// warp w the 16 rows (w % 4)·16.. and 64 columns (w / 4)·64.. . The block's q rows and W_UK columns are staged in
-// shared memory ([64][nope + 8] and [nope][136] bf16: rows 4 mod 8 words apart, conflict-free ldmatrix), the
-// fragments come by ldmatrix (W_UK's transposed: it is stored k-major). nope % 16 == 0 (attention.rs checks).
-#define AQ_ROWS 64
-#define AQ_COLS 128
-#define AQ_WS (AQ_COLS + 8)
-
-extern "C" __global__ void __launch_bounds__(256) mla_absorb_q_mma_bf16(
-    const __nv_bfloat16* q,       // [rows, heads, nope + rope]
-    const __nv_bfloat16* kv_b,    // [heads, nope + vdim, lora]
-    int row0, int n_rows, int heads, int nope, int rope, int vdim, int lora,
-    float* q_lat) {               // [n_rows, heads, lora]
-    extern __shared__ __align__(16) unsigned char aq_smem[];
-    const int QS = nope + 8;
-    __nv_bfloat16* qs = (__nv_bfloat16*)aq_smem;  // [AQ_ROWS][QS]
-    __nv_bfloat16* ws = qs + AQ_ROWS * QS;        // [nope][AQ_WS]
-    const int h = blockIdx.x, r0 = blockIdx.y * AQ_ROWS, l0 = blockIdx.z * AQ_COLS;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, group = lane >> 2, quad = lane & 3;
-    // Stage 8 values a copy: the rows' q_nope (zeros past n_rows), W_UK's columns (zeros past lora).
-    const int qv = nope / 8;
-    for (int e = threadIdx.x; e < AQ_ROWS * qv; e += blockDim.x) {
-        const int k = e / qv, d = (e % qv) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (r0 + k < n_rows) v = *(const uint4*)(q + ((size_t)(row0 + r0 + k) * heads + h) * (nope + rope) + d);
-        *(uint4*)(qs + k * QS + d) = v;
-    }
-    const __nv_bfloat16* w = kv_b + (size_t)h * (nope + vdim) * lora;
-    for (int e = threadIdx.x; e < nope * (AQ_COLS / 8); e += blockDim.x) {
-        const int d = e / (AQ_COLS / 8), c = (e % (AQ_COLS / 8)) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (l0 + c < lora) v = *(const uint4*)(w + (size_t)d * lora + l0 + c);
-        *(uint4*)(ws + d * AQ_WS + c) = v;
-    }
-    __syncthreads();
-    const int wm = warp & 3, wn = warp >> 2;
-    float acc[8][4] = {};
-    // ldmatrix rows: A's four matrices are (rows 0..7 | 8..15) × (k 0..7 | 8..15), B's (k 0..7 | 8..15) × (tile j
-    // | j + 1): lane L the row L % 8 of matrix L / 8.
-    const int lr = (lane & 7) + ((lane >> 3) & 1) * 8;
-    const __nv_bfloat16* arow = qs + (wm * 16 + lr) * QS + (lane >> 4) * 8;
-    const __nv_bfloat16* brow = ws + lr * AQ_WS + wn * 64 + (lane >> 4) * 8;
-    for (int ks = 0; ks < nope / 16; ks++) {
-        u32 a[4];
-        ldmatrix_x4(a, arow + ks * 16);
-#pragma unroll
-        for (int j = 0; j < 8; j += 2) {
-            u32 b[4];
-            ldmatrix_x4_trans(b, brow + ks * 16 * AQ_WS + j * 8);
-#pragma unroll
-            for (int u = 0; u < 2; u++)
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                    "{%0,%1,%2,%3};\n"
-                    : "+f"(acc[j + u][0]), "+f"(acc[j + u][1]), "+f"(acc[j + u][2]), "+f"(acc[j + u][3])
-                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * u]), "r"(b[2 * u + 1]));
-        }
-    }
-    // acc[j]: rows wm·16 + group (0, 1) and + 8 (2, 3), columns j·8 + 2·quad, + 1 of the warp's 64.
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int l = l0 + wn * 64 + j * 8 + quad * 2;
-        if (l >= lora) continue;
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            const int k = r0 + wm * 16 + group + 8 * hh;
-            if (k < n_rows)
-                *(float2*)(q_lat + ((size_t)k * heads + h) * lora + l) = make_float2(acc[j][2 * hh], acc[j][2 * hh + 1]);
-        }
-    }
+// Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were; a ring
+// of 3 tiles (149 KB; H200, 32 rows: flash 181 -> 177 µs a layer against 2 tiles, session 22).
+extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {
+    mla_flash_mma<false, 512, 64, 2, 3>(FM_PASS);
 }

@@ -59,6 +59,18 @@ fn flash_exact() -> bool {
     *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_EXACT", 0, 0..=1) == 1)
 }
 
+/// Key tiles in the ring of the two-group flash kernel (its `ST`); the one-group kernels keep `FM_ST`, 2.
+const G2_STAGES: usize = 3;
+
+/// The fewest rows of a launch for which the bf16 flash kernel takes two head groups a block
+/// (`mla_flash_mma_fast_bf16_d576_g2`: each key tile crosses L2 once per 32 heads, not per 16), where an SM's
+/// shared memory holds the block: `PIPEMOE_FLASH_G2_MIN_ROWS` (1..=65535, default 2; 65535: never). A single row
+/// keeps 16 heads a block: its 128 blocks reach 128 SMs, 32 heads' 64 would idle half of them.
+fn flash_g2_min_rows() -> usize {
+    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_G2_MIN_ROWS", 2, 1..=MAX_GRID_Y))
+}
+
 /// Output columns per block of `mla_out` (`OUT_COLS`), warps per block of it and `mla_absorb_q` (`ABS_WARPS`).
 const OUT_COLS: usize = 32;
 const ABSORB_WARPS: usize = 8;
@@ -372,7 +384,7 @@ impl Step<'_> {
             }
             Kvb::Dense(w) => w,
         };
-        // flash_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
+        // mla_absorb_mma.cu's tensor-core kernel: q [64][nope + 8] and W_UK [nope][136] bf16, 16-byte staging copies.
         let mma_smem = (64 * (d.qk_nope + 8) + d.qk_nope * 136) * 2;
         let mma = self.q.data.dtype() == ActDtype::Bf16
             && c.rows > 1
@@ -412,9 +424,9 @@ impl Step<'_> {
         let (lora, rope) = (d.kv_lora, d.qk_rope);
         let dims = lora + rope;
         let dt = self.q.data.dtype();
-        let (f, smem) = match dt {
-            // flash_mma.cu: two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), partial scores
-            // [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32, slots [2][256].
+        let (f, smem, groups) = match dt {
+            // flash_mma.cu: two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), per head group partial
+            // scores [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32; slots [2][256].
             ActDtype::Bf16 => {
                 if !lora.is_multiple_of(8) {
                     return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
@@ -425,29 +437,39 @@ impl Step<'_> {
                         format!("bf16 attention holds at most {MMA_MAX_DIMS} query dims, not {lora} + {rope}"),
                     ));
                 }
-                let (h, kt, stages, ps) = (MMA_HEADS_PER_BLOCK, 32, 2, 40);
+                let (h, kt, ps) = (MMA_HEADS_PER_BLOCK, 32, 40);
                 let cs = dims.next_multiple_of(16) + 8;
-                let smem = stages * kt * cs * 2 + 8 * h * kt * 4 + 2 * h * ps * 2 + h * 4 + 2 * 256 * 4;
-                let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
-                // DeepSeek's dims have their own instances, every shared-memory offset a constant.
-                let name = match (exact, (lora, rope) == (512, 64)) {
-                    (true, false) => "mla_flash_mma_bf16",
-                    (false, false) => "mla_flash_mma_fast_bf16",
-                    (true, true) => "mla_flash_mma_bf16_d576",
-                    (false, true) => "mla_flash_mma_fast_bf16_d576",
+                // Each head group has its own partial scores, P and corrections; the tiles and slots are shared.
+                let smem = |groups: usize, stages: usize| {
+                    stages * kt * cs * 2 + groups * (8 * h * kt * 4 + 2 * h * ps * 2 + h * 4) + 2 * 256 * 4
                 };
-                (b.f(name)?, smem)
+                let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
+                let d576 = (lora, rope) == (512, 64);
+                // The driver keeps 1 KiB of an SM's shared memory for each block.
+                let g2 =
+                    !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2, G2_STAGES) + 1024 <= b.gpu.smem_per_sm;
+                // DeepSeek's dims have their own instances, every shared-memory offset a constant.
+                let name = match (exact, d576, g2) {
+                    (true, false, _) => "mla_flash_mma_bf16",
+                    (false, false, _) => "mla_flash_mma_fast_bf16",
+                    (true, true, _) => "mla_flash_mma_bf16_d576",
+                    (false, true, false) => "mla_flash_mma_fast_bf16_d576",
+                    (false, true, true) => "mla_flash_mma_fast_bf16_d576_g2",
+                };
+                if g2 { (b.f(name)?, smem(2, G2_STAGES), 2) } else { (b.f(name)?, smem(1, 2), 1) }
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
             ActDtype::F32 => {
                 let (kt, h) = (16, HEADS_PER_BLOCK);
                 let floats = dims * h + 8 * h * kt + kt * h + h;
-                (b.f("mla_flash_f32")?, floats * 4 + kt * 4 + kt * (dims + 1) * 4)
+                (b.f("mla_flash_f32")?, floats * 4 + kt * 4 + kt * (dims + 1) * 4, 1)
             }
         };
-        let grid = (d.heads.div_ceil(flash_heads(dt)) as u32, c.rows as u32, c.splits as u32);
-        let cfg = smem_cfg(b, f, grid, 256, smem)?;
+        // A block of `groups` head groups has 256 threads each; the chunk's splits counted groups against two
+        // blocks of one an SM, which is one block of two (the same shares).
+        let grid = (d.heads.div_ceil(groups * flash_heads(dt)) as u32, c.rows as u32, c.splits as u32);
+        let cfg = smem_cfg(b, f, grid, 256 * groups as u32, smem)?;
         let null: u64 = 0;
         let stride = self.selection.map_or(0, |s| s.stride() as i32);
         let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);
@@ -481,7 +503,7 @@ impl Step<'_> {
             Kvb::Dense(w) => w,
         };
         let cfg = if out.data.dtype() == ActDtype::Bf16 && c.rows > 1 {
-            // flash_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
+            // mla_absorb_mma.cu's tensor-core kernel: 64 rows and 128 outputs of a head a block, static shared memory.
             let f = b.f("mla_out_mma_bf16")?;
             let grid = (d.heads as u32, c.rows.div_ceil(64) as u32, d.v_head.div_ceil(128) as u32);
             (f, smem_cfg(b, f, grid, 256, 0)?)

@@ -26,6 +26,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
     ("indexer.cu", include_str!("../kernels/indexer.cu")),
+    ("mla_absorb_mma.cu", include_str!("../kernels/mla_absorb_mma.cu")),
     ("mla_q.cu", include_str!("../kernels/mla_q.cu")),
     ("ops.cu", include_str!("../kernels/ops.cu")),
     ("route.cu", include_str!("../kernels/route.cu")),
