@@ -425,8 +425,8 @@ impl Step<'_> {
         let dims = lora + rope;
         let dt = self.q.data.dtype();
         let (f, smem, groups) = match dt {
-            // flash_mma.cu: two tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), per head group partial
-            // scores [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32; slots [2][256].
+            // flash_mma.cu: a ring of tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), per head group
+            // partial scores [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32; slots [2][256].
             ActDtype::Bf16 => {
                 if !lora.is_multiple_of(8) {
                     return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
@@ -456,7 +456,8 @@ impl Step<'_> {
                     (false, true, false) => "mla_flash_mma_fast_bf16_d576",
                     (false, true, true) => "mla_flash_mma_fast_bf16_d576_g2",
                 };
-                if g2 { (b.f(name)?, smem(2, G2_STAGES), 2) } else { (b.f(name)?, smem(1, 2), 1) }
+                let (groups, stages) = if g2 { (2, G2_STAGES) } else { (1, 2) };
+                (b.f(name)?, smem(groups, stages), groups)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
             // corrections [8] (f32), slots [16], the tile [16][dims + 1] f32.
