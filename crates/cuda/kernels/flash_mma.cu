@@ -52,6 +52,18 @@ __device__ __forceinline__ void fm_mma(float* c, const u32* a, u32 b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b));
 }
 
+// A barrier of head group hg's warps alone (the partial scores, P and corrections are the group's own): with two
+// groups a block, each runs its softmax between its own barriers, as two blocks an SM did, and the block's
+// barrier stands only where the shared key tiles change hands (a named barrier a group; 0 is __syncthreads').
+template <int HG>
+__device__ __forceinline__ void group_sync(int hg) {
+    if constexpr (HG == 1) {
+        __syncthreads();
+    } else {
+        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + hg), "r"(32 * FM_WARPS) : "memory");
+    }
+}
+
 // EXACT: q and P enter as value + remainder (above); otherwise as bf16 alone, each k-step 16 distinct values — half
 // the tensor-core work, the precision of HF's own bf16 attention (scores of bf16 q, P cast to bf16 for the mix).
 // LORA, ROPE: the cache's dims fixed at compile time (DeepSeek's 512 + 64: every shared-memory offset, copy loop
@@ -296,7 +308,7 @@ if (EXACT) {
                 *(float2*)(out + 8 * FM_KT) = make_float2(c[g][2], c[g][3]);
             }
         }
-        __syncthreads();
+        group_sync<HG>(hg);
 
         // A warp two heads, a lane a key: the eight partial scores added in warp order, the online softmax,
         // P rounded and its remainder for the mix. The two heads' maxima go through one ladder of shuffles, and
@@ -335,7 +347,7 @@ if (EXACT) {
                 if (lane == 0) corr[sh] = cf;
             }
         }
-        __syncthreads();
+        group_sync<HG>(hg);
 
         // O[head, col] = O · corr[head] + Σ_key P[head, key] · C[key, col]: per k-step of 8 keys, a0/a1 the
         // rounded P of heads group and group + 8, a2/a3 the remainders.

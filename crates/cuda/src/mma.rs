@@ -141,14 +141,17 @@ const MAX_STAGES: usize = 8;
 /// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
 /// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which launches lay a block's warps
 /// side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1 the grouped
-/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch. A value that
-/// does not parse or is out of range is reported once on stderr and the default used.
+/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch;
+/// `PIPEMOE_GEMV_SPLITS` — the splits of K of every plain GEMV launch (0, the default: chosen by [`shape`]), a
+/// sweep's knob for the one-wave launches' balance over the SMs (o_proj at one row: 448 blocks are 4 on 52 SMs and
+/// 3 on 80). A value that does not parse or is out of range is reported once on stderr and the default used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Tuning {
     warps_per_sm: usize,
     max_stages: usize,
     smem_block: usize,
     warp_cols: usize,
+    splits: usize,
 }
 
 fn tuning() -> Tuning {
@@ -158,6 +161,7 @@ fn tuning() -> Tuning {
         max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
         smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
         warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 1, 0..=3),
+        splits: knob("PIPEMOE_GEMV_SPLITS", 0, 0..=128),
     })
 }
 
@@ -298,7 +302,11 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
 fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
     let layout = Layout::for_launch(false, batch);
     let bx = blocks_x(w.out_features, batch, layout);
-    (bx, shape(w, gpu, batch, bx, layout))
+    let s = shape(w, gpu, batch, bx, layout);
+    match tuning().splits {
+        0 => (bx, s),
+        forced => (bx, s.with_splits(w.in_features, forced)),
+    }
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {
