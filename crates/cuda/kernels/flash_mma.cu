@@ -206,17 +206,27 @@ __device__ __forceinline__ void mla_flash_mma(
     // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
     u32 qa[FM_QK][4];
     {
-        const int ha = h0 + group, hb = ha + 8;
-        auto qv = [&](int h, int d) -> float2 {
-            if (h >= heads || d >= D) return make_float2(0.f, 0.f);
-            if (d < lora) return *(const float2*)(q_lat + ((size_t)lr * heads + h) * lora + d);
-            const __nv_bfloat16* p = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
-            return make_float2(__bfloat162float(p[0]), d + 1 < D ? __bfloat162float(p[1]) : 0.f);
-        };
+        // Every load first, then the conversions: as one lambda with a branch per value (latent f32 or rope bf16)
+        // ptxas issued them one at a time, each waiting on its own global round trip (ncu, session 23: the block's
+        // start was a fifth of a prefill launch's stall samples; the one-row kernel's blocks have 4 tiles).
+        float2 v[FM_QK][2];
+#pragma unroll
+        for (int j = 0; j < FM_QK; j++)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int h = h0 + group + 8 * u, d = (warp * FM_QK + j) * 8 + quad * 2;
+                const bool ok = h < heads && d < D, in_lat = d < lora;
+                const float* pl = q_lat + ((size_t)lr * heads + h) * lora + d;
+                const __nv_bfloat16* pp = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
+                float2 x = make_float2(0.f, 0.f);
+                if (ok && in_lat) x = *(const float2*)pl;
+                if (ok && !in_lat) x.x = __bfloat162float(pp[0]);
+                if (ok && !in_lat && d + 1 < D) x.y = __bfloat162float(pp[1]);
+                v[j][u] = x;
+            }
 #pragma unroll
         for (int j = 0; j < FM_QK; j++) {
-            const int d = (warp * FM_QK + j) * 8 + quad * 2;
-            const float2 a = qv(ha, d), b = qv(hb, d);
+            const float2 a = v[j][0], b = v[j][1];
             if (EXACT) {
                 split_bf16x2(a.x, a.y, qa[j][0], qa[j][2]);
                 split_bf16x2(b.x, b.y, qa[j][1], qa[j][3]);
