@@ -27,7 +27,7 @@
 // then the store), so no lookup stands between two tiles. Keys past the share or outside 0..pos are zero rows with
 // probability 0.
 //
-// Shared: ST tiles [FM_KT][CS] bf16, then per head group partial scores [8][FM_HEADS][FM_KT] f32, P [2][FM_HEADS]
+// Shared: ST tiles [FM_KT][CS] bf16, then per head group partial scores [8][FM_HEADS][FM_SCS] f32, P [2][FM_HEADS]
 // [FM_PS] bf16 (the rounded values, then the remainders) and the heads' corrections [FM_HEADS], then slots
 // [2][FM_SLOTS]. CS = DP + 8 with DP = D rounded up to 16 (zero columns): row strides of 4 mod 8 words keep the
 // fragment loads and ldmatrix free of bank conflicts. (attention::flash mirrors this.)
@@ -38,6 +38,7 @@
 #define FM_HEADS 16   // heads per block: the fragment's 16 rows
 #define FM_KT 32      // keys per tile: a warp's lanes in the softmax
 #define FM_PS 40      // bf16 per head row of P (32 + 8: conflict-free fragment loads)
+#define FM_SCS 40     // f32 per head row of the partial scores (32 + 8: a fragment's 8 heads on 4 octets of banks)
 #define FM_WARPS 8
 #define FM_ST 2       // tiles in flight
 #define FM_SLOTS 256  // keys whose slots are found together: one a thread, FM_SLOTS / FM_KT tiles
@@ -71,7 +72,7 @@ __device__ __forceinline__ void group_sync(int hg) {
 // 0 for the dims of the arguments.
 // ST: tiles in the ring (FM_ST; at most RUN / 2 + 1, so a run's slots are stored before its first tile's copy).
 // HG: groups of FM_HEADS heads a block, each its own FM_WARPS warps, scores, P and softmax, over one copy of each
-// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 149 KB at HG 2 with 3 tiles, fits
+// key tile: a tile crosses L2 once per HG · FM_HEADS heads (its shared memory, 157 KB at HG 2 with 3 tiles, fits
 // an H200's SM, not a 3090's). The first 32 · FM_WARPS threads find the slots and copy the tiles.
 template <bool EXACT, int LORA, int ROPE, int HG = 1, int ST = FM_ST>
 __device__ __forceinline__ void mla_flash_mma(
@@ -98,8 +99,8 @@ __device__ __forceinline__ void mla_flash_mma(
     constexpr int RUN = FM_SLOTS / FM_KT;  // tiles per run of slots
     static_assert(ST >= 2 && ST <= RUN / 2 + 1, "a run's slots are stored (at its predecessor's half) before its first copy");
     __nv_bfloat16* tile = (__nv_bfloat16*)fm_smem;                   // [ST][FM_KT][CS]
-    float* sc_all = (float*)(tile + ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_KT]
-    __nv_bfloat16* ps_all = (__nv_bfloat16*)(sc_all + HG * FM_WARPS * FM_HEADS * FM_KT);  // [HG][2][FM_HEADS][FM_PS]
+    float* sc_all = (float*)(tile + ST * FM_KT * CS);             // [HG][FM_WARPS][FM_HEADS][FM_SCS]
+    __nv_bfloat16* ps_all = (__nv_bfloat16*)(sc_all + HG * FM_WARPS * FM_HEADS * FM_SCS);  // [HG][2][FM_HEADS][FM_PS]
     float* corr_all = (float*)(ps_all + HG * 2 * FM_HEADS * FM_PS);  // [HG][FM_HEADS]
     int* slot = (int*)(corr_all + HG * FM_HEADS);                    // [2][FM_SLOTS]
 
@@ -108,7 +109,7 @@ __device__ __forceinline__ void mla_flash_mma(
     const int hg = HG > 1 ? (int)threadIdx.x / (32 * FM_WARPS) : 0, warp = threadIdx.x / 32 % FM_WARPS;
     const int h0 = (blockIdx.x * HG + hg) * FM_HEADS, lane = threadIdx.x & 31;
     const bool finder = HG == 1 || threadIdx.x < FM_SLOTS;  // finds a key's slot, copies tiles
-    float* sc = sc_all + hg * FM_WARPS * FM_HEADS * FM_KT;
+    float* sc = sc_all + hg * FM_WARPS * FM_HEADS * FM_SCS;
     __nv_bfloat16* ps = ps_all + hg * 2 * FM_HEADS * FM_PS;
     float* corr = corr_all + hg * FM_HEADS;
     const int group = lane >> 2, quad = lane & 3;
@@ -206,17 +207,27 @@ __device__ __forceinline__ void mla_flash_mma(
     // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
     u32 qa[FM_QK][4];
     {
-        const int ha = h0 + group, hb = ha + 8;
-        auto qv = [&](int h, int d) -> float2 {
-            if (h >= heads || d >= D) return make_float2(0.f, 0.f);
-            if (d < lora) return *(const float2*)(q_lat + ((size_t)lr * heads + h) * lora + d);
-            const __nv_bfloat16* p = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
-            return make_float2(__bfloat162float(p[0]), d + 1 < D ? __bfloat162float(p[1]) : 0.f);
-        };
+        // Every load first, then the conversions: as one lambda with a branch per value (latent f32 or rope bf16)
+        // ptxas issued them one at a time, each waiting on its own global round trip (ncu, session 23: the block's
+        // start was a fifth of a prefill launch's stall samples; the one-row kernel's blocks have 4 tiles).
+        float2 v[FM_QK][2];
+#pragma unroll
+        for (int j = 0; j < FM_QK; j++)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int h = h0 + group + 8 * u, d = (warp * FM_QK + j) * 8 + quad * 2;
+                const bool ok = h < heads && d < D, in_lat = d < lora;
+                const float* pl = q_lat + ((size_t)lr * heads + h) * lora + d;
+                const __nv_bfloat16* pp = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
+                float2 x = make_float2(0.f, 0.f);
+                if (ok && in_lat) x = *(const float2*)pl;
+                if (ok && !in_lat) x.x = __bfloat162float(pp[0]);
+                if (ok && !in_lat && d + 1 < D) x.y = __bfloat162float(pp[1]);
+                v[j][u] = x;
+            }
 #pragma unroll
         for (int j = 0; j < FM_QK; j++) {
-            const int d = (warp * FM_QK + j) * 8 + quad * 2;
-            const float2 a = qv(ha, d), b = qv(hb, d);
+            const float2 a = v[j][0], b = v[j][1];
             if (EXACT) {
                 split_bf16x2(a.x, a.y, qa[j][0], qa[j][2]);
                 split_bf16x2(b.x, b.y, qa[j][1], qa[j][3]);
@@ -303,9 +314,11 @@ if (EXACT) {
             }
 #pragma unroll
             for (int g = 0; g < FM_KT / 8; g++) {
-                float* out = sc + (warp * FM_HEADS + group) * FM_KT + g * 8 + quad * 2;
+                // Rows of 40 floats: a store's 8 heads fall on 4 octets of banks (as rows of 32 on one, each of
+                // these stores took 4 times its ideal wavefronts: ncu, session 23).
+                float* out = sc + (warp * FM_HEADS + group) * FM_SCS + g * 8 + quad * 2;
                 *(float2*)out = make_float2(c[g][0], c[g][1]);
-                *(float2*)(out + 8 * FM_KT) = make_float2(c[g][2], c[g][3]);
+                *(float2*)(out + 8 * FM_SCS) = make_float2(c[g][2], c[g][3]);
             }
         }
         group_sync<HG>(hg);
@@ -322,7 +335,7 @@ if (EXACT) {
                 if (live) {
                     float v = 0.f;
 #pragma unroll
-                    for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + 2 * warp + u) * FM_KT + lane];
+                    for (int w = 0; w < FM_WARPS; w++) v += sc[(w * FM_HEADS + 2 * warp + u) * FM_SCS + lane];
                     s[u] = v * scale;
                 }
             }
@@ -450,7 +463,7 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fas
     mla_flash_mma<false, 512, 64>(FM_PASS);
 }
 // Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were; a ring
-// of 3 tiles (149 KB; H200, 32 rows: flash 181 -> 177 µs a layer against 2 tiles, session 22).
+// of 3 tiles (157 KB; H200, 32 rows: flash 181 -> 177 µs a layer against 2 tiles, session 22).
 extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {
     mla_flash_mma<false, 512, 64, 2, 3>(FM_PASS);
 }

@@ -426,7 +426,7 @@ impl Step<'_> {
         let dt = self.q.data.dtype();
         let (f, smem, groups) = match dt {
             // flash_mma.cu: a ring of tiles [32][CS] in bf16 (CS = dims rounded up to 16, + 8), per head group
-            // partial scores [8][16][32] f32, P [2][16][40] bf16, corrections [16] f32; slots [2][256].
+            // partial scores [8][16][40] f32, P [2][16][40] bf16, corrections [16] f32; slots [2][256].
             ActDtype::Bf16 => {
                 if !lora.is_multiple_of(8) {
                     return Err(shape("mla_attention", format!("bf16 attention needs kv_lora % 8 == 0, not {lora}")));
@@ -437,11 +437,11 @@ impl Step<'_> {
                         format!("bf16 attention holds at most {MMA_MAX_DIMS} query dims, not {lora} + {rope}"),
                     ));
                 }
-                let (h, kt, ps) = (MMA_HEADS_PER_BLOCK, 32, 40);
+                let (h, kt, scs, ps) = (MMA_HEADS_PER_BLOCK, 32, 40, 40);
                 let cs = dims.next_multiple_of(16) + 8;
                 // Each head group has its own partial scores, P and corrections; the tiles and slots are shared.
                 let smem = |groups: usize, stages: usize| {
-                    stages * kt * cs * 2 + groups * (8 * h * kt * 4 + 2 * h * ps * 2 + h * 4) + 2 * 256 * 4
+                    stages * kt * cs * 2 + groups * (8 * h * scs * 4 + 2 * h * ps * 2 + h * 4) + 2 * 256 * 4
                 };
                 let exact = flash_exact() || b.gpu.is_apart(crate::gpu::Apart::ExactFlash);
                 let d576 = (lora, rope) == (512, 64);
