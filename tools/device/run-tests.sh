@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The device test suite, on the GPU machine, in one command (docs/CUDA.md): every binary tools/device/build.sh
-# put in .device/, then compute-sanitizer's memcheck on the demo model, then (when .device/pipemoe is there) the
-# GPU end-to-end tests. Prints one line per binary and a verdict last; logs go to $OUT (or /tmp/pipemoe-device).
+# put in .device/, then compute-sanitizer's memcheck on the demo model and its racecheck on the two-head-group
+# flash kernel, then (when .device/pipemoe is there) the GPU end-to-end tests. Prints one line per binary and a
+# verdict last; logs go to $OUT (or /tmp/pipemoe-device).
 # Usage: tools/device/run-tests.sh              every suite
-#        tools/device/run-tests.sh device ...   only these suites: test binaries, `memcheck`, `e2e_gpu` (an unknown
-#                                               name is refused, not skipped)
+#        tools/device/run-tests.sh device ...   only these suites: test binaries, `memcheck`, `racecheck`, `e2e_gpu`
+#                                               (an unknown name is refused, not skipped)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 if ! nvidia-smi -L > /dev/null 2>&1; then
@@ -35,8 +36,8 @@ suites=(device device_ops device_gemm device_attention device_route device_sampl
 only=("$@")
 wanted() { [ ${#only[@]} = 0 ] || [[ " ${only[*]} " == *" $1 "* ]]; }
 for name in "${only[@]}"; do
-    if [[ " ${suites[*]} memcheck e2e_gpu " != *" $name "* ]]; then
-        echo "unknown suite '$name': one of ${suites[*]} memcheck e2e_gpu" >&2
+    if [[ " ${suites[*]} memcheck racecheck e2e_gpu " != *" $name "* ]]; then
+        echo "unknown suite '$name': one of ${suites[*]} memcheck racecheck e2e_gpu" >&2
         exit 2
     fi
 done
@@ -45,6 +46,9 @@ for t in "${suites[@]}"; do
 done
 wanted memcheck && [ -x .device/golden_gpu ] && run memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
     .device/golden_gpu bf16_and_fp8_caches_stay_close_to_f32
+# One split a row: each block walks a whole row's tiles (device_attention's doc comment of the test).
+wanted racecheck && [ -x .device/device_attention ] && PIPEMOE_FLASH_MAX_SPLITS=1 run racecheck compute-sanitizer \
+    --tool racecheck --error-exitcode 1 .device/device_attention two_head_group_flash_matches_the_cpu_reference
 if wanted e2e_gpu && [ -x .device/pipemoe ] && [ -x .device/e2e ]; then
     PIPEMOE_BIN="$PWD/.device/pipemoe" PIPEMOE_REPO="$PWD" run e2e_gpu .device/e2e gpu --nocapture --test-threads 1
 fi

@@ -342,6 +342,28 @@ fn tiled_attention_matches_the_cpu_reference() {
     }
 }
 
+/// The two-head-group flash kernel (`mla_flash_mma_fast_bf16_d576_g2`: DeepSeek's dims, 2+ rows, where an SM holds
+/// its 160 KB — an H200, not a 3090, which runs the one-group kernel here) on a case small enough for
+/// compute-sanitizer's racecheck (tools/device/run-tests.sh `racecheck`, with `PIPEMOE_FLASH_MAX_SPLITS=1`: each
+/// block then takes a whole row, 22 tiles, three runs of slots and the ring's turns): its barriers per head group
+/// and the block's where the key tiles change hands. A bf16 cache (the tiles by `cp.async`) and an fp8 one (by
+/// plain loads and stores), at tiled_attention's bound.
+#[test]
+fn two_head_group_flash_matches_the_cpu_reference() {
+    if no_gpu() {
+        return;
+    }
+    let mut rng = Rng::new(23);
+    let r = |seq: u64, pos: usize| Row { seq, pos };
+    let case = Case { dims: REAL, lens: vec![700, 40], rows: vec![r(0, 698), r(0, 699), r(1, 39)], selected: None };
+    for kv in [KvDtype::Bf16, KvDtype::Fp8] {
+        let g = gpu(ActDtype::Bf16, kv);
+        let err = attention_case(&g, &mut rng, &case, None);
+        eprintln!("two head groups, cache {kv:?}: rel L2 {err:.2e}");
+        assert!(err <= 7.5e-3, "two head groups, cache {kv:?}: rel L2 {err:e} > 7.5e-3");
+    }
+}
+
 /// A GPTQ kv_b_proj in the tensor-core layout: steps of up to `Gpu::kvb_quant_rows` rows (default 4) read it
 /// quantized (mla_q.cu), the rest (and `Apart::DenseKvb`) from its bf16 copy; here up to 64, so that blocks of
 /// rows beyond the first (and a partial one) are covered too. Both against the CPU on the exactly dequantized weight, at the
