@@ -75,7 +75,7 @@ __device__ __forceinline__ void store_tile(OUT* y, const float (&acc)[RB][NB][4]
 struct GemmArgs {
     const __nv_bfloat16* x;  // [M, K]
     const u32* qweight;      // [K*BITS/32, N]
-    const __half* zeros;     // [G, N]
+    const __half* zeros;     // [G, N], or null: a symmetric weight, every zero 2^(BITS−1) (gptq_mma.cu)
     const __half* scales;    // [G, N]
     int M, N, K, group_size, m0, n0;
 };
@@ -294,7 +294,7 @@ struct MgSmem {
 struct MgArgs {
     const __nv_bfloat16* x;  // [M, K]
     const uint2* words;      // [N/16][K/128][BITS][32]
-    const __half* zeros;     // [G, N]
+    const __half* zeros;     // [G, N], or null: a symmetric weight, every zero 2^(BITS−1) (gptq_mma.cu)
     const __half* scales;    // [G, N]
     int M, N, K, group_size, m0, n0;
     const int* rows;  // x's row of each of the M rows (the grouped experts' pairs), or null: rows m0.. of x
@@ -321,6 +321,7 @@ struct MgLoader {
     bool sz_ok;
     unsigned long long group_magic;                           // ⌈2^32 / chunks per group⌉: group = chunk · it >> 32
     int n;
+    float z_all;  // a symmetric weight's zero (its zeros land as 0), else 0
 
     __device__ __forceinline__ MgLoader(const MgArgs& a) {
         const int tid = threadIdx.x, r0 = tid / (MG_BK / 8), ch = tid % (MG_BK / 8);
@@ -339,8 +340,11 @@ struct MgLoader {
         w = a.words + ((size_t)t * chunks * BITS + r) * 32 + 2 * q;
         w_ok = tid < (MG_BN / 16) * PER_TILE && t0 + ti < tiles;
         const int which = tid / (MG_BN / 8), c = tid % (MG_BN / 8), col = a.n0 + c * 8;
-        sz = (which ? a.zeros : a.scales) + min(col, a.N - 8);
-        sz_ok = tid < 2 * (MG_BN / 8) && col < a.N;
+        // A symmetric weight's zeros are not read: they land as 0 and z_all is added.
+        const bool sym = a.zeros == nullptr;
+        sz = (which && !sym ? a.zeros : a.scales) + min(col, a.N - 8);
+        sz_ok = tid < 2 * (MG_BN / 8) && col < a.N && !(which && sym);
+        z_all = sym ? (float)(1 << (BITS - 1)) : 0.f;
         // Mma layouts have groups of whole 128-row chunks (mma::eligible). Exact for chunk · chunks per group < 2^32.
         const unsigned long long per = a.group_size / 128;
         group_magic = ((1ull << 32) + per - 1) / per;
@@ -379,7 +383,7 @@ struct MgLoader {
 // tiles from tile t0 (2·TW n8 blocks); BM is the block's rows (the shared x tile's height).
 template <int BITS, int BM, int RB, int TW, int H>
 __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[RB][2 * TW][4],
-                                             float cacc[RB][2 * TW][4], int r0, int t0, int lane) {
+                                             float cacc[RB][2 * TW][4], int r0, int t0, int lane, float z_all) {
     typedef MgSmem<BITS, BM> S;
     const __nv_bfloat16* xs = reinterpret_cast<const __nv_bfloat16*>(st);
     const uint2* ws = reinterpret_cast<const uint2*>(st + S::A);
@@ -400,7 +404,7 @@ __device__ __forceinline__ void mg_mma_stage(const unsigned char* st, float acc[
         }
 #pragma unroll
         for (int hh = 0; hh < 2; hh++) {
-            const float z = __half2float(zs[tile * 16 + g + 8 * hh]);
+            const float z = __half2float(zs[tile * 16 + g + 8 * hh]) + z_all;
             const __nv_bfloat162 lo = __float2bfloat162_rn(-(128.f + z));
             const __nv_bfloat162 hi = __float2bfloat162_rn(-(mma_base_hi<BITS>() + z));
             nz[ti][hh][0] = *reinterpret_cast<const u32*>(&lo);
@@ -463,7 +467,7 @@ __device__ __forceinline__ void mg_step(unsigned char* smem, const MgLoader<BITS
     static_assert((MG_STAGES & (MG_STAGES - 1)) == 0, "stage indices by a mask");
     if (next < steps) ld.load(smem + (next & (MG_STAGES - 1)) * S::STAGE, next);
     cp_async_commit();
-    mg_mma_stage<BITS, BM, RB, TW, H>(smem + (kt & (MG_STAGES - 1)) * S::STAGE, acc, cacc, r0, t0, lane);
+    mg_mma_stage<BITS, BM, RB, TW, H>(smem + (kt & (MG_STAGES - 1)) * S::STAGE, acc, cacc, r0, t0, lane, ld.z_all);
 }
 
 // One block: columns a.n0.. and rows a.m0.. of y, over K rows [split·k_split, (split + 1)·k_split) (k_split a

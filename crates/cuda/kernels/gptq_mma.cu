@@ -11,7 +11,8 @@
 // 8 rows of each k-step come from one more mma whose A is ones on the lower half for rows 0..7 and ones on the
 // upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
 // summed from the bf16 x the tensor cores see. The 16-row kernels (MMA_ZSUB_MIN_MB) instead subtract base + z
-// from A before the mma (exact), acc += s · Σ x·(q − z), and need no sums.
+// from A before the mma (exact), acc += s · Σ x·(q − z), and need no sums. A symmetric weight (every zero
+// 2^(BITS−1), src/gemv.rs) comes with null zeros: its zero is that constant and no zero is read from memory.
 //
 // A warp takes TPW tiles of 16 columns (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
 // accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out one of two ways
@@ -146,11 +147,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     }
     const unsigned char* wsrc = (const unsigned char*)(words + ((size_t)tile0 * k_chunks + c0) * BITS * 32);
     // Scales then zeros of the TPW tiles: 2·TPW pieces of 8 columns each; a piece of a tile past the matrix is
-    // zero-filled.
+    // zero-filled, and so are the zeros of a symmetric weight (no array: every zero is 2^(BITS−1), added below as
+    // a constant), which then cost no bytes from memory.
     constexpr int SZ_LANES = 4 * TPW;
-    const int sz_part = lane % (2 * TPW), sz_ok = lane < SZ_LANES && (sz_part >> 1) < tiles;
+    const bool sym = zeros == nullptr, scale_lane = lane < 2 * TPW;
+    const int sz_part = lane % (2 * TPW);
+    const int sz_ok = lane < SZ_LANES && (sz_part >> 1) < tiles && (scale_lane || !sym);
     const __half* szsrc =
-        (lane < 2 * TPW ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
+        (scale_lane || sym ? scales : zeros) + (size_t)(c0 / cpg) * N + tile0 * 16 + (sz_ok ? sz_part * 8 : 0);
     // x: lane copies 16 bytes of rows lane / 16, + 2, ... of each chunk; the first from a register.
     const int xcol = (lane & 15) * 8, xr0 = lane >> 4;
     const bool x0_ok = xr0 < nrows;
@@ -227,6 +231,9 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         xrow_at[h] = (max(0, min(h * 8 + (lane & 7), nrows - 1)) * MMA_XS + (lane >> 3) * 8) * 2;
     constexpr float BASE_HI = mma_base_hi<BITS>();
     constexpr bool ZSUB = MB >= MMA_ZSUB_MIN_MB;
+    // The zero every column shares when the weight is symmetric (its zeros in the ring are 0), else 0 (the ring
+    // holds each column's).
+    const float z_all = sym ? (float)(1 << (BITS - 1)) : 0.f;
     int read_off = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
@@ -258,7 +265,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
             for (int t = 0; t < TPW; t++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
-                    const float z = __half2float(szs[TPW * 16 + t * 16 + group + 8 * (r & 1)]);
+                    const float z = __half2float(szs[TPW * 16 + t * 16 + group + 8 * (r & 1)]) + z_all;
                     negz[t][r] = bf16x2_splat(-((r < 2 ? 128.f : BASE_HI) + z));
                 }
         }
@@ -297,14 +304,15 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
                 }
             }
         }
-        // Per batch row: Σ_lo·128 + Σ_hi·base_hi and Σ_lo + Σ_hi (xsum: [Σ_lo b, Σ_lo b+1, Σ_hi b, Σ_hi b+1]).
+        // Per batch row: Σ_lo·128 + Σ_hi·base_hi (+ the shared zero's z_all·(Σ_lo + Σ_hi)) and Σ_lo + Σ_hi (xsum:
+        // [Σ_lo b, Σ_lo b+1, Σ_hi b, Σ_hi b+1]).
         float based[H][2], total[H][2];
 #pragma unroll
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int j = 0; j < 2; j++) {
-                based[h][j] = 128.f * xsum[h][j] + BASE_HI * xsum[h][2 + j];
                 total[h][j] = xsum[h][j] + xsum[h][2 + j];
+                based[h][j] = 128.f * xsum[h][j] + BASE_HI * xsum[h][2 + j] + z_all * total[h][j];
             }
         // Scale and zero of the lane's two columns per tile (group and group + 8).
 #pragma unroll
@@ -573,7 +581,8 @@ __device__ void mma_dequant(const uint2* words, const __half* zeros, const __hal
     const float q = __uint_as_float(((k16 % 2) ? (v >> 16) : (v & 0xFFFFu)) << 16) - mma_pair_base<BITS>(p % 16);
     const int g = k / group_size;
     const int src_k = perm ? perm[k] : k;
-    w[(size_t)n * K + src_k] = __half2float(scales[(size_t)g * N + n]) * (q - __half2float(zeros[(size_t)g * N + n]));
+    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+    w[(size_t)n * K + src_k] = __half2float(scales[(size_t)g * N + n]) * (q - z);
 }
 #define MMA_DEQUANT(BITS)                                                                                    \
     extern "C" __global__ void gptq_mma_dequant_w##BITS##_f32(const uint2* q, const __half* z, const __half* s, \

@@ -216,7 +216,13 @@ impl GpuGptq {
             Some(buf) => launch.arg(buf),
             None => launch.arg(xv),
         };
-        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales);
+        let null = 0u64;
+        launch.arg(&self.qweight);
+        match (self.packing, self.mma_zeros()) {
+            (Packing::Mma, None) => launch.arg(&null),
+            _ => launch.arg(&self.zeros),
+        };
+        launch.arg(&self.scales);
         match partial.as_mut() {
             Some(p) => launch.arg(p),
             None => launch.arg(&mut *y),
@@ -227,7 +233,8 @@ impl GpuGptq {
         }
         // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2,
         // then k_split); x holds m·k bf16 (16-byte aligned), the output m·n elements (pair-aligned) per split, the
-        // weights k×n in the packing that kernel reads; the shared memory matches the kernel's plan.
+        // weights k×n in the packing that kernel reads (null zeros: symmetric, read by the mma kernel only); the
+        // shared memory matches the kernel's plan.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm"))?;
         match &partial {
             Some(p) => crate::gemv::reduce_splits(gpu, p, splits, m, n, y),

@@ -20,6 +20,12 @@ pub(crate) fn bucket(batch: usize) -> usize {
     batch.next_power_of_two().min(MAX_BATCH)
 }
 
+/// Whether every zero (after the checkpoint's convention) is 2^(bits−1): a symmetric quantization's one zero
+/// point (AutoRound `sym: true` stores 2^(bits−1) − 1 under the v1 convention, MODEL_SPEC §4.3).
+fn all_symmetric(zeros: &[i32], bits: u32) -> bool {
+    !zeros.is_empty() && zeros.iter().all(|&z| z == 1 << (bits - 1))
+}
+
 /// How `qweight` is laid out on the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packing {
@@ -40,6 +46,9 @@ pub struct GpuGptq {
     pub packing: Packing,
     /// `[groups, out]`, after the checkpoint's zero convention.
     pub(crate) zeros: CudaSlice<f16>,
+    /// Every zero is 2^(bits−1), as a symmetric checkpoint stores them (AutoRound's `sym: true`, MODEL_SPEC §4.3):
+    /// the tensor-core kernels then take that constant and read no zeros ([`GpuGptq::mma_zeros`]).
+    pub symmetric: bool,
     /// `[groups, out]`
     pub(crate) scales: CudaSlice<f16>,
     /// Source row of each reordered row, when the checkpoint had a non-trivial g_idx.
@@ -71,9 +80,11 @@ pub(crate) fn reduce_splits(
 }
 
 impl GpuGptq {
-    /// Bytes the GEMV streams per call (packed weights, zeros, scales).
+    /// Bytes the GEMV streams per call (packed weights, zeros unless the tensor-core kernels take a symmetric
+    /// weight's constant, scales).
     pub fn bytes(&self) -> usize {
-        self.qweight.len() * 4 + (self.zeros.len() + self.scales.len()) * 2
+        let zeros = if self.packing == Packing::Mma && self.symmetric { 0 } else { self.zeros.len() };
+        self.qweight.len() * 4 + (zeros + self.scales.len()) * 2
     }
 
     /// The weight in the checkpoint's packing (rows reordered by group).
@@ -117,12 +128,14 @@ impl GpuGptq {
             }
             pack::pack_qweight(&r, &l)?
         };
-        let mut zeros = Vec::with_capacity(groups * n);
+        let mut stored = Vec::with_capacity(groups * n);
         for g in 0..groups {
             for c in 0..n {
-                zeros.push(f16::from_f32(w.zero(g, c) as f32));
+                stored.push(w.zero(g, c));
             }
         }
+        let symmetric = all_symmetric(&stored, l.bits.get());
+        let zeros: Vec<f16> = stored.iter().map(|&z| f16::from_f32(z as f32)).collect();
         let s = &gpu.stream;
         let perm = if trivial {
             None
@@ -144,6 +157,7 @@ impl GpuGptq {
             packing,
             qweight: s.clone_htod(&qweight).map_err(drv("upload qweight"))?,
             zeros: s.clone_htod(&zeros).map_err(drv("upload zeros"))?,
+            symmetric,
             scales: s.clone_htod(w.scales()).map_err(drv("upload scales"))?,
             perm,
         })
@@ -248,7 +262,12 @@ impl GpuGptq {
         let (ki, ni, gs) = (k as i32, n as i32, self.group_size as i32);
         let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
-        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales);
+        launch.arg(&self.qweight);
+        match (self.packing, self.mma_zeros()) {
+            (Packing::Mma, None) => launch.arg(&null),
+            _ => launch.arg(&self.zeros),
+        };
+        launch.arg(&self.scales);
         match &self.perm {
             Some(p) => launch.arg(p),
             None => launch.arg(&null),
@@ -260,11 +279,22 @@ impl GpuGptq {
     }
 
     /// Device addresses of qweight, zeros, scales and the row order (0 when none): the grouped experts' tables.
+    /// The tensor-core layout's zeros are 0 for a symmetric weight ([`GpuGptq::mma_zeros`]).
     pub(crate) fn addresses(&self, gpu: &Gpu) -> [u64; 4] {
         use cudarc::driver::DevicePtr;
         let s = &gpu.stream;
         let perm = self.perm.as_ref().map_or(0, |p| p.device_ptr(s).0);
-        [self.qweight.device_ptr(s).0, self.zeros.device_ptr(s).0, self.scales.device_ptr(s).0, perm]
+        let zeros = match (self.packing, self.mma_zeros()) {
+            (Packing::Mma, None) => 0,
+            _ => self.zeros.device_ptr(s).0,
+        };
+        [self.qweight.device_ptr(s).0, zeros, self.scales.device_ptr(s).0, perm]
+    }
+
+    /// The zeros the tensor-core kernels read (gptq_mma.cu): none for a symmetric weight, whose zero they take as
+    /// the constant 2^(bits−1) — 2 bytes of every 52 a column's group of 128 rows streams at 3 bits.
+    pub(crate) fn mma_zeros(&self) -> Option<&CudaSlice<f16>> {
+        (!self.symmetric).then_some(&self.zeros)
     }
 
     /// Shared memory bytes of a launch with `chunk` rows of K for `batch` rows.
@@ -279,5 +309,21 @@ impl GpuGptq {
             return crate::mma::scratch_len(self, gpu, batch);
         }
         self.in_features.div_ceil(self.k_chunk(gpu, batch)) * batch * self.out_features
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::all_symmetric;
+
+    #[test]
+    fn symmetric_means_every_zero_is_the_midpoint() {
+        assert!(all_symmetric(&[4; 12], 3));
+        assert!(all_symmetric(&[8, 8], 4));
+        assert!(all_symmetric(&[2], 2));
+        // One group's zero off the midpoint, another width's midpoint, nothing at all: the kernels read zeros.
+        assert!(!all_symmetric(&[4, 4, 3, 4], 3));
+        assert!(!all_symmetric(&[4; 3], 4));
+        assert!(!all_symmetric(&[], 3));
     }
 }

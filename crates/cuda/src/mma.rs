@@ -358,9 +358,15 @@ pub(crate) fn gemv(
         Some(p) => l.arg(p),
         None => l.arg(&null),
     };
-    l.arg(&w.qweight).arg(&w.zeros).arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
+    l.arg(&w.qweight);
+    match w.mma_zeros() {
+        Some(z) => l.arg(z),
+        None => l.arg(&null),
+    };
+    l.arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
     l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st).arg(&s.warp_cols);
-    // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n]; partial and counters were checked
+    // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n], zeros null for a symmetric weight
+    // (the kernel then reads none); partial and counters were checked
     // above for a split launch (a single split touches neither).
     unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
     Ok(())

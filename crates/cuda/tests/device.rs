@@ -19,10 +19,12 @@ use pipemoe_cuda::{Act, ActDtype, Gpu, GpuGptq};
 type Case = (usize, usize, u32, i64, bool, usize);
 
 /// Relative L2 of the GEMV against the reference for inputs in `xd`, outputs in `yd`, with the weight uploaded
-/// for tensor cores (`mma`, where eligible) or in the checkpoint packing.
-fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, xd: ActDtype, yd: ActDtype, mma: bool) -> (f64, Packing) {
+/// for tensor cores (`mma`, where eligible) or in the checkpoint packing, and symmetric (`sym`: no zeros read by
+/// the tensor-core kernel) or with random zeros.
+fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, io: (ActDtype, ActDtype), mma: bool, sym: bool) -> (f64, Packing) {
     let (k, n, bits, group, act_order, batch) = case;
-    let w = random_weight(rng, k, n, bits, group, act_order);
+    let (xd, yd) = io;
+    let w = if sym { symmetric_weight } else { random_weight }(rng, k, n, bits, group, act_order);
     let mut x: Vec<f32> = (0..batch * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
     if xd == ActDtype::Bf16 {
         x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
@@ -36,6 +38,7 @@ fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, xd: ActDtype, yd: ActDtype, m
         }
     }
     let g = if mma { GpuGptq::upload_for_tensor_cores(gpu, &w) } else { GpuGptq::upload(gpu, &w) }.expect("upload");
+    assert_eq!(g.symmetric, sym, "symmetric zeros detected at upload");
     let xa = Act::from_f32(gpu, xd, &x).expect("x");
     let mut partial = gpu.stream.alloc_zeros::<f32>(g.scratch_len(gpu, batch)).expect("scratch");
     let mut y = Act::zeros(gpu, yd, batch * n).expect("y");
@@ -74,16 +77,19 @@ fn gptq_gemv_matches_the_cpu_reference() {
     let (f32_, bf16_) = (ActDtype::F32, ActDtype::Bf16);
     for case in cases {
         let (k, n, bits, group, act, batch) = case;
-        // (x, y, tensor cores, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs.
-        for (xd, yd, mma, tol) in [
-            (f32_, f32_, false, 1e-4),
-            (bf16_, f32_, false, 1e-4),
-            (bf16_, f32_, true, 1e-4),
-            (bf16_, bf16_, true, 5e-3),
+        // (x, y, tensor cores, symmetric, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs;
+        // the tensor-core kernel again on a symmetric weight, whose zeros it does not read.
+        for (xd, yd, mma, sym, tol) in [
+            (f32_, f32_, false, false, 1e-4),
+            (bf16_, f32_, false, false, 1e-4),
+            (bf16_, f32_, true, false, 1e-4),
+            (bf16_, bf16_, true, false, 5e-3),
+            (bf16_, f32_, true, true, 1e-4),
         ] {
-            let (err, packing) = gemv_case(&gpu, &mut rng, case, xd, yd, mma);
-            let what =
-                format!("gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch} x {xd:?} y {yd:?} {packing:?}");
+            let (err, packing) = gemv_case(&gpu, &mut rng, case, (xd, yd), mma, sym);
+            let what = format!(
+                "gemv {k}x{n} w{bits} g{group} act_order={act} batch {batch} x {xd:?} y {yd:?} {packing:?} sym={sym}"
+            );
             eprintln!("{what}: rel L2 {err:.2e}");
             assert!(err <= tol, "{what}: rel L2 {err:e} > {tol:e}");
         }

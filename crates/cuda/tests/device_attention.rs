@@ -199,8 +199,8 @@ struct Case {
     selected: Option<usize>,
 }
 
-/// kv_b_proj as a random GPTQ weight of (bits, group size, act-order) instead of a dense one.
-type Quantized = Option<(u32, i64, bool)>;
+/// kv_b_proj as a random GPTQ weight of (bits, group size, act-order, symmetric) instead of a dense one.
+type Quantized = Option<(u32, i64, bool, bool)>;
 
 /// The relative L2 distance of the GPU's attention output from the CPU's on the same values.
 fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case, quantized: Quantized) -> f64 {
@@ -226,7 +226,10 @@ fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case, quantized: Quantized
     let q = as_act(g.act, uniform(rng, n * d.heads * qk, 1.0));
     let (wlen, w_out) = (d.heads * (d.qk_nope + d.v_head) * lora, d.heads * (d.qk_nope + d.v_head));
     let kv_b = as_act(g.act, uniform(rng, wlen, 0.5));
-    let gptq = quantized.map(|(bits, group, act_order)| random_weight(rng, lora, w_out, bits, group, act_order));
+    let gptq = quantized.map(|(bits, group, act_order, sym)| {
+        let make = if sym { symmetric_weight } else { random_weight };
+        make(rng, lora, w_out, bits, group, act_order)
+    });
     let host_w = || match &gptq {
         Some(w) => HostLinear::Gptq(w.clone()),
         None => HostLinear::Dense { out_features: w_out, in_features: lora, data: kv_b.clone() },
@@ -382,23 +385,26 @@ fn quantized_kv_b_matches_the_cpu_reference() {
     let r = |seq: u64, pos: usize| Row { seq, pos };
     let case = |dims, lens: Vec<usize>, rows: Vec<Row>, selected| Case { dims, lens, rows, selected };
     let step = |n: usize| (0..n).map(|i| r(0, 2999 - i)).collect::<Vec<_>>();
-    let cases: Vec<(&str, Case, (u32, i64, bool))> = vec![
-        ("small, 1 row", case(qsmall, vec![40], vec![r(0, 39)], None), (3, 128, false)),
+    // (bits, group, act-order, symmetric: every zero 2^(bits−1), which the tensor-core kernels do not read).
+    let cases: Vec<(&str, Case, (u32, i64, bool, bool))> = vec![
+        ("small, 1 row", case(qsmall, vec![40], vec![r(0, 39)], None), (3, 128, false, false)),
         (
             "small, 5 rows act-order",
             case(qsmall, vec![40, 9], vec![r(0, 3), r(0, 39), r(1, 0), r(1, 4), r(1, 8)], None),
-            (3, 128, true),
+            (3, 128, true, false),
         ),
-        ("real, 1 row over 3000 keys", case(REAL, vec![3000], step(1), None), (3, 128, false)),
-        ("real, 2048 selected, act-order", case(REAL, vec![3000], step(2), Some(2048)), (3, 128, true)),
-        ("real, 6 rows, groups of 256", case(REAL, vec![3000], step(6), None), (3, 256, false)),
-        ("real, 1 row, 2 bits", case(REAL, vec![300], vec![r(0, 299)], None), (2, 128, false)),
+        ("real, 1 row over 3000 keys", case(REAL, vec![3000], step(1), None), (3, 128, false, false)),
+        ("real, 1 row, symmetric", case(REAL, vec![3000], step(1), None), (3, 128, false, true)),
+        ("real, 2048 selected, act-order", case(REAL, vec![3000], step(2), Some(2048)), (3, 128, true, false)),
+        ("real, 6 rows, groups of 256", case(REAL, vec![3000], step(6), None), (3, 256, false, false)),
+        ("real, 1 row, 2 bits", case(REAL, vec![300], vec![r(0, 299)], None), (2, 128, false, false)),
         (
             "real, 3 rows, 4 bits",
             case(REAL, vec![300], step(3).into_iter().map(|x| r(0, x.pos - 2700)).collect(), None),
-            (4, 128, false),
+            (4, 128, false, false),
         ),
-        ("real, 70 rows (the dense copy)", case(REAL, vec![3000], step(70), None), (3, 128, false)),
+        ("real, 70 rows (the dense copy)", case(REAL, vec![3000], step(70), None), (3, 128, false, false)),
+        ("real, 70 rows, symmetric", case(REAL, vec![3000], step(70), None), (3, 128, false, true)),
     ];
     let g = gpu(ActDtype::Bf16, KvDtype::Bf16);
     g.gpu.set_kvb_quant_rows(64);

@@ -199,16 +199,17 @@ fn gptq_gemm_wants_bf16_input() {
 
 /// One case over the weight in the tensor-core (Mma) layout: both tile heights and the automatic choice, both
 /// output dtypes, against the exact reference (see the module doc for the tolerances).
-fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case) {
-    let w = random_weight(rng, c.k, c.n, c.bits, c.group, c.act_order);
+fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case, sym: bool) {
+    let w = if sym { symmetric_weight } else { random_weight }(rng, c.k, c.n, c.bits, c.group, c.act_order);
     let x: Vec<f32> = (0..c.m * c.k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
     let exact = matmul(&w.dequantize(), &x, c.m, c.k, c.n);
     let g = GpuGptq::upload_for_tensor_cores(gpu, &w).expect("upload");
     let label = format!(
-        "mma {}x{} w{} g{} act_order={} m {} x_offset {}",
+        "mma {}x{} w{} g{} act_order={} m {} x_offset {} sym={sym}",
         c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset
     );
     assert_eq!(g.packing, Packing::Mma, "{label}: the shape should take the tensor-core layout");
+    assert_eq!(g.symmetric, sym, "{label}: symmetric zeros detected at upload");
     let mut host = vec![0f32; c.x_offset];
     host.extend_from_slice(&x);
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
@@ -245,8 +246,10 @@ fn mma_gemm_matches_the_cpu_reference() {
         Case { x_offset: 3, ..case(384, 160, 3, 128, false, 17) },
         case(512, 224, 3, 128, false, 32),
     ];
+    // Each with random zeros, then symmetric (the kernel takes the constant zero and reads none).
     for c in &cases {
-        check_mma(&gpu, &mut rng, c);
+        check_mma(&gpu, &mut rng, c, false);
+        check_mma(&gpu, &mut rng, c, true);
     }
 }
 
@@ -259,10 +262,10 @@ fn mma_gemm_at_the_real_shapes() {
     let mut rng = Rng::new(37);
     // MODEL_SPEC §6 at m = 256, 3-bit group 128: expert gate/up, 7168 → 4096 and → 7168, expert down, o_proj.
     for (k, n) in [(7168, 2048), (7168, 4096), (7168, 7168), (2048, 7168), (16384, 7168)] {
-        check_mma(&gpu, &mut rng, &case(k, n, 3, 128, false, 256));
+        check_mma(&gpu, &mut rng, &case(k, n, 3, 128, false, 256), false);
     }
     // o_proj at 32 decode streams: the 32-row tile, its K split in whole waves.
-    check_mma(&gpu, &mut rng, &case(16384, 7168, 3, 128, false, 32));
+    check_mma(&gpu, &mut rng, &case(16384, 7168, 3, 128, false, 32), true);
 }
 
 /// `PIPEMOE_BENCH_OUT=… device_gemm --ignored bench_gemm --nocapture` on the GPU machine: the GEMM (3-bit,

@@ -381,15 +381,14 @@ fn the_router_matches_the_cpu() {
     }
 }
 
-/// `count` random SwiGLU experts (hidden → inter → hidden) as host linears.
+/// `count` random SwiGLU experts (hidden → inter → hidden) as host linears; every third (1, 4, ...) symmetric,
+/// so a grouped launch's blocks meet experts with and without zeros to read (`GpuGptq::symmetric`).
 fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
     (0..count)
-        .map(|_| {
-            [
-                gptq(rng, hidden, inter, bits, 128),
-                gptq(rng, hidden, inter, bits, 128),
-                gptq(rng, inter, hidden, bits, 128),
-            ]
+        .map(|i| {
+            let w = if i % 3 == 1 { symmetric_weight } else { random_weight };
+            let mut m = |k, n| HostLinear::Gptq(w(rng, k, n, bits, 128, false));
+            [m(hidden, inter), m(hidden, inter), m(inter, hidden)]
         })
         .collect()
 }

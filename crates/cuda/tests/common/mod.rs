@@ -42,13 +42,41 @@ fn bytes_u32(v: &[u32]) -> Vec<u8> {
 
 /// A random GPTQ weight `[out, in]`: random fields, zeros, signed scales, and an act-order g_idx when asked.
 pub fn random_weight(rng: &mut Rng, n_in: usize, n_out: usize, bits: u32, group: i64, act_order: bool) -> GptqWeight {
+    weight_with_zeros(rng, n_in, n_out, bits, group, act_order, false)
+}
+
+/// The same with a symmetric checkpoint's zeros: every stored field 2^(bits−1) − 1 under the v1 convention
+/// (AutoRound `sym: true`, MODEL_SPEC §4.3), so every zero is 2^(bits−1) — which the tensor-core kernels take as a
+/// constant instead of reading the zeros (`GpuGptq::symmetric`).
+pub fn symmetric_weight(
+    rng: &mut Rng,
+    n_in: usize,
+    n_out: usize,
+    bits: u32,
+    group: i64,
+    act_order: bool,
+) -> GptqWeight {
+    weight_with_zeros(rng, n_in, n_out, bits, group, act_order, true)
+}
+
+fn weight_with_zeros(
+    rng: &mut Rng,
+    n_in: usize,
+    n_out: usize,
+    bits: u32,
+    group: i64,
+    act_order: bool,
+    symmetric: bool,
+) -> GptqWeight {
     let b = Bits::new(bits).expect("bits");
     let layout = GptqLayout::new(n_in, n_out, b, GroupSize::from_config(group).expect("group")).expect("layout");
     let maxv = (1u64 << bits) - 1;
     let q: Vec<u8> = (0..n_in * n_out).map(|_| rng.below(maxv + 1) as u8).collect();
     let groups = layout.n_groups();
-    // v2 zeros: any value 0..=max.
-    let z: Vec<u8> = (0..groups * n_out).map(|_| rng.below(maxv + 1) as u8).collect();
+    // v2 zeros: any value 0..=max; v1 for a symmetric weight: the midpoint less one.
+    let z: Vec<u8> = (0..groups * n_out)
+        .map(|_| if symmetric { (1u8 << (bits - 1)) - 1 } else { rng.below(maxv + 1) as u8 })
+        .collect();
     let scales: Vec<u8> =
         (0..groups * n_out).flat_map(|_| f16::from_f32((rng.uniform() - 0.5) * 0.02).to_le_bytes()).collect();
     let qweight = bytes_u32(&pack::pack_qweight(&q, &layout).expect("pack"));
@@ -75,7 +103,8 @@ pub fn random_weight(rng: &mut Rng, n_in: usize, n_out: usize, bits: u32, group:
         scales: RawTensor { name: "w.scales", dtype: Dtype::F16, shape: &ss, data: &scales },
         g_idx: g_idx.as_ref().map(|d| RawTensor { name: "w.g_idx", dtype: Dtype::I32, shape: &gsh, data: d }),
     };
-    GptqWeight::from_parts(layout, ZeroConvention::V2, &parts).expect("weight")
+    let convention = if symmetric { ZeroConvention::V1 } else { ZeroConvention::V2 };
+    GptqWeight::from_parts(layout, convention, &parts).expect("weight")
 }
 
 /// `‖a − b‖ / ‖b‖`; NaN anywhere fails.
