@@ -101,16 +101,19 @@ __device__ __forceinline__ void load_stage(unsigned char* st, const GemmArgs& a,
     }
     if (threadIdx.x < 2 * (GEMM_BN / 8)) {  // 8 halves per chunk: scales, then zeros
         const int which = threadIdx.x / (GEMM_BN / 8), ch = threadIdx.x % (GEMM_BN / 8), n = a.n0 + ch * 8;
-        const __half* src = (which ? a.zeros : a.scales) + (size_t)(k0 / a.group_size) * a.N + min(n, a.N - 8);
-        cp_async16(ss + which * GEMM_BN + ch * 8, src, n < a.N ? 16 : 0);
+        // A symmetric weight has no zeros: they land as 0 and dequant_stage adds the constant.
+        const bool read = n < a.N && (!which || a.zeros != nullptr);
+        const __half* src = (which && a.zeros ? a.zeros : a.scales) + (size_t)(k0 / a.group_size) * a.N + min(n, a.N - 8);
+        cp_async16(ss + which * GEMM_BN + ch * 8, src, read ? 16 : 0);
     }
 }
 
 // Packed words of stage `st` → bf16 Bs[n][k]. A task is 8 consecutive k of one column: 8·BITS bits of the column's
 // 32·BITS-bit block starting at bit 8·c·BITS (3 bits: the 96-bit little-endian block of MODEL_SPEC §4.1), written as
 // one 16-byte store. c is uniform across a warp and n follows the lane, so the word reads are conflict-free.
+// z_all: a symmetric weight's zero 2^(BITS−1) (its zeros in shared memory are 0), else 0.
 template <int BITS, int BM>
-__device__ __forceinline__ void dequant_stage(const unsigned char* st, __nv_bfloat16* bs) {
+__device__ __forceinline__ void dequant_stage(const unsigned char* st, __nv_bfloat16* bs, float z_all) {
     typedef GemmSmem<BITS, BM> S;
     const u32* ws = reinterpret_cast<const u32*>(st + S::A);
     const __half* ss = reinterpret_cast<const __half*>(st + S::A + S::W);
@@ -126,7 +129,7 @@ __device__ __forceinline__ void dequant_stage(const unsigned char* st, __nv_bflo
         v >>= (bit & 31);
         const float s = __half2float(ss[n]);
         // 2^23 + q as a float's bits is exact, so (that − (2^23 + z)) = q − z exactly, then one exact multiply.
-        const float zf = 8388608.f + __half2float(zs[n]);
+        const float zf = 8388608.f + (__half2float(zs[n]) + z_all);
         u32 out[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -199,7 +202,8 @@ __device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
     }
     cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();
-    dequant_stage<BITS, BM>(smem, bs);
+    const float z_all = a.zeros ? 0.f : (float)(1 << (BITS - 1));
+    dequant_stage<BITS, BM>(smem, bs, z_all);
 
     float acc[WM][4][4];
 #pragma unroll
@@ -218,7 +222,7 @@ __device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
         if (next < steps) load_stage<BITS, BM>(smem + (next % GEMM_STAGES) * S::STAGE, a, next);
         cp_async_commit();
         if (kt + 1 < steps)
-            dequant_stage<BITS, BM>(smem + ((kt + 1) % GEMM_STAGES) * S::STAGE, bs + ((kt + 1) & 1) * B_ELEMS);
+            dequant_stage<BITS, BM>(smem + ((kt + 1) % GEMM_STAGES) * S::STAGE, bs + ((kt + 1) & 1) * B_ELEMS, z_all);
         mma_stage<WM>(reinterpret_cast<const __nv_bfloat16*>(smem + (kt % GEMM_STAGES) * S::STAGE),
                       bs + (kt & 1) * B_ELEMS, acc, wm, wn, lane);
     }

@@ -41,7 +41,7 @@ __device__ void gemv_block(const XT* __restrict__ x,           // [*, K] bf16 or
                            int nrows,
                            const int* __restrict__ perm,       // [K] or null
                            const u32* __restrict__ qweight,    // [K*BITS/32, N]
-                           const __half* __restrict__ zeros,   // [G, N]
+                           const __half* __restrict__ zeros,   // [G, N], or null: every zero 2^(BITS−1)
                            const __half* __restrict__ scales,  // [G, N]
                            float* __restrict__ partial, size_t row_stride, int n, int K, int N, int group_size,
                            int k_chunk) {
@@ -75,7 +75,7 @@ __device__ void gemv_block(const XT* __restrict__ x,           // [*, K] bf16 or
         const int gk = min(group_size, kn - g0);
         const int g = (k0 + g0) / group_size;
         const float s = __half2float(scales[(size_t)g * N + n]);
-        const float z = __half2float(zeros[(size_t)g * N + n]);
+        const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
         float dot[MB];
 #pragma unroll
         for (int b = 0; b < MB; b++) dot[b] = 0.f;

@@ -13,7 +13,8 @@
 // columns n, so each A fragment is transposed in registers (movmatrix) and the scale, a function of (group, n),
 // goes into B: B[d][r] = s[d] · q[r, d].
 // Per chunk (one group of scales and zeros, group sizes being whole chunks): Σ s·(base + q − base − z)·x with the
-// bases and zeros taken out by the sums of x over each half of a k-step.
+// bases and zeros taken out by the sums of x over each half of a k-step. Null zeros: a symmetric weight, every zero
+// 2^(BITS−1) (src/gemv.rs uploads none).
 #include "common.cuh"
 #include "attention.cuh"
 #include "mma_pack.cuh"
@@ -130,7 +131,7 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
                     const int c = at[u] / vdim, n = h * (nope + vdim) + nope + at[u] % vdim;
                     const size_t g = (size_t)(c * MQ_CHUNK / group_size) * n_out + n;
                     s2[u] = scales[g];
-                    z2[u] = zeros[g];
+                    z2[u] = zeros ? zeros[g] : __float2half((float)(1 << (BITS - 1)));  // null: symmetric
                 }
 #pragma unroll
                 for (int u = 0; u < 2; u++) sz[at[u]] = __halves2half2(s2[u], z2[u]);
@@ -253,7 +254,8 @@ __device__ void mla_absorb_q_w(const __nv_bfloat16* q,   // [rows, heads, nope +
         for (int u = 0; u < 2; u++) mq_load<BITS>(w[u], words, tile0 + 2 * pr + u, k_chunks, c, lane);
         // B of the pair's 32 columns (a lane one): s·q as value + remainder; the sums the bases and zeros need.
         const int dd = pr * 32 + lane;
-        const float sc = __half2float(scales[g + dd]), z = __half2float(zeros[g + dd]);
+        const float sc = __half2float(scales[g + dd]);
+        const float z = zeros ? __half2float(zeros[g + dd]) : (float)(1 << (BITS - 1));  // null: symmetric
         float qv[MQ_ROWS];
 #pragma unroll
         for (int k = 0; k < MQ_ROWS; k++)

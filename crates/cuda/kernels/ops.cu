@@ -566,7 +566,8 @@ extern "C" __global__ void cast_f32_bf16(const float* x, __nv_bfloat16* y, size_
 extern "C" __global__ void cast_bf16_f32(const __nv_bfloat16* x, float* y, size_t n) { cast(x, y, n); }
 
 // W[n, k] = s[g(k), n] · (q[k, n] − z[g(k), n]) for any-bit GPTQ weight, rows already in group order (the
-// inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense.
+// inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense. Null zeros: a
+// symmetric weight, every zero 2^(BITS−1).
 template <int BITS>
 __device__ void dequant(const u32* qweight, const __half* zeros, const __half* scales, const int* perm, float* w,
                         int K, int N, int group_size) {
@@ -583,7 +584,8 @@ __device__ void dequant(const u32* qweight, const __half* zeros, const __half* s
     block = (u64)words[wi] | (wi + 1 < BITS ? ((u64)words[wi + 1] << 32) : 0ull);
     float q = (float)((u32)(block >> sh) & ((1u << BITS) - 1u));
     int g = k / group_size;
-    float v = __half2float(scales[(size_t)g * N + n]) * (q - __half2float(zeros[(size_t)g * N + n]));
+    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+    float v = __half2float(scales[(size_t)g * N + n]) * (q - z);
     int src = perm ? perm[k] : k;
     w[(size_t)n * K + src] = v;
 }

@@ -218,9 +218,9 @@ impl GpuGptq {
         };
         let null = 0u64;
         launch.arg(&self.qweight);
-        match (self.packing, self.mma_zeros()) {
-            (Packing::Mma, None) => launch.arg(&null),
-            _ => launch.arg(&self.zeros),
+        match &self.zeros {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
         };
         launch.arg(&self.scales);
         match partial.as_mut() {
@@ -233,7 +233,7 @@ impl GpuGptq {
         }
         // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2,
         // then k_split); x holds m·k bf16 (16-byte aligned), the output m·n elements (pair-aligned) per split, the
-        // weights k×n in the packing that kernel reads (null zeros: symmetric, read by the mma kernel only); the
+        // weights k×n in the packing that kernel reads (null zeros: symmetric); the
         // shared memory matches the kernel's plan.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm"))?;
         match &partial {

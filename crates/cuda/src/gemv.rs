@@ -44,11 +44,11 @@ pub struct GpuGptq {
     /// `[in·bits/32, out]` in the checkpoint's packing, or the tensor-core layout of `mma.rs` (see `packing`).
     pub(crate) qweight: CudaSlice<u32>,
     pub packing: Packing,
-    /// `[groups, out]`, after the checkpoint's zero convention.
-    pub(crate) zeros: CudaSlice<f16>,
-    /// Every zero is 2^(bits−1), as a symmetric checkpoint stores them (AutoRound's `sym: true`, MODEL_SPEC §4.3):
-    /// the tensor-core kernels then take that constant and read no zeros ([`GpuGptq::mma_zeros`]).
-    pub symmetric: bool,
+    /// `[groups, out]`, after the checkpoint's zero convention; none when every zero is 2^(bits−1), as a symmetric
+    /// checkpoint stores them (AutoRound's `sym: true`, MODEL_SPEC §4.3): every kernel then takes that constant
+    /// (a null pointer says so) — 2 bytes of every 52 a column's group of 128 rows streams at 3 bits, and ~0.7 GB
+    /// of a 3090's share of the 345B model left for the cache.
+    pub(crate) zeros: Option<CudaSlice<f16>>,
     /// `[groups, out]`
     pub(crate) scales: CudaSlice<f16>,
     /// Source row of each reordered row, when the checkpoint had a non-trivial g_idx.
@@ -80,10 +80,9 @@ pub(crate) fn reduce_splits(
 }
 
 impl GpuGptq {
-    /// Bytes the GEMV streams per call (packed weights, zeros unless the tensor-core kernels take a symmetric
-    /// weight's constant, scales).
+    /// Bytes the GEMV streams per call (packed weights, zeros unless symmetric, scales).
     pub fn bytes(&self) -> usize {
-        let zeros = if self.packing == Packing::Mma && self.symmetric { 0 } else { self.zeros.len() };
+        let zeros = self.zeros.as_ref().map_or(0, CudaSlice::len);
         self.qweight.len() * 4 + (zeros + self.scales.len()) * 2
     }
 
@@ -134,8 +133,8 @@ impl GpuGptq {
                 stored.push(w.zero(g, c));
             }
         }
-        let symmetric = all_symmetric(&stored, l.bits.get());
-        let zeros: Vec<f16> = stored.iter().map(|&z| f16::from_f32(z as f32)).collect();
+        let zeros: Option<Vec<f16>> =
+            (!all_symmetric(&stored, l.bits.get())).then(|| stored.iter().map(|&z| f16::from_f32(z as f32)).collect());
         let s = &gpu.stream;
         let perm = if trivial {
             None
@@ -156,8 +155,7 @@ impl GpuGptq {
             group_size: gs,
             packing,
             qweight: s.clone_htod(&qweight).map_err(drv("upload qweight"))?,
-            zeros: s.clone_htod(&zeros).map_err(drv("upload zeros"))?,
-            symmetric,
+            zeros: zeros.map(|z| s.clone_htod(&z)).transpose().map_err(drv("upload zeros"))?,
             scales: s.clone_htod(w.scales()).map_err(drv("upload scales"))?,
             perm,
         })
@@ -222,9 +220,15 @@ impl GpuGptq {
             Some(p) => launch.arg(p),
             None => launch.arg(&null),
         };
-        launch.arg(&self.qweight).arg(&self.zeros).arg(&self.scales).arg(&mut *partial);
+        launch.arg(&self.qweight);
+        match &self.zeros {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
+        };
+        launch.arg(&self.scales).arg(&mut *partial);
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
-        // SAFETY: argument order and types match gptq_gemv_w*_b*_*; sizes were checked above.
+        // SAFETY: argument order and types match gptq_gemv_w*_b*_* (null zeros: symmetric, which the kernel takes
+        // as the constant); sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemv"))?;
         reduce_splits(gpu, partial, splits, batch, n, y)
     }
@@ -263,9 +267,9 @@ impl GpuGptq {
         let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
         launch.arg(&self.qweight);
-        match (self.packing, self.mma_zeros()) {
-            (Packing::Mma, None) => launch.arg(&null),
-            _ => launch.arg(&self.zeros),
+        match &self.zeros {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
         };
         launch.arg(&self.scales);
         match &self.perm {
@@ -278,23 +282,19 @@ impl GpuGptq {
         Ok(w)
     }
 
-    /// Device addresses of qweight, zeros, scales and the row order (0 when none): the grouped experts' tables.
-    /// The tensor-core layout's zeros are 0 for a symmetric weight ([`GpuGptq::mma_zeros`]).
+    /// Device addresses of qweight, zeros, scales and the row order (0 when none — zeros too, for a symmetric
+    /// weight): the grouped experts' tables.
     pub(crate) fn addresses(&self, gpu: &Gpu) -> [u64; 4] {
         use cudarc::driver::DevicePtr;
         let s = &gpu.stream;
         let perm = self.perm.as_ref().map_or(0, |p| p.device_ptr(s).0);
-        let zeros = match (self.packing, self.mma_zeros()) {
-            (Packing::Mma, None) => 0,
-            _ => self.zeros.device_ptr(s).0,
-        };
+        let zeros = self.zeros.as_ref().map_or(0, |z| z.device_ptr(s).0);
         [self.qweight.device_ptr(s).0, zeros, self.scales.device_ptr(s).0, perm]
     }
 
-    /// The zeros the tensor-core kernels read (gptq_mma.cu): none for a symmetric weight, whose zero they take as
-    /// the constant 2^(bits−1) — 2 bytes of every 52 a column's group of 128 rows streams at 3 bits.
-    pub(crate) fn mma_zeros(&self) -> Option<&CudaSlice<f16>> {
-        (!self.symmetric).then_some(&self.zeros)
+    /// Whether every zero is 2^(bits−1) (none uploaded; the kernels take the constant).
+    pub fn symmetric(&self) -> bool {
+        self.zeros.is_none()
     }
 
     /// Shared memory bytes of a launch with `chunk` rows of K for `batch` rows.

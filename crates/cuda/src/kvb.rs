@@ -95,7 +95,12 @@ pub(crate) fn absorb_q(
     let (r0, n, heads) = (row0 as i32, rows as i32, d.heads as i32);
     let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
     let mut l = b.gpu.stream.launch_builder(f);
-    l.arg(qd).arg(&g.qweight).arg(&g.zeros).arg(&g.scales);
+    l.arg(qd).arg(&g.qweight);
+    match &g.zeros {
+        Some(z) => l.arg(z),
+        None => l.arg(&0u64),
+    };
+    l.arg(&g.scales);
     match &g.perm {
         Some(p) => l.arg(p),
         None => l.arg(&null),
@@ -130,7 +135,12 @@ pub(crate) fn out(
     let (r0, n, heads) = (row0 as i32, rows as i32, d.heads as i32);
     let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
     let mut l = b.gpu.stream.launch_builder(f);
-    l.arg(o_part).arg(ml_part).arg(&s).arg(&g.qweight).arg(&g.zeros).arg(&g.scales);
+    l.arg(o_part).arg(ml_part).arg(&s).arg(&g.qweight);
+    match &g.zeros {
+        Some(z) => l.arg(z),
+        None => l.arg(&0u64),
+    };
+    l.arg(&g.scales);
     match &g.perm {
         Some(p) => l.arg(p),
         None => l.arg(&null),

@@ -359,7 +359,7 @@ pub(crate) fn gemv(
         None => l.arg(&null),
     };
     l.arg(&w.qweight);
-    match w.mma_zeros() {
+    match &w.zeros {
         Some(z) => l.arg(z),
         None => l.arg(&null),
     };

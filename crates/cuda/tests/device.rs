@@ -19,8 +19,8 @@ use pipemoe_cuda::{Act, ActDtype, Gpu, GpuGptq};
 type Case = (usize, usize, u32, i64, bool, usize);
 
 /// Relative L2 of the GEMV against the reference for inputs in `xd`, outputs in `yd`, with the weight uploaded
-/// for tensor cores (`mma`, where eligible) or in the checkpoint packing, and symmetric (`sym`: no zeros read by
-/// the tensor-core kernel) or with random zeros.
+/// for tensor cores (`mma`, where eligible) or in the checkpoint packing, and symmetric (`sym`: no zeros uploaded
+/// or read) or with random zeros.
 fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, io: (ActDtype, ActDtype), mma: bool, sym: bool) -> (f64, Packing) {
     let (k, n, bits, group, act_order, batch) = case;
     let (xd, yd) = io;
@@ -38,7 +38,7 @@ fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, io: (ActDtype, ActDtype), mma
         }
     }
     let g = if mma { GpuGptq::upload_for_tensor_cores(gpu, &w) } else { GpuGptq::upload(gpu, &w) }.expect("upload");
-    assert_eq!(g.symmetric, sym, "symmetric zeros detected at upload");
+    assert_eq!(g.symmetric(), sym, "symmetric zeros detected at upload");
     let xa = Act::from_f32(gpu, xd, &x).expect("x");
     let mut partial = gpu.stream.alloc_zeros::<f32>(g.scratch_len(gpu, batch)).expect("scratch");
     let mut y = Act::zeros(gpu, yd, batch * n).expect("y");
@@ -78,12 +78,13 @@ fn gptq_gemv_matches_the_cpu_reference() {
     for case in cases {
         let (k, n, bits, group, act, batch) = case;
         // (x, y, tensor cores, symmetric, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs;
-        // the tensor-core kernel again on a symmetric weight, whose zeros it does not read.
+        // both kernels again on a symmetric weight (no zeros uploaded: the kernels take the constant).
         for (xd, yd, mma, sym, tol) in [
             (f32_, f32_, false, false, 1e-4),
             (bf16_, f32_, false, false, 1e-4),
             (bf16_, f32_, true, false, 1e-4),
             (bf16_, bf16_, true, false, 5e-3),
+            (f32_, f32_, false, true, 1e-4),
             (bf16_, f32_, true, true, 1e-4),
         ] {
             let (err, packing) = gemv_case(&gpu, &mut rng, case, (xd, yd), mma, sym);

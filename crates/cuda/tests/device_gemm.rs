@@ -85,16 +85,19 @@ fn references(w: &GptqWeight, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Runs one case through both tile heights, the automatic choice and both output dtypes; asserts the tolerances.
-fn check(gpu: &Gpu, rng: &mut Rng, c: &Case) {
-    let w = random_weight(rng, c.k, c.n, c.bits, c.group, c.act_order);
+fn check(gpu: &Gpu, rng: &mut Rng, c: &Case, sym: bool) {
+    let w = if sym { symmetric_weight } else { random_weight }(rng, c.k, c.n, c.bits, c.group, c.act_order);
     let x: Vec<f32> = (0..c.m * c.k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
     let (exact, rounded) = references(&w, &x, c.m);
     let g = GpuGptq::upload(gpu, &w).expect("upload");
     let mut host = vec![0f32; c.x_offset];
     host.extend_from_slice(&x);
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");
-    let label =
-        format!("{}x{} w{} g{} act_order={} m {} x_offset {}", c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset);
+    let label = format!(
+        "{}x{} w{} g{} act_order={} m {} x_offset {} sym={sym}",
+        c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset
+    );
+    assert_eq!(g.symmetric(), sym, "{label}: symmetric zeros detected at upload");
     each_output(gpu, &g, c, &xd, &label, &mut |dtype, tile, got| {
         let (e_exact, e_rounded) = (rel_l2(got, &exact), rel_l2(got, &rounded));
         let (tol_exact, tol_rounded) = match dtype {
@@ -162,8 +165,10 @@ fn gptq_gemm_matches_the_cpu_reference() {
         case(768, 160, 3, 128, false, 512),
         case(2048, 64, 8, 32, true, 1),
     ];
+    // Each with random zeros, then symmetric (no zeros uploaded: the kernel takes the constant).
     for c in &cases {
-        check(&gpu, &mut rng, c);
+        check(&gpu, &mut rng, c, false);
+        check(&gpu, &mut rng, c, true);
     }
 }
 
@@ -176,7 +181,7 @@ fn gptq_gemm_at_the_real_shapes() {
     let mut rng = Rng::new(23);
     // MODEL_SPEC §6 at m = 256: expert gate/up, expert down, o_proj, q_b_proj (3-bit, group 128).
     for (k, n) in [(7168, 2048), (2048, 7168), (16384, 7168), (1536, 24576)] {
-        check(&gpu, &mut rng, &case(k, n, 3, 128, false, 256));
+        check(&gpu, &mut rng, &case(k, n, 3, 128, false, 256), true);
     }
 }
 
@@ -209,7 +214,7 @@ fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case, sym: bool) {
         c.k, c.n, c.bits, c.group, c.act_order, c.m, c.x_offset
     );
     assert_eq!(g.packing, Packing::Mma, "{label}: the shape should take the tensor-core layout");
-    assert_eq!(g.symmetric, sym, "{label}: symmetric zeros detected at upload");
+    assert_eq!(g.symmetric(), sym, "{label}: symmetric zeros detected at upload");
     let mut host = vec![0f32; c.x_offset];
     host.extend_from_slice(&x);
     let xd = Act::from_f32(gpu, ActDtype::Bf16, &host).expect("x");

@@ -46,8 +46,8 @@ pub fn random_weight(rng: &mut Rng, n_in: usize, n_out: usize, bits: u32, group:
 }
 
 /// The same with a symmetric checkpoint's zeros: every stored field 2^(bits−1) − 1 under the v1 convention
-/// (AutoRound `sym: true`, MODEL_SPEC §4.3), so every zero is 2^(bits−1) — which the tensor-core kernels take as a
-/// constant instead of reading the zeros (`GpuGptq::symmetric`).
+/// (AutoRound `sym: true`, MODEL_SPEC §4.3), so every zero is 2^(bits−1) — which every kernel takes as a
+/// constant, and none are uploaded (`GpuGptq::symmetric`).
 pub fn symmetric_weight(
     rng: &mut Rng,
     n_in: usize,
