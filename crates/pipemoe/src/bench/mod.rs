@@ -295,9 +295,13 @@ fn measure(
     let budget = (positions + 64 * args.streams.max(1)) * per_position * n_layers * 11 / 10;
     let backend = backend.with_cache_budget(budget, n_layers);
     let t0 = Instant::now();
+    let free = || backend.gpu.ctx.mem_get_info().map(|(free, _)| free as f64 / 1e9).unwrap_or(f64::NAN);
+    let free_before = free();
     let stage = Stage::load(backend.clone(), cfg, ckpt, slice.clone()).context("loading the slice")?;
     let load_seconds = t0.elapsed().as_secs_f64();
-    eprintln!("bench: loaded {n_layers} layers in {load_seconds:.1} s");
+    // What the load took of the device (weights, the cache as sized above, the step's buffers).
+    let held = free_before - free();
+    eprintln!("bench: loaded {n_layers} layers in {load_seconds:.1} s, {held:.2} GB of device memory");
     let mut run = stage::Runner::new(stage, args.seed);
 
     // One untimed chunk first, on a sequence of its own: a process's first prefill step loads the prefill
