@@ -199,8 +199,10 @@ struct Case {
     selected: Option<usize>,
 }
 
-/// kv_b_proj as a random GPTQ weight of (bits, group size, act-order, symmetric) instead of a dense one.
-type Quantized = Option<(u32, i64, bool, bool)>;
+/// A random GPTQ kv_b_proj: (bits, group size, act-order, symmetric).
+type KvbSpec = (u32, i64, bool, bool);
+/// kv_b_proj as a random GPTQ weight instead of a dense one.
+type Quantized = Option<KvbSpec>;
 
 /// The relative L2 distance of the GPU's attention output from the CPU's on the same values.
 fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case, quantized: Quantized) -> f64 {
@@ -386,7 +388,7 @@ fn quantized_kv_b_matches_the_cpu_reference() {
     let case = |dims, lens: Vec<usize>, rows: Vec<Row>, selected| Case { dims, lens, rows, selected };
     let step = |n: usize| (0..n).map(|i| r(0, 2999 - i)).collect::<Vec<_>>();
     // (bits, group, act-order, symmetric: every zero 2^(bits−1), which the tensor-core kernels do not read).
-    let cases: Vec<(&str, Case, (u32, i64, bool, bool))> = vec![
+    let cases: Vec<(&str, Case, KvbSpec)> = vec![
         ("small, 1 row", case(qsmall, vec![40], vec![r(0, 39)], None), (3, 128, false, false)),
         (
             "small, 5 rows act-order",
