@@ -233,8 +233,8 @@ impl GpuGptq {
         }
         // SAFETY: argument order and types match gptq_gemm_w*_m*_* and gptq_mma_gemm_w*_m*_* (the words as uint2,
         // then k_split); x holds m·k bf16 (16-byte aligned), the output m·n elements (pair-aligned) per split, the
-        // weights k×n in the packing that kernel reads (null zeros: symmetric); the
-        // shared memory matches the kernel's plan.
+        // weights k×n in the packing that kernel reads (null zeros: symmetric); the shared memory matches the
+        // kernel's plan.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm"))?;
         match &partial {
             Some(p) => crate::gemv::reduce_splits(gpu, p, splits, m, n, y),

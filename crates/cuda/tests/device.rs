@@ -24,7 +24,7 @@ type Case = (usize, usize, u32, i64, bool, usize);
 fn gemv_case(gpu: &Gpu, rng: &mut Rng, case: Case, io: (ActDtype, ActDtype), mma: bool, sym: bool) -> (f64, Packing) {
     let (k, n, bits, group, act_order, batch) = case;
     let (xd, yd) = io;
-    let w = if sym { symmetric_weight } else { random_weight }(rng, k, n, bits, group, act_order);
+    let w = weight_with_zeros(rng, (k, n, bits, group, act_order), sym);
     let mut x: Vec<f32> = (0..batch * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
     if xd == ActDtype::Bf16 {
         x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());

@@ -228,10 +228,8 @@ fn attention_case(g: &CudaBackend, rng: &mut Rng, c: &Case, quantized: Quantized
     let q = as_act(g.act, uniform(rng, n * d.heads * qk, 1.0));
     let (wlen, w_out) = (d.heads * (d.qk_nope + d.v_head) * lora, d.heads * (d.qk_nope + d.v_head));
     let kv_b = as_act(g.act, uniform(rng, wlen, 0.5));
-    let gptq = quantized.map(|(bits, group, act_order, sym)| {
-        let make = if sym { symmetric_weight } else { random_weight };
-        make(rng, lora, w_out, bits, group, act_order)
-    });
+    let gptq = quantized
+        .map(|(bits, group, act_order, sym)| weight_with_zeros(rng, (lora, w_out, bits, group, act_order), sym));
     let host_w = || match &gptq {
         Some(w) => HostLinear::Gptq(w.clone()),
         None => HostLinear::Dense { out_features: w_out, in_features: lora, data: kv_b.clone() },

@@ -86,7 +86,7 @@ fn references(w: &GptqWeight, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
 
 /// Runs one case through both tile heights, the automatic choice and both output dtypes; asserts the tolerances.
 fn check(gpu: &Gpu, rng: &mut Rng, c: &Case, sym: bool) {
-    let w = if sym { symmetric_weight } else { random_weight }(rng, c.k, c.n, c.bits, c.group, c.act_order);
+    let w = weight_with_zeros(rng, (c.k, c.n, c.bits, c.group, c.act_order), sym);
     let x: Vec<f32> = (0..c.m * c.k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
     let (exact, rounded) = references(&w, &x, c.m);
     let g = GpuGptq::upload(gpu, &w).expect("upload");
@@ -205,7 +205,7 @@ fn gptq_gemm_wants_bf16_input() {
 /// One case over the weight in the tensor-core (Mma) layout: both tile heights and the automatic choice, both
 /// output dtypes, against the exact reference (see the module doc for the tolerances).
 fn check_mma(gpu: &Gpu, rng: &mut Rng, c: &Case, sym: bool) {
-    let w = if sym { symmetric_weight } else { random_weight }(rng, c.k, c.n, c.bits, c.group, c.act_order);
+    let w = weight_with_zeros(rng, (c.k, c.n, c.bits, c.group, c.act_order), sym);
     let x: Vec<f32> = (0..c.m * c.k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
     let exact = matmul(&w.dequantize(), &x, c.m, c.k, c.n);
     let g = GpuGptq::upload_for_tensor_cores(gpu, &w).expect("upload");

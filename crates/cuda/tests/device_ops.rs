@@ -386,8 +386,7 @@ fn the_router_matches_the_cpu() {
 fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
     (0..count)
         .map(|i| {
-            let w = if i % 3 == 1 { symmetric_weight } else { random_weight };
-            let mut m = |k, n| HostLinear::Gptq(w(rng, k, n, bits, 128, false));
+            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, (k, n, bits, 128, false), i % 3 == 1));
             [m(hidden, inter), m(hidden, inter), m(inter, hidden)]
         })
         .collect()

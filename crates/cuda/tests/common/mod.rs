@@ -42,32 +42,14 @@ fn bytes_u32(v: &[u32]) -> Vec<u8> {
 
 /// A random GPTQ weight `[out, in]`: random fields, zeros, signed scales, and an act-order g_idx when asked.
 pub fn random_weight(rng: &mut Rng, n_in: usize, n_out: usize, bits: u32, group: i64, act_order: bool) -> GptqWeight {
-    weight_with_zeros(rng, n_in, n_out, bits, group, act_order, false)
+    weight_with_zeros(rng, (n_in, n_out, bits, group, act_order), false)
 }
 
-/// The same with a symmetric checkpoint's zeros: every stored field 2^(bits−1) − 1 under the v1 convention
-/// (AutoRound `sym: true`, MODEL_SPEC §4.3), so every zero is 2^(bits−1) — which every kernel takes as a
-/// constant, and none are uploaded (`GpuGptq::symmetric`).
-pub fn symmetric_weight(
-    rng: &mut Rng,
-    n_in: usize,
-    n_out: usize,
-    bits: u32,
-    group: i64,
-    act_order: bool,
-) -> GptqWeight {
-    weight_with_zeros(rng, n_in, n_out, bits, group, act_order, true)
-}
-
-fn weight_with_zeros(
-    rng: &mut Rng,
-    n_in: usize,
-    n_out: usize,
-    bits: u32,
-    group: i64,
-    act_order: bool,
-    symmetric: bool,
-) -> GptqWeight {
+/// The same, with a symmetric checkpoint's zeros when `symmetric`: every stored field 2^(bits−1) − 1 under the v1
+/// convention (AutoRound `sym: true`, MODEL_SPEC §4.3), so every zero is 2^(bits−1) — which every kernel takes as
+/// a constant, and none are uploaded (`GpuGptq::symmetric`). `shape`: (in, out, bits, group, act_order).
+pub fn weight_with_zeros(rng: &mut Rng, shape: (usize, usize, u32, i64, bool), symmetric: bool) -> GptqWeight {
+    let (n_in, n_out, bits, group, act_order) = shape;
     let b = Bits::new(bits).expect("bits");
     let layout = GptqLayout::new(n_in, n_out, b, GroupSize::from_config(group).expect("group")).expect("layout");
     let maxv = (1u64 << bits) - 1;
