@@ -434,12 +434,17 @@ fn device_top_k_picks_the_cpu_set() {
     specials[19] = f32::NAN;
     let rows: Vec<Vec<f32>> = vec![
         uniform(&mut rng, 5, 1.0),
+        // Within one warp's window (256 keys) from the start.
+        uniform(&mut rng, 200, 1.0),
         vec![1.0; 8],
         vec![0.5; 2049],
         uniform(&mut rng, 2049, 1.0),
         // One tile of the kernel (8,192 keys, held in registers), one key past it, and the 4K row of the bench.
         uniform(&mut rng, 4096, 1.0),
         uniform(&mut rng, 8192, 3.0),
+        // One tile by bisection: few distinct keys (ties across the cut), and keys apart only in their last bits.
+        (0..5000).map(|i| (i % 3) as f32).collect(),
+        (0..4096).map(|i| 1.0 + (i * 7 % 13) as f32 * f32::EPSILON).collect(),
         (0..8193).map(|i| (i % 97) as f32 * 0.25).collect(),
         uniform(&mut rng, 20_000, 10.0),
         (0..65_536).map(|_| rng.below(100) as f32).collect(),
