@@ -515,6 +515,24 @@ impl Backend for CudaBackend {
         crate::route::route(self, x, gate, bias, dims).map(GpuRoutes::new)
     }
 
+    fn add_rms_norm_route(
+        &self,
+        x: &mut GpuTensor,
+        y: &GpuTensor,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        gate: &GpuWeight,
+        bias: &CudaSlice<f32>,
+        dims: &RouterDims,
+    ) -> MResult<(GpuTensor, GpuRoutes)> {
+        if let Some((normed, routes)) = crate::route::add_norm_route(self, x, y, (w, eps), gate, bias, dims)? {
+            return Ok((normed, GpuRoutes::new(routes)));
+        }
+        let normed = self.add_rms_norm(x, y, w, eps)?;
+        let routes = self.route(&normed, gate, bias, dims)?;
+        Ok((normed, routes))
+    }
+
     fn routes_to_host(&self, routes: &GpuRoutes) -> MResult<Routing> {
         routes.host().cloned()
     }

@@ -90,6 +90,8 @@ pub enum Apart {
     DenseKvb = 8,
     /// bf16 flash attention with q and P as value + remainder (`PIPEMOE_FLASH_EXACT=1` always), not as bf16.
     ExactFlash = 16,
+    /// The post-attention add+rms_norm and the one-row router as two launches, not one (`add_norm_route`).
+    NormRoute = 32,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

@@ -152,6 +152,64 @@ pub(crate) fn route(
     route_on_device(&b.gpu, &logits.as_view(), x.rows, bias, dims).map_err(m)
 }
 
+/// Widest row `add_norm_route` holds (8 values a thread, two pieces, 512 threads: kernels/ops.cu).
+const NORM_ROUTE_COLS: usize = 8 * 2 * 512;
+
+/// `Backend::add_rms_norm_route` at one row: `x += y`, its RMSNorm by `norm` (weight, eps) and the router's choice
+/// in one launch (`add_norm_route`: every block norms the row, its last routes), bit for bit what `add_rms_norm`
+/// then `route` give. `None` where that kernel does not apply — more rows, a quantized router, a row wider than it
+/// holds or not of whole 8-value pieces, or `Apart::NormRoute` — and the caller runs the two apart.
+pub(crate) fn add_norm_route(
+    b: &CudaBackend,
+    x: &mut GpuTensor,
+    y: &GpuTensor,
+    (norm, eps): (&CudaSlice<f32>, f32),
+    gate: &GpuWeight,
+    bias: &CudaSlice<f32>,
+    dims: &RouterDims,
+) -> MResult<Option<(GpuTensor, DeviceRouting)>> {
+    let GpuWeightKind::Dense(g) = &gate.kind else { return Ok(None) };
+    let cols = x.cols;
+    let fits = cols.is_multiple_of(8) && cols <= NORM_ROUTE_COLS && g.dtype() == x.data.dtype();
+    if x.rows != 1 || !fits || b.gpu.is_apart(crate::gpu::Apart::NormRoute) {
+        return Ok(None);
+    }
+    crate::backend::same_layout("add_rms_norm_route", x, y)?;
+    if y.rows != 1 || norm.len() != cols || gate.in_features != cols || gate.out_features != dims.n_experts {
+        return Err(crate::backend::shape(
+            "add_rms_norm_route",
+            format!(
+                "[1, {cols}] += [{}, {}], a norm of {}, a router [{}, {}]",
+                y.rows,
+                y.cols,
+                norm.len(),
+                gate.out_features,
+                gate.in_features
+            ),
+        ));
+    }
+    check(dims.n_experts, 1, bias.len(), dims).map_err(m)?;
+    let _p = b.gpu.span(|| "add+rms_norm+route".into());
+    let mut out = b.output(1, cols)?;
+    // SAFETY: add_norm_route writes all n_experts logits before its last block reads them.
+    let mut logits = unsafe { b.gpu.stream.alloc::<f32>(dims.n_experts) }.map_err(md("alloc"))?;
+    let (mut experts, mut weights) = routing_buffers(&b.gpu, 1, dims.top_k).map_err(m)?;
+    let d = [cols, dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
+    let norm_topk = i32::from(dims.norm_topk_prob);
+    let mut l = b.gpu.stream.launch_builder(b.op("add_norm_route", &x.data)?);
+    l.arg(&mut x.data).arg(&y.data).arg(norm).arg(&eps).arg(&mut out.data).arg(g).arg(&mut logits).arg(&d[0]);
+    l.arg(bias).arg(&mut experts).arg(&mut weights).arg(&d[1]).arg(&d[2]).arg(&d[3]).arg(&d[4]).arg(&norm_topk);
+    l.arg(&dims.scaling).arg(&b.gpu.counters);
+    let cfg = LaunchConfig { grid_dim: (dims.n_experts as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: matches add_norm_route_*: x, y and out [1, cols] of one dtype, whole allocations (16-byte aligned),
+    // cols a multiple of 8 and at most NORM_ROUTE_COLS; the norm cols floats, the gate [n_experts, cols] in that
+    // dtype, logits n_experts floats, the routing [1, top_k] (n_experts ≤ 256 < the block: `check`); the counter
+    // is 0 between launches (the last block puts it back), and no other kernel runs beside it on this stream.
+    unsafe { l.launch(cfg) }.map_err(md("add_norm_route"))?;
+    let (top_k, n_experts) = (dims.top_k, dims.n_experts);
+    Ok(Some((out, DeviceRouting { rows: 1, top_k, n_experts, experts, weights })))
+}
+
 impl DeviceRouting {
     /// The routing as the host's `route_logits` returns it (waits for the stream).
     pub fn to_host(&self) -> Result<Routing> {

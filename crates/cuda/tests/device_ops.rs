@@ -15,6 +15,7 @@ mod common;
 use common::*;
 use half::bf16;
 use pipemoe_cuda::experts::GpuRoutes;
+use pipemoe_cuda::gpu::Apart;
 use pipemoe_cuda::{ActDtype, CudaBackend};
 use pipemoe_model::backend::{
     Backend, ExpertWeights, HostLinear, INDEXER_NORM_EPS, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Routing, Row,
@@ -376,6 +377,29 @@ fn the_router_matches_the_cpu() {
                 let row = gpu.routes_to_host(&gpu.route(&one, &gg, &bg, &dims).unwrap()).unwrap();
                 assert_eq!(row.experts, got.experts[r * k..(r + 1) * k], "router row {r} alone ({act:?})");
                 assert_eq!(row.weights, got.weights[r * k..(r + 1) * k], "router row {r} alone ({act:?})");
+            }
+            // A layer's residual add and post-attention norm with the router (one launch at one row,
+            // add_norm_route): what add_rms_norm and then route give, bit for bit — the residual, the normed row and
+            // the routing.
+            let norm = gpu.load_vector(values(&mut rng, hidden, 1.0)).unwrap();
+            let bits = |t: &<CudaBackend as Backend>::Tensor| -> Vec<u32> {
+                gpu.download(t).unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            for r in [0, 8] {
+                let (h, a) = (&x[r * hidden..(r + 1) * hidden], &x[(8 - r) * hidden..(9 - r) * hidden]);
+                let (mut fused_h, mut apart_h, ag) =
+                    (up(&gpu, 1, hidden, h), up(&gpu, 1, hidden, h), up(&gpu, 1, hidden, a));
+                let (fused, fused_r) = gpu.add_rms_norm_route(&mut fused_h, &ag, &norm, 1e-6, &gg, &bg, &dims).unwrap();
+                gpu.gpu.set_apart(&[Apart::NormRoute]);
+                let (apart, apart_r) = gpu.add_rms_norm_route(&mut apart_h, &ag, &norm, 1e-6, &gg, &bg, &dims).unwrap();
+                gpu.gpu.set_apart(&[]);
+                let what = format!("add_rms_norm_route {hidden} x {} row {r} ({act:?})", dims.n_experts);
+                assert_eq!(bits(&fused_h), bits(&apart_h), "{what}: the residual");
+                assert_eq!(bits(&fused), bits(&apart), "{what}: the normed row");
+                let (fr, ar) = (gpu.routes_to_host(&fused_r).unwrap(), gpu.routes_to_host(&apart_r).unwrap());
+                assert_eq!(fr.experts, ar.experts, "{what}: experts");
+                let wbits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(wbits(&fr.weights), wbits(&ar.weights), "{what}: weights");
             }
         }
     }

@@ -431,6 +431,24 @@ pub trait Backend: Send + Sync {
         bias: &Self::Vector,
         dims: &RouterDims,
     ) -> Result<Self::Routes>;
+    /// `add_rms_norm(x, y, w, eps)`, then `route` of the normed rows: the residual add and norm before an MoE block
+    /// with its router, which a backend may run as one launch. Returns the normed rows and their routing, as the
+    /// two give apart.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rms_norm_route(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        gate: &Self::Weight,
+        bias: &Self::Vector,
+        dims: &RouterDims,
+    ) -> Result<(Self::Tensor, Self::Routes)> {
+        let normed = self.add_rms_norm(x, y, w, eps)?;
+        let routes = self.route(&normed, gate, bias, dims)?;
+        Ok((normed, routes))
+    }
     /// The routing as host vectors (tests, diagnostics).
     fn routes_to_host(&self, routes: &Self::Routes) -> Result<Routing>;
     /// Takes one layer's routed experts, indexed by expert id (`None` for those another slice holds).

@@ -45,7 +45,6 @@ impl<B: Backend> Layer<B> {
             None => b.rms_norm(h, &self.input_norm, self.eps)?,
         };
         let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
-        let x = b.add_rms_norm(h, &a, &self.post_norm, self.eps)?;
-        self.ffn.forward(b, &x)
+        self.ffn.forward_after(b, h, &a, &self.post_norm, self.eps)
     }
 }

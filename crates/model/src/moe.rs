@@ -28,6 +28,16 @@ pub struct Moe<B: Backend> {
     dims: RouterDims,
 }
 
+impl<B: Backend> Moe<B> {
+    /// The routed experts (and the shared one) of the normed rows `x` as `routing` chose them.
+    fn experts_of(&self, b: &B, x: &B::Tensor, routing: &B::Routes) -> Result<B::Tensor> {
+        match &self.shared {
+            Some(s) => b.experts_with_shared(x, &self.experts, s, routing),
+            None => b.experts(x, &self.experts, routing),
+        }
+    }
+}
+
 pub enum Ffn<B: Backend> {
     Dense(ExpertWeights<B>),
     Moe(Moe<B>),
@@ -80,10 +90,26 @@ impl<B: Backend> Ffn<B> {
             Ffn::Dense(w) => mlp_forward(b, w, x),
             Ffn::Moe(m) => {
                 let routing = b.route(x, &m.gate, &m.bias, &m.dims)?;
-                match &m.shared {
-                    Some(s) => b.experts_with_shared(x, &m.experts, s, &routing),
-                    None => b.experts(x, &m.experts, &routing),
-                }
+                m.experts_of(b, x, &routing)
+            }
+        }
+    }
+
+    /// `h += a`, its RMSNorm by `norm`, then the block: a layer's residual add and post-attention norm with the
+    /// FFN after them (an MoE block's router with the norm: [`Backend::add_rms_norm_route`]).
+    pub fn forward_after(
+        &self,
+        b: &B,
+        h: &mut B::Tensor,
+        a: &B::Tensor,
+        norm: &B::Vector,
+        eps: f32,
+    ) -> Result<B::Tensor> {
+        match self {
+            Ffn::Dense(w) => mlp_forward(b, w, &b.add_rms_norm(h, a, norm, eps)?),
+            Ffn::Moe(m) => {
+                let (x, routing) = b.add_rms_norm_route(h, a, norm, eps, &m.gate, &m.bias, &m.dims)?;
+                m.experts_of(b, &x, &routing)
             }
         }
     }

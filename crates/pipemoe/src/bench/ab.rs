@@ -22,6 +22,8 @@ pub enum AbSwitch {
     DenseKvb,
     /// bf16 flash attention on bf16 q and P, not value + remainder.
     ExactFlash,
+    /// The one-row post-attention add+rms_norm and router as one launch.
+    NormRoute,
 }
 
 impl AbSwitch {
@@ -32,6 +34,7 @@ impl AbSwitch {
             AbSwitch::Plan => Apart::Plan,
             AbSwitch::DenseKvb => Apart::DenseKvb,
             AbSwitch::ExactFlash => Apart::ExactFlash,
+            AbSwitch::NormRoute => Apart::NormRoute,
         }
     }
 
@@ -42,6 +45,7 @@ impl AbSwitch {
             AbSwitch::Plan => "plan",
             AbSwitch::DenseKvb => "dense-kvb",
             AbSwitch::ExactFlash => "exact-flash",
+            AbSwitch::NormRoute => "norm-route",
         }
     }
 }
