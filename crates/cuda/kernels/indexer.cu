@@ -283,12 +283,138 @@ __device__ __forceinline__ unsigned topk_load(const float* sc, int n, int t0, u3
     return valid;
 }
 
+#define TOPK_SLOTS 16  // keys a thread holds of a row of one tile (thread t: keys t, t + TOPK_THREADS, ...)
+
+// The topk largest of a row of n ≤ TOPK_THREADS · TOPK_SLOTS keys (n > topk), as indexer_topk_f32 writes them. The
+// keys are held in registers, slot j of thread t being key t + j·TOPK_THREADS, so a slot is one coalesced load and
+// every thread holds the same slots of the row. The topk-th largest key is found two bits a step from the highest
+// bit where the keys differ (those above it are every key's): the block counts the keys at or above the three
+// candidates the next two bits make (one barrier), keeps the largest candidate with at least topk keys at or above
+// it, and stops when that count is exactly topk. Then positions in index order, i.e. slot by slot: each (slot,
+// warp)'s taken keys by ballots, one warp's scan over them in that order, and the stores — two more barriers.
+// (The radix passes over this row: ~1,430 instructions a warp, 21K cycles; a bisection a bit a step with a
+// warp's finish: ~2,300, as long: ncu, docs/PERF.md session 25.)
+__device__ __forceinline__ void topk_one_tile(const float* sc, int n, int topk, int* out) {
+    __shared__ u32 agree[2][TOPK_WARPS];
+    __shared__ int counted[2][TOPK_WARPS];
+    __shared__ int total;
+    __shared__ int before[TOPK_SLOTS * TOPK_WARPS];  // (slot, warp) in index order: taken keys before it
+    const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+    const int slots = (n + TOPK_THREADS - 1) / TOPK_THREADS;
+    u32 key[TOPK_SLOTS];
+    {
+        // Every load issued before any is used: past the row, a thread reads its last key again and drops it.
+        float v[TOPK_SLOTS];
+#pragma unroll
+        for (int j = 0; j < TOPK_SLOTS; j++) v[j] = sc[min(t + j * TOPK_THREADS, n - 1)];
+#pragma unroll
+        for (int j = 0; j < TOPK_SLOTS; j++) key[j] = t + j * TOPK_THREADS < n ? total_order_key(v[j]) : 0u;
+    }
+    // A key not held is 0: below every candidate (each has a bit set), and left out of the bits keys share.
+    u32 all = ~0u, any = 0u;
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) {
+        all &= t + j * TOPK_THREADS < n ? key[j] : ~0u;
+        any |= key[j];
+    }
+    all = __reduce_and_sync(0xffffffffu, all);
+    any = __reduce_or_sync(0xffffffffu, any);
+    if (lane == 0) {
+        agree[0][warp] = all;
+        agree[1][warp] = any;
+    }
+    __syncthreads();
+    all = __reduce_and_sync(0xffffffffu, lane < TOPK_WARPS ? agree[0][lane] : ~0u);
+    any = __reduce_or_sync(0xffffffffu, lane < TOPK_WARPS ? agree[1][lane] : 0u);
+    const u32 differ = all ^ any;
+    int b = differ ? 31 - __clz(differ) : -1;
+    u32 pre = b < 0 ? all : all & ~((2u << b) - 1u);  // b = 31: no bit above it (2u << 31 is 0)
+    bool exact = false;
+#pragma unroll 1
+    for (int parity = 0; b >= 0 && !exact; b -= 2, parity ^= 1) {
+        // Candidates pre | 11, | 10, | 01 on bits b, b − 1 (at b = 0 only | 1, three times).
+        const u32 hi = 1u << b, lo = b > 0 ? 1u << (b - 1) : hi;
+        const u32 c3 = pre | hi | lo, c2 = pre | hi, c1 = pre | lo;
+        int n3 = 0, n2 = 0, n1 = 0;
+#pragma unroll
+        for (int j = 0; j < TOPK_SLOTS; j++) {
+            if (j >= slots) break;  // the block's: a uniform branch
+            n3 += key[j] >= c3;
+            n2 += key[j] >= c2;
+            n1 += key[j] >= c1;
+        }
+        // A warp's counts (≤ 512 each) in one word, 10 bits apart; two slots a warp, a step's in turn (a warp
+        // writes one again two steps on, past the barrier every warp passes only once it has read it).
+        const int packed = __reduce_add_sync(0xffffffffu, n3 | (n2 << 10) | (n1 << 20));
+        if (lane == 0) counted[parity][warp] = packed;
+        __syncthreads();
+        const int w = lane < TOPK_WARPS ? counted[parity][lane] : 0;
+        const int m3 = __reduce_add_sync(0xffffffffu, w & 1023);
+        const int m2 = __reduce_add_sync(0xffffffffu, (w >> 10) & 1023);
+        const int m1 = __reduce_add_sync(0xffffffffu, (w >> 20) & 1023);
+        const int kept = m3 >= topk ? m3 : m2 >= topk ? m2 : m1 >= topk ? m1 : -1;
+        pre = m3 >= topk ? c3 : m2 >= topk ? c2 : m1 >= topk ? c1 : pre;
+        exact = kept == topk;
+    }
+    // Keys above `prefix`, then the lowest-index ones equal to it: with an exact count, those at or above pre.
+    const u32 prefix = exact ? pre - 1u : pre;
+    const unsigned below = (1u << lane) - 1u;
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) {
+        if (j >= slots) break;
+        const bool held = t + j * TOPK_THREADS < n;
+        const unsigned g = __ballot_sync(0xffffffffu, held && key[j] > prefix);
+        const unsigned e = __ballot_sync(0xffffffffu, held && key[j] == prefix);
+        if (lane == 0) before[j * TOPK_WARPS + warp] = __popc(g) | (__popc(e) << 16);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        // Exclusive scan of the (slot, warp) counts in index order (above in the low half, equal in the high: a
+        // row has < 2^16 keys), TOPK_SLOTS · TOPK_WARPS / 32 a lane; the last lane leaves the total.
+        constexpr int PER = TOPK_SLOTS * TOPK_WARPS / 32;
+        int c[PER], run = 0;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int k = lane * PER + i;
+            c[i] = k < slots * TOPK_WARPS ? before[k] : 0;
+            run += c[i];
+        }
+        int x = run;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) total = x;
+        x -= run;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int k = lane * PER + i;
+            if (k < slots * TOPK_WARPS) before[k] = x;
+            x += c[i];
+        }
+    }
+    __syncthreads();
+    const int need = topk - (total & 0xffff);  // the keys equal to the prefix still to take
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) {
+        if (j >= slots) break;
+        const bool held = t + j * TOPK_THREADS < n;
+        const bool above = held && key[j] > prefix, equal = held && key[j] == prefix;
+        const unsigned g = __ballot_sync(0xffffffffu, above), e = __ballot_sync(0xffffffffu, equal);
+        const int at = before[j * TOPK_WARPS + warp];
+        const int gs = (at & 0xffff) + __popc(g & below), es = (at >> 16) + __popc(e & below);
+        if (above) out[gs + min(es, need)] = t + j * TOPK_THREADS;
+        else if (equal && es < need) out[gs + es] = t + j * TOPK_THREADS;
+    }
+}
+
 // The topk largest of each row's n = pos + 1 scores, as positions in ascending order: exactly the set of
 // pipemoe_model::cpu::kernels::top_k (total_cmp order, ties to the lower index). Radix select finds the k-th
 // largest key 11 bits at a time (a histogram of the keys that share the prefix found so far; it stops early when
 // the chosen bin holds exactly the keys still needed), then one ordered pass writes every key above the prefix
-// and the lowest-index keys equal to it. A row of up to 8,192 keys is read once and kept in registers; longer
-// rows are read a tile at a time each pass. Rows with n ≤ topk take 0..n-1. grid (n_rows), block TOPK_THREADS.
+// and the lowest-index keys equal to it; the row is read a tile at a time each pass. A row of up to 8,192 keys
+// takes topk_one_tile instead. Rows with n ≤ topk take 0..n-1. grid (n_rows), block TOPK_THREADS.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(const float* scores,  // [n_rows, stride]
                                                                            int stride, const int* meta, int row0,
                                                                            int topk,
@@ -305,10 +431,14 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
         return;
     }
     const float* sc = scores + (size_t)lr * stride;
+    if (n <= TOPK_THREADS * TOPK_SLOTS) {
+        topk_one_tile(sc, n, topk, out);
+        return;
+    }
     const int tile = TOPK_THREADS * TOPK_PER, tiles = (n + tile - 1) / tile, lane = threadIdx.x & 31;
     u32 key[TOPK_PER];
     int per = 0;
-    unsigned valid = tiles == 1 ? topk_load(sc, n, 0, key, &per) : 0u;
+    unsigned valid = 0;
     u32 prefix = 0, mask = 0;
     int need = topk;  // how many keys matching the prefix are still to take
     for (int i = threadIdx.x; i < 2 * TOPK_BINS; i += TOPK_THREADS) (&hist[0][0])[i] = 0;
@@ -322,7 +452,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
         if (pass == 1)
             for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) hist[0][i] = 0;
         for (int t = 0; t < tiles; t++) {
-            if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
+            valid = topk_load(sc, n, t * tile, key, &per);
 #pragma unroll
             for (int j = 0; j < TOPK_PER; j++) {
                 const bool counted = ((valid >> j) & 1u) && (key[j] & mask) == prefix;
@@ -370,7 +500,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
     // A taken key's place: the keys above the prefix before it, plus those equal to it before it (at most need).
     int gt_seen = 0, eq_seen = 0;
     for (int t = 0; t < tiles; t++) {
-        if (tiles > 1) valid = topk_load(sc, n, t * tile, key, &per);
+        valid = topk_load(sc, n, t * tile, key, &per);
         int gt = 0, eq = 0;
 #pragma unroll
         for (int j = 0; j < TOPK_PER; j++) {
