@@ -423,7 +423,10 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
     // stands between one pass's choice and the next pass's counting.
     __shared__ int hist[2][TOPK_BINS];
     __shared__ int wsum[TOPK_WARPS];
-    __shared__ int pick[3];
+    // Its own 16 bytes: the three reads after the barrier are one 16-byte load, which would otherwise take in a
+    // neighbour's word — wsum's last, which the ordered pass's first scan writes with no barrier between
+    // (compute-sanitizer's racecheck: a hazard on that word, the value unused).
+    __shared__ __align__(16) int pick[4];
     const int lr = blockIdx.x, r = row0 + lr, n = meta[r * 4] + 1;
     int* out = sel + (size_t)r * topk;
     if (n <= topk) {
