@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device test suite, on the GPU machine, in one command (docs/CUDA.md): every binary tools/device/build.sh
 # put in .device/, then compute-sanitizer's memcheck on the demo model and its racecheck on the two-head-group
-# flash kernel, then (when .device/pipemoe is there) the GPU end-to-end tests. Prints one line per binary and a
-# verdict last; logs go to $OUT (or /tmp/pipemoe-device).
+# flash kernel and the indexer's top-k, then (when .device/pipemoe is there) the GPU end-to-end tests. Prints one
+# line per binary and a verdict last; logs go to $OUT (or /tmp/pipemoe-device).
 # Usage: tools/device/run-tests.sh              every suite
 #        tools/device/run-tests.sh device ...   only these suites: test binaries, `memcheck`, `racecheck`, `e2e_gpu`
 #                                               (an unknown name is refused, not skipped)
@@ -49,6 +49,9 @@ wanted memcheck && [ -x .device/golden_gpu ] && run memcheck compute-sanitizer -
 # One split a row: each block walks a whole row's tiles (device_attention's doc comment of the test).
 wanted racecheck && [ -x .device/device_attention ] && PIPEMOE_FLASH_MAX_SPLITS=1 run racecheck compute-sanitizer \
     --tool racecheck --error-exitcode 1 .device/device_attention two_head_group_flash_matches_the_cpu_reference
+# The indexer's top-k over rows of 1 to 65,536 keys: both of its paths (~90 s under racecheck).
+wanted racecheck && [ -x .device/device_attention ] && run racecheck_topk compute-sanitizer --tool racecheck \
+    --error-exitcode 1 .device/device_attention indexer_select_matches_the_cpu_backend_and_feeds_attention
 if wanted e2e_gpu && [ -x .device/pipemoe ] && [ -x .device/e2e ]; then
     PIPEMOE_BIN="$PWD/.device/pipemoe" PIPEMOE_REPO="$PWD" run e2e_gpu .device/e2e gpu --nocapture --test-threads 1
 fi
