@@ -215,6 +215,21 @@ __device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1,
 // (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
 // session 17, and would read the head 8 times.) src/backend.rs `dense_grid` mirrors this.
 #define DENSE_ROWS 16
+// A batch of dense_gemv's rounds into its two sums (alternate values, in order): also add_norm_route's, whose
+// logits are dense_gemv's bit for bit.
+template <int BATCH>
+__device__ __forceinline__ void dense_batch_sums(const float (&xv)[BATCH][8], const float (&wv)[BATCH][8], float& a0,
+                                                 float& a1) {
+#pragma unroll
+    for (int u = 0; u < BATCH; u++) {
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            a0 += xv[u][j] * wv[u][j];
+            a1 += xv[u][j + 1] * wv[u][j + 1];
+        }
+    }
+}
+
 template <typename T, typename O>
 __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
     __shared__ float part[DENSE_ROWS][8];
@@ -243,14 +258,7 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
 #pragma unroll
                     for (int j = 0; j < 8; j++) xv[u][j] = in_row ? xv[u][j] : 0.f;
                 }
-#pragma unroll
-                for (int u = 0; u < DENSE_BATCH; u++) {
-#pragma unroll
-                    for (int j = 0; j < 8; j += 2) {
-                        a0 += xv[u][j] * wv[u][j];
-                        a1 += xv[u][j + 1] * wv[u][j + 1];
-                    }
-                }
+                dense_batch_sums<DENSE_BATCH>(xv, wv, a0, a1);
             }
         } else {
             int i = threadIdx.x;
@@ -556,14 +564,7 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
 #pragma unroll
             for (int i = 0; i < 8; i++) xv[u][i] = in_row ? xv[u][i] : 0.f;
         }
-#pragma unroll
-        for (int u = 0; u < BATCH; u++) {
-#pragma unroll
-            for (int i = 0; i < 8; i += 2) {
-                a0 += xv[u][i] * wv[u][i];
-                a1 += xv[u][i + 1] * wv[u][i + 1];
-            }
-        }
+        dense_batch_sums<BATCH>(xv, wv, a0, a1);
         const float s = warp_sum(a0 + a1);
         if (lane == 0) part[warp] = s;
     }
