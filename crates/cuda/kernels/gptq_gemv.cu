@@ -306,3 +306,38 @@ extern "C" __global__ void experts_plan(const unsigned* experts, int entries, in
         j++;
     }
 }
+
+// W[n, k] = s[g(k), n] · (q[k, n] − z[g(k), n]) for any-bit GPTQ weight, rows already in group order (the
+// inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense. Null zeros: a
+// symmetric weight, every zero 2^(BITS−1).
+template <int BITS>
+__device__ void dequant(const u32* qweight, const __half* zeros, const __half* scales, const int* perm, float* w,
+                        int K, int N, int group_size) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i >= (size_t)K * N) return;
+    int k = i / N, n = i % N;   // k: reordered row
+    const u32* col = qweight + (size_t)(k / 32 * BITS) * N + n;
+    u32 words[BITS];
+    for (int j = 0; j < BITS; j++) words[j] = col[(size_t)j * N];
+    int idx = k % 32, bit = idx * BITS;
+    u64 block = 0;
+    // Gather the (up to) 64 bits around the field: fine for BITS ≤ 8 since a field never crosses two words.
+    int wi = bit / 32, sh = bit % 32;
+    block = (u64)words[wi] | (wi + 1 < BITS ? ((u64)words[wi + 1] << 32) : 0ull);
+    float q = (float)((u32)(block >> sh) & ((1u << BITS) - 1u));
+    int g = k / group_size;
+    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+    float v = __half2float(scales[(size_t)g * N + n]) * (q - z);
+    int src = perm ? perm[k] : k;
+    w[(size_t)n * K + src] = v;
+}
+
+#define DEQUANT(BITS)                                                                                       \
+    extern "C" __global__ void gptq_dequant_w##BITS##_f32(const u32* q, const __half* z, const __half* s,    \
+                                                          const int* perm, float* w, int K, int N, int gs) { \
+        dequant<BITS>(q, z, s, perm, w, K, N, gs);                                                           \
+    }
+DEQUANT(2)
+DEQUANT(3)
+DEQUANT(4)
+DEQUANT(8)

@@ -2,33 +2,7 @@
 // symbols end in _f32 / _bf16). Arithmetic is f32: values are widened on load and rounded once on store.
 #include "common.cuh"
 #include "attention.cuh"
-#include "route.cuh"
-
-__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
-// 8 values (16-byte aligned) copied as they are; 8 f32 stored as `st` stores each (round to nearest even).
-template <typename T>
-__device__ __forceinline__ void copy8(T* d, const T* s) {
-#pragma unroll
-    for (int i = 0; i < (int)sizeof(T) / 2; i++) ((uint4*)d)[i] = ((const uint4*)s)[i];
-}
-__device__ __forceinline__ void save8(float* p, const float* v) {
-    ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]), ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-__device__ __forceinline__ void save8(__nv_bfloat16* p, const float* v) {
-    u32 w[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const __nv_bfloat162 t = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-        w[i] = *(const u32*)&t;
-    }
-    *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
-}
-// v as a T holds it (what a store then a load gives back).
-__device__ __forceinline__ float rnd(const float*, float v) { return v; }
-__device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
+#include "rows.cuh"
 
 #define GRID_INDEX(i, n)                                         \
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; \
@@ -46,10 +20,9 @@ __device__ void embed(const T* table, const int* ids, T* y, int rows, int cols) 
 // rows of up to 16 values per thread (8,192 at 512 threads: the model's 7,168) hold x and w in registers, every
 // load in flight at once (one round trip instead of one per value and pass).
 #define NORM_HELD 16
-// Rows of 8-value pieces (16-byte aligned, cols % 8 == 0) take 16-byte loads and stores instead: up to 2 pieces
-// a thread (8,192 values at 512 threads). A thread's scalar loads of two bytes each (48 for the model's row with
-// the add) kept one SM's load pipe busy for microseconds.
-#define NORM_PIECES 2
+// Rows of 8-value pieces (16-byte aligned, cols % 8 == 0) take 16-byte loads and stores instead: up to
+// NORM_PIECES (rows.cuh) a thread. A thread's scalar loads of two bytes each (48 for the model's row with the add)
+// kept one SM's load pipe busy for microseconds.
 // With `add` (the residual add before a norm, fused): x += add first, stored and normed as rounded to T, so the
 // result is the one an add then a norm give, bit for bit.
 // One row: x and y point at the row (add too, when given).
@@ -205,79 +178,6 @@ __device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1,
     else if ((c -= w1) < w2) y = y2, w = w2;
     else c -= w2;
     y[r * w + c] = x[i];
-}
-
-// y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
-// output o and DENSE_ROWS rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode
-// row's few hundred warps waiting on memory), so the weight row is read from memory once per DENSE_ROWS rows and
-// from L1 for the others; f32 sums, output in O (f32 for the router's logits, T otherwise). The blocks run output
-// by output, a row block at a time, so a weight larger than L2 is read once per row block: the bf16 lm_head
-// (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
-// session 17, and would read the head 8 times.) src/backend.rs `dense_grid` mirrors this.
-#define DENSE_ROWS 16
-// A batch of dense_gemv's rounds into its two sums (alternate values, in order): also add_norm_route's, whose
-// logits are dense_gemv's bit for bit.
-template <int BATCH>
-__device__ __forceinline__ void dense_batch_sums(const float (&xv)[BATCH][8], const float (&wv)[BATCH][8], float& a0,
-                                                 float& a1) {
-#pragma unroll
-    for (int u = 0; u < BATCH; u++) {
-#pragma unroll
-        for (int j = 0; j < 8; j += 2) {
-            a0 += xv[u][j] * wv[u][j];
-            a1 += xv[u][j + 1] * wv[u][j + 1];
-        }
-    }
-}
-
-template <typename T, typename O>
-__device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
-    __shared__ float part[DENSE_ROWS][8];
-    const int o = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    const int r0 = blockIdx.y * DENSE_ROWS, nr = min(DENSE_ROWS, rows - r0);
-    const size_t wr = (size_t)o * in;
-    for (int k = 0; k < nr; k++) {
-        const size_t xr = (size_t)(r0 + k) * in;
-        float a0 = 0.f, a1 = 0.f;
-        if (in % 8 == 0) {
-            // 16-byte loads of 8 values (rows start 16-byte aligned), DENSE_BATCH rounds' loads issued before any
-            // is used: a 7168-wide bf16 row at 256 threads is 3.5 rounds, one batch; rounds past the row add
-            // 0·w (w read again from the row's start: finite weights, as the CPU's sum assumes too). (A plain unrolled loop tests
-            // the bound between one round's loads and the next and left one round in flight: tools/sass.py.)
-            constexpr int DENSE_BATCH = 4;
-            const int round = blockDim.x * 8;
-            for (int i0 = threadIdx.x * 8; i0 < in; i0 += DENSE_BATCH * round) {
-                float xv[DENSE_BATCH][8], wv[DENSE_BATCH][8];
-#pragma unroll
-                for (int u = 0; u < DENSE_BATCH; u++) {
-                    // Past the row: x read as zeros (predicated loads: no branch between the batch's loads).
-                    const bool in_row = i0 + u * round < in;
-                    const int i = in_row ? i0 + u * round : 0;
-                    load8(x + xr + i, xv[u]);
-                    load8(w + wr + i, wv[u]);
-#pragma unroll
-                    for (int j = 0; j < 8; j++) xv[u][j] = in_row ? xv[u][j] : 0.f;
-                }
-                dense_batch_sums<DENSE_BATCH>(xv, wv, a0, a1);
-            }
-        } else {
-            int i = threadIdx.x;
-#pragma unroll 4
-            for (; i + 256 < in; i += 512) {
-                a0 += ld(x, xr + i) * ld(w, wr + i);
-                a1 += ld(x, xr + i + 256) * ld(w, wr + i + 256);
-            }
-            if (i < in) a0 += ld(x, xr + i) * ld(w, wr + i);
-        }
-        const float s = warp_sum(a0 + a1);
-        if (lane == 0) part[k][warp] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x < nr) {
-        float v = 0.f;
-        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
-        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
-    }
 }
 
 // A pair (xa, xb) rotated by the angle whose cosine and sine are c and s, its roundings spelled out (one rounded
@@ -473,122 +373,6 @@ __device__ void scatter_add_scaled(float* out, const T* y, const int* rows, cons
     out[(size_t)rows[r] * cols + c] += w[r] * ld(y, i);
 }
 
-// The router of one row in one launch: dense_gemv's logits (a block an expert), then the block that finishes
-// last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row, so
-// the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
-template <typename T>
-__device__ void router_route(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,
-                             float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
-                             float scaling, int* counter) {
-    __shared__ bool last;
-    dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
-    __threadfence();  // this block's logit is visible to every block before it counts itself
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
-    if (threadIdx.x == 0) *counter = 0;
-}
-
-// The post-attention residual add and norm of one row with its router, in one launch (a block an expert, of
-// NORM_ROUTE_THREADS: rms_norm_row's width): every block adds and norms the whole row as rms_norm_row does (the
-// same sums, so the same bits), stores its share of the normed row (pieces of 8), and takes its expert's logit
-// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route). The last block to
-// arrive stores the new residual row (every block has read it by then) and routes the row as route_f32 does. So
-// add_rms_norm then router_route, bit for bit, with one launch and one pass over the row fewer. cols % 8 == 0,
-// cols ≤ 8 · NORM_ROUTE_THREADS · NORM_PIECES (one batch of dense_gemv's rounds too), 16-byte aligned rows
-// (src/route.rs checks).
-#define NORM_ROUTE_THREADS 512
-template <typename T>
-__device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,
-                               int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
-                               int topk_group, int top_k, int norm, float scaling, int* counter) {
-    __shared__ float scratch[32];
-    __shared__ float part[8];
-    __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
-    __shared__ bool last;
-    const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
-    constexpr int BATCH = 4, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
-    // The expert's weights first, so that their loads overlap the row's.
-    float wv[BATCH][8];
-    if (t < 256) {
-#pragma unroll
-        for (int u = 0; u < BATCH; u++) {
-            const bool in_row = t * 8 + u * ROUND < cols;
-            load8(w + (size_t)e * cols + (in_row ? t * 8 + u * ROUND : 0), wv[u]);
-        }
-    }
-    // rms_norm_row's pieces, sums and roundings.
-    float v[NORM_PIECES][8], g[NORM_PIECES][8], a[NORM_PIECES][8];
-#pragma unroll
-    for (int j = 0; j < NORM_PIECES; j++) {
-        const int c = (t + j * NORM_ROUTE_THREADS) * 8;
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[j][i] = g[j][i] = a[j][i] = 0.f;
-        if (c < cols) {
-            load8(x + c, v[j]);
-            load8(nw + c, g[j]);
-            load8(add + c, a[j]);
-        }
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < NORM_PIECES; j++) {
-#pragma unroll
-        for (int i = 0; i < 8; i++) v[j][i] = rnd(x, v[j][i] + a[j][i]);
-#pragma unroll
-        for (int i = 0; i < 8; i++) ss += v[j][i] * v[j][i];
-    }
-    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
-    const int share = (cols / 8 + gridDim.x - 1) / gridDim.x;  // pieces of y this block stores
-#pragma unroll
-    for (int j = 0; j < NORM_PIECES; j++) {
-        const int p = t + j * NORM_ROUTE_THREADS, c = p * 8;
-        if (c < cols) {
-            float o[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++) o[i] = g[j][i] * (v[j][i] * inv);
-            save8(normed + c, o);
-            if (p / share == e) save8(y + c, o);
-        }
-    }
-    __syncthreads();
-    if (t < 256) {
-        float xv[BATCH][8], a0 = 0.f, a1 = 0.f;
-#pragma unroll
-        for (int u = 0; u < BATCH; u++) {
-            const bool in_row = t * 8 + u * ROUND < cols;
-            load8(normed + (in_row ? t * 8 + u * ROUND : 0), xv[u]);
-#pragma unroll
-            for (int i = 0; i < 8; i++) xv[u][i] = in_row ? xv[u][i] : 0.f;
-        }
-        dense_batch_sums<BATCH>(xv, wv, a0, a1);
-        const float s = warp_sum(a0 + a1);
-        if (lane == 0) part[warp] = s;
-    }
-    __syncthreads();
-    if (t == 0) {
-        float l = 0.f;
-        for (int k = 0; k < 8; k++) l += part[k];
-        logits[e] = l;
-    }
-    __threadfence();  // this block's logit is visible to every block before it counts itself
-    __syncthreads();
-    if (t == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-#pragma unroll
-    for (int j = 0; j < NORM_PIECES; j++) {
-        const int c = (t + j * NORM_ROUTE_THREADS) * 8;
-        if (c < cols) save8(x + c, v[j]);
-    }
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
-    if (t == 0) *counter = 0;
-}
-
 template <typename S, typename D>
 __device__ void cast(const S* x, D* y, size_t n) {
     GRID_INDEX(i, n);
@@ -627,20 +411,6 @@ __device__ void cast(const S* x, D* y, size_t n) {
                                                      int out) {                                                    \
         dense_gemv<T, float>(x, w, y, rows, in, out);                                                              \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)                                                \
-        router_route_##S(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,           \
-                         float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,          \
-                         float scaling, int* counter) {                                                            \
-        router_route<T>(x, w, logits, in, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm,     \
-                        scaling, counter);                                                                         \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(NORM_ROUTE_THREADS)                                              \
-        add_norm_route_##S(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,       \
-                           int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group, \
-                           int topk_group, int top_k, int norm, float scaling, int* counter) {                    \
-        add_norm_route<T>(x, add, nw, eps, y, w, logits, cols, bias, experts, weights, n_experts, n_group,         \
-                          topk_group, top_k, norm, scaling, counter);                                              \
-    }                                                                                                              \
     extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
                                         int offset, int half, int il) {                                            \
         rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \
@@ -676,38 +446,3 @@ OPS(__nv_bfloat16, bf16)
 
 extern "C" __global__ void cast_f32_bf16(const float* x, __nv_bfloat16* y, size_t n) { cast(x, y, n); }
 extern "C" __global__ void cast_bf16_f32(const __nv_bfloat16* x, float* y, size_t n) { cast(x, y, n); }
-
-// W[n, k] = s[g(k), n] · (q[k, n] − z[g(k), n]) for any-bit GPTQ weight, rows already in group order (the
-// inverse permutation maps them back): used once per weight where attention needs kv_b_proj dense. Null zeros: a
-// symmetric weight, every zero 2^(BITS−1).
-template <int BITS>
-__device__ void dequant(const u32* qweight, const __half* zeros, const __half* scales, const int* perm, float* w,
-                        int K, int N, int group_size) {
-    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    if (i >= (size_t)K * N) return;
-    int k = i / N, n = i % N;   // k: reordered row
-    const u32* col = qweight + (size_t)(k / 32 * BITS) * N + n;
-    u32 words[BITS];
-    for (int j = 0; j < BITS; j++) words[j] = col[(size_t)j * N];
-    int idx = k % 32, bit = idx * BITS;
-    u64 block = 0;
-    // Gather the (up to) 64 bits around the field: fine for BITS ≤ 8 since a field never crosses two words.
-    int wi = bit / 32, sh = bit % 32;
-    block = (u64)words[wi] | (wi + 1 < BITS ? ((u64)words[wi + 1] << 32) : 0ull);
-    float q = (float)((u32)(block >> sh) & ((1u << BITS) - 1u));
-    int g = k / group_size;
-    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
-    float v = __half2float(scales[(size_t)g * N + n]) * (q - z);
-    int src = perm ? perm[k] : k;
-    w[(size_t)n * K + src] = v;
-}
-
-#define DEQUANT(BITS)                                                                                       \
-    extern "C" __global__ void gptq_dequant_w##BITS##_f32(const u32* q, const __half* z, const __half* s,    \
-                                                          const int* perm, float* w, int K, int N, int gs) { \
-        dequant<BITS>(q, z, s, perm, w, K, N, gs);                                                           \
-    }
-DEQUANT(2)
-DEQUANT(3)
-DEQUANT(4)
-DEQUANT(8)

@@ -1,6 +1,8 @@
-// noaux_tc group-limited routing on the device (route.cuh has the choice and its rounding), and each expert's
-// (row, slot) pairs for a grouped launch.
+// noaux_tc group-limited routing on the device (route.cuh has the choice and its rounding), each expert's (row,
+// slot) pairs for a grouped launch, and a decode row's router in one launch: its GEMV and the choice
+// (router_route), with the residual add and norm before it too (add_norm_route).
 #include "common.cuh"
+#include "rows.cuh"
 #include "route.cuh"
 
 // A block per row: logits [rows, n_experts], bias [n_experts] → experts [rows, top_k], weights [rows, top_k].
@@ -61,3 +63,137 @@ extern "C" __global__ void route_place_u32(const u32* experts, int n, const u32*
         done += total;
     }
 }
+
+// The router of one row in one launch: dense_gemv's logits (a block an expert), then the block that finishes
+// last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row, so
+// the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
+template <typename T>
+__device__ void router_route(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,
+                             float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
+                             float scaling, int* counter) {
+    __shared__ bool last;
+    dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
+    __threadfence();  // this block's logit is visible to every block before it counts itself
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
+    if (threadIdx.x == 0) *counter = 0;
+}
+
+// The post-attention residual add and norm of one row with its router, in one launch (a block an expert, of
+// NORM_ROUTE_THREADS: rms_norm_row's width): every block adds and norms the whole row as rms_norm_row does (the
+// same sums, so the same bits), stores its share of the normed row (pieces of 8), and takes its expert's logit
+// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route). The last block to
+// arrive stores the new residual row (every block has read it by then) and routes the row as route_f32 does. So
+// add_rms_norm then router_route, bit for bit, with one launch and one pass over the row fewer. cols % 8 == 0,
+// cols ≤ 8 · NORM_ROUTE_THREADS · NORM_PIECES (one batch of dense_gemv's rounds too), 16-byte aligned rows
+// (src/route.rs checks).
+#define NORM_ROUTE_THREADS 512
+template <typename T>
+__device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,
+                               int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
+                               int topk_group, int top_k, int norm, float scaling, int* counter) {
+    __shared__ float scratch[32];
+    __shared__ float part[8];
+    __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
+    __shared__ bool last;
+    const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
+    constexpr int BATCH = 4, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
+    // The expert's weights first, so that their loads overlap the row's.
+    float wv[BATCH][8];
+    if (t < 256) {
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            const bool in_row = t * 8 + u * ROUND < cols;
+            load8(w + (size_t)e * cols + (in_row ? t * 8 + u * ROUND : 0), wv[u]);
+        }
+    }
+    // rms_norm_row's pieces, sums and roundings.
+    float v[NORM_PIECES][8], g[NORM_PIECES][8], a[NORM_PIECES][8];
+#pragma unroll
+    for (int j = 0; j < NORM_PIECES; j++) {
+        const int c = (t + j * NORM_ROUTE_THREADS) * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[j][i] = g[j][i] = a[j][i] = 0.f;
+        if (c < cols) {
+            load8(x + c, v[j]);
+            load8(nw + c, g[j]);
+            load8(add + c, a[j]);
+        }
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_PIECES; j++) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[j][i] = rnd(x, v[j][i] + a[j][i]);
+#pragma unroll
+        for (int i = 0; i < 8; i++) ss += v[j][i] * v[j][i];
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    const int share = (cols / 8 + gridDim.x - 1) / gridDim.x;  // pieces of y this block stores
+#pragma unroll
+    for (int j = 0; j < NORM_PIECES; j++) {
+        const int p = t + j * NORM_ROUTE_THREADS, c = p * 8;
+        if (c < cols) {
+            float o[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = g[j][i] * (v[j][i] * inv);
+            save8(normed + c, o);
+            if (p / share == e) save8(y + c, o);
+        }
+    }
+    __syncthreads();
+    if (t < 256) {
+        float xv[BATCH][8], a0 = 0.f, a1 = 0.f;
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            const bool in_row = t * 8 + u * ROUND < cols;
+            load8(normed + (in_row ? t * 8 + u * ROUND : 0), xv[u]);
+#pragma unroll
+            for (int i = 0; i < 8; i++) xv[u][i] = in_row ? xv[u][i] : 0.f;
+        }
+        dense_batch_sums<BATCH>(xv, wv, a0, a1);
+        const float s = warp_sum(a0 + a1);
+        if (lane == 0) part[warp] = s;
+    }
+    __syncthreads();
+    if (t == 0) {
+        float l = 0.f;
+        for (int k = 0; k < 8; k++) l += part[k];
+        logits[e] = l;
+    }
+    __threadfence();  // this block's logit is visible to every block before it counts itself
+    __syncthreads();
+    if (t == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+#pragma unroll
+    for (int j = 0; j < NORM_PIECES; j++) {
+        const int c = (t + j * NORM_ROUTE_THREADS) * 8;
+        if (c < cols) save8(x + c, v[j]);
+    }
+    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
+    if (t == 0) *counter = 0;
+}
+
+#define ROUTERS(T, S)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)                                                \
+        router_route_##S(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,           \
+                         float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,          \
+                         float scaling, int* counter) {                                                            \
+        router_route<T>(x, w, logits, in, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm,     \
+                        scaling, counter);                                                                         \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(NORM_ROUTE_THREADS)                                              \
+        add_norm_route_##S(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,       \
+                           int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group, \
+                           int topk_group, int top_k, int norm, float scaling, int* counter) {                    \
+        add_norm_route<T>(x, add, nw, eps, y, w, logits, cols, bias, experts, weights, n_experts, n_group,         \
+                          topk_group, top_k, norm, scaling, counter);                                              \
+    }
+ROUTERS(float, f32)
+ROUTERS(__nv_bfloat16, bf16)

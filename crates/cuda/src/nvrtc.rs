@@ -18,6 +18,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("experts.cuh", include_str!("../kernels/experts.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
     ("route.cuh", include_str!("../kernels/route.cuh")),
+    ("rows.cuh", include_str!("../kernels/rows.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),

@@ -1,0 +1,106 @@
+// Row-wise building blocks of ops.cu and route.cu (after common.cuh): loads and stores of activations of type T
+// (float or bf16) widened to f32 and rounded once on store, the norms' piece layout, and the dense GEMV.
+#pragma once
+
+__device__ __forceinline__ float ld(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void st(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+// 8 values (16-byte aligned) copied as they are; 8 f32 stored as `st` stores each (round to nearest even).
+template <typename T>
+__device__ __forceinline__ void copy8(T* d, const T* s) {
+#pragma unroll
+    for (int i = 0; i < (int)sizeof(T) / 2; i++) ((uint4*)d)[i] = ((const uint4*)s)[i];
+}
+__device__ __forceinline__ void save8(float* p, const float* v) {
+    ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]), ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void save8(__nv_bfloat16* p, const float* v) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const __nv_bfloat162 t = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        w[i] = *(const u32*)&t;
+    }
+    *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
+}
+// v as a T holds it (what a store then a load gives back).
+__device__ __forceinline__ float rnd(const float*, float v) { return v; }
+__device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __bfloat162float(__float2bfloat16(v)); }
+
+// Pieces of 8 values a thread of a 512-thread row block holds (8,192 values): rms_norm_row's layout, which
+// add_norm_route (route.cu) repeats so that its sums are the norm's, bit for bit.
+#define NORM_PIECES 2
+
+// y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
+// output o and DENSE_ROWS rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode
+// row's few hundred warps waiting on memory), so the weight row is read from memory once per DENSE_ROWS rows and
+// from L1 for the others; f32 sums, output in O (f32 for the router's logits, T otherwise). The blocks run output
+// by output, a row block at a time, so a weight larger than L2 is read once per row block: the bf16 lm_head
+// (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
+// session 17, and would read the head 8 times.) src/backend.rs `dense_grid` mirrors this.
+#define DENSE_ROWS 16
+// A batch of dense_gemv's rounds into its two sums (alternate values, in order): also add_norm_route's, whose
+// logits are dense_gemv's bit for bit.
+template <int BATCH>
+__device__ __forceinline__ void dense_batch_sums(const float (&xv)[BATCH][8], const float (&wv)[BATCH][8], float& a0,
+                                                 float& a1) {
+#pragma unroll
+    for (int u = 0; u < BATCH; u++) {
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+            a0 += xv[u][j] * wv[u][j];
+            a1 += xv[u][j + 1] * wv[u][j + 1];
+        }
+    }
+}
+
+template <typename T, typename O>
+__device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
+    __shared__ float part[DENSE_ROWS][8];
+    const int o = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int r0 = blockIdx.y * DENSE_ROWS, nr = min(DENSE_ROWS, rows - r0);
+    const size_t wr = (size_t)o * in;
+    for (int k = 0; k < nr; k++) {
+        const size_t xr = (size_t)(r0 + k) * in;
+        float a0 = 0.f, a1 = 0.f;
+        if (in % 8 == 0) {
+            // 16-byte loads of 8 values (rows start 16-byte aligned), DENSE_BATCH rounds' loads issued before any
+            // is used: a 7168-wide bf16 row at 256 threads is 3.5 rounds, one batch; rounds past the row add
+            // 0·w (w read again from the row's start: finite weights, as the CPU's sum assumes too). (A plain unrolled loop tests
+            // the bound between one round's loads and the next and left one round in flight: tools/sass.py.)
+            constexpr int DENSE_BATCH = 4;
+            const int round = blockDim.x * 8;
+            for (int i0 = threadIdx.x * 8; i0 < in; i0 += DENSE_BATCH * round) {
+                float xv[DENSE_BATCH][8], wv[DENSE_BATCH][8];
+#pragma unroll
+                for (int u = 0; u < DENSE_BATCH; u++) {
+                    // Past the row: x read as zeros (predicated loads: no branch between the batch's loads).
+                    const bool in_row = i0 + u * round < in;
+                    const int i = in_row ? i0 + u * round : 0;
+                    load8(x + xr + i, xv[u]);
+                    load8(w + wr + i, wv[u]);
+#pragma unroll
+                    for (int j = 0; j < 8; j++) xv[u][j] = in_row ? xv[u][j] : 0.f;
+                }
+                dense_batch_sums<DENSE_BATCH>(xv, wv, a0, a1);
+            }
+        } else {
+            int i = threadIdx.x;
+#pragma unroll 4
+            for (; i + 256 < in; i += 512) {
+                a0 += ld(x, xr + i) * ld(w, wr + i);
+                a1 += ld(x, xr + i + 256) * ld(w, wr + i + 256);
+            }
+            if (i < in) a0 += ld(x, xr + i) * ld(w, wr + i);
+        }
+        const float s = warp_sum(a0 + a1);
+        if (lane == 0) part[k][warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < nr) {
+        float v = 0.f;
+        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
+        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
+    }
+}
