@@ -168,7 +168,7 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/ops.cu).
+/// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/rows.cuh).
 const DENSE_ROWS: usize = 16;
 
 /// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
@@ -604,7 +604,7 @@ mod tests {
     /// The launch's rows per block are the kernel's: more would leave rows of y unwritten.
     #[test]
     fn dense_rows_match_the_kernel() {
-        let src = include_str!("../kernels/ops.cu");
+        let src = include_str!("../kernels/rows.cuh");
         assert!(src.contains(&format!("#define DENSE_ROWS {}\n", super::DENSE_ROWS)), "DENSE_ROWS differs");
     }
 }

@@ -152,7 +152,7 @@ pub(crate) fn route(
     route_on_device(&b.gpu, &logits.as_view(), x.rows, bias, dims).map_err(m)
 }
 
-/// Widest row `add_norm_route` holds (8 values a thread, two pieces, 512 threads: kernels/ops.cu).
+/// Widest row `add_norm_route` holds (8 values a thread, two pieces, 512 threads: kernels/route.cu).
 const NORM_ROUTE_COLS: usize = 8 * 2 * 512;
 
 /// `Backend::add_rms_norm_route` at one row: `x += y`, its RMSNorm by `norm` (weight, eps) and the router's choice
