@@ -10,7 +10,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernel
 use pipemoe_model::backend::{IndexQuery, MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
-use crate::backend::{CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
+use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
 use crate::gpu::Branch;
 use crate::graph::{Ints, StepInputs};
@@ -185,14 +185,10 @@ pub fn cache_write(
     let (li, ri, ii, code) = (lora as i32, rope as i32, idim as i32, cache.dtype.code());
     let (slots, pool) = cache_target(b, cache, rows)?;
     let slots = slots.view();
-    let null: u64 = 0;
     let f = b.f(&format!("cache_store_{}", dt.suffix()))?;
     let mut l = b.gpu.stream.launch_builder(f);
     l.arg(&latent.data).arg(&k_pe.data);
-    match index_k {
-        Some(k) => l.arg(&k.data),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(index_k.map(|k| &k.data));
     let Pool { latent: cl, k_pe: cp, index_k: ci, scales, .. } = pool;
     l.arg(&slots).arg(&li).arg(&ri).arg(&ii).arg(cl).arg(cp).arg(ci).arg(scales).arg(&code);
     let cfg = LaunchConfig { grid_dim: (rows.len() as u32, 3, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -471,17 +467,13 @@ impl Step<'_> {
         // blocks of one an SM, which is one block of two (the same shares).
         let grid = (d.heads.div_ceil(groups * flash_heads(dt)) as u32, c.rows as u32, c.splits as u32);
         let cfg = smem_cfg(b, f, grid, 256 * groups as u32, smem)?;
-        let null: u64 = 0;
         let stride = self.selection.map_or(0, |s| s.stride() as i32);
         let (row0, heads, nope) = (c.row0 as i32, d.heads as i32, d.qk_nope as i32);
         let (ri, li) = (rope as i32, lora as i32);
         let mut l = b.gpu.stream.launch_builder(f);
         l.arg(q_lat).arg(&self.q.data).arg(&pool.latent).arg(&pool.k_pe).arg(&pool.scales).arg(&self.code);
         l.arg(&self.meta).arg(&self.tables);
-        match self.selection {
-            Some(s) => l.arg(s.keys()),
-            None => l.arg(&null),
-        };
+        l.arg_or_null(self.selection.map(|s| s.keys()));
         l.arg(&stride).arg(&row0).arg(&heads).arg(&nope).arg(&ri).arg(&li).arg(&d.softmax_scale);
         l.arg(&mut o_part).arg(&mut ml_part);
         // SAFETY: matches mla_flash_*: meta and tables describe cached positions of this pool (step_tables

@@ -168,6 +168,27 @@ pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// A kernel's optional argument: the value, or a null device pointer where there is none — how every kernel is
+/// told an input is absent (no row order, a symmetric weight's zeros, an output not wanted).
+pub(crate) trait ArgOrNull {
+    fn arg_or_null<A>(&mut self, v: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>;
+}
+
+impl ArgOrNull for cudarc::driver::LaunchArgs<'_> {
+    fn arg_or_null<A>(&mut self, v: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>,
+    {
+        static NULL: u64 = 0;
+        match v {
+            Some(a) => self.arg(a),
+            None => <Self as PushKernelArg<&u64>>::arg(self, &NULL),
+        }
+    }
+}
+
 /// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/rows.cuh).
 const DENSE_ROWS: usize = 16;
 
@@ -585,13 +606,9 @@ impl CudaBackend {
     ) -> MResult<GpuTensor> {
         let mut y = self.output(n_rows, cols)?;
         let (xc, st, nr, c) = (x.cols as i32, start as i32, n_rows as i32, cols as i32);
-        let null: u64 = 0;
         let mut l = self.gpu.stream.launch_builder(self.op("copy_rows_cols", &x.data)?);
         l.arg(&x.data).arg(&xc);
-        match rows {
-            Some(r) => l.arg(r),
-            None => l.arg(&null),
-        };
+        l.arg_or_null(rows);
         l.arg(&st).arg(&mut y.data).arg(&nr).arg(&c);
         // SAFETY: matches copy_rows_cols_*; rows and columns checked by the callers.
         unsafe { l.launch(grid(n_rows * cols, 256)) }.map_err(md("copy"))?;

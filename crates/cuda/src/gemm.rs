@@ -12,6 +12,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::act::{ActView, ActViewMut};
+use crate::backend::ArgOrNull;
 use crate::error::{Error, Result, drv};
 use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Gpu;
@@ -216,12 +217,8 @@ impl GpuGptq {
             Some(buf) => launch.arg(buf),
             None => launch.arg(xv),
         };
-        let null = 0u64;
         launch.arg(&self.qweight);
-        match &self.zeros {
-            Some(z) => launch.arg(z),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.zeros.as_ref());
         launch.arg(&self.scales);
         match partial.as_mut() {
             Some(p) => launch.arg(p),
@@ -252,13 +249,9 @@ impl GpuGptq {
         let blocks = (m * k).div_ceil(256).min(gpu.sm_count as usize * 16) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (mi, ki) = (m as i32, k as i32);
-        let null: u64 = 0;
         let mut launch = s.launch_builder(f);
         launch.arg(x);
-        match &self.perm {
-            Some(p) => launch.arg(p),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.perm.as_ref());
         launch.arg(&mut out).arg(&mi).arg(&ki);
         // SAFETY: argument order and types match gptq_gemm_gather_bf16; x and out hold m·k, perm k entries.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_gemm_gather"))?;

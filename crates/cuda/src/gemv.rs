@@ -8,6 +8,7 @@ use half::f16;
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
 use crate::act::{ActDtype, ActView, ActViewMut};
+use crate::backend::ArgOrNull;
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
 
@@ -213,18 +214,11 @@ impl GpuGptq {
             });
         }
         let (b, ki, ni, gs, ci) = (batch as i32, k as i32, n as i32, self.group_size as i32, chunk as i32);
-        let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
         launch.arg(x);
-        match &self.perm {
-            Some(p) => launch.arg(p),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.perm.as_ref());
         launch.arg(&self.qweight);
-        match &self.zeros {
-            Some(z) => launch.arg(z),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.zeros.as_ref());
         launch.arg(&self.scales).arg(&mut *partial);
         launch.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         // SAFETY: argument order and types match gptq_gemv_w*_b*_* (null zeros: symmetric, which the kernel takes
@@ -264,18 +258,11 @@ impl GpuGptq {
         let total = (k * n) as u32;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (ki, ni, gs) = (k as i32, n as i32, self.group_size as i32);
-        let null: u64 = 0;
         let mut launch = gpu.stream.launch_builder(f);
         launch.arg(&self.qweight);
-        match &self.zeros {
-            Some(z) => launch.arg(z),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.zeros.as_ref());
         launch.arg(&self.scales);
-        match &self.perm {
-            Some(p) => launch.arg(p),
-            None => launch.arg(&null),
-        };
+        launch.arg_or_null(self.perm.as_ref());
         launch.arg(&mut w).arg(&ki).arg(&ni).arg(&gs);
         // SAFETY: argument order and types match gptq_dequant_w*_f32; `w` holds k·n floats.
         unsafe { launch.launch(cfg) }.map_err(drv("launch gptq_dequant"))?;

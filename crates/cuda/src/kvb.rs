@@ -8,7 +8,7 @@ use pipemoe_model::backend::MlaDims;
 
 use crate::act::{Act, ActDtype};
 use crate::attention::{MAX_LORA, smem_cfg};
-use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, md, shape};
+use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, md, shape};
 use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Apart;
 
@@ -90,21 +90,14 @@ pub(crate) fn absorb_q(
     let Act::Bf16(qd) = &q.data else { return Err(shape("mla_absorb_q_w", "bf16 q".into())) };
     // A block a chunk of lora; static shared memory only.
     let (f, cfg) = quant_cfg(b, "mla_absorb_q", g, (d.heads, rows, d.kv_lora / CHUNK), WARPS, 0)?;
-    let null: u64 = 0;
     let (n_out, gs) = (g.out_features as i32, g.group_size as i32);
     let (r0, n, heads) = (row0 as i32, rows as i32, d.heads as i32);
     let (nope, rope, v, lora) = (d.qk_nope as i32, d.qk_rope as i32, d.v_head as i32, d.kv_lora as i32);
     let mut l = b.gpu.stream.launch_builder(f);
     l.arg(qd).arg(&g.qweight);
-    match &g.zeros {
-        Some(z) => l.arg(z),
-        None => l.arg(&0u64),
-    };
+    l.arg_or_null(g.zeros.as_ref());
     l.arg(&g.scales);
-    match &g.perm {
-        Some(p) => l.arg(p),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(g.perm.as_ref());
     l.arg(&n_out).arg(&gs).arg(&r0).arg(&n).arg(&heads).arg(&nope).arg(&rope).arg(&v).arg(&lora).arg(q_lat);
     // SAFETY: matches mla_absorb_q_w*: `Kvb::of` checked the weight's shape against d (tensor-core words of
     // heads·(nope + v) columns over kv_lora rows, whole chunks and tiles), q holds row0 + rows rows (attention
@@ -130,21 +123,14 @@ pub(crate) fn out(
     let chunks = d.kv_lora / CHUNK;
     let smem = 2 * QUANT_ROWS * (d.kv_lora + 8) * 2 + 2 * QUANT_ROWS * MAX_CHUNKS * 2 * 4 + chunks * d.v_head * 4;
     let (f, cfg) = quant_cfg(b, "mla_out", g, (d.heads, rows, 1), OUT_WARPS, smem)?;
-    let null: u64 = 0;
     let (n_out, gs, s) = (g.out_features as i32, g.group_size as i32, splits as i32);
     let (r0, n, heads) = (row0 as i32, rows as i32, d.heads as i32);
     let (nope, v, lora) = (d.qk_nope as i32, d.v_head as i32, d.kv_lora as i32);
     let mut l = b.gpu.stream.launch_builder(f);
     l.arg(o_part).arg(ml_part).arg(&s).arg(&g.qweight);
-    match &g.zeros {
-        Some(z) => l.arg(z),
-        None => l.arg(&0u64),
-    };
+    l.arg_or_null(g.zeros.as_ref());
     l.arg(&g.scales);
-    match &g.perm {
-        Some(p) => l.arg(p),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(g.perm.as_ref());
     l.arg(&n_out).arg(&gs).arg(&r0).arg(&n).arg(&heads).arg(&nope).arg(&v).arg(&lora).arg(od);
     // SAFETY: matches mla_out_w*: the weight's shape checked by `Kvb::of`; the partials come from the flash
     // kernel over the same chunk (rows·heads·splits entries, splits ≤ MLA_MAX_SPLITS), out holds every row.

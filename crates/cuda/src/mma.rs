@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::act::{ActView, ActViewMut};
+use crate::backend::ArgOrNull;
 use crate::error::{Error, Result, drv};
 use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
@@ -349,20 +350,13 @@ pub(crate) fn gemv(
     };
     let (b, ki, ni, gs, ci, st) =
         (batch as i32, k as i32, n as i32, w.group_size as i32, s.chunk as i32, s.stages as i32);
-    let null: u64 = 0;
     let f = gpu.function(&name)?;
     gpu.allow_smem(f, s.smem as usize)?;
     let mut l = gpu.stream.launch_builder(f);
     l.arg(x);
-    match &w.perm {
-        Some(p) => l.arg(p),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(w.perm.as_ref());
     l.arg(&w.qweight);
-    match &w.zeros {
-        Some(z) => l.arg(z),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(w.zeros.as_ref());
     l.arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
     l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st).arg(&s.warp_cols);
     // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n], zeros null for a symmetric weight

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, MlaPrep, MlaPrepped, RopeSpec, Row};
 
-use crate::backend::{CudaBackend, GpuTensor, MResult, grid, m, md, rows_cfg, same_layout, shape};
+use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, MResult, grid, m, md, rows_cfg, same_layout, shape};
 use crate::cache::GpuLayerCache;
 
 pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
@@ -232,29 +232,17 @@ pub(crate) fn mla_prep(
     let wi = iw as i32;
     let mut l = b.gpu.stream.launch_builder(b.op("mla_prep", &proj.data)?);
     l.arg(&proj.data).arg(&qi).arg(&li).arg(&ri).arg(&ii).arg(&wi).arg(&iw_scale);
-    match p.q_a {
-        Some((_, w)) => l.arg(w),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(p.q_a.map(|(_, w)| w));
     l.arg(p.latent.1);
     match p.index_key {
         Some((_, w, bias)) => l.arg(w).arg(bias),
         None => l.arg(&null).arg(&null),
     };
     l.arg(&p.eps).arg(&pos).arg(freq.as_ref()).arg(&hi);
-    match &mut q_out {
-        Some(t) => l.arg(&mut t.data),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(q_out.as_mut().map(|t| &mut t.data));
     l.arg(&mut latent.data).arg(&mut k_pe.data);
-    match &mut key {
-        Some(t) => l.arg(&mut t.data),
-        None => l.arg(&null),
-    };
-    match &mut weights {
-        Some(t) => l.arg(&mut t.data),
-        None => l.arg(&null),
-    };
+    l.arg_or_null(key.as_mut().map(|t| &mut t.data));
+    l.arg_or_null(weights.as_mut().map(|t| &mut t.data));
     let code = cache.as_ref().map_or(0, |c| c.dtype.code());
     let target = match cache {
         Some(c) if n > 0 => Some(crate::attention::cache_target(b, c, rows)?),
@@ -290,15 +278,12 @@ pub(crate) fn split_columns(b: &CudaBackend, x: &GpuTensor, widths: &[usize]) ->
     }
     let mut outs = widths.iter().map(|&w| b.output(x.rows, w)).collect::<MResult<Vec<_>>>()?;
     let ws: Vec<i32> = (0..4).map(|i| widths.get(i).map_or(0, |&w| w as i32)).collect();
-    let (c, r, null) = (x.cols as i32, x.rows as i32, 0u64);
+    let (c, r) = (x.cols as i32, x.rows as i32);
     let mut l = b.gpu.stream.launch_builder(b.op("split_cols", &x.data)?);
     l.arg(&x.data).arg(&c).arg(&r);
     let mut it = outs.iter_mut();
     for w in &ws {
-        match it.next() {
-            Some(o) => l.arg(&mut o.data),
-            None => l.arg(&null),
-        };
+        l.arg_or_null(it.next().map(|o| &mut o.data));
         l.arg(w);
     }
     // SAFETY: matches split_cols_*; output i holds rows·widths[i] values, the widths sum to x's columns, and
