@@ -8,6 +8,22 @@ typedef unsigned long long u64;
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// A GPTQ weight's zeros come as a null pointer when every one is 2^(BITS−1), sym_zero (a symmetric weight:
+// src/gemv.rs uploads none). gptq_zero: the zero at index i of [groups, out]; shared_zero: what a kernel whose
+// zeros land as 0 (a cp.async of nothing) adds to each — sym_zero, or 0 when the zeros are read.
+template <int BITS>
+__device__ __forceinline__ constexpr float sym_zero() {
+    return (float)(1 << (BITS - 1));
+}
+template <int BITS>
+__device__ __forceinline__ float gptq_zero(const __half* zeros, size_t i) {
+    return zeros ? __half2float(zeros[i]) : sym_zero<BITS>();
+}
+template <int BITS>
+__device__ __forceinline__ float shared_zero(const __half* zeros) {
+    return zeros ? 0.f : sym_zero<BITS>();
+}
+
 // Rust's f32::total_cmp as an unsigned order (-NaN < -inf < … < -0 < +0 < … < +inf < +NaN): every bit of a
 // negative flipped, the sign of any other. The router, the indexer's top-k and the sampler order by it.
 __device__ __forceinline__ u32 total_order_key(float x) {

@@ -202,7 +202,7 @@ __device__ void gptq_gemm(GemmArgs a, OUT* __restrict__ y) {
     }
     cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();
-    const float z_all = a.zeros ? 0.f : (float)(1 << (BITS - 1));
+    const float z_all = shared_zero<BITS>(a.zeros);
     dequant_stage<BITS, BM>(smem, bs, z_all);
 
     float acc[WM][4][4];
@@ -348,7 +348,7 @@ struct MgLoader {
         const bool sym = a.zeros == nullptr;
         sz = (which && !sym ? a.zeros : a.scales) + min(col, a.N - 8);
         sz_ok = tid < 2 * (MG_BN / 8) && col < a.N && !(which && sym);
-        z_all = sym ? (float)(1 << (BITS - 1)) : 0.f;
+        z_all = shared_zero<BITS>(a.zeros);
         // Mma layouts have groups of whole 128-row chunks (mma::eligible). Exact for chunk · chunks per group < 2^32.
         const unsigned long long per = a.group_size / 128;
         group_magic = ((1ull << 32) + per - 1) / per;

@@ -75,7 +75,7 @@ __device__ void gemv_block(const XT* __restrict__ x,           // [*, K] bf16 or
         const int gk = min(group_size, kn - g0);
         const int g = (k0 + g0) / group_size;
         const float s = __half2float(scales[(size_t)g * N + n]);
-        const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+        const float z = gptq_zero<BITS>(zeros, (size_t)g * N + n);
         float dot[MB];
 #pragma unroll
         for (int b = 0; b < MB; b++) dot[b] = 0.f;
@@ -326,7 +326,7 @@ __device__ void dequant(const u32* qweight, const __half* zeros, const __half* s
     block = (u64)words[wi] | (wi + 1 < BITS ? ((u64)words[wi + 1] << 32) : 0ull);
     float q = (float)((u32)(block >> sh) & ((1u << BITS) - 1u));
     int g = k / group_size;
-    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+    const float z = gptq_zero<BITS>(zeros, (size_t)g * N + n);
     float v = __half2float(scales[(size_t)g * N + n]) * (q - z);
     int src = perm ? perm[k] : k;
     w[(size_t)n * K + src] = v;

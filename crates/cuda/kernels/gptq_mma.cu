@@ -233,7 +233,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     constexpr bool ZSUB = MB >= MMA_ZSUB_MIN_MB;
     // The zero every column shares when the weight is symmetric (its zeros in the ring are 0), else 0 (the ring
     // holds each column's).
-    const float z_all = sym ? (float)(1 << (BITS - 1)) : 0.f;
+    const float z_all = shared_zero<BITS>(zeros);
     int read_off = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
@@ -581,7 +581,7 @@ __device__ void mma_dequant(const uint2* words, const __half* zeros, const __hal
     const float q = __uint_as_float(((k16 % 2) ? (v >> 16) : (v & 0xFFFFu)) << 16) - mma_pair_base<BITS>(p % 16);
     const int g = k / group_size;
     const int src_k = perm ? perm[k] : k;
-    const float z = zeros ? __half2float(zeros[(size_t)g * N + n]) : (float)(1 << (BITS - 1));  // null: symmetric
+    const float z = gptq_zero<BITS>(zeros, (size_t)g * N + n);
     w[(size_t)n * K + src_k] = __half2float(scales[(size_t)g * N + n]) * (q - z);
 }
 #define MMA_DEQUANT(BITS)                                                                                    \

@@ -131,7 +131,7 @@ __device__ void mla_out_w(const float* o_part,      // [n_rows, heads, splits, l
                     const int c = at[u] / vdim, n = h * (nope + vdim) + nope + at[u] % vdim;
                     const size_t g = (size_t)(c * MQ_CHUNK / group_size) * n_out + n;
                     s2[u] = scales[g];
-                    z2[u] = zeros ? zeros[g] : __float2half((float)(1 << (BITS - 1)));  // null: symmetric
+                    z2[u] = zeros ? zeros[g] : __float2half(sym_zero<BITS>());  // kept as half: no conversion
                 }
 #pragma unroll
                 for (int u = 0; u < 2; u++) sz[at[u]] = __halves2half2(s2[u], z2[u]);
@@ -255,7 +255,7 @@ __device__ void mla_absorb_q_w(const __nv_bfloat16* q,   // [rows, heads, nope +
         // B of the pair's 32 columns (a lane one): s·q as value + remainder; the sums the bases and zeros need.
         const int dd = pr * 32 + lane;
         const float sc = __half2float(scales[g + dd]);
-        const float z = zeros ? __half2float(zeros[g + dd]) : (float)(1 << (BITS - 1));  // null: symmetric
+        const float z = gptq_zero<BITS>(zeros, g + dd);
         float qv[MQ_ROWS];
 #pragma unroll
         for (int k = 0; k < MQ_ROWS; k++)
