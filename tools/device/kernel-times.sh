@@ -3,20 +3,22 @@
 # one-layer bench's step as CUDA graphs (no profiler), then ncu's duration of every pipemoe kernel of a few decode
 # steps (graph nodes one by one, caches and clocks left alone), summed per step. What the step takes beyond its
 # kernels' sum is launch gaps and tails: the part that fusing launches wins back (docs/PERF.md, session 9).
-# Usage: tools/device/kernel-times.sh [context] [layers]   (default 1024 1; prints a table last; logs in $OUT)
+# Usage: [CHUNK=rows] tools/device/kernel-times.sh [context] [layers]   (default 1024 1, chunks of 64; prints a
+# table last; logs in $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tools/device/env.sh
-ctx="${1:-1024}" layers="${2:-1}"
+ctx="${1:-1024}" layers="${2:-1}" chunk="${CHUNK:-64}"
 logs="${OUT:-/tmp/pipemoe-kernel-times}"
 mkdir -p "$logs"
-# Prefill in 64-row chunks (the grouped GEMV path: ~20–40 launches a layer and chunk). ncu takes every pipemoe
+# Prefill in 64-row chunks by default (the grouped GEMV path: ~20–40 launches a layer and chunk; CHUNK=512 takes
+# the prefill GEMMs, fewer launches, when only the decode steps matter). ncu takes every pipemoe
 # kernel from the start (no skip to guess: session 10's landed in the prefill) up to a count past the prefill and a
 # dozen decode steps; the analysis below finds the decode steps by their single-row kernels.
-bench=(./.device/pipemoe bench --layers "$layers" --context "$ctx" --chunk 64 --steps 12 --streams 0 --cache-dir /tmp/pb)
+bench=(./.device/pipemoe bench --layers "$layers" --context "$ctx" --chunk "$chunk" --steps 12 --streams 0 --cache-dir /tmp/pb)
 "${bench[@]}" > "$logs/bench.txt" 2>&1 || { tail -5 "$logs/bench.txt"; exit 1; }
 step_ms=$(grep -oP 'bench: decode \K[0-9.]+(?= ms/step)' "$logs/bench.txt" | head -1)
-count=$(( (ctx / 64 + 1) * layers * 60 + 12 * layers * 30 ))
+count=$(( (ctx / chunk + 1) * layers * 60 + 12 * layers * 30 ))
 # ncu's --kernel-name matches every launch counted by --launch-skip: only pipemoe's own kernels (not cuBLAS's,
 # whose splitKreduce_kernel a bare `split` would match).
 timeout 400 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \

@@ -119,6 +119,9 @@ __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int byte
 __device__ __forceinline__ void cp_async16_ca_at(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 }
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async8_at(u32 dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }
@@ -126,4 +129,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// A pair (xa, xb) rotated by the angle whose cosine and sine are c and s, its roundings spelled out (one rounded
+// product, then a fused multiply-add) so that every kernel using it gives the same bits.
+__device__ __forceinline__ float2 rotate(float xa, float xb, float c, float s) {
+    return make_float2(fmaf(xa, c, -__fmul_rn(xb, s)), fmaf(xb, c, __fmul_rn(xa, s)));
+}
+// One value of a rotated pair, rotate's first (`first`: x is the pair's first, other its second) or second (x the
+// second): the same operations, so the same bits.
+__device__ __forceinline__ float rotate_one(float x, float other, float c, float s, bool first) {
+    const float os = __fmul_rn(other, s);
+    return fmaf(x, c, first ? -os : os);
 }

@@ -180,12 +180,6 @@ __device__ void split_cols(const T* x, int cols, int rows, T* y0, int w0, T* y1,
     y[r * w + c] = x[i];
 }
 
-// A pair (xa, xb) rotated by the angle whose cosine and sine are c and s, its roundings spelled out (one rounded
-// product, then a fused multiply-add) so that every kernel using it gives the same bits.
-__device__ __forceinline__ float2 rotate(float xa, float xb, float c, float s) {
-    return make_float2(fmaf(xa, c, -__fmul_rn(xb, s)), fmaf(xb, c, __fmul_rn(xa, s)));
-}
-
 // One rotated pair (a, b) → (da, db): the angle in f32 as the reference computes it; sin and cos in f64, since
 // fast-math's f32 sincos loses ~1e-3 at the angles of long contexts (pos · inv_freq reaches 6.5e4 radians at 64K).
 template <typename T>

@@ -440,6 +440,21 @@ impl Backend for CudaBackend {
         crate::rowops::rope_columns2(self, x, a, b, inv_freq, rows)
     }
 
+    fn linear_rope_columns2(
+        &self,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<(GpuTensor, GpuTensor)> {
+        match crate::qrope::linear_rope2(self, x, w, a, b, inv_freq, rows)? {
+            Some(parts) => Ok(parts),
+            None => self.rope_columns2(&self.linear(x, w)?, a, b, inv_freq, rows),
+        }
+    }
+
     fn mla_prep(
         &self,
         proj: &GpuTensor,

@@ -92,6 +92,9 @@ pub enum Apart {
     ExactFlash = 16,
     /// The post-attention add+rms_norm and the one-row router as two launches, not one (`add_norm_route`).
     NormRoute = 32,
+    /// A decode step's fused q_b + wq_b GEMV and the RoPE of its two parts as two launches, not one
+    /// (`gptq_mma_gemv_rope`).
+    QRope = 64,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

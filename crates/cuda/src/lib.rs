@@ -29,6 +29,7 @@ mod kvb;
 pub mod mma;
 pub mod nvrtc;
 pub mod profile;
+mod qrope;
 pub mod route;
 mod rowops;
 pub mod sample;

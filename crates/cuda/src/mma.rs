@@ -300,7 +300,7 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
 }
 
 /// A plain GEMV's column blocks and shape for `batch` rows: what `gemv` launches and `scratch_len` sizes.
-fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
+pub(crate) fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
     let layout = Layout::for_launch(false, batch);
     let bx = blocks_x(w.out_features, batch, layout);
     let s = shape(w, gpu, batch, bx, layout);

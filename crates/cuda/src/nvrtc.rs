@@ -17,6 +17,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("mma_pack.cuh", include_str!("../kernels/mma_pack.cuh")),
     ("experts.cuh", include_str!("../kernels/experts.cuh")),
     ("mma.cuh", include_str!("../kernels/mma.cuh")),
+    ("mma_gemv.cuh", include_str!("../kernels/mma_gemv.cuh")),
     ("route.cuh", include_str!("../kernels/route.cuh")),
     ("rows.cuh", include_str!("../kernels/rows.cuh")),
 ];
@@ -26,6 +27,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gptq_gemm.cu", include_str!("../kernels/gptq_gemm.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
+    ("gptq_rope.cu", include_str!("../kernels/gptq_rope.cu")),
     ("indexer.cu", include_str!("../kernels/indexer.cu")),
     ("mla_absorb_mma.cu", include_str!("../kernels/mla_absorb_mma.cu")),
     ("mla_q.cu", include_str!("../kernels/mla_q.cu")),

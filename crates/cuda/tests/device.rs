@@ -12,8 +12,10 @@ mod common;
 use common::*;
 use half::bf16;
 use pipemoe_cuda::gemv::Packing;
+use pipemoe_cuda::gpu::Apart;
 use pipemoe_cuda::timing::{Grid, Reader, read_rate, read_rate_by, read_rate_in_graph};
-use pipemoe_cuda::{Act, ActDtype, Gpu, GpuGptq};
+use pipemoe_cuda::{Act, ActDtype, CudaBackend, Gpu, GpuGptq};
+use pipemoe_model::backend::{Backend, HostLinear, RopeSpec, Row};
 
 /// One GEMV shape: `(in, out, bits, group, act_order, batch)`.
 type Case = (usize, usize, u32, i64, bool, usize);
@@ -94,6 +96,67 @@ fn gptq_gemv_matches_the_cpu_reference() {
             eprintln!("{what}: rel L2 {err:.2e}");
             assert!(err <= tol, "{what}: rel L2 {err:e} > {tol:e}");
         }
+    }
+}
+
+/// The q_b + wq_b projection of a decode step with its two parts cut and roped in the GEMV's store
+/// (`gptq_mma_gemv_rope`): what the GEMV then `rope_columns2` give, bit for bit (each value rounded to bf16 as the
+/// GEMV stores it, then rotated in f32 as rope_cols2 rotates it). Shapes: the real model's (1536 → 128 heads of
+/// 192 with 64 interleaved rope dims last, and 64 index heads of 128 with 64 half-split dims first), the demo
+/// model's (32 rope dims), and 16 rope dims; every bit width, 1..8 rows at scattered positions; a g_idx weight is
+/// not taken.
+#[test]
+fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("cuda:0").with_act_dtype(ActDtype::Bf16);
+    let mut rng = Rng::new(31);
+    let spec = |heads, head_dim, offset, interleaved| RopeSpec { heads, head_dim, offset, interleaved };
+    // (in, bits, act_order, q part, index part, rope pairs)
+    let cases = [
+        (1536, 3, false, spec(128, 192, 128, true), spec(64, 128, 0, false), 32),
+        (128, 3, false, spec(4, 64, 32, true), spec(32, 64, 0, false), 16),
+        (256, 2, false, spec(2, 64, 48, true), spec(4, 64, 16, false), 8),
+        (512, 4, false, spec(3, 128, 64, true), spec(2, 128, 32, false), 16),
+        (256, 3, true, spec(2, 64, 32, true), spec(4, 64, 0, false), 16),
+    ];
+    for (k, bits, act_order, q, ix, half) in cases {
+        let (wq, wi) = (q.heads * q.head_dim, ix.heads * ix.head_dim);
+        let w = gpu.load_linear(HostLinear::Gptq(random_weight(&mut rng, k, wq + wi, bits, 128, act_order))).unwrap();
+        // DeepSeek's frequencies shape (θ^(−i/half)); positions far apart, up to 64K (angles of ~6.5e4 radians).
+        let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect();
+        for n in [1usize, 3, 8] {
+            let rows: Vec<Row> =
+                (0..n).map(|i| Row { seq: i as u64, pos: [0, 7, 4095, 65535, 300, 1, 2048, 999][i] }).collect();
+            let x: Vec<f32> = (0..n * k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
+            let xt = gpu.upload(n, k, x).unwrap();
+            let (a, b) = ((0, q), (wq, ix));
+            let what = format!("{k} -> {wq} + {wi} w{bits} act_order={act_order} rope pairs {half}, {n} rows");
+            let (aq, ai) = gpu.rope_columns2(&gpu.linear(&xt, &w).unwrap(), a, b, &inv_freq, &rows).unwrap();
+            let bits = |t: &<CudaBackend as Backend>::Tensor| -> Vec<u32> {
+                gpu.download(t).unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            let fused = gpu.linear_rope_fused(&xt, &w, a, b, &inv_freq, &rows).unwrap();
+            if act_order {
+                // A row order of K is not taken: the op runs the two launches.
+                assert!(fused.is_none(), "{what}: taken");
+            } else {
+                let (fq, fi) = fused.expect(&what);
+                assert_eq!(bits(&fq), bits(&aq), "{what}: q");
+                assert_eq!(bits(&fi), bits(&ai), "{what}: the index query");
+            }
+            // The backend's op takes the fused launch, and with Apart::QRope the two.
+            let (oq, _) = gpu.linear_rope_columns2(&xt, &w, a, b, &inv_freq, &rows).unwrap();
+            gpu.gpu.set_apart(&[Apart::QRope]);
+            let (pq, _) = gpu.linear_rope_columns2(&xt, &w, a, b, &inv_freq, &rows).unwrap();
+            gpu.gpu.set_apart(&[]);
+            assert_eq!(bits(&oq), bits(&pq), "{what}: the op, fused and apart");
+        }
+        // More rows than the ≤ 8-row GEMV: not taken (the op runs the two launches).
+        let rows: Vec<Row> = (0..9usize).map(|i| Row { seq: i as u64, pos: i }).collect();
+        let xt = gpu.upload(9, k, vec![0.5; 9 * k]).unwrap();
+        assert!(gpu.linear_rope_fused(&xt, &w, (0, q), (wq, ix), &inv_freq, &rows).unwrap().is_none());
     }
 }
 

@@ -302,6 +302,19 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Self::Tensor, Self::Tensor)> {
         Ok((self.rope_columns(x, a.0, a.1, inv_freq, rows)?, self.rope_columns(x, b.0, b.1, inv_freq, rows)?))
     }
+    /// `linear(x, w)` cut into two parts and roped as [`Backend::rope_columns2`] gives them, which a backend may do
+    /// in the projection's own pass (a decode step's fused q_b + wq_b). The result must be what the two give.
+    fn linear_rope_columns2(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        self.rope_columns2(&self.linear(x, w)?, a, b, inv_freq, rows)
+    }
     /// Attention's fused projection `proj` cut into its parts and each made ready for the cache ([`MlaPrep`]):
     /// the ops below, which a backend may run in one pass. The result must be what they give apart.
     fn mla_prep(

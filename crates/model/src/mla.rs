@@ -152,14 +152,15 @@ impl<B: Backend> Mla<B> {
                 (q, None)
             }
             _ => {
-                let both = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
+                let input = qr.as_ref().unwrap_or(x);
                 match &self.indexer {
                     Some(ix) if ix.selects(rows) => {
                         let index = (d.heads * qk, ix.q_rope());
-                        let (q, index_q) = b.rope_columns2(&both, (0, q_spec), index, inv_freq, rows)?;
+                        let (q, index_q) =
+                            b.linear_rope_columns2(input, &self.q_b, (0, q_spec), index, inv_freq, rows)?;
                         (q, Some(index_q))
                     }
-                    _ => (b.rope_columns(&both, 0, q_spec, inv_freq, rows)?, None),
+                    _ => (b.rope_columns(&b.linear(input, &self.q_b)?, 0, q_spec, inv_freq, rows)?, None),
                 }
             }
         };

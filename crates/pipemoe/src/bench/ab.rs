@@ -24,6 +24,8 @@ pub enum AbSwitch {
     ExactFlash,
     /// The one-row post-attention add+rms_norm and router as one launch.
     NormRoute,
+    /// A decode step's q_b + wq_b GEMV with the RoPE of q and the indexer's query in its store.
+    QRope,
 }
 
 impl AbSwitch {
@@ -35,6 +37,7 @@ impl AbSwitch {
             AbSwitch::DenseKvb => Apart::DenseKvb,
             AbSwitch::ExactFlash => Apart::ExactFlash,
             AbSwitch::NormRoute => Apart::NormRoute,
+            AbSwitch::QRope => Apart::QRope,
         }
     }
 
@@ -46,6 +49,7 @@ impl AbSwitch {
             AbSwitch::DenseKvb => "dense-kvb",
             AbSwitch::ExactFlash => "exact-flash",
             AbSwitch::NormRoute => "norm-route",
+            AbSwitch::QRope => "q-rope",
         }
     }
 }

@@ -1,0 +1,115 @@
+// A decode step's query projection with its RoPE in the store (src/qrope.rs): the tensor-core GEMV of ≤ 8 rows
+// (mma_gemv.cuh) whose warp, holding a block's 64 finished columns, cuts them into two parts — attention's q and
+// the indexer's query, both from the fused q_b + wq_b matrix — and ropes the columns each part's heads rotate, as
+// `rope_cols2` (ops.cu) does after a plain GEMV: every value rounded to bf16 first (as the GEMV stores it), then the
+// pair rotated in f32 by rope_pair's angle (sin and cos in f64, rounded to f32) and rounded again. The same bits as
+// the two launches, with one launch, one pass over q and its round trip fewer.
+//
+// The host (src/qrope.rs) takes it only where a block's 64 columns lie in one head of one part: parts and heads on
+// multiples of 64 columns, 8, 16 or 32 pairs a head (DeepSeek's 64 rope dims: 32) rotating from a multiple of
+// twice that, one split of K in the split-K layout, and no row order of K (the checkpoint's trivial g_idx). The
+// block's threads then take its 64 columns' sums from the warps' partial sums in shared memory (in the order the
+// plain GEMV's warp 0 adds them), a thread a value and its pair's other value.
+//
+// Kept small on purpose: a first version ropes in warp 0's registers (16 values a lane, shuffles between lanes,
+// every case unrolled, both row-order paths: 12K instructions) and was slower than the two launches — its stalls
+// were mostly instruction fetches (ncu, session 26: "no instruction" 60% of the samples outside the loop).
+#include "common.cuh"
+#include "mma_pack.cuh"
+#include "experts.cuh"
+#include "mma.cuh"
+#include "mma_gemv.cuh"
+
+#define ROPE_MAX_HALF 32  // pairs a head rotates, at most (the angles' table: 8 rows of them, 2 KB)
+
+// The rows' angles (cos, sin) of each rotated pair, [row][pair]: worked out by the block while it streams.
+__shared__ float2 rope_cs[8 * ROPE_MAX_HALF];
+
+// The two parts' shapes: part p's columns [start, start + heads·dim) of the projection go to y[p] [rows, heads·dim];
+// columns [offset, offset + 2·half) of each head rotate, interleaved or half split.
+struct RopeStore {
+    __nv_bfloat16* y[2];
+    int start[2], heads[2], dim[2], offset[2], interleaved[2];
+    const int* pos;         // [rows]: each row's position
+    const float* inv_freq;  // [half]
+    int half;               // pairs a head rotates: 8, 16 or 32
+
+    // Every thread, before the ring's first copies: its entries' position and frequency, copied into their own
+    // slots of the table by cp.async (they join the first chunk's group, so no load waits here or in the loop).
+    __device__ __forceinline__ void prepare(int nrows) const {
+        for (int u = threadIdx.x; u < nrows * half; u += blockDim.x) {
+            float* slot = (float*)&rope_cs[u / half * ROPE_MAX_HALF + u % half];
+            cp_async4(slot, pos + u / half);
+            cp_async4(slot + 1, inv_freq + u % half);
+        }
+    }
+
+    // Every thread, after the loop: its entries' angles as rope_pair takes them (the angle in f32, sin and cos in
+    // f64, rounded to f32), in the slots that held their inputs (each thread reads only what it copied).
+    __device__ __forceinline__ void angles(int nrows) const {
+        cp_async_wait<0>();
+        for (int u = threadIdx.x; u < nrows * half; u += blockDim.x) {
+            float2* slot = &rope_cs[u / half * ROPE_MAX_HALF + u % half];
+            const float2 in = *slot;
+            double s, c;
+            sincos((double)((float)__float_as_int(in.x) * in.y), &s, &c);
+            *slot = make_float2((float)c, (float)s);
+        }
+    }
+
+    // Every thread: the block's 64 columns from the warps' sums red [MMA_WARPS][16][32] (the 8-row kernel's 4
+    // tiles), a thread a (row, column), each added in warp order and rounded to bf16 as the plain GEMV stores it;
+    // a rotated column's pair partner is added the same way, and the pair rotated as rope_pair rotates it.
+    __device__ __forceinline__ void block(const float* red, int tile0, int tiles, int nrows) const {
+        const int n0 = tile0 * 16;
+        // The block's part, its fields picked by selects (indexed by p, the struct would live in local memory),
+        // and its head's rotated columns as the block's columns: [rot, rot + 2·half), d0 the block's first column
+        // in its head.
+        const bool p = n0 >= start[1];
+        const int dim_p = p ? dim[1] : dim[0], c0 = n0 - (p ? start[1] : start[0]), d0 = c0 % dim_p;
+        const int rot = (p ? offset[1] : offset[0]) - d0;
+        const bool il = (p ? interleaved[1] : interleaved[0]) != 0;
+        __nv_bfloat16* out = (p ? y[1] : y[0]) + c0;  // head c0 / dim_p, its column d0
+        const size_t row_stride = (size_t)(p ? heads[1] : heads[0]) * dim_p;
+        // Row b's column c: lane (c % 8)·4 + (b % 8) / 2 of the warps' tile c / 16, value (c % 16 / 8)·2 + b % 2.
+        auto sum = [&](int b, int c) {
+            const int r = c & 15, lane = (r & 7) * 4 + ((b & 7) >> 1), i = (r >> 3) * 2 + (b & 1);
+            float v = 0.f;
+            for (int g = 0; g < MMA_WARPS; g++) v += red[(g * 16 + (c >> 4) * 4 + i) * 32 + lane];
+            return __bfloat162float(__float2bfloat16(v));
+        };
+#pragma unroll 1
+        for (int o = threadIdx.x; o < nrows * 64; o += blockDim.x) {
+            const int b = o >> 6, c = o & 63, j = c - rot;  // j: of the rotated columns
+            if (c >= tiles * 16) continue;
+            float x = sum(b, c);
+            if (j >= 0 && j < 2 * half) {
+                const float other = sum(b, il ? c ^ 1 : c ^ half);
+                const float2 a = rope_cs[b * ROPE_MAX_HALF + (il ? j >> 1 : j & (half - 1))];
+                x = rotate_one(x, other, a.x, a.y, il ? (j & 1) == 0 : j < half);
+            }
+            out[b * row_stride + c] = __float2bfloat16(x);
+        }
+    }
+};
+
+template <>
+struct takes_tiles<RopeStore> {
+    static constexpr bool value = true;
+};
+
+// rows ≤ 8 of x [rows, K] through the repacked weight (N columns: both parts), one split of K, no row order:
+// grid ⌈N / 64⌉, 128 threads.
+#define ROPE_T(BITS)                                                                                             \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_rope_w##BITS##_b8_bf16(                              \
+        const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, int B, int K,     \
+        int N, int group_size, int stages, const int* pos, const float* inv_freq, int half, __nv_bfloat16* y1,   \
+        int s1, int h1, int d1, int o1, int il1, __nv_bfloat16* y2, int s2, int h2, int d2, int o2, int il2) {   \
+        const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half};   \
+        const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
+        mma_gemv_run<BITS, 8, false>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K, stages,     \
+                                     false, blockIdx.x, st);                                                    \
+    }
+ROPE_T(2)
+ROPE_T(3)
+ROPE_T(4)

@@ -1,0 +1,112 @@
+//! `Backend::linear_rope_columns2` on the device: a decode step's fused q_b + wq_b projection with attention's q
+//! and the indexer's query cut out of it and roped in the GEMV's own store (kernels/gptq_rope.cu), bit for bit
+//! what the GEMV then `rope_columns2` give, with one launch and one pass over q fewer on the attention's critical
+//! path (H200, session 26: `rope_cols2` was 3.2 us of a ~172 us one-row layer).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use pipemoe_model::backend::{RopeSpec, Row};
+
+use crate::act::ActDtype;
+use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
+use crate::gemv::Packing;
+use crate::gpu::Apart;
+
+/// Pairs a head may rotate in the fused store (`ROPE_MAX_HALF`: DeepSeek's 64 rope dims are 32); 8 and 16 too
+/// (the demo model's 32 dims).
+const HALVES: [usize; 3] = [8, 16, 32];
+/// Columns a block of the ≤ 8-row GEMV stores (4 tiles of 16): a part's heads and rotated columns must be whole
+/// blocks of them.
+const BLOCK_COLS: usize = 64;
+
+/// Whether one part's heads fit the fused store at `half` pairs a head: whole blocks a head, its rotated columns
+/// starting on a multiple of their own width (so a pair's two values are a lane's, or lanes L and L ^ 4's).
+fn part_fits(spec: &RopeSpec, half: usize) -> bool {
+    spec.head_dim.is_multiple_of(BLOCK_COLS)
+        && spec.offset.is_multiple_of(2 * half)
+        && spec.offset + 2 * half <= spec.head_dim
+}
+
+/// The fused launch, or `None` where it does not apply — `Apart::QRope`, a weight not packed for tensor cores or
+/// with a row order of K, other than bf16 rows, more than 8 rows, parts that do not tile the matrix's columns in
+/// whole blocks, a rope width but 16, 32 or 64, or a launch shape with splits of K or warps side by side — and the
+/// caller runs the GEMV and `rope_columns2` apart.
+pub(crate) fn linear_rope2(
+    b: &CudaBackend,
+    x: &GpuTensor,
+    w: &GpuWeight,
+    (s1, p1): (usize, RopeSpec),
+    (s2, p2): (usize, RopeSpec),
+    inv_freq: &[f32],
+    rows: &[Row],
+) -> MResult<Option<(GpuTensor, GpuTensor)>> {
+    let GpuWeightKind::Gptq(g) = &w.kind else { return Ok(None) };
+    let (w1, w2, half) = (p1.heads * p1.head_dim, p2.heads * p2.head_dim, inv_freq.len());
+    let fits = g.packing == Packing::Mma
+        && g.perm.is_none()
+        && x.data.dtype() == ActDtype::Bf16
+        && (1..=8).contains(&x.rows)
+        && HALVES.contains(&half)
+        && s1 == 0
+        && s2 == w1
+        && s2 + w2 == g.out_features
+        && p1.heads > 0
+        && p2.heads > 0
+        && part_fits(&p1, half)
+        && part_fits(&p2, half);
+    if !fits || b.gpu.is_apart(Apart::QRope) {
+        return Ok(None);
+    }
+    let (bx, s) = crate::mma::plain_shape(g, &b.gpu, x.rows);
+    if s.splits != 1 || s.warp_cols != 0 {
+        return Ok(None);
+    }
+    if x.cols != g.in_features || rows.len() != x.rows {
+        return Err(shape(
+            "linear_rope_columns2",
+            format!("[{}, {}] for a weight of {} in-features, {} rows", x.rows, x.cols, g.in_features, rows.len()),
+        ));
+    }
+    let _p = b.gpu.span(|| format!("linear gemv+rope {}->{} x{}", g.in_features, g.out_features, x.rows));
+    let mut y1 = b.output(x.rows, w1)?;
+    let mut y2 = b.output(x.rows, w2)?;
+    let positions = crate::graph::positions(b, rows)?;
+    let pos = positions.view();
+    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
+    let f = b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8_bf16", g.bits)).map_err(m)?;
+    b.gpu.allow_smem(f, s.smem as usize).map_err(m)?;
+    let dims = [x.rows, g.in_features, g.out_features, g.group_size, s.stages].map(|v| v as i32);
+    let part = |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
+    let (a, c) = (part(s1, p1), part(s2, p2));
+    let mut l = b.gpu.stream.launch_builder(f);
+    l.arg(&x.data).arg(&g.qweight);
+    l.arg_or_null(g.zeros.as_ref());
+    l.arg(&g.scales);
+    l.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&dims[4]);
+    let half = half as i32;
+    l.arg(&pos).arg(freq.as_ref()).arg(&half);
+    l.arg(&mut y1.data).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]).arg(&a[4]);
+    l.arg(&mut y2.data).arg(&c[0]).arg(&c[1]).arg(&c[2]).arg(&c[3]).arg(&c[4]);
+    let cfg =
+        LaunchConfig { grid_dim: (bx as u32, 1, 1), block_dim: (crate::mma::THREADS, 1, 1), shared_mem_bytes: s.smem };
+    // SAFETY: matches gptq_mma_gemv_rope_w*_b8_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight without a
+    // row order, null zeros when symmetric, one split in the split-K layout (the block stores); the parts tile the n columns in whole 64-column blocks, y1 and y2 hold rows·w1 and
+    // rows·w2 values; pos holds rows positions, inv_freq `half` frequencies (8, 16 or 32).
+    unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
+    Ok(Some((y1, y2)))
+}
+
+impl CudaBackend {
+    /// The fused launch alone, as `Backend::linear_rope_columns2` would take it: `None` where it does not apply
+    /// (tests: the fused store against the two launches, and that it is taken where it should be).
+    pub fn linear_rope_fused(
+        &self,
+        x: &GpuTensor,
+        w: &GpuWeight,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<Option<(GpuTensor, GpuTensor)>> {
+        linear_rope2(self, x, w, a, b, inv_freq, rows)
+    }
+}
