@@ -46,7 +46,7 @@ struct RopeStore {
 
     // Every thread, after the loop: its entries' angles as rope_pair takes them (the angle in f32, sin and cos in
     // f64, rounded to f32), in the slots that held their inputs (each thread reads only what it copied).
-    __device__ __forceinline__ void angles(int nrows) const {
+    __device__ __forceinline__ void after_loop(int nrows) const {
         cp_async_wait<0>();
         for (int u = threadIdx.x; u < nrows * half; u += blockDim.x) {
             float2* slot = &rope_cs[u / half * ROPE_MAX_HALF + u % half];
@@ -94,7 +94,7 @@ struct RopeStore {
 };
 
 template <>
-struct takes_tiles<RopeStore> {
+struct stores_block<RopeStore> {
     static constexpr bool value = true;
 };
 

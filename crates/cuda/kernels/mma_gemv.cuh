@@ -94,13 +94,13 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
-// A Store either takes each finished value (store(b, n, v): a lambda) or, where takes_tiles says so, the block's
+// A Store either takes each finished value (store(b, n, v): a lambda) or, where stores_block says so, the block's
 // warps' sums at once — store.block(red, tile0, tiles, nrows), every thread calling, red [MMA_WARPS][TPW·H·4][32]
 // as the split-K layout leaves them (gptq_rope.cu: RoPE pairs are two columns' sums); such a Store takes the split-K
 // layout only. Every thread of the block calls store.prepare(nrows) before its ring's first copies (cp.async
-// copies of its own joining the first chunk's group) and store.angles(nrows) after its loop.
+// copies of its own joining the first chunk's group) and store.after_loop(nrows) after its loop.
 template <typename Store>
-struct takes_tiles {
+struct stores_block {
     static constexpr bool value = false;
 };
 
@@ -220,7 +220,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         }
         cp_async_commit();
     };
-    if constexpr (takes_tiles<Store>::value) store.prepare(nrows);
+    if constexpr (stores_block<Store>::value) store.prepare(nrows);
     for (int c = 0; c < stages - 1; c++) issue(c < chunks);
 
     float acc[TPW][H][4];
@@ -344,8 +344,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         }
     }
 
-    if constexpr (takes_tiles<Store>::value) store.angles(nrows);
-    if constexpr (!takes_tiles<Store>::value) {  // (a block store takes split K only)
+    if constexpr (stores_block<Store>::value) store.after_loop(nrows);
+    if constexpr (!stores_block<Store>::value) {  // (a block store takes split K only)
         if (warp_cols) {  // the warp's own columns
 #pragma unroll
             for (int t = 0; t < TPW; t++)
@@ -371,7 +371,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
             for (int i = 0; i < 4; i++) red[(warp * V + (t * H + h) * 4 + i) * 32 + lane] = acc[t][h][i];
     __syncthreads();
-    if constexpr (takes_tiles<Store>::value) {
+    if constexpr (stores_block<Store>::value) {
         store.block(red, tile0, tiles, nrows);
     } else {
         if (warp != 0) return;
