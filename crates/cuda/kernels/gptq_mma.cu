@@ -7,24 +7,26 @@
 #include "mma.cuh"
 #include "mma_gemv.cuh"
 
-// One matrix, rows 0..B of x: grid (⌈N / (16·block_tiles)⌉, splits). One split stores y; several store partial
+// One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits), split K. One split stores y; several store partial
 // sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
-template <int BITS, int MB, typename YT>
+// REORDERED: the weight has a row order of K (perm); without, none is read.
+template <int BITS, int MB, bool REORDERED, typename YT>
 __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
                          const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
-                         int group_size, int k_chunk, int stages, bool warp_cols) {
+                         int group_size, int k_chunk, int stages) {
     const int splits = gridDim.y;
+    auto run = [&](auto store) {
+        mma_gemv_block<BITS, MB, REORDERED, false>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
+                                                    k_chunk, stages, blockIdx.x, store);
+    };
     if (splits == 1) {
-        mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                                 warp_cols, blockIdx.x,
-                                 [&](int b, int n, float v) { store_y(y, (size_t)b * N + n, v); });
+        run(SumStore<MB, YT>{y, (size_t)N});
         return;
     }
-    float* part = partial + (size_t)blockIdx.y * B * N;
-    mma_gemv_block<BITS, MB>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size, k_chunk, stages,
-                             warp_cols, blockIdx.x, [&](int b, int n, float v) { part[(size_t)b * N + n] = v; });
+    run(SumStore<MB, float>{partial + (size_t)blockIdx.y * B * N, (size_t)N});
     if (!arrive_last(&counters[blockIdx.x], splits)) return;
-    const int cols = block_tiles<MB>(warp_cols) * 16, n0 = blockIdx.x * cols;
+    constexpr int cols = block_tiles<MB, false>() * 16;
+    const int n0 = blockIdx.x * cols;
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = n0 + i % cols;
         if (n >= N) continue;
@@ -40,8 +42,10 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 #define FUSE_SILU 1
 #define FUSE_COMBINE 2
 
-// Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to MB pairs routed to one expert;
-// the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order).
+// Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to 8 pairs routed to one expert;
+// the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order: read only
+// REORDERED, when some expert of the launch has one). WARP_COLS: the block's warps side by side over the columns
+// (mma_gemv.cuh; src/mma.rs `Layout`).
 // grid (mats·⌈N / (16·block_tiles)⌉, splits, max tiles); partial [splits, pairs, mats·N].
 // FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
@@ -51,14 +55,16 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
 // whose blocks of an empty tile only count themselves in for the combine.
-template <int BITS, int MB>
+template <int BITS, bool WARP_COLS, bool REORDERED>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
-                                 int stages, bool warp_cols, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
+                                 int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
                                  const float* rw, int rows, int top_k, int shared, const u32* route) {
+    constexpr int MB = 8;
     const int t = blockIdx.z;
-    const int bt = block_tiles<MB>(warp_cols), bx = (N / 16 + bt - 1) / bt;
+    constexpr int bt = block_tiles<MB, WARP_COLS>();
+    const int bx = (N / 16 + bt - 1) / bt;
     const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     int expert, p0, np;
     // The matrix's four table entries, loaded together as soon as the expert is known (one round trip of the
@@ -66,7 +72,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     u64 wa, za, sa, pa;
     auto entries = [&]() {
         const int e = m * n_experts + expert;
-        wa = w_tab[e], za = zr_tab[e], sa = sc_tab[e], pa = perm_tab[e];
+        wa = w_tab[e], za = zr_tab[e], sa = sc_tab[e], pa = REORDERED ? perm_tab[e] : 0;
     };
     if (route != nullptr) {
         const int slots = top_k + shared;
@@ -90,10 +96,17 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     }
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
-    if (np > 0)
-        mma_gemv_block<BITS, MB>(x, route ? nullptr : pair_x + p0, np, (const int*)pa, (const uint2*)wa,
-                                 (const __half*)za, (const __half*)sa, K, N, group_size, k_chunk, stages, warp_cols,
-                                 cb, [&](int b, int n, float v) { out[b * width + n] = v; });
+    if (np > 0) {
+        auto run = [&](auto store) {
+            mma_gemv_block<BITS, MB, REORDERED, WARP_COLS>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
+                                                           (const uint2*)wa, (const __half*)za, (const __half*)sa, K,
+                                                           N, group_size, k_chunk, stages, cb, store);
+        };
+        if constexpr (WARP_COLS)
+            run([&](int b, int n, float v) { out[b * width + n] = v; });
+        else
+            run(SumStore<MB, float>{out, width});
+    }
     if (fuse == FUSE_NONE) return;
     const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
@@ -111,36 +124,42 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     }
 }
 
-#define MMA_T(BITS, MB)                                                                                         \
-    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_bf16(                                      \
-        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
-        float* partial, __nv_bfloat16* y, int* counters, int B, int K, int N, int group_size, int k_chunk,      \
-        int stages, int warp_cols) {                                                                            \
-        mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
-                           stages, warp_cols != 0);                                                             \
-    }                                                                                                           \
-    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##_to_f32(                                      \
-        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,   \
-        float* partial, float* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages,  \
-        int warp_cols) {                                                                                        \
-        mma_gemv<BITS, MB>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size, k_chunk,   \
-                           stages, warp_cols != 0);                                                             \
-    }                                                                                                           \
-    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_grouped_w##BITS##_b##MB##_bf16(                                \
+// The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm]_to_<bf16|f32> and the grouped ones
+// gptq_mma_gemv_grouped_w<BITS>_b8[_cols][_perm]_bf16 (WARP_COLS, REORDERED).
+#define MMA_PLAIN(BITS, MB, PERM, REORDERED, YNAME, YT)                                                        \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##PERM##_to_##YNAME(                \
+        const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,  \
+        float* partial, YT* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) {   \
+        mma_gemv<BITS, MB, REORDERED>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size,  \
+                                      k_chunk, stages);                                                        \
+    }
+#define MMA_GROUPED(BITS, NAME, WARP_COLS, REORDERED)                                                           \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_grouped_w##BITS##_b8##NAME##_bf16(                   \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
-        int K, int N, int group_size, int k_chunk, int stages, int warp_cols, int fuse, int* counters,           \
-        __nv_bfloat16* y, int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {   \
-        mma_gemv_grouped<BITS, MB>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm, n_experts, mats, partial, \
-                                   K, N, group_size, k_chunk, stages, warp_cols != 0, fuse, counters, y,        \
-                                   pair_of, rw, rows, top_k, shared, route);                                    \
+        int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
+        int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
+        mma_gemv_grouped<BITS, WARP_COLS, REORDERED>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,         \
+                                                     n_experts, mats, partial, K, N, group_size, k_chunk,       \
+                                                     stages, fuse, counters, y, pair_of, rw, rows, top_k,       \
+                                                     shared, route);                                            \
     }
-MMA_T(2, 8)
-MMA_T(2, 16)
-MMA_T(3, 8)
-MMA_T(3, 16)
-MMA_T(4, 8)
-MMA_T(4, 16)
+#define MMA_T(BITS)                                                                                             \
+    MMA_PLAIN(BITS, 8, , false, bf16, __nv_bfloat16)                                                            \
+    MMA_PLAIN(BITS, 8, , false, f32, float)                                                                     \
+    MMA_PLAIN(BITS, 8, _perm, true, bf16, __nv_bfloat16)                                                        \
+    MMA_PLAIN(BITS, 8, _perm, true, f32, float)                                                                 \
+    MMA_PLAIN(BITS, 16, , false, bf16, __nv_bfloat16)                                                           \
+    MMA_PLAIN(BITS, 16, , false, f32, float)                                                                    \
+    MMA_PLAIN(BITS, 16, _perm, true, bf16, __nv_bfloat16)                                                       \
+    MMA_PLAIN(BITS, 16, _perm, true, f32, float)                                                                \
+    MMA_GROUPED(BITS, , false, false)                                                                           \
+    MMA_GROUPED(BITS, _cols, true, false)                                                                       \
+    MMA_GROUPED(BITS, _perm, false, true)                                                                       \
+    MMA_GROUPED(BITS, _cols_perm, true, true)
+MMA_T(2)
+MMA_T(3)
+MMA_T(4)
 
 // The repacked weight back to f32 [N, K] in the checkpoint's row order (attention's absorbed kv_b_proj, tests).
 template <int BITS>

@@ -8,8 +8,8 @@
 // The host (src/qrope.rs) takes it only where a block's 64 columns lie in one head of one part: parts and heads on
 // multiples of 64 columns, 8, 16 or 32 pairs a head (DeepSeek's 64 rope dims: 32) rotating from a multiple of
 // twice that, one split of K in the split-K layout, and no row order of K (the checkpoint's trivial g_idx). The
-// block's threads then take its 64 columns' sums from the warps' partial sums in shared memory (in the order the
-// plain GEMV's warp 0 adds them), a thread a value and its pair's other value.
+// block's threads then take its 64 columns' sums from the warps' partial sums in shared memory (block_sum, as the
+// plain GEMV's SumStore adds them), a thread a value and its pair's other value.
 //
 // Kept small on purpose: a first version ropes in warp 0's registers (16 values a lane, shuffles between lanes,
 // every case unrolled, both row-order paths: 12K instructions) and was slower than the two launches — its stalls
@@ -71,13 +71,8 @@ struct RopeStore {
         const bool il = (p ? interleaved[1] : interleaved[0]) != 0;
         __nv_bfloat16* out = (p ? y[1] : y[0]) + c0;  // head c0 / dim_p, its column d0
         const size_t row_stride = (size_t)(p ? heads[1] : heads[0]) * dim_p;
-        // Row b's column c: lane (c % 8)·4 + (b % 8) / 2 of the warps' tile c / 16, value (c % 16 / 8)·2 + b % 2.
-        auto sum = [&](int b, int c) {
-            const int r = c & 15, lane = (r & 7) * 4 + ((b & 7) >> 1), i = (r >> 3) * 2 + (b & 1);
-            float v = 0.f;
-            for (int g = 0; g < MMA_WARPS; g++) v += red[(g * 16 + (c >> 4) * 4 + i) * 32 + lane];
-            return __bfloat162float(__float2bfloat16(v));
-        };
+        // Row b's column c as the plain GEMV stores it.
+        auto sum = [&](int b, int c) { return __bfloat162float(__float2bfloat16(block_sum<8>(red, b, c))); };
 #pragma unroll 1
         for (int o = threadIdx.x; o < nrows * 64; o += blockDim.x) {
             const int b = o >> 6, c = o & 63, j = c - rot;  // j: of the rotated columns
@@ -93,11 +88,6 @@ struct RopeStore {
     }
 };
 
-template <>
-struct stores_block<RopeStore> {
-    static constexpr bool value = true;
-};
-
 // rows ≤ 8 of x [rows, K] through the repacked weight (N columns: both parts), one split of K, no row order:
 // grid ⌈N / 64⌉, 128 threads.
 #define ROPE_T(BITS)                                                                                             \
@@ -107,8 +97,8 @@ struct stores_block<RopeStore> {
         int s1, int h1, int d1, int o1, int il1, __nv_bfloat16* y2, int s2, int h2, int d2, int o2, int il2) {   \
         const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half};   \
         const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
-        mma_gemv_run<BITS, 8, false>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K, stages,     \
-                                     false, blockIdx.x, st);                                                    \
+        mma_gemv_run<BITS, 8, false, false>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K,      \
+                                            stages, blockIdx.x, st);                                            \
     }
 ROPE_T(2)
 ROPE_T(3)

@@ -17,7 +17,7 @@ use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
 use crate::experts_prefill::PairsByExpert;
 use crate::gemv::{GpuGptq, Packing, THREADS, bucket};
-use crate::mma::Shape;
+use crate::mma::{Layout, Shape};
 use crate::route::DeviceRouting;
 
 /// Rows a step may have for the grouped path (one set of launches: tiles of ≤ 8 rows per expert, so an expert
@@ -54,13 +54,14 @@ fn max_tiles(rows: usize, top_k: usize, n_experts: usize, shared: bool, tile: us
 
 /// One grouped launch's shape for a step of `rows` rows: matrices like `w` over `tiles` tiles of `mb` rows, `mats`
 /// matrices side by side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring:
-/// stages 0).
+/// stages 0). `reordered`: some expert has a row order of K (the tensor-core kernel that can gather x through it).
 fn launch_shape(
     b: &CudaBackend,
     w: &GpuGptq,
     (rows, mb): (usize, usize),
     tiles: usize,
     mats: usize,
+    reordered: bool,
 ) -> (String, usize, Shape) {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
@@ -69,13 +70,15 @@ fn launch_shape(
             let chunk = w.k_chunk_for(g, mb, mats * bx * tiles);
             let name = format!("gptq_gemv_grouped_w{}_b{mb}_{}", w.bits, b.act.suffix());
             let smem = w.smem_bytes(mb, chunk);
-            let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem, warp_cols: 0 };
+            let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem, layout: Layout::SplitK };
             (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let layout = crate::mma::Layout::for_launch(true, rows);
+            let layout = Layout::for_grouped(rows);
             let bx = crate::mma::blocks_x(n, mb, layout);
-            let name = format!("gptq_mma_gemv_grouped_w{}_b8_bf16", w.bits);
+            let cols = if layout == Layout::WarpCols { "_cols" } else { "" };
+            let perm = if reordered { "_perm" } else { "" };
+            let name = format!("gptq_mma_gemv_grouped_w{}_b8{cols}{perm}_bf16", w.bits);
             let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout);
             if let Some((gate_up, down)) = swept_splits()
                 && rows <= crate::mma::WARP_COLS_ROWS
@@ -338,8 +341,8 @@ impl CudaBackend {
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
-        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2);
-        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1);
+        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2, t.reordered);
+        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1, t.reordered);
         // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
         // (one counter per tile and column range); otherwise gptq_reduce_silu does. The last block of each of the
         // down launch's column ranges adds the rows' experts itself for a few rows (its one block then reads
@@ -390,7 +393,7 @@ impl CudaBackend {
         l.arg(&x.data).arg(&mut tiles).arg(&mut count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if mma {
-            l.arg(&st).arg(&sh.warp_cols).arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of);
+            l.arg(&st).arg(&sf).arg(&self.gpu.counters).arg(&mut h).arg(&mut pair_of);
             l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared);
             if one_row {
                 l.arg(&r.experts)
@@ -431,7 +434,7 @@ impl CudaBackend {
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if mma {
-            l.arg(&st).arg(&sh.warp_cols).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of);
+            l.arg(&st).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of);
             l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared).arg(&null);
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of

@@ -140,9 +140,10 @@ const MAX_STAGES: usize = 8;
 /// `PIPEMOE_GEMV_WARPS_PER_SM` — warps worth having per multiprocessor before a warp's run of K is cut shorter
 /// (more splits), default 8; `PIPEMOE_GEMV_STAGES` — the deepest ring (2..=8), default 8;
 /// `PIPEMOE_GEMV_SMEM_KIB` — shared memory a block stays within (16..=200), default 44, which needs no opt-in
-/// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which launches lay a block's warps
-/// side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1 the grouped
-/// experts' of more than [`WARP_COLS_ROWS`] rows (default), 2 every grouped launch, 3 every launch;
+/// and lets a 3090's 100 KiB hold two blocks; `PIPEMOE_GEMV_WARP_COLS` — which grouped experts' launches lay a
+/// block's warps side by side over the columns, each over the whole split of K ([`Layout::WarpCols`]): 0 none, 1
+/// those of more than [`WARP_COLS_ROWS`] rows (default), 2 all (the plain GEMV's kernels are split-K only: with
+/// warp columns they were as fast or slower, session 18);
 /// `PIPEMOE_GEMV_SPLITS` — the splits of K of every plain GEMV launch (0, the default: chosen by [`shape`]), a
 /// sweep's knob for the one-wave launches' balance over the SMs (o_proj at one row: 448 blocks are 4 on 52 SMs and
 /// 3 on 80). A value that does not parse or is out of range is reported once on stderr and the default used.
@@ -161,12 +162,12 @@ fn tuning() -> Tuning {
         warps_per_sm: knob("PIPEMOE_GEMV_WARPS_PER_SM", 8, 1..=64),
         max_stages: knob("PIPEMOE_GEMV_STAGES", MAX_STAGES, 2..=MAX_STAGES),
         smem_block: knob("PIPEMOE_GEMV_SMEM_KIB", 44, 16..=200) * 1024,
-        warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 1, 0..=3),
+        warp_cols: knob("PIPEMOE_GEMV_WARP_COLS", 1, 0..=2),
         splits: knob("PIPEMOE_GEMV_SPLITS", 0, 0..=128),
     })
 }
 
-/// How a block's 4 warps share its work (`warp_cols` in kernels/gptq_mma.cu).
+/// How a block's 4 warps share its work (`WARP_COLS` in kernels/mma_gemv.cuh: the grouped kernels' `_cols`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
     /// On the same tiles, each over a quarter of the split's chunks, the sums added in shared memory at the end.
@@ -184,12 +185,12 @@ pub(crate) enum Layout {
 pub(crate) const WARP_COLS_ROWS: usize = 8;
 
 impl Layout {
-    /// The layout of a launch over `rows` rows of a step: a grouped experts' launch (`grouped`) or a plain GEMV
-    /// ([`Tuning`]'s `warp_cols`).
-    pub(crate) fn for_launch(grouped: bool, rows: usize) -> Layout {
-        match (tuning().warp_cols, grouped) {
-            (3, _) | (2, true) => Layout::WarpCols,
-            (1, true) if rows > WARP_COLS_ROWS => Layout::WarpCols,
+    /// The layout of a grouped experts' launch over `rows` rows of a step ([`Tuning`]'s `warp_cols`; a plain GEMV
+    /// is always [`Layout::SplitK`]).
+    pub(crate) fn for_grouped(rows: usize) -> Layout {
+        match tuning().warp_cols {
+            2 => Layout::WarpCols,
+            1 if rows > WARP_COLS_ROWS => Layout::WarpCols,
             _ => Layout::SplitK,
         }
     }
@@ -219,14 +220,14 @@ fn parse_knob(text: &str, range: &std::ops::RangeInclusive<usize>) -> Option<usi
 }
 
 /// One launch's shape: rows of K per split, splits, ring depth (chunks per warp's ring), shared bytes and how
-/// the block's warps share the work (the kernels' `warp_cols` argument, 1 for [`Layout::WarpCols`]).
+/// the block's warps share the work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
     pub chunk: usize,
     pub splits: usize,
     pub stages: usize,
     pub smem: u32,
-    pub warp_cols: i32,
+    pub layout: Layout,
 }
 
 impl Shape {
@@ -276,8 +277,7 @@ pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize, layout
         Some(resident) if resident > 0 => even_splits(k_chunks, blocks_x.max(1), least, resident, kw),
         _ => least,
     };
-    let warp_cols = i32::from(layout == Layout::WarpCols);
-    Shape { chunk: 0, splits, stages, smem: smem as u32, warp_cols }.with_splits(w.in_features, splits)
+    Shape { chunk: 0, splits, stages, smem: smem as u32, layout }.with_splits(w.in_features, splits)
 }
 
 /// Splits of `k_chunks` chunks for `blocks` blocks per split, from `least` up to twice that: the count whose
@@ -301,9 +301,8 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
 
 /// A plain GEMV's column blocks and shape for `batch` rows: what `gemv` launches and `scratch_len` sizes.
 pub(crate) fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
-    let layout = Layout::for_launch(false, batch);
-    let bx = blocks_x(w.out_features, batch, layout);
-    let s = shape(w, gpu, batch, bx, layout);
+    let bx = blocks_x(w.out_features, batch, Layout::SplitK);
+    let s = shape(w, gpu, batch, bx, Layout::SplitK);
     match tuning().splits {
         0 => (bx, s),
         forced => (bx, s.with_splits(w.in_features, forced)),
@@ -342,7 +341,9 @@ pub(crate) fn gemv(
             ),
         });
     }
-    let name = format!("gptq_mma_gemv_w{}_b{}_to_{}", w.bits, bucket(batch), y.dtype().suffix());
+    // A weight with a row order of K takes the kernel that gathers x through it (mma_gemv_block).
+    let perm = if w.perm.is_some() { "_perm" } else { "" };
+    let name = format!("gptq_mma_gemv_w{}_b{}{perm}_to_{}", w.bits, bucket(batch), y.dtype().suffix());
     let cfg = LaunchConfig {
         grid_dim: (bx as u32, s.splits as u32, 1),
         block_dim: (THREADS, 1, 1),
@@ -358,9 +359,9 @@ pub(crate) fn gemv(
     l.arg(&w.qweight);
     l.arg_or_null(w.zeros.as_ref());
     l.arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
-    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st).arg(&s.warp_cols);
+    l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st);
     // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n], zeros null for a symmetric weight
-    // (the kernel then reads none); partial and counters were checked
+    // (the kernel then reads none), perm null but in the `_perm` kernels; partial and counters were checked
     // above for a split launch (a single split touches neither).
     unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
     Ok(())
@@ -449,7 +450,7 @@ mod tests {
 
     #[test]
     fn splits_are_whole_chunks() {
-        let s = Shape { chunk: 0, splits: 0, stages: 2, smem: 0, warp_cols: 0 };
+        let s = Shape { chunk: 0, splits: 0, stages: 2, smem: 0, layout: Layout::SplitK };
         // gate/up's 56 chunks in 3 splits: 19 chunks each (the last 18).
         assert_eq!((s.with_splits(7168, 3).chunk, s.with_splits(7168, 3).splits), (19 * CHUNK, 3));
         // 8 splits of 14 chunks come out as 7 of 2 (whole chunks a split); more splits than chunks, one a chunk.

@@ -58,7 +58,7 @@ pub(crate) fn linear_rope2(
         return Ok(None);
     }
     let (bx, s) = crate::mma::plain_shape(g, &b.gpu, x.rows);
-    if s.splits != 1 || s.warp_cols != 0 {
+    if s.splits != 1 {
         return Ok(None);
     }
     if x.cols != g.in_features || rows.len() != x.rows {

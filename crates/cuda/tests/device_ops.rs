@@ -408,9 +408,20 @@ fn the_router_matches_the_cpu() {
 /// `count` random SwiGLU experts (hidden → inter → hidden) as host linears; every third (1, 4, ...) symmetric,
 /// so a grouped launch's blocks meet experts with and without zeros to read (`GpuGptq::symmetric`).
 fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
+    host_experts_ordered(rng, count, (hidden, inter, bits), |_| false)
+}
+
+/// The same, expert i's matrices with an act-order g_idx where `act_order(i)`.
+fn host_experts_ordered(
+    rng: &mut Rng,
+    count: usize,
+    (hidden, inter, bits): (usize, usize, u32),
+    act_order: impl Fn(usize) -> bool,
+) -> Vec<[HostLinear; 3]> {
     (0..count)
         .map(|i| {
-            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, (k, n, bits, 128, false), i % 3 == 1));
+            let shape = |k, n| (k, n, bits, 128, act_order(i));
+            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, shape(k, n), i % 3 == 1));
             [m(hidden, inter), m(hidden, inter), m(inter, hidden)]
         })
         .collect()
@@ -452,11 +463,17 @@ fn grouped_experts_match_the_cpu() {
     }
     let cpu = CpuBackend::F32;
     let mut rng = Rng::new(24);
-    // (experts, hidden, inter, bits, top_k): small shapes of every bit width, and the real dims.
-    for (count, hidden, inter, bits, top_k) in
-        [(8usize, 256usize, 128usize, 3u32, 2usize), (6, 256, 256, 2, 3), (6, 384, 128, 4, 2), (8, 7168, 2048, 3, 4)]
-    {
-        let hs = host_experts(&mut rng, count, hidden, inter, bits);
+    // (experts, hidden, inter, bits, top_k, act order): small shapes of every bit width, the real dims, and experts
+    // of which some gather x through a row order of K (the launches' `_perm` kernels: each block takes its
+    // expert's way).
+    for (count, hidden, inter, bits, top_k, ordered) in [
+        (8usize, 256usize, 128usize, 3u32, 2usize, false),
+        (6, 256, 256, 2, 3, false),
+        (6, 384, 128, 4, 2, false),
+        (8, 7168, 2048, 3, 4, false),
+        (8, 256, 256, 3, 3, true),
+    ] {
+        let hs = host_experts_ordered(&mut rng, count, (hidden, inter, bits), |i| ordered && i % 3 != 2);
         // A shared expert in the routed experts' format (it joins the grouped launches) and in another bit width
         // (it runs on its own and is added).
         let other = if bits == 4 { 3 } else { 4 };
@@ -495,7 +512,9 @@ fn grouped_experts_match_the_cpu() {
                     let xg = up(&gpu, *rows, hidden, x);
                     let routes = GpuRoutes::from_host(&gpu, r, count).unwrap();
                     let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
-                    let what = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k} rows {rows} half {half}");
+                    let what = format!(
+                        "experts {count}x{hidden}x{inter} w{bits} top{top_k} act_order {ordered} rows {rows} half {half}"
+                    );
                     check(&what, act, &got, &want[0], 1e-4);
                     for (i, s_gpu) in sg.iter().enumerate() {
                         let got = gpu.download(&gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap()).unwrap();
