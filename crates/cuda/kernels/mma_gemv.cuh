@@ -111,7 +111,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
-    __shared__ u32 sums_word[2];
+    __shared__ __align__(8) u32 sums_word[2];
     constexpr int H = MB / 8, TPW = mma_tpw<MB>();
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
@@ -230,8 +230,11 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
             for (int i = 0; i < 4; i++) acc[t][h][i] = 0.f;
     // A for the sums of x: rows 0..7 ones on the lower 8 rows of K of a step, rows 8..15 ones on the upper 8.
-    // Loaded from shared memory: as constants the compiler rebuilt them before every mma (16 moves a chunk).
-    const u32 ones = sums_word[0], zero = sums_word[1];
+    // Loaded from shared memory by an asm the compiler cannot see through: as constants (and a plain load of
+    // sums_word, which LLVM folds to the one value ever stored there) it rebuilt them before every mma, the mma's
+    // result taking their registers (24 moves a chunk of the 3-bit one-row loop's 508 instructions, sm_86).
+    u32 ones, zero;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(ones), "=r"(zero) : "r"(smem_addr(sums_word)));
     const u32 sums_a[4] = {ones, zero, zero, ones};
     // x fragments by ldmatrix: lane L gives the address of row L % 8 (+ 8 for the second half of 16 rows) of
     // matrix L / 8 — k 0..7 and 8..15 of one step, then of the next. Rows past nrows read row nrows − 1, whose
