@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Why a decode step's kernels take the time they do, in one device call after tools/device/build.sh: ncu's full
+# set (throughput, warp states, scheduler, source-level stall samples with line info) on the last decode step's
+# launches of the kernels matching REGEX in the one-layer bench, one row, caches and clocks left alone.
+# Pass 1 lists every matching launch (name, grid) to find the decode step's; pass 2 profiles those.
+# Usage: tools/device/stalls.sh [REGEX] [context]   (default gptq_mma_gemv, 4096; prints a table last; the
+# details, the per-instruction source page of each kernel and the report go to $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. tools/device/env.sh
+re="${1:-gptq_mma_gemv}" ctx="${2:-4096}"
+logs="${OUT:-/tmp/pipemoe-stalls}"
+mkdir -p "$logs"
+bench=(./.device/pipemoe bench --layers 1 --context "$ctx" --chunk 512 --steps 6 --streams 0 --cache-dir /tmp/pb)
+export PIPEMOE_NVRTC_LINEINFO=1
+"${bench[@]}" > "$logs/bench.txt" 2>&1 || { tail -5 "$logs/bench.txt"; exit 1; }
+timeout 300 ncu --clock-control none --cache-control none --kernel-name "regex:$re" \
+    --metrics gpu__time_duration.sum,launch__grid_size --csv "${bench[@]}" > "$logs/list.csv" 2> "$logs/list.err"
+# The decode step's launches: one-row launches come last; take the last step's (the kernels after the last
+# occurrence of the first kernel name that repeats with the same grid every step).
+read -r skip count < <(python3 - "$logs/list.csv" <<'EOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 14]
+h = rows[0]
+ki, mi, vi = h.index("Kernel Name"), h.index("Metric Name"), h.index("Metric Value")
+launches = {}
+for r in rows[1:]:
+    launches.setdefault(int(r[h.index("ID")]), {})[r[mi]] = r[vi]
+    launches[int(r[h.index("ID")])]["name"] = r[ki].split("(")[0]
+seq = [(launches[i]["name"], launches[i]["launch__grid_size"]) for i in sorted(launches)]
+# The decode step's signature: the last 30 launches' period.
+for period in range(1, 30):
+    if len(seq) >= 3 * period and seq[-period:] == seq[-2 * period:-period] == seq[-3 * period:-2 * period]:
+        print(len(seq) - period, period)
+        break
+else:
+    print(len(seq) - 5, 5)
+EOF
+)
+echo "profiling launches $skip..$((skip + count - 1)) of those matching $re"
+timeout 400 ncu --clock-control none --cache-control none --kernel-name "regex:$re" --launch-skip "$skip" \
+    --launch-count "$count" --set full --import-source no -f -o "$logs/stalls" "${bench[@]}" > "$logs/ncu.log" 2>&1
+ncu -i "$logs/stalls.ncu-rep" --page details --csv > "$logs/details.csv"
+ncu -i "$logs/stalls.ncu-rep" --page source --csv --print-source sass > "$logs/source.csv" 2> "$logs/source.err"
+python3 - "$logs/details.csv" <<'EOF'
+import csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1]))]
+h = rows[0]
+ii, ki, ni, ui, vi = (h.index(c) for c in ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value"))
+want = ["Duration", "DRAM Throughput", "Memory Throughput", "Compute (SM) Throughput", "Issue Slots Busy",
+        "No Eligible", "Active Warps Per Scheduler", "Eligible Warps Per Scheduler", "Achieved Occupancy",
+        "Warp Cycles Per Issued Instruction", "Executed Ipc Active", "Registers Per Thread", "Grid Size",
+        "Dynamic Shared Memory Per Block", "Waves Per SM"]
+by = {}
+for r in rows[1:]:
+    by.setdefault((r[ii], r[ki].split("(")[0]), {})[r[ni]] = f"{r[vi]} {r[ui]}".strip()
+for (i, k), m in by.items():
+    print(f"== {i} {k}")
+    for w in want:
+        if w in m:
+            print(f"   {w:<36} {m[w]}")
+EOF
+python3 - "$logs/source.csv" <<'EOF' || true
+# Stall samples of each kernel, its instructions grouped by how often each ran (the hot loop runs once a chunk a
+# warp, a block's start and end once a warp, ...): where a kernel's warps wait, and on what.
+import collections, csv, sys
+blocks, cur = [], []
+for line in open(sys.argv[1]).read().split("\n"):
+    if line.startswith('"Kernel Name"'):
+        if cur: blocks.append(cur)
+        cur = [line]
+    elif cur:
+        cur.append(line)
+if cur: blocks.append(cur)
+seen = set()
+for b in blocks:
+    rows = list(csv.reader(b[1:]))
+    if not rows or "Address" not in rows[0]: continue
+    h, body = rows[0], [r for r in rows[1:] if len(rows[0]) == len(r)]
+    key = "\n".join(line for line in b[1:] if line.strip())
+    if key in seen: continue  # ncu's source page can list a kernel twice
+    seen.add(key)
+    S, E = h.index("Warp Stall Sampling (All Samples)"), h.index("Instructions Executed")
+    stalls = [c for c in h if c.startswith("stall_") and "Not Issued" not in c]
+    by = collections.defaultdict(lambda: [0, 0.0, collections.Counter()])
+    for r in body:
+        g = by[int(float(r[E] or 0))]
+        g[0] += 1; g[1] += float(r[S] or 0)
+        for c in stalls: g[2][c[6:]] += float(r[h.index(c)] or 0)
+    tot = sum(g[1] for g in by.values()) or 1
+    print("==", b[0].split(",")[1].strip('"'), f"{tot:.0f} samples")
+    for e, (n, smp, c) in sorted(by.items(), key=lambda kv: -kv[1][1])[:8]:
+        top = " ".join(f"{k}:{v:.0f}" for k, v in c.most_common(6))
+        print(f"   ran {e:>8}: {n:4} instructions, {smp:6.0f} samples ({100 * smp / tot:4.1f}%)  {top}")
+EOF
