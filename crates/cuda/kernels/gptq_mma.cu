@@ -66,7 +66,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     constexpr int bt = block_tiles<MB, WARP_COLS>();
     const int bx = (N / 16 + bt - 1) / bt;
     const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
-    int expert, p0, np;
+    int expert, p0, np, count;
     // The matrix's four table entries, loaded together as soon as the expert is known (one round trip of the
     // block's start, not one to learn whether the slice holds the expert and then one for its addresses).
     u64 wa, za, sa, pa;
@@ -89,10 +89,18 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
             if (t == 0) *n_tiles = slots;
         }
         if (np == 0) return;
+        count = slots;
     } else {
-        if (t >= *n_tiles) return;
-        expert = tiles[3 * t], p0 = tiles[3 * t + 1], np = tiles[3 * t + 2];
+        // The count and the tile's entry in one round trip, not one after the other (the grid's tiles stay within
+        // the plan's room, 3·pairs entries; an entry past the count is read and not used — selected away, since a
+        // test before the loads let the compiler issue them after it), and the count kept for the combine's
+        // arrivals (re-read there after the block's stores, a round trip at its end: ncu, session 28).
+        count = *n_tiles;
+        const int e = tiles[3 * t], p = tiles[3 * t + 1], n = tiles[3 * t + 2];
+        const bool live = t < count;
+        expert = live ? e : 0, p0 = live ? p : 0, np = live ? n : 0;
         entries();
+        if (!live) return;
     }
     const size_t width = (size_t)mats * N;
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
@@ -117,7 +125,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         }
         return;
     }
-    if (!arrive_last(&counters[cb], *n_tiles * splits)) return;
+    if (!arrive_last(&counters[cb], count * splits)) return;
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
         const int r = i / cols, n = n0 + i % cols;
         if (n < N) y[(size_t)r * N + n] = __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
