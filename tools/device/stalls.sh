@@ -3,8 +3,12 @@
 # set (throughput, warp states, scheduler, source-level stall samples with line info) on the last decode step's
 # launches of the kernels matching REGEX in the one-layer bench, one row, caches and clocks left alone.
 # Pass 1 lists every matching launch (name, grid) to find the decode step's; pass 2 profiles those.
-# Usage: tools/device/stalls.sh [REGEX] [context]   (default gptq_mma_gemv, 4096; prints a table last; the
-# details, the per-instruction source page of each kernel and the report go to $OUT)
+# Usage: [CACHE=all|none] tools/device/stalls.sh [REGEX] [context]   (default gptq_mma_gemv, 4096; prints a table
+# last; the details, the per-instruction source page of each kernel and the report go to $OUT)
+# CACHE (ncu's --cache-control of pass 2, default all): the full set replays each kernel for its many passes, and
+# with the caches left alone (none) a kernel whose bytes fit in L2 reads them from L2 after the first pass — its
+# duration and DRAM figures are then not the serving path's (session 28's runs, made with none: the fused q_a/kv_a
+# GEMV showed 0.15% DRAM throughput). `all` flushes them before each pass, as an 8-layer decode step finds them.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tools/device/env.sh
@@ -38,7 +42,7 @@ else:
 EOF
 )
 echo "profiling launches $skip..$((skip + count - 1)) of those matching $re"
-timeout 400 ncu --clock-control none --cache-control none --kernel-name "regex:$re" --launch-skip "$skip" \
+timeout 400 ncu --clock-control none --cache-control "${CACHE:-all}" --kernel-name "regex:$re" --launch-skip "$skip" \
     --launch-count "$count" --set full --import-source no -f -o "$logs/stalls" "${bench[@]}" > "$logs/ncu.log" 2>&1
 ncu -i "$logs/stalls.ncu-rep" --page details --csv > "$logs/details.csv"
 ncu -i "$logs/stalls.ncu-rep" --page source --csv --print-source sass > "$logs/source.csv" 2> "$logs/source.err"
