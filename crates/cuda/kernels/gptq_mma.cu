@@ -16,7 +16,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
                          int group_size, int k_chunk, int stages) {
     const int splits = gridDim.y;
     auto run = [&](auto store) {
-        mma_gemv_block<BITS, MB, REORDERED, false>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
+        mma_gemv_block<BITS, MB, REORDERED, MMA_WARPS>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
                                                     k_chunk, stages, blockIdx.x, store);
     };
     if (splits == 1) {
@@ -25,7 +25,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
     }
     run(SumStore<MB, float>{partial + (size_t)blockIdx.y * B * N, (size_t)N});
     if (!arrive_last(&counters[blockIdx.x], splits)) return;
-    constexpr int cols = block_tiles<MB, false>() * 16;
+    constexpr int cols = block_tiles<MB, MMA_WARPS>() * 16;
     const int n0 = blockIdx.x * cols;
     for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
         const int b = i / cols, n = n0 + i % cols;
@@ -44,8 +44,8 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to 8 pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order: read only
-// REORDERED, when some expert of the launch has one). WARP_COLS: the block's warps side by side over the columns
-// (mma_gemv.cuh; src/mma.rs `Layout`).
+// REORDERED, when some expert of the launch has one). KW: warps of the block on the same tiles, each over its KW-th
+// of K (mma_gemv.cuh; src/mma.rs `Layout`).
 // grid (mats·⌈N / (16·block_tiles)⌉, splits, max tiles); partial [splits, pairs, mats·N].
 // FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
@@ -55,7 +55,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
 // whose blocks of an empty tile only count themselves in for the combine.
-template <int BITS, bool WARP_COLS, bool REORDERED>
+template <int BITS, int KW, bool REORDERED>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
@@ -63,7 +63,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
                                  const float* rw, int rows, int top_k, int shared, const u32* route) {
     constexpr int MB = 8;
     const int t = blockIdx.z;
-    constexpr int bt = block_tiles<MB, WARP_COLS>();
+    constexpr int bt = block_tiles<MB, KW>();
     const int bx = (N / 16 + bt - 1) / bt;
     const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
     int expert, p0, np, count;
@@ -106,14 +106,14 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0) {
         auto run = [&](auto store) {
-            mma_gemv_block<BITS, MB, REORDERED, WARP_COLS>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
+            mma_gemv_block<BITS, MB, REORDERED, KW>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
                                                            (const uint2*)wa, (const __half*)za, (const __half*)sa, K,
                                                            N, group_size, k_chunk, stages, cb, store);
         };
-        if constexpr (WARP_COLS)
+        if constexpr (KW == 1)
             run([&](int b, int n, float v) { out[b * width + n] = v; });
         else
-            run(SumStore<MB, float>{out, width});
+            run(SumStore<MB, float, KW>{out, width});
     }
     if (fuse == FUSE_NONE) return;
     const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
@@ -133,7 +133,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 }
 
 // The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm]_to_<bf16|f32> and the grouped ones
-// gptq_mma_gemv_grouped_w<BITS>_b8[_cols][_perm]_bf16 (WARP_COLS, REORDERED).
+// gptq_mma_gemv_grouped_w<BITS>_b8[_k2|_cols][_perm]_bf16 (KW 4, 2 or 1; REORDERED — no _k2_perm: src/mma.rs).
 #define MMA_PLAIN(BITS, MB, PERM, REORDERED, YNAME, YT)                                                        \
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##PERM##_to_##YNAME(                \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,  \
@@ -141,13 +141,13 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         mma_gemv<BITS, MB, REORDERED>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size,  \
                                       k_chunk, stages);                                                        \
     }
-#define MMA_GROUPED(BITS, NAME, WARP_COLS, REORDERED)                                                           \
+#define MMA_GROUPED(BITS, NAME, KW, REORDERED)                                                           \
     extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_grouped_w##BITS##_b8##NAME##_bf16(                   \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
         int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
-        mma_gemv_grouped<BITS, WARP_COLS, REORDERED>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,         \
+        mma_gemv_grouped<BITS, KW, REORDERED>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,         \
                                                      n_experts, mats, partial, K, N, group_size, k_chunk,       \
                                                      stages, fuse, counters, y, pair_of, rw, rows, top_k,       \
                                                      shared, route);                                            \
@@ -161,10 +161,11 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     MMA_PLAIN(BITS, 16, , false, f32, float)                                                                    \
     MMA_PLAIN(BITS, 16, _perm, true, bf16, __nv_bfloat16)                                                       \
     MMA_PLAIN(BITS, 16, _perm, true, f32, float)                                                                \
-    MMA_GROUPED(BITS, , false, false)                                                                           \
-    MMA_GROUPED(BITS, _cols, true, false)                                                                       \
-    MMA_GROUPED(BITS, _perm, false, true)                                                                       \
-    MMA_GROUPED(BITS, _cols_perm, true, true)
+    MMA_GROUPED(BITS, , 4, false)                                                                               \
+    MMA_GROUPED(BITS, _k2, 2, false)                                                                            \
+    MMA_GROUPED(BITS, _cols, 1, false)                                                                          \
+    MMA_GROUPED(BITS, _perm, 4, true)                                                                           \
+    MMA_GROUPED(BITS, _cols_perm, 1, true)
 MMA_T(2)
 MMA_T(3)
 MMA_T(4)

@@ -97,7 +97,7 @@ struct RopeStore {
         int s1, int h1, int d1, int o1, int il1, __nv_bfloat16* y2, int s2, int h2, int d2, int o2, int il2) {   \
         const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half};   \
         const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
-        mma_gemv_run<BITS, 8, false, false>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K,      \
+        mma_gemv_run<BITS, 8, false, MMA_WARPS>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K,      \
                                             stages, blockIdx.x, st);                                            \
     }
 ROPE_T(2)

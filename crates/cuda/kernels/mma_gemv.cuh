@@ -19,12 +19,14 @@
 // 2^(BITS−1), src/gemv.rs) comes with null zeros: its zero is that constant and no zero is read from memory.
 //
 // A warp takes TPW tiles of 16 columns (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
-// accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out one of two ways
-// (WARP_COLS, a template argument: the host picks the kernel, src/mma.rs): on the same tiles, each over its own
-// quarter of the block's chunks, their sums then added in shared memory in warp order (split K: every plain GEMV,
-// the grouped experts' of ≤ 8 rows); or on 4 neighbouring groups of tiles, each over all of the block's chunks,
-// storing its own sums (4 times the columns a block, no barrier after the start, and each warp's run 4 times as
-// long, so a block's start and end are paid over 4 times the bytes: the grouped experts' of more rows).
+// accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out in 4 / KW groups
+// of KW warps (KW, a template argument: the host picks the kernel, src/mma.rs `Layout`), each group on its own
+// tiles and each of its warps over its KW-th of the block's chunks: KW = 4, split K, all 4 on the same tiles,
+// their sums then added in shared memory in warp order (every plain GEMV, the grouped experts' of ≤ 8 rows); KW =
+// 2, two pairs (the grouped experts' of ≤ 8 rows and short K: the one-row down), each pair's sums added so; KW =
+// 1, warp columns, each warp on its own tiles over all of the block's chunks, storing its own sums (4 times the
+// columns a block, no barrier after the start, and each warp's run 4 times as long, so a block's start and end are
+// paid over 4 times the bytes: the grouped experts' of more rows).
 // Every warp streams its weights, their scales and zeros *and* its x rows through a private ring of cp.async
 // slots (no block-wide staging or barrier in the loop, and no load the math waits on that was not requested a
 // whole ring ahead). A grid with
@@ -88,22 +90,23 @@ __device__ __forceinline__ int slot_bytes(int rows) {
     return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2;
 }
 
-// One block: tiles [block_x·TPW, +TPW) — or, WARP_COLS, [block_x·4·TPW, +4·TPW), TPW a warp — over chunks
+// One block: tiles [block_x·BT, +BT) with BT = (4 / KW)·TPW, TPW a warp's (its group's), over chunks
 // [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
 // which mma_gemv_block reads: `xrow[b]`, or b when xrow is null).
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 // The block's sums go to its Store, every (b < nrows, n of the block's tiles) exactly once:
-// - WARP_COLS: each warp stores its own columns' finished values, store(b, n, v) (a lambda);
-// - split K: the warps' sums meet in shared memory, red [MMA_WARPS][TPW·H·4][32] as the accumulators leave them,
-//   and every thread of the block calls store.block(red, tile0, tiles, nrows) (SumStore below adds them up and
+// - KW = 1: each warp stores its own columns' finished values, store(b, n, v) (a lambda);
+// - KW > 1: the warps' sums meet in shared memory, red [MMA_WARPS][TPW·H·4][32] as the accumulators leave them,
+//   and every thread of the block calls store.block(red, tile0, tiles, nrows) — the block's first tile and how many
+//   of its BT are in the matrix — (SumStore below adds each group's up and
 //   stores them; gptq_rope.cu's ropes the pairs of columns first). Every thread also calls store.prepare(nrows)
 //   before its ring's first copies (cp.async copies of its own then join the first chunk's group) and
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-template <int BITS, int MB, bool PERM, bool WARP_COLS, typename Store>
+template <int BITS, int MB, bool PERM, int KW, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
@@ -115,14 +118,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     constexpr int H = MB / 8, TPW = mma_tpw<MB>();
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
-    // This warp's tiles (a warp past the matrix's last, WARP_COLS, has none and runs no chunk; its addresses stay
-    // on the last tile) and its run of the split's chunks: all of them, or its quarter.
-    const int tile_at = (WARP_COLS ? block_x * MMA_WARPS + warp : block_x) * TPW;
+    // This warp's tiles (a warp past the matrix's last, KW < 4, has none and runs no chunk; its addresses stay on
+    // the last tile) and its run of the split's chunks: its KW-th.
+    const int tile_at = (block_x * (MMA_WARPS / KW) + warp / KW) * TPW;
     const int tiles = max(0, min(TPW, n_tiles - tile_at)), tile0 = min(tile_at, n_tiles - 1);
     const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
     const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
-    const int per = WARP_COLS ? in_split : (in_split + MMA_WARPS - 1) / MMA_WARPS;
-    const int kw = WARP_COLS ? 0 : warp;  // this warp's place among those sharing the tiles
+    const int per = (in_split + KW - 1) / KW;
+    const int kw = warp % KW;  // this warp's place among those sharing the tiles
     const int c0 = split0 + min(in_split, kw * per);
     const int chunks = tiles > 0 ? min(in_split, (kw + 1) * per) - min(in_split, kw * per) : 0;
     constexpr int wbytes = TPW * BITS * 32 * 8;
@@ -177,7 +180,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
             for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
             if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
             if (!PERM) {
-                // x through L1: a block's warps on other columns (WARP_COLS), and other blocks of the SM on the same
+                // x through L1: a block's warps on other columns (KW < 4), and other blocks of the SM on the same
                 // rows and chunks, copy the same x of a chunk at about the same time. Through L2 alone each warp's
                 // copy is its own L2 read: 256 bytes a row beside 3 KB of weights (8 rows: 2 KB; the 16-row kernels'
                 // 2 tiles: 4 KB beside 1.5 KB), and L2 was the busiest unit of the 32-row grouped launches (ncu,
@@ -219,7 +222,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         }
         cp_async_commit();
     };
-    if constexpr (!WARP_COLS) store.prepare(nrows);
+    if constexpr (KW > 1) store.prepare(nrows);
     for (int c = 0; c < stages - 1; c++) issue(c < chunks);
 
     float acc[TPW][H][4];
@@ -350,7 +353,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         }
     }
 
-    if constexpr (WARP_COLS) {  // the warp's own columns
+    if constexpr (KW == 1) {  // the warp's own columns
 #pragma unroll
         for (int t = 0; t < TPW; t++)
 #pragma unroll
@@ -373,7 +376,9 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
                 for (int i = 0; i < 4; i++) red[(warp * V + (t * H + h) * 4 + i) * 32 + lane] = acc[t][h][i];
         __syncthreads();
-        store.block(red, tile0, tiles, nrows);
+        constexpr int BT = TPW * (MMA_WARPS / KW);  // the block's tiles
+        const int blk0 = block_x * BT;
+        store.block(red, min(blk0, n_tiles - 1), max(0, min(BT, n_tiles - blk0)), nrows);
     }
 }
 
@@ -382,7 +387,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 // (src/mma.rs, src/experts.rs): a kernel that carries both paths is twice the code, and its launches of weights
 // without a row order were slower — H200, in-process A/B over 2 layers at 4K (session 27): -5.2 us a step of
 // 0.333 ms without the path; bench_gemv o_proj at 8 rows 27.2 -> 25.5 us.
-template <int BITS, int MB, bool REORDERED, bool WARP_COLS, typename Store>
+template <int BITS, int MB, bool REORDERED, int KW, typename Store>
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
                                                int N, int group_size, int k_chunk, int stages, int block_x,
@@ -391,25 +396,27 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if constexpr (REORDERED) {
         if (perm != nullptr) {
-            mma_gemv_run<BITS, MB, true, WARP_COLS>(x, row, nrows, perm, words, zeros, scales, K, N, group_size,
+            mma_gemv_run<BITS, MB, true, KW>(x, row, nrows, perm, words, zeros, scales, K, N, group_size,
                                                     k_chunk, stages, block_x, store);
             return;
         }
     }
-    mma_gemv_run<BITS, MB, false, WARP_COLS>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size, k_chunk,
+    mma_gemv_run<BITS, MB, false, KW>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size, k_chunk,
                                              stages, block_x, store);
 }
 
-// Row b's column c (of the block's TPW·16) summed over a split-K block's warps, in warp order: red as mma_gemv_run
-// leaves it, the value where mma_16816's accumulator put it — lane (c % 8)·4 + (b % 8) / 2, register
-// ((c / 16)·H + b / 8)·4 + (c % 16 / 8)·2 + b % 2.
-template <int MB>
+// Row b's column c (of the block's (4 / KW)·TPW·16) summed over the KW warps that shared its K, in warp order:
+// red as mma_gemv_run leaves it, the value where mma_16816's accumulator put it in warps (c / (16·TPW))·KW.. —
+// lane (c % 8)·4 + (b % 8) / 2, register ((c % (16·TPW) / 16)·H + b / 8)·4 + (c % 16 / 8)·2 + b % 2.
+template <int MB, int KW = MMA_WARPS>
 __device__ __forceinline__ float block_sum(const float* red, int b, int c) {
-    constexpr int H = MB / 8, V = mma_tpw<MB>() * H * 4;
+    constexpr int H = MB / 8, TPW = mma_tpw<MB>(), V = TPW * H * 4;
+    const int g0 = c / (16 * TPW) * KW;
+    c %= 16 * TPW;
     const int r = c & 15, lane = (r & 7) * 4 + ((b & 7) >> 1);
     const int i = ((c >> 4) * H + (H > 1 ? b >> 3 : 0)) * 4 + (r >> 3) * 2 + (b & 1);  // (b < MB)
     float v = 0.f;
-    for (int g = 0; g < MMA_WARPS; g++) v += red[(g * V + i) * 32 + lane];
+    for (int g = g0; g < g0 + KW; g++) v += red[(g * V + i) * 32 + lane];
     return v;
 }
 
@@ -418,18 +425,18 @@ __device__ __forceinline__ void store_y(__nv_bfloat16* y, size_t i, float v) { y
 
 // A split-K block's sums stored as they are (the plain GEMV's y or partial sums, the grouped experts' partial
 // sums): row b's column n at y[b·stride + n], a (row, column) a thread, consecutive threads on consecutive columns.
-template <int MB, typename T>
+template <int MB, typename T, int KW = MMA_WARPS>
 struct SumStore {
     T* y;
     size_t stride;
     __device__ __forceinline__ void prepare(int) const {}
     __device__ __forceinline__ void after_loop(int) const {}
     __device__ __forceinline__ void block(const float* red, int tile0, int tiles, int nrows) const {
-        constexpr int COLS = mma_tpw<MB>() * 16;
+        constexpr int COLS = mma_tpw<MB>() * 16 * (MMA_WARPS / KW);
 #pragma unroll 1
         for (int o = threadIdx.x; o < nrows * COLS; o += blockDim.x) {
             const int b = o / COLS, c = o % COLS;
-            if (c < tiles * 16) store_y(y, b * stride + tile0 * 16 + c, block_sum<MB>(red, b, c));
+            if (c < tiles * 16) store_y(y, b * stride + tile0 * 16 + c, block_sum<MB, KW>(red, b, c));
         }
     }
 };
@@ -449,16 +456,16 @@ __device__ __forceinline__ bool arrive_last(int* counter, int expected) {
     return last;
 }
 
-// Tiles of 16 columns a block: a warp's, or WARP_COLS the 4 warps' side by side.
-template <int MB, bool WARP_COLS>
+// Tiles of 16 columns a block: a warp's times the groups of KW warps side by side.
+template <int MB, int KW>
 __device__ __forceinline__ constexpr int block_tiles() {
-    return mma_tpw<MB>() * (WARP_COLS ? MMA_WARPS : 1);
+    return mma_tpw<MB>() * (MMA_WARPS / KW);
 }
 
 // Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 4, at most
 // 128 registers. Left to the compiler, the grouped kernel (its fused reductions' values live across the main loop)
 // took 136 registers, 3 blocks per SM, and the MoE block was slower; the plain one took 129 once its warps could
-// store their own sums (WARP_COLS). 5 caps them at 96 (5 blocks, a few more instructions a chunk: tools/sass.py;
+// store their own sums (KW = 1). 5 caps them at 96 (5 blocks, a few more instructions a chunk: tools/sass.py;
 // slower, docs/PERF.md session 7). An experiment's knob: PIPEMOE_NVRTC_DEFINES=-DMMA_MIN_BLOCKS=5 (1: unbounded).
 #ifndef MMA_MIN_BLOCKS
 #define MMA_MIN_BLOCKS 4

@@ -74,11 +74,11 @@ fn launch_shape(
             (name, mats * bx, shape)
         }
         Packing::Mma => {
-            let layout = Layout::for_grouped(rows);
+            let pairs = !reordered && !b.gpu.is_apart(crate::gpu::Apart::QuarterK);
+            let layout = Layout::for_grouped(rows, k, pairs);
             let bx = crate::mma::blocks_x(n, mb, layout);
-            let cols = if layout == Layout::WarpCols { "_cols" } else { "" };
             let perm = if reordered { "_perm" } else { "" };
-            let name = format!("gptq_mma_gemv_grouped_w{}_b8{cols}{perm}_bf16", w.bits);
+            let name = format!("gptq_mma_gemv_grouped_w{}_b8{}{perm}_bf16", w.bits, layout.kernel_part());
             let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout);
             if let Some((gate_up, down)) = swept_splits()
                 && rows <= crate::mma::WARP_COLS_ROWS

@@ -95,6 +95,9 @@ pub enum Apart {
     /// A decode step's fused q_b + wq_b GEMV and the RoPE of its two parts as two launches, not one
     /// (`gptq_mma_gemv_rope`).
     QRope = 64,
+    /// A grouped launch of a few rows and short K (the one-row down) with its 4 warps over quarters of each run of
+    /// K ([`crate::mma::Layout::SplitK`]), not 2 pairs over halves ([`crate::mma::Layout::HalfK`]).
+    QuarterK = 128,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

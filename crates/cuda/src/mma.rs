@@ -175,7 +175,15 @@ pub(crate) enum Layout {
     /// On 4 neighbouring groups of tiles, each over all of the split's chunks and storing its own sums: a block
     /// covers 4 times the columns, and its start and end are paid over 4 times the bytes.
     WarpCols,
+    /// In 2 pairs on 2 groups of tiles, each warp over half of the split's chunks: twice the columns and each
+    /// warp's run twice as long as [`Layout::SplitK`]'s, for launches whose runs are short ([`HALF_K_CHUNKS`]).
+    HalfK,
 }
+
+/// Chunks of K under which a grouped launch of at most [`WARP_COLS_ROWS`] rows pairs its warps ([`Layout::HalfK`]):
+/// the one-row down launch's 16 (4 a warp split four ways) spent as many warp samples in its blocks' starts and
+/// ends as in its chunks (ncu, session 28), and its 1,008 blocks ran in two rounds.
+pub(crate) const HALF_K_CHUNKS: usize = 24;
 
 /// Rows of a step above which the grouped experts' launches lay their warps over the columns. H200, 2 layers at
 /// 4K (docs/PERF.md, session 18): at 32 rows down 228 -> 209 us a layer (16K blocks of 4 chunks a warp became 4K
@@ -185,13 +193,24 @@ pub(crate) enum Layout {
 pub(crate) const WARP_COLS_ROWS: usize = 8;
 
 impl Layout {
-    /// The layout of a grouped experts' launch over `rows` rows of a step ([`Tuning`]'s `warp_cols`; a plain GEMV
-    /// is always [`Layout::SplitK`]).
-    pub(crate) fn for_grouped(rows: usize) -> Layout {
+    /// The layout of a grouped experts' launch over `rows` rows of a step and `k` rows of K ([`Tuning`]'s
+    /// `warp_cols`; a plain GEMV is always [`Layout::SplitK`]); `pairs`: whether [`Layout::HalfK`] may be taken
+    /// (its kernels have no row-order path; [`crate::gpu::Apart::QuarterK`] keeps the split layout).
+    pub(crate) fn for_grouped(rows: usize, k: usize, pairs: bool) -> Layout {
         match tuning().warp_cols {
             2 => Layout::WarpCols,
             1 if rows > WARP_COLS_ROWS => Layout::WarpCols,
+            _ if pairs && k / CHUNK < HALF_K_CHUNKS => Layout::HalfK,
             _ => Layout::SplitK,
+        }
+    }
+
+    /// The grouped kernel's name part (`gptq_mma_gemv_grouped_w<B>_b8<part>[_perm]_bf16`).
+    pub(crate) fn kernel_part(self) -> &'static str {
+        match self {
+            Layout::SplitK => "",
+            Layout::WarpCols => "_cols",
+            Layout::HalfK => "_k2",
         }
     }
 
@@ -200,6 +219,7 @@ impl Layout {
         match self {
             Layout::SplitK => WARPS,
             Layout::WarpCols => 1,
+            Layout::HalfK => 2,
         }
     }
 }
@@ -394,6 +414,7 @@ mod tests {
         assert_eq!((blocks_x(7168, 16, Layout::SplitK), blocks_x(7168, 16, Layout::WarpCols)), (224, 56));
         // A last block whose warps past the matrix have no tiles (576 columns: 36 tiles, 3 blocks of 16).
         assert_eq!(blocks_x(576, 1, Layout::WarpCols), 3);
+        assert_eq!(blocks_x(7168, 1, Layout::HalfK), 56);
     }
 
     /// The kernels' `mma_pair` (kernels/mma_pack.cuh), bit for bit: pair `i` of a block as bf16x2 base + q.

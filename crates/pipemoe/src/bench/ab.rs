@@ -26,6 +26,8 @@ pub enum AbSwitch {
     NormRoute,
     /// A decode step's q_b + wq_b GEMV with the RoPE of q and the indexer's query in its store.
     QRope,
+    /// The one-row down launch's warps in 2 pairs over halves of K, not 4 over quarters.
+    QuarterK,
 }
 
 impl AbSwitch {
@@ -38,6 +40,7 @@ impl AbSwitch {
             AbSwitch::ExactFlash => Apart::ExactFlash,
             AbSwitch::NormRoute => Apart::NormRoute,
             AbSwitch::QRope => Apart::QRope,
+            AbSwitch::QuarterK => Apart::QuarterK,
         }
     }
 
@@ -50,6 +53,7 @@ impl AbSwitch {
             AbSwitch::ExactFlash => "exact-flash",
             AbSwitch::NormRoute => "norm-route",
             AbSwitch::QRope => "q-rope",
+            AbSwitch::QuarterK => "quarter-k",
         }
     }
 }
