@@ -8,7 +8,10 @@ sm_86/sm_90 cubins); point NVDISASM at it.
 
 Usage: tools/sass.py gptq_mma.cu [--arch sm_90] [--kernel REGEX] [--loops] [--inflight] [-D NAME=VALUE ...]
   --kernel   only functions whose name matches REGEX
-  --loops    per function, each backward branch's loop (nested ones indented) and its own instructions by opcode
+  --loops    per function (with its registers), each backward branch's loop (nested ones indented): its own
+             instructions by opcode and their fixed stall cycles — the stall counts the compiler put in the control
+             bits (cycles before the warp's next issue: latencies it knows, e.g. a dependent mma's, and the 2 cycles
+             of each ALU-pipe instruction); a lone warp's chunk takes at least that long
   --inflight per function, its global loads and how many more are issued before each one's value is first read
              in the same basic block (registers read as a multi-register operand's first only): loads read before
              the next is issued wait one after another — session 7 found four kernels doing that
@@ -55,12 +58,14 @@ def cubin(name, arch, defines=()):
 
 
 def functions(sass):
-    """{name: ([(offset, text)], {label: offset})} from nvdisasm's output."""
-    out, cur, pending = {}, None, []
+    """{name: ([(offset, text)], {label: offset}, {offset: stall cycles})} from nvdisasm's output (with -hex: an
+    instruction's second 64-bit word, on the line after it, holds its control bits; the stall count is bits 41..44
+    of that word)."""
+    out, cur, pending, last = {}, None, [], None
     for line in sass.splitlines():
         m = re.match(r"\s*\.text\.(\S+):", line)
         if m:
-            cur = out.setdefault(m.group(1), ([], {}))
+            cur = out.setdefault(m.group(1), ([], {}, {}))
             continue
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
@@ -72,7 +77,44 @@ def functions(sass):
             cur[0].append((off, m.group(2).strip()))
             for label in pending:
                 cur[1][label] = off
-            pending = []
+            pending, last = [], off
+            continue
+        m = re.match(r"\s*/\* (0x[0-9a-f]{16}) \*/\s*$", line)
+        if m and cur is not None and last is not None:
+            cur[2][last] = (int(m.group(1), 16) >> 41) & 0xF
+            last = None
+    return out
+
+
+def register_counts(cubin_bytes):
+    """{function: registers} from the cubin's .nv.info (EIATTR_REGCOUNT, attribute 0x2f: symbol index, count)."""
+    import struct
+    d = cubin_bytes
+    shoff = struct.unpack_from("<Q", d, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", d, 0x3A)
+    secs = [struct.unpack_from("<IIQQQQIIQQ", d, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(at):
+        return d[at:d.index(b"\0", at)].decode()
+
+    name = lambda sec: cstr(secs[shstrndx][4] + sec[0])
+    symtab = next(sec for sec in secs if sec[1] == 2)
+    strtab = secs[symtab[6]][4]
+    syms = [cstr(strtab + struct.unpack_from("<I", d, symtab[4] + 24 * i)[0]) for i in range(symtab[5] // 24)]
+    out = {}
+    for sec in secs:
+        if name(sec) != ".nv.info":
+            continue
+        at, end = sec[4], sec[4] + sec[5]
+        while at < end:
+            fmt, attr, size = struct.unpack_from("<BBH", d, at)
+            if fmt != 4:  # an attribute without a sized payload
+                at += 4
+                continue
+            if attr == 0x2F:
+                sym, count = struct.unpack_from("<II", d, at + 4)
+                out[syms[sym]] = count
+            at += 4 + size
     return out
 
 
@@ -85,7 +127,7 @@ def opcode(text):
 
 def loops(insts, labels):
     """Loops: spans [target, branch] of backward branches, outermost first, each with its own instructions (those
-    in no loop nested inside it)."""
+    in no loop nested inside it) as (offset, text)."""
     spans = set()
     for off, text in insts:
         m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
@@ -95,7 +137,7 @@ def loops(insts, labels):
     out = []
     for lo, hi in spans:
         inner = [o for o in spans if o != (lo, hi) and lo <= o[0] and o[1] <= hi]
-        own = [t for o, t in insts if lo <= o <= hi and not any(a <= o <= b for a, b in inner)]
+        own = [(o, t) for o, t in insts if lo <= o <= hi and not any(a <= o <= b for a, b in inner)]
         depth = sum(1 for o in spans if o != (lo, hi) and o[0] <= lo and hi <= o[1])
         out.append((lo, hi, depth, own))
     return out
@@ -162,10 +204,12 @@ def main():
     if not os.path.exists(nvd):
         sys.exit(f"no nvdisasm at {nvd} (see this file's docstring)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin(a.file, a.arch, ["-D" + d for d in a.defines]))
+        binary = cubin(a.file, a.arch, ["-D" + d for d in a.defines])
+        f.write(binary)
         f.flush()
-        sass = subprocess.run([nvd, "-c", f.name], check=True, capture_output=True, text=True).stdout
-    for name, (insts, labels) in functions(sass).items():
+        sass = subprocess.run([nvd, "-c", "-hex", f.name], check=True, capture_output=True, text=True).stdout
+    regs = register_counts(binary)
+    for name, (insts, labels, stalls) in functions(sass).items():
         if not re.search(a.kernel, name):
             continue
         if a.inflight:
@@ -188,10 +232,11 @@ def main():
             for off, text in insts:
                 print(f"/*{off:04x}*/ {text}")
             continue
-        print(f"{name}: {len(insts)} instructions")
+        print(f"{name}: {len(insts)} instructions, {regs.get(name, '?')} registers")
         for lo, hi, depth, own in loops(insts, labels):
-            mix = collections.Counter(opcode(t) for t in own)
-            print(f"  {'  ' * depth}loop {lo:#x}..{hi:#x}: {len(own)} own instructions  " +
+            mix = collections.Counter(opcode(t) for _, t in own)
+            stall = sum(stalls.get(o, 0) for o, _ in own)
+            print(f"  {'  ' * depth}loop {lo:#x}..{hi:#x}: {len(own)} own instructions, {stall} fixed stall cycles  " +
                   ", ".join(f"{k} {v}" for k, v in mix.most_common(14)))
 
 

@@ -76,8 +76,9 @@ pub struct Gpu {
 /// Ways of running a step the old way, each an [`Apart`] switch of [`Gpu::set_apart`], so that a benchmark can
 /// time what a fusion, an overlap or a kernel saves in one process (`pipemoe bench --ab`): separate runs drift by
 /// a few %, as much as such a change is worth. Every switch selects a path the backend also takes for other shapes
-/// or settings. The first three undo a fusion or an overlap and leave the bits alone (golden_gpu); `DenseKvb` and
-/// `ExactFlash` run other arithmetic (device_attention bounds both ways).
+/// or settings. Those that undo a fusion or an overlap leave the bits alone (golden_gpu); `DenseKvb` and
+/// `ExactFlash` run other arithmetic (device_attention bounds both ways), `QuarterK` adds the down launch's sums in
+/// another order (device_ops bounds both layouts against the CPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Apart {
     /// The indexer's selection on the main stream, not on a branch beside the query absorption.
