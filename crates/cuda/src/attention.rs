@@ -7,15 +7,16 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{IndexQuery, MlaDims, Row};
+use pipemoe_model::backend::{Backend, FusedQuery, IndexQuery, MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
 use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
-use crate::gpu::Branch;
+use crate::gpu::{Apart, Branch};
 use crate::graph::{Ints, StepInputs};
 use crate::indexer::GpuSelection;
 use crate::kvb::{self, Kvb};
+use crate::qrope::RopeLaunch;
 
 /// Heads per attention block of the f32 kernel (`MLA_HEADS`) and of the bf16 tensor-core one (`FM_HEADS`), rows
 /// per absorption block (`MLA_ROWS`).
@@ -214,6 +215,50 @@ pub fn mla_indexed(
     let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
     let out = attend(b, cache, q, kv_b, d, rows, keys);
     // The branch joins (if the attention did not get that far) before the selection's buffers go back to the pool.
+    drop(branch);
+    drop(selection);
+    out
+}
+
+/// `Backend::mla_attention_fused_query`: with the fused q_b + wq_b launch (`qrope.rs`) in two launches of its
+/// parts' blocks, the indexer's query is projected on a branch forked before q's — the scores and top-k follow it
+/// there — while the main stream projects q and absorbs it; the main stream joins the branch before the flash
+/// kernel reads the selection. The indexer's chain (its query's GEMV, scores, top-k) then runs beside q's GEMV and
+/// absorption instead of after q's part of one launch. Where the fused launch does not apply, or with
+/// `Apart::EarlyIndex`, the two calls in turn.
+pub fn mla_fused_query(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    query: FusedQuery<'_, CudaBackend>,
+    kv_b: &GpuWeight,
+    d: &MlaDims,
+    rows: &[Row],
+) -> MResult<GpuTensor> {
+    let FusedQuery { x, w, q, index, inv_freq, index_w, index_dims } = query;
+    let parts = ((0, q), (q.heads * q.head_dim, index));
+    let launch = match b.gpu.is_apart(Apart::EarlyIndex) {
+        true => None,
+        false => RopeLaunch::new(b, x, w, parts.0, parts.1, inv_freq, rows)?,
+    };
+    let Some(launch) = launch else {
+        let (q, index_q) = b.linear_rope_columns2(x, w, parts.0, parts.1, inv_freq, rows)?;
+        let index = IndexQuery { q: &index_q, w: index_w, dims: index_dims };
+        return mla_indexed(b, cache, &q, kv_b, d, rows, index);
+    };
+    // Every buffer of both streams' launches is allocated (and the step's tables made) before the fork.
+    let (split, blocks) = launch.blocks();
+    let prepared = crate::indexer::prepare(b, cache, &launch.y2, index_w, index_dims, rows)?;
+    let branch = b.gpu.branch();
+    let s = match &branch {
+        Some(br) => br.fork().map_err(m)?,
+        None => &b.gpu.stream,
+    };
+    launch.launch(b, s, split..blocks)?;
+    let selection = prepared.launch(b, s)?;
+    launch.launch(b, &b.gpu.stream, 0..split)?;
+    let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
+    let out = attend(b, cache, &launch.y1, kv_b, d, rows, keys);
+    // The branch joins (if the attention did not get that far) before its buffers go back to the pool.
     drop(branch);
     drop(selection);
     out

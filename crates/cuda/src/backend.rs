@@ -7,8 +7,8 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, HostSelection, IndexQuery, IndexerDims, Landed, LayersBody, MlaDims, MlaPrep,
-    MlaPrepped, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
+    Backend, ExpertWeights, FusedQuery, HostLinear, HostSelection, IndexQuery, IndexerDims, Landed, LayersBody,
+    MlaDims, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -545,6 +545,17 @@ impl Backend for CudaBackend {
         index: IndexQuery<'_, Self>,
     ) -> MResult<GpuTensor> {
         crate::attention::mla_indexed(self, cache, q, kv_b, dims, rows, index)
+    }
+
+    fn mla_attention_fused_query(
+        &self,
+        cache: &GpuLayerCache,
+        query: FusedQuery<'_, Self>,
+        kv_b: &GpuWeight,
+        dims: &MlaDims,
+        rows: &[Row],
+    ) -> MResult<GpuTensor> {
+        crate::attention::mla_fused_query(self, cache, query, kv_b, dims, rows)
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {

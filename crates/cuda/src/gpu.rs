@@ -99,6 +99,9 @@ pub enum Apart {
     /// A grouped launch of a few rows and short K (the one-row down) with its 4 warps over quarters of each run of
     /// K ([`crate::mma::Layout::SplitK`]), not 2 pairs over halves ([`crate::mma::Layout::HalfK`]).
     QuarterK = 128,
+    /// A decode step's fused q_b + wq_b launch whole, the indexer's branch forked after it, not its two parts'
+    /// blocks apart with the indexer's on the branch (`attention::mla_fused_query`).
+    EarlyIndex = 256,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

@@ -85,6 +85,37 @@ pub fn indexer_select(
     rows: &[Row],
     branch: Option<&Branch<'_>>,
 ) -> MResult<GpuSelection> {
+    let prepared = prepare(b, cache, q, w, d, rows)?;
+    let s = match branch {
+        Some(br) => br.fork().map_err(m)?,
+        None => &b.gpu.stream,
+    };
+    prepared.launch(b, s)
+}
+
+/// A selection's buffers and tables, made on the main stream ([`prepare`]), whose launches go on any stream after
+/// (the caller's: q and w must be written before them on it).
+pub(crate) struct Prepared<'a> {
+    cache: &'a GpuLayerCache,
+    q: &'a GpuTensor,
+    w: &'a GpuTensor,
+    d: &'a IndexerDims,
+    keys: CudaSlice<i32>,
+    counts: Vec<usize>,
+    stride: usize,
+    tables: Option<Tables>,
+    parts: Vec<(usize, usize, usize, CudaSlice<f32>)>,
+}
+
+/// [`indexer_select`]'s checks, allocations and tables, on the main stream.
+pub(crate) fn prepare<'a>(
+    b: &CudaBackend,
+    cache: &'a GpuLayerCache,
+    q: &'a GpuTensor,
+    w: &'a GpuTensor,
+    d: &'a IndexerDims,
+    rows: &[Row],
+) -> MResult<Prepared<'a>> {
     if q.cols != d.heads * d.head_dim
         || w.cols != d.heads
         || q.rows != rows.len()
@@ -106,18 +137,17 @@ pub fn indexer_select(
     // Not cleared (a memset is one more node of a decode step's graph): the top-k writes each row's first
     // counts[r] entries, and nothing reads past them (attention takes counts[r] keys a row, as does `to_host`).
     // SAFETY: i32 has no invalid bit patterns; the entries read are written first, as just said.
-    let mut keys = unsafe { b.gpu.stream.alloc::<i32>((rows.len() * stride).max(1)) }.map_err(md("alloc selection"))?;
+    let keys = unsafe { b.gpu.stream.alloc::<i32>((rows.len() * stride).max(1)) }.map_err(md("alloc selection"))?;
     if rows.is_empty() {
-        return Ok(GpuSelection { keys, counts, stride, _inputs: None });
+        return Ok(Prepared { cache, q, w, d, keys, counts, stride, tables: None, parts: Vec::new() });
     }
     // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
     // each row's own count).
     let p = b.gpu.span(|| "indexer tables".into());
     let tables = Tables::of(b, cache, rows, None, b.gpu.steps.inputs_for(rows))?;
-    let (meta, table_view) = tables.views();
     drop(p);
-    let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
+    cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
     let widths: Vec<usize> = match &tables {
         Tables::Step(s) => vec![s.cap * BLOCK; rows.len()],
         Tables::Own(..) => rows.iter().map(|r| r.pos + 1).collect(),
@@ -130,22 +160,30 @@ pub fn indexer_select(
         parts.push((r0, n, width, scratch(b, n * width)?));
         r0 += n;
     }
-    let s = match branch {
-        Some(br) => br.fork().map_err(m)?,
-        None => &b.gpu.stream,
-    };
-    for (r0, n, width, scores) in &mut parts {
-        let (r0, n, width) = (*r0, *n, *width);
-        if width > d.topk {
-            let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
-            let launch = Scores { s, q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
-            if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
+    Ok(Prepared { cache, q, w, d, keys, counts, stride, tables: Some(tables), parts })
+}
+
+impl Prepared<'_> {
+    /// The scores and top-k launches on `s`: the selection, which keeps what they read.
+    pub(crate) fn launch(self, b: &CudaBackend, s: &CudaStream) -> MResult<GpuSelection> {
+        let Prepared { cache, q, w, d, mut keys, counts, stride, tables, mut parts } = self;
+        let Some(tables) = tables else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
+        let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
+        let (meta, table_view) = tables.views();
+        for (r0, n, width, scores) in &mut parts {
+            let (r0, n, width) = (*r0, *n, *width);
+            if width > d.topk {
+                let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
+                let launch =
+                    Scores { s, q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
+                if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
+            }
+            let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
+            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, &mut keys)?;
         }
-        let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
-        TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, &mut keys)?;
+        let scores = parts.into_iter().map(|p| p.3).collect();
+        Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, scores)) })
     }
-    let scores = parts.into_iter().map(|p| p.3).collect();
-    Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, scores)) })
 }
 
 /// Whether `indexer_scores_mma_bf16` takes the scores: bf16 activations over a bf16 cache, at most 64 heads

@@ -4,12 +4,12 @@
 //! path (H200, docs/PERF.md session 26: -10.3 us a 2-layer one-row step; the kernel takes 12.0 us where the plain
 //! GEMV took 14.9 and `rope_cols2` 3.1).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{RopeSpec, Row};
 
 use crate::act::ActDtype;
 use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
-use crate::gemv::Packing;
+use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Apart;
 
 /// Pairs a head may rotate in the fused store (`ROPE_MAX_HALF`: DeepSeek's 64 rope dims are 32); 8 and 16 too
@@ -35,65 +35,122 @@ pub(crate) fn linear_rope2(
     b: &CudaBackend,
     x: &GpuTensor,
     w: &GpuWeight,
-    (s1, p1): (usize, RopeSpec),
-    (s2, p2): (usize, RopeSpec),
+    a: (usize, RopeSpec),
+    c: (usize, RopeSpec),
     inv_freq: &[f32],
     rows: &[Row],
 ) -> MResult<Option<(GpuTensor, GpuTensor)>> {
-    let GpuWeightKind::Gptq(g) = &w.kind else { return Ok(None) };
-    let (w1, w2, half) = (p1.heads * p1.head_dim, p2.heads * p2.head_dim, inv_freq.len());
-    let fits = g.packing == Packing::Mma
-        && g.perm.is_none()
-        && x.data.dtype() == ActDtype::Bf16
-        && (1..=8).contains(&x.rows)
-        && HALVES.contains(&half)
-        && s1 == 0
-        && s2 == w1
-        && s2 + w2 == g.out_features
-        && p1.heads > 0
-        && p2.heads > 0
-        && part_fits(&p1, half)
-        && part_fits(&p2, half);
-    if !fits || b.gpu.is_apart(Apart::QRope) {
-        return Ok(None);
+    let Some(l) = RopeLaunch::new(b, x, w, a, c, inv_freq, rows)? else { return Ok(None) };
+    let blocks = l.blocks();
+    l.launch(b, &b.gpu.stream, 0..blocks.1)?;
+    Ok(Some((l.y1, l.y2)))
+}
+
+/// One fused q_b + wq_b launch's inputs and outputs, allocated (on the main stream) and checked: launched whole, or
+/// as two launches of its two parts' blocks, on two streams ([`RopeLaunch::blocks`]).
+pub(crate) struct RopeLaunch<'a> {
+    x: &'a GpuTensor,
+    g: &'a GpuGptq,
+    shape: crate::mma::Shape,
+    parts: [[i32; 5]; 2],
+    half: i32,
+    positions: crate::graph::Ints,
+    freq: std::sync::Arc<cudarc::driver::CudaSlice<f32>>,
+    /// The first part's columns (attention's q) and the second's (the indexer's query), as the kernel writes them.
+    pub y1: GpuTensor,
+    pub y2: GpuTensor,
+}
+
+impl<'a> RopeLaunch<'a> {
+    /// The launch where it applies (see [`linear_rope2`]), else `None`.
+    pub(crate) fn new(
+        b: &CudaBackend,
+        x: &'a GpuTensor,
+        w: &'a GpuWeight,
+        (s1, p1): (usize, RopeSpec),
+        (s2, p2): (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<Option<RopeLaunch<'a>>> {
+        let GpuWeightKind::Gptq(g) = &w.kind else { return Ok(None) };
+        let (w1, w2, half) = (p1.heads * p1.head_dim, p2.heads * p2.head_dim, inv_freq.len());
+        let fits = g.packing == Packing::Mma
+            && g.perm.is_none()
+            && x.data.dtype() == ActDtype::Bf16
+            && (1..=8).contains(&x.rows)
+            && HALVES.contains(&half)
+            && s1 == 0
+            && s2 == w1
+            && s2 + w2 == g.out_features
+            && p1.heads > 0
+            && p2.heads > 0
+            && part_fits(&p1, half)
+            && part_fits(&p2, half);
+        if !fits || b.gpu.is_apart(Apart::QRope) {
+            return Ok(None);
+        }
+        let (_, shape) = crate::mma::plain_shape(g, &b.gpu, x.rows);
+        if shape.splits != 1 {
+            return Ok(None);
+        }
+        if x.cols != g.in_features || rows.len() != x.rows {
+            return Err(shape_err(x, g, rows));
+        }
+        let y1 = b.output(x.rows, w1)?;
+        let y2 = b.output(x.rows, w2)?;
+        let positions = crate::graph::positions(b, rows)?;
+        let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
+        let part =
+            |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
+        let parts = [part(s1, p1), part(s2, p2)];
+        Ok(Some(RopeLaunch { x, g, shape, parts, half: half as i32, positions, freq, y1, y2 }))
     }
-    let (bx, s) = crate::mma::plain_shape(g, &b.gpu, x.rows);
-    if s.splits != 1 {
-        return Ok(None);
+
+    /// The blocks of 64 columns where the second part begins, and all of them.
+    pub(crate) fn blocks(&self) -> (usize, usize) {
+        (self.parts[1][0] as usize / BLOCK_COLS, self.g.out_features / BLOCK_COLS)
     }
-    if x.cols != g.in_features || rows.len() != x.rows {
-        return Err(shape(
-            "linear_rope_columns2",
-            format!("[{}, {}] for a weight of {} in-features, {} rows", x.rows, x.cols, g.in_features, rows.len()),
-        ));
+
+    /// Blocks `range` of the launch on `s` (every buffer it touches was allocated on the main stream before). It
+    /// writes `y1` and `y2` through shared references: a launch of the second part's blocks goes on a branch whose
+    /// next launches read `y2` (the indexer's query), which the caller holds meanwhile.
+    pub(crate) fn launch(&self, b: &CudaBackend, s: &CudaStream, range: std::ops::Range<usize>) -> MResult<()> {
+        let g = self.g;
+        let _p = b.gpu.span(|| {
+            format!("linear gemv+rope {}->{} x{} blocks {range:?}", g.in_features, g.out_features, self.x.rows)
+        });
+        let f = b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8_bf16", g.bits)).map_err(m)?;
+        b.gpu.allow_smem(f, self.shape.smem as usize).map_err(m)?;
+        let dims = [self.x.rows, g.in_features, g.out_features, g.group_size, self.shape.stages].map(|v| v as i32);
+        let ([a, c], pos, block0) = (&self.parts, self.positions.view(), range.start as i32);
+        let mut l = s.launch_builder(f);
+        l.arg(&self.x.data).arg(&g.qweight);
+        l.arg_or_null(g.zeros.as_ref());
+        l.arg(&g.scales);
+        l.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&dims[4]);
+        l.arg(&pos).arg(self.freq.as_ref()).arg(&self.half);
+        l.arg(&self.y1.data).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]).arg(&a[4]);
+        l.arg(&self.y2.data).arg(&c[0]).arg(&c[1]).arg(&c[2]).arg(&c[3]).arg(&c[4]);
+        l.arg(&block0);
+        let cfg = LaunchConfig {
+            grid_dim: (range.len() as u32, 1, 1),
+            block_dim: (crate::mma::THREADS, 1, 1),
+            shared_mem_bytes: self.shape.smem,
+        };
+        // SAFETY: matches gptq_mma_gemv_rope_w*_b8_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight without
+        // a row order, null zeros when symmetric, one split in the split-K layout (the block stores); the parts
+        // tile the n columns in whole 64-column blocks, of which `range` lies within the n / 64; y1 and y2 hold
+        // rows·w1 and rows·w2 values; pos holds rows positions, inv_freq `half` frequencies (8, 16 or 32).
+        unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
+        Ok(())
     }
-    let _p = b.gpu.span(|| format!("linear gemv+rope {}->{} x{}", g.in_features, g.out_features, x.rows));
-    let mut y1 = b.output(x.rows, w1)?;
-    let mut y2 = b.output(x.rows, w2)?;
-    let positions = crate::graph::positions(b, rows)?;
-    let pos = positions.view();
-    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
-    let f = b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8_bf16", g.bits)).map_err(m)?;
-    b.gpu.allow_smem(f, s.smem as usize).map_err(m)?;
-    let dims = [x.rows, g.in_features, g.out_features, g.group_size, s.stages].map(|v| v as i32);
-    let part = |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
-    let (a, c) = (part(s1, p1), part(s2, p2));
-    let mut l = b.gpu.stream.launch_builder(f);
-    l.arg(&x.data).arg(&g.qweight);
-    l.arg_or_null(g.zeros.as_ref());
-    l.arg(&g.scales);
-    l.arg(&dims[0]).arg(&dims[1]).arg(&dims[2]).arg(&dims[3]).arg(&dims[4]);
-    let half = half as i32;
-    l.arg(&pos).arg(freq.as_ref()).arg(&half);
-    l.arg(&mut y1.data).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]).arg(&a[4]);
-    l.arg(&mut y2.data).arg(&c[0]).arg(&c[1]).arg(&c[2]).arg(&c[3]).arg(&c[4]);
-    let cfg =
-        LaunchConfig { grid_dim: (bx as u32, 1, 1), block_dim: (crate::mma::THREADS, 1, 1), shared_mem_bytes: s.smem };
-    // SAFETY: matches gptq_mma_gemv_rope_w*_b8_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight without a
-    // row order, null zeros when symmetric, one split in the split-K layout (the block stores); the parts tile the n columns in whole 64-column blocks, y1 and y2 hold rows·w1 and
-    // rows·w2 values; pos holds rows positions, inv_freq `half` frequencies (8, 16 or 32).
-    unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
-    Ok(Some((y1, y2)))
+}
+
+fn shape_err(x: &GpuTensor, g: &GpuGptq, rows: &[Row]) -> pipemoe_model::Error {
+    shape(
+        "linear_rope_columns2",
+        format!("[{}, {}] for a weight of {} in-features, {} rows", x.rows, x.cols, g.in_features, rows.len()),
+    )
 }
 
 impl CudaBackend {

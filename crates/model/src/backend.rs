@@ -151,6 +151,20 @@ pub struct IndexQuery<'a, B: Backend + ?Sized> {
     pub dims: &'a IndexerDims,
 }
 
+/// A decode step's query projections from one fused weight ([`Backend::mla_attention_fused_query`]): `w` is
+/// `[q_b; wq_b]` over q_a's normed output `x`, its columns attention's q (`q`, from column 0) then the indexer's
+/// query (`index`), each roped ([`Backend::linear_rope_columns2`]); `index_w` `[rows, heads]` the indexer's head
+/// weights, already scaled.
+pub struct FusedQuery<'a, B: Backend + ?Sized> {
+    pub x: &'a B::Tensor,
+    pub w: &'a B::Weight,
+    pub q: RopeSpec,
+    pub index: RopeSpec,
+    pub inv_freq: &'a [f32],
+    pub index_w: &'a B::Tensor,
+    pub index_dims: &'a IndexerDims,
+}
+
 /// Group-limited `noaux_tc` routing settings (MODEL_SPEC §2.7).
 #[derive(Clone, Copy, Debug)]
 pub struct RouterDims {
@@ -429,6 +443,23 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor> {
         let selection = self.indexer_select(cache, index.q, index.w, index.dims, rows)?;
         self.mla_attention(cache, q, kv_b, dims, rows, Some(&selection))
+    }
+    /// Attention's q and the indexer's query from one fused weight, the indexer's selection and MLA over it: what
+    /// [`Backend::linear_rope_columns2`] then [`Backend::mla_attention_indexed`] give, in one call so that a
+    /// backend may start the indexer's part first (the GPU projects the indexer's query and selects on a branch
+    /// beside q's projection and absorption).
+    fn mla_attention_fused_query(
+        &self,
+        cache: &Self::LayerCache,
+        query: FusedQuery<'_, Self>,
+        kv_b: &Self::Weight,
+        dims: &MlaDims,
+        rows: &[Row],
+    ) -> Result<Self::Tensor> {
+        let FusedQuery { x, w, q, index, inv_freq, index_w, index_dims } = query;
+        let (q, index_q) = self.linear_rope_columns2(x, w, (0, q), (q.heads * q.head_dim, index), inv_freq, rows)?;
+        let index = IndexQuery { q: &index_q, w: index_w, dims: index_dims };
+        self.mla_attention_indexed(cache, &q, kv_b, dims, rows, index)
     }
     /// The routing of a step as the backend keeps it (host vectors on the CPU, device buffers on a GPU).
     type Routes: Send;

@@ -2,7 +2,7 @@
 //! latent `c` and the roped `k_pe` per token (576 values per token per layer for the real model), never the
 //! expanded per-head keys; attention absorbs `kv_b_proj` into the query and the output.
 
-use crate::backend::{Backend, HostLinear, IndexQuery, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
+use crate::backend::{Backend, FusedQuery, HostLinear, IndexQuery, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
 use crate::indexer::Indexer;
 use crate::weights::Loader;
 use crate::{Error, Result};
@@ -145,6 +145,23 @@ impl<B: Backend> Mla<B> {
         // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state, roped; with the indexer's query
         // projection fused, its columns follow: cut off and roped in the same way only when the indexer selects.
         let q_spec = RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true };
+        // The cache written, q_b and wq_b one matrix over q_a's output, and the indexer's weights made: the query
+        // projections, the selection and the attention in one call (a GPU projects the indexer's query on a branch).
+        if let (Some(ix), Some(qr), Some(w), true) = (&self.indexer, &qr, &index_weights, written && self.q_b_index > 0)
+            && ix.selects(rows)
+        {
+            let query = FusedQuery {
+                x: qr,
+                w: &self.q_b,
+                q: q_spec,
+                index: ix.q_rope(),
+                inv_freq,
+                index_w: w,
+                index_dims: &ix.dims,
+            };
+            let attn = b.mla_attention_fused_query(cache, query, &self.kv_b, &d, rows)?;
+            return b.linear(&attn, &self.o);
+        }
         let (q, index_q) = match self.q_b_index {
             0 => {
                 let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;

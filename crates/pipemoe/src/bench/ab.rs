@@ -28,6 +28,8 @@ pub enum AbSwitch {
     QRope,
     /// The one-row down launch's warps in 2 pairs over halves of K, not 4 over quarters.
     QuarterK,
+    /// The indexer's query projected on its branch, beside q's projection, not in q's launch before the fork.
+    EarlyIndex,
 }
 
 impl AbSwitch {
@@ -41,6 +43,7 @@ impl AbSwitch {
             AbSwitch::NormRoute => Apart::NormRoute,
             AbSwitch::QRope => Apart::QRope,
             AbSwitch::QuarterK => Apart::QuarterK,
+            AbSwitch::EarlyIndex => Apart::EarlyIndex,
         }
     }
 
@@ -54,6 +57,7 @@ impl AbSwitch {
             AbSwitch::NormRoute => "norm-route",
             AbSwitch::QRope => "q-rope",
             AbSwitch::QuarterK => "quarter-k",
+            AbSwitch::EarlyIndex => "early-index",
         }
     }
 }
