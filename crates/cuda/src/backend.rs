@@ -16,7 +16,7 @@ use crate::act::{Act, ActDtype};
 use crate::cache::{CacheBudget, GpuLayerCache, KvDtype};
 use crate::error::{Error, drv};
 use crate::experts::{GpuExperts, GpuRoutes};
-use crate::gemv::{GpuGptq, MAX_BATCH};
+use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
 use crate::indexer::GpuSelection;
 
@@ -296,52 +296,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &GpuTensor, w: &GpuWeight) -> MResult<GpuTensor> {
-        if x.cols != w.in_features {
-            return Err(shape(
-                "linear",
-                format!("input width {} for a weight of {} in-features", x.cols, w.in_features),
-            ));
-        }
-        let (rows, k, n) = (x.rows, w.in_features, w.out_features);
-        let _p = self.gpu.span(|| {
-            let kind = match &w.kind {
-                GpuWeightKind::Dense(_) => "dense",
-                GpuWeightKind::Gptq(_) if rows > MAX_BATCH && x.data.dtype() == ActDtype::Bf16 => "gemm",
-                GpuWeightKind::Gptq(_) => "gemv",
-            };
-            format!("linear {kind} {k}->{n} x{rows}")
-        });
-        let mut y = self.output(rows, n)?;
-        match &w.kind {
-            GpuWeightKind::Dense(d) => {
-                let (ri, ki, ni) = (rows as i32, k as i32, n as i32);
-                let mut l = self.gpu.stream.launch_builder(self.op("dense_gemv", &x.data)?);
-                l.arg(&x.data).arg(d).arg(&mut y.data).arg(&ri).arg(&ki).arg(&ni);
-                // SAFETY: matches dense_gemv_*; x [rows, k], d [n, k], y [rows, n] in the activation dtype.
-                unsafe { l.launch(dense_grid(n, rows)) }.map_err(md("dense_gemv"))?;
-            }
-            // Prefill: the tensor-core GEMM for the weight's packing (checkpoint or Mma layout).
-            GpuWeightKind::Gptq(g) if rows > MAX_BATCH && x.data.dtype() == ActDtype::Bf16 => {
-                g.gemm(&self.gpu, &x.data.view(0, rows * k), rows, &mut y.data.view_mut(0, rows * n)).map_err(m)?;
-            }
-            GpuWeightKind::Gptq(g) => {
-                // Scratch for the batch sizes this call runs (whole batches of 16, then the rest): the split
-                // count depends on the batch (the tensor-core kernel's shared memory grows with it), so 16 and 1
-                // do not bound, e.g., 12 rows.
-                let sizes = [MAX_BATCH.min(rows), rows % MAX_BATCH];
-                let need =
-                    sizes.iter().filter(|&&nb| nb > 0).map(|&nb| g.scratch_len(&self.gpu, nb)).max().unwrap_or(1);
-                // SAFETY: each split of the GEMV writes its [batch, n] partial sums in full before the reduction.
-                let mut partial = unsafe { self.gpu.stream.alloc::<f32>(need.max(1)) }.map_err(md("alloc"))?;
-                for r0 in (0..rows).step_by(MAX_BATCH) {
-                    let nb = MAX_BATCH.min(rows - r0);
-                    let xv = x.data.view(r0 * k, nb * k);
-                    let mut yv = y.data.view_mut(r0 * n, nb * n);
-                    g.gemv(&self.gpu, &xv, nb, &mut partial, &mut yv).map_err(m)?;
-                }
-            }
-        }
-        Ok(y)
+        crate::gemv::linear(self, x, w)
     }
 
     fn rms_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
