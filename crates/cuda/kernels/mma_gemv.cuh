@@ -57,6 +57,12 @@ __host__ __device__ constexpr int mma_tpw() {
     return MB == 8 ? 4 : 2;
 }
 
+// Tiles of 16 columns a block: a warp's times the groups of KW warps side by side.
+template <int MB, int KW>
+__device__ __forceinline__ constexpr int block_tiles() {
+    return mma_tpw<MB>() * (MMA_WARPS / KW);
+}
+
 // cp.async.wait_group takes an immediate: the ring depth is chosen at launch (it depends on the batch). The
 // depths the launch picks by default (src/mma.rs: 2 or 3 stages) are tested first: a switch compiles to a table
 // load and an indirect branch every chunk; deeper rings (the tuning knobs) still go through it.
@@ -100,8 +106,8 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // - KW = 1: each warp stores its own columns' finished values, store(b, n, v) (a lambda);
 // - KW > 1: the warps' sums meet in shared memory, red [MMA_WARPS][TPW·H·4][32] as the accumulators leave them,
 //   and every thread of the block calls store.block(red, tile0, tiles, nrows) — the block's first tile and how many
-//   of its BT are in the matrix — (SumStore below adds each group's up and
-//   stores them; gptq_rope.cu's ropes the pairs of columns first). Every thread also calls store.prepare(nrows)
+//   of its BT are in the matrix — (SumStore below adds each group's up and stores them; gptq_rope.cu's ropes the
+//   pairs of columns first). Every thread also calls store.prepare(nrows)
 //   before its ring's first copies (cp.async copies of its own then join the first chunk's group) and
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
@@ -376,7 +382,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
                 for (int i = 0; i < 4; i++) red[(warp * V + (t * H + h) * 4 + i) * 32 + lane] = acc[t][h][i];
         __syncthreads();
-        constexpr int BT = TPW * (MMA_WARPS / KW);  // the block's tiles
+        constexpr int BT = block_tiles<MB, KW>();
         const int blk0 = block_x * BT;
         store.block(red, min(blk0, n_tiles - 1), max(0, min(BT, n_tiles - blk0)), nrows);
     }
@@ -459,12 +465,6 @@ __device__ __forceinline__ bool arrive_last(int* counter, int expected) {
     }
     __syncthreads();
     return last;
-}
-
-// Tiles of 16 columns a block: a warp's times the groups of KW warps side by side.
-template <int MB, int KW>
-__device__ __forceinline__ constexpr int block_tiles() {
-    return mma_tpw<MB>() * (MMA_WARPS / KW);
 }
 
 // Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 4, at most

@@ -103,7 +103,8 @@ pub(crate) struct Prepared<'a> {
     keys: CudaSlice<i32>,
     counts: Vec<usize>,
     stride: usize,
-    tables: Option<Tables>,
+    /// The tables and the cache's pool (none for no rows).
+    inputs: Option<(Tables, &'a Pool)>,
     parts: Vec<(usize, usize, usize, CudaSlice<f32>)>,
 }
 
@@ -139,7 +140,7 @@ pub(crate) fn prepare<'a>(
     // SAFETY: i32 has no invalid bit patterns; the entries read are written first, as just said.
     let keys = unsafe { b.gpu.stream.alloc::<i32>((rows.len() * stride).max(1)) }.map_err(md("alloc selection"))?;
     if rows.is_empty() {
-        return Ok(Prepared { cache, q, w, d, keys, counts, stride, tables: None, parts: Vec::new() });
+        return Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: None, parts: Vec::new() });
     }
     // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
@@ -147,7 +148,7 @@ pub(crate) fn prepare<'a>(
     let p = b.gpu.span(|| "indexer tables".into());
     let tables = Tables::of(b, cache, rows, None, b.gpu.steps.inputs_for(rows))?;
     drop(p);
-    cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
+    let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
     let widths: Vec<usize> = match &tables {
         Tables::Step(s) => vec![s.cap * BLOCK; rows.len()],
         Tables::Own(..) => rows.iter().map(|r| r.pos + 1).collect(),
@@ -160,15 +161,14 @@ pub(crate) fn prepare<'a>(
         parts.push((r0, n, width, scratch(b, n * width)?));
         r0 += n;
     }
-    Ok(Prepared { cache, q, w, d, keys, counts, stride, tables: Some(tables), parts })
+    Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: Some((tables, pool)), parts })
 }
 
 impl Prepared<'_> {
     /// The scores and top-k launches on `s`: the selection, which keeps what they read.
     pub(crate) fn launch(self, b: &CudaBackend, s: &CudaStream) -> MResult<GpuSelection> {
-        let Prepared { cache, q, w, d, mut keys, counts, stride, tables, mut parts } = self;
-        let Some(tables) = tables else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
-        let pool = cache.pool().ok_or_else(|| shape("indexer_select", "nothing cached".into()))?;
+        let Prepared { cache, q, w, d, mut keys, counts, stride, inputs, mut parts } = self;
+        let Some((tables, pool)) = inputs else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
         let (meta, table_view) = tables.views();
         for (r0, n, width, scores) in &mut parts {
             let (r0, n, width) = (*r0, *n, *width);

@@ -167,7 +167,7 @@ fn tuning() -> Tuning {
     })
 }
 
-/// How a block's 4 warps share its work (`WARP_COLS` in kernels/mma_gemv.cuh: the grouped kernels' `_cols`).
+/// How a block's 4 warps share its work (`KW` in kernels/mma_gemv.cuh: the grouped kernels' ``, `_k2`, `_cols`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Layout {
     /// On the same tiles, each over a quarter of the split's chunks, the sums added in shared memory at the end.

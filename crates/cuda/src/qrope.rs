@@ -89,12 +89,13 @@ impl<'a> RopeLaunch<'a> {
         if !fits || b.gpu.is_apart(Apart::QRope) {
             return Ok(None);
         }
-        let (_, shape) = crate::mma::plain_shape(g, &b.gpu, x.rows);
-        if shape.splits != 1 {
+        let (_, grid) = crate::mma::plain_shape(g, &b.gpu, x.rows);
+        if grid.splits != 1 {
             return Ok(None);
         }
         if x.cols != g.in_features || rows.len() != x.rows {
-            return Err(shape_err(x, g, rows));
+            let (r, c, k, n) = (x.rows, x.cols, g.in_features, rows.len());
+            return Err(shape("linear_rope_columns2", format!("[{r}, {c}] for a weight of {k} in-features, {n} rows")));
         }
         let y1 = b.output(x.rows, w1)?;
         let y2 = b.output(x.rows, w2)?;
@@ -103,7 +104,7 @@ impl<'a> RopeLaunch<'a> {
         let part =
             |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
         let parts = [part(s1, p1), part(s2, p2)];
-        Ok(Some(RopeLaunch { x, g, shape, parts, half: half as i32, positions, freq, y1, y2 }))
+        Ok(Some(RopeLaunch { x, g, shape: grid, parts, half: half as i32, positions, freq, y1, y2 }))
     }
 
     /// The blocks of 64 columns where the second part begins, and all of them.
@@ -117,7 +118,9 @@ impl<'a> RopeLaunch<'a> {
     pub(crate) fn launch(&self, b: &CudaBackend, s: &CudaStream, range: std::ops::Range<usize>) -> MResult<()> {
         let g = self.g;
         let _p = b.gpu.span(|| {
-            format!("linear gemv+rope {}->{} x{} blocks {range:?}", g.in_features, g.out_features, self.x.rows)
+            // A part's launch says which (the whole launch keeps the name profiles have compared across sessions).
+            let part = if range.len() == self.blocks().1 { String::new() } else { format!(" blocks {range:?}") };
+            format!("linear gemv+rope {}->{} x{}{part}", g.in_features, g.out_features, self.x.rows)
         });
         let f = b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8_bf16", g.bits)).map_err(m)?;
         b.gpu.allow_smem(f, self.shape.smem as usize).map_err(m)?;
@@ -144,13 +147,6 @@ impl<'a> RopeLaunch<'a> {
         unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
         Ok(())
     }
-}
-
-fn shape_err(x: &GpuTensor, g: &GpuGptq, rows: &[Row]) -> pipemoe_model::Error {
-    shape(
-        "linear_rope_columns2",
-        format!("[{}, {}] for a weight of {} in-features, {} rows", x.rows, x.cols, g.in_features, rows.len()),
-    )
 }
 
 impl CudaBackend {
