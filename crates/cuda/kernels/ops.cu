@@ -405,6 +405,14 @@ __device__ void cast(const S* x, D* y, size_t n) {
                                                      int out) {                                                    \
         dense_gemv<T, float>(x, w, y, rows, in, out);                                                              \
     }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                           \
+        dense_rows_##S(const T* x, const T* w, T* y, int rows, int in, int out) {                                  \
+        dense_gemv_rows<T, T>(x, w, y, rows, in, out);                                                             \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                           \
+        dense_rows_f32out_##S(const T* x, const T* w, float* y, int rows, int in, int out) {                       \
+        dense_gemv_rows<T, float>(x, w, y, rows, in, out);                                                         \
+    }                                                                                                              \
     extern "C" __global__ void rope_##S(T* x, const int* pos, const float* f, int rows, int heads, int hd,         \
                                         int offset, int half, int il) {                                            \
         rope<T>(x, pos, f, rows, heads, hd, offset, half, il);                                                     \

@@ -55,6 +55,11 @@ __device__ __forceinline__ void dense_batch_sums(const float (&xv)[BATCH][8], co
     }
 }
 
+// Rows of a block whose x loads dense_gemv_rows issues together (121 registers at 4, sm_90 and sm_86).
+#ifndef DENSE_GROUP
+#define DENSE_GROUP 4
+#endif
+
 template <typename T, typename O>
 __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
     __shared__ float part[DENSE_ROWS][8];
@@ -96,6 +101,66 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
         }
         const float s = warp_sum(a0 + a1);
         if (lane == 0) part[k][warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < nr) {
+        float v = 0.f;
+        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
+        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
+    }
+}
+
+// dense_gemv for more than one row whose `in` is 8·k ≤ DENSE_BATCH · 8 · 256 (src/backend.rs `dense_kernel`):
+// grid and output as dense_gemv's; the kernels are compiled for 2 blocks an SM, so ptxas keeps every x load of a
+// group in flight (at 72 registers, left to itself, it kept ~2 of a group's 8: tools/sass.py --inflight).
+template <typename T, typename O>
+__device__ void dense_gemv_rows(const T* x, const T* w, O* y, int rows, int in, int out) {
+    __shared__ float part[DENSE_ROWS][8];
+    const int o = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    const int r0 = blockIdx.y * DENSE_ROWS, nr = min(DENSE_ROWS, rows - r0);
+    const size_t wr = (size_t)o * in;
+    constexpr int DENSE_BATCH = 4;
+    const int round = blockDim.x * 8;
+    // The output's weights loaded once for all the block's rows, and DENSE_GROUP rows' x loads issued before any
+    // is used (dense_gemv takes the rows one after another, each waiting out its own round trip: 16 a block, most
+    // of the router's 23 us a layer at 32 rows, session 29). The same sums as dense_gemv's, bit for bit: a round
+    // past the row adds x·0 here (its w zeroed once) where it adds 0·w there, an exact zero either way that a sum
+    // starting at +0 cannot tell apart. x stays as loaded until every load of the group is issued.
+    const int i0 = threadIdx.x * 8;
+    float wv[DENSE_BATCH][8];
+#pragma unroll
+    for (int u = 0; u < DENSE_BATCH; u++) {
+        const bool in_row = i0 + u * round < in;
+        load8(w + wr + (in_row ? i0 + u * round : 0), wv[u]);
+#pragma unroll
+        for (int j = 0; j < 8; j++) wv[u][j] = in_row ? wv[u][j] : 0.f;
+    }
+    constexpr int V = sizeof(T) / 2;
+    const T* xb = x + (size_t)r0 * in;
+    int off[DENSE_BATCH];
+#pragma unroll
+    for (int u = 0; u < DENSE_BATCH; u++) off[u] = i0 + u * round < in ? i0 + u * round : 0;
+    for (int k0 = 0; k0 < nr; k0 += DENSE_GROUP) {
+        uint4 raw[DENSE_GROUP][DENSE_BATCH][V];
+#pragma unroll
+        for (int g = 0; g < DENSE_GROUP; g++) {
+            const T* xr = xb + (size_t)min(k0 + g, nr - 1) * in;  // past nr: a row again, unused
+#pragma unroll
+            for (int u = 0; u < DENSE_BATCH; u++) {
+#pragma unroll
+                for (int q = 0; q < V; q++) raw[g][u][q] = ((const uint4*)(xr + off[u]))[q];
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < DENSE_GROUP; g++) {
+            float xv[DENSE_BATCH][8];
+#pragma unroll
+            for (int u = 0; u < DENSE_BATCH; u++) load8((const T*)raw[g][u], xv[u]);
+            float a0 = 0.f, a1 = 0.f;
+            dense_batch_sums<DENSE_BATCH>(xv, wv, a0, a1);
+            const float s = warp_sum(a0 + a1);
+            if (lane == 0 && k0 + g < nr) part[k0 + g][warp] = s;
+        }
     }
     __syncthreads();
     if (threadIdx.x < nr) {

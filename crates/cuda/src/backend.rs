@@ -192,6 +192,13 @@ impl ArgOrNull for cudarc::driver::LaunchArgs<'_> {
 /// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/rows.cuh).
 const DENSE_ROWS: usize = 16;
 
+/// The dense GEMV kernel for `rows` rows of `k` inputs, without its dtype suffix: `dense_rows` (kernels/rows.cuh
+/// `dense_gemv_rows`: the weights loaded once, several rows' loads together) where a row is one batch of 16-byte
+/// loads at 256 threads and there is more than one, else `dense_gemv`. Both launch on [`dense_grid`].
+pub(crate) fn dense_kernel(rows: usize, k: usize) -> &'static str {
+    if rows > 1 && k.is_multiple_of(8) && k <= 4 * 256 * 8 { "dense_rows" } else { "dense_gemv" }
+}
+
 /// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
 pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
     LaunchConfig {

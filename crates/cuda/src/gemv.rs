@@ -8,7 +8,9 @@ use half::f16;
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
 use crate::act::{ActDtype, ActView, ActViewMut};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, dense_grid, m, md, shape};
+use crate::backend::{
+    ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, dense_grid, dense_kernel, m, md, shape,
+};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
 
@@ -318,7 +320,7 @@ pub(crate) fn linear(b: &CudaBackend, x: &GpuTensor, w: &GpuWeight) -> MResult<G
     match &w.kind {
         GpuWeightKind::Dense(d) => {
             let (ri, ki, ni) = (rows as i32, k as i32, n as i32);
-            let mut l = b.gpu.stream.launch_builder(b.op("dense_gemv", &x.data)?);
+            let mut l = b.gpu.stream.launch_builder(b.op(dense_kernel(rows, k), &x.data)?);
             l.arg(&x.data).arg(d).arg(&mut y.data).arg(&ri).arg(&ki).arg(&ni);
             // SAFETY: matches dense_gemv_*; x [rows, k], d [n, k], y [rows, n] in the activation dtype.
             unsafe { l.launch(dense_grid(n, rows)) }.map_err(md("dense_gemv"))?;

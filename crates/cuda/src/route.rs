@@ -145,7 +145,8 @@ pub(crate) fn route(
         let (top_k, n_experts) = (dims.top_k, dims.n_experts);
         return Ok(DeviceRouting { rows: 1, top_k, n_experts, experts, weights });
     }
-    let mut l = b.gpu.stream.launch_builder(b.op("dense_gemv_f32out", &x.data)?);
+    let name = format!("{}_f32out", crate::backend::dense_kernel(x.rows, x.cols));
+    let mut l = b.gpu.stream.launch_builder(b.op(&name, &x.data)?);
     l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
     // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
     unsafe { l.launch(dense_grid(dims.n_experts, x.rows)) }.map_err(md("router"))?;
