@@ -187,8 +187,27 @@ __device__ __forceinline__ void mla_flash_mma(
         cp_async_commit();
     };
 
-    // The first run's slots at once, the first tiles requested before anything else (their copies overlap the q
-    // fragments' loads).
+    // Warp w's q values, loaded first: their round trip then overlaps the first run's slot lookups (a chain of
+    // three: the row's meta, its keys, the block table) rather than following them (ncu, session 30: a one-row
+    // block's start was half its stall samples, most at the q values' first use). Every load before any use: as
+    // one lambda with a branch per value (latent f32 or rope bf16) ptxas issued them one at a time, each waiting
+    // on its own global round trip (ncu, session 23).
+    float2 v[FM_QK][2];
+#pragma unroll
+    for (int j = 0; j < FM_QK; j++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const int h = h0 + group + 8 * u, d = (warp * FM_QK + j) * 8 + quad * 2;
+            const bool ok = h < heads && d < D, in_lat = d < lora;
+            const float* pl = q_lat + ((size_t)lr * heads + h) * lora + d;
+            const __nv_bfloat16* pp = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
+            float2 x = make_float2(0.f, 0.f);
+            if (ok && in_lat) x = *(const float2*)pl;
+            if (ok && !in_lat) x.x = __bfloat162float(pp[0]);
+            if (ok && !in_lat && d + 1 < D) x.y = __bfloat162float(pp[1]);
+            v[j][u] = x;
+        }
+    // The first run's slots at once, the first tiles requested before anything else but the q values.
     {
         const int p = finder ? run_pos(0) : -1;
         if (finder) slot[threadIdx.x] = p >= 0 ? kv_slot(table, p) : -1;
@@ -207,24 +226,6 @@ __device__ __forceinline__ void mla_flash_mma(
     // a0/a1 the rounded values of the two heads, a2/a3 the remainders. Dims past D and heads past `heads` are 0.
     u32 qa[FM_QK][4];
     {
-        // Every load first, then the conversions: as one lambda with a branch per value (latent f32 or rope bf16)
-        // ptxas issued them one at a time, each waiting on its own global round trip (ncu, session 23: the block's
-        // start was a fifth of a prefill launch's stall samples; the one-row kernel's blocks have 4 tiles).
-        float2 v[FM_QK][2];
-#pragma unroll
-        for (int j = 0; j < FM_QK; j++)
-#pragma unroll
-            for (int u = 0; u < 2; u++) {
-                const int h = h0 + group + 8 * u, d = (warp * FM_QK + j) * 8 + quad * 2;
-                const bool ok = h < heads && d < D, in_lat = d < lora;
-                const float* pl = q_lat + ((size_t)lr * heads + h) * lora + d;
-                const __nv_bfloat16* pp = q + ((size_t)r * heads + h) * (nope + rope) + nope + d - lora;
-                float2 x = make_float2(0.f, 0.f);
-                if (ok && in_lat) x = *(const float2*)pl;
-                if (ok && !in_lat) x.x = __bfloat162float(pp[0]);
-                if (ok && !in_lat && d + 1 < D) x.y = __bfloat162float(pp[1]);
-                v[j][u] = x;
-            }
 #pragma unroll
         for (int j = 0; j < FM_QK; j++) {
             const float2 a = v[j][0], b = v[j][1];
