@@ -189,25 +189,6 @@ impl ArgOrNull for cudarc::driver::LaunchArgs<'_> {
     }
 }
 
-/// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/rows.cuh).
-const DENSE_ROWS: usize = 16;
-
-/// The dense GEMV kernel for `rows` rows of `k` inputs, without its dtype suffix: `dense_rows` (kernels/rows.cuh
-/// `dense_gemv_rows`: the weights loaded once, several rows' loads together) where a row is one batch of 16-byte
-/// loads at 256 threads and there is more than one, else `dense_gemv`. Both launch on [`dense_grid`].
-pub(crate) fn dense_kernel(rows: usize, k: usize) -> &'static str {
-    if rows > 1 && k.is_multiple_of(8) && k <= 4 * 256 * 8 { "dense_rows" } else { "dense_gemv" }
-}
-
-/// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
-pub(crate) fn dense_grid(out: usize, rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (out.max(1) as u32, rows.div_ceil(DENSE_ROWS).max(1) as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// An element-wise op's check: as many values, of one dtype.
 pub(crate) fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> {
     if x.rows * x.cols != y.rows * y.cols {
@@ -601,15 +582,5 @@ impl CudaBackend {
         // SAFETY: matches copy_rows_cols_*; rows and columns checked by the callers.
         unsafe { l.launch(grid(n_rows * cols, 256)) }.map_err(md("copy"))?;
         Ok(y)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    /// The launch's rows per block are the kernel's: more would leave rows of y unwritten.
-    #[test]
-    fn dense_rows_match_the_kernel() {
-        let src = include_str!("../kernels/rows.cuh");
-        assert!(src.contains(&format!("#define DENSE_ROWS {}\n", super::DENSE_ROWS)), "DENSE_ROWS differs");
     }
 }

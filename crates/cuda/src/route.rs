@@ -5,8 +5,9 @@
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{RouterDims, Routing};
 
-use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, dense_grid, m, md};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md};
 use crate::error::{Error, Result, drv};
+use crate::gemv::dense_grid;
 use crate::gpu::Gpu;
 
 /// The most experts one router block handles (a thread each).
@@ -145,7 +146,7 @@ pub(crate) fn route(
         let (top_k, n_experts) = (dims.top_k, dims.n_experts);
         return Ok(DeviceRouting { rows: 1, top_k, n_experts, experts, weights });
     }
-    let name = format!("{}_f32out", crate::backend::dense_kernel(x.rows, x.cols));
+    let name = format!("{}_f32out", crate::gemv::dense_kernel(x.rows, x.cols));
     let mut l = b.gpu.stream.launch_builder(b.op(&name, &x.data)?);
     l.arg(&x.data).arg(g).arg(&mut logits).arg(&ri).arg(&ki).arg(&ni);
     // SAFETY: matches dense_gemv_f32out_*; logits hold rows·n_experts floats.
