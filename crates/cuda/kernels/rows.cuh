@@ -38,7 +38,7 @@ __device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __b
 // from L1 for the others; f32 sums, output in O (f32 for the router's logits, T otherwise). The blocks run output
 // by output, a row block at a time, so a weight larger than L2 is read once per row block: the bf16 lm_head
 // (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
-// session 17, and would read the head 8 times.) src/backend.rs `dense_grid` mirrors this.
+// session 17, and would read the head 8 times.) src/gemv.rs `dense_grid` mirrors this.
 #define DENSE_ROWS 16
 // A batch of dense_gemv's rounds into its two sums (alternate values, in order): also add_norm_route's, whose
 // logits are dense_gemv's bit for bit.
@@ -110,7 +110,7 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
     }
 }
 
-// dense_gemv for more than one row whose `in` is 8·k ≤ DENSE_BATCH · 8 · 256 (src/backend.rs `dense_kernel`):
+// dense_gemv for more than one row whose `in` is 8·k ≤ DENSE_BATCH · 8 · 256 (src/gemv.rs `dense_kernel`):
 // grid and output as dense_gemv's; the kernels are compiled for 2 blocks an SM, so ptxas keeps every x load of a
 // group in flight (at 72 registers, left to itself, it kept ~2 of a group's 8: tools/sass.py --inflight).
 template <typename T, typename O>
