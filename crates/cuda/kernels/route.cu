@@ -101,7 +101,7 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
     __shared__ bool last;
     const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
-    constexpr int BATCH = 4, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
+    constexpr int BATCH = DENSE_BATCH, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
     // The expert's weights first, so that their loads overlap the row's.
     float wv[BATCH][8];
     if (t < 256) {

@@ -40,6 +40,9 @@ __device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __b
 // (1.85 GB) at 32 decode rows twice. (Blocks of 4 rows took the router at 32 rows from 22.9 to 21.8 µs a layer,
 // session 17, and would read the head 8 times.) src/gemv.rs `dense_grid` mirrors this.
 #define DENSE_ROWS 16
+// Rounds of 16-byte loads (8 values a thread) the dense kernels issue before using any: a 7168-wide bf16 row at 256
+// threads is 3.5 rounds, one batch (src/gemv.rs `dense_kernel` mirrors this; add_norm_route's sums use it too).
+#define DENSE_BATCH 4
 // A batch of dense_gemv's rounds into its two sums (alternate values, in order): also add_norm_route's, whose
 // logits are dense_gemv's bit for bit.
 template <int BATCH>
@@ -60,6 +63,17 @@ __device__ __forceinline__ void dense_batch_sums(const float (&xv)[BATCH][8], co
 #define DENSE_GROUP 4
 #endif
 
+// The block's rows r0.. (nr of them) of output o: each row's 8 warps' sums added in warp order (both dense kernels).
+template <typename O>
+__device__ __forceinline__ void dense_store(const float (&part)[DENSE_ROWS][8], O* y, int r0, int nr, int out, int o) {
+    __syncthreads();
+    if (threadIdx.x < nr) {
+        float v = 0.f;
+        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
+        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
+    }
+}
+
 template <typename T, typename O>
 __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int out) {
     __shared__ float part[DENSE_ROWS][8];
@@ -71,10 +85,9 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
         float a0 = 0.f, a1 = 0.f;
         if (in % 8 == 0) {
             // 16-byte loads of 8 values (rows start 16-byte aligned), DENSE_BATCH rounds' loads issued before any
-            // is used: a 7168-wide bf16 row at 256 threads is 3.5 rounds, one batch; rounds past the row add
-            // 0·w (w read again from the row's start: finite weights, as the CPU's sum assumes too). (A plain unrolled loop tests
-            // the bound between one round's loads and the next and left one round in flight: tools/sass.py.)
-            constexpr int DENSE_BATCH = 4;
+            // is used; rounds past the row add 0·w (w read again from the row's start: finite weights, as the
+            // CPU's sum assumes too). (A plain unrolled loop tests the bound between one round's loads and the
+            // next and left one round in flight: tools/sass.py.)
             const int round = blockDim.x * 8;
             for (int i0 = threadIdx.x * 8; i0 < in; i0 += DENSE_BATCH * round) {
                 float xv[DENSE_BATCH][8], wv[DENSE_BATCH][8];
@@ -102,12 +115,7 @@ __device__ void dense_gemv(const T* x, const T* w, O* y, int rows, int in, int o
         const float s = warp_sum(a0 + a1);
         if (lane == 0) part[k][warp] = s;
     }
-    __syncthreads();
-    if (threadIdx.x < nr) {
-        float v = 0.f;
-        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
-        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
-    }
+    dense_store(part, y, r0, nr, out, o);
 }
 
 // dense_gemv for more than one row whose `in` is 8·k ≤ DENSE_BATCH · 8 · 256 (src/gemv.rs `dense_kernel`):
@@ -119,7 +127,6 @@ __device__ void dense_gemv_rows(const T* x, const T* w, O* y, int rows, int in, 
     const int o = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x & 31;
     const int r0 = blockIdx.y * DENSE_ROWS, nr = min(DENSE_ROWS, rows - r0);
     const size_t wr = (size_t)o * in;
-    constexpr int DENSE_BATCH = 4;
     const int round = blockDim.x * 8;
     // The output's weights loaded once for all the block's rows, and DENSE_GROUP rows' x loads issued before any
     // is used (dense_gemv takes the rows one after another, each waiting out its own round trip: 16 a block, most
@@ -162,10 +169,5 @@ __device__ void dense_gemv_rows(const T* x, const T* w, O* y, int rows, int in, 
             if (lane == 0 && k0 + g < nr) part[k0 + g][warp] = s;
         }
     }
-    __syncthreads();
-    if (threadIdx.x < nr) {
-        float v = 0.f;
-        for (int g = 0; g < 8; g++) v += part[threadIdx.x][g];
-        st(y, (size_t)(r0 + threadIdx.x) * out + o, v);
-    }
+    dense_store(part, y, r0, nr, out, o);
 }

@@ -348,12 +348,14 @@ pub(crate) fn linear(b: &CudaBackend, x: &GpuTensor, w: &GpuWeight) -> MResult<G
 
 /// Input rows per block of `dense_gemv_*` (`DENSE_ROWS` in kernels/rows.cuh).
 const DENSE_ROWS: usize = 16;
+/// Rounds of 8 values a thread the dense kernels load together (`DENSE_BATCH` in kernels/rows.cuh).
+const DENSE_BATCH: usize = 4;
 
 /// The dense GEMV kernel for `rows` rows of `k` inputs, without its dtype suffix: `dense_rows` (kernels/rows.cuh
 /// `dense_gemv_rows`: the weights loaded once, several rows' loads together) where a row is one batch of 16-byte
 /// loads at 256 threads and there is more than one, else `dense_gemv`. Both launch on [`dense_grid`].
 pub(crate) fn dense_kernel(rows: usize, k: usize) -> &'static str {
-    if rows > 1 && k.is_multiple_of(8) && k <= 4 * 256 * 8 { "dense_rows" } else { "dense_gemv" }
+    if rows > 1 && k.is_multiple_of(8) && k <= DENSE_BATCH * 256 * 8 { "dense_rows" } else { "dense_gemv" }
 }
 
 /// `dense_gemv_*`: a block of 256 threads per output and [`DENSE_ROWS`] input rows.
@@ -374,6 +376,7 @@ mod tests {
     fn dense_rows_match_the_kernel() {
         let src = include_str!("../kernels/rows.cuh");
         assert!(src.contains(&format!("#define DENSE_ROWS {}\n", super::DENSE_ROWS)), "DENSE_ROWS differs");
+        assert!(src.contains(&format!("#define DENSE_BATCH {}\n", super::DENSE_BATCH)), "DENSE_BATCH differs");
     }
 
     #[test]
