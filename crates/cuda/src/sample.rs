@@ -162,7 +162,9 @@ pub(crate) fn sample_rows(
     let view = match &logits.data {
         Act::F32(d) => d.slice(0..n),
         Act::Bf16(d) => {
-            let mut y = b.zeros(n)?;
+            // SAFETY: cast_bf16_f32 below writes all n values before anything reads them (no zero fill: a memset
+            // launch fewer on the last stage's step).
+            let mut y = unsafe { b.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(md("alloc"))?;
             let nn = n as u64;
             let mut l = b.gpu.stream.launch_builder(b.f("cast_bf16_f32")?);
             l.arg(d).arg(&mut y).arg(&nn);
