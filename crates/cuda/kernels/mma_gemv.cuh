@@ -120,7 +120,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
-    __shared__ __align__(8) u32 sums_word[2];
+    __shared__ __align__(16) u32 sums_word[4];
     constexpr int H = MB / 8, TPW = mma_tpw<MB>();
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
@@ -142,8 +142,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         xrows[threadIdx.x] = x + (size_t)row * K;
     }
     if (threadIdx.x == 0) {
-        sums_word[0] = 0x3F803F80u;  // bf16x2 ones
-        sums_word[1] = 0u;
+        sums_word[0] = sums_word[3] = 0x3F803F80u;  // bf16x2 ones
+        sums_word[1] = sums_word[2] = 0u;
     }
     __syncthreads();
 
@@ -241,10 +241,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     // A for the sums of x: rows 0..7 ones on the lower 8 rows of K of a step, rows 8..15 ones on the upper 8.
     // Loaded from shared memory by an asm the compiler cannot see through: as constants (and a plain load of
     // sums_word, which LLVM folds to the one value ever stored there) it rebuilt them before every mma, the mma's
-    // result taking their registers (24 moves a chunk of the 3-bit one-row loop's 508 instructions, sm_86).
-    u32 ones, zero;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(ones), "=r"(zero) : "r"(smem_addr(sums_word)));
-    const u32 sums_a[4] = {ones, zero, zero, ones};
+    // result taking their registers (24 moves a chunk of the 3-bit one-row loop's 508 instructions, sm_86). As
+    // two loaded words (ones, zero) it still built a quad {ones, zero, zero, ones} of copies before each chain of
+    // the sums (~20 moves a chunk, sm_90): four words, each its own register to the compiler, are used in place
+    // (the one-row loops 495-504 -> 484-489 instructions and 964-1003 -> 942-968 fixed stall cycles, sm_90).
+    u32 sums_a[4];
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(sums_a[0]), "=r"(sums_a[1]), "=r"(sums_a[2]), "=r"(sums_a[3])
+                 : "r"(smem_addr(sums_word)));
     // x fragments by ldmatrix: lane L gives the address of row L % 8 (+ 8 for the second half of 16 rows) of
     // matrix L / 8 — k 0..7 and 8..15 of one step, then of the next. Rows past nrows read row nrows − 1, whose
     // products only reach outputs that are never stored.
