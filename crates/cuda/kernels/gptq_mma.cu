@@ -10,13 +10,13 @@
 // One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits), split K. One split stores y; several store partial
 // sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
 // REORDERED: the weight has a row order of K (perm); without, none is read.
-template <int BITS, int MB, bool REORDERED, typename YT>
+template <int BITS, int MB, bool REORDERED, bool SYM, typename YT>
 __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros,
                          const __half* scales, float* partial, YT* y, int* counters, int B, int K, int N,
                          int group_size, int k_chunk, int stages) {
     const int splits = gridDim.y;
     auto run = [&](auto store) {
-        mma_gemv_block<BITS, MB, REORDERED, MMA_WARPS>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
+        mma_gemv_block<BITS, MB, REORDERED, MMA_WARPS, SYM>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
                                                     k_chunk, stages, blockIdx.x, store);
     };
     if (splits == 1) {
@@ -55,7 +55,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
 // whose blocks of an empty tile only count themselves in for the combine.
-template <int BITS, int KW, bool REORDERED>
+template <int BITS, int KW, bool REORDERED, bool SYM>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
@@ -106,7 +106,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0) {
         auto run = [&](auto store) {
-            mma_gemv_block<BITS, MB, REORDERED, KW>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
+            mma_gemv_block<BITS, MB, REORDERED, KW, SYM>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
                                                            (const uint2*)wa, (const __half*)za, (const __half*)sa, K,
                                                            N, group_size, k_chunk, stages, cb, store);
         };
@@ -132,40 +132,46 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     }
 }
 
-// The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm]_to_<bf16|f32> and the grouped ones
-// gptq_mma_gemv_grouped_w<BITS>_b8[_k2|_cols][_perm]_bf16 (KW 4, 2 or 1; REORDERED — no _k2_perm: src/mma.rs).
-#define MMA_PLAIN(BITS, MB, PERM, REORDERED, YNAME, YT)                                                        \
-    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##PERM##_to_##YNAME(                \
+// The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm|_sym]_to_<bf16|f32> and the grouped ones
+// gptq_mma_gemv_grouped_w<BITS>_b8[_k2|_cols][_perm|_sym]_bf16 (KW 4, 2 or 1; REORDERED — no _k2_perm: src/mma.rs;
+// SYM: a symmetric weight's, every zero the constant and none read or applied — mma_gemv.cuh — picked by the host
+// when the weight, or every expert of the launch, has null zeros and no row order).
+#define MMA_PLAIN(BITS, MB, SUFFIX, REORDERED, SYM, YNAME, YT)                                                   \
+    extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##SUFFIX##_to_##YNAME(                \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,  \
         float* partial, YT* y, int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) {   \
-        mma_gemv<BITS, MB, REORDERED>(x, perm, words, zeros, scales, partial, y, counters, B, K, N, group_size,  \
-                                      k_chunk, stages);                                                        \
+        mma_gemv<BITS, MB, REORDERED, SYM>(x, perm, words, zeros, scales, partial, y, counters, B, K, N,        \
+                                           group_size, k_chunk, stages);                                       \
     }
-#define MMA_GROUPED(BITS, NAME, KW, REORDERED)                                                           \
+#define MMA_GROUPED(BITS, NAME, KW, REORDERED, SYM)                                                             \
     extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_grouped_w##BITS##_b8##NAME##_bf16(                   \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
         int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
-        mma_gemv_grouped<BITS, KW, REORDERED>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,         \
-                                                     n_experts, mats, partial, K, N, group_size, k_chunk,       \
-                                                     stages, fuse, counters, y, pair_of, rw, rows, top_k,       \
-                                                     shared, route);                                            \
+        mma_gemv_grouped<BITS, KW, REORDERED, SYM>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,           \
+                                                   n_experts, mats, partial, K, N, group_size, k_chunk,         \
+                                                   stages, fuse, counters, y, pair_of, rw, rows, top_k,         \
+                                                   shared, route);                                              \
     }
+#define MMA_PLAIN_MB(BITS, MB)                                                                                  \
+    MMA_PLAIN(BITS, MB, , false, false, bf16, __nv_bfloat16)                                                    \
+    MMA_PLAIN(BITS, MB, , false, false, f32, float)                                                             \
+    MMA_PLAIN(BITS, MB, _perm, true, false, bf16, __nv_bfloat16)                                                \
+    MMA_PLAIN(BITS, MB, _perm, true, false, f32, float)                                                         \
+    MMA_PLAIN(BITS, MB, _sym, false, true, bf16, __nv_bfloat16)                                                 \
+    MMA_PLAIN(BITS, MB, _sym, false, true, f32, float)
 #define MMA_T(BITS)                                                                                             \
-    MMA_PLAIN(BITS, 8, , false, bf16, __nv_bfloat16)                                                            \
-    MMA_PLAIN(BITS, 8, , false, f32, float)                                                                     \
-    MMA_PLAIN(BITS, 8, _perm, true, bf16, __nv_bfloat16)                                                        \
-    MMA_PLAIN(BITS, 8, _perm, true, f32, float)                                                                 \
-    MMA_PLAIN(BITS, 16, , false, bf16, __nv_bfloat16)                                                           \
-    MMA_PLAIN(BITS, 16, , false, f32, float)                                                                    \
-    MMA_PLAIN(BITS, 16, _perm, true, bf16, __nv_bfloat16)                                                       \
-    MMA_PLAIN(BITS, 16, _perm, true, f32, float)                                                                \
-    MMA_GROUPED(BITS, , 4, false)                                                                               \
-    MMA_GROUPED(BITS, _k2, 2, false)                                                                            \
-    MMA_GROUPED(BITS, _cols, 1, false)                                                                          \
-    MMA_GROUPED(BITS, _perm, 4, true)                                                                           \
-    MMA_GROUPED(BITS, _cols_perm, 1, true)
+    MMA_PLAIN_MB(BITS, 8)                                                                                       \
+    MMA_PLAIN_MB(BITS, 16)                                                                                      \
+    MMA_GROUPED(BITS, , 4, false, false)                                                                        \
+    MMA_GROUPED(BITS, _k2, 2, false, false)                                                                     \
+    MMA_GROUPED(BITS, _cols, 1, false, false)                                                                   \
+    MMA_GROUPED(BITS, _perm, 4, true, false)                                                                    \
+    MMA_GROUPED(BITS, _cols_perm, 1, true, false)                                                               \
+    MMA_GROUPED(BITS, _sym, 4, false, true)                                                                     \
+    MMA_GROUPED(BITS, _k2_sym, 2, false, true)                                                                  \
+    MMA_GROUPED(BITS, _cols_sym, 1, false, true)
 MMA_T(2)
 MMA_T(3)
 MMA_T(4)

@@ -89,18 +89,20 @@ struct RopeStore {
 };
 
 // rows ≤ 8 of x [rows, K] through the repacked weight (N columns: both parts), one split of K, no row order:
-// grid blocks of 64 columns from block0 (⌈N / 64⌉ in all: one launch, or one a part), 128 threads.
-#define ROPE_T(BITS)                                                                                             \
-    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_rope_w##BITS##_b8_bf16(                              \
+// grid blocks of 64 columns from block0 (⌈N / 64⌉ in all: one launch, or one a part), 128 threads. `_sym`: a
+// symmetric weight's kernel (null zeros; mma_gemv.cuh SYM), which the host picks for one.
+#define ROPE_K(BITS, SYMNAME, SYM)                                                                               \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_rope_w##BITS##_b8##SYMNAME##_bf16(                   \
         const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, int B, int K,     \
         int N, int group_size, int stages, const int* pos, const float* inv_freq, int half, __nv_bfloat16* y1,   \
         int s1, int h1, int d1, int o1, int il1, __nv_bfloat16* y2, int s2, int h2, int d2, int o2, int il2,     \
         int block0) {                                                                                           \
         const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half};   \
         const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
-        mma_gemv_run<BITS, 8, false, MMA_WARPS>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, K,      \
-                                            stages, block0 + blockIdx.x, st);                                   \
+        mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, \
+                                                     K, stages, block0 + blockIdx.x, st);                       \
     }
+#define ROPE_T(BITS) ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true)
 ROPE_T(2)
 ROPE_T(3)
 ROPE_T(4)

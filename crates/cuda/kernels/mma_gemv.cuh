@@ -112,7 +112,7 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-template <int BITS, int MB, bool PERM, int KW, typename Store>
+template <int BITS, int MB, bool PERM, int KW, bool SYM, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
@@ -169,7 +169,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     // zero-filled, and so are the zeros of a symmetric weight (no array: every zero is 2^(BITS−1), added below as
     // a constant), which then cost no bytes from memory.
     constexpr int SZ_LANES = 4 * TPW;
-    const bool sym = zeros == nullptr, scale_lane = lane < 2 * TPW;
+    const bool sym = SYM || zeros == nullptr, scale_lane = lane < 2 * TPW;
     const int sz_part = lane % (2 * TPW);
     const int sz_ok = lane < SZ_LANES && (sz_part >> 1) < tiles && (scale_lane || !sym);
     const __half* szsrc =
@@ -260,7 +260,10 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     constexpr bool ZSUB = MB >= MMA_ZSUB_MIN_MB;
     // The zero every column shares when the weight is symmetric (its zeros in the ring are 0), else 0 (the ring
     // holds each column's).
-    const float z_all = shared_zero<BITS>(zeros);
+    const float z_all = SYM ? sym_zero<BITS>() : shared_zero<BITS>(zeros);
+    u32 negz_sym[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) negz_sym[r] = bf16x2_splat(-((r < 2 ? 128.f : BASE_HI) + z_all));
     int read_off = 0;
     for (int c = 0; c < chunks; c++) {
         __syncwarp();  // every lane has read the slot the next issue refills
@@ -286,14 +289,19 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         // ZSUB: A is q − z itself, (base + q) − (base + z) by one bf16x2 FMA a register — exact, both small
         // integers (z ≤ 2^BITS) — so no sums of x are needed: −(base + z) of pair r's column (a0, a2: group; a1,
         // a3: group + 8) and base (r < 2: 128, else BASE_HI), per tile.
+        // SYM: every column's, the loop's constants (negz_sym).
         u32 negz[TPW][4];
         if constexpr (ZSUB) {
 #pragma unroll
             for (int t = 0; t < TPW; t++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
-                    const float z = __half2float(szs[TPW * 16 + t * 16 + group + 8 * (r & 1)]) + z_all;
-                    negz[t][r] = bf16x2_splat(-((r < 2 ? 128.f : BASE_HI) + z));
+                    if constexpr (SYM) {
+                        negz[t][r] = negz_sym[r];
+                    } else {
+                        const float z = __half2float(szs[TPW * 16 + t * 16 + group + 8 * (r & 1)]) + z_all;
+                        negz[t][r] = bf16x2_splat(-((r < 2 ? 128.f : BASE_HI) + z));
+                    }
                 }
         }
         // The sums of x in two chains, the even k-steps' and the odd ones' (added after the loop): in one, its 8 mma
@@ -345,21 +353,25 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
                 total[h][j] = lo + hi;
                 based[h][j] = 128.f * lo + BASE_HI * hi + z_all * total[h][j];
             }
-        // Scale and zero of the lane's two columns per tile (group and group + 8).
+        // Scale and zero of the lane's two columns per tile (group and group + 8); SYM: no zero but z_all (in
+        // `based`), neither read nor applied.
 #pragma unroll
         for (int t = 0; t < TPW; t++) {
-            float sc[2], z[2];
+            float sc[2], z[2] = {0.f, 0.f};
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 sc[j] = __half2float(szs[t * 16 + group + 8 * j]);
-                z[j] = __half2float(szs[TPW * 16 + t * 16 + group + 8 * j]);
+                if constexpr (!SYM) z[j] = __half2float(szs[TPW * 16 + t * 16 + group + 8 * j]);
             }
 #pragma unroll
             for (int h = 0; h < H; h++)
 #pragma unroll
-                for (int i = 0; i < 4; i++)
-                    acc[t][h][i] += sc[i >> 1] * (ZSUB ? cacc[t][h][i]
-                                                       : cacc[t][h][i] - based[h][i & 1] - z[i >> 1] * total[h][i & 1]);
+                for (int i = 0; i < 4; i++) {
+                    float v = cacc[t][h][i];
+                    if constexpr (!ZSUB) v -= based[h][i & 1];
+                    if constexpr (!ZSUB && !SYM) v -= z[i >> 1] * total[h][i & 1];
+                    acc[t][h][i] += sc[i >> 1] * v;
+                }
         }
     }
 
@@ -397,7 +409,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 // (src/mma.rs, src/experts.rs): a kernel that carries both paths is twice the code, and its launches of weights
 // without a row order were slower — H200, in-process A/B over 2 layers at 4K (session 27): -5.2 us a step of
 // 0.333 ms without the path; bench_gemv o_proj at 8 rows 27.2 -> 25.5 us.
-template <int BITS, int MB, bool REORDERED, int KW, typename Store>
+template <int BITS, int MB, bool REORDERED, int KW, bool SYM, typename Store>
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
                                                int N, int group_size, int k_chunk, int stages, int block_x,
@@ -406,12 +418,12 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if constexpr (REORDERED) {
         if (perm != nullptr) {
-            mma_gemv_run<BITS, MB, true, KW>(x, row, nrows, perm, words, zeros, scales, K, N, group_size,
+            mma_gemv_run<BITS, MB, true, KW, SYM>(x, row, nrows, perm, words, zeros, scales, K, N, group_size,
                                                     k_chunk, stages, block_x, store);
             return;
         }
     }
-    mma_gemv_run<BITS, MB, false, KW>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size, k_chunk,
+    mma_gemv_run<BITS, MB, false, KW, SYM>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size, k_chunk,
                                              stages, block_x, store);
 }
 

@@ -54,14 +54,15 @@ fn max_tiles(rows: usize, top_k: usize, n_experts: usize, shared: bool, tile: us
 
 /// One grouped launch's shape for a step of `rows` rows: matrices like `w` over `tiles` tiles of `mb` rows, `mats`
 /// matrices side by side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring:
-/// stages 0). `reordered`: some expert has a row order of K (the tensor-core kernel that can gather x through it).
+/// stages 0). `reordered`: some expert has a row order of K (the tensor-core kernel that can gather x through it);
+/// `symmetric`: every expert's zeros are the constant (the kernel that reads none: [`crate::mma::variant_of`]).
 fn launch_shape(
     b: &CudaBackend,
     w: &GpuGptq,
     (rows, mb): (usize, usize),
     tiles: usize,
     mats: usize,
-    reordered: bool,
+    (reordered, symmetric): (bool, bool),
 ) -> (String, usize, Shape) {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
@@ -77,8 +78,8 @@ fn launch_shape(
             let pairs = !reordered && !b.gpu.is_apart(crate::gpu::Apart::QuarterK);
             let layout = Layout::for_grouped(rows, k, pairs);
             let bx = crate::mma::blocks_x(n, mb, layout);
-            let perm = if reordered { "_perm" } else { "" };
-            let name = format!("gptq_mma_gemv_grouped_w{}_b8{}{perm}_bf16", w.bits, layout.kernel_part());
+            let variant = crate::mma::variant_of(reordered, symmetric);
+            let name = format!("gptq_mma_gemv_grouped_w{}_b8{}{variant}_bf16", w.bits, layout.kernel_part());
             let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout);
             if let Some((gate_up, down)) = swept_splits()
                 && rows <= crate::mma::WARP_COLS_ROWS
@@ -168,6 +169,8 @@ pub(crate) struct Tables {
     pub(crate) packing: Packing,
     /// Whether any matrix has an act-order row order (`perm`).
     pub(crate) reordered: bool,
+    /// Whether every held matrix is symmetric (null zeros: `GpuGptq::symmetric`).
+    pub(crate) symmetric: bool,
 }
 
 fn gptq(w: &GpuWeight) -> Option<&GpuGptq> {
@@ -235,6 +238,8 @@ impl Tables {
             held[i] = true;
         }
         let reordered = gu.iter().chain(&dn).any(|a| a[3] != 0);
+        // A held matrix has a qweight address; its zeros' is 0 when symmetric (`GpuGptq::addresses`).
+        let symmetric = gu.iter().chain(&dn).filter(|a| a[0] != 0).all(|a| a[1] == 0);
         let column = |t: &[[u64; 4]], j: usize| -> MResult<CudaSlice<u64>> {
             let v: Vec<u64> = t.iter().map(|a| a[j]).collect();
             b.gpu.stream.clone_htod(&v).map_err(md("upload expert table"))
@@ -251,6 +256,7 @@ impl Tables {
             bits: g0.bits as usize,
             packing: g0.packing,
             reordered,
+            symmetric,
         }))
     }
 }
@@ -341,8 +347,9 @@ impl CudaBackend {
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
-        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2, t.reordered);
-        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1, t.reordered);
+        let kind = (t.reordered, t.symmetric);
+        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2, kind);
+        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1, kind);
         // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
         // (one counter per tile and column range); otherwise gptq_reduce_silu does. The last block of each of the
         // down launch's column ranges adds the rows' experts itself for a few rows (its one block then reads

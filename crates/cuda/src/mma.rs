@@ -273,6 +273,22 @@ pub(crate) fn tiles_per_warp(rows: usize) -> usize {
     if bucket(rows) == 8 { 4 } else { 2 }
 }
 
+/// A tensor-core GEMV kernel's variant for a weight (the `_perm` and `_sym` names of kernels/gptq_mma.cu and
+/// gptq_rope.cu): with a row order of K, the kernel that gathers x through it; symmetric without one (null zeros),
+/// the kernel that neither reads nor applies per-column zeros; else the general one.
+pub(crate) fn variant(w: &GpuGptq) -> &'static str {
+    variant_of(w.perm.is_some(), w.symmetric())
+}
+
+/// [`variant`] from its two facts (a grouped launch's: any expert reordered, every expert symmetric).
+pub(crate) fn variant_of(reordered: bool, symmetric: bool) -> &'static str {
+    match (reordered, symmetric) {
+        (true, _) => "_perm",
+        (false, true) => "_sym",
+        (false, false) => "",
+    }
+}
+
 /// The shape for `rows` rows of x over `blocks_x` column blocks of `layout` (times the grouped launch's tiles):
 /// each warp gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a
 /// whole run when the matrix is large (no split, no partial sums), and the ring as deep as the shared budget
@@ -361,9 +377,7 @@ pub(crate) fn gemv(
             ),
         });
     }
-    // A weight with a row order of K takes the kernel that gathers x through it (mma_gemv_block).
-    let perm = if w.perm.is_some() { "_perm" } else { "" };
-    let name = format!("gptq_mma_gemv_w{}_b{}{perm}_to_{}", w.bits, bucket(batch), y.dtype().suffix());
+    let name = format!("gptq_mma_gemv_w{}_b{}{}_to_{}", w.bits, bucket(batch), variant(w), y.dtype().suffix());
     let cfg = LaunchConfig {
         grid_dim: (bx as u32, s.splits as u32, 1),
         block_dim: (THREADS, 1, 1),
@@ -381,8 +395,8 @@ pub(crate) fn gemv(
     l.arg(&w.scales).arg(&mut *partial).arg(y).arg(&gpu.counters);
     l.arg(&b).arg(&ki).arg(&ni).arg(&gs).arg(&ci).arg(&st);
     // SAFETY: matches gptq_mma_gemv_*_to_*: x [batch, k] bf16, y [batch, n], zeros null for a symmetric weight
-    // (the kernel then reads none), perm null but in the `_perm` kernels; partial and counters were checked
-    // above for a split launch (a single split touches neither).
+    // (the kernel then reads none; the `_sym` kernels are picked only then), perm null but in the `_perm`
+    // kernels; partial and counters were checked above for a split launch (a single split touches neither).
     unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_gemv"))?;
     Ok(())
 }

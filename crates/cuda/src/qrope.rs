@@ -122,7 +122,8 @@ impl<'a> RopeLaunch<'a> {
             let part = if range.len() == self.blocks().1 { String::new() } else { format!(" blocks {range:?}") };
             format!("linear gemv+rope {}->{} x{}{part}", g.in_features, g.out_features, self.x.rows)
         });
-        let f = b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8_bf16", g.bits)).map_err(m)?;
+        let f =
+            b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8{}_bf16", g.bits, crate::mma::variant(g))).map_err(m)?;
         b.gpu.allow_smem(f, self.shape.smem as usize).map_err(m)?;
         let dims = [self.x.rows, g.in_features, g.out_features, g.group_size, self.shape.stages].map(|v| v as i32);
         let ([a, c], pos, block0) = (&self.parts, self.positions.view(), range.start as i32);
@@ -140,10 +141,11 @@ impl<'a> RopeLaunch<'a> {
             block_dim: (crate::mma::THREADS, 1, 1),
             shared_mem_bytes: self.shape.smem,
         };
-        // SAFETY: matches gptq_mma_gemv_rope_w*_b8_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight without
-        // a row order, null zeros when symmetric, one split in the split-K layout (the block stores); the parts
-        // tile the n columns in whole 64-column blocks, of which `range` lies within the n / 64; y1 and y2 hold
-        // rows·w1 and rows·w2 values; pos holds rows positions, inv_freq `half` frequencies (8, 16 or 32).
+        // SAFETY: matches gptq_mma_gemv_rope_w*_b8[_sym]_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight
+        // without a row order, null zeros when symmetric (and only then `_sym`), one split in the split-K layout
+        // (the block stores); the parts tile the n columns in whole 64-column blocks, of which `range` lies
+        // within the n / 64; y1 and y2 hold rows·w1 and rows·w2 values; pos holds rows positions, inv_freq `half`
+        // frequencies (8, 16 or 32).
         unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
         Ok(())
     }

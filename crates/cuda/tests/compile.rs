@@ -29,7 +29,32 @@ fn every_kernel_compiles_for_sm86_and_sm90() {
         for (name, src) in nvrtc::KERNELS {
             let bin = nvrtc::compile(name, &nvrtc::expand(name, src), arch).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(&bin[..4], b"\x7fELF", "{name} for {arch} is not a CUBIN");
+            for entry in symmetric_entries(name) {
+                let found =
+                    bin.windows(entry.len() + 1).any(|w| w[..entry.len()] == *entry.as_bytes() && w[entry.len()] == 0);
+                assert!(found, "{name} for {arch} has no entry point {entry}");
+            }
         }
+    }
+}
+
+/// The symmetric weights' GEMV entry points the host asks for by name (src/mma.rs `variant`): every bit width's
+/// plain (8 and 16 rows, bf16 and f32 out), grouped (each layout) and RoPE-storing kernel, built by macros.
+fn symmetric_entries(file: &str) -> Vec<String> {
+    let bits = [2, 3, 4];
+    match file {
+        "gptq_mma.cu" => bits
+            .iter()
+            .flat_map(|b| {
+                let plain = ["b8", "b16"]
+                    .into_iter()
+                    .flat_map(move |mb| ["bf16", "f32"].map(|y| format!("gptq_mma_gemv_w{b}_{mb}_sym_to_{y}")));
+                let grouped = ["", "_k2", "_cols"].map(|l| format!("gptq_mma_gemv_grouped_w{b}_b8{l}_sym_bf16"));
+                plain.chain(grouped).collect::<Vec<_>>()
+            })
+            .collect(),
+        "gptq_rope.cu" => bits.iter().map(|b| format!("gptq_mma_gemv_rope_w{b}_b8_sym_bf16")).collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -80,7 +80,8 @@ fn gptq_gemv_matches_the_cpu_reference() {
     for case in cases {
         let (k, n, bits, group, act, batch) = case;
         // (x, y, tensor cores, symmetric, tolerance): the exact path, bf16 inputs on both kernels, bf16 outputs;
-        // both kernels again on a symmetric weight (no zeros uploaded: the kernels take the constant).
+        // both kernels again on a symmetric weight (no zeros uploaded: the kernels take the constant; on tensor
+        // cores without a row order, the `_sym` kernels, f32 and bf16 outputs).
         for (xd, yd, mma, sym, tol) in [
             (f32_, f32_, false, false, 1e-4),
             (bf16_, f32_, false, false, 1e-4),
@@ -88,6 +89,7 @@ fn gptq_gemv_matches_the_cpu_reference() {
             (bf16_, bf16_, true, false, 5e-3),
             (f32_, f32_, false, true, 1e-4),
             (bf16_, f32_, true, true, 1e-4),
+            (bf16_, bf16_, true, true, 5e-3),
         ] {
             let (err, packing) = gemv_case(&gpu, &mut rng, case, (xd, yd), mma, sym);
             let what = format!(
@@ -103,8 +105,8 @@ fn gptq_gemv_matches_the_cpu_reference() {
 /// (`gptq_mma_gemv_rope`): what the GEMV then `rope_columns2` give, bit for bit (each value rounded to bf16 as the
 /// GEMV stores it, then rotated in f32 as rope_cols2 rotates it). Shapes: the real model's (1536 → 128 heads of
 /// 192 with 64 interleaved rope dims last, and 64 index heads of 128 with 64 half-split dims first), the demo
-/// model's (32 rope dims), and 16 rope dims; every bit width, 1..8 rows at scattered positions; a g_idx weight is
-/// not taken.
+/// model's (32 rope dims), and 16 rope dims; every bit width, 1..8 rows at scattered positions, symmetric weights
+/// (the `_sym` kernels on both sides) and not; a g_idx weight is not taken.
 #[test]
 fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
     if no_gpu() {
@@ -113,17 +115,19 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
     let gpu = CudaBackend::new(0).expect("cuda:0").with_act_dtype(ActDtype::Bf16);
     let mut rng = Rng::new(31);
     let spec = |heads, head_dim, offset, interleaved| RopeSpec { heads, head_dim, offset, interleaved };
-    // (in, bits, act_order, q part, index part, rope pairs)
+    // (in, bits, act_order, symmetric, q part, index part, rope pairs)
     let cases = [
-        (1536, 3, false, spec(128, 192, 128, true), spec(64, 128, 0, false), 32),
-        (128, 3, false, spec(4, 64, 32, true), spec(32, 64, 0, false), 16),
-        (256, 2, false, spec(2, 64, 48, true), spec(4, 64, 16, false), 8),
-        (512, 4, false, spec(3, 128, 64, true), spec(2, 128, 32, false), 16),
-        (256, 3, true, spec(2, 64, 32, true), spec(4, 64, 0, false), 16),
+        (1536, 3, false, false, spec(128, 192, 128, true), spec(64, 128, 0, false), 32),
+        (1536, 3, false, true, spec(128, 192, 128, true), spec(64, 128, 0, false), 32),
+        (128, 3, false, false, spec(4, 64, 32, true), spec(32, 64, 0, false), 16),
+        (256, 2, false, true, spec(2, 64, 48, true), spec(4, 64, 16, false), 8),
+        (512, 4, false, false, spec(3, 128, 64, true), spec(2, 128, 32, false), 16),
+        (256, 3, true, false, spec(2, 64, 32, true), spec(4, 64, 0, false), 16),
     ];
-    for (k, bits, act_order, q, ix, half) in cases {
+    for (k, bits, act_order, sym, q, ix, half) in cases {
         let (wq, wi) = (q.heads * q.head_dim, ix.heads * ix.head_dim);
-        let w = gpu.load_linear(HostLinear::Gptq(random_weight(&mut rng, k, wq + wi, bits, 128, act_order))).unwrap();
+        let host = weight_with_zeros(&mut rng, (k, wq + wi, bits, 128, act_order), sym);
+        let w = gpu.load_linear(HostLinear::Gptq(host)).unwrap();
         // DeepSeek's frequencies shape (θ^(−i/half)); positions far apart, up to 64K (angles of ~6.5e4 radians).
         let inv_freq: Vec<f32> = (0..half).map(|i| 10000f32.powf(-(i as f32) / half as f32)).collect();
         for n in [1usize, 3, 8] {
@@ -132,7 +136,8 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
             let x: Vec<f32> = (0..n * k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
             let xt = gpu.upload(n, k, x).unwrap();
             let (a, b) = ((0, q), (wq, ix));
-            let what = format!("{k} -> {wq} + {wi} w{bits} act_order={act_order} rope pairs {half}, {n} rows");
+            let what =
+                format!("{k} -> {wq} + {wi} w{bits} act_order={act_order} sym={sym} rope pairs {half}, {n} rows");
             let (aq, ai) = gpu.rope_columns2(&gpu.linear(&xt, &w).unwrap(), a, b, &inv_freq, &rows).unwrap();
             let bits = |t: &<CudaBackend as Backend>::Tensor| -> Vec<u32> {
                 gpu.download(t).unwrap().iter().map(|v| v.to_bits()).collect()

@@ -408,20 +408,22 @@ fn the_router_matches_the_cpu() {
 /// `count` random SwiGLU experts (hidden → inter → hidden) as host linears; every third (1, 4, ...) symmetric,
 /// so a grouped launch's blocks meet experts with and without zeros to read (`GpuGptq::symmetric`).
 fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
-    host_experts_ordered(rng, count, (hidden, inter, bits), |_| false)
+    host_experts_ordered(rng, count, (hidden, inter, bits), |_| false, |i| i % 3 == 1)
 }
 
-/// The same, expert i's matrices with an act-order g_idx where `act_order(i)`.
+/// The same, expert i's matrices with an act-order g_idx where `act_order(i)` and symmetric where `symmetric(i)`
+/// (every expert of a launch symmetric and none reordered: the `_sym` kernels).
 fn host_experts_ordered(
     rng: &mut Rng,
     count: usize,
     (hidden, inter, bits): (usize, usize, u32),
     act_order: impl Fn(usize) -> bool,
+    symmetric: impl Fn(usize) -> bool,
 ) -> Vec<[HostLinear; 3]> {
     (0..count)
         .map(|i| {
             let shape = |k, n| (k, n, bits, 128, act_order(i));
-            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, shape(k, n), i % 3 == 1));
+            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, shape(k, n), symmetric(i)));
             [m(hidden, inter), m(hidden, inter), m(inter, hidden)]
         })
         .collect()
@@ -463,21 +465,24 @@ fn grouped_experts_match_the_cpu() {
     }
     let cpu = CpuBackend::F32;
     let mut rng = Rng::new(24);
-    // (experts, hidden, inter, bits, top_k, act order): small shapes of every bit width, the real dims, and experts
-    // of which some gather x through a row order of K (the launches' `_perm` kernels: each block takes its
-    // expert's way).
-    for (count, hidden, inter, bits, top_k, ordered) in [
-        (8usize, 256usize, 128usize, 3u32, 2usize, false),
-        (6, 256, 256, 2, 3, false),
-        (6, 384, 128, 4, 2, false),
-        (8, 7168, 2048, 3, 4, false),
-        (8, 256, 256, 3, 3, true),
+    // (experts, hidden, inter, bits, top_k, act order, all symmetric): small shapes of every bit width, the real
+    // dims, experts of which some gather x through a row order of K (the launches' `_perm` kernels: each block
+    // takes its expert's way), and experts every one symmetric (the `_sym` kernels; elsewhere every third is).
+    for (count, hidden, inter, bits, top_k, ordered, all_sym) in [
+        (8usize, 256usize, 128usize, 3u32, 2usize, false, false),
+        (6, 256, 256, 2, 3, false, false),
+        (6, 384, 128, 4, 2, false, false),
+        (8, 7168, 2048, 3, 4, false, false),
+        (8, 256, 256, 3, 3, true, false),
+        (8, 256, 256, 3, 3, false, true),
     ] {
-        let hs = host_experts_ordered(&mut rng, count, (hidden, inter, bits), |i| ordered && i % 3 != 2);
+        let sym = |i: usize| all_sym || i % 3 == 1;
+        let hs = host_experts_ordered(&mut rng, count, (hidden, inter, bits), |i| ordered && i % 3 != 2, sym);
         // A shared expert in the routed experts' format (it joins the grouped launches) and in another bit width
-        // (it runs on its own and is added).
+        // (it runs on its own and is added); symmetric with the routed ones when those all are.
         let other = if bits == 4 { 3 } else { 4 };
-        let shared = [host_experts(&mut rng, 1, hidden, inter, bits), host_experts(&mut rng, 1, hidden, inter, other)];
+        let shared = [(hidden, inter, bits), (hidden, inter, other)]
+            .map(|dims| host_experts_ordered(&mut rng, 1, dims, |_| false, sym));
         // All held, and a slice holding half (the other half's slots are skipped).
         for half in [false, true] {
             let held = |i: usize| !half || i.is_multiple_of(2);
@@ -512,9 +517,8 @@ fn grouped_experts_match_the_cpu() {
                     let xg = up(&gpu, *rows, hidden, x);
                     let routes = GpuRoutes::from_host(&gpu, r, count).unwrap();
                     let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
-                    let what = format!(
-                        "experts {count}x{hidden}x{inter} w{bits} top{top_k} act_order {ordered} rows {rows} half {half}"
-                    );
+                    let shape = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k}");
+                    let what = format!("{shape} act_order {ordered} sym {all_sym} rows {rows} half {half}");
                     check(&what, act, &got, &want[0], 1e-4);
                     for (i, s_gpu) in sg.iter().enumerate() {
                         let got = gpu.download(&gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap()).unwrap();
