@@ -16,7 +16,8 @@
 // upper half for rows 8..15, so they land in the very registers (batch row, lane) where the correction needs them,
 // summed from the bf16 x the tensor cores see. The 16-row kernels (MMA_ZSUB_MIN_MB) instead subtract base + z
 // from A before the mma (exact), acc += s · Σ x·(q − z), and need no sums. A symmetric weight (every zero
-// 2^(BITS−1), src/gemv.rs) comes with null zeros: its zero is that constant and no zero is read from memory.
+// 2^(BITS−1), src/gemv.rs) comes with null zeros: its zero is that constant and no zero is read from memory (the
+// SYM kernels leave the per-column zero terms out altogether).
 //
 // A warp takes TPW tiles of 16 columns (4 tiles, 64 columns, for ≤ 8 rows; 2 tiles for 9..16 rows, whose
 // accumulators are twice as many) over a run of chunks of K, and a block's 4 warps are laid out in 4 / KW groups
@@ -100,7 +101,8 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
 // which mma_gemv_block reads: `xrow[b]`, or b when xrow is null).
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
-// plain stores instead of copied).
+// plain stores instead of copied). SYM: a symmetric weight's kernel (null zeros): no per-column zero is read or
+// applied, z_all alone (5-8% fewer instructions a chunk, sm_90; the host picks it, src/mma.rs `variant`).
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 // The block's sums go to its Store, every (b < nrows, n of the block's tiles) exactly once:
 // - KW = 1: each warp stores its own columns' finished values, store(b, n, v) (a lambda);
