@@ -179,12 +179,39 @@ extern "C" __global__ void gptq_reduce_bf16(const float* p, __nv_bfloat16* y, in
     reduce(p, y, splits, B, N);
 }
 
+__device__ __forceinline__ float as_stored(const float*, float v) { return v; }
+__device__ __forceinline__ float as_stored(const __nv_bfloat16*, float v) {
+    return __bfloat162float(__float2bfloat16(v));
+}
+
 // The gate/up reduction of the grouped experts: h[p, n] = silu(Σ_s gate) · Σ_s up, partial [splits, P, 2N].
+// With `sums` (bf16 h, N a multiple of 128, blocks of a multiple of 128 threads) also the sums of h the down
+// launch's `_xs` kernels read (mma_gemv.cuh PRESUM): sums[p·N/128 + c] = (Σ h[p, 128c + k] over k % 16 < 8, over
+// k % 16 ≥ 8), of the values as stored — a warp's 32 columns summed across its lanes (lane bit 3 tells low from
+// high), then a chunk's 4 warps in order.
 template <typename YT>
-__device__ void reduce_silu(const float* __restrict__ partial, YT* __restrict__ h, int splits, int P, int N) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P * N) return;
-    store(h, i, expert_silu_up(partial, splits, P, N, i / N, i % N));
+__device__ void reduce_silu(const float* __restrict__ partial, YT* __restrict__ h, float2* __restrict__ sums,
+                            int splits, int P, int N) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const bool in = i < P * N;
+    float v = 0.f;
+    if (in) {
+        v = expert_silu_up(partial, splits, P, N, i / N, i % N);
+        store(h, i, v);
+        v = as_stored(h, v);
+    }
+    if (sums == nullptr) return;
+    __shared__ float2 part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    for (int o : {1, 2, 4, 16}) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) part[warp].x = v;
+    if (lane == 8) part[warp].y = v;
+    __syncthreads();
+    if (in && threadIdx.x % 128 == 0) {
+        float2 c = part[warp];
+        for (int w = 1; w < 4; w++) c.x += part[warp + w].x, c.y += part[warp + w].y;
+        sums[i / 128] = c;
+    }
 }
 
 // The down reduction of the grouped experts, combined per row in slot order (deterministic):
@@ -199,8 +226,9 @@ __device__ void reduce_combine(const float* __restrict__ partial, int splits, in
 }
 
 #define EXPERT_REDUCE(YT, NAME)                                                                            \
-    extern "C" __global__ void gptq_reduce_silu_##NAME(const float* p, YT* h, int splits, int P, int N) {   \
-        reduce_silu(p, h, splits, P, N);                                                                   \
+    extern "C" __global__ void gptq_reduce_silu_##NAME(const float* p, YT* h, float2* sums, int splits, int P, \
+                                                       int N) {                                            \
+        reduce_silu(p, h, sums, splits, P, N);                                                             \
     }                                                                                                      \
     extern "C" __global__ void gptq_reduce_combine_##NAME(const float* p, int splits, int P, int N,         \
                                                           const int* pair_of, const float* w, YT* out,      \
@@ -222,9 +250,31 @@ EXPERT_REDUCE(__nv_bfloat16, bf16)
 // one 64-bit mask, and an entry's place among its expert's pairs is the count of the mask's rows before its own:
 // every entry is placed in O(1), a thread an entry. (A thread per expert scanning all entries, twice, took ~20 µs
 // at 32 rows: 288 entries.) A routing that names an expert twice in a row, or more rows, takes that scan.
+//
+// Blocks past the first (a launch with `xsums`) write the sums of x [rows, K] the gate/up launch's `_xs` kernels
+// read (mma_gemv.cuh PRESUM): xsums[r·K/128 + c] = (Σ x[r, 128c + k] over k % 16 < 8, over k % 16 ≥ 8), a warp a
+// chunk of a row — lane l's 4 columns 4l.. are all low (l % 4 < 2) or all high — in the plan's launch rather than
+// one of their own (K a multiple of 128).
+__device__ void x_chunk_sums(const __nv_bfloat16* __restrict__ x, int rows, int K, float2* __restrict__ xsums) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x & 31, n = rows * (K / 128);
+    for (int w = (blockIdx.x - 1) * warps + threadIdx.x / 32; w < n; w += (gridDim.x - 1) * warps) {
+        const uint2 v = *(const uint2*)(x + (size_t)w * 128 + lane * 4);  // row r, chunk c: w = r·K/128 + c
+        const float2 a = __bfloat1622float2(*(const __nv_bfloat162*)&v.x);
+        const float2 b = __bfloat1622float2(*(const __nv_bfloat162*)&v.y);
+        float s = (a.x + a.y) + (b.x + b.y);
+        for (int o : {1, 4, 8, 16}) s += __shfl_xor_sync(0xffffffffu, s, o);
+        const float hi = __shfl_sync(0xffffffffu, s, 2);
+        if (lane == 0) xsums[w] = make_float2(s, hi);
+    }
+}
+
 extern "C" __global__ void experts_plan(const unsigned* experts, int entries, int top_k, int shared,
                                         const u64* held, int n_experts, int tile_rows, int* tiles, int* n_tiles,
-                                        int* pair_x, int* pair_of) {
+                                        int* pair_x, int* pair_of, const __nv_bfloat16* x, int K, float2* xsums) {
+    if (blockIdx.x > 0) {
+        x_chunk_sums(x, entries / (top_k + shared), K, xsums);
+        return;
+    }
     __shared__ unsigned ids[1024];
     __shared__ unsigned long long rows_of[1024];  // bit r: row r chose the expert (≤ 64 rows)
     __shared__ int pair_scan[1024], tile_scan[1024], counts[1024];

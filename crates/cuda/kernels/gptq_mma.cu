@@ -55,12 +55,13 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
 // whose blocks of an empty tile only count themselves in for the combine.
-template <int BITS, int KW, bool REORDERED, bool SYM>
+template <int BITS, int KW, bool REORDERED, bool SYM, bool PRESUM>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
                                  int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
-                                 const float* rw, int rows, int top_k, int shared, const u32* route) {
+                                 const float* rw, int rows, int top_k, int shared, const u32* route,
+                                 const float2* xsums) {
     constexpr int MB = 8;
     const int t = blockIdx.z;
     constexpr int bt = block_tiles<MB, KW>();
@@ -106,9 +107,9 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0) {
         auto run = [&](auto store) {
-            mma_gemv_block<BITS, MB, REORDERED, KW, SYM>(x, route ? nullptr : pair_x + p0, np, (const int*)pa,
-                                                           (const uint2*)wa, (const __half*)za, (const __half*)sa, K,
-                                                           N, group_size, k_chunk, stages, cb, store);
+            mma_gemv_block<BITS, MB, REORDERED, KW, SYM, PRESUM>(
+                x, route ? nullptr : pair_x + p0, np, (const int*)pa, (const uint2*)wa, (const __half*)za,
+                (const __half*)sa, K, N, group_size, k_chunk, stages, cb, store, xsums);
         };
         if constexpr (KW == 1)
             run([&](int b, int n, float v) { out[b * width + n] = v; });
@@ -133,9 +134,11 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 }
 
 // The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm|_sym]_to_<bf16|f32> and the grouped ones
-// gptq_mma_gemv_grouped_w<BITS>_b8[_k2|_cols][_perm|_sym]_bf16 (KW 4, 2 or 1; REORDERED — no _k2_perm: src/mma.rs;
-// SYM: a symmetric weight's, every zero the constant and none read or applied — mma_gemv.cuh — picked by the host
-// when the weight, or every expert of the launch, has null zeros and no row order).
+// gptq_mma_gemv_grouped_w<BITS>_b8[_k2|_cols][_perm|_sym][_xs]_bf16 (KW 4, 2 or 1; REORDERED — no _k2_perm:
+// src/mma.rs; SYM: a symmetric weight's, every zero the constant and none read or applied — mma_gemv.cuh — picked
+// by the host when the weight, or every expert of the launch, has null zeros and no row order; PRESUM, `_xs`: the
+// sums of x read from `xsums`, which the other kernels do not read — warp columns only, the launches of more rows
+// than src/experts.rs FUSED_ROWS, whose inputs' producers write them).
 #define MMA_PLAIN(BITS, MB, SUFFIX, REORDERED, SYM, YNAME, YT)                                                   \
     extern "C" __global__ void MMA_BOUNDS(MB) gptq_mma_gemv_w##BITS##_b##MB##SUFFIX##_to_##YNAME(                \
         const __nv_bfloat16* x, const int* perm, const uint2* words, const __half* zeros, const __half* scales,  \
@@ -143,16 +146,17 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         mma_gemv<BITS, MB, REORDERED, SYM>(x, perm, words, zeros, scales, partial, y, counters, B, K, N,        \
                                            group_size, k_chunk, stages);                                       \
     }
-#define MMA_GROUPED(BITS, NAME, KW, REORDERED, SYM)                                                             \
+#define MMA_GROUPED(BITS, NAME, KW, REORDERED, SYM, PRESUM)                                                     \
     extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_grouped_w##BITS##_b8##NAME##_bf16(                   \
         const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,                         \
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
-        int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route) {                     \
-        mma_gemv_grouped<BITS, KW, REORDERED, SYM>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,           \
-                                                   n_experts, mats, partial, K, N, group_size, k_chunk,         \
-                                                   stages, fuse, counters, y, pair_of, rw, rows, top_k,         \
-                                                   shared, route);                                              \
+        int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route,                       \
+        const float2* xsums) {                                                                                  \
+        mma_gemv_grouped<BITS, KW, REORDERED, SYM, PRESUM>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,   \
+                                                           n_experts, mats, partial, K, N, group_size, k_chunk, \
+                                                           stages, fuse, counters, y, pair_of, rw, rows, top_k, \
+                                                           shared, route, xsums);                               \
     }
 #define MMA_PLAIN_MB(BITS, MB)                                                                                  \
     MMA_PLAIN(BITS, MB, , false, false, bf16, __nv_bfloat16)                                                    \
@@ -164,14 +168,16 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 #define MMA_T(BITS)                                                                                             \
     MMA_PLAIN_MB(BITS, 8)                                                                                       \
     MMA_PLAIN_MB(BITS, 16)                                                                                      \
-    MMA_GROUPED(BITS, , 4, false, false)                                                                        \
-    MMA_GROUPED(BITS, _k2, 2, false, false)                                                                     \
-    MMA_GROUPED(BITS, _cols, 1, false, false)                                                                   \
-    MMA_GROUPED(BITS, _perm, 4, true, false)                                                                    \
-    MMA_GROUPED(BITS, _cols_perm, 1, true, false)                                                               \
-    MMA_GROUPED(BITS, _sym, 4, false, true)                                                                     \
-    MMA_GROUPED(BITS, _k2_sym, 2, false, true)                                                                  \
-    MMA_GROUPED(BITS, _cols_sym, 1, false, true)
+    MMA_GROUPED(BITS, , 4, false, false, false)                                                                 \
+    MMA_GROUPED(BITS, _k2, 2, false, false, false)                                                              \
+    MMA_GROUPED(BITS, _cols, 1, false, false, false)                                                            \
+    MMA_GROUPED(BITS, _cols_xs, 1, false, false, true)                                                          \
+    MMA_GROUPED(BITS, _perm, 4, true, false, false)                                                             \
+    MMA_GROUPED(BITS, _cols_perm, 1, true, false, false)                                                        \
+    MMA_GROUPED(BITS, _sym, 4, false, true, false)                                                              \
+    MMA_GROUPED(BITS, _k2_sym, 2, false, true, false)                                                           \
+    MMA_GROUPED(BITS, _cols_sym, 1, false, true, false)                                                         \
+    MMA_GROUPED(BITS, _cols_sym_xs, 1, false, true, true)
 MMA_T(2)
 MMA_T(3)
 MMA_T(4)

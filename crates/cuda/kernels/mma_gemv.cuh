@@ -87,14 +87,16 @@ __device__ __forceinline__ void cp_async_wait_n(int n) {
 }
 
 // Bytes of one ring slot: the warp's weight words of one chunk, the scales then the zeros of its TPW·16 columns
-// (f16), then `rows` rows of x. (src/mma.rs mirrors this.)
+// (f16), then `rows` rows of x, then (PRESUM) the 8 rows' sums of x of the chunk, (lo, hi) f32 a row. (src/mma.rs
+// mirrors this.)
 template <int TPW>
 __device__ __forceinline__ constexpr int sz_bytes() {
     return TPW * 16 * 2 * 2;
 }
-template <int BITS, int TPW>
+#define MMA_XSUM_BYTES (8 * 8)
+template <int BITS, int TPW, bool PRESUM>
 __device__ __forceinline__ int slot_bytes(int rows) {
-    return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2;
+    return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2 + (PRESUM ? MMA_XSUM_BYTES : 0);
 }
 
 // One block: tiles [block_x·BT, +BT) with BT = (4 / KW)·TPW, TPW a warp's (its group's), over chunks
@@ -103,6 +105,9 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 // MB = 8 or 16: one or two n8 halves of the mma. PERM: the checkpoint reorders K (x is gathered through perm with
 // plain stores instead of copied). SYM: a symmetric weight's kernel (null zeros): no per-column zero is read or
 // applied, z_all alone (5-8% fewer instructions a chunk, sm_90; the host picks it, src/mma.rs `variant`).
+// PRESUM (8 rows, no row order): the sums of x come with x, `xsums` [x row][K / 128] (lo, hi) — Σ over the chunk
+// of x at k % 16 < 8 and at k % 16 ≥ 8, of the bf16 values — written by x's producer (experts_plan for the gate/up
+// launch, gptq_reduce_silu for down), instead of by 8 more mma a chunk in every warp of every block.
 // Shared: [MMA_WARPS][stages] slots (≥ the warps' sums at the end, MMA_WARPS · 16 · 32 floats).
 // The block's sums go to its Store, every (b < nrows, n of the block's tiles) exactly once:
 // - KW = 1: each warp stores its own columns' finished values, store(b, n, v) (a lambda);
@@ -114,11 +119,13 @@ __device__ __forceinline__ int slot_bytes(int rows) {
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-template <int BITS, int MB, bool PERM, int KW, bool SYM, typename Store>
+template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
-                             int group_size, int k_chunk, int stages, int block_x, Store store) {
+                             int group_size, int k_chunk, int stages, int block_x, Store store,
+                             const float2* __restrict__ xsums = nullptr) {
+    static_assert(!PRESUM || (MB == 8 && !PERM), "sums of x from the producer: 8 rows in K's own order");
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
@@ -137,7 +144,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     const int c0 = split0 + min(in_split, kw * per);
     const int chunks = tiles > 0 ? min(in_split, (kw + 1) * per) - min(in_split, kw * per) : 0;
     constexpr int wbytes = TPW * BITS * 32 * 8;
-    const int slot = slot_bytes<BITS, TPW>(nrows);
+    const int slot = slot_bytes<BITS, TPW, PRESUM>(nrows);
     unsigned char* ring = smem + (size_t)warp * stages * slot;
     if (threadIdx.x < MB) {
         rows_of[threadIdx.x] = row;
@@ -182,6 +189,9 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     const __nv_bfloat16* xsrc0 = xrows[x0_ok ? xr0 : 0] + xcol + next_k;
     const u32 sz_at = ring_at + wbytes + lane * 16;
     const u32 x_at = ring_at + wbytes + sz_bytes<TPW>() + xcol * 2;
+    // PRESUM: lane b < nrows copies row b's (lo, hi) of each chunk after the slot's x rows.
+    const int xsum_off = wbytes + sz_bytes<TPW>() + nrows * MMA_XS * 2;
+    const float2* ssrc = PRESUM ? xsums + (size_t)rows_of[min(lane, MB - 1)] * k_chunks + c0 : nullptr;
     auto issue = [&](bool real) {
         if (real) {
 #pragma unroll
@@ -218,6 +228,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
                     }
                 }
             }
+            if (PRESUM && lane < nrows) cp_async8_at(ring_at + next_off + xsum_off + lane * 8, ssrc);
+            if (PRESUM) ssrc++;
             next_off += slot;
             if (next_off == ring_bytes) next_off = 0;
             next_k += MMA_CHUNK;
@@ -274,6 +286,12 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
         const unsigned char* sl = ring + read_off;
         const u32 xs_at = ring_at + read_off + wbytes + sz_bytes<TPW>();
+        // PRESUM: the (lo, hi) sums of rows 2·quad and 2·quad + 1, where the mma of the sums would leave them.
+        float pre[4];
+        if constexpr (PRESUM)
+            asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                         : "=f"(pre[0]), "=f"(pre[1]), "=f"(pre[2]), "=f"(pre[3])
+                         : "r"(ring_at + read_off + xsum_off + quad * 16));
         read_off += slot;
         if (read_off == ring_bytes) read_off = 0;
         const __half* szs = (const __half*)(sl + wbytes);  // scales [TPW·16], zeros [TPW·16]
@@ -326,7 +344,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
             for (int s = 0; s < 2; s++) {
                 const int ks = kp * 2 + s;
-                if constexpr (!ZSUB) {
+                if constexpr (!ZSUB && !PRESUM) {
 #pragma unroll
                     for (int h = 0; h < H; h++) mma_16816(xsum[s][h], sums_a, xb[h][2 * s], xb[h][2 * s + 1]);
                 }
@@ -351,7 +369,14 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         for (int h = 0; h < H; h++)
 #pragma unroll
             for (int j = 0; j < 2; j++) {
-                const float lo = xsum[0][h][j] + xsum[1][h][j], hi = xsum[0][h][2 + j] + xsum[1][h][2 + j];
+                float lo, hi;
+                if constexpr (PRESUM) {
+                    lo = pre[2 * j];
+                    hi = pre[2 * j + 1];
+                } else {
+                    lo = xsum[0][h][j] + xsum[1][h][j];
+                    hi = xsum[0][h][2 + j] + xsum[1][h][2 + j];
+                }
                 total[h][j] = lo + hi;
                 based[h][j] = 128.f * lo + BASE_HI * hi + z_all * total[h][j];
             }
@@ -411,11 +436,11 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 // (src/mma.rs, src/experts.rs): a kernel that carries both paths is twice the code, and its launches of weights
 // without a row order were slower — H200, in-process A/B over 2 layers at 4K (session 27): -5.2 us a step of
 // 0.333 ms without the path; bench_gemv o_proj at 8 rows 27.2 -> 25.5 us.
-template <int BITS, int MB, bool REORDERED, int KW, bool SYM, typename Store>
+template <int BITS, int MB, bool REORDERED, int KW, bool SYM, bool PRESUM = false, typename Store>
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
                                                int N, int group_size, int k_chunk, int stages, int block_x,
-                                               Store store) {
+                                               Store store, const float2* xsums = nullptr) {
     // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if constexpr (REORDERED) {
@@ -425,8 +450,8 @@ __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int
             return;
         }
     }
-    mma_gemv_run<BITS, MB, false, KW, SYM>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size, k_chunk,
-                                             stages, block_x, store);
+    mma_gemv_run<BITS, MB, false, KW, SYM, PRESUM>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size,
+                                                     k_chunk, stages, block_x, store, xsums);
 }
 
 // Row b's column c (of the block's (4 / KW)·TPW·16) summed over the KW warps that shared its K, in warp order:

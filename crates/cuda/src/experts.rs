@@ -52,18 +52,28 @@ fn max_tiles(rows: usize, top_k: usize, n_experts: usize, shared: bool, tile: us
     ((routed + (tile - 1) * chosen) / tile).min(routed) + if shared { rows.div_ceil(tile) } else { 0 }
 }
 
+/// One grouped launch: its kernel, blocks along x (all matrices), the split/ring shape (the scalar kernel has no
+/// ring: stages 0), and whether the kernel reads the sums of x its input's producer wrote (`_xs`).
+struct Launch {
+    name: String,
+    bx: usize,
+    shape: Shape,
+    sums: bool,
+}
+
 /// One grouped launch's shape for a step of `rows` rows: matrices like `w` over `tiles` tiles of `mb` rows, `mats`
-/// matrices side by side: the kernel, blocks along x and the split/ring shape (the scalar kernel has no ring:
-/// stages 0). `reordered`: some expert has a row order of K (the tensor-core kernel that can gather x through it);
-/// `symmetric`: every expert's zeros are the constant (the kernel that reads none: [`crate::mma::variant_of`]).
+/// matrices side by side. `reordered`: some expert has a row order of K (the tensor-core kernel that can gather x
+/// through it); `symmetric`: every expert's zeros are the constant (the kernel that reads none:
+/// [`crate::mma::variant_of`]); `sums`: the sums of x can be had from x's producer, which the warp-column kernels
+/// then read (the others, whose launches have fewer rows, compute them: the producers there are fused away).
 fn launch_shape(
     b: &CudaBackend,
     w: &GpuGptq,
     (rows, mb): (usize, usize),
     tiles: usize,
     mats: usize,
-    (reordered, symmetric): (bool, bool),
-) -> (String, usize, Shape) {
+    (reordered, symmetric, sums): (bool, bool, bool),
+) -> Launch {
     let (k, n, g) = (w.in_features, w.out_features, &b.gpu);
     match w.packing {
         Packing::Gptq => {
@@ -72,23 +82,32 @@ fn launch_shape(
             let name = format!("gptq_gemv_grouped_w{}_b{mb}_{}", w.bits, b.act.suffix());
             let smem = w.smem_bytes(mb, chunk);
             let shape = Shape { chunk, splits: k.div_ceil(chunk), stages: 0, smem, layout: Layout::SplitK };
-            (name, mats * bx, shape)
+            Launch { name, bx: mats * bx, shape, sums: false }
         }
         Packing::Mma => {
             let pairs = !reordered && !b.gpu.is_apart(crate::gpu::Apart::QuarterK);
             let layout = Layout::for_grouped(rows, k, pairs);
+            let sums = sums && !reordered && layout == Layout::WarpCols;
             let bx = crate::mma::blocks_x(n, mb, layout);
             let variant = crate::mma::variant_of(reordered, symmetric);
-            let name = format!("gptq_mma_gemv_grouped_w{}_b8{}{variant}_bf16", w.bits, layout.kernel_part());
-            let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout);
+            let xs = if sums { "_xs" } else { "" };
+            let name = format!("gptq_mma_gemv_grouped_w{}_b8{}{variant}{xs}_bf16", w.bits, layout.kernel_part());
+            let mut shape = crate::mma::shape(w, g, mb, mats * bx * tiles, layout, sums);
             if let Some((gate_up, down)) = swept_splits()
                 && rows <= crate::mma::WARP_COLS_ROWS
             {
                 shape = shape.with_splits(k, if mats == 2 { gate_up } else { down });
             }
-            (name, mats * bx, shape)
+            Launch { name, bx: mats * bx, shape, sums }
         }
     }
+}
+
+/// `PIPEMOE_LOOP_SUMS=1`: every step as under [`crate::gpu::Apart::LoopSums`] (the grouped launches sum x in
+/// their loops) — a one-binary A/B's knob (docs/CUDA.md).
+fn loop_sums() -> bool {
+    static K: OnceLock<bool> = OnceLock::new();
+    *K.get_or_init(|| crate::mma::knob("PIPEMOE_LOOP_SUMS", 0, 0..=1) == 1)
 }
 
 /// `PIPEMOE_GROUPED_SPLITS=G,D`: the splits of K of the grouped gate/up and down launches of steps of up to
@@ -347,30 +366,66 @@ impl CudaBackend {
         let identity = self.gpu.uploaded_i32(&(0..pairs as i32).collect::<Vec<_>>()).map_err(m)?;
         let (e, with_shared) = (t.entries as i32, i32::from(t.shared));
         let (entries, k, tr) = (pairs as i32, r.top_k as i32, mb as i32);
-        let kind = (t.reordered, t.symmetric);
-        let (name, gx, sh) = launch_shape(self, gate0, (rows, mb), n_tiles, 2, kind);
-        let down_shape = launch_shape(self, down0, (rows, mb), n_tiles, 1, kind);
+        // Steps of more than FUSED_ROWS rows run the plan and the SiLU reduction as launches of their own, which
+        // then also write the sums of their outputs (x, h) that the warp-column kernels read with them.
+        let mma = gate0.packing == Packing::Mma;
+        let sums = mma
+            && x.rows > FUSED_ROWS
+            && dtype == crate::act::ActDtype::Bf16
+            && t.hidden % crate::mma::CHUNK == 0
+            && t.inter % crate::mma::CHUNK == 0
+            && !self.gpu.is_apart(crate::gpu::Apart::LoopSums)
+            && !loop_sums();
+        let kind = (t.reordered, t.symmetric, sums);
+        let gate_up = launch_shape(self, gate0, (rows, mb), n_tiles, 2, kind);
+        let down_launch = launch_shape(self, down0, (rows, mb), n_tiles, 1, kind);
+        let (name, gx, sh) = (&gate_up.name, gate_up.bx, gate_up.shape);
         // For a few rows the tensor-core kernel's last block of each tile's column range applies SiLU·up itself
         // (one counter per tile and column range); otherwise gptq_reduce_silu does. The last block of each of the
         // down launch's column ranges adds the rows' experts itself for a few rows (its one block then reads
         // rows·slots·splits partial sums per column); more rows take gptq_reduce_combine's wide grid. Only with
         // the shared expert in the launch: a tile always exists then, so every column range has a last block (a
         // step whose rows chose no expert this slice holds has no tile, and the combine writes zeros).
-        let mma = gate0.packing == Packing::Mma;
         let fuse_silu = mma && x.rows <= FUSED_ROWS && n_tiles * (gx / 2) <= self.gpu.counters.len();
-        let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && down_shape.1 <= self.gpu.counters.len();
+        let fuse_combine = mma && t.shared && x.rows <= FUSED_ROWS && down_launch.bx <= self.gpu.counters.len();
         // One row with both reductions fused needs no plan: the gate/up launch takes the routing itself, a tile a
         // slot, and writes the plan's outputs for the down launch (gptq_mma.cu).
         let one_row = x.rows == 1 && fuse_silu && fuse_combine && !self.gpu.is_apart(crate::gpu::Apart::Plan);
+        // The sums of x (gate/up's) and of h (down's) over each row's chunks of 128: (low, high) f32 pairs.
+        let chunk_sums = |on: bool, rows: usize, k: usize| -> MResult<Option<CudaSlice<f32>>> {
+            // SAFETY: experts_plan (x) and gptq_reduce_silu (h) write every pair before the launches read them.
+            Ok(if on {
+                Some(unsafe { s.alloc::<f32>(2 * rows * k / crate::mma::CHUNK) }.map_err(md("alloc sums"))?)
+            } else {
+                None
+            })
+        };
+        let mut x_sums = chunk_sums(gate_up.sums, x.rows, t.hidden)?;
+        let mut h_sums = chunk_sums(down_launch.sums, pairs, t.inter)?; // more rows than fuse SiLU·up
+        let null = 0u64;
         if !one_row {
             let mut l = s.launch_builder(self.f("experts_plan")?);
             l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);
             l.arg(&mut tiles).arg(&mut count).arg(&mut pair_x).arg(&mut pair_of);
-            let threads = t.entries.next_multiple_of(32) as u32;
-            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let (warps, hidden_i) = (t.entries.div_ceil(32), t.hidden as i32);
+            l.arg(&x.data).arg(&hidden_i);
+            // The plan's block, then (with sums) blocks of as many warps for x's rows·chunks, a warp each.
+            let blocks = match &mut x_sums {
+                Some(xs) => {
+                    l.arg(xs);
+                    1 + (x.rows * t.hidden / crate::mma::CHUNK).div_ceil(warps)
+                }
+                None => {
+                    l.arg(&null);
+                    1
+                }
+            };
+            let threads = (32 * warps) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: matches experts_plan; the routing holds rows·top_k expert ids < E (the shared slot, when
             // appended, is entry E of tables of E + 1), the gate table `entries` addresses first; outputs sized
-            // pairs·3, 1, pairs, pairs.
+            // pairs·3, 1, pairs, pairs; x [rows, hidden] bf16 with hidden a multiple of 128 and its sums
+            // rows·hidden/128 pairs (read only with sums).
             unsafe { l.launch(cfg) }.map_err(md("experts plan"))?;
         }
         let weights = &r.weights;
@@ -382,7 +437,7 @@ impl CudaBackend {
         let p = span("gate/up");
         let splits = sh.splits;
         let mut partial = self.partial(splits * pairs * 2 * inter)?;
-        let f = self.f(&name)?;
+        let f = self.f(name)?;
         self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
         let cfg = LaunchConfig {
             grid_dim: (gx as u32, splits as u32, n_tiles as u32),
@@ -395,7 +450,6 @@ impl CudaBackend {
         // SAFETY: the SiLU reduction (fused or not) writes all pairs·inter values (see above).
         let mut h = unsafe { Act::uninit(&self.gpu, dtype, pairs * inter) }.map_err(m)?;
         let (rows_i, sf) = (x.rows as i32, if fuse_silu { FUSE_SILU } else { FUSE_NONE });
-        let null = 0u64;
         let mut l = s.launch_builder(f);
         l.arg(&x.data).arg(&mut tiles).arg(&mut count).arg(&pair_x).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&two).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
@@ -407,6 +461,10 @@ impl CudaBackend {
             } else {
                 l.arg(&null)
             };
+            match &x_sums {
+                Some(xs) => l.arg(xs),
+                None => l.arg(&null),
+            };
         }
         // SAFETY: argument order and types match gptq_gemv_grouped_* / gptq_mma_gemv_grouped_*; tables hold 2·E
         // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx. One row:
@@ -417,16 +475,22 @@ impl CudaBackend {
             let _p = span("silu");
             let sp = splits as i32;
             let mut l = s.launch_builder(self.f(&format!("gptq_reduce_silu_{sx}"))?);
-            l.arg(&partial).arg(&mut h).arg(&sp).arg(&np).arg(&ni);
-            // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values.
+            l.arg(&partial).arg(&mut h);
+            match &mut h_sums {
+                Some(hs) => l.arg(hs),
+                None => l.arg(&null),
+            };
+            l.arg(&sp).arg(&np).arg(&ni);
+            // SAFETY: matches gptq_reduce_silu_*; h holds pairs·inter values; with sums (bf16 h, inter a multiple
+            // of 128, blocks of 256 threads) pairs·inter/128 pairs.
             unsafe { l.launch(grid(pairs * inter, 256)) }.map_err(md("silu reduce"))?;
         }
 
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
         let p = span("down");
-        let (name, gx, sh) = down_shape;
+        let (name, gx, sh) = (&down_launch.name, down_launch.bx, down_launch.shape);
         let splits = sh.splits;
-        let f = self.f(&name)?;
+        let f = self.f(name)?;
         self.gpu.allow_smem(f, sh.smem as usize).map_err(m)?;
         let mut partial = self.partial(splits * pairs * hidden)?;
         let cfg = LaunchConfig {
@@ -443,6 +507,10 @@ impl CudaBackend {
         if mma {
             l.arg(&st).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of);
             l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared).arg(&null);
+            match &h_sums {
+                Some(hs) => l.arg(hs),
+                None => l.arg(&null),
+            };
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
         // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.

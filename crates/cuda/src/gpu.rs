@@ -102,6 +102,9 @@ pub enum Apart {
     /// A decode step's fused q_b + wq_b launch whole, the indexer's branch forked after it, not its two parts'
     /// blocks apart with the indexer's on the branch (`attention::mla_fused_query`).
     EarlyIndex = 256,
+    /// The grouped experts' launches of many rows sum x in their loops (8 more mma a chunk), not read the sums of
+    /// x that the plan and the SiLU reduction write (the `_xs` kernels).
+    LoopSums = 512,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

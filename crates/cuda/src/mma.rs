@@ -261,10 +261,11 @@ impl Shape {
 }
 
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
-/// of its tiles' columns (f16) and `rows` rows of x.
-fn slot_bytes(bits: u32, rows: usize) -> usize {
+/// of its tiles' columns (f16), `rows` rows of x and, for a kernel that reads them (`sums`, the grouped `_xs`
+/// kernels), 8 rows' sums of x (two f32 each).
+fn slot_bytes(bits: u32, rows: usize, sums: bool) -> usize {
     let tiles = tiles_per_warp(rows);
-    tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2
+    tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2 + if sums { 8 * 8 } else { 0 }
 }
 
 /// Tiles of 16 output columns per warp (`mma_tpw` in the kernel): 4 for the ≤ 8-row kernels, 2 for the 16-row
@@ -293,10 +294,10 @@ pub(crate) fn variant_of(reordered: bool, symmetric: bool) -> &'static str {
 /// each warp gets enough chunks of K that `warps_per_sm` warps per multiprocessor ([`Tuning`]) cover the work, a
 /// whole run when the matrix is large (no split, no partial sums), and the ring as deep as the shared budget
 /// allows; then the splits are raised where that fills the device's resident blocks more evenly
-/// ([`even_splits`]).
-pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize, layout: Layout) -> Shape {
+/// ([`even_splits`]). `sums`: the kernel reads the sums of x with x ([`slot_bytes`]).
+pub(crate) fn shape(w: &GpuGptq, gpu: &Gpu, rows: usize, blocks_x: usize, layout: Layout, sums: bool) -> Shape {
     let k_chunks = w.in_features / CHUNK;
-    let slot = slot_bytes(w.bits, rows);
+    let slot = slot_bytes(w.bits, rows, sums);
     let t = tuning();
     let stages = (t.smem_block / (WARPS * slot)).clamp(2, t.max_stages);
     let target = gpu.sm_count as usize * t.warps_per_sm;
@@ -338,7 +339,7 @@ pub(crate) fn blocks_x(n: usize, rows: usize, layout: Layout) -> usize {
 /// A plain GEMV's column blocks and shape for `batch` rows: what `gemv` launches and `scratch_len` sizes.
 pub(crate) fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape) {
     let bx = blocks_x(w.out_features, batch, Layout::SplitK);
-    let s = shape(w, gpu, batch, bx, Layout::SplitK);
+    let s = shape(w, gpu, batch, bx, Layout::SplitK, false);
     match tuning().splits {
         0 => (bx, s),
         forced => (bx, s.with_splits(w.in_features, forced)),

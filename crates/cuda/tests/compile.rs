@@ -39,7 +39,8 @@ fn every_kernel_compiles_for_sm86_and_sm90() {
 }
 
 /// The symmetric weights' GEMV entry points the host asks for by name (src/mma.rs `variant`): every bit width's
-/// plain (8 and 16 rows, bf16 and f32 out), grouped (each layout) and RoPE-storing kernel, built by macros.
+/// plain (8 and 16 rows, bf16 and f32 out), grouped (each layout) and RoPE-storing kernel, built by macros; and
+/// the warp-column grouped kernels that read the sums of x (`_xs`, src/experts.rs `launch_shape`).
 fn symmetric_entries(file: &str) -> Vec<String> {
     let bits = [2, 3, 4];
     match file {
@@ -49,7 +50,8 @@ fn symmetric_entries(file: &str) -> Vec<String> {
                 let plain = ["b8", "b16"]
                     .into_iter()
                     .flat_map(move |mb| ["bf16", "f32"].map(|y| format!("gptq_mma_gemv_w{b}_{mb}_sym_to_{y}")));
-                let grouped = ["", "_k2", "_cols"].map(|l| format!("gptq_mma_gemv_grouped_w{b}_b8{l}_sym_bf16"));
+                let grouped = ["_sym", "_k2_sym", "_cols_sym", "_cols_xs", "_cols_sym_xs"]
+                    .map(|l| format!("gptq_mma_gemv_grouped_w{b}_b8{l}_bf16"));
                 plain.chain(grouped).collect::<Vec<_>>()
             })
             .collect(),
