@@ -18,6 +18,7 @@ pub mod backend;
 pub mod cache;
 mod error;
 pub mod experts;
+mod experts_launch;
 mod experts_prefill;
 pub mod gemm;
 pub mod gemv;
