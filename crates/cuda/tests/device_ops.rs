@@ -510,19 +510,18 @@ fn grouped_experts_match_the_cpu() {
                     (rows, r, x, want)
                 })
                 .collect();
+            let shape = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k}");
             for (act, gpu) in backends() {
                 let eg = load(&gpu, &hs, held);
                 let sg: Vec<_> = shared.iter().map(|s| load_one(&gpu, &s[0])).collect();
                 for (rows, r, x, want) in &cases {
                     let xg = up(&gpu, *rows, hidden, x);
                     let routes = GpuRoutes::from_host(&gpu, r, count).unwrap();
-                    // Steps of more than 8 rows: the warp-column kernels read the sums of x the plan and the SiLU
-                    // reduction write (`_xs`), and under LoopSums sum x themselves, as fewer rows always do.
+                    // Over 8 rows: the `_xs` kernels (sums of x by the plan and SiLU), then the loops' own sums.
                     let aparts: &[&[Apart]] = if *rows > 8 { &[&[], &[Apart::LoopSums]] } else { &[&[]] };
                     for &apart in aparts {
                         gpu.gpu.set_apart(apart);
                         let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
-                        let shape = format!("experts {count}x{hidden}x{inter} w{bits} top{top_k}");
                         let what =
                             format!("{shape} act_order {ordered} sym {all_sym} rows {rows} half {half} {apart:?}");
                         check(&what, act, &got, &want[0], 1e-4);
