@@ -171,3 +171,88 @@ __device__ void dense_gemv_rows(const T* x, const T* w, O* y, int rows, int in, 
     }
     dense_store(part, y, r0, nr, out, o);
 }
+
+// 8 bf16 in 16 bytes as f32, and back (round to nearest even).
+__device__ __forceinline__ void unpack8(uint4 u, float* v) {
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+}
+__device__ __forceinline__ uint4 pack8(const float* v) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const __nv_bfloat162 t = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        w[i] = *(const u32*)&t;
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// add_rms_norm's one row (rms_norm_row with `add`, its pieces path: 512 threads, NORM_PIECES pieces of 8 a thread)
+// by a block of R threads (R divides 512): thread t plays the 512's threads t, t + R, ..., so each played thread's
+// sum, each warp's and the block's are the same additions in the same order as there — the same bits. For a
+// launch's last block (gptq_mma.cu's one-row down): `add` is read past L1, since the launch's other blocks wrote
+// it. x += add (rounded to bf16, stored), y = w · x · rsqrt(mean(x²) + eps). cols % 8 == 0, cols ≤ 8 · 512 ·
+// NORM_PIECES, 16-byte aligned rows; every thread of the block calls it.
+template <int R>
+__device__ void add_rms_norm_row_as512(__nv_bfloat16* x, const __nv_bfloat16* add, const float* w, __nv_bfloat16* y,
+                                       int cols, float eps) {
+    static_assert(512 % R == 0 && R % 32 == 0, "R threads play 512");
+    constexpr int S = 512 / R, P = S * NORM_PIECES;  // threads a thread plays, and their pieces
+    __shared__ float part[16];
+    __shared__ float total;
+    const int t = threadIdx.x, lane = t & 31;
+    // Piece p: played thread t + (p / NORM_PIECES)·R's piece p % NORM_PIECES, i.e. columns (that thread + j·512)·8.
+    auto col = [&](int p) { return (t + p / NORM_PIECES * R + p % NORM_PIECES * 512) * 8; };
+    uint4 xs[P], as[P];
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        xs[p] = as[p] = make_uint4(0u, 0u, 0u, 0u);  // past the row: zeros, as rms_norm_row's
+        if (col(p) < cols) {
+            xs[p] = *(const uint4*)(x + col(p));
+            as[p] = __ldcg((const uint4*)(add + col(p)));
+        }
+    }
+    float ss[S];
+#pragma unroll
+    for (int s = 0; s < S; s++) ss[s] = 0.f;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        float a[8], b[8];
+        unpack8(xs[p], a);
+        unpack8(as[p], b);
+#pragma unroll
+        for (int i = 0; i < 8; i++) a[i] = rnd(x, a[i] + b[i]);
+        xs[p] = pack8(a);  // the residual as stored (exact: a holds bf16 values)
+        if (col(p) < cols) *(uint4*)(x + col(p)) = xs[p];
+#pragma unroll
+        for (int i = 0; i < 8; i++) ss[p / NORM_PIECES] += a[i] * a[i];
+    }
+    // Played warp (t + s·R) / 32 is this warp's lanes at slot s: block_sum's warp sums, then its first warp's.
+#pragma unroll
+    for (int s = 0; s < S; s++) {
+        const float v = warp_sum(ss[s]);
+        if (lane == 0) part[(t + s * R) / 32] = v;
+    }
+    __syncthreads();
+    if (t < 32) {
+        const float v = warp_sum(lane < 16 ? part[lane] : 0.f);
+        if (t == 0) total = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(total / cols + eps);
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        if (col(p) < cols) {
+            float v[8], g[8], o[8];
+            unpack8(xs[p], v);
+            load8(w + col(p), g);
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = g[i] * (v[i] * inv);
+            save8(y + col(p), o);
+        }
+    }
+}

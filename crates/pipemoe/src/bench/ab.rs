@@ -30,6 +30,8 @@ pub enum AbSwitch {
     QuarterK,
     /// The indexer's query projected on its branch, beside q's projection, not in q's launch before the fork.
     EarlyIndex,
+    /// The one-row MoE block's output added to the residual and normed for the next layer by the down launch.
+    CombineNorm,
 }
 
 impl AbSwitch {
@@ -44,6 +46,7 @@ impl AbSwitch {
             AbSwitch::QRope => Apart::QRope,
             AbSwitch::QuarterK => Apart::QuarterK,
             AbSwitch::EarlyIndex => Apart::EarlyIndex,
+            AbSwitch::CombineNorm => Apart::CombineNorm,
         }
     }
 
@@ -58,6 +61,7 @@ impl AbSwitch {
             AbSwitch::QRope => "q-rope",
             AbSwitch::QuarterK => "quarter-k",
             AbSwitch::EarlyIndex => "early-index",
+            AbSwitch::CombineNorm => "combine-norm",
         }
     }
 }
