@@ -6,7 +6,6 @@
 #include "experts.cuh"
 #include "mma.cuh"
 #include "mma_gemv.cuh"
-#include "rows.cuh"
 
 // One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits), split K. One split stores y; several store partial
 // sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
@@ -42,7 +41,6 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 #define FUSE_NONE 0
 #define FUSE_SILU 1
 #define FUSE_COMBINE 2
-#define FUSE_COMBINE_NORM 3
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to 8 pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order: read only
@@ -53,9 +51,6 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
 // FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
 // row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1).
-// FUSE_COMBINE_NORM (one row): FUSE_COMBINE, then the last of the column ranges' last blocks (counters[bx]) adds the
-// row to the residual `resid` and norms it by `norm_w` into `normed` — the next layer's add_rms_norm, bit for bit
-// (rows.cuh add_rms_norm_row_as512), one launch and its gap fewer on a decode step's critical path.
 // One row without a plan (`route`, the row's top_k expert ids, given to the gate/up launch): tile t is slot t of
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
@@ -66,8 +61,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
                                  int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
                                  const float* rw, int rows, int top_k, int shared, const u32* route,
-                                 const float2* xsums, __nv_bfloat16* resid, const float* norm_w, float eps,
-                                 __nv_bfloat16* normed) {
+                                 const float2* xsums) {
     constexpr int MB = 8;
     const int t = blockIdx.z;
     constexpr int bt = block_tiles<MB, KW>();
@@ -137,8 +131,6 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         const int r = i / cols, n = n0 + i % cols;
         if (n < N) y[(size_t)r * N + n] = __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
     }
-    if (fuse != FUSE_COMBINE_NORM || !arrive_last(&counters[bx], bx)) return;
-    add_rms_norm_row_as512<128>(resid, y, norm_w, normed, N, eps);  // MMA_BOUNDS: 128 threads a block
 }
 
 // The plain kernels gptq_mma_gemv_w<BITS>_b<MB>[_perm|_sym]_to_<bf16|f32> and the grouped ones
@@ -160,11 +152,11 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         const u64* w, const u64* zr, const u64* sc, const u64* perm, int n_experts, int mats, float* partial,    \
         int K, int N, int group_size, int k_chunk, int stages, int fuse, int* counters, __nv_bfloat16* y,        \
         int* pair_of, const float* rw, int rows, int top_k, int shared, const u32* route,                       \
-        const float2* xsums, __nv_bfloat16* resid, const float* norm_w, float eps, __nv_bfloat16* normed) {     \
+        const float2* xsums) {                                                                                  \
         mma_gemv_grouped<BITS, KW, REORDERED, SYM, PRESUM>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,   \
                                                            n_experts, mats, partial, K, N, group_size, k_chunk, \
                                                            stages, fuse, counters, y, pair_of, rw, rows, top_k, \
-                                                           shared, route, xsums, resid, norm_w, eps, normed);   \
+                                                           shared, route, xsums);                               \
     }
 #define MMA_PLAIN_MB(BITS, MB)                                                                                  \
     MMA_PLAIN(BITS, MB, , false, false, bf16, __nv_bfloat16)                                                    \

@@ -545,20 +545,6 @@ impl Backend for CudaBackend {
         self.run_experts(x, experts, routes, Some(shared))
     }
 
-    fn experts_with_shared_add_norm(
-        &self,
-        x: &GpuTensor,
-        experts: &GpuExperts,
-        shared: &ExpertWeights<Self>,
-        routes: &GpuRoutes,
-        h: &mut GpuTensor,
-        w: &CudaSlice<f32>,
-        eps: f32,
-    ) -> MResult<GpuTensor> {
-        let after = crate::experts::NormAfter { resid: h, w, eps };
-        self.run_experts_add_norm(x, experts, routes, shared, after)
-    }
-
     fn export(&self, x: &GpuTensor) -> MResult<Option<SharedActivations>> {
         crate::ipc::export(self, x).map(Some)
     }

@@ -32,18 +32,6 @@ const FUSED_ROWS: usize = 8;
 const FUSE_NONE: i32 = 0;
 const FUSE_SILU: i32 = 1;
 const FUSE_COMBINE: i32 = 2;
-const FUSE_COMBINE_NORM: i32 = 3;
-/// Widest row the one-row down launch's last block adds and norms (`add_rms_norm_row_as512`: rms_norm_row's 512
-/// threads of two 8-value pieces).
-const NORM_COLS: usize = 8 * 2 * 512;
-
-/// The residual add and RMSNorm after a MoE block (the next layer's input norm): `resid += out`, then the norm of
-/// the new `resid` by `w`. The one-row grouped launches do both in the down launch's last block.
-pub(crate) struct NormAfter<'a> {
-    pub resid: &'a mut GpuTensor,
-    pub w: &'a CudaSlice<f32>,
-    pub eps: f32,
-}
 
 /// The routing of a step, on the device (the router's kernel), read back only when a host needs it (prefill's
 /// expert-by-expert path, tests).
@@ -220,7 +208,7 @@ impl CudaBackend {
                 && let Some(t) = experts.tables_with(self, sh)?
                 && x.cols == t.hidden
             {
-                return Ok(self.grouped(x, experts, t, &routes.dev, None)?.0);
+                return self.grouped(x, experts, t, &routes.dev);
             }
             let _p = self.gpu.span(|| format!("experts+shared x{}", x.rows));
             let mut y = self.run_experts(x, experts, routes, None)?;
@@ -229,9 +217,7 @@ impl CudaBackend {
             return Ok(y);
         }
         match &experts.grouped {
-            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => {
-                Ok(self.grouped(x, experts, t, &routes.dev, None)?.0)
-            }
+            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
             Some(t) if t.takes_prefill(x) => {
                 let _p = self.gpu.span(|| format!("experts (grouped GEMM) x{}", x.rows));
                 self.grouped_prefill(x, t, routes.host()?, &routes.dev.weights)
@@ -243,30 +229,6 @@ impl CudaBackend {
         }
     }
 
-    /// `run_experts` with the shared expert, then `add_rms_norm(after.resid, out, after.w, after.eps)`: the normed
-    /// rows. At one row on the grouped path the down launch's last block adds and norms the row itself
-    /// (`FUSE_COMBINE_NORM`, bit for bit the same) unless `Apart::CombineNorm`.
-    pub(crate) fn run_experts_add_norm(
-        &self,
-        x: &GpuTensor,
-        experts: &GpuExperts,
-        routes: &GpuRoutes,
-        shared: &ExpertWeights<CudaBackend>,
-        mut after: NormAfter<'_>,
-    ) -> MResult<GpuTensor> {
-        let grouped = routes.dev.rows == x.rows && routes.dev.n_experts == experts.weights.len() && x.rows == 1;
-        let out = match experts.tables_with(self, shared)? {
-            Some(t) if grouped && x.cols == t.hidden => {
-                match self.grouped(x, experts, t, &routes.dev, Some(&mut after))? {
-                    (_, Some(normed)) => return Ok(normed),
-                    (out, None) => out,
-                }
-            }
-            _ => self.run_experts(x, experts, routes, Some(shared))?,
-        };
-        crate::rowops::add_rms_norm(self, after.resid, &out, after.w, after.eps)
-    }
-
     /// Partial sums of a grouped launch, not cleared ([`CudaBackend::grouped`] says why none is read unwritten).
     fn partial(&self, n: usize) -> MResult<CudaSlice<f32>> {
         // SAFETY: f32 has no invalid bit patterns; which values are written before they are read is argued in
@@ -274,16 +236,7 @@ impl CudaBackend {
         unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(md("alloc partial sums"))
     }
 
-    /// The grouped launches' output, and with `after` (one row) the normed rows when the down launch's last block
-    /// added and normed them (`None`: the caller still has to).
-    fn grouped(
-        &self,
-        x: &GpuTensor,
-        experts: &GpuExperts,
-        t: &Tables,
-        r: &DeviceRouting,
-        after: Option<&mut NormAfter<'_>>,
-    ) -> MResult<(GpuTensor, Option<GpuTensor>)> {
+    fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
         let first = experts.weights.iter().flatten().next().ok_or_else(|| shape("experts", "no held expert".into()))?;
         let (gate0, down0) = match (gptq(&first.gate), gptq(&first.down)) {
             (Some(g), Some(d)) => (g, d),
@@ -340,19 +293,6 @@ impl CudaBackend {
         // One row with both reductions fused needs no plan: the gate/up launch takes the routing itself, a tile a
         // slot, and writes the plan's outputs for the down launch (gptq_mma.cu).
         let one_row = x.rows == 1 && fuse_silu && fuse_combine && !self.gpu.is_apart(crate::gpu::Apart::Plan);
-        // ... and the residual add and the next norm by the down launch's last block (one more counter, past the
-        // column ranges'), for a bf16 row of whole 8-value pieces that add_rms_norm_row_as512 holds.
-        let fuse_norm = after.as_ref().is_some_and(|a| {
-            one_row
-                && down_launch.bx < self.gpu.counters.len()
-                && dtype == crate::act::ActDtype::Bf16
-                && a.resid.data.dtype() == dtype
-                && (a.resid.rows, a.resid.cols) == (1, t.hidden)
-                && a.w.len() == t.hidden
-                && t.hidden.is_multiple_of(8)
-                && t.hidden <= NORM_COLS
-                && !self.gpu.is_apart(crate::gpu::Apart::CombineNorm)
-        });
         // The sums of x (gate/up's) and of h (down's) over each row's chunks of 128: (low, high) f32 pairs.
         let chunk_sums = |on: bool, rows: usize, k: usize| -> MResult<Option<CudaSlice<f32>>> {
             // SAFETY: experts_plan (x) and gptq_reduce_silu (h) write every pair before the launches read them.
@@ -364,7 +304,7 @@ impl CudaBackend {
         };
         let mut x_sums = chunk_sums(gate_up.sums, x.rows, t.hidden)?;
         let mut h_sums = chunk_sums(down_launch.sums, pairs, t.inter)?; // more rows than fuse SiLU·up
-        let (null, no_eps) = (0u64, 0f32);
+        let null = 0u64;
         if !one_row {
             let mut l = s.launch_builder(self.f("experts_plan")?);
             l.arg(&r.experts).arg(&entries).arg(&k).arg(&with_shared).arg(&t.gate_up[0]).arg(&e).arg(&tr);
@@ -427,7 +367,6 @@ impl CudaBackend {
                 Some(xs) => l.arg(xs),
                 None => l.arg(&null),
             };
-            l.arg(&null).arg(&null).arg(&no_eps).arg(&null);
         }
         // SAFETY: argument order and types match gptq_gemv_grouped_* / gptq_mma_gemv_grouped_*; tables hold 2·E
         // addresses, buffers sized above; the counters are zero between launches and cover n_tiles·bx. One row:
@@ -463,12 +402,7 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
-        let cf = match (fuse_norm, fuse_combine) {
-            (true, _) => FUSE_COMBINE_NORM,
-            (false, true) => FUSE_COMBINE,
-            (false, false) => FUSE_NONE,
-        };
-        let mut normed = if fuse_norm { Some(self.output(1, hidden)?) } else { None };
+        let cf = if fuse_combine { FUSE_COMBINE } else { FUSE_NONE };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
@@ -479,15 +413,9 @@ impl CudaBackend {
                 Some(hs) => l.arg(hs),
                 None => l.arg(&null),
             };
-            match (after, normed.as_mut()) {
-                (Some(a), Some(n)) => l.arg(&mut a.resid.data).arg(a.w).arg(&a.eps).arg(&mut n.data),
-                _ => l.arg(&null).arg(&null).arg(&no_eps).arg(&null),
-            };
         }
         // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
-        // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx, and with the norm
-        // (FUSE_COMBINE_NORM: one bf16 row) gx + 1: resid and normed are whole [1, hidden] bf16 allocations
-        // (16-byte aligned) and w holds hidden floats, hidden a multiple of 8 and at most NORM_COLS.
+        // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         drop(p);
         if !fuse_combine {
@@ -500,7 +428,7 @@ impl CudaBackend {
             // entries and weights rows·top_k.
             unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         }
-        Ok((out, normed))
+        Ok(out)
     }
 
     /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add

@@ -105,9 +105,6 @@ pub enum Apart {
     /// The grouped experts' launches of many rows sum x in their loops (8 more mma a chunk), not read the sums of
     /// x that the plan and the SiLU reduction write (the `_xs` kernels).
     LoopSums = 512,
-    /// A one-row MoE block's output added to the residual and normed for the next layer by `add_rms_norm`, not by
-    /// the grouped down launch's last block (`FUSE_COMBINE_NORM`).
-    CombineNorm = 1024,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

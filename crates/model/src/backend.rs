@@ -513,24 +513,6 @@ pub trait Backend: Send + Sync {
         self.add_assign(&mut y, &self.linear(&h, &shared.down)?)?;
         Ok(y)
     }
-    /// The MoE block's experts with its shared expert ([`Backend::experts_with_shared`]), their output then added
-    /// to the residual `h` and normed by `w` — the next layer's input norm: what `add_rms_norm(h, experts_with_shared
-    /// (..), w, eps)` gives, bit for bit, which a backend may fold into the experts' last launch. Returns the normed
-    /// rows.
-    #[allow(clippy::too_many_arguments)]
-    fn experts_with_shared_add_norm(
-        &self,
-        x: &Self::Tensor,
-        experts: &Self::Experts,
-        shared: &ExpertWeights<Self>,
-        routes: &Self::Routes,
-        h: &mut Self::Tensor,
-        w: &Self::Vector,
-        eps: f32,
-    ) -> Result<Self::Tensor> {
-        let y = self.experts_with_shared(x, experts, shared, routes)?;
-        self.add_rms_norm(h, &y, w, eps)
-    }
 
     /// One step of a stage's layers: `body` runs them over the residual stream `h` with their caches. A backend
     /// may reserve the rows' cache slots in every layer first, put the step's inputs on the device once for all

@@ -4,7 +4,7 @@
 use crate::Result;
 use crate::backend::{Backend, Row};
 use crate::mla::Mla;
-use crate::moe::{Carry, Ffn};
+use crate::moe::Ffn;
 use crate::weights::{Loader, SliceSpec};
 
 pub struct Layer<B: Backend> {
@@ -28,28 +28,23 @@ impl<B: Backend> Layer<B> {
         })
     }
 
-    /// `h`: the residual stream `[rows, hidden]`, updated in place; `carry`: what the previous layer handed on (its
-    /// output not yet added to `h`, which is added here with the input norm, or this layer's normed input). `next`:
-    /// the layer after this one, whose input norm this layer's FFN may apply itself (an MoE block's last launch);
-    /// the returned carry says which it did. After the last layer the caller adds a pending output.
-    #[allow(clippy::too_many_arguments)]
+    /// `h`: the residual stream `[rows, hidden]`, updated in place; `pending`: the previous layer's output not yet
+    /// added to it (added here, with the input norm). Returns this layer's FFN output, likewise not yet added: the
+    /// next layer (or the caller, after the last) adds it, so each residual add rides on the norm after it.
     pub fn forward(
         &self,
         b: &B,
         h: &mut B::Tensor,
-        carry: Option<Carry<B::Tensor>>,
+        pending: Option<B::Tensor>,
         cache: &mut B::LayerCache,
         inv_freq: &[f32],
         rows: &[Row],
-        next: Option<&Layer<B>>,
-    ) -> Result<Carry<B::Tensor>> {
-        let x = match carry {
-            Some(Carry::Pending(p)) => b.add_rms_norm(h, &p, &self.input_norm, self.eps)?,
-            Some(Carry::Normed(x)) => x,
+    ) -> Result<B::Tensor> {
+        let x = match pending {
+            Some(p) => b.add_rms_norm(h, &p, &self.input_norm, self.eps)?,
             None => b.rms_norm(h, &self.input_norm, self.eps)?,
         };
         let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
-        let next = next.map(|l| (&l.input_norm, l.eps));
-        self.ffn.forward_after(b, h, &a, (&self.post_norm, self.eps), next)
+        self.ffn.forward_after(b, h, &a, &self.post_norm, self.eps)
     }
 }

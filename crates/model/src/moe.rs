@@ -38,13 +38,6 @@ impl<B: Backend> Moe<B> {
     }
 }
 
-/// What a layer hands the next: its FFN output not yet added to the residual (the next layer adds it with its
-/// input norm), or — the add and that norm done already — the next layer's normed input.
-pub enum Carry<T> {
-    Pending(T),
-    Normed(T),
-}
-
 pub enum Ffn<B: Backend> {
     Dense(ExpertWeights<B>),
     Moe(Moe<B>),
@@ -103,27 +96,20 @@ impl<B: Backend> Ffn<B> {
     }
 
     /// `h += a`, its RMSNorm by `norm`, then the block: a layer's residual add and post-attention norm with the
-    /// FFN after them (an MoE block's router with the norm: [`Backend::add_rms_norm_route`]). With `next` (the next
-    /// layer's input norm and eps), an MoE block with a shared expert also adds its output to `h` and norms it
-    /// ([`Backend::experts_with_shared_add_norm`]) and hands on the normed rows; otherwise its output, not yet added.
+    /// FFN after them (an MoE block's router with the norm: [`Backend::add_rms_norm_route`]).
     pub fn forward_after(
         &self,
         b: &B,
         h: &mut B::Tensor,
         a: &B::Tensor,
-        (norm, eps): (&B::Vector, f32),
-        next: Option<(&B::Vector, f32)>,
-    ) -> Result<Carry<B::Tensor>> {
+        norm: &B::Vector,
+        eps: f32,
+    ) -> Result<B::Tensor> {
         match self {
-            Ffn::Dense(w) => Ok(Carry::Pending(mlp_forward(b, w, &b.add_rms_norm(h, a, norm, eps)?)?)),
+            Ffn::Dense(w) => mlp_forward(b, w, &b.add_rms_norm(h, a, norm, eps)?),
             Ffn::Moe(m) => {
                 let (x, routing) = b.add_rms_norm_route(h, a, norm, eps, &m.gate, &m.bias, &m.dims)?;
-                match (&m.shared, next) {
-                    (Some(s), Some((w, e))) => {
-                        Ok(Carry::Normed(b.experts_with_shared_add_norm(&x, &m.experts, s, &routing, h, w, e)?))
-                    }
-                    _ => Ok(Carry::Pending(m.experts_of(b, &x, &routing)?)),
-                }
+                m.experts_of(b, &x, &routing)
             }
         }
     }

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use crate::backend::{Backend, Row, SeqId};
 use crate::layer::Layer;
-use crate::moe::Carry;
 use crate::rope;
 use crate::sampling::{SampleRow, SampledToken};
 use crate::weights::{Loader, SliceSpec};
@@ -163,12 +162,11 @@ impl<B: Backend> Stage<B> {
         let (layers, inv_freq) = (&self.layers, &self.inv_freq);
         let selecting = layers.iter().filter(|l| l.attn.indexer.as_ref().is_some_and(|ix| ix.selects(rows))).count();
         let mut body = |h: &mut B::Tensor, caches: &mut [B::LayerCache]| -> Result<()> {
-            let mut carry = None;
-            for (i, (layer, cache)) in layers.iter().zip(caches.iter_mut()).enumerate() {
-                carry = Some(layer.forward(b, h, carry.take(), cache, inv_freq, rows, layers.get(i + 1))?);
+            let mut pending = None;
+            for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
+                pending = Some(layer.forward(b, h, pending.take(), cache, inv_freq, rows)?);
             }
-            // The last layer has no next norm: its output is still to be added.
-            if let Some(Carry::Pending(f)) = carry {
+            if let Some(f) = pending {
                 b.add_assign(h, &f)?;
             }
             Ok(())

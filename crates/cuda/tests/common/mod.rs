@@ -2,9 +2,7 @@
 //! and the skip rule (no GPU here: say why and pass, except under CI where nothing may silently skip).
 #![allow(dead_code)]
 
-use half::{bf16, f16};
-use pipemoe_cuda::{ActDtype, CudaBackend};
-use pipemoe_model::backend::Backend;
+use half::f16;
 use pipemoe_quant::{Bits, Dtype, GptqLayout, GptqParts, GptqWeight, GroupSize, RawTensor, ZeroConvention, pack};
 
 pub struct Rng(u64);
@@ -113,46 +111,4 @@ pub fn time(gpu: &pipemoe_cuda::Gpu, iters: usize, f: &mut dyn FnMut(usize)) -> 
 pub fn read_ceiling_gbps(gpu: &pipemoe_cuda::Gpu) -> (f64, usize) {
     let (bps, bytes) = pipemoe_cuda::timing::read_ceiling(gpu, 2 << 30).expect("read ceiling");
     (bps / 1e9, bytes)
-}
-
-// device_ops' inputs, tolerances (its header says why) and backends.
-
-/// `n` bf16-representable values uniform in ±scale.
-pub fn values(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| bf16::from_f32((rng.uniform() * 2.0 - 1.0) * scale).to_f32()).collect()
-}
-
-/// The bound on rel L2: `exact` for f32 activations, 1e-2 for bf16.
-pub fn tol(act: ActDtype, exact: f64) -> f64 {
-    match act {
-        ActDtype::F32 => exact,
-        ActDtype::Bf16 => 1e-2,
-    }
-}
-
-/// `got` within `tol(act, exact)` of `want` (rel L2), or exactly zero where `want` is.
-pub fn check(what: &str, act: ActDtype, got: &[f32], want: &[f32], exact: f64) {
-    if want.iter().all(|&v| v == 0.0) {
-        // (e.g. every expert of the step held elsewhere) the output must be exactly zero too.
-        assert!(got.iter().all(|&v| v == 0.0), "{what} ({act:?}): expected zeros");
-        return;
-    }
-    let err = rel_l2(got, want);
-    let limit = tol(act, exact);
-    eprintln!("{what} ({act:?}): rel L2 {err:.2e}");
-    assert!(err <= limit, "{what} ({act:?}): rel L2 {err:e} > {limit:e}");
-}
-
-/// Both backends, in each activation dtype.
-pub fn backends() -> Vec<(ActDtype, CudaBackend)> {
-    let gpu = CudaBackend::new(0).expect("cuda:0");
-    vec![
-        (ActDtype::F32, gpu.clone().with_act_dtype(ActDtype::F32)),
-        (ActDtype::Bf16, gpu.with_act_dtype(ActDtype::Bf16)),
-    ]
-}
-
-/// `v` as a `[rows, cols]` tensor of `b`.
-pub fn up<B: Backend>(b: &B, rows: usize, cols: usize, v: &[f32]) -> B::Tensor {
-    b.upload(rows, cols, v.to_vec()).expect("upload")
 }

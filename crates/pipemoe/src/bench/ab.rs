@@ -30,8 +30,6 @@ pub enum AbSwitch {
     QuarterK,
     /// The indexer's query projected on its branch, beside q's projection, not in q's launch before the fork.
     EarlyIndex,
-    /// The one-row MoE block's output added to the residual and normed for the next layer by the down launch.
-    CombineNorm,
 }
 
 impl AbSwitch {
@@ -46,7 +44,6 @@ impl AbSwitch {
             AbSwitch::QRope => Apart::QRope,
             AbSwitch::QuarterK => Apart::QuarterK,
             AbSwitch::EarlyIndex => Apart::EarlyIndex,
-            AbSwitch::CombineNorm => Apart::CombineNorm,
         }
     }
 
@@ -61,7 +58,6 @@ impl AbSwitch {
             AbSwitch::QRope => "q-rope",
             AbSwitch::QuarterK => "quarter-k",
             AbSwitch::EarlyIndex => "early-index",
-            AbSwitch::CombineNorm => "combine-norm",
         }
     }
 }
