@@ -463,15 +463,6 @@ extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_bf1
 extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 2) mla_flash_mma_fast_bf16_d576(FM_ARGS) {
     mla_flash_mma<false, 512, 64>(FM_PASS);
 }
-// One head group with a deeper ring (ST 3 or 4: 2 or 3 tiles in flight while one is worked on): a one-row launch's
-// 128 blocks are one an SM, whose shared memory then holds the ring (133 / 172 KB: an H200's, not a 3090's), and
-// each block's share of a row's selected keys is a few tiles, whose gathers the 2-tile ring waits out one by one.
-extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_st3(FM_ARGS) {
-    mla_flash_mma<false, 512, 64, 1, 3>(FM_PASS);
-}
-extern "C" __global__ void __launch_bounds__(32 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_st4(FM_ARGS) {
-    mla_flash_mma<false, 512, 64, 1, 4>(FM_PASS);
-}
 // Two head groups a block (HG): 32 heads over each tile, one 512-thread block an SM where two of 256 were; a ring
 // of 3 tiles (157 KB; H200, 32 rows: flash 181 -> 177 µs a layer against 2 tiles, session 22).
 extern "C" __global__ void __launch_bounds__(64 * FM_WARPS, 1) mla_flash_mma_fast_bf16_d576_g2(FM_ARGS) {

@@ -63,16 +63,6 @@ fn flash_exact() -> bool {
 /// Key tiles in the ring of the two-group flash kernel (its `ST`); the one-group kernels keep `FM_ST`, 2.
 const G2_STAGES: usize = 3;
 
-/// Key tiles in the ring of the one-group bf16 flash kernel at DeepSeek's dims (`mla_flash_mma_fast_bf16_d576`,
-/// `_st3`, `_st4`): `PIPEMOE_FLASH_STAGES` (2..=4, default 4), fewer where an SM's shared memory does not hold the
-/// ring (a 3090's 99 KB holds 2). The one-group kernel serves one row (below `flash_g2_min_rows`), whose 128 blocks
-/// are one an SM: each block's share of the selected keys is a few tiles, and a deeper ring has their gathers in
-/// flight together instead of one tile ahead.
-fn flash_stages() -> usize {
-    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *K.get_or_init(|| crate::mma::knob("PIPEMOE_FLASH_STAGES", 4, 2..=4))
-}
-
 /// The fewest rows of a launch for which the bf16 flash kernel takes two head groups a block
 /// (`mla_flash_mma_fast_bf16_d576_g2`: each key tile crosses L2 once per 32 heads, not per 16), where an SM's
 /// shared memory holds the block: `PIPEMOE_FLASH_G2_MIN_ROWS` (1..=65535, default 2; 65535: never). A single row
@@ -499,24 +489,15 @@ impl Step<'_> {
                 // The driver keeps 1 KiB of an SM's shared memory for each block.
                 let g2 =
                     !exact && d576 && c.rows >= flash_g2_min_rows() && smem(2, G2_STAGES) + 1024 <= b.gpu.smem_per_sm;
-                let deep = !exact && d576 && !g2;
-                let stages = match (g2, deep) {
-                    (true, _) => Some(G2_STAGES),
-                    (false, true) => (2..=flash_stages()).rev().find(|&st| smem(1, st) + 1024 <= b.gpu.smem_per_sm),
-                    (false, false) => None,
-                }
-                .unwrap_or(2);
                 // DeepSeek's dims have their own instances, every shared-memory offset a constant.
-                let name = match (exact, d576, g2, stages) {
-                    (true, false, ..) => "mla_flash_mma_bf16",
-                    (false, false, ..) => "mla_flash_mma_fast_bf16",
-                    (true, true, ..) => "mla_flash_mma_bf16_d576",
-                    (false, true, false, 4) => "mla_flash_mma_fast_bf16_d576_st4",
-                    (false, true, false, 3) => "mla_flash_mma_fast_bf16_d576_st3",
-                    (false, true, false, _) => "mla_flash_mma_fast_bf16_d576",
-                    (false, true, true, _) => "mla_flash_mma_fast_bf16_d576_g2",
+                let name = match (exact, d576, g2) {
+                    (true, false, _) => "mla_flash_mma_bf16",
+                    (false, false, _) => "mla_flash_mma_fast_bf16",
+                    (true, true, _) => "mla_flash_mma_bf16_d576",
+                    (false, true, false) => "mla_flash_mma_fast_bf16_d576",
+                    (false, true, true) => "mla_flash_mma_fast_bf16_d576_g2",
                 };
-                let groups = if g2 { 2 } else { 1 };
+                let (groups, stages) = if g2 { (2, G2_STAGES) } else { (1, 2) };
                 (b.f(name)?, smem(groups, stages), groups)
             }
             // attention.cu's f32 kernel: q [dims][8], partial scores [8][8][16], probabilities [16][8],
