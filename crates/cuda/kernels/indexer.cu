@@ -143,33 +143,29 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
 }
 
 
-// I(t) on tensor cores, for bf16 activations and a bf16 cache: indexer_scores' contract, grid (⌈stride / KEYS⌉,
-// n_rows) with KEYS = 16 · WARPS, block 32 · WARPS (IDXM_WARPS; 16 where a step has many rows: each block stages
-// its row's q once for 256 keys, not 64 — q was half of a block's loads). The dot products q[h] · k[t] of the
-// block are one small GEMM on `mma.m16n8k16`: A = q [hp][dim] (the activations' bf16), B = the block's KEYS keys
-// [key][dim] as cached, f32 accumulation — every product
+// I(t) on tensor cores, for bf16 activations and a bf16 cache: indexer_scores' contract and grid, block 32 ·
+// IDXM_WARPS. The dot products q[h] · k[t] of the block are one small GEMM on `mma.m16n8k16`: A = q [hp][dim]
+// (the activations' bf16), B = the block's IDX_KEYS keys [key][dim] as cached, f32 accumulation — every product
 // exact as in the f32 kernel, only the order of the sums differs. The key's scale multiplies its dot product (the
 // f32 kernel scales the key first: equal up to f32 rounding), then relu, the head weights, and the sum over heads:
 // a lane's rows of its fragments, then shuffles across the 8 row groups. Warp w takes keys 16·w.. (two n8 tiles)
 // against every head (hp / 16 ≤ IDXM_MT m tiles), dim / 16 k-steps; dim % 16 == 0 (indexer.rs checks).
-// Shared: q [hp][dim + 8] and the keys [KEYS][dim + 8] bf16 (rows an odd number of 16-byte units apart:
-// ldmatrix without bank conflicts), the keys' slots and scales [KEYS].
-template <int WARPS>
-__device__ __forceinline__ void indexer_scores_mma(
+// Shared: q [hp][dim + 8] and the keys [IDX_KEYS][dim + 8] bf16 (rows an odd number of 16-byte units apart:
+// ldmatrix without bank conflicts), the keys' slots and scales [IDX_KEYS].
+extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma_bf16(
     const __nv_bfloat16* q,  // [rows, heads, dim], roped
     const __nv_bfloat16* w,  // [rows, heads], scaled
     const __nv_bfloat16* k_idx, const float* scales, const int* meta, const int* tables, int row0, int heads,
     int dim, int topk, int stride, float* scores) {
-    constexpr int KEYS = 16 * WARPS;
     extern __shared__ __align__(16) unsigned char im_smem[];
     const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
-    if (n <= topk || (int)blockIdx.x * KEYS >= n) return;
+    if (n <= topk || (int)blockIdx.x * IDX_KEYS >= n) return;
     const int hp = (heads + 15) / 16 * 16, rs = dim + 8, pieces = dim / 8;
     __nv_bfloat16* qs = (__nv_bfloat16*)im_smem;  // [hp][rs]
-    __nv_bfloat16* ks = qs + hp * rs;              // [KEYS][rs]
-    int* slot = (int*)(ks + KEYS * rs);            // [KEYS]
-    float* ksc = (float*)(slot + KEYS);            // [KEYS]
-    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * KEYS;
+    __nv_bfloat16* ks = qs + hp * rs;              // [IDX_KEYS][rs]
+    int* slot = (int*)(ks + IDX_KEYS * rs);        // [IDX_KEYS]
+    float* ksc = (float*)(slot + IDX_KEYS);        // [IDX_KEYS]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, t0 = blockIdx.x * IDX_KEYS;
     // q's copies go out first (heads past `heads` zero-filled), then each key's slot is looked up: the table's
     // round trip overlaps q's.
     const __nv_bfloat16* qrow = q + (size_t)r * heads * dim;
@@ -177,14 +173,14 @@ __device__ __forceinline__ void indexer_scores_mma(
         const int h = i / pieces, c = (i % pieces) * 8;
         cp_async16(qs + h * rs + c, qrow + (h < heads ? (size_t)h * dim + c : 0), h < heads ? 16 : 0);
     }
-    for (int i = threadIdx.x; i < KEYS; i += blockDim.x) {
+    for (int i = threadIdx.x; i < IDX_KEYS; i += blockDim.x) {
         const int t = t0 + i;
         const int s = t < n ? kv_slot(tables + meta[r * 4 + 1], t) : -1;
         slot[i] = s;
         ksc[i] = s >= 0 ? scales[(size_t)s * 3 + 2] : 0.f;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < KEYS * pieces; i += blockDim.x) {
+    for (int i = threadIdx.x; i < IDX_KEYS * pieces; i += blockDim.x) {
         const int key = i / pieces, c = (i % pieces) * 8, s = slot[key];
         cp_async16(ks + key * rs + c, k_idx + (size_t)max(s, 0) * dim + c, s >= 0 ? 16 : 0);
     }
@@ -236,16 +232,7 @@ __device__ __forceinline__ void indexer_scores_mma(
             if (group == 0 && t0 + key < n) scores[(size_t)lr * stride + t0 + key] = v;
         }
 }
-extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma_bf16(
-    const __nv_bfloat16* q, const __nv_bfloat16* w, const __nv_bfloat16* k_idx, const float* scales, const int* meta,
-    const int* tables, int row0, int heads, int dim, int topk, int stride, float* scores) {
-    indexer_scores_mma<IDXM_WARPS>(q, w, k_idx, scales, meta, tables, row0, heads, dim, topk, stride, scores);
-}
-extern "C" __global__ void __launch_bounds__(512) indexer_scores_mma_w16_bf16(
-    const __nv_bfloat16* q, const __nv_bfloat16* w, const __nv_bfloat16* k_idx, const float* scales, const int* meta,
-    const int* tables, int row0, int heads, int dim, int topk, int stride, float* scores) {
-    indexer_scores_mma<16>(q, w, k_idx, scales, meta, tables, row0, heads, dim, topk, stride, scores);
-}
+
 
 #define TOPK_THREADS 512  // indexer::TOPK_THREADS
 #define TOPK_WARPS (TOPK_THREADS / 32)

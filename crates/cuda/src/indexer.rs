@@ -17,18 +17,6 @@ const KEYS_PER_BLOCK: usize = 64;
 const TOPK_THREADS: u32 = 512;
 /// Warps of `indexer_scores_mma_bf16` (`IDXM_WARPS`, 16 keys each) and its most m16 tiles of heads (`IDXM_MT`).
 const MMA_WARPS: u32 = 4;
-/// Warps of `indexer_scores_mma_w16_bf16` (256 keys a block), which takes launches of at least
-/// [`wide_scores_rows`] rows.
-const WIDE_WARPS: u32 = 16;
-
-/// The fewest rows of a scores launch that take the 16-warp tensor-core kernel: `PIPEMOE_INDEXER_WIDE_ROWS`
-/// (1..=65535, default 2; 65535: never). Its blocks stage their row's q once per 256 keys instead of per 64 (q is
-/// as large as 64 keys: half of a 4-warp block's loads); a single row keeps 4 warps, whose 64-key blocks reach
-/// more SMs (a row at 4K context: 64 blocks, not 16) on the one-row step's critical path.
-fn wide_scores_rows() -> usize {
-    static K: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *K.get_or_init(|| crate::mma::knob("PIPEMOE_INDEXER_WIDE_ROWS", 2, 1..=MAX_GRID_Y))
-}
 const MMA_HEAD_TILES: usize = 4;
 /// Bound on the f32 scores of one launch (rows × widest row): 128 MiB.
 const SCORE_FLOATS: usize = 32 << 20;
@@ -251,20 +239,13 @@ impl Scores<'_> {
         Ok(())
     }
 
-    /// The tensor-core kernel ([`mma_eligible`]), of 4 warps or (many rows) 16.
+    /// The tensor-core kernel ([`mma_eligible`]).
     fn mma(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
-        // q [hp][dim + 8] and the block's keys [16·warps][dim + 8] bf16, their slots and scales (kernels/indexer.cu);
-        // 16 warps where an SM holds that (DeepSeek's 64 heads of 128: 89 KB, a 3090's too; the driver keeps 1 KiB).
+        let f = b.f("indexer_scores_mma_bf16")?;
+        // q [hp][dim + 8] and the keys [64][dim + 8] bf16, slots and scales [64] (kernels/indexer.cu).
         let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
-        let bytes = |warps: u32| (hp + 16 * warps as usize) * (dim + 8) * 2 + 16 * warps as usize * 8;
-        let wide = self.rows >= wide_scores_rows() && bytes(WIDE_WARPS) + 1024 <= b.gpu.smem_per_sm;
-        let (name, warps) = match wide {
-            true => ("indexer_scores_mma_w16_bf16", WIDE_WARPS),
-            false => ("indexer_scores_mma_bf16", MMA_WARPS),
-        };
-        let (f, keys, bytes) = (b.f(name)?, 16 * warps as usize, bytes(warps));
-        let grid = (self.width.div_ceil(keys) as u32, self.rows as u32, 1);
-        let cfg = smem_cfg(b, f, grid, 32 * warps, bytes)?;
+        let bytes = (hp + KEYS_PER_BLOCK) * (dim + 8) * 2 + KEYS_PER_BLOCK * 8;
+        let cfg = smem_cfg(b, f, self.grid(), 32 * MMA_WARPS, bytes)?;
         let [row0, heads, dim, topk, width] = self.ints();
         let mut l = self.s.launch_builder(f);
         l.arg(&self.q.data)
