@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 [ $# -ge 2 ] || { sed -n 2,7p "$0" >&2; exit 2; }
 a_vars=$1 b_vars=$2
 shift 2
-bin="${PIPEMOE_AB_BIN:-$PWD/.device/pipemoe}"
+bin="${PIPEMOE_AB_BIN:-.device/pipemoe}"
+[[ "$bin" = /* ]] || bin="$PWD/$bin"  # the wrappers run from anywhere
 work=$(mktemp -d /tmp/ab-env.XXXXXX)
 for side in A B; do
     vars=$a_vars
