@@ -300,24 +300,65 @@ impl TopK<'_> {
     }
 }
 
+/// Host rows of scores on the device as the top-k reads them: one row of `width` a list, `meta` giving each its
+/// length.
+struct HostScores {
+    dev: CudaSlice<f32>,
+    width: usize,
+    meta: std::sync::Arc<CudaSlice<i32>>,
+    rows: usize,
+}
+
+impl HostScores {
+    fn upload(b: &CudaBackend, scores: &[Vec<f32>]) -> MResult<Self> {
+        let width = scores.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut flat = vec![0f32; scores.len() * width];
+        for (r, s) in scores.iter().enumerate() {
+            flat[r * width..r * width + s.len()].copy_from_slice(s);
+        }
+        let meta = StepTables {
+            meta: scores.iter().flat_map(|s| [s.len() as i32 - 1, 0, 0, 0]).collect(),
+            tables: Vec::new(),
+        };
+        let (meta, _) = upload_tables(b, &meta)?;
+        let dev = b.gpu.stream.clone_htod(&flat).map_err(md("upload scores"))?;
+        Ok(Self { dev, width, meta, rows: scores.len() })
+    }
+
+    fn top_k(&self, b: &CudaBackend, topk: usize, keys: &mut CudaSlice<i32>) -> MResult<()> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        let top =
+            TopK { scores: &self.dev, width: self.width, meta: &self.meta.slice(..), row0: 0, rows: self.rows, topk };
+        top.run(b, &b.gpu.stream, keys)
+    }
+}
+
 /// The device top-k on host scores, one row per list (row `r` has `scores[r].len()` keys): what the indexer
 /// selects from its scores, exposed so tests can hold it to `pipemoe_model::cpu::kernels::top_k`.
 pub fn top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<HostSelection> {
-    let width = scores.iter().map(Vec::len).max().unwrap_or(0).max(1);
-    let mut flat = vec![0f32; scores.len() * width];
-    for (r, s) in scores.iter().enumerate() {
-        flat[r * width..r * width + s.len()].copy_from_slice(s);
-    }
-    let meta =
-        StepTables { meta: scores.iter().flat_map(|s| [s.len() as i32 - 1, 0, 0, 0]).collect(), tables: Vec::new() };
-    let (meta, _) = upload_tables(b, &meta)?;
-    let dev = b.gpu.stream.clone_htod(&flat).map_err(md("upload scores"))?;
+    let host = HostScores::upload(b, scores)?;
     let stride = topk.max(1);
     let mut keys = b.gpu.stream.alloc_zeros::<i32>((scores.len() * stride).max(1)).map_err(md("alloc selection"))?;
-    if !scores.is_empty() {
-        let top = TopK { scores: &dev, width, meta: &meta.slice(..), row0: 0, rows: scores.len(), topk };
-        top.run(b, &b.gpu.stream, &mut keys)?;
-    }
+    host.top_k(b, topk, &mut keys)?;
     let counts = scores.iter().map(|s| s.len().min(topk)).collect();
     GpuSelection { keys, counts, stride, _inputs: None }.to_host(b)
+}
+
+/// Seconds per launch of the device top-k over `scores` (uploaded once), from device events around `iters`
+/// back-to-back launches: the top-k's benchmark (tests/device.rs `bench_topk`).
+pub fn time_top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize, iters: usize) -> MResult<f64> {
+    let host = HostScores::upload(b, scores)?;
+    let mut keys =
+        b.gpu.stream.alloc_zeros::<i32>((scores.len() * topk.max(1)).max(1)).map_err(md("alloc selection"))?;
+    let mut failed = None;
+    let secs = crate::timing::seconds_per_call(&b.gpu, 3, iters, &mut |_| {
+        if failed.is_none() {
+            failed = host.top_k(b, topk, &mut keys).err();
+        }
+        Ok::<(), crate::Error>(())
+    })
+    .map_err(m)?;
+    failed.map_or(Ok(secs), Err)
 }

@@ -333,6 +333,40 @@ fn bench_launch_cost() {
     }
 }
 
+/// `... --ignored bench_topk`: the indexer's one-row top-k (top 2,048, one block) over rows of scores from several
+/// distributions, µs a launch of one row back to back from the host (the launch's own cost included, the same
+/// for every kernel variant: compare variants, as `PIPEMOE_NVRTC_DEFINES` builds them, within one distribution).
+/// "index-like" is Σ_h w_h·relu(q_h·k) over 64 heads of Gaussian terms, as the indexer's scores are made.
+#[test]
+#[ignore = "benchmark: run on the GPU machine"]
+fn bench_topk() {
+    if no_gpu() {
+        return;
+    }
+    let b = CudaBackend::new(0).expect("gpu");
+    let mut rng = Rng::new(41);
+    let mut gauss = move || {
+        let (u, v) = (rng.uniform().max(1e-7), rng.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    };
+    let weights: Vec<f32> = (0..64).map(|_| gauss() / 8.0).collect();
+    println!("{} — top 2048 of one row, us a launch", b.gpu.describe());
+    println!("{:<16} {:>6} {:>8}", "scores", "keys", "us");
+    for n in [4130usize, 8192] {
+        let rows: Vec<(&str, Vec<f32>)> = vec![
+            ("gaussian", (0..n).map(|_| gauss()).collect()),
+            ("gaussian at 4", (0..n).map(|_| 4.0 + gauss()).collect()),
+            ("gaussian at 100", (0..n).map(|_| 100.0 + gauss()).collect()),
+            ("uniform 0..1", (0..n).map(|_| (gauss() * 1e3).fract().abs()).collect()),
+            ("index-like", (0..n).map(|_| weights.iter().map(|w| w * gauss().max(0.0)).sum()).collect()),
+        ];
+        for (what, scores) in rows {
+            let secs = pipemoe_cuda::indexer::time_top_k_rows(&b, &[scores], 2048, 200).expect("top-k timing");
+            println!("{what:<16} {n:>6} {:>8.2}", secs * 1e6);
+        }
+    }
+}
+
 /// The GPU of a read benchmark and the 2 GiB read ceiling (GB/s), printed as its first line; None without a GPU.
 fn read_bench_gpu() -> Option<(Gpu, f64)> {
     if no_gpu() {
