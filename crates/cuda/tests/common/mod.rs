@@ -2,6 +2,8 @@
 //! and the skip rule (no GPU here: say why and pass, except under CI where nothing may silently skip).
 #![allow(dead_code)]
 
+pub mod cache;
+
 use half::f16;
 use pipemoe_quant::{Bits, Dtype, GptqLayout, GptqParts, GptqWeight, GroupSize, RawTensor, ZeroConvention, pack};
 
