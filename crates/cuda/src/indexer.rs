@@ -300,17 +300,19 @@ impl TopK<'_> {
     }
 }
 
-/// Host rows of scores on the device as the top-k reads them: one row of `width` a list, `meta` giving each its
-/// length.
+/// Host rows of scores on the device as the top-k reads them (one row of `width` a list, `meta` giving each its
+/// length), and the `topk` keys a row it writes.
 struct HostScores {
     dev: CudaSlice<f32>,
     width: usize,
     meta: std::sync::Arc<CudaSlice<i32>>,
     rows: usize,
+    topk: usize,
+    keys: CudaSlice<i32>,
 }
 
 impl HostScores {
-    fn upload(b: &CudaBackend, scores: &[Vec<f32>]) -> MResult<Self> {
+    fn upload(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<Self> {
         let width = scores.iter().map(Vec::len).max().unwrap_or(0).max(1);
         let mut flat = vec![0f32; scores.len() * width];
         for (r, s) in scores.iter().enumerate() {
@@ -322,40 +324,38 @@ impl HostScores {
         };
         let (meta, _) = upload_tables(b, &meta)?;
         let dev = b.gpu.stream.clone_htod(&flat).map_err(md("upload scores"))?;
-        Ok(Self { dev, width, meta, rows: scores.len() })
+        let len = (scores.len() * topk.max(1)).max(1);
+        let keys = b.gpu.stream.alloc_zeros::<i32>(len).map_err(md("alloc selection"))?;
+        Ok(Self { dev, width, meta, rows: scores.len(), topk, keys })
     }
 
-    fn top_k(&self, b: &CudaBackend, topk: usize, keys: &mut CudaSlice<i32>) -> MResult<()> {
+    fn top_k(&mut self, b: &CudaBackend) -> MResult<()> {
         if self.rows == 0 {
             return Ok(());
         }
-        let top =
-            TopK { scores: &self.dev, width: self.width, meta: &self.meta.slice(..), row0: 0, rows: self.rows, topk };
-        top.run(b, &b.gpu.stream, keys)
+        let (width, rows, topk) = (self.width, self.rows, self.topk);
+        let top = TopK { scores: &self.dev, width, meta: &self.meta.slice(..), row0: 0, rows, topk };
+        top.run(b, &b.gpu.stream, &mut self.keys)
     }
 }
 
 /// The device top-k on host scores, one row per list (row `r` has `scores[r].len()` keys): what the indexer
 /// selects from its scores, exposed so tests can hold it to `pipemoe_model::cpu::kernels::top_k`.
 pub fn top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize) -> MResult<HostSelection> {
-    let host = HostScores::upload(b, scores)?;
-    let stride = topk.max(1);
-    let mut keys = b.gpu.stream.alloc_zeros::<i32>((scores.len() * stride).max(1)).map_err(md("alloc selection"))?;
-    host.top_k(b, topk, &mut keys)?;
+    let mut host = HostScores::upload(b, scores, topk)?;
+    host.top_k(b)?;
     let counts = scores.iter().map(|s| s.len().min(topk)).collect();
-    GpuSelection { keys, counts, stride, _inputs: None }.to_host(b)
+    GpuSelection { keys: host.keys, counts, stride: topk.max(1), _inputs: None }.to_host(b)
 }
 
 /// Seconds per launch of the device top-k over `scores` (uploaded once), from device events around `iters`
 /// back-to-back launches: the top-k's benchmark (tests/device.rs `bench_topk`).
 pub fn time_top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize, iters: usize) -> MResult<f64> {
-    let host = HostScores::upload(b, scores)?;
-    let mut keys =
-        b.gpu.stream.alloc_zeros::<i32>((scores.len() * topk.max(1)).max(1)).map_err(md("alloc selection"))?;
+    let mut host = HostScores::upload(b, scores, topk)?;
     let mut failed = None;
     let secs = crate::timing::seconds_per_call(&b.gpu, 3, iters, &mut |_| {
         if failed.is_none() {
-            failed = host.top_k(b, topk, &mut keys).err();
+            failed = host.top_k(b).err();
         }
         Ok::<(), crate::Error>(())
     })

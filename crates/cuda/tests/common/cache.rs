@@ -6,12 +6,7 @@ use pipemoe_cuda::CudaBackend;
 use pipemoe_cuda::cache::{GpuLayerCache, KvDtype};
 use pipemoe_model::backend::{Backend, Row};
 
-use super::Rng;
-
-/// `n` values uniform in [−a, a).
-pub fn uniform(rng: &mut Rng, n: usize, a: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * a).collect()
-}
+use super::{Rng, uniform};
 
 /// Cached values read back (`got`) against those written (`want`), rows of `dim`: equal in f32, the bf16
 /// rounding in bf16, within e4m3's precision in fp8.

@@ -27,6 +27,11 @@ impl Rng {
     }
 }
 
+/// `n` values uniform in [−a, a).
+pub fn uniform(rng: &mut Rng, n: usize, a: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * a).collect()
+}
+
 /// Skips (returns true) when there is no GPU, printing why.
 pub fn no_gpu() -> bool {
     match pipemoe_cuda::gpu::unavailable() {
