@@ -46,10 +46,10 @@ pub struct Gpu {
     /// Shared memory one multiprocessor holds (bytes): 100 KiB on an RTX 3090, 228 KiB on an H200.
     pub smem_per_sm: usize,
     /// One module per kernel source file (`nvrtc::KERNELS`), with its cubin to find which file defines a symbol.
-    modules: Vec<(Arc<CudaModule>, Vec<u8>)>,
+    pub(crate) modules: Vec<(Arc<CudaModule>, Vec<u8>)>,
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
     /// bounded set), so `function` can hand out plain references without holding the lock.
-    functions: Mutex<HashMap<String, &'static CudaFunction>>,
+    pub(crate) functions: Mutex<HashMap<String, &'static CudaFunction>>,
     /// Functions opted in to more than the default dynamic shared memory, with the most each may take.
     opted_in: Mutex<HashMap<usize, usize>>,
     /// Blocks of a function resident at once on the whole device, by the caller's key, block threads, shared bytes.

@@ -35,6 +35,7 @@ pub mod route;
 mod rowops;
 pub mod sample;
 pub mod timing;
+pub mod trace;
 
 pub use act::{Act, ActDtype, ActView, ActViewMut};
 pub use backend::CudaBackend;

@@ -125,6 +125,8 @@ pub fn expand(name: &str, source: &str) -> String {
 pub fn cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
     let (major, minor) = version()?;
     let src = expand(name, source);
+    // With PIPEMOE_TRACE=1 each kernel records its blocks' times (trace.rs): another source, so another entry.
+    let src = if crate::trace::enabled() { crate::trace::instrument(&src) } else { src };
     let extra = extra_options().join(" ");
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), &major.to_le_bytes(), &minor.to_le_bytes(), extra.as_bytes()]);
     let dir = cache_dir();

@@ -38,6 +38,27 @@ fn every_kernel_compiles_for_sm86_and_sm90() {
     }
 }
 
+/// With their timeline records (`PIPEMOE_TRACE=1`, src/trace.rs: a scope opens every kernel's body), every kernel
+/// still compiles, for the GPU that traces are taken on (sm_90), and keeps its entry points.
+#[test]
+fn every_kernel_compiles_with_its_trace_records() {
+    if let Some(why) = toolchain() {
+        skip(&why);
+        return;
+    }
+    for (name, src) in nvrtc::KERNELS {
+        let plain = nvrtc::expand(name, src);
+        let traced = pipemoe_cuda::trace::instrument(&plain);
+        assert_eq!(
+            traced.matches("{ PIPEMOE_TRACE_KERNEL();").count(),
+            plain.matches("__global__").count(),
+            "{name}: a scope for every kernel"
+        );
+        let bin = nvrtc::compile(name, &traced, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        assert!(bin.windows(14).any(|w| w == b"pipemoe_trace\0"), "{name} has no record array");
+    }
+}
+
 /// The symmetric weights' GEMV entry points the host asks for by name (src/mma.rs `variant`): every bit width's
 /// plain (8 and 16 rows, bf16 and f32 out), grouped (each layout) and RoPE-storing kernel, built by macros; and
 /// the warp-column grouped kernels that read the sums of x (`_xs`, src/experts.rs `launch_shape`).

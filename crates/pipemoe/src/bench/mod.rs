@@ -14,7 +14,7 @@ pub mod ipc;
 pub mod report;
 pub mod stage;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -122,6 +122,39 @@ pub struct BenchArgs {
     /// Write every figure as JSON here.
     #[arg(long, env = "PIPEMOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
+    /// Also write each block's SM, start and end of 4 single-stream decode steps as CSV here, and of 2 steps of the
+    /// batched streams to the same name with `.streams` before its extension (`tools/device/trace_summary.py`
+    /// reads them). Needs kernels built with their records: PIPEMOE_TRACE=1 (pipemoe_cuda::trace).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+}
+
+/// The extension of the batched streams' trace: `streams.csv` beside `trace.csv`.
+fn streams_extension(path: &Path) -> String {
+    match path.extension() {
+        Some(e) => format!("streams.{}", e.to_string_lossy()),
+        None => "streams".into(),
+    }
+}
+
+/// Decode steps a `--trace` records, one stream and many.
+const TRACE_STEPS: (usize, usize) = (4, 2);
+
+/// Runs `steps` decode steps of `seqs` with every kernel's blocks recorded, and writes them to `path` as CSV.
+fn trace_steps(run: &mut stage::Runner, backend: &CudaBackend, seqs: &[u64], steps: usize, path: &Path) -> Result<()> {
+    let gpu = &backend.gpu;
+    gpu.trace_clear()?;
+    run.decode(seqs, 0, steps)?;
+    let trace = gpu.trace_take()?;
+    std::fs::write(path, trace.csv()).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "bench: trace of {steps} decode steps of {} stream(s): {} blocks ({} past the room) in {}",
+        seqs.len(),
+        trace.records.len(),
+        trace.dropped,
+        path.display()
+    );
+    Ok(())
 }
 
 /// The slice's layer range for `kind` in a model of `layers` layers, `dense` of them dense.
@@ -288,7 +321,7 @@ fn measure(
     let streams_context = args.streams_context.unwrap_or(args.context);
     // Each decode run is 3 untimed steps and `steps` timed ones: the graphs-on and -off runs, the profile's 2 and
     // the A/B's.
-    let decoded = 2 * (args.steps + 3) + 2 + ab::positions(args.ab.len(), args.ab_rounds, args.steps);
+    let decoded = 2 * (args.steps + 3) + 2 + ab::positions(args.ab.len(), args.ab_rounds, args.steps) + TRACE_STEPS.0;
     let positions = (args.context + decoded + 8).max(args.streams * (streams_context + args.steps + 8));
     let per_position = (bytes.cache.latent + bytes.cache.index_key) as usize + 12;
     let n_layers = slice.layers.len();
@@ -334,6 +367,9 @@ fn measure(
         None
     };
     let ab = ab::run(&mut run, &backend, &args.ab, args.ab_rounds, args.steps)?;
+    if let Some(path) = &args.trace {
+        trace_steps(&mut run, &backend, &[1], TRACE_STEPS.0, path)?;
+    }
     let profile = if args.profile {
         backend.gpu.profile_start();
         let wall = run.decode(&[1], 0, 2)?.iter().sum::<f64>();
@@ -371,6 +407,9 @@ fn measure(
         let t = stage::Times::of(run.decode(&seqs, 3, args.steps)?);
         eprintln!("bench: {} streams {:.3} ms/step", args.streams, t.median * 1e3);
         streams_decode = Some(t);
+        if let Some(path) = &args.trace {
+            trace_steps(&mut run, &backend, &seqs, TRACE_STEPS.1, &path.with_extension(streams_extension(path)))?;
+        }
         if args.profile {
             backend.gpu.profile_start();
             let wall = run.decode(&seqs, 0, 2)?.iter().sum::<f64>();

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""A decode step's kernels on the GPU's own clock, from `pipemoe bench --trace FILE` (PIPEMOE_TRACE=1; src/trace.rs):
+each launch's first and last block start, its last block end, its SMs and block times, for the median step, and
+each kernel's median over the steps. Launches overlap where the step forks a branch; a launch whose first block
+starts well after the one before it ended waited for SMs (or for the host).
+
+Usage: tools/device/trace_summary.py TRACE.csv [--gap-us 8] [--all]
+  --gap-us  a gap with no block running longer than this ends a step (steps are synchronized by the host)
+  --all     print every step's table, not only the median step's
+"""
+import argparse, collections, csv, statistics, sys
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            rows.append((r["kernel"], int(r["blocks"]), int(r["block"]), int(r["sm"]), int(r["start_ns"]), int(r["end_ns"])))
+    if not rows:
+        sys.exit(f"{path}: no records")
+    return rows
+
+
+def steps_of(rows, gap_ns):
+    rows = sorted(rows, key=lambda r: r[4])
+    steps, cur, end = [], [], None
+    for r in rows:
+        if cur and r[4] > end + gap_ns:
+            steps.append(cur)
+            cur, end = [], None
+        cur.append(r)
+        end = r[5] if end is None else max(end, r[5])
+    steps.append(cur)
+    return steps
+
+
+def launches_of(step):
+    """Blocks of one kernel and grid size, in start order, cut into runs of `blocks` records: one launch each."""
+    by = collections.defaultdict(list)
+    for r in step:
+        by[(r[0], r[1])].append(r)
+    out = []
+    for (name, blocks), rs in by.items():
+        rs.sort(key=lambda r: r[4])
+        for i in range(0, len(rs), blocks):
+            part = rs[i:i + blocks]
+            durs = [r[5] - r[4] for r in part]
+            out.append({
+                "name": name, "blocks": blocks, "recorded": len(part),
+                "first": min(r[4] for r in part), "last_start": max(r[4] for r in part),
+                "end": max(r[5] for r in part), "sms": len({r[3] for r in part}),
+                "med": statistics.median(durs), "max": max(durs),
+            })
+    out.sort(key=lambda l: (l["first"], l["end"]))
+    return out
+
+
+def short(name):
+    return name if len(name) <= 44 else name[:41] + "..."
+
+
+def table(step, launches):
+    t0 = min(r[4] for r in step)
+    span = max(r[5] for r in step) - t0
+    print(f"step of {span / 1e3:.1f} us, {len(launches)} launches, {len(step)} blocks")
+    print(f"{'kernel':44} {'blocks':>6} {'SMs':>4} {'start':>7} {'all in':>7} {'end':>7} {'dur':>6} "
+          f"{'blk med':>7} {'blk max':>7} {'after':>6} {'beside'}")
+    for i, l in enumerate(launches):
+        # The latest end among the launches that started before this one and ended before its first block: how
+        # long after it this launch began (a dependency's end, if it depends on that one).
+        ended = [m["end"] for m in launches[:i] if m["end"] <= l["first"]]
+        after = (l["first"] - max(ended)) / 1e3 if ended else float("nan")
+        beside = [short(m["name"])[:18] for m in launches if m is not l and m["first"] < l["end"] and l["first"] < m["end"]]
+        print(f"{short(l['name']):44} {l['blocks']:6} {l['sms']:4} {(l['first'] - t0) / 1e3:7.2f} "
+              f"{(l['last_start'] - t0) / 1e3:7.2f} {(l['end'] - t0) / 1e3:7.2f} {(l['end'] - l['first']) / 1e3:6.2f} "
+              f"{l['med'] / 1e3:7.2f} {l['max'] / 1e3:7.2f} {after:6.2f} {', '.join(beside[:3])}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--gap-us", type=float, default=8.0)
+    ap.add_argument("--all", action="store_true")
+    a = ap.parse_args()
+    rows = load(a.trace)
+    stamps = sorted({r[4] for r in rows} | {r[5] for r in rows})
+    tick = min((b - a_ for a_, b in zip(stamps, stamps[1:]) if b > a_), default=0)
+    steps = steps_of(rows, a.gap_us * 1e3)
+    spans = [max(r[5] for r in s) - min(r[4] for r in s) for s in steps]
+    print(f"{a.trace}: {len(rows)} blocks in {len(steps)} steps; the timer's smallest step {tick} ns; "
+          f"step spans (us) {', '.join(f'{s / 1e3:.1f}' for s in spans)}")
+    order = sorted(range(len(steps)), key=lambda i: spans[i])
+    chosen = range(len(steps)) if a.all else [order[len(order) // 2]]
+    for i in chosen:
+        print(f"\n# step {i}")
+        table(steps[i], launches_of(steps[i]))
+    # Each kernel's launch durations (first block start to last block end) over all steps.
+    per = collections.defaultdict(list)
+    for s in steps:
+        for l in launches_of(s):
+            per[(l["name"], l["blocks"])].append((l["end"] - l["first"]) / 1e3)
+    print(f"\n{'kernel':44} {'blocks':>6} {'launches':>8} {'median us':>9} {'min':>6} {'max':>6}")
+    for (name, blocks), d in sorted(per.items(), key=lambda kv: -statistics.median(kv[1]) * len(kv[1])):
+        print(f"{short(name):44} {blocks:6} {len(d):8} {statistics.median(d):9.2f} {min(d):6.2f} {max(d):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
