@@ -24,6 +24,7 @@ pub const HEADERS: &[(&str, &str)] = &[
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),
     ("flash_mma.cu", include_str!("../kernels/flash_mma.cu")),
+    ("gemv_wide.cu", include_str!("../kernels/gemv_wide.cu")),
     ("gptq_gemm.cu", include_str!("../kernels/gptq_gemm.cu")),
     ("gptq_gemv.cu", include_str!("../kernels/gptq_gemv.cu")),
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
