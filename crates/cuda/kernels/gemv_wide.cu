@@ -1,12 +1,14 @@
-// EXPERIMENT (docs/PERF.md session 37): the one-row tensor-core GEMV as one wide block per 64 output columns.
+// The one-row tensor-core GEMV as one wide block per 64 output columns (src/wide.rs picks it; docs/PERF.md session 37).
 // The trace of a one-row step showed the split-K GEMV's co-resident blocks on an SM ending in blockIdx order, one
 // to two µs apart (the youngest, dispatched last, ends last, alone on its SM: 4 warps, which keep the SM far from
 // its 16-warp rate), and the split's last block adding every split's partial sums after an arrival (1.3–2.2 µs
-// past the others). Here 16 warps share the whole of K for their 4 tiles: each warp's ring takes the next chunk
+// past the others). Here the block's warps (16, or 8 where shared memory is scarcer: a 3090) share the whole of K
+// for their 4 tiles: each warp's ring takes the next chunk
 // from a counter in shared memory (a warp that runs ahead takes more chunks, so the block's warps end within a
 // chunk of each other), each chunk's scaled sums go to their own place in shared memory, and the block adds them
 // in chunk order at the end: the same sums whichever warp ran which chunk, no partial sums in global memory, no
-// arrival. One row, a symmetric weight (every zero 2^(BITS−1)), bf16 out. Same weight layout and per-chunk
+// arrival. One row, a symmetric weight (every zero 2^(BITS−1)), bf16 out; one block an SM, so a launch of about
+// as many blocks as SMs (the host's condition). Same weight layout and per-chunk
 // arithmetic as mma_gemv_run (mma_gemv.cuh). Groups of 128 rows (the host checks): a chunk's scales are its row.
 #include "common.cuh"
 #include "mma_pack.cuh"
@@ -14,17 +16,17 @@
 #include "mma.cuh"
 #include "mma_gemv.cuh"
 
-#define WIDE_WARPS 16
+#define WIDE_MAX_WARPS 16
 
-// grid (⌈N / 64⌉), block 32·WIDE_WARPS, shared WIDE_WARPS·stages·slot_bytes(1) + (K / 128)·64 floats.
-template <int BITS>
+// grid (⌈N / 64⌉), block 32·WARPS, shared WARPS·stages·slot_bytes(1) + (K / 128)·64 floats.
+template <int BITS, int WARPS>
 __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __restrict__ words,
                           const __half* __restrict__ scales, __nv_bfloat16* __restrict__ y, int K, int N,
-                          int group_size, int stages) {
+                          int stages) {
     constexpr int TPW = 4;
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int next_chunk;
-    __shared__ int slot_chunk[WIDE_WARPS][MMA_MAX_STAGES];
+    __shared__ int slot_chunk[WARPS][MMA_MAX_STAGES];
     __shared__ __align__(16) u32 sums_word[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
     const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
@@ -32,7 +34,7 @@ __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __re
     const int slot = slot_bytes<BITS, TPW, false>(1);
     constexpr int wbytes = TPW * BITS * 32 * 8;
     unsigned char* ring = smem + (size_t)warp * stages * slot;
-    float* parts = (float*)(smem + (size_t)WIDE_WARPS * stages * slot);  // [k_chunks][64]
+    float* parts = (float*)(smem + (size_t)WARPS * stages * slot);  // [k_chunks][64]
     if (threadIdx.x == 0) {
         next_chunk = 0;
         sums_word[0] = sums_word[3] = 0x3F803F80u;
@@ -150,10 +152,15 @@ __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __re
     }
 }
 
-#define WIDE_KERNEL(BITS)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * WIDE_WARPS, 1) gptq_mma_gemv_wide_w##BITS##_r1_sym_bf16(  \
-        const __nv_bfloat16* x, const uint2* words, const __half* scales, __nv_bfloat16* y, int K, int N,      \
-        int group_size, int stages) {                                                                          \
-        gemv_wide<BITS>(x, words, scales, y, K, N, group_size, stages);                                        \
+#define WIDE_KERNEL(BITS, WARPS)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) gptq_mma_gemv_wide##WARPS##_w##BITS##_sym_bf16(  \
+        const __nv_bfloat16* x, const uint2* words, const __half* scales, __nv_bfloat16* y, int K, int N,       \
+        int stages) {                                                                                           \
+        gemv_wide<BITS, WARPS>(x, words, scales, y, K, N, stages);                                              \
     }
-WIDE_KERNEL(3)
+WIDE_KERNEL(2, 8)
+WIDE_KERNEL(2, 16)
+WIDE_KERNEL(3, 8)
+WIDE_KERNEL(3, 16)
+WIDE_KERNEL(4, 8)
+WIDE_KERNEL(4, 16)

@@ -36,7 +36,7 @@ mod rowops;
 pub mod sample;
 pub mod timing;
 pub mod trace;
-mod wide;
+pub(crate) mod wide;
 
 pub use act::{Act, ActDtype, ActView, ActViewMut};
 pub use backend::CudaBackend;

@@ -365,6 +365,10 @@ pub(crate) fn gemv(
     if x.dtype() != crate::act::ActDtype::Bf16 {
         return Err(Error::Shape { what: "gemv", reason: "weights packed for tensor cores take bf16 inputs".into() });
     }
+    // One row over about one block an SM: one wide block per 64 columns, no split of K (wide.rs).
+    if let Some(p) = crate::wide::plan(w, gpu, batch, x.dtype(), y.dtype()) {
+        return crate::wide::launch(w, gpu, x, y, p);
+    }
     let (k, n) = (w.in_features, w.out_features);
     let (bx, s) = plain_shape(w, gpu, batch);
     if s.splits > 1 && (partial.len() < s.splits * batch * n || bx > gpu.counters.len()) {

@@ -75,6 +75,9 @@ fn gptq_gemv_matches_the_cpu_reference() {
         (7168, 2048, 4, 128, false, 5),
         (7168, 64, 3, 128, false, 2), // many splits of K: the last block of each column range adds them
         (7168, 128, 3, 128, true, 3), // the same with the rows gathered through g_idx
+        (2048, 7168, 3, 128, false, 1), // one row over about one block an SM: the wide kernel where symmetric
+        (1024, 8192, 2, 128, false, 1),
+        (512, 6784, 4, 128, false, 1),
     ];
     let (f32_, bf16_) = (ActDtype::F32, ActDtype::Bf16);
     for case in cases {
@@ -385,17 +388,20 @@ fn env_list(name: &str) -> Option<Vec<String>> {
     (!items.is_empty()).then_some(items)
 }
 
-/// `... --ignored bench_gemv_wide --nocapture`, EXPERIMENT (docs/PERF.md session 37): the one-row GEMV as one
-/// 16-warp block per 64 columns over the whole of K (`GpuGptq::gemv_wide`, kernels/gemv_wide.cu) against the
-/// split-K kernel, on symmetric 3-bit weights of the one-wave shapes (o_proj, an expert's down): first the same
-/// row through both (the sums' order differs, so within a few bf16 roundings), then each timed over rotating
-/// copies (256 MB: DRAM, not L2), in the order split, wide 2, wide 3, wide 3, wide 2, split.
+/// `... --ignored bench_gemv_wide --nocapture` (docs/PERF.md session 37): the one-row GEMV as one block of 16 or 8
+/// warps per 64 columns over the whole of K (`GpuGptq::gemv_wide`, kernels/gemv_wide.cu) against the split-K
+/// kernel (`PIPEMOE_GEMV_WIDE=0` for `gemv`), on symmetric 3-bit weights of the one-wave shapes (o_proj, an
+/// expert's down): first the same row through both (the sums' order differs, so within a few bf16 roundings),
+/// then each timed over rotating copies (256 MB: DRAM, not L2), in the order split, wide 16, wide 8, wide 8,
+/// wide 16, split.
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
 fn bench_gemv_wide() {
     if no_gpu() {
         return;
     }
+    let split_k = std::env::var("PIPEMOE_GEMV_WIDE").is_ok_and(|v| v == "0");
+    assert!(split_k, "run with PIPEMOE_GEMV_WIDE=0, so that `gemv` is the split-K kernel it is compared with");
     let gpu = Gpu::open(0).expect("gpu");
     let s = gpu.stream.clone();
     let (ceiling, _) = read_ceiling_gbps(&gpu);
@@ -405,13 +411,15 @@ fn bench_gemv_wide() {
         let w = weight_with_zeros(&mut rng, (k, n, 3, 128, false), true);
         let one = GpuGptq::upload_for_tensor_cores(&gpu, &w).expect("upload");
         let copies = (256usize << 20).div_ceil(one.bytes()).max(2);
-        let ws: Vec<GpuGptq> = (0..copies).map(|_| GpuGptq::upload_for_tensor_cores(&gpu, &w).expect("upload")).collect();
+        let ws: Vec<GpuGptq> =
+            (0..copies).map(|_| GpuGptq::upload_for_tensor_cores(&gpu, &w).expect("upload")).collect();
         let xs: Vec<f32> = (0..k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
         let x = Act::from_f32(&gpu, ActDtype::Bf16, &xs).expect("x");
         let mut partial = s.alloc_zeros::<f32>(one.scratch_len(&gpu, 1)).expect("scratch");
-        let (mut y, mut y_wide) = (Act::zeros(&gpu, ActDtype::Bf16, n).expect("y"), Act::zeros(&gpu, ActDtype::Bf16, n).expect("y"));
+        let (mut y, mut y_wide) =
+            (Act::zeros(&gpu, ActDtype::Bf16, n).expect("y"), Act::zeros(&gpu, ActDtype::Bf16, n).expect("y"));
         one.gemv(&gpu, &x.view(0, k), 1, &mut partial, &mut y.view_mut(0, n)).expect("gemv");
-        one.gemv_wide(&gpu, &x.view(0, k), &mut y_wide.view_mut(0, n), 3).expect("gemv_wide");
+        one.gemv_wide(&gpu, &x.view(0, k), &mut y_wide.view_mut(0, n), 16).expect("gemv_wide");
         let (a, b) = (y.to_f32(&gpu, n).expect("y"), y_wide.to_f32(&gpu, n).expect("y"));
         let (mut num, mut den) = (0f64, 0f64);
         for (p, q) in a.iter().zip(&b) {
@@ -422,15 +430,15 @@ fn bench_gemv_wide() {
         // Both round each output to bf16 once from f32 sums of the same products: a sum order apart.
         assert!(rel < 4e-3 && b.iter().all(|v| v.is_finite()), "{name}: wide against split-K {rel:e}");
         let mut times = std::collections::BTreeMap::<&str, Vec<f64>>::new();
-        for variant in ["split", "wide 2", "wide 3", "wide 3", "wide 2", "split"] {
+        for variant in ["split", "wide 16", "wide 8", "wide 8", "wide 16", "split"] {
             let mut i = 0;
             let secs = time(&gpu, 40, &mut |_| {
                 let (xv, mut yv) = (x.view(0, k), y.view_mut(0, n));
                 let w = &ws[i % copies];
                 match variant {
                     "split" => w.gemv(&gpu, &xv, 1, &mut partial, &mut yv),
-                    "wide 2" => w.gemv_wide(&gpu, &xv, &mut yv, 2),
-                    _ => w.gemv_wide(&gpu, &xv, &mut yv, 3),
+                    "wide 16" => w.gemv_wide(&gpu, &xv, &mut yv, 16),
+                    _ => w.gemv_wide(&gpu, &xv, &mut yv, 8),
                 }
                 .expect("gemv");
                 i += 1;
@@ -440,8 +448,12 @@ fn bench_gemv_wide() {
         for (variant, t) in &times {
             let best = t.iter().cloned().fold(f64::INFINITY, f64::min);
             let gbps = one.bytes() as f64 / best / 1e9;
-            println!("{name:<24} {variant:<7} {:>7.2} us ({:>3.0}%)  runs {:?}  rel {rel:.1e}", best * 1e6, 100.0 * gbps / ceiling,
-                t.iter().map(|v| format!("{:.2}", v * 1e6)).collect::<Vec<_>>());
+            println!(
+                "{name:<24} {variant:<7} {:>7.2} us ({:>3.0}%)  runs {:?}  rel {rel:.1e}",
+                best * 1e6,
+                100.0 * gbps / ceiling,
+                t.iter().map(|v| format!("{:.2}", v * 1e6)).collect::<Vec<_>>()
+            );
         }
     }
 }
