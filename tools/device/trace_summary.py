@@ -4,9 +4,13 @@ each launch's first and last block start, its last block end, its SMs and block 
 each kernel's median over the steps. Launches overlap where the step forks a branch; a launch whose first block
 starts well after the one before it ended waited for SMs (or for the host).
 
-Usage: tools/device/trace_summary.py TRACE.csv [--gap-us 8] [--all]
+Usage: tools/device/trace_summary.py TRACE.csv [--gap-us 8] [--all] [--sm MIN_BLOCKS]
   --gap-us  a gap with no block running longer than this ends a step (steps are synchronized by the host)
   --all     print every step's table, not only the median step's
+  --sm      for the median step's launches of at least MIN_BLOCKS blocks: block times by how many of the launch's
+            blocks shared the SM, how far apart an SM's blocks ended, and in which order of their linear index
+            (dispatch order) they ended — session 37 found the split-K GEMVs' co-resident blocks ending in that
+            order, ~1.5 µs apart, the last alone on its SM
 """
 import argparse, collections, csv, statistics, sys
 
@@ -76,11 +80,51 @@ def table(step, launches):
               f"{l['med'] / 1e3:7.2f} {l['max'] / 1e3:7.2f} {after:6.2f} {', '.join(beside[:3])}")
 
 
+def per_sm(step, min_blocks):
+    """Each large launch's blocks grouped by SM: durations by the SM's count of them, the spread of an SM's ends, and
+    the most common order in which an SM's blocks ended, as ranks of their linear indices (the order the hardware
+    dispatches them in; their starts are within the timer's 32 ns of each other)."""
+    by = collections.defaultdict(list)
+    for r in step:
+        by[(r[0], r[1])].append(r)
+    print(f"\n{'kernel':44} {'blocks':>6} {'on an SM':>8} {'n':>4} {'blk med':>7} {'blk max':>7}  end spread med/max  end order by block index")
+    for (name, blocks), rs in sorted(by.items(), key=lambda kv: -kv[0][1]):
+        if blocks < min_blocks:
+            continue
+        rs.sort(key=lambda r: r[4])
+        for i in range(0, len(rs), blocks):
+            part = rs[i:i + blocks]
+            sms = collections.defaultdict(list)
+            for r in part:
+                sms[r[3]].append(r)
+            spread = [max(r[5] for r in v) - min(r[5] for r in v) for v in sms.values() if len(v) > 1]
+            orders = collections.Counter()
+            for v in sms.values():
+                if len(v) > 1:
+                    by_index = sorted(v, key=lambda r: r[2])
+                    orders[tuple(by_index.index(r) for r in sorted(v, key=lambda r: r[5]))] += 1
+            common = orders.most_common(1)[0] if orders else ((), 0)
+            counts = collections.defaultdict(list)
+            for v in sms.values():
+                for r in v:
+                    counts[len(v)].append((r[5] - r[4]) / 1e3)
+            first = True
+            for c in sorted(counts):
+                d = counts[c]
+                tail = (f"  {statistics.median(spread) / 1e3:5.2f} / {max(spread) / 1e3:5.2f}   {common[0]} x{common[1]}"
+                        if first and spread else "")
+                print(f"{short(name) if first else '':44} {blocks if first else '':>6} {c:8} {len(d):4} "
+                      f"{statistics.median(d):7.2f} {max(d):7.2f}{tail}")
+                first = False
+            break  # the first launch of each kernel in the step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--gap-us", type=float, default=8.0)
     ap.add_argument("--all", action="store_true")
+    ap.add_argument("--sm", type=int, default=0)
     a = ap.parse_args()
     rows = load(a.trace)
     stamps = sorted({r[4] for r in rows} | {r[5] for r in rows})
@@ -94,6 +138,8 @@ def main():
     for i in chosen:
         print(f"\n# step {i}")
         table(steps[i], launches_of(steps[i]))
+    if a.sm:
+        per_sm(steps[order[len(order) // 2]], a.sm)
     # Each kernel's launch durations (first block start to last block end) over all steps.
     per = collections.defaultdict(list)
     for s in steps:

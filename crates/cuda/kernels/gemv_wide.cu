@@ -16,35 +16,27 @@
 #include "mma.cuh"
 #include "mma_gemv.cuh"
 
-// Where item i (a chunk of K of some matrix) comes from: the chunk's weight words of the block's first tile (the
-// tiles after it k_chunks·BITS·256 bytes apart, as src/mma.rs lays a matrix out), its scales at the block's first
-// column, its 128 values of x; `live` false: nothing to read (its sums are left unwritten; `finish` skips them).
-struct WideItem {
-    const unsigned char* words;
-    const __half* scales;
-    const __nv_bfloat16* x;
-    bool live;
-};
+#define WIDE_MAX_WARPS 16
 
-// The block's work: `n_items` items of 4 tiles (the block's 64 columns from tile0) over chunks of `k_chunks` per
-// matrix; items(i) says where item i comes from. Each item's scaled sums for the row land in parts [n_items][64];
-// then, after a barrier, finish(parts) stores the block's outputs from them. grid: a block per 64 columns; block
-// 32·WARPS; shared WARPS·stages·slot_bytes(1) + n_items·64 floats.
-template <int BITS, int WARPS, typename Items, typename Finish>
-__device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile0, int tiles, int stages,
-                         Finish finish) {
+// grid (⌈N / 64⌉), block 32·WARPS, shared WARPS·stages·slot_bytes(1) + (K / 128)·64 floats.
+template <int BITS, int WARPS>
+__device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __restrict__ words,
+                          const __half* __restrict__ scales, __nv_bfloat16* __restrict__ y, int K, int N,
+                          int stages) {
     constexpr int TPW = 4;
     extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int next_item;
-    __shared__ int slot_item[WARPS][MMA_MAX_STAGES];
+    __shared__ int next_chunk;
+    __shared__ int slot_chunk[WARPS][MMA_MAX_STAGES];
     __shared__ __align__(16) u32 sums_word[4];
     const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, group = lane >> 2, quad = lane & 3;
+    const int n_tiles = N / 16, k_chunks = K / MMA_CHUNK;
+    const int tile0 = blockIdx.x * TPW, tiles = min(TPW, n_tiles - tile0);
     const int slot = slot_bytes<BITS, TPW, false>(1);
     constexpr int wbytes = TPW * BITS * 32 * 8;
     unsigned char* ring = smem + (size_t)warp * stages * slot;
-    float* parts = (float*)(smem + (size_t)WARPS * stages * slot);  // [n_items][64]
+    float* parts = (float*)(smem + (size_t)WARPS * stages * slot);  // [k_chunks][64]
     if (threadIdx.x == 0) {
-        next_item = 0;
+        next_chunk = 0;
         sums_word[0] = sums_word[3] = 0x3F803F80u;
         sums_word[1] = sums_word[2] = 0u;
     }
@@ -57,6 +49,7 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
         const int p = lane + 32 * i, t = p / (BITS * 16);
         piece_src[i] = (u32)((t < tiles ? t : 0) * (size_t)k_chunks * BITS * 256 + (p % (BITS * 16)) * 16);
     }
+    const unsigned char* wbase = (const unsigned char*)(words + (size_t)tile0 * k_chunks * BITS * 32);
     const bool scale_lane = lane < 2 * TPW && (lane >> 1) < tiles;
     const int xcol = (lane & 15) * 8;
     const u32 sz_at = ring_at + wbytes + lane * 16;
@@ -64,18 +57,19 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
     // The slot the next issue fills (its index and byte offset): slots are filled and read in turn, wrapping.
     int next_s = 0, next_off = 0;
     auto issue = [&]() {
-        int i = 0;
-        if (lane == 0) i = atomicAdd(&next_item, 1);
-        i = __shfl_sync(0xffffffffu, i, 0);
+        int c = 0;
+        if (lane == 0) c = atomicAdd(&next_chunk, 1);
+        c = __shfl_sync(0xffffffffu, c, 0);
         const int off = next_off;
-        WideItem it{nullptr, nullptr, nullptr, false};
-        if (i < n_items) it = items(i);
-        if (lane == 0) slot_item[warp][next_s] = it.live ? i : -1 - i;
-        if (it.live) {
+        if (lane == 0) slot_chunk[warp][next_s] = c;
+        if (c < k_chunks) {
+            const unsigned char* wsrc = wbase + (size_t)c * BITS * 256;
 #pragma unroll
-            for (int p = 0; p < PIECES; p++) cp_async16_at(ring_at + off + (lane + 32 * p) * 16, it.words + piece_src[p]);
-            if (lane < 2 * TPW) cp_async16_at(sz_at + off, it.scales + (scale_lane ? lane * 8 : 0), scale_lane ? 16 : 0);
-            if (lane < 16) cp_async16_ca_at(x_at + off, it.x + xcol);
+            for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
+            if (lane < 2 * TPW)
+                cp_async16_at(sz_at + off, scales + (size_t)c * N + tile0 * 16 + (scale_lane ? lane * 8 : 0),
+                              scale_lane ? 16 : 0);
+            if (lane < 16) cp_async16_ca_at(x_at + off, x + (size_t)c * MMA_CHUNK + xcol);
         }
         cp_async_commit();
         next_off += slot;
@@ -94,14 +88,12 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
         issue();
         cp_async_wait_n(stages - 1);
         __syncwarp();
-        const int got = slot_item[warp][s];
-        const int i = got < 0 ? -1 - got : got;
-        if (i >= n_items) break;  // the counter only grows: every later slot of this warp is past the end too
+        const int c = slot_chunk[warp][s];
+        if (c >= k_chunks) break;  // the counter only grows: every later slot of this warp is empty too
         const unsigned char* sl = ring + off;
         const u32 xs_at = ring_at + off + wbytes + sz_bytes<TPW>();
         off += slot;
         if (++s == stages) s = off = 0;
-        if (got < 0) continue;  // an item with nothing to read
         const __half* szs = (const __half*)(sl + wbytes);
         u32 w[TPW][2 * BITS];
 #pragma unroll
@@ -116,10 +108,10 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
         }
         float cacc[TPW][4], xsum[2][4];
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-            xsum[0][r] = xsum[1][r] = 0.f;
+        for (int i = 0; i < 4; i++) {
+            xsum[0][i] = xsum[1][i] = 0.f;
 #pragma unroll
-            for (int t = 0; t < TPW; t++) cacc[t][r] = 0.f;
+            for (int t = 0; t < TPW; t++) cacc[t][i] = 0.f;
         }
 #pragma unroll
         for (int kp = 0; kp < 4; kp++) {
@@ -143,7 +135,7 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
         if (quad == 0) {
             const float lo = xsum[0][0] + xsum[1][0], hi = xsum[0][2] + xsum[1][2];
             const float based = 128.f * lo + BASE_HI * hi + Z * (lo + hi);
-            float* out = parts + (size_t)i * 64;
+            float* out = parts + (size_t)c * 64;
 #pragma unroll
             for (int t = 0; t < TPW; t++)
 #pragma unroll
@@ -153,82 +145,18 @@ __device__ void wide_run(const Items& items, int n_items, int k_chunks, int tile
     }
     cp_async_wait<0>();
     __syncthreads();
-    finish((const float*)parts);
-}
-
-// One matrix: y = W·x for one row. grid (⌈N / 64⌉).
-template <int BITS, int WARPS>
-__device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __restrict__ words,
-                          const __half* __restrict__ scales, __nv_bfloat16* __restrict__ y, int K, int N,
-                          int stages) {
-    const int k_chunks = K / MMA_CHUNK, tile0 = blockIdx.x * 4, tiles = min(4, N / 16 - tile0);
-    const unsigned char* wbase = (const unsigned char*)(words + (size_t)tile0 * k_chunks * BITS * 32);
-    auto items = [&](int c) {
-        return WideItem{wbase + (size_t)c * BITS * 256, scales + (size_t)c * N + tile0 * 16, x + (size_t)c * MMA_CHUNK,
-                        true};
-    };
-    auto finish = [&](const float* parts) {
-        if (threadIdx.x < tiles * 16) {
-            float v = 0.f;
-            for (int c = 0; c < k_chunks; c++) v += parts[(size_t)c * 64 + threadIdx.x];
-            y[tile0 * 16 + threadIdx.x] = __float2bfloat16(v);
-        }
-    };
-    wide_run<BITS, WARPS>(items, k_chunks, k_chunks, tile0, tiles, stages, finish);
-}
-
-// The one-row MoE down launch and its combine (src/experts.rs; gptq_mma.cu's FUSE_COMBINE): every slot of the row
-// — its top_k routed experts (weights rw), then the shared expert (weight 1) — over the same 64 columns of the
-// hidden size, items (slot, chunk of inter). y[n] = Σ_slot w · Σ_chunk part, slots in order, chunks in order. The
-// gate/up launch wrote the slots' tiles (expert, pair = slot, held) and h [slots, K]; a slot whose expert this slice
-// lacks adds nothing. Tables: down matrices' words and scales by expert (symmetric: no zeros).
-template <int BITS, int WARPS>
-__device__ void down_wide(const __nv_bfloat16* __restrict__ h, const int* __restrict__ tiles_tab,
-                          const u64* __restrict__ w_tab, const u64* __restrict__ sc_tab, const float* __restrict__ rw,
-                          int top_k, int slots, int K, int N, int stages, __nv_bfloat16* __restrict__ y) {
-    __shared__ const unsigned char* s_words[EXPERT_SLOTS];
-    __shared__ const __half* s_scales[EXPERT_SLOTS];
-    __shared__ float s_weight[EXPERT_SLOTS];
-    const int k_chunks = K / MMA_CHUNK, tile0 = blockIdx.x * 4, tiles = min(4, N / 16 - tile0);
-    if (threadIdx.x < slots) {
-        const int s = threadIdx.x, e = tiles_tab[3 * s], held = tiles_tab[3 * s + 2];
-        const u64 wa = held ? w_tab[e] : 0, sa = held ? sc_tab[e] : 0;
-        s_words[s] = wa ? (const unsigned char*)wa + (size_t)tile0 * k_chunks * BITS * 256 : nullptr;
-        s_scales[s] = (const __half*)sa + tile0 * 16;
-        s_weight[s] = s < top_k ? rw[s] : 1.f;
+    if (threadIdx.x < tiles * 16) {
+        float v = 0.f;
+        for (int c = 0; c < k_chunks; c++) v += parts[(size_t)c * 64 + threadIdx.x];
+        y[tile0 * 16 + threadIdx.x] = __float2bfloat16(v);
     }
-    __syncthreads();
-    auto items = [&](int i) {
-        const int s = i / k_chunks, c = i - s * k_chunks;
-        const unsigned char* wb = s_words[s];
-        return WideItem{wb + (size_t)c * BITS * 256, s_scales[s] + (size_t)c * N, h + (size_t)s * K + c * MMA_CHUNK,
-                        wb != nullptr};
-    };
-    auto finish = [&](const float* parts) {
-        if (threadIdx.x < tiles * 16) {
-            float acc = 0.f;
-            for (int s = 0; s < slots; s++) {
-                if (s_words[s] == nullptr) continue;
-                float v = 0.f;
-                for (int c = 0; c < k_chunks; c++) v += parts[((size_t)s * k_chunks + c) * 64 + threadIdx.x];
-                acc += s_weight[s] * v;
-            }
-            y[tile0 * 16 + threadIdx.x] = __float2bfloat16(acc);
-        }
-    };
-    wide_run<BITS, WARPS>(items, slots * k_chunks, k_chunks, tile0, tiles, stages, finish);
 }
 
-#define WIDE_KERNEL(BITS, WARPS)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) gptq_mma_gemv_wide##WARPS##_w##BITS##_sym_bf16(   \
-        const __nv_bfloat16* x, const uint2* words, const __half* scales, __nv_bfloat16* y, int K, int N,        \
-        int stages) {                                                                                            \
-        gemv_wide<BITS, WARPS>(x, words, scales, y, K, N, stages);                                               \
-    }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) gptq_mma_down_wide##WARPS##_w##BITS##_sym_bf16(   \
-        const __nv_bfloat16* h, const int* tiles, const u64* w_tab, const u64* sc_tab, const float* rw,          \
-        int top_k, int slots, int K, int N, int stages, __nv_bfloat16* y) {                                      \
-        down_wide<BITS, WARPS>(h, tiles, w_tab, sc_tab, rw, top_k, slots, K, N, stages, y);                      \
+#define WIDE_KERNEL(BITS, WARPS)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, 1) gptq_mma_gemv_wide##WARPS##_w##BITS##_sym_bf16(  \
+        const __nv_bfloat16* x, const uint2* words, const __half* scales, __nv_bfloat16* y, int K, int N,       \
+        int stages) {                                                                                           \
+        gemv_wide<BITS, WARPS>(x, words, scales, y, K, N, stages);                                              \
     }
 WIDE_KERNEL(2, 8)
 WIDE_KERNEL(2, 16)

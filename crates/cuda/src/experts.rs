@@ -390,19 +390,6 @@ impl CudaBackend {
 
         // down of every tile: partial [splits, pairs, hidden], then each row's weighted sum.
         let p = span("down");
-        // One row, symmetric experts: the down launch and its combine as one wide block per 64 columns (wide.rs).
-        let wide = match one_row && t.symmetric && !t.reordered && dtype == crate::act::ActDtype::Bf16 {
-            true => crate::wide::down_plan(&self.gpu, t.bits, t.group_size, (inter, hidden), pairs),
-            false => None,
-        };
-        if let Some(plan) = wide {
-            let tables = (&t.down[0], &t.down[2]);
-            let dims = (r.top_k, pairs, inter, hidden);
-            crate::wide::launch_down(&self.gpu, plan, t.bits, &h, &tiles, tables, weights, dims, &mut out.data)
-                .map_err(m)?;
-            drop(p);
-            return Ok(out);
-        }
         let (name, gx, sh) = (&down_launch.name, down_launch.bx, down_launch.shape);
         let splits = sh.splits;
         let f = self.f(name)?;

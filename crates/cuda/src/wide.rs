@@ -60,83 +60,8 @@ fn applies(w: &GpuGptq, gpu: &Gpu, batch: usize, x: ActDtype, y: ActDtype) -> bo
 /// Dynamic shared bytes of a block of `warps`: each warp's ring of [`STAGES`] slots (mma_gemv.cuh `slot_bytes`: 4
 /// tiles of weight words, their scales and zeros, one x row), then the chunks' sums, 64 floats a chunk of K.
 fn smem(w: &GpuGptq, warps: usize) -> usize {
-    warps * STAGES * slot_bytes(w.bits as usize) + w.in_features / 128 * 64 * 4
-}
-
-/// A warp's ring slot (mma_gemv.cuh `slot_bytes`, 4 tiles, one row): weight words, scales and zeros, one x row.
-fn slot_bytes(bits: usize) -> usize {
-    4 * bits * 32 * 8 + 2 * 4 * 16 * 2 + 136 * 2
-}
-
-/// The one-row MoE down launch and its combine as one wide block per 64 columns of the hidden size
-/// (`gptq_mma_down_wide*`, after the one-row gate/up launch that wrote the slots' tiles and h): where every expert
-/// is symmetric without a row order, `bits` 2–4 in groups of 128 rows, inter a whole number of chunks, the row's
-/// `slots` (top_k + the shared expert) at most 16, the hidden size in about one block an SM, and the slots' chunks'
-/// sums beside the rings in shared memory.
-pub(crate) fn down_plan(
-    gpu: &Gpu,
-    bits: usize,
-    group: usize,
-    (inter, hidden): (usize, usize),
-    slots: usize,
-) -> Option<Plan> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| crate::mma::knob("PIPEMOE_GEMV_WIDE", 1, 0..=1) == 1);
-    let (blocks, sms) = (hidden.div_ceil(64), gpu.sm_count as usize);
-    let fits = on
-        && (2..=4).contains(&bits)
-        && group == 128
-        && inter % 128 == 0
-        && hidden % 16 == 0
-        && (1..=16).contains(&slots)
-        && blocks <= sms
-        && 4 * blocks >= 3 * sms;
-    if !fits {
-        return None;
-    }
-    let room = gpu.smem_per_sm.saturating_sub(2 * STATIC_SMEM);
-    let sums = slots * (inter / 128) * 64 * 4;
-    [16, 8]
-        .into_iter()
-        .map(|warps| Plan { warps, smem: warps * STAGES * slot_bytes(bits) + sums })
-        .find(|p| p.smem <= room)
-}
-
-/// The one-row down launch by [`down_plan`]'s plan: h [slots, inter] (the SiLU·up rows), the tiles the gate/up
-/// launch wrote (expert, pair, held per slot), the down matrices' word and scale tables by expert, the routing's
-/// weights [top_k]; `out` [hidden] the weighted sum.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn launch_down(
-    gpu: &Gpu,
-    p: Plan,
-    bits: usize,
-    h: &crate::act::Act,
-    tiles: &cudarc::driver::CudaSlice<i32>,
-    (words, scales): (&cudarc::driver::CudaSlice<u64>, &cudarc::driver::CudaSlice<u64>),
-    weights: &cudarc::driver::CudaSlice<f32>,
-    (top_k, slots, inter, hidden): (usize, usize, usize, usize),
-    out: &mut crate::act::Act,
-) -> Result<()> {
-    if h.len() < slots * inter || out.len() < hidden || tiles.len() < 3 * slots || weights.len() < top_k {
-        return Err(Error::Shape { what: "down_wide", reason: format!("{slots} slots of {inter} -> {hidden}") });
-    }
-    let f = gpu.function(&format!("gptq_mma_down_wide{}_w{bits}_sym_bf16", p.warps))?;
-    gpu.allow_smem(f, p.smem)?;
-    let cfg = LaunchConfig {
-        grid_dim: (hidden.div_ceil(64) as u32, 1, 1),
-        block_dim: (32 * p.warps as u32, 1, 1),
-        shared_mem_bytes: p.smem as u32,
-    };
-    let (tk, sl, ki, ni, st) = (top_k as i32, slots as i32, inter as i32, hidden as i32, STAGES as i32);
-    let mut l = gpu.stream.launch_builder(f);
-    l.arg(h).arg(tiles).arg(words).arg(scales).arg(weights);
-    l.arg(&tk).arg(&sl).arg(&ki).arg(&ni).arg(&st).arg(out);
-    // SAFETY: matches gemv_wide.cu's gptq_mma_down_wide*: h holds slots·inter bf16 and out hidden (checked above),
-    // tiles 3 ints a slot as the one-row gate/up launch writes them (expert < the tables' entries, held 0 or 1),
-    // the tables the repacked words and scales of each held expert's down matrix (symmetric, groups of 128 rows:
-    // down_plan's conditions), weights top_k floats; the shared bytes as the kernel lays them out.
-    unsafe { l.launch(cfg) }.map_err(drv("launch gptq_mma_down_wide"))?;
-    Ok(())
+    let slot = 4 * w.bits as usize * 32 * 8 + 2 * 4 * 16 * 2 + 136 * 2;
+    warps * STAGES * slot + w.in_features / 128 * 64 * 4
 }
 
 /// `y = W·x` for one row by the wide kernel, as [`plan`] laid it out.

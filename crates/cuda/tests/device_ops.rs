@@ -475,7 +475,7 @@ fn grouped_experts_match_the_cpu() {
         (8, 7168, 2048, 3, 4, false, false),
         (8, 256, 256, 3, 3, true, false),
         (8, 256, 256, 3, 3, false, true),
-        (8, 7168, 2048, 3, 4, false, true), // one row: the wide down launch and its combine (wide.rs)
+        (8, 7168, 2048, 3, 4, false, true), // the real dims, every expert symmetric (the `_sym` kernels)
     ] {
         let sym = |i: usize| all_sym || i % 3 == 1;
         let hs = host_experts_ordered(&mut rng, count, (hidden, inter, bits), |i| ordered && i % 3 != 2, sym);
