@@ -51,8 +51,8 @@ fn applies(w: &GpuGptq, gpu: &Gpu, batch: usize, x: ActDtype, y: ActDtype) -> bo
         && w.zeros.is_none()
         && w.perm.is_none()
         && w.group_size == 128
-        && w.in_features % 128 == 0
-        && w.out_features % 16 == 0
+        && w.in_features.is_multiple_of(128)
+        && w.out_features.is_multiple_of(16)
         && blocks <= sms
         && 4 * blocks >= 3 * sms
 }
