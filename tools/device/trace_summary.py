@@ -78,6 +78,13 @@ def table(step, launches):
         print(f"{short(l['name']):44} {l['blocks']:6} {l['sms']:4} {(l['first'] - t0) / 1e3:7.2f} "
               f"{(l['last_start'] - t0) / 1e3:7.2f} {(l['end'] - t0) / 1e3:7.2f} {(l['end'] - l['first']) / 1e3:6.2f} "
               f"{l['med'] / 1e3:7.2f} {l['max'] / 1e3:7.2f} {after:6.2f} {', '.join(beside[:3])}")
+    # Time with no block of the step running, between its first start and last end: the launches' gaps where no
+    # branch covered them.
+    idle, running_to = 0, t0
+    for l in sorted(launches, key=lambda l: l["first"]):
+        idle += max(0, l["first"] - running_to)
+        running_to = max(running_to, l["end"])
+    print(f"no block running for {idle / 1e3:.1f} of the step's {span / 1e3:.1f} us ({100 * idle / span:.0f}%)")
 
 
 def per_sm(step, min_blocks):
