@@ -104,6 +104,41 @@ fn gptq_gemv_matches_the_cpu_reference() {
     }
 }
 
+/// The wide one-row kernel (`GpuGptq::gemv_wide`, kernels/gemv_wide.cu) at both block sizes against the CPU, at
+/// every bit width, on a symmetric weight of one 64-column block an SM (what `gemv` gives it; the 16-warp block does
+/// not fit a GPU of less shared memory, where it is reported and left out) and x of mixed signs: the chunks' sums
+/// in chunk order whichever warp ran them, so within the bf16 output's rounding of the f32 reference.
+#[test]
+fn the_wide_gemv_matches_the_cpu_reference() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).expect("gpu");
+    let mut rng = Rng::new(41);
+    let n = gpu.sm_count as usize * 64;
+    for (k, bits) in [(1024usize, 3u32), (640, 2), (384, 4)] {
+        let w = weight_with_zeros(&mut rng, (k, n, bits, 128, false), true);
+        let dense = w.dequantize(); // [n, k]
+        let x: Vec<f32> = (0..k).map(|_| bf16::from_f32(rng.uniform() * 2.0 - 1.0).to_f32()).collect();
+        let want: Vec<f32> =
+            (0..n).map(|j| dense[j * k..(j + 1) * k].iter().zip(&x).map(|(w, x)| w * x).sum()).collect();
+        let g = GpuGptq::upload_for_tensor_cores(&gpu, &w).expect("upload");
+        let xa = Act::from_f32(&gpu, ActDtype::Bf16, &x).expect("x");
+        for warps in [16, 8] {
+            let mut y = Act::from_f32(&gpu, ActDtype::Bf16, &vec![f32::NAN; n]).expect("y"); // every value written
+            match g.gemv_wide(&gpu, &xa.view(0, k), &mut y.view_mut(0, n), warps) {
+                Err(e) if warps == 16 => eprintln!("the 16-warp block does not fit this GPU: {e}"),
+                r => {
+                    r.expect("gemv_wide");
+                    let err = rel_l2(&y.to_f32(&gpu, n).expect("y"), &want);
+                    eprintln!("wide {k}x{n} w{bits}, {warps} warps: rel L2 {err:.2e}");
+                    assert!(err <= 5e-3, "wide {k}x{n} w{bits}, {warps} warps: rel L2 {err:e}");
+                }
+            }
+        }
+    }
+}
+
 /// The q_b + wq_b projection of a decode step with its two parts cut and roped in the GEMV's store
 /// (`gptq_mma_gemv_rope`): what the GEMV then `rope_columns2` give, bit for bit (each value rounded to bf16 as the
 /// GEMV stores it, then rotated in f32 as rope_cols2 rotates it). Shapes: the real model's (1536 → 128 heads of
