@@ -1,22 +1,19 @@
-// The one-row tensor-core GEMV as one wide block per 64 output columns (src/wide.rs picks it; docs/PERF.md session 37).
-// The trace of a one-row step showed the split-K GEMV's co-resident blocks on an SM ending in blockIdx order, one
-// to two µs apart (the youngest, dispatched last, ends last, alone on its SM: 4 warps, which keep the SM far from
-// its 16-warp rate), and the split's last block adding every split's partial sums after an arrival (1.3–2.2 µs
-// past the others). Here the block's warps (16, or 8 where shared memory is scarcer: a 3090) share the whole of K
-// for their 4 tiles: each warp's ring takes the next chunk
-// from a counter in shared memory (a warp that runs ahead takes more chunks, so the block's warps end within a
-// chunk of each other), each chunk's scaled sums go to their own place in shared memory, and the block adds them
-// in chunk order at the end: the same sums whichever warp ran which chunk, no partial sums in global memory, no
-// arrival. One row, a symmetric weight (every zero 2^(BITS−1)), bf16 out; one block an SM, so a launch of about
-// as many blocks as SMs (the host's condition). Same weight layout and per-chunk
-// arithmetic as mma_gemv_run (mma_gemv.cuh). Groups of 128 rows (the host checks): a chunk's scales are its row.
+// The one-row tensor-core GEMV as one wide block per 64 output columns (src/wide.rs picks it; docs/PERF.md
+// session 37). A trace of a one-row step showed the split-K GEMV's co-resident blocks on an SM ending in the order of
+// their index, one to two µs apart (the last alone on its SM with 4 warps, far below the SM's 16-warp rate), and each
+// column range's last block adding the splits' partial sums after its arrival (1.3–2.2 µs past the others). Here the
+// block's warps (16, or 8 where 16 warps' rings do not fit the shared memory) share the whole of K for their 4
+// tiles: each warp's ring takes the next chunk from a counter in shared memory (a warp that runs ahead takes more
+// chunks, so the warps end within a chunk of each other), each chunk's scaled sums go to their own place in shared
+// memory, and the block adds them in chunk order at the end: the same sums whichever warp ran which chunk, no
+// partial sums in global memory, no arrival. One row, a symmetric weight (every zero 2^(BITS−1)), groups of 128 rows
+// (a chunk's scales are its row), bf16 out; one block an SM, so the host takes it for launches of about as many
+// blocks as SMs. The weight layout and each chunk's arithmetic are mma_gemv_run's (mma_gemv.cuh).
 #include "common.cuh"
 #include "mma_pack.cuh"
 #include "experts.cuh"
 #include "mma.cuh"
 #include "mma_gemv.cuh"
-
-#define WIDE_MAX_WARPS 16
 
 // grid (⌈N / 64⌉), block 32·WARPS, shared WARPS·stages·slot_bytes(1) + (K / 128)·64 floats.
 template <int BITS, int WARPS>
