@@ -7,8 +7,8 @@ starts well after the one before it ended waited for SMs (or for the host).
 Usage: tools/device/trace_summary.py TRACE.csv [--gap-us 8] [--all] [--sm MIN_BLOCKS]
   --gap-us  a gap with no block running longer than this ends a step (steps are synchronized by the host)
   --all     print every step's table, not only the median step's
-  --sm      for the median step's launches of at least MIN_BLOCKS blocks: block times by how many of the launch's
-            blocks shared the SM, how far apart an SM's blocks ended, and in which order of their linear index
+  --sm      for the median step's launches of at least MIN_BLOCKS blocks: blocks running µs by µs (the tail is
+            where it ramps down), block times by how many of the launch's blocks shared the SM, how far apart an SM's blocks ended, and in which order of their linear index
             (dispatch order) they ended — session 37 found the split-K GEMVs' co-resident blocks ending in that
             order, ~1.5 µs apart, the last alone on its SM
 """
@@ -123,6 +123,15 @@ def per_sm(step, min_blocks):
                 print(f"{short(name) if first else '':44} {blocks if first else '':>6} {c:8} {len(d):4} "
                       f"{statistics.median(d):7.2f} {max(d):7.2f}{tail}")
                 first = False
+            # Blocks running, µs by µs from the launch's first start: the ramp down at the end is the tail.
+            s0 = min(r[4] for r in part)
+            span = (max(r[5] for r in part) - s0) / 1e3
+            act = [0.0] * (int(span) + 1)
+            for r in part:
+                a, b = (r[4] - s0) / 1e3, (r[5] - s0) / 1e3
+                for t in range(int(a), int(b) + 1):
+                    act[t] += max(0.0, min(b, t + 1) - max(a, t))
+            print(f"{'':44} blocks running by µs: {' '.join(str(round(v)) for v in act)}")
             break  # the first launch of each kernel in the step
 
 
