@@ -93,16 +93,7 @@ __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __re
         if (++s == stages) s = off = 0;
         const __half* szs = (const __half*)(sl + wbytes);
         u32 w[TPW][2 * BITS];
-#pragma unroll
-        for (int t = 0; t < TPW; t++) {
-            const uint2* src = (const uint2*)sl + t * BITS * 32 + lane;
-#pragma unroll
-            for (int j = 0; j < BITS; j++) {
-                uint2 v = src[j * 32];
-                w[t][2 * j] = v.x;
-                w[t][2 * j + 1] = v.y;
-            }
-        }
+        slot_words<BITS, TPW>(sl, lane, w);
         float cacc[TPW][4], xsum[2][4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {

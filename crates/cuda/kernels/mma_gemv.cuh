@@ -99,6 +99,22 @@ __device__ __forceinline__ int slot_bytes(int rows) {
     return TPW * BITS * 32 * 8 + sz_bytes<TPW>() + rows * MMA_XS * 2 + (PRESUM ? MMA_XSUM_BYTES : 0);
 }
 
+// A lane's weight words of a ring slot's TPW tiles (its two blocks of BITS words a tile), as src/mma.rs lays a
+// chunk out: tile t's word pairs at uint2 t·BITS·32 + j·32 + lane.
+template <int BITS, int TPW>
+__device__ __forceinline__ void slot_words(const unsigned char* sl, int lane, u32 (&w)[TPW][2 * BITS]) {
+#pragma unroll
+    for (int t = 0; t < TPW; t++) {
+        const uint2* src = (const uint2*)sl + t * BITS * 32 + lane;
+#pragma unroll
+        for (int j = 0; j < BITS; j++) {
+            const uint2 v = src[j * 32];
+            w[t][2 * j] = v.x;
+            w[t][2 * j + 1] = v.y;
+        }
+    }
+}
+
 // One block: tiles [block_x·BT, +BT) with BT = (4 / KW)·TPW, TPW a warp's (its group's), over chunks
 // [blockIdx.y·k_chunk, +k_chunk) of K, for `nrows` ≤ MB rows of x (thread b < MB gives row b's x row as `row`,
 // which mma_gemv_block reads: `xrow[b]`, or b when xrow is null).
@@ -296,16 +312,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         if (read_off == ring_bytes) read_off = 0;
         const __half* szs = (const __half*)(sl + wbytes);  // scales [TPW·16], zeros [TPW·16]
         u32 w[TPW][2 * BITS];
-#pragma unroll
-        for (int t = 0; t < TPW; t++) {
-            const uint2* src = (const uint2*)sl + t * BITS * 32 + lane;
-#pragma unroll
-            for (int j = 0; j < BITS; j++) {
-                uint2 v = src[j * 32];
-                w[t][2 * j] = v.x;
-                w[t][2 * j + 1] = v.y;
-            }
-        }
+        slot_words<BITS, TPW>(sl, lane, w);
         // ZSUB: A is q − z itself, (base + q) − (base + z) by one bf16x2 FMA a register — exact, both small
         // integers (z ≤ 2^BITS) — so no sums of x are needed: −(base + z) of pair r's column (a0, a2: group; a1,
         // a3: group + 8) and base (r < 2: 128, else BASE_HI), per tile.

@@ -263,7 +263,7 @@ impl Shape {
 /// Bytes of one ring slot (`slot_bytes` in the kernel): a warp's weight words of one chunk, the scales and zeros
 /// of its tiles' columns (f16), `rows` rows of x and, for a kernel that reads them (`sums`, the grouped `_xs`
 /// kernels), 8 rows' sums of x (two f32 each).
-fn slot_bytes(bits: u32, rows: usize, sums: bool) -> usize {
+pub(crate) fn slot_bytes(bits: u32, rows: usize, sums: bool) -> usize {
     let tiles = tiles_per_warp(rows);
     tiles * bits as usize * 32 * 8 + 2 * tiles * 16 * 2 + rows * XS * 2 + if sums { 8 * 8 } else { 0 }
 }

@@ -57,11 +57,10 @@ fn applies(w: &GpuGptq, gpu: &Gpu, batch: usize, x: ActDtype, y: ActDtype) -> bo
         && 4 * blocks >= 3 * sms
 }
 
-/// Dynamic shared bytes of a block of `warps`: each warp's ring of [`STAGES`] slots (mma_gemv.cuh `slot_bytes`: 4
-/// tiles of weight words, their scales and zeros, one x row), then the chunks' sums, 64 floats a chunk of K.
+/// Dynamic shared bytes of a block of `warps`: each warp's ring of [`STAGES`] one-row slots (the split-K kernel's:
+/// 4 tiles of weight words, their scales and zeros, one x row), then the chunks' sums, 64 floats a chunk of K.
 fn smem(w: &GpuGptq, warps: usize) -> usize {
-    let slot = 4 * w.bits as usize * 32 * 8 + 2 * 4 * 16 * 2 + 136 * 2;
-    warps * STAGES * slot + w.in_features / 128 * 64 * 4
+    warps * STAGES * crate::mma::slot_bytes(w.bits, 1, false) + w.in_features / 128 * 64 * 4
 }
 
 /// `y = W·x` for one row by the wide kernel, as [`plan`] laid it out.
