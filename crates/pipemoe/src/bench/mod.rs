@@ -215,6 +215,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.layers == 0 || args.context == 0 || args.chunk == 0 {
         bail!("--layers, --context and --chunk must be positive");
     }
+    if args.trace.is_some() && !args.generate_only && !pipemoe_cuda::trace::enabled() {
+        bail!("--trace needs the kernels built with their records: run with PIPEMOE_TRACE=1");
+    }
     let (dir, slice) = model_and_slice(args)?;
     let cfg = ModelConfig::from_dir(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
