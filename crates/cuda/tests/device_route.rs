@@ -79,6 +79,8 @@ fn router_matches_route_logits() {
         dims(256, 8, 4, 8, true, 2.5),  // DeepSeek-V3/V3.2
         dims(256, 1, 1, 8, true, 2.5),  // n_group 1: no grouping
         dims(64, 8, 1, 12, false, 1.0), // more picks than the kept group holds: -inf experts by lowest index
+        dims(72, 6, 3, 10, true, 1.0),  // 3 experts a lane, lanes 24-31 empty
+        dims(100, 1, 1, 40, true, 1.0), // more slots than lanes, lanes 25-31 empty
     ];
     for d in configs {
         let e = d.n_experts;
