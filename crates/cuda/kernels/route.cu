@@ -5,18 +5,15 @@
 #include "rows.cuh"
 #include "route.cuh"
 
-// A warp per row, ROUTE_WARPS rows a block: logits [rows, n_experts], bias [n_experts] → experts [rows, top_k],
+// A block per row (blockDim.x ≥ n_experts): logits [rows, n_experts], bias [n_experts] → experts [rows, top_k],
 // weights [rows, top_k].
-#define ROUTE_WARPS 4
-extern "C" __global__ void __launch_bounds__(ROUTE_WARPS * 32)
-    route_f32(const float* logits, const float* bias, u32* experts, float* weights, int rows, int n_experts,
-              int n_group, int topk_group, int top_k, int norm_topk_prob, float scaling) {
-    __shared__ RouteScratch scratch[ROUTE_WARPS];
-    const int warp = threadIdx.x / 32;
-    const size_t row = (size_t)blockIdx.x * ROUTE_WARPS + warp;
-    if (row >= (size_t)rows) return;
+extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)
+    route_f32(const float* logits, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
+              int topk_group, int top_k, int norm_topk_prob, float scaling) {
+    __shared__ RouteScratch scratch;
+    const size_t row = blockIdx.x;
     route_row(logits + row * n_experts, bias, experts + row * top_k, weights + row * top_k, n_experts, n_group,
-              topk_group, top_k, norm_topk_prob, scaling, scratch[warp]);
+              topk_group, top_k, norm_topk_prob, scaling, scratch);
 }
 
 // counts [n_experts]: how many of the n entries of experts [rows·top_k] chose each expert. One block per expert.
@@ -83,7 +80,7 @@ __device__ void router_route(const T* x, const T* w, float* logits, int in, cons
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
     __syncthreads();
-    if (!last || threadIdx.x >= 32) return;
+    if (!last) return;
     __threadfence();
     route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling, scratch);
     if (threadIdx.x == 0) *counter = 0;
@@ -183,7 +180,6 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
         const int c = (t + j * NORM_ROUTE_THREADS) * 8;
         if (c < cols) save8(x + c, v[j]);
     }
-    if (warp > 0) return;
     route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling, route_scratch);
     if (t == 0) *counter = 0;
 }

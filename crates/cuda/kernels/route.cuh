@@ -1,5 +1,5 @@
-// The MoE router's choice for one row (MODEL_SPEC §2.7), included by route.cu (route_f32: a warp a row; router_route and
-// add_norm_route: the last block's first warp). Bit-for-bit with the host's
+// The MoE router's choice for one row (MODEL_SPEC §2.7), included by route.cu (route_f32: a block a row; router_route and
+// add_norm_route: the last block). Bit-for-bit with the host's
 // `pipemoe_model::routing::route_logits`: orders are Rust's f32::total_cmp (as an integer key) with ties to the
 // lower index; exp is taken in f64 and rounded once to f32 (the host's glibc expf is correctly rounded but for rare
 // inputs; fast math would make expf a several-ulp __expf), and divisions are __fdiv_rn (fast math makes `/`
@@ -10,42 +10,45 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
-// One warp's scratch for route_row (shared memory): the row's biased scores, its groups' keys, kept flags and the
-// chosen experts' scores, slot by slot.
+// A block's scratch for route_row (shared memory): the row's scores and biased scores, its groups' keys, kept
+// flags and the chosen experts' scores, slot by slot.
 struct RouteScratch {
+    float score[ROUTE_MAX_EXPERTS];
     float choice[ROUTE_MAX_EXPERTS];
     u32 group_key[ROUTE_MAX_EXPERTS];
     int kept[ROUTE_MAX_EXPERTS];
     float chosen[ROUTE_MAX_EXPERTS];
 };
 
-// One row by one warp (every lane calls it; n_experts ≤ ROUTE_MAX_EXPERTS, top_k ≤ n_experts): logits
-// [n_experts] (read past L1: the fused router's other blocks wrote them), bias [n_experts] → experts [top_k] (best
-// first), weights [top_k]. Lane L holds experts [L·p, L·p + p), p = ⌈n_experts / 32⌉, in registers, so that a
-// lower lane holds lower indices; each slot is the lanes' best remaining key (__reduce_max_sync), the lowest lane
-// among equals, and in that lane its lowest index: the host's order (key descending, then index ascending).
-// The block-wide form it replaced ranked every expert against all the others through shared memory, 128 dependent
-// loads a thread and five barriers: ~4 us of the decode row's add_norm_route, its last block alone (session 37's
-// trace).
+// One row by one block of blockDim.x ≥ n_experts threads (a multiple of 32; every thread calls it, n_experts ≤
+// ROUTE_MAX_EXPERTS, top_k ≤ n_experts): logits [n_experts] (read past L1: the fused router's other blocks wrote
+// them), bias [n_experts] → experts [top_k] (best first), weights [top_k]. A thread an expert takes its score (one
+// round trip to memory for all), then the first warp alone chooses: lane L holds experts [L·p, L·p + p),
+// p = ⌈n_experts / 32⌉, in registers, so that a lower lane holds lower indices, and each slot is the lanes' best
+// remaining key (__reduce_max_sync), the lowest lane among equals and in that lane its lowest index: the host's
+// order (key descending, then index ascending). The form it replaced ranked every expert against all the others
+// through shared memory (128 loads a thread, in turn) behind five barriers: ~4 us of the decode row's
+// add_norm_route, its last block alone (session 37's trace). A warp alone taking the scores too, 4 experts a
+// lane, was slower still: its loads ran one after another (session 38).
 __device__ void route_row(const float* logits, const float* bias, u32* experts, float* weights, int n_experts,
                           int n_group, int topk_group, int top_k, int norm_topk_prob, float scaling,
                           RouteScratch& s) {
     constexpr int P = ROUTE_MAX_EXPERTS / 32;
-    const int lane = threadIdx.x & 31, p = (n_experts + 31) / 32, e0 = lane * p;
-    float score[P], choice[P];
-#pragma unroll
-    for (int i = 0; i < P; i++) {
-        const int e = e0 + i;
-        score[i] = choice[i] = 0.f;
-        if (i < p && e < n_experts) {
-            const float logit = __ldcg(logits + e), b = bias[e];
-            const float ex = (float)exp(-(double)logit);
-            score[i] = __fdiv_rn(1.f, 1.f + ex);
-            choice[i] = score[i] + b;
-            s.choice[e] = choice[i];
-        }
+    if (threadIdx.x < n_experts) {
+        // Both loads before the exponential (the bias was read after it: two round trips one after the other).
+        const int e = threadIdx.x;
+        const float logit = __ldcg(logits + e), b = bias[e];
+        const float ex = (float)exp(-(double)logit);
+        const float sc = __fdiv_rn(1.f, 1.f + ex);
+        s.score[e] = sc;
+        s.choice[e] = sc + b;
     }
-    __syncwarp();
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x, p = (n_experts + 31) / 32, e0 = lane * p;
+    float choice[P];
+#pragma unroll
+    for (int i = 0; i < P; i++) choice[i] = i < p && e0 + i < n_experts ? s.choice[e0 + i] : 0.f;
     if (n_group > 1) {
         const int per = n_experts / n_group;
         for (int g = lane; g < n_group; g += 32) {
@@ -79,29 +82,32 @@ __device__ void route_row(const float* logits, const float* bias, u32* experts, 
         for (int i = 0; i < P; i++)
             if (i < p && e0 + i < n_experts && !s.kept[(e0 + i) / per]) choice[i] = NEG_INF;
     }
-    u32 key[P];
-    unsigned taken = 0;  // bit i: this lane's expert e0 + i is chosen (or absent)
+    // The lane's experts as (key, 0xffff − index) in one word, sorted once (descending: the best first, the lower
+    // index among equal keys); an absent one is 0, below every expert.
+    u64 c[P];
 #pragma unroll
-    for (int i = 0; i < P; i++) {
-        key[i] = total_order_key(choice[i]);
-        if (i >= p || e0 + i >= n_experts) taken |= 1u << i;
-    }
+    for (int i = 0; i < P; i++)
+        c[i] = i < p && e0 + i < n_experts ? (u64)total_order_key(choice[i]) << 32 | (u32)(0xffff - (e0 + i)) : 0ull;
+#pragma unroll
+    for (int i = 1; i < P; i++)
+#pragma unroll
+        for (int j = i; j > 0; j--) {
+            const u64 hi = c[j - 1] > c[j] ? c[j - 1] : c[j], lo = c[j - 1] > c[j] ? c[j] : c[j - 1];
+            c[j - 1] = hi;
+            c[j] = lo;
+        }
     for (int slot = 0; slot < top_k; ++slot) {
-        // This lane's best remaining: the highest key, the lowest index among equals (scanning upwards).
-        int at = -1;
-        u32 kb = 0;
-#pragma unroll
-        for (int i = 0; i < P; i++)
-            if (!(taken >> i & 1) && (at < 0 || key[i] > kb)) at = i, kb = key[i];
-        const bool has = at >= 0;
-        const u32 top = __reduce_max_sync(0xffffffffu, has ? kb : 0u);
-        const u32 won = __ballot_sync(0xffffffffu, has && kb == top);
+        // The lanes' heads: the highest key, and among equal keys the lowest lane (the lower indices).
+        const bool has = c[0] != 0ull;
+        const u32 head = (u32)(c[0] >> 32), top = __reduce_max_sync(0xffffffffu, has ? head : 0u);
+        const u32 won = __ballot_sync(0xffffffffu, has && head == top);
         if (lane == __ffs(won) - 1) {
-            taken |= 1u << at;
+            const int e = 0xffff - (int)(u32)c[0];
+            s.chosen[slot] = s.score[e];
+            experts[slot] = (u32)e;
 #pragma unroll
-            for (int i = 0; i < P; i++)
-                if (i == at) s.chosen[slot] = score[i];
-            experts[slot] = (u32)(e0 + at);
+            for (int i = 0; i + 1 < P; i++) c[i] = c[i + 1];
+            c[P - 1] = 0ull;
         }
     }
     __syncwarp();

@@ -10,11 +10,8 @@ use crate::error::{Error, Result, drv};
 use crate::gemv::dense_grid;
 use crate::gpu::Gpu;
 
-/// The most experts one router warp handles (8 a lane: kernels/route.cuh ROUTE_MAX_EXPERTS).
+/// The most experts one router block handles (a thread each; its first warp 8 a lane: kernels/route.cuh).
 pub const MAX_EXPERTS: usize = 256;
-
-/// Rows a block of `route_f32` routes, a warp each (kernels/route.cu).
-const ROUTE_WARPS: usize = 4;
 
 /// The experts chosen for a step's rows, on the device.
 pub struct DeviceRouting {
@@ -87,15 +84,14 @@ pub fn route_on_device(
     let s = &gpu.stream;
     let (mut experts, mut weights) = routing_buffers(gpu, rows, dims.top_k)?;
     if rows > 0 {
-        let ints = [rows, dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
+        let ints = [dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
         let norm = i32::from(dims.norm_topk_prob);
         let mut l = s.launch_builder(gpu.function("route_f32")?);
         l.arg(logits).arg(bias).arg(&mut experts).arg(&mut weights);
-        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&ints[4]).arg(&norm).arg(&dims.scaling);
-        // A warp a row, ROUTE_WARPS (kernels/route.cu) rows a block.
-        let blocks = rows.div_ceil(ROUTE_WARPS) as u32;
-        let cfg =
-            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32 * ROUTE_WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+        l.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]).arg(&norm).arg(&dims.scaling);
+        // A block a row, a thread an expert (route_row's scores).
+        let threads = dims.n_experts.next_multiple_of(32) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the buffers hold [rows, n_experts], [n_experts] and [rows, top_k] (checked and allocated
         // above); the kernel reads and writes nothing else.
         unsafe { l.launch(cfg) }.map_err(drv("launch route"))?;
