@@ -19,6 +19,7 @@
 #include "experts.cuh"
 #include "mma.cuh"
 #include "mma_gemv.cuh"
+#include "rows.cuh"
 
 #define ROPE_MAX_HALF 32  // pairs a head rotates, at most (the angles' table: 8 rows of them, 2 KB)
 
@@ -33,6 +34,65 @@ struct RopeStore {
     const int* pos;         // [rows]: each row's position
     const float* inv_freq;  // [half]
     int half;               // pairs a head rotates: 8, 16 or 32
+    // The normed kernels' x (fill_x): rows of the fused projection, `stride` values apart, whose first K columns
+    // (q_a) are RMS-normed by `norm` here as mla_prep's block norms them; K the GEMV's.
+    const __nv_bfloat16* raw;
+    int stride, K;
+    const float* norm;
+    float eps;
+
+    // Every thread: rows [0, nrows) of q_a RMS-normed, bit for bit as rms_norm_row's 512 threads norm them
+    // (mla_prep's block 0), into xs [K / 128][nrows][MMA_XS] bf16. The block's 128 threads play the 512: thread t
+    // is t and t + 128 (the pieces of 8 at t·8 and (t + 128)·8; K ≤ 2048, so threads 256-511 and every second
+    // piece hold zeros), its warp w the 512's warps w and w + 4, with the same lanes, so the butterflies and then
+    // the 16 warps' sum run in the same order.
+    __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
+        __shared__ float scratch[32];
+        const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+        for (int r = 0; r < nrows; r++) {
+            const __nv_bfloat16* row = raw + (size_t)r * stride;
+            float v[2][8], g[2][8];
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int c = (t + k * 128) * 8;
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[k][i] = g[k][i] = 0.f;
+                if (c < K) {
+                    load8(row + c, v[k]);
+                    load8(norm + c, g[k]);
+                }
+            }
+            float ss[2] = {0.f, 0.f};
+#pragma unroll
+            for (int k = 0; k < 2; k++)
+#pragma unroll
+                for (int i = 0; i < 8; i++) ss[k] += v[k][i] * v[k][i];
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const float w = warp_sum(ss[k]);
+                if (lane == 0) scratch[warp + 4 * k] = w;
+            }
+            if (t < 8) scratch[8 + t] = 0.f;  // the 512's warps 8-15: no pieces
+            __syncthreads();
+            if (t < 32) {
+                const float u = warp_sum(lane < 16 ? scratch[lane] : 0.f);
+                if (lane == 0) scratch[16] = u;
+            }
+            __syncthreads();
+            const float inv = rsqrtf(scratch[16] / K + eps);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                const int c = (t + k * 128) * 8;
+                if (c < K) {
+                    float o[8];
+#pragma unroll
+                    for (int i = 0; i < 8; i++) o[i] = g[k][i] * (v[k][i] * inv);
+                    save8((__nv_bfloat16*)(xs + ((size_t)(c / MMA_CHUNK * nrows + r) * MMA_XS + c % MMA_CHUNK) * 2), o);
+                }
+            }
+            __syncthreads();  // scratch again for the next row
+        }
+    }
 
     // Every thread, before the ring's first copies: its entries' position and frequency, copied into their own
     // slots of the table by cp.async (they join the first chunk's group, so no load waits here or in the loop).
@@ -102,7 +162,23 @@ struct RopeStore {
         mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, \
                                                      K, stages, block0 + blockIdx.x, st);                       \
     }
-#define ROPE_T(BITS) ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true)
+// The same with q_a's RMSNorm in the block (RopeStore::fill_x): x the fused projection's rows (`stride` apart),
+// its first K columns the GEMV's input, normed by `norm` and `eps` as mla_prep would norm them (K ≤ 2048, a
+// multiple of 128, 16-byte aligned rows); dynamic shared memory the rings' and K / 128 · B · MMA_XS bf16 more.
+#define ROPE_NORM_K(BITS, SYMNAME, SYM)                                                                          \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_rope_norm_w##BITS##_b8##SYMNAME##_bf16(              \
+        const __nv_bfloat16* x, const uint2* words, const __half* zeros, const __half* scales, int B, int K,     \
+        int N, int group_size, int stages, const int* pos, const float* inv_freq, int half, __nv_bfloat16* y1,   \
+        int s1, int h1, int d1, int o1, int il1, __nv_bfloat16* y2, int s2, int h2, int d2, int o2, int il2,     \
+        int block0, int stride, const float* norm, float eps) {                                                 \
+        const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half,    \
+                           x,        stride,   K,        norm,     eps};                                       \
+        const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
+        mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM, false, true>(x, row, B, nullptr, words, zeros, scales, K, N, \
+                                                                  group_size, K, stages, block0 + blockIdx.x,   \
+                                                                  st);                                          \
+    }
+#define ROPE_T(BITS) ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true) ROPE_NORM_K(BITS, , false) ROPE_NORM_K(BITS, _sym, true)
 ROPE_T(2)
 ROPE_T(3)
 ROPE_T(4)

@@ -135,13 +135,17 @@ __device__ __forceinline__ void slot_words(const unsigned char* sl, int lane, u3
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, typename Store>
+// XPRE (no row order): x is not copied chunk by chunk; store.fill_x(xs, nrows) writes every chunk's x rows into
+// shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) once the ring's first copies are issued, and the
+// loop reads them there (gptq_rope.cu's normed query: the rows RMS-normed on the way in).
+template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, bool XPRE = false, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
                              int group_size, int k_chunk, int stages, int block_x, Store store,
                              const float2* __restrict__ xsums = nullptr) {
     static_assert(!PRESUM || (MB == 8 && !PERM), "sums of x from the producer: 8 rows in K's own order");
+    static_assert(!XPRE || (!PERM && !PRESUM), "x from the store: in K's own order, sums made in the loop");
     extern __shared__ __align__(16) unsigned char smem[];
     __shared__ int rows_of[MB];
     __shared__ const __nv_bfloat16* xrows[MB];
@@ -213,7 +217,9 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
 #pragma unroll
             for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
             if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
-            if (!PERM) {
+            if constexpr (XPRE) {
+                // x is in shared memory already (fill_x)
+            } else if (!PERM) {
                 // x through L1: a block's warps on other columns (KW < 4), and other blocks of the SM on the same
                 // rows and chunks, copy the same x of a chunk at about the same time. Through L2 alone each warp's
                 // copy is its own L2 read: 256 bytes a row beside 3 KB of weights (8 rows: 2 KB; the 16-row kernels'
@@ -260,6 +266,12 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     };
     if constexpr (KW > 1) store.prepare(nrows);
     for (int c = 0; c < stages - 1; c++) issue(c < chunks);
+    // XPRE: the block's x, after the rings (every warp's), while the first chunks' weights are on their way.
+    const u32 xpre_at = smem_addr(smem + (size_t)MMA_WARPS * stages * slot);
+    if constexpr (XPRE) {
+        store.fill_x(smem + (size_t)MMA_WARPS * stages * slot, nrows);
+        __syncthreads();
+    }
 
     float acc[TPW][H][4];
 #pragma unroll
@@ -301,7 +313,8 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
         const unsigned char* sl = ring + read_off;
-        const u32 xs_at = ring_at + read_off + wbytes + sz_bytes<TPW>();
+        const u32 xs_at = XPRE ? xpre_at + (u32)((c0 + c) * nrows * MMA_XS * 2)
+                               : ring_at + read_off + wbytes + sz_bytes<TPW>();
         // PRESUM: the (lo, hi) sums of rows 2·quad and 2·quad + 1, where the mma of the sums would leave them.
         float pre[4];
         if constexpr (PRESUM)

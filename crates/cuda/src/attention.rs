@@ -296,12 +296,12 @@ pub fn mla(
 /// The keys each row attends to: every causal one, or the indexer's selection — which, with `branch`, is still
 /// being made there (the main stream joins the branch before the first flash launch).
 #[derive(Clone, Copy)]
-struct Keys<'a, 'b> {
-    selection: Option<&'a GpuSelection>,
-    branch: Option<&'a Branch<'b>>,
+pub(crate) struct Keys<'a, 'b> {
+    pub selection: Option<&'a GpuSelection>,
+    pub branch: Option<&'a Branch<'b>>,
 }
 
-fn attend(
+pub(crate) fn attend(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{
     Backend, ExpertWeights, FusedQuery, HostLinear, HostSelection, IndexQuery, IndexerDims, Landed, LayersBody,
-    MlaDims, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
+    MlaDims, MlaPrep, MlaPrepped, PrepQuery, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
 };
 use pipemoe_model::sampling::{SampleRow, SampledToken};
 
@@ -405,7 +405,7 @@ impl Backend for CudaBackend {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> MResult<MlaPrepped<GpuTensor>> {
-        crate::rowops::mla_prep(self, proj, p, inv_freq, rows, None)
+        crate::prep::mla_prep(self, proj, p, inv_freq, rows, None)
     }
 
     fn mla_prep_write(
@@ -416,7 +416,7 @@ impl Backend for CudaBackend {
         rows: &[Row],
         cache: &mut GpuLayerCache,
     ) -> MResult<MlaPrepped<GpuTensor>> {
-        crate::rowops::mla_prep_write(self, proj, p, inv_freq, rows, cache)
+        crate::prep::mla_prep_write(self, proj, p, inv_freq, rows, cache)
     }
 
     fn cache_write(
@@ -499,6 +499,17 @@ impl Backend for CudaBackend {
         rows: &[Row],
     ) -> MResult<GpuTensor> {
         crate::attention::mla_fused_query(self, cache, query, kv_b, dims, rows)
+    }
+
+    fn mla_prep_attention_fused(
+        &self,
+        cache: &mut GpuLayerCache,
+        query: PrepQuery<'_, Self>,
+        kv_b: &GpuWeight,
+        dims: &MlaDims,
+        rows: &[Row],
+    ) -> MResult<GpuTensor> {
+        crate::prep::mla_prep_fused_query(self, cache, query, kv_b, dims, rows)
     }
 
     fn route(&self, x: &GpuTensor, gate: &GpuWeight, bias: &CudaSlice<f32>, dims: &RouterDims) -> MResult<GpuRoutes> {

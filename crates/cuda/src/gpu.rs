@@ -105,12 +105,21 @@ pub enum Apart {
     /// The grouped experts' launches of many rows sum x in their loops (8 more mma a chunk), not read the sums of
     /// x that the plan and the SiLU reduction write (the `_xs` kernels).
     LoopSums = 512,
+    /// A decode step's mla_prep (q_a normed too) before the fused q_b + wq_b launches, not q_a normed in those
+    /// launches' blocks with the rest of mla_prep beside the indexer's branch (`attention::mla_prep_fused_query`).
+    PrepQuery = 1024,
 }
+
+/// Bits of `Gpu::apart` above the switches: paths a step takes only when opted in (kept by `set_apart`).
+const OPT_PREP_QUERY: u32 = 1 << 31;
+const OPT_IN: u32 = OPT_PREP_QUERY;
 
 /// The side stream and the events that fork it from the main stream and join it back.
 struct Side {
     stream: Arc<CudaStream>,
     forked: CudaEvent,
+    /// Recorded on the main stream for [`Branch::wait_main`].
+    main_at: CudaEvent,
     done: CudaEvent,
 }
 
@@ -134,6 +143,16 @@ impl Branch<'_> {
         self.side.stream.wait(&self.side.forked).map_err(drv("cuStreamWaitEvent"))?;
         self.open.set(true);
         Ok(&self.side.stream)
+    }
+
+    /// The side stream's next work waits for everything queued on the main stream so far too (after the fork;
+    /// nothing to do without one). What the main stream allocated before this may then be used on the branch.
+    pub fn wait_main(&self) -> Result<()> {
+        if !self.open.get() {
+            return Ok(());
+        }
+        self.side.main_at.record(self.main).map_err(drv("cuEventRecord"))?;
+        self.side.stream.wait(&self.side.main_at).map_err(drv("cuStreamWaitEvent"))
     }
 
     /// The main stream waits for everything queued on the side stream since the fork (nothing to do without one:
@@ -234,6 +253,7 @@ impl Gpu {
         let side = Side {
             stream: ctx.new_stream().map_err(drv("cuStreamCreate"))?,
             forked: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
+            main_at: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
             done: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
         };
         let counters = stream.alloc_zeros::<i32>(COUNTERS).map_err(drv("cuMemAlloc"))?;
@@ -260,7 +280,7 @@ impl Gpu {
             counters,
             steps: Default::default(),
             side: Mutex::new(side),
-            apart: 0.into(),
+            apart: if crate::mma::knob("PIPEMOE_PREP_QUERY", 0, 0..=1) == 1 { OPT_PREP_QUERY } else { 0 }.into(),
             kvb_quant_rows: crate::kvb::default_quant_rows().into(),
         })
     }
@@ -355,10 +375,24 @@ impl Gpu {
         self.apart() & switch as u32 != 0
     }
 
-    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual).
+    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual); opt-ins stay as they are.
     pub fn set_apart(&self, switches: &[Apart]) {
         let bits = switches.iter().fold(0, |b, &s| b | s as u32);
-        self.apart.store(bits, std::sync::atomic::Ordering::Relaxed);
+        let old = self.apart() & OPT_IN;
+        self.apart.store(old | bits, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a decode step norms q_a in its query launches, with the rest of mla_prep beside the indexer's
+    /// branch (`prep::mla_prep_fused_query`): opted in (`PIPEMOE_PREP_QUERY=1`, or [`Gpu::set_prep_query`]) and
+    /// not `Apart::PrepQuery`. Off by default: NOT yet run on a GPU (docs/PERF.md session 38).
+    pub fn prep_query(&self) -> bool {
+        self.apart() & OPT_PREP_QUERY != 0 && !self.is_apart(Apart::PrepQuery)
+    }
+
+    /// Opts in to (or out of) [`Gpu::prep_query`] (tests, A/Bs). Part of a recorded step's key, as the switches.
+    pub fn set_prep_query(&self, on: bool) {
+        let bits = self.apart() & !OPT_PREP_QUERY;
+        self.apart.store(bits | if on { OPT_PREP_QUERY } else { 0 }, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).

@@ -29,6 +29,7 @@ pub mod ipc;
 mod kvb;
 pub mod mma;
 pub mod nvrtc;
+mod prep;
 pub mod profile;
 mod qrope;
 pub mod route;

@@ -133,7 +133,7 @@ fn bucket(batch: usize) -> usize {
 
 /// The block's shape (kernels/gptq_mma.cu): warps, tiles of 16 columns, bf16 per x row of a ring slot, deepest ring.
 const WARPS: usize = 4;
-const XS: usize = CHUNK + 8;
+pub(crate) const XS: usize = CHUNK + 8;
 const MAX_STAGES: usize = 8;
 
 /// Launch tuning, read once from the environment so a sweep on a new GPU needs no rebuild (docs/CUDA.md):

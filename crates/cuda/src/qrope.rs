@@ -4,7 +4,7 @@
 //! path (H200, docs/PERF.md session 26: -10.3 us a 2-layer one-row step; the kernel takes 12.0 us where the plain
 //! GEMV took 14.9 and `rope_cols2` 3.1).
 
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{RopeSpec, Row};
 
 use crate::act::ActDtype;
@@ -46,10 +46,25 @@ pub(crate) fn linear_rope2(
     Ok(Some((l.y1, l.y2)))
 }
 
+/// q_a's RMSNorm in the launch (`gptq_mma_gemv_rope_norm_*`): the GEMV's x is the first K columns of `raw`'s
+/// rows (the fused projection `[q_a | latent | ...]`), normed by `norm` and `eps` in every block as mla_prep's
+/// first part norms them, bit for bit (kernels/gptq_rope.cu `fill_x`).
+#[derive(Clone, Copy)]
+pub(crate) struct QaNorm<'a> {
+    pub raw: &'a GpuTensor,
+    pub norm: &'a CudaSlice<f32>,
+    pub eps: f32,
+}
+
+/// The widest q_a `fill_x` norms (two pieces of 8 a thread of 128).
+const NORM_MAX_K: usize = 2048;
+
 /// One fused q_b + wq_b launch's inputs and outputs, allocated (on the main stream) and checked: launched whole, or
 /// as two launches of its two parts' blocks, on two streams ([`RopeLaunch::blocks`]).
 pub(crate) struct RopeLaunch<'a> {
     x: &'a GpuTensor,
+    /// With q_a's norm in the launch: `x` is the raw projection.
+    norm: Option<QaNorm<'a>>,
     g: &'a GpuGptq,
     shape: crate::mma::Shape,
     parts: [[i32; 5]; 2],
@@ -66,6 +81,44 @@ impl<'a> RopeLaunch<'a> {
     pub(crate) fn new(
         b: &CudaBackend,
         x: &'a GpuTensor,
+        w: &'a GpuWeight,
+        a: (usize, RopeSpec),
+        c: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<Option<RopeLaunch<'a>>> {
+        Self::with_x(b, x, None, w, a, c, inv_freq, rows)
+    }
+
+    /// The launch over the raw projection, q_a normed in its blocks, where it applies: as [`RopeLaunch::new`]'s,
+    /// and q_a a multiple of 128 columns up to 2,048, the projection's rows 16-byte aligned, no `Apart::PrepQuery`
+    /// (the caller checks the opt-in, `Gpu::prep_query`).
+    pub(crate) fn normed(
+        b: &CudaBackend,
+        n: QaNorm<'a>,
+        w: &'a GpuWeight,
+        a: (usize, RopeSpec),
+        c: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<Option<RopeLaunch<'a>>> {
+        let k = w.in_features;
+        let fits = k.is_multiple_of(crate::mma::CHUNK)
+            && k <= NORM_MAX_K
+            && n.raw.cols >= k
+            && n.raw.cols.is_multiple_of(8)
+            && n.norm.len() >= k;
+        if !fits || b.gpu.is_apart(Apart::PrepQuery) {
+            return Ok(None);
+        }
+        Self::with_x(b, n.raw, Some(n), w, a, c, inv_freq, rows)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_x(
+        b: &CudaBackend,
+        x: &'a GpuTensor,
+        norm: Option<QaNorm<'a>>,
         w: &'a GpuWeight,
         (s1, p1): (usize, RopeSpec),
         (s2, p2): (usize, RopeSpec),
@@ -93,7 +146,7 @@ impl<'a> RopeLaunch<'a> {
         if grid.splits != 1 {
             return Ok(None);
         }
-        if x.cols != g.in_features || rows.len() != x.rows {
+        if (norm.is_none() && x.cols != g.in_features) || rows.len() != x.rows {
             let (r, c, k, n) = (x.rows, x.cols, g.in_features, rows.len());
             return Err(shape("linear_rope_columns2", format!("[{r}, {c}] for a weight of {k} in-features, {n} rows")));
         }
@@ -104,7 +157,7 @@ impl<'a> RopeLaunch<'a> {
         let part =
             |s: usize, p: RopeSpec| [s, p.heads, p.head_dim, p.offset, usize::from(p.interleaved)].map(|v| v as i32);
         let parts = [part(s1, p1), part(s2, p2)];
-        Ok(Some(RopeLaunch { x, g, shape: grid, parts, half: half as i32, positions, freq, y1, y2 }))
+        Ok(Some(RopeLaunch { x, norm, g, shape: grid, parts, half: half as i32, positions, freq, y1, y2 }))
     }
 
     /// The blocks of 64 columns where the second part begins, and all of them.
@@ -122,9 +175,16 @@ impl<'a> RopeLaunch<'a> {
             let part = if range.len() == self.blocks().1 { String::new() } else { format!(" blocks {range:?}") };
             format!("linear gemv+rope {}->{} x{}{part}", g.in_features, g.out_features, self.x.rows)
         });
-        let f =
-            b.gpu.function(&format!("gptq_mma_gemv_rope_w{}_b8{}_bf16", g.bits, crate::mma::variant(g))).map_err(m)?;
-        b.gpu.allow_smem(f, self.shape.smem as usize).map_err(m)?;
+        let kind = if self.norm.is_some() { "rope_norm" } else { "rope" };
+        let f = b.gpu.function(&format!("gptq_mma_gemv_{kind}_w{}_b8{}_bf16", g.bits, crate::mma::variant(g)));
+        let f = f.map_err(m)?;
+        // The normed kernel's x after the rings: every chunk's rows ([K / 128][rows][MMA_XS] bf16).
+        let x_bytes = match self.norm {
+            Some(_) => g.in_features / crate::mma::CHUNK * self.x.rows * crate::mma::XS * 2,
+            None => 0,
+        };
+        let smem = self.shape.smem + x_bytes as u32;
+        b.gpu.allow_smem(f, smem as usize).map_err(m)?;
         let dims = [self.x.rows, g.in_features, g.out_features, g.group_size, self.shape.stages].map(|v| v as i32);
         let ([a, c], pos, block0) = (&self.parts, self.positions.view(), range.start as i32);
         let mut l = s.launch_builder(f);
@@ -136,16 +196,22 @@ impl<'a> RopeLaunch<'a> {
         l.arg(&self.y1.data).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]).arg(&a[4]);
         l.arg(&self.y2.data).arg(&c[0]).arg(&c[1]).arg(&c[2]).arg(&c[3]).arg(&c[4]);
         l.arg(&block0);
+        let stride = self.x.cols as i32;
+        if let Some(n) = &self.norm {
+            l.arg(&stride).arg(n.norm).arg(&n.eps);
+        }
         let cfg = LaunchConfig {
             grid_dim: (range.len() as u32, 1, 1),
             block_dim: (crate::mma::THREADS, 1, 1),
-            shared_mem_bytes: self.shape.smem,
+            shared_mem_bytes: smem,
         };
         // SAFETY: matches gptq_mma_gemv_rope_w*_b8[_sym]_bf16: x [rows, k] bf16 (rows ≤ 8), the repacked weight
         // without a row order, null zeros when symmetric (and only then `_sym`), one split in the split-K layout
         // (the block stores); the parts tile the n columns in whole 64-column blocks, of which `range` lies
         // within the n / 64; y1 and y2 hold rows·w1 and rows·w2 values; pos holds rows positions, inv_freq `half`
-        // frequencies (8, 16 or 32).
+        // frequencies (8, 16 or 32). The `_norm` kernel: x the projection's rows of `stride` values (a multiple of
+        // 8, whole allocation: 16-byte aligned), k ≤ 2048 a multiple of 128 and at most stride, the norm's vector
+        // at least k floats, and the shared memory its x too (`normed` checked them).
         unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
         Ok(())
     }
@@ -164,5 +230,26 @@ impl CudaBackend {
         rows: &[Row],
     ) -> MResult<Option<(GpuTensor, GpuTensor)>> {
         linear_rope2(self, x, w, a, b, inv_freq, rows)
+    }
+
+    /// The fused launch with q_a's RMSNorm in its blocks, over `raw`'s first `w.in_features` columns normed by
+    /// `norm` and `eps` (`gptq_mma_gemv_rope_norm`), whole: `None` where it does not apply (tests: against
+    /// `rms_norm`, then the fused launch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_rope_normed(
+        &self,
+        raw: &GpuTensor,
+        (norm, eps): (&CudaSlice<f32>, f32),
+        w: &GpuWeight,
+        a: (usize, RopeSpec),
+        b: (usize, RopeSpec),
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> MResult<Option<(GpuTensor, GpuTensor)>> {
+        let Some(l) = RopeLaunch::normed(self, QaNorm { raw, norm, eps }, w, a, b, inv_freq, rows)? else {
+            return Ok(None);
+        };
+        l.launch(self, &self.gpu.stream, 0..l.blocks().1)?;
+        Ok(Some((l.y1, l.y2)))
     }
 }

@@ -1,12 +1,11 @@
-//! The backend's row-wise ops (kernels/ops.cu): the norms, RoPE, the column split and attention's fused preparation of
-//! its projections for the cache. One block of 512 threads per row (the norms' block sums depend on it: `mla_prep`
-//! gives what the ops apart give only at the same width).
+//! The backend's row-wise ops (kernels/ops.cu): the norms, RoPE and the column split. One block of 512 threads per
+//! row (the norms' block sums depend on it: `mla_prep`, src/prep.rs, gives what the ops apart give only at the same
+//! width).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{Backend, MlaPrep, MlaPrepped, RopeSpec, Row};
+use pipemoe_model::backend::{Backend, RopeSpec, Row};
 
 use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, MResult, grid, m, md, rows_cfg, same_layout, shape};
-use crate::cache::GpuLayerCache;
 
 pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
     let _p = b.gpu.span(|| format!("rms_norm {}", x.cols));
@@ -183,86 +182,6 @@ pub(crate) fn rope_columns2(
     Ok((y1, y2))
 }
 
-/// `Backend::mla_prep` in one launch (`mla_prep_*`): a block per row and part. With `cache`, the same launch
-/// writes the rows' latent, k_pe and indexer key into it as `Backend::cache_write` would (`mla_prep_write`).
-pub(crate) fn mla_prep(
-    b: &CudaBackend,
-    proj: &GpuTensor,
-    p: &MlaPrep<'_, CudaSlice<f32>>,
-    inv_freq: &[f32],
-    rows: &[Row],
-    cache: Option<&mut GpuLayerCache>,
-) -> MResult<MlaPrepped<GpuTensor>> {
-    let _p = b.gpu.span(|| if cache.is_some() { "mla_prep+cache_write" } else { "mla_prep" }.into());
-    let (q_a, lora, rope, idx) = (p.q_a.map_or(0, |q| q.0), p.latent.0, p.rope, p.index_key.map_or(0, |k| k.0));
-    let (iw, iw_scale) = p.index_weights.unwrap_or((0, 1.0));
-    let half = inv_freq.len();
-    let short = |w: &CudaSlice<f32>, n: usize| w.len() < n;
-    let bad = proj.cols != q_a + lora + rope + idx + iw
-        || rows.len() != proj.rows
-        || p.index_weights.is_some_and(|(n, _)| n == 0)
-        || lora == 0
-        || 2 * half > rope
-        || (idx > 0 && 2 * half > idx)
-        || p.q_a.is_some_and(|(n, w)| n == 0 || short(w, n))
-        || short(p.latent.1, lora)
-        || p.index_key.is_some_and(|(n, w, bias)| n == 0 || short(w, n) || short(bias, n))
-        || cache.as_ref().is_some_and(|c| c.lora != lora || c.rope != rope || c.index_dim != idx);
-    if bad {
-        return Err(shape(
-            "mla_prep",
-            format!(
-                "[{}, {}] as {q_a} + {lora} + {rope} + {idx} + {iw} for {} rows, {half} rope pairs",
-                proj.rows,
-                proj.cols,
-                rows.len()
-            ),
-        ));
-    }
-    let n = proj.rows;
-    let mut q_out = p.q_a.map(|_| b.output(n, q_a)).transpose()?;
-    let mut latent = b.output(n, lora)?;
-    let mut k_pe = b.output(n, rope)?;
-    let mut key = p.index_key.map(|_| b.output(n, idx)).transpose()?;
-    let mut weights = p.index_weights.map(|_| b.output(n, iw)).transpose()?;
-    let positions = crate::graph::positions(b, rows)?;
-    let pos = positions.view();
-    let freq = b.gpu.uploaded_f32(inv_freq).map_err(m)?;
-    let (qi, li, ri, ii, hi, null) = (q_a as i32, lora as i32, rope as i32, idx as i32, half as i32, 0u64);
-    let wi = iw as i32;
-    let mut l = b.gpu.stream.launch_builder(b.op("mla_prep", &proj.data)?);
-    l.arg(&proj.data).arg(&qi).arg(&li).arg(&ri).arg(&ii).arg(&wi).arg(&iw_scale);
-    l.arg_or_null(p.q_a.map(|(_, w)| w));
-    l.arg(p.latent.1);
-    match p.index_key {
-        Some((_, w, bias)) => l.arg(w).arg(bias),
-        None => l.arg(&null).arg(&null),
-    };
-    l.arg(&p.eps).arg(&pos).arg(freq.as_ref()).arg(&hi);
-    l.arg_or_null(q_out.as_mut().map(|t| &mut t.data));
-    l.arg(&mut latent.data).arg(&mut k_pe.data);
-    l.arg_or_null(key.as_mut().map(|t| &mut t.data));
-    l.arg_or_null(weights.as_mut().map(|t| &mut t.data));
-    let code = cache.as_ref().map_or(0, |c| c.dtype.code());
-    let target = match cache {
-        Some(c) if n > 0 => Some(crate::attention::cache_target(b, c, rows)?),
-        _ => None,
-    };
-    let slots = target.as_ref().map(|(s, _)| s.view());
-    match (&slots, &target) {
-        (Some(s), Some((_, pool))) => l.arg(s).arg(&pool.latent).arg(&pool.k_pe).arg(&pool.index_k).arg(&pool.scales),
-        _ => l.arg(&null).arg(&null).arg(&null).arg(&null).arg(&null),
-    };
-    l.arg(&code);
-    let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 5, 1), ..rows_cfg(n) };
-    // SAFETY: matches mla_prep_*: proj holds rows·(q_a + lora + rope + idx + iw) values, each output rows·width of
-    // the same dtype, the norms' vectors at least their widths, 2·half ≤ rope (and ≤ idx) as checked above; the
-    // kernel touches an absent part's pointers (null) never, as its width is 0; with a cache, its dims are the
-    // parts' (checked), every row's slot is reserved in its pool and `slots` holds one a row.
-    unsafe { l.launch(cfg) }.map_err(md("mla_prep"))?;
-    Ok(MlaPrepped { q_a: q_out, latent, k_pe, index_key: key, index_weights: weights })
-}
-
 /// `Backend::split_columns`: up to four outputs a launch (`split_cols_*`), more in runs of four.
 pub(crate) fn split_columns(b: &CudaBackend, x: &GpuTensor, widths: &[usize]) -> MResult<Vec<GpuTensor>> {
     let _p = b.gpu.span(|| format!("split {widths:?}"));
@@ -290,22 +209,4 @@ pub(crate) fn split_columns(b: &CudaBackend, x: &GpuTensor, widths: &[usize]) ->
     // the kernel never selects an absent output (width 0).
     unsafe { l.launch(grid(x.rows * x.cols, 256)) }.map_err(md("split_cols"))?;
     Ok(outs)
-}
-
-/// `Backend::mla_prep_write`: one launch, or (`Apart::PrepWrite`, a benchmark's A/B) the prep and then the cache
-/// write as two.
-pub(crate) fn mla_prep_write(
-    b: &CudaBackend,
-    proj: &GpuTensor,
-    p: &MlaPrep<'_, CudaSlice<f32>>,
-    inv_freq: &[f32],
-    rows: &[Row],
-    cache: &mut GpuLayerCache,
-) -> MResult<MlaPrepped<GpuTensor>> {
-    if !b.gpu.is_apart(crate::gpu::Apart::PrepWrite) {
-        return mla_prep(b, proj, p, inv_freq, rows, Some(cache));
-    }
-    let out = mla_prep(b, proj, p, inv_freq, rows, None)?;
-    b.cache_write(cache, rows, &out.latent, &out.k_pe, out.index_key.as_ref())?;
-    Ok(out)
 }

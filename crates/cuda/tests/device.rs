@@ -144,7 +144,8 @@ fn the_wide_gemv_matches_the_cpu_reference() {
 /// GEMV stores it, then rotated in f32 as rope_cols2 rotates it). Shapes: the real model's (1536 → 128 heads of
 /// 192 with 64 interleaved rope dims last, and 64 index heads of 128 with 64 half-split dims first), the demo
 /// model's (32 rope dims), and 16 rope dims; every bit width, 1..8 rows at scattered positions, symmetric weights
-/// (the `_sym` kernels on both sides) and not; a g_idx weight is not taken.
+/// (the `_sym` kernels on both sides) and not; a g_idx weight is not taken. The same launch with q_a's RMSNorm in
+/// its blocks (`gptq_mma_gemv_rope_norm`) against rms_norm and then the launch, bit for bit.
 #[test]
 fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
     if no_gpu() {
@@ -188,6 +189,23 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
                 let (fq, fi) = fused.expect(&what);
                 assert_eq!(bits(&fq), bits(&aq), "{what}: q");
                 assert_eq!(bits(&fi), bits(&ai), "{what}: the index query");
+                // q_a normed in the launch's blocks (`gptq_mma_gemv_rope_norm`), from a raw projection whose first
+                // k columns are q_a (the real model's row: 1536 + 512 + 64 + 128 + 64): what rms_norm (mla_prep's
+                // q_a part, the same 512-thread sums) then the fused launch give.
+                let width = k + 768;
+                let raw: Vec<f32> = (0..n * width).map(|_| rng.uniform() * 6.0 - 3.0).collect();
+                let raw = gpu.upload(n, width, raw).unwrap();
+                let norm = gpu.load_vector((0..k).map(|_| rng.uniform() * 2.0).collect()).unwrap();
+                let normed = gpu.rms_norm(&gpu.columns(&raw, 0, k).unwrap(), &norm, 1e-6).unwrap();
+                let (wq_, wi_) = gpu.linear_rope_fused(&normed, &w, a, b, &inv_freq, &rows).unwrap().expect(&what);
+                let got = gpu.linear_rope_normed(&raw, (&norm, 1e-6), &w, a, b, &inv_freq, &rows).unwrap();
+                let (gq, gi) = got.expect(&what);
+                assert_eq!(bits(&gq), bits(&wq_), "{what}: q, q_a normed in the launch");
+                assert_eq!(bits(&gi), bits(&wi_), "{what}: the index query, q_a normed in the launch");
+                gpu.gpu.set_apart(&[Apart::PrepQuery]);
+                let off = gpu.linear_rope_normed(&raw, (&norm, 1e-6), &w, a, b, &inv_freq, &rows).unwrap();
+                gpu.gpu.set_apart(&[]);
+                assert!(off.is_none(), "{what}: Apart::PrepQuery leaves the normed launch off");
             }
             // The backend's op takes the fused launch, and with Apart::QRope the two.
             let (oq, _) = gpu.linear_rope_columns2(&xt, &w, a, b, &inv_freq, &rows).unwrap();

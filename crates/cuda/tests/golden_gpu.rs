@@ -316,8 +316,11 @@ fn apart_switches_leave_the_bits_alone() {
         gpu.gpu.set_apart(&[]);
         out
     };
+    // The opt-in paths on (`Gpu::prep_query`), so that their switches compare something.
+    gpu.gpu.set_prep_query(true);
     let usual = run(&[]);
-    for apart in [Apart::Branches, Apart::PrepWrite, Apart::Plan, Apart::NormRoute, Apart::QRope, Apart::EarlyIndex] {
+    let switches = [Apart::Branches, Apart::PrepWrite, Apart::Plan, Apart::NormRoute, Apart::QRope, Apart::EarlyIndex];
+    for apart in switches.into_iter().chain([Apart::PrepQuery]) {
         let got = run(&[apart]);
         for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());

@@ -114,6 +114,14 @@ pub struct MlaPrep<'a, V> {
     pub eps: f32,
 }
 
+// By hand: the derive would ask V: Copy, and every field is a reference or a number whatever V is.
+impl<V> Clone for MlaPrep<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for MlaPrep<'_, V> {}
+
 /// What [`Backend::mla_prep`] gives: `q_a` RMS-normed, the latent RMS-normed, `k_pe` roped, the indexer key
 /// layer-normed and roped, and the indexer's head weights scaled.
 pub struct MlaPrepped<T> {
@@ -162,6 +170,18 @@ pub struct FusedQuery<'a, B: Backend + ?Sized> {
     pub index: RopeSpec,
     pub inv_freq: &'a [f32],
     pub index_w: &'a B::Tensor,
+    pub index_dims: &'a IndexerDims,
+}
+
+/// A [`FusedQuery`] straight from attention's fused projection `proj` ([`Backend::mla_prep_attention_fused`]):
+/// its `x` is q_a's part of `prep` normed, its `index_w` the indexer's weights part scaled.
+pub struct PrepQuery<'a, B: Backend + ?Sized> {
+    pub proj: &'a B::Tensor,
+    pub prep: MlaPrep<'a, B::Vector>,
+    pub w: &'a B::Weight,
+    pub q: RopeSpec,
+    pub index: RopeSpec,
+    pub inv_freq: &'a [f32],
     pub index_dims: &'a IndexerDims,
 }
 
@@ -460,6 +480,19 @@ pub trait Backend: Send + Sync {
         let (q, index_q) = self.linear_rope_columns2(x, w, (0, q), (q.heads * q.head_dim, index), inv_freq, rows)?;
         let index = IndexQuery { q: &index_q, w: index_w, dims: index_dims };
         self.mla_attention_indexed(cache, &q, kv_b, dims, rows, index)
+    }
+    /// [`Backend::mla_prep_write`] of the fused projection, then [`Backend::mla_attention_fused_query`] over its
+    /// q_a and indexer weights, in one call so that a backend may take mla_prep off the step's critical path (the
+    /// GPU norms q_a in the query's launches and runs the rest of mla_prep beside the indexer's branch).
+    fn mla_prep_attention_fused(
+        &self,
+        cache: &mut Self::LayerCache,
+        query: PrepQuery<'_, Self>,
+        kv_b: &Self::Weight,
+        dims: &MlaDims,
+        rows: &[Row],
+    ) -> Result<Self::Tensor> {
+        crate::mla::prep_then_fused_query(self, cache, query, kv_b, dims, rows)
     }
     /// The routing of a step as the backend keeps it (host vectors on the CPU, device buffers on a GPU).
     type Routes: Send;

@@ -2,7 +2,9 @@
 //! latent `c` and the roped `k_pe` per token (576 values per token per layer for the real model), never the
 //! expanded per-head keys; attention absorbs `kv_b_proj` into the query and the output.
 
-use crate::backend::{Backend, FusedQuery, HostLinear, IndexQuery, MlaDims, MlaPrep, MlaPrepped, RopeSpec, Row};
+use crate::backend::{
+    Backend, FusedQuery, HostLinear, IndexQuery, MlaDims, MlaPrep, MlaPrepped, PrepQuery, RopeSpec, Row,
+};
 use crate::indexer::Indexer;
 use crate::weights::Loader;
 use crate::{Error, Result};
@@ -140,28 +142,27 @@ impl<B: Backend> Mla<B> {
     ) -> Result<B::Tensor> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
-        let (MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights }, written) =
-            self.prep(b, x, inv_freq, rows, cache)?;
         // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state, roped; with the indexer's query
         // projection fused, its columns follow: cut off and roped in the same way only when the indexer selects.
         let q_spec = RopeSpec { heads: d.heads, head_dim: qk, offset: d.qk_nope, interleaved: true };
-        // The cache written, q_b and wq_b one matrix over q_a's output, and the indexer's weights made: the query
-        // projections, the selection and the attention in one call (a GPU projects the indexer's query on a branch).
-        if let (Some(ix), Some(qr), Some(w), true) = (&self.indexer, &qr, &index_weights, written && self.q_b_index > 0)
+        // Everything from the fused projection in one call: the cache written, q_b and wq_b one matrix over q_a's
+        // output, and the indexer's weights made: the preparation, the query projections, the selection and the
+        // attention (a GPU norms q_a in the query's launches and projects the indexer's query on a branch).
+        if let (Some(ix), true, Projections::Fused { w, q_a, wk, wp }) = (&self.indexer, self.q_b_index > 0, &self.proj)
+            && *q_a > 0
+            && *wk > 0
+            && *wp > 0
             && ix.selects(rows)
         {
-            let query = FusedQuery {
-                x: qr,
-                w: &self.q_b,
-                q: q_spec,
-                index: ix.q_rope(),
-                inv_freq,
-                index_w: w,
-                index_dims: &ix.dims,
-            };
-            let attn = b.mla_attention_fused_query(cache, query, &self.kv_b, &d, rows)?;
+            let prep = self.fused_prep(*q_a, *wk, *wp)?;
+            let proj = b.linear(x, w)?;
+            let (w, index, index_dims) = (&self.q_b, ix.q_rope(), &ix.dims);
+            let query = PrepQuery { proj: &proj, prep, w, q: q_spec, index, inv_freq, index_dims };
+            let attn = b.mla_prep_attention_fused(cache, query, &self.kv_b, &d, rows)?;
             return b.linear(&attn, &self.o);
         }
+        let (MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights }, written) =
+            self.prep(b, x, inv_freq, rows, cache)?;
         let (q, index_q) = match self.q_b_index {
             0 => {
                 let mut q = b.linear(qr.as_ref().unwrap_or(x), &self.q_b)?;
@@ -239,28 +240,10 @@ impl<B: Backend> Mla<B> {
                 Ok((out, false))
             }
             Projections::Fused { w, q_a, wk, wp } => {
-                let index_key = match (*wk, &self.indexer) {
-                    (0, _) => None,
-                    (dim, Some(ix)) => {
-                        let (kw, kb) = ix.key_norm();
-                        Some((dim, kw, kb))
-                    }
-                    (_, None) => return Err(Error::backend("wk fused into attention without an indexer")),
-                };
-                let q_a = match (*q_a, &self.q_a_norm) {
-                    (0, _) => None,
-                    (width, Some(norm)) => Some((width, norm)),
-                    (_, None) => return Err(Error::backend("q_a_proj without q_a_layernorm")),
-                };
-                let index_weights = match (*wp, &self.indexer) {
-                    (0, _) => None,
-                    (heads, Some(ix)) => Some((heads, ix.weights_scale())),
-                    (_, None) => return Err(Error::backend("weights_proj fused into attention without an indexer")),
-                };
-                let p = MlaPrep { q_a, latent, rope, index_key, index_weights, eps: self.eps };
+                let p = self.fused_prep(*q_a, *wk, *wp)?;
                 let y = b.linear(x, w)?;
                 // Without the indexer's key in the fused matrix (and an indexer), the key comes later.
-                if index_key.is_some() || self.indexer.is_none() {
+                if p.index_key.is_some() || self.indexer.is_none() {
                     Ok((b.mla_prep_write(&y, &p, inv_freq, rows, cache)?, true))
                 } else {
                     Ok((b.mla_prep(&y, &p, inv_freq, rows)?, false))
@@ -268,4 +251,48 @@ impl<B: Backend> Mla<B> {
             }
         }
     }
+
+    /// The fused projection's parts as [`Backend::mla_prep`] takes them (`q_a`, `wk`, `wp`: their widths, 0 where
+    /// absent).
+    fn fused_prep(&self, q_a: usize, wk: usize, wp: usize) -> Result<MlaPrep<'_, B::Vector>> {
+        let latent = (self.dims.kv_lora, &self.kv_a_norm);
+        let index_key = match (wk, &self.indexer) {
+            (0, _) => None,
+            (dim, Some(ix)) => {
+                let (kw, kb) = ix.key_norm();
+                Some((dim, kw, kb))
+            }
+            (_, None) => return Err(Error::backend("wk fused into attention without an indexer")),
+        };
+        let q_a = match (q_a, &self.q_a_norm) {
+            (0, _) => None,
+            (width, Some(norm)) => Some((width, norm)),
+            (_, None) => return Err(Error::backend("q_a_proj without q_a_layernorm")),
+        };
+        let index_weights = match (wp, &self.indexer) {
+            (0, _) => None,
+            (heads, Some(ix)) => Some((heads, ix.weights_scale())),
+            (_, None) => return Err(Error::backend("weights_proj fused into attention without an indexer")),
+        };
+        Ok(MlaPrep { q_a, latent, rope: self.dims.qk_rope, index_key, index_weights, eps: self.eps })
+    }
+}
+
+/// [`Backend::mla_prep_attention_fused`]'s default: [`Backend::mla_prep_write`], then
+/// [`Backend::mla_attention_fused_query`] over its q_a and indexer weights.
+pub fn prep_then_fused_query<B: Backend + ?Sized>(
+    b: &B,
+    cache: &mut B::LayerCache,
+    query: PrepQuery<'_, B>,
+    kv_b: &B::Weight,
+    dims: &MlaDims,
+    rows: &[Row],
+) -> Result<B::Tensor> {
+    let PrepQuery { proj, prep, w, q, index, inv_freq, index_dims } = query;
+    let out = b.mla_prep_write(proj, &prep, inv_freq, rows, cache)?;
+    let (Some(x), Some(index_w)) = (&out.q_a, &out.index_weights) else {
+        return Err(crate::Error::backend("the fused query needs q_a and the indexer's weights in the projection"));
+    };
+    let query = FusedQuery { x, w, q, index, inv_freq, index_w, index_dims };
+    b.mla_attention_fused_query(cache, query, kv_b, dims, rows)
 }

@@ -30,6 +30,8 @@ pub enum AbSwitch {
     QuarterK,
     /// The indexer's query projected on its branch, beside q's projection, not in q's launch before the fork.
     EarlyIndex,
+    /// q_a normed in the fused q_b + wq_b launches, the rest of mla_prep beside the indexer's branch.
+    PrepQuery,
 }
 
 impl AbSwitch {
@@ -44,6 +46,7 @@ impl AbSwitch {
             AbSwitch::QRope => Apart::QRope,
             AbSwitch::QuarterK => Apart::QuarterK,
             AbSwitch::EarlyIndex => Apart::EarlyIndex,
+            AbSwitch::PrepQuery => Apart::PrepQuery,
         }
     }
 
@@ -58,6 +61,7 @@ impl AbSwitch {
             AbSwitch::QRope => "q-rope",
             AbSwitch::QuarterK => "quarter-k",
             AbSwitch::EarlyIndex => "early-index",
+            AbSwitch::PrepQuery => "prep-query",
         }
     }
 }
