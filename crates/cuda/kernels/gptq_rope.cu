@@ -41,26 +41,44 @@ struct RopeStore {
     const float* norm;
     float eps;
 
-    // Every thread: rows [0, nrows) of q_a RMS-normed, bit for bit as rms_norm_row's 512 threads norm them
-    // (mla_prep's block 0), into xs [K / 128][nrows][MMA_XS] bf16. The block's 128 threads play the 512: thread t
-    // is t and t + 128 (the pieces of 8 at t·8 and (t + 128)·8; K ≤ 2048, so threads 256-511 and every second
-    // piece hold zeros), its warp w the 512's warps w and w + 4, with the same lanes, so the butterflies and then
-    // the 16 warps' sum run in the same order.
+    // Every thread, before the ring's first copies: rows [0, nrows) of q_a as they are, by cp.async in a group of
+    // their own, into xs [K / 128][nrows][MMA_XS] bf16 (the ring's x layout, chunk after chunk), so that every
+    // row's load is in flight at once and beside the first chunks' weights.
+    __device__ __forceinline__ void stage_x(unsigned char* xs, int nrows) const {
+        const int pieces = K / 8;
+        for (int i = threadIdx.x; i < nrows * pieces; i += blockDim.x) {
+            const int r = i / pieces, c = i % pieces * 8;
+            cp_async16_at(smem_addr(xs + ((size_t)(c / MMA_CHUNK * nrows + r) * MMA_XS + c % MMA_CHUNK) * 2),
+                          raw + (size_t)r * stride + c);
+        }
+        cp_async_commit();
+    }
+
+    // Every thread, once stage_x's rows have landed (mma_gemv_run waits, then syncs): each row RMS-normed in place,
+    // bit for bit as rms_norm_row's 512 threads norm it (mla_prep's block 0). The block's 128 threads play the 512:
+    // thread t is t and t + 128 (the pieces of 8 at t·8 and (t + 128)·8; K ≤ 2048, so threads 256-511 and every
+    // second piece hold zeros), its warp w the 512's warps w and w + 4, with the same lanes, so the butterflies and
+    // then the 16 warps' sum run in the same order.
     __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
         __shared__ float scratch[32];
         const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+        float g[2][8];
+        __nv_bfloat16* at[2];  // this thread's pieces of row 0; a row further is MMA_XS on
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int c = (t + k * 128) * 8;
+#pragma unroll
+            for (int i = 0; i < 8; i++) g[k][i] = 0.f;
+            if (c < K) load8(norm + c, g[k]);
+            at[k] = (__nv_bfloat16*)xs + (size_t)(c / MMA_CHUNK * nrows) * MMA_XS + c % MMA_CHUNK;
+        }
         for (int r = 0; r < nrows; r++) {
-            const __nv_bfloat16* row = raw + (size_t)r * stride;
-            float v[2][8], g[2][8];
+            float v[2][8];
 #pragma unroll
             for (int k = 0; k < 2; k++) {
-                const int c = (t + k * 128) * 8;
 #pragma unroll
-                for (int i = 0; i < 8; i++) v[k][i] = g[k][i] = 0.f;
-                if (c < K) {
-                    load8(row + c, v[k]);
-                    load8(norm + c, g[k]);
-                }
+                for (int i = 0; i < 8; i++) v[k][i] = 0.f;
+                if ((t + k * 128) * 8 < K) load8(at[k] + r * MMA_XS, v[k]);
             }
             float ss[2] = {0.f, 0.f};
 #pragma unroll
@@ -82,12 +100,11 @@ struct RopeStore {
             const float inv = rsqrtf(scratch[16] / K + eps);
 #pragma unroll
             for (int k = 0; k < 2; k++) {
-                const int c = (t + k * 128) * 8;
-                if (c < K) {
+                if ((t + k * 128) * 8 < K) {
                     float o[8];
 #pragma unroll
                     for (int i = 0; i < 8; i++) o[i] = g[k][i] * (v[k][i] * inv);
-                    save8((__nv_bfloat16*)(xs + ((size_t)(c / MMA_CHUNK * nrows + r) * MMA_XS + c % MMA_CHUNK) * 2), o);
+                    save8(at[k] + r * MMA_XS, o);
                 }
             }
             __syncthreads();  // scratch again for the next row

@@ -135,9 +135,10 @@ __device__ __forceinline__ void slot_words(const unsigned char* sl, int lane, u3
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-// XPRE (no row order): x is not copied chunk by chunk; store.fill_x(xs, nrows) writes every chunk's x rows into
-// shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) once the ring's first copies are issued, and the
-// loop reads them there (gptq_rope.cu's normed query: the rows RMS-normed on the way in).
+// XPRE (no row order): x is not copied chunk by chunk. store.stage_x(xs, nrows) copies every chunk's x rows into
+// shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) as a cp.async group of its own before the ring's
+// first copies; once it has landed (the weights still in flight), store.fill_x(xs, nrows) rewrites them in place,
+// and the loop reads them there (gptq_rope.cu's normed query: the rows RMS-normed on the way in).
 template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, bool XPRE = false, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
@@ -264,12 +265,17 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         }
         cp_async_commit();
     };
+    // XPRE: the block's x after the rings (every warp's): copied first, made while the first chunks' weights are on
+    // their way (the wait leaves the ring's stages − 1 groups pending: only x's, the oldest, must have landed).
+    unsigned char* xpre = smem + (size_t)MMA_WARPS * stages * slot;
+    const u32 xpre_at = smem_addr(xpre);
+    if constexpr (XPRE) store.stage_x(xpre, nrows);
     if constexpr (KW > 1) store.prepare(nrows);
     for (int c = 0; c < stages - 1; c++) issue(c < chunks);
-    // XPRE: the block's x, after the rings (every warp's), while the first chunks' weights are on their way.
-    const u32 xpre_at = smem_addr(smem + (size_t)MMA_WARPS * stages * slot);
     if constexpr (XPRE) {
-        store.fill_x(smem + (size_t)MMA_WARPS * stages * slot, nrows);
+        cp_async_wait_n(stages - 1);
+        __syncthreads();
+        store.fill_x(xpre, nrows);
         __syncthreads();
     }
 
