@@ -60,6 +60,7 @@ struct RopeStore {
     // second piece hold zeros), its warp w the 512's warps w and w + 4, with the same lanes, so the butterflies and
     // then the 16 warps' sum run in the same order.
     __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
+        static_assert(MMA_WARPS == 4, "128 threads play rms_norm_row's 512");
         __shared__ float scratch[32];
         const int t = threadIdx.x, lane = t & 31, warp = t / 32;
         float g[2][8];
@@ -195,7 +196,8 @@ struct RopeStore {
                                                                   group_size, K, stages, block0 + blockIdx.x,   \
                                                                   st);                                          \
     }
-#define ROPE_T(BITS) ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true) ROPE_NORM_K(BITS, , false) ROPE_NORM_K(BITS, _sym, true)
+#define ROPE_T(BITS) \
+    ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true) ROPE_NORM_K(BITS, , false) ROPE_NORM_K(BITS, _sym, true)
 ROPE_T(2)
 ROPE_T(3)
 ROPE_T(4)

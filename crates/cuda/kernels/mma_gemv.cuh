@@ -135,10 +135,11 @@ __device__ __forceinline__ void slot_words(const unsigned char* sl, int lane, u3
 //   store.after_loop(nrows) after its loop.
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
-// XPRE (no row order): x is not copied chunk by chunk. store.stage_x(xs, nrows) copies every chunk's x rows into
-// shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) as a cp.async group of its own before the ring's
-// first copies; once it has landed (the weights still in flight), store.fill_x(xs, nrows) rewrites them in place,
-// and the loop reads them there (gptq_rope.cu's normed query: the rows RMS-normed on the way in).
+// XPRE (no row order): x is not copied chunk by chunk, and the ring's slots hold none. store.stage_x(xs, nrows)
+// copies every chunk's x rows into shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) as a cp.async
+// group of its own, before the ring's first copies; once it has landed (the weights still in flight),
+// store.fill_x(xs, nrows) rewrites them in place, and the loop reads them there (gptq_rope.cu's normed query: the
+// rows RMS-normed on the way in).
 template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, bool XPRE = false, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
@@ -165,7 +166,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     const int c0 = split0 + min(in_split, kw * per);
     const int chunks = tiles > 0 ? min(in_split, (kw + 1) * per) - min(in_split, kw * per) : 0;
     constexpr int wbytes = TPW * BITS * 32 * 8;
-    const int slot = slot_bytes<BITS, TPW, PRESUM>(nrows);
+    const int slot = slot_bytes<BITS, TPW, PRESUM>(XPRE ? 0 : nrows);  // XPRE: no x in the ring
     unsigned char* ring = smem + (size_t)warp * stages * slot;
     if (threadIdx.x < MB) {
         rows_of[threadIdx.x] = row;

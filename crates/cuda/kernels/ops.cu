@@ -326,7 +326,8 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
     };
     switch (blockIdx.y) {
         case 0:  // none without q_out: a query launch norms q_a itself (src/prep.rs)
-            if (q_a > 0 && q_out != nullptr) rms_norm_row(const_cast<T*>(row), (const T*)nullptr, q_norm, q_out + (size_t)r * q_a, q_a, eps);
+            if (q_a > 0 && q_out != nullptr)
+                rms_norm_row(const_cast<T*>(row), (const T*)nullptr, q_norm, q_out + (size_t)r * q_a, q_a, eps);
             return;
         case 1:
             rms_norm_row(const_cast<T*>(row + q_a), (const T*)nullptr, kv_norm, lat_out + (size_t)r * lora, lora, eps);

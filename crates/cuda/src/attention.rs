@@ -254,14 +254,23 @@ pub fn mla_fused_query(
         None => &b.gpu.stream,
     };
     launch.launch(b, s, split..blocks)?;
-    let selection = prepared.launch(b, s)?;
-    launch.launch(b, &b.gpu.stream, 0..split)?;
-    let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
-    let out = attend(b, cache, &launch.y1, kv_b, d, rows, keys);
-    // The branch joins (if the attention did not get that far) before its buffers go back to the pool.
-    drop(branch);
-    drop(selection);
-    out
+    // The branch joins (on every path) before its buffers go back to the pool.
+    match prepared.launch(b, s) {
+        Ok(selection) => {
+            let attended = (|| {
+                launch.launch(b, &b.gpu.stream, 0..split)?;
+                let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
+                attend(b, cache, &launch.y1, kv_b, d, rows, keys)
+            })();
+            drop(branch);
+            drop(selection);
+            attended
+        }
+        Err(e) => {
+            drop(branch);
+            Err(e)
+        }
+    }
 }
 
 /// Where a step's rows go in `cache`: their slots (reserved ahead for the step, or now) on the device — the same

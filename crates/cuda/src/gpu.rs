@@ -106,7 +106,7 @@ pub enum Apart {
     /// x that the plan and the SiLU reduction write (the `_xs` kernels).
     LoopSums = 512,
     /// A decode step's mla_prep (q_a normed too) before the fused q_b + wq_b launches, not q_a normed in those
-    /// launches' blocks with the rest of mla_prep beside the indexer's branch (`attention::mla_prep_fused_query`).
+    /// launches' blocks with the rest of mla_prep beside the indexer's branch (`prep::mla_prep_fused_query`).
     PrepQuery = 1024,
 }
 

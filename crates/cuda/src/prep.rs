@@ -9,6 +9,7 @@ use pipemoe_model::backend::{Backend, MlaDims, MlaPrep, MlaPrepped, PrepQuery, R
 use crate::attention::{Keys, attend, cache_target};
 use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, rows_cfg, shape};
 use crate::cache::GpuLayerCache;
+use crate::gpu::Apart;
 use crate::graph::Ints;
 use crate::qrope::{QaNorm, RopeLaunch};
 
@@ -163,11 +164,12 @@ pub(crate) fn mla_prep_write(
 }
 
 /// `Backend::mla_prep_attention_fused` on the device. Where the normed query launch applies (`Gpu::prep_query`, off
-/// by default until it has run on a GPU; `RopeLaunch::normed`: bf16, ≤ 8 rows, the fused query launch's shapes), the step's critical path loses
-/// mla_prep: the branch forks after the fused projection and runs the indexer's query launch (q_a normed in its
-/// blocks); the main stream runs mla_prep without q_a (the latent, k_pe, the indexer key and weights, and the cache
-/// write); the branch then waits for it and selects, while the main stream runs q's launch (q_a normed again in its
-/// blocks) and absorbs it. Elsewhere, mla_prep_write and then the fused query, as the trait's default.
+/// by default until it has run on a GPU; `RopeLaunch::normed`: bf16, few enough rows, the fused query launch's
+/// shapes), the step's critical path loses mla_prep: the branch forks after the fused projection and runs the
+/// indexer's query launch (q_a normed in its blocks); the main stream runs mla_prep without q_a (the latent, k_pe,
+/// the indexer key and weights, and the cache write); the branch then waits for it and selects, while the main
+/// stream runs q's launch (q_a normed again in its blocks) and absorbs it. Elsewhere, mla_prep_write and then the
+/// fused query, as the trait's default.
 pub(crate) fn mla_prep_fused_query(
     b: &CudaBackend,
     cache: &mut GpuLayerCache,
@@ -179,8 +181,8 @@ pub(crate) fn mla_prep_fused_query(
     let PrepQuery { proj, prep, w, q, index, inv_freq, index_dims } = query;
     let parts = ((0, q), (q.heads * q.head_dim, index));
     let normed = match (prep.q_a, prep.index_weights, prep.index_key) {
-        (Some((_, norm)), Some(_), Some(_)) if b.gpu.prep_query() && !b.gpu.is_apart(crate::gpu::Apart::EarlyIndex) => {
-            let n = QaNorm { raw: proj, norm, eps: prep.eps };
+        (Some((width, norm)), Some(_), Some(_)) if b.gpu.prep_query() && !b.gpu.is_apart(Apart::EarlyIndex) => {
+            let n = QaNorm { raw: proj, width, norm, eps: prep.eps };
             RopeLaunch::normed(b, n, w, parts.0, parts.1, inv_freq, rows)?
         }
         _ => None,
@@ -204,13 +206,23 @@ pub(crate) fn mla_prep_fused_query(
     if let Some(br) = &branch {
         br.wait_main().map_err(m)?;
     }
-    let selection = selecting.launch(b, s)?;
-    launch.launch(b, &b.gpu.stream, 0..split)?;
-    let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
-    let out = attend(b, cache, &launch.y1, kv_b, d, rows, keys);
-    // The branch joins (if the attention did not get that far) before its buffers go back to the pool.
-    drop(branch);
-    drop(selection);
+    // The branch joins (on every path) before its buffers go back to the pool.
+    let out = match selecting.launch(b, s) {
+        Ok(selection) => {
+            let attended = (|| {
+                launch.launch(b, &b.gpu.stream, 0..split)?;
+                let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
+                attend(b, cache, &launch.y1, kv_b, d, rows, keys)
+            })();
+            drop(branch);
+            drop(selection);
+            attended
+        }
+        Err(e) => {
+            drop(branch);
+            Err(e)
+        }
+    };
     drop(prepared);
     out
 }

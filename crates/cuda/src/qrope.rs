@@ -52,6 +52,8 @@ pub(crate) fn linear_rope2(
 #[derive(Clone, Copy)]
 pub(crate) struct QaNorm<'a> {
     pub raw: &'a GpuTensor,
+    /// q_a's width: the weight's in-features.
+    pub width: usize,
     pub norm: &'a CudaSlice<f32>,
     pub eps: f32,
 }
@@ -91,8 +93,9 @@ impl<'a> RopeLaunch<'a> {
     }
 
     /// The launch over the raw projection, q_a normed in its blocks, where it applies: as [`RopeLaunch::new`]'s,
-    /// and q_a a multiple of 128 columns up to 2,048, the projection's rows 16-byte aligned, no `Apart::PrepQuery`
-    /// (the caller checks the opt-in, `Gpu::prep_query`).
+    /// and q_a the weight's in-features, a multiple of 128 up to 2,048, the projection's rows 16-byte aligned, and
+    /// the rows' x within the block's shared budget ([`crate::mma::staged_x_shape`]). The caller checks the opt-in
+    /// (`Gpu::prep_query`).
     pub(crate) fn normed(
         b: &CudaBackend,
         n: QaNorm<'a>,
@@ -103,15 +106,23 @@ impl<'a> RopeLaunch<'a> {
         rows: &[Row],
     ) -> MResult<Option<RopeLaunch<'a>>> {
         let k = w.in_features;
-        let fits = k.is_multiple_of(crate::mma::CHUNK)
+        let fits = n.width == k
+            && k.is_multiple_of(crate::mma::CHUNK)
             && k <= NORM_MAX_K
             && n.raw.cols >= k
             && n.raw.cols.is_multiple_of(8)
             && n.norm.len() >= k;
-        if !fits || b.gpu.is_apart(Apart::PrepQuery) {
+        if !fits {
             return Ok(None);
         }
-        Self::with_x(b, n.raw, Some(n), w, a, c, inv_freq, rows)
+        let Some(mut launch) = Self::with_x(b, n.raw, Some(n), w, a, c, inv_freq, rows)? else { return Ok(None) };
+        // The x after the ring: every chunk's rows ([K / 128][rows][MMA_XS] bf16).
+        let x_bytes = k / crate::mma::CHUNK * n.raw.rows * crate::mma::XS * 2;
+        match crate::mma::staged_x_shape(launch.g, &b.gpu, n.raw.rows, x_bytes) {
+            Some(shape) => launch.shape = shape,
+            None => return Ok(None),
+        }
+        Ok(Some(launch))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -178,12 +189,7 @@ impl<'a> RopeLaunch<'a> {
         let kind = if self.norm.is_some() { "rope_norm" } else { "rope" };
         let f = b.gpu.function(&format!("gptq_mma_gemv_{kind}_w{}_b8{}_bf16", g.bits, crate::mma::variant(g)));
         let f = f.map_err(m)?;
-        // The normed kernel's x after the rings: every chunk's rows ([K / 128][rows][MMA_XS] bf16).
-        let x_bytes = match self.norm {
-            Some(_) => g.in_features / crate::mma::CHUNK * self.x.rows * crate::mma::XS * 2,
-            None => 0,
-        };
-        let smem = self.shape.smem + x_bytes as u32;
+        let smem = self.shape.smem;
         b.gpu.allow_smem(f, smem as usize).map_err(m)?;
         let dims = [self.x.rows, g.in_features, g.out_features, g.group_size, self.shape.stages].map(|v| v as i32);
         let ([a, c], pos, block0) = (&self.parts, self.positions.view(), range.start as i32);
@@ -211,7 +217,8 @@ impl<'a> RopeLaunch<'a> {
         // within the n / 64; y1 and y2 hold rows·w1 and rows·w2 values; pos holds rows positions, inv_freq `half`
         // frequencies (8, 16 or 32). The `_norm` kernel: x the projection's rows of `stride` values (a multiple of
         // 8, whole allocation: 16-byte aligned), k ≤ 2048 a multiple of 128 and at most stride, the norm's vector
-        // at least k floats, and the shared memory its x too (`normed` checked them).
+        // at least k floats, and the shared memory its ring of slots without x and then its x (`normed` checked
+        // them and took `staged_x_shape`).
         unsafe { l.launch(cfg) }.map_err(md("gptq_mma_gemv_rope"))?;
         Ok(())
     }
@@ -246,7 +253,8 @@ impl CudaBackend {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> MResult<Option<(GpuTensor, GpuTensor)>> {
-        let Some(l) = RopeLaunch::normed(self, QaNorm { raw, norm, eps }, w, a, b, inv_freq, rows)? else {
+        let n = QaNorm { raw, width: w.in_features, norm, eps };
+        let Some(l) = RopeLaunch::normed(self, n, w, a, b, inv_freq, rows)? else {
             return Ok(None);
         };
         l.launch(self, &self.gpu.stream, 0..l.blocks().1)?;

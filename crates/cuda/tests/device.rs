@@ -202,10 +202,6 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
                 let (gq, gi) = got.expect(&what);
                 assert_eq!(bits(&gq), bits(&wq_), "{what}: q, q_a normed in the launch");
                 assert_eq!(bits(&gi), bits(&wi_), "{what}: the index query, q_a normed in the launch");
-                gpu.gpu.set_apart(&[Apart::PrepQuery]);
-                let off = gpu.linear_rope_normed(&raw, (&norm, 1e-6), &w, a, b, &inv_freq, &rows).unwrap();
-                gpu.gpu.set_apart(&[]);
-                assert!(off.is_none(), "{what}: Apart::PrepQuery leaves the normed launch off");
             }
             // The backend's op takes the fused launch, and with Apart::QRope the two.
             let (oq, _) = gpu.linear_rope_columns2(&xt, &w, a, b, &inv_freq, &rows).unwrap();

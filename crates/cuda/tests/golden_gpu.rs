@@ -316,15 +316,20 @@ fn apart_switches_leave_the_bits_alone() {
         gpu.gpu.set_apart(&[]);
         out
     };
-    // The opt-in paths on (`Gpu::prep_query`), so that their switches compare something.
-    gpu.gpu.set_prep_query(true);
-    let usual = run(&[]);
+    // Every switch on the default path, then with the opt-in paths on (`Gpu::prep_query`), whose own switch then
+    // compares something.
     let switches = [Apart::Branches, Apart::PrepWrite, Apart::Plan, Apart::NormRoute, Apart::QRope, Apart::EarlyIndex];
-    for apart in switches.into_iter().chain([Apart::PrepQuery]) {
-        let got = run(&[apart]);
-        for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
+    for opt_in in [false, true] {
+        gpu.gpu.set_prep_query(opt_in);
+        let usual = run(&[]);
+        for apart in switches.into_iter().chain(opt_in.then_some(Apart::PrepQuery)) {
+            let got = run(&[apart]);
+            for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
+                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                let what = format!("{apart:?} (prep_query opt-in {opt_in})");
+                assert!(same, "{what}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
+            }
         }
     }
+    gpu.gpu.set_prep_query(false);
 }

@@ -148,7 +148,8 @@ impl<B: Backend> Mla<B> {
         // Everything from the fused projection in one call: the cache written, q_b and wq_b one matrix over q_a's
         // output, and the indexer's weights made: the preparation, the query projections, the selection and the
         // attention (a GPU norms q_a in the query's launches and projects the indexer's query on a branch).
-        if let (Some(ix), true, Projections::Fused { w, q_a, wk, wp }) = (&self.indexer, self.q_b_index > 0, &self.proj)
+        if let (Some(ix), Projections::Fused { w, q_a, wk, wp }) = (&self.indexer, &self.proj)
+            && self.q_b_index > 0
             && *q_a > 0
             && *wk > 0
             && *wp > 0
