@@ -198,10 +198,15 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
                 let norm = gpu.load_vector((0..k).map(|_| rng.uniform() * 2.0).collect()).unwrap();
                 let normed = gpu.rms_norm(&gpu.columns(&raw, 0, k).unwrap(), &norm, 1e-6).unwrap();
                 let (wq_, wi_) = gpu.linear_rope_fused(&normed, &w, a, b, &inv_freq, &rows).unwrap().expect(&what);
-                let got = gpu.linear_rope_normed(&raw, (&norm, 1e-6), &w, a, b, &inv_freq, &rows).unwrap();
-                let (gq, gi) = got.expect(&what);
-                assert_eq!(bits(&gq), bits(&wq_), "{what}: q, q_a normed in the launch");
-                assert_eq!(bits(&gi), bits(&wi_), "{what}: the index query, q_a normed in the launch");
+                // Taken where the rows' x fits the block's shared budget beside a ring of 2 (the real dims at 3
+                // bits: up to 5 rows), always at one row.
+                match gpu.linear_rope_normed(&raw, (&norm, 1e-6), &w, a, b, &inv_freq, &rows).unwrap() {
+                    Some((gq, gi)) => {
+                        assert_eq!(bits(&gq), bits(&wq_), "{what}: q, q_a normed in the launch");
+                        assert_eq!(bits(&gi), bits(&wi_), "{what}: the index query, q_a normed in the launch");
+                    }
+                    None => assert!(n > 1, "{what}: the normed launch not taken at one row"),
+                }
             }
             // The backend's op takes the fused launch, and with Apart::QRope the two.
             let (oq, _) = gpu.linear_rope_columns2(&xt, &w, a, b, &inv_freq, &rows).unwrap();
