@@ -254,23 +254,36 @@ pub fn mla_fused_query(
         None => &b.gpu.stream,
     };
     launch.launch(b, s, split..blocks)?;
-    // The branch joins (on every path) before its buffers go back to the pool.
-    match prepared.launch(b, s) {
-        Ok(selection) => {
-            let attended = (|| {
-                launch.launch(b, &b.gpu.stream, 0..split)?;
-                let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
-                attend(b, cache, &launch.y1, kv_b, d, rows, keys)
-            })();
-            drop(branch);
-            drop(selection);
-            attended
-        }
+    let selection = prepared.launch(b, s);
+    attend_selected(b, cache, &launch, split, selection, branch, (kv_b, d, rows))
+}
+
+/// q's part of `launch` (its blocks before `split`) on the main stream, then attention over `selection`, which the
+/// branch is making. The branch joins on every path, errors too, before the selection's buffers can go back to the
+/// pool.
+pub(crate) fn attend_selected(
+    b: &CudaBackend,
+    cache: &GpuLayerCache,
+    launch: &RopeLaunch<'_>,
+    split: usize,
+    selection: MResult<GpuSelection>,
+    branch: Option<Branch<'_>>,
+    (kv_b, d, rows): (&GpuWeight, &MlaDims, &[Row]),
+) -> MResult<GpuTensor> {
+    let selection = match selection {
+        Ok(s) => s,
         Err(e) => {
             drop(branch);
-            Err(e)
+            return Err(e);
         }
-    }
+    };
+    let attended = launch.launch(b, &b.gpu.stream, 0..split).and_then(|()| {
+        let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
+        attend(b, cache, &launch.y1, kv_b, d, rows, keys)
+    });
+    drop(branch);
+    drop(selection);
+    attended
 }
 
 /// Where a step's rows go in `cache`: their slots (reserved ahead for the step, or now) on the device — the same
@@ -305,12 +318,12 @@ pub fn mla(
 /// The keys each row attends to: every causal one, or the indexer's selection — which, with `branch`, is still
 /// being made there (the main stream joins the branch before the first flash launch).
 #[derive(Clone, Copy)]
-pub(crate) struct Keys<'a, 'b> {
-    pub selection: Option<&'a GpuSelection>,
-    pub branch: Option<&'a Branch<'b>>,
+struct Keys<'a, 'b> {
+    selection: Option<&'a GpuSelection>,
+    branch: Option<&'a Branch<'b>>,
 }
 
-pub(crate) fn attend(
+fn attend(
     b: &CudaBackend,
     cache: &GpuLayerCache,
     q: &GpuTensor,

@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, MlaDims, MlaPrep, MlaPrepped, PrepQuery, Row};
 
-use crate::attention::{Keys, attend, cache_target};
+use crate::attention::{attend_selected, cache_target};
 use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, rows_cfg, shape};
 use crate::cache::GpuLayerCache;
 use crate::gpu::Apart;
@@ -206,23 +206,6 @@ pub(crate) fn mla_prep_fused_query(
     if let Some(br) = &branch {
         br.wait_main().map_err(m)?;
     }
-    // The branch joins (on every path) before its buffers go back to the pool.
-    let out = match selecting.launch(b, s) {
-        Ok(selection) => {
-            let attended = (|| {
-                launch.launch(b, &b.gpu.stream, 0..split)?;
-                let keys = Keys { selection: Some(&selection), branch: branch.as_ref() };
-                attend(b, cache, &launch.y1, kv_b, d, rows, keys)
-            })();
-            drop(branch);
-            drop(selection);
-            attended
-        }
-        Err(e) => {
-            drop(branch);
-            Err(e)
-        }
-    };
-    drop(prepared);
-    out
+    let selection = selecting.launch(b, s);
+    attend_selected(b, cache, &launch, split, selection, branch, (kv_b, d, rows))
 }
