@@ -10,10 +10,9 @@
 extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)
     route_f32(const float* logits, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
               int topk_group, int top_k, int norm_topk_prob, float scaling) {
-    __shared__ RouteScratch scratch;
     const size_t row = blockIdx.x;
     route_row(logits + row * n_experts, bias, experts + row * top_k, weights + row * top_k, n_experts, n_group,
-              topk_group, top_k, norm_topk_prob, scaling, scratch);
+              topk_group, top_k, norm_topk_prob, scaling);
 }
 
 // counts [n_experts]: how many of the n entries of experts [rows·top_k] chose each expert. One block per expert.
@@ -74,7 +73,6 @@ __device__ void router_route(const T* x, const T* w, float* logits, int in, cons
                              float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
                              float scaling, int* counter) {
     __shared__ bool last;
-    __shared__ RouteScratch scratch;
     dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
     __threadfence();  // this block's logit is visible to every block before it counts itself
     __syncthreads();
@@ -82,7 +80,7 @@ __device__ void router_route(const T* x, const T* w, float* logits, int in, cons
     __syncthreads();
     if (!last) return;
     __threadfence();
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling, scratch);
+    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
     if (threadIdx.x == 0) *counter = 0;
 }
 
@@ -103,7 +101,6 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     __shared__ float part[8];
     __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
     __shared__ bool last;
-    __shared__ RouteScratch route_scratch;
     const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
     constexpr int BATCH = DENSE_BATCH, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
     // The expert's weights first, so that their loads overlap the row's.
@@ -180,7 +177,7 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
         const int c = (t + j * NORM_ROUTE_THREADS) * 8;
         if (c < cols) save8(x + c, v[j]);
     }
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling, route_scratch);
+    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
     if (t == 0) *counter = 0;
 }
 

@@ -10,8 +10,8 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
-// A block's scratch for route_row (shared memory): the row's scores and biased scores, its groups' keys, kept
-// flags and the chosen experts' scores, slot by slot.
+// route_row's shared memory: the row's scores and biased scores, its groups' keys, kept flags and the chosen
+// experts' scores, slot by slot.
 struct RouteScratch {
     float score[ROUTE_MAX_EXPERTS];
     float choice[ROUTE_MAX_EXPERTS];
@@ -31,8 +31,8 @@ struct RouteScratch {
 // decode row's add_norm_route 12.45 -> 12.08 us a call (within the noise), a 4,096-row prefill's route 107.5 ->
 // 106.3 us (apart). A warp alone taking the scores too, 4 a lane, was slower (14.0 us): its loads ran in turn.
 __device__ void route_row(const float* logits, const float* bias, u32* experts, float* weights, int n_experts,
-                          int n_group, int topk_group, int top_k, int norm_topk_prob, float scaling,
-                          RouteScratch& s) {
+                          int n_group, int topk_group, int top_k, int norm_topk_prob, float scaling) {
+    __shared__ RouteScratch s;
     constexpr int P = ROUTE_MAX_EXPERTS / 32;
     if (threadIdx.x < n_experts) {
         // Both loads before the exponential (the bias was read after it: two round trips one after the other).
