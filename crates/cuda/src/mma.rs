@@ -346,18 +346,17 @@ pub(crate) fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape
     }
 }
 
-/// The shape of a one-split plain launch whose x lives after the ring (`XPRE`, the normed query launch): its slots
-/// without x rows, and `x_bytes` of x taken out of the same shared budget, so that as many blocks fit an SM as
-/// [`plain_shape`]'s. `None` where even a ring of 2 no longer fits the budget with the x (more rows or a longer K:
-/// that launch would hold fewer blocks an SM).
-pub(crate) fn staged_x_shape(w: &GpuGptq, gpu: &Gpu, batch: usize, x_bytes: usize) -> Option<Shape> {
-    let (_, s) = plain_shape(w, gpu, batch);
+/// `plain`, [`plain_shape`]'s shape of a one-split launch, for the same launch with its x after the ring (`XPRE`,
+/// the normed query launch): its slots without x rows, and `x_bytes` of x taken out of the same shared budget, so
+/// that as many blocks fit an SM. `None` where even a ring of 2 no longer fits the budget with the x (more rows or a
+/// longer K: that launch would hold fewer blocks an SM).
+pub(crate) fn staged_x_shape(w: &GpuGptq, plain: Shape, batch: usize, x_bytes: usize) -> Option<Shape> {
     let slot = slot_bytes(w.bits, batch, false) - batch * XS * 2;
     let t = tuning();
     let room = t.smem_block.checked_sub(x_bytes).filter(|&r| r >= WARPS * 2 * slot)?;
     let stages = (room / (WARPS * slot)).clamp(2, t.max_stages);
     let smem = (WARPS * stages * slot + x_bytes).max(WARPS * 16 * 32 * 4);
-    Some(Shape { stages, smem: smem as u32, ..s })
+    Some(Shape { stages, smem: smem as u32, ..plain })
 }
 
 pub(crate) fn scratch_len(w: &GpuGptq, gpu: &Gpu, batch: usize) -> usize {

@@ -118,7 +118,7 @@ impl<'a> RopeLaunch<'a> {
         let Some(mut launch) = Self::with_x(b, n.raw, Some(n), w, a, c, inv_freq, rows)? else { return Ok(None) };
         // The x after the ring: every chunk's rows ([K / 128][rows][MMA_XS] bf16).
         let x_bytes = k / crate::mma::CHUNK * n.raw.rows * crate::mma::XS * 2;
-        match crate::mma::staged_x_shape(launch.g, &b.gpu, n.raw.rows, x_bytes) {
+        match crate::mma::staged_x_shape(launch.g, launch.shape, n.raw.rows, x_bytes) {
             Some(shape) => launch.shape = shape,
             None => return Ok(None),
         }
