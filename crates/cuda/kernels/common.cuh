@@ -142,3 +142,31 @@ __device__ __forceinline__ float rotate_one(float x, float other, float c, float
     const float os = __fmul_rn(other, s);
     return fmaf(x, c, first ? -os : os);
 }
+
+// The last of a launch's blocks to arrive at `*counter` (`expected` arrivals) learns it is last and leaves the
+// counter at 0 for the next launch; every block's stores before its arrival (its partial sums) are then visible to
+// it, and its reads before it are done. One thread arrives, after the block's barrier (as cooperative groups' grid
+// sync does; every thread fencing had its warps wait out their own stores, session 28), by one read-modify-write
+// with release and acquire semantics at GPU scope: the barrier puts every thread's accesses before thread 0's
+// release, which is cumulative over them, and the last block's acquire (passed on by the second barrier) puts the
+// others' before its reads. That is one MEMBAR.ALL.GPU and an L1 invalidation (sm_86 and sm_90), where the
+// `__threadfence()` pair around a relaxed atomicAdd was two MEMBAR.SC.GPU, each draining the SM's memory traffic.
+// An experiment's knob: -DARRIVE_SC=1 puts the fences back.
+__device__ __forceinline__ bool arrive_last(int* counter, int expected) {
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+#if defined(ARRIVE_SC) && ARRIVE_SC
+        __threadfence();
+        last = atomicAdd(counter, 1) == expected - 1;
+        if (last) __threadfence();
+#else
+        int before;
+        asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+        last = before == expected - 1;
+#endif
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    return last;
+}

@@ -517,26 +517,6 @@ struct SumStore {
     }
 };
 
-// The last of a launch's blocks to arrive at `*counter` (`expected` arrivals) learns it is last and leaves the
-// counter at 0 for the next launch; every block's partial sums are then visible to it.
-// One thread fences, after the block's barrier (as cooperative groups' grid sync does): the barrier orders every
-// thread's stores before thread 0's fence, which is cumulative over them; every thread fencing had its warps wait
-// out their own stores (membar: 13–15% of the grouped launches' start-and-end stall samples, ncu, session 28).
-__device__ __forceinline__ bool arrive_last(int* counter, int expected) {
-    __shared__ int last;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();  // the block's partial sums are visible device-wide before it is counted
-        last = atomicAdd(counter, 1) == expected - 1;
-        if (last) {
-            *counter = 0;
-            __threadfence();  // and the others' before this block reads them (the barrier passes it on)
-        }
-    }
-    __syncthreads();
-    return last;
-}
-
 // Blocks per multiprocessor the 8-row kernels are compiled for (`__launch_bounds__`' second argument): 4, at most
 // 128 registers. Left to the compiler, the grouped kernel (its fused reductions' values live across the main loop)
 // took 136 registers, 3 blocks per SM, and the MoE block was slower; the plain one took 129 once its warps could

@@ -11,8 +11,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)
     route_f32(const float* logits, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
               int topk_group, int top_k, int norm_topk_prob, float scaling) {
     const size_t row = blockIdx.x;
-    route_row(logits + row * n_experts, bias, experts + row * top_k, weights + row * top_k, n_experts, n_group,
-              topk_group, top_k, norm_topk_prob, scaling);
+    route_row(logits + row * n_experts, route_bias(bias, n_experts), experts + row * top_k, weights + row * top_k,
+              n_experts, n_group, topk_group, top_k, norm_topk_prob, scaling);
 }
 
 // counts [n_experts]: how many of the n entries of experts [rows·top_k] chose each expert. One block per expert.
@@ -72,16 +72,10 @@ template <typename T>
 __device__ void router_route(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,
                              float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
                              float scaling, int* counter) {
-    __shared__ bool last;
+    const float b = route_bias(bias, n_experts);
     dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
-    __threadfence();  // this block's logit is visible to every block before it counts itself
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
-    if (threadIdx.x == 0) *counter = 0;
+    if (!arrive_last(counter, gridDim.x)) return;
+    route_row(logits, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
 }
 
 // The post-attention residual add and norm of one row with its router, in one launch (a block an expert, of
@@ -100,10 +94,10 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     __shared__ float scratch[32];
     __shared__ float part[8];
     __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
-    __shared__ bool last;
     const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
     constexpr int BATCH = DENSE_BATCH, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
-    // The expert's weights first, so that their loads overlap the row's.
+    // The expert's weights first, so that their loads overlap the row's, and the bias for the last block.
+    const float b = route_bias(bias, n_experts);
     float wv[BATCH][8];
     if (t < 256) {
 #pragma unroll
@@ -166,19 +160,13 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
         for (int k = 0; k < 8; k++) l += part[k];
         logits[e] = l;
     }
-    __threadfence();  // this block's logit is visible to every block before it counts itself
-    __syncthreads();
-    if (t == 0) last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!arrive_last(counter, gridDim.x)) return;
 #pragma unroll
     for (int j = 0; j < NORM_PIECES; j++) {
         const int c = (t + j * NORM_ROUTE_THREADS) * 8;
         if (c < cols) save8(x + c, v[j]);
     }
-    route_row(logits, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
-    if (t == 0) *counter = 0;
+    route_row(logits, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
 }
 
 #define ROUTERS(T, S)                                                                                              \

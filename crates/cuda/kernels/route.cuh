@@ -10,6 +10,13 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
+// The thread's expert's router bias for route_row, 0 past the experts. The fused routers load it at their start,
+// in every block beside the row's loads: the last block read it only once it had arrived, after a layer's weights
+// had passed through L2, so a DRAM round trip in series (session 38's suspect for that block's tail).
+__device__ __forceinline__ float route_bias(const float* bias, int n_experts) {
+    return threadIdx.x < n_experts ? bias[threadIdx.x] : 0.f;
+}
+
 // route_row's shared memory: the row's scores and biased scores, its groups' keys, kept flags and the chosen
 // experts' scores, slot by slot.
 struct RouteScratch {
@@ -22,7 +29,8 @@ struct RouteScratch {
 
 // One row by one block of blockDim.x ≥ n_experts threads (a multiple of 32; every thread calls it, n_experts ≤
 // ROUTE_MAX_EXPERTS, top_k ≤ n_experts): logits [n_experts] (read past L1: the fused router's other blocks wrote
-// them), bias [n_experts] → experts [top_k] (best first), weights [top_k]. A thread an expert takes its score (one
+// them) and the thread's expert's bias (bias[threadIdx.x], loaded by the caller: route_bias) → experts [top_k]
+// (best first), weights [top_k]. A thread an expert takes its score (one
 // round trip to memory for all), then the first warp alone chooses: lane L holds experts [L·p, L·p + p),
 // p = ⌈n_experts / 32⌉, in registers, so that a lower lane holds lower indices, and each slot is the lanes' best
 // remaining key (__reduce_max_sync), the lowest lane among equals and in that lane its lowest index: the host's
@@ -30,18 +38,17 @@ struct RouteScratch {
 // shared memory (128 loads a thread) behind five barriers. H200, 2 layers at 4K (docs/bench/2026-12-02n-*): the
 // decode row's add_norm_route 12.45 -> 12.08 us a call (within the noise), a 4,096-row prefill's route 107.5 ->
 // 106.3 us (apart). A warp alone taking the scores too, 4 a lane, was slower (14.0 us): its loads ran in turn.
-__device__ void route_row(const float* logits, const float* bias, u32* experts, float* weights, int n_experts,
-                          int n_group, int topk_group, int top_k, int norm_topk_prob, float scaling) {
+__device__ void route_row(const float* logits, float bias, u32* experts, float* weights, int n_experts, int n_group,
+                          int topk_group, int top_k, int norm_topk_prob, float scaling) {
     __shared__ RouteScratch s;
     constexpr int P = ROUTE_MAX_EXPERTS / 32;
     if (threadIdx.x < n_experts) {
-        // Both loads before the exponential (the bias was read after it: two round trips one after the other).
         const int e = threadIdx.x;
-        const float logit = __ldcg(logits + e), b = bias[e];
+        const float logit = __ldcg(logits + e);
         const float ex = (float)exp(-(double)logit);
         const float sc = __fdiv_rn(1.f, 1.f + ex);
         s.score[e] = sc;
-        s.choice[e] = sc + b;
+        s.choice[e] = sc + bias;
     }
     __syncthreads();
     if (threadIdx.x >= 32) return;
