@@ -110,10 +110,6 @@ pub enum Apart {
     PrepQuery = 1024,
 }
 
-/// Bits of `Gpu::apart` above the switches: paths a step takes only when opted in (kept by `set_apart`).
-const OPT_PREP_QUERY: u32 = 1 << 31;
-const OPT_IN: u32 = OPT_PREP_QUERY;
-
 /// The side stream and the events that fork it from the main stream and join it back.
 struct Side {
     stream: Arc<CudaStream>,
@@ -280,7 +276,7 @@ impl Gpu {
             counters,
             steps: Default::default(),
             side: Mutex::new(side),
-            apart: if crate::mma::knob("PIPEMOE_PREP_QUERY", 0, 0..=1) == 1 { OPT_PREP_QUERY } else { 0 }.into(),
+            apart: 0.into(),
             kvb_quant_rows: crate::kvb::default_quant_rows().into(),
         })
     }
@@ -375,24 +371,10 @@ impl Gpu {
         self.apart() & switch as u32 != 0
     }
 
-    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual); opt-ins stay as they are.
+    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual).
     pub fn set_apart(&self, switches: &[Apart]) {
         let bits = switches.iter().fold(0, |b, &s| b | s as u32);
-        let old = self.apart() & OPT_IN;
-        self.apart.store(old | bits, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether a decode step norms q_a in its query launches, with the rest of mla_prep beside the indexer's
-    /// branch (`prep::mla_prep_fused_query`): opted in (`PIPEMOE_PREP_QUERY=1`, or [`Gpu::set_prep_query`]) and
-    /// not `Apart::PrepQuery`. Off by default: NOT yet run on a GPU (docs/PERF.md session 38).
-    pub fn prep_query(&self) -> bool {
-        self.apart() & OPT_PREP_QUERY != 0 && !self.is_apart(Apart::PrepQuery)
-    }
-
-    /// Opts in to (or out of) [`Gpu::prep_query`] (tests, A/Bs). Part of a recorded step's key, as the switches.
-    pub fn set_prep_query(&self, on: bool) {
-        let bits = self.apart() & !OPT_PREP_QUERY;
-        self.apart.store(bits | if on { OPT_PREP_QUERY } else { 0 }, std::sync::atomic::Ordering::Relaxed);
+        self.apart.store(bits, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).

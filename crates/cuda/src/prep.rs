@@ -181,7 +181,9 @@ pub(crate) fn mla_prep_fused_query(
     let PrepQuery { proj, prep, w, q, index, inv_freq, index_dims } = query;
     let parts = ((0, q), (q.heads * q.head_dim, index));
     let normed = match (prep.q_a, prep.index_weights, prep.index_key) {
-        (Some((width, norm)), Some(_), Some(_)) if b.gpu.prep_query() && !b.gpu.is_apart(Apart::EarlyIndex) => {
+        (Some((width, norm)), Some(_), Some(_))
+            if !b.gpu.is_apart(Apart::PrepQuery) && !b.gpu.is_apart(Apart::EarlyIndex) =>
+        {
             let n = QaNorm { raw: proj, width, norm, eps: prep.eps };
             RopeLaunch::normed(b, n, w, parts.0, parts.1, inv_freq, rows)?
         }

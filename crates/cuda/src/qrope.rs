@@ -94,8 +94,8 @@ impl<'a> RopeLaunch<'a> {
 
     /// The launch over the raw projection, q_a normed in its blocks, where it applies: as [`RopeLaunch::new`]'s,
     /// and q_a the weight's in-features, a multiple of 128 up to 2,048, the projection's rows 16-byte aligned, and
-    /// the rows' x within the block's shared budget ([`crate::mma::staged_x_shape`]). The caller checks the opt-in
-    /// (`Gpu::prep_query`).
+    /// the rows' x within the block's shared budget ([`crate::mma::staged_x_shape`]). The caller checks
+    /// `Apart::PrepQuery`.
     pub(crate) fn normed(
         b: &CudaBackend,
         n: QaNorm<'a>,

@@ -288,9 +288,10 @@ fn decode_steps_replayed_as_graphs_match_launches() {
 }
 
 /// The `Apart` switches that undo a fusion or an overlap (what `pipemoe bench --ab` times) leave a decode step's
-/// bits as they are: not the arithmetic. (`DenseKvb` and `ExactFlash` change it: device_attention bounds them.) The V3.2 demo past its indexer's top-k of 32 (so the indexer
-/// selects, on a branch unless apart), one row a step (the grouped experts' one-row path), as launches and as
-/// recorded graphs (a switch is part of a recorded step's key).
+/// bits as they are: not the arithmetic. (`DenseKvb` and `ExactFlash` change it: device_attention bounds them.)
+/// The V3.2 demo past its indexer's top-k of 32 (so the indexer selects, on a branch unless apart), one row a step
+/// (the grouped experts' one-row path), as launches and as recorded graphs (a switch is part of a recorded step's
+/// key).
 #[test]
 fn apart_switches_leave_the_bits_alone() {
     if no_gpu() {
@@ -316,20 +317,21 @@ fn apart_switches_leave_the_bits_alone() {
         gpu.gpu.set_apart(&[]);
         out
     };
-    // Every switch on the default path, then with the opt-in paths on (`Gpu::prep_query`), whose own switch then
-    // compares something.
-    let switches = [Apart::Branches, Apart::PrepWrite, Apart::Plan, Apart::NormRoute, Apart::QRope, Apart::EarlyIndex];
-    for opt_in in [false, true] {
-        gpu.gpu.set_prep_query(opt_in);
-        let usual = run(&[]);
-        for apart in switches.into_iter().chain(opt_in.then_some(Apart::PrepQuery)) {
-            let got = run(&[apart]);
-            for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
-                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                let what = format!("{apart:?} (prep_query opt-in {opt_in})");
-                assert!(same, "{what}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
-            }
+    let switches = [
+        Apart::Branches,
+        Apart::PrepWrite,
+        Apart::Plan,
+        Apart::NormRoute,
+        Apart::QRope,
+        Apart::EarlyIndex,
+        Apart::PrepQuery,
+    ];
+    let usual = run(&[]);
+    for apart in switches {
+        let got = run(&[apart]);
+        for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
         }
     }
-    gpu.gpu.set_prep_query(false);
 }

@@ -218,10 +218,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.trace.is_some() && !args.generate_only && !pipemoe_cuda::trace::enabled() {
         bail!("--trace needs the kernels built with their records: run with PIPEMOE_TRACE=1");
     }
-    // Its usual side is an opt-in path: without it both sides would run the same code.
-    if args.ab.contains(&ab::AbSwitch::PrepQuery) && std::env::var("PIPEMOE_PREP_QUERY").as_deref() != Ok("1") {
-        bail!("--ab prep-query compares an opt-in path with the usual one: run with PIPEMOE_PREP_QUERY=1");
-    }
     let (dir, slice) = model_and_slice(args)?;
     let cfg = ModelConfig::from_dir(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
