@@ -6,6 +6,24 @@
 #include "experts.cuh"
 #include "mma.cuh"
 #include "mma_gemv.cuh"
+#include "rows.cuh"
+
+// After a split launch's blocks stored their partial sums [splits, B, N]: the last block of each column range
+// (counters[blockIdx.x], left at 0 again) adds them in split order and stores y.
+template <int MB, typename YT>
+__device__ __forceinline__ void add_splits(const float* partial, YT* y, int* counters, int B, int N) {
+    const int splits = gridDim.y;
+    if (!arrive_last(&counters[blockIdx.x], splits)) return;
+    constexpr int cols = block_tiles<MB, MMA_WARPS>() * 16;
+    const int n0 = blockIdx.x * cols;
+    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
+        const int b = i / cols, n = n0 + i % cols;
+        if (n >= N) continue;
+        float v = 0.f;
+        for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * B + b) * N + n]);
+        store_y(y, (size_t)b * N + n, v);
+    }
+}
 
 // One matrix, rows 0..B of x: grid (⌈N / (16·TPW)⌉, splits), split K. One split stores y; several store partial
 // sums [splits, B, N] and the last block of each column range (counters[blockIdx.x], left at 0 again) adds them.
@@ -24,16 +42,126 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
         return;
     }
     run(SumStore<MB, float>{partial + (size_t)blockIdx.y * B * N, (size_t)N});
-    if (!arrive_last(&counters[blockIdx.x], splits)) return;
-    constexpr int cols = block_tiles<MB, MMA_WARPS>() * 16;
-    const int n0 = blockIdx.x * cols;
-    for (int i = threadIdx.x; i < B * cols; i += blockDim.x) {
-        const int b = i / cols, n = n0 + i % cols;
-        if (n >= N) continue;
-        float v = 0.f;
-        for (int s = 0; s < splits; s++) v += __ldcg(&partial[((size_t)s * B + b) * N + n]);
-        store_y(y, (size_t)b * N + n, v);
+    add_splits<MB>(partial, y, counters, B, N);
+}
+
+// A layer's input norm in its first projection (src/addnorm.rs): y = W · RMSNorm(h) for ≤ 8 bf16 rows in the plain
+// one-matrix launch's grid and sums — bit for bit rms_norm (ops.cu, 512 threads a row) then that GEMV, with one
+// launch and its gap fewer. With `add`, the norm of h + add, and h_out = h + add (the new residual): add_rms_norm
+// then the GEMV (the serving path adds the MoE block's output in its combine instead: FUSE_COMBINE_ADD). The x after the ring (XPRE): each
+// block norms the rows itself. Every block reads the whole rows (14 KB each at DeepSeek's 7,168) for the sum of
+// squares, taken as rms_norm_row's 512 threads take it: the block's 128 threads play them (thread t is t, t + 128,
+// t + 256 and t + 384, each with its pieces of 8 at u·8 and (u + 512)·8; its warp w the 512's warps w, w + 4, w + 8
+// and w + 12, with the same lanes), so the butterflies and the 16 warps' sum run in the same order. It then writes
+// only its split's chunks of the normed rows into shared memory, and the blocks of column block 0 store that range
+// of h_out (a buffer of its own: the other blocks still read h). K % 128 == 0, K ≤ 8,192, 16-byte aligned rows.
+// 8 bf16 values loaded as 16 bytes, as f32 (load8's widening).
+__device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* v) {
+    const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     }
+}
+
+template <typename YT>
+struct AddNormStore : SumStore<8, YT> {
+    const __nv_bfloat16* h;    // [rows, K]: the residual before the add
+    const __nv_bfloat16* add;  // [rows, K], or null: the norm of h alone (h_out then null too)
+    const float* g;            // [K]: the norm's weight
+    float eps;
+    __nv_bfloat16* h_out;      // [rows, K]: h + add, or null: not stored
+    int K, split0, in_split;   // the block's chunks of 128: [split0, split0 + in_split)
+
+    __device__ __forceinline__ void stage_x(unsigned char*, int) const {}
+
+    __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
+        static_assert(MMA_WARPS == 4, "128 threads play rms_norm_row's 512");
+        __shared__ float scratch[32];
+        const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+        for (int r = 0; r < nrows; r++) {
+            const __nv_bfloat16 *hr = h + (size_t)r * K, *ar = add != nullptr ? add + (size_t)r * K : nullptr;
+            // Two of the played threads at a time: their 8 loads in flight together.
+#pragma unroll
+            for (int q0 = 0; q0 < 4; q0 += 2) {
+                uint4 hv[2][2], av[2][2];
+#pragma unroll
+                for (int q = 0; q < 2; q++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const int c = (t + 128 * (q0 + q) + 512 * j) * 8;
+                        hv[q][j] = av[q][j] = make_uint4(0u, 0u, 0u, 0u);
+                        if (c < K) {
+                            hv[q][j] = *(const uint4*)(hr + c);
+                            if (add != nullptr) av[q][j] = *(const uint4*)(ar + c);
+                        }
+                    }
+#pragma unroll
+                for (int q = 0; q < 2; q++) {
+                    float ss = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        float v[8], a[8];
+                        bf16x8_to_f32(hv[q][j], v);
+                        bf16x8_to_f32(av[q][j], a);
+#pragma unroll
+                        for (int i = 0; i < 8; i++) {
+                            if (add != nullptr) v[i] = rnd(h, v[i] + a[i]);
+                            ss += v[i] * v[i];
+                        }
+                    }
+                    const float w = warp_sum(ss);
+                    if (lane == 0) scratch[warp + 4 * (q0 + q)] = w;
+                }
+            }
+            __syncthreads();
+            if (t < 32) {
+                const float u = warp_sum(lane < 16 ? scratch[lane] : 0.f);
+                if (lane == 0) scratch[16] = u;
+            }
+            __syncthreads();
+            const float inv = rsqrtf(scratch[16] / K + eps);
+            // The split's pieces again (from L1), normed into the ring's x layout [chunk][row][MMA_XS].
+            for (int p = t; p < in_split * (MMA_CHUNK / 8); p += blockDim.x) {
+                const int c = split0 * MMA_CHUNK + p * 8;
+                float v[8], a[8], gw[8], o[8];
+                load8(hr + c, v);
+                if (add != nullptr) load8(ar + c, a);
+                load8(g + c, gw);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    if (add != nullptr) v[i] = rnd(h, v[i] + a[i]);
+                    o[i] = gw[i] * (v[i] * inv);
+                }
+                save8((__nv_bfloat16*)xs + ((size_t)(p / (MMA_CHUNK / 8)) * nrows + r) * MMA_XS + p % (MMA_CHUNK / 8) * 8,
+                      o);
+                if (h_out != nullptr && blockIdx.x == 0) save8(h_out + (size_t)r * K + c, v);
+            }
+            __syncthreads();  // scratch again for the next row
+        }
+    }
+};
+
+template <int BITS, bool SYM>
+__device__ void mma_gemv_addnorm(const __nv_bfloat16* h, const __nv_bfloat16* add, const float* g, float eps,
+                                 __nv_bfloat16* h_out, const uint2* words, const __half* zeros, const __half* scales,
+                                 float* partial, __nv_bfloat16* y, int* counters, int B, int K, int N,
+                                 int group_size, int k_chunk, int stages) {
+    const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
+    const int in_split = max(0, min(k_chunk / MMA_CHUNK, K / MMA_CHUNK - split0));
+    const int row = threadIdx.x < B ? threadIdx.x : 0;
+    auto run = [&](auto store) {
+        mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM, false, true>(h, row, B, nullptr, words, zeros, scales, K, N,
+                                                                  group_size, k_chunk, stages, blockIdx.x, store);
+    };
+    if (gridDim.y == 1) {
+        run(AddNormStore<__nv_bfloat16>{{y, (size_t)N}, h, add, g, eps, h_out, K, split0, in_split});
+        return;
+    }
+    run(AddNormStore<float>{{partial + (size_t)blockIdx.y * B * N, (size_t)N}, h, add, g, eps, h_out, K, split0,
+                            in_split});
+    add_splits<8>(partial, y, counters, B, N);
 }
 
 // What a grouped launch's last block does after the others (`fuse`): nothing (the partial sums are reduced by
@@ -41,6 +169,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 #define FUSE_NONE 0
 #define FUSE_SILU 1
 #define FUSE_COMBINE 2
+#define FUSE_COMBINE_ADD 3
 
 // Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to 8 pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order: read only
@@ -50,7 +179,8 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
 // FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
-// row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1).
+// row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1);
+// FUSE_COMBINE_ADD adds it into y, the residual (src/experts.rs `into`).
 // One row without a plan (`route`, the row's top_k expert ids, given to the gate/up launch): tile t is slot t of
 // the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
 // is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
@@ -129,7 +259,13 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
     if (!arrive_last(&counters[cb], count * splits)) return;
     for (int i = threadIdx.x; i < rows * cols; i += blockDim.x) {
         const int r = i / cols, n = n0 + i % cols;
-        if (n < N) y[(size_t)r * N + n] = __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
+        if (n >= N) continue;
+        const __nv_bfloat16 v =
+            __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
+        // FUSE_COMBINE_ADD: y is the residual, and gets the block's output added as add_rms_norm adds it (the
+        // output rounded to bf16, then the sum): every column has one owner, and nothing else reads y meanwhile.
+        const size_t at = (size_t)r * N + n;
+        y[at] = fuse == FUSE_COMBINE_ADD ? __float2bfloat16(__bfloat162float(y[at]) + __bfloat162float(v)) : v;
     }
 }
 
@@ -181,6 +317,18 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 MMA_T(2)
 MMA_T(3)
 MMA_T(4)
+#define MMA_ADDNORM(BITS, SYMNAME, SYM)                                                                        \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_addnorm_w##BITS##_b8##SYMNAME##_bf16(               \
+        const __nv_bfloat16* h, const __nv_bfloat16* add, const float* g, float eps, __nv_bfloat16* h_out,     \
+        const uint2* words, const __half* zeros, const __half* scales, float* partial, __nv_bfloat16* y,      \
+        int* counters, int B, int K, int N, int group_size, int k_chunk, int stages) {                         \
+        mma_gemv_addnorm<BITS, SYM>(h, add, g, eps, h_out, words, zeros, scales, partial, y, counters, B, K, N, \
+                                    group_size, k_chunk, stages);                                              \
+    }
+#define MMA_ADDNORM_T(BITS) MMA_ADDNORM(BITS, , false) MMA_ADDNORM(BITS, _sym, true)
+MMA_ADDNORM_T(2)
+MMA_ADDNORM_T(3)
+MMA_ADDNORM_T(4)
 
 // The repacked weight back to f32 [N, K] in the checkpoint's row order (attention's absorbed kv_b_proj, tests).
 template <int BITS>

@@ -136,10 +136,10 @@ __device__ __forceinline__ void slot_words(const unsigned char* sl, int lane, u3
 // The block store rather than warp 0 adding the sums alone: H200, in-process A/B over 2 layers at 4K (session 27)
 // about -4 us a step of 0.333 ms on top of no row-order path (-5.2; see mma_gemv_block), -8.6 to -9.4 with it.
 // XPRE (no row order): x is not copied chunk by chunk, and the ring's slots hold none. store.stage_x(xs, nrows)
-// copies every chunk's x rows into shared memory after the rings ([k_chunks][nrows][MMA_XS] bf16) as a cp.async
-// group of its own, before the ring's first copies; once it has landed (the weights still in flight),
-// store.fill_x(xs, nrows) rewrites them in place, and the loop reads them there (gptq_rope.cu's normed query: the
-// rows RMS-normed on the way in).
+// may copy the block's split's x rows into shared memory after the rings ([chunks of the split][nrows][MMA_XS]
+// bf16) as a cp.async group of its own, before the ring's first copies; once it has landed (the weights still in
+// flight), store.fill_x(xs, nrows) makes them in place, and the loop reads them there (gptq_rope.cu's normed query:
+// the rows RMS-normed on the way in; gptq_mma.cu's AddNormStore: the layer's input norm, from global memory).
 template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, bool XPRE = false, typename Store>
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
@@ -320,7 +320,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
         cp_async_wait_n(stages - 1);
         __syncwarp();  // and every lane's copies of this chunk (x rows are read across lanes) have landed
         const unsigned char* sl = ring + read_off;
-        const u32 xs_at = XPRE ? xpre_at + (u32)((c0 + c) * nrows * MMA_XS * 2)
+        const u32 xs_at = XPRE ? xpre_at + (u32)((c0 - split0 + c) * nrows * MMA_XS * 2)
                                : ring_at + read_off + wbytes + sz_bytes<TPW>();
         // PRESUM: the (lo, hi) sums of rows 2·quad and 2·quad + 1, where the mma of the sums would leave them.
         float pre[4];

@@ -295,6 +295,16 @@ impl Backend for CudaBackend {
         crate::rowops::add_rms_norm(self, x, y, w, eps)
     }
 
+    fn rms_norm_linear(&self, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32, lin: &GpuWeight) -> MResult<GpuTensor> {
+        if self.gpu.input_norm()
+            && x.rows == 1
+            && let Some((y, _)) = crate::addnorm::norm_linear(self, x, None, (w, eps), lin)?
+        {
+            return Ok(y);
+        }
+        self.linear(&self.rms_norm(x, w, eps)?, lin)
+    }
+
     fn layer_norm(&self, x: &GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
         crate::rowops::layer_norm(self, x, w, b, eps)
     }
@@ -554,6 +564,19 @@ impl Backend for CudaBackend {
         routes: &GpuRoutes,
     ) -> MResult<GpuTensor> {
         self.run_experts(x, experts, routes, Some(shared))
+    }
+
+    fn experts_with_shared_into(
+        &self,
+        h: &mut GpuTensor,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        shared: &ExpertWeights<Self>,
+        routes: &GpuRoutes,
+    ) -> MResult<Option<GpuTensor>> {
+        // One row opted in: the down launch's combine adds into the residual (addnorm.rs says why).
+        let into = (self.gpu.input_norm() && x.rows == 1).then_some(h);
+        self.run_experts_into(into, x, experts, routes, Some(shared))
     }
 
     fn export(&self, x: &GpuTensor) -> MResult<Option<SharedActivations>> {

@@ -32,6 +32,7 @@ const FUSED_ROWS: usize = 8;
 const FUSE_NONE: i32 = 0;
 const FUSE_SILU: i32 = 1;
 const FUSE_COMBINE: i32 = 2;
+const FUSE_COMBINE_ADD: i32 = 3;
 
 /// The routing of a step, on the device (the router's kernel), read back only when a host needs it (prefill's
 /// expert-by-expert path, tests).
@@ -194,6 +195,21 @@ impl CudaBackend {
         routes: &GpuRoutes,
         shared: Option<&ExpertWeights<CudaBackend>>,
     ) -> MResult<GpuTensor> {
+        let y = self.run_experts_into(None, x, experts, routes, shared)?;
+        y.ok_or_else(|| shape("experts", "the output went into no residual".into()))
+    }
+
+    /// [`CudaBackend::run_experts`], its output added into `into` (the residual stream, as `add_assign` adds) by
+    /// the grouped down launch's combine where that launch combines the rows itself (≤ `FUSED_ROWS` rows of bf16
+    /// with the shared expert): `None` then, else the output as `run_experts` gives it.
+    pub(crate) fn run_experts_into(
+        &self,
+        into: Option<&mut GpuTensor>,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        routes: &GpuRoutes,
+        shared: Option<&ExpertWeights<CudaBackend>>,
+    ) -> MResult<Option<GpuTensor>> {
         if routes.dev.rows != x.rows || routes.dev.n_experts != experts.weights.len() {
             return Err(shape(
                 "experts",
@@ -201,30 +217,32 @@ impl CudaBackend {
             ));
         }
         if x.rows == 0 {
-            return self.tensor(0, x.cols);
+            return self.tensor(0, x.cols).map(Some);
         }
         if let Some(sh) = shared {
             if x.rows <= GROUPED_MAX_ROWS
                 && let Some(t) = experts.tables_with(self, sh)?
                 && x.cols == t.hidden
             {
-                return self.grouped(x, experts, t, &routes.dev);
+                return self.grouped(x, experts, t, &routes.dev, into);
             }
             let _p = self.gpu.span(|| format!("experts+shared x{}", x.rows));
             let mut y = self.run_experts(x, experts, routes, None)?;
             let h = self.silu_mul(&self.linear(x, &sh.gate)?, &self.linear(x, &sh.up)?)?;
             self.add_assign(&mut y, &self.linear(&h, &sh.down)?)?;
-            return Ok(y);
+            return Ok(Some(y));
         }
         match &experts.grouped {
-            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => self.grouped(x, experts, t, &routes.dev),
+            Some(t) if x.rows <= GROUPED_MAX_ROWS && x.cols == t.hidden => {
+                self.grouped(x, experts, t, &routes.dev, None)
+            }
             Some(t) if t.takes_prefill(x) => {
                 let _p = self.gpu.span(|| format!("experts (grouped GEMM) x{}", x.rows));
-                self.grouped_prefill(x, t, routes.host()?, &routes.dev.weights)
+                self.grouped_prefill(x, t, routes.host()?, &routes.dev.weights).map(Some)
             }
             _ => {
                 let _p = self.gpu.span(|| format!("experts x{}", x.rows));
-                self.one_by_one(x, &experts.weights, routes.host()?)
+                self.one_by_one(x, &experts.weights, routes.host()?).map(Some)
             }
         }
     }
@@ -236,7 +254,14 @@ impl CudaBackend {
         unsafe { self.gpu.stream.alloc::<f32>(n.max(1)) }.map_err(md("alloc partial sums"))
     }
 
-    fn grouped(&self, x: &GpuTensor, experts: &GpuExperts, t: &Tables, r: &DeviceRouting) -> MResult<GpuTensor> {
+    fn grouped(
+        &self,
+        x: &GpuTensor,
+        experts: &GpuExperts,
+        t: &Tables,
+        r: &DeviceRouting,
+        into: Option<&mut GpuTensor>,
+    ) -> MResult<Option<GpuTensor>> {
         let first = experts.weights.iter().flatten().next().ok_or_else(|| shape("experts", "no held expert".into()))?;
         let (gate0, down0) = match (gptq(&first.gate), gptq(&first.down)) {
             (Some(g), Some(d)) => (g, d),
@@ -402,20 +427,33 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
-        let cf = if fuse_combine { FUSE_COMBINE } else { FUSE_NONE };
+        // The combine adds into the residual (bf16, the rows' shape) where asked to and where it runs.
+        let into = into.filter(|h| {
+            fuse_combine && (h.rows, h.cols) == (x.rows, hidden) && h.data.dtype() == crate::act::ActDtype::Bf16
+        });
+        let added = into.is_some();
+        let cf = match (fuse_combine, added) {
+            (true, true) => FUSE_COMBINE_ADD,
+            (true, false) => FUSE_COMBINE,
+            _ => FUSE_NONE,
+        };
+        let y = match into {
+            Some(h) => &mut h.data,
+            None => &mut out.data,
+        };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
         if mma {
-            l.arg(&st).arg(&cf).arg(&self.gpu.counters).arg(&mut out.data).arg(&mut pair_of);
+            l.arg(&st).arg(&cf).arg(&self.gpu.counters).arg(y).arg(&mut pair_of);
             l.arg(weights).arg(&rows_i).arg(&k).arg(&with_shared).arg(&null);
             match &h_sums {
                 Some(hs) => l.arg(hs),
                 None => l.arg(&null),
             };
         }
-        // SAFETY: as above, for the down tables (E addresses each); out holds rows·hidden values, pair_of
-        // rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
+        // SAFETY: as above, for the down tables (E addresses each); y (out, or the residual: checked above) holds
+        // rows·hidden values, pair_of rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         drop(p);
         if !fuse_combine {
@@ -428,7 +466,7 @@ impl CudaBackend {
             // entries and weights rows·top_k.
             unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         }
-        Ok(out)
+        Ok(if added { None } else { Some(out) })
     }
 
     /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add

@@ -13,6 +13,7 @@
 //! - `profile`: per-op device and host time of a step, for benchmarks.
 
 pub mod act;
+mod addnorm;
 mod attention;
 pub mod backend;
 pub mod cache;

@@ -222,6 +222,63 @@ fn the_query_projection_ropes_in_its_store_as_the_two_launches_do() {
     }
 }
 
+/// A layer's input norm in its fused projection (`gptq_mma_gemv_addnorm`): bit for bit `rms_norm` (or `add_rms_norm`)
+/// then the GEMV, and the new residual as `add_rms_norm` leaves it, at DeepSeek's 7,168 → 2,304 (q_a, kv_a, the
+/// indexer's wk and weights_proj) and at other shapes and bit widths; and the backend's op, opted in.
+#[test]
+fn the_input_norm_in_the_projection_matches_the_two_launches() {
+    if no_gpu() {
+        return;
+    }
+    let gpu = CudaBackend::new(0).expect("cuda:0").with_act_dtype(ActDtype::Bf16);
+    let mut rng = Rng::new(37);
+    let eps = 1e-6;
+    let bits = |t: &<CudaBackend as Backend>::Tensor| -> Vec<u32> {
+        gpu.download(t).unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    // (in, out, bits, act_order, symmetric)
+    let cases = [
+        (7168, 2304, 3, false, true),
+        (7168, 2304, 3, false, false),
+        (7168, 576, 2, false, true),
+        (1024, 320, 4, false, false),
+        (7168, 2304, 3, true, false),
+    ];
+    for (k, n, b, act_order, sym) in cases {
+        let w = gpu.load_linear(HostLinear::Gptq(weight_with_zeros(&mut rng, (k, n, b, 128, act_order), sym))).unwrap();
+        let norm = gpu.load_vector((0..k).map(|_| rng.uniform() * 2.0).collect()).unwrap();
+        for rows in [1usize, 3, 8] {
+            let what = format!("{k} -> {n} w{b} act_order={act_order} sym={sym}, {rows} rows");
+            let h: Vec<f32> = (0..rows * k).map(|_| rng.uniform() * 6.0 - 3.0).collect();
+            let a: Vec<f32> = (0..rows * k).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+            let (ht, at) = (gpu.upload(rows, k, h.clone()).unwrap(), gpu.upload(rows, k, a).unwrap());
+            let want = gpu.linear(&gpu.rms_norm(&ht, &norm, eps).unwrap(), &w).unwrap();
+            let got = gpu.rms_norm_linear_fused(&ht, (&norm, eps), &w).unwrap();
+            let mut h_two = gpu.upload(rows, k, h.clone()).unwrap();
+            let want_add = gpu.linear(&gpu.add_rms_norm(&mut h_two, &at, &norm, eps).unwrap(), &w).unwrap();
+            let mut h_one = gpu.upload(rows, k, h).unwrap();
+            let got_add = gpu.add_rms_norm_linear_fused(&mut h_one, &at, (&norm, eps), &w).unwrap();
+            match (got, got_add) {
+                (Some(y), Some(y_add)) => {
+                    assert!(!act_order, "{what}: taken with a row order of K");
+                    assert_eq!(bits(&y), bits(&want), "{what}: the norm in the launch");
+                    assert_eq!(bits(&y_add), bits(&want_add), "{what}: the add and the norm in the launch");
+                    assert_eq!(bits(&h_one), bits(&h_two), "{what}: the new residual");
+                }
+                // Not taken with a row order of K, nor where the rows' x and a ring of 2 pass the block's budget
+                // (more rows), but always at one row otherwise; never taken one way only.
+                (None, None) => assert!(act_order || rows > 1, "{what}: not taken"),
+                _ => panic!("{what}: taken with the add or without it only"),
+            }
+            // The backend's op: the fused launch at one row once opted in, the two launches else; the same bits.
+            gpu.gpu.set_input_norm(true);
+            let op = gpu.rms_norm_linear(&ht, &norm, eps, &w).unwrap();
+            gpu.gpu.set_input_norm(false);
+            assert_eq!(bits(&op), bits(&want), "{what}: the backend's op");
+        }
+    }
+}
+
 #[test]
 fn a_missing_device_is_an_error() {
     if no_gpu() {

@@ -327,11 +327,19 @@ fn apart_switches_leave_the_bits_alone() {
         Apart::PrepQuery,
     ];
     let usual = run(&[]);
-    for apart in switches {
-        let got = run(&[apart]);
-        for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
+    let check = |what: &str, got: &[Vec<f32>]| {
+        for (k, (a, b)) in usual.iter().zip(got).enumerate() {
             let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
+            assert!(same, "{what}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
         }
+    };
+    for apart in switches {
+        check(&format!("{apart:?}"), &run(&[apart]));
     }
+    // The opt-in path (`Gpu::input_norm`): the MoE block's output added in the down launch's combine, the next
+    // layer's input norm in its fused projection; and with `Apart::InputNorm` the usual path again.
+    gpu.gpu.set_input_norm(true);
+    check("input_norm opted in", &run(&[]));
+    check("input_norm opted in, Apart::InputNorm", &run(&[Apart::InputNorm]));
+    gpu.gpu.set_input_norm(false);
 }

@@ -289,6 +289,17 @@ pub trait Backend: Send + Sync {
         self.add_assign(x, y)?;
         self.rms_norm(x, w, eps)
     }
+    /// `linear(rms_norm(x, w, eps), lin)`: a layer's input norm and its first projection, which a backend may do
+    /// in the projection's launch. The result must be what the two give apart.
+    fn rms_norm_linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Vector,
+        eps: f32,
+        lin: &Self::Weight,
+    ) -> Result<Self::Tensor> {
+        self.linear(&self.rms_norm(x, w, eps)?, lin)
+    }
     /// `x *= s`.
     fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
     /// The rows `idx` of `x`, in that order.
@@ -545,6 +556,20 @@ pub trait Backend: Send + Sync {
         let h = self.silu_mul(&self.linear(x, &shared.gate)?, &self.linear(x, &shared.up)?)?;
         self.add_assign(&mut y, &self.linear(&h, &shared.down)?)?;
         Ok(y)
+    }
+    /// [`Backend::experts_with_shared`] for a residual stream `h`: `Some(y)` for the caller to add (what the
+    /// default returns), or `None` where the backend added it into `h` itself, as `add_assign` would (its last
+    /// launch's blocks, each on its own columns).
+    fn experts_with_shared_into(
+        &self,
+        h: &mut Self::Tensor,
+        x: &Self::Tensor,
+        experts: &Self::Experts,
+        shared: &ExpertWeights<Self>,
+        routes: &Self::Routes,
+    ) -> Result<Option<Self::Tensor>> {
+        let _ = h;
+        self.experts_with_shared(x, experts, shared, routes).map(Some)
     }
 
     /// One step of a stage's layers: `body` runs them over the residual stream `h` with their caches. A backend

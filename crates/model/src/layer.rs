@@ -3,7 +3,7 @@
 
 use crate::Result;
 use crate::backend::{Backend, Row};
-use crate::mla::Mla;
+use crate::mla::{Mla, MlaInput};
 use crate::moe::Ffn;
 use crate::weights::{Loader, SliceSpec};
 
@@ -30,7 +30,9 @@ impl<B: Backend> Layer<B> {
 
     /// `h`: the residual stream `[rows, hidden]`, updated in place; `pending`: the previous layer's output not yet
     /// added to it (added here, with the input norm). Returns this layer's FFN output, likewise not yet added: the
-    /// next layer (or the caller, after the last) adds it, so each residual add rides on the norm after it.
+    /// next layer (or the caller, after the last) adds it, so each residual add rides on the norm after it — or
+    /// `None` where the backend added it into `h` already (the next layer's input norm may then go into its first
+    /// projection: `MlaInput::Raw`).
     pub fn forward(
         &self,
         b: &B,
@@ -39,12 +41,17 @@ impl<B: Backend> Layer<B> {
         cache: &mut B::LayerCache,
         inv_freq: &[f32],
         rows: &[Row],
-    ) -> Result<B::Tensor> {
-        let x = match pending {
-            Some(p) => b.add_rms_norm(h, &p, &self.input_norm, self.eps)?,
-            None => b.rms_norm(h, &self.input_norm, self.eps)?,
+    ) -> Result<Option<B::Tensor>> {
+        let a = match pending {
+            Some(p) => {
+                let x = b.add_rms_norm(h, &p, &self.input_norm, self.eps)?;
+                self.attn.forward(b, &x, cache, inv_freq, rows)?
+            }
+            None => {
+                let input = MlaInput::Raw { h, norm: &self.input_norm, eps: self.eps };
+                self.attn.forward_input(b, input, cache, inv_freq, rows)?
+            }
         };
-        let a = self.attn.forward(b, &x, cache, inv_freq, rows)?;
         self.ffn.forward_after(b, h, &a, &self.post_norm, self.eps)
     }
 }

@@ -9,6 +9,13 @@ use crate::indexer::Indexer;
 use crate::weights::Loader;
 use crate::{Error, Result};
 
+/// What attention reads: the hidden state normed already, or the residual stream `h` with its input norm (`norm`,
+/// `eps`) still to apply.
+pub enum MlaInput<'a, B: Backend> {
+    Normed(&'a B::Tensor),
+    Raw { h: &'a B::Tensor, norm: &'a B::Vector, eps: f32 },
+}
+
 pub struct Mla<B: Backend> {
     /// The projections of the normed hidden state: `q_a_proj` (with q LoRA), `kv_a_proj_with_mqa` and the
     /// indexer's `wk` and `weights_proj`.
@@ -140,6 +147,20 @@ impl<B: Backend> Mla<B> {
         inv_freq: &[f32],
         rows: &[Row],
     ) -> Result<B::Tensor> {
+        self.forward_input(b, MlaInput::Normed(x), cache, inv_freq, rows)
+    }
+
+    /// [`Mla::forward`] of the hidden state normed (`MlaInput::Normed`) or of the residual stream and its input
+    /// norm (`MlaInput::Raw`): then the fused projection takes the norm ([`Backend::rms_norm_linear`]), and the
+    /// other paths norm it first.
+    pub fn forward_input(
+        &self,
+        b: &B,
+        input: MlaInput<'_, B>,
+        cache: &mut B::LayerCache,
+        inv_freq: &[f32],
+        rows: &[Row],
+    ) -> Result<B::Tensor> {
         let d = self.dims;
         let qk = d.qk_nope + d.qk_rope;
         // [rows, heads·qk] from q_a's normed output (q LoRA) or the hidden state, roped; with the indexer's query
@@ -156,12 +177,23 @@ impl<B: Backend> Mla<B> {
             && ix.selects(rows)
         {
             let prep = self.fused_prep(*q_a, *wk, *wp)?;
-            let proj = b.linear(x, w)?;
+            let proj = match input {
+                MlaInput::Normed(x) => b.linear(x, w)?,
+                MlaInput::Raw { h, norm, eps } => b.rms_norm_linear(h, norm, eps, w)?,
+            };
             let (w, index, index_dims) = (&self.q_b, ix.q_rope(), &ix.dims);
             let query = PrepQuery { proj: &proj, prep, w, q: q_spec, index, inv_freq, index_dims };
             let attn = b.mla_prep_attention_fused(cache, query, &self.kv_b, &d, rows)?;
             return b.linear(&attn, &self.o);
         }
+        let normed;
+        let x = match input {
+            MlaInput::Normed(x) => x,
+            MlaInput::Raw { h, norm, eps } => {
+                normed = b.rms_norm(h, norm, eps)?;
+                &normed
+            }
+        };
         let (MlaPrepped { q_a: qr, latent, k_pe, index_key, index_weights }, written) =
             self.prep(b, x, inv_freq, rows, cache)?;
         let (q, index_q) = match self.q_b_index {

@@ -96,7 +96,9 @@ impl<B: Backend> Ffn<B> {
     }
 
     /// `h += a`, its RMSNorm by `norm`, then the block: a layer's residual add and post-attention norm with the
-    /// FFN after them (an MoE block's router with the norm: [`Backend::add_rms_norm_route`]).
+    /// FFN after them (an MoE block's router with the norm: [`Backend::add_rms_norm_route`]). Returns the block's
+    /// output for the caller to add to `h`, or `None` where the backend added it already
+    /// ([`Backend::experts_with_shared_into`]).
     pub fn forward_after(
         &self,
         b: &B,
@@ -104,12 +106,15 @@ impl<B: Backend> Ffn<B> {
         a: &B::Tensor,
         norm: &B::Vector,
         eps: f32,
-    ) -> Result<B::Tensor> {
+    ) -> Result<Option<B::Tensor>> {
         match self {
-            Ffn::Dense(w) => mlp_forward(b, w, &b.add_rms_norm(h, a, norm, eps)?),
+            Ffn::Dense(w) => mlp_forward(b, w, &b.add_rms_norm(h, a, norm, eps)?).map(Some),
             Ffn::Moe(m) => {
                 let (x, routing) = b.add_rms_norm_route(h, a, norm, eps, &m.gate, &m.bias, &m.dims)?;
-                m.experts_of(b, &x, &routing)
+                match &m.shared {
+                    Some(s) => b.experts_with_shared_into(h, &x, &m.experts, s, &routing),
+                    None => b.experts(&x, &m.experts, &routing).map(Some),
+                }
             }
         }
     }

@@ -164,7 +164,7 @@ impl<B: Backend> Stage<B> {
         let mut body = |h: &mut B::Tensor, caches: &mut [B::LayerCache]| -> Result<()> {
             let mut pending = None;
             for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
-                pending = Some(layer.forward(b, h, pending.take(), cache, inv_freq, rows)?);
+                pending = layer.forward(b, h, pending.take(), cache, inv_freq, rows)?;
             }
             if let Some(f) = pending {
                 b.add_assign(h, &f)?;

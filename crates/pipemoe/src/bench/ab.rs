@@ -32,6 +32,9 @@ pub enum AbSwitch {
     EarlyIndex,
     /// q_a normed in the fused q_b + wq_b launches, the rest of mla_prep beside the indexer's branch.
     PrepQuery,
+    /// The MoE block's output added in the one-row down launch's combine, and the next layer's input norm in its
+    /// fused projection (an opt-in path: PIPEMOE_INPUT_NORM=1).
+    InputNorm,
 }
 
 impl AbSwitch {
@@ -47,6 +50,7 @@ impl AbSwitch {
             AbSwitch::QuarterK => Apart::QuarterK,
             AbSwitch::EarlyIndex => Apart::EarlyIndex,
             AbSwitch::PrepQuery => Apart::PrepQuery,
+            AbSwitch::InputNorm => Apart::InputNorm,
         }
     }
 
@@ -62,6 +66,7 @@ impl AbSwitch {
             AbSwitch::QuarterK => "quarter-k",
             AbSwitch::EarlyIndex => "early-index",
             AbSwitch::PrepQuery => "prep-query",
+            AbSwitch::InputNorm => "input-norm",
         }
     }
 }
