@@ -59,7 +59,7 @@ pub(crate) fn norm_linear(
     let mut y = b.output(rows, n)?;
     let mut h_out = add.map(|_| b.output(rows, k)).transpose()?;
     // SAFETY: each split writes its [rows, n] partial sums in full before the last block adds them.
-    let partial = unsafe { b.gpu.stream.alloc::<f32>(if s.splits > 1 { s.splits * rows * n } else { 1 }) }
+    let mut partial = unsafe { b.gpu.stream.alloc::<f32>(if s.splits > 1 { s.splits * rows * n } else { 1 }) }
         .map_err(md("alloc"))?;
     let f = b.gpu.function(&format!("gptq_mma_gemv_addnorm_w{}_b8{}_bf16", g.bits, crate::mma::variant(g)));
     let f = f.map_err(m)?;
@@ -79,7 +79,7 @@ pub(crate) fn norm_linear(
     };
     l.arg(&g.qweight);
     l.arg_or_null(g.zeros.as_ref());
-    l.arg(&g.scales).arg(&partial).arg(&mut y.data).arg(&b.gpu.counters);
+    l.arg(&g.scales).arg(&mut partial).arg(&mut y.data).arg(&b.gpu.counters);
     for d in &dims {
         l.arg(d);
     }
