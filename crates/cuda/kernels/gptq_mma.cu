@@ -78,6 +78,7 @@ struct AddNormStore : SumStore<8, YT> {
 
     __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
         static_assert(MMA_WARPS == 4, "128 threads play rms_norm_row's 512");
+        static_assert(NORM_PIECES == 2, "rms_norm_row's pieces: u and u + 512");
         __shared__ float scratch[32];
         const int t = threadIdx.x, lane = t & 31, warp = t / 32;
         for (int r = 0; r < nrows; r++) {

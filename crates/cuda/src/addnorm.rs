@@ -36,6 +36,7 @@ pub(crate) fn norm_linear(
     let bf16 = ActDtype::Bf16;
     let fits = g.packing == Packing::Mma
         && g.perm.is_none()
+        && b.act == bf16
         && h.data.dtype() == bf16
         && (1..=8).contains(&rows)
         && h.cols == k

@@ -277,7 +277,6 @@ impl CudaBackend {
         let rows = x.rows;
         let span = |what: &'static str| self.gpu.span(move || format!("grouped experts: {what} x{rows}"));
         let p = span("plan");
-        let mut out = self.output(x.rows, x.cols)?;
         // The layout comes from the routing on the device: the grid has as many tiles as the plan can make
         // (`max_tiles`; never more than the pairs, the tiles buffer's room), and blocks past the real count return
         // at once. A shared expert is one more slot.
@@ -437,9 +436,12 @@ impl CudaBackend {
             (true, false) => FUSE_COMBINE,
             _ => FUSE_NONE,
         };
-        let y = match into {
-            Some(h) => &mut h.data,
-            None => &mut out.data,
+        // The output's buffer only where it is not added (the combine writes every value of it, or the reduction).
+        let mut out = if added { None } else { Some(self.output(x.rows, x.cols)?) };
+        let y = match (into, &mut out) {
+            (Some(h), _) => &mut h.data,
+            (None, Some(o)) => &mut o.data,
+            (None, None) => return Err(shape("experts", "no output buffer".into())),
         };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
@@ -456,7 +458,7 @@ impl CudaBackend {
         // rows·hidden values, pair_of rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         drop(p);
-        if !fuse_combine {
+        if let (false, Some(out)) = (fuse_combine, &mut out) {
             let _p = span("combine");
             let sp = splits as i32;
             let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
@@ -466,7 +468,7 @@ impl CudaBackend {
             // entries and weights rows·top_k.
             unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         }
-        Ok(if added { None } else { Some(out) })
+        Ok(out)
     }
 
     /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add

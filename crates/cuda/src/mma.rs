@@ -346,10 +346,10 @@ pub(crate) fn plain_shape(w: &GpuGptq, gpu: &Gpu, batch: usize) -> (usize, Shape
     }
 }
 
-/// `plain`, [`plain_shape`]'s shape of a one-split launch, for the same launch with its x after the ring (`XPRE`,
-/// the normed query launch): its slots without x rows, and `x_bytes` of x taken out of the same shared budget, so
-/// that as many blocks fit an SM. `None` where even a ring of 2 no longer fits the budget with the x (more rows or a
-/// longer K: that launch would hold fewer blocks an SM).
+/// `plain`, [`plain_shape`]'s shape of a launch, for the same launch with its x after the ring (`XPRE`: the normed
+/// query launch, the input norm's GEMV): its slots without x rows, and `x_bytes` of x taken out of the same shared
+/// budget, so that as many blocks fit an SM. `None` where even a ring of 2 no longer fits the budget with the x
+/// (more rows or a longer K: that launch would hold fewer blocks an SM).
 pub(crate) fn staged_x_shape(w: &GpuGptq, plain: Shape, batch: usize, x_bytes: usize) -> Option<Shape> {
     let slot = slot_bytes(w.bits, batch, false) - batch * XS * 2;
     let t = tuning();

@@ -242,6 +242,9 @@ fn the_input_norm_in_the_projection_matches_the_two_launches() {
         (7168, 2304, 3, false, false),
         (7168, 576, 2, false, true),
         (1024, 320, 4, false, false),
+        // One split (the launch stores y itself), and a split of K shorter than the others.
+        (256, 384, 3, false, true),
+        (1280, 320, 3, false, false),
         (7168, 2304, 3, true, false),
     ];
     for (k, n, b, act_order, sym) in cases {

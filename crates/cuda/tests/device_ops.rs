@@ -12,13 +12,15 @@
 
 mod common;
 
+use common::experts::*;
 use common::*;
 use half::bf16;
-use pipemoe_cuda::experts::GpuRoutes;
+use pipemoe_cuda::backend::GpuTensor;
+use pipemoe_cuda::experts::{GpuExperts, GpuRoutes};
 use pipemoe_cuda::gpu::Apart;
 use pipemoe_cuda::{ActDtype, CudaBackend};
 use pipemoe_model::backend::{
-    Backend, ExpertWeights, HostLinear, INDEXER_NORM_EPS, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Routing, Row,
+    Backend, ExpertWeights, HostLinear, INDEXER_NORM_EPS, MlaPrep, MlaPrepped, RopeSpec, RouterDims, Row,
 };
 use pipemoe_model::cpu::CpuBackend;
 
@@ -405,59 +407,6 @@ fn the_router_matches_the_cpu() {
     }
 }
 
-/// `count` random SwiGLU experts (hidden → inter → hidden) as host linears; every third (1, 4, ...) symmetric,
-/// so a grouped launch's blocks meet experts with and without zeros to read (`GpuGptq::symmetric`).
-fn host_experts(rng: &mut Rng, count: usize, hidden: usize, inter: usize, bits: u32) -> Vec<[HostLinear; 3]> {
-    host_experts_ordered(rng, count, (hidden, inter, bits), |_| false, |i| i % 3 == 1)
-}
-
-/// The same, expert i's matrices with an act-order g_idx where `act_order(i)` and symmetric where `symmetric(i)`
-/// (every expert of a launch symmetric and none reordered: the `_sym` kernels).
-fn host_experts_ordered(
-    rng: &mut Rng,
-    count: usize,
-    (hidden, inter, bits): (usize, usize, u32),
-    act_order: impl Fn(usize) -> bool,
-    symmetric: impl Fn(usize) -> bool,
-) -> Vec<[HostLinear; 3]> {
-    (0..count)
-        .map(|i| {
-            let shape = |k, n| (k, n, bits, 128, act_order(i));
-            let mut m = |k, n| HostLinear::Gptq(weight_with_zeros(rng, shape(k, n), symmetric(i)));
-            [m(hidden, inter), m(hidden, inter), m(inter, hidden)]
-        })
-        .collect()
-}
-
-fn load<B: Backend>(b: &B, hs: &[[HostLinear; 3]], held: impl Fn(usize) -> bool) -> B::Experts {
-    let ws = hs.iter().enumerate().map(|(i, h)| held(i).then(|| load_one(b, h))).collect();
-    b.load_experts(ws).unwrap()
-}
-
-fn load_one<B: Backend>(b: &B, [g, u, d]: &[HostLinear; 3]) -> ExpertWeights<B> {
-    ExpertWeights {
-        gate: b.load_linear(g.clone()).unwrap(),
-        up: b.load_linear(u.clone()).unwrap(),
-        down: b.load_linear(d.clone()).unwrap(),
-    }
-}
-
-fn random_routing(rng: &mut Rng, rows: usize, n_experts: usize, top_k: usize) -> Routing {
-    let mut experts = Vec::new();
-    for _ in 0..rows {
-        let mut chosen: Vec<u32> = Vec::new();
-        while chosen.len() < top_k {
-            let e = rng.below(n_experts as u64) as u32;
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        experts.extend(chosen);
-    }
-    let weights = (0..rows * top_k).map(|_| rng.uniform() + 0.1).collect();
-    Routing { top_k, experts, weights }
-}
-
 #[test]
 fn grouped_experts_match_the_cpu() {
     if no_gpu() {
@@ -518,8 +467,13 @@ fn grouped_experts_match_the_cpu() {
                 for (rows, r, x, want) in &cases {
                     let xg = up(&gpu, *rows, hidden, x);
                     let routes = GpuRoutes::from_host(&gpu, r, count).unwrap();
-                    // Over 8 rows: the `_xs` kernels (sums of x by the plan and SiLU), then the loops' own sums.
-                    let aparts: &[&[Apart]] = if *rows > 8 { &[&[], &[Apart::LoopSums]] } else { &[&[]] };
+                    // Over 8 rows: the `_xs` kernels (sums of x by the plan and SiLU), then the loops' own sums; one
+                    // row: also with the plan and with the down launch's warps over quarters of K.
+                    let aparts: &[&[Apart]] = match rows {
+                        9.. => &[&[], &[Apart::LoopSums]],
+                        1 => &[&[], &[Apart::Plan], &[Apart::QuarterK]],
+                        _ => &[&[]],
+                    };
                     for &apart in aparts {
                         gpu.gpu.set_apart(apart);
                         let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
@@ -527,9 +481,17 @@ fn grouped_experts_match_the_cpu() {
                             format!("{shape} act_order {ordered} sym {all_sym} rows {rows} half {half} {apart:?}");
                         check(&what, act, &got, &want[0], 1e-4);
                         for (i, s_gpu) in sg.iter().enumerate() {
-                            let got =
-                                gpu.download(&gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap()).unwrap();
-                            check(&format!("{what} + shared expert {i}"), act, &got, &want[i + 1], 1e-4);
+                            let y = gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap();
+                            check(
+                                &format!("{what} + shared expert {i}"),
+                                act,
+                                &gpu.download(&y).unwrap(),
+                                &want[i + 1],
+                                1e-4,
+                            );
+                            if *rows == 1 {
+                                added_in_the_combine(&gpu, &mut rng, (&xg, &eg, s_gpu, &routes), &y, &what, i == 0);
+                            }
                         }
                     }
                     gpu.gpu.set_apart(&[]);
@@ -537,6 +499,40 @@ fn grouped_experts_match_the_cpu() {
             }
         }
     }
+}
+
+/// One row's MoE output added into a residual by the grouped down launch's combine (`Gpu::input_norm`,
+/// `FUSE_COMBINE_ADD`): the bits `add_assign` of the output `y` leaves, or the output itself where the backend does
+/// not add it. Taken at DeepSeek's hidden size with the shared expert in the routed experts' format on bf16.
+fn added_in_the_combine(
+    gpu: &CudaBackend,
+    rng: &mut Rng,
+    (x, experts, shared, routes): (&GpuTensor, &GpuExperts, &ExpertWeights<CudaBackend>, &GpuRoutes),
+    y: &GpuTensor,
+    what: &str,
+    same_format: bool,
+) {
+    let bits = |t: &GpuTensor| -> Vec<u32> { gpu.download(t).unwrap().iter().map(|v| v.to_bits()).collect() };
+    let h0 = values(rng, x.cols, 2.0);
+    let mut want = up(gpu, 1, x.cols, &h0);
+    gpu.add_assign(&mut want, y).unwrap();
+    let mut h = up(gpu, 1, x.cols, &h0);
+    gpu.gpu.set_input_norm(true);
+    let rest = gpu.experts_with_shared_into(&mut h, x, experts, shared, routes).unwrap();
+    gpu.gpu.set_input_norm(false);
+    let added = match rest {
+        None => {
+            assert_eq!(bits(&h), bits(&want), "{what}: the residual with the output added in the combine");
+            true
+        }
+        Some(y2) => {
+            assert_eq!(bits(&y2), bits(y), "{what}: the output, not added");
+            assert_eq!(bits(&h), bits(&up(gpu, 1, x.cols, &h0)), "{what}: the residual, left alone");
+            false
+        }
+    };
+    let real = x.cols == 7168 && same_format && x.data.dtype() == ActDtype::Bf16;
+    assert!(added || !real, "{what}: not added in the combine");
 }
 
 /// `./device_ops --ignored bench_experts --nocapture` on the GPU machine: one MoE layer's routed experts at the

@@ -301,22 +301,32 @@ fn apart_switches_leave_the_bits_alone() {
     let gpu = CudaBackend::new(0).expect("gpu").with_act_dtype(ActDtype::Bf16);
     let dir = models().join("tiny-dsv32-w3a16");
     let cfg = ModelConfig::from_dir(&dir).expect("config");
-    let run = |apart: &[Apart]| -> Vec<Vec<f32>> {
+    // The decode steps' outputs, and the ops the last step ran (profiled: as launches, which give a recorded
+    // step's bits, golden_gpu's graph test).
+    let run_ops = |apart: &[Apart]| -> (Vec<Vec<f32>>, Vec<String>) {
         gpu.gpu.set_apart(apart);
         let mut st = Stage::open(gpu.clone(), &dir, SliceSpec::full(&cfg)).expect("loads");
         let ids: Vec<u32> = (0..40).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
         let rows: Vec<Row> = (0..40).map(|pos| Row { seq: 0, pos }).collect();
         st.forward(&rows, StageInput::Tokens(&ids)).expect("prefill");
+        let mut ops = Vec::new();
         let out = (40..52)
             .map(|pos| {
                 let id = [(pos * 11 % cfg.vocab_size) as u32];
+                if pos == 51 {
+                    gpu.gpu.profile_start();
+                }
                 let h = st.forward(&[Row { seq: 0, pos }], StageInput::Tokens(&id)).expect("decode");
+                if pos == 51 {
+                    ops = gpu.gpu.profile_take().expect("profile").ops.into_iter().map(|o| o.name).collect();
+                }
                 st.backend().download(&h).expect("download")
             })
             .collect();
         gpu.gpu.set_apart(&[]);
-        out
+        (out, ops)
     };
+    let run = |apart: &[Apart]| run_ops(apart).0;
     let switches = [
         Apart::Branches,
         Apart::PrepWrite,
@@ -338,8 +348,14 @@ fn apart_switches_leave_the_bits_alone() {
     }
     // The opt-in path (`Gpu::input_norm`): the MoE block's output added in the down launch's combine, the next
     // layer's input norm in its fused projection; and with `Apart::InputNorm` the usual path again.
+    // The norm in the projection is taken only where the layer before added its MoE output in the combine, so its
+    // op in the profile shows both ran.
     gpu.gpu.set_input_norm(true);
-    check("input_norm opted in", &run(&[]));
-    check("input_norm opted in, Apart::InputNorm", &run(&[Apart::InputNorm]));
+    let (opted, ops) = run_ops(&[]);
+    check("input_norm opted in", &opted);
+    assert!(ops.iter().any(|o| o.starts_with("linear gemv+rms_norm")), "input_norm opted in: not taken: {ops:?}");
+    let (apart, ops) = run_ops(&[Apart::InputNorm]);
+    check("input_norm opted in, Apart::InputNorm", &apart);
+    assert!(!ops.iter().any(|o| o.starts_with("linear gemv+rms_norm")), "Apart::InputNorm: taken: {ops:?}");
     gpu.gpu.set_input_norm(false);
 }

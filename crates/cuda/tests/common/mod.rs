@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cache;
+pub mod experts;
 
 use half::f16;
 use pipemoe_quant::{Bits, Dtype, GptqLayout, GptqParts, GptqWeight, GroupSize, RawTensor, ZeroConvention, pack};
