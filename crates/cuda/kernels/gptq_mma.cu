@@ -116,13 +116,7 @@ struct AddNormStore : SumStore<8, YT> {
                     if (lane == 0) scratch[warp + 4 * (q0 + q)] = w;
                 }
             }
-            __syncthreads();
-            if (t < 32) {
-                const float u = warp_sum(lane < 16 ? scratch[lane] : 0.f);
-                if (lane == 0) scratch[16] = u;
-            }
-            __syncthreads();
-            const float inv = rsqrtf(scratch[16] / K + eps);
+            const float inv = played_inv_rms(scratch, K, eps);
             // The split's pieces again (from L1), normed into the ring's x layout [chunk][row][MMA_XS].
             for (int p = t; p < in_split * (MMA_CHUNK / 8); p += blockDim.x) {
                 const int c = split0 * MMA_CHUNK + p * 8;

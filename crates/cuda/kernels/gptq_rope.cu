@@ -92,13 +92,7 @@ struct RopeStore {
                 if (lane == 0) scratch[warp + 4 * k] = w;
             }
             if (t < 8) scratch[8 + t] = 0.f;  // the 512's warps 8-15: no pieces
-            __syncthreads();
-            if (t < 32) {
-                const float u = warp_sum(lane < 16 ? scratch[lane] : 0.f);
-                if (lane == 0) scratch[16] = u;
-            }
-            __syncthreads();
-            const float inv = rsqrtf(scratch[16] / K + eps);
+            const float inv = played_inv_rms(scratch, K, eps);
 #pragma unroll
             for (int k = 0; k < 2; k++) {
                 if ((t + k * 128) * 8 < K) {

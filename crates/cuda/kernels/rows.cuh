@@ -32,6 +32,21 @@ __device__ __forceinline__ float rnd(const __nv_bfloat16*, float v) { return __b
 // add_norm_route (route.cu) repeats so that its sums are the norm's, bit for bit.
 #define NORM_PIECES 2
 
+// For a 128-thread block playing rms_norm_row's 512 (gptq_rope.cu's normed query, gptq_mma.cu's input norm), once
+// every played warp's sum of squares is in scratch[0, 16): their total as block_reduce adds them (the first warp's
+// butterflies over 16 lanes), and the row's 1 / rms as rms_norm_row takes it. Every thread calls it; scratch[16]
+// holds the total until the caller's next barrier.
+__device__ __forceinline__ float played_inv_rms(float* scratch, int cols, float eps) {
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x;
+        const float u = warp_sum(lane < 16 ? scratch[lane] : 0.f);
+        if (lane == 0) scratch[16] = u;
+    }
+    __syncthreads();
+    return rsqrtf(scratch[16] / cols + eps);
+}
+
 // y[r, o] = Σ_i x[r, i] · w[o, i] for a dense weight [out, in] in the activation dtype: a block of 8 warps per
 // output o and DENSE_ROWS rows (blockIdx.y), the warps splitting the row (a single warp per output leaves a decode
 // row's few hundred warps waiting on memory), so the weight row is read from memory once per DENSE_ROWS rows and
