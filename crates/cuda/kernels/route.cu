@@ -65,39 +65,50 @@ extern "C" __global__ void route_place_u32(const u32* experts, int n, const u32*
     }
 }
 
+// The fused routers' scratch [3 · n_experts]: the logits, then each expert's score, then its choice (score + bias),
+// each block its own expert's (route_score), which the last block reads (route_row_scored).
 // The router of one row in one launch: dense_gemv's logits (a block an expert), then the block that finishes
-// last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row, so
-// the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
+// last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row's
+// arithmetic, so the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
 template <typename T>
-__device__ void router_route(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,
+__device__ void router_route(const T* x, const T* w, float* scratch, int in, const float* bias, u32* experts,
                              float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
                              float scaling, int* counter) {
-    const float b = route_bias(bias, n_experts);
-    dense_gemv<T, float>(x, w, logits, 1, in, n_experts);
+    const int e = blockIdx.x;
+    const float b = bias[e];  // with the row's loads, not after them
+    dense_gemv<T, float>(x, w, scratch, 1, in, n_experts);
+    if (threadIdx.x == 0) {
+        // Thread 0 stored the block's logit (dense_store): its own store, read back.
+        const float2 sc = route_score(scratch[e], b);
+        scratch[n_experts + e] = sc.x;
+        scratch[2 * n_experts + e] = sc.y;
+    }
     if (!arrive_last(counter, gridDim.x)) return;
-    route_row(logits, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
+    route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group, topk_group,
+                     top_k, norm, scaling);
 }
 
 // The post-attention residual add and norm of one row with its router, in one launch (a block an expert, of
 // NORM_ROUTE_THREADS: rms_norm_row's width): every block adds and norms the whole row as rms_norm_row does (the
 // same sums, so the same bits), stores its share of the normed row (pieces of 8), and takes its expert's logit
-// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route). The last block to
-// arrive stores the new residual row (every block has read it by then) and routes the row as route_f32 does. So
+// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route), and its score and
+// choice (scratch as router_route's). The last block to arrive stores the new residual row (every block has read it
+// by then) and routes the row as route_f32 does. So
 // add_rms_norm then router_route, bit for bit, with one launch and one pass over the row fewer. cols % 8 == 0,
 // cols ≤ 8 · NORM_ROUTE_THREADS · NORM_PIECES (one batch of dense_gemv's rounds too), 16-byte aligned rows
 // (src/route.rs checks).
 #define NORM_ROUTE_THREADS 512
 template <typename T>
-__device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,
+__device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* scratch,
                                int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group,
                                int topk_group, int top_k, int norm, float scaling, int* counter) {
-    __shared__ float scratch[32];
+    __shared__ float red[32];
     __shared__ float part[8];
     __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
     const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
     constexpr int BATCH = DENSE_BATCH, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
-    // The expert's weights first, so that their loads overlap the row's, and the bias for the last block.
-    const float b = route_bias(bias, n_experts);
+    // The expert's weights first, so that their loads overlap the row's, and its bias.
+    const float b = bias[e];
     float wv[BATCH][8];
     if (t < 256) {
 #pragma unroll
@@ -127,7 +138,7 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
 #pragma unroll
         for (int i = 0; i < 8; i++) ss += v[j][i] * v[j][i];
     }
-    const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+    const float inv = rsqrtf(block_sum(ss, red) / cols + eps);
     const int share = (cols / 8 + gridDim.x - 1) / gridDim.x;  // pieces of y this block stores
 #pragma unroll
     for (int j = 0; j < NORM_PIECES; j++) {
@@ -158,7 +169,10 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     if (t == 0) {
         float l = 0.f;
         for (int k = 0; k < 8; k++) l += part[k];
-        logits[e] = l;
+        const float2 sc = route_score(l, b);
+        scratch[e] = l;
+        scratch[n_experts + e] = sc.x;
+        scratch[2 * n_experts + e] = sc.y;
     }
     if (!arrive_last(counter, gridDim.x)) return;
 #pragma unroll
@@ -166,22 +180,23 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
         const int c = (t + j * NORM_ROUTE_THREADS) * 8;
         if (c < cols) save8(x + c, v[j]);
     }
-    route_row(logits, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
+    route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group, topk_group,
+                     top_k, norm, scaling);
 }
 
 #define ROUTERS(T, S)                                                                                              \
     extern "C" __global__ void __launch_bounds__(ROUTE_MAX_EXPERTS)                                                \
-        router_route_##S(const T* x, const T* w, float* logits, int in, const float* bias, u32* experts,           \
+        router_route_##S(const T* x, const T* w, float* scratch, int in, const float* bias, u32* experts,          \
                          float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,          \
                          float scaling, int* counter) {                                                            \
-        router_route<T>(x, w, logits, in, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm,     \
+        router_route<T>(x, w, scratch, in, bias, experts, weights, n_experts, n_group, topk_group, top_k, norm,    \
                         scaling, counter);                                                                         \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(NORM_ROUTE_THREADS)                                              \
-        add_norm_route_##S(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* logits,       \
+        add_norm_route_##S(T* x, const T* add, const float* nw, float eps, T* y, const T* w, float* scratch,      \
                            int cols, const float* bias, u32* experts, float* weights, int n_experts, int n_group, \
                            int topk_group, int top_k, int norm, float scaling, int* counter) {                    \
-        add_norm_route<T>(x, add, nw, eps, y, w, logits, cols, bias, experts, weights, n_experts, n_group,         \
+        add_norm_route<T>(x, add, nw, eps, y, w, scratch, cols, bias, experts, weights, n_experts, n_group,        \
                           topk_group, top_k, norm, scaling, counter);                                              \
     }
 ROUTERS(float, f32)

@@ -10,9 +10,7 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
-// The thread's expert's router bias for route_row, 0 past the experts. The fused routers load it at their start,
-// in every block beside the row's loads: the last block read it only once it had arrived, after a layer's weights
-// had passed through L2, so a DRAM round trip in series (session 38's suspect for that block's tail).
+// The thread's expert's router bias for route_row, 0 past the experts (route_f32).
 __device__ __forceinline__ float route_bias(const float* bias, int n_experts) {
     return threadIdx.x < n_experts ? bias[threadIdx.x] : 0.f;
 }
@@ -27,30 +25,60 @@ struct RouteScratch {
     float chosen[ROUTE_MAX_EXPERTS];
 };
 
+// An expert's score from its router logit and its choice (the score plus its correction bias), as the host's
+// `route_logits` takes them.
+__device__ __forceinline__ float2 route_score(float logit, float bias) {
+    const float ex = (float)exp(-(double)logit);
+    const float sc = __fdiv_rn(1.f, 1.f + ex);
+    return make_float2(sc, sc + bias);
+}
+
+// The choice of one row (route_row, route_row_scored) once every expert's score and choice are in `s`: the first
+// warp alone (the block's other threads return).
+__device__ void route_pick(RouteScratch& s, u32* experts, float* weights, int n_experts, int n_group, int topk_group,
+                           int top_k, int norm_topk_prob, float scaling);
+
 // One row by one block of blockDim.x ≥ n_experts threads (a multiple of 32; every thread calls it, n_experts ≤
-// ROUTE_MAX_EXPERTS, top_k ≤ n_experts): logits [n_experts] (read past L1: the fused router's other blocks wrote
-// them) and the thread's expert's bias (bias[threadIdx.x], loaded by the caller: route_bias) → experts [top_k]
-// (best first), weights [top_k]. A thread an expert takes its score (one
-// round trip to memory for all), then the first warp alone chooses: lane L holds experts [L·p, L·p + p),
-// p = ⌈n_experts / 32⌉, in registers, so that a lower lane holds lower indices, and each slot is the lanes' best
-// remaining key (__reduce_max_sync), the lowest lane among equals and in that lane its lowest index: the host's
-// order (key descending, then index ascending). It replaced a rank of every expert against all the others through
+// ROUTE_MAX_EXPERTS, top_k ≤ n_experts): logits [n_experts] (read past L1) and the thread's expert's bias
+// (bias[threadIdx.x], loaded by the caller: route_bias) → experts [top_k] (best first), weights [top_k]. A thread an
+// expert takes its score (one round trip to memory for all), then the first warp alone chooses (route_pick): lane L
+// holds experts [L·p, L·p + p), p = ⌈n_experts / 32⌉, in registers, so that a lower lane holds lower indices, and
+// each slot is the lanes' best remaining key (__reduce_max_sync), the lowest lane among equals and in that lane its
+// lowest index: the host's order (key descending, then index ascending). It replaced a rank of every expert against all the others through
 // shared memory (128 loads a thread) behind five barriers. H200, 2 layers at 4K (docs/bench/2026-12-02n-*): the
 // decode row's add_norm_route 12.45 -> 12.08 us a call (within the noise), a 4,096-row prefill's route 107.5 ->
 // 106.3 us (apart). A warp alone taking the scores too, 4 a lane, was slower (14.0 us): its loads ran in turn.
 __device__ void route_row(const float* logits, float bias, u32* experts, float* weights, int n_experts, int n_group,
                           int topk_group, int top_k, int norm_topk_prob, float scaling) {
     __shared__ RouteScratch s;
-    constexpr int P = ROUTE_MAX_EXPERTS / 32;
     if (threadIdx.x < n_experts) {
-        const int e = threadIdx.x;
-        const float logit = __ldcg(logits + e);
-        const float ex = (float)exp(-(double)logit);
-        const float sc = __fdiv_rn(1.f, 1.f + ex);
-        s.score[e] = sc;
-        s.choice[e] = sc + bias;
+        const float2 sc = route_score(__ldcg(logits + threadIdx.x), bias);
+        s.score[threadIdx.x] = sc.x;
+        s.choice[threadIdx.x] = sc.y;
     }
     __syncthreads();
+    route_pick(s, experts, weights, n_experts, n_group, topk_group, top_k, norm_topk_prob, scaling);
+}
+
+// route_row from the experts' scores and choices as route_score gave them (score [n_experts], choice [n_experts],
+// read past L1: the fused routers' blocks each wrote their expert's), so that the exponential and the division run
+// in every block beside the others and not in the last block's tail (on a 3090, whose f64 rate is 1/64 of its
+// f32, the block's 128 exponentials come to an estimated ~1 µs there; not measured: docs/PERF.md session 39).
+__device__ void route_row_scored(const float* score, const float* choice, u32* experts, float* weights,
+                                 int n_experts, int n_group, int topk_group, int top_k, int norm_topk_prob,
+                                 float scaling) {
+    __shared__ RouteScratch s;
+    if (threadIdx.x < n_experts) {
+        s.score[threadIdx.x] = __ldcg(score + threadIdx.x);
+        s.choice[threadIdx.x] = __ldcg(choice + threadIdx.x);
+    }
+    __syncthreads();
+    route_pick(s, experts, weights, n_experts, n_group, topk_group, top_k, norm_topk_prob, scaling);
+}
+
+__device__ void route_pick(RouteScratch& s, u32* experts, float* weights, int n_experts, int n_group, int topk_group,
+                           int top_k, int norm_topk_prob, float scaling) {
+    constexpr int P = ROUTE_MAX_EXPERTS / 32;
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x, p = (n_experts + 31) / 32, e0 = lane * p;
     float choice[P];

@@ -129,8 +129,10 @@ pub(crate) fn route(
         ));
     }
     let (ri, ki, ni) = (x.rows as i32, x.cols as i32, dims.n_experts as i32);
-    // SAFETY: the router GEMV below writes all rows·n_experts logits.
-    let mut logits = unsafe { b.gpu.stream.alloc::<f32>((x.rows * dims.n_experts).max(1)) }.map_err(md("alloc"))?;
+    // SAFETY: the router GEMV below writes all rows·n_experts logits; at one row router_route's blocks also write
+    // each expert's score and choice after them (the fused routers' scratch, 3·n_experts: kernels/route.cu).
+    let len = (x.rows * dims.n_experts).max(3 * dims.n_experts).max(1);
+    let mut logits = unsafe { b.gpu.stream.alloc::<f32>(len) }.map_err(md("alloc"))?;
     if x.rows == 1 {
         // A decode row: the GEMV and the choice in one launch (router_route: its last block routes).
         check(dims.n_experts, 1, bias.len(), dims).map_err(m)?;
@@ -140,7 +142,7 @@ pub(crate) fn route(
         let mut l = b.gpu.stream.launch_builder(b.op("router_route", &x.data)?);
         l.arg(&x.data).arg(g).arg(&mut logits).arg(&ki).arg(bias).arg(&mut experts).arg(&mut weights);
         l.arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]).arg(&norm).arg(&dims.scaling).arg(&b.gpu.counters);
-        // SAFETY: matches router_route_*: x [1, in], the gate [n_experts, in], logits n_experts floats, the
+        // SAFETY: matches router_route_*: x [1, in], the gate [n_experts, in], the scratch 3·n_experts floats, the
         // routing [1, top_k] (shapes checked above, n_experts ≤ 256 = the block); the counter is 0 between
         // launches (its last block puts it back), and no other kernel runs beside it on this stream.
         unsafe { l.launch(dense_grid(dims.n_experts, 1)) }.map_err(md("router_route"))?;
@@ -194,8 +196,9 @@ pub(crate) fn add_norm_route(
     check(dims.n_experts, 1, bias.len(), dims).map_err(m)?;
     let _p = b.gpu.span(|| "add+rms_norm+route".into());
     let mut out = b.output(1, cols)?;
-    // SAFETY: add_norm_route writes all n_experts logits before its last block reads them.
-    let mut logits = unsafe { b.gpu.stream.alloc::<f32>(dims.n_experts) }.map_err(md("alloc"))?;
+    // SAFETY: add_norm_route's blocks write every expert's logit, score and choice (3·n_experts floats: its
+    // scratch, kernels/route.cu) before its last block reads them.
+    let mut logits = unsafe { b.gpu.stream.alloc::<f32>(3 * dims.n_experts) }.map_err(md("alloc"))?;
     let (mut experts, mut weights) = routing_buffers(&b.gpu, 1, dims.top_k).map_err(m)?;
     let d = [cols, dims.n_experts, dims.n_group, dims.topk_group, dims.top_k].map(|v| v as i32);
     let norm_topk = i32::from(dims.norm_topk_prob);
@@ -206,8 +209,9 @@ pub(crate) fn add_norm_route(
     let cfg = LaunchConfig { grid_dim: (dims.n_experts as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: matches add_norm_route_*: x, y and out [1, cols] of one dtype, whole allocations (16-byte aligned),
     // cols a multiple of 8 and at most NORM_ROUTE_COLS; the norm cols floats, the gate [n_experts, cols] in that
-    // dtype, logits n_experts floats, the routing [1, top_k] (n_experts ≤ 256 < the block: `check`); the counter
-    // is 0 between launches (the last block puts it back), and no other kernel runs beside it on this stream.
+    // dtype, the scratch 3·n_experts floats, the routing [1, top_k] (n_experts ≤ 256 < the block: `check`); the
+    // counter is 0 between launches (the last block puts it back), and no other kernel runs beside it on this
+    // stream.
     unsafe { l.launch(cfg) }.map_err(md("add_norm_route"))?;
     let (top_k, n_experts) = (dims.top_k, dims.n_experts);
     Ok(Some((out, DeviceRouting { rows: 1, top_k, n_experts, experts, weights })))
