@@ -65,8 +65,13 @@ extern "C" __global__ void route_place_u32(const u32* experts, int n, const u32*
     }
 }
 
-// The fused routers' scratch [3 · n_experts]: the logits, then each expert's score, then its choice (score + bias),
-// each block its own expert's (route_score), which the last block reads (route_row_scored).
+// The fused routers' scratch [3 · n_experts]: the logits, then (ROUTE_PRESCORE) each expert's score, then its
+// choice (score + bias), each block its own expert's (route_score), which the last block reads (route_row_scored)
+// instead of exponentiating every logit itself. EXPERIMENT, NOT yet run on a GPU (docs/PERF.md session 39): on with
+// PIPEMOE_NVRTC_DEFINES=-DROUTE_PRESCORE=1; device_ops' router tests check it bit for bit.
+#ifndef ROUTE_PRESCORE
+#define ROUTE_PRESCORE 0
+#endif
 // The router of one row in one launch: dense_gemv's logits (a block an expert), then the block that finishes
 // last (an arrival counter, back to 0 after) routes the row as route_f32 does — the same sums and route_row's
 // arithmetic, so the same experts and weights, bit for bit. grid (n_experts), block ROUTE_MAX_EXPERTS.
@@ -75,24 +80,28 @@ __device__ void router_route(const T* x, const T* w, float* scratch, int in, con
                              float* weights, int n_experts, int n_group, int topk_group, int top_k, int norm,
                              float scaling, int* counter) {
     const int e = blockIdx.x;
-    const float b = bias[e];  // with the row's loads, not after them
+    // With the row's loads, not after them: the block's expert's bias, or the thread's for route_row.
+    const float b = ROUTE_PRESCORE ? bias[e] : route_bias(bias, n_experts);
     dense_gemv<T, float>(x, w, scratch, 1, in, n_experts);
-    if (threadIdx.x == 0) {
+    if (ROUTE_PRESCORE && threadIdx.x == 0) {
         // Thread 0 stored the block's logit (dense_store): its own store, read back.
         const float2 sc = route_score(scratch[e], b);
         scratch[n_experts + e] = sc.x;
         scratch[2 * n_experts + e] = sc.y;
     }
     if (!arrive_last(counter, gridDim.x)) return;
-    route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group, topk_group,
-                     top_k, norm, scaling);
+    if (ROUTE_PRESCORE)
+        route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group,
+                         topk_group, top_k, norm, scaling);
+    else
+        route_row(scratch, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
 }
 
 // The post-attention residual add and norm of one row with its router, in one launch (a block an expert, of
 // NORM_ROUTE_THREADS: rms_norm_row's width): every block adds and norms the whole row as rms_norm_row does (the
 // same sums, so the same bits), stores its share of the normed row (pieces of 8), and takes its expert's logit
-// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route), and its score and
-// choice (scratch as router_route's). The last block to arrive stores the new residual row (every block has read it
+// from the normed row in dense_gemv's order at 256 threads (the same bits as router_route), with ROUTE_PRESCORE its
+// score and choice too (scratch as router_route's). The last block to arrive stores the new residual row (every block has read it
 // by then) and routes the row as route_f32 does. So
 // add_rms_norm then router_route, bit for bit, with one launch and one pass over the row fewer. cols % 8 == 0,
 // cols ≤ 8 · NORM_ROUTE_THREADS · NORM_PIECES (one batch of dense_gemv's rounds too), 16-byte aligned rows
@@ -107,8 +116,8 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     __shared__ __align__(16) T normed[8 * NORM_ROUTE_THREADS * NORM_PIECES];
     const int e = blockIdx.x, t = threadIdx.x, lane = t & 31, warp = t / 32;
     constexpr int BATCH = DENSE_BATCH, ROUND = 256 * 8;  // dense_gemv's batch of rounds, and a round at 256 threads
-    // The expert's weights first, so that their loads overlap the row's, and its bias.
-    const float b = bias[e];
+    // The expert's weights first, so that their loads overlap the row's, and the bias (router_route's).
+    const float b = ROUTE_PRESCORE ? bias[e] : route_bias(bias, n_experts);
     float wv[BATCH][8];
     if (t < 256) {
 #pragma unroll
@@ -169,10 +178,12 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
     if (t == 0) {
         float l = 0.f;
         for (int k = 0; k < 8; k++) l += part[k];
-        const float2 sc = route_score(l, b);
         scratch[e] = l;
-        scratch[n_experts + e] = sc.x;
-        scratch[2 * n_experts + e] = sc.y;
+        if (ROUTE_PRESCORE) {
+            const float2 sc = route_score(l, b);
+            scratch[n_experts + e] = sc.x;
+            scratch[2 * n_experts + e] = sc.y;
+        }
     }
     if (!arrive_last(counter, gridDim.x)) return;
 #pragma unroll
@@ -180,8 +191,11 @@ __device__ void add_norm_route(T* x, const T* add, const float* nw, float eps, T
         const int c = (t + j * NORM_ROUTE_THREADS) * 8;
         if (c < cols) save8(x + c, v[j]);
     }
-    route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group, topk_group,
-                     top_k, norm, scaling);
+    if (ROUTE_PRESCORE)
+        route_row_scored(scratch + n_experts, scratch + 2 * n_experts, experts, weights, n_experts, n_group,
+                         topk_group, top_k, norm, scaling);
+    else
+        route_row(scratch, b, experts, weights, n_experts, n_group, topk_group, top_k, norm, scaling);
 }
 
 #define ROUTERS(T, S)                                                                                              \

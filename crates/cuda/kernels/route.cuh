@@ -10,7 +10,9 @@
 
 #define ROUTE_MAX_EXPERTS 256
 
-// The thread's expert's router bias for route_row, 0 past the experts (route_f32).
+// The thread's expert's router bias for route_row, 0 past the experts. The fused routers load it at their start,
+// in every block beside the row's loads: the last block read it only once it had arrived, after a layer's weights
+// had passed through L2, so a DRAM round trip in series (session 38's suspect for that block's tail).
 __device__ __forceinline__ float route_bias(const float* bias, int n_experts) {
     return threadIdx.x < n_experts ? bias[threadIdx.x] : 0.f;
 }
