@@ -84,9 +84,8 @@ __device__ __forceinline__ u32 block_count_before(bool flag, u32* total, u32* sc
     return before;
 }
 
-// 8 consecutive activations (16-byte aligned) as f32: one 16-byte load for bf16, two for f32.
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
-    const uint4 u = *(const uint4*)p;
+// 8 bf16 values, loaded as 16 bytes, as f32.
+__device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* v) {
     const u32 w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -94,6 +93,8 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
         v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
     }
 }
+// 8 consecutive activations (16-byte aligned) as f32: one 16-byte load for bf16, two for f32.
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) { bf16x8_to_f32(*(const uint4*)p, v); }
 __device__ __forceinline__ void load8(const float* p, float* v) {
     const float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;

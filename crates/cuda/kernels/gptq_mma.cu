@@ -55,16 +55,6 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
 // and w + 12, with the same lanes), so the butterflies and the 16 warps' sum run in the same order. It then writes
 // only its split's chunks of the normed rows into shared memory, and the blocks of column block 0 store that range
 // of h_out (a buffer of its own: the other blocks still read h). K % 128 == 0, K ≤ 8,192, 16-byte aligned rows.
-// 8 bf16 values loaded as 16 bytes, as f32 (load8's widening).
-__device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* v) {
-    const u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = __uint_as_float(w[i] << 16);
-        v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-    }
-}
-
 template <typename YT>
 struct AddNormStore : SumStore<8, YT> {
     const __nv_bfloat16* h;    // [rows, K]: the residual before the add

@@ -437,11 +437,10 @@ impl CudaBackend {
             _ => FUSE_NONE,
         };
         // The output's buffer only where it is not added (the combine writes every value of it, or the reduction).
-        let mut out = if added { None } else { Some(self.output(x.rows, x.cols)?) };
-        let y = match (into, &mut out) {
-            (Some(h), _) => &mut h.data,
-            (None, Some(o)) => &mut o.data,
-            (None, None) => return Err(shape("experts", "no output buffer".into())),
+        let mut out = None;
+        let y = match into {
+            Some(h) => &mut h.data,
+            None => &mut out.insert(self.output(x.rows, x.cols)?).data,
         };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
