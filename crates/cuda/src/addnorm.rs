@@ -3,11 +3,11 @@
 //! squares as `rms_norm`'s 512 threads do, then stages its split's chunks of the normed rows in shared memory — bit
 //! for bit `rms_norm` (or `add_rms_norm`) then `linear`, with one launch and its gap fewer.
 //!
-//! The serving path (`Backend::rms_norm_linear`, a one-row step opted in by [`crate::gpu::Gpu::input_norm`]) norms
+//! The serving path (`Backend::rms_norm_linear`, a one-row step unless `Apart::InputNorm`: [`crate::gpu::Gpu::input_norm`]) norms
 //! the residual alone: the MoE block's down launch added its output into the residual in its combine already
 //! (`FUSE_COMBINE_ADD`, src/experts.rs), each column by its one owner. The add here (`h_out` a buffer of its own,
 //! since every block reads all of `h`) is for tests and callers outside a recorded step. Design: docs/PERF.md
-//! session 38's Next. NOT yet run on a GPU.
+//! session 38's Next; measured in session 40.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -99,7 +99,7 @@ pub(crate) fn norm_linear(
 
 impl CudaBackend {
     /// `linear(rms_norm(x), w)` in one launch where [`norm_linear`] applies (`None` elsewhere): what the serving
-    /// path's `rms_norm_linear` takes once opted in; for tests.
+    /// path's `rms_norm_linear` takes at one row; for tests.
     pub fn rms_norm_linear_fused(
         &self,
         x: &GpuTensor,

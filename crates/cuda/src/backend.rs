@@ -574,7 +574,7 @@ impl Backend for CudaBackend {
         shared: &ExpertWeights<Self>,
         routes: &GpuRoutes,
     ) -> MResult<Option<GpuTensor>> {
-        // One row opted in: the down launch's combine adds into the residual (addnorm.rs says why).
+        // One row: the down launch's combine adds into the residual (addnorm.rs says why).
         let into = (self.gpu.input_norm() && x.rows == 1).then_some(h);
         self.run_experts_into(into, x, experts, routes, Some(shared))
     }

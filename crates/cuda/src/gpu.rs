@@ -110,13 +110,9 @@ pub enum Apart {
     PrepQuery = 1024,
     /// The MoE block's output added to the residual by `add_rms_norm` in the next layer, not in the one-row down
     /// launch's combine, and the next layer's input norm a launch of its own, not in its fused projection's blocks
-    /// (`addnorm.rs`; an opt-in path: [`Gpu::input_norm`]).
+    /// (`addnorm.rs`, [`Gpu::input_norm`]).
     InputNorm = 2048,
 }
-
-/// Bits of `Gpu::apart` above the switches: paths a step takes only when opted in (kept by `set_apart`).
-const OPT_INPUT_NORM: u32 = 1 << 31;
-const OPT_IN: u32 = OPT_INPUT_NORM;
 
 /// The side stream and the events that fork it from the main stream and join it back.
 struct Side {
@@ -284,7 +280,7 @@ impl Gpu {
             counters,
             steps: Default::default(),
             side: Mutex::new(side),
-            apart: if crate::mma::knob("PIPEMOE_INPUT_NORM", 0, 0..=1) == 1 { OPT_INPUT_NORM } else { 0 }.into(),
+            apart: 0.into(),
             kvb_quant_rows: crate::kvb::default_quant_rows().into(),
         })
     }
@@ -379,25 +375,17 @@ impl Gpu {
         self.apart() & switch as u32 != 0
     }
 
-    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual); opt-ins stay as they are.
+    /// Turns exactly `switches` on (an empty list: every fusion and overlap as usual).
     pub fn set_apart(&self, switches: &[Apart]) {
         let bits = switches.iter().fold(0, |b, &s| b | s as u32);
-        let old = self.apart() & OPT_IN;
-        self.apart.store(old | bits, std::sync::atomic::Ordering::Relaxed);
+        self.apart.store(bits, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether a one-row step adds the MoE block's output into the residual in the down launch's combine, and norms
-    /// the next layer's input in its fused projection's blocks (`addnorm.rs`): opted in (`PIPEMOE_INPUT_NORM=1`, or
-    /// [`Gpu::set_input_norm`]) and not `Apart::InputNorm`. Off by default: NOT yet run on a GPU (docs/PERF.md
-    /// session 39).
+    /// the next layer's input in its fused projection's blocks (`addnorm.rs`): unless `Apart::InputNorm`
+    /// (docs/PERF.md session 40: −0.9 µs a layer on the H200).
     pub fn input_norm(&self) -> bool {
-        self.apart() & OPT_INPUT_NORM != 0 && !self.is_apart(Apart::InputNorm)
-    }
-
-    /// Opts in to (or out of) [`Gpu::input_norm`] (tests, A/Bs). Part of a recorded step's key, as the switches.
-    pub fn set_input_norm(&self, on: bool) {
-        let bits = self.apart() & !OPT_INPUT_NORM;
-        self.apart.store(bits | if on { OPT_INPUT_NORM } else { 0 }, std::sync::atomic::Ordering::Relaxed);
+        !self.is_apart(Apart::InputNorm)
     }
 
     /// Whether per-op profiling is on (a profiled step runs as launches, never as a recorded graph).

@@ -273,10 +273,8 @@ fn the_input_norm_in_the_projection_matches_the_two_launches() {
                 (None, None) => assert!(act_order || rows > 1, "{what}: not taken"),
                 _ => panic!("{what}: taken with the add or without it only"),
             }
-            // The backend's op: the fused launch at one row once opted in, the two launches else; the same bits.
-            gpu.gpu.set_input_norm(true);
+            // The backend's op: the fused launch at one row, the two launches else; the same bits.
             let op = gpu.rms_norm_linear(&ht, &norm, eps, &w).unwrap();
-            gpu.gpu.set_input_norm(false);
             assert_eq!(bits(&op), bits(&want), "{what}: the backend's op");
         }
     }

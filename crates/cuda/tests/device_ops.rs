@@ -517,9 +517,7 @@ fn added_in_the_combine(
     let mut want = up(gpu, 1, x.cols, &h0);
     gpu.add_assign(&mut want, y).unwrap();
     let mut h = up(gpu, 1, x.cols, &h0);
-    gpu.gpu.set_input_norm(true);
     let rest = gpu.experts_with_shared_into(&mut h, x, experts, shared, routes).unwrap();
-    gpu.gpu.set_input_norm(false);
     let added = match rest {
         None => {
             assert_eq!(bits(&h), bits(&want), "{what}: the residual with the output added in the combine");

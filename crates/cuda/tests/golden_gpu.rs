@@ -326,7 +326,6 @@ fn apart_switches_leave_the_bits_alone() {
         gpu.gpu.set_apart(&[]);
         (out, ops)
     };
-    let run = |apart: &[Apart]| run_ops(apart).0;
     let switches = [
         Apart::Branches,
         Apart::PrepWrite,
@@ -335,27 +334,20 @@ fn apart_switches_leave_the_bits_alone() {
         Apart::QRope,
         Apart::EarlyIndex,
         Apart::PrepQuery,
+        Apart::InputNorm,
     ];
-    let usual = run(&[]);
-    let check = |what: &str, got: &[Vec<f32>]| {
-        for (k, (a, b)) in usual.iter().zip(got).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same, "{what}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
-        }
-    };
+    // The input norm in the projection (`Gpu::input_norm`: the MoE block's output added in the down launch's
+    // combine, the next layer's input norm in its fused projection) is taken only where the layer before added its
+    // MoE output in the combine, so its op in the profile shows both ran; `Apart::InputNorm` takes two launches.
+    let fused_norm = |ops: &[String]| ops.iter().any(|o| o.starts_with("linear gemv+rms_norm"));
+    let (usual, ops) = run_ops(&[]);
+    assert!(fused_norm(&ops), "the input norm in the projection: not taken: {ops:?}");
     for apart in switches {
-        check(&format!("{apart:?}"), &run(&[apart]));
+        let (got, ops) = run_ops(&[apart]);
+        for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
+        }
+        assert_eq!(fused_norm(&ops), apart != Apart::InputNorm, "{apart:?}: the input norm's path: {ops:?}");
     }
-    // The opt-in path (`Gpu::input_norm`): the MoE block's output added in the down launch's combine, the next
-    // layer's input norm in its fused projection; and with `Apart::InputNorm` the usual path again.
-    // The norm in the projection is taken only where the layer before added its MoE output in the combine, so its
-    // op in the profile shows both ran.
-    gpu.gpu.set_input_norm(true);
-    let (opted, ops) = run_ops(&[]);
-    check("input_norm opted in", &opted);
-    assert!(ops.iter().any(|o| o.starts_with("linear gemv+rms_norm")), "input_norm opted in: not taken: {ops:?}");
-    let (apart, ops) = run_ops(&[Apart::InputNorm]);
-    check("input_norm opted in, Apart::InputNorm", &apart);
-    assert!(!ops.iter().any(|o| o.starts_with("linear gemv+rms_norm")), "Apart::InputNorm: taken: {ops:?}");
-    gpu.gpu.set_input_norm(false);
 }

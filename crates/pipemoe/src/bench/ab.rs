@@ -33,7 +33,7 @@ pub enum AbSwitch {
     /// q_a normed in the fused q_b + wq_b launches, the rest of mla_prep beside the indexer's branch.
     PrepQuery,
     /// The MoE block's output added in the one-row down launch's combine, and the next layer's input norm in its
-    /// fused projection (an opt-in path: PIPEMOE_INPUT_NORM=1).
+    /// fused projection.
     InputNorm,
 }
 

@@ -218,10 +218,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.trace.is_some() && !args.generate_only && !pipemoe_cuda::trace::enabled() {
         bail!("--trace needs the kernels built with their records: run with PIPEMOE_TRACE=1");
     }
-    // Its usual side is an opt-in path: without it both sides would run the same code.
-    if args.ab.contains(&ab::AbSwitch::InputNorm) && std::env::var("PIPEMOE_INPUT_NORM").as_deref() != Ok("1") {
-        bail!("--ab input-norm compares an opt-in path with the usual one: run with PIPEMOE_INPUT_NORM=1");
-    }
     let (dir, slice) = model_and_slice(args)?;
     let cfg = ModelConfig::from_dir(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
