@@ -3,8 +3,8 @@
 //! squares as `rms_norm`'s 512 threads do, then stages its split's chunks of the normed rows in shared memory — bit
 //! for bit `rms_norm` (or `add_rms_norm`) then `linear`, with one launch and its gap fewer.
 //!
-//! The serving path (`Backend::rms_norm_linear`, a one-row step unless `Apart::InputNorm`: [`crate::gpu::Gpu::input_norm`]) norms
-//! the residual alone: the MoE block's down launch added its output into the residual in its combine already
+//! The serving path (`Backend::rms_norm_linear` at one row, unless `Apart::InputNorm`:
+//! [`crate::gpu::Gpu::input_norm`]) norms the residual alone: the MoE block's down launch added its output into the residual in its combine already
 //! (`FUSE_COMBINE_ADD`, src/experts.rs), each column by its one owner. The add here (`h_out` a buffer of its own,
 //! since every block reads all of `h`) is for tests and callers outside a recorded step. Design: docs/PERF.md
 //! session 38's Next; measured in session 40.
