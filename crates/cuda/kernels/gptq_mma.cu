@@ -66,54 +66,72 @@ struct AddNormStore : SumStore<8, YT> {
 
     __device__ __forceinline__ void stage_x(unsigned char*, int) const {}
 
+    // The sum of squares of played threads q0..q0 + Q of row (hr, ar) into scratch: their 2·Q (with ADD 4·Q) loads
+    // in flight together. Each played thread's pieces in order, then its warp's butterfly: rms_norm_row's order.
+    template <int Q, bool ADD>
+    __device__ __forceinline__ void squares(const __nv_bfloat16* hr, const __nv_bfloat16* ar, int q0,
+                                            float* scratch) const {
+        const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+        uint4 hv[Q][2], av[Q][2];
+#pragma unroll
+        for (int q = 0; q < Q; q++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int c = (t + 128 * (q0 + q) + 512 * j) * 8;
+                hv[q][j] = av[q][j] = make_uint4(0u, 0u, 0u, 0u);
+                if (c < K) {
+                    hv[q][j] = *(const uint4*)(hr + c);
+                    if (ADD) av[q][j] = *(const uint4*)(ar + c);
+                }
+            }
+#pragma unroll
+        for (int q = 0; q < Q; q++) {
+            float ss = 0.f;
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                float v[8], a[8];
+                bf16x8_to_f32(hv[q][j], v);
+                if (ADD) bf16x8_to_f32(av[q][j], a);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    if (ADD) v[i] = rnd(h, v[i] + a[i]);
+                    ss += v[i] * v[i];
+                }
+            }
+            const float w = warp_sum(ss);
+            if (lane == 0) scratch[warp + 4 * (q0 + q)] = w;
+        }
+    }
+
     __device__ __forceinline__ void fill_x(unsigned char* xs, int nrows) const {
         static_assert(MMA_WARPS == 4, "128 threads play rms_norm_row's 512");
         static_assert(NORM_PIECES == 2, "rms_norm_row's pieces: u and u + 512");
         __shared__ float scratch[32];
-        const int t = threadIdx.x, lane = t & 31, warp = t / 32;
+        const int t = threadIdx.x;
+        // The norm's weight for the thread's first piece of the split, loaded before the rows' sums need a round
+        // trip each (with in_split ≤ 8, the thread's only piece).
+        const int pieces = in_split * (MMA_CHUNK / 8);
+        float g0[8];
+        if (t < pieces) load8(g + split0 * MMA_CHUNK + t * 8, g0);
         for (int r = 0; r < nrows; r++) {
             const __nv_bfloat16 *hr = h + (size_t)r * K, *ar = add != nullptr ? add + (size_t)r * K : nullptr;
-            // Two of the played threads at a time: their 8 loads in flight together.
-#pragma unroll
-            for (int q0 = 0; q0 < 4; q0 += 2) {
-                uint4 hv[2][2], av[2][2];
-#pragma unroll
-                for (int q = 0; q < 2; q++)
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        const int c = (t + 128 * (q0 + q) + 512 * j) * 8;
-                        hv[q][j] = av[q][j] = make_uint4(0u, 0u, 0u, 0u);
-                        if (c < K) {
-                            hv[q][j] = *(const uint4*)(hr + c);
-                            if (add != nullptr) av[q][j] = *(const uint4*)(ar + c);
-                        }
-                    }
-#pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    float ss = 0.f;
-#pragma unroll
-                    for (int j = 0; j < 2; j++) {
-                        float v[8], a[8];
-                        bf16x8_to_f32(hv[q][j], v);
-                        bf16x8_to_f32(av[q][j], a);
-#pragma unroll
-                        for (int i = 0; i < 8; i++) {
-                            if (add != nullptr) v[i] = rnd(h, v[i] + a[i]);
-                            ss += v[i] * v[i];
-                        }
-                    }
-                    const float w = warp_sum(ss);
-                    if (lane == 0) scratch[warp + 4 * (q0 + q)] = w;
-                }
+            // The four played threads' loads at once (two at a time with add: 16 loads would spill).
+            if (add == nullptr) {
+                squares<4, false>(hr, nullptr, 0, scratch);
+            } else {
+                squares<2, true>(hr, ar, 0, scratch);
+                squares<2, true>(hr, ar, 2, scratch);
             }
             const float inv = played_inv_rms(scratch, K, eps);
             // The split's pieces again (from L1), normed into the ring's x layout [chunk][row][MMA_XS].
-            for (int p = t; p < in_split * (MMA_CHUNK / 8); p += blockDim.x) {
+            for (int p = t; p < pieces; p += blockDim.x) {
                 const int c = split0 * MMA_CHUNK + p * 8;
                 float v[8], a[8], gw[8], o[8];
                 load8(hr + c, v);
                 if (add != nullptr) load8(ar + c, a);
-                load8(g + c, gw);
+#pragma unroll
+                for (int i = 0; i < 8; i++) gw[i] = g0[i];
+                if (p != t) load8(g + c, gw);
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
                     if (add != nullptr) v[i] = rnd(h, v[i] + a[i]);
