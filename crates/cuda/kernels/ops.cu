@@ -120,6 +120,18 @@ __device__ void rms_norm(T* x, const T* add, const float* w, T* y, int cols, flo
 template <typename T>
 __device__ void layer_norm_row(const T* x, const float* w, const float* b, T* y, int cols, float eps) {
     __shared__ float scratch[32];
+    if (cols <= (int)blockDim.x) {
+        // One value a thread (the indexer key's 128): the weights loaded beside x, not after the two sums. The
+        // same arithmetic as the loop below (0 + v is v).
+        const int i = threadIdx.x;
+        const bool in = i < cols;
+        const float xv = in ? ld(x, i) : 0.f, wv = in ? w[i] : 0.f, bv = in ? b[i] : 0.f;
+        const float mean = block_sum(xv, scratch) / cols;
+        const float d = in ? xv - mean : 0.f;
+        const float inv = rsqrtf(block_sum(d * d, scratch) / cols + eps);
+        if (in) st(y, i, (xv - mean) * inv * wv + bv);
+        return;
+    }
     float s = 0.f;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) s += ld(x, i);
     const float mean = block_sum(s, scratch) / cols;
@@ -318,11 +330,16 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
                          T* key_out, T* iw_out, CacheDst c) {
     const int r = blockIdx.x, total = q_a + lora + rope + idx + iw;
     const T* row = proj + (size_t)r * total;
+    // The row's position, cache slot and the thread's first pair's frequency first, beside the row's loads (each
+    // read where it is used was one more round trip after a reduction or a barrier).
+    const int at = pos[r], slot = c.slots != nullptr ? c.slots[r] : 0;
+    const float f0 = (int)threadIdx.x < half ? inv_freq[threadIdx.x] : 0.f;
+    const auto freq = [&](int p) { return p == (int)threadIdx.x ? f0 : inv_freq[p]; };
     // After a part's last store, every thread's values are visible to the block: the store reads them back.
     const auto cached = [&](const T* out, int n, int part, void* dst) {
         if (c.slots == nullptr || n == 0) return;
         __syncthreads();
-        cache_put_row(out, n, c.slots[r], part, dst, c.scales, c.dtype);
+        cache_put_row(out, n, slot, part, dst, c.scales, c.dtype);
     };
     switch (blockIdx.y) {
         case 0:  // none without q_out: a query launch norms q_a itself (src/prep.rs)
@@ -339,7 +356,7 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
             for (int i = threadIdx.x; i < rope; i += blockDim.x)
                 if (i >= 2 * half) dst[i] = src[i];  // columns past the rotated pairs, as split copies them
             for (int p = threadIdx.x; p < half; p += blockDim.x)
-                rope_pair(src + 2 * p, src + 2 * p + 1, dst + 2 * p, dst + 2 * p + 1, pos[r], inv_freq[p]);
+                rope_pair(src + 2 * p, src + 2 * p + 1, dst + 2 * p, dst + 2 * p + 1, at, freq(p));
             cached(dst, rope, 1, c.pe);
             return;
         }
@@ -354,7 +371,7 @@ __device__ void mla_prep(const T* proj, int q_a, int lora, int rope, int idx, in
             layer_norm_row(row + q_a + lora + rope, k_w, k_b, key, idx, INDEXER_NORM_EPS);
             __syncthreads();  // the row as stored, before its pairs are read across threads
             for (int p = threadIdx.x; p < half; p += blockDim.x)
-                rope_pair(key + p, key + p + half, key + p, key + p + half, pos[r], inv_freq[p]);
+                rope_pair(key + p, key + p + half, key + p, key + p + half, at, freq(p));
             cached(key, idx, 2, c.idx);
         }
     }
