@@ -115,7 +115,8 @@ struct AddNormStore : SumStore<8, YT> {
         if (t < pieces) load8(g + split0 * MMA_CHUNK + t * 8, g0);
         for (int r = 0; r < nrows; r++) {
             const __nv_bfloat16 *hr = h + (size_t)r * K, *ar = add != nullptr ? add + (size_t)r * K : nullptr;
-            // The four played threads' loads at once (two at a time with add: 16 loads would spill).
+            // The four played threads' 8 loads at once; with add, two threads' 8 at a time as before (16 registers
+            // of uint4 at once, not checked for spills).
             if (add == nullptr) {
                 squares<4, false>(hr, nullptr, 0, scratch);
             } else {
