@@ -1,5 +1,5 @@
 //! The V3.2 indexer's choice on the device (MODEL_SPEC §2.6): `I(t) = Σ_h w_h · relu(q_h·k_t)` over each row's
-//! causal keys, then a radix-select top-k per row (kernels/indexer.cu) that picks exactly the set of
+//! causal keys (kernels/indexer.cu), then a radix-select top-k per row (kernels/topk.cu) that picks exactly the set of
 //! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
 //! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
 
@@ -8,7 +8,7 @@ use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
 use crate::act::ActDtype;
 use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
-use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
+use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{BLOCK, GpuLayerCache, KvDtype, Pool, StepTables};
 use crate::gpu::Branch;
 
@@ -20,6 +20,10 @@ const MMA_WARPS: u32 = 4;
 const MMA_HEAD_TILES: usize = 4;
 /// Bound on the f32 scores of one launch (rows × widest row): 128 MiB.
 const SCORE_FLOATS: usize = 32 << 20;
+/// Keys of one top-k block (`TOPK_SEG`): a row of one tile, a segment of a long row, and the most candidates a
+/// long row's gather may leave; bins of a segment's histogram (`TOPK_BINS`).
+const TOPK_SEG: usize = 8192;
+const TOPK_BINS: usize = 2048;
 
 /// Per row of a step, the key positions attention uses, on the device: row `r` holds `counts[r]` ascending
 /// positions at `keys[r·stride..]`.
@@ -29,7 +33,7 @@ pub struct GpuSelection {
     stride: usize,
     /// What its launches read, kept while it lives: a selection made on a `Branch` may still be running when
     /// [`select`] returns, and the pool must not hand these buffers out again before the branch's join.
-    _inputs: Option<(Tables, Vec<CudaSlice<f32>>)>,
+    _inputs: Option<(Tables, Vec<Part>)>,
 }
 
 impl GpuSelection {
@@ -105,7 +109,55 @@ pub(crate) struct Prepared<'a> {
     stride: usize,
     /// The tables and the cache's pool (none for no rows).
     inputs: Option<(Tables, &'a Pool)>,
-    parts: Vec<(usize, usize, usize, CudaSlice<f32>)>,
+    parts: Vec<Part>,
+}
+
+/// Rows `r0..r0 + rows` of a step, whose scores `[rows, width]` fit one buffer, and their long-row scratch.
+pub(crate) struct Part {
+    r0: usize,
+    rows: usize,
+    width: usize,
+    scores: CudaSlice<f32>,
+    long: Option<Long>,
+}
+
+/// The multi-block top-k's buffers (kernels/topk.cu, `indexer_topk_hist_f32`): taken where a launch's rows may be
+/// longer than one block's TOPK_SEG keys and its segments make about a wave of blocks (decode at long context: one
+/// block a row would read each row four times on one SM while the others idle). Prefill's many rows keep one block
+/// a row, which already fills the device. `PIPEMOE_TOPK_LONG=0` keeps one block a row everywhere (the A/B's knob).
+pub(crate) struct Long {
+    segs: usize,
+    /// [rows, segs, TOPK_BINS] counts, [rows, TOPK_SEG] candidates and their positions, [rows] their count.
+    hist: CudaSlice<i32>,
+    cand: CudaSlice<f32>,
+    pos: CudaSlice<i32>,
+    count: CudaSlice<i32>,
+}
+
+impl Long {
+    /// The buffers for `rows` rows of `width`, if the launch takes the multi-block path.
+    fn new(b: &CudaBackend, rows: usize, width: usize) -> MResult<Option<Self>> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| crate::mma::knob("PIPEMOE_TOPK_LONG", 1, 0..=1) == 1);
+        let segs = width.div_ceil(TOPK_SEG);
+        // A block of 512 threads: 4 an SM at most.
+        if !on || width <= TOPK_SEG || rows * segs > 4 * b.gpu.sm_count as usize {
+            return Ok(None);
+        }
+        let s = &b.gpu.stream;
+        let m = || md("alloc top-k scratch");
+        // SAFETY: i32 and f32 have no invalid bit patterns; the kernels write every entry they read first (each
+        // histogram whole, each candidate before its count says it is there).
+        unsafe {
+            Ok(Some(Self {
+                segs,
+                hist: s.alloc::<i32>(rows * segs * TOPK_BINS).map_err(m())?,
+                cand: s.alloc::<f32>(rows * TOPK_SEG).map_err(m())?,
+                pos: s.alloc::<i32>(rows * TOPK_SEG).map_err(m())?,
+                count: s.alloc::<i32>(rows).map_err(m())?,
+            }))
+        }
+    }
 }
 
 /// [`indexer_select`]'s checks, allocations and tables, on the main stream.
@@ -157,9 +209,10 @@ pub(crate) fn prepare<'a>(
     let mut parts = Vec::new();
     let mut r0 = 0;
     while r0 < rows.len() {
-        let (n, width) = chunk(&widths[r0..]);
-        parts.push((r0, n, width, scratch(b, n * width)?));
-        r0 += n;
+        let (rows, width) = chunk(&widths[r0..]);
+        let long = Long::new(b, rows, width)?;
+        parts.push(Part { r0, rows, width, scores: scratch(b, rows * width)?, long });
+        r0 += rows;
     }
     Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: Some((tables, pool)), parts })
 }
@@ -170,8 +223,8 @@ impl Prepared<'_> {
         let Prepared { cache, q, w, d, mut keys, counts, stride, inputs, mut parts } = self;
         let Some((tables, pool)) = inputs else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
         let (meta, table_view) = tables.views();
-        for (r0, n, width, scores) in &mut parts {
-            let (r0, n, width) = (*r0, *n, *width);
+        for part in &mut parts {
+            let Part { r0, rows: n, width, ref mut scores, ref mut long } = *part;
             if width > d.topk {
                 let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
                 let launch =
@@ -179,10 +232,9 @@ impl Prepared<'_> {
                 if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
             }
             let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
-            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, &mut keys)?;
+            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, long.as_mut(), &mut keys)?;
         }
-        let scores = parts.into_iter().map(|p| p.3).collect();
-        Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, scores)) })
+        Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, parts)) })
     }
 }
 
@@ -287,14 +339,33 @@ struct TopK<'a> {
 }
 
 impl TopK<'_> {
-    /// Writes each row's positions into `keys [step rows, topk]`.
-    fn run(&self, b: &CudaBackend, s: &CudaStream, keys: &mut CudaSlice<i32>) -> MResult<()> {
+    /// Writes each row's positions into `keys [step rows, topk]`; with `long` ([`Long::new`] for these rows and
+    /// width) its rows of more than TOPK_SEG keys first go through the multi-block histogram and gather.
+    fn run(&self, b: &CudaBackend, s: &CudaStream, long: Option<&mut Long>, keys: &mut CudaSlice<i32>) -> MResult<()> {
         let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
+        let block = (TOPK_THREADS, 1, 1);
+        if let Some(long) = &long {
+            let grid = (long.segs as u32, self.rows as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
+            let mut l = s.launch_builder(b.f("indexer_topk_hist_f32")?);
+            l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&long.hist);
+            // SAFETY: matches indexer_topk_hist_f32: scores [rows, width], hist [rows, segs, TOPK_BINS] with segs
+            // segments of TOPK_SEG covering width.
+            unsafe { l.launch(cfg) }.map_err(md("indexer_topk_hist"))?;
+            let mut l = s.launch_builder(b.f("indexer_topk_gather_f32")?);
+            l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&long.hist);
+            l.arg(&long.cand).arg(&long.pos).arg(&long.count);
+            // SAFETY: matches indexer_topk_gather_f32: the same grid and histograms, cand and pos [rows, TOPK_SEG],
+            // count [rows].
+            unsafe { l.launch(cfg) }.map_err(md("indexer_topk_gather"))?;
+        }
         let mut l = s.launch_builder(b.f("indexer_topk_f32")?);
         l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(keys);
-        let cfg =
-            LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: (TOPK_THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row.
+        let long = long.as_deref();
+        l.arg_or_null(long.map(|x| &x.cand)).arg_or_null(long.map(|x| &x.pos)).arg_or_null(long.map(|x| &x.count));
+        let cfg = LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: block, shared_mem_bytes: 0 };
+        // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row; the candidates, if
+        // given, as the gather above left them.
         unsafe { l.launch(cfg) }.map_err(md("indexer_topk"))?;
         Ok(())
     }
@@ -309,6 +380,7 @@ struct HostScores {
     rows: usize,
     topk: usize,
     keys: CudaSlice<i32>,
+    long: Option<Long>,
 }
 
 impl HostScores {
@@ -326,7 +398,8 @@ impl HostScores {
         let dev = b.gpu.stream.clone_htod(&flat).map_err(md("upload scores"))?;
         let len = (scores.len() * topk.max(1)).max(1);
         let keys = b.gpu.stream.alloc_zeros::<i32>(len).map_err(md("alloc selection"))?;
-        Ok(Self { dev, width, meta, rows: scores.len(), topk, keys })
+        let long = Long::new(b, scores.len(), width)?;
+        Ok(Self { dev, width, meta, rows: scores.len(), topk, keys, long })
     }
 
     fn top_k(&mut self, b: &CudaBackend) -> MResult<()> {
@@ -335,7 +408,7 @@ impl HostScores {
         }
         let (width, rows, topk) = (self.width, self.rows, self.topk);
         let top = TopK { scores: &self.dev, width, meta: &self.meta.slice(..), row0: 0, rows, topk };
-        top.run(b, &b.gpu.stream, &mut self.keys)
+        top.run(b, &b.gpu.stream, self.long.as_mut(), &mut self.keys)
     }
 }
 

@@ -30,6 +30,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("gptq_mma.cu", include_str!("../kernels/gptq_mma.cu")),
     ("gptq_rope.cu", include_str!("../kernels/gptq_rope.cu")),
     ("indexer.cu", include_str!("../kernels/indexer.cu")),
+    ("topk.cu", include_str!("../kernels/topk.cu")),
     ("mla_absorb_mma.cu", include_str!("../kernels/mla_absorb_mma.cu")),
     ("mla_q.cu", include_str!("../kernels/mla_q.cu")),
     ("ops.cu", include_str!("../kernels/ops.cu")),

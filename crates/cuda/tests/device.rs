@@ -448,9 +448,10 @@ fn bench_launch_cost() {
     }
 }
 
-/// `... --ignored bench_topk`: the indexer's one-row top-k (top 2,048, one block) over rows of scores from several
-/// distributions, µs a launch of one row back to back from the host (the launch's own cost included, the same
-/// for every kernel variant: compare variants, as `PIPEMOE_NVRTC_DEFINES` builds them, within one distribution).
+/// `... --ignored bench_topk`: the indexer's one-row top-k (top 2,048, one block) over rows of 4K to 128K scores
+/// from several distributions, µs a launch of one row back to back from the host (the launch's own cost included,
+/// the same for every kernel variant: compare variants, as `PIPEMOE_NVRTC_DEFINES` builds them, within one
+/// distribution).
 /// "index-like" is Σ_h w_h·relu(q_h·k) over 64 heads of Gaussian terms, as the indexer's scores are made.
 #[test]
 #[ignore = "benchmark: run on the GPU machine"]
@@ -467,7 +468,7 @@ fn bench_topk() {
     let weights: Vec<f32> = (0..64).map(|_| gauss() / 8.0).collect();
     println!("{} — top 2048 of one row, us a launch", b.gpu.describe());
     println!("{:<16} {:>6} {:>8}", "scores", "keys", "us");
-    for n in [4130usize, 8192] {
+    for n in [4130usize, 8192, 32768, 131072] {
         let rows: Vec<(&str, Vec<f32>)> = vec![
             ("gaussian", (0..n).map(|_| gauss()).collect()),
             ("gaussian at 4", (0..n).map(|_| 4.0 + gauss()).collect()),

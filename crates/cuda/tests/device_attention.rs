@@ -384,9 +384,16 @@ fn device_top_k_picks_the_cpu_set() {
         (0..5000).map(|i| (i % 3) as f32).collect(),
         (0..4096).map(|i| 1.0 + (i * 7 % 13) as f32 * f32::EPSILON).collect(),
         (0..8193).map(|i| (i % 97) as f32 * 0.25).collect(),
+        // Rows past one tile, which take the multi-block histogram and gather (kernels/topk.cu): spread keys, a few
+        // distinct ones (ties in the chosen bin), and only -0.0 at the top.
         uniform(&mut rng, 20_000, 10.0),
         (0..65_536).map(|_| rng.below(100) as f32).collect(),
         (0..40_000).map(|_| -(rng.below(7) as f32)).collect(),
+        // The gather's edges: bins at and above the top 2,048's holding exactly those keys (copied as they are),
+        // and a row whose keys differ only in their last bits, so one bin holds more than a tile (the whole row
+        // goes to the one-block select).
+        (0..10_000).map(|i| if i < 2048 { 1000.0 + i as f32 } else { 1.0 }).collect(),
+        (0..30_000).map(|i| 3.0 + (i * 7 % 11) as f32 * 3.0 * f32::EPSILON).collect(),
         specials,
     ];
     for topk in [1, 7, 2048] {
