@@ -188,14 +188,14 @@ __device__ __forceinline__ void topk_one_tile(const float* sc, int n, int topk, 
 // the chosen bin holds exactly the keys still needed), then one ordered pass writes every key above the prefix
 // and the lowest-index keys equal to it; the row is read a tile at a time each pass. A row of up to 8,192 keys
 // takes topk_one_tile instead, and so does a longer row's list of candidates when indexer_topk_gather_f32 made one
-// (cand, cand_pos [n_rows][TOPK_SEG] and cand_n [n_rows] from it, or null). Rows with n ≤ topk take 0..n-1.
+// (cand, cand_pos [n_rows][TOPK_SEG] and info [n_rows][4] from it, or null). Rows with n ≤ topk take 0..n-1.
 // grid (n_rows), block TOPK_THREADS.
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(const float* scores,  // [n_rows, stride]
                                                                            int stride, const int* meta, int row0,
                                                                            int topk,
                                                                            int* sel,  // [rows, topk]
                                                                            const float* cand, const int* cand_pos,
-                                                                           const int* cand_n) {
+                                                                           const int* info) {
     // Two histograms: a pass counts into one while its threads clear the other for the next pass, so no barrier
     // stands between one pass's choice and the next pass's counting.
     __shared__ int hist[2][TOPK_BINS];
@@ -211,8 +211,8 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
         return;
     }
     const float* sc = scores + (size_t)lr * stride;
-    // A long row whose candidates indexer_topk_gather_f32 found: they hold its top-k (or are exactly it).
-    const int c = n > TOPK_SEG && cand_n ? cand_n[lr] : -1;
+    // A long row whose candidates indexer_topk_gather_f32 (or _gather2) found: they hold its top-k (or are exactly it).
+    const int c = n > TOPK_SEG && info ? (info[lr * 4] != -2 ? info[lr * 4] : info[lr * 4 + 3]) : -1;
     if (c >= 0) {
         const int* cp = cand_pos + (size_t)lr * TOPK_SEG;
         if (c <= topk) {
@@ -323,16 +323,22 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
 }
 
 // A long row in few blocks (src/indexer.rs `Long`: rows of more than TOPK_SEG keys in steps of few rows, i.e.
-// decode at long context, where one block a row would read the row four times alone on one SM). The row is cut in
-// segments of TOPK_SEG keys. Block (s, r) of indexer_topk_hist_f32 counts segment s's keys by their top 11 bits
-// (sign, exponent and two mantissa bits of the order key: TOPK_BINS bins in key order) into hist [rows][segs][bins].
-// Each block of indexer_topk_gather_f32 adds the segments' counts, finds the bin B that holds the row's topk-th
-// largest key and, if the keys in bins ≥ B number at most TOPK_SEG, writes its segment's such keys with their
-// positions to cand / cand_pos [rows][TOPK_SEG] at their place in index order. indexer_topk_f32 then takes the top-k
-// of those candidates: the row's own, as every key in a bin below B is below every key in bins ≥ B, and keys equal
-// to the k-th share its bin, in index order. Where more keys crowd the top bins (tie-heavy rows) cand_n is −1 and
-// indexer_topk_f32 reads the whole row as before. No state outlives a launch: each histogram is written whole.
-#define TOPK_TOP_SHIFT 21  // an order key's bin: its top 11 bits
+// decode at long context, where one block a row reads the row four times alone on one SM: ~175-230 µs at 128K keys
+// on the H200). The row is cut in segments of TOPK_SEG keys, a block each. indexer_topk_hist_f32 counts each
+// segment's keys by their top 11 bits (sign, exponent and two mantissa bits of the order key: TOPK_BINS bins in key
+// order) into hist [rows][segs][bins]. Each block of indexer_topk_gather_f32 adds the segments' counts and finds
+// the bin B holding the row's topk-th largest key. If the keys in bins ≥ B number at most TOPK_SEG, it writes its
+// segment's such keys with their positions to cand / cand_pos [rows][TOPK_SEG], at their place in index order;
+// otherwise (close keys: a row of scores around 100 ± 1 is one bin) it counts its keys of bin B by their next 11
+// bits into hist2, and indexer_topk_gather2_f32 does the same over those: the keys above B and those of B at or
+// above the second level's bin. indexer_topk_f32 then takes the top-k of the candidates, the row's own: every key
+// in a bin below the chosen one is below every key at or above it, and keys equal to the k-th share its bins, in
+// index order. Where even two levels leave too many (ties), it reads the whole row as before. info [rows][4]: the
+// first level's count of candidates (−2: to the second level), B, the keys above B, the second level's count (−1:
+// too many). Nothing outlives a step: each histogram is written whole, info by every long row's first blocks
+// (the second level's count in its own word: the other blocks of its launch read the first's).
+#define TOPK_TOP_SHIFT 21  // an order key's first-level bin: its top 11 bits
+#define TOPK_MID_SHIFT 10  // its second-level bin within that: the next 11
 
 // grid (segs, rows), block TOPK_THREADS; hist [rows][segs][TOPK_BINS].
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
@@ -359,7 +365,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
 }
 
 // Thread t's four bins from the top (TOPK_BINS − 1 − 4t − j), summed over segments [0, segs) of one row's
-// histograms; with `from` ≥ 0 only bins ≥ from. Every segment's loads are issued before they are added.
+// histograms, only bins ≥ from. Every segment's loads are issued before they are added.
 __device__ __forceinline__ void topk_bin_counts(const int* hr, int segs, int from, int (&c)[4]) {
     const int b0 = TOPK_BINS - 1 - 4 * (int)threadIdx.x;
 #pragma unroll
@@ -370,59 +376,129 @@ __device__ __forceinline__ void topk_bin_counts(const int* hr, int segs, int fro
         for (int j = 0; j < 4; j++) c[j] += b0 - j >= from ? hr[(size_t)g * TOPK_BINS + b0 - j] : 0;
 }
 
-// grid (segs, rows), block TOPK_THREADS: the candidates above, cand_n [rows] their count (−1: too many).
-extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    indexer_topk_gather_f32(const float* scores, int stride, const int* meta, int row0, int topk, const int* hist,
-                            float* cand, int* cand_pos, int* cand_n) {
-    static_assert(TOPK_BINS == 4 * TOPK_THREADS, "four bins a thread");
-    __shared__ int wsum[TOPK_WARPS];
-    __shared__ int pick[2];
-    const int lr = blockIdx.y, n = meta[(row0 + lr) * 4] + 1, s = blockIdx.x;
-    if (n <= TOPK_SEG || n <= topk) return;
-    const int live = (n + TOPK_SEG - 1) / TOPK_SEG;  // segments holding keys
-    // This segment's keys, thread t's TOPK_SLOTS consecutive ones (so one scan orders the candidates), loaded first:
-    // their round trip overlaps the counts'.
-    const int first = s * TOPK_SEG + threadIdx.x * TOPK_SLOTS;
-    const float* sc = scores + (size_t)lr * stride;
-    float v[TOPK_SLOTS];
-#pragma unroll
-    for (int j = 0; j < TOPK_SLOTS; j++) v[j] = first + j < n ? sc[first + j] : 0.f;
-    const int* hr = hist + (size_t)lr * gridDim.x * TOPK_BINS;
-    int c[4];
-    topk_bin_counts(hr, live, -1, c);
-    // The bin where the count from the top reaches topk (exactly one thread finds it: the row has > topk keys).
+// The bin where the row's counts c (thread t's four bins from the top, as topk_bin_counts gives them), added from
+// the top, reach `need` (the row has more keys: exactly one thread finds it), the keys above it and in it: pick[0],
+// [1], [2], read by all after the barrier. Uses wsum as block_scan_once does; the caller's barrier before its next
+// use.
+__device__ __forceinline__ void topk_pick(const int (&c)[4], int need, int* wsum, int* pick) {
     int total;
     int above = block_scan_once(c[0] + c[1] + c[2] + c[3], wsum, &total);
 #pragma unroll
     for (int j = 0; j < 4; j++) {
-        if (above < topk && above + c[j] >= topk) {
+        if (above < need && above + c[j] >= need) {
             pick[0] = TOPK_BINS - 1 - 4 * (int)threadIdx.x - j;
-            pick[1] = above + c[j];
+            pick[1] = above;
+            pick[2] = c[j];
         }
         above += c[j];
     }
     __syncthreads();
-    const int bin = pick[0], count = pick[1];
-    if (s == 0 && threadIdx.x == 0) cand_n[lr] = count <= TOPK_SEG ? count : -1;
-    if (count > TOPK_SEG || s >= live) return;  // the block's choice alike: uniform
-    // Where this segment's candidates go: after those of the segments before it.
-    topk_bin_counts(hr, s, bin, c);
-    int offset;
-    block_scan_once(c[0] + c[1] + c[2] + c[3], wsum, &offset);
-    int mine = 0;
-#pragma unroll
-    for (int j = 0; j < TOPK_SLOTS; j++) mine += first + j < n && total_order_key(v[j]) >> TOPK_TOP_SHIFT >= (u32)bin;
-    __syncthreads();  // every warp has read the offset's wsum
-    int seg_total;
-    int at = offset + block_scan_once(mine, wsum, &seg_total);
-    float* cr = cand + (size_t)lr * TOPK_SEG;
-    int* pr = cand_pos + (size_t)lr * TOPK_SEG;
+}
+
+// The segment's candidates (thread t's keys v of positions first.., `take` bit j for key j) to cand / cand_pos at
+// `offset` + their rank in index order. Barriers as topk_pick's.
+__device__ __forceinline__ void topk_write(const float (&v)[TOPK_SLOTS], unsigned take, int first, int offset,
+                                           int* wsum, float* cand, int* cand_pos) {
+    int all;
+    int at = offset + block_scan_once(__popc(take), wsum, &all);
 #pragma unroll
     for (int j = 0; j < TOPK_SLOTS; j++) {
-        if (first + j < n && total_order_key(v[j]) >> TOPK_TOP_SHIFT >= (u32)bin) {
-            cr[at] = v[j];
-            pr[at] = first + j;
+        if ((take >> j) & 1u) {
+            cand[at] = v[j];
+            cand_pos[at] = first + j;
             at++;
         }
     }
+}
+
+// Thread t's keys of segment s of a row of n, TOPK_SLOTS consecutive ones (so one scan orders the candidates).
+__device__ __forceinline__ int topk_seg_keys(const float* sc, int s, int n, float (&v)[TOPK_SLOTS]) {
+    const int first = s * TOPK_SEG + threadIdx.x * TOPK_SLOTS;
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) v[j] = first + j < n ? sc[first + j] : 0.f;
+    return first;
+}
+
+// grid (segs, rows), block TOPK_THREADS: the first level's candidates, or hist2 [rows][segs][TOPK_BINS].
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    indexer_topk_gather_f32(const float* scores, int stride, const int* meta, int row0, int topk, const int* hist,
+                            int* hist2, float* cand, int* cand_pos, int* info) {
+    static_assert(TOPK_BINS == 4 * TOPK_THREADS, "four bins a thread");
+    __shared__ int wsum[TOPK_WARPS];
+    __shared__ int pick[3];
+    __shared__ int h[TOPK_BINS];
+    const int lr = blockIdx.y, n = meta[(row0 + lr) * 4] + 1, s = blockIdx.x, segs = gridDim.x;
+    if (n <= TOPK_SEG || n <= topk) return;
+    const int live = (n + TOPK_SEG - 1) / TOPK_SEG;  // segments holding keys
+    float v[TOPK_SLOTS];  // loaded first: their round trip overlaps the counts'
+    const int first = topk_seg_keys(scores + (size_t)lr * stride, s, n, v);
+    const int* hr = hist + (size_t)lr * segs * TOPK_BINS;
+    int c[4];
+    topk_bin_counts(hr, live, 0, c);
+    topk_pick(c, topk, wsum, pick);
+    const int bin = pick[0], above = pick[1];
+    const bool first_level = above + pick[2] <= TOPK_SEG;
+    if (s == 0 && threadIdx.x == 0) {
+        info[lr * 4] = first_level ? above + pick[2] : -2;
+        info[lr * 4 + 1] = bin;
+        info[lr * 4 + 2] = above;
+    }
+    if (s >= live) return;  // uniform in the block
+    unsigned take = 0;
+    if (first_level) {
+        // After the keys in bins ≥ B of the segments before this one.
+        topk_bin_counts(hr, s, bin, c);
+        int offset;
+        block_scan_once(c[0] + c[1] + c[2] + c[3], wsum, &offset);
+#pragma unroll
+        for (int j = 0; j < TOPK_SLOTS; j++)
+            take |= (u32)(first + j < n && total_order_key(v[j]) >> TOPK_TOP_SHIFT >= (u32)bin) << j;
+        __syncthreads();  // every warp has read the offset's wsum
+        topk_write(v, take, first, offset, wsum, cand + (size_t)lr * TOPK_SEG, cand_pos + (size_t)lr * TOPK_SEG);
+        return;
+    }
+    for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) h[i] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) {
+        const u32 k = total_order_key(v[j]);
+        if (first + j < n && k >> TOPK_TOP_SHIFT == (u32)bin) atomicAdd(&h[(k >> TOPK_MID_SHIFT) & (TOPK_BINS - 1)], 1);
+    }
+    __syncthreads();
+    int* out = hist2 + ((size_t)lr * segs + s) * TOPK_BINS;
+    for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) out[i] = h[i];
+}
+
+// grid (segs, rows), block TOPK_THREADS: the second level's candidates, for the rows the first sent here.
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    indexer_topk_gather2_f32(const float* scores, int stride, const int* meta, int row0, int topk, const int* hist,
+                             const int* hist2, float* cand, int* cand_pos, int* info) {
+    __shared__ int wsum[TOPK_WARPS];
+    __shared__ int pick[3];
+    const int lr = blockIdx.y, n = meta[(row0 + lr) * 4] + 1, s = blockIdx.x, segs = gridDim.x;
+    if (n <= TOPK_SEG || n <= topk || info[lr * 4] != -2) return;
+    const int live = (n + TOPK_SEG - 1) / TOPK_SEG, bin = info[lr * 4 + 1], above = info[lr * 4 + 2];
+    float v[TOPK_SLOTS];
+    const int first = topk_seg_keys(scores + (size_t)lr * stride, s, n, v);
+    const int *hr = hist + (size_t)lr * segs * TOPK_BINS, *hr2 = hist2 + (size_t)lr * segs * TOPK_BINS;
+    int c[4];
+    topk_bin_counts(hr2, live, 0, c);
+    topk_pick(c, topk - above, wsum, pick);
+    const int bin2 = pick[0], count = above + pick[1] + pick[2];
+    if (s == 0 && threadIdx.x == 0) info[lr * 4 + 3] = count <= TOPK_SEG ? count : -1;
+    if (count > TOPK_SEG || s >= live) return;  // uniform in the block
+    // After the keys above B and those of B at or above the second bin in the segments before this one.
+    int c1[4];
+    topk_bin_counts(hr, s, bin + 1, c1);
+    topk_bin_counts(hr2, s, bin2, c);
+    int offset;
+    block_scan_once(c1[0] + c1[1] + c1[2] + c1[3] + c[0] + c[1] + c[2] + c[3], wsum, &offset);
+    unsigned take = 0;
+#pragma unroll
+    for (int j = 0; j < TOPK_SLOTS; j++) {
+        const u32 k = total_order_key(v[j]), b1 = k >> TOPK_TOP_SHIFT, b2 = (k >> TOPK_MID_SHIFT) & (TOPK_BINS - 1);
+        take |= (u32)(first + j < n && (b1 > (u32)bin || (b1 == (u32)bin && b2 >= (u32)bin2))) << j;
+    }
+    __syncthreads();  // every warp has read the offset's wsum
+    topk_write(v, take, first, offset, wsum, cand + (size_t)lr * TOPK_SEG, cand_pos + (size_t)lr * TOPK_SEG);
 }

@@ -127,11 +127,13 @@ pub(crate) struct Part {
 /// a row, which already fills the device. `PIPEMOE_TOPK_LONG=0` keeps one block a row everywhere (the A/B's knob).
 pub(crate) struct Long {
     segs: usize,
-    /// [rows, segs, TOPK_BINS] counts, [rows, TOPK_SEG] candidates and their positions, [rows] their count.
+    /// [rows, segs, TOPK_BINS] counts of the two levels, [rows, TOPK_SEG] candidates and their positions, [rows, 4]
+    /// the levels' choices and counts.
     hist: CudaSlice<i32>,
+    hist2: CudaSlice<i32>,
     cand: CudaSlice<f32>,
     pos: CudaSlice<i32>,
-    count: CudaSlice<i32>,
+    info: CudaSlice<i32>,
 }
 
 impl Long {
@@ -152,9 +154,10 @@ impl Long {
             Ok(Some(Self {
                 segs,
                 hist: s.alloc::<i32>(rows * segs * TOPK_BINS).map_err(m())?,
+                hist2: s.alloc::<i32>(rows * segs * TOPK_BINS).map_err(m())?,
                 cand: s.alloc::<f32>(rows * TOPK_SEG).map_err(m())?,
                 pos: s.alloc::<i32>(rows * TOPK_SEG).map_err(m())?,
-                count: s.alloc::<i32>(rows).map_err(m())?,
+                info: s.alloc::<i32>(rows * 4).map_err(m())?,
             }))
         }
     }
@@ -340,7 +343,7 @@ struct TopK<'a> {
 
 impl TopK<'_> {
     /// Writes each row's positions into `keys [step rows, topk]`; with `long` ([`Long::new`] for these rows and
-    /// width) its rows of more than TOPK_SEG keys first go through the multi-block histogram and gather.
+    /// width) its rows of more than TOPK_SEG keys first go through the multi-block histograms and gathers.
     fn run(&self, b: &CudaBackend, s: &CudaStream, long: Option<&mut Long>, keys: &mut CudaSlice<i32>) -> MResult<()> {
         let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
         let block = (TOPK_THREADS, 1, 1);
@@ -352,17 +355,22 @@ impl TopK<'_> {
             // SAFETY: matches indexer_topk_hist_f32: scores [rows, width], hist [rows, segs, TOPK_BINS] with segs
             // segments of TOPK_SEG covering width.
             unsafe { l.launch(cfg) }.map_err(md("indexer_topk_hist"))?;
-            let mut l = s.launch_builder(b.f("indexer_topk_gather_f32")?);
-            l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&long.hist);
-            l.arg(&long.cand).arg(&long.pos).arg(&long.count);
-            // SAFETY: matches indexer_topk_gather_f32: the same grid and histograms, cand and pos [rows, TOPK_SEG],
-            // count [rows].
-            unsafe { l.launch(cfg) }.map_err(md("indexer_topk_gather"))?;
+            for (f, what) in [
+                ("indexer_topk_gather_f32", "indexer_topk_gather"),
+                ("indexer_topk_gather2_f32", "indexer_topk_gather2"),
+            ] {
+                let mut l = s.launch_builder(b.f(f)?);
+                l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&long.hist).arg(&long.hist2);
+                l.arg(&long.cand).arg(&long.pos).arg(&long.info);
+                // SAFETY: matches indexer_topk_gather_f32 / _gather2_f32: the same grid, both levels' histograms
+                // [rows, segs, TOPK_BINS], cand and pos [rows, TOPK_SEG], info [rows, 4].
+                unsafe { l.launch(cfg) }.map_err(md(what))?;
+            }
         }
         let mut l = s.launch_builder(b.f("indexer_topk_f32")?);
         l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(keys);
         let long = long.as_deref();
-        l.arg_or_null(long.map(|x| &x.cand)).arg_or_null(long.map(|x| &x.pos)).arg_or_null(long.map(|x| &x.count));
+        l.arg_or_null(long.map(|x| &x.cand)).arg_or_null(long.map(|x| &x.pos)).arg_or_null(long.map(|x| &x.info));
         let cfg = LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: block, shared_mem_bytes: 0 };
         // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row; the candidates, if
         // given, as the gather above left them.
