@@ -227,7 +227,7 @@ impl Prepared<'_> {
         let Some((tables, pool)) = inputs else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
         let (meta, table_view) = tables.views();
         for part in &mut parts {
-            let Part { r0, rows: n, width, ref mut scores, ref mut long } = *part;
+            let Part { r0, rows: n, width, ref mut scores, ref long } = *part;
             if width > d.topk {
                 let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
                 let launch =
@@ -235,7 +235,7 @@ impl Prepared<'_> {
                 if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
             }
             let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
-            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, long.as_mut(), &mut keys)?;
+            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, long.as_ref(), &mut keys)?;
         }
         Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, parts)) })
     }
@@ -344,10 +344,10 @@ struct TopK<'a> {
 impl TopK<'_> {
     /// Writes each row's positions into `keys [step rows, topk]`; with `long` ([`Long::new`] for these rows and
     /// width) its rows of more than TOPK_SEG keys first go through the multi-block histograms and gathers.
-    fn run(&self, b: &CudaBackend, s: &CudaStream, long: Option<&mut Long>, keys: &mut CudaSlice<i32>) -> MResult<()> {
+    fn run(&self, b: &CudaBackend, s: &CudaStream, long: Option<&Long>, keys: &mut CudaSlice<i32>) -> MResult<()> {
         let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
         let block = (TOPK_THREADS, 1, 1);
-        if let Some(long) = &long {
+        if let Some(long) = long {
             let grid = (long.segs as u32, self.rows as u32, 1);
             let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
             let mut l = s.launch_builder(b.f("indexer_topk_hist_f32")?);
@@ -369,7 +369,6 @@ impl TopK<'_> {
         }
         let mut l = s.launch_builder(b.f("indexer_topk_f32")?);
         l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(keys);
-        let long = long.as_deref();
         l.arg_or_null(long.map(|x| &x.cand)).arg_or_null(long.map(|x| &x.pos)).arg_or_null(long.map(|x| &x.info));
         let cfg = LaunchConfig { grid_dim: (self.rows as u32, 1, 1), block_dim: block, shared_mem_bytes: 0 };
         // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row; the candidates, if
@@ -416,7 +415,7 @@ impl HostScores {
         }
         let (width, rows, topk) = (self.width, self.rows, self.topk);
         let top = TopK { scores: &self.dev, width, meta: &self.meta.slice(..), row0: 0, rows, topk };
-        top.run(b, &b.gpu.stream, self.long.as_mut(), &mut self.keys)
+        top.run(b, &b.gpu.stream, self.long.as_ref(), &mut self.keys)
     }
 }
 
