@@ -141,11 +141,7 @@ impl Long {
     fn new(b: &CudaBackend, rows: usize, width: usize) -> MResult<Option<Self>> {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let on = *ON.get_or_init(|| crate::mma::knob("PIPEMOE_TOPK_LONG", 1, 0..=1) == 1);
-        let segs = width.div_ceil(TOPK_SEG);
-        // A block of 512 threads: 4 an SM at most.
-        if !on || width <= TOPK_SEG || rows * segs > 4 * b.gpu.sm_count as usize {
-            return Ok(None);
-        }
+        let Some(segs) = long_segments(rows, width, b.gpu.sm_count as usize).filter(|_| on) else { return Ok(None) };
         let s = &b.gpu.stream;
         let m = || md("alloc top-k scratch");
         // SAFETY: i32 and f32 have no invalid bit patterns; the kernels write every entry they read first (each
@@ -161,6 +157,14 @@ impl Long {
             }))
         }
     }
+}
+
+/// The segments of TOPK_SEG keys a row of `width` is cut into when a launch of `rows` such rows takes the
+/// multi-block top-k: rows longer than one block's keys, whose segments' blocks (512 threads: 4 an SM at most) fit
+/// the device's `sms` at once.
+fn long_segments(rows: usize, width: usize, sms: usize) -> Option<usize> {
+    let segs = width.div_ceil(TOPK_SEG);
+    (width > TOPK_SEG && rows * segs <= 4 * sms).then_some(segs)
 }
 
 /// [`indexer_select`]'s checks, allocations and tables, on the main stream.
@@ -441,4 +445,24 @@ pub fn time_top_k_rows(b: &CudaBackend, scores: &[Vec<f32>], topk: usize, iters:
     })
     .map_err(m)?;
     failed.map_or(Ok(secs), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_rows_of_few_row_steps_take_a_block_a_segment() {
+        // Up to one block's keys: one block a row, whatever the rows.
+        assert_eq!(long_segments(1, TOPK_SEG, 132), None);
+        // One row at 8,193 keys, at 128K and at the model's 160K positions on an H200 (132 SMs) and a 3090 (82).
+        assert_eq!(long_segments(1, TOPK_SEG + 1, 132), Some(2));
+        assert_eq!(long_segments(1, 131_072, 132), Some(16));
+        assert_eq!(long_segments(1, 163_840, 82), Some(20));
+        // 32 streams at 128K fit the H200's 528 places (512 blocks), not the 3090's 328.
+        assert_eq!(long_segments(32, 131_072, 132), Some(16));
+        assert_eq!(long_segments(32, 131_072, 82), None);
+        // A prefill chunk's 512 rows keep one block a row.
+        assert_eq!(long_segments(512, 16_384, 132), None);
+    }
 }
