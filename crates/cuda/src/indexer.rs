@@ -18,6 +18,12 @@ const TOPK_THREADS: u32 = 512;
 /// Warps of `indexer_scores_mma_bf16` (`IDXM_WARPS`, 16 keys each) and its most m16 tiles of heads (`IDXM_MT`).
 const MMA_WARPS: u32 = 4;
 const MMA_HEAD_TILES: usize = 4;
+/// Tiles of keys `indexer_scores_mma_bf16` holds at once (`IDXM_STAGES`), the blocks an SM its grid aims at (~70 KB
+/// of shared memory each at 64 heads of 128: three fit an H200's SM, one a 3090's), and the most tiles one block
+/// takes of a row ([`mma_tiles`]; `IDXM_TILES`, the table entries it reads at its start).
+const MMA_STAGES: usize = 3;
+const MMA_BLOCKS_PER_SM: usize = 3;
+const MMA_MAX_TILES: usize = 16;
 /// Bound on the f32 scores of one launch (rows × widest row): 128 MiB.
 const SCORE_FLOATS: usize = 32 << 20;
 /// Keys of one top-k block (`TOPK_SEG`): a row of one tile, a segment of a long row, and the most candidates a
@@ -255,6 +261,15 @@ fn mma_eligible(q: &GpuTensor, cache: &GpuLayerCache, d: &IndexerDims) -> bool {
         && d.head_dim <= 256
 }
 
+/// Blocks a row of `indexer_scores_mma_bf16` over `rows` rows of `width` keys on `sms` SMs, each taking every
+/// so many of the row's tiles of [`KEYS_PER_BLOCK`] keys and staging the row's query once: about
+/// [`MMA_BLOCKS_PER_SM`] blocks an SM over the launch (one tile a block where the rows are short: decode at 4K),
+/// and at most [`MMA_MAX_TILES`] tiles a block (prefill's many rows: the longest rows' blocks finish last).
+fn mma_tiles(rows: usize, width: usize, sms: usize) -> usize {
+    let tiles = width.div_ceil(KEYS_PER_BLOCK).max(1);
+    (MMA_BLOCKS_PER_SM * sms).div_ceil(rows.max(1)).max(tiles.div_ceil(MMA_MAX_TILES)).min(tiles)
+}
+
 /// One launch of a scores kernel: rows `row0..row0 + rows` of the step into `[rows, width]` f32.
 struct Scores<'a> {
     s: &'a CudaStream,
@@ -273,6 +288,11 @@ struct Scores<'a> {
 impl Scores<'_> {
     fn grid(&self) -> (u32, u32, u32) {
         (self.width.div_ceil(KEYS_PER_BLOCK) as u32, self.rows as u32, 1)
+    }
+
+    /// The tensor-core kernel's grid: [`mma_tiles`] blocks a row.
+    fn mma_grid(&self, sms: usize) -> (u32, u32, u32) {
+        (mma_tiles(self.rows, self.width, sms) as u32, self.rows as u32, 1)
     }
 
     fn ints(&self) -> [i32; 5] {
@@ -301,10 +321,11 @@ impl Scores<'_> {
     /// The tensor-core kernel ([`mma_eligible`]).
     fn mma(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
         let f = b.f("indexer_scores_mma_bf16")?;
-        // q [hp][dim + 8] and the keys [64][dim + 8] bf16, slots and scales [64] (kernels/indexer.cu).
+        // q [hp][dim + 8] and the stages' keys [MMA_STAGES][64][dim + 8] bf16, their scales [MMA_STAGES][64] f32
+        // (kernels/indexer.cu).
         let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
-        let bytes = (hp + KEYS_PER_BLOCK) * (dim + 8) * 2 + KEYS_PER_BLOCK * 8;
-        let cfg = smem_cfg(b, f, self.grid(), 32 * MMA_WARPS, bytes)?;
+        let bytes = (hp + MMA_STAGES * KEYS_PER_BLOCK) * (dim + 8) * 2 + MMA_STAGES * KEYS_PER_BLOCK * 4;
+        let cfg = smem_cfg(b, f, self.mma_grid(b.gpu.sm_count as usize), 32 * MMA_WARPS, bytes)?;
         let [row0, heads, dim, topk, width] = self.ints();
         let mut l = self.s.launch_builder(f);
         l.arg(&self.q.data)
@@ -464,5 +485,21 @@ mod tests {
         assert_eq!(long_segments(32, 131_072, 82), None);
         // A prefill chunk's 512 rows keep one block a row.
         assert_eq!(long_segments(512, 16_384, 132), None);
+    }
+
+    #[test]
+    fn long_rows_share_a_block_between_tiles_of_the_scores() {
+        // Decode at 4K: a tile a block, as before (65 tiles of 64 keys).
+        assert_eq!(mma_tiles(1, 4_160, 132), 65);
+        // One row at 128K: 3 blocks an SM, ~5 tiles each on the H200 and ~9 on a 3090 (which runs one of them an
+        // SM at a time).
+        assert_eq!(mma_tiles(1, 131_072, 132), 396);
+        assert_eq!(mma_tiles(1, 131_072, 82), 246);
+        // 32 streams at 16K: 16 blocks a row (512 in all), 16 tiles each.
+        assert_eq!(mma_tiles(32, 16_384, 132), 16);
+        // A prefill chunk's many rows: at most 16 tiles a block, never more blocks than tiles.
+        assert_eq!(mma_tiles(4_096, 4_096, 132), 4);
+        assert_eq!(mma_tiles(4_096, 163_840, 132), 160);
+        assert_eq!(mma_tiles(4_096, 1, 132), 1);
     }
 }
