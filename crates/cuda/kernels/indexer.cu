@@ -6,7 +6,6 @@
 #include "common.cuh"
 #include "attention.cuh"
 #include "mma.cuh"
-#include "topk.cuh"
 
 #define IDX_KEYS 64    // keys per block of indexer_scores (indexer::KEYS_PER_BLOCK)
 #define IDXM_WARPS 4   // indexer_scores_mma: a warp per 16 of the block's keys
@@ -86,8 +85,6 @@ __device__ __forceinline__ void idx_stage_q(const T* q, float* qt, int heads, in
 // (so the sums over dim are 16 independent chains, not one). Shared (f32): q transposed [dim][hp] (hp = heads to
 // a multiple of 16, zeros past heads: 16-byte broadcast loads), the keys transposed [dim][IDX_KEYS + 1] (padded:
 // stores and loads without bank conflicts), w [hp], and each head group's partial sums [4][IDX_KEYS].
-// With `hist` (a long row's top-k, src/indexer.rs `Long`: [n_rows][segs][TOPK_BINS], zeroed before), the rows of
-// more than TOPK_SEG keys also count their scores into their segment's first-level histogram (topk.cuh).
 template <typename T>
 __device__ void indexer_scores(const T* q,           // [rows, heads, dim], roped
                                const T* w,           // [rows, heads], scaled
@@ -95,8 +92,7 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
                                const float* scales,  // [slots, 3]
                                int dtype, const int* meta, const int* tables, int row0, int heads, int dim,
                                int topk, int stride,
-                               float* scores,        // [n_rows, stride]
-                               int* hist, int segs) {
+                               float* scores) {      // [n_rows, stride]
     extern __shared__ __align__(16) float sm[];
     const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
     if (n <= topk || (int)blockIdx.x * IDX_KEYS >= n) return;
@@ -142,12 +138,9 @@ __device__ void indexer_scores(const T* q,           // [rows, heads, dim], rope
     }
     part[group * IDX_KEYS + key] = total;
     __syncthreads();
-    if (threadIdx.x < IDX_KEYS) {  // warps 0 and 1, whole
+    if (threadIdx.x < IDX_KEYS && t0 + (int)threadIdx.x < n) {
         const float* p = part + threadIdx.x;
-        const bool valid = t0 + (int)threadIdx.x < n;
-        const float v = ((p[0] + p[IDX_KEYS]) + p[2 * IDX_KEYS]) + p[3 * IDX_KEYS];
-        if (valid) scores[(size_t)lr * stride + t0 + threadIdx.x] = v;
-        if (hist && n > TOPK_SEG) topk_count_top(hist + ((size_t)lr * segs + t0 / TOPK_SEG) * TOPK_BINS, v, valid);
+        scores[(size_t)lr * stride + t0 + threadIdx.x] = ((p[0] + p[IDX_KEYS]) + p[2 * IDX_KEYS]) + p[3 * IDX_KEYS];
     }
 }
 
@@ -192,14 +185,13 @@ __device__ __forceinline__ void idxm_tile(const __nv_bfloat16* k_idx, const floa
 // multiplied (a block's copies are what it has in flight: one tile a block left the H200 at ~1.7 TB/s at 128K).
 // Shared: q [hp][dim + 8] and the stages' keys [IDXM_STAGES][IDX_KEYS][dim + 8] bf16 (rows an odd number of
 // 16-byte units apart: ldmatrix without bank conflicts), their scales [IDXM_STAGES][IDX_KEYS], the tiles' cache
-// blocks [IDXM_TILES]. `hist` as indexer_scores' (a tile is within one segment: TOPK_SEG is 128 tiles).
+// blocks [IDXM_TILES].
 extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma_bf16(
     const __nv_bfloat16* q,  // [rows, heads, dim], roped
     const __nv_bfloat16* w,  // [rows, heads], scaled
     const __nv_bfloat16* k_idx, const float* scales, const int* meta, const int* tables, int row0, int heads,
-    int dim, int topk, int stride, float* scores, int* hist, int segs) {
+    int dim, int topk, int stride, float* scores) {
     static_assert(IDX_KEYS == KV_BLOCK, "a tile is one cache block");
-    static_assert(TOPK_SEG % IDX_KEYS == 0, "a tile is within one segment of the top-k's counts");
     extern __shared__ __align__(16) unsigned char im_smem[];
     __shared__ int blocks[IDXM_TILES];
     const int lr = blockIdx.y, r = row0 + lr, n = meta[r * 4] + 1;
@@ -210,7 +202,6 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
     float* ksc = (float*)(ks + IDXM_STAGES * IDX_KEYS * rs);  // [IDXM_STAGES][IDX_KEYS]
     const int* table = tables + meta[r * 4 + 1];
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, step = gridDim.x * IDX_KEYS;
-    const bool count = hist && n > TOPK_SEG;  // a long row's first-level histogram (topk.cu): counted here
     // q's copies go out first (heads past `heads` zero-filled), then the tiles' table entries are read: their
     // round trip overlaps q's.
     const __nv_bfloat16* qrow = q + (size_t)r * heads * dim;
@@ -275,8 +266,7 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
             }
         }
         // Fragment value i of tile (mt, nt): head mt·16 + group (+ 8 for i ≥ 2), key 16·warp + 8·nt + 2·quad +
-        // i % 2. After the shuffles every lane of a quad holds its keys' scores.
-        float sv[2][2];
+        // i % 2.
 #pragma unroll
         for (int nt = 0; nt < 2; nt++)
 #pragma unroll
@@ -290,22 +280,7 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
 #pragma unroll
                 for (int o = 4; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
                 if (group == 0 && t0 + key < n) scores[(size_t)lr * stride + t0 + key] = v;
-                sv[nt][jj] = v;
             }
-        if (count) {
-            // Lane l < 16 takes the warp's key 16·warp + l (nt = l / 8, quad l / 2 % 4, jj = l % 2) from its quad.
-            const int l = lane & 15;
-            float mine = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-                for (int jj = 0; jj < 2; jj++) {
-                    const float v = __shfl_sync(0xffffffffu, sv[nt][jj], (l >> 1) & 3);
-                    if (nt == l >> 3 && jj == (l & 1)) mine = v;
-                }
-            topk_count_top(hist + ((size_t)lr * segs + t0 / TOPK_SEG) * TOPK_BINS, mine,
-                           lane < 16 && t0 + warp * 16 + l < n);
-        }
         // This stage's keys and scales are refilled only after the next iteration's barrier.
     }
 }
@@ -314,10 +289,8 @@ extern "C" __global__ void __launch_bounds__(32 * IDXM_WARPS) indexer_scores_mma
 #define INDEXER_KERNELS(T, S)                                                                                      \
     extern "C" __global__ void indexer_scores_##S(const T* q, const T* w, const void* k_idx, const float* scales,  \
                                                   int dtype, const int* meta, const int* tables, int row0,          \
-                                                  int heads, int dim, int topk, int stride, float* scores,          \
-                                                  int* hist, int segs) {                                            \
-        indexer_scores<T>(q, w, k_idx, scales, dtype, meta, tables, row0, heads, dim, topk, stride, scores, hist,   \
-                          segs);                                                                                    \
+                                                  int heads, int dim, int topk, int stride, float* scores) {        \
+        indexer_scores<T>(q, w, k_idx, scales, dtype, meta, tables, row0, heads, dim, topk, stride, scores);        \
     }
 
 INDEXER_KERNELS(float, f32)

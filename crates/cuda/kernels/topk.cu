@@ -4,7 +4,9 @@
 // decode case — the multi-block path at the end of this file.
 
 #include "common.cuh"
-#include "topk.cuh"
+
+#define TOPK_THREADS 512  // indexer::TOPK_THREADS
+#define TOPK_WARPS (TOPK_THREADS / 32)
 
 // Exclusive prefix sum of v over the block's TOPK_THREADS threads in one barrier: each warp scans its own values
 // by shuffles and leaves its total in wsum[warp]; after the barrier every warp adds up the totals of the warps
@@ -30,7 +32,8 @@ __device__ __forceinline__ int block_scan_once(int v, int* wsum, int* total) {
     return before + x - v;
 }
 
-#define TOPK_PER 16  // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
+#define TOPK_PER 16       // keys a thread holds of a tile: a tile is TOPK_THREADS · TOPK_PER = 8,192 keys
+#define TOPK_BINS 2048    // radix digits of 11, 11 and 10 bits: three passes cover a key
 
 // Thread t's keys of the tile from t0: `per` consecutive ones (so one scan orders the last pass's output), as
 // order keys in registers; `valid` bit j says key j exists. Every load is issued before any is used: past the
@@ -50,6 +53,9 @@ __device__ __forceinline__ unsigned topk_load(const float* sc, int n, int t0, u3
     }
     return valid;
 }
+
+#define TOPK_SLOTS 16  // keys a thread holds of a row of one tile (thread t: keys t, t + TOPK_THREADS, ...)
+#define TOPK_SEG (TOPK_THREADS * TOPK_SLOTS)  // one block's keys: a row of one tile, a segment of a long row
 
 // The topk largest of a row of n ≤ TOPK_THREADS · TOPK_SLOTS keys (n > topk), as indexer_topk_f32 writes them. The
 // keys are held in registers, slot j of thread t being key t + j·TOPK_THREADS, so a slot is one coalesced load and
@@ -318,10 +324,9 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
 
 // A long row in few blocks (src/indexer.rs `Long`: rows of more than TOPK_SEG keys in steps of few rows, i.e.
 // decode at long context, where one block a row reads the row four times alone on one SM: ~175-230 µs at 128K keys
-// on the H200). The row is cut in segments of TOPK_SEG keys, a block each. Each segment's keys are counted by their
-// top 11 bits (sign, exponent and two mantissa bits of the order key: TOPK_BINS bins in key order) into hist
-// [rows][segs][bins] as the scores kernels write them (topk.cuh, topk_count_top; indexer_topk_count_f32 for scores
-// from elsewhere), so no launch stands between the scores and the gather. Each block of indexer_topk_gather_f32 adds the segments' counts and finds
+// on the H200). The row is cut in segments of TOPK_SEG keys, a block each. indexer_topk_hist_f32 counts each
+// segment's keys by their top 11 bits (sign, exponent and two mantissa bits of the order key: TOPK_BINS bins in key
+// order) into hist [rows][segs][bins]. Each block of indexer_topk_gather_f32 adds the segments' counts and finds
 // the bin B holding the row's topk-th largest key. If the keys in bins ≥ B number at most TOPK_SEG, it writes its
 // segment's such keys with their positions to cand / cand_pos [rows][TOPK_SEG], at their place in index order;
 // otherwise (close keys: a row of scores around 100 ± 1 is one bin) it counts its keys of bin B by their next 11
@@ -330,15 +335,15 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS) indexer_topk_f32(cons
 // in a bin below the chosen one is below every key at or above it, and keys equal to the k-th share its bins, in
 // index order. Where even two levels leave too many (ties), it reads the whole row as before. info [rows][4]: the
 // first level's count of candidates (−2: to the second level), B, the keys above B, the second level's count (−1:
-// too many). Nothing outlives a step: the first-level histogram is zeroed by the step before its scores (a memset,
-// src/indexer.rs), hist2 is written whole, info by every long row's first blocks (the second level's count in its
-// own word: the other blocks of its launch read the first's).
+// too many). Nothing outlives a step: each histogram is written whole, info by every long row's first blocks
+// (the second level's count in its own word: the other blocks of its launch read the first's).
+#define TOPK_TOP_SHIFT 21  // an order key's first-level bin: its top 11 bits
+#define TOPK_MID_SHIFT 10  // its second-level bin within that: the next 11
 
-// A long row's first-level counts for scores the scores kernels did not write (src/indexer.rs `top_k_rows`: a
-// test's or the benchmark's rows): each segment's keys by topk_count_top, as those kernels count theirs.
-// grid (segs, rows), block TOPK_THREADS; hist [rows][segs][TOPK_BINS], zeroed before.
+// grid (segs, rows), block TOPK_THREADS; hist [rows][segs][TOPK_BINS].
 extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
-    indexer_topk_count_f32(const float* scores, int stride, const int* meta, int row0, int topk, int* hist) {
+    indexer_topk_hist_f32(const float* scores, int stride, const int* meta, int row0, int topk, int* hist) {
+    __shared__ int h[TOPK_BINS];
     const int lr = blockIdx.y, n = meta[(row0 + lr) * 4] + 1, s = blockIdx.x;
     if (n <= TOPK_SEG || n <= topk) return;  // indexer_topk_f32's own
     const int left = n - s * TOPK_SEG;      // this segment's keys: min(left, TOPK_SEG); none past the row
@@ -349,9 +354,14 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
         const int i = threadIdx.x + j * TOPK_THREADS;
         v[j] = i < left ? sc[i] : 0.f;
     }
-    int* h = hist + ((size_t)lr * gridDim.x + s) * TOPK_BINS;
+    for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) h[i] = 0;
+    __syncthreads();
 #pragma unroll
-    for (int j = 0; j < TOPK_SLOTS; j++) topk_count_top(h, v[j], threadIdx.x + j * TOPK_THREADS < left);
+    for (int j = 0; j < TOPK_SLOTS; j++)
+        if (threadIdx.x + j * TOPK_THREADS < left) atomicAdd(&h[total_order_key(v[j]) >> TOPK_TOP_SHIFT], 1);
+    __syncthreads();
+    int* out = hist + ((size_t)lr * gridDim.x + s) * TOPK_BINS;
+    for (int i = threadIdx.x; i < TOPK_BINS; i += TOPK_THREADS) out[i] = h[i];
 }
 
 // Thread t's four bins from the top (TOPK_BINS − 1 − 4t − j), summed over segments [0, segs) of one row's

@@ -3,8 +3,6 @@
 //! `pipemoe_model::cpu::kernels::top_k` (ties to the lower index). The selection stays on the device for
 //! attention ([`GpuSelection`]); `to_host` is for tests and diagnostics.
 
-use std::sync::Arc;
-
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
@@ -118,8 +116,6 @@ pub(crate) struct Prepared<'a> {
     /// The tables and the cache's pool (none for no rows).
     inputs: Option<(Tables, &'a Pool)>,
     parts: Vec<Part>,
-    /// Whether the long rows' first-level counts are cleared on the launches' stream ([`Self::clear_counts`]).
-    cleared: bool,
 }
 
 /// Rows `r0..r0 + rows` of a step, whose scores `[rows, width]` fit one buffer, and their long-row scratch.
@@ -131,7 +127,7 @@ pub(crate) struct Part {
     long: Option<Long>,
 }
 
-/// The multi-block top-k's buffers (kernels/topk.cu, `indexer_topk_gather_f32`): taken where a launch's rows may be
+/// The multi-block top-k's buffers (kernels/topk.cu, `indexer_topk_hist_f32`): taken where a launch's rows may be
 /// longer than one block's TOPK_SEG keys and its segments make about a wave of blocks (decode at long context: one
 /// block a row would read each row four times on one SM while the others idle). Prefill's many rows keep one block
 /// a row, which already fills the device. `PIPEMOE_TOPK_LONG=0` keeps one block a row everywhere (the A/B's knob).
@@ -154,9 +150,8 @@ impl Long {
         let Some(segs) = long_segments(rows, width, b.gpu.sm_count as usize).filter(|_| on) else { return Ok(None) };
         let s = &b.gpu.stream;
         let m = || md("alloc top-k scratch");
-        // SAFETY: i32 and f32 have no invalid bit patterns; the kernels write every entry they read first (the
-        // first level's counts after `zero`, the second level's whole, each candidate before its count says it
-        // is there).
+        // SAFETY: i32 and f32 have no invalid bit patterns; the kernels write every entry they read first (each
+        // histogram whole, each candidate before its count says it is there).
         unsafe {
             Ok(Some(Self {
                 segs,
@@ -167,23 +162,6 @@ impl Long {
                 info: s.alloc::<i32>(rows * 4).map_err(m())?,
             }))
         }
-    }
-}
-
-impl Long {
-    /// The per-segment launches' shape: a block of TOPK_THREADS a segment of each of `rows` rows.
-    fn cfg(&self, rows: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (self.segs as u32, rows as u32, 1),
-            block_dim: (TOPK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
-
-    /// Clears the first level's counts on `s`, before the launch that counts into them (the scores kernels, or
-    /// `indexer_topk_count_f32`): a memset node of a step's graph ([`Prepared::clear_counts`]).
-    fn zero(&mut self, s: &Arc<CudaStream>) -> MResult<()> {
-        s.memset_zeros(&mut self.hist).map_err(md("clear top-k counts"))
     }
 }
 
@@ -227,7 +205,7 @@ pub(crate) fn prepare<'a>(
     // SAFETY: i32 has no invalid bit patterns; the entries read are written first, as just said.
     let keys = unsafe { b.gpu.stream.alloc::<i32>((rows.len() * stride).max(1)) }.map_err(md("alloc selection"))?;
     if rows.is_empty() {
-        return Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: None, parts: Vec::new(), cleared: false });
+        return Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: None, parts: Vec::new() });
     }
     // The step's tables, made once for every layer, or this call's own. With the step's, the scores' row stride
     // is the tables' capacity in positions (a recorded step replays with more keys each time; the kernels stop at
@@ -249,54 +227,25 @@ pub(crate) fn prepare<'a>(
         parts.push(Part { r0, rows, width, scores: scratch(b, rows * width)?, long });
         r0 += rows;
     }
-    Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: Some((tables, pool)), parts, cleared: false })
+    Ok(Prepared { cache, q, w, d, keys, counts, stride, inputs: Some((tables, pool)), parts })
 }
 
 impl Prepared<'_> {
     /// The scores and top-k launches on `s`: the selection, which keeps what they read.
-    /// Clears the long rows' first-level counts on `s` (once; [`Self::launch`] does it if the caller has not):
-    /// a caller whose branch waits before the scores for something else (the prep path waits for mla_prep) puts
-    /// the memset ahead of that wait, where it costs the scores nothing.
-    pub(crate) fn clear_counts(&mut self, s: &Arc<CudaStream>) -> MResult<()> {
-        if !self.cleared {
-            for long in self.parts.iter_mut().filter_map(|p| p.long.as_mut()) {
-                long.zero(s)?;
-            }
-            self.cleared = true;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn launch(mut self, b: &CudaBackend, s: &Arc<CudaStream>) -> MResult<GpuSelection> {
-        self.clear_counts(s)?;
-        let Prepared { cache, q, w, d, mut keys, counts, stride, inputs, mut parts, .. } = self;
+    pub(crate) fn launch(self, b: &CudaBackend, s: &CudaStream) -> MResult<GpuSelection> {
+        let Prepared { cache, q, w, d, mut keys, counts, stride, inputs, mut parts } = self;
         let Some((tables, pool)) = inputs else { return Ok(GpuSelection { keys, counts, stride, _inputs: None }) };
         let (meta, table_view) = tables.views();
         for part in &mut parts {
-            let Part { r0, rows: n, width, ref mut scores, ref mut long } = *part;
+            let Part { r0, rows: n, width, ref mut scores, ref long } = *part;
             if width > d.topk {
                 let _p = b.gpu.span(|| format!("indexer scores {}x{}", d.heads, d.head_dim));
-                let launch = Scores {
-                    s,
-                    q,
-                    w,
-                    cache,
-                    pool,
-                    meta: &meta,
-                    tables: &table_view,
-                    row0: r0,
-                    rows: n,
-                    width,
-                    d,
-                    long: long.as_mut(),
-                };
+                let launch =
+                    Scores { s, q, w, cache, pool, meta: &meta, tables: &table_view, row0: r0, rows: n, width, d };
                 if mma_eligible(q, cache, d) { launch.mma(b, scores)? } else { launch.scalar(b, scores)? }
             }
             let _p = b.gpu.span(|| format!("indexer top-{}", d.topk));
-            let top = TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk };
-            // The scores counted the long rows' first level as they wrote them (a row of width ≤ topk has
-            // neither scores nor a long path).
-            top.run(b, s, long.as_ref(), &mut keys)?;
+            TopK { scores, width, meta: &meta, row0: r0, rows: n, topk: d.topk }.run(b, s, long.as_ref(), &mut keys)?;
         }
         Ok(GpuSelection { keys, counts, stride, _inputs: Some((tables, parts)) })
     }
@@ -334,8 +283,6 @@ struct Scores<'a> {
     rows: usize,
     width: usize,
     d: &'a IndexerDims,
-    /// The long rows' buffers, whose first-level counts the kernel adds its scores to (zeroed before).
-    long: Option<&'a mut Long>,
 }
 
 impl Scores<'_> {
@@ -353,16 +300,8 @@ impl Scores<'_> {
         [self.row0 as i32, d.heads as i32, d.head_dim as i32, d.topk as i32, self.width as i32]
     }
 
-    /// The first-level counts the kernels add to (null: none) and the segments a row of them holds.
-    fn counts(&mut self) -> (Option<&mut CudaSlice<i32>>, i32) {
-        match self.long.as_deref_mut() {
-            Some(l) => (Some(&mut l.hist), l.segs as i32),
-            None => (None, 0),
-        }
-    }
-
     /// The f32 kernel (any activation and cache dtype).
-    fn scalar(mut self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
+    fn scalar(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
         let f = b.f(&format!("indexer_scores_{}", self.q.data.dtype().suffix()))?;
         // q [dim][hp], the keys [dim][65], w [hp], partial sums [4][64] (kernels/indexer.cu).
         let (dim, hp) = (self.d.head_dim, self.d.heads.next_multiple_of(16));
@@ -373,17 +312,14 @@ impl Scores<'_> {
         let mut l = self.s.launch_builder(f);
         l.arg(&self.q.data).arg(&self.w.data).arg(&self.pool.index_k).arg(&self.pool.scales).arg(&code).arg(self.meta);
         l.arg(self.tables).arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
-        let (hist, segs) = self.counts();
-        l.arg_or_null(hist).arg(&segs);
         // SAFETY: matches indexer_scores_*: every row is cached to its position (step_tables checked), the
-        // scores hold `rows` rows of `width` ≥ every row's key count, the counts (if any) [rows, segs,
-        // TOPK_BINS] with segs segments of TOPK_SEG covering width.
+        // scores hold `rows` rows of `width` ≥ every row's key count.
         unsafe { l.launch(cfg) }.map_err(md("indexer_scores"))?;
         Ok(())
     }
 
     /// The tensor-core kernel ([`mma_eligible`]).
-    fn mma(mut self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
+    fn mma(&self, b: &CudaBackend, scores: &mut CudaSlice<f32>) -> MResult<()> {
         let f = b.f("indexer_scores_mma_bf16")?;
         // q [hp][dim + 8] and the stages' keys [MMA_STAGES][64][dim + 8] bf16, their scales [MMA_STAGES][64] f32
         // (kernels/indexer.cu).
@@ -399,10 +335,8 @@ impl Scores<'_> {
             .arg(self.meta)
             .arg(self.tables);
         l.arg(&row0).arg(&heads).arg(&dim).arg(&topk).arg(&width).arg(scores);
-        let (hist, segs) = self.counts();
-        l.arg_or_null(hist).arg(&segs);
         // SAFETY: matches indexer_scores_mma_bf16: bf16 q, w and cache (mma_eligible), every row cached to its
-        // position, the scores hold `rows` rows of `width` ≥ every row's key count, the counts as `scalar`'s.
+        // position, the scores hold `rows` rows of `width` ≥ every row's key count.
         unsafe { l.launch(cfg) }.map_err(md("indexer_scores_mma"))?;
         Ok(())
     }
@@ -434,13 +368,18 @@ struct TopK<'a> {
 
 impl TopK<'_> {
     /// Writes each row's positions into `keys [step rows, topk]`; with `long` ([`Long::new`] for these rows and
-    /// width) its rows of more than TOPK_SEG keys first go through the multi-block gathers, whose first-level
-    /// counts are already made ([`Self::count`], or the scores kernels').
+    /// width) its rows of more than TOPK_SEG keys first go through the multi-block histograms and gathers.
     fn run(&self, b: &CudaBackend, s: &CudaStream, long: Option<&Long>, keys: &mut CudaSlice<i32>) -> MResult<()> {
         let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
         let block = (TOPK_THREADS, 1, 1);
         if let Some(long) = long {
-            let cfg = long.cfg(self.rows);
+            let grid = (long.segs as u32, self.rows as u32, 1);
+            let cfg = LaunchConfig { grid_dim: grid, block_dim: block, shared_mem_bytes: 0 };
+            let mut l = s.launch_builder(b.f("indexer_topk_hist_f32")?);
+            l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&long.hist);
+            // SAFETY: matches indexer_topk_hist_f32: scores [rows, width], hist [rows, segs, TOPK_BINS] with segs
+            // segments of TOPK_SEG covering width.
+            unsafe { l.launch(cfg) }.map_err(md("indexer_topk_hist"))?;
             for (f, what) in [
                 ("indexer_topk_gather_f32", "indexer_topk_gather"),
                 ("indexer_topk_gather2_f32", "indexer_topk_gather2"),
@@ -460,19 +399,6 @@ impl TopK<'_> {
         // SAFETY: matches indexer_topk_f32: meta holds ≥ row0 + rows rows, keys `topk` per row; the candidates, if
         // given, as the gather above left them.
         unsafe { l.launch(cfg) }.map_err(md("indexer_topk"))?;
-        Ok(())
-    }
-
-    /// The long rows' first-level counts of scores no scores kernel wrote (host rows): zeroed, then counted.
-    fn count(&self, b: &CudaBackend, s: &Arc<CudaStream>, long: &mut Long) -> MResult<()> {
-        long.zero(s)?;
-        let (w, r0, k) = (self.width as i32, self.row0 as i32, self.topk as i32);
-        let cfg = long.cfg(self.rows);
-        let mut l = s.launch_builder(b.f("indexer_topk_count_f32")?);
-        l.arg(self.scores).arg(&w).arg(self.meta).arg(&r0).arg(&k).arg(&mut long.hist);
-        // SAFETY: matches indexer_topk_count_f32: scores [rows, width], hist [rows, segs, TOPK_BINS] with segs
-        // segments of TOPK_SEG covering width, zeroed just before.
-        unsafe { l.launch(cfg) }.map_err(md("indexer_topk_count"))?;
         Ok(())
     }
 }
@@ -514,9 +440,6 @@ impl HostScores {
         }
         let (width, rows, topk) = (self.width, self.rows, self.topk);
         let top = TopK { scores: &self.dev, width, meta: &self.meta.slice(..), row0: 0, rows, topk };
-        if let Some(long) = self.long.as_mut() {
-            top.count(b, &b.gpu.stream, long)?;
-        }
         top.run(b, &b.gpu.stream, self.long.as_ref(), &mut self.keys)
     }
 }

@@ -20,7 +20,6 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("mma_gemv.cuh", include_str!("../kernels/mma_gemv.cuh")),
     ("route.cuh", include_str!("../kernels/route.cuh")),
     ("rows.cuh", include_str!("../kernels/rows.cuh")),
-    ("topk.cuh", include_str!("../kernels/topk.cuh")),
 ];
 pub const KERNELS: &[(&str, &str)] = &[
     ("attention.cu", include_str!("../kernels/attention.cu")),

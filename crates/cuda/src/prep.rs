@@ -196,7 +196,7 @@ pub(crate) fn mla_prep_fused_query(
     let prepared = PrepLaunch::new(b, proj, prep, inv_freq, rows, Some(&mut *cache), false)?;
     let cache = &*cache;
     let index_w = prepared.out.index_weights.as_ref().ok_or_else(|| shape("mla_prep", "no index weights".into()))?;
-    let mut selecting = crate::indexer::prepare(b, cache, &launch.y2, index_w, index_dims, rows)?;
+    let selecting = crate::indexer::prepare(b, cache, &launch.y2, index_w, index_dims, rows)?;
     let (split, blocks) = launch.blocks();
     let branch = b.gpu.branch();
     let s = match &branch {
@@ -204,8 +204,6 @@ pub(crate) fn mla_prep_fused_query(
         None => &b.gpu.stream,
     };
     launch.launch(b, s, split..blocks)?;
-    // Ahead of the wait below, which the scores would wait out anyway.
-    selecting.clear_counts(s)?;
     prepared.launch(b, &b.gpu.stream, Some(cache))?;
     if let Some(br) = &branch {
         br.wait_main().map_err(m)?;
