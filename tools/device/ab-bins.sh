@@ -7,6 +7,8 @@
 #   A, B        pipemoe binaries, e.g. .device/base/pipemoe (tools/device/build.sh --base REF) and .device/pipemoe
 #   rounds      default 3
 #   bench args  default: --layers 2 --context 4096 --steps 16 --cache-dir /tmp/pb2 --streams 32
+#               (add --decode-only for the decode step alone: no profiled prefill, per-block rows, cuBLAS or IPC;
+#               the first two each prefill the context again: not timed, est. 20-25 s of a ~75 s 128K run)
 # Logs go to $OUT (or /tmp/pipemoe-ab-bins); the table is printed last.
 # PIPEMOE_AB_SECONDS=N: start no round that would end past N seconds from the start (judged by the rounds so far),
 # and print the table of the rounds done: give it what is left of the device call (a call cut off by its limit

@@ -111,6 +111,12 @@ pub struct BenchArgs {
     /// steps of the batched streams (device and host time; adds CUDA events per op).
     #[arg(long)]
     pub profile: bool,
+    /// Measure the decode steps (and with --profile their ops) and what they need only: no cuBLAS ceiling, no
+    /// profiled second prefill, no per-block rows, no IPC hand-off. For A/B runs of the decode step
+    /// (tools/device/ab-bins.sh): at long context those prefill --context positions again, twice (the profiled
+    /// prefill, and the per-block rows' own cache from host-made activations).
+    #[arg(long)]
+    pub decode_only: bool,
     /// Also time single-stream decode with each of these fusions, overlaps or kernels undone and not, in turns in
     /// this process (`--ab-rounds` rounds of `--steps` steps each way): separate runs drift by a few % (host and
     /// clocks), which hides changes of that size. Repeat the flag for several.
@@ -136,6 +142,9 @@ fn streams_extension(path: &Path) -> String {
         None => "streams".into(),
     }
 }
+
+/// Why a figure `--decode-only` leaves out has no value.
+const SKIPPED: &str = "skipped (--decode-only)";
 
 /// Decode steps a `--trace` records, one stream and many.
 const TRACE_STEPS: (usize, usize) = (4, 2);
@@ -314,8 +323,11 @@ fn measure(
         .collect();
     shapes.sort();
     shapes.dedup();
-    let cublas = ceiling::cublas(&backend.gpu)
-        .and_then(|blas| ceiling::cublas_times(&backend.gpu, &blas, &shapes).map_err(|e| format!("{e:#}")));
+    let cublas = match args.decode_only {
+        true => Err(SKIPPED.to_string()),
+        false => ceiling::cublas(&backend.gpu)
+            .and_then(|blas| ceiling::cublas_times(&backend.gpu, &blas, &shapes).map_err(|e| format!("{e:#}"))),
+    };
     if let Err(why) = &cublas {
         eprintln!("bench: no cuBLAS ceiling: {why}");
     }
@@ -385,7 +397,7 @@ fn measure(
     run.free(&[1]);
     // A second prefill of the same length, profiled (the timed one above ran without the profiler's events); the
     // cache holds one prompt of this length, so it comes after the first sequence is freed.
-    let prefill_profile = if args.profile {
+    let prefill_profile = if args.profile && !args.decode_only {
         backend.gpu.profile_start();
         let wall = run.prefill(2, args.context, args.chunk)?.iter().sum::<f64>();
         let p = backend.gpu.profile_take()?;
@@ -431,12 +443,11 @@ fn measure(
 
     let moe_layer = slice.layers.clone().find(|&l| cfg.is_moe_layer(l)).unwrap_or(slice.layers.start);
     let batches: Vec<usize> = [1, args.streams].into_iter().filter(|&b| b > 0).collect();
-    let blocks = match stage::time_blocks(&backend, cfg, ckpt, moe_layer, args.context, &batches) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("bench: per-block rows skipped: {e:#}");
-            None
-        }
+    let blocks = match args.decode_only {
+        true => None,
+        false => stage::time_blocks(&backend, cfg, ckpt, moe_layer, args.context, &batches)
+            .inspect_err(|e| eprintln!("bench: per-block rows skipped: {e:#}"))
+            .ok(),
     };
     // A hop is between two GPUs: with a second one here the hand-off goes to it (on one GPU the two processes'
     // contexts take turns on it, which costs ~250 us of landing that two GPUs do not pay).
@@ -444,7 +455,10 @@ fn measure(
         Ok(n) if n > 1 => (args.device + 1) % n,
         _ => args.device,
     };
-    let ipc = ipc::measure(&backend, peer, cfg.hidden_size, 50).map_err(|e| format!("{e:#}"));
+    let ipc = match args.decode_only {
+        true => Err(SKIPPED.to_string()),
+        false => ipc::measure(&backend, peer, cfg.hidden_size, 50).map_err(|e| format!("{e:#}")),
+    };
     if let Err(why) = &ipc {
         eprintln!("bench: IPC hand-off not measured: {why}");
     }
