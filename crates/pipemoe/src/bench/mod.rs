@@ -517,6 +517,11 @@ mod tests {
         // Two switches, 3 rounds, 16 timed steps: each round decodes 19 positions each way.
         assert_eq!(ab::positions(args.ab.len(), args.ab_rounds, 16), 2 * 2 * 3 * 19);
         assert!(crate::Cli::try_parse_from(["pipemoe", "bench", "--ab", "nothing"]).is_err());
+        // tools/device/ab-bins.sh's usage names --decode-only; the full run is the default.
+        assert!(!args.decode_only);
+        let quick = crate::Cli::parse_from(["pipemoe", "bench", "--decode-only", "--profile"]);
+        let crate::Command::Bench(q) = quick.command else { panic!("not the bench command") };
+        assert!(q.decode_only && q.profile);
     }
 
     #[test]
