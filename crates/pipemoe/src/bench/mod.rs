@@ -323,10 +323,11 @@ fn measure(
         .collect();
     shapes.sort();
     shapes.dedup();
-    let cublas = match args.decode_only {
-        true => Err(SKIPPED.to_string()),
-        false => ceiling::cublas(&backend.gpu)
-            .and_then(|blas| ceiling::cublas_times(&backend.gpu, &blas, &shapes).map_err(|e| format!("{e:#}"))),
+    let cublas = if args.decode_only {
+        Err(SKIPPED.to_string())
+    } else {
+        ceiling::cublas(&backend.gpu)
+            .and_then(|blas| ceiling::cublas_times(&backend.gpu, &blas, &shapes).map_err(|e| format!("{e:#}")))
     };
     if let Err(why) = &cublas {
         eprintln!("bench: no cuBLAS ceiling: {why}");
@@ -443,11 +444,12 @@ fn measure(
 
     let moe_layer = slice.layers.clone().find(|&l| cfg.is_moe_layer(l)).unwrap_or(slice.layers.start);
     let batches: Vec<usize> = [1, args.streams].into_iter().filter(|&b| b > 0).collect();
-    let blocks = match args.decode_only {
-        true => None,
-        false => stage::time_blocks(&backend, cfg, ckpt, moe_layer, args.context, &batches)
+    let blocks = if args.decode_only {
+        None
+    } else {
+        stage::time_blocks(&backend, cfg, ckpt, moe_layer, args.context, &batches)
             .inspect_err(|e| eprintln!("bench: per-block rows skipped: {e:#}"))
-            .ok(),
+            .ok()
     };
     // A hop is between two GPUs: with a second one here the hand-off goes to it (on one GPU the two processes'
     // contexts take turns on it, which costs ~250 us of landing that two GPUs do not pay).
@@ -455,9 +457,10 @@ fn measure(
         Ok(n) if n > 1 => (args.device + 1) % n,
         _ => args.device,
     };
-    let ipc = match args.decode_only {
-        true => Err(SKIPPED.to_string()),
-        false => ipc::measure(&backend, peer, cfg.hidden_size, 50).map_err(|e| format!("{e:#}")),
+    let ipc = if args.decode_only {
+        Err(SKIPPED.to_string())
+    } else {
+        ipc::measure(&backend, peer, cfg.hidden_size, 50).map_err(|e| format!("{e:#}"))
     };
     if let Err(why) = &ipc {
         eprintln!("bench: IPC hand-off not measured: {why}");
