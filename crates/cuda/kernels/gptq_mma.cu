@@ -35,7 +35,7 @@ __device__ void mma_gemv(const __nv_bfloat16* x, const int* perm, const uint2* w
     const int splits = gridDim.y;
     auto run = [&](auto store) {
         mma_gemv_block<BITS, MB, REORDERED, MMA_WARPS, SYM>(x, nullptr, B, perm, words, zeros, scales, K, N, group_size,
-                                                    k_chunk, stages, blockIdx.x, store);
+                                                    k_chunk, stages, blockIdx.x, blockIdx.y, store);
     };
     if (splits == 1) {
         run(SumStore<MB, YT>{y, (size_t)N});
@@ -157,7 +157,7 @@ __device__ void mma_gemv_addnorm(const __nv_bfloat16* h, const __nv_bfloat16* ad
     const int row = threadIdx.x < B ? threadIdx.x : 0;
     auto run = [&](auto store) {
         mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM, false, true>(h, row, B, nullptr, words, zeros, scales, K, N,
-                                                                  group_size, k_chunk, stages, blockIdx.x, store);
+                                                                  group_size, k_chunk, stages, blockIdx.x, blockIdx.y, store);
     };
     if (gridDim.y == 1) {
         run(AddNormStore<__nv_bfloat16>{{y, (size_t)N}, h, add, g, eps, h_out, K, split0, in_split});
@@ -175,32 +175,61 @@ __device__ void mma_gemv_addnorm(const __nv_bfloat16* h, const __nv_bfloat16* ad
 #define FUSE_COMBINE 2
 #define FUSE_COMBINE_ADD 3
 
-// Grouped experts, as gemv_grouped in gptq_gemv.cu: blockIdx.z is a tile of up to 8 pairs routed to one expert;
+// One row's MoE block as one launch (gptq_mma_moe_row below): how its gate/up blocks tell its down blocks that a
+// tile's input is there. ready [tiles] counts, per tile, the plan's entries (once) and the column ranges whose SiLU·up
+// is stored (bx of them); a gate/up block (need 0) adds to it with release semantics after its stores, a down block
+// (need = 1 + bx) waits for its tile's count with acquire semantics — for 1 alone where the slice lacks the expert
+// (its blocks read no input; the combine still reads the plan). ready null: the launches apart.
+struct MoeSync {
+    int* ready;
+    int need;
+};
+
+__device__ __forceinline__ void moe_signal(int* ready) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(ready) : "memory");
+}
+
+// Thread 0 waits until *ready reaches `target`, and the block with it (the barrier passes the acquire on).
+__device__ __forceinline__ void moe_wait(const int* ready, int target) {
+    if (threadIdx.x == 0) {
+        for (;;) {
+            int v;
+            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(ready) : "memory");
+            if (v >= target) break;
+            __nanosleep(64);
+        }
+    }
+    __syncthreads();
+}
+
+// Grouped experts, as gemv_grouped in gptq_gemv.cu: block `at.z` is a tile of up to 8 pairs routed to one expert;
 // the matrix m of expert e comes from the tables at m·n_experts + e (words, zeros, scales, row order: read only
 // REORDERED, when some expert of the launch has one). KW: warps of the block on the same tiles, each over its KW-th
-// of K (mma_gemv.cuh; src/mma.rs `Layout`).
-// grid (mats·⌈N / (16·block_tiles)⌉, splits, max tiles); partial [splits, pairs, mats·N].
+// of K (mma_gemv.cuh; src/mma.rs `Layout`). `at` is the block's place in the grid (mats·⌈N / (16·block_tiles)⌉,
+// splits, max tiles): blockIdx for a launch of its own, a ticket's for gptq_mma_moe_row. partial [splits, pairs,
+// mats·N].
 // FUSE_SILU (mats 2, gate then up): the last of a tile's column range's 2·splits blocks (counters[tile·bx + x])
 // writes y[pair, n] = SiLU(Σ gate)·Σ up — what gptq_reduce_silu computes, in the same order.
 // FUSE_COMBINE (mats 1): the last of a column range's n_tiles·splits blocks (counters[x]) writes y[r, n] for every
 // row, as gptq_reduce_combine (pair_of, routing weights rw [rows, top_k], a shared slot weighted 1);
 // FUSE_COMBINE_ADD adds it into y, the residual (src/experts.rs `into`).
-// One row without a plan (`route`, the row's top_k expert ids, given to the gate/up launch): tile t is slot t of
-// the row (the shared expert last), one pair, x row 0 — none when this slice lacks the expert (its gate address
-// is 0). The tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down launch,
-// whose blocks of an empty tile only count themselves in for the combine.
+// One row without a plan (`route`, the row's top_k expert ids): tile t is slot t of the row (the shared expert
+// last), one pair, x row 0 (gptq_mma_moe_row's down blocks: pair_x[t]) — none when this slice lacks the expert (its
+// gate address is 0).
+// The gate/up launch's tile's first block writes what experts_plan would (tiles, n_tiles, pair_of) for the down
+// launch, whose blocks of an empty tile only count themselves in for the combine.
 template <int BITS, int KW, bool REORDERED, bool SYM, bool PRESUM>
 __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_x, int pairs,
                                  const u64* w_tab, const u64* zr_tab, const u64* sc_tab, const u64* perm_tab,
                                  int n_experts, int mats, float* partial, int K, int N, int group_size, int k_chunk,
                                  int stages, int fuse, int* counters, __nv_bfloat16* y, int* pair_of,
                                  const float* rw, int rows, int top_k, int shared, const u32* route,
-                                 const float2* xsums) {
+                                 const float2* xsums, uint3 at, int splits, MoeSync sync = {nullptr, 0}) {
     constexpr int MB = 8;
-    const int t = blockIdx.z;
+    const int t = at.z;
     constexpr int bt = block_tiles<MB, KW>();
     const int bx = (N / 16 + bt - 1) / bt;
-    const int m = blockIdx.x / bx, cb = blockIdx.x % bx;
+    const int m = at.x / bx, cb = at.x % bx;
     int expert, p0, np, count;
     // The matrix's four table entries, loaded together as soon as the expert is known (one round trip of the
     // block's start, not one to learn whether the slice holds the expert and then one for its addresses).
@@ -216,14 +245,16 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         p0 = t;
         entries();
         np = wa != 0;  // a slice lacking the expert has zeros for each of its matrices (src/experts.rs)
-        if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+        if (sync.need == 0 && at.x == 0 && at.y == 0 && threadIdx.x == 0) {
             tiles[3 * t] = expert;
             tiles[3 * t + 1] = t;
             tiles[3 * t + 2] = np;
             pair_of[t] = np ? t : -1;
             if (t == 0) *n_tiles = slots;
+            if (sync.ready) moe_signal(sync.ready + t);
         }
-        if (np == 0) return;
+        if (sync.need > 0) moe_wait(sync.ready + t, np ? sync.need : 1);
+        if (np == 0 && sync.need == 0) return;  // a down block of it still counts itself in for the combine
         count = slots;
     } else {
         // The count and the tile's entry in one round trip, not one after the other (the grid's tiles stay within
@@ -238,12 +269,13 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         if (!live) return;
     }
     const size_t width = (size_t)mats * N;
-    float* out = partial + ((size_t)blockIdx.y * pairs + p0) * width + (size_t)m * N;
+    float* out = partial + ((size_t)at.y * pairs + p0) * width + (size_t)m * N;
     if (np > 0) {
+        const int* xrow = route == nullptr || sync.need > 0 ? pair_x + p0 : nullptr;
         auto run = [&](auto store) {
             mma_gemv_block<BITS, MB, REORDERED, KW, SYM, PRESUM>(
-                x, route ? nullptr : pair_x + p0, np, (const int*)pa, (const uint2*)wa, (const __half*)za,
-                (const __half*)sa, K, N, group_size, k_chunk, stages, cb, store, xsums);
+                x, xrow, np, (const int*)pa, (const uint2*)wa, (const __half*)za, (const __half*)sa, K, N,
+                group_size, k_chunk, stages, cb, at.y, store, xsums);
         };
         if constexpr (KW == 1)
             run([&](int b, int n, float v) { out[b * width + n] = v; });
@@ -251,12 +283,16 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
             run(SumStore<MB, float, KW>{out, width});
     }
     if (fuse == FUSE_NONE) return;
-    const int splits = gridDim.y, cols = bt * 16, n0 = cb * cols;
+    const int cols = bt * 16, n0 = cb * cols;
     if (fuse == FUSE_SILU) {
         if (!arrive_last(&counters[t * bx + cb], 2 * splits)) return;
         for (int i = threadIdx.x; i < np * cols; i += blockDim.x) {
             const int p = p0 + i / cols, n = n0 + i % cols;
             if (n < N) y[(size_t)p * N + n] = __float2bfloat16(expert_silu_up(partial, splits, pairs, N, p, n));
+        }
+        if (sync.ready) {
+            __syncthreads();  // every thread's stores before thread 0's release (cumulative over them)
+            if (threadIdx.x == 0) moe_signal(sync.ready + t);
         }
         return;
     }
@@ -268,8 +304,55 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
             __float2bfloat16(expert_combine(partial, splits, pairs, N, pair_of, rw, r, n, top_k, shared));
         // FUSE_COMBINE_ADD: y is the residual, and gets the block's output added as add_rms_norm adds it (the
         // output rounded to bf16, then the sum): every column has one owner, and nothing else reads y meanwhile.
-        const size_t at = (size_t)r * N + n;
-        y[at] = fuse == FUSE_COMBINE_ADD ? __float2bfloat16(__bfloat162float(y[at]) + __bfloat162float(v)) : v;
+        const size_t at_y = (size_t)r * N + n;
+        y[at_y] = fuse == FUSE_COMBINE_ADD ? __float2bfloat16(__bfloat162float(y[at_y]) + __bfloat162float(v)) : v;
+    }
+}
+
+// One row's MoE block in one launch (src/experts.rs, one row with the shared expert in the launches): the gate/up
+// launch's G blocks and the down launch's D blocks as tickets 0..G and G..G + D, taken in the order blocks start
+// (ctl[0]), so every gate/up block has started, and will end without waiting on anything, before a down block
+// waits on its tile (MoeSync): down's blocks fill the SMs as gate/up's last wave drains, with no launch between.
+// Each half runs as its own launch would, on its own shape (KWG / KWD warps on a run of K, chunk, stages, splits),
+// and computes the same values in the same order. counters: gate/up's SiLU arrivals [tiles·bx_g], down's combine
+// arrivals after them [bx_d]; ctl [2 + tiles]: the ticket, the down blocks' arrivals, ready — all left at 0 by the
+// last down block. Dynamic shared memory: the larger half's.
+struct MoeHalf {
+    int x, y, z, w;  // blocks along x, splits of K, k_chunk, stages
+};
+template <int BITS, int KWG, int KWD, bool SYM>
+__device__ void mma_moe_row(const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_ids, int pairs,
+                            const u64* gu_w, const u64* gu_z, const u64* gu_s, const u64* d_w, const u64* d_z,
+                            const u64* d_s, int n_experts, float* gu_part, float* d_part, int hidden, int inter,
+                            int group_size, MoeHalf gu_shape, MoeHalf d_shape, int fuse, int* counters, int* ctl,
+                            __nv_bfloat16* h, __nv_bfloat16* y, int* pair_of, const float* rw, int top_k,
+                            int shared, const u32* route) {
+    __shared__ int ticket;
+    const int n = top_k + shared;
+    const int g = gu_shape.x * gu_shape.y * n, d = d_shape.x * d_shape.y * n;
+    if (threadIdx.x == 0) ticket = atomicAdd(ctl, 1);
+    __syncthreads();
+    int k = ticket;
+    const int bx_g = gu_shape.x / 2;
+    int* ready = ctl + 2;
+    if (k < g) {
+        const uint3 at = make_uint3(k % gu_shape.x, k / gu_shape.x % gu_shape.y, k / (gu_shape.x * gu_shape.y));
+        mma_gemv_grouped<BITS, KWG, false, SYM, false>(
+            x, tiles, n_tiles, nullptr, pairs, gu_w, gu_z, gu_s, nullptr, n_experts, 2, gu_part, hidden, inter,
+            group_size, gu_shape.z, gu_shape.w, FUSE_SILU, counters, h, pair_of, rw, 1, top_k, shared, route, nullptr,
+            at, gu_shape.y, MoeSync{ready, 0});
+        return;
+    }
+    k -= g;
+    const uint3 at = make_uint3(k % d_shape.x, k / d_shape.x % d_shape.y, k / (d_shape.x * d_shape.y));
+    mma_gemv_grouped<BITS, KWD, false, SYM, false>(
+        h, tiles, n_tiles, pair_ids, pairs, d_w, d_z, d_s, nullptr, n_experts, 1, d_part, inter, hidden, group_size,
+        d_shape.z, d_shape.w, fuse, counters + n * bx_g, y, pair_of, rw, 1, top_k, shared, route, nullptr, at,
+        d_shape.y, MoeSync{ready, 1 + bx_g});
+    if (arrive_last(ctl + 1, d) && threadIdx.x == 0) {
+        // Every block has taken its ticket (the last ones went to down blocks, all of which have ended).
+        for (int i = 0; i < n; i++) ready[i] = 0;
+        ctl[0] = 0;
     }
 }
 
@@ -296,7 +379,7 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
         mma_gemv_grouped<BITS, KW, REORDERED, SYM, PRESUM>(x, tiles, n_tiles, pair_x, pairs, w, zr, sc, perm,   \
                                                            n_experts, mats, partial, K, N, group_size, k_chunk, \
                                                            stages, fuse, counters, y, pair_of, rw, rows, top_k, \
-                                                           shared, route, xsums);                               \
+                                                           shared, route, xsums, blockIdx, gridDim.y);          \
     }
 #define MMA_PLAIN_MB(BITS, MB)                                                                                  \
     MMA_PLAIN(BITS, MB, , false, false, bf16, __nv_bfloat16)                                                    \
@@ -321,6 +404,31 @@ __device__ void mma_gemv_grouped(const __nv_bfloat16* x, int* tiles, int* n_tile
 MMA_T(2)
 MMA_T(3)
 MMA_T(4)
+// gptq_mma_moe_row_w<BITS>_g<KWG>d<KWD>[_sym]_bf16: one row's MoE block in one launch (mma_moe_row), the gate/up
+// half's warps KWG on a run of K (4: hidden of ≥ 24 chunks, DeepSeek's; 2: shorter), the down half's KWD (2: the
+// one-row down's pairs, src/mma.rs `Layout::HalfK`); no row order. The host takes the two launches for any other.
+#define MMA_MOE_ROW(BITS, NAME, KWG, KWD, SYM)                                                                  \
+    extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_moe_row_w##BITS##NAME##_bf16(                             \
+        const __nv_bfloat16* x, int* tiles, int* n_tiles, const int* pair_ids, int pairs, const u64* gu_w,      \
+        const u64* gu_z, const u64* gu_s, const u64* d_w, const u64* d_z, const u64* d_s, int n_experts,        \
+        float* gu_part, float* d_part, int hidden, int inter, int group_size, int g_bx, int g_splits,           \
+        int g_chunk, int g_stages, int d_bx, int d_splits, int d_chunk, int d_stages, int fuse, int* counters,  \
+        int* ctl, __nv_bfloat16* h, __nv_bfloat16* y, int* pair_of, const float* rw, int top_k, int shared,     \
+        const u32* route) {                                                                                     \
+        mma_moe_row<BITS, KWG, KWD, SYM>(x, tiles, n_tiles, pair_ids, pairs, gu_w, gu_z, gu_s, d_w, d_z, d_s,   \
+                                         n_experts, gu_part, d_part, hidden, inter, group_size,                 \
+                                         MoeHalf{g_bx, g_splits, g_chunk, g_stages},                            \
+                                         MoeHalf{d_bx, d_splits, d_chunk, d_stages}, fuse, counters, ctl, h, y, \
+                                         pair_of, rw, top_k, shared, route);                                    \
+    }
+#define MMA_MOE_ROW_T(BITS)                                                                                     \
+    MMA_MOE_ROW(BITS, _g4d2, 4, 2, false)                                                                       \
+    MMA_MOE_ROW(BITS, _g4d2_sym, 4, 2, true)                                                                    \
+    MMA_MOE_ROW(BITS, _g2d2, 2, 2, false)                                                                       \
+    MMA_MOE_ROW(BITS, _g2d2_sym, 2, 2, true)
+MMA_MOE_ROW_T(2)
+MMA_MOE_ROW_T(3)
+MMA_MOE_ROW_T(4)
 #define MMA_ADDNORM(BITS, SYMNAME, SYM)                                                                        \
     extern "C" __global__ void MMA_BOUNDS(8) gptq_mma_gemv_addnorm_w##BITS##_b8##SYMNAME##_bf16(               \
         const __nv_bfloat16* h, const __nv_bfloat16* add, const float* g, float eps, __nv_bfloat16* h_out,     \

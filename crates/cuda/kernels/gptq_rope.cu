@@ -172,7 +172,7 @@ struct RopeStore {
         const RopeStore st{{y1, y2}, {s1, s2}, {h1, h2}, {d1, d2}, {o1, o2}, {il1, il2}, pos, inv_freq, half};   \
         const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
         mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM>(x, row, B, nullptr, words, zeros, scales, K, N, group_size, \
-                                                     K, stages, block0 + blockIdx.x, st);                       \
+                                                     K, stages, block0 + blockIdx.x, blockIdx.y, st);        \
     }
 // The same with q_a's RMSNorm in the block (RopeStore::fill_x): x the fused projection's rows (`stride` apart),
 // its first K columns the GEMV's input, normed by `norm` and `eps` as mla_prep would norm them (K ≤ 2048, a
@@ -188,7 +188,7 @@ struct RopeStore {
         const int row = threadIdx.x < B ? threadIdx.x : 0;                                                      \
         mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM, false, true>(x, row, B, nullptr, words, zeros, scales, K, N, \
                                                                   group_size, K, stages, block0 + blockIdx.x,   \
-                                                                  st);                                          \
+                                                                  blockIdx.y, st);                              \
     }
 #define ROPE_T(BITS) \
     ROPE_K(BITS, , false) ROPE_K(BITS, _sym, true) ROPE_NORM_K(BITS, , false) ROPE_NORM_K(BITS, _sym, true)

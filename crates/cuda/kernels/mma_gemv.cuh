@@ -144,7 +144,7 @@ template <int BITS, int MB, bool PERM, int KW, bool SYM, bool PRESUM = false, bo
 __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int nrows,
                              const int* __restrict__ perm, const uint2* __restrict__ words,
                              const __half* __restrict__ zeros, const __half* __restrict__ scales, int K, int N,
-                             int group_size, int k_chunk, int stages, int block_x, Store store,
+                             int group_size, int k_chunk, int stages, int block_x, int split, Store store,
                              const float2* __restrict__ xsums = nullptr) {
     static_assert(!PRESUM || (MB == 8 && !PERM), "sums of x from the producer: 8 rows in K's own order");
     static_assert(!XPRE || (!PERM && !PRESUM), "x from the store: in K's own order, sums made in the loop");
@@ -159,7 +159,7 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     // the last tile) and its run of the split's chunks: its KW-th.
     const int tile_at = (block_x * (MMA_WARPS / KW) + warp / KW) * TPW;
     const int tiles = max(0, min(TPW, n_tiles - tile_at)), tile0 = min(tile_at, n_tiles - 1);
-    const int split0 = blockIdx.y * (k_chunk / MMA_CHUNK);
+    const int split0 = split * (k_chunk / MMA_CHUNK);
     const int in_split = max(0, min(k_chunk / MMA_CHUNK, k_chunks - split0));
     const int per = (in_split + KW - 1) / KW;
     const int kw = warp % KW;  // this warp's place among those sharing the tiles
@@ -467,18 +467,18 @@ template <int BITS, int MB, bool REORDERED, int KW, bool SYM, bool PRESUM = fals
 __device__ __forceinline__ void mma_gemv_block(const __nv_bfloat16* x, const int* xrow, int nrows, const int* perm,
                                                const uint2* words, const __half* zeros, const __half* scales, int K,
                                                int N, int group_size, int k_chunk, int stages, int block_x,
-                                               Store store, const float2* xsums = nullptr) {
+                                               int split, Store store, const float2* xsums = nullptr) {
     // Thread b < MB's x row, read before the dispatch (which waits for `perm`), so both loads are in flight at once.
     const int row = threadIdx.x < MB && threadIdx.x < nrows ? (xrow ? xrow[threadIdx.x] : threadIdx.x) : 0;
     if constexpr (REORDERED) {
         if (perm != nullptr) {
             mma_gemv_run<BITS, MB, true, KW, SYM>(x, row, nrows, perm, words, zeros, scales, K, N, group_size,
-                                                    k_chunk, stages, block_x, store);
+                                                    k_chunk, stages, block_x, split, store);
             return;
         }
     }
     mma_gemv_run<BITS, MB, false, KW, SYM, PRESUM>(x, row, nrows, nullptr, words, zeros, scales, K, N, group_size,
-                                                     k_chunk, stages, block_x, store, xsums);
+                                                     k_chunk, stages, block_x, split, store, xsums);
 }
 
 // Row b's column c (of the block's (4 / KW)·TPW·16) summed over the KW warps that shared its K, in warp order:

@@ -15,7 +15,7 @@ use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::Act;
 use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
-use crate::experts_launch::{launch_shape, loop_sums, max_tiles, tile_rows};
+use crate::experts_launch::{Launch, launch_shape, loop_sums, max_tiles, moe_row_kernel, tile_rows};
 use crate::experts_prefill::PairsByExpert;
 use crate::gemv::{GpuGptq, Packing, THREADS, bucket};
 use crate::route::DeviceRouting;
@@ -65,6 +65,14 @@ impl GpuRoutes {
         }
         self.host.get().ok_or_else(|| shape("routing", "download".into()))
     }
+}
+
+/// The plan's buffers of a one-row MoE launch (its gate/up half writes them, as experts_plan would).
+struct Plan<'a> {
+    tiles: &'a mut CudaSlice<i32>,
+    count: &'a mut CudaSlice<i32>,
+    pair_ids: &'a CudaSlice<i32>,
+    pair_of: &'a mut CudaSlice<i32>,
 }
 
 pub struct GpuExperts {
@@ -317,6 +325,16 @@ impl CudaBackend {
         // One row with both reductions fused needs no plan: the gate/up launch takes the routing itself, a tile a
         // slot, and writes the plan's outputs for the down launch (gptq_mma.cu).
         let one_row = x.rows == 1 && fuse_silu && fuse_combine && !self.gpu.is_apart(crate::gpu::Apart::Plan);
+        // And then as one launch where its kernel is compiled (gptq_mma_moe_row), its control words after the
+        // counters of the two halves.
+        let ctl_at = n_tiles * (gate_up.bx / 2) + down_launch.bx;
+        let row_kernel = moe_row_kernel(&gate_up, &down_launch, gate0.bits, t.symmetric).filter(|_| {
+            one_row
+                && !t.reordered
+                && dtype == crate::act::ActDtype::Bf16
+                && ctl_at + 2 + n_tiles <= self.gpu.counters.len()
+                && !self.gpu.is_apart(crate::gpu::Apart::MoeSplit)
+        });
         // The sums of x (gate/up's) and of h (down's) over each row's chunks of 128: (low, high) f32 pairs.
         let chunk_sums = |on: bool, rows: usize, k: usize| -> MResult<Option<CudaSlice<f32>>> {
             // SAFETY: experts_plan (x) and gptq_reduce_silu (h) write every pair before the launches read them.
@@ -359,6 +377,11 @@ impl CudaBackend {
         let sx = dtype.suffix();
 
         drop(p);
+        if let Some(kernel) = row_kernel {
+            let plan =
+                Plan { tiles: &mut tiles, count: &mut count, pair_ids: identity.as_ref(), pair_of: &mut pair_of };
+            return self.moe_row(&kernel, x, t, r, into, (&gate_up, &down_launch), plan, ctl_at);
+        }
         // gate and up of every tile, side by side: partial [splits, pairs, 2·inter].
         let p = span("gate/up");
         let splits = sh.splits;
@@ -426,21 +449,11 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
-        // The combine adds into the residual (bf16, the rows' shape) where asked to and where it runs.
-        let into = into.filter(|h| {
-            fuse_combine && (h.rows, h.cols) == (x.rows, hidden) && h.data.dtype() == crate::act::ActDtype::Bf16
-        });
-        let added = into.is_some();
-        let cf = match (fuse_combine, added) {
-            (true, true) => FUSE_COMBINE_ADD,
-            (true, false) => FUSE_COMBINE,
-            _ => FUSE_NONE,
-        };
-        // The output's buffer only where it is not added (the combine writes every value of it, or the reduction).
-        let mut out = None;
-        let y = match into {
-            Some(h) => &mut h.data,
-            None => &mut out.insert(self.output(x.rows, x.cols)?).data,
+        let (cf, mut into, mut out) = self.combine_target(into, fuse_combine, x, hidden)?;
+        let y = match (&mut into, &mut out) {
+            (Some(h), _) => &mut h.data,
+            (None, Some(o)) => &mut o.data,
+            (None, None) => return Err(shape("experts", "no output for the down launch".into())),
         };
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
@@ -467,6 +480,88 @@ impl CudaBackend {
             // entries and weights rows·top_k.
             unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         }
+        Ok(out)
+    }
+
+    /// Where the down launch's combine puts the rows' experts (`fuse_combine`: it runs): into the residual `into`
+    /// (bf16, the rows' shape) where asked to, else a new output — which the combine writes whole, or the reduction.
+    /// The `fuse` argument, the residual if taken, the new output if not.
+    fn combine_target<'a>(
+        &self,
+        into: Option<&'a mut GpuTensor>,
+        fuse_combine: bool,
+        x: &GpuTensor,
+        hidden: usize,
+    ) -> MResult<(i32, Option<&'a mut GpuTensor>, Option<GpuTensor>)> {
+        let into = into.filter(|h| {
+            fuse_combine && (h.rows, h.cols) == (x.rows, hidden) && h.data.dtype() == crate::act::ActDtype::Bf16
+        });
+        let cf = match (fuse_combine, into.is_some()) {
+            (true, true) => FUSE_COMBINE_ADD,
+            (true, false) => FUSE_COMBINE,
+            _ => FUSE_NONE,
+        };
+        let out = if into.is_some() { None } else { Some(self.output(x.rows, x.cols)?) };
+        Ok((cf, into, out))
+    }
+
+    /// One row's MoE block as one launch (`gptq_mma_moe_row_*`, `kernel`): the gate/up launch's blocks then the
+    /// down launch's, each half on its own launch's shape (`halves`), the SiLU·up and the combine fused as those
+    /// launches fuse them, the combine's output added into `into` where given. The plan's outputs come from the
+    /// gate/up half (`plan`: `pair_ids` the identity, the down half's x rows); the launch's own counters from
+    /// `ctl_at` of `Gpu::counters` (zero between launches, as it leaves them).
+    #[allow(clippy::too_many_arguments)]
+    fn moe_row(
+        &self,
+        kernel: &str,
+        x: &GpuTensor,
+        t: &Tables,
+        r: &DeviceRouting,
+        into: Option<&mut GpuTensor>,
+        (gate_up, down): (&Launch, &Launch),
+        plan: Plan<'_>,
+        ctl_at: usize,
+    ) -> MResult<Option<GpuTensor>> {
+        let _p = self.gpu.span(|| "grouped experts: gate/up+down x1".to_string());
+        let (hidden, inter, s) = (t.hidden, t.inter, &self.gpu.stream);
+        let pairs = r.top_k + usize::from(t.shared);
+        let (gs, ds) = (gate_up.shape, down.shape);
+        let mut gu_part = self.partial(gs.splits * pairs * 2 * inter)?;
+        let mut d_part = self.partial(ds.splits * pairs * hidden)?;
+        // SAFETY: the gate/up half's SiLU·up writes all pairs·inter values before a down block reads its pair's.
+        let mut h = unsafe { Act::uninit(&self.gpu, crate::act::ActDtype::Bf16, pairs * inter) }.map_err(m)?;
+        let (cf, mut into, mut out) = self.combine_target(into, true, x, hidden)?;
+        let y = match (&mut into, &mut out) {
+            (Some(h), _) => &mut h.data,
+            (None, Some(o)) => &mut o.data,
+            (None, None) => return Err(shape("experts", "no output for the MoE launch".into())),
+        };
+        let f = self.f(kernel)?;
+        let smem = gs.smem.max(ds.smem);
+        self.gpu.allow_smem(f, smem as usize).map_err(m)?;
+        let blocks = (gate_up.bx * gs.splits + down.bx * ds.splits) * pairs;
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+        let i = |v: usize| v as i32;
+        let (np, e, ki, ni, g) = (i(pairs), i(t.entries), i(hidden), i(inter), i(t.group_size));
+        let gh = [i(gate_up.bx), i(gs.splits), i(gs.chunk), i(gs.stages)];
+        let dh = [i(down.bx), i(ds.splits), i(ds.chunk), i(ds.stages)];
+        let (k, with_shared) = (i(r.top_k), i32::from(t.shared));
+        let ctl = self.gpu.counters.slice(ctl_at..);
+        let ([gw, gz, gsc, _], [dw, dz, dsc, _]) = (&t.gate_up, &t.down);
+        let mut l = s.launch_builder(f);
+        l.arg(&x.data).arg(plan.tiles).arg(plan.count).arg(plan.pair_ids).arg(&np).arg(gw).arg(gz).arg(gsc);
+        l.arg(dw).arg(dz).arg(dsc).arg(&e).arg(&mut gu_part).arg(&mut d_part).arg(&ki).arg(&ni).arg(&g);
+        for v in gh.iter().chain(&dh) {
+            l.arg(v);
+        }
+        l.arg(&cf).arg(&self.gpu.counters).arg(&ctl).arg(&mut h).arg(y).arg(plan.pair_of).arg(&r.weights);
+        l.arg(&k).arg(&with_shared).arg(&r.experts);
+        // SAFETY: matches gptq_mma_moe_row_*; the tables hold 2·E (gate/up) and E (down) addresses of weights in
+        // this kernel's format; partial sums, h and the plan sized above for `pairs` = top_k + 1 tiles; y (the
+        // residual, checked by combine_target, or the new output) holds hidden values; the routing holds top_k ids
+        // < E and as many weights; the counters cover ctl_at + 2 + pairs entries (checked by the caller), the
+        // halves' below ctl_at.
+        unsafe { l.launch(cfg) }.map_err(md("grouped experts, one launch"))?;
         Ok(out)
     }
 

@@ -78,6 +78,19 @@ pub(crate) fn launch_shape(
     }
 }
 
+/// One row's MoE block as one launch (gptq_mma.cu `gptq_mma_moe_row_*`, src/experts.rs): the kernel for these
+/// two launches' shapes where one is compiled — the gate/up half's warps 4 or 2 on a run of K, the down half's 2, no
+/// sums of x from a producer — of a weight without a row order (`symmetric`: the `_sym` kernel).
+pub(crate) fn moe_row_kernel(gate_up: &Launch, down: &Launch, bits: u32, symmetric: bool) -> Option<String> {
+    let (g, d) = (gate_up.shape.layout.k_warps(), down.shape.layout.k_warps());
+    let compiled = matches!((g, d), (4, 2) | (2, 2)) && (2..=4).contains(&bits);
+    if !compiled || gate_up.sums || down.sums || gate_up.shape.stages == 0 || down.shape.stages == 0 {
+        return None;
+    }
+    let variant = if symmetric { "_sym" } else { "" };
+    Some(format!("gptq_mma_moe_row_w{bits}_g{g}d{d}{variant}_bf16"))
+}
+
 /// `PIPEMOE_LOOP_SUMS=1`: every step as under [`crate::gpu::Apart::LoopSums`] (the grouped launches sum x in
 /// their loops) — a one-binary A/B's knob (docs/CUDA.md).
 pub(crate) fn loop_sums() -> bool {

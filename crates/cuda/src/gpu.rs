@@ -112,6 +112,9 @@ pub enum Apart {
     /// launch's combine, and the next layer's input norm a launch of its own, not in its fused projection's blocks
     /// (`addnorm.rs`, [`Gpu::input_norm`]).
     InputNorm = 2048,
+    /// One row's grouped experts as two launches (gate/up, then down), not one (`gptq_mma_moe_row`: the down
+    /// blocks fill the SMs as the gate/up blocks' last wave drains).
+    MoeSplit = 4096,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.

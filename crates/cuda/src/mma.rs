@@ -215,7 +215,7 @@ impl Layout {
     }
 
     /// Warps of a block that share a run of K.
-    fn k_warps(self) -> usize {
+    pub(crate) fn k_warps(self) -> usize {
         match self {
             Layout::SplitK => WARPS,
             Layout::WarpCols => 1,

@@ -468,12 +468,15 @@ fn grouped_experts_match_the_cpu() {
                     let xg = up(&gpu, *rows, hidden, x);
                     let routes = GpuRoutes::from_host(&gpu, r, count).unwrap();
                     // Over 8 rows: the `_xs` kernels (sums of x by the plan and SiLU), then the loops' own sums; one
-                    // row: also with the plan and with the down launch's warps over quarters of K.
+                    // row: also with the plan, with the down launch's warps over quarters of K, and as two launches
+                    // (the usual one row with the shared expert in the launch: gptq_mma_moe_row, whose sums must be
+                    // the two launches' bit for bit).
                     let aparts: &[&[Apart]] = match rows {
                         9.. => &[&[], &[Apart::LoopSums]],
-                        1 => &[&[], &[Apart::Plan], &[Apart::QuarterK]],
+                        1 => &[&[], &[Apart::Plan], &[Apart::QuarterK], &[Apart::MoeSplit]],
                         _ => &[&[]],
                     };
+                    let mut first_shared: Option<Vec<u32>> = None;
                     for &apart in aparts {
                         gpu.gpu.set_apart(apart);
                         let got = gpu.download(&gpu.experts(&xg, &eg, &routes).unwrap()).unwrap();
@@ -482,13 +485,15 @@ fn grouped_experts_match_the_cpu() {
                         check(&what, act, &got, &want[0], 1e-4);
                         for (i, s_gpu) in sg.iter().enumerate() {
                             let y = gpu.experts_with_shared(&xg, &eg, s_gpu, &routes).unwrap();
-                            check(
-                                &format!("{what} + shared expert {i}"),
-                                act,
-                                &gpu.download(&y).unwrap(),
-                                &want[i + 1],
-                                1e-4,
-                            );
+                            let yh = gpu.download(&y).unwrap();
+                            if i == 0 && (apart.is_empty() || apart == [Apart::MoeSplit]) {
+                                let bits: Vec<u32> = yh.iter().map(|v| v.to_bits()).collect();
+                                match &first_shared {
+                                    None => first_shared = Some(bits),
+                                    Some(one) => assert!(one == &bits, "{what}: one launch and two differ"),
+                                }
+                            }
+                            check(&format!("{what} + shared expert {i}"), act, &yh, &want[i + 1], 1e-4);
                             if *rows == 1 {
                                 added_in_the_combine(&gpu, &mut rng, (&xg, &eg, s_gpu, &routes), &y, &what, i == 0);
                             }

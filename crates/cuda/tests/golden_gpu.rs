@@ -335,6 +335,7 @@ fn apart_switches_leave_the_bits_alone() {
         Apart::EarlyIndex,
         Apart::PrepQuery,
         Apart::InputNorm,
+        Apart::MoeSplit,
     ];
     // The input norm in the projection (`Gpu::input_norm`: the MoE block's output added in the down launch's
     // combine, the next layer's input norm in its fused projection) is taken only where the layer before added its
@@ -342,6 +343,9 @@ fn apart_switches_leave_the_bits_alone() {
     let fused_norm = |ops: &[String]| ops.iter().any(|o| o.starts_with("linear gemv+rms_norm"));
     let (usual, ops) = run_ops(&[]);
     assert!(fused_norm(&ops), "the input norm in the projection: not taken: {ops:?}");
+    // One row's MoE block as one launch (gptq_mma_moe_row), unless `Apart::MoeSplit`.
+    let one_launch = |ops: &[String]| ops.iter().any(|o| o.contains("gate/up+down"));
+    assert!(one_launch(&ops), "the MoE block as one launch: not taken: {ops:?}");
     for apart in switches {
         let (got, ops) = run_ops(&[apart]);
         for (k, (a, b)) in usual.iter().zip(&got).enumerate() {
@@ -349,5 +353,7 @@ fn apart_switches_leave_the_bits_alone() {
             assert!(same, "{apart:?}: decode step {k} differs (rel L2 {:.2e})", rel_l2(b, a));
         }
         assert_eq!(fused_norm(&ops), apart != Apart::InputNorm, "{apart:?}: the input norm's path: {ops:?}");
+        let split = matches!(apart, Apart::MoeSplit | Apart::Plan);
+        assert_eq!(one_launch(&ops), !split, "{apart:?}: the MoE block's launches: {ops:?}");
     }
 }

@@ -35,6 +35,8 @@ pub enum AbSwitch {
     /// The MoE block's output added in the one-row down launch's combine, and the next layer's input norm in its
     /// fused projection.
     InputNorm,
+    /// One row's grouped gate/up and down as one launch.
+    MoeSplit,
 }
 
 impl AbSwitch {
@@ -51,6 +53,7 @@ impl AbSwitch {
             AbSwitch::EarlyIndex => Apart::EarlyIndex,
             AbSwitch::PrepQuery => Apart::PrepQuery,
             AbSwitch::InputNorm => Apart::InputNorm,
+            AbSwitch::MoeSplit => Apart::MoeSplit,
         }
     }
 
@@ -67,6 +70,7 @@ impl AbSwitch {
             AbSwitch::EarlyIndex => "early-index",
             AbSwitch::PrepQuery => "prep-query",
             AbSwitch::InputNorm => "input-norm",
+            AbSwitch::MoeSplit => "moe-split",
         }
     }
 }
