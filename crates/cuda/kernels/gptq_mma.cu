@@ -157,7 +157,8 @@ __device__ void mma_gemv_addnorm(const __nv_bfloat16* h, const __nv_bfloat16* ad
     const int row = threadIdx.x < B ? threadIdx.x : 0;
     auto run = [&](auto store) {
         mma_gemv_run<BITS, 8, false, MMA_WARPS, SYM, false, true>(h, row, B, nullptr, words, zeros, scales, K, N,
-                                                                  group_size, k_chunk, stages, blockIdx.x, blockIdx.y, store);
+                                                                  group_size, k_chunk, stages, blockIdx.x,
+                                                                  blockIdx.y, store);
     };
     if (gridDim.y == 1) {
         run(AddNormStore<__nv_bfloat16>{{y, (size_t)N}, h, add, g, eps, h_out, K, split0, in_split});

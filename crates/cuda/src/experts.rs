@@ -5,7 +5,9 @@
 //! expert's packed weights through device tables of addresses), SiLU·up is applied (by the tensor-core kernel's
 //! last block of each column range, or a reduction), one launch computes down, and each row's experts are added
 //! with their routing weights in slot order (deterministic; by the down launch's last blocks for a few rows with
-//! the shared expert in the launch, else a reduction).
+//! the shared expert in the launch, else a reduction). One row with the shared expert in the launch takes both
+//! launches as one (`moe_row`, gptq_mma.cu `gptq_mma_moe_row_*`): the down launch's blocks start as the gate/up
+//! launch's last wave drains, each waiting for its tile's input.
 //! Longer steps (prefill) loop over the selected experts with the backend's `linear`, which takes the GEMM path.
 
 use std::sync::OnceLock;
