@@ -121,7 +121,27 @@ fn parse_splits(text: &str) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{max_tiles, parse_splits};
+    use super::{Launch, max_tiles, moe_row_kernel, parse_splits};
+    use crate::mma::{Layout, Shape};
+
+    fn launch(layout: Layout, stages: usize, sums: bool) -> Launch {
+        let shape = Shape { chunk: 128 * 28, splits: 2, stages, smem: 40_000, layout };
+        Launch { name: String::new(), bx: 64, shape, sums }
+    }
+
+    /// The one-launch MoE kernel exists for the layouts it is compiled for, named as gptq_mma.cu names it; any
+    /// other pair of shapes takes the two launches.
+    #[test]
+    fn the_one_launch_moe_kernel_is_named_only_where_compiled() {
+        let (split, half) = (launch(Layout::SplitK, 3, false), launch(Layout::HalfK, 3, false));
+        assert_eq!(moe_row_kernel(&split, &half, 3, true).as_deref(), Some("gptq_mma_moe_row_w3_g4d2_sym_bf16"));
+        assert_eq!(moe_row_kernel(&half, &half, 2, false).as_deref(), Some("gptq_mma_moe_row_w2_g2d2_bf16"));
+        assert_eq!(moe_row_kernel(&split, &split, 4, true), None, "down over quarters of K (Apart::QuarterK)");
+        assert_eq!(moe_row_kernel(&split, &launch(Layout::WarpCols, 3, false), 3, true), None);
+        assert_eq!(moe_row_kernel(&split, &launch(Layout::HalfK, 3, true), 3, true), None, "sums of x");
+        assert_eq!(moe_row_kernel(&launch(Layout::SplitK, 0, false), &half, 3, true), None, "no ring");
+        assert_eq!(moe_row_kernel(&split, &half, 8, true), None, "8 bits: no tensor-core kernel");
+    }
 
     #[test]
     fn swept_splits_take_two_counts_in_range() {

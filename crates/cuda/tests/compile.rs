@@ -61,7 +61,8 @@ fn every_kernel_compiles_with_its_trace_records() {
 
 /// The symmetric weights' GEMV entry points the host asks for by name (src/mma.rs `variant`): every bit width's
 /// plain (8 and 16 rows, bf16 and f32 out), grouped (each layout) and RoPE-storing kernel, built by macros; and
-/// the warp-column grouped kernels that read the sums of x (`_xs`, src/experts.rs `launch_shape`).
+/// the warp-column grouped kernels that read the sums of x (`_xs`, src/experts.rs `launch_shape`); and the one-row
+/// MoE block's single launch (`gptq_mma_moe_row_*`, src/experts_launch.rs `moe_row_kernel`).
 fn symmetric_entries(file: &str) -> Vec<String> {
     let bits = [2, 3, 4];
     match file {
@@ -73,7 +74,10 @@ fn symmetric_entries(file: &str) -> Vec<String> {
                     .flat_map(move |mb| ["bf16", "f32"].map(|y| format!("gptq_mma_gemv_w{b}_{mb}_sym_to_{y}")));
                 let grouped = ["_sym", "_k2_sym", "_cols_sym", "_cols_xs", "_cols_sym_xs"]
                     .map(|l| format!("gptq_mma_gemv_grouped_w{b}_b8{l}_bf16"));
-                plain.chain(grouped).collect::<Vec<_>>()
+                // One row's MoE block in one launch: every name src/experts_launch.rs `moe_row_kernel` can give.
+                let moe_row =
+                    ["_g4d2", "_g4d2_sym", "_g2d2", "_g2d2_sym"].map(|l| format!("gptq_mma_moe_row_w{b}{l}_bf16"));
+                plain.chain(grouped).chain(moe_row).collect::<Vec<_>>()
             })
             .collect(),
         "gptq_rope.cu" => bits.iter().map(|b| format!("gptq_mma_gemv_rope_w{b}_b8_sym_bf16")).collect(),
