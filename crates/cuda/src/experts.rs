@@ -77,6 +77,29 @@ struct Plan<'a> {
     pair_of: &'a mut CudaSlice<i32>,
 }
 
+/// Where a down launch's combine writes: the residual it adds into, or a new output the caller gets back.
+enum Target<'a> {
+    Into(&'a mut GpuTensor),
+    Out(GpuTensor),
+}
+
+impl Target<'_> {
+    fn data(&mut self) -> &mut Act {
+        match self {
+            Target::Into(h) => &mut h.data,
+            Target::Out(o) => &mut o.data,
+        }
+    }
+
+    /// The new output, none where the residual took the rows' experts.
+    fn out(self) -> Option<GpuTensor> {
+        match self {
+            Target::Into(_) => None,
+            Target::Out(o) => Some(o),
+        }
+    }
+}
+
 pub struct GpuExperts {
     pub weights: Vec<Option<ExpertWeights<CudaBackend>>>,
     grouped: Option<Tables>,
@@ -451,12 +474,8 @@ impl CudaBackend {
         };
         let (one, ki, ni, ci, st) = (1i32, inter as i32, hidden as i32, sh.chunk as i32, sh.stages as i32);
         let [qw, zr, sc, pm] = &t.down;
-        let (cf, mut into, mut out) = self.combine_target(into, fuse_combine, x, hidden)?;
-        let y = match (&mut into, &mut out) {
-            (Some(h), _) => &mut h.data,
-            (None, Some(o)) => &mut o.data,
-            (None, None) => return Err(shape("experts", "no output for the down launch".into())),
-        };
+        let (cf, mut target) = self.combine_target(into, fuse_combine, x, hidden)?;
+        let y = target.data();
         let mut l = s.launch_builder(f);
         l.arg(&h).arg(&tiles).arg(&count).arg(identity.as_ref()).arg(&np).arg(qw).arg(zr).arg(sc).arg(pm).arg(&e);
         l.arg(&one).arg(&mut partial).arg(&ki).arg(&ni).arg(&gs).arg(&ci);
@@ -472,7 +491,7 @@ impl CudaBackend {
         // rows·hidden values, pair_of rows·(top_k + shared) entries and weights rows·top_k; the counters cover gx.
         unsafe { l.launch(cfg) }.map_err(md("grouped down"))?;
         drop(p);
-        if let (false, Some(out)) = (fuse_combine, &mut out) {
+        if let (false, Target::Out(out)) = (fuse_combine, &mut target) {
             let _p = span("combine");
             let sp = splits as i32;
             let mut l = s.launch_builder(self.f(&format!("gptq_reduce_combine_{sx}"))?);
@@ -482,19 +501,19 @@ impl CudaBackend {
             // entries and weights rows·top_k.
             unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         }
-        Ok(out)
+        Ok(target.out())
     }
 
     /// Where the down launch's combine puts the rows' experts (`fuse_combine`: it runs): into the residual `into`
     /// (bf16, the rows' shape) where asked to, else a new output — which the combine writes whole, or the reduction.
-    /// The `fuse` argument, the residual if taken, the new output if not.
+    /// The `fuse` argument and the target.
     fn combine_target<'a>(
         &self,
         into: Option<&'a mut GpuTensor>,
         fuse_combine: bool,
         x: &GpuTensor,
         hidden: usize,
-    ) -> MResult<(i32, Option<&'a mut GpuTensor>, Option<GpuTensor>)> {
+    ) -> MResult<(i32, Target<'a>)> {
         let into = into.filter(|h| {
             fuse_combine && (h.rows, h.cols) == (x.rows, hidden) && h.data.dtype() == crate::act::ActDtype::Bf16
         });
@@ -503,8 +522,11 @@ impl CudaBackend {
             (true, false) => FUSE_COMBINE,
             _ => FUSE_NONE,
         };
-        let out = if into.is_some() { None } else { Some(self.output(x.rows, x.cols)?) };
-        Ok((cf, into, out))
+        let target = match into {
+            Some(h) => Target::Into(h),
+            None => Target::Out(self.output(x.rows, x.cols)?),
+        };
+        Ok((cf, target))
     }
 
     /// One row's MoE block as one launch (`gptq_mma_moe_row_*`, `kernel`): the gate/up launch's blocks then the
@@ -532,12 +554,8 @@ impl CudaBackend {
         let mut d_part = self.partial(ds.splits * pairs * hidden)?;
         // SAFETY: the gate/up half's SiLU·up writes all pairs·inter values before a down block reads its pair's.
         let mut h = unsafe { Act::uninit(&self.gpu, crate::act::ActDtype::Bf16, pairs * inter) }.map_err(m)?;
-        let (cf, mut into, mut out) = self.combine_target(into, true, x, hidden)?;
-        let y = match (&mut into, &mut out) {
-            (Some(h), _) => &mut h.data,
-            (None, Some(o)) => &mut o.data,
-            (None, None) => return Err(shape("experts", "no output for the MoE launch".into())),
-        };
+        let (cf, mut target) = self.combine_target(into, true, x, hidden)?;
+        let y = target.data();
         let f = self.f(kernel)?;
         let smem = gs.smem.max(ds.smem);
         self.gpu.allow_smem(f, smem as usize).map_err(m)?;
@@ -564,7 +582,7 @@ impl CudaBackend {
         // < E and as many weights; the counters cover ctl_at + 2 + pairs entries (checked by the caller), the
         // halves' below ctl_at.
         unsafe { l.launch(cfg) }.map_err(md("grouped experts, one launch"))?;
-        Ok(out)
+        Ok(target.out())
     }
 
     /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add
