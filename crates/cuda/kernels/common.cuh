@@ -115,6 +115,28 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async16_at(u32 dst, const void* src, int bytes = 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
 }
+// A weight's 16 bytes, streamed once a step: with MMA_EVICT_FIRST (an experiment's define) under an L2 evict-first
+// policy (`policy`, from weight_policy()), so that the weights streaming through L2 leave it the data that is read
+// again — activations, partial sums, the cache, the kernels' code; without, cp_async16_at.
+#ifndef MMA_EVICT_FIRST
+#define MMA_EVICT_FIRST 0
+#endif
+__device__ __forceinline__ unsigned long long weight_policy() {
+    unsigned long long p = 0;
+#if MMA_EVICT_FIRST
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+#endif
+    return p;
+}
+__device__ __forceinline__ void cp_async16_w_at(u32 dst, const void* src, unsigned long long policy) {
+#if MMA_EVICT_FIRST
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(policy)
+                 : "memory");
+#else
+    (void)policy;
+    cp_async16_at(dst, src);
+#endif
+}
 // 16 bytes through L1 (allocating there): for data several warps of an SM copy within a short time (the x rows
 // of a GEMV chunk, which every warp on other columns of the same chunk copies too), so that L2 sends it once.
 __device__ __forceinline__ void cp_async16_ca_at(u32 dst, const void* src) {

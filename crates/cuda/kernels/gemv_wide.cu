@@ -53,6 +53,7 @@ __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __re
     const u32 x_at = ring_at + wbytes + sz_bytes<TPW>() + xcol * 2;
     // The slot the next issue fills (its index and byte offset): slots are filled and read in turn, wrapping.
     int next_s = 0, next_off = 0;
+    const unsigned long long wpol = weight_policy();
     auto issue = [&]() {
         int c = 0;
         if (lane == 0) c = atomicAdd(&next_chunk, 1);
@@ -62,7 +63,8 @@ __device__ void gemv_wide(const __nv_bfloat16* __restrict__ x, const uint2* __re
         if (c < k_chunks) {
             const unsigned char* wsrc = wbase + (size_t)c * BITS * 256;
 #pragma unroll
-            for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
+            for (int i = 0; i < PIECES; i++)
+                cp_async16_w_at(ring_at + off + (lane + 32 * i) * 16, wsrc + piece_src[i], wpol);
             if (lane < 2 * TPW)
                 cp_async16_at(sz_at + off, scales + (size_t)c * N + tile0 * 16 + (scale_lane ? lane * 8 : 0),
                               scale_lane ? 16 : 0);

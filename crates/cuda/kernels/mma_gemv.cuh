@@ -214,10 +214,12 @@ __device__ void mma_gemv_run(const __nv_bfloat16* __restrict__ x, int row, int n
     // PRESUM: lane b < nrows copies row b's (lo, hi) of each chunk after the slot's x rows.
     const int xsum_off = wbytes + sz_bytes<TPW>() + nrows * MMA_XS * 2;
     const float2* ssrc = PRESUM ? xsums + (size_t)rows_of[min(lane, MB - 1)] * k_chunks + c0 : nullptr;
+    const unsigned long long wpol = weight_policy();
     auto issue = [&](bool real) {
         if (real) {
 #pragma unroll
-            for (int i = 0; i < PIECES; i++) cp_async16_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i]);
+            for (int i = 0; i < PIECES; i++)
+                cp_async16_w_at(ring_at + next_off + (lane + 32 * i) * 16, wsrc + piece_src[i], wpol);
             if (lane < SZ_LANES) cp_async16_at(sz_at + next_off, szsrc, sz_ok ? 16 : 0);
             if constexpr (XPRE) {
                 // x is in shared memory already (fill_x)
