@@ -47,6 +47,9 @@ pub struct Gpu {
     pub smem_per_sm: usize,
     /// One module per kernel source file (`nvrtc::KERNELS`), with its cubin to find which file defines a symbol.
     pub(crate) modules: Vec<(Arc<CudaModule>, Vec<u8>)>,
+    /// The same modules compiled with `PIPEMOE_NVRTC_VARIANT`'s defines too (empty when it is unset): what
+    /// `function` hands out under `Apart::Variant`.
+    variant_modules: Vec<(Arc<CudaModule>, Vec<u8>)>,
     /// Functions found so far by symbol. Each is leaked once per `Gpu` and symbol (a few hundred bytes each, a
     /// bounded set), so `function` can hand out plain references without holding the lock.
     pub(crate) functions: Mutex<HashMap<String, &'static CudaFunction>>,
@@ -115,6 +118,10 @@ pub enum Apart {
     /// One row's grouped experts as two launches (gate/up, then down), not one (`gptq_mma_moe_row`: the down
     /// blocks fill the SMs as the gate/up blocks' last wave drains).
     MoeSplit = 4096,
+    /// Every kernel from the set compiled with `PIPEMOE_NVRTC_VARIANT`'s defines too ([`nvrtc::variant_defines`];
+    /// none set: the usual kernels): an experiment's macro against the usual kernels in one process. Not a fusion
+    /// taken apart, but a switch the recorded steps are keyed by all the same.
+    Variant = 8192,
 }
 
 /// The side stream and the events that fork it from the main stream and join it back.
@@ -176,8 +183,9 @@ impl Drop for Branch<'_> {
     }
 }
 
-/// A function and shape of `Gpu::resident_blocks`: the caller's three numbers, block threads, shared bytes.
-type ResidentKey = (u32, u32, u32, u32, u32);
+/// A function and shape of `Gpu::resident_blocks`: the caller's three numbers, block threads, shared bytes, and
+/// whether the function is the variant set's.
+type ResidentKey = (u32, u32, u32, u32, u32, bool);
 
 /// Dynamic shared memory a kernel gets without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
@@ -260,12 +268,18 @@ impl Gpu {
             done: ctx.new_event(None).map_err(drv("cuEventCreate"))?,
         };
         let counters = stream.alloc_zeros::<i32>(COUNTERS).map_err(drv("cuMemAlloc"))?;
-        let mut modules = Vec::new();
-        for (file, source) in nvrtc::KERNELS {
-            let cubin = nvrtc::cubin(file, source, &arch)?;
-            let module = ctx.load_module(Ptx::from_binary(cubin.clone())).map_err(drv("cuModuleLoadData"))?;
-            modules.push((module, cubin));
-        }
+        let load = |defines: &[String]| -> Result<Vec<(Arc<CudaModule>, Vec<u8>)>> {
+            let mut modules = Vec::new();
+            for (file, source) in nvrtc::KERNELS {
+                let cubin = nvrtc::cubin_with(file, source, &arch, defines)?;
+                let module = ctx.load_module(Ptx::from_binary(cubin.clone())).map_err(drv("cuModuleLoadData"))?;
+                modules.push((module, cubin));
+            }
+            Ok(modules)
+        };
+        let modules = load(&[])?;
+        let variant = nvrtc::variant_defines();
+        let variant_modules = if variant.is_empty() { Vec::new() } else { load(&variant)? };
         Ok(Gpu {
             ctx,
             stream,
@@ -274,6 +288,7 @@ impl Gpu {
             sm_count,
             smem_per_sm,
             modules,
+            variant_modules,
             functions: Mutex::new(HashMap::new()),
             opted_in: Mutex::new(HashMap::new()),
             resident: Mutex::new(HashMap::new()),
@@ -345,7 +360,7 @@ impl Gpu {
         threads: u32,
         smem: u32,
     ) -> Option<usize> {
-        let key = (key.0, key.1, key.2, threads, smem);
+        let key = (key.0, key.1, key.2, threads, smem, self.variant());
         if let Some(&n) = self.resident.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Some(n);
         }
@@ -414,22 +429,29 @@ impl Gpu {
         Ok(v)
     }
 
-    /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it.
+    /// Whether this step's kernels come from the variant set (`Apart::Variant` with `PIPEMOE_NVRTC_VARIANT` set).
+    fn variant(&self) -> bool {
+        self.is_apart(Apart::Variant) && !self.variant_modules.is_empty()
+    }
+
+    /// The kernel `symbol` (`<op>_<dtype>`, STYLE.md §12) from whichever source file defines it (under
+    /// `Apart::Variant`, from the variant set).
     pub fn function(&self, symbol: &str) -> Result<&CudaFunction> {
+        let variant = self.variant();
+        let key = if variant { format!("variant {symbol}") } else { symbol.to_string() };
         let mut found = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = found.get(symbol) {
+        if let Some(f) = found.get(&key) {
             return Ok(f);
         }
         // Asking each module in turn would leave a failed driver call (CUDA_ERROR_NOT_FOUND) per miss, which
         // compute-sanitizer reports as errors; the cubin's string table says which module to ask.
-        let (module, _) = self
-            .modules
+        let (module, _) = if variant { &self.variant_modules } else { &self.modules }
             .iter()
             .find(|(_, cubin)| defines(cubin, symbol))
             .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
         let f = module.load_function(symbol).map_err(drv("cuModuleGetFunction"))?;
         let f: &'static CudaFunction = Box::leak(Box::new(f));
-        found.insert(symbol.to_string(), f);
+        found.insert(key, f);
         Ok(f)
     }
 

@@ -125,18 +125,24 @@ pub fn expand(name: &str, source: &str) -> String {
 
 /// CUBIN of one kernel file for `arch` (`sm_86`), from the cache or freshly compiled (then cached).
 pub fn cubin(name: &str, source: &str, arch: &str) -> Result<Vec<u8>> {
+    cubin_with(name, source, arch, &[])
+}
+
+/// [`cubin`] with `defines` (`-DNAME[=VALUE]` options) after the environment's: a module of
+/// `PIPEMOE_NVRTC_VARIANT`'s kernels ([`variant_defines`]), cached apart from the usual one.
+pub fn cubin_with(name: &str, source: &str, arch: &str, defines: &[String]) -> Result<Vec<u8>> {
     let (major, minor) = version()?;
     let src = expand(name, source);
     // With PIPEMOE_TRACE=1 each kernel records its blocks' times (trace.rs): another source, so another entry.
     let src = if crate::trace::enabled() { crate::trace::instrument(&src) } else { src };
-    let extra = extra_options().join(" ");
+    let extra = extra_options().iter().chain(defines).cloned().collect::<Vec<_>>().join(" ");
     let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), &major.to_le_bytes(), &minor.to_le_bytes(), extra.as_bytes()]);
     let dir = cache_dir();
     let path = dir.join(format!("{}-{arch}-{key:016x}.cubin", name.trim_end_matches(".cu")));
     if let Ok(bytes) = std::fs::read(&path) {
         return Ok(bytes);
     }
-    let bin = compile(name, &src, arch)?;
+    let bin = compile_with(name, &src, arch, defines)?;
     // A cache that cannot be written only costs a recompile next time.
     if std::fs::create_dir_all(&dir).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -165,20 +171,39 @@ fn extra_options() -> Vec<String> {
     if std::env::var("PIPEMOE_NVRTC_LINEINFO").is_ok_and(|v| v == "1") {
         out.push("-lineinfo".to_string());
     }
-    if let Ok(defs) = std::env::var("PIPEMOE_NVRTC_DEFINES") {
-        for d in defs.split_whitespace() {
-            if d.len() > 2 && d.starts_with("-D") {
-                out.push(d.to_string());
-            } else {
-                eprintln!("pipemoe: ignoring {d:?} in PIPEMOE_NVRTC_DEFINES (only -DNAME[=VALUE])");
-            }
-        }
-    }
+    out.extend(env_defines("PIPEMOE_NVRTC_DEFINES"));
     out
+}
+
+/// `PIPEMOE_NVRTC_VARIANT="-DNAME=VALUE ..."`: a second set of every kernel, compiled with these defines too, which
+/// a step takes under `Apart::Variant` (`Gpu::function`) — so that an experiment's macro can be timed against the
+/// usual kernels in one process (`pipemoe bench --ab variant`). Empty when unset.
+pub fn variant_defines() -> Vec<String> {
+    env_defines("PIPEMOE_NVRTC_VARIANT")
+}
+
+/// The `-D` options of the variable `var`; anything else is ignored, with a note on stderr.
+fn env_defines(var: &str) -> Vec<String> {
+    let Ok(defs) = std::env::var(var) else { return Vec::new() };
+    defs.split_whitespace()
+        .filter(|d| {
+            let ok = d.len() > 2 && d.starts_with("-D");
+            if !ok {
+                eprintln!("pipemoe: ignoring {d:?} in {var} (only -DNAME[=VALUE])");
+            }
+            ok
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// Compiles to CUBIN; a compile error comes back with NVRTC's log.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    compile_with(name, src, arch, &[])
+}
+
+/// [`compile`] with `defines` after the environment's options.
+pub fn compile_with(name: &str, src: &str, arch: &str, defines: &[String]) -> Result<Vec<u8>> {
     if !nvrtc_present() {
         return Err(Error::NoNvrtc);
     }
@@ -195,6 +220,7 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
         "--use_fast_math".to_string(),
     ];
     opts.extend(extra_options());
+    opts.extend(defines.iter().cloned());
     // SAFETY: `prog` was created above and is destroyed exactly once below; the options hold no NUL.
     let compiled = unsafe { result::compile_program(prog, &opts) };
     let out = match compiled {

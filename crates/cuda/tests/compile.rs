@@ -95,3 +95,19 @@ fn a_broken_kernel_is_an_error_with_the_log() {
         .expect_err("must not compile");
     assert!(err.to_string().contains("undefined_fn"), "{err}");
 }
+
+/// A variant's defines (`PIPEMOE_NVRTC_VARIANT`, `Apart::Variant`) reach the compiler: the same source with and
+/// without them compiles to different code, and `cubin_with` keeps the two apart in the cache.
+#[test]
+fn a_variant_s_defines_reach_the_compiler() {
+    if let Some(why) = toolchain() {
+        skip(&why);
+        return;
+    }
+    let src = "#ifndef V\n#define V 0\n#endif\nextern \"C\" __global__ void k(int* p) { *p = V + 12345; }";
+    let plain = nvrtc::compile("variant.cu", src, "sm_86").expect("compiles");
+    let seven = nvrtc::compile_with("variant.cu", src, "sm_86", &["-DV=7".to_string()]).expect("compiles");
+    assert_ne!(plain, seven, "the define did not reach the compiler");
+    let again = nvrtc::compile_with("variant.cu", src, "sm_86", &[]).expect("compiles");
+    assert_eq!(plain, again, "no defines: the usual code");
+}

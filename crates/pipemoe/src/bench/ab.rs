@@ -37,6 +37,9 @@ pub enum AbSwitch {
     InputNorm,
     /// One row's grouped gate/up and down as one launch.
     MoeSplit,
+    /// The usual kernels against those compiled with `PIPEMOE_NVRTC_VARIANT`'s defines too (the "old way" is the
+    /// variant: a negative saving means the variant is faster).
+    Variant,
 }
 
 impl AbSwitch {
@@ -54,6 +57,7 @@ impl AbSwitch {
             AbSwitch::PrepQuery => Apart::PrepQuery,
             AbSwitch::InputNorm => Apart::InputNorm,
             AbSwitch::MoeSplit => Apart::MoeSplit,
+            AbSwitch::Variant => Apart::Variant,
         }
     }
 
@@ -71,6 +75,7 @@ impl AbSwitch {
             AbSwitch::PrepQuery => "prep-query",
             AbSwitch::InputNorm => "input-norm",
             AbSwitch::MoeSplit => "moe-split",
+            AbSwitch::Variant => "variant",
         }
     }
 }
@@ -102,6 +107,9 @@ pub fn run(
     rounds: usize,
     steps: usize,
 ) -> Result<Vec<AbResult>> {
+    if switches.contains(&AbSwitch::Variant) && pipemoe_cuda::nvrtc::variant_defines().is_empty() {
+        anyhow::bail!("--ab variant times the kernels of PIPEMOE_NVRTC_VARIANT's defines, and it is not set");
+    }
     let mut out = Vec::new();
     for &switch in switches {
         let (mut usual, mut apart, mut saved, mut whole) = (Vec::new(), Vec::new(), Vec::new(), [vec![], vec![]]);
