@@ -438,9 +438,15 @@ impl Gpu {
     /// `Apart::Variant`, from the variant set).
     pub fn function(&self, symbol: &str) -> Result<&CudaFunction> {
         let variant = self.variant();
-        let key = if variant { format!("variant {symbol}") } else { symbol.to_string() };
+        let variant_key;
+        let key = if variant {
+            variant_key = format!("variant {symbol}");
+            variant_key.as_str()
+        } else {
+            symbol
+        };
         let mut found = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = found.get(&key) {
+        if let Some(f) = found.get(key) {
             return Ok(f);
         }
         // Asking each module in turn would leave a failed driver call (CUDA_ERROR_NOT_FOUND) per miss, which
@@ -451,7 +457,7 @@ impl Gpu {
             .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
         let f = module.load_function(symbol).map_err(drv("cuModuleGetFunction"))?;
         let f: &'static CudaFunction = Box::leak(Box::new(f));
-        found.insert(key, f);
+        found.insert(key.to_string(), f);
         Ok(f)
     }
 
