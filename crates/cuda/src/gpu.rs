@@ -451,7 +451,8 @@ impl Gpu {
         }
         // Asking each module in turn would leave a failed driver call (CUDA_ERROR_NOT_FOUND) per miss, which
         // compute-sanitizer reports as errors; the cubin's string table says which module to ask.
-        let (module, _) = if variant { &self.variant_modules } else { &self.modules }
+        let set = if variant { &self.variant_modules } else { &self.modules };
+        let (module, _) = set
             .iter()
             .find(|(_, cubin)| defines(cubin, symbol))
             .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
