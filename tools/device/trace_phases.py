@@ -9,23 +9,11 @@ Usage: tools/device/trace_phases.py TRACE.csv[.gz] REGEX [--phases name:lo-hi,..
   e.g. tools/device/trace_phases.py trace.csv.gz moe_row --phases gu:0-1152,down:1152-1656,next:1656-9999 --wave 528
 """
 import argparse
-import csv
-import gzip
+import collections
 import re
 import statistics as st
 
-
-def launches_of(rows, gap_ns=20000):
-    """A kernel's blocks cut into launches where starts are more than gap_ns apart."""
-    out, cur = [], []
-    for r in sorted(rows, key=lambda r: r[2]):
-        if cur and r[2] - cur[-1][2] > gap_ns:
-            out.append(cur)
-            cur = []
-        cur.append(r)
-    if cur:
-        out.append(cur)
-    return out
+from trace_summary import load, runs
 
 
 def main():
@@ -40,15 +28,14 @@ def main():
         name, span = p.split(":")
         lo, hi = span.split("-")
         phases.append((name, int(lo), int(hi)))
-    opener = gzip.open if a.trace.endswith(".gz") else open
-    by_kernel = {}
-    with opener(a.trace, "rt") as f:
-        for r in csv.DictReader(f):
-            if re.search(a.kernel, r["kernel"]):
-                by_kernel.setdefault(r["kernel"], []).append((int(r["block"]), int(r["sm"]), int(r["start_ns"]), int(r["end_ns"])))
-    for name, rows in sorted(by_kernel.items()):
+    by_kernel = collections.defaultdict(list)
+    for kernel, blocks, block, sm, start, end in load(a.trace):
+        if re.search(a.kernel, kernel):
+            by_kernel[(kernel, blocks)].append((kernel, blocks, block, sm, start, end))
+    for (name, blocks), rows in sorted(by_kernel.items()):
         print(name)
-        for launch in launches_of([(b, sm, s, e) for b, sm, s, e in rows]):
+        for launch in runs(rows, blocks):
+            launch = [(b, sm, s, e) for _, _, b, sm, s, e in launch]
             t0 = min(r[2] for r in launch)
             us = lambda v: (v - t0) / 1e3
             parts = []

@@ -12,12 +12,12 @@ Usage: tools/device/trace_summary.py TRACE.csv [--gap-us 8] [--all] [--sm MIN_BL
             (dispatch order) they ended — session 37 found the split-K GEMVs' co-resident blocks ending in that
             order, ~1.5 µs apart, the last alone on its SM
 """
-import argparse, collections, csv, statistics, sys
+import argparse, collections, csv, gzip, statistics, sys
 
 
 def load(path):
     rows = []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for r in csv.DictReader(f):
             rows.append((r["kernel"], int(r["blocks"]), int(r["block"]), int(r["sm"]), int(r["start_ns"]), int(r["end_ns"])))
     if not rows:
@@ -38,16 +38,20 @@ def steps_of(rows, gap_ns):
     return steps
 
 
+def runs(rs, blocks):
+    """Records of one kernel and grid size in start order, cut into runs of `blocks`: one launch each."""
+    rs = sorted(rs, key=lambda r: r[4])
+    return [rs[i:i + blocks] for i in range(0, len(rs), blocks)]
+
+
 def launches_of(step):
-    """Blocks of one kernel and grid size, in start order, cut into runs of `blocks` records: one launch each."""
+    """Each launch of a step: its kernel, blocks, times (runs)."""
     by = collections.defaultdict(list)
     for r in step:
         by[(r[0], r[1])].append(r)
     out = []
     for (name, blocks), rs in by.items():
-        rs.sort(key=lambda r: r[4])
-        for i in range(0, len(rs), blocks):
-            part = rs[i:i + blocks]
+        for part in runs(rs, blocks):
             durs = [r[5] - r[4] for r in part]
             out.append({
                 "name": name, "blocks": blocks, "recorded": len(part),
