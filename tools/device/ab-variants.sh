@@ -9,7 +9,7 @@
 #                saving means the variant is slower than the usual kernels)
 #   -r ROUNDS    rounds each (default 6)
 #   bench args   default: --layers 2 --context 4096 --steps 32 --streams 0 --decode-only
-# Logs: $OUT (or /tmp/pipemoe-ab-variants)/ab-NAME.txt. A/A check first: AA='-DPIPEMOE_AA=1' (no kernel reads it;
+# Logs: $OUT (or /tmp/pipemoe-ab-variants)/ab-NAME.{txt,json} (the table reads the bench's --json). A/A check first: AA='-DPIPEMOE_AA=1' (no kernel reads it;
 # session 47: −0.1 µs, range −0.6 … +1.0 over 10 rounds).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,21 +38,27 @@ for v in "${variants[@]}"; do
     limit=200
     [ $first = 1 ] && limit=420
     first=0
+    rm -f "$logs/ab-$name.json"
     PIPEMOE_NVRTC_VARIANT="$defines" timeout "$limit" ./.device/pipemoe bench "${bench[@]}" --cache-dir /tmp/pb \
-        --ab variant --ab-rounds "$rounds" > "$logs/ab-$name.txt" 2>&1
+        --ab variant --ab-rounds "$rounds" --json "$logs/ab-$name.json" > "$logs/ab-$name.txt" 2>&1
     rc=$?
     line=$(grep -E '^bench: A/B variant' "$logs/ab-$name.txt")
-    if [ -z "$line" ]; then
-        echo "$name: no A/B (rc $rc; timeout 124): $(tail -1 "$logs/ab-$name.txt")"
-        table+=("$(printf '%-12s %-40s %s' "$name" "$defines" "failed (rc $rc)")")
-        continue
-    fi
-    echo "$name: $line"
-    # "… 0.2866 ms, the old way 0.2815 ms …; saved a step: median -0.0052 ms, range -0.0054 .. -0.0044; …"
-    row=$(sed -E 's/.*queueing: ([0-9.]+) ms, the old way ([0-9.]+) ms.*median (-?[0-9.]+) ms, range (-?[0-9.]+) \.\. (-?[0-9.]+).*/\1 \2 \3 \4 \5/' <<< "$line")
-    read -r usual variant saved lo hi <<< "$row"
-    table+=("$(awk -v n="$name" -v d="$defines" -v u="$usual" -v w="$variant" -v s="$saved" -v a="$lo" -v b="$hi" \
-        'BEGIN { printf "%-12s %-40s %9.4f %9.4f %+8.1f %+7.1f .. %+.1f", n, d, u, w, s * 1000, a * 1000, b * 1000 }')")
+    echo "$name: ${line:-no A/B (rc $rc; timeout 124): $(tail -1 "$logs/ab-$name.txt")}"
 done
-printf '\n%-12s %-40s %9s %9s %8s %s\n' variant defines "usual ms" "var. ms" "saved µs" "range µs (+: variant slower)"
-printf '%s\n' "${table[@]}"
+# The table from the bench's JSON ("ab": the usual and the variant's medians, the saving's median and range).
+python3 - "$logs" "${variants[@]}" <<'PY'
+import json, os, sys
+logs = sys.argv[1]
+print("\n%-12s %-40s %9s %9s %8s %s" % ("variant", "defines", "usual ms", "var. ms", "saved µs", "range µs (+: variant slower)"))
+for v in sys.argv[2:]:
+    name, defines = v.split("=", 1)
+    path = os.path.join(logs, "ab-%s.json" % name)
+    try:
+        ab = json.load(open(path))["ab"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        print("%-12s %-40s failed (no A/B in %s)" % (name, defines, path))
+        continue
+    print("%-12s %-40s %9.4f %9.4f %+8.1f %+7.1f .. %+.1f" % (
+        name, defines, ab["usual_s"] * 1e3, ab["old_way_s"] * 1e3, ab["saved_median_s"] * 1e6,
+        ab["saved_min_s"] * 1e6, ab["saved_max_s"] * 1e6))
+PY
