@@ -9,7 +9,8 @@
 #                saving means the variant is slower than the usual kernels)
 #   -r ROUNDS    rounds each (default 6)
 #   bench args   default: --layers 2 --context 4096 --steps 32 --streams 0 --decode-only
-# Logs: $OUT (or /tmp/pipemoe-ab-variants)/ab-NAME.{txt,json} (the table reads the bench's --json). A/A check first: AA='-DPIPEMOE_AA=1' (no kernel reads it;
+# Logs: $OUT (or /tmp/pipemoe-ab-variants)/ab-NAME.{txt,json} (the table reads the bench's --json). A/A check
+# first: AA='-DPIPEMOE_AA=1' (no kernel reads it;
 # session 47: −0.1 µs, range −0.6 … +1.0 over 10 rounds).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,7 +32,6 @@ bench=("$@")
 [ ${#bench[@]} -gt 0 ] || bench=(--layers 2 --context 4096 --steps 32 --streams 0 --decode-only)
 logs="${OUT:-/tmp/pipemoe-ab-variants}"
 mkdir -p "$logs"
-table=()
 first=1
 for v in "${variants[@]}"; do
     name="${v%%=*}" defines="${v#*=}"
