@@ -26,7 +26,7 @@ while [ $# -gt 0 ] && [ "$1" != -- ]; do
     variants+=("$1")
     shift
 done
-[ ${#variants[@]} -gt 0 ] || { sed -n 2,15p "$0" >&2; exit 2; }
+[ ${#variants[@]} -gt 0 ] || { sed -n 2,14p "$0" >&2; exit 2; }
 [ "${1:-}" = -- ] && shift
 bench=("$@")
 [ ${#bench[@]} -gt 0 ] || bench=(--layers 2 --context 4096 --steps 32 --streams 0 --decode-only)
