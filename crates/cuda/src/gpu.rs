@@ -457,6 +457,7 @@ impl Gpu {
             .find(|(_, cubin)| defines(cubin, symbol))
             .ok_or_else(|| Error::Shape { what: "kernel", reason: format!("no kernel named {symbol}") })?;
         let f = module.load_function(symbol).map_err(drv("cuModuleGetFunction"))?;
+        prefer_carveout(&f)?;
         let f: &'static CudaFunction = Box::leak(Box::new(f));
         found.insert(key.to_string(), f);
         Ok(f)
@@ -464,6 +465,21 @@ impl Gpu {
 
     pub fn describe(&self) -> String {
         format!("{} ({}, {} SMs)", self.name, self.arch, self.sm_count)
+    }
+}
+
+/// `PIPEMOE_SMEM_CARVEOUT=P` (an experiment's knob, 0–100; unset: the driver's choice, as before) asks for the same
+/// share of each SM's L1/shared memory as shared memory for every kernel, so that an SM never has to drain to change
+/// its split between kernels of different needs (docs/PERF.md session 48).
+fn prefer_carveout(f: &CudaFunction) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT;
+    static SHARE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let share = *SHARE.get_or_init(|| {
+        std::env::var_os("PIPEMOE_SMEM_CARVEOUT").map(|_| crate::mma::knob("PIPEMOE_SMEM_CARVEOUT", 100, 0..=100))
+    });
+    match share {
+        Some(p) => f.set_attribute(CARVEOUT, p as i32).map_err(drv("cuFuncSetAttribute (carveout)")),
+        None => Ok(()),
     }
 }
 
