@@ -5,12 +5,13 @@
 //! through the device tables of addresses and reads its pairs' rows of x), `silu_mul` makes h, one launch computes
 //! down (f32, one row per pair) and `gptq_reduce_combine` adds each row's experts with their routing weights in
 //! slot order. One expert at a time this was ~8 launches and a gather per expert (1,000 a layer in a 512-row
-//! chunk), each expert's GEMM a fraction of the device.
+//! chunk), each expert's GEMM a fraction of the device. Experts that differ in format still run that way
+//! (`one_by_one`).
 //!
 //! [`GROUPED_MAX_ROWS`]: crate::experts::GROUPED_MAX_ROWS
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use pipemoe_model::backend::{Backend, Routing};
+use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::ActDtype;
 use crate::backend::{CudaBackend, GpuTensor, MResult, grid, m, md, shape};
@@ -170,6 +171,50 @@ impl CudaBackend {
         // −1), weights rows·top_k, out rows·hidden.
         unsafe { l.launch(grid(x.rows * hidden, 256)) }.map_err(md("combine experts"))?;
         Ok(out)
+    }
+
+    /// One expert at a time (prefill, or experts that differ in format): gather its rows, run it, and add
+    /// `w · y` into an f32 sum, cast to the activation dtype at the end. Every expert's rows and weights go to the
+    /// device in one upload each (per expert they were three copies, ~400 a layer in a 512-row prefill chunk).
+    pub(crate) fn one_by_one(
+        &self,
+        x: &GpuTensor,
+        experts: &[Option<ExpertWeights<CudaBackend>>],
+        r: &Routing,
+    ) -> MResult<GpuTensor> {
+        let mut sum = self.zeros(x.rows * x.cols)?;
+        let sx = x.data.dtype().suffix();
+        // The pairs of the experts this slice holds, by expert (one tile each): expert e's rows are pair_x[a..b].
+        let plan = PairsByExpert::new(r, experts.len(), |e| experts[e].is_some(), usize::MAX);
+        if let Some(&bad) = plan.pair_x.iter().find(|&&row| row as usize >= x.rows) {
+            return Err(shape("experts", format!("routing row {bad} of {}", x.rows)));
+        }
+        let rows = &plan.pair_x;
+        let mut ws = vec![0f32; rows.len()];
+        for (&p, &w) in plan.pair_of.iter().zip(&r.weights) {
+            if p >= 0 {
+                ws[p as usize] = w;
+            }
+        }
+        if rows.is_empty() {
+            return self.tensor_from_f32_sum(sum, x.rows, x.cols, x.data.dtype());
+        }
+        let rows_d = self.upload_i32(rows)?;
+        let ws_d = self.gpu.stream.clone_htod(&ws).map_err(md("upload"))?;
+        for tile in plan.tiles.chunks_exact(3) {
+            let (e, a) = (tile[0] as usize, tile[1] as usize);
+            let (Some(ew), b) = (&experts[e], a + tile[2] as usize) else { continue };
+            let (idx, w) = (rows_d.slice(a..b), ws_d.slice(a..b));
+            let xin = self.copy(x, Some(&idx), b - a, 0, x.cols)?;
+            let h = self.silu_mul(&self.linear(&xin, &ew.gate)?, &self.linear(&xin, &ew.up)?)?;
+            let y = self.linear(&h, &ew.down)?;
+            let (n, c) = ((b - a) as i32, x.cols as i32);
+            let mut l = self.gpu.stream.launch_builder(self.f(&format!("scatter_add_scaled_{sx}"))?);
+            l.arg(&mut sum).arg(&y.data).arg(&idx).arg(&w).arg(&n).arg(&c);
+            // SAFETY: matches scatter_add_scaled_*; every index is a row of `sum` (checked above).
+            unsafe { l.launch(grid((b - a) * x.cols, 256)) }.map_err(md("scatter_add"))?;
+        }
+        self.tensor_from_f32_sum(sum, x.rows, x.cols, x.data.dtype())
     }
 }
 
