@@ -12,8 +12,9 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::act::ActDtype;
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md};
 use crate::gemv::Packing;
+use crate::launch::ArgOrNull;
 use crate::mma::{CHUNK, XS};
 
 /// The widest row the kernel's sums take: `rms_norm_row`'s 512 threads, 2 pieces of 8 each.

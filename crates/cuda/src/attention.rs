@@ -10,12 +10,13 @@ use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernel
 use pipemoe_model::backend::{Backend, FusedQuery, IndexQuery, MlaDims, Row};
 
 use crate::act::{Act, ActDtype};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
 use crate::cache::{GpuLayerCache, Pool, StepTables};
 use crate::gpu::{Apart, Branch};
 use crate::graph::{Ints, StepInputs};
 use crate::indexer::GpuSelection;
 use crate::kvb::{self, Kvb};
+use crate::launch::ArgOrNull;
 use crate::qrope::RopeLaunch;
 
 /// Heads per attention block of the f32 kernel (`MLA_HEADS`) and of the bf16 tensor-core one (`FM_HEADS`), rows

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use pipemoe_model::backend::{
     Backend, ExpertWeights, FusedQuery, HostLinear, HostSelection, IndexQuery, IndexerDims, Landed, LayersBody,
     MlaDims, MlaPrep, MlaPrepped, PrepQuery, RopeSpec, RouterDims, Routing, Row, SeqId, SharedActivations,
@@ -19,6 +19,7 @@ use crate::experts::{GpuExperts, GpuRoutes};
 use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
 use crate::indexer::GpuSelection;
+use crate::launch::{ArgOrNull, grid};
 
 pub(crate) type MResult<T> = pipemoe_model::Result<T>;
 
@@ -160,35 +161,6 @@ impl CudaBackend {
     }
 }
 
-pub(crate) fn grid(n: usize, threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// A kernel's optional argument: the value, or a null device pointer where there is none — how every kernel is
-/// told an input is absent (no row order, a symmetric weight's zeros, an output not wanted).
-pub(crate) trait ArgOrNull {
-    fn arg_or_null<A>(&mut self, v: Option<A>) -> &mut Self
-    where
-        Self: PushKernelArg<A>;
-}
-
-impl ArgOrNull for cudarc::driver::LaunchArgs<'_> {
-    fn arg_or_null<A>(&mut self, v: Option<A>) -> &mut Self
-    where
-        Self: PushKernelArg<A>,
-    {
-        static NULL: u64 = 0;
-        match v {
-            Some(a) => self.arg(a),
-            None => <Self as PushKernelArg<&u64>>::arg(self, &NULL),
-        }
-    }
-}
-
 /// An element-wise op's check: as many values, of one dtype.
 pub(crate) fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> MResult<()> {
     if x.rows * x.cols != y.rows * y.cols {
@@ -198,11 +170,6 @@ pub(crate) fn same_layout(what: &'static str, x: &GpuTensor, y: &GpuTensor) -> M
         return Err(shape(what, "tensors of different dtypes".into()));
     }
     Ok(())
-}
-
-/// One block of 512 threads per row.
-pub(crate) fn rows_cfg(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }
 }
 
 pub(crate) fn shape(what: &'static str, reason: String) -> pipemoe_model::Error {

@@ -16,9 +16,10 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::Act;
-use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, grid, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
 use crate::experts_launch::{Launch, launch_shape, loop_sums, max_tiles, moe_row_kernel, tile_rows};
 use crate::gemv::{GpuGptq, Packing, THREADS, bucket};
+use crate::launch::grid;
 use crate::route::DeviceRouting;
 
 /// Rows a step may have for the grouped path (one set of launches: tiles of ≤ 8 rows per expert, so an expert

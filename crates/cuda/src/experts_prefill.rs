@@ -14,9 +14,10 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, ExpertWeights, Routing};
 
 use crate::act::ActDtype;
-use crate::backend::{CudaBackend, GpuTensor, MResult, grid, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::experts::Tables;
 use crate::gemv::Packing;
+use crate::launch::grid;
 
 /// Pairs per tile: the grouped kernels' 64-row block.
 const TILE: usize = 64;

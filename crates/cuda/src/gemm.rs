@@ -12,10 +12,10 @@ use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::act::{ActView, ActViewMut};
-use crate::backend::ArgOrNull;
 use crate::error::{Error, Result, drv};
 use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Gpu;
+use crate::launch::ArgOrNull;
 
 /// Columns per block, rows of K per pipeline step, steps in flight, bf16 per shared row, threads per block:
 /// the kernel's `GEMM_*` constants.

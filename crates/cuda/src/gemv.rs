@@ -8,9 +8,10 @@ use half::f16;
 use pipemoe_quant::{GptqWeight, GroupSize, pack};
 
 use crate::act::{ActDtype, ActView, ActViewMut};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
+use crate::launch::ArgOrNull;
 
 /// Rows of a batch the GEMV kernel handles at once (its register accumulators).
 pub const MAX_BATCH: usize = 16;

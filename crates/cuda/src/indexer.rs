@@ -8,9 +8,10 @@ use pipemoe_model::backend::{HostSelection, IndexerDims, Row};
 
 use crate::act::ActDtype;
 use crate::attention::{MAX_GRID_Y, Tables, scratch, smem_cfg, upload_tables};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, MResult, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, shape};
 use crate::cache::{BLOCK, GpuLayerCache, KvDtype, Pool, StepTables};
 use crate::gpu::Branch;
+use crate::launch::ArgOrNull;
 
 /// Keys per block of `indexer_scores` (`IDX_KEYS`), and threads of the top-k kernel.
 const KEYS_PER_BLOCK: usize = 64;

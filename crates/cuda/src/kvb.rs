@@ -8,9 +8,10 @@ use pipemoe_model::backend::MlaDims;
 
 use crate::act::{Act, ActDtype};
 use crate::attention::{MAX_LORA, smem_cfg};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, md, shape};
 use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Apart;
+use crate::launch::ArgOrNull;
 
 /// Rows a block of the quantized kernels (`MQ_ROWS`): each row's value and remainder fill the mma's 8 columns.
 const QUANT_ROWS: usize = 4;

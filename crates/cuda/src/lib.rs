@@ -28,6 +28,7 @@ pub mod graph;
 pub mod indexer;
 pub mod ipc;
 mod kvb;
+mod launch;
 pub mod mma;
 pub mod nvrtc;
 mod prep;

@@ -6,10 +6,10 @@ use std::sync::OnceLock;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::act::{ActView, ActViewMut};
-use crate::backend::ArgOrNull;
 use crate::error::{Error, Result, drv};
 use crate::gemv::GpuGptq;
 use crate::gpu::Gpu;
+use crate::launch::ArgOrNull;
 
 /// Rows of K per chunk (one scale per chunk: group sizes must be multiples of it).
 pub const CHUNK: usize = 128;

@@ -7,10 +7,11 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, MlaDims, MlaPrep, MlaPrepped, PrepQuery, Row};
 
 use crate::attention::{attend_selected, cache_target};
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, MResult, m, md, rows_cfg, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, MResult, m, md, shape};
 use crate::cache::GpuLayerCache;
 use crate::gpu::Apart;
 use crate::graph::Ints;
+use crate::launch::{ArgOrNull, rows_cfg};
 use crate::qrope::{QaNorm, RopeLaunch};
 
 /// One `mla_prep_*` launch's inputs and outputs, checked and allocated ([`PrepLaunch::new`]) apart from the launch

@@ -8,9 +8,10 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{RopeSpec, Row};
 
 use crate::act::ActDtype;
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, GpuWeight, GpuWeightKind, MResult, m, md, shape};
 use crate::gemv::{GpuGptq, Packing};
 use crate::gpu::Apart;
+use crate::launch::ArgOrNull;
 
 /// Pairs a head may rotate in the fused store (`ROPE_MAX_HALF`: DeepSeek's 64 rope dims are 32); 8 and 16 too
 /// (the demo model's 32 dims).

@@ -5,7 +5,8 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use pipemoe_model::backend::{Backend, RopeSpec, Row};
 
-use crate::backend::{ArgOrNull, CudaBackend, GpuTensor, MResult, grid, m, md, rows_cfg, same_layout, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, m, md, same_layout, shape};
+use crate::launch::{ArgOrNull, grid, rows_cfg};
 
 pub(crate) fn rms_norm(b: &CudaBackend, x: &GpuTensor, w: &CudaSlice<f32>, eps: f32) -> MResult<GpuTensor> {
     let _p = b.gpu.span(|| format!("rms_norm {}", x.cols));
@@ -76,7 +77,7 @@ pub(crate) fn rope(b: &CudaBackend, x: &mut GpuTensor, spec: RopeSpec, inv_freq:
     let mut l = b.gpu.stream.launch_builder(b.op("rope", &x.data)?);
     l.arg(&mut x.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d).arg(&o).arg(&hf).arg(&il);
     // SAFETY: matches rope_*; shapes checked above.
-    unsafe { l.launch(crate::backend::grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
+    unsafe { l.launch(crate::launch::grid(x.rows * spec.heads * half, 256)) }.map_err(md("rope"))?;
     Ok(())
 }
 
@@ -140,7 +141,7 @@ pub(crate) fn rope_columns(
     l.arg(&x.data).arg(&cols).arg(&st).arg(&mut y.data).arg(&pos).arg(freq.as_ref()).arg(&r).arg(&h).arg(&d);
     l.arg(&o).arg(&hf).arg(&il);
     // SAFETY: matches rope_cols_*: x holds rows·cols values and start + width ≤ cols, y rows·width; shapes checked.
-    unsafe { l.launch(crate::backend::grid(x.rows * spec.heads * (spec.head_dim - half), 256)) }
+    unsafe { l.launch(crate::launch::grid(x.rows * spec.heads * (spec.head_dim - half), 256)) }
         .map_err(md("rope_cols"))?;
     Ok(y)
 }
@@ -178,7 +179,7 @@ pub(crate) fn rope_columns2(
     let units = x.rows * (p1.heads * (p1.head_dim - half) + p2.heads * (p2.head_dim - half));
     // SAFETY: matches rope_cols2_*: x holds rows·cols values and each part's start + width ≤ cols (checked), y1 and
     // y2 rows·width each; one thread per unit of the two parts.
-    unsafe { l.launch(crate::backend::grid(units, 256)) }.map_err(md("rope_cols2"))?;
+    unsafe { l.launch(crate::launch::grid(units, 256)) }.map_err(md("rope_cols2"))?;
     Ok((y1, y2))
 }
 

@@ -8,9 +8,10 @@ use pipemoe_model::Backend;
 use pipemoe_model::sampling::{self, Reduced, SampleRow, SampledToken};
 
 use crate::act::Act;
-use crate::backend::{CudaBackend, GpuTensor, MResult, grid, m as model_err, md, shape};
+use crate::backend::{CudaBackend, GpuTensor, MResult, m as model_err, md, shape};
 use crate::error::{Error, Result, drv};
 use crate::gpu::Gpu;
+use crate::launch::grid;
 
 /// The most candidates a row keeps (one shared-memory sort per row).
 pub const MAX_CANDIDATES: usize = 1024;
