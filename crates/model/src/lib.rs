@@ -21,6 +21,7 @@ pub mod device;
 mod error;
 pub mod footprint;
 pub mod generate;
+mod host_linear;
 pub mod indexer;
 pub mod layer;
 pub mod mla;
