@@ -152,7 +152,5 @@ WIDE_KERNEL(2, 8)
 WIDE_KERNEL(2, 16)
 WIDE_KERNEL(3, 8)
 WIDE_KERNEL(3, 16)
-WIDE_KERNEL(3, 20)  // PIPEMOE_WIDE_WARPS's experiment (wide.rs): more warps' loads in flight an SM
-WIDE_KERNEL(3, 24)
 WIDE_KERNEL(4, 8)
 WIDE_KERNEL(4, 16)

@@ -35,12 +35,7 @@ pub(crate) fn plan(w: &GpuGptq, gpu: &Gpu, batch: usize, x: ActDtype, y: ActDtyp
         return None;
     }
     let room = gpu.smem_per_sm.saturating_sub(2 * STATIC_SMEM);
-    // PIPEMOE_WIDE_WARPS=20|24 (an experiment's knob, 3-bit weights only): more warps a block, more chunks' loads
-    // in flight an SM (docs/PERF.md session 48).
-    static MORE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let more = *MORE.get_or_init(|| crate::mma::knob("PIPEMOE_WIDE_WARPS", 16, 8..=24));
-    let first = if w.bits == 3 && (more == 20 || more == 24) { Some(more) } else { None };
-    first.into_iter().chain([16, 8]).map(|warps| Plan { warps, smem: smem(w, warps) }).find(|p| p.smem <= room)
+    [16, 8].into_iter().map(|warps| Plan { warps, smem: smem(w, warps) }).find(|p| p.smem <= room)
 }
 
 /// Whether the wide kernel computes this launch: one bf16 row into bf16, a symmetric 2-, 3- or 4-bit weight in
