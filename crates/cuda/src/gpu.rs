@@ -475,7 +475,14 @@ fn prefer_carveout(f: &CudaFunction) -> Result<()> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT;
     static SHARE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let share = *SHARE.get_or_init(|| {
-        std::env::var_os("PIPEMOE_SMEM_CARVEOUT").map(|_| crate::mma::knob("PIPEMOE_SMEM_CARVEOUT", 100, 0..=100))
+        let text = std::env::var("PIPEMOE_SMEM_CARVEOUT").ok()?;
+        let share = text.trim().parse::<usize>().ok().filter(|p| *p <= 100);
+        if share.is_none() {
+            eprintln!(
+                "pipemoe: ignoring PIPEMOE_SMEM_CARVEOUT={text:?} (want an integer in 0..=100); the driver's choice"
+            );
+        }
+        share
     });
     match share {
         Some(p) => f.set_attribute(CARVEOUT, p as i32).map_err(drv("cuFuncSetAttribute (carveout)")),
