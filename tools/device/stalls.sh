@@ -15,7 +15,9 @@ cd "$(dirname "$0")/../.."
 re="${1:-gptq_mma_gemv}" ctx="${2:-4096}"
 logs="${OUT:-/tmp/pipemoe-stalls}"
 mkdir -p "$logs"
-bench=(./.device/pipemoe bench --layers 1 --context "$ctx" --chunk 512 --steps 6 --streams 0 --cache-dir /tmp/pb)
+# --decode-only: the decode steps are the run's last launches. Without it the per-block rows came last, and session
+# 48's profile of three kernels found the MoE-block row's launches as the repeating tail and took only those.
+bench=(./.device/pipemoe bench --layers 1 --context "$ctx" --chunk 512 --steps 6 --streams 0 --decode-only --cache-dir /tmp/pb)
 export PIPEMOE_NVRTC_LINEINFO=1
 "${bench[@]}" > "$logs/bench.txt" 2>&1 || { tail -5 "$logs/bench.txt"; exit 1; }
 timeout 300 ncu --clock-control none --cache-control none --kernel-name "regex:$re" \
